@@ -1,0 +1,166 @@
+"""The `gatewatch` command line."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import click
+
+from ops.settings import SettingsError, load_settings
+
+FLOWS = {"ingest": "dataflows.ingest:flow"}
+
+
+def _settings(config: str | None):
+    try:
+        return load_settings(config)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+config_option = click.option("--config", "config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
+                             help="TOML settings file (default: $GATEWATCH_CONFIG).")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gatewatch")
+def cli() -> None:
+    """gatewatch: GenAI gateway telemetry from Kafka to Parquet, ClickHouse, Redis quotas and a DLQ."""
+
+
+@cli.command()
+@click.option("--events", default=5000, show_default=True, type=click.IntRange(1), help="Messages to produce.")
+@click.option("--dup-ratio", default=0.05, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of messages that repeat an earlier event.")
+@click.option("--bad-ratio", default=0.02, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Share of malformed messages (they must land in the DLQ).")
+@click.option("--users", default=200, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Bytewax worker threads.")
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Keep Parquet, the chdb database, the DLQ dump and logs here (default: a temporary directory, removed).")
+@click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve the flow's Prometheus metrics on this port.")
+def demo(events, dup_ratio, bad_ratio, users, seed, workers, data_dir, metrics_port) -> None:
+    """Run the whole pipeline on embedded defaults and reconcile every sink.
+
+    Starts a Kafka-protocol broker and Redis from pip wheels, produces synthetic events
+    (valid, duplicated, malformed), runs the ingest dataflow until the topic is drained and
+    checks Parquet, ClickHouse (chdb), Redis and the DLQ against what was produced. The
+    last line is one JSON object; the exit code is 1 when any count does not reconcile.
+    """
+    from ops import demo as demo_mod
+
+    keep = data_dir is not None
+    root = data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")
+    try:
+        found, problems = demo_mod.run(demo_mod.DemoOptions(
+            events=events, dup_ratio=dup_ratio, bad_ratio=bad_ratio, users=users, seed=seed,
+            data_dir=root, metrics_port=metrics_port, workers=workers))
+    except RuntimeError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
+    if not keep:
+        found["data_dir"] = None
+    click.echo(demo_mod.human_summary(found, problems), err=True)
+    click.echo(json.dumps(found, sort_keys=True))
+    sys.exit(0 if not problems else 1)
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.argument("flow", type=click.Choice(sorted(FLOWS)))
+@config_option
+@click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(1), help="Worker threads per process.")
+@click.option("-i", "--process-id", type=click.IntRange(0), help="This process's index in a cluster.")
+@click.option("-a", "--addresses", help="Semicolon-separated host:port of every process in the cluster.")
+@click.option("--recovery-dir", help="Bytewax recovery directory (default: settings recovery.dir).")
+@click.option("--no-recovery", is_flag=True, help="Run without recovery snapshots.")
+def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery) -> None:
+    """Deploy a dataflow against the configured servers (wraps `python -m bytewax.run`)."""
+    settings = _settings(config)
+    command = [sys.executable, "-m", "bytewax.run", FLOWS[flow], "-w", str(workers)]
+    if process_id is not None:
+        command += ["-i", str(process_id)]
+    if addresses:
+        command += ["-a", addresses]
+    if settings.recovery.enabled and not no_recovery:
+        directory = recovery_dir or settings.recovery.dir
+        _init_recovery(directory, settings.recovery.partitions)
+        command += ["-r", directory, "-s", str(settings.recovery.snapshot_interval_s),
+                    "-b", str(settings.recovery.backup_interval_s)]
+    env = dict(os.environ)
+    if config:
+        env["GATEWATCH_CONFIG"] = config
+    click.echo(f"running: {' '.join(command)}", err=True)
+    sys.exit(subprocess.call(command, env=env))
+
+
+def _init_recovery(directory: str, partitions: int) -> None:
+    if os.path.isdir(directory) and any(name.endswith(".sqlite3") for name in os.listdir(directory)):
+        return
+    os.makedirs(directory, exist_ok=True)
+    subprocess.check_call([sys.executable, "-m", "bytewax.recovery", directory, str(partitions)])
+
+
+@cli.command()
+@config_option
+@click.option("--kafka/--no-kafka", default=True, show_default=True, help="Create the Kafka topics.")
+@click.option("--clickhouse/--no-clickhouse", default=True, show_default=True, help="Apply ClickHouse migrations.")
+def migrate(config, kafka, clickhouse) -> None:
+    """Create Kafka topics and apply ClickHouse migrations; safe to run again."""
+    settings = _settings(config)
+    if kafka:
+        from ops.services import create_topics
+
+        k = settings.kafka
+        topics = {k.events_topic: k.partitions, k.dlq_topic: 1, k.billing_topic: k.partitions, k.quota_alerts_topic: 1}
+        try:
+            create_topics(k.bootstrap, topics)
+        except Exception as exc:  # the broker's own error says more than we could
+            raise click.ClickException(f"creating topics on {k.bootstrap} failed: {exc}") from None
+        click.echo(f"kafka topics ready on {k.bootstrap}: {', '.join(topics)}")
+    if clickhouse:
+        from sinks.clickhouse import ClickHouse
+
+        try:
+            applied = ClickHouse(settings.clickhouse.url, settings.clickhouse.database).migrate()
+        except Exception as exc:
+            raise click.ClickException(f"ClickHouse migration on {settings.clickhouse.url} failed: {exc}") from None
+        click.echo(f"clickhouse {settings.clickhouse.url}: applied {applied or 'nothing (up to date)'}")
+
+
+@cli.command("config")
+@config_option
+def show_config(config) -> None:
+    """Print the effective settings as JSON (after defaults, TOML file and environment)."""
+    click.echo(json.dumps(_settings(config).model_dump(), indent=2, default=str))
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks (figures are printed, never asserted)."""
+
+
+def _mount(group: click.Group, module: str, attribute: str) -> None:
+    """Add a command that lives beside the code it drives, if that part is installed."""
+    try:
+        group.add_command(getattr(importlib.import_module(module), attribute))
+    except (ImportError, AttributeError):
+        pass
+
+
+_mount(cli, "ops.cli_services", "services")
+_mount(cli, "ops.cli_schemas", "schemas")
+_mount(cli, "ops.cli_redact", "redact")
+_mount(bench, "ops.bench.redaction", "redaction")
+
+
+def main() -> None:
+    cli()

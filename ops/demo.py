@@ -1,0 +1,255 @@
+"""`gatewatch demo`: the whole pipeline on this machine, no servers started by hand.
+
+It starts a Kafka-protocol broker and Redis from pip wheels, produces synthetic traffic,
+runs the ingest dataflow until the topic is drained (Parquet in a local directory,
+ClickHouse embedded through chdb) and reconciles what every sink holds against what was
+produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.compute as pc
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from ops import services
+from ops.loadgen import Expected, generate
+from ops.settings import Settings
+from schemas.codec import EventCodec
+from schemas.dlq import decode_dlq
+from schemas.registry import registry_from_settings
+from sinks.clickhouse import ClickHouse, close_chdb
+from sinks.parquet import ParquetStore
+from sinks.quota import QuotaStore
+
+
+@dataclass
+class DemoOptions:
+    events: int = 5000
+    dup_ratio: float = 0.05
+    bad_ratio: float = 0.02
+    users: int = 200
+    seed: int = 7
+    data_dir: str | None = None
+    metrics_port: int | None = None
+    workers: int = 1
+    partitions: int = 3
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def progress_line(label: str, done: float, total: float, started: float) -> str:
+    width = 30
+    filled = int(width * min(1.0, done / total)) if total else width
+    rate = done / max(1e-9, time.monotonic() - started)
+    return f"\r{label:<10} [{'#' * filled}{'.' * (width - filled)}] {int(done):>7}/{int(total)}  {rate:8.0f}/s"
+
+
+def produce(bootstrap: str, topic: str, messages, total: int) -> Expected:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
+                         "linger.ms": 20, "compression.type": "zstd"})
+    failures: list[str] = []
+    started = time.monotonic()
+    sent = 0
+    try:
+        while True:
+            key, value = next(messages)
+            while True:
+                try:
+                    producer.produce(topic, value, key=key,
+                                     on_delivery=lambda err, _m: err and failures.append(str(err)))
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+            sent += 1
+            if sent % 500 == 0:
+                producer.poll(0)
+                print(progress_line("produce", sent, total, started), end="", file=sys.stderr, flush=True)
+    except StopIteration as done:
+        expected = done.value
+    if producer.flush(60) or failures:
+        raise RuntimeError(f"producing demo events failed: {failures[:3]}")
+    print(progress_line("produce", sent, total, started), file=sys.stderr, flush=True)
+    return expected
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Counter totals from a flow's /metrics endpoint (labels summed)."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gatewatch_") and "_total" in line:
+            name_labels, value = line.rsplit(" ", 1)
+            name = name_labels.split("{", 1)[0]
+            totals[name] = totals.get(name, 0) + float(value)
+            if "{" in name_labels:
+                totals[name_labels] = float(value)
+    return totals
+
+
+def run_flow(env: dict[str, str], metrics_port: int, total: int, workers: int) -> float:
+    """Run the ingest flow in its own process until it drains the topic; return seconds taken."""
+    command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+    started = time.monotonic()
+    log_path = Path(env["GATEWATCH_DEMO_LOG"])
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        while proc.poll() is None:
+            time.sleep(0.5)
+            try:
+                counts = scrape(metrics_port)
+            except OSError:
+                continue
+            done = counts.get("gatewatch_events_total{stage=\"decoded\"}", 0) + counts.get("gatewatch_dlq_records_total", 0)
+            print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    if proc.returncode != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-30:]
+        raise RuntimeError("the ingest flow failed:\n" + "\n".join(tail))
+    return time.monotonic() - started
+
+
+def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:
+    """Every DLQ record on the topic, also written to dump_path as JSON lines."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "gatewatch-demo-dlq",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    metadata = consumer.list_topics(topic, timeout=10).topics[topic]
+    partitions = [TopicPartition(topic, p, 0) for p in metadata.partitions]
+    consumer.assign(partitions)
+    records, at_eof = [], set()
+    deadline = time.monotonic() + 30
+    while len(at_eof) < len(partitions) and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None:
+            continue
+        if msg.error():
+            at_eof.add(msg.partition())
+            continue
+        records.append(decode_dlq(msg.value()))
+    consumer.close()
+    with open(dump_path, "w") as out:
+        for record in records:
+            original = record.get("original")
+            out.write(json.dumps({**record, "original": original.hex() if original else None}, default=str) + "\n")
+    return records
+
+
+def reconcile(expected: Expected, found: dict) -> list[str]:
+    checks = [
+        ("valid events in ClickHouse", expected.valid, found["clickhouse_rows"]),
+        ("distinct events in Parquet", expected.valid, found["parquet_rows"]),
+        ("duplicates dropped", expected.duplicates, found["duplicates_dropped"]),
+        ("DLQ records", expected.bad, found["dlq"]),
+        ("tokens in Redis quota counters", expected.tokens, found["quota_total_tokens"]),
+        ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
+    ]
+    return [f"{name}: expected {want}, found {got}" for name, want, got in checks if want != got]
+
+
+def run(options: DemoOptions) -> tuple[dict, list[str]]:
+    root = Path(options.data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    settings = Settings()
+    started_services = []
+    try:
+        say(f"data directory: {root}")
+        kafka = services.start_kafka(root / "kafka")
+        started_services.append(kafka)
+        redis_server = services.start_redis(root / "redis")
+        started_services.append(redis_server)
+        say(f"broker {kafka.address}, redis {redis_server.address}")
+        topic, dlq_topic = settings.kafka.events_topic, settings.kafka.dlq_topic
+        services.create_topics(kafka.address, {topic: options.partitions, dlq_topic: 1})
+
+        codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+        messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio,
+                            users=options.users, seed=options.seed)
+        expected = produce(kafka.address, topic, messages, options.events)
+
+        metrics_port = options.metrics_port or services.free_port()
+        counters_path = root / "flow-counters.json"
+        env = {
+            **os.environ,
+            "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address,
+            "GATEWATCH_KAFKA__TAIL": "false",
+            "GATEWATCH_PARQUET__ROOT": str(root / "raw"),
+            "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}",
+            "GATEWATCH_REDIS__URL": redis_server.address,
+            "GATEWATCH_METRICS__PORT": str(metrics_port),
+            "GATEWATCH_METRICS__DUMP_PATH": str(counters_path),
+            "GATEWATCH_DEMO_LOG": str(root / "flow.log"),
+        }
+        say(f"ingest flow metrics: http://127.0.0.1:{metrics_port}/metrics, log: {root / 'flow.log'}")
+        seconds = run_flow(env, metrics_port, options.events, options.workers)
+        counters = json.loads(counters_path.read_text())
+
+        dlq_records = read_dlq(kafka.address, dlq_topic, root / "dlq.jsonl")
+        parquet = ParquetStore(str(root / "raw")).read()
+        clickhouse = ClickHouse(f"chdb://{root / 'chdb'}")
+        (ch_rows, ch_tokens), = clickhouse.rows(
+            "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
+            f"FROM {settings.clickhouse.database}.events FINAL")
+        close_chdb()
+        found = {
+            "produced": expected.produced,
+            "valid": int(counters.get("gatewatch_events_total{stage=unique}", 0)),
+            "duplicates_dropped": int(counters.get("gatewatch_dedupe_drops_total", 0)),
+            "dlq": len(dlq_records),
+            "parquet_files": len(ParquetStore(str(root / "raw")).files()),
+            "parquet_rows": len(pc.unique(parquet.column("event_id"))) if parquet.num_rows else 0,
+            "clickhouse_rows": int(ch_rows),
+            "clickhouse_tokens": int(ch_tokens or 0),
+            "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
+            "expected_total_tokens": expected.tokens,
+            "expected_valid": expected.valid,
+            "expected_duplicates": expected.duplicates,
+            "expected_dlq": expected.bad,
+            "dlq_reasons": _count_by(dlq_records, "code"),
+            "flow_seconds": round(seconds, 2),
+            "events_per_s": round(expected.produced / seconds, 1),
+            "data_dir": str(root),
+        }
+        problems = reconcile(expected, found)
+        if found["valid"] != expected.valid:
+            problems.append(f"unique events counted by the flow: expected {expected.valid}, found {found['valid']}")
+        found["reconciled"] = not problems
+        return found, problems
+    finally:
+        for service in reversed(started_services):
+            service.stop()
+
+
+def _count_by(records: list[dict], key: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in records:
+        counts[record[key]] = counts.get(record[key], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def human_summary(found: dict, problems: list[str]) -> str:
+    lines = [
+        "",
+        "gatewatch demo summary",
+        f"  produced            {found['produced']:>8}",
+        f"  valid (unique)      {found['valid']:>8}   expected {found['expected_valid']}",
+        f"  duplicates dropped  {found['duplicates_dropped']:>8}   expected {found['expected_duplicates']}",
+        f"  DLQ records         {found['dlq']:>8}   expected {found['expected_dlq']}  {found['dlq_reasons']}",
+        f"  Parquet rows        {found['parquet_rows']:>8}   in {found['parquet_files']} files",
+        f"  ClickHouse rows     {found['clickhouse_rows']:>8}",
+        f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}",
+        f"  throughput          {found['events_per_s']:>8} events/s over {found['flow_seconds']} s (flow start to drained)",
+        f"  data                {found['data_dir']}",
+        "  RECONCILED" if not problems else "  NOT RECONCILED:\n    " + "\n    ".join(problems),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,139 @@
+"""Synthetic gateway traffic: valid events, exact duplicates and malformed messages.
+
+The generator knows what it produced, so a run can be reconciled against what the sinks
+hold: `Expected` is computed from the generated events alone, never from the pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from sinks.quota import TOKEN_KINDS
+
+MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"),
+          ("google", "gemini-2.0-flash"), ("meta", "llama-3.3-70b")]
+REGIONS = ["us", "eu", "apac"]
+FIRST = ["Alice", "Bob", "Carla", "Dmitri", "Emeka", "Fatima", "Giulia", "Hiro", "Ines", "Jonas"]
+LAST = ["Smith", "Okafor", "Rossi", "Tanaka", "Novak", "Garcia", "Schmidt", "Dubois"]
+TOPICS = ["summarise the quarterly report", "write a SQL query for churn", "translate this paragraph",
+          "explain the stack trace", "draft a polite reply to a customer", "refactor this function"]
+BAD_KINDS = ("truncated", "bad_json", "unknown_schema_id", "negative_tokens", "unknown_region", "future_timestamp")
+
+
+@dataclass
+class Expected:
+    produced: int = 0
+    valid: int = 0
+    duplicates: int = 0
+    bad: int = 0
+    tokens: int = 0
+    tokens_by_kind: dict[str, int] = field(default_factory=lambda: {k: 0 for k in TOKEN_KINDS})
+    pii_values: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"produced": self.produced, "valid": self.valid, "duplicates": self.duplicates,
+                "bad": self.bad, "tokens": self.tokens, "tokens_by_kind": dict(self.tokens_by_kind)}
+
+
+def _text(rng: random.Random, words: int, phrases: list[str]) -> str:
+    parts = [rng.choice(TOPICS)]
+    while sum(len(p.split()) for p in parts) < words:
+        parts.append(rng.choice(TOPICS))
+    for phrase in phrases:
+        parts.insert(rng.randrange(len(parts) + 1), phrase)
+    return ". ".join(parts)
+
+
+def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float) -> tuple[dict, list[str]]:
+    provider, model = rng.choice(MODELS)
+    user = min(int(rng.paretovariate(1.2)), users)  # a few heavy users, a long tail
+    pii: list[str] = []
+    phrases: list[str] = []
+    if rng.random() < pii_ratio:
+        pii = [f"{rng.choice(FIRST).lower()}.{rng.choice(LAST).lower()}{rng.randrange(10**4)}@example.com",
+               f"+1 415 555 {rng.randrange(1000, 9999)}"]
+        phrases = [f"my email is {pii[0]}", f"call me on {pii[1]}"]
+    cache_read = rng.choice([0, 0, rng.randrange(0, 2000)])
+    event = {
+        "event_id": str(uuid.UUID(int=rng.getrandbits(128))),
+        "request_id": f"req-{rng.getrandbits(64):016x}",
+        "schema_version": 1,
+        "event_time": now_ms - rng.randrange(0, 5000),
+        "user_id": f"user-{user:05d}",
+        "org_id": f"org-{user % 7:02d}",
+        "region": REGIONS[user % len(REGIONS)],
+        "provider": provider,
+        "endpoint": "chat.completions",
+        "model": model,
+        "model_version": None,
+        "status_code": 200 if rng.random() > 0.02 else 429,
+        "error_code": None,
+        "streaming": rng.random() < 0.6,
+        "latency_ms": rng.randrange(80, 9000),
+        "time_to_first_token_ms": rng.randrange(50, 800),
+        "input_tokens": rng.randrange(5, 3000),
+        "output_tokens": rng.randrange(1, 1500),
+        "cache_read_tokens": cache_read,
+        "cache_write_tokens": rng.choice([0, 0, 0, rng.randrange(0, 1000)]),
+        "prompt": _text(rng, rng.randrange(10, 120), phrases),
+        "response": _text(rng, rng.randrange(10, 200), []),
+        "conversation_id": None,
+        "experiment_id": "exp-ranking" if user % 2 else None,
+        "variant": ("a" if user % 4 == 1 else "b") if user % 2 else None,
+        "safety_decisions": [],
+        "policy_flags": [],
+    }
+    return event, pii
+
+
+def malformed(kind: str, event: dict, codec) -> bytes:
+    """A message that must land in the DLQ with the reason `kind`."""
+    if kind == "truncated":
+        return codec.encode(event)[:12]
+    if kind == "bad_json":
+        return b'{"event_id": "' + event["event_id"].encode() + b'", "oops'
+    if kind == "unknown_schema_id":
+        return b"\x00\x00\x00\x7f\xff" + codec.encode(event)[5:]
+    broken = dict(event)
+    if kind == "negative_tokens":
+        broken["output_tokens"] = -5
+    elif kind == "unknown_region":
+        broken["region"] = "atlantis"
+    elif kind == "future_timestamp":
+        broken["event_time"] = int(time.time() * 1000) + 86_400_000
+    return json.dumps(broken).encode()
+
+
+def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02, users: int = 200,
+             pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None):
+    """Yield (key, value) messages, `count` in all; fill and return Expected at the end
+    (read it from the generator's StopIteration value or pass a list to collect)."""
+    rng = random.Random(seed)
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    expected = Expected()
+    recent: list[tuple[bytes, bytes]] = []
+    while expected.produced < count:
+        roll = rng.random()
+        if roll < bad_ratio:
+            event, _ = make_event(rng, now_ms, users, 0)
+            key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(rng.choice(BAD_KINDS), event, codec)
+            expected.bad += 1
+        elif roll < bad_ratio + dup_ratio and recent:
+            key, value = rng.choice(recent)
+            expected.duplicates += 1
+        else:
+            event, pii = make_event(rng, now_ms, users, pii_ratio)
+            key, value = f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
+            recent = (recent + [(key, value)])[-1000:]
+            expected.valid += 1
+            expected.pii_values.extend(pii)
+            for kind in TOKEN_KINDS:
+                expected.tokens_by_kind[kind] += event[f"{kind}_tokens"]
+                expected.tokens += event[f"{kind}_tokens"]
+        expected.produced += 1
+        yield key, value
+    return expected

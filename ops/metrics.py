@@ -1,0 +1,53 @@
+"""Prometheus metrics of a gatewatch process. Labels never carry user ids or text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+
+EVENTS = Counter("gatewatch_events", "Events leaving a pipeline stage", ["stage"])
+DLQ_RECORDS = Counter("gatewatch_dlq_records", "Records sent to the dead-letter queue", ["stage", "code"])
+DEDUPE_DROPS = Counter("gatewatch_dedupe_drops", "Events dropped as duplicates of an event_id already seen")
+LATE_EVENTS = Counter("gatewatch_late_events", "Events older than the allowed lateness", ["policy"])
+TOKENS = Counter("gatewatch_tokens", "Tokens of unique valid events", ["model", "kind"])
+SINK_WRITE_SECONDS = Histogram("gatewatch_sink_write_seconds", "Duration of one successful sink write", ["sink"])
+SINK_ROWS = Counter("gatewatch_sink_rows", "Rows written by a sink", ["sink"])
+SINK_ERRORS = Counter("gatewatch_sink_errors", "Failed sink writes (each is retried)", ["sink"])
+SINK_RETRIES = Counter("gatewatch_sink_retries", "Sink write retries after backoff", ["sink"])
+SINK_UP = Gauge("gatewatch_sink_up", "1 when the last write to the sink succeeded, 0 while it is failing", ["sink"])
+REDACTION_SECONDS = Histogram(
+    "gatewatch_redaction_seconds", "Redaction time per batch of events",
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+PII_ENTITIES = Counter("gatewatch_pii_entities", "PII entities redacted", ["entity"])
+FRESHNESS_SECONDS = Histogram(
+    "gatewatch_freshness_seconds", "Seconds from event_time until the event is queryable in a sink", ["sink"],
+    buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))
+
+
+def serve(port: int | None) -> int | None:
+    """Expose /metrics on 127.0.0.1:port (0 picks a free port); return the port bound."""
+    if port is None:
+        return None
+    server, _thread = start_http_server(port, addr="127.0.0.1")
+    return server.server_address[1]
+
+
+def counter_totals() -> dict[str, float]:
+    """Every gatewatch counter summed over its labels, e.g. {"gatewatch_dedupe_drops": 3}."""
+    totals: dict[str, float] = {}
+    for family in REGISTRY.collect():
+        if not family.name.startswith("gatewatch_") or family.type != "counter":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                key = sample.name
+                if sample.labels:
+                    key += "{" + ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items())) + "}"
+                totals[key] = totals.get(key, 0) + sample.value
+    return totals
+
+
+def dump_counters(path: str | Path) -> None:
+    Path(path).write_text(json.dumps(counter_totals(), sort_keys=True))

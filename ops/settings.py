@@ -1,0 +1,279 @@
+"""All gatewatch configuration in one pydantic model.
+
+Values come, lowest precedence first, from the defaults below, the addresses that
+`gatewatch services up` recorded, a TOML file (`--config` or GATEWATCH_CONFIG), and
+GATEWATCH_<SECTION>__<FIELD> environment variables. Every value remembers where it came
+from so that a bad one is reported with its origin.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+
+from redaction import RedactionSettings
+
+ENV_PREFIX = "GATEWATCH_"
+SINK_NAMES = ("parquet", "clickhouse", "quota", "dlq")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
+
+
+def _split_csv(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+CsvList = Annotated[list[str], BeforeValidator(_split_csv)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KafkaSettings(Section):
+    bootstrap: str = "127.0.0.1:9092"
+    events_topic: str = "gateway-events"
+    dlq_topic: str = "gateway-events-dlq"
+    billing_topic: str = "billing-events"
+    quota_alerts_topic: str = "quota-alerts"
+    partitions: int = Field(3, ge=1)
+    batch_size: int = Field(1000, ge=1, le=100_000)
+    starting_offset: Literal["earliest", "latest"] = "earliest"
+    tail: bool = True
+    extra: dict[str, str] = {}
+
+    @field_validator("bootstrap")
+    @classmethod
+    def _brokers_are_host_port(cls, value: str) -> str:
+        brokers = [b.strip() for b in value.split(",") if b.strip()]
+        bad = [b for b in brokers if not _HOST_PORT.match(b) or not 0 < int(b.rsplit(":", 1)[1]) < 65536]
+        if not brokers or bad:
+            raise ValueError(f"expected comma-separated host:port broker addresses, got {value!r}")
+        return ",".join(brokers)
+
+    @property
+    def brokers(self) -> list[str]:
+        return self.bootstrap.split(",")
+
+
+class SchemaSettings(Section):
+    registry_url: str | None = None
+    """A Confluent Schema Registry; without one the .avsc files shipped in schemas/avro are the registry."""
+
+
+class ValidationSettings(Section):
+    regions: CsvList = ["us", "eu", "apac"]
+    max_future_s: float = Field(300, ge=0)
+    max_past_s: float = Field(7 * 86400, gt=0)
+    max_latency_ms: int = Field(15 * 60 * 1000, gt=0)
+    max_tokens: int = Field(10_000_000, gt=0)
+
+
+class DedupeSettings(Section):
+    horizon_s: float = Field(3600, gt=0)
+
+
+class WindowSettings(Section):
+    length_s: float = Field(60, gt=0)
+    allowed_lateness_s: float = Field(3600, ge=0)
+    flush_interval_s: float = Field(2, gt=0)
+    late_policy: Literal["dlq", "current"] = "dlq"
+
+
+class ParquetSettings(Section):
+    root: str = "./gatewatch-data/raw"
+    """A local directory or an s3://bucket/prefix URL."""
+    s3_endpoint_url: str | None = None
+    max_rows: int = Field(50_000, gt=0)
+    max_age_s: float = Field(30, gt=0)
+    compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+
+
+class ClickHouseSettings(Section):
+    url: str = "chdb://./gatewatch-data/chdb"
+    """`chdb://PATH` for embedded ClickHouse, or `clickhouse://[user:pass@]host:port` for a server."""
+    database: str = "gatewatch"
+    max_rows: int = Field(20_000, gt=0)
+    max_age_s: float = Field(1, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("chdb://", "clickhouse://", "clickhouses://")):
+            raise ValueError(f"expected chdb://PATH or clickhouse://host:port, got {value!r}")
+        return value
+
+
+class RedisSettings(Section):
+    url: str = "redis://127.0.0.1:6379/0"
+
+    @field_validator("url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected redis://host:port/db, got {value!r}")
+        return value
+
+
+class RecoverySettings(Section):
+    enabled: bool = True
+    dir: str = "./gatewatch-data/recovery"
+    partitions: int = Field(1, ge=1)
+    snapshot_interval_s: float = Field(10, gt=0)
+    backup_interval_s: float = Field(0, ge=0)
+
+
+class MetricsSettings(Section):
+    port: int | None = Field(None, ge=0, lt=65536)
+    """Prometheus endpoint of a flow process; process i of a cluster serves on port + i."""
+    dump_path: str | None = None
+    """Where a flow process writes its counter totals as JSON when it exits (used by the demo)."""
+
+
+class Settings(Section):
+    kafka: KafkaSettings = KafkaSettings()
+    schemas: SchemaSettings = SchemaSettings()
+    validation: ValidationSettings = ValidationSettings()
+    redaction: RedactionSettings = RedactionSettings()
+    dedupe: DedupeSettings = DedupeSettings()
+    windows: WindowSettings = WindowSettings()
+    sinks: CsvList = list(SINK_NAMES)
+    parquet: ParquetSettings = ParquetSettings()
+    clickhouse: ClickHouseSettings = ClickHouseSettings()
+    redis: RedisSettings = RedisSettings()
+    recovery: RecoverySettings = RecoverySettings()
+    metrics: MetricsSettings = MetricsSettings()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("sinks")
+    @classmethod
+    def _known_sinks(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in SINK_NAMES]
+        if unknown:
+            raise ValueError(f"unknown sink {', '.join(map(repr, unknown))}; known sinks: {', '.join(SINK_NAMES)}")
+        return value
+
+
+class SettingsError(ValueError):
+    """Bad configuration; the message names each bad value and where it came from."""
+
+
+def _env_layer(environ: dict[str, str]) -> tuple[dict, dict[tuple, str]]:
+    values: dict = {}
+    origins: dict[tuple, str] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        value: Any = raw
+        if raw[:1] in "[{":
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError:
+                pass
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+        origins[path] = f"environment variable {name}"
+    return values, origins
+
+
+def _flatten_origins(tree: dict, origin: str, prefix: tuple = ()) -> dict[tuple, str]:
+    found: dict[tuple, str] = {}
+    for key, value in tree.items():
+        found[prefix + (key,)] = origin
+        if isinstance(value, dict):
+            found.update(_flatten_origins(value, origin, prefix + (key,)))
+    return found
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _service_layer() -> tuple[dict, dict[tuple, str]]:
+    """Addresses of the servers `gatewatch services up` started, if any are recorded."""
+    try:
+        from ops.services import load_addresses, state_dir_default
+    except ImportError:
+        return {}, {}
+    state_dir = state_dir_default()
+    addresses = load_addresses(state_dir)
+    mapping = {
+        "kafka_bootstrap": ("kafka", "bootstrap"),
+        "redis_url": ("redis", "url"),
+        "s3_endpoint_url": ("parquet", "s3_endpoint_url"),
+        "clickhouse_url": ("clickhouse", "url"),
+    }
+    values: dict = {}
+    origins: dict[tuple, str] = {}
+    for name, path in mapping.items():
+        if addresses.get(name):
+            values.setdefault(path[0], {})[path[1]] = addresses[name]
+            origins[path] = f"services state file in {state_dir}"
+    return values, origins
+
+
+def _origin_of(loc: tuple, origins: dict[tuple, str]) -> str:
+    for end in range(len(loc), 0, -1):
+        if tuple(map(str, loc[:end])) in origins:
+            return origins[tuple(map(str, loc[:end]))]
+    return "defaults"
+
+
+def load_settings(
+    config_file: str | os.PathLike | None = None,
+    environ: dict[str, str] | None = None,
+    overrides: dict | None = None,
+    use_service_state: bool = True,
+) -> Settings:
+    """Build Settings from every source; raise SettingsError naming each bad value and its origin."""
+    environ = dict(os.environ if environ is None else environ)
+    layers: list[tuple[dict, dict[tuple, str]]] = []
+    if use_service_state:
+        layers.append(_service_layer())
+    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if config_file:
+        path = Path(config_file)
+        try:
+            tree = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise SettingsError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from None
+        layers.append((tree, _flatten_origins(tree, f"config file {path}")))
+    layers.append(_env_layer(environ))
+    if overrides:
+        layers.append((overrides, _flatten_origins(overrides, "command-line option")))
+
+    merged: dict = {}
+    origins: dict[tuple, str] = {}
+    for values, layer_origins in layers:
+        merged = _deep_merge(merged, values)
+        origins.update(layer_origins)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            loc = tuple(str(part) for part in error["loc"])
+            where = ".".join(loc)
+            message = error["msg"].removeprefix("Value error, ")
+            if error["type"] == "extra_forbidden":
+                message = "unknown setting"
+            lines.append(f"{where}: {message} (from {_origin_of(loc, origins)}; got {error.get('input')!r})")
+        raise SettingsError("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,119 @@
+"""ClickHouse for analytics: embedded chdb (chdb://PATH) or a server (clickhouse://host:port).
+
+Rows go in as one columnar insert per batch. The events table is a ReplacingMergeTree keyed
+by event_id, so a batch written twice changes no query that reads it FINAL.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pyarrow as pa
+
+from sinks.parquet import to_table
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "ops" / "migrations"
+EVENT_COLUMNS = [f.name for f in to_table([]).schema]
+
+_chdb_sessions: dict[str, object] = {}
+_chdb_lock = threading.Lock()
+
+
+def _chdb_session(path: str):
+    """chdb allows one session per process; every caller shares it."""
+    from chdb import session
+
+    with _chdb_lock:
+        if path not in _chdb_sessions:
+            if _chdb_sessions:
+                raise RuntimeError(f"chdb is already open on {next(iter(_chdb_sessions))}; one path per process")
+            Path(path).mkdir(parents=True, exist_ok=True)
+            _chdb_sessions[path] = session.Session(path)
+        return _chdb_sessions[path]
+
+
+def close_chdb() -> None:
+    with _chdb_lock:
+        for sess in _chdb_sessions.values():
+            sess.close()
+        _chdb_sessions.clear()
+
+
+class ClickHouse:
+    """The few operations gatewatch needs, the same on chdb and on a server."""
+
+    def __init__(self, url: str, database: str = "gatewatch"):
+        self.url = url
+        self.database = database
+        parsed = urlparse(url)
+        self.embedded = parsed.scheme == "chdb"
+        if self.embedded:
+            self._session = _chdb_session(str(Path(unquote(url[len("chdb://"):])).resolve()))
+        else:
+            from clickhouse_driver import Client
+
+            self._client = Client(
+                host=parsed.hostname or "127.0.0.1", port=parsed.port or 9000,
+                user=unquote(parsed.username or "default"), password=unquote(parsed.password or ""),
+                secure=parsed.scheme == "clickhouses", connect_timeout=5, send_receive_timeout=60,
+            )
+
+    def execute(self, sql: str) -> None:
+        if self.embedded:
+            self._session.query(sql)
+        else:
+            self._client.execute(sql)
+
+    def rows(self, sql: str) -> list[tuple]:
+        if self.embedded:
+            table = self._session.query(sql, "Arrow")
+            import pyarrow.ipc as ipc
+
+            data = table.bytes()
+            if not data:
+                return []
+            result = ipc.open_file(pa.py_buffer(data)).read_all()
+            return [tuple(row.values()) for row in result.to_pylist()]
+        return self._client.execute(sql)
+
+    def insert_events(self, events: list[dict]) -> None:
+        table = to_table(events)
+        columns = ", ".join(EVENT_COLUMNS)
+        if self.embedded:
+            self._session.query(f"INSERT INTO {self.database}.events ({columns}) SELECT * FROM Python(table)")
+        else:
+            rows = list(zip(*(table.column(c).to_pylist() for c in EVENT_COLUMNS)))
+            self._client.execute(f"INSERT INTO {self.database}.events ({columns}) VALUES", rows,
+                                 settings={"insert_deduplicate": 1})
+
+    def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
+        """Apply ops/migrations/*.sql not yet recorded; return the names applied now."""
+        self.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
+        self.execute(f"CREATE TABLE IF NOT EXISTS {self.database}.schema_migrations "
+                     "(name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY name")
+        done = {r[0] for r in self.rows(f"SELECT name FROM {self.database}.schema_migrations")}
+        applied = []
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            if path.stem in done:
+                continue
+            sql = path.read_text().format(db=self.database, raw_ttl_days=raw_ttl_days,
+                                          aggregate_ttl_days=aggregate_ttl_days)
+            for statement in _statements(sql):
+                self.execute(statement)
+            self.execute(f"INSERT INTO {self.database}.schema_migrations (name) SELECT '{path.stem}'")
+            applied.append(path.stem)
+        return applied
+
+
+def _statements(sql: str) -> list[str]:
+    without_comments = re.sub(r"--[^\n]*", "", sql)
+    return [s.strip() for s in without_comments.split(";") if s.strip()]
+
+
+def freshness_seconds(events: list[dict], now: float | None = None) -> list[float]:
+    now = time.time() if now is None else now
+    return [max(0.0, now - e["event_time"] / 1000) for e in events]
