@@ -8,6 +8,7 @@ settings come from the environment (see ops/settings.py).
 from __future__ import annotations
 
 import atexit
+import os
 import time
 from functools import partial
 from typing import Any, Callable
@@ -18,7 +19,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
-from dataflows.state import Batcher, FirstSeen, window_logic_builder
+from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, bucket_of
 from ops import metrics
 from ops.logs import configure as configure_logs
 from ops.logs import get_logger
@@ -205,8 +206,10 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
                          lambda routed: routed[0] == OK)
     clean = op.map("redacted_event", redacted.trues, lambda routed: routed[1])
 
-    by_event_id = op.key_on("by_event_id", clean, lambda e: f"{e['org_id']}/{e['event_id']}")
-    seen = op.stateful("dedupe", by_event_id, lambda resume: FirstSeen(settings.dedupe.horizon_s, resume))
+    buckets = settings.dedupe.buckets
+    by_event_id = op.key_on("by_event_id", clean, lambda e: bucket_of(f"{e['org_id']}/{e['event_id']}", buckets))
+    seen = op.stateful_batch("dedupe", by_event_id,
+                             lambda resume: DedupeLogic(resume or SeenIds(settings.dedupe.horizon_s)))
 
     def first_only(item: tuple[str, tuple[bool, dict]]) -> dict | None:
         first, event = item[1]
@@ -233,9 +236,15 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
         op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings)))
     if "quota" in sinks:
         windows = settings.windows
-        by_user = op.key_on("by_user", unique, lambda e: f"{e['org_id']}/{e['user_id']}")
-        outputs = op.key_rm("window_out", op.stateful("windows", by_user, window_logic_builder(
-            windows.length_s, windows.allowed_lateness_s, windows.late_policy, windows.flush_interval_s)))
+
+        def build_windows(resume: UserWindows | None) -> WindowLogic:
+            state = resume or UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000),
+                                          windows.late_policy)
+            return WindowLogic(state, windows.flush_interval_s,
+                               idle_s=windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
+
+        by_user = op.key_on("by_user", unique, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
+        outputs = op.key_rm("window_out", op.stateful_batch("windows", by_user, build_windows))
         late_or_totals = op.branch("is_late", outputs, lambda out: out[0] == "late")
         dlq_streams.append(op.map("late_dlq", late_or_totals.trues, lambda out: late_to_dlq(out[1])))
         op.output("quota_out", late_or_totals.falses, WriterSink(partial(quota_writer, settings)))
@@ -249,7 +258,8 @@ def __getattr__(name: str) -> Dataflow:
     # only when asked, so importing this module for its steps costs nothing.
     if name == "flow":
         settings = load_settings()
-        metrics.serve(settings.metrics.port)
+        if settings.metrics.port is not None:
+            metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
         if settings.metrics.dump_path:
             atexit.register(metrics.dump_counters, settings.metrics.dump_path)
         return build_flow(settings)

@@ -1,17 +1,18 @@
 """Keyed state of the ingest flow: dedupe, window totals and sink batches.
 
-Each StatefulLogic is a thin shell over a plain state object whose methods tests call
+Each Bytewax logic is a thin shell over a plain state object whose methods tests call
 directly; Bytewax snapshots the state object for recovery.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any, Callable
 
-from bytewax.operators import StatefulLogic
+from bytewax.operators import StatefulBatchLogic, StatefulLogic
 
 from sinks.quota import TOKEN_KINDS
 
@@ -20,31 +21,63 @@ def _at(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, tz=timezone.utc)
 
 
+def bucket_of(key: str, buckets: int) -> str:
+    """A stable bucket for a key. Bytewax looks at the timer of every open key on each
+    activation, so millions of event ids or users are grouped into a few hundred keys."""
+    return str(zlib.crc32(key.encode()) % buckets)
+
+
 # -- dedupe ---------------------------------------------------------------------------
 
-class FirstSeen(StatefulLogic):
-    """Keyed by org/event_id: passes the first event, flags every later one as a duplicate
-    until the horizon (wall clock) has passed since the first one."""
+@dataclass
+class SeenIds:
+    """Event ids seen in the last horizon_s seconds (wall clock), oldest first."""
 
-    def __init__(self, horizon_s: float, expires_at: float | None = None, clock: Callable[[], float] = time.time):
-        self.horizon_s = horizon_s
-        self.expires_at = expires_at
+    horizon_s: float
+    expires: dict[str, float] = field(default_factory=dict)
+
+    def first(self, key: str, now: float) -> bool:
+        if key in self.expires:
+            return False
+        self.expires[key] = now + self.horizon_s
+        return True
+
+    def evict(self, now: float) -> None:
+        # Expiry times only grow, so the dict's insertion order is expiry order.
+        while self.expires:
+            oldest = next(iter(self.expires))
+            if self.expires[oldest] > now:
+                break
+            del self.expires[oldest]
+
+    def next_expiry(self) -> float | None:
+        return next(iter(self.expires.values()), None)
+
+
+class DedupeLogic(StatefulBatchLogic):
+    """Keyed by bucket_of(org/event_id): emits (True, event) for the first sighting of an
+    id and (False, event) for every repeat within the horizon."""
+
+    def __init__(self, seen: SeenIds, clock: Callable[[], float] = time.time):
+        self.seen = seen
         self.clock = clock
 
-    def on_item(self, event: dict):
-        if self.expires_at is None:
-            self.expires_at = self.clock() + self.horizon_s
-            return [(True, event)], StatefulLogic.RETAIN
-        return [(False, event)], StatefulLogic.RETAIN
+    def on_batch(self, events: list[dict]):
+        now = self.clock()
+        self.seen.evict(now)
+        out = [(self.seen.first(f"{e['org_id']}/{e['event_id']}", now), e) for e in events]
+        return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self):
-        return [], StatefulLogic.DISCARD
+        self.seen.evict(self.clock())
+        return [], (StatefulBatchLogic.RETAIN if self.seen.expires else StatefulBatchLogic.DISCARD)
 
     def notify_at(self):
-        return _at(self.expires_at) if self.expires_at is not None else None
+        expiry = self.seen.next_expiry()
+        return _at(expiry) if expiry is not None else None
 
     def snapshot(self):
-        return self.expires_at
+        return self.seen
 
 
 # -- windowed usage totals --------------------------------------------------------------
@@ -64,6 +97,7 @@ class WindowTotals:
     org_id: str = ""
     user_id: str = ""
     watermark_ms: int = -1
+    last_seen_s: float = 0.0
     windows: dict[int, list[int]] = field(default_factory=dict)  # start -> [n, *tokens by kind]
     dirty: set[int] = field(default_factory=set)
 
@@ -87,8 +121,8 @@ class WindowTotals:
     def flush(self) -> list[dict]:
         """Totals of every window changed since the last flush; forget windows past lateness."""
         out = [
-            {"org_id": self.org_id, "user_id": self.user_id, "window_start_ms": start, "window_length_ms": self.length_ms,
-             "n": self.windows[start][0],
+            {"org_id": self.org_id, "user_id": self.user_id, "window_start_ms": start,
+             "window_length_ms": self.length_ms, "n": self.windows[start][0],
              **{kind: self.windows[start][i] for i, kind in enumerate(TOKEN_KINDS, start=1)}}
             for start in sorted(self.dirty)
         ]
@@ -99,56 +133,65 @@ class WindowTotals:
         return out
 
 
-class WindowLogic(StatefulLogic):
-    """Keyed by org/user. Emits ("late", event) at once and ("totals", [...]) every
-    flush interval while something changed; idle users are dropped after the lateness."""
+@dataclass
+class UserWindows:
+    """The WindowTotals of every user in one bucket."""
 
-    def __init__(self, state: WindowTotals, flush_interval_s: float, idle_s: float,
+    length_ms: int
+    lateness_ms: int
+    late_policy: str
+    users: dict[str, WindowTotals] = field(default_factory=dict)
+    next_flush_s: float | None = None
+
+
+class WindowLogic(StatefulBatchLogic):
+    """Keyed by bucket_of(org/user). Emits ("late", event) at once and ("totals", [...])
+    every flush interval while something changed; forgets users idle for idle_s."""
+
+    def __init__(self, state: UserWindows, flush_interval_s: float, idle_s: float,
                  clock: Callable[[], float] = time.time):
         self.state = state
         self.flush_interval_s = flush_interval_s
         self.idle_s = idle_s
         self.clock = clock
-        self.next_flush: float | None = None
-        self.last_seen = clock()
 
-    def on_item(self, event: dict):
-        self.last_seen = self.clock()
-        _start, late = self.state.add(event)
-        if self.next_flush is None and self.state.dirty:
-            self.next_flush = self.last_seen + self.flush_interval_s
-        return ([("late", event)] if late else []), StatefulLogic.RETAIN
+    def on_batch(self, events: list[dict]):
+        now = self.clock()
+        late = []
+        for event in events:
+            user = f"{event['org_id']}/{event['user_id']}"
+            totals = self.state.users.get(user)
+            if totals is None:
+                totals = self.state.users[user] = WindowTotals(
+                    self.state.length_ms, self.state.lateness_ms, self.state.late_policy)
+            totals.last_seen_s = now
+            if totals.add(event)[1]:
+                late.append(("late", event))
+        if self.state.next_flush_s is None:
+            self.state.next_flush_s = now + self.flush_interval_s
+        return late, StatefulBatchLogic.RETAIN
 
-    def _flush(self):
-        totals = self.state.flush()
-        self.next_flush = None
+    def _flush(self) -> list:
+        now = self.clock()
+        totals = [t for user in self.state.users.values() if user.dirty for t in user.flush()]
+        idle = [key for key, user in self.state.users.items() if now - user.last_seen_s >= self.idle_s]
+        for key in idle:
+            del self.state.users[key]
+        self.state.next_flush_s = now + self.flush_interval_s if self.state.users else None
         return [("totals", totals)] if totals else []
 
     def on_notify(self):
-        if self.state.dirty:
-            return self._flush(), StatefulLogic.RETAIN
-        if self.clock() - self.last_seen >= self.idle_s:
-            return [], StatefulLogic.DISCARD
-        return [], StatefulLogic.RETAIN
+        out = self._flush()
+        return out, (StatefulBatchLogic.RETAIN if self.state.users else StatefulBatchLogic.DISCARD)
 
     def on_eof(self):
-        return (self._flush() if self.state.dirty else []), StatefulLogic.RETAIN
+        return self._flush(), StatefulBatchLogic.RETAIN
 
     def notify_at(self):
-        return _at(self.next_flush if self.next_flush is not None else self.last_seen + self.idle_s)
+        return _at(self.state.next_flush_s) if self.state.next_flush_s is not None else None
 
     def snapshot(self):
         return self.state
-
-
-def window_logic_builder(length_s: float, lateness_s: float, late_policy: str, flush_interval_s: float):
-    """Builder for op.stateful over a stream keyed by "org/user" carrying events."""
-
-    def build(resume: WindowTotals | None) -> WindowLogic:
-        state = resume or WindowTotals(int(length_s * 1000), int(lateness_s * 1000), late_policy)
-        return WindowLogic(state, flush_interval_s, idle_s=max(lateness_s, length_s) + flush_interval_s)
-
-    return build
 
 
 # -- sink batches -----------------------------------------------------------------------

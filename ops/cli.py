@@ -86,16 +86,18 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery)
     """Deploy a dataflow against the configured servers (wraps `python -m bytewax.run`)."""
     settings = _settings(config)
     command = [sys.executable, "-m", "bytewax.run", FLOWS[flow], "-w", str(workers)]
+    env = dict(os.environ)
+    # Passed through the environment, not -i/-a, so that the flow process can read its own
+    # index and serve metrics on metrics.port + index.
     if process_id is not None:
-        command += ["-i", str(process_id)]
+        env["BYTEWAX_PROCESS_ID"] = str(process_id)
     if addresses:
-        command += ["-a", addresses]
+        env["BYTEWAX_ADDRESSES"] = addresses
     if settings.recovery.enabled and not no_recovery:
         directory = recovery_dir or settings.recovery.dir
         _init_recovery(directory, settings.recovery.partitions)
         command += ["-r", directory, "-s", str(settings.recovery.snapshot_interval_s),
                     "-b", str(settings.recovery.backup_interval_s)]
-    env = dict(os.environ)
     if config:
         env["GATEWATCH_CONFIG"] = config
     click.echo(f"running: {' '.join(command)}", err=True)

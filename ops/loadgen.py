@@ -21,7 +21,8 @@ FIRST = ["Alice", "Bob", "Carla", "Dmitri", "Emeka", "Fatima", "Giulia", "Hiro",
 LAST = ["Smith", "Okafor", "Rossi", "Tanaka", "Novak", "Garcia", "Schmidt", "Dubois"]
 TOPICS = ["summarise the quarterly report", "write a SQL query for churn", "translate this paragraph",
           "explain the stack trace", "draft a polite reply to a customer", "refactor this function"]
-BAD_KINDS = ("truncated", "bad_json", "unknown_schema_id", "negative_tokens", "unknown_region", "future_timestamp")
+# Named after the DLQ code each must produce.
+BAD_KINDS = ("truncated", "bad_json", "unknown_schema_id", "out_of_range", "unknown_region", "future_timestamp")
 
 
 @dataclass
@@ -33,6 +34,9 @@ class Expected:
     tokens: int = 0
     tokens_by_kind: dict[str, int] = field(default_factory=lambda: {k: 0 for k in TOKEN_KINDS})
     pii_values: list[str] = field(default_factory=list)
+    bad_kinds: dict[str, int] = field(default_factory=dict)
+    events: dict[str, dict] = field(default_factory=dict)
+    """The valid events by event_id, when the generator was asked to keep them."""
 
     def as_dict(self) -> dict:
         return {"produced": self.produced, "valid": self.valid, "duplicates": self.duplicates,
@@ -99,7 +103,7 @@ def malformed(kind: str, event: dict, codec) -> bytes:
     if kind == "unknown_schema_id":
         return b"\x00\x00\x00\x7f\xff" + codec.encode(event)[5:]
     broken = dict(event)
-    if kind == "negative_tokens":
+    if kind == "out_of_range":
         broken["output_tokens"] = -5
     elif kind == "unknown_region":
         broken["region"] = "atlantis"
@@ -109,9 +113,9 @@ def malformed(kind: str, event: dict, codec) -> bytes:
 
 
 def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02, users: int = 200,
-             pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None):
-    """Yield (key, value) messages, `count` in all; fill and return Expected at the end
-    (read it from the generator's StopIteration value or pass a list to collect)."""
+             pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False):
+    """Yield (key, value) messages, `count` in all, and return what a correct pipeline must
+    hold afterwards as the generator's return value (StopIteration.value)."""
     rng = random.Random(seed)
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     expected = Expected()
@@ -120,8 +124,10 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
         roll = rng.random()
         if roll < bad_ratio:
             event, _ = make_event(rng, now_ms, users, 0)
-            key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(rng.choice(BAD_KINDS), event, codec)
+            kind = rng.choice(BAD_KINDS)
+            key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(kind, event, codec)
             expected.bad += 1
+            expected.bad_kinds[kind] = expected.bad_kinds.get(kind, 0) + 1
         elif roll < bad_ratio + dup_ratio and recent:
             key, value = rng.choice(recent)
             expected.duplicates += 1
@@ -131,6 +137,8 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             recent = (recent + [(key, value)])[-1000:]
             expected.valid += 1
             expected.pii_values.extend(pii)
+            if keep_events:
+                expected.events[event["event_id"]] = event
             for kind in TOKEN_KINDS:
                 expected.tokens_by_kind[kind] += event[f"{kind}_tokens"]
                 expected.tokens += event[f"{kind}_tokens"]

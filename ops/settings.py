@@ -15,7 +15,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from redaction import RedactionSettings
 
@@ -77,7 +77,10 @@ class ValidationSettings(Section):
 
 
 class DedupeSettings(Section):
-    horizon_s: float = Field(3600, gt=0)
+    horizon_s: float = Field(7200, gt=0)
+    """How long an event_id is remembered; must cover the window lateness (see Settings)."""
+    buckets: int = Field(256, ge=1, le=65536)
+    """Keyed-state buckets for event ids and users; more spreads work over more workers."""
 
 
 class WindowSettings(Section):
@@ -151,6 +154,16 @@ class Settings(Section):
     recovery: RecoverySettings = RecoverySettings()
     metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _dedupe_covers_windows(self) -> "Settings":
+        # A duplicate that outlives the dedupe horizon while its window is still open would
+        # be counted twice, so the horizon must outlast every open window.
+        needed = self.windows.allowed_lateness_s + self.windows.length_s
+        if self.dedupe.horizon_s < needed:
+            raise ValueError(f"dedupe.horizon_s ({self.dedupe.horizon_s:g}) must be at least windows.allowed_lateness_s"
+                             f" + windows.length_s ({needed:g}), or late duplicates would be counted twice")
+        return self
 
     @field_validator("sinks")
     @classmethod

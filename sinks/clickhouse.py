@@ -17,7 +17,6 @@ import pyarrow as pa
 from sinks.parquet import to_table
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "ops" / "migrations"
-EVENT_COLUMNS = [f.name for f in to_table([]).schema]
 
 _chdb_sessions: dict[str, object] = {}
 _chdb_lock = threading.Lock()
@@ -80,15 +79,18 @@ class ClickHouse:
             return [tuple(row.values()) for row in result.to_pylist()]
         return self._client.execute(sql)
 
-    def insert_events(self, events: list[dict]) -> None:
-        table = to_table(events)
-        columns = ", ".join(EVENT_COLUMNS)
+    def insert(self, table: str, rows: pa.Table) -> None:
+        """One columnar insert of an Arrow table into database.table."""
+        columns = ", ".join(rows.column_names)
         if self.embedded:
-            self._session.query(f"INSERT INTO {self.database}.events ({columns}) SELECT * FROM Python(table)")
+            self._session.query(f"INSERT INTO {self.database}.{table} ({columns}) SELECT * FROM Python(rows)")
         else:
-            rows = list(zip(*(table.column(c).to_pylist() for c in EVENT_COLUMNS)))
-            self._client.execute(f"INSERT INTO {self.database}.events ({columns}) VALUES", rows,
-                                 settings={"insert_deduplicate": 1})
+            # Rows travel as parameters: a server parses them natively and old servers hang on literal VALUES.
+            self._client.execute(f"INSERT INTO {self.database}.{table} ({columns}) VALUES",
+                                 [_driver_values(rows.column(c)) for c in rows.column_names], columnar=True)
+
+    def insert_events(self, events: list[dict]) -> None:
+        self.insert("events", to_table(events))
 
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
         """Apply ops/migrations/*.sql not yet recorded; return the names applied now."""
@@ -107,6 +109,13 @@ class ClickHouse:
             self.execute(f"INSERT INTO {self.database}.schema_migrations (name) SELECT '{path.stem}'")
             applied.append(path.stem)
         return applied
+
+
+def _driver_values(column: pa.ChunkedArray) -> list:
+    values = column.to_pylist()
+    if pa.types.is_map(column.type):
+        return [dict(v or ()) for v in values]
+    return values
 
 
 def _statements(sql: str) -> list[str]:

@@ -1,6 +1,6 @@
 """The keyed state logic of the ingest flow, without Bytewax."""
 
-from dataflows.state import Batcher, FirstSeen, WindowLogic, WindowTotals
+from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of
 
 
 def event(event_id="e1", t=60_000, user="u1", org="o1", tokens=(10, 5, 2, 1)):
@@ -17,15 +17,22 @@ class Clock:
         return self.now
 
 
-def test_first_seen_passes_once_then_expires():
+def test_dedupe_passes_each_id_once_per_horizon():
     clock = Clock()
-    logic = FirstSeen(horizon_s=60, clock=clock)
-    assert logic.on_item(event())[0] == [(True, event())]
-    assert logic.on_item(event())[0] == [(False, event())]
+    logic = DedupeLogic(SeenIds(horizon_s=60), clock=clock)
+    out, _ = logic.on_batch([event("a"), event("b"), event("a")])
+    assert [first for first, _e in out] == [True, True, False]
     assert logic.notify_at().timestamp() == 1060
-    assert logic.on_notify() == ([], FirstSeen.DISCARD)
-    resumed = FirstSeen(horizon_s=60, expires_at=logic.snapshot(), clock=clock)
-    assert resumed.on_item(event())[0][0][0] is False
+    resumed = DedupeLogic(logic.snapshot(), clock=clock)
+    assert resumed.on_batch([event("b", org="o2"), event("b")])[0][1][0] is False
+    clock.now += 61
+    assert logic.on_notify() == ([], DedupeLogic.DISCARD)
+    assert logic.on_batch([event("a")])[0] == [(True, event("a"))]
+
+
+def test_buckets_are_stable_and_spread():
+    assert bucket_of("o/e1", 256) == bucket_of("o/e1", 256)
+    assert len({bucket_of(f"o/e{i}", 256) for i in range(5000)}) == 256
 
 
 def test_window_totals_are_absolute_and_split_by_kind():
@@ -55,13 +62,21 @@ def test_late_events_follow_the_policy():
 
 def test_window_logic_flushes_on_timer_and_drops_idle_users():
     clock = Clock()
-    logic = WindowLogic(WindowTotals(60_000, 0), flush_interval_s=2, idle_s=30, clock=clock)
-    assert logic.on_item(event()) == ([], WindowLogic.RETAIN)
+    logic = WindowLogic(UserWindows(60_000, 0, "dlq"), flush_interval_s=2, idle_s=30, clock=clock)
+    assert logic.on_batch([event(user="u1"), event(user="u2"), event("e2", user="u1")]) == ([], WindowLogic.RETAIN)
     assert logic.notify_at().timestamp() == 1002
-    emitted, _ = logic.on_notify()
-    assert emitted[0][0] == "totals" and emitted[0][1][0]["n"] == 1
+    (emitted,), retain = logic.on_notify()
+    assert emitted[0] == "totals" and sorted((t["user_id"], t["n"]) for t in emitted[1]) == [("u1", 2), ("u2", 1)]
+    assert retain == WindowLogic.RETAIN
+    assert logic.on_notify() == ([], WindowLogic.RETAIN)
     clock.now += 31
     assert logic.on_notify() == ([], WindowLogic.DISCARD)
+
+
+def test_window_logic_routes_late_events():
+    logic = WindowLogic(UserWindows(60_000, 60_000, "dlq"), flush_interval_s=2, idle_s=30, clock=Clock())
+    late, _ = logic.on_batch([event("new", t=600_000), event("old", t=100_000)])
+    assert [(kind, e["event_id"]) for kind, e in late] == [("late", "old")]
 
 
 def test_batcher_emits_by_size_age_and_eof():

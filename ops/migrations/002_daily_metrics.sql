@@ -8,12 +8,12 @@ SELECT
     region,
     count() AS requests,
     countIf(status_code >= 400) AS errors,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
-    sum(cache_read_tokens) AS cache_read_tokens,
-    sum(cache_write_tokens) AS cache_write_tokens,
-    sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) AS total_tokens,
+    sum(e.input_tokens) AS input_tokens,
+    sum(e.output_tokens) AS output_tokens,
+    sum(e.cache_read_tokens) AS cache_read_tokens,
+    sum(e.cache_write_tokens) AS cache_write_tokens,
+    sum(e.input_tokens + e.output_tokens + e.cache_read_tokens + e.cache_write_tokens) AS total_tokens,
     quantile(0.5)(latency_ms) AS latency_p50_ms,
     quantile(0.99)(latency_ms) AS latency_p99_ms
-FROM {db}.events FINAL
+FROM {db}.events AS e FINAL
 GROUP BY day, org_id, user_id, model, region;
