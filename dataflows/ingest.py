@@ -26,10 +26,10 @@ from ops.logs import get_logger
 from ops.settings import Settings, load_settings
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
-from schemas.dlq import dlq_record
+from schemas.dlq import dlq_record, encode_dlq
 from schemas.registry import registry_from_settings
 from sinks.clickhouse import ClickHouse
-from sinks.dlq import DlqProducer
+from sinks.kafka import TopicWriter
 from sinks.parquet import ParquetStore, partition_of
 from sinks.quota import TOKEN_KINDS, QuotaStore
 from sinks.retry import write_with_retries
@@ -174,7 +174,8 @@ def quota_writer(settings: Settings):
 
 
 def dlq_writer(settings: Settings):
-    producer = DlqProducer(settings.kafka.bootstrap, settings.kafka.dlq_topic, settings.kafka.extra)
+    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
+                           settings.kafka.extra)
 
     def write(records: list[dict]) -> None:
         write_with_retries("dlq", lambda: producer.send(records))

@@ -84,7 +84,7 @@ class DedupeLogic(StatefulBatchLogic):
 
 @dataclass
 class WindowTotals:
-    """Running totals of one user's tumbling event-time windows.
+    """Running totals of one user's tumbling event-time windows, per model (prices differ).
 
     The watermark is the newest event time seen for the user: the producer keys events by
     user, so a user's events arrive in partition order and the same input always gives the
@@ -98,38 +98,41 @@ class WindowTotals:
     user_id: str = ""
     watermark_ms: int = -1
     last_seen_s: float = 0.0
-    windows: dict[int, list[int]] = field(default_factory=dict)  # start -> [n, *tokens by kind]
-    dirty: set[int] = field(default_factory=set)
+    windows: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (start, model) -> [n, *tokens]
+    dirty: set[tuple[int, str]] = field(default_factory=set)
 
     def add(self, event: dict) -> tuple[int | None, bool]:
         """Count the event; return (window it went to or None if refused as late, was_late)."""
         self.org_id, self.user_id = event["org_id"], event["user_id"]
         start = event["event_time"] - event["event_time"] % self.length_ms
-        late = event["event_time"] < self.watermark_ms - self.lateness_ms and start not in self.windows
+        # Decided by event times alone (never by which windows happen to be in memory), so
+        # that a replay makes the same decision.
+        late = event["event_time"] < self.watermark_ms - self.lateness_ms
         if late:
             if self.late_policy == "dlq":
                 return None, True
             start = self.watermark_ms - self.watermark_ms % self.length_ms
-        totals = self.windows.setdefault(start, [0] * (1 + len(TOKEN_KINDS)))
+        key = (start, event["model"])
+        totals = self.windows.setdefault(key, [0] * (1 + len(TOKEN_KINDS)))
         totals[0] += 1
         for i, kind in enumerate(TOKEN_KINDS, start=1):
             totals[i] += event[f"{kind}_tokens"]
-        self.dirty.add(start)
+        self.dirty.add(key)
         self.watermark_ms = max(self.watermark_ms, event["event_time"])
         return start, late
 
     def flush(self) -> list[dict]:
         """Totals of every window changed since the last flush; forget windows past lateness."""
         out = [
-            {"org_id": self.org_id, "user_id": self.user_id, "window_start_ms": start,
-             "window_length_ms": self.length_ms, "n": self.windows[start][0],
-             **{kind: self.windows[start][i] for i, kind in enumerate(TOKEN_KINDS, start=1)}}
-            for start in sorted(self.dirty)
+            {"org_id": self.org_id, "user_id": self.user_id, "model": model, "window_start_ms": start,
+             "window_length_ms": self.length_ms, "n": self.windows[start, model][0],
+             **{kind: self.windows[start, model][i] for i, kind in enumerate(TOKEN_KINDS, start=1)}}
+            for start, model in sorted(self.dirty)
         ]
         self.dirty.clear()
         horizon = self.watermark_ms - self.lateness_ms
-        for start in [s for s in self.windows if s + self.length_ms <= horizon]:
-            del self.windows[start]
+        for key in [k for k in self.windows if k[0] + self.length_ms <= horizon]:
+            del self.windows[key]
         return out
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tomllib
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,7 +21,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from redaction import RedactionSettings
 
 ENV_PREFIX = "GATEWATCH_"
-SINK_NAMES = ("parquet", "clickhouse", "quota", "dlq")
+SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
 
 
@@ -90,6 +91,57 @@ class WindowSettings(Section):
     late_policy: Literal["dlq", "current"] = "dlq"
 
 
+class ModelPrice(Section):
+    """USD per million tokens of each kind."""
+
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
+    cache_read: Decimal = Field(ge=0)
+    cache_write: Decimal = Field(ge=0)
+
+
+def _price(input: str, output: str, cache_read: str, cache_write: str) -> ModelPrice:
+    return ModelPrice(input=Decimal(input), output=Decimal(output),
+                      cache_read=Decimal(cache_read), cache_write=Decimal(cache_write))
+
+
+class PricingSettings(Section):
+    """A versioned price table; the version travels with every billing event."""
+
+    version: str = "2026-11-01"
+    models: dict[str, ModelPrice] = {
+        "gpt-4o": _price("2.50", "10.00", "1.25", "2.50"),
+        "gpt-4o-mini": _price("0.15", "0.60", "0.075", "0.15"),
+        "claude-sonnet-4": _price("3.00", "15.00", "0.30", "3.75"),
+        "gemini-2.0-flash": _price("0.10", "0.40", "0.025", "0.10"),
+        "llama-3.3-70b": _price("0.60", "0.60", "0.60", "0.60"),
+    }
+    default: ModelPrice | None = None
+    """Price of models missing from the table; without one their usage is billed at 0 and flagged."""
+
+
+class TierLimits(Section):
+    requests_per_day: int | None = Field(None, ge=0)
+    tokens_per_month: int | None = Field(None, ge=0)
+    overage_allowed: bool = False
+
+
+class QuotaSettings(Section):
+    default_tier: str = "free"
+    tiers: dict[str, TierLimits] = {
+        "free": TierLimits(requests_per_day=10, tokens_per_month=100_000, overage_allowed=False),
+        "pro": TierLimits(requests_per_day=None, tokens_per_month=None, overage_allowed=True),
+        "enterprise": TierLimits(requests_per_day=None, tokens_per_month=None, overage_allowed=True),
+    }
+    alert_thresholds: list[float] = [0.8, 1.0]
+
+    @model_validator(mode="after")
+    def _default_tier_exists(self) -> "QuotaSettings":
+        if self.default_tier not in self.tiers:
+            raise ValueError(f"default_tier {self.default_tier!r} is not one of the tiers: {', '.join(self.tiers)}")
+        return self
+
+
 class ParquetSettings(Section):
     root: str = "./gatewatch-data/raw"
     """A local directory or an s3://bucket/prefix URL."""
@@ -148,6 +200,8 @@ class Settings(Section):
     dedupe: DedupeSettings = DedupeSettings()
     windows: WindowSettings = WindowSettings()
     sinks: CsvList = list(SINK_NAMES)
+    pricing: PricingSettings = PricingSettings()
+    quota: QuotaSettings = QuotaSettings()
     parquet: ParquetSettings = ParquetSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     redis: RedisSettings = RedisSettings()
@@ -243,9 +297,11 @@ def _service_layer() -> tuple[dict, dict[tuple, str]]:
 
 def _origin_of(loc: tuple, origins: dict[tuple, str]) -> str:
     for end in range(len(loc), 0, -1):
-        if tuple(map(str, loc[:end])) in origins:
-            return origins[tuple(map(str, loc[:end]))]
-    return "defaults"
+        if loc[:end] in origins:
+            return origins[loc[:end]]
+    # A check over a whole section: name every source that set something in it.
+    inside = sorted({origin for path, origin in origins.items() if path[:len(loc)] == loc})
+    return ", ".join(inside) or "defaults"
 
 
 def load_settings(

@@ -1,21 +1,43 @@
 """Per-user and per-org token and request counters in Redis, applied exactly once in effect.
 
-The flow emits, for each (org, user, window), the window's running absolute totals with the
-number of distinct events they cover. One Lua script stores the newest totals of the window
-and adds only the difference to the day and month counters, and it ignores totals that
-cover no more events than it already holds. A retried, replayed or re-emitted window
-therefore never counts a token twice.
+The flow emits, for each (org, user, model, window), the window's running absolute totals
+with the number of distinct events they cover. One Lua script stores the newest totals of
+the window and adds only the difference to the day and month counters; it ignores totals
+that cover no more events than it already holds. A retried, replayed or re-emitted window
+therefore never counts a token twice. The same script notices when a user crosses an
+alert threshold of its tier's limits and records the alert as pending until the flow has
+delivered it.
 """
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 
 import redis
 
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+COUNTER_TTL_S = 40 * 86400
+TIERS_KEY = "gw:tiers"
+PENDING_ALERTS_KEY = "gw:alerts:pending"
 
-APPLY_WINDOW = """
+# Limits of a user: its own override hash, else its tier's (tier from gw:tier:..., else the
+# default tier). -1 means unlimited.
+_LIMITS_LUA = """
+local function limits(tier_key, override_key, tiers_key, default_tier)
+  local tier = redis.call('GET', tier_key) or default_tier
+  local function limit(name)
+    local own = redis.call('HGET', override_key, name)
+    if own then return tonumber(own) end
+    return tonumber(redis.call('HGET', tiers_key, tier .. ':' .. name) or '-1')
+  end
+  return tier, limit('requests_per_day'), limit('tokens_per_month'), limit('overage_allowed')
+end
+"""
+
+APPLY_WINDOW = _LIMITS_LUA + """
+-- KEYS: window, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts
+-- ARGV: n, input, output, cache_read, cache_write, ttl, default tier, day, month, subject, thresholds...
 local n = tonumber(ARGV[1])
 local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
 if n <= prev_n then return 0 end
@@ -31,7 +53,9 @@ for i, kind in ipairs(kinds) do
 end
 redis.call('HSET', KEYS[1], 'n', n)
 redis.call('EXPIRE', KEYS[1], ARGV[6])
-for k = 2, #KEYS do
+local before = {}
+for k = 2, 5 do
+  before[k] = {tonumber(redis.call('HGET', KEYS[k], 'requests') or '0'), tonumber(redis.call('HGET', KEYS[k], 'tokens') or '0')}
   redis.call('HINCRBY', KEYS[k], 'requests', n - prev_n)
   redis.call('HINCRBY', KEYS[k], 'tokens', total)
   for i, kind in ipairs(kinds) do
@@ -39,26 +63,80 @@ for k = 2, #KEYS do
   end
   redis.call('EXPIRE', KEYS[k], ARGV[6])
 end
+local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
+local checks = {
+  {'requests_day', ARGV[8], rpd, before[2][1], before[2][1] + n - prev_n},
+  {'tokens_month', ARGV[9], tpm, before[3][2], before[3][2] + total},
+}
+for _, check in ipairs(checks) do
+  local metric, period, limit, old, new = check[1], check[2], check[3], check[4], check[5]
+  if limit > 0 then
+    for t = 11, #ARGV do
+      local at = tonumber(ARGV[t]) * limit
+      if old < at and new >= at then
+        local id = ARGV[10] .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
+        redis.call('HSETNX', KEYS[9], id, cjson.encode({alert_id = id, subject = ARGV[10], tier = tier,
+          metric = metric, period = period, threshold = tonumber(ARGV[t]), limit = limit, usage = new}))
+      end
+    end
+  end
+end
 return 1
 """
 
-COUNTER_TTL_S = 40 * 86400
+CHECK = _LIMITS_LUA + """
+-- KEYS: user tier, user limits, tiers, user day, user month; ARGV: default tier
+local tier, rpd, tpm, overage = limits(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
+local requests = tonumber(redis.call('HGET', KEYS[4], 'requests') or '0')
+local tokens = tonumber(redis.call('HGET', KEYS[5], 'tokens') or '0')
+local allowed = 1
+if rpd >= 0 and requests >= rpd then allowed = 0 end
+if tpm >= 0 and tokens >= tpm and overage ~= 1 then allowed = 0 end
+return {allowed, tier, requests, rpd, tokens, tpm, overage}
+"""
 
 
-def usage_keys(scope: str, ident: str, window_start_ms: int) -> tuple[str, str]:
+def periods(when_ms: int) -> tuple[str, str]:
+    moment = datetime.fromtimestamp(when_ms / 1000, tz=timezone.utc)
+    return f"{moment:%Y%m%d}", f"{moment:%Y%m}"
+
+
+def usage_keys(scope: str, ident: str, when_ms: int) -> tuple[str, str]:
     """(day key, month key) of a user ('user', 'org/user') or an org ('org', 'org')."""
-    start = datetime.fromtimestamp(window_start_ms / 1000, tz=timezone.utc)
-    return (f"gw:usage:{scope}:{ident}:d:{start:%Y%m%d}", f"gw:usage:{scope}:{ident}:m:{start:%Y%m}")
+    day, month = periods(when_ms)
+    return f"gw:usage:{scope}:{ident}:d:{day}", f"gw:usage:{scope}:{ident}:m:{month}"
 
 
 def window_key(total: dict) -> str:
-    return f"gw:win:{total['org_id']}/{total['user_id']}:{total['window_start_ms']}"
+    return f"gw:win:{total['org_id']}/{total['user_id']}:{total['model']}:{total['window_start_ms']}"
+
+
+def tier_keys(user: str) -> tuple[str, str, str]:
+    return f"gw:tier:user:{user}", f"gw:limits:user:{user}", TIERS_KEY
 
 
 class QuotaStore:
-    def __init__(self, url: str):
+    def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0)):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+        self.default_tier = default_tier
+        self.alert_thresholds = alert_thresholds
         self._apply = self.redis.register_script(APPLY_WINDOW)
+
+    def publish_tiers(self, tiers: dict) -> None:
+        """Store tier limits where the Lua scripts (and every gateway's QuotaClient) read them."""
+        mapping = {}
+        for name, limits in tiers.items():
+            mapping[f"{name}:requests_per_day"] = -1 if limits.requests_per_day is None else limits.requests_per_day
+            mapping[f"{name}:tokens_per_month"] = -1 if limits.tokens_per_month is None else limits.tokens_per_month
+            mapping[f"{name}:overage_allowed"] = int(limits.overage_allowed)
+        self.redis.hset(TIERS_KEY, mapping=mapping)
+
+    def set_tier(self, user: str, tier: str, **limits: int) -> None:
+        """Assign a tier to org/user, with optional custom limits (enterprise contracts)."""
+        tier_key, limits_key, _ = tier_keys(user)
+        self.redis.set(tier_key, tier)
+        if limits:
+            self.redis.hset(limits_key, mapping=limits)
 
     def apply(self, totals: list[dict]) -> int:
         """Apply window totals in one round trip; return how many changed a counter."""
@@ -66,10 +144,19 @@ class QuotaStore:
         for total in totals:
             user = f"{total['org_id']}/{total['user_id']}"
             keys = [window_key(total), *usage_keys("user", user, total["window_start_ms"]),
-                    *usage_keys("org", total["org_id"], total["window_start_ms"])]
-            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), COUNTER_TTL_S]
+                    *usage_keys("org", total["org_id"], total["window_start_ms"]),
+                    *tier_keys(user), PENDING_ALERTS_KEY]
+            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), COUNTER_TTL_S, self.default_tier,
+                    *periods(total["window_start_ms"]), user, *self.alert_thresholds]
             self._apply(keys=keys, args=args, client=pipe)
         return sum(pipe.execute())
+
+    def pending_alerts(self) -> list[dict]:
+        return [json.loads(v) for v in self.redis.hvals(PENDING_ALERTS_KEY)]
+
+    def ack_alerts(self, alert_ids: list[str]) -> None:
+        if alert_ids:
+            self.redis.hdel(PENDING_ALERTS_KEY, *alert_ids)
 
     def usage(self, scope: str, ident: str, when_ms: int) -> dict[str, dict[str, int]]:
         day, month = usage_keys(scope, ident, when_ms)

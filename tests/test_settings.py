@@ -10,7 +10,7 @@ def load(env=None, config=None):
 def test_defaults_are_valid():
     settings = load()
     assert settings.kafka.brokers == ["127.0.0.1:9092"]
-    assert settings.sinks == ["parquet", "clickhouse", "quota", "dlq"]
+    assert settings.sinks == ["parquet", "clickhouse", "quota", "billing", "dlq"]
 
 
 def test_environment_overrides_toml(tmp_path):

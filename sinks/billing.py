@@ -1,0 +1,52 @@
+"""Billing events: per user, model and window, the cost of its tokens from a versioned price table.
+
+A window's billing event is re-emitted with a higher `version` (the number of events it
+covers) whenever late events add to it; `billing_id` is deterministic, so a consumer keeps
+the highest version per id and never bills a token twice.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sinks.quota import TOKEN_KINDS
+
+MILLION = Decimal(1_000_000)
+NANO = Decimal("0.000000001")
+
+
+def cost_usd(total: dict, pricing) -> tuple[Decimal, bool]:
+    """(cost, priced) of a window total; unpriced models cost 0 unless a default price is set."""
+    price = pricing.models.get(total["model"], pricing.default)
+    if price is None:
+        return Decimal(0), False
+    cost = sum((Decimal(total[kind]) * getattr(price, kind) for kind in TOKEN_KINDS), Decimal(0)) / MILLION
+    return cost.quantize(NANO), total["model"] in pricing.models
+
+
+def billing_event(total: dict, pricing) -> dict:
+    cost, priced = cost_usd(total, pricing)
+    return {
+        "billing_id": f"{total['org_id']}/{total['user_id']}/{total['model']}/{total['window_start_ms']}",
+        "version": total["n"],
+        "org_id": total["org_id"],
+        "user_id": total["user_id"],
+        "model": total["model"],
+        "window_start_ms": total["window_start_ms"],
+        "window_length_ms": total["window_length_ms"],
+        "requests": total["n"],
+        **{f"{kind}_tokens": total[kind] for kind in TOKEN_KINDS},
+        "cost_usd": str(cost),
+        "price_version": pricing.version,
+        "priced": priced,
+    }
+
+
+def latest_versions(events: list[dict]) -> dict[str, dict]:
+    """What a billing consumer keeps: the highest version of every billing_id."""
+    latest: dict[str, dict] = {}
+    for event in events:
+        kept = latest.get(event["billing_id"])
+        if kept is None or event["version"] > kept["version"]:
+            latest[event["billing_id"]] = event
+    return latest

@@ -1,0 +1,92 @@
+"""Quota counters, tiers, alerts and the gateway's QuotaClient against a real redis-server."""
+
+from decimal import Decimal
+
+import pytest
+import redis
+
+from connectors.quota_client import QuotaClient
+from ops.settings import QuotaSettings, load_settings
+from sinks.billing import billing_event, cost_usd, latest_versions
+from sinks.quota import QuotaStore
+
+pytestmark = pytest.mark.integration
+WINDOW = 1_795_000_000_000  # 2026-11-18
+
+
+@pytest.fixture
+def store(redis_url):
+    redis.Redis.from_url(redis_url).flushdb()
+    quota = QuotaSettings()
+    store = QuotaStore(redis_url, quota.default_tier, tuple(quota.alert_thresholds))
+    store.publish_tiers(quota.tiers)
+    return store
+
+
+def total(n, input=0, output=0, cache_read=0, cache_write=0, user="u1", model="gpt-4o", start=WINDOW):
+    return {"org_id": "o1", "user_id": user, "model": model, "window_start_ms": start, "window_length_ms": 60_000,
+            "n": n, "input": input, "output": output, "cache_read": cache_read, "cache_write": cache_write}
+
+
+def test_window_totals_apply_once_whatever_the_replays(store):
+    assert store.apply([total(2, 100, 10), total(2, 100, 10)]) == 1
+    assert store.apply([total(3, 150, 20, cache_read=5)]) == 1
+    assert store.apply([total(1, 50, 5), total(3, 150, 20, cache_read=5)]) == 0
+    month = store.usage("user", "o1/u1", WINDOW)["month"]
+    assert month == {"requests": 3, "tokens": 175, "input": 150, "output": 20, "cache_read": 5, "cache_write": 0}
+    assert store.usage("org", "o1", WINDOW)["day"]["tokens"] == 175
+    assert store.total_tokens("user") == store.total_tokens("org") == 175
+
+
+def test_free_tier_is_refused_after_ten_requests_a_day(store, redis_url):
+    client = QuotaClient(redis_url, socket_timeout_s=1)
+    assert client.check("o1", "u1", WINDOW).allowed
+    store.apply([total(10, 100, user="u1")])
+    decision = client.check("o1", "u1", WINDOW)
+    assert (decision.allowed, decision.tier, decision.requests_today, decision.requests_per_day) == (False, "free", 10, 10)
+    assert "daily request limit" in decision.reason
+
+
+def test_pro_tier_has_no_limit_and_enterprise_gets_custom_limits(store, redis_url):
+    client = QuotaClient(redis_url, socket_timeout_s=1)
+    store.set_tier("o1/pro", "pro")
+    store.apply([total(500, 10**6, user="pro")])
+    assert client.check("o1", "pro", WINDOW).allowed
+    store.set_tier("o1/ent", "enterprise", tokens_per_month=1000, overage_allowed=0)
+    store.apply([total(1, 1000, user="ent")])
+    decision = client.check("o1", "ent", WINDOW)
+    assert (decision.allowed, decision.tokens_per_month) == (False, 1000)
+    assert "monthly token limit" in decision.reason
+
+
+def test_alerts_at_80_and_100_percent_once_per_period(store):
+    store.apply([total(1, 79_000)])
+    assert store.pending_alerts() == []
+    store.apply([total(2, 81_000)])
+    store.apply([total(3, 81_500)])
+    alerts = store.pending_alerts()
+    assert [(a["metric"], a["threshold"]) for a in alerts] == [("tokens_month", 0.8)]
+    store.ack_alerts([a["alert_id"] for a in alerts])
+    store.apply([total(9, 120_000)])
+    assert sorted((a["metric"], a["threshold"]) for a in store.pending_alerts()) == [
+        ("requests_day", 0.8), ("tokens_month", 1.0)]
+    store.apply([total(10, 130_000)])
+    assert sorted((a["metric"], a["threshold"]) for a in store.pending_alerts()) == [
+        ("requests_day", 0.8), ("requests_day", 1.0), ("tokens_month", 1.0)]
+
+
+def test_cost_uses_separate_cache_prices_and_is_exact():
+    pricing = load_settings(environ={}, use_service_state=False).pricing
+    cost, priced = cost_usd(total(1, input=1_000_000, output=1_000_000, cache_read=1_000_000,
+                                  cache_write=1_000_000, model="claude-sonnet-4"), pricing)
+    assert (cost, priced) == (Decimal("22.05"), True)
+    assert cost_usd(total(1, input=3, model="gpt-4o-mini"), pricing)[0] == Decimal("0.00000045")
+    assert cost_usd(total(1, input=10, model="unknown-model"), pricing) == (Decimal(0), False)
+
+
+def test_billing_consumers_keep_the_highest_version():
+    pricing = load_settings(environ={}, use_service_state=False).pricing
+    first, later = billing_event(total(1, 100), pricing), billing_event(total(2, 300), pricing)
+    assert first["billing_id"] == later["billing_id"]
+    kept = latest_versions([later, first, first])
+    assert kept[first["billing_id"]]["cost_usd"] == later["cost_usd"] == "0.000750000"
