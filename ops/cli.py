@@ -40,13 +40,17 @@ def cli() -> None:
               help="Share of messages that repeat an earlier event.")
 @click.option("--bad-ratio", default=0.02, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of malformed messages (they must land in the DLQ).")
+@click.option("--late-ratio", default=0.01, show_default=True, type=click.FloatRange(0, 0.5),
+              help="Share of events dated beyond the allowed lateness (they go to the DLQ, not the quota).")
+@click.option("--chaos", default=0, show_default=True, type=click.IntRange(0),
+              help="SIGKILL the flow this many times while producing, resuming from recovery each time.")
 @click.option("--users", default=200, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Bytewax worker threads.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Keep Parquet, the chdb database, the DLQ dump and logs here (default: a temporary directory, removed).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve the flow's Prometheus metrics on this port.")
-def demo(events, dup_ratio, bad_ratio, users, seed, workers, data_dir, metrics_port) -> None:
+def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, data_dir, metrics_port) -> None:
     """Run the whole pipeline on embedded defaults and reconcile every sink.
 
     Starts a Kafka-protocol broker and Redis from pip wheels, produces synthetic events
@@ -60,7 +64,8 @@ def demo(events, dup_ratio, bad_ratio, users, seed, workers, data_dir, metrics_p
     root = data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")
     try:
         found, problems = demo_mod.run(demo_mod.DemoOptions(
-            events=events, dup_ratio=dup_ratio, bad_ratio=bad_ratio, users=users, seed=seed,
+            events=events, dup_ratio=dup_ratio, bad_ratio=bad_ratio, late_ratio=late_ratio, chaos=chaos,
+            users=users, seed=seed,
             data_dir=root, metrics_port=metrics_port, workers=workers))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None

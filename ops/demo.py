@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass
@@ -37,12 +40,15 @@ class DemoOptions:
     events: int = 5000
     dup_ratio: float = 0.05
     bad_ratio: float = 0.02
+    late_ratio: float = 0.01
     users: int = 200
     seed: int = 7
     data_dir: str | None = None
     metrics_port: int | None = None
     workers: int = 1
     partitions: int = 3
+    chaos: int = 0
+    """Kill the flow (SIGKILL) this many times at random points while events are produced."""
 
 
 def say(message: str) -> None:
@@ -56,7 +62,8 @@ def progress_line(label: str, done: float, total: float, started: float) -> str:
     return f"\r{label:<10} [{'#' * filled}{'.' * (width - filled)}] {int(done):>7}/{int(total)}  {rate:8.0f}/s"
 
 
-def produce(bootstrap: str, topic: str, messages, total: int) -> Expected:
+def produce(bootstrap: str, topic: str, messages, total: int, rate: float | None = None) -> Expected:
+    """Produce every generated message (at `rate` messages/s if given) and return Expected."""
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                          "linger.ms": 20, "compression.type": "zstd"})
     failures: list[str] = []
@@ -73,6 +80,8 @@ def produce(bootstrap: str, topic: str, messages, total: int) -> Expected:
                 except BufferError:
                     producer.poll(0.05)
             sent += 1
+            if rate:
+                time.sleep(max(0.0, started + sent / rate - time.monotonic()))
             if sent % 500 == 0:
                 producer.poll(0)
                 print(progress_line("produce", sent, total, started), end="", file=sys.stderr, flush=True)
@@ -98,26 +107,59 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
-def run_flow(env: dict[str, str], metrics_port: int, total: int, workers: int) -> float:
-    """Run the ingest flow in its own process until it drains the topic; return seconds taken."""
+def run_flow(env: dict[str, str], metrics_port: int, total: int, workers: int,
+             recovery_dir: Path | None = None, kill_after_s: float | None = None) -> float:
+    """Run the ingest flow in its own process until it drains the topic, or SIGKILL it after
+    kill_after_s; return the seconds it ran."""
     command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+    if recovery_dir is not None:
+        command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
     started = time.monotonic()
     log_path = Path(env["GATEWATCH_DEMO_LOG"])
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(0.5)
+            if kill_after_s is not None and time.monotonic() - started >= kill_after_s:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                print(f"\nchaos: killed the ingest flow (pid {proc.pid}) after {kill_after_s:.1f} s",
+                      file=sys.stderr, flush=True)
+                return time.monotonic() - started
             try:
                 counts = scrape(metrics_port)
             except OSError:
                 continue
-            done = counts.get("gatewatch_events_total{stage=\"decoded\"}", 0) + counts.get("gatewatch_dlq_records_total", 0)
+            done = counts.get('gatewatch_events_total{stage="decoded"}', 0) + counts.get("gatewatch_dlq_records_total", 0)
             print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     if proc.returncode != 0:
         tail = log_path.read_text(errors="replace").splitlines()[-30:]
         raise RuntimeError("the ingest flow failed:\n" + "\n".join(tail))
     return time.monotonic() - started
+
+
+def run_with_chaos(options: DemoOptions, env: dict[str, str], bootstrap: str, topic: str, messages,
+                   metrics_port: int, recovery_dir: Path) -> tuple[Expected, float]:
+    """Produce in the background while the flow is killed and resumed from recovery
+    options.chaos times, then let a last run drain the topic."""
+    subprocess.check_call([sys.executable, "-m", "bytewax.recovery", str(recovery_dir), "1"])
+    rng = random.Random(options.seed)
+    result: dict = {}
+    producing_s = 4.0 * options.chaos
+    producer = threading.Thread(target=lambda: result.setdefault(
+        "expected", produce(bootstrap, topic, messages, options.events, rate=options.events / producing_s)))
+    producer.start()
+    started = time.monotonic()
+    tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
+    for _ in range(options.chaos):
+        run_flow(tail_env, metrics_port, options.events, options.workers, recovery_dir,
+                 kill_after_s=rng.uniform(2.0, 6.0))
+    producer.join()
+    if "expected" not in result:
+        raise RuntimeError("producing the demo events failed (see above)")
+    run_flow(env, metrics_port, options.events, options.workers, recovery_dir)
+    return result["expected"], time.monotonic() - started
 
 
 def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:
@@ -145,15 +187,23 @@ def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:
     return records
 
 
-def reconcile(expected: Expected, found: dict) -> list[str]:
+def distinct_sources(records: list[dict]) -> int:
+    """DLQ records are delivered at least once; one source message counts once."""
+    return len({(r.get("topic"), r.get("partition"), r.get("offset"), r.get("stage")) for r in records})
+
+
+def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
     checks = [
         ("valid events in ClickHouse", expected.valid, found["clickhouse_rows"]),
         ("distinct events in Parquet", expected.valid, found["parquet_rows"]),
-        ("duplicates dropped", expected.duplicates, found["duplicates_dropped"]),
-        ("DLQ records", expected.bad, found["dlq"]),
-        ("tokens in Redis quota counters", expected.tokens, found["quota_total_tokens"]),
+        ("DLQ records (malformed + late)", expected.bad + expected.late, found["dlq"]),
+        ("tokens in Redis quota counters", expected.quota_tokens, found["quota_total_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
     ]
+    if not chaos:
+        # Counters of a killed flow process die with it; only an uninterrupted run has them all.
+        checks += [("duplicates dropped", expected.duplicates, found["duplicates_dropped"]),
+                   ("unique events counted by the flow", expected.valid, found["valid"])]
     return [f"{name}: expected {want}, found {got}" for name, want, got in checks if want != got]
 
 
@@ -169,14 +219,16 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
         redis_server = services.start_redis(root / "redis")
         started_services.append(redis_server)
         say(f"broker {kafka.address}, redis {redis_server.address}")
-        topic, dlq_topic = settings.kafka.events_topic, settings.kafka.dlq_topic
-        services.create_topics(kafka.address, {topic: options.partitions, dlq_topic: 1})
+        k = settings.kafka
+        topic = k.events_topic
+        services.create_topics(kafka.address, {topic: options.partitions, k.dlq_topic: 1, k.billing_topic: 1,
+                                               k.quota_alerts_topic: 1})
 
         codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
-        messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio,
-                            users=options.users, seed=options.seed)
-        expected = produce(kafka.address, topic, messages, options.events)
-
+        messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio, users=options.users,
+                            seed=options.seed, late_ratio=options.late_ratio,
+                            lateness_ms=int(settings.windows.allowed_lateness_s * 1000),
+                            window_ms=int(settings.windows.length_s * 1000))
         metrics_port = options.metrics_port or services.free_port()
         counters_path = root / "flow-counters.json"
         env = {
@@ -191,10 +243,15 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
             "GATEWATCH_DEMO_LOG": str(root / "flow.log"),
         }
         say(f"ingest flow metrics: http://127.0.0.1:{metrics_port}/metrics, log: {root / 'flow.log'}")
-        seconds = run_flow(env, metrics_port, options.events, options.workers)
+        if options.chaos:
+            expected, seconds = run_with_chaos(options, env, kafka.address, topic, messages, metrics_port,
+                                               root / "recovery")
+        else:
+            expected = produce(kafka.address, topic, messages, options.events)
+            seconds = run_flow(env, metrics_port, options.events, options.workers)
         counters = json.loads(counters_path.read_text())
 
-        dlq_records = read_dlq(kafka.address, dlq_topic, root / "dlq.jsonl")
+        dlq_records = read_dlq(kafka.address, k.dlq_topic, root / "dlq.jsonl")
         parquet = ParquetStore(str(root / "raw")).read()
         clickhouse = ClickHouse(f"chdb://{root / 'chdb'}")
         (ch_rows, ch_tokens), = clickhouse.rows(
@@ -205,24 +262,24 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
             "produced": expected.produced,
             "valid": int(counters.get("gatewatch_events_total{stage=unique}", 0)),
             "duplicates_dropped": int(counters.get("gatewatch_dedupe_drops_total", 0)),
-            "dlq": len(dlq_records),
+            "dlq": distinct_sources(dlq_records),
+            "late": expected.late,
             "parquet_files": len(ParquetStore(str(root / "raw")).files()),
             "parquet_rows": len(pc.unique(parquet.column("event_id"))) if parquet.num_rows else 0,
             "clickhouse_rows": int(ch_rows),
             "clickhouse_tokens": int(ch_tokens or 0),
             "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
-            "expected_total_tokens": expected.tokens,
+            "expected_total_tokens": expected.quota_tokens,
             "expected_valid": expected.valid,
             "expected_duplicates": expected.duplicates,
-            "expected_dlq": expected.bad,
+            "expected_dlq": expected.bad + expected.late,
             "dlq_reasons": _count_by(dlq_records, "code"),
+            "chaos_kills": options.chaos,
             "flow_seconds": round(seconds, 2),
             "events_per_s": round(expected.produced / seconds, 1),
             "data_dir": str(root),
         }
-        problems = reconcile(expected, found)
-        if found["valid"] != expected.valid:
-            problems.append(f"unique events counted by the flow: expected {expected.valid}, found {found['valid']}")
+        problems = reconcile(expected, found, chaos=bool(options.chaos))
         found["reconciled"] = not problems
         return found, problems
     finally:
@@ -247,7 +304,8 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  DLQ records         {found['dlq']:>8}   expected {found['expected_dlq']}  {found['dlq_reasons']}",
         f"  Parquet rows        {found['parquet_rows']:>8}   in {found['parquet_files']} files",
         f"  ClickHouse rows     {found['clickhouse_rows']:>8}",
-        f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}",
+        f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
+        f" (late events are not counted: {found['late']})",
         f"  throughput          {found['events_per_s']:>8} events/s over {found['flow_seconds']} s (flow start to drained)",
         f"  data                {found['data_dir']}",
         "  RECONCILED" if not problems else "  NOT RECONCILED:\n    " + "\n    ".join(problems),

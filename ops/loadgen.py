@@ -37,10 +37,24 @@ class Expected:
     bad_kinds: dict[str, int] = field(default_factory=dict)
     events: dict[str, dict] = field(default_factory=dict)
     """The valid events by event_id, when the generator was asked to keep them."""
+    late: int = 0
+    """Valid events older than their user's newest event by more than the lateness."""
+    quota_tokens: int = 0
+    """Tokens of the valid events that are not late: what the quota counters must hold."""
+    windows: dict[tuple[str, str, str, int], list[int]] = field(default_factory=dict)
+    """(org, user, model, window start) -> [events, *tokens by kind] of the events not late."""
 
     def as_dict(self) -> dict:
         return {"produced": self.produced, "valid": self.valid, "duplicates": self.duplicates,
-                "bad": self.bad, "tokens": self.tokens, "tokens_by_kind": dict(self.tokens_by_kind)}
+                "bad": self.bad, "late": self.late, "tokens": self.tokens, "quota_tokens": self.quota_tokens,
+                "tokens_by_kind": dict(self.tokens_by_kind)}
+
+    def window_totals(self, window_ms: int) -> list[dict]:
+        """The final totals the windows must reach, shaped like the flow's window output."""
+        return [{"org_id": org, "user_id": user, "model": model, "window_start_ms": start,
+                 "window_length_ms": window_ms, "n": counts[0],
+                 **{kind: counts[i] for i, kind in enumerate(TOKEN_KINDS, start=1)}}
+                for (org, user, model, start), counts in self.windows.items()]
 
 
 def _text(rng: random.Random, words: int, phrases: list[str]) -> str:
@@ -113,17 +127,22 @@ def malformed(kind: str, event: dict, codec) -> bytes:
 
 
 def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02, users: int = 200,
-             pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False):
+             pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False,
+             late_ratio: float = 0.0, lateness_ms: int = 3_600_000, window_ms: int = 60_000):
     """Yield (key, value) messages, `count` in all, and return what a correct pipeline must
-    hold afterwards as the generator's return value (StopIteration.value)."""
+    hold afterwards as the generator's return value (StopIteration.value).
+
+    Event times are the wall clock at generation unless now_ms pins them. A late event is
+    dated more than lateness_ms before its user's newest event."""
     rng = random.Random(seed)
-    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     expected = Expected()
     recent: list[tuple[bytes, bytes]] = []
+    watermarks: dict[str, int] = {}
     while expected.produced < count:
         roll = rng.random()
+        now = int(time.time() * 1000) if now_ms is None else now_ms
         if roll < bad_ratio:
-            event, _ = make_event(rng, now_ms, users, 0)
+            event, _ = make_event(rng, now, users, 0)
             kind = rng.choice(BAD_KINDS)
             key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(kind, event, codec)
             expected.bad += 1
@@ -132,16 +151,32 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             key, value = rng.choice(recent)
             expected.duplicates += 1
         else:
-            event, pii = make_event(rng, now_ms, users, pii_ratio)
-            key, value = f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
+            event, pii = make_event(rng, now, users, pii_ratio)
+            user = f"{event['org_id']}/{event['user_id']}"
+            watermark = watermarks.get(user)
+            if watermark is not None and roll < bad_ratio + dup_ratio + late_ratio:
+                event["event_time"] = watermark - lateness_ms - rng.randrange(1, 600_000)
+            key, value = user.encode(), codec.encode(event)
             recent = (recent + [(key, value)])[-1000:]
             expected.valid += 1
             expected.pii_values.extend(pii)
             if keep_events:
                 expected.events[event["event_id"]] = event
-            for kind in TOKEN_KINDS:
-                expected.tokens_by_kind[kind] += event[f"{kind}_tokens"]
-                expected.tokens += event[f"{kind}_tokens"]
+            tokens = [event[f"{kind}_tokens"] for kind in TOKEN_KINDS]
+            for kind, amount in zip(TOKEN_KINDS, tokens):
+                expected.tokens_by_kind[kind] += amount
+            expected.tokens += sum(tokens)
+            if watermark is not None and event["event_time"] < watermark - lateness_ms:
+                expected.late += 1
+            else:
+                start = event["event_time"] - event["event_time"] % window_ms
+                counts = expected.windows.setdefault((event["org_id"], event["user_id"], event["model"], start),
+                                                     [0] * (1 + len(TOKEN_KINDS)))
+                counts[0] += 1
+                for i, amount in enumerate(tokens, start=1):
+                    counts[i] += amount
+                expected.quota_tokens += sum(tokens)
+                watermarks[user] = max(event["event_time"], watermark or event["event_time"])
         expected.produced += 1
         yield key, value
     return expected
