@@ -12,6 +12,7 @@ DLQ_RECORDS = Counter("gatewatch_dlq_records", "Records sent to the dead-letter 
 DEDUPE_DROPS = Counter("gatewatch_dedupe_drops", "Events dropped as duplicates of an event_id already seen")
 LATE_EVENTS = Counter("gatewatch_late_events", "Events older than the allowed lateness", ["policy"])
 TOKENS = Counter("gatewatch_tokens", "Tokens of unique valid events", ["model", "kind"])
+QUOTA_ALERTS = Counter("gatewatch_quota_alerts", "Quota alert events delivered (80%/100% of a limit)")
 SINK_WRITE_SECONDS = Histogram("gatewatch_sink_write_seconds", "Duration of one successful sink write", ["sink"])
 SINK_ROWS = Counter("gatewatch_sink_rows", "Rows written by a sink", ["sink"])
 SINK_ERRORS = Counter("gatewatch_sink_errors", "Failed sink writes (each is retried)", ["sink"])

@@ -1,0 +1,199 @@
+"""Where unique events go: deduplication, then raw Parquet, ClickHouse, windowed quota
+counters and billing events, and the dead-letter queue. Ingest and replay share it."""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import Any, Callable
+
+import bytewax.operators as op
+from bytewax.dataflow import Stream
+from bytewax.outputs import DynamicSink, StatelessSinkPartition
+
+from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, bucket_of
+from ops import metrics
+from ops.settings import Settings
+from schemas.codec import encode_billing_event, encode_quota_alert
+from schemas.dlq import dlq_record, encode_dlq
+from sinks.billing import billing_event
+from sinks.clickhouse import ClickHouse
+from sinks.kafka import TopicWriter
+from sinks.parquet import ParquetStore, partition_of
+from sinks.quota import TOKEN_KINDS, QuotaStore
+from sinks.retry import write_with_retries
+
+
+def count_unique(event: dict) -> dict:
+    metrics.EVENTS.labels(stage="unique").inc()
+    for kind in TOKEN_KINDS:
+        metrics.TOKENS.labels(model=event["model"], kind=kind).inc(event[f"{kind}_tokens"])
+    return event
+
+
+def late_to_dlq(event: dict) -> dict:
+    metrics.LATE_EVENTS.labels(policy="dlq").inc()
+    return dlq_record(
+        stage="window", code="late_event",
+        reason="event_time is older than the allowed lateness of the user's newest event",
+        original=None, topic=None, partition=event["source_partition"], offset=event["source_offset"],
+        first_seen_ms=int(time.time() * 1000), event_id=event["event_id"], request_id=event["request_id"])
+
+
+# -- sinks: Bytewax shells over the writers in sinks/ -------------------------------------
+
+class _WriterPartition(StatelessSinkPartition):
+    def __init__(self, write: Callable[[list], Any]):
+        self._write = write
+
+    def write_batch(self, items: list) -> None:
+        self._write(items)
+
+
+class WriterSink(DynamicSink):
+    """Builds its writer inside each worker, so connections are never pickled or shared."""
+
+    def __init__(self, make_write: Callable[[], Callable[[list], Any]]):
+        self._make_write = make_write
+
+    def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
+        return _WriterPartition(self._make_write())
+
+
+def parquet_writer(settings: Settings):
+    store = ParquetStore(settings.parquet.root, settings.parquet.s3_endpoint_url, settings.parquet.compression)
+
+    def write(batches: list[tuple[str, list[dict]]]) -> None:
+        for partition, events in batches:
+            write_with_retries("parquet", lambda: store.write(partition, events))
+            metrics.SINK_ROWS.labels(sink="parquet").inc(len(events))
+    return write
+
+
+def clickhouse_writer(settings: Settings):
+    client = write_with_retries("clickhouse", lambda: ClickHouse(settings.clickhouse.url, settings.clickhouse.database))
+    if client.embedded:
+        # Nobody else can reach an embedded database to migrate it.
+        client.migrate()
+
+    def write(batches: list[tuple[str, list[dict]]]) -> None:
+        for _key, events in batches:
+            write_with_retries("clickhouse", lambda: client.insert_events(events))
+            metrics.SINK_ROWS.labels(sink="clickhouse").inc(len(events))
+            observe_freshness("clickhouse", [event["event_time"] for event in events])
+    return write
+
+
+def quota_writer(settings: Settings):
+    quota = settings.quota
+    store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds))
+    write_with_retries("quota", lambda: store.publish_tiers(quota.tiers))
+    alerts = TopicWriter(settings.kafka.bootstrap, settings.kafka.quota_alerts_topic, encode_quota_alert,
+                         "alert_id", settings.kafka.extra)
+
+    def deliver_alerts() -> None:
+        # Alerts stay pending in Redis until the broker has them: a crash in between
+        # delivers them again (with the same alert_id) rather than never.
+        pending = store.pending_alerts()
+        if pending:
+            alerts.send(pending)
+            store.ack_alerts([alert["alert_id"] for alert in pending])
+            metrics.QUOTA_ALERTS.inc(len(pending))
+
+    write_with_retries("quota_alerts", deliver_alerts)
+
+    def write(batches: list[list[dict]]) -> None:
+        totals = [total for batch in batches for total in batch]
+        write_with_retries("quota", lambda: store.apply(totals))
+        metrics.SINK_ROWS.labels(sink="quota").inc(len(totals))
+        observe_freshness("quota", [t["window_start_ms"] + t["window_length_ms"] for t in totals])
+        write_with_retries("quota_alerts", deliver_alerts)
+    return write
+
+
+def billing_writer(settings: Settings):
+    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.billing_topic, encode_billing_event,
+                           "billing_id", settings.kafka.extra)
+
+    def write(batches: list[list[dict]]) -> None:
+        events = [billing_event(total, settings.pricing) for batch in batches for total in batch]
+        write_with_retries("billing", lambda: producer.send(events))
+        metrics.SINK_ROWS.labels(sink="billing").inc(len(events))
+    return write
+
+
+def dlq_writer(settings: Settings):
+    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
+                           settings.kafka.extra)
+
+    def write(records: list[dict]) -> None:
+        write_with_retries("dlq", lambda: producer.send(records))
+        for record in records:
+            metrics.DLQ_RECORDS.labels(stage=record["stage"], code=record["code"]).inc()
+    return write
+
+
+def observe_freshness(sink: str, times_ms: list[int]) -> None:
+    """Seconds from event time (or window end) until the sink acknowledged the write."""
+    now_ms = time.time() * 1000
+    histogram = metrics.FRESHNESS_SECONDS.labels(sink=sink)
+    for at_ms in times_ms:
+        histogram.observe(max(0.0, (now_ms - at_ms) / 1000))
+
+
+def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
+    """The first sighting of every org/event_id within the dedupe horizon."""
+    buckets = settings.dedupe.buckets
+    by_event_id = op.key_on("by_event_id", events, lambda e: bucket_of(f"{e['org_id']}/{e['event_id']}", buckets))
+    seen = op.stateful_batch("dedupe", by_event_id,
+                             lambda resume: DedupeLogic(resume or SeenIds(settings.dedupe.horizon_s)))
+
+    def first_only(item: tuple[str, tuple[bool, dict]]) -> dict | None:
+        first, event = item[1]
+        if first:
+            return count_unique(event)
+        metrics.DEDUPE_DROPS.inc()
+        return None
+
+    return op.filter_map("drop_duplicates", seen, first_only)
+
+
+def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict], Stream[list[dict]]]:
+    """(late events, batches of window totals) of the per-user event-time windows."""
+    windows = settings.windows
+    buckets = settings.dedupe.buckets
+
+    def build_windows(resume: UserWindows | None) -> WindowLogic:
+        state = resume or UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000),
+                                      windows.late_policy)
+        return WindowLogic(state, windows.flush_interval_s,
+                           idle_s=windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
+
+    by_user = op.key_on("by_user", unique, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
+    outputs = op.key_rm("window_out", op.stateful_batch("windows", by_user, build_windows))
+    late_or_totals = op.branch("is_late", outputs, lambda out: out[0] == "late")
+    late = op.map("late_event", late_or_totals.trues, lambda out: out[1])
+    totals = op.map("totals", late_or_totals.falses, lambda out: out[1])
+    return late, totals
+
+
+def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Settings) -> None:
+    """Write unique events to every configured sink, and DLQ records to the DLQ topic."""
+    sinks = set(settings.sinks)
+    if "parquet" in sinks:
+        batches = op.stateful("parquet_batches", op.key_on("by_partition", unique, partition_of),
+                              lambda resume: Batcher(settings.parquet.max_rows, settings.parquet.max_age_s, resume))
+        op.output("parquet_out", batches, WriterSink(partial(parquet_writer, settings)))
+    if "clickhouse" in sinks:
+        batches = op.stateful("clickhouse_batches", op.key_on("one_table", unique, lambda _e: "events"),
+                              lambda resume: Batcher(settings.clickhouse.max_rows, settings.clickhouse.max_age_s, resume))
+        op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings)))
+    if sinks & {"quota", "billing"}:
+        late, totals = window_totals(unique, settings)
+        dlq_streams = [*dlq_streams, op.map("late_dlq", late, late_to_dlq)]
+        if "quota" in sinks:
+            op.output("quota_out", totals, WriterSink(partial(quota_writer, settings)))
+        if "billing" in sinks:
+            op.output("billing_out", totals, WriterSink(partial(billing_writer, settings)))
+    if "dlq" in sinks:
+        op.output("dlq_out", op.merge("all_dlq", *dlq_streams), WriterSink(partial(dlq_writer, settings)))
