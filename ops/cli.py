@@ -166,6 +166,7 @@ def _mount(group: click.Group, module: str, attribute: str) -> None:
 _mount(cli, "ops.cli_services", "services")
 _mount(cli, "ops.cli_schemas", "schemas")
 _mount(cli, "ops.cli_redact", "redact")
+_mount(cli, "ops.cli_dlq", "dlq")
 _mount(bench, "ops.bench.redaction", "redaction")
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.compute as pc
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from ops import services
 from ops.loadgen import Expected, generate
@@ -31,6 +31,7 @@ from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
 from sinks.clickhouse import ClickHouse, close_chdb
+from sinks.kafka import read_topic
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore
 
@@ -164,22 +165,7 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], bootstrap: str, to
 
 def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:
     """Every DLQ record on the topic, also written to dump_path as JSON lines."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "gatewatch-demo-dlq",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
-    metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-    partitions = [TopicPartition(topic, p, 0) for p in metadata.partitions]
-    consumer.assign(partitions)
-    records, at_eof = [], set()
-    deadline = time.monotonic() + 30
-    while len(at_eof) < len(partitions) and time.monotonic() < deadline:
-        msg = consumer.poll(0.5)
-        if msg is None:
-            continue
-        if msg.error():
-            at_eof.add(msg.partition())
-            continue
-        records.append(decode_dlq(msg.value()))
-    consumer.close()
+    records = [record for _p, _o, record in read_topic(bootstrap, topic, decode_dlq)]
     with open(dump_path, "w") as out:
         for record in records:
             original = record.get("original")

@@ -1,10 +1,12 @@
-"""Records produced to a Kafka topic (DLQ, billing events, quota alerts), every delivery confirmed."""
+"""Records produced to a Kafka topic (DLQ, billing events, quota alerts), every delivery
+confirmed, and read back for inspection."""
 
 from __future__ import annotations
 
-from typing import Callable
+import time
+from typing import Callable, Iterator
 
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 
 class TopicWriter:
@@ -40,3 +42,25 @@ class TopicWriter:
         remaining = self._producer.flush(30)
         if remaining or failures:
             raise KafkaException(f"delivery to {self.topic} failed: {remaining} undelivered, errors: {failures[:3]}")
+
+
+def read_topic(bootstrap: str, topic: str, decode: Callable[[bytes], dict],
+               timeout_s: float = 30) -> Iterator[tuple[int, int, dict]]:
+    """(partition, offset, decoded record) of every record on the topic, up to its end."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"gatewatch-reader-{topic}",
+                         "enable.auto.commit": False, "enable.partition.eof": True})
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+        at_eof: set[int] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(at_eof) < len(partitions) and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None:
+                continue
+            if msg.error():
+                at_eof.add(msg.partition())
+                continue
+            yield msg.partition(), msg.offset(), decode(msg.value())
+    finally:
+        consumer.close()
