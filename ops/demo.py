@@ -108,7 +108,7 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
-def run_flow(env: dict[str, str], metrics_port: int, total: int, workers: int,
+def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int, workers: int,
              recovery_dir: Path | None = None, kill_after_s: float | None = None) -> float:
     """Run the ingest flow in its own process until it drains the topic, or SIGKILL it after
     kill_after_s; return the seconds it ran."""
@@ -116,7 +116,6 @@ def run_flow(env: dict[str, str], metrics_port: int, total: int, workers: int,
     if recovery_dir is not None:
         command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
     started = time.monotonic()
-    log_path = Path(env["GATEWATCH_DEMO_LOG"])
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
@@ -140,8 +139,8 @@ def run_flow(env: dict[str, str], metrics_port: int, total: int, workers: int,
     return time.monotonic() - started
 
 
-def run_with_chaos(options: DemoOptions, env: dict[str, str], bootstrap: str, topic: str, messages,
-                   metrics_port: int, recovery_dir: Path) -> tuple[Expected, float]:
+def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bootstrap: str, topic: str,
+                   messages, metrics_port: int, recovery_dir: Path) -> tuple[Expected, float]:
     """Produce in the background while the flow is killed and resumed from recovery
     options.chaos times, then let a last run drain the topic."""
     subprocess.check_call([sys.executable, "-m", "bytewax.recovery", str(recovery_dir), "1"])
@@ -154,12 +153,12 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], bootstrap: str, to
     started = time.monotonic()
     tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
     for _ in range(options.chaos):
-        run_flow(tail_env, metrics_port, options.events, options.workers, recovery_dir,
+        run_flow(tail_env, log_path, metrics_port, options.events, options.workers, recovery_dir,
                  kill_after_s=rng.uniform(2.0, 6.0))
     producer.join()
     if "expected" not in result:
         raise RuntimeError("producing the demo events failed (see above)")
-    run_flow(env, metrics_port, options.events, options.workers, recovery_dir)
+    run_flow(env, log_path, metrics_port, options.events, options.workers, recovery_dir)
     return result["expected"], time.monotonic() - started
 
 
@@ -226,15 +225,14 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
             "GATEWATCH_REDIS__URL": redis_server.address,
             "GATEWATCH_METRICS__PORT": str(metrics_port),
             "GATEWATCH_METRICS__DUMP_PATH": str(counters_path),
-            "GATEWATCH_DEMO_LOG": str(root / "flow.log"),
         }
         say(f"ingest flow metrics: http://127.0.0.1:{metrics_port}/metrics, log: {root / 'flow.log'}")
         if options.chaos:
-            expected, seconds = run_with_chaos(options, env, kafka.address, topic, messages, metrics_port,
-                                               root / "recovery")
+            expected, seconds = run_with_chaos(options, env, root / "flow.log", kafka.address, topic, messages,
+                                               metrics_port, root / "recovery")
         else:
             expected = produce(kafka.address, topic, messages, options.events)
-            seconds = run_flow(env, metrics_port, options.events, options.workers)
+            seconds = run_flow(env, root / "flow.log", metrics_port, options.events, options.workers)
         counters = json.loads(counters_path.read_text())
 
         dlq_records = read_dlq(kafka.address, k.dlq_topic, root / "dlq.jsonl")

@@ -21,6 +21,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from redaction import RedactionSettings
 
 ENV_PREFIX = "GATEWATCH_"
+# GATEWATCH_* variables that are not settings: the config file path, the state directory of
+# `gatewatch services`, and the test suite's server overrides.
+NOT_SETTINGS = ("GATEWATCH_CONFIG", "GATEWATCH_STATE_DIR", "GATEWATCH_TEST_")
 SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
 
@@ -236,7 +239,7 @@ def _env_layer(environ: dict[str, str]) -> tuple[dict, dict[tuple, str]]:
     values: dict = {}
     origins: dict[tuple, str] = {}
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+        if not name.startswith(ENV_PREFIX) or name.startswith(NOT_SETTINGS):
             continue
         path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
         value: Any = raw
