@@ -143,6 +143,42 @@ def migrate(config, kafka, clickhouse) -> None:
         click.echo(f"clickhouse {settings.clickhouse.url}: applied {applied or 'nothing (up to date)'}")
 
 
+@cli.command()
+@config_option
+@click.option("--url", "urls", multiple=True,
+              help="Metrics endpoint(s) of flow processes (default: 127.0.0.1:metrics.port).")
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between scrapes.")
+@click.option("--watch", is_flag=True, help="Refresh until interrupted.")
+def status(config, urls, interval, watch) -> None:
+    """One screen of lag, rates, freshness and sink health from running flows' metrics."""
+    import time
+
+    from ops import status as status_mod
+
+    if not urls:
+        port = _settings(config).metrics.port
+        if port is None:
+            raise click.ClickException("no metrics endpoint: pass --url or set metrics.port")
+        urls = (f"http://127.0.0.1:{port}/metrics",)
+
+    def snapshot():
+        try:
+            return status_mod.merge([status_mod.scrape(url) for url in urls])
+        except OSError as exc:
+            raise click.ClickException(f"cannot read {', '.join(urls)}: {exc}") from None
+
+    before = snapshot()
+    while True:
+        time.sleep(interval)
+        after = snapshot()
+        if watch:
+            click.clear()
+        click.echo(status_mod.render(before, after))
+        if not watch:
+            return
+        before = after
+
+
 @cli.command("config")
 @config_option
 def show_config(config) -> None:

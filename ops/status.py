@@ -1,0 +1,115 @@
+"""`gatewatch status`: lag, rates, freshness and sink health of running flow processes,
+read from their Prometheus endpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+@dataclass
+class Snapshot:
+    at: float
+    counters: dict[tuple[str, tuple], float] = field(default_factory=dict)
+    gauges: dict[tuple[str, tuple], float] = field(default_factory=dict)
+    buckets: dict[tuple[str, tuple], list[tuple[float, float]]] = field(default_factory=dict)
+
+
+def parse(text: str, at: float) -> Snapshot:
+    snap = Snapshot(at)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "le"))
+            if family.type == "counter" and sample.name.endswith("_total"):
+                snap.counters[(family.name, labels)] = sample.value
+            elif family.type == "gauge":
+                snap.gauges[(family.name, labels)] = sample.value
+            elif family.type == "histogram" and sample.name.endswith("_bucket"):
+                snap.buckets.setdefault((family.name, labels), []).append((float(sample.labels["le"]), sample.value))
+    return snap
+
+
+def scrape(url: str) -> Snapshot:
+    with urllib.request.urlopen(url, timeout=3) as response:
+        return parse(response.read().decode(), time.time())
+
+
+def merge(snapshots: list[Snapshot]) -> Snapshot:
+    """Several processes of one flow, summed."""
+    total = Snapshot(max((s.at for s in snapshots), default=time.time()))
+    for snap in snapshots:
+        for name, table in (("counters", snap.counters), ("gauges", snap.gauges)):
+            into = getattr(total, name)
+            for key, value in table.items():
+                into[key] = into.get(key, 0) + value
+        for key, rows in snap.buckets.items():
+            into_rows = dict(total.buckets.get(key, []))
+            for le, count in rows:
+                into_rows[le] = into_rows.get(le, 0) + count
+            total.buckets[key] = sorted(into_rows.items())
+    return total
+
+
+def quantile(rows: list[tuple[float, float]], q: float) -> float | None:
+    """The q-quantile of a cumulative histogram, interpolated within its bucket."""
+    rows = sorted(rows)
+    if not rows or rows[-1][1] == 0:
+        return None
+    rank = q * rows[-1][1]
+    lower_le, lower_count = 0.0, 0.0
+    for le, count in rows:
+        if count >= rank:
+            if math.isinf(le):
+                return lower_le
+            span = count - lower_count
+            return lower_le + (le - lower_le) * ((rank - lower_count) / span if span else 1)
+        lower_le, lower_count = le, count
+    return rows[-1][0]
+
+
+def _by(table: dict, name: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (metric, labels), value in table.items():
+        if metric == name:
+            key = dict(labels).get(label, "")
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def render(before: Snapshot, after: Snapshot) -> str:
+    seconds = max(1e-9, after.at - before.at)
+    lines = ["gatewatch status", ""]
+    rates = {stage: (value - _by(before.counters, "gatewatch_events", "stage").get(stage, 0)) / seconds
+             for stage, value in _by(after.counters, "gatewatch_events", "stage").items()}
+    lines.append("events/s      " + "  ".join(f"{stage} {rate:,.0f}" for stage, rate in sorted(rates.items())))
+    dlq_rate = (sum(_by(after.counters, "gatewatch_dlq_records", "code").values())
+                - sum(_by(before.counters, "gatewatch_dlq_records", "code").values())) / seconds
+    lines.append(f"dlq/s         {dlq_rate:,.1f}   total by code: "
+                 + ", ".join(f"{code} {int(v)}" for code, v in sorted(_by(after.counters, "gatewatch_dlq_records", "code").items())))
+    lag = _by(after.gauges, "bytewax_kafka_consumer_lag", "partition")
+    lines.append(f"consumer lag  {int(sum(lag.values())):,} messages"
+                 + (f"  (by partition: {', '.join(f'{p}={int(v)}' for p, v in sorted(lag.items()))})" if lag else ""))
+    lines.append(f"dedupe drops  {int(sum(_by(after.counters, 'gatewatch_dedupe_drops', '').values()))}")
+    lines.append("")
+    lines.append(f"{'sink':<14}{'up':>4}{'rows':>12}{'errors':>8}{'fresh p50':>11}{'fresh p99':>11}")
+    sinks = set(_by(after.gauges, "gatewatch_sink_up", "sink")) | set(_by(after.counters, "gatewatch_sink_rows", "sink"))
+    up = _by(after.gauges, "gatewatch_sink_up", "sink")
+    rows = _by(after.counters, "gatewatch_sink_rows", "sink")
+    errors = _by(after.counters, "gatewatch_sink_errors", "sink")
+    for sink in sorted(sinks):
+        fresh = [r for (name, labels), r in after.buckets.items()
+                 if name == "gatewatch_freshness_seconds" and dict(labels).get("sink") == sink]
+        p50 = quantile(fresh[0], 0.5) if fresh else None
+        p99 = quantile(fresh[0], 0.99) if fresh else None
+        state = {1.0: "yes", 0.0: "NO"}.get(up.get(sink), "-")
+        lines.append(f"{sink:<14}{state:>4}{int(rows.get(sink, 0)):>12}{int(errors.get(sink, 0)):>8}"
+                     f"{_seconds(p50):>11}{_seconds(p99):>11}")
+    return "\n".join(lines)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"

@@ -1,0 +1,39 @@
+from ops.status import merge, parse, quantile, render
+
+BEFORE = """
+# TYPE gatewatch_events_total counter
+gatewatch_events_total{stage="decoded"} 100
+# TYPE gatewatch_sink_up gauge
+gatewatch_sink_up{sink="clickhouse"} 1
+# TYPE bytewax_kafka_consumer_lag gauge
+bytewax_kafka_consumer_lag{partition="0",step_id="s",topic="t"} 40
+# TYPE gatewatch_freshness_seconds histogram
+gatewatch_freshness_seconds_bucket{le="1.0",sink="clickhouse"} 50
+gatewatch_freshness_seconds_bucket{le="2.0",sink="clickhouse"} 100
+gatewatch_freshness_seconds_bucket{le="+Inf",sink="clickhouse"} 100
+gatewatch_freshness_seconds_count{sink="clickhouse"} 100
+gatewatch_freshness_seconds_sum{sink="clickhouse"} 120
+"""
+
+
+def test_quantile_interpolates_within_buckets():
+    assert quantile([(1.0, 50), (2.0, 100), (float("inf"), 100)], 0.5) == 1.0
+    assert quantile([(1.0, 50), (2.0, 100), (float("inf"), 100)], 0.75) == 1.5
+    assert quantile([(1.0, 0), (float("inf"), 0)], 0.5) is None
+
+
+def test_render_shows_rates_lag_and_sink_health():
+    before = parse(BEFORE, at=0)
+    after = parse(BEFORE.replace('{stage="decoded"} 100', '{stage="decoded"} 300')
+                  .replace("} 40", "} 7").replace('sink_up{sink="clickhouse"} 1', 'sink_up{sink="clickhouse"} 0'), at=2)
+    screen = render(before, after)
+    assert "decoded 100" in screen
+    assert "consumer lag  7 messages" in screen
+    assert "clickhouse      NO" in screen
+    assert "1.0 s" in screen and "2.0 s" in screen
+
+
+def test_merge_sums_processes():
+    snap = merge([parse(BEFORE, 0), parse(BEFORE, 1)])
+    assert snap.counters[("gatewatch_events", (("stage", "decoded"),))] == 200
+    assert dict(snap.buckets[("gatewatch_freshness_seconds", (("sink", "clickhouse"),))])[2.0] == 200
