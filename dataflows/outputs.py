@@ -142,10 +142,14 @@ def observe_freshness(sink: str, times_ms: list[int]) -> None:
 
 
 def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
-    """The first sighting of every org/event_id within the dedupe horizon."""
+    """The first sighting of every org/event_id within the dedupe horizon.
+
+    Keyed by the user's bucket, not the event id's: a user's events then keep their
+    partition order through the dedupe, which the windows' lateness decisions rely on
+    (a redelivered event carries the same user as the original)."""
     buckets = settings.dedupe.buckets
-    by_event_id = op.key_on("by_event_id", events, lambda e: bucket_of(f"{e['org_id']}/{e['event_id']}", buckets))
-    seen = op.stateful_batch("dedupe", by_event_id,
+    by_user = op.key_on("dedupe_by_user", events, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
+    seen = op.stateful_batch("dedupe", by_user,
                              lambda resume: DedupeLogic(resume or SeenIds(settings.dedupe.horizon_s)))
 
     def first_only(item: tuple[str, tuple[bool, dict]]) -> dict | None:

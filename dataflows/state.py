@@ -55,7 +55,7 @@ class SeenIds:
 
 
 class DedupeLogic(StatefulBatchLogic):
-    """Keyed by bucket_of(org/event_id): emits (True, event) for the first sighting of an
+    """Keyed by a bucket of users: emits (True, event) for the first sighting of an
     id and (False, event) for every repeat within the horizon."""
 
     def __init__(self, seen: SeenIds, clock: Callable[[], float] = time.time):
