@@ -12,6 +12,7 @@ import tempfile
 
 import click
 
+from ops.recovery import init_recovery
 from ops.settings import SettingsError, load_settings
 
 FLOWS = {"ingest": "dataflows.ingest:flow"}
@@ -100,20 +101,13 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery)
         env["BYTEWAX_ADDRESSES"] = addresses
     if settings.recovery.enabled and not no_recovery:
         directory = recovery_dir or settings.recovery.dir
-        _init_recovery(directory, settings.recovery.partitions)
+        init_recovery(directory, settings.recovery.partitions)
         command += ["-r", directory, "-s", str(settings.recovery.snapshot_interval_s),
                     "-b", str(settings.recovery.backup_interval_s)]
     if config:
         env["GATEWATCH_CONFIG"] = config
     click.echo(f"running: {' '.join(command)}", err=True)
     sys.exit(subprocess.call(command, env=env))
-
-
-def _init_recovery(directory: str, partitions: int) -> None:
-    if os.path.isdir(directory) and any(name.endswith(".sqlite3") for name in os.listdir(directory)):
-        return
-    os.makedirs(directory, exist_ok=True)
-    subprocess.check_call([sys.executable, "-m", "bytewax.recovery", directory, str(partitions)])
 
 
 @cli.command()

@@ -26,6 +26,7 @@ from confluent_kafka import Producer
 
 from ops import services
 from ops.loadgen import Expected, generate
+from ops.recovery import init_recovery
 from ops.settings import Settings
 from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq
@@ -110,27 +111,30 @@ def scrape(port: int) -> dict[str, float]:
 
 def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int, workers: int,
              recovery_dir: Path | None = None, kill_after_s: float | None = None) -> float:
-    """Run the ingest flow in its own process until it drains the topic, or SIGKILL it after
-    kill_after_s; return the seconds it ran."""
+    """Run the ingest flow in its own process until it drains the topic, or SIGKILL it
+    kill_after_s after it started consuming; return the seconds it ran."""
     command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
     if recovery_dir is not None:
         command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
     started = time.monotonic()
+    consuming_since = None
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            time.sleep(0.5)
-            if kill_after_s is not None and time.monotonic() - started >= kill_after_s:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                print(f"\nchaos: killed the ingest flow (pid {proc.pid}) after {kill_after_s:.1f} s",
-                      file=sys.stderr, flush=True)
-                return time.monotonic() - started
+            time.sleep(0.25)
             try:
                 counts = scrape(metrics_port)
             except OSError:
                 continue
             done = counts.get('gatewatch_events_total{stage="decoded"}', 0) + counts.get("gatewatch_dlq_records_total", 0)
+            if done and consuming_since is None:
+                consuming_since = time.monotonic()
+            if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                print(f"\nchaos: killed the ingest flow (pid {proc.pid}) {kill_after_s:.1f} s into consuming",
+                      file=sys.stderr, flush=True)
+                return time.monotonic() - started
             print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     if proc.returncode != 0:
@@ -143,7 +147,7 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
                    messages, metrics_port: int, recovery_dir: Path) -> tuple[Expected, float]:
     """Produce in the background while the flow is killed and resumed from recovery
     options.chaos times, then let a last run drain the topic."""
-    subprocess.check_call([sys.executable, "-m", "bytewax.recovery", str(recovery_dir), "1"])
+    init_recovery(recovery_dir)
     rng = random.Random(options.seed)
     result: dict = {}
     producing_s = 4.0 * options.chaos
@@ -154,7 +158,7 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
     tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
     for _ in range(options.chaos):
         run_flow(tail_env, log_path, metrics_port, options.events, options.workers, recovery_dir,
-                 kill_after_s=rng.uniform(2.0, 6.0))
+                 kill_after_s=rng.uniform(0.2, 3.0))
     producer.join()
     if "expected" not in result:
         raise RuntimeError("producing the demo events failed (see above)")
