@@ -64,7 +64,7 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     keep = data_dir is not None
     root = data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")
     try:
-        found, problems = demo_mod.run(demo_mod.DemoOptions(
+        found, problems, _expected = demo_mod.run(demo_mod.DemoOptions(
             events=events, dup_ratio=dup_ratio, bad_ratio=bad_ratio, late_ratio=late_ratio, chaos=chaos,
             users=users, seed=seed,
             data_dir=root, metrics_port=metrics_port, workers=workers))

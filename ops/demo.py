@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -28,9 +29,10 @@ from ops import services
 from ops.loadgen import Expected, generate
 from ops.recovery import init_recovery
 from ops.settings import Settings
-from schemas.codec import EventCodec
+from schemas.codec import EventCodec, decode_billing_event
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
+from sinks.billing import billing_event, latest_versions
 from sinks.clickhouse import ClickHouse, close_chdb
 from sinks.kafka import read_topic
 from sinks.parquet import ParquetStore
@@ -49,6 +51,8 @@ class DemoOptions:
     metrics_port: int | None = None
     workers: int = 1
     partitions: int = 3
+    keep_events: bool = False
+    """Keep every generated event in the returned Expected (for tests)."""
     chaos: int = 0
     """Kill the flow (SIGKILL) this many times at random points while events are produced."""
 
@@ -176,6 +180,17 @@ def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:
     return records
 
 
+def billing_totals(bootstrap: str, topic: str, expected: Expected, settings: Settings) -> tuple[Decimal, Decimal]:
+    """(billed, expected) USD: what a billing consumer keeping the highest version of every
+    billing_id holds, and the same computed from the generated events alone."""
+    events = [record for _p, _o, record in read_topic(bootstrap, topic, decode_billing_event)]
+    billed = sum((Decimal(e["cost_usd"]) for e in latest_versions(events).values()), Decimal(0))
+    window_ms = int(settings.windows.length_s * 1000)
+    want = sum((Decimal(billing_event(t, settings.pricing)["cost_usd"]) for t in expected.window_totals(window_ms)),
+               Decimal(0))
+    return billed, want
+
+
 def distinct_sources(records: list[dict]) -> int:
     """DLQ records are delivered at least once; one source message counts once."""
     return len({(r.get("topic"), r.get("partition"), r.get("offset"), r.get("stage")) for r in records})
@@ -188,6 +203,7 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         ("DLQ records (malformed + late)", expected.bad + expected.late, found["dlq"]),
         ("tokens in Redis quota counters", expected.quota_tokens, found["quota_total_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
+        ("billed USD", found["expected_total_usd"], found["billing_total_usd"]),
     ]
     if not chaos:
         # Counters of a killed flow process die with it; only an uninterrupted run has them all.
@@ -196,7 +212,8 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
     return [f"{name}: expected {want}, found {got}" for name, want, got in checks if want != got]
 
 
-def run(options: DemoOptions) -> tuple[dict, list[str]]:
+def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
+    """Run the demo; return what was found, what did not reconcile, and what was expected."""
     root = Path(options.data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings()
@@ -215,7 +232,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
 
         codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
         messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio, users=options.users,
-                            seed=options.seed, late_ratio=options.late_ratio,
+                            seed=options.seed, late_ratio=options.late_ratio, keep_events=options.keep_events,
                             lateness_ms=int(settings.windows.allowed_lateness_s * 1000),
                             window_ms=int(settings.windows.length_s * 1000))
         metrics_port = options.metrics_port or services.free_port()
@@ -240,6 +257,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
         counters = json.loads(counters_path.read_text())
 
         dlq_records = read_dlq(kafka.address, k.dlq_topic, root / "dlq.jsonl")
+        billed_usd, expected_usd = billing_totals(kafka.address, k.billing_topic, expected, settings)
         parquet = ParquetStore(str(root / "raw")).read()
         clickhouse = ClickHouse(f"chdb://{root / 'chdb'}")
         (ch_rows, ch_tokens), = clickhouse.rows(
@@ -258,6 +276,8 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
             "clickhouse_tokens": int(ch_tokens or 0),
             "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
             "expected_total_tokens": expected.quota_tokens,
+            "billing_total_usd": str(billed_usd),
+            "expected_total_usd": str(expected_usd),
             "expected_valid": expected.valid,
             "expected_duplicates": expected.duplicates,
             "expected_dlq": expected.bad + expected.late,
@@ -269,7 +289,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str]]:
         }
         problems = reconcile(expected, found, chaos=bool(options.chaos))
         found["reconciled"] = not problems
-        return found, problems
+        return found, problems, expected
     finally:
         for service in reversed(started_services):
             service.stop()
@@ -294,6 +314,7 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  ClickHouse rows     {found['clickhouse_rows']:>8}",
         f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
         f" (late events are not counted: {found['late']})",
+        f"  billed USD          {found['billing_total_usd']:>8}   expected {found['expected_total_usd']}",
         f"  throughput          {found['events_per_s']:>8} events/s over {found['flow_seconds']} s (flow start to drained)",
         f"  data                {found['data_dir']}",
         "  RECONCILED" if not problems else "  NOT RECONCILED:\n    " + "\n    ".join(problems),

@@ -23,13 +23,15 @@ _chdb_lock = threading.Lock()
 
 
 def _chdb_session(path: str):
-    """chdb allows one session per process; every caller shares it."""
+    """chdb allows one session per process: every caller of a path shares it, and asking
+    for another path closes the previous one (only tests and CLI tools switch paths)."""
     from chdb import session
 
     with _chdb_lock:
         if path not in _chdb_sessions:
-            if _chdb_sessions:
-                raise RuntimeError(f"chdb is already open on {next(iter(_chdb_sessions))}; one path per process")
+            for old in _chdb_sessions.values():
+                old.close()
+            _chdb_sessions.clear()
             Path(path).mkdir(parents=True, exist_ok=True)
             _chdb_sessions[path] = session.Session(path)
         return _chdb_sessions[path]
