@@ -198,6 +198,7 @@ _mount(cli, "ops.cli_schemas", "schemas")
 _mount(cli, "ops.cli_redact", "redact")
 _mount(cli, "ops.cli_dlq", "dlq")
 _mount(bench, "ops.bench.redaction", "redaction")
+_mount(bench, "ops.bench.state", "state")
 
 
 def main() -> None:
