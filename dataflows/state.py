@@ -6,6 +6,7 @@ directly; Bytewax snapshots the state object for recovery.
 
 from __future__ import annotations
 
+import hashlib
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -29,29 +30,40 @@ def bucket_of(key: str, buckets: int) -> str:
 
 # -- dedupe ---------------------------------------------------------------------------
 
+def id_hash(key: str) -> int:
+    """64 bits of a stable hash (Python's own str hash changes with every process, and a
+    snapshot outlives the process). Two ids collide within one horizon with odds of about
+    n^2/2^65: 5e-7 for 4.5 million remembered ids."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
 @dataclass
 class SeenIds:
-    """Event ids seen in the last horizon_s seconds (wall clock), oldest first."""
+    """Hashes of the event ids seen in the last horizon_s seconds (wall clock), kept as one
+    set for lookups plus time slices that expire together (about 60 bytes per id)."""
 
     horizon_s: float
-    expires: dict[str, float] = field(default_factory=dict)
+    slice_s: float = 30.0
+    ids: set[int] = field(default_factory=set)
+    slices: list[tuple[float, list[int]]] = field(default_factory=list)  # (expires at, ids), oldest first
 
     def first(self, key: str, now: float) -> bool:
-        if key in self.expires:
+        digest = id_hash(key)
+        if digest in self.ids:
             return False
-        self.expires[key] = now + self.horizon_s
+        self.ids.add(digest)
+        expires = now + self.horizon_s
+        if not self.slices or self.slices[-1][0] + self.slice_s <= expires:
+            self.slices.append((expires, []))
+        self.slices[-1][1].append(digest)
         return True
 
     def evict(self, now: float) -> None:
-        # Expiry times only grow, so the dict's insertion order is expiry order.
-        while self.expires:
-            oldest = next(iter(self.expires))
-            if self.expires[oldest] > now:
-                break
-            del self.expires[oldest]
+        while self.slices and self.slices[0][0] <= now:
+            self.ids.difference_update(self.slices.pop(0)[1])
 
     def next_expiry(self) -> float | None:
-        return next(iter(self.expires.values()), None)
+        return self.slices[0][0] if self.slices else None
 
 
 class DedupeLogic(StatefulBatchLogic):
@@ -70,7 +82,7 @@ class DedupeLogic(StatefulBatchLogic):
 
     def on_notify(self):
         self.seen.evict(self.clock())
-        return [], (StatefulBatchLogic.RETAIN if self.seen.expires else StatefulBatchLogic.DISCARD)
+        return [], (StatefulBatchLogic.RETAIN if self.seen.ids else StatefulBatchLogic.DISCARD)
 
     def notify_at(self):
         expiry = self.seen.next_expiry()

@@ -81,7 +81,7 @@ class ValidationSettings(Section):
 
 
 class DedupeSettings(Section):
-    horizon_s: float = Field(7200, gt=0)
+    horizon_s: float = Field(900, gt=0)
     """How long an event_id is remembered; must cover the window lateness (see Settings)."""
     buckets: int = Field(256, ge=1, le=65536)
     """Keyed-state buckets for event ids and users; more spreads work over more workers."""
@@ -89,7 +89,7 @@ class DedupeSettings(Section):
 
 class WindowSettings(Section):
     length_s: float = Field(60, gt=0)
-    allowed_lateness_s: float = Field(3600, ge=0)
+    allowed_lateness_s: float = Field(600, ge=0)
     flush_interval_s: float = Field(2, gt=0)
     late_policy: Literal["dlq", "current"] = "dlq"
 
