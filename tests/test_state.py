@@ -3,8 +3,8 @@
 from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of
 
 
-def event(event_id="e1", t=60_000, user="u1", org="o1", tokens=(10, 5, 2, 1)):
-    return {"event_id": event_id, "org_id": org, "user_id": user, "event_time": t,
+def event(event_id="e1", t=60_000, user="u1", org="o1", tokens=(10, 5, 2, 1), model="m1"):
+    return {"event_id": event_id, "org_id": org, "user_id": user, "event_time": t, "model": model,
             "input_tokens": tokens[0], "output_tokens": tokens[1],
             "cache_read_tokens": tokens[2], "cache_write_tokens": tokens[3]}
 
@@ -40,9 +40,10 @@ def test_window_totals_are_absolute_and_split_by_kind():
     totals.add(event("a", 61_000))
     totals.add(event("b", 119_999, tokens=(1, 1, 1, 1)))
     totals.add(event("c", 120_000))
+    totals.add(event("m2", 120_000, model="m2"))
     out = totals.flush()
-    assert [(o["window_start_ms"], o["n"], o["input"], o["cache_read"]) for o in out] == [
-        (60_000, 2, 11, 3), (120_000, 1, 10, 2)]
+    assert [(o["window_start_ms"], o["model"], o["n"], o["input"], o["cache_read"]) for o in out] == [
+        (60_000, "m1", 2, 11, 3), (120_000, "m1", 1, 10, 2), (120_000, "m2", 1, 10, 2)]
     totals.add(event("d", 62_000))
     (again,) = totals.flush()
     assert (again["window_start_ms"], again["n"], again["input"]) == (60_000, 3, 21)
