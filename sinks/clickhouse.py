@@ -6,6 +6,7 @@ by event_id, so a batch written twice changes no query that reads it FINAL.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 import time
@@ -52,6 +53,7 @@ class ClickHouse:
         self.database = database
         parsed = urlparse(url)
         self.embedded = parsed.scheme == "chdb"
+        self._columns: dict[str, tuple[str, ...]] = {}
         if self.embedded:
             self._session = _chdb_session(str(Path(unquote(url[len("chdb://"):])).resolve()))
         else:
@@ -81,8 +83,23 @@ class ClickHouse:
             return [tuple(row.values()) for row in result.to_pylist()]
         return self._client.execute(sql)
 
+    def columns(self, table: str) -> tuple[str, ...]:
+        if table not in self._columns:
+            self._columns[table] = tuple(name for (name,) in self.rows(
+                f"SELECT name FROM system.columns WHERE database = '{self.database}' AND table = '{table}'"))
+        return self._columns[table]
+
+    @functools.cached_property
+    def legacy(self) -> bool:
+        """A server from before DateTime64, Map and TTL (Debian's 18.16)."""
+        (version,), = self.rows("SELECT version()")
+        return int(str(version).split(".")[0]) < 21
+
     def insert(self, table: str, rows: pa.Table) -> None:
-        """One columnar insert of an Arrow table into database.table."""
+        """One columnar insert of an Arrow table into database.table; columns the table
+        does not have (an older schema) are left out."""
+        known = self.columns(table)
+        rows = rows.select([name for name in rows.column_names if name in known])
         columns = ", ".join(rows.column_names)
         if self.embedded:
             self._session.query(f"INSERT INTO {self.database}.{table} ({columns}) SELECT * FROM Python(rows)")
@@ -101,7 +118,8 @@ class ClickHouse:
                      "(name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY name")
         done = {r[0] for r in self.rows(f"SELECT name FROM {self.database}.schema_migrations")}
         applied = []
-        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+        directory = MIGRATIONS_DIR / "legacy" if self.legacy else MIGRATIONS_DIR
+        for path in sorted(directory.glob("*.sql")):
             if path.stem in done:
                 continue
             sql = path.read_text().format(db=self.database, raw_ttl_days=raw_ttl_days,
@@ -110,6 +128,7 @@ class ClickHouse:
                 self.execute(statement)
             self.execute(f"INSERT INTO {self.database}.schema_migrations (name) SELECT '{path.stem}'")
             applied.append(path.stem)
+        self._columns.clear()
         return applied
 
 

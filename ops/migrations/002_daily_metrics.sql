@@ -1,19 +1,27 @@
 -- Daily metrics read through FINAL so that a duplicate or a replay never counts twice.
+-- The inner query renames the token columns: an aggregate may not share its argument's name.
 CREATE VIEW IF NOT EXISTS {db}.daily_metrics AS
 SELECT
-    toDate(event_time) AS day,
+    day,
     org_id,
     user_id,
     model,
     region,
     count() AS requests,
-    countIf(status_code >= 400) AS errors,
-    sum(e.input_tokens) AS input_tokens,
-    sum(e.output_tokens) AS output_tokens,
-    sum(e.cache_read_tokens) AS cache_read_tokens,
-    sum(e.cache_write_tokens) AS cache_write_tokens,
-    sum(e.input_tokens + e.output_tokens + e.cache_read_tokens + e.cache_write_tokens) AS total_tokens,
-    quantile(0.5)(latency_ms) AS latency_p50_ms,
-    quantile(0.99)(latency_ms) AS latency_p99_ms
-FROM {db}.events AS e FINAL
+    countIf(status >= 400) AS errors,
+    sum(t_input) AS input_tokens,
+    sum(t_output) AS output_tokens,
+    sum(t_cache_read) AS cache_read_tokens,
+    sum(t_cache_write) AS cache_write_tokens,
+    sum(t_input + t_output + t_cache_read + t_cache_write) AS total_tokens,
+    quantile(0.5)(latency) AS latency_p50_ms,
+    quantile(0.99)(latency) AS latency_p99_ms
+FROM
+(
+    SELECT
+        toDate(event_time) AS day, org_id, user_id, model, region, status_code AS status,
+        input_tokens AS t_input, output_tokens AS t_output,
+        cache_read_tokens AS t_cache_read, cache_write_tokens AS t_cache_write, latency_ms AS latency
+    FROM {db}.events FINAL
+)
 GROUP BY day, org_id, user_id, model, region;
