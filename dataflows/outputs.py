@@ -13,6 +13,7 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, bucket_of
 from ops import metrics
+from ops.logs import get_logger
 from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import dlq_record, encode_dlq
@@ -22,6 +23,8 @@ from sinks.kafka import TopicWriter
 from sinks.parquet import ParquetStore, partition_of
 from sinks.quota import TOKEN_KINDS, QuotaStore
 from sinks.retry import write_with_retries
+
+log = get_logger(__name__)
 
 
 def count_unique(event: dict) -> dict:
@@ -60,34 +63,42 @@ class WriterSink(DynamicSink):
         return _WriterPartition(self._make_write())
 
 
+def retrying(settings: Settings):
+    return partial(write_with_retries, initial_backoff_s=settings.retry.initial_backoff_s,
+                   max_backoff_s=settings.retry.max_backoff_s)
+
+
 def parquet_writer(settings: Settings):
+    retry = retrying(settings)
     store = ParquetStore(settings.parquet.root, settings.parquet.s3_endpoint_url, settings.parquet.compression)
 
     def write(batches: list[tuple[str, list[dict]]]) -> None:
         for partition, events in batches:
-            write_with_retries("parquet", lambda: store.write(partition, events))
+            retry("parquet", lambda: store.write(partition, events))
             metrics.SINK_ROWS.labels(sink="parquet").inc(len(events))
     return write
 
 
 def clickhouse_writer(settings: Settings):
-    client = write_with_retries("clickhouse", lambda: ClickHouse(settings.clickhouse.url, settings.clickhouse.database))
+    retry = retrying(settings)
+    client = retry("clickhouse", lambda: ClickHouse(settings.clickhouse.url, settings.clickhouse.database))
     if client.embedded:
         # Nobody else can reach an embedded database to migrate it.
         client.migrate()
 
     def write(batches: list[tuple[str, list[dict]]]) -> None:
         for _key, events in batches:
-            write_with_retries("clickhouse", lambda: client.insert_events(events))
+            retry("clickhouse", lambda: client.insert_events(events))
             metrics.SINK_ROWS.labels(sink="clickhouse").inc(len(events))
             observe_freshness("clickhouse", [event["event_time"] for event in events])
     return write
 
 
 def quota_writer(settings: Settings):
+    retry = retrying(settings)
     quota = settings.quota
     store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds))
-    write_with_retries("quota", lambda: store.publish_tiers(quota.tiers))
+    retry("quota", lambda: store.publish_tiers(quota.tiers))
     alerts = TopicWriter(settings.kafka.bootstrap, settings.kafka.quota_alerts_topic, encode_quota_alert,
                          "alert_id", settings.kafka.extra)
 
@@ -100,36 +111,42 @@ def quota_writer(settings: Settings):
             store.ack_alerts([alert["alert_id"] for alert in pending])
             metrics.QUOTA_ALERTS.inc(len(pending))
 
-    write_with_retries("quota_alerts", deliver_alerts)
+    retry("quota_alerts", deliver_alerts)
 
     def write(batches: list[list[dict]]) -> None:
         totals = [total for batch in batches for total in batch]
-        write_with_retries("quota", lambda: store.apply(totals))
+        retry("quota", lambda: store.apply(totals))
         metrics.SINK_ROWS.labels(sink="quota").inc(len(totals))
         observe_freshness("quota", [t["window_start_ms"] + t["window_length_ms"] for t in totals])
-        write_with_retries("quota_alerts", deliver_alerts)
+        retry("quota_alerts", deliver_alerts)
     return write
 
 
 def billing_writer(settings: Settings):
+    retry = retrying(settings)
     producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.billing_topic, encode_billing_event,
                            "billing_id", settings.kafka.extra)
 
     def write(batches: list[list[dict]]) -> None:
         events = [billing_event(total, settings.pricing) for batch in batches for total in batch]
-        write_with_retries("billing", lambda: producer.send(events))
+        retry("billing", lambda: producer.send(events))
         metrics.SINK_ROWS.labels(sink="billing").inc(len(events))
     return write
 
 
 def dlq_writer(settings: Settings):
+    retry = retrying(settings)
     producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
                            settings.kafka.extra)
 
     def write(records: list[dict]) -> None:
-        write_with_retries("dlq", lambda: producer.send(records))
+        retry("dlq", lambda: producer.send(records))
         for record in records:
             metrics.DLQ_RECORDS.labels(stage=record["stage"], code=record["code"]).inc()
+            log.warning("event sent to the DLQ", extra={
+                "request_id": record.get("request_id"), "event_id": record.get("event_id"),
+                "stage": record["stage"], "code": record["code"], "reason": record["reason"],
+                "source": f"{record.get('topic')}/{record.get('partition')}/{record.get('offset')}"})
     return write
 
 

@@ -70,8 +70,9 @@ def progress_line(label: str, done: float, total: float, started: float) -> str:
 
 def produce(bootstrap: str, topic: str, messages, total: int, rate: float | None = None) -> Expected:
     """Produce every generated message (at `rate` messages/s if given) and return Expected."""
+    # The partitioner of connectors.producer.EventProducer, so a user's events share a partition.
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
-                         "linger.ms": 20, "compression.type": "zstd"})
+                         "linger.ms": 20, "compression.type": "zstd", "partitioner": "murmur2_random"})
     failures: list[str] = []
     started = time.monotonic()
     sent = 0

@@ -180,6 +180,14 @@ class RedisSettings(Section):
         return value
 
 
+class RetrySettings(Section):
+    """How a failing sink write is retried: forever, with capped exponential backoff and
+    jitter, while the flow holds back (nothing is dropped)."""
+
+    initial_backoff_s: float = Field(0.2, gt=0)
+    max_backoff_s: float = Field(30, gt=0)
+
+
 class RecoverySettings(Section):
     enabled: bool = True
     dir: str = "./gatewatch-data/recovery"
@@ -208,6 +216,7 @@ class Settings(Section):
     parquet: ParquetSettings = ParquetSettings()
     clickhouse: ClickHouseSettings = ClickHouseSettings()
     redis: RedisSettings = RedisSettings()
+    retry: RetrySettings = RetrySettings()
     recovery: RecoverySettings = RecoverySettings()
     metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

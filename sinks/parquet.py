@@ -78,8 +78,15 @@ class ParquetStore:
     def __init__(self, root: str, s3_endpoint_url: str | None = None, compression: str = "zstd"):
         parsed = urlparse(root)
         if parsed.scheme == "s3":
-            options = {"client_kwargs": {"endpoint_url": s3_endpoint_url}} if s3_endpoint_url else {}
+            # Fail fast and let the sink's own backoff retry: botocore's retries would hide an
+            # outage from the metrics and hold the flow for minutes.
+            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
+                                         "retries": {"max_attempts": 1, "mode": "standard"}},
+                       "skip_instance_cache": True}
+            if s3_endpoint_url:
+                options["client_kwargs"] = {"endpoint_url": s3_endpoint_url}
             self.fs = fsspec.filesystem("s3", **options)
+            self.fs.retries = 1
             self.root = f"{parsed.netloc}{parsed.path}".rstrip("/")
         else:
             self.fs = fsspec.filesystem("file")
@@ -103,6 +110,7 @@ class ParquetStore:
         return path
 
     def files(self) -> list[str]:
+        self.fs.invalidate_cache(self.root)
         if not self.fs.exists(self.root):
             return []
         return sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet"))

