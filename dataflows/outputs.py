@@ -90,7 +90,7 @@ def clickhouse_writer(settings: Settings):
         for _key, events in batches:
             retry("clickhouse", lambda: client.insert_events(events))
             metrics.SINK_ROWS.labels(sink="clickhouse").inc(len(events))
-            observe_freshness("clickhouse", [event["event_time"] for event in events])
+            observe_freshness("clickhouse", [event["event_time"] for event in events], settings.windows.allowed_lateness_s)
     return write
 
 
@@ -117,7 +117,8 @@ def quota_writer(settings: Settings):
         totals = [total for batch in batches for total in batch]
         retry("quota", lambda: store.apply(totals))
         metrics.SINK_ROWS.labels(sink="quota").inc(len(totals))
-        observe_freshness("quota", [t["window_start_ms"] + t["window_length_ms"] for t in totals])
+        observe_freshness("quota", [t["window_start_ms"] + t["window_length_ms"] for t in totals],
+                          settings.windows.allowed_lateness_s)
         retry("quota_alerts", deliver_alerts)
     return write
 
@@ -150,12 +151,17 @@ def dlq_writer(settings: Settings):
     return write
 
 
-def observe_freshness(sink: str, times_ms: list[int]) -> None:
-    """Seconds from event time (or window end) until the sink acknowledged the write."""
+def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None:
+    """Seconds from event time (or window end) until the sink acknowledged the write.
+
+    Events the gateway sent later than the allowed lateness are counted as late events
+    instead: their age says nothing about the pipeline's own delay."""
     now_ms = time.time() * 1000
     histogram = metrics.FRESHNESS_SECONDS.labels(sink=sink)
     for at_ms in times_ms:
-        histogram.observe(max(0.0, (now_ms - at_ms) / 1000))
+        age_s = max(0.0, (now_ms - at_ms) / 1000)
+        if age_s <= lateness_s:
+            histogram.observe(age_s)
 
 
 def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:

@@ -283,6 +283,8 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "expected_duplicates": expected.duplicates,
             "expected_dlq": expected.bad + expected.late,
             "dlq_reasons": _count_by(dlq_records, "code"),
+            "freshness_p50_s": max((v for k, v in counters.items() if k.startswith("freshness_p50_s")), default=None),
+            "freshness_p99_s": max((v for k, v in counters.items() if k.startswith("freshness_p99_s")), default=None),
             "chaos_kills": options.chaos,
             "flow_seconds": round(seconds, 2),
             "events_per_s": round(expected.produced / seconds, 1),
@@ -316,6 +318,8 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
         f" (late events are not counted: {found['late']})",
         f"  billed USD          {found['billing_total_usd']:>8}   expected {found['expected_total_usd']}",
+        f"  freshness p50/p99   {found['freshness_p50_s']} s / {found['freshness_p99_s']} s"
+        " (event time to queryable in ClickHouse and Redis)",
         f"  throughput          {found['events_per_s']:>8} events/s over {found['flow_seconds']} s (flow start to drained)",
         f"  data                {found['data_dir']}",
         "  RECONCILED" if not problems else "  NOT RECONCILED:\n    " + "\n    ".join(problems),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest, start_http_server
 
 EVENTS = Counter("gatewatch_events", "Events leaving a pipeline stage", ["stage"])
 DLQ_RECORDS = Counter("gatewatch_dlq_records", "Records sent to the dead-letter queue", ["stage", "code"])
@@ -50,5 +50,21 @@ def counter_totals() -> dict[str, float]:
     return totals
 
 
+def freshness_quantiles(qs: tuple[float, ...] = (0.5, 0.99)) -> dict[str, float]:
+    """{"freshness_p99_s{sink=clickhouse}": 1.7, ...} from this process's histogram."""
+    from ops.status import parse, quantile
+
+    snapshot = parse(generate_latest(REGISTRY).decode(), 0)
+    out = {}
+    for (name, labels), rows in snapshot.buckets.items():
+        if name == "gatewatch_freshness_seconds":
+            for q in qs:
+                value = quantile(rows, q)
+                if value is not None:
+                    out[f"freshness_p{round(q * 100)}_s{{sink={dict(labels)['sink']}}}"] = round(value, 3)
+    return out
+
+
 def dump_counters(path: str | Path) -> None:
-    Path(path).write_text(json.dumps(counter_totals(), sort_keys=True))
+    """Counter totals and freshness quantiles as JSON, for a run that has ended."""
+    Path(path).write_text(json.dumps({**counter_totals(), **freshness_quantiles()}, sort_keys=True))

@@ -5,10 +5,12 @@ every event is in every sink exactly once in effect, and the outage showed in th
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from decimal import Decimal
 
@@ -127,6 +129,11 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
         assert all(count > 0 for count in errors.values()), f"every outage shows as failed writes: {errors}"
         dlq = read_dlq(kafka_bootstrap, topics["dlq_topic"], tmp_path / "dlq.jsonl")
         assert distinct_sources(dlq) == expected.bad + expected.late
+        exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
+        assert b"gatewatch_freshness_seconds_bucket" in exposition and b"bytewax_kafka_consumer_lag" in exposition
+        if shutil.which("promtool"):
+            checked = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True)
+            assert checked.returncode == 0, checked.stdout + checked.stderr
         (rows, tokens), = clickhouse.rows(
             "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
             f"FROM {database}.events FINAL")
