@@ -12,7 +12,7 @@ import s3fs
 from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
-from ops.demo import produce, read_dlq
+from ops.demo import billing_totals, produce, read_dlq
 from ops.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
@@ -36,8 +36,10 @@ def pipeline_run(kafka_bootstrap, topic_factory, redis_url, s3_endpoint, tmp_pat
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir(bucket)
     events_topic = topic_factory(partitions=3)
     dlq_topic = topic_factory(partitions=1)
+    billing_topic, alerts_topic = topic_factory(partitions=1), topic_factory(partitions=1)
     settings = load_settings(environ={}, use_service_state=False, overrides={
-        "kafka": {"bootstrap": kafka_bootstrap, "events_topic": events_topic, "dlq_topic": dlq_topic, "tail": False},
+        "kafka": {"bootstrap": kafka_bootstrap, "events_topic": events_topic, "dlq_topic": dlq_topic, "tail": False,
+                  "billing_topic": billing_topic, "quota_alerts_topic": alerts_topic},
         "parquet": {"root": f"s3://{bucket}/raw", "s3_endpoint_url": s3_endpoint, "max_rows": 700},
         "clickhouse": {"url": f"chdb://{root / 'chdb'}", "database": "e2e"},
         "redis": {"url": redis_url},
@@ -108,3 +110,27 @@ def test_every_malformed_message_is_in_the_dlq_topic_with_its_reason(pipeline_ru
     assert codes == expected.bad_kinds
     assert all(record["reason"] and record["stage"] == "decode" for record in records)
     assert all(record["topic"] == settings.kafka.events_topic and record["offset"] is not None for record in records)
+
+
+def test_replaying_the_whole_topic_changes_no_counter(pipeline_run):
+    """Run the flow again over the same topic with no memory of the first run (as after
+    losing the recovery store, or resetting offsets): every store stays as it was."""
+    settings, expected, root = pipeline_run
+    clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
+    store = QuotaStore(settings.redis.url)
+
+    def counters():
+        (rows, tokens), = clickhouse.rows(
+            "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) FROM e2e.events FINAL")
+        daily = sorted(clickhouse.rows("SELECT day, model, sum(requests), sum(total_tokens) FROM e2e.daily_metrics "
+                                       "GROUP BY day, model"))
+        billed, _want = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, expected, settings)
+        parquet = ParquetStore(settings.parquet.root, settings.parquet.s3_endpoint_url).read()
+        return {"clickhouse": (rows, tokens), "daily": daily, "billed": billed,
+                "quota": (store.total_tokens("user"), store.total_tokens("org")),
+                "parquet_ids": len(pc.unique(parquet.column("event_id")))}
+
+    before = counters()
+    run_main(build_flow(settings))
+    assert counters() == before
+    assert before["quota"] == (expected.quota_tokens, expected.quota_tokens)
