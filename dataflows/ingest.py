@@ -8,6 +8,8 @@ settings come from the environment (see ops/settings.py).
 from __future__ import annotations
 
 import atexit
+import hashlib
+import logging
 import os
 import time
 from functools import partial
@@ -90,8 +92,20 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
             continue
         for entity, count in result.get("pii_entity_counts", {}).items():
             metrics.PII_ENTITIES.labels(entity=entity).inc(count)
+        for flag in result["policy_flags"]:
+            metrics.POLICY_FLAGS.labels(flag=flag).inc()
+        metrics.CLASSIFICATIONS.labels(level=result["classification"]).inc()
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("policy decision", extra={
+                "request_id": result["request_id"], "trace_id": trace_id(result), "classification": result["classification"],
+                "policy_flags": result["policy_flags"], "pii_entity_counts": result.get("pii_entity_counts", {})})
         out.append((OK, result))
     return out
+
+
+def trace_id(event: dict) -> str:
+    """A W3C-sized trace id derived from the event id, the same in every log line and store."""
+    return hashlib.blake2b(f"{event['org_id']}/{event['event_id']}".encode(), digest_size=16).hexdigest()
 
 
 # -- the flow ---------------------------------------------------------------------------

@@ -142,7 +142,8 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
         roll = rng.random()
         now = int(time.time() * 1000) if now_ms is None else now_ms
         if roll < bad_ratio:
-            event, _ = make_event(rng, now, users, 0)
+            event, pii = make_event(rng, now, users, pii_ratio)
+            expected.pii_values.extend(pii)  # must not survive into the DLQ either
             kind = rng.choice(BAD_KINDS)
             key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(kind, event, codec)
             expected.bad += 1

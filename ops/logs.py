@@ -25,12 +25,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+OUR_PACKAGES = ("dataflows", "connectors", "schemas", "sinks", "redaction", "ops")
+
+
 def configure(level: str = "INFO") -> None:
+    """JSON lines on stderr; `level` applies to gatewatch's own loggers, libraries stay at
+    INFO or above (botocore at DEBUG alone would slow the flow down)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(max(logging.INFO, logging.getLevelName(level)))
+    for package in OUR_PACKAGES:
+        logging.getLogger(package).setLevel(level)
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -22,6 +22,8 @@ REDACTION_SECONDS = Histogram(
     "gatewatch_redaction_seconds", "Redaction time per batch of events",
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 PII_ENTITIES = Counter("gatewatch_pii_entities", "PII entities redacted", ["entity"])
+POLICY_FLAGS = Counter("gatewatch_policy_flags", "Policy flags set on events (entity types found, pii_redacted)", ["flag"])
+CLASSIFICATIONS = Counter("gatewatch_classifications", "Events by data classification level", ["level"])
 FRESHNESS_SECONDS = Histogram(
     "gatewatch_freshness_seconds", "Seconds from event_time until the event is queryable in a sink", ["sink"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))

@@ -93,7 +93,7 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
            "GATEWATCH_PARQUET__MAX_AGE_S": "1", "GATEWATCH_PARQUET__MAX_ROWS": "400",
            "GATEWATCH_CLICKHOUSE__URL": clickhouse_url, "GATEWATCH_CLICKHOUSE__DATABASE": database,
            "GATEWATCH_REDIS__URL": settings.redis.url, "GATEWATCH_RETRY__MAX_BACKOFF_S": "1",
-           "GATEWATCH_METRICS__PORT": str(metrics_port)}
+           "GATEWATCH_METRICS__PORT": str(metrics_port), "GATEWATCH_LOG_LEVEL": "DEBUG"}
     flow = subprocess.Popen([sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow"], env=env,
                             stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT)
     try:
@@ -129,6 +129,11 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
         assert all(count > 0 for count in errors.values()), f"every outage shows as failed writes: {errors}"
         dlq = read_dlq(kafka_bootstrap, topics["dlq_topic"], tmp_path / "dlq.jsonl")
         assert distinct_sources(dlq) == expected.bad + expected.late
+        logs = (tmp_path / "flow.log").read_text(errors="replace")
+        assert '"msg": "policy decision"' in logs and expected.pii_values
+        assert [value for value in expected.pii_values if value in logs] == []
+        dumped = (tmp_path / "dlq.jsonl").read_text()
+        assert [value for value in expected.pii_values if value in dumped] == []
         exposition = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read()
         assert b"gatewatch_freshness_seconds_bucket" in exposition and b"bytewax_kafka_consumer_lag" in exposition
         if shutil.which("promtool"):
