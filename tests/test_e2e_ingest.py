@@ -3,6 +3,7 @@ an S3 server for Parquet and ClickHouse (embedded chdb, the same engine as the s
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pyarrow.compute as pc
@@ -134,3 +135,17 @@ def test_replaying_the_whole_topic_changes_no_counter(pipeline_run):
     run_main(build_flow(settings))
     assert counters() == before
     assert before["quota"] == (expected.quota_tokens, expected.quota_tokens)
+
+
+def test_clickhouse_reads_the_raw_parquet_back(pipeline_run):
+    """ClickHouse's own Parquet reader (chdb's s3 table function) sees the same rows."""
+    settings, expected, _root = pipeline_run
+    bucket_path = settings.parquet.root.removeprefix("s3://")
+    url = f"{settings.parquet.s3_endpoint_url}/{bucket_path}/**/*.parquet"
+    clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
+    (rows, tokens, users), = clickhouse.rows(
+        f"SELECT count(DISTINCT event_id), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens),"
+        f" uniqExact(user_id) FROM (SELECT * FROM s3('{url}', '{os.environ['AWS_ACCESS_KEY_ID']}',"
+        f" '{os.environ['AWS_SECRET_ACCESS_KEY']}', 'Parquet') LIMIT 1 BY event_id)")
+    assert (rows, tokens) == (expected.valid, expected.tokens)
+    assert users == len({e["user_id"] for e in expected.events.values()})
