@@ -1,0 +1,486 @@
+"""The Redactor: tiers wired together, operators applied, events flagged and classified.
+
+fast mode (default), per text:
+  1. one hyperscan scan of the UTF-8 bytes (all pattern gates, capitalised words, cue
+     phrases); a text with no hit is done here (most clean texts);
+  2. each detector whose gate fired runs its precise regex + validator on merged windows
+     around the hits (Presidio's validators, our card ranges and secrets);
+  3. the names tier turns capitalised-word and cue hits into PERSON spans;
+  4. optional extra Presidio pattern entities (URL, UK_NHS, ...) on the whole text.
+thorough mode adds spaCy NER through Presidio (PERSON and any of LOCATION/NRP/ORGANIZATION
+named in `entities`), run over whole batches with nlp.pipe.
+
+Fail closed: any exception or a text over its time budget becomes RedactionError; the
+caller (the flow) sends such an event to the DLQ without its text.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+import time
+from typing import Any
+
+from redaction import gazetteer as gazetteer_mod
+from redaction.gate import Gate, GatePattern
+from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
+from redaction.operators import Operators
+from redaction.patterns import Detector, pattern_detectors
+from redaction.settings import FAST_ENTITIES, LEVELS, NER_ENTITIES, RedactionSettings
+from redaction.types import Entity, RedactionError, RedactionResult
+
+log = logging.getLogger(__name__)
+
+_KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK = 0, 1, 2, 3
+# Bytes that continue a word: ASCII letters and digits, "_", and any byte of a non-ASCII character.
+_WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") | frozenset(range(0x80, 0x100))
+_CAPITAL = rb"(?:[A-Z]|\xc3[\x80-\x9e]|[\xc4\xc5\xc8][\x80-\xbf])"
+_LETTER = rb"(?:[A-Za-z]|[\xc3\xc4\xc5\xc8][\x80-\xbf])"
+_CUE_SEP = rb"[ \t]*[:,.\-]?[ \t]*(?:\r?\n[ \t]*)?"
+TEXT_FIELDS = ("prompt", "response")
+_NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
+# Which type wins a tie between overlapping spans of equal score.
+_PRIORITY = {"SECRET": 9, "CREDIT_CARD": 8, "IBAN_CODE": 7, "US_SSN": 6, "CRYPTO": 5, "EMAIL_ADDRESS": 4,
+             "PHONE_NUMBER": 3, "IP_ADDRESS": 2, "PERSON": 1}
+
+
+@functools.lru_cache(maxsize=2)
+def _names_tier(strict: bool) -> tuple[NameFinder, tuple[GatePattern, ...]]:
+    """The names tier and its literal gate patterns, built once per process (~0.5 s)."""
+    finder = NameFinder(gazetteer_mod.load(), strict=strict)
+    forms = {form.encode("utf-8") for name in finder.given for form in (name.capitalize(), name.title())}
+    return finder, tuple(GatePattern("given", form, literal=True) for form in sorted(forms) if len(form) >= 3)
+
+
+class Redactor:
+    """Thread-safe after construction (the cache is a plain dict; races only cost a miss)."""
+
+    def __init__(self, settings: RedactionSettings | None = None):
+        self.settings = settings = settings or RedactionSettings()
+        self.entities = set(settings.entities)
+        self.operators = Operators(settings)
+        regions = tuple(r.upper() for r in settings.phone_regions)
+        self.detectors: list[Detector] = [d for d in pattern_detectors(regions, settings.ip_ignore_private,
+                                                                            settings.score_for("PHONE_NUMBER"))
+                                          if d.entity in self.entities]
+        self.names: NameFinder | None = None
+        patterns: list[GatePattern] = []
+        self._kinds: list[tuple[int, Any]] = []
+        for index, detector in enumerate(self.detectors):
+            for gate in detector.gates:
+                patterns.append(GatePattern(detector.name, gate, detector.caseless))
+                self._kinds.append((_KIND_DETECTOR, index))
+        if "PERSON" in self.entities:
+            self.names, literals = _names_tier(settings.names_min_context == "strict")
+            # Given names as literals (capitalised as in prose); a hit inside a longer word
+            # is dropped by the boundary check in _detect_hits.
+            for literal in literals:
+                patterns.append(literal)
+                self._kinds.append((_KIND_WORD, len(literal.pattern)))
+            # A cue hit ends on the first letter after the cue; titles and most cues want a
+            # capital there, the others any letter (lowercase names).
+            for cue in sorted(set(STRONG_CUES) | TITLES):
+                escaped = cue.replace("'", "['\u2019]").replace(" ", r"[ \t]+").encode()
+                follow = _LETTER if cue in LOWERCASE_CUES else _CAPITAL
+                patterns.append(GatePattern(f"cue:{cue}", rb"\b(?i:" + escaped + rb")\b" + _CUE_SEP + follow, som=False))
+                self._kinds.append((_KIND_CUE, cue))
+            weak = "|".join(WEAK_CUES).encode()
+            patterns.append(GatePattern("weak_cue", rb"\b(?i:" + weak + rb")\b(?:[ \t]+|:[ \t]*)" + _CAPITAL, som=False))
+            self._kinds.append((_KIND_WEAK, None))
+        self.gate = Gate(patterns) if patterns else None
+
+        known = set(FAST_ENTITIES) | set(NER_ENTITIES)
+        extra = sorted(e for e in self.entities if e not in known)
+        self._extra = []
+        if extra:
+            from redaction.presidio_setup import pattern_recognizers
+
+            self._extra = pattern_recognizers(extra)
+        self._extra_entities = extra
+
+        self._ner = None
+        self._ner_entities: list[str] = []
+        if settings.mode == "thorough":
+            from redaction.presidio_setup import analyzer
+
+            self._ner_entities = sorted(e for e in self.entities if e in NER_ENTITIES)
+            if self._ner_entities:
+                self._ner = analyzer(settings.spacy_model, patterns=False, ner=True)
+                # NER needs only tok2vec + ner: the parser, tagger and lemmatizer would more
+                # than double the time per text.
+                nlp = self._ner.nlp_engine.nlp["en"]
+                for pipe in list(nlp.pipe_names):
+                    if pipe not in ("tok2vec", "ner"):
+                        nlp.disable_pipe(pipe)
+                if self.names is None:
+                    gaz = gazetteer_mod.load()
+                    self._common, self._places = gaz.common, gaz.places
+                else:
+                    self._common, self._places = self.names.common, self.names.places
+
+        self._cache: dict[str, RedactionResult] = {}
+        self._cache_size = settings.cache_size
+        self._budget_s = settings.time_budget_ms / 1000
+        self._budget_per_char_s = settings.time_budget_ms_per_kb / 1000 / 1024
+        self._ner_budget_per_char_s = settings.ner_time_budget_ms_per_kb / 1000 / 1024
+        self._classification = settings.classification
+        self._rank = {level: i for i, level in enumerate(LEVELS)}
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        # Import the validators' libraries and fill lazy tables now, not inside the first
+        # event's time budget.
+        sample = ("Dear Ana Lopez, mail ana@example.com or call +1 415 555 2671 / (415) 555-2671; card "
+                  "4111 1111 1111 1111, IBAN DE89 3704 0044 0532 0130 00, SSN 123-45-6789, host 8.8.8.8, "
+                  "btc 1BoatSLRHtKNngkdXEeobR76b53LBCrubm, password=hunter22 sk-abcdefghijklmnopqrstuvwx")
+        self._detect(sample)
+
+    # -- detection -----------------------------------------------------------------------------
+
+    def _budget(self, text: str) -> float:
+        return self._budget_s + self._budget_per_char_s * len(text)
+
+    def detect(self, text: str) -> list[Entity]:
+        """Entities of one text by the fast tiers (no NER), resolved and thresholded."""
+        if len(text) > self.settings.max_text_chars:
+            raise RedactionError(f"text of {len(text)} characters is over max_text_chars")
+        return self._detect(text)
+
+    def _detect(self, text: str) -> list[Entity]:
+        found: list[Entity] = []
+        if self.gate is not None and text:
+            data = text.encode("utf-8", "surrogatepass")
+            hits, overflow = self.gate.scan(data)
+            if overflow:
+                found = self._detect_everywhere(text)
+            elif hits:
+                found = self._detect_hits(text, data, hits)
+        for recognizer in self._extra:
+            for r in recognizer.analyze(text, self._extra_entities, None):
+                found.append(Entity(r.entity_type, r.start, r.end, r.score))
+        return found
+
+    def _detect_hits(self, text: str, data: bytes, hits: list[tuple[int, int, int]]) -> list[Entity]:
+        ascii_only = len(data) == len(text)
+        if ascii_only:
+            def to_char(offset: int) -> int:
+                return offset
+        else:
+            def to_char(offset: int) -> int:
+                return len(data[:offset].decode("utf-8", "ignore"))
+        kinds = self._kinds
+        windows: dict[int, list[tuple[int, int]]] = {}
+        given_words: list[int] = []
+        cue_ends: list[tuple[int, str]] = []
+        weak_starts: list[int] = []
+        size = len(data)
+        for pattern_id, start, end in hits:
+            kind, payload = kinds[pattern_id]
+            if kind == _KIND_WORD:
+                start = end - payload
+                if start > 0 and (data[start - 1] in _WORD_BYTES):
+                    continue  # "Anna" inside "Hanna"
+                if end < size and data[end] in _WORD_BYTES:
+                    continue  # "Ann" in "Announcement"
+                given_words.append(to_char(start))
+            elif kind == _KIND_DETECTOR:
+                windows.setdefault(payload, []).append((start, end))
+            else:
+                at = to_char(end - 1 if data[end - 1] < 0x80 else end - 2)
+                if kind == _KIND_CUE:
+                    cue_ends.append((at, payload))
+                else:
+                    weak_starts.append(at)
+        found: list[Entity] = []
+        size = len(text)
+        for index, spans in windows.items():
+            detector = self.detectors[index]
+            spans.sort()
+            # Merge in byte space (a UTF-8 character is at most 4 bytes, so padding by the
+            # character count in bytes covers at least as much), then convert once.
+            merged: list[list[int]] = []
+            before, after = detector.pad_before, detector.pad_after
+            for _start, end in spans:
+                lo, hi = end - before, end + after
+                if merged and lo <= merged[-1][1]:
+                    if hi > merged[-1][1]:
+                        merged[-1][1] = hi
+                else:
+                    merged.append([lo, hi])
+            for lo, hi in merged:
+                found.extend(detector.finder(text, to_char(max(0, lo)), min(size, to_char(min(len(data), hi)))))
+        if self.names is not None and (given_words or cue_ends or weak_starts):
+            if len(given_words) > 1:
+                given_words = sorted(set(given_words))
+            found.extend(self.names.find(text, given_words, cue_ends, weak_starts))
+        return found
+
+    def _detect_everywhere(self, text: str) -> list[Entity]:
+        """Too many gate hits to track one by one: run every detector on the whole text."""
+        import re
+
+        found: list[Entity] = []
+        for detector in self.detectors:
+            found.extend(detector.finder(text, 0, len(text)))
+        if self.names is not None:
+            starts = [m.start() for m in re.finditer(r"(?<![^\W\d_])[^\W\d_a-z]", text)]
+            cues = []
+            for cue in sorted(set(STRONG_CUES) | TITLES):
+                pattern = (r"(?i)\b" + re.escape(cue).replace(r"\ ", r"[ \t]+")
+                           + r"\b[ \t]*[:,.\-]?[ \t]*(?:\r?\n[ \t]*)?(?=[^\W\d_])")
+                cues.extend((m.end(), cue) for m in re.finditer(pattern, text))
+            weak = [m.end() for m in re.finditer(r"(?i)\b(?:" + "|".join(WEAK_CUES) + r")(?:[ \t]+|:[ \t]*)(?=[^\W\d_])",
+                                                 text)]
+            found.extend(self.names.find(text, starts, cues, weak))
+        return found
+
+    def _resolve(self, found: list[Entity]) -> list[Entity]:
+        settings = self.settings
+        kept = [e for e in found if e.end > e.start and e.score >= settings.score_for(e.type)
+                and e.type in self.entities]
+        if len(kept) <= 1:
+            return kept
+        # Highest score first, then the longest; a span overlapping a kept one is dropped
+        # unless it reaches past it, in which case the uncovered part would leak: merge it.
+        kept.sort(key=lambda e: (-e.score, -_PRIORITY.get(e.type, 0), -(e.end - e.start), e.start))
+        accepted: list[Entity] = []
+        for entity in kept:
+            overlapping = [a for a in accepted if entity.start < a.end and a.start < entity.end]
+            if not overlapping:
+                accepted.append(entity)
+                continue
+            if all(a.start <= entity.start and entity.end <= a.end for a in overlapping):
+                continue
+            # Extend the strongest overlapping span to cover this one as well.
+            best = overlapping[0]
+            for a in overlapping:
+                accepted.remove(a)
+            start = min([entity.start] + [a.start for a in overlapping])
+            end = max([entity.end] + [a.end for a in overlapping])
+            accepted.append(Entity(best.type, start, end, best.score))
+        accepted.sort(key=lambda e: e.start)
+        return accepted
+
+    def _apply(self, text: str, entities: list[Entity]) -> str:
+        if not entities:
+            return text
+        parts = []
+        pos = 0
+        apply = self.operators.apply
+        for e in entities:
+            parts.append(text[pos:e.start])
+            parts.append(apply(e.type, text[e.start:e.end]))
+            pos = e.end
+        parts.append(text[pos:])
+        return "".join(parts)
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def redact(self, text: str) -> RedactionResult:
+        """Redact one text. Raises RedactionError when it cannot be done safely in time."""
+        if not isinstance(text, str):
+            raise RedactionError(f"expected text, got {type(text).__name__}")
+        cached = self._cache.get(text)
+        if cached is not None:
+            return cached
+        if self._ner is not None:
+            return self._redact_many([text])[0]
+        started = time.thread_time()
+        try:
+            entities = self._resolve(self.detect(text))
+            result = RedactionResult(self._apply(text, entities), entities)
+        except RedactionError:
+            raise
+        except Exception as exc:  # fail closed, without echoing anything of the text
+            raise RedactionError(f"redaction failed: {type(exc).__name__}") from None
+        if time.thread_time() - started > self._budget(text):
+            raise RedactionError(f"redaction exceeded its time budget ({len(text)} characters)")
+        self._remember(text, result)
+        return result
+
+    def _remember(self, text: str, result: RedactionResult) -> None:
+        if self._cache_size <= 0:
+            return
+        if len(self._cache) >= self._cache_size:
+            try:
+                del self._cache[next(iter(self._cache))]
+            except (StopIteration, KeyError, RuntimeError):
+                pass
+        self._cache[text] = result
+
+    def _redact_many(self, texts: list[str]) -> list[RedactionResult | RedactionError]:
+        """Thorough mode: fast tiers per text + spaCy NER over the whole batch (nlp.pipe)."""
+        out: list[RedactionResult | RedactionError | None] = [None] * len(texts)
+        todo: list[int] = []
+        for i, text in enumerate(texts):
+            cached = self._cache.get(text)
+            if cached is not None:
+                out[i] = cached
+            elif len(text) > self.settings.max_text_chars:
+                out[i] = RedactionError(f"text of {len(text)} characters is over max_text_chars")
+            else:
+                todo.append(i)
+        if not todo:
+            return out  # type: ignore[return-value]
+        started = time.thread_time()
+        try:
+            batch = [texts[i] for i in todo]
+            ner_found = self._ner_batch(batch)
+        except Exception as exc:
+            error = RedactionError(f"NER failed: {type(exc).__name__}")
+            for i in todo:
+                out[i] = error
+            return out  # type: ignore[return-value]
+        elapsed = time.thread_time() - started
+        budget_total = sum(self._budget(texts[i]) + self._ner_budget_per_char_s * len(texts[i]) for i in todo)
+        for i, ner_entities in zip(todo, ner_found):
+            text = texts[i]
+            try:
+                entities = self._resolve(self.detect(text) + ner_entities)
+                result = RedactionResult(self._apply(text, entities), entities)
+            except RedactionError as exc:
+                out[i] = exc
+                continue
+            except Exception as exc:
+                out[i] = RedactionError(f"redaction failed: {type(exc).__name__}")
+                continue
+            if elapsed > budget_total:
+                out[i] = RedactionError("redaction exceeded its time budget (NER batch)")
+                continue
+            self._remember(text, result)
+            out[i] = result
+        return out  # type: ignore[return-value]
+
+    def _ner_batch(self, texts: list[str]) -> list[list[Entity]]:
+        if self._ner is None:
+            return [[] for _ in texts]
+        analyzer = self._ner
+        artifacts = analyzer.nlp_engine.process_batch(texts, "en", batch_size=self.settings.ner_batch_size)
+        found = []
+        threshold = self.settings.ner_min_score
+        for text, nlp_artifacts in artifacts:
+            results = analyzer.analyze(text, language="en", entities=self._ner_entities, nlp_artifacts=nlp_artifacts,
+                                       score_threshold=threshold)
+            found.append([Entity(r.entity_type, r.start, r.end, r.score) for r in results
+                          if r.entity_type != "PERSON" or self._plausible_person(text[r.start:r.end])])
+        return found
+
+    def _plausible_person(self, span: str) -> bool:
+        """spaCy sm tags many capitalised phrases PERSON ("Pull Request", "Paris"); keep a
+        span only if some word of it is neither an English word nor a place."""
+        words = [w.strip(".,'’\"") for w in span.split()]
+        if not words or len(words) > 5 or not all(_NAME_WORD.fullmatch(w) for w in words):
+            return False
+        if " ".join(words).lower() in self._places:
+            return False
+        return any(w and w.lower() not in self._common and w.lower() not in self._places for w in words)
+
+    def redact_texts(self, texts: list[str]) -> list[RedactionResult | RedactionError]:
+        """Batch form of redact(): errors are returned in place, never raised."""
+        if self._ner is not None:
+            bad = {i for i, t in enumerate(texts) if not isinstance(t, str)}
+            good = [t for i, t in enumerate(texts) if i not in bad]
+            results = iter(self._redact_many(good))
+            return [RedactionError("expected text") if i in bad else next(results) for i in range(len(texts))]
+        out: list[RedactionResult | RedactionError] = []
+        for text in texts:
+            try:
+                out.append(self.redact(text))
+            except RedactionError as exc:
+                out.append(exc)
+        return out
+
+    # -- events --------------------------------------------------------------------------------
+
+    def classify(self, counts: dict[str, int], has_text: bool) -> str:
+        policy = self._classification
+        if not counts:
+            return policy.no_text if not has_text else policy.no_pii
+        rank = self._rank
+        level = max((policy.levels.get(t, policy.default_pii) for t in counts), key=rank.__getitem__)
+        if policy.restricted_at_types is not None and len(counts) >= policy.restricted_at_types:
+            level = "restricted"
+        return level
+
+    @staticmethod
+    def _text_slots(event: dict) -> list[tuple[tuple[str, ...], str]]:
+        slots = []
+        for name in TEXT_FIELDS:
+            value = event.get(name)
+            if value is not None:
+                slots.append(((name,), value))
+        if event.get("comment") is not None:
+            slots.append((("comment",), event["comment"]))
+        feedback = event.get("feedback")
+        if isinstance(feedback, dict) and feedback.get("comment") is not None:
+            slots.append((("feedback", "comment"), feedback["comment"]))
+        return slots
+
+    def _finish_event(self, event: dict, slots, results) -> dict:
+        new = dict(event)
+        counts: dict[str, int] = {}
+        has_text = False
+        for (path, original), result in zip(slots, results):
+            if original:
+                has_text = True
+            if len(path) == 1:
+                new[path[0]] = result.text
+            else:
+                new[path[0]] = {**new[path[0]], path[1]: result.text}
+            for entity in result.entities:
+                counts[entity.type] = counts.get(entity.type, 0) + 1
+        flags = list(event.get("policy_flags") or [])
+        if counts:
+            wanted = ["pii_redacted"] + [f"pii:{t}" for t in sorted(counts)]
+            flags.extend(f for f in wanted if f not in flags)
+        new["policy_flags"] = flags
+        new["classification"] = self.classify(counts, has_text)
+        new["pii_entity_counts"] = counts
+        return new
+
+    def redact_event(self, event: dict) -> dict:
+        """A new event with prompt, response and feedback comment redacted, policy flags,
+        classification and entity counts added. Raises RedactionError (fail closed)."""
+        result = self.redact_events([event])[0]
+        if isinstance(result, RedactionError):
+            raise result
+        return result
+
+    def redact_events(self, events: list[dict]) -> list[dict | RedactionError]:
+        """Batch form: one redacted event or one RedactionError per input, in order."""
+        slots_per_event: list[list | RedactionError] = []
+        texts: list[str] = []
+        for event in events:
+            if not isinstance(event, dict):
+                slots_per_event.append(RedactionError("event is not a mapping"))
+                continue
+            try:
+                slots = self._text_slots(event)
+            except Exception as exc:
+                slots_per_event.append(RedactionError(f"unreadable event: {type(exc).__name__}"))
+                continue
+            wrong = [".".join(path) for path, value in slots if not isinstance(value, str)]
+            if wrong:
+                slots_per_event.append(RedactionError(f"{', '.join(wrong)} is not text"))
+                continue
+            slots_per_event.append(slots)
+            texts.extend(value for _, value in slots)
+        results = self.redact_texts(texts) if texts else []
+        out: list[dict | RedactionError] = []
+        pos = 0
+        for event, slots in zip(events, slots_per_event):
+            if isinstance(slots, RedactionError):
+                out.append(slots)
+                continue
+            mine = results[pos:pos + len(slots)]
+            pos += len(slots)
+            errors = [r for r in mine if isinstance(r, RedactionError)]
+            if errors:
+                out.append(RedactionError(errors[0].reason))
+                continue
+            try:
+                out.append(self._finish_event(event, slots, mine))
+            except Exception as exc:
+                out.append(RedactionError(f"redaction failed: {type(exc).__name__}"))
+        return out

@@ -1,0 +1,479 @@
+"""Tier 1: pattern entities.
+
+Each detector has loose gate patterns (compiled together into one hyperscan database by
+`redaction.gate`) and a precise finder that runs only on windows around the gate's hits:
+a Python regex plus the validator that decides (Luhn and card ranges, IBAN mod-97 through
+Presidio's IbanRecognizer, phone validity through `phonenumbers`, Presidio's SSN, IP and
+crypto validators, an offline public-suffix check for e-mail domains). Our own detectors
+cover what Presidio misses: every card range (Mastercard 2-series, 19-digit Visa, Maestro,
+UnionPay, Mir) and secrets (provider key prefixes, AWS keys, bearer tokens, JWTs,
+private-key blocks, passwords in key=value and URLs).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+from redaction.types import Entity
+
+Finder = Callable[[str, int, int], list[Entity]]
+
+
+@dataclass(frozen=True)
+class Detector:
+    name: str  # checker key; several gate patterns may share one detector
+    entity: str
+    gates: tuple[bytes, ...]
+    pad_before: int  # window start = END of the gate hit - pad_before (the gate reports ends only)
+    pad_after: int
+    finder: Finder
+    caseless: bool = False
+
+
+# -- Presidio validators (instantiated once; only their validate/invalidate methods run) --
+
+@functools.lru_cache(maxsize=1)
+def _presidio():
+    from presidio_analyzer.predefined_recognizers import (CryptoRecognizer, IbanRecognizer, IpRecognizer,
+                                                          UsSsnRecognizer)
+    return {"iban": IbanRecognizer(), "ssn": UsSsnRecognizer(), "ip": IpRecognizer(), "crypto": CryptoRecognizer()}
+
+
+@functools.lru_cache(maxsize=1)
+def _tld():
+    import tldextract
+
+    # The bundled public-suffix snapshot only: never fetch the list over the network.
+    return tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+
+def _context(text: str, start: int, words: re.Pattern, reach: int = 48) -> bool:
+    return words.search(text, max(0, start - reach), start) is not None
+
+
+# -- e-mail ---------------------------------------------------------------------------------
+
+EMAIL_RE = re.compile(r"(?<![\w.+\-%'])[\w.+\-%']{1,64}@(?:[^\W_](?:[\w\-]{0,62}[^\W_])?\.)+[^\W\d_]{2,24}(?![\w\-])")
+
+
+@functools.lru_cache(maxsize=4096)
+def _known_suffix(domain: str) -> bool:
+    return _tld()(domain).suffix != ""
+
+
+_USERINFO = re.compile(r"://[^\s/@]*:$")
+
+
+def find_email(text: str, lo: int, hi: int) -> list[Entity]:
+    out = []
+    for m in EMAIL_RE.finditer(text, lo, hi):
+        if m.start() > 3 and _USERINFO.search(text, max(0, m.start() - 80), m.start()):
+            continue  # scheme://user:password@host: the password is a secret, not a mailbox
+        value = m.group()
+        local, _, domain = value.rpartition("@")
+        if local.startswith(".") or ".." in local:
+            continue
+        if _known_suffix(domain.lower()):
+            out.append(Entity("EMAIL_ADDRESS", m.start(), m.end(), 0.95))
+    return out
+
+
+# -- credit cards ---------------------------------------------------------------------------
+
+CARD_RE = re.compile(r"(?<![\w\-.,/])\d(?:[ \-]?\d){11,22}(?![\d])")
+_SEP = re.compile(r"[ \-]")
+
+
+def luhn(digits: str) -> bool:
+    total = 0
+    parity = len(digits) % 2
+    for i, ch in enumerate(digits):
+        d = ord(ch) - 48
+        if i % 2 == parity:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def card_brand(d: str) -> str | None:
+    """The scheme a card number belongs to by its IIN range and length, or None."""
+    n = len(d)
+    p2, p3, p4, p6 = int(d[:2]), int(d[:3]), int(d[:4]), int(d[:6])
+    if d[0] == "4":
+        return "visa" if n in (13, 16, 19) else None
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        return "mastercard" if n == 16 else None
+    if p2 in (34, 37):
+        return "amex" if n == 15 else None
+    if 2200 <= p4 <= 2204:
+        return "mir" if 16 <= n <= 19 else None
+    if p4 == 6011 or 644 <= p3 <= 649 or p2 == 65 or 622126 <= p6 <= 622925:
+        return "discover" if 16 <= n <= 19 else None
+    if 3528 <= p4 <= 3589:
+        return "jcb" if 16 <= n <= 19 else None
+    if 300 <= p3 <= 305 or p2 in (36, 38, 39) or p4 == 3095:
+        return "diners" if 14 <= n <= 19 else None
+    if p2 in (62, 81):
+        return "unionpay" if 16 <= n <= 19 else None
+    if p2 == 50 or 56 <= p2 <= 69:
+        return "maestro" if 12 <= n <= 19 else None
+    return None
+
+
+def find_card(text: str, lo: int, hi: int) -> list[Entity]:
+    out = []
+    for m in CARD_RE.finditer(text, lo, hi):
+        raw = m.group()
+        groups = _SEP.split(raw)
+        starts = []
+        pos = m.start()
+        for g in groups:
+            starts.append(pos)
+            pos += len(g) + 1
+        # Runs of whole groups, longest first: "4111 1111 1111 1111 123" is a card + CVV,
+        # "ref 12 4111 1111 1111 1111" a number + a card.
+        best = None
+        n = len(groups)
+        for size in range(n, 0, -1):
+            for first in range(0, n - size + 1):
+                if size > 1 and (len(groups[first]) < 4 or any(len(g) < 3 for g in groups[first + 1:first + size - 1])):
+                    continue  # written cards come in groups of 4 (4-6-5, ...); not "6 6 110 7 7 7 111"
+                digits = "".join(groups[first:first + size])
+                if 12 <= len(digits) <= 19 and luhn(digits) and card_brand(digits):
+                    last = first + size - 1
+                    best = (starts[first], starts[last] + len(groups[last]))
+                    break
+            if best:
+                break
+        if best:
+            out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
+    return out
+
+
+# -- IBAN -----------------------------------------------------------------------------------
+
+IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ \-]?[A-Z0-9]){11,32}")
+
+
+def _mod97(compact: str) -> bool:
+    moved = compact[4:] + compact[:4]
+    try:
+        return int("".join(str(int(ch, 36)) for ch in moved)) % 97 == 1
+    except ValueError:
+        return False
+
+
+def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
+    out = []
+    validator = _presidio()["iban"]
+    for m in IBAN_RE.finditer(text, lo, hi):
+        raw = m.group()
+        positions = [i for i, ch in enumerate(raw) if ch not in " -"]
+        compact = "".join(raw[i] for i in positions)
+        for length in range(min(34, len(compact)), 14, -1):
+            candidate = compact[:length]
+            end = positions[length - 1] + 1
+            if end < len(raw) and raw[end].isalnum():
+                continue  # would cut a group in half
+            if _mod97(candidate) and validator.validate_result(candidate):
+                out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
+                break
+    return out
+
+
+# -- US SSN ---------------------------------------------------------------------------------
+
+SSN_RE = re.compile(r"(?<![\d\-.])(\d{3})([ .\-]?)(\d{2})\2(\d{4})(?![\d\-])")
+SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|ssns|social security|soc\.? sec|ss#|ss no|taxpayer)")
+
+
+def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
+    out = []
+    validator = _presidio()["ssn"]
+    for m in SSN_RE.finditer(text, lo, hi):
+        area, sep, group, serial = m.group(1), m.group(2), m.group(3), m.group(4)
+        if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
+            continue
+        if validator.invalidate_result(m.group()):
+            continue
+        score = {"-": 0.85, " ": 0.6, ".": 0.6}.get(sep, 0.3)
+        if _context(text, m.start(), SSN_CONTEXT, 64):
+            score = min(1.0, score + 0.4)
+        out.append(Entity("US_SSN", m.start(), m.end(), score))
+    return out
+
+
+# -- phone numbers --------------------------------------------------------------------------
+
+PHONE_RE = re.compile(
+    r"(?:(?<![\w+])\+|(?<![\w.\-/])(?=[(\d]))(?:\(?\d{1,14}\)?)(?:[ \u00a0.\-/]{1,2}\(?\d{1,12}\)?){0,7}(?![\w])")
+PHONE_CONTEXT = re.compile(
+    r"(?i)\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
+    r"ring|dial|mob|ph|telefon|t[ée]l[ée]phone|handy|cellulare|celular)\b")
+_NOT_PHONE = re.compile(
+    r"^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$)|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|\d{1,2}:\d{2}(?::\d{2})?$|"
+    r"\d{1,3}(?:\.\d{1,3}){1,2}$|\d{3}([ .\-])\d\d\1\d{4}$)")
+
+
+def _is_ipv4(candidate: str) -> bool:
+    try:
+        ipaddress.IPv4Address(candidate)
+        return True
+    except ValueError:
+        return False
+
+
+def _plausible(region: str, digits: str) -> bool:
+    """Cheap length and leading-digit test before the (~80 µs) parse for a region."""
+    n = len(digits)
+    first = digits[0]
+    if region in ("US", "CA"):
+        return (n == 10 and first in "23456789") or (n == 11 and first == "1")
+    if region == "GB":
+        return first == "0" and n in (10, 11) and digits[1] in "1235789"
+    if region in ("FR", "NL"):
+        return first == "0" and n == 10
+    if region == "AU":
+        return first == "0" and n == 10 and digits[1] in "23478"
+    if region == "DE":
+        return first == "0" and 6 <= n <= 13 and digits[1] != "0"
+    if region == "IT":
+        return first in "03" and 6 <= n <= 12
+    if region == "IL":
+        return first == "0" and n in (9, 10)
+    if region == "BR":
+        return (n in (10, 11) and first != "0") or (first == "0" and n in (11, 12))
+    if region == "IN":
+        return (n == 10 and first in "6789") or (n == 11 and first == "0")
+    if region == "ES":
+        return n == 9 and first in "6789"
+    return 6 <= n <= 15
+
+
+@functools.lru_cache(maxsize=8192)
+def _valid_phone(candidate: str, regions: tuple[str, ...]) -> bool:
+    import phonenumbers
+
+    digits = "".join(ch for ch in candidate if ch.isdigit())
+    try:
+        if candidate.startswith("+") or candidate.startswith("00"):
+            number = "+" + digits[2:] if candidate.startswith("00") else candidate
+            return phonenumbers.is_valid_number(phonenumbers.parse(number, None))
+        for region in regions:
+            if _plausible(region, digits) and phonenumbers.is_valid_number(phonenumbers.parse(candidate, region)):
+                return True
+    except phonenumbers.NumberParseException:
+        return False
+    return False
+
+
+def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finder:
+    def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for m in PHONE_RE.finditer(text, lo, hi):
+            candidate = m.group().rstrip(" .-/\u00a0")
+            digits = sum(ch.isdigit() for ch in candidate)
+            if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
+                continue  # dates, times, versions, SSNs, IPv4 addresses
+            if digits >= 12 and not candidate.startswith("+"):
+                compact = "".join(ch for ch in candidate if ch.isdigit())
+                if luhn(compact) and card_brand(compact):
+                    continue  # a card number
+            plus = candidate.startswith("+")
+            separated = not candidate.isdigit()
+            if not plus and not separated and digits < 10:
+                continue
+            score = 0.8 if plus else (0.7 if separated else 0.4)
+            if score < 0.95 and _context(text, m.start(), PHONE_CONTEXT):
+                score = min(1.0, score + 0.25)
+            # Validation (phonenumbers, ~80 µs a region) only for what would be kept.
+            if score < min_score or not _valid_phone(candidate, regions):
+                continue
+            out.append(Entity("PHONE_NUMBER", m.start(), m.start() + len(candidate), score))
+        return out
+
+    return find_phone
+
+
+# -- IP addresses ---------------------------------------------------------------------------
+
+IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?:/\d{1,2})?(?![\w]|\.\d)")
+IPV6_RE = re.compile(r"(?<![\w:])[0-9A-Fa-f:]{2,39}(?:\.\d{1,3}){0,3}(?:%[0-9A-Za-z]+)?(?:/\d{1,3})?(?![\w:])")
+
+
+# An IPv4 address that is not loopback (127.), unspecified (0.), private (10., 192.168.,
+# 172.16-31.) or link-local (169.254.), or any IPv6 candidate.
+_PUBLIC_HINT = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:")
+
+
+def make_ip_finder(ignore_private: bool) -> Finder:
+    def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        window = text[lo:hi]
+        if ignore_private and "." in window and not _PUBLIC_HINT.search(window):
+            return out  # only loopback/private/link-local IPv4 and no ':' (IPv6) in sight
+        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 2 else [])
+        for regex in regexes:
+            for m in regex.finditer(text, lo, hi):
+                value = m.group()
+                if regex is IPV6_RE and value.count(":") < 2:
+                    continue
+                try:
+                    interface = ipaddress.ip_interface(value.split("%")[0])
+                except ValueError:
+                    continue
+                address = interface.ip
+                if regex is IPV6_RE and value.count(":") < 2:
+                    continue
+                if ignore_private and (address.is_private or address.is_loopback or address.is_link_local
+                                       or address.is_unspecified or address.is_multicast or address.is_reserved):
+                    continue
+                out.append(Entity("IP_ADDRESS", m.start(), m.end(), 0.85))
+        return out
+
+    return find_ip
+
+
+# -- crypto wallets -------------------------------------------------------------------------
+
+CRYPTO_RE = re.compile(r"(?<![\w])(?:bc1[ac-hj-np-z02-9]{11,71}|[13][a-km-zA-HJ-NP-Z1-9]{25,34})(?![\w])")
+
+
+def find_crypto(text: str, lo: int, hi: int) -> list[Entity]:
+    validator = _presidio()["crypto"]
+    return [Entity("CRYPTO", m.start(), m.end(), 0.9) for m in CRYPTO_RE.finditer(text, lo, hi)
+            if validator.validate_result(m.group())]
+
+
+# -- secrets --------------------------------------------------------------------------------
+
+_PLACEHOLDER = re.compile(r"(?i)^(?:<[^>]*>|\*+|x+|\.+|your[_\-].*|changeme|none|null|nil|true|false|"
+                          r"undefined|redacted|example|placeholder|\$\{?\w+\}?|%\w+%|\{\{.*\}\}|os\.environ.*|"
+                          r"getenv.*|env\b.*|process\.env.*|input|getpass|secret|password|token|string|str|int)$")
+
+
+def _regex_finder(regex: re.Pattern, score: float, group: int = 0, check: Callable[[str], bool] | None = None) -> Finder:
+    def find(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for m in regex.finditer(text, lo, hi):
+            value = m.group(group)
+            if not value or (check is not None and not check(value)):
+                continue
+            out.append(Entity("SECRET", m.start(group), m.end(group), score))
+        return out
+
+    return find
+
+
+def _looks_secret(value: str) -> bool:
+    if _PLACEHOLDER.match(value) or len(value) < 6:
+        return False
+    return True
+
+
+def _kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
+    out = []
+    for m in KV_RE.finditer(text, lo, hi):
+        value = m.group("value").rstrip(".")
+        end = m.start("value") + len(value)
+        if end < len(text) and text[end] in "(.[" and not m.group("quote"):
+            continue  # password = getpass(), token = self.token
+        if not _looks_secret(value):
+            continue
+        strong = m.group("key").lower().replace("-", "_") not in ("token", "key", "pass", "auth")
+        if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
+            continue
+        out.append(Entity("SECRET", m.start("value"), end, 0.9 if strong else 0.75))
+    return out
+
+
+def _pem_block(text: str, lo: int, hi: int) -> list[Entity]:
+    out = []
+    for m in PEM_BEGIN.finditer(text, lo, hi):
+        end = PEM_END.search(text, m.end())
+        # No END marker: the key runs to the end of the text, so everything after BEGIN goes.
+        out.append(Entity("SECRET", m.start(), end.end() if end else len(text), 1.0))
+    return out
+
+
+KV_RE = re.compile(
+    r"(?i)(?<![\w])(?P<key>password|passwd|passwort|pwd|pass|passphrase|secret|client[_\-]?secret|secret[_\-]?key|"
+    r"api[_\-]?key|apikey|api[_\-]?token|access[_\-]?token|access[_\-]?key|auth[_\-]?token|refresh[_\-]?token|"
+    r"private[_\-]?key|aws_secret_access_key|token|key|auth|credentials?)(?P<quote>[\"']?)\s*(?:[:=]|=>|\bis\b)\s*"
+    r"[\"']?(?P<value>[^\s\"',;<>`()\[\]{}]{4,200})")
+PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
+BEARER_RE = re.compile(r"(?i)\b(?:bearer|token)\s+([A-Za-z0-9\-._~+/]{16,}=*)")
+URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:([^\s@/]{3,128})@")
+
+# (name, gate pattern(s), precise regex, score)
+_PREFIXED: list[tuple[str, bytes, str]] = [
+    ("anthropic", rb"sk-ant-(?:api|admin)\d\d-", r"\bsk-ant-(?:api|admin)\d\d-[A-Za-z0-9_\-]{20,}"),
+    ("openai", rb"sk-(?:proj|svcacct|admin|None)-", r"\bsk-(?:proj|svcacct|admin|None)-[A-Za-z0-9_\-]{20,}"),
+    ("sk", rb"\bsk-[A-Za-z0-9]{20}", r"\bsk-[A-Za-z0-9]{20,}(?:T3BlbkFJ[A-Za-z0-9]{20,})?"),
+    ("github", rb"\bgh[pousr]_[A-Za-z0-9]{30}", r"\bgh[pousr]_[A-Za-z0-9]{30,}"),
+    ("github_pat", rb"\bgithub_pat_[A-Za-z0-9_]{20}", r"\bgithub_pat_[A-Za-z0-9_]{20,}"),
+    ("gitlab", rb"\bglpat-[A-Za-z0-9_\-]{20}", r"\bglpat-[A-Za-z0-9_\-]{20,}"),
+    ("slack", rb"\bxox[abposr]-[A-Za-z0-9]", r"\bxox[abposr]-[A-Za-z0-9\-]{10,}"),
+    ("slack_webhook", rb"hooks\.slack\.com/services/", r"https?://hooks\.slack\.com/services/[A-Za-z0-9/_\-]+"),
+    ("stripe", rb"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10}", r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{10,}"),
+    ("aws_key_id", rb"\b(?:AKIA|ASIA|ABIA|ACCA|AIDA|AROA|AIPA|ANPA|ANVA|AGPA)[A-Z0-9]{16}\b",
+     r"\b(?:AKIA|ASIA|ABIA|ACCA|AIDA|AROA|AIPA|ANPA|ANVA|AGPA)[A-Z0-9]{16}\b"),
+    ("google", rb"\bAIza[0-9A-Za-z_\-]{30}", r"\bAIza[0-9A-Za-z_\-]{35}"),
+    ("huggingface", rb"\bhf_[A-Za-z0-9]{30}", r"\bhf_[A-Za-z0-9]{30,}"),
+    ("npm", rb"\bnpm_[A-Za-z0-9]{36}", r"\bnpm_[A-Za-z0-9]{36,}"),
+    ("pypi", rb"\bpypi-AgE", r"\bpypi-AgE[A-Za-z0-9_\-]{50,}"),
+    ("sendgrid", rb"\bSG\.[A-Za-z0-9_\-]{16}", r"\bSG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}"),
+    ("groq", rb"\bgsk_[A-Za-z0-9]{40}", r"\bgsk_[A-Za-z0-9]{40,}"),
+    ("xai", rb"\bxai-[A-Za-z0-9]{40}", r"\bxai-[A-Za-z0-9]{40,}"),
+    ("twilio", rb"\bSK[0-9a-f]{32}\b", r"\bSK[0-9a-f]{32}\b"),
+    ("jwt", rb"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ", r"\beyJ[A-Za-z0-9_\-]{5,}\.eyJ[A-Za-z0-9_\-]{5,}\.[A-Za-z0-9_\-]{8,}"),
+    ("azure_conn", rb"AccountKey=", r"AccountKey=[A-Za-z0-9+/=]{40,}"),
+]
+
+
+def secret_detectors() -> list[Detector]:
+    detectors = [
+        Detector(f"secret:{name}", "SECRET", (gate,), 200 if name == "jwt" else 48, 600,
+                 _regex_finder(re.compile(precise), 1.0))
+        for name, gate, precise in _PREFIXED
+    ]
+    detectors += [
+        Detector("secret:pem", "SECRET", (rb"-----BEGIN ",), 12, 64, _pem_block),
+        Detector("secret:bearer", "SECRET", (rb"\b(?:bearer|token)\s+[A-Za-z0-9\-._~+/]{16}",), 40, 600,
+                 _regex_finder(BEARER_RE, 0.9, group=1), caseless=True),
+        Detector("secret:url_password", "SECRET", (rb"://[^\s:/@]{1,64}:[^\s@/]{3,128}@",), 240, 16,
+                 _regex_finder(URL_PASSWORD_RE, 0.95, group=1, check=_looks_secret)),
+        Detector("secret:kv", "SECRET",
+                 (rb"(?:pass|pwd|secret|key|token|auth|credential)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
+                 _kv_secret, caseless=True),
+    ]
+    return detectors
+
+
+# -- the table of pattern detectors ---------------------------------------------------------
+
+def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
+                      phone_min_score: float = 0.0) -> list[Detector]:
+    return [
+        Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
+                 132, 280, find_email),
+        Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, find_card),
+        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban),
+        Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]?\d\d[ .\-]?\d{4}",), 15, 3, find_ssn),
+        Detector("phone", "PHONE_NUMBER",
+                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\d{1,5}\)[ \-.]?\d{2,}", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}",
+                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", rb"\d{2,5}[ \-./]\d{5,}", rb"\d{10,13}"),
+                 30, 24, make_phone_finder(phone_regions, phone_min_score)),
+        Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
+                                      rb"::[fF]{4}:\d"),
+                 48, 44, make_ip_finder(ip_ignore_private)),
+        Detector("crypto", "CRYPTO", (rb"\b(?:bc1[ac-hj-np-z02-9]{11}|[13][a-km-zA-HJ-NP-Z1-9]{25})",), 30, 80, find_crypto),
+        *secret_detectors(),
+    ]
