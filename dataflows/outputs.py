@@ -17,7 +17,7 @@ from ops.logs import get_logger
 from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import dlq_record, encode_dlq
-from sinks.billing import billing_event
+from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.kafka import TopicWriter
 from sinks.parquet import ParquetStore, partition_of
@@ -207,6 +207,7 @@ def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict
 def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Settings) -> None:
     """Write unique events to every configured sink, and DLQ records to the DLQ topic."""
     sinks = set(settings.sinks)
+    unique = op.map("price", unique, partial(with_cost, pricing=settings.pricing))
     if "parquet" in sinks:
         batches = op.stateful("parquet_batches", op.key_on("by_partition", unique, partition_of),
                               lambda resume: Batcher(settings.parquet.max_rows, settings.parquet.max_age_s, resume))

@@ -625,7 +625,9 @@ def start_s3(
             root.mkdir(parents=True, exist_ok=True)
             return [binary, "serve", "s3", "--addr", f"{HOST}:{chosen}",
                     "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null",
-                    str(root)], {"root": str(root), "client_env": {
+                    # rclone's directory cache (5 min by default) can hide an object that
+                    # was rewritten while it was cached: answer from the disk every time.
+                    "--dir-cache-time", "0s", str(root)], {"root": str(root), "client_env": {
                         "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
                         "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}}
         env = {"RCLONE_CONFIG": "/dev/null"}

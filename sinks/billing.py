@@ -24,6 +24,12 @@ def cost_usd(total: dict, pricing) -> tuple[Decimal, bool]:
     return cost.quantize(NANO), total["model"] in pricing.models
 
 
+def with_cost(event: dict, pricing) -> dict:
+    """The event with its own cost and the price table version that priced it."""
+    tokens = {"model": event["model"], **{kind: event[f"{kind}_tokens"] for kind in TOKEN_KINDS}}
+    return {**event, "cost_usd": cost_usd(tokens, pricing)[0], "price_version": pricing.version}
+
+
 def billing_event(total: dict, pricing) -> dict:
     cost, priced = cost_usd(total, pricing)
     return {

@@ -111,6 +111,12 @@ class ClickHouse:
     def insert_events(self, events: list[dict]) -> None:
         self.insert("events", to_table(events))
 
+    def events_without_audit(self) -> int:
+        """Events stored without their audit row (should always be 0)."""
+        (missing,), = self.rows(f"SELECT count() FROM {self.database}.events FINAL "
+                                f"WHERE event_id NOT IN (SELECT event_id FROM {self.database}.audit_log)")
+        return int(missing)
+
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
         """Apply ops/migrations/*.sql not yet recorded; return the names applied now."""
         self.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")

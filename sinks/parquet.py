@@ -47,6 +47,8 @@ ARROW_SCHEMA = pa.schema([
     ("policy_flags", pa.list_(pa.string())),
     ("classification", pa.string()),
     ("pii_entity_counts", pa.map_(pa.string(), pa.int32())),
+    ("cost_usd", pa.decimal128(18, 9)),
+    ("price_version", pa.string()),
     ("source_partition", pa.int32()),
     ("source_offset", pa.int64()),
 ])

@@ -7,9 +7,12 @@ import uuid
 import pytest
 
 from ops.loadgen import make_event
+from ops.settings import PricingSettings
+from sinks.billing import with_cost
 from sinks.clickhouse import ClickHouse
 
 pytestmark = pytest.mark.integration
+PRICING = PricingSettings()
 
 
 def events(count, seed=3):
@@ -17,15 +20,15 @@ def events(count, seed=3):
     rows = []
     for _ in range(count):
         event, _pii = make_event(rng, 1_795_000_000_000, 20, 0.0)
-        rows.append({**event, "classification": "internal", "pii_entity_counts": {"EMAIL_ADDRESS": 1},
-                     "source_partition": 0, "source_offset": 1})
+        rows.append(with_cost({**event, "classification": "internal", "pii_entity_counts": {"EMAIL_ADDRESS": 1},
+                               "source_partition": 0, "source_offset": 1}, PRICING))
     return rows
 
 
 def test_migrations_inserts_and_daily_metrics_over_the_wire(clickhouse_url):
     clickhouse = ClickHouse(clickhouse_url, f"wire_{uuid.uuid4().hex[:8]}")
     applied = clickhouse.migrate()
-    assert applied == ["001_events", "002_daily_metrics"]
+    assert applied == ["001_events", "002_daily_metrics", "010_views", "011_audit_log"]
     assert clickhouse.migrate() == []
     batch = events(500)
     clickhouse.insert_events(batch)
@@ -38,3 +41,6 @@ def test_migrations_inserts_and_daily_metrics_over_the_wire(clickhouse_url):
     by_model = dict(clickhouse.rows(f"SELECT model, sum(requests) FROM {clickhouse.database}.daily_metrics GROUP BY model"))
     assert sum(by_model.values()) == 500
     assert by_model == {m: sum(1 for e in batch if e["model"] == m) for m in by_model}
+    assert clickhouse.events_without_audit() == 0
+    (cost,), = clickhouse.rows(f"SELECT sum(cost_usd) FROM {clickhouse.database}.daily_metrics")
+    assert cost == sum(e["cost_usd"] for e in batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 
 import pyarrow.compute as pc
 import pytest
@@ -18,6 +19,7 @@ from ops.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
+from sinks.billing import with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore
@@ -83,6 +85,15 @@ def test_clickhouse_matches_the_produced_events(pipeline_run):
     for event in expected.events.values():
         sent_by_model[event["model"]] = sent_by_model.get(event["model"], 0) + 1
     assert by_model == sent_by_model
+    pricing = settings.pricing
+    (cost,), = clickhouse.rows("SELECT sum(cost_usd) FROM e2e.daily_metrics")
+    assert cost == sum(with_cost(e, pricing)["cost_usd"] for e in expected.events.values())
+    arms = dict(clickhouse.rows("SELECT arm, sum(requests) FROM e2e.experiment_metrics GROUP BY arm"))
+    assert arms == dict(Counter(e["variant"] for e in expected.events.values() if e["experiment_id"]))
+    flagged = dict(clickhouse.rows("SELECT flag, sum(requests) FROM e2e.policy_metrics GROUP BY flag"))
+    assert flagged.get("pii_redacted", 0) > 0
+    assert clickhouse.events_without_audit() == 0
+    assert clickhouse.rows("SELECT count() FROM e2e.audit_log FINAL")[0][0] == expected.valid
 
 
 def test_redis_quota_counters_match_to_the_token(pipeline_run):

@@ -32,6 +32,8 @@ CREATE TABLE IF NOT EXISTS {db}.events
     policy_flags Array(LowCardinality(String)),
     classification LowCardinality(String),
     pii_entity_counts Map(LowCardinality(String), UInt32),
+    cost_usd Decimal(18, 9) DEFAULT 0,
+    price_version LowCardinality(String) DEFAULT '',
     source_partition Int32,
     source_offset Int64,
     ingested_at DateTime64(3, 'UTC') DEFAULT now64(3)

@@ -14,6 +14,7 @@ SELECT
     sum(t_cache_read) AS cache_read_tokens,
     sum(t_cache_write) AS cache_write_tokens,
     sum(t_input + t_output + t_cache_read + t_cache_write) AS total_tokens,
+    sum(cost) AS cost_usd,
     quantile(0.5)(latency) AS latency_p50_ms,
     quantile(0.99)(latency) AS latency_p99_ms
 FROM
@@ -21,7 +22,8 @@ FROM
     SELECT
         toDate(event_time) AS day, org_id, user_id, model, region, status_code AS status,
         input_tokens AS t_input, output_tokens AS t_output,
-        cache_read_tokens AS t_cache_read, cache_write_tokens AS t_cache_write, latency_ms AS latency
+        cache_read_tokens AS t_cache_read, cache_write_tokens AS t_cache_write, latency_ms AS latency,
+        cost_usd AS cost
     FROM {db}.events FINAL
 )
 GROUP BY day, org_id, user_id, model, region;

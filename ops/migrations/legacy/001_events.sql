@@ -31,6 +31,8 @@ CREATE TABLE IF NOT EXISTS {db}.events
     safety_decisions Array(String),
     policy_flags Array(String),
     classification String,
+    cost_usd Decimal(18, 9) DEFAULT 0,
+    price_version String DEFAULT '',
     source_partition Int32,
     source_offset Int64,
     ingested_at DateTime DEFAULT now()
