@@ -20,7 +20,7 @@ from schemas.dlq import dlq_record, encode_dlq
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.kafka import TopicWriter
-from sinks.parquet import ParquetStore, partition_of
+from sinks.parquet import partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
 from sinks.retry import write_with_retries
 
@@ -70,7 +70,7 @@ def retrying(settings: Settings):
 
 def parquet_writer(settings: Settings):
     retry = retrying(settings)
-    store = ParquetStore(settings.parquet.root, settings.parquet.s3_endpoint_url, settings.parquet.compression)
+    store = settings.parquet.store()
 
     def write(batches: list[tuple[str, list[dict]]]) -> None:
         for partition, events in batches:
@@ -208,12 +208,15 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
     """Write unique events to every configured sink, and DLQ records to the DLQ topic."""
     sinks = set(settings.sinks)
     unique = op.map("price", unique, partial(with_cost, pricing=settings.pricing))
+    stored = unique
+    if settings.parquet.text_sample_rate < 1:
+        stored = op.map("sample_text", unique, partial(sample_text, sample_rate=settings.parquet.text_sample_rate))
     if "parquet" in sinks:
-        batches = op.stateful("parquet_batches", op.key_on("by_partition", unique, partition_of),
+        batches = op.stateful("parquet_batches", op.key_on("by_partition", stored, partition_of),
                               lambda resume: Batcher(settings.parquet.max_rows, settings.parquet.max_age_s, resume))
         op.output("parquet_out", batches, WriterSink(partial(parquet_writer, settings)))
     if "clickhouse" in sinks:
-        batches = op.stateful("clickhouse_batches", op.key_on("one_table", unique, lambda _e: "events"),
+        batches = op.stateful("clickhouse_batches", op.key_on("one_table", stored, lambda _e: "events"),
                               lambda resume: Batcher(settings.clickhouse.max_rows, settings.clickhouse.max_age_s, resume))
         op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings)))
     if sinks & {"quota", "billing"}:

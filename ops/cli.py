@@ -15,7 +15,7 @@ import click
 from ops.recovery import init_recovery
 from ops.settings import SettingsError, load_settings
 
-FLOWS = {"ingest": "dataflows.ingest:flow"}
+FLOWS = {"ingest": "dataflows.ingest:flow", "feedback": "dataflows.feedback:flow"}
 
 
 def _settings(config: str | None):
@@ -121,7 +121,8 @@ def migrate(config, kafka, clickhouse) -> None:
         from ops.services import create_topics
 
         k = settings.kafka
-        topics = {k.events_topic: k.partitions, k.dlq_topic: 1, k.billing_topic: k.partitions, k.quota_alerts_topic: 1}
+        topics = {k.events_topic: k.partitions, k.dlq_topic: 1, k.billing_topic: k.partitions, k.quota_alerts_topic: 1,
+                  k.feedback_topic: k.partitions}
         try:
             create_topics(k.bootstrap, topics)
         except Exception as exc:  # the broker's own error says more than we could
@@ -203,3 +204,7 @@ _mount(bench, "ops.bench.state", "state")
 
 def main() -> None:
     cli()
+
+
+if __name__ == "__main__":
+    main()

@@ -205,6 +205,7 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         ("tokens in Redis quota counters", expected.quota_tokens, found["quota_total_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
         ("billed USD", found["expected_total_usd"], found["billing_total_usd"]),
+        ("ClickHouse events without an audit row", 0, found["events_without_audit"]),
     ]
     if not chaos:
         # Counters of a killed flow process die with it; only an uninterrupted run has them all.
@@ -264,6 +265,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         (ch_rows, ch_tokens), = clickhouse.rows(
             "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
             f"FROM {settings.clickhouse.database}.events FINAL")
+        without_audit = clickhouse.events_without_audit()
         close_chdb()
         found = {
             "produced": expected.produced,
@@ -275,6 +277,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "parquet_rows": len(pc.unique(parquet.column("event_id"))) if parquet.num_rows else 0,
             "clickhouse_rows": int(ch_rows),
             "clickhouse_tokens": int(ch_tokens or 0),
+            "events_without_audit": without_audit,
             "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
             "expected_total_tokens": expected.quota_tokens,
             "billing_total_usd": str(billed_usd),

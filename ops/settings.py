@@ -16,9 +16,11 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
+                      model_validator)
 
 from redaction import RedactionSettings
+from sinks.text_cipher import decode_key
 
 ENV_PREFIX = "GATEWATCH_"
 # GATEWATCH_* variables that are not settings: the config file path, the state directory of
@@ -47,6 +49,7 @@ class KafkaSettings(Section):
     dlq_topic: str = "gateway-events-dlq"
     billing_topic: str = "billing-events"
     quota_alerts_topic: str = "quota-alerts"
+    feedback_topic: str = "gateway-feedback"
     partitions: int = Field(3, ge=1)
     batch_size: int = Field(1000, ge=1, le=100_000)
     starting_offset: Literal["earliest", "latest"] = "earliest"
@@ -152,6 +155,34 @@ class ParquetSettings(Section):
     max_rows: int = Field(50_000, gt=0)
     max_age_s: float = Field(30, gt=0)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    text_sample_rate: float = Field(1.0, ge=0, le=1)
+    """Share of events whose prompt and response are kept (Parquet and ClickHouse); metrics use every event."""
+    text_keys: dict[str, SecretStr] = {}
+    """AES keys (base64, 16/24/32 bytes) by key id; old ids stay here to read files they sealed."""
+    text_key_id: str | None = None
+    """The key that seals raw text in new files; none writes text in the clear."""
+
+    @field_validator("text_keys")
+    @classmethod
+    def _keys_are_aes(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for key_id, key in value.items():
+            try:
+                decode_key(key.get_secret_value())
+            except ValueError as exc:
+                raise ValueError(f"text key {key_id!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _active_key_exists(self) -> "ParquetSettings":
+        if self.text_key_id is not None and self.text_key_id not in self.text_keys:
+            raise ValueError(f"text_key_id {self.text_key_id!r} is not one of text_keys ({', '.join(self.text_keys) or 'none'})")
+        return self
+
+    def store(self):
+        from sinks.parquet import ParquetStore
+        return ParquetStore(self.root, self.s3_endpoint_url, self.compression,
+                            {key_id: decode_key(key.get_secret_value()) for key_id, key in self.text_keys.items()},
+                            self.text_key_id)
 
 
 class ClickHouseSettings(Section):

@@ -17,6 +17,21 @@ import pyarrow as pa
 
 from sinks.parquet import to_table
 
+FEEDBACK_SCHEMA = pa.schema([
+    ("event_id", pa.string()),
+    ("request_id", pa.string()),
+    ("event_time", pa.timestamp("ms", tz="UTC")),
+    ("user_id", pa.string()),
+    ("org_id", pa.string()),
+    ("region", pa.string()),
+    ("rating", pa.string()),
+    ("comment", pa.string()),
+    ("conversation_id", pa.string()),
+    ("experiment_id", pa.string()),
+    ("variant", pa.string()),
+    ("policy_flags", pa.list_(pa.string())),
+    ("classification", pa.string()),
+])
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "ops" / "migrations"
 
 _chdb_sessions: dict[str, object] = {}
@@ -110,6 +125,10 @@ class ClickHouse:
 
     def insert_events(self, events: list[dict]) -> None:
         self.insert("events", to_table(events))
+
+    def insert_feedback(self, feedback: list[dict]) -> None:
+        self.insert("feedback", pa.Table.from_pylist(
+            [{name: item.get(name) for name in FEEDBACK_SCHEMA.names} for item in feedback], FEEDBACK_SCHEMA))
 
     def events_without_audit(self) -> int:
         """Events stored without their audit row (should always be 0)."""

@@ -17,6 +17,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sinks.text_cipher import KEY_ID_METADATA, open_table, seal_table
+
 ARROW_SCHEMA = pa.schema([
     ("event_id", pa.string()),
     ("request_id", pa.string()),
@@ -59,6 +61,21 @@ def partition_of(event: dict) -> str:
     return f"event_date={day}/region={event['region']}"
 
 
+def keeps_text(event: dict, sample_rate: float) -> bool:
+    """Whether the event's raw text is kept: the same answer for the same event on every
+    run, so a replay keeps exactly the texts the live run kept."""
+    if sample_rate >= 1:
+        return True
+    digest = hashlib.blake2b(f"{event['org_id']}/{event['event_id']}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < sample_rate
+
+
+def sample_text(event: dict, sample_rate: float) -> dict:
+    if keeps_text(event, sample_rate):
+        return event
+    return {**event, "prompt": None, "response": None}
+
+
 def file_name(events: Iterable[dict]) -> str:
     digest = hashlib.sha256("\n".join(sorted(f"{e['org_id']}/{e['event_id']}" for e in events)).encode())
     return f"part-{digest.hexdigest()[:24]}.parquet"
@@ -77,7 +94,8 @@ def to_table(events: list[dict]) -> pa.Table:
 class ParquetStore:
     """Writes and lists raw Parquet files in a local directory or an s3:// prefix."""
 
-    def __init__(self, root: str, s3_endpoint_url: str | None = None, compression: str = "zstd"):
+    def __init__(self, root: str, s3_endpoint_url: str | None = None, compression: str = "zstd",
+                 text_keys: dict[str, bytes] | None = None, text_key_id: str | None = None):
         parsed = urlparse(root)
         if parsed.scheme == "s3":
             # Fail fast and let the sink's own backoff retry: botocore's retries would hide an
@@ -94,11 +112,18 @@ class ParquetStore:
             self.fs = fsspec.filesystem("file")
             self.root = os.path.abspath(parsed.path if parsed.scheme == "file" else root)
         self.compression = None if compression == "none" else compression
+        self.text_keys = text_keys or {}
+        self.text_key_id = text_key_id
+        if text_key_id is not None and text_key_id not in self.text_keys:
+            raise ValueError(f"text key id {text_key_id!r} has no key")
 
     def write(self, partition: str, events: list[dict]) -> str:
         """Write one file for the events of one partition; return its path."""
+        table = to_table(events)
+        if self.text_key_id is not None:
+            table = seal_table(table, self.text_key_id, self.text_keys[self.text_key_id])
         buffer = io.BytesIO()
-        pq.write_table(to_table(events), buffer, compression=self.compression)
+        pq.write_table(table, buffer, compression=self.compression)
         path = f"{self.root}/{partition}/{file_name(events)}"
         self.fs.makedirs(f"{self.root}/{partition}", exist_ok=True)
         if self.fs.protocol in ("file", ("file", "local")):
@@ -117,9 +142,18 @@ class ParquetStore:
             return []
         return sorted(p for p in self.fs.find(self.root) if p.endswith(".parquet"))
 
+    def read_file(self, path: str) -> pa.Table:
+        """One file's rows, raw text decrypted with the key its metadata names."""
+        # One GET per file (no HEAD first: an S3 server may list an object it cannot yet HEAD).
+        parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
+        table = parquet.read().cast(ARROW_SCHEMA)
+        key_id = (parquet.schema_arrow.metadata or {}).get(KEY_ID_METADATA)
+        if key_id is not None:
+            table = open_table(table.replace_schema_metadata({KEY_ID_METADATA: key_id}), self.text_keys)
+        return table
+
     def read(self) -> pa.Table:
         files = self.files()
         if not files:
             return ARROW_SCHEMA.empty_table()
-        # One GET per file (no HEAD first: an S3 server may list an object it cannot yet HEAD).
-        return pa.concat_tables(pq.read_table(pa.BufferReader(self.fs.cat_file(f)), schema=ARROW_SCHEMA) for f in files)
+        return pa.concat_tables(self.read_file(f) for f in files)
