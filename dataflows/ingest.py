@@ -16,7 +16,7 @@ from functools import partial
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError, KafkaSource
-from bytewax.dataflow import Dataflow
+from bytewax.dataflow import Dataflow, Stream
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from dataflows.outputs import deduplicate, fan_out
@@ -110,15 +110,11 @@ def trace_id(event: dict) -> str:
 
 # -- the flow ---------------------------------------------------------------------------
 
-def build_flow(settings: Settings | None = None) -> Dataflow:
-    settings = settings or load_settings()
-    configure_logs(settings.log_level)
-    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
-    redactor = Redactor(settings.redaction)
-
-    flow = Dataflow("gatewatch_ingest")
+def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec: EventCodec,
+                           redactor: Redactor) -> tuple[Stream[dict], list[Stream[dict]]]:
+    """(clean events, DLQ record streams) of one Kafka topic: decoded, validated, redacted."""
     source = KafkaSource(
-        settings.kafka.brokers, [settings.kafka.events_topic], tail=settings.kafka.tail,
+        settings.kafka.brokers, [topic], tail=settings.kafka.tail,
         starting_offset=OFFSET_BEGINNING if settings.kafka.starting_offset == "earliest" else OFFSET_END,
         add_config=settings.kafka.extra, batch_size=settings.kafka.batch_size, raise_on_errors=False)
     messages = op.input("kafka_in", flow, source)
@@ -129,16 +125,22 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
     redacted = op.branch("is_redacted", op.flat_map_batch("redact", events, partial(redact_batch, redactor)),
                          lambda routed: routed[0] == OK)
     clean = op.map("redacted_event", redacted.trues, lambda routed: routed[1])
-
-    unique = deduplicate(clean, settings)
-
     dlq_streams = [
         op.map("redact_undecodable", op.map("decode_dlq", decoded.falses, lambda r: r[1]),
                partial(redact_dlq_payload, redactor)),
         op.map("redact_dlq", redacted.falses, lambda routed: routed[1]),
     ]
+    return clean, dlq_streams
 
-    fan_out(unique, dlq_streams, settings)
+
+def build_flow(settings: Settings | None = None) -> Dataflow:
+    settings = settings or load_settings()
+    configure_logs(settings.log_level)
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    flow = Dataflow("gatewatch_ingest")
+    clean, dlq_streams = validated_and_redacted(flow, settings, settings.kafka.events_topic, codec,
+                                                Redactor(settings.redaction))
+    fan_out(deduplicate(clean, settings), dlq_streams, settings)
     return flow
 
 

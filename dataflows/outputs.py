@@ -79,18 +79,20 @@ def parquet_writer(settings: Settings):
     return write
 
 
-def clickhouse_writer(settings: Settings):
+def clickhouse_writer(settings: Settings, table: str = "events"):
     retry = retrying(settings)
     client = retry("clickhouse", lambda: ClickHouse(settings.clickhouse.url, settings.clickhouse.database))
     if client.embedded:
         # Nobody else can reach an embedded database to migrate it.
         client.migrate()
+    insert = {"events": client.insert_events, "feedback": client.insert_feedback}[table]
+    sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
 
     def write(batches: list[tuple[str, list[dict]]]) -> None:
-        for _key, events in batches:
-            retry("clickhouse", lambda: client.insert_events(events))
-            metrics.SINK_ROWS.labels(sink="clickhouse").inc(len(events))
-            observe_freshness("clickhouse", [event["event_time"] for event in events], settings.windows.allowed_lateness_s)
+        for _key, rows in batches:
+            retry(sink, lambda: insert(rows))
+            metrics.SINK_ROWS.labels(sink=sink).inc(len(rows))
+            observe_freshness(sink, [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
     return write
 
 
