@@ -160,3 +160,24 @@ def test_clickhouse_reads_the_raw_parquet_back(pipeline_run):
         f" '{os.environ['AWS_SECRET_ACCESS_KEY']}', 'Parquet') LIMIT 1 BY event_id)")
     assert (rows, tokens) == (expected.valid, expected.tokens)
     assert users == len({e["user_id"] for e in expected.events.values()})
+
+
+def test_no_original_pii_is_stored_anywhere(pipeline_run):
+    """Every value of every ClickHouse table, every Redis key and value, the Parquet rows and
+    the DLQ records hold none of the PII strings the generator put into prompts."""
+    settings, expected, root = pipeline_run
+    clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
+    stored: list[str] = []
+    for (table,) in clickhouse.rows(f"SELECT name FROM system.tables WHERE database = '{settings.clickhouse.database}'"):
+        stored.append(repr(clickhouse.rows(f"SELECT * FROM {settings.clickhouse.database}.{table}")))
+    client = redis.Redis.from_url(settings.redis.url)
+    readers = {b"hash": client.hgetall, b"string": client.get, b"zset": lambda k: client.zrange(k, 0, -1),
+               b"set": client.smembers, b"list": lambda k: client.lrange(k, 0, -1)}
+    for key in client.scan_iter(count=1000):
+        stored.append(repr((key, readers[client.type(key)](key))))
+    stored.append(repr(ParquetStore(settings.parquet.root, settings.parquet.s3_endpoint_url).read().to_pylist()))
+    read_dlq(settings.kafka.bootstrap, settings.kafka.dlq_topic, root / "dlq-pii.jsonl")
+    stored.append((root / "dlq-pii.jsonl").read_text())
+    everything = "\n".join(stored)
+    assert len(expected.pii_values) > 50
+    assert [value for value in expected.pii_values if value in everything] == []
