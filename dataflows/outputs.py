@@ -84,7 +84,7 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
     client = retry("clickhouse", lambda: ClickHouse(settings.clickhouse.url, settings.clickhouse.database))
     if client.embedded:
         # Nobody else can reach an embedded database to migrate it.
-        client.migrate()
+        client.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
     insert = {"events": client.insert_events, "feedback": client.insert_feedback}[table]
     sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
 
@@ -228,5 +228,5 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
             op.output("quota_out", totals, WriterSink(partial(quota_writer, settings)))
         if "billing" in sinks:
             op.output("billing_out", totals, WriterSink(partial(billing_writer, settings)))
-    if "dlq" in sinks:
+    if "dlq" in sinks and dlq_streams:
         op.output("dlq_out", op.merge("all_dlq", *dlq_streams), WriterSink(partial(dlq_writer, settings)))

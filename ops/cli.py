@@ -132,7 +132,8 @@ def migrate(config, kafka, clickhouse) -> None:
         from sinks.clickhouse import ClickHouse
 
         try:
-            applied = ClickHouse(settings.clickhouse.url, settings.clickhouse.database).migrate()
+            applied = ClickHouse(settings.clickhouse.url, settings.clickhouse.database).migrate(
+                settings.retention.raw_days, settings.retention.aggregate_days)
         except Exception as exc:
             raise click.ClickException(f"ClickHouse migration on {settings.clickhouse.url} failed: {exc}") from None
         click.echo(f"clickhouse {settings.clickhouse.url}: applied {applied or 'nothing (up to date)'}")
@@ -187,17 +188,16 @@ def bench() -> None:
 
 
 def _mount(group: click.Group, module: str, attribute: str) -> None:
-    """Add a command that lives beside the code it drives, if that part is installed."""
-    try:
-        group.add_command(getattr(importlib.import_module(module), attribute))
-    except (ImportError, AttributeError):
-        pass
+    """Add a command that lives beside the code it drives."""
+    group.add_command(getattr(importlib.import_module(module), attribute))
 
 
 _mount(cli, "ops.cli_services", "services")
 _mount(cli, "ops.cli_schemas", "schemas")
 _mount(cli, "ops.cli_redact", "redact")
 _mount(cli, "ops.cli_dlq", "dlq")
+_mount(cli, "ops.cli_replay", "replay")
+_mount(cli, "ops.cli_replay", "retention")
 _mount(bench, "ops.bench.redaction", "redaction")
 _mount(bench, "ops.bench.state", "state")
 

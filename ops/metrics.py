@@ -24,6 +24,8 @@ REDACTION_SECONDS = Histogram(
 PII_ENTITIES = Counter("gatewatch_pii_entities", "PII entities redacted", ["entity"])
 POLICY_FLAGS = Counter("gatewatch_policy_flags", "Policy flags set on events (entity types found, pii_redacted)", ["flag"])
 CLASSIFICATIONS = Counter("gatewatch_classifications", "Events by data classification level", ["level"])
+REPLAY_FILES = Counter("gatewatch_replay_files", "Raw Parquet files a replay has read to the end")
+REPLAY_ROWS = Counter("gatewatch_replay_rows", "Raw Parquet rows a replay has read")
 FRESHNESS_SECONDS = Histogram(
     "gatewatch_freshness_seconds", "Seconds from event_time until the event is queryable in a sink", ["sink"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))

@@ -219,6 +219,13 @@ class RetrySettings(Section):
     max_backoff_s: float = Field(30, gt=0)
 
 
+class RetentionSettings(Section):
+    raw_days: int = Field(30, ge=1)
+    """Raw Parquet partitions and ClickHouse prompt/response columns are deleted after this many days."""
+    aggregate_days: int = Field(365, ge=1)
+    """ClickHouse rows (and so every metric view over them) live this long."""
+
+
 class RecoverySettings(Section):
     enabled: bool = True
     dir: str = "./gatewatch-data/recovery"
@@ -249,6 +256,7 @@ class Settings(Section):
     redis: RedisSettings = RedisSettings()
     retry: RetrySettings = RetrySettings()
     recovery: RecoverySettings = RecoverySettings()
+    retention: RetentionSettings = RetentionSettings()
     metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -1,0 +1,70 @@
+"""The access audit: every CLI command that reads or changes stored data appends who ran
+it, what, on which scope and how it ended to ClickHouse's append-only access_audit table.
+
+The "started" row is written before the command touches anything: when the audit table
+cannot be written, the command does not run.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import socket
+import time
+import uuid
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pyarrow as pa
+
+from ops.settings import Settings
+from sinks.clickhouse import ClickHouse
+
+AUDIT_SCHEMA = pa.schema([("at", pa.timestamp("ms", tz="UTC")), ("command_id", pa.string()), ("actor", pa.string()),
+                          ("command", pa.string()), ("scope", pa.string()), ("outcome", pa.string())])
+
+
+def actor() -> str:
+    """GATEWATCH_ACTOR when a wrapper (a portal, a CI job) knows the person; else user@host."""
+    return os.environ.get("GATEWATCH_ACTOR") or f"{getpass.getuser()}@{socket.gethostname()}"
+
+
+def audit_row(command_id: str, command: str, scope: dict, outcome: str, now_ms: int | None = None) -> dict:
+    return {"at": now_ms if now_ms is not None else int(time.time() * 1000), "command_id": command_id,
+            "actor": actor(), "command": command, "scope": json.dumps(scope, sort_keys=True, default=str),
+            "outcome": outcome}
+
+
+class AccessAudit:
+    def __init__(self, settings: Settings):
+        self.clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
+        self.clickhouse.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
+
+    def append(self, row: dict) -> None:
+        self.clickhouse.insert("access_audit", pa.Table.from_pylist([row], AUDIT_SCHEMA))
+
+    def read(self, since: datetime | None = None, command: str | None = None) -> list[dict]:
+        where = ["1"]
+        if since is not None:
+            where.append(f"at >= toDateTime('{since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}', 'UTC')")
+        if command is not None:
+            where.append(f"command = '{command.replace(chr(39), '')}'")
+        rows = self.clickhouse.rows(f"SELECT toString(at), command_id, actor, command, scope, outcome "
+                                    f"FROM {self.clickhouse.database}.access_audit WHERE {' AND '.join(where)} "
+                                    f"ORDER BY at, command_id, outcome = 'started' DESC")
+        return [dict(zip(("at", "command_id", "actor", "command", "scope", "outcome"), row)) for row in rows]
+
+
+@contextmanager
+def audited(settings: Settings, command: str, scope: dict) -> Iterator[None]:
+    log = AccessAudit(settings)
+    command_id = str(uuid.uuid4())
+    log.append(audit_row(command_id, command, scope, "started"))
+    try:
+        yield
+    except BaseException as exc:
+        log.append(audit_row(command_id, command, scope, f"failed: {type(exc).__name__}"))
+        raise
+    log.append(audit_row(command_id, command, scope, "succeeded"))

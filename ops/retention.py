@@ -1,0 +1,47 @@
+"""Retention of raw Parquet: whole event_date partitions older than retention.raw_days go.
+
+ClickHouse enforces its own TTLs (ops/migrations); this covers the files ClickHouse does
+not own.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import date, timedelta
+
+from sinks.parquet import ParquetStore
+
+_DATE_DIR = re.compile(r"^event_date=(\d{4}-\d{2}-\d{2})$")
+
+
+def expired_dates(dates: list[date], today: date, raw_days: int) -> list[date]:
+    """Event dates with no day left inside the retention period (today counts as day one)."""
+    oldest_kept = today - timedelta(days=raw_days - 1)
+    return sorted(d for d in dates if d < oldest_kept)
+
+
+def partition_dates(store: ParquetStore) -> dict[date, str]:
+    """{event date: its directory} under the store's root."""
+    store.fs.invalidate_cache(store.root)
+    if not store.fs.exists(store.root):
+        return {}
+    found = {}
+    for path in store.fs.ls(store.root, detail=False):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        match = _DATE_DIR.match(name)
+        if match:
+            found[date.fromisoformat(match.group(1))] = path
+    return found
+
+
+def apply(store: ParquetStore, today: date, raw_days: int, dry_run: bool = False) -> list[tuple[date, str, int]]:
+    """Delete expired date partitions; return (date, directory, files) of each."""
+    directories = partition_dates(store)
+    deleted = []
+    for day in expired_dates(list(directories), today, raw_days):
+        path = directories[day]
+        files = [p for p in store.fs.find(path) if p.endswith(".parquet")]
+        if not dry_run:
+            store.fs.rm(path, recursive=True)
+        deleted.append((day, path, len(files)))
+    return deleted

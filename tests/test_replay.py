@@ -1,0 +1,162 @@
+"""Replay from raw Parquet into an empty ClickHouse and Redis gives the live run's numbers,
+and replaying again changes nothing; retention deletes only expired raw partitions."""
+
+from __future__ import annotations
+
+import json
+import random
+import os
+import subprocess
+import sys
+import uuid
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+import s3fs
+from bytewax.testing import run_main
+
+from connectors.parquet_source import select_files
+from dataflows.ingest import build_flow
+from ops import retention
+from ops.demo import billing_totals, produce
+from ops.loadgen import generate, make_event
+from ops.settings import load_settings
+from schemas.codec import EventCodec
+from schemas.registry import registry_from_settings
+from sinks.clickhouse import ClickHouse, close_chdb
+from sinks.parquet import ParquetStore
+from sinks.quota import QuotaStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def live(kafka_bootstrap, topic_factory, redis_url, tmp_path_factory):
+    """A live ingest run with duplicates and late events, over two event dates."""
+    root = tmp_path_factory.mktemp("replay")
+    env = {
+        "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__TAIL": "false",
+        "GATEWATCH_KAFKA__EVENTS_TOPIC": topic_factory(partitions=3),
+        "GATEWATCH_KAFKA__DLQ_TOPIC": topic_factory(partitions=1),
+        "GATEWATCH_KAFKA__BILLING_TOPIC": topic_factory(partitions=1),
+        "GATEWATCH_KAFKA__QUOTA_ALERTS_TOPIC": topic_factory(partitions=1),
+        "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_PARQUET__MAX_ROWS": "300",
+        "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "live",
+        "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/3",
+    }
+    settings = load_settings(environ=env, use_service_state=False)
+    QuotaStore(settings.redis.url).redis.flushdb()
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    messages = generate(codec, 2500, dup_ratio=0.08, bad_ratio=0.02, users=60, seed=21, late_ratio=0.03,
+                        lateness_ms=int(settings.windows.allowed_lateness_s * 1000), keep_events=True)
+    expected = produce(kafka_bootstrap, settings.kafka.events_topic, messages, 2500)
+    run_main(build_flow(settings))
+    close_chdb()
+    return env, settings, expected
+
+
+def numbers(settings, expected) -> dict:
+    clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
+    db = settings.clickhouse.database
+    daily = sorted(clickhouse.rows(
+        f"SELECT day, org_id, user_id, model, region, requests, errors, total_tokens, toString(cost_usd) "
+        f"FROM {db}.daily_metrics"))
+    close_chdb()
+    store = QuotaStore(settings.redis.url)
+    quota = sorted((key, tuple(sorted(store.redis.hgetall(key).items())))
+                   for key in store.redis.scan_iter(match="gw:usage:*", count=1000))
+    billed, _want = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, expected, settings)
+    return {"daily": daily, "quota": quota, "billed": billed}
+
+
+def replay(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ops.cli", "replay", *args], cwd=REPO, env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_replay_into_empty_stores_gives_the_live_numbers_and_a_second_replay_changes_nothing(live):
+    env, settings, expected = live
+    live_numbers = numbers(settings, expected)
+    assert expected.late and len(live_numbers["daily"]) > 20 and len(live_numbers["quota"]) > 20
+    assert live_numbers["billed"] > 0
+
+    rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": "rebuilt",
+                   "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + "/4"}
+    rebuilt = load_settings(environ=rebuilt_env, use_service_state=False)
+    QuotaStore(rebuilt.redis.url).redis.flushdb()
+    today = datetime.now(timezone.utc).date()
+    span = ["--from", str(today - timedelta(days=1)), "--to", str(today)]
+
+    dry = replay(rebuilt_env, *span, "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    listed = json.loads(dry.stdout.splitlines()[-1])
+    assert listed["dry_run"] and listed["rows"] == expected.valid and listed["files"] > 3
+
+    first = replay(rebuilt_env, *span)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary = json.loads(first.stdout.splitlines()[-1])
+    assert summary["rows"] == expected.valid and summary["files"] == listed["files"]
+    assert "rows/s" in first.stderr
+    assert numbers(rebuilt, expected) == live_numbers
+
+    again = replay(rebuilt_env, *span)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert numbers(rebuilt, expected) == live_numbers
+
+    audit = ClickHouse(rebuilt.clickhouse.url, "rebuilt").rows(
+        "SELECT command, outcome FROM rebuilt.access_audit ORDER BY at")
+    close_chdb()
+    assert audit.count(("replay", "started")) == 3 and audit.count(("replay", "succeeded")) == 3
+
+
+def test_replay_refuses_to_write_parquet_and_names_unknown_sinks(live):
+    env, _settings, _expected = live
+    result = replay(env, "--from", "2026-01-01", "--to", "2026-01-02", "--to-sinks", "parquet")
+    assert result.returncode == 2 and "a replay writes to clickhouse, quota, billing, dlq" in result.stderr
+
+
+def test_files_are_chosen_by_date_and_region_in_write_order():
+    listing = {
+        "r/event_date=2026-03-02/region=eu/part-b.parquet": {"mtime": 30.0},
+        "r/event_date=2026-03-01/region=eu/part-a.parquet": {"mtime": 40.0},
+        "r/event_date=2026-03-01/region=us/part-c.parquet": {"mtime": 10.0},
+        "r/event_date=2026-02-28/region=eu/part-d.parquet": {"mtime": 5.0},
+        "r/event_date=2026-03-01/region=eu/part-a.parquet.tmp": {"mtime": 1.0},
+    }
+    chosen = select_files(listing, date(2026, 3, 1), date(2026, 3, 2))
+    assert [f.path.rsplit("/", 1)[-1] for f in chosen] == ["part-c.parquet", "part-b.parquet", "part-a.parquet"]
+    assert [f.region for f in select_files(listing, date(2026, 3, 1), date(2026, 3, 2), "eu")] == ["eu", "eu"]
+
+
+def test_expired_dates_keep_exactly_the_retention_period():
+    today = date(2026, 11, 23)
+    dates = [today - timedelta(days=n) for n in range(40)]
+    expired = retention.expired_dates(dates, today, 30)
+    assert expired == sorted(dates[30:]) and today - timedelta(days=29) not in expired
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_retention_apply_deletes_only_expired_partitions(where, tmp_path, s3_endpoint):
+    if where == "local":
+        root, endpoint = str(tmp_path / "raw"), None
+    else:
+        bucket = f"ret-{uuid.uuid4().hex[:8]}"
+        s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}).mkdir(bucket)
+        root, endpoint = f"s3://{bucket}/raw", s3_endpoint
+    store = ParquetStore(root, endpoint)
+    today = date(2026, 11, 23)
+    rng = random.Random(1)
+    for age in (0, 29, 30, 45):
+        day = today - timedelta(days=age)
+        at_ms = int(datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc).timestamp() * 1000)
+        event = {**make_event(rng, at_ms, 5, 0.0)[0], "classification": "internal", "pii_entity_counts": {},
+                 "source_partition": 0, "source_offset": age}
+        store.write(f"event_date={day}/region=eu", [event])
+    dry = retention.apply(store, today, 30, dry_run=True)
+    assert [d for d, _p, _f in dry] == [today - timedelta(days=45), today - timedelta(days=30)]
+    assert len(store.files()) == 4
+    deleted = retention.apply(store, today, 30)
+    assert [(d, files) for d, _p, files in deleted] == [(today - timedelta(days=45), 1), (today - timedelta(days=30), 1)]
+    kept = sorted(p.split("event_date=")[1][:10] for p in store.files())
+    assert kept == [str(today - timedelta(days=29)), str(today)]
