@@ -74,9 +74,9 @@ def rows_to_events(table: pa.Table) -> list[dict]:
 
 
 class _RegionPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
-    def __init__(self, store: ParquetStore, files: list[RawFile], batch_size: int, resume: tuple[str, int] | None):
-        self._store = store
-        self._paths = [f.path for f in files]
+    def __init__(self, files: list[tuple[ParquetStore, RawFile]], batch_size: int, resume: tuple[str, int] | None):
+        self._stores = [store for store, _f in files]
+        self._paths = [f.path for _s, f in files]
         self._batch_size = batch_size
         self._index, self._offset = 0, 0
         if resume is not None:
@@ -88,7 +88,7 @@ class _RegionPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
     def next_batch(self) -> list[dict]:
         while self._index < len(self._paths):
             if self._table is None:
-                self._table = self._store.read_file(self._paths[self._index])
+                self._table = self._stores[self._index].read_file(self._paths[self._index])
             if self._offset < self._table.num_rows:
                 batch = self._table.slice(self._offset, self._batch_size)
                 self._offset += batch.num_rows
@@ -105,19 +105,21 @@ class _RegionPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
 
 
 class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
-    """Raw events of event dates first..last, one partition per region."""
+    """Raw events of event dates first..last from one or more stores (one per region
+    storage), one partition per region."""
 
-    def __init__(self, store: ParquetStore, first: date, last: date, region: str | None = None,
+    def __init__(self, stores: list[ParquetStore], first: date, last: date, region: str | None = None,
                  batch_size: int = 1000):
-        self._store, self._first, self._last, self._region = store, first, last, region
+        self._stores, self._first, self._last, self._region = stores, first, last, region
         self._batch_size = batch_size
 
-    def _files(self) -> list[RawFile]:
-        return list_files(self._store, self._first, self._last, self._region)
+    def _files(self) -> list[tuple[ParquetStore, RawFile]]:
+        return [(store, f) for store in self._stores for f in list_files(store, self._first, self._last, self._region)]
 
     def list_parts(self) -> list[str]:
-        return sorted({f.region for f in self._files()})
+        return sorted({f.region for _store, f in self._files()})
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _RegionPartition:
-        return _RegionPartition(self._store, [f for f in self._files() if f.region == for_part], self._batch_size,
-                                resume_state)
+        files = sorted(((store, f) for store, f in self._files() if f.region == for_part),
+                       key=lambda pair: (pair[1].written, pair[1].path))
+        return _RegionPartition(files, self._batch_size, resume_state)

@@ -15,7 +15,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
 from dataflows.ingest import validated_and_redacted
-from dataflows.outputs import WriterSink, clickhouse_writer, dlq_writer
+from dataflows.outputs import WriterSink, clickhouse_writer, database_of, dlq_writer, route_by_region
 from dataflows.state import Batcher
 from ops import metrics
 from ops.logs import configure as configure_logs
@@ -32,10 +32,11 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
     flow = Dataflow("gatewatch_feedback")
     clean, dlq_streams = validated_and_redacted(flow, settings, settings.kafka.feedback_topic, codec,
                                                 Redactor(settings.redaction))
-    batches = op.stateful("feedback_batches", op.key_on("one_table", clean, lambda _f: "feedback"),
+    clean, unstorable = route_by_region(clean, settings)
+    batches = op.stateful("feedback_batches", op.key_on("by_database", clean, partial(database_of, settings)),
                           lambda resume: Batcher(settings.clickhouse.max_rows, settings.clickhouse.max_age_s, resume))
     op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings, "feedback")))
-    op.output("dlq_out", op.merge("all_dlq", *dlq_streams), WriterSink(partial(dlq_writer, settings)))
+    op.output("dlq_out", op.merge("all_dlq", *dlq_streams, *unstorable), WriterSink(partial(dlq_writer, settings)))
     return flow
 
 

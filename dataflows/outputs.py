@@ -3,6 +3,7 @@ counters and billing events, and the dead-letter queue. Ingest and replay share 
 
 from __future__ import annotations
 
+import json
 import time
 from functools import partial
 from typing import Any, Callable
@@ -20,7 +21,7 @@ from schemas.dlq import dlq_record, encode_dlq
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.kafka import TopicWriter
-from sinks.parquet import partition_of, sample_text
+from sinks.parquet import ParquetStore, partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
 from sinks.retry import write_with_retries
 
@@ -41,6 +42,31 @@ def late_to_dlq(event: dict) -> dict:
         reason="event_time is older than the allowed lateness of the user's newest event",
         original=None, topic=None, partition=event["source_partition"], offset=event["source_offset"],
         first_seen_ms=int(time.time() * 1000), event_id=event["event_id"], request_id=event["request_id"])
+
+
+def no_storage_to_dlq(event: dict) -> dict:
+    """The redacted event as JSON, so `gatewatch dlq replay` can send it back once its
+    region has storage."""
+    record = dlq_record(
+        stage="route", code="no_region_storage",
+        reason=f"region {event['region']!r} has no storage in the residency settings; its events are never "
+               "written to another region's storage",
+        original=json.dumps(event, default=str).encode(), topic=None, partition=event.get("source_partition"),
+        offset=event.get("source_offset"), first_seen_ms=int(time.time() * 1000), event_id=event["event_id"],
+        request_id=event.get("request_id"))
+    return {**record, "payload_redacted": True}
+
+
+def route_by_region(events: Stream[dict], settings: Settings) -> tuple[Stream[dict], list[Stream[dict]]]:
+    """(events whose region has storage, [DLQ records of the others])."""
+    if not settings.residency:
+        return events, []
+    routed = op.branch("has_region_storage", events, lambda e: e["region"] in settings.residency)
+    return routed.trues, [op.map("no_storage_dlq", routed.falses, no_storage_to_dlq)]
+
+
+def database_of(settings: Settings, event: dict) -> str:
+    return settings.storage_for(event["region"]).clickhouse_database
 
 
 # -- sinks: Bytewax shells over the writers in sinks/ -------------------------------------
@@ -70,26 +96,42 @@ def retrying(settings: Settings):
 
 def parquet_writer(settings: Settings):
     retry = retrying(settings)
-    store = settings.parquet.store()
+    stores: dict[str, ParquetStore] = {}
+
+    def store_of(region: str) -> ParquetStore:
+        root = settings.storage_for(region).parquet_root
+        if root not in stores:
+            stores[root] = settings.parquet.store(root)
+        return stores[root]
 
     def write(batches: list[tuple[str, list[dict]]]) -> None:
         for partition, events in batches:
+            # A partition is one event_date and region, so one store takes the whole batch.
+            store = store_of(events[0]["region"])
             retry("parquet", lambda: store.write(partition, events))
             metrics.SINK_ROWS.labels(sink="parquet").inc(len(events))
     return write
 
 
 def clickhouse_writer(settings: Settings, table: str = "events"):
+    """Writes batches keyed by database (see database_of)."""
     retry = retrying(settings)
-    client = retry("clickhouse", lambda: ClickHouse(settings.clickhouse.url, settings.clickhouse.database))
-    if client.embedded:
-        # Nobody else can reach an embedded database to migrate it.
-        client.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
-    insert = {"events": client.insert_events, "feedback": client.insert_feedback}[table]
+    clients: dict[str, ClickHouse] = {}
     sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
 
+    def client_of(database: str) -> ClickHouse:
+        if database not in clients:
+            client = retry("clickhouse", lambda: ClickHouse(settings.clickhouse.url, database))
+            if client.embedded:
+                # Nobody else can reach an embedded database to migrate it.
+                client.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
+            clients[database] = client
+        return clients[database]
+
     def write(batches: list[tuple[str, list[dict]]]) -> None:
-        for _key, rows in batches:
+        for database, rows in batches:
+            client = client_of(database)
+            insert = client.insert_events if table == "events" else client.insert_feedback
             retry(sink, lambda: insert(rows))
             metrics.SINK_ROWS.labels(sink=sink).inc(len(rows))
             observe_freshness(sink, [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
@@ -209,6 +251,8 @@ def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict
 def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Settings) -> None:
     """Write unique events to every configured sink, and DLQ records to the DLQ topic."""
     sinks = set(settings.sinks)
+    unique, unstorable = route_by_region(unique, settings)
+    dlq_streams = [*dlq_streams, *unstorable]
     unique = op.map("price", unique, partial(with_cost, pricing=settings.pricing))
     stored = unique
     if settings.parquet.text_sample_rate < 1:
@@ -218,7 +262,7 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
                               lambda resume: Batcher(settings.parquet.max_rows, settings.parquet.max_age_s, resume))
         op.output("parquet_out", batches, WriterSink(partial(parquet_writer, settings)))
     if "clickhouse" in sinks:
-        batches = op.stateful("clickhouse_batches", op.key_on("one_table", stored, lambda _e: "events"),
+        batches = op.stateful("clickhouse_batches", op.key_on("by_database", stored, partial(database_of, settings)),
                               lambda resume: Batcher(settings.clickhouse.max_rows, settings.clickhouse.max_age_s, resume))
         op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings)))
     if sinks & {"quota", "billing"}:

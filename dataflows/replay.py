@@ -26,7 +26,7 @@ def build_flow(settings: Settings, first: date, last: date, region: str | None =
         raise ValueError("a replay reads the raw Parquet; it cannot also write it")
     configure_logs(settings.log_level)
     flow = Dataflow("gatewatch_replay")
-    stored = op.input("parquet_in", flow, ParquetSource(settings.parquet.store(), first, last, region,
-                                                         settings.kafka.batch_size))
+    stores = [settings.parquet.store(storage.parquet_root) for storage in settings.storages()]
+    stored = op.input("parquet_in", flow, ParquetSource(stores, first, last, region, settings.kafka.batch_size))
     fan_out(deduplicate(stored, settings), [], settings)
     return flow

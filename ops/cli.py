@@ -131,12 +131,14 @@ def migrate(config, kafka, clickhouse) -> None:
     if clickhouse:
         from sinks.clickhouse import ClickHouse
 
-        try:
-            applied = ClickHouse(settings.clickhouse.url, settings.clickhouse.database).migrate(
-                settings.retention.raw_days, settings.retention.aggregate_days)
-        except Exception as exc:
-            raise click.ClickException(f"ClickHouse migration on {settings.clickhouse.url} failed: {exc}") from None
-        click.echo(f"clickhouse {settings.clickhouse.url}: applied {applied or 'nothing (up to date)'}")
+        for database in sorted({settings.clickhouse.database} | {s.clickhouse_database for s in settings.storages()}):
+            try:
+                applied = ClickHouse(settings.clickhouse.url, database).migrate(
+                    settings.retention.raw_days, settings.retention.aggregate_days)
+            except Exception as exc:
+                raise click.ClickException(f"ClickHouse migration of {database} on {settings.clickhouse.url} "
+                                           f"failed: {exc}") from None
+            click.echo(f"clickhouse {settings.clickhouse.url} {database}: applied {applied or 'nothing (up to date)'}")
 
 
 @cli.command()
@@ -198,6 +200,9 @@ _mount(cli, "ops.cli_redact", "redact")
 _mount(cli, "ops.cli_dlq", "dlq")
 _mount(cli, "ops.cli_replay", "replay")
 _mount(cli, "ops.cli_replay", "retention")
+_mount(cli, "ops.cli_privacy", "forget")
+_mount(cli, "ops.cli_privacy", "export")
+_mount(cli, "ops.cli_privacy", "audit")
 _mount(bench, "ops.bench.redaction", "redaction")
 _mount(bench, "ops.bench.state", "state")
 

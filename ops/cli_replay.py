@@ -66,7 +66,8 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
     settings = _settings(config, {"sinks": sinks})
     scope = {"from": first.isoformat(), "to": last.isoformat(), "region": region, "sinks": sinks, "dry_run": dry_run}
     with audited(settings, "replay", scope):
-        files = list_files(settings.parquet.store(), first, last, region, count_rows=True)
+        files = [f for storage in settings.storages()
+                 for f in list_files(settings.parquet.store(storage.parquet_root), first, last, region, count_rows=True)]
         total_rows = sum(f.rows for f in files)
         if dry_run:
             for f in files:
@@ -125,7 +126,8 @@ def retention_apply(dry_run, today, config) -> None:
     today = today.date() if today else date.today()
     days = settings.retention.raw_days
     with audited(settings, "retention apply", {"today": today.isoformat(), "raw_days": days, "dry_run": dry_run}):
-        deleted = policy.apply(settings.parquet.store(), today, days, dry_run)
+        deleted = [gone for storage in settings.storages()
+                   for gone in policy.apply(settings.parquet.store(storage.parquet_root), today, days, dry_run)]
         verb = "would delete" if dry_run else "deleted"
         for day, path, files in deleted:
             click.echo(f"{verb} {path} ({files} files, event date {day})")

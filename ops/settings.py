@@ -178,9 +178,9 @@ class ParquetSettings(Section):
             raise ValueError(f"text_key_id {self.text_key_id!r} is not one of text_keys ({', '.join(self.text_keys) or 'none'})")
         return self
 
-    def store(self):
+    def store(self, root: str | None = None):
         from sinks.parquet import ParquetStore
-        return ParquetStore(self.root, self.s3_endpoint_url, self.compression,
+        return ParquetStore(root or self.root, self.s3_endpoint_url, self.compression,
                             {key_id: decode_key(key.get_secret_value()) for key_id, key in self.text_keys.items()},
                             self.text_key_id)
 
@@ -241,6 +241,13 @@ class MetricsSettings(Section):
     """Where a flow process writes its counter totals as JSON when it exits (used by the demo)."""
 
 
+class RegionStorage(Section):
+    """Where one region's events are stored; nothing of that region is written elsewhere."""
+
+    parquet_root: str
+    clickhouse_database: str
+
+
 class Settings(Section):
     kafka: KafkaSettings = KafkaSettings()
     schemas: SchemaSettings = SchemaSettings()
@@ -257,6 +264,9 @@ class Settings(Section):
     retry: RetrySettings = RetrySettings()
     recovery: RecoverySettings = RecoverySettings()
     retention: RetentionSettings = RetentionSettings()
+    residency: dict[str, RegionStorage] = {}
+    """Storage per region. Empty: every region in parquet.root (under region=) and
+    clickhouse.database. Once set, a region missing here has its events sent to the DLQ."""
     metrics: MetricsSettings = MetricsSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -269,6 +279,17 @@ class Settings(Section):
             raise ValueError(f"dedupe.horizon_s ({self.dedupe.horizon_s:g}) must be at least windows.allowed_lateness_s"
                              f" + windows.length_s ({needed:g}), or late duplicates would be counted twice")
         return self
+
+    def storage_for(self, region: str) -> RegionStorage | None:
+        if not self.residency:
+            return RegionStorage(parquet_root=self.parquet.root, clickhouse_database=self.clickhouse.database)
+        return self.residency.get(region)
+
+    def storages(self) -> list[RegionStorage]:
+        """Every distinct place events are stored."""
+        if not self.residency:
+            return [self.storage_for("")]
+        return list({(s.parquet_root, s.clickhouse_database): s for s in self.residency.values()}.values())
 
     @field_validator("sinks")
     @classmethod

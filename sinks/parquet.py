@@ -119,13 +119,17 @@ class ParquetStore:
 
     def write(self, partition: str, events: list[dict]) -> str:
         """Write one file for the events of one partition; return its path."""
-        table = to_table(events)
+        path = f"{self.root}/{partition}/{file_name(events)}"
+        self.fs.makedirs(f"{self.root}/{partition}", exist_ok=True)
+        self.put(path, to_table(events))
+        return path
+
+    def put(self, path: str, table: pa.Table) -> None:
+        """Store a table at path in one piece (its raw text sealed when a key is set)."""
         if self.text_key_id is not None:
             table = seal_table(table, self.text_key_id, self.text_keys[self.text_key_id])
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression=self.compression)
-        path = f"{self.root}/{partition}/{file_name(events)}"
-        self.fs.makedirs(f"{self.root}/{partition}", exist_ok=True)
         if self.fs.protocol in ("file", ("file", "local")):
             # A reader must never see half a file: write beside it, then rename.
             tmp = path + ".tmp"
@@ -134,7 +138,6 @@ class ParquetStore:
             os.replace(tmp, path)
         else:
             self.fs.pipe_file(path, buffer.getvalue())
-        return path
 
     def files(self) -> list[str]:
         self.fs.invalidate_cache(self.root)

@@ -1,0 +1,85 @@
+"""`gatewatch forget`, `gatewatch export` (GDPR) and `gatewatch audit` (who touched stored data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ops.settings import SettingsError, load_settings
+
+config_option = click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
+                             help="TOML settings file.")
+
+
+def _settings(config: str | None):
+    try:
+        return load_settings(config)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.command()
+@click.option("--user", "user_id", required=True, help="The user id to forget.")
+@click.option("--org", "org_id", help="Only in this org (default: the user id in every org).")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@config_option
+def forget(user_id, org_id, dry_run, yes, config) -> None:
+    """Delete every trace of a user: ClickHouse rows in every region's database, their rows
+    in raw Parquet (files are rewritten without them), and their Redis quota state."""
+    from ops import gdpr
+    from ops.audit import audited
+
+    settings = _settings(config)
+    subject = gdpr.Subject(user_id, org_id)
+    scope = {"subject": subject.pseudonym(), "dry_run": dry_run}
+    with audited(settings, "forget", scope):
+        found = gdpr.find(settings, subject)
+        click.echo(f"found: {json.dumps(found.summary())}", err=True)
+        if dry_run:
+            click.echo(json.dumps({"dry_run": True, **found.summary()}))
+            return
+        if not yes:
+            click.confirm("Delete all of it for good?", abort=True, err=True)
+        gdpr.forget(settings, subject)
+        left = gdpr.find(settings, subject)
+        if any(left.clickhouse.values()) or left.parquet or left.redis_keys or left.pending_alerts:
+            raise click.ClickException(f"something is left after the delete: {json.dumps(left.summary())}")
+        click.echo(json.dumps({"forgotten": True, **found.summary()}))
+
+
+@click.command()
+@click.option("--user", "user_id", required=True, help="The user id to export.")
+@click.option("--org", "org_id", help="Only in this org (default: the user id in every org).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
+@config_option
+def export(user_id, org_id, out, config) -> None:
+    """Write everything held about a user (ClickHouse rows, raw Parquet rows, Redis state)
+    as JSON lines under --out."""
+    from ops import gdpr
+    from ops.audit import audited
+
+    settings = _settings(config)
+    subject = gdpr.Subject(user_id, org_id)
+    with audited(settings, "export", {"subject": subject.pseudonym(), "out": str(out)}):
+        written = gdpr.export(settings, subject, out)
+    for name, records in written.items():
+        click.echo(f"{out / name}: {records} records", err=True)
+    click.echo(json.dumps({"out": str(out), "files": written}))
+
+
+@click.command()
+@click.option("--since", type=click.DateTime(), help="Only records from this time on (UTC).")
+@click.option("--command", "command_name", help="Only this command (forget, export, replay, ...).")
+@config_option
+def audit(since, command_name, config) -> None:
+    """Print the access audit: who ran which data command, on what, when, and how it ended."""
+    from datetime import timezone
+
+    from ops.audit import AccessAudit
+
+    settings = _settings(config)
+    for row in AccessAudit(settings).read(since.replace(tzinfo=timezone.utc) if since else None, command_name):
+        click.echo(json.dumps(row))

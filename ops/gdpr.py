@@ -1,0 +1,222 @@
+"""GDPR: find, export and forget everything stored about one user, in every region's
+Parquet and ClickHouse database and in Redis.
+
+Org-level counters keep their totals (they hold usage, not the person); Kafka topics age
+out by their own retention.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import redis
+
+from sinks.clickhouse import ClickHouse
+from sinks.parquet import ParquetStore
+from sinks.quota import PENDING_ALERTS_KEY
+
+USER_TABLES = ("events", "audit_log", "feedback")
+"""Tables with a user_id column; every view is computed from events."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    user_id: str
+    org_id: str | None = None
+
+    def sql(self) -> str:
+        condition = f"user_id = {sql_string(self.user_id)}"
+        if self.org_id is not None:
+            condition += f" AND org_id = {sql_string(self.org_id)}"
+        return condition
+
+    def mask(self, table: pa.Table) -> pa.Array:
+        mask = pc.equal(table.column("user_id"), self.user_id)
+        if self.org_id is not None:
+            mask = pc.and_(mask, pc.equal(table.column("org_id"), self.org_id))
+        return pc.fill_null(mask, False)
+
+    def redis_patterns(self) -> list[str]:
+        ident = f"{glob_escape(self.org_id) if self.org_id is not None else '*'}/{glob_escape(self.user_id)}"
+        return [f"gw:usage:user:{ident}:*", f"gw:win:{ident}:*", f"gw:tier:user:{ident}", f"gw:limits:user:{ident}"]
+
+    def pseudonym(self) -> str:
+        """What the access audit records instead of the user id it must not keep."""
+        return hashlib.sha256(f"{self.org_id or '*'}/{self.user_id}".encode()).hexdigest()[:16]
+
+    def is_subject(self, quota_subject: str) -> bool:
+        org, _, user = quota_subject.partition("/")
+        return user == self.user_id and self.org_id in (None, org)
+
+
+def sql_string(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def glob_escape(value: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in value)
+
+
+@dataclass
+class Found:
+    clickhouse: dict[str, int] = field(default_factory=dict)
+    """{"database.table": rows}"""
+    parquet: dict[str, int] = field(default_factory=dict)
+    """{file path: rows of the user}"""
+    redis_keys: list[str] = field(default_factory=list)
+    pending_alerts: int = 0
+
+    def summary(self) -> dict:
+        return {"clickhouse_rows": self.clickhouse, "parquet_files": len(self.parquet),
+                "parquet_rows": sum(self.parquet.values()), "redis_keys": len(self.redis_keys),
+                "pending_alerts": self.pending_alerts}
+
+
+# -- ClickHouse ---------------------------------------------------------------------------
+
+def clickhouse_tables(client: ClickHouse) -> list[str]:
+    return [table for table in USER_TABLES if "user_id" in client.columns(table)]
+
+
+def clickhouse_rows(client: ClickHouse, table: str, subject: Subject) -> list[dict]:
+    columns = client.columns(table)
+    rows = client.rows(f"SELECT {', '.join(columns)} FROM {client.database}.{table} WHERE {subject.sql()}")
+    return [dict(zip(columns, row)) for row in rows]
+
+
+def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 120) -> dict[str, int]:
+    """Delete the subject's rows from every user table and wait until the deletes are done."""
+    removed = {}
+    for table in clickhouse_tables(client):
+        (count,), = client.rows(f"SELECT count() FROM {client.database}.{table} WHERE {subject.sql()}")
+        if count:
+            client.execute(f"ALTER TABLE {client.database}.{table} DELETE WHERE {subject.sql()}")
+        removed[f"{client.database}.{table}"] = int(count)
+    deadline = time.monotonic() + timeout_s
+    # Mutations run in the background on every version; pre-21 servers have no mutations_sync.
+    while client.rows(f"SELECT count() FROM system.mutations WHERE database = {sql_string(client.database)} "
+                      "AND is_done = 0")[0][0]:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"ClickHouse deletes in {client.database} did not finish in {timeout_s:.0f} s")
+        time.sleep(0.2)
+    return removed
+
+
+# -- Parquet ------------------------------------------------------------------------------
+
+def parquet_holdings(store: ParquetStore, subject: Subject) -> dict[str, int]:
+    """{file: rows of the subject}, reading only the id columns of each file."""
+    held = {}
+    for path in store.files():
+        with store.fs.open(path, "rb") as handle:
+            ids = pq.read_table(handle, columns=["user_id", "org_id"])
+        rows = pc.sum(subject.mask(ids).cast(pa.int64())).as_py() or 0
+        if rows:
+            held[path] = rows
+    return held
+
+
+def forget_parquet(store: ParquetStore, paths: list[str], subject: Subject) -> None:
+    """Rewrite each file without the subject's rows (a file left empty is deleted)."""
+    for path in paths:
+        table = store.read_file(path)
+        kept = table.filter(pc.invert(subject.mask(table)))
+        if kept.num_rows:
+            store.put(path, kept)
+        else:
+            store.fs.rm(path)
+
+
+# -- Redis --------------------------------------------------------------------------------
+
+def redis_keys(client: redis.Redis, subject: Subject) -> list[str]:
+    keys = set()
+    for pattern in subject.redis_patterns():
+        keys.update(k.decode() for k in client.scan_iter(match=pattern, count=1000))
+    return sorted(keys)
+
+
+def pending_alerts_of(client: redis.Redis, subject: Subject) -> dict[str, dict]:
+    alerts = {k.decode(): json.loads(v) for k, v in client.hgetall(PENDING_ALERTS_KEY).items()}
+    return {alert_id: alert for alert_id, alert in alerts.items() if subject.is_subject(alert["subject"])}
+
+
+def redis_export(client: redis.Redis, keys: list[str]) -> dict[str, dict]:
+    out = {}
+    for key in keys:
+        kind = client.type(key).decode()
+        value = client.hgetall(key) if kind == "hash" else client.get(key) if kind == "string" else None
+        if isinstance(value, dict):
+            value = {k.decode(): v.decode() for k, v in value.items()}
+        elif isinstance(value, bytes):
+            value = value.decode()
+        out[key] = {"type": kind, "value": value}
+    return out
+
+
+# -- the whole subject --------------------------------------------------------------------
+
+def find(settings, subject: Subject) -> Found:
+    found = Found()
+    for storage in settings.storages():
+        client = ClickHouse(settings.clickhouse.url, storage.clickhouse_database)
+        for table in clickhouse_tables(client):
+            (count,), = client.rows(f"SELECT count() FROM {client.database}.{table} WHERE {subject.sql()}")
+            found.clickhouse[f"{client.database}.{table}"] = int(count)
+        found.parquet.update(parquet_holdings(settings.parquet.store(storage.parquet_root), subject))
+    client = redis.Redis.from_url(settings.redis.url)
+    found.redis_keys = redis_keys(client, subject)
+    found.pending_alerts = len(pending_alerts_of(client, subject))
+    return found
+
+
+def forget(settings, subject: Subject) -> Found:
+    """Delete the subject everywhere; return what was found (and is now gone)."""
+    found = find(settings, subject)
+    for storage in settings.storages():
+        forget_clickhouse(ClickHouse(settings.clickhouse.url, storage.clickhouse_database), subject)
+        store = settings.parquet.store(storage.parquet_root)
+        forget_parquet(store, [path for path in found.parquet if path.startswith(store.root)], subject)
+    client = redis.Redis.from_url(settings.redis.url)
+    if found.redis_keys:
+        client.delete(*found.redis_keys)
+    alerts = pending_alerts_of(client, subject)
+    if alerts:
+        client.hdel(PENDING_ALERTS_KEY, *alerts)
+    return found
+
+
+def export(settings, subject: Subject, out: Path) -> dict[str, int]:
+    """Write everything held about the subject under out/; return {file name: records}."""
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, int] = {}
+
+    def dump(name: str, records: list[dict]) -> None:
+        with open(out / name, "w") as handle:
+            for record in records:
+                handle.write(json.dumps(record, default=str, sort_keys=True) + "\n")
+        written[name] = len(records)
+
+    for storage in settings.storages():
+        client = ClickHouse(settings.clickhouse.url, storage.clickhouse_database)
+        for table in clickhouse_tables(client):
+            dump(f"clickhouse.{client.database}.{table}.jsonl", clickhouse_rows(client, table, subject))
+        store = settings.parquet.store(storage.parquet_root)
+        rows = []
+        for path in parquet_holdings(store, subject):
+            table = store.read_file(path)
+            rows += [{**row, "_file": path} for row in table.filter(subject.mask(table)).to_pylist()]
+        dump(f"parquet.{storage.clickhouse_database}.jsonl", rows)
+    client = redis.Redis.from_url(settings.redis.url)
+    redis_state = redis_export(client, redis_keys(client, subject))
+    redis_state["pending_alerts"] = pending_alerts_of(client, subject)
+    (out / "redis.json").write_text(json.dumps(redis_state, indent=1, sort_keys=True))
+    written["redis.json"] = len(redis_state) - 1
+    return written
