@@ -15,10 +15,11 @@ import time
 from functools import partial
 
 import bytewax.operators as op
-from bytewax.connectors.kafka import KafkaError, KafkaSource
+from bytewax.connectors.kafka import KafkaError
 from bytewax.dataflow import Dataflow, Stream
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
+from connectors.kafka_source import RestingKafkaSource
 from dataflows.outputs import deduplicate, fan_out
 from ops import metrics
 from ops.logs import configure as configure_logs
@@ -113,7 +114,7 @@ def trace_id(event: dict) -> str:
 def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec: EventCodec,
                            redactor: Redactor) -> tuple[Stream[dict], list[Stream[dict]]]:
     """(clean events, DLQ record streams) of one Kafka topic: decoded, validated, redacted."""
-    source = KafkaSource(
+    source = RestingKafkaSource(
         settings.kafka.brokers, [topic], tail=settings.kafka.tail,
         starting_offset=OFFSET_BEGINNING if settings.kafka.starting_offset == "earliest" else OFFSET_END,
         add_config=settings.kafka.extra, batch_size=settings.kafka.batch_size, raise_on_errors=False)

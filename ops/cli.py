@@ -203,8 +203,11 @@ _mount(cli, "ops.cli_replay", "retention")
 _mount(cli, "ops.cli_privacy", "forget")
 _mount(cli, "ops.cli_privacy", "export")
 _mount(cli, "ops.cli_privacy", "audit")
+_mount(cli, "ops.cli_loadgen", "loadgen")
 _mount(bench, "ops.bench.redaction", "redaction")
 _mount(bench, "ops.bench.state", "state")
+_mount(bench, "ops.bench.e2e", "e2e")
+_mount(bench, "ops.bench.stages", "stages")
 
 
 def main() -> None:

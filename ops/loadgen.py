@@ -7,10 +7,12 @@ hold: `Expected` is computed from the generated events alone, never from the pip
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sinks.quota import TOKEN_KINDS
 
@@ -66,7 +68,17 @@ def _text(rng: random.Random, words: int, phrases: list[str]) -> str:
     return ". ".join(parts)
 
 
-def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float) -> tuple[dict, list[str]]:
+def _words(rng: random.Random, mean: float | None, low: int, high: int) -> int:
+    """Text length in words: uniform in [low, high), or lognormal around `mean` (long tail)."""
+    if mean is None:
+        return rng.randrange(low, high)
+    sigma = 0.8
+    return max(1, int(rng.lognormvariate(math.log(mean) - sigma * sigma / 2, sigma)))
+
+
+def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float,
+               mean_words: tuple[float, float] | None = None) -> tuple[dict, list[str]]:
+    """A valid event; mean_words = (prompt, response) mean lengths draws lognormal lengths."""
     provider, model = rng.choice(MODELS)
     user = min(int(rng.paretovariate(1.2)), users)  # a few heavy users, a long tail
     pii: list[str] = []
@@ -97,8 +109,8 @@ def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float) ->
         "output_tokens": rng.randrange(1, 1500),
         "cache_read_tokens": cache_read,
         "cache_write_tokens": rng.choice([0, 0, 0, rng.randrange(0, 1000)]),
-        "prompt": _text(rng, rng.randrange(10, 120), phrases),
-        "response": _text(rng, rng.randrange(10, 200), []),
+        "prompt": _text(rng, _words(rng, mean_words and mean_words[0], 10, 120), phrases),
+        "response": _text(rng, _words(rng, mean_words and mean_words[1], 10, 200), []),
         "conversation_id": None,
         "experiment_id": "exp-ranking" if user % 2 else None,
         "variant": ("a" if user % 4 == 1 else "b") if user % 2 else None,
@@ -128,21 +140,23 @@ def malformed(kind: str, event: dict, codec) -> bytes:
 
 def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02, users: int = 200,
              pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False,
-             late_ratio: float = 0.0, lateness_ms: int = 3_600_000, window_ms: int = 60_000):
+             late_ratio: float = 0.0, lateness_ms: int = 3_600_000, window_ms: int = 60_000,
+             clock: Callable[[int], int] | None = None, mean_words: tuple[float, float] | None = None):
     """Yield (key, value) messages, `count` in all, and return what a correct pipeline must
     hold afterwards as the generator's return value (StopIteration.value).
 
-    Event times are the wall clock at generation unless now_ms pins them. A late event is
-    dated more than lateness_ms before its user's newest event."""
+    Event times are the wall clock at generation unless now_ms pins them or clock(i) gives
+    the time message i will be sent. A late event is dated more than lateness_ms before its
+    user's newest event."""
     rng = random.Random(seed)
     expected = Expected()
     recent: list[tuple[bytes, bytes]] = []
     watermarks: dict[str, int] = {}
     while expected.produced < count:
         roll = rng.random()
-        now = int(time.time() * 1000) if now_ms is None else now_ms
+        now = clock(expected.produced) if clock else int(time.time() * 1000) if now_ms is None else now_ms
         if roll < bad_ratio:
-            event, pii = make_event(rng, now, users, pii_ratio)
+            event, pii = make_event(rng, now, users, pii_ratio, mean_words)
             expected.pii_values.extend(pii)  # must not survive into the DLQ either
             kind = rng.choice(BAD_KINDS)
             key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(kind, event, codec)
@@ -152,7 +166,7 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             key, value = rng.choice(recent)
             expected.duplicates += 1
         else:
-            event, pii = make_event(rng, now, users, pii_ratio)
+            event, pii = make_event(rng, now, users, pii_ratio, mean_words)
             user = f"{event['org_id']}/{event['user_id']}"
             watermark = watermarks.get(user)
             if watermark is not None and roll < bad_ratio + dup_ratio + late_ratio:
@@ -181,3 +195,27 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
         expected.produced += 1
         yield key, value
     return expected
+
+
+def schedule(count: int, rate: float, burst_factor: float = 1.0, burst_every_s: float = 0.0,
+             burst_seconds: float = 5.0) -> list[float]:
+    """Send offsets (seconds from the start) of `count` messages at `rate` per second, with
+    bursts of burst_factor x rate lasting burst_seconds every burst_every_s seconds (the
+    first burst starts at burst_every_s)."""
+    offsets = []
+    t = 0.0
+    for _ in range(count):
+        offsets.append(t)
+        in_burst = burst_every_s > 0 and t >= burst_every_s and (t % burst_every_s) < burst_seconds
+        t += 1.0 / (rate * (burst_factor if in_burst else 1.0))
+    return offsets
+
+
+def messages_in(duration_s: float, rate: float, burst_factor: float = 1.0, burst_every_s: float = 0.0,
+                burst_seconds: float = 5.0) -> int:
+    """How many messages schedule() sends in duration_s."""
+    bursts = 0.0
+    if burst_every_s > 0:
+        started = int(duration_s // burst_every_s)
+        bursts = sum(min(burst_seconds, duration_s - k * burst_every_s) for k in range(1, started + 1))
+    return int(rate * (duration_s + (burst_factor - 1) * bursts))

@@ -1,0 +1,263 @@
+"""`gatewatch bench e2e`: the ingest flow against real local servers under `gatewatch loadgen`
+traffic: sustained events/s, consumer lag over time, freshness p50/p99, peak RSS per
+process and CPU seconds per 1,000 events. The last line is one JSON object."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from ops import services
+from ops.settings import Settings
+from ops.status import Snapshot, merge, parse, quantile
+
+TICK = os.sysconf("SC_CLK_TCK")
+FRESHNESS_SINKS = ("clickhouse", "quota")
+
+
+def proc_usage(pid: int) -> tuple[float, float]:
+    """(CPU seconds, resident MB) of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    cpu = (int(fields[11]) + int(fields[12])) / TICK
+    with open(f"/proc/{pid}/status") as handle:
+        rss_kb = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
+    return cpu, rss_kb / 1024
+
+
+def consumed(snap: Snapshot) -> float:
+    """Messages the flow has taken off the topic: decoded ones and undecodable ones."""
+    decoded = snap.counters.get(("gatewatch_events", (("stage", "decoded"),)), 0)
+    undecodable = sum(v for (name, labels), v in snap.counters.items()
+                      if name == "gatewatch_dlq_records" and ("stage", "decode") in labels)
+    return decoded + undecodable
+
+
+def freshness_delta(before: Snapshot, after: Snapshot, q: float) -> float | None:
+    """The q-quantile of freshness observed between two snapshots, worst of the sinks."""
+    worst = None
+    for sink in FRESHNESS_SINKS:
+        key = ("gatewatch_freshness_seconds", (("sink", sink),))
+        old = dict(before.buckets.get(key, []))
+        rows = [(le, count - old.get(le, 0)) for le, count in after.buckets.get(key, [])]
+        value = quantile(rows, q)
+        if value is not None:
+            worst = value if worst is None else max(worst, value)
+    return worst
+
+
+def sent(status_file: Path) -> tuple[int, bool]:
+    """(messages loadgen has sent, whether it is done) from its status file."""
+    try:
+        status = json.loads(status_file.read_text())
+    except (OSError, ValueError):
+        return 0, False
+    return status["sent"], status["done"]
+
+
+@dataclass
+class Flow:
+    processes: list[subprocess.Popen]
+    ports: list[int]
+    peak_rss_mb: list[float] = field(default_factory=list)
+
+    def snapshot(self) -> Snapshot:
+        from urllib.request import urlopen
+
+        return merge([parse(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode(), time.time())
+                      for port in self.ports])
+
+    def usage(self) -> tuple[float, list[float]]:
+        cpu, rss = 0.0, []
+        for proc in self.processes:
+            c, r = proc_usage(proc.pid)
+            cpu += c
+            rss.append(r)
+        self.peak_rss_mb = [max(a, b) for a, b in zip(self.peak_rss_mb or rss, rss)]
+        return cpu, rss
+
+    def alive(self) -> bool:
+        return all(proc.poll() is None for proc in self.processes)
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def start_flow(env: dict, root: Path, processes: int, workers: int) -> Flow:
+    ports = [services.free_port() for _ in range(processes)]
+    addresses = ";".join(f"127.0.0.1:{services.free_port()}" for _ in range(processes))
+    procs = []
+    for index in range(processes):
+        command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+        if processes > 1:
+            command += ["-i", str(index), "-a", addresses]
+        # One embedded ClickHouse per process: chdb allows one process per database directory.
+        proc_env = {**env, "GATEWATCH_METRICS__PORT": str(ports[index]),
+                    "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"}
+        log = open(root / f"flow-{index}.log", "wb")
+        procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
+    return Flow(procs, ports)
+
+
+def wait_for(predicate, timeout_s: float, flow: Flow, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not flow.alive():
+            raise click.ClickException(f"a flow process died while waiting for {what}; see its log")
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise click.ClickException(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ops.cli", "loadgen", "--rate", str(rate), "--duration",
+                             str(duration), "--status-file", str(status_file), *extra],
+                            env=env, stdout=subprocess.PIPE, text=True)
+
+
+@click.command("e2e")
+@click.option("--rate", default=2000.0, show_default=True, type=click.FloatRange(min=1), help="Average events/s.")
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(min=2), help="Seconds of load.")
+@click.option("--burst-factor", default=1.0, show_default=True, type=click.FloatRange(min=1))
+@click.option("--burst-every", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between bursts (0: none).")
+@click.option("--burst-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1), help="Flow processes.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Workers per process.")
+@click.option("--partitions", default=3, show_default=True, type=click.IntRange(1), help="Kafka partitions.")
+@click.option("--users", default=10_000, show_default=True, type=click.IntRange(1))
+@click.option("--broker", type=click.Choice(["tansu", "noida"]), default="tansu", show_default=True,
+              help="Local broker; noida answers fetches at once instead of waiting, which costs the flow CPU.")
+@click.option("--keep", type=click.Path(file_okay=False), help="Keep logs and data in this directory.")
+def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
+        keep) -> None:
+    """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
+    root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    settings = Settings()
+    started = []
+    flow = None
+    try:
+        kafka = services.start_kafka(root / "kafka", kind=broker)
+        started.append(kafka)
+        redis_server = services.start_redis(root / "redis")
+        started.append(redis_server)
+        k = settings.kafka
+        services.create_topics(kafka.address, {k.events_topic: partitions, k.dlq_topic: 1,
+                                               k.billing_topic: partitions, k.quota_alerts_topic: 1})
+        env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
+               "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
+               "GATEWATCH_LOG_LEVEL": "WARNING"}
+        flow = start_flow(env, root, processes, workers)
+        click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
+                   err=True)
+
+        # Warm up (redactor start, first connections), then measure from a baseline.
+        warm = loadgen(env, 100, 3, root / "warm-up.json", ["--seed", "1", "--users", str(users)])
+        warm.communicate()
+        warm_sent, _ = sent(root / "warm-up.json")
+        wait_for(lambda: consumed(flow.snapshot()) >= warm_sent, 180, flow, "the warm-up events")
+        base = flow.snapshot()
+        base_cpu, _ = flow.usage()
+
+        extra = ["--users", str(users), "--burst-factor", str(burst_factor), "--burst-every", str(burst_every),
+                 "--burst-seconds", str(burst_seconds)]
+        status_file = root / "loadgen.json"
+        load = loadgen(env, rate, duration, status_file, extra)
+        timeline = []
+        load_started = load_finished = None
+        while True:
+            time.sleep(1.0)
+            snap = flow.snapshot()
+            produced, load_done = sent(status_file)
+            if load_started is None and produced:
+                load_started = time.monotonic()
+            cpu, rss = flow.usage()
+            done = consumed(snap) - consumed(base)
+            lag = max(0, produced - done)
+            if load_started is None:
+                continue
+            t = time.monotonic() - load_started
+            timeline.append({"t": round(t, 1), "produced": produced, "consumed": done, "lag": int(lag)})
+            if len(timeline) % 5 == 0:
+                click.echo(f"bench  t={t:6.1f}s  produced {produced:>9,}  consumed {done:>9,.0f}  lag {lag:>8,.0f}"
+                           f"  rss {'/'.join(f'{r:.0f}' for r in rss)} MB", err=True)
+            if not flow.alive():
+                raise click.ClickException(f"a flow process died; see {root}/flow-*.log")
+            if load_done:
+                load_finished = load_finished or time.monotonic()
+            if load.poll() is not None:
+                if lag == 0:
+                    break
+                if time.monotonic() - load_finished > 300:
+                    raise click.ClickException("the flow did not drain the topic within 300 s of the load ending")
+        finished = time.monotonic()
+        load_report = json.loads(load.communicate()[0].splitlines()[-1])
+        final = flow.snapshot()
+        cpu, _ = flow.usage()
+        events = consumed(final) - consumed(base)
+        load_seconds = load_report["seconds"]
+        in_load = [row for row in timeline if row["t"] <= load_seconds]
+        result = {
+            "rate": rate, "duration_s": duration, "burst_factor": burst_factor, "burst_every_s": burst_every,
+            "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
+            "offered_events_per_s": load_report["events_per_s"],
+            "sustained_events_per_s": round((in_load[-1]["consumed"] if in_load else events) / load_seconds, 1),
+            "drain_s": round(finished - (load_finished or finished), 1),
+            "events": int(events),
+            "max_lag": max((row["lag"] for row in timeline), default=0),
+            "freshness_p50_s": _round(freshness_delta(base, final, 0.5)),
+            "freshness_p99_s": _round(freshness_delta(base, final, 0.99)),
+            "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
+            "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
+            "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
+            "lag_timeline": [(row["t"], row["lag"]) for row in timeline[::max(1, len(timeline) // 30)]],
+        }
+        click.echo(render(result), err=True)
+        click.echo(json.dumps(result))
+    finally:
+        if flow is not None:
+            flow.stop()
+        for service in reversed(started):
+            service.stop()
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def render(r: dict) -> str:
+    rows = [
+        ("offered load", f"{r['offered_events_per_s']:,.0f} events/s"
+         + (f" (bursts {r['burst_factor']:g}x every {r['burst_every_s']:g} s)" if r["burst_every_s"] else "")),
+        ("sustained", f"{r['sustained_events_per_s']:,.0f} events/s"),
+        ("drained after load", f"{r['drain_s']:.1f} s"),
+        ("max consumer lag", f"{r['max_lag']:,} messages"),
+        ("freshness p50 / p99", f"{r['freshness_p50_s']} s / {r['freshness_p99_s']} s"),
+        ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
+        ("CPU per 1,000 events", f"{r['cpu_s_per_1000_events']:.3f} s"),
+        ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+    ]
+    lag = "  ".join(f"{t:g}s:{lag}" for t, lag in r["lag_timeline"])
+    return "\n".join(f"  {name:<22}{value}" for name, value in rows) + f"\n  lag over time: {lag}"

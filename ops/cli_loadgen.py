@@ -1,0 +1,126 @@
+"""`gatewatch loadgen`: realistic gateway traffic at a steady rate, with bursts."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+from confluent_kafka import Producer
+
+from ops.loadgen import generate, messages_in, schedule
+from ops.settings import SettingsError, load_settings
+from schemas.codec import EventCodec
+from schemas.registry import registry_from_settings
+
+
+def write_status(path: Path | None, sent: int, done: bool = False) -> None:
+    if path is not None:
+        path.with_suffix(".tmp").write_text(json.dumps({"sent": sent, "done": done}))
+        path.with_suffix(".tmp").replace(path)
+
+
+def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], offsets: list[float],
+               start: float, extra: dict | None = None, report_every_s: float = 2.0,
+               status_file: Path | None = None) -> dict:
+    """Send message i at start + offsets[i] (monotonic clock); return what happened.
+
+    status_file, when given, always holds {"sent": n, "done": bool}: how far the run is,
+    for a benchmark that cannot trust the broker's watermarks."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 10, "batch.num.messages": 10000,
+                         "compression.type": "lz4", "queue.buffering.max.messages": 1_000_000,
+                         "partitioner": "murmur2_random", **(extra or {})})
+    failures: list[str] = []
+    behind_max = 0.0
+    next_report = start + report_every_s
+    reported = 0
+    for i, (key, value) in enumerate(messages):
+        due = start + offsets[i]
+        now = time.monotonic()
+        if due > now + 0.002:
+            time.sleep(due - now)
+        else:
+            behind_max = max(behind_max, now - due)
+        while True:
+            try:
+                producer.produce(topic, value, key=key, on_delivery=lambda err, _m: err and failures.append(str(err)))
+                break
+            except BufferError:
+                producer.poll(0.01)
+        if i % 500 == 0:
+            producer.poll(0)
+            write_status(status_file, i)
+        now = time.monotonic()
+        if now >= next_report:
+            rate = (i + 1 - reported) / (now - next_report + report_every_s)
+            print(f"loadgen  {now - start:6.1f} s  sent {i + 1:>9,}/{len(messages):,}  {rate:9,.0f}/s", file=sys.stderr,
+                  flush=True)
+            reported, next_report = i + 1, now + report_every_s
+    remaining = producer.flush(60)
+    seconds = time.monotonic() - start
+    write_status(status_file, len(messages), done=True)
+    if failures or remaining:
+        raise click.ClickException(f"{len(failures) + remaining} messages were not delivered: {failures[:3]}")
+    return {"sent": len(messages), "seconds": round(seconds, 2), "events_per_s": round(len(messages) / seconds, 1),
+            "max_behind_schedule_s": round(behind_max, 3)}
+
+
+@click.command()
+@click.option("--rate", default=1000.0, show_default=True, type=click.FloatRange(min=1), help="Average events/s.")
+@click.option("--duration", default=60.0, show_default=True, type=click.FloatRange(min=1), help="Seconds.")
+@click.option("--burst-factor", default=1.0, show_default=True, type=click.FloatRange(min=1),
+              help="Rate multiplier during a burst.")
+@click.option("--burst-every", default=0.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds between burst starts (0: no bursts).")
+@click.option("--burst-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
+@click.option("--users", default=10_000, show_default=True, type=click.IntRange(1),
+              help="Distinct users (Pareto-skewed: a few heavy users, a long tail).")
+@click.option("--pii-ratio", default=0.3, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--dup-ratio", default=0.02, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--bad-ratio", default=0.005, show_default=True, type=click.FloatRange(0, 0.9))
+@click.option("--prompt-words", default=150.0, show_default=True, type=click.FloatRange(min=1),
+              help="Mean prompt length (lognormal).")
+@click.option("--response-words", default=250.0, show_default=True, type=click.FloatRange(min=1),
+              help="Mean response length (lognormal).")
+@click.option("--seed", default=7, show_default=True, type=int)
+@click.option("--topic", help="Default: kafka.events_topic.")
+@click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
+              help='Keep {"sent": n, "done": bool} in this file while sending.')
+@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii_ratio, dup_ratio, bad_ratio,
+            prompt_words, response_words, seed, topic, status_file, config) -> None:
+    """Produce realistic gateway events to Kafka at --rate per second for --duration seconds.
+
+    Messages are generated before the clock starts, each dated with the time it is due to
+    be sent, so generating them costs the timed run nothing."""
+    try:
+        settings = load_settings(config)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+    topic = topic or settings.kafka.events_topic
+    count = messages_in(duration, rate, burst_factor, burst_every, burst_seconds)
+    offsets = schedule(count, rate, burst_factor, burst_every, burst_seconds)
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    # Leave time to generate everything (about 40 µs a message) before the first is due.
+    start = time.monotonic() + 2 + count * 60e-6
+    start_ms = time.time() * 1000 + (start - time.monotonic()) * 1000
+    generator = generate(codec, count, dup_ratio, bad_ratio, users=users, pii_ratio=pii_ratio, seed=seed,
+                         clock=lambda i: int(start_ms + offsets[i] * 1000),
+                         mean_words=(prompt_words, response_words))
+    messages = []
+    try:
+        while True:
+            messages.append(next(generator))
+    except StopIteration as done:
+        expected = done.value
+    print(f"loadgen  {count:,} messages generated; sending {rate:,.0f}/s for {duration:g} s"
+          + (f", bursts of {burst_factor:g}x for {burst_seconds:g} s every {burst_every:g} s" if burst_every else ""),
+          file=sys.stderr, flush=True)
+    if time.monotonic() > start:
+        start = time.monotonic()  # generation overran its estimate: event times are in the past by that much
+    result = send_paced(settings.kafka.bootstrap, topic, messages, offsets, start, settings.kafka.extra,
+                        status_file=status_file)
+    print(json.dumps({**result, "target_events_per_s": round(count / duration, 1), "valid": expected.valid,
+                      "duplicates": expected.duplicates, "bad": expected.bad, "tokens": expected.tokens}))
