@@ -1,4 +1,5 @@
-"""Bytewax's KafkaSource, resting a moment after a poll that found nothing.
+"""Bytewax's KafkaSource, resting a moment after a poll that found nothing, and optionally
+reading a subset of the partitions.
 
 Bytewax polls each partition with a 1 ms timeout in a tight loop, so a caught-up flow
 keeps a core busy (and the broker answering) doing nothing. A partition whose last poll
@@ -36,9 +37,17 @@ class _RestingPartition(StatefulSourcePartition):
 
 
 class RestingKafkaSource(KafkaSource):
-    def __init__(self, *args, idle_wait_s: float = 0.05, **kwargs):
+    """only_partitions, when given, restricts every topic to those partition numbers."""
+
+    def __init__(self, *args, idle_wait_s: float = 0.05, only_partitions: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self._idle_wait = timedelta(seconds=idle_wait_s)
+        self._only = None if only_partitions is None else set(only_partitions)
+
+    def list_parts(self) -> list[str]:
+        parts = super().list_parts()
+        # Bytewax names a part "<partition>-<topic>".
+        return parts if self._only is None else [p for p in parts if int(p.split("-", 1)[0]) in self._only]
 
     def build_part(self, step_id: str, for_part: str, resume_state):
         return _RestingPartition(super().build_part(step_id, for_part, resume_state), self._idle_wait)

@@ -117,7 +117,8 @@ def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec
     source = RestingKafkaSource(
         settings.kafka.brokers, [topic], tail=settings.kafka.tail,
         starting_offset=OFFSET_BEGINNING if settings.kafka.starting_offset == "earliest" else OFFSET_END,
-        add_config=settings.kafka.extra, batch_size=settings.kafka.batch_size, raise_on_errors=False)
+        add_config=settings.kafka.extra, batch_size=settings.kafka.batch_size, raise_on_errors=False,
+        idle_wait_s=settings.kafka.idle_wait_s, only_partitions=settings.kafka.only_partitions)
     messages = op.input("kafka_in", flow, source)
 
     decoded = op.branch("is_decoded", op.flat_map_batch("decode", messages, partial(decode_batch, codec)),

@@ -60,6 +60,8 @@ def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], 
             reported, next_report = i + 1, now + report_every_s
     remaining = producer.flush(60)
     seconds = time.monotonic() - start
+    print(f"loadgen  {seconds:6.1f} s  sent {len(messages):>9,}/{len(messages):,}  {len(messages) / seconds:9,.0f}/s"
+          " on average", file=sys.stderr, flush=True)
     write_status(status_file, len(messages), done=True)
     if failures or remaining:
         raise click.ClickException(f"{len(failures) + remaining} messages were not delivered: {failures[:3]}")
@@ -103,8 +105,13 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     count = messages_in(duration, rate, burst_factor, burst_every, burst_seconds)
     offsets = schedule(count, rate, burst_factor, burst_every, burst_seconds)
     codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
-    # Leave time to generate everything (about 40 µs a message) before the first is due.
-    start = time.monotonic() + 2 + count * 60e-6
+    # Every message is dated with the time it is due, so generating them all must end before
+    # the first is due: time a sample, and leave half as much again.
+    sample_started = time.monotonic()
+    for _message in generate(codec, 300, seed=seed + 1, mean_words=(prompt_words, response_words)):
+        pass
+    per_message = (time.monotonic() - sample_started) / 300
+    start = time.monotonic() + 1 + 1.5 * count * per_message
     start_ms = time.time() * 1000 + (start - time.monotonic()) * 1000
     generator = generate(codec, count, dup_ratio, bad_ratio, users=users, pii_ratio=pii_ratio, seed=seed,
                          clock=lambda i: int(start_ms + offsets[i] * 1000),
@@ -119,7 +126,9 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
           + (f", bursts of {burst_factor:g}x for {burst_seconds:g} s every {burst_every:g} s" if burst_every else ""),
           file=sys.stderr, flush=True)
     if time.monotonic() > start:
-        start = time.monotonic()  # generation overran its estimate: event times are in the past by that much
+        print(f"loadgen  generating overran its estimate by {time.monotonic() - start:.1f} s: events are dated that much early",
+              file=sys.stderr, flush=True)
+        start = time.monotonic()
     result = send_paced(settings.kafka.bootstrap, topic, messages, offsets, start, settings.kafka.extra,
                         status_file=status_file)
     print(json.dumps({**result, "target_events_per_s": round(count / duration, 1), "valid": expected.valid,

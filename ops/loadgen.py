@@ -61,8 +61,11 @@ class Expected:
 
 def _text(rng: random.Random, words: int, phrases: list[str]) -> str:
     parts = [rng.choice(TOPICS)]
-    while sum(len(p.split()) for p in parts) < words:
-        parts.append(rng.choice(TOPICS))
+    count = len(parts[0].split())
+    while count < words:
+        topic = rng.choice(TOPICS)
+        parts.append(topic)
+        count += len(topic.split())
     for phrase in phrases:
         parts.insert(rng.randrange(len(parts) + 1), phrase)
     return ". ".join(parts)

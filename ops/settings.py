@@ -53,8 +53,19 @@ class KafkaSettings(Section):
     partitions: int = Field(3, ge=1)
     batch_size: int = Field(1000, ge=1, le=100_000)
     starting_offset: Literal["earliest", "latest"] = "earliest"
+    only_partitions: list[int] | None = None
+    """Consume just these partitions of the events topic: independent flow processes, each
+    with its own share, scale out without a Bytewax cluster (events are keyed by user, so all
+    of a user's state lives in one process)."""
+    idle_wait_s: float = Field(0.05, ge=0, le=5)
+    """How long a caught-up partition rests before polling again (0: poll in a tight loop)."""
     tail: bool = True
     extra: dict[str, str] = {}
+
+    @field_validator("only_partitions", mode="before")
+    @classmethod
+    def _partition_list(cls, value: Any) -> Any:
+        return _split_csv(value) if isinstance(value, str) else value
 
     @field_validator("bootstrap")
     @classmethod

@@ -4,6 +4,7 @@ process and CPU seconds per 1,000 events. The last line is one JSON object."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -73,7 +74,7 @@ class Flow:
     def snapshot(self) -> Snapshot:
         from urllib.request import urlopen
 
-        return merge([parse(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode(), time.time())
+        return merge([parse(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode(), time.time())
                       for port in self.ports])
 
     def usage(self) -> tuple[float, list[float]]:
@@ -100,16 +101,16 @@ class Flow:
                 proc.wait()
 
 
-def start_flow(env: dict, root: Path, processes: int, workers: int) -> Flow:
+def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int) -> Flow:
+    """`processes` independent flow processes, each reading its own share of the partitions
+    (see kafka.only_partitions), with its own embedded ClickHouse and metrics port."""
     ports = [services.free_port() for _ in range(processes)]
-    addresses = ";".join(f"127.0.0.1:{services.free_port()}" for _ in range(processes))
     procs = []
     for index in range(processes):
         command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
-        if processes > 1:
-            command += ["-i", str(index), "-a", addresses]
-        # One embedded ClickHouse per process: chdb allows one process per database directory.
-        proc_env = {**env, "GATEWATCH_METRICS__PORT": str(ports[index]),
+        share = ",".join(str(p) for p in range(index, partitions, processes))
+        proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
+                    "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
                     "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"}
         log = open(root / f"flow-{index}.log", "wb")
         procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
@@ -143,7 +144,8 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--burst-every", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between bursts (0: none).")
 @click.option("--burst-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
-@click.option("--processes", default=1, show_default=True, type=click.IntRange(1), help="Flow processes.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1),
+              help="Independent flow processes, each reading every Nth partition.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Workers per process.")
 @click.option("--partitions", default=3, show_default=True, type=click.IntRange(1), help="Kafka partitions.")
 @click.option("--users", default=10_000, show_default=True, type=click.IntRange(1))
@@ -169,7 +171,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
-        flow = start_flow(env, root, processes, workers)
+        flow = start_flow(env, root, processes, workers, partitions)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
                    err=True)
 
@@ -189,7 +191,13 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         load_started = load_finished = None
         while True:
             time.sleep(1.0)
-            snap = flow.snapshot()
+            if not flow.alive():
+                raise click.ClickException(f"a flow process died; see {root}/flow-*.log")
+            try:
+                snap = flow.snapshot()
+            except (OSError, http.client.HTTPException):
+                continue  # a flow too busy to answer within the timeout: sample again
+
             produced, load_done = sent(status_file)
             if load_started is None and produced:
                 load_started = time.monotonic()
@@ -203,8 +211,6 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             if len(timeline) % 5 == 0:
                 click.echo(f"bench  t={t:6.1f}s  produced {produced:>9,}  consumed {done:>9,.0f}  lag {lag:>8,.0f}"
                            f"  rss {'/'.join(f'{r:.0f}' for r in rss)} MB", err=True)
-            if not flow.alive():
-                raise click.ClickException(f"a flow process died; see {root}/flow-*.log")
             if load_done:
                 load_finished = load_finished or time.monotonic()
             if load.poll() is not None:

@@ -1,0 +1,43 @@
+"""The ingest source against a real broker: partition subsets and resting when caught up."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Producer
+
+from connectors.kafka_source import RestingKafkaSource
+
+pytestmark = pytest.mark.integration
+
+
+def test_only_the_chosen_partitions_are_read(kafka_bootstrap, topic_factory):
+    topic = topic_factory(partitions=4)
+    assert sorted(RestingKafkaSource([kafka_bootstrap], [topic]).list_parts()) == [f"{p}-{topic}" for p in range(4)]
+    assert sorted(RestingKafkaSource([kafka_bootstrap], [topic], only_partitions=[0, 2]).list_parts()) == [
+        f"0-{topic}", f"2-{topic}"]
+
+
+def test_a_caught_up_partition_rests_until_it_has_messages(kafka_bootstrap, topic_factory):
+    topic = topic_factory(partitions=1)
+    source = RestingKafkaSource([kafka_bootstrap], [topic], tail=True, starting_offset=OFFSET_BEGINNING,
+                                idle_wait_s=0.5)
+    part = source.build_part("in", f"0-{topic}", None)
+    try:
+        deadline = time.monotonic() + 10
+        while part.next_batch() == [] and part.next_awake() is None and time.monotonic() < deadline:
+            pass
+        awake = part.next_awake()
+        assert awake is not None and awake > datetime.now(timezone.utc)
+
+        producer = Producer({"bootstrap.servers": kafka_bootstrap})
+        producer.produce(topic, b"hello", partition=0)
+        assert producer.flush(10) == 0
+        batch = []
+        while not batch and time.monotonic() < deadline:
+            batch = part.next_batch()
+        assert [msg.value for msg in batch] == [b"hello"] and part.next_awake() is None
+    finally:
+        part.close()

@@ -1,0 +1,87 @@
+"""`gatewatch loadgen` and the benchmarks: counts and shapes, never timings."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from ops.loadgen import messages_in, schedule
+from schemas.codec import EventCodec, InvalidEvent
+from schemas.registry import registry_from_settings
+from sinks.kafka import read_topic
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_schedule_sends_bursts_at_the_burst_rate():
+    offsets = schedule(messages_in(30, 100, burst_factor=5, burst_every_s=10, burst_seconds=2), 100, 5, 10, 2)
+    per_second = Counter(int(t) for t in offsets)
+    assert len(offsets) == 100 * 30 + 4 * 100 * 2 * 2
+    assert per_second[5] == 100 and per_second[25] == 100
+    # Seconds that start or end a burst can share a few messages with their neighbours.
+    assert all(abs(per_second[s] - 500) <= 5 for s in (10, 11, 20, 21))
+    assert offsets == sorted(offsets) and offsets[-1] < 30.1
+
+
+def test_no_bursts_is_a_steady_rate():
+    offsets = schedule(messages_in(4, 250), 250)
+    assert len(offsets) == 1000 and set(Counter(int(t) for t in offsets).values()) == {250}
+
+
+@pytest.mark.integration
+def test_loadgen_produces_what_it_reports(kafka_bootstrap, topic_factory, tmp_path):
+    topic = topic_factory(partitions=2)
+    status = tmp_path / "status.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "loadgen", "--rate", "400", "--duration", "2", "--users", "50",
+         "--dup-ratio", "0.1", "--bad-ratio", "0.05", "--topic", topic, "--status-file", str(status)],
+        cwd=REPO, env={**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap},
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["sent"] == 800 == report["valid"] + report["duplicates"] + report["bad"]
+    assert json.loads(status.read_text()) == {"sent": 800, "done": True}
+    assert "sent" in result.stderr
+
+    from ops.settings import Settings
+
+    codec = EventCodec(registry_from_settings(Settings().schemas), Settings().validation)
+    decoded, bad = [], 0
+    for _partition, _offset, value in read_topic(kafka_bootstrap, topic, lambda raw: raw):
+        try:
+            decoded.append(codec.decode(value, int(__import__("time").time() * 1000)))
+        except InvalidEvent:
+            bad += 1
+    assert len(decoded) + bad == 800 and bad == report["bad"]
+    assert len({e["event_id"] for e in decoded}) == report["valid"]
+    assert len({e["user_id"] for e in decoded}) > 10
+
+
+@pytest.mark.integration
+def test_bench_e2e_prints_its_table_and_json():
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "e2e", "--rate", "200", "--duration", "3"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    for key in ("sustained_events_per_s", "freshness_p50_s", "freshness_p99_s", "max_lag", "peak_rss_mb",
+                "cpu_s_per_1000_events"):
+        assert report[key] is not None, key
+    assert report["events"] == 600 and report["sustained_events_per_s"] > 0
+    assert "freshness p50 / p99" in result.stderr
+
+
+def test_bench_stages_names_the_slowest_stage():
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "stages", "--events", "300", "--repeat", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert set(report["events_per_s"]) == {"decode (Avro)", "validate", "redact", "dedupe", "window", "price",
+                                           "Parquet encode", "ClickHouse insert (chdb)"}
+    assert report["slowest"] == min(report["events_per_s"], key=report["events_per_s"].get)
+    assert "<- slowest" in result.stderr
