@@ -82,13 +82,7 @@ def file_name(events: Iterable[dict]) -> str:
 
 
 def to_table(events: list[dict]) -> pa.Table:
-    columns = {}
-    for field in ARROW_SCHEMA:
-        values = [e.get(field.name) for e in events]
-        if field.name == "pii_entity_counts":
-            values = [list((v or {}).items()) for v in values]
-        columns[field.name] = pa.array(values, type=field.type)
-    return pa.table(columns, schema=ARROW_SCHEMA)
+    return pa.Table.from_pylist(events, schema=ARROW_SCHEMA)
 
 
 class ParquetStore:

@@ -28,7 +28,8 @@ def events(count, seed=3):
 def test_migrations_inserts_and_daily_metrics_over_the_wire(clickhouse_url):
     clickhouse = ClickHouse(clickhouse_url, f"wire_{uuid.uuid4().hex[:8]}")
     applied = clickhouse.migrate()
-    assert applied == ["001_events", "002_daily_metrics", "010_views", "011_audit_log", "040_feedback"]
+    assert applied == ["001_events", "002_daily_metrics", "010_views", "011_audit_log", "030_access_audit",
+                       "040_feedback"]
     assert clickhouse.migrate() == []
     batch = events(500)
     clickhouse.insert_events(batch)
