@@ -16,7 +16,7 @@ import pytest
 import s3fs
 from bytewax.testing import run_main
 
-from connectors.parquet_source import select_files
+from connectors.parquet_source import FINISHED, ParquetSource, select_files
 from dataflows.ingest import build_flow
 from ops import retention
 from ops.demo import billing_totals, produce
@@ -160,3 +160,40 @@ def test_retention_apply_deletes_only_expired_partitions(where, tmp_path, s3_end
     assert [(d, files) for d, _p, files in deleted] == [(today - timedelta(days=45), 1), (today - timedelta(days=30), 1)]
     kept = sorted(p.split("event_date=")[1][:10] for p in store.files())
     assert kept == [str(today - timedelta(days=29)), str(today)]
+
+
+def test_a_replay_source_resumes_at_the_row_it_snapshotted(live):
+    _env, settings, expected = live
+    store = settings.parquet.store()
+    today = datetime.now(timezone.utc).date()
+    source = ParquetSource([store], today - timedelta(days=1), today, batch_size=100)
+    part_name = source.list_parts()[0]
+    first = source.build_part("in", part_name, None)
+    seen = [e["event_id"] for _ in range(3) for e in first.next_batch()]
+    state = first.snapshot()
+    assert state != FINISHED and state[1] > 0
+
+    resumed = source.build_part("in", part_name, state)
+    while True:
+        try:
+            seen += [e["event_id"] for e in resumed.next_batch()]
+        except StopIteration:
+            break
+    region_ids = {e_id for e_id, e in expected.events.items() if e["region"] == part_name}
+    assert len(seen) == len(set(seen)) == len(region_ids) and set(seen) == region_ids
+    assert resumed.snapshot() == FINISHED
+    with pytest.raises(StopIteration):
+        source.build_part("in", part_name, FINISHED).next_batch()
+
+
+def test_a_finished_replay_run_again_with_its_recovery_dir_reads_nothing(live, tmp_path):
+    env, _settings, expected = live
+    today = datetime.now(timezone.utc).date()
+    span = ["--from", str(today - timedelta(days=1)), "--to", str(today), "--recovery-dir", str(tmp_path / "rec")]
+    resumed_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": "resumed", "GATEWATCH_RECOVERY__SNAPSHOT_INTERVAL_S": "0.5"}
+    first = replay(resumed_env, *span)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads(first.stdout.splitlines()[-1])["rows"] == expected.valid
+    again = replay(resumed_env, *span)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.splitlines()[-1])["rows"] == 0
