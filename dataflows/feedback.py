@@ -8,16 +8,14 @@ The table is a ReplacingMergeTree keyed by event_id, so redeliveries change noth
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from dataflows.ingest import validated_and_redacted
+from dataflows.ingest import from_environment, validated_and_redacted
 from dataflows.outputs import WriterSink, clickhouse_writer, database_of, dlq_writer, route_by_region
 from dataflows.state import Batcher
-from ops import metrics
 from ops.logs import configure as configure_logs
 from ops.settings import Settings, load_settings
 from redaction import Redactor
@@ -42,8 +40,5 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
 
 def __getattr__(name: str) -> Dataflow:
     if name == "flow":
-        settings = load_settings()
-        if settings.metrics.port is not None:
-            metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
-        return build_flow(settings)
+        return from_environment(build_flow)
     raise AttributeError(name)

@@ -13,6 +13,7 @@ import logging
 import os
 import time
 from functools import partial
+from typing import Callable
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError
@@ -146,14 +147,19 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
     return flow
 
 
+def from_environment(build: Callable[[Settings], Dataflow]) -> Dataflow:
+    """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
+    settings = load_settings()
+    if settings.metrics.port is not None:
+        metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
+    if settings.metrics.dump_path:
+        atexit.register(metrics.dump_counters, settings.metrics.dump_path)
+    return build(settings)
+
+
 def __getattr__(name: str) -> Dataflow:
     # `python -m bytewax.run dataflows.ingest:flow` builds the flow from the environment
     # only when asked, so importing this module for its steps costs nothing.
     if name == "flow":
-        settings = load_settings()
-        if settings.metrics.port is not None:
-            metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
-        if settings.metrics.dump_path:
-            atexit.register(metrics.dump_counters, settings.metrics.dump_path)
-        return build_flow(settings)
+        return from_environment(build_flow)
     raise AttributeError(name)

@@ -175,6 +175,20 @@ def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
     return make
 
 
+@pytest.fixture(scope="session")
+def flow_topics_env(kafka_bootstrap: str, topic_factory) -> Callable[..., dict[str, str]]:
+    """``make(partitions) -> env``: GATEWATCH_KAFKA__* variables of a flow reading a new events
+    topic to its end, with new DLQ, billing and quota-alert topics."""
+
+    def make(partitions: int = 2) -> dict[str, str]:
+        return {"GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__TAIL": "false",
+                "GATEWATCH_KAFKA__EVENTS_TOPIC": topic_factory(partitions=partitions),
+                **{f"GATEWATCH_KAFKA__{name}_TOPIC": topic_factory(partitions=1)
+                   for name in ("DLQ", "BILLING", "QUOTA_ALERTS")}}
+
+    return make
+
+
 # --------------------------------------------------------------------------- redis
 
 

@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def regional(kafka_bootstrap, topic_factory, redis_url, s3_endpoint, tmp_path_factory):
+def regional(kafka_bootstrap, flow_topics_env, redis_url, s3_endpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("privacy")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint})
     buckets = {region: f"{region}-{uuid.uuid4().hex[:8]}" for region in ("eu", "us")}
@@ -39,11 +39,7 @@ def regional(kafka_bootstrap, topic_factory, redis_url, s3_endpoint, tmp_path_fa
     residency = {region: {"parquet_root": f"s3://{bucket}/raw", "clickhouse_database": f"gw_{region}"}
                  for region, bucket in buckets.items()}
     env = {
-        "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__TAIL": "false",
-        "GATEWATCH_KAFKA__EVENTS_TOPIC": topic_factory(partitions=2),
-        "GATEWATCH_KAFKA__DLQ_TOPIC": topic_factory(partitions=1),
-        "GATEWATCH_KAFKA__BILLING_TOPIC": topic_factory(partitions=1),
-        "GATEWATCH_KAFKA__QUOTA_ALERTS_TOPIC": topic_factory(partitions=1),
+        **flow_topics_env(2),
         "GATEWATCH_PARQUET__S3_ENDPOINT_URL": s3_endpoint, "GATEWATCH_PARQUET__MAX_ROWS": "200",
         "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "gw_ops",
         "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/5",

@@ -32,15 +32,11 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def live(kafka_bootstrap, topic_factory, redis_url, tmp_path_factory):
+def live(kafka_bootstrap, flow_topics_env, redis_url, tmp_path_factory):
     """A live ingest run with duplicates and late events, over two event dates."""
     root = tmp_path_factory.mktemp("replay")
     env = {
-        "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__TAIL": "false",
-        "GATEWATCH_KAFKA__EVENTS_TOPIC": topic_factory(partitions=3),
-        "GATEWATCH_KAFKA__DLQ_TOPIC": topic_factory(partitions=1),
-        "GATEWATCH_KAFKA__BILLING_TOPIC": topic_factory(partitions=1),
-        "GATEWATCH_KAFKA__QUOTA_ALERTS_TOPIC": topic_factory(partitions=1),
+        **flow_topics_env(3),
         "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_PARQUET__MAX_ROWS": "300",
         "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "live",
         "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/3",
