@@ -20,7 +20,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from ops.settings import Settings
-from sinks.clickhouse import ClickHouse
+from sinks.clickhouse import ClickHouse, sql_string
 
 AUDIT_SCHEMA = pa.schema([("at", pa.timestamp("ms", tz="UTC")), ("command_id", pa.string()), ("actor", pa.string()),
                           ("command", pa.string()), ("scope", pa.string()), ("outcome", pa.string())])
@@ -50,7 +50,7 @@ class AccessAudit:
         if since is not None:
             where.append(f"at >= toDateTime('{since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}', 'UTC')")
         if command is not None:
-            where.append(f"command = '{command.replace(chr(39), '')}'")
+            where.append(f"command = {sql_string(command)}")
         rows = self.clickhouse.rows(f"SELECT toString(at), command_id, actor, command, scope, outcome "
                                     f"FROM {self.clickhouse.database}.access_audit WHERE {' AND '.join(where)} "
                                     f"ORDER BY at, command_id, outcome = 'started' DESC")

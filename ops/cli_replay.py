@@ -9,8 +9,8 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import click
+from prometheus_client import REGISTRY
 
-from ops import metrics
 from ops.settings import SettingsError, load_settings
 
 DATE = click.DateTime(formats=["%Y-%m-%d"])
@@ -28,8 +28,14 @@ def _progress(total_files: int, total_rows: int, started: float, stop: threading
         click.echo(progress_text(total_files, total_rows, started), err=True)
 
 
+def replayed() -> tuple[int, int]:
+    """(files, rows) this process has replayed so far."""
+    sample = REGISTRY.get_sample_value
+    return int(sample("gatewatch_replay_files_total") or 0), int(sample("gatewatch_replay_rows_total") or 0)
+
+
 def progress_text(total_files: int, total_rows: int, started: float) -> str:
-    files, rows = metrics.REPLAY_FILES._value.get(), metrics.REPLAY_ROWS._value.get()
+    files, rows = replayed()
     rate = rows / max(1e-9, time.monotonic() - started)
     return f"replay  files {int(files)}/{total_files}  rows {int(rows)}/{total_rows}  {rate:,.0f} rows/s"
 
@@ -89,9 +95,9 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
             reporter.join()
         seconds = time.monotonic() - started
         click.echo(progress_text(len(files), total_rows, started), err=True)
-        click.echo(json.dumps({"files": len(files), "rows": int(metrics.REPLAY_ROWS._value.get()),
-                               "sinks": sinks, "seconds": round(seconds, 2),
-                               "rows_per_s": round(metrics.REPLAY_ROWS._value.get() / seconds, 1)}))
+        rows = replayed()[1]
+        click.echo(json.dumps({"files": len(files), "rows": rows, "sinks": sinks, "seconds": round(seconds, 2),
+                               "rows_per_s": round(rows / seconds, 1)}))
 
 
 def run_flow(flow, workers: int, recovery_dir: str | None, snapshot_s: float) -> None:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
-from sinks.clickhouse import ClickHouse
+from sinks.clickhouse import ClickHouse, sql_string
 from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY
 
@@ -54,10 +54,6 @@ class Subject:
     def is_subject(self, quota_subject: str) -> bool:
         org, _, user = quota_subject.partition("/")
         return user == self.user_id and self.org_id in (None, org)
-
-
-def sql_string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def glob_escape(value: str) -> str:

@@ -157,6 +157,11 @@ class ClickHouse:
         return applied
 
 
+def sql_string(value: str) -> str:
+    """A ClickHouse string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def _driver_values(column: pa.ChunkedArray) -> list:
     values = column.to_pylist()
     if pa.types.is_map(column.type):
