@@ -38,6 +38,9 @@ from sinks.kafka import read_topic
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore
 
+# A flow whose counters stand still this long (before or after draining) is stuck, not slow.
+STALL_S = 300
+
 
 @dataclass
 class DemoOptions:
@@ -123,15 +126,24 @@ def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int,
         command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
     started = time.monotonic()
     consuming_since = None
+    last_done, progressed_at = -1.0, started
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         while proc.poll() is None:
             time.sleep(0.25)
+            if time.monotonic() - progressed_at > STALL_S:
+                proc.kill()
+                proc.wait()
+                tail = log_path.read_text(errors="replace").splitlines()[-30:]
+                raise RuntimeError(f"the ingest flow made no progress for {STALL_S} s and was stopped:\n"
+                                   + "\n".join(tail))
             try:
                 counts = scrape(metrics_port)
             except OSError:
                 continue
             done = counts.get('gatewatch_events_total{stage="decoded"}', 0) + counts.get("gatewatch_dlq_records_total", 0)
+            if done != last_done:
+                last_done, progressed_at = done, time.monotonic()
             if done and consuming_since is None:
                 consuming_since = time.monotonic()
             if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +11,8 @@ from ops.loadgen import messages_in, schedule
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import registry_from_settings
 from sinks.kafka import read_topic
+from tests.processes import run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_schedule_sends_bursts_at_the_burst_rate():
@@ -38,11 +34,9 @@ def test_no_bursts_is_a_steady_rate():
 def test_loadgen_produces_what_it_reports(kafka_bootstrap, topic_factory, tmp_path):
     topic = topic_factory(partitions=2)
     status = tmp_path / "status.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "loadgen", "--rate", "400", "--duration", "2", "--users", "50",
-         "--dup-ratio", "0.1", "--bad-ratio", "0.05", "--topic", topic, "--status-file", str(status)],
-        cwd=REPO, env={**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap},
-        capture_output=True, text=True, timeout=120)
+    result = run_cli("loadgen", "--rate", "400", "--duration", "2", "--users", "50", "--dup-ratio", "0.1",
+                     "--bad-ratio", "0.05", "--topic", topic, "--status-file", str(status),
+                     env={"GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap}, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["sent"] == 800 == report["valid"] + report["duplicates"] + report["bad"]
@@ -65,8 +59,7 @@ def test_loadgen_produces_what_it_reports(kafka_bootstrap, topic_factory, tmp_pa
 
 @pytest.mark.integration
 def test_bench_e2e_prints_its_table_and_json():
-    result = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "e2e", "--rate", "200", "--duration", "3"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_cli("bench", "e2e", "--rate", "200", "--duration", "3")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     for key in ("sustained_events_per_s", "freshness_p50_s", "freshness_p99_s", "max_lag", "peak_rss_mb",
@@ -77,8 +70,7 @@ def test_bench_e2e_prints_its_table_and_json():
 
 
 def test_bench_stages_names_the_slowest_stage():
-    result = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "stages", "--events", "300", "--repeat", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = run_cli("bench", "stages", "--events", "300", "--repeat", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert set(report["events_per_s"]) == {"decode (Avro)", "validate", "redact", "dedupe", "window", "price",

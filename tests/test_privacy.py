@@ -4,12 +4,9 @@ unconfigured regions to the DLQ) and GDPR export/forget of one user, with the ac
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import uuid
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import s3fs
@@ -24,9 +21,9 @@ from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
 from sinks.clickhouse import ClickHouse, close_chdb
 from sinks.quota import QuotaStore
+from tests.processes import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +53,7 @@ def regional(kafka_bootstrap, flow_topics_env, redis_url, s3_endpoint, tmp_path_
 
 
 def cli(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    return run_cli(*args, env=env)
 
 
 def stored_rows(settings) -> dict[str, dict]:

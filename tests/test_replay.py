@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import random
-import os
 import subprocess
-import sys
 import uuid
 from datetime import date, datetime, timedelta, timezone
-from pathlib import Path
 
 import pytest
 import s3fs
@@ -27,8 +24,8 @@ from schemas.registry import registry_from_settings
 from sinks.clickhouse import ClickHouse, close_chdb
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore
+from tests.processes import run_cli
 
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +64,7 @@ def numbers(settings, expected) -> dict:
 
 
 def replay(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops.cli", "replay", *args], cwd=REPO, env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=300)
+    return run_cli("replay", *args, env=env)
 
 
 def test_replay_into_empty_stores_gives_the_live_numbers_and_a_second_replay_changes_nothing(live):

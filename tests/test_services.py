@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -27,8 +26,8 @@ from confluent_kafka.admin import AdminClient
 
 from ops import services as svc
 from ops.cli_services import services as services_cli
+from tests.processes import run_cli
 
-REPO = Path(__file__).resolve().parents[1]
 # Tests on the session's server fixtures are marked `integration` by conftest; the ones that
 # start servers of their own carry the mark explicitly.
 
@@ -235,9 +234,7 @@ def test_rclone_s3_keeps_objects_on_disk(tmp_path, monkeypatch):
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops.cli_services", *args], cwd=REPO, check=False,
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return run_cli(*args, env=env, timeout=120, module="ops.cli_services")
 
 
 @pytest.mark.integration

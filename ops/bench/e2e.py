@@ -159,7 +159,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings()
     started = []
-    flow = None
+    flow = load = None
     try:
         kafka = services.start_kafka(root / "kafka", kind=broker)
         started.append(kafka)
@@ -189,10 +189,16 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         load = loadgen(env, rate, duration, status_file, extra)
         timeline = []
         load_started = load_finished = None
+        budget_s = 2 * duration + 600
+        give_up_at = time.monotonic() + budget_s
         while True:
             time.sleep(1.0)
             if not flow.alive():
                 raise click.ClickException(f"a flow process died; see {root}/flow-*.log")
+            if load.poll() not in (None, 0):
+                raise click.ClickException(f"loadgen failed with exit code {load.returncode}; see its output above")
+            if time.monotonic() > give_up_at:
+                raise click.ClickException(f"the bench did not finish within {budget_s:.0f} s")
             try:
                 snap = flow.snapshot()
             except (OSError, http.client.HTTPException):
@@ -243,6 +249,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         click.echo(render(result), err=True)
         click.echo(json.dumps(result))
     finally:
+        if load is not None and load.poll() is None:
+            load.kill()
         if flow is not None:
             flow.stop()
         for service in reversed(started):
