@@ -8,9 +8,11 @@ settings come from the environment (see ops/settings.py).
 from __future__ import annotations
 
 import atexit
+import faulthandler
 import hashlib
 import logging
 import os
+import signal
 import time
 from functools import partial
 from typing import Callable
@@ -150,6 +152,8 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
 def from_environment(build: Callable[[Settings], Dataflow]) -> Dataflow:
     """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
     settings = load_settings()
+    # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck flow is waiting on.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     if settings.metrics.port is not None:
         metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
     if settings.metrics.dump_path:

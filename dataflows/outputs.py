@@ -13,7 +13,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
-from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, bucket_of
+from dataflows.state import Batcher, DedupeLogic, UserWindows, WindowLogic, bucket_of
 from ops import metrics
 from ops.logs import get_logger
 from ops.settings import Settings
@@ -226,8 +226,7 @@ def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
     (a redelivered event carries the same user as the original)."""
     buckets = settings.dedupe.buckets
     by_user = op.key_on("dedupe_by_user", events, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
-    seen = op.stateful_batch("dedupe", by_user,
-                             lambda resume: DedupeLogic(resume or SeenIds(settings.dedupe.horizon_s)))
+    seen = op.stateful_batch("dedupe", by_user, partial(DedupeLogic.build, settings.dedupe.horizon_s))
 
     def first_only(item: tuple[str, tuple[bool, dict]]) -> dict | None:
         first, event = item[1]
@@ -244,12 +243,11 @@ def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict
     windows = settings.windows
     buckets = settings.dedupe.buckets
 
-    def build_windows(resume: UserWindows | None) -> WindowLogic:
-        state = resume or UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000),
-                                      windows.late_policy)
-        return WindowLogic(state, windows.flush_interval_s,
-                           idle_s=windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
+    def empty() -> UserWindows:
+        return UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000), windows.late_policy)
 
+    build_windows = partial(WindowLogic.build, empty, windows.flush_interval_s,
+                            windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
     by_user = op.key_on("by_user", unique, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
     outputs = op.key_rm("window_out", op.stateful_batch("windows", by_user, build_windows))
     late_or_totals = op.branch("is_late", outputs, lambda out: out[0] == "late")

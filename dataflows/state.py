@@ -7,6 +7,7 @@ directly; Bytewax snapshots the state object for recovery.
 from __future__ import annotations
 
 import hashlib
+import pickle
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -54,9 +55,24 @@ class SeenIds:
         self.ids.add(digest)
         expires = now + self.horizon_s
         if not self.slices or self.slices[-1][0] + self.slice_s <= expires:
+            if self.slices:
+                self.slices[-1] = (self.slices[-1][0], tuple(self.slices[-1][1]))  # closed: shared by snapshots
             self.slices.append((expires, []))
         self.slices[-1][1].append(digest)
         return True
+
+    def frozen(self) -> tuple:
+        """An immutable copy for a recovery snapshot: closed slices are shared, only the
+        open one is copied, and the lookup set is rebuilt on resume."""
+        return self.horizon_s, self.slice_s, tuple((expires, tuple(ids)) for expires, ids in self.slices)
+
+    @classmethod
+    def thaw(cls, frozen: tuple) -> "SeenIds":
+        horizon_s, slice_s, slices = frozen
+        seen = cls(horizon_s, slice_s, {digest for _expires, ids in slices for digest in ids}, list(slices))
+        if seen.slices:
+            seen.slices[-1] = (seen.slices[-1][0], list(seen.slices[-1][1]))
+        return seen
 
     def evict(self, now: float) -> None:
         while self.slices and self.slices[0][0] <= now:
@@ -74,6 +90,10 @@ class DedupeLogic(StatefulBatchLogic):
         self.seen = seen
         self.clock = clock
 
+    @classmethod
+    def build(cls, horizon_s: float, resume: tuple | None) -> "DedupeLogic":
+        return cls(SeenIds.thaw(resume) if resume is not None else SeenIds(horizon_s))
+
     def on_batch(self, events: list[dict]):
         now = self.clock()
         self.seen.evict(now)
@@ -89,7 +109,8 @@ class DedupeLogic(StatefulBatchLogic):
         return _at(expiry) if expiry is not None else None
 
     def snapshot(self):
-        return self.seen
+        # Bytewax may pickle a snapshot after later batches ran: it must not share live state.
+        return self.seen.frozen()
 
 
 # -- windowed usage totals --------------------------------------------------------------
@@ -170,6 +191,11 @@ class WindowLogic(StatefulBatchLogic):
         self.idle_s = idle_s
         self.clock = clock
 
+    @classmethod
+    def build(cls, empty: Callable[[], UserWindows], flush_interval_s: float, idle_s: float,
+              resume: bytes | None) -> "WindowLogic":
+        return cls(pickle.loads(resume) if resume is not None else empty(), flush_interval_s, idle_s)
+
     def on_batch(self, events: list[dict]):
         now = self.clock()
         late = []
@@ -205,8 +231,9 @@ class WindowLogic(StatefulBatchLogic):
     def notify_at(self):
         return _at(self.state.next_flush_s) if self.state.next_flush_s is not None else None
 
-    def snapshot(self):
-        return self.state
+    def snapshot(self) -> bytes:
+        # Pickled now: Bytewax may pickle a snapshot after later batches changed the state.
+        return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 # -- sink batches -----------------------------------------------------------------------

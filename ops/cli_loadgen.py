@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 from confluent_kafka import Producer
 
-from ops.loadgen import generate, messages_in, schedule
+from ops.loadgen import collect, generate, messages_in, schedule
 from ops.settings import SettingsError, load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
@@ -116,12 +116,7 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     generator = generate(codec, count, dup_ratio, bad_ratio, users=users, pii_ratio=pii_ratio, seed=seed,
                          clock=lambda i: int(start_ms + offsets[i] * 1000),
                          mean_words=(prompt_words, response_words))
-    messages = []
-    try:
-        while True:
-            messages.append(next(generator))
-    except StopIteration as done:
-        expected = done.value
+    messages, expected = collect(generator)
     print(f"loadgen  {count:,} messages generated; sending {rate:,.0f}/s for {duration:g} s"
           + (f", bursts of {burst_factor:g}x for {burst_seconds:g} s every {burst_every:g} s" if burst_every else ""),
           file=sys.stderr, flush=True)

@@ -18,7 +18,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from decimal import Decimal
 from pathlib import Path
 
@@ -26,7 +28,7 @@ import pyarrow.compute as pc
 from confluent_kafka import Producer
 
 from ops import services
-from ops.loadgen import Expected, generate
+from ops.loadgen import Expected, collect, generate
 from ops.recovery import init_recovery
 from ops.settings import Settings
 from schemas.codec import EventCodec, decode_billing_event
@@ -118,69 +120,86 @@ def scrape(port: int) -> dict[str, float]:
 
 
 def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int, workers: int,
-             recovery_dir: Path | None = None, kill_after_s: float | None = None) -> float:
+             recovery_dir: Path | None = None, kill_after_s: float | None = None,
+             feed: Callable[[], object] | None = None) -> float:
     """Run the ingest flow in its own process until it drains the topic, or SIGKILL it
-    kill_after_s after it started consuming; return the seconds it ran."""
+    kill_after_s after it started consuming; return the seconds it ran. `feed`, if given,
+    runs in a thread from the moment the flow's metrics answer, and is waited for."""
     command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
     if recovery_dir is not None:
         command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
     started = time.monotonic()
     consuming_since = None
+    feeder = threading.Thread(target=feed) if feed else None
     last_done, progressed_at = -1.0, started
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-        while proc.poll() is None:
-            time.sleep(0.25)
-            if time.monotonic() - progressed_at > STALL_S:
-                proc.kill()
-                proc.wait()
-                tail = log_path.read_text(errors="replace").splitlines()[-30:]
-                raise RuntimeError(f"the ingest flow made no progress for {STALL_S} s and was stopped:\n"
-                                   + "\n".join(tail))
-            try:
-                counts = scrape(metrics_port)
-            except OSError:
-                continue
-            done = counts.get('gatewatch_events_total{stage="decoded"}', 0) + counts.get("gatewatch_dlq_records_total", 0)
-            if done != last_done:
-                last_done, progressed_at = done, time.monotonic()
-            if done and consuming_since is None:
-                consuming_since = time.monotonic()
-            if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                print(f"\nchaos: killed the ingest flow (pid {proc.pid}) {kill_after_s:.1f} s into consuming",
-                      file=sys.stderr, flush=True)
-                return time.monotonic() - started
-            print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    if proc.returncode != 0:
-        tail = log_path.read_text(errors="replace").splitlines()[-30:]
-        raise RuntimeError("the ingest flow failed:\n" + "\n".join(tail))
-    return time.monotonic() - started
+    try:
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            while proc.poll() is None:
+                time.sleep(0.25)
+                if time.monotonic() - progressed_at > STALL_S:
+                    proc.kill()
+                    proc.wait()
+                    tail = log_path.read_text(errors="replace").splitlines()[-30:]
+                    raise RuntimeError(f"the ingest flow made no progress for {STALL_S} s and was stopped:\n"
+                                       + "\n".join(tail))
+                try:
+                    counts = scrape(metrics_port)
+                except OSError:
+                    continue
+                if feeder and feeder.ident is None:
+                    feeder.start()
+                done = (counts.get('gatewatch_events_total{stage="decoded"}', 0)
+                        + counts.get("gatewatch_dlq_records_total", 0))
+                if done != last_done:
+                    last_done, progressed_at = done, time.monotonic()
+                if done and consuming_since is None:
+                    consuming_since = time.monotonic()
+                if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.wait()
+                    print(f"\nchaos: killed the ingest flow (pid {proc.pid}) {kill_after_s:.1f} s into consuming",
+                          file=sys.stderr, flush=True)
+                    return time.monotonic() - started
+                print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-30:]
+            raise RuntimeError("the ingest flow failed:\n" + "\n".join(tail))
+        return time.monotonic() - started
+    finally:
+        if feeder and feeder.ident is not None:
+            feeder.join()
 
 
 def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bootstrap: str, topic: str,
                    messages, metrics_port: int, recovery_dir: Path) -> tuple[Expected, float]:
-    """Produce in the background while the flow is killed and resumed from recovery
-    options.chaos times, then let a last run drain the topic."""
+    """Kill the flow options.chaos times, each time while it consumes its own share of the
+    events, produced as it runs, and resume it from recovery; then a last run drains the topic."""
     init_recovery(recovery_dir)
     rng = random.Random(options.seed)
-    result: dict = {}
-    producing_s = 4.0 * options.chaos
-    producer = threading.Thread(target=lambda: result.setdefault(
-        "expected", produce(bootstrap, topic, messages, options.events, rate=options.events / producing_s)))
-    producer.start()
+    messages, expected = collect(messages)
+    share = -(-len(messages) // options.chaos)
+    # Each share takes about 3 s to produce, so a kill 0.2-3 s into consuming lands mid-stream.
+    rate = share / 3.0
     started = time.monotonic()
     tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
-    for _ in range(options.chaos):
+    failures: list[Exception] = []
+
+    def feed(chunk: list) -> None:
+        try:
+            produce(bootstrap, topic, iter(chunk), len(chunk), rate=rate)
+        except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
+            failures.append(exc)
+
+    for run in range(options.chaos):
+        chunk = messages[run * share:(run + 1) * share]
         run_flow(tail_env, log_path, metrics_port, options.events, options.workers, recovery_dir,
-                 kill_after_s=rng.uniform(0.2, 3.0))
-    producer.join()
-    if "expected" not in result:
-        raise RuntimeError("producing the demo events failed (see above)")
+                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, chunk))
+        if failures:
+            raise RuntimeError("producing the demo events failed") from failures[0]
     run_flow(env, log_path, metrics_port, options.events, options.workers, recovery_dir)
-    return result["expected"], time.monotonic() - started
+    return expected, time.monotonic() - started
 
 
 def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:

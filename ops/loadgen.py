@@ -141,6 +141,16 @@ def malformed(kind: str, event: dict, codec) -> bytes:
     return json.dumps(broken).encode()
 
 
+def collect(generator) -> tuple[list[tuple[bytes, bytes]], "Expected"]:
+    """Every message of a generate() generator, and what it returns."""
+    messages = []
+    try:
+        while True:
+            messages.append(next(generator))
+    except StopIteration as done:
+        return messages, done.value
+
+
 def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02, users: int = 200,
              pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False,
              late_ratio: float = 0.0, lateness_ms: int = 3_600_000, window_ms: int = 60_000,

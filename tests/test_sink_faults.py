@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import s3fs
 
 from ops import services
 from ops.demo import billing_totals, distinct_sources, produce, read_dlq, scrape
-from ops.loadgen import generate
+from ops.loadgen import collect, generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq
@@ -96,20 +97,20 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
                             stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT)
     try:
         codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
-        messages, expected = generated(generate(codec, EVENTS, seed=5, users=50, late_ratio=0.01))
+        messages, expected = collect(generate(codec, EVENTS, seed=5, users=50, late_ratio=0.01))
         # A quarter of the events before the outages and a quarter during each, so every sink
         # has writes to fail whatever the machine's speed; each server stays down until the
         # flow has failed a write to it.
         quarter = len(messages) // 4
         chunks = [messages[i * quarter:(i + 1) * quarter] for i in range(3)] + [messages[3 * quarter:]]
         rate = EVENTS / 12
-        produce(kafka_bootstrap, topics["events_topic"], replaying(chunks[0]), len(chunks[0]), rate=rate)
+        produce(kafka_bootstrap, topics["events_topic"], iter(chunks[0]), len(chunks[0]), rate=rate)
         wait_until(lambda: scrape(metrics_port).get("gatewatch_events_total", 0) > 0, 60, "the flow never consumed")
         for chunk, (server, sink) in zip(chunks[1:], (("s3", "parquet"), ("clickhouse", "clickhouse"),
                                                       ("redis", "quota"))):
             wait_until(lambda: metric(metrics_port, "gatewatch_sink_rows_total", sink) > 0, 60, f"{sink} never wrote")
             servers[server].down()
-            produce(kafka_bootstrap, topics["events_topic"], replaying(chunk), len(chunk), rate=rate)
+            produce(kafka_bootstrap, topics["events_topic"], iter(chunk), len(chunk), rate=rate)
             wait_until(lambda: metric(metrics_port, "gatewatch_sink_errors_total", sink) > 0, 60,
                        f"no failed {sink} write while {server} was down")
             servers[server].up()
@@ -131,7 +132,8 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
                             "quota_tokens": expected.quota_tokens}
 
         wait_until(landed, 90, lambda: f"the sinks never caught up: {seen}, expected {expected.as_dict()}, "
-                                       f"DLQ: {dlq_codes(kafka_bootstrap, topics['dlq_topic'])}")
+                                       f"DLQ: {dlq_codes(kafka_bootstrap, topics['dlq_topic'])}\n"
+                                       f"{stacks(flow, tmp_path / 'flow.log')}")
         dlq = read_dlq(kafka_bootstrap, topics["dlq_topic"], tmp_path / "dlq.jsonl")
         assert distinct_sources(dlq) == expected.bad + expected.late
         logs = (tmp_path / "flow.log").read_text(errors="replace")
@@ -160,19 +162,13 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
             flow.wait()
 
 
-def generated(generator) -> tuple[list, object]:
-    """The messages of a loadgen generator, and what it expects of them."""
-    messages = []
-    try:
-        while True:
-            messages.append(next(generator))
-    except StopIteration as done:
-        return messages, done.value
-
-
-def replaying(messages: list):
-    """Messages as a generator, the shape ops.demo.produce takes."""
-    yield from messages
+def stacks(flow: subprocess.Popen, log_path) -> str:
+    """What every thread of the flow is doing (dataflows.ingest.from_environment
+    registers the dump on SIGUSR1)."""
+    flow.send_signal(signal.SIGUSR1)
+    time.sleep(1)
+    lines = log_path.read_text(errors="replace").splitlines()
+    return "\n".join(line for line in lines[-300:] if not line.startswith("{"))
 
 
 def dlq_codes(bootstrap: str, topic: str) -> dict[str, int]:

@@ -23,11 +23,42 @@ def test_dedupe_passes_each_id_once_per_horizon():
     out, _ = logic.on_batch([event("a"), event("b"), event("a")])
     assert [first for first, _e in out] == [True, True, False]
     assert logic.notify_at().timestamp() == 1060
-    resumed = DedupeLogic(logic.snapshot(), clock=clock)
+    resumed = DedupeLogic(SeenIds.thaw(logic.snapshot()), clock=clock)
     assert resumed.on_batch([event("b", org="o2"), event("b")])[0][1][0] is False
     clock.now += 61
     assert logic.on_notify() == ([], DedupeLogic.DISCARD)
     assert logic.on_batch([event("a")])[0] == [(True, event("a"))]
+
+
+def test_a_dedupe_snapshot_stays_as_it_was_taken():
+    # Bytewax may pickle a snapshot after later batches ran; a resumed flow must not
+    # believe it has seen ids that arrived after the snapshot.
+    clock = Clock()
+    logic = DedupeLogic(SeenIds(horizon_s=600, slice_s=10), clock=clock)
+    logic.on_batch([event("a")])
+    clock.now += 20  # "b" opens a new slice, "c" joins it
+    logic.on_batch([event("b")])
+    snapshot = logic.snapshot()
+    logic.on_batch([event("c")])
+    clock.now += 20
+    logic.on_batch([event("d")])
+    resumed = DedupeLogic(SeenIds.thaw(snapshot), clock=clock)
+    assert [first for first, _e in resumed.on_batch([event(i) for i in "abcd"])[0]] == [False, False, True, True]
+    assert [first for first, _e in logic.on_batch([event(i) for i in "abcd"])[0]] == [False] * 4
+    assert DedupeLogic.build(600, None).seen.ids == set()
+
+
+def test_a_window_snapshot_stays_as_it_was_taken():
+    clock = Clock()
+    logic = WindowLogic(UserWindows(60_000, 60_000, "dlq"), flush_interval_s=2, idle_s=30, clock=clock)
+    logic.on_batch([event("a", t=60_000)])
+    snapshot = logic.snapshot()
+    logic.on_batch([event("b", t=600_000)])  # moves the user's watermark far ahead
+    resumed = WindowLogic.build(lambda: UserWindows(60_000, 60_000, "dlq"), 2, 30, snapshot)
+    late, _ = resumed.on_batch([event("c", t=61_000)])
+    assert late == []
+    assert [t["n"] for t in resumed.on_notify()[0][0][1]] == [2]
+    assert WindowLogic.build(lambda: UserWindows(60_000, 0, "dlq"), 2, 30, None).state.users == {}
 
 
 def test_buckets_are_stable_and_spread():

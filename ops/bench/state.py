@@ -9,6 +9,7 @@ import random
 import time
 import tracemalloc
 import uuid
+from functools import partial
 
 import bytewax.operators as op
 import click
@@ -32,7 +33,7 @@ def dedupe_bytes_per_key(keys: int) -> tuple[float, float]:
         seen.first(f"org-{i % 7:02d}/{event_id}", now)
     resident = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
-    return resident / keys, len(pickle.dumps(seen)) / keys
+    return resident / keys, len(pickle.dumps(seen.frozen())) / keys
 
 
 def events_for(users: int, count: int, seed: int = 1) -> list[dict]:
@@ -49,11 +50,11 @@ def flow_events_per_s(events: list[dict]) -> tuple[float, int]:
     flow = Dataflow("bench_state")
     stream = op.input("in", flow, TestingSource(events, batch_size=1000))
     keyed = op.key_on("by_user", stream, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", BUCKETS))
-    seen = op.stateful_batch("dedupe", keyed, lambda resume: DedupeLogic(resume or SeenIds(7200)))
+    seen = op.stateful_batch("dedupe", keyed, partial(DedupeLogic.build, 7200))
     unique = op.filter_map("first", seen, lambda item: item[1][1] if item[1][0] else None)
     rekeyed = op.key_on("by_user_again", unique, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", BUCKETS))
-    windows = op.stateful_batch("windows", rekeyed,
-                                lambda resume: WindowLogic(resume or UserWindows(60_000, 3_600_000, "dlq"), 2, 3600))
+    windows = op.stateful_batch("windows", rekeyed, partial(WindowLogic.build,
+                                                            lambda: UserWindows(60_000, 3_600_000, "dlq"), 2, 3600))
     out: list = []
     op.output("out", op.key_rm("unkey", windows), TestingSink(out))
     started = time.perf_counter()
