@@ -1,5 +1,6 @@
-"""Bytewax's KafkaSource, resting a moment after a poll that found nothing, and optionally
-reading a subset of the partitions.
+"""Bytewax's KafkaSource, resting a moment after a poll that found nothing, optionally
+reading a subset of the partitions, and failing with a clear error when the broker cannot
+be reached (Bytewax's own partition listing waits for it forever).
 
 Bytewax polls each partition with a 1 ms timeout in a tight loop, so a caught-up flow
 keeps a core busy (and the broker answering) doing nothing. A partition whose last poll
@@ -13,6 +14,8 @@ from datetime import datetime, timedelta, timezone
 
 from bytewax.connectors.kafka import KafkaSource
 from bytewax.inputs import StatefulSourcePartition
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 
 class _RestingPartition(StatefulSourcePartition):
@@ -39,15 +42,31 @@ class _RestingPartition(StatefulSourcePartition):
 class RestingKafkaSource(KafkaSource):
     """only_partitions, when given, restricts every topic to those partition numbers."""
 
-    def __init__(self, *args, idle_wait_s: float = 0.05, only_partitions: list[int] | None = None, **kwargs):
+    def __init__(self, *args, idle_wait_s: float = 0.05, only_partitions: list[int] | None = None,
+                 list_timeout_s: float = 30.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._idle_wait = timedelta(seconds=idle_wait_s)
         self._only = None if only_partitions is None else set(only_partitions)
+        self._list_timeout_s = list_timeout_s
 
     def list_parts(self) -> list[str]:
-        parts = super().list_parts()
-        # Bytewax names a part "<partition>-<topic>".
-        return parts if self._only is None else [p for p in parts if int(p.split("-", 1)[0]) in self._only]
+        brokers = ",".join(self._brokers)
+        client = AdminClient({"bootstrap.servers": brokers, **self._add_config})
+        parts = []
+        for topic in self._topics:
+            try:
+                found = client.list_topics(topic, timeout=self._list_timeout_s).topics[topic]
+            except KafkaException as exc:
+                raise RuntimeError(f"cannot list the partitions of Kafka topic {topic!r} on {brokers} within "
+                                   f"{self._list_timeout_s:g} s: {exc.args[0].str()} (is kafka.bootstrap right?)"
+                                   ) from None
+            if found.error is not None:
+                raise RuntimeError(f"cannot list the partitions of Kafka topic {topic!r} on {brokers}: "
+                                   f"{found.error.str()}")
+            # Bytewax names a part "<partition>-<topic>".
+            parts.extend(f"{index}-{topic}" for index in found.partitions
+                         if self._only is None or index in self._only)
+        return parts
 
     def build_part(self, step_id: str, for_part: str, resume_state):
         return _RestingPartition(super().build_part(step_id, for_part, resume_state), self._idle_wait)
