@@ -1,7 +1,7 @@
 """Keyed state of the ingest flow: dedupe, window totals and sink batches.
 
 Each Bytewax logic is a thin shell over a plain state object whose methods tests call
-directly; Bytewax snapshots the state object for recovery.
+directly; its recovery snapshot is an immutable copy of that object.
 """
 
 from __future__ import annotations

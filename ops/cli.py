@@ -61,6 +61,8 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     """
     from ops import demo as demo_mod
 
+    if chaos > events:
+        raise click.UsageError(f"--chaos {chaos} needs at least {chaos} events: each killed run consumes its own share")
     keep = data_dir is not None
     root = data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")
     try:

@@ -20,8 +20,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from decimal import Decimal
+from functools import partial
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -179,9 +179,10 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
     init_recovery(recovery_dir)
     rng = random.Random(options.seed)
     messages, expected = collect(messages)
-    share = -(-len(messages) // options.chaos)
+    shares = [messages[len(messages) * run // options.chaos:len(messages) * (run + 1) // options.chaos]
+              for run in range(options.chaos)]
     # Each share takes about 3 s to produce, so a kill 0.2-3 s into consuming lands mid-stream.
-    rate = share / 3.0
+    rate = len(shares[0]) / 3.0
     started = time.monotonic()
     tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
     failures: list[Exception] = []
@@ -192,10 +193,9 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
         except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
             failures.append(exc)
 
-    for run in range(options.chaos):
-        chunk = messages[run * share:(run + 1) * share]
+    for share in shares:
         run_flow(tail_env, log_path, metrics_port, options.events, options.workers, recovery_dir,
-                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, chunk))
+                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, share))
         if failures:
             raise RuntimeError("producing the demo events failed") from failures[0]
     run_flow(env, log_path, metrics_port, options.events, options.workers, recovery_dir)
