@@ -3,10 +3,9 @@ counters and billing events, and the dead-letter queue. Ingest and replay share 
 
 from __future__ import annotations
 
-import functools
 import json
 import time
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Callable
 
 import bytewax.operators as op
@@ -32,7 +31,7 @@ log = get_logger(__name__)
 UNIQUE_EVENTS = metrics.EVENTS.labels(stage="unique")
 
 
-@functools.lru_cache(maxsize=4096)
+@lru_cache(maxsize=4096)
 def token_counters(model: str) -> tuple:
     """The token counters of a model by kind: looking labels up per event costs more than counting."""
     return tuple((metrics.TOKENS.labels(model=model, kind=kind), f"{kind}_tokens") for kind in TOKEN_KINDS)

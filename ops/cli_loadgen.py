@@ -14,6 +14,7 @@ from ops.loadgen import collect, generate, messages_in, schedule
 from ops.settings import SettingsError, load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
+from sinks.kafka import produce_when_room
 
 
 def write_status(path: Path | None, sent: int, done: bool = False) -> None:
@@ -43,12 +44,8 @@ def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], 
             time.sleep(due - now)
         else:
             behind_max = max(behind_max, now - due)
-        while True:
-            try:
-                producer.produce(topic, value, key=key, on_delivery=lambda err, _m: err and failures.append(str(err)))
-                break
-            except BufferError:
-                producer.poll(0.01)
+        produce_when_room(producer, topic, value, key, lambda err, _m: err and failures.append(str(err)),
+                          wait_s=0.01)
         if i % 500 == 0:
             producer.poll(0)
             write_status(status_file, i)

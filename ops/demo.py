@@ -36,7 +36,7 @@ from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
 from sinks.billing import billing_event, latest_versions
 from sinks.clickhouse import ClickHouse, close_chdb
-from sinks.kafka import read_topic
+from sinks.kafka import produce_when_room, read_topic
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore
 
@@ -84,13 +84,7 @@ def produce(bootstrap: str, topic: str, messages, total: int, rate: float | None
     try:
         while True:
             key, value = next(messages)
-            while True:
-                try:
-                    producer.produce(topic, value, key=key,
-                                     on_delivery=lambda err, _m: err and failures.append(str(err)))
-                    break
-                except BufferError:
-                    producer.poll(0.05)
+            produce_when_room(producer, topic, value, key, lambda err, _m: err and failures.append(str(err)))
             sent += 1
             if rate:
                 time.sleep(max(0.0, started + sent / rate - time.monotonic()))

@@ -9,6 +9,17 @@ from typing import Callable, Iterator
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 
+def produce_when_room(producer: Producer, topic: str, value: bytes, key: bytes | None, on_delivery,
+                      wait_s: float = 0.05) -> None:
+    """Produce one message, serving delivery reports while the local queue is full."""
+    while True:
+        try:
+            producer.produce(topic, value, key=key, on_delivery=on_delivery)
+            return
+        except BufferError:
+            producer.poll(wait_s)
+
+
 class TopicWriter:
     def __init__(self, bootstrap: str, topic: str, encode: Callable[[dict], bytes], key_field: str,
                  extra_config: dict | None = None):
@@ -33,12 +44,7 @@ class TopicWriter:
 
         for record in records:
             key = str(record.get(self.key_field) or "").encode() or None
-            while True:
-                try:
-                    self._producer.produce(self.topic, self.encode(record), key=key, on_delivery=on_delivery)
-                    break
-                except BufferError:
-                    self._producer.poll(0.1)
+            produce_when_room(self._producer, self.topic, self.encode(record), key, on_delivery, wait_s=0.1)
         remaining = self._producer.flush(30)
         if remaining or failures:
             raise KafkaException(f"delivery to {self.topic} failed: {remaining} undelivered, errors: {failures[:3]}")

@@ -11,8 +11,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, env: dict | None = None, timeout: float = 300, module: str = "ops.cli",
-            input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, env: dict | None = None, timeout: float = 300,
+            module: str = "ops.cli") -> subprocess.CompletedProcess:
     """``python -m ops.cli ARGS`` with its output captured.
 
     The child gets a session of its own so that a timeout kills everything it started: a
@@ -20,10 +20,10 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 300, module: s
     ``communicate`` waiting forever."""
     command = [sys.executable, "-m", module, *args]
     with subprocess.Popen(command, cwd=REPO, env={**os.environ, **(env or {})}, text=True, start_new_session=True,
-                          stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+                          stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
         try:
-            stdout, stderr = proc.communicate(input, timeout=timeout)
+            stdout, stderr = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             stdout, stderr = proc.communicate()

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
 
 from ops.loadgen import messages_in, schedule
+from ops.settings import Settings
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import registry_from_settings
 from sinks.kafka import read_topic
 from tests.processes import run_cli
-
 
 
 def test_schedule_sends_bursts_at_the_burst_rate():
@@ -43,13 +44,11 @@ def test_loadgen_produces_what_it_reports(kafka_bootstrap, topic_factory, tmp_pa
     assert json.loads(status.read_text()) == {"sent": 800, "done": True}
     assert "sent" in result.stderr
 
-    from ops.settings import Settings
-
     codec = EventCodec(registry_from_settings(Settings().schemas), Settings().validation)
     decoded, bad = [], 0
     for _partition, _offset, value in read_topic(kafka_bootstrap, topic, lambda raw: raw):
         try:
-            decoded.append(codec.decode(value, int(__import__("time").time() * 1000)))
+            decoded.append(codec.decode(value, int(time.time() * 1000)))
         except InvalidEvent:
             bad += 1
     assert len(decoded) + bad == 800 and bad == report["bad"]
