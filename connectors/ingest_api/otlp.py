@@ -1,0 +1,342 @@
+"""OpenTelemetry GenAI spans -> gateway events (pure functions, no I/O).
+
+Input is an OTLP ``ExportTraceServiceRequest`` (protobuf bytes, or OTLP/JSON already
+parsed with ``request_from_json``). Each span becomes a ``Span`` (plain Python values), and
+``span_to_event`` maps one GenAI span to a gateway event dict that ``EventProducer.send``
+accepts, or raises ``SpanRejected`` naming the attribute and the rule. Spans that are not
+GenAI calls (HTTP handlers, DB queries, ...) map to ``None``: the caller counts and drops them.
+
+Token semantics, the trap this module exists for. Our schema's ``input_tokens`` are the
+UNCACHED prompt tokens; cache reads and cache writes are separate, never inside it.
+OpenTelemetry's ``gen_ai.usage.input_tokens`` (like OpenAI's ``prompt_tokens`` and
+OpenInference's ``llm.token_count.prompt``) INCLUDES ``cache_read`` and ``cache_creation``,
+so they are subtracted exactly once. Output tokens include reasoning tokens in every
+convention and in ours, so ``reasoning.output_tokens`` is never added. One naming
+convention is read per span (the first one present, newest first), never a sum of two.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Status
+
+STATUS_ERROR = Status.STATUS_CODE_ERROR
+NS_PER_MS = 1_000_000
+
+# Token attribute names per convention, newest first: (input incl. cache, output incl.
+# reasoning, cache read, cache write).
+TOKEN_CONVENTIONS = (
+    ("semconv", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
+     "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+    ("legacy", "gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens",
+     "gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_creation_input_tokens"),
+    ("openinference", "llm.token_count.prompt", "llm.token_count.completion",
+     "llm.token_count.prompt_details.cache_read", "llm.token_count.prompt_details.cache_write"),
+)
+# The requested name is the price table's key ("gpt-4o-mini"); the response's dated
+# snapshot ("gpt-4o-mini-2024-07-18") is the schema's model_version.
+MODEL_ATTRIBUTES = ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name")
+PROVIDER_ATTRIBUTES = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
+USER_ATTRIBUTES = ("user.id", "enduser.id", "gen_ai.user.id")
+REQUEST_ID_ATTRIBUTES = ("gatewatch.request_id", "http.request.header.x-request-id", "gen_ai.response.id")
+GENAI_MARKERS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system")
+OPENINFERENCE_LLM_KINDS = ("LLM", "EMBEDDING")
+# OpenTelemetry's provider names -> the provider names our price table and dashboards use.
+PROVIDERS = {"aws.bedrock": "bedrock", "gcp.gemini": "google", "gcp.vertex_ai": "google", "gcp.gen_ai": "google",
+             "vertex_ai": "google", "gemini": "google", "azure.ai.openai": "azure", "azure.ai.inference": "azure",
+             "az.ai.openai": "azure", "az.ai.inference": "azure"}
+ENDPOINTS = {"chat": "chat.completions", "text_completion": "completions", "embeddings": "embeddings",
+             "generate_content": "generate_content", "create_agent": "agents", "invoke_agent": "agents",
+             "execute_tool": "tools"}
+DEFAULT_USER = "anonymous"
+_SAFE_CODE = re.compile(r"[^A-Za-z0-9_.:\-]")
+
+
+class SpanRejected(ValueError):
+    """A GenAI span that cannot become an event: ``field`` (the attribute) and ``rule``."""
+
+    def __init__(self, field_name: str, rule: str):
+        super().__init__(f"{field_name}: {rule}")
+        self.field = field_name
+        self.rule = rule
+
+
+@dataclass
+class Span:
+    trace_id: str
+    """32 lowercase hex digits."""
+    span_id: str
+    """16 lowercase hex digits."""
+    name: str
+    start_ns: int
+    end_ns: int
+    status_error: bool
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def get(self, *names: str) -> Any:
+        """The first of ``names`` set on the span, else on its resource, else None."""
+        for source in (self.attributes, self.resource):
+            for name in names:
+                value = source.get(name)
+                if value is not None and value != "":
+                    return value
+        return None
+
+
+# -- OTLP -> Span -------------------------------------------------------------------------
+
+def any_value(value) -> Any:
+    """An OTLP AnyValue as a plain Python value."""
+    kind = value.WhichOneof("value")
+    if kind is None:
+        return None
+    if kind == "array_value":
+        return [any_value(v) for v in value.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: any_value(kv.value) for kv in value.kvlist_value.values}
+    return getattr(value, kind)
+
+
+def attributes(key_values) -> dict[str, Any]:
+    return {kv.key: any_value(kv.value) for kv in key_values}
+
+
+def spans_of(request: ExportTraceServiceRequest):
+    """Every span of an export request, as ``Span``, in order."""
+    for resource_spans in request.resource_spans:
+        resource = attributes(resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                yield Span(trace_id=span.trace_id.hex(), span_id=span.span_id.hex(), name=span.name,
+                           start_ns=span.start_time_unix_nano, end_ns=span.end_time_unix_nano,
+                           status_error=span.status.code == STATUS_ERROR, attributes=attributes(span.attributes),
+                           resource=resource,
+                           events=[(event.name, attributes(event.attributes)) for event in span.events])
+
+
+def request_from_protobuf(body: bytes) -> ExportTraceServiceRequest:
+    request = ExportTraceServiceRequest()
+    request.ParseFromString(body)
+    return request
+
+
+_ID_KEYS = frozenset({"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"})
+
+
+def _ids_to_base64(node: Any) -> Any:
+    """OTLP/JSON writes trace and span ids as hex; protobuf's JSON mapping expects base64."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key in _ID_KEYS and isinstance(value, str):
+                try:
+                    value = base64.b64encode(bytes.fromhex(value)).decode()
+                except ValueError:
+                    raise SpanRejected(key, "must be a hex string") from None
+            else:
+                value = _ids_to_base64(value)
+            out[key] = value
+        return out
+    if isinstance(node, list):
+        return [_ids_to_base64(item) for item in node]
+    return node
+
+
+def request_from_json(document: Any) -> ExportTraceServiceRequest:
+    """An OTLP/JSON export request (already parsed from JSON) as the protobuf message."""
+    from google.protobuf import json_format
+
+    if not isinstance(document, dict):
+        raise SpanRejected("body", "must be an OTLP/JSON ExportTraceServiceRequest object")
+    request = ExportTraceServiceRequest()
+    try:
+        json_format.ParseDict(_ids_to_base64(document), request, ignore_unknown_fields=True)
+    except (json_format.ParseError, binascii.Error) as exc:
+        raise SpanRejected("body", f"not an OTLP/JSON ExportTraceServiceRequest ({str(exc)[:200]})") from None
+    return request
+
+
+# -- Span -> event --------------------------------------------------------------------------
+
+def is_genai(span: Span) -> bool:
+    if any(name in span.attributes for name in GENAI_MARKERS):
+        return True
+    return span.attributes.get("openinference.span.kind") in OPENINFERENCE_LLM_KINDS
+
+
+def _count(span: Span, name: str | None) -> int:
+    if name is None:
+        return 0
+    value = span.get(name)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise SpanRejected(name, "must be a number")
+    if value < 0:
+        raise SpanRejected(name, "must not be negative")
+    return int(value)
+
+
+def token_counts(span: Span) -> dict[str, int]:
+    """The span's usage as our four exclusive token kinds, each counted exactly once."""
+    for _convention, total_in, out, cache_read, cache_write in TOKEN_CONVENTIONS:
+        if span.get(total_in, out, cache_read, cache_write) is None:
+            continue
+        prompt, read, write = _count(span, total_in), _count(span, cache_read), _count(span, cache_write)
+        if prompt < read + write:
+            # A prompt count smaller than its own cached part cannot include it: this
+            # instrumentation reports Anthropic-style exclusive input, keep it as is.
+            uncached = prompt
+        else:
+            uncached = prompt - read - write
+        return {"input_tokens": uncached, "output_tokens": _count(span, out),
+                "cache_read_tokens": read, "cache_write_tokens": write}
+    return {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0}
+
+
+def _text_of_parts(parts: Any) -> list[str]:
+    texts = []
+    for part in parts if isinstance(parts, list) else [parts]:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            for key in ("content", "text", "result", "response"):
+                if isinstance(part.get(key), str):
+                    texts.append(part[key])
+                    break
+            else:
+                if "parts" in part:
+                    texts.extend(_text_of_parts(part["parts"]))
+                elif isinstance(part.get("message"), dict):
+                    texts.extend(_text_of_parts(part["message"]))
+    return texts
+
+
+def messages_text(value: Any) -> str | None:
+    """GenAI messages (a JSON string or structured list, semconv or legacy shape) as
+    ``role: text`` lines; a plain string stays as it is."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return value
+    lines = []
+    for message in value if isinstance(value, list) else [value]:
+        if isinstance(message, dict):
+            body = message.get("parts", message.get("content", message.get("message", message)))
+            text = "\n".join(_text_of_parts(body))
+            role = message.get("role")
+            if not role and isinstance(message.get("message"), dict):
+                role = message["message"].get("role")
+            lines.append(f"{role}: {text}" if role else text)
+        elif isinstance(message, str):
+            lines.append(message)
+    return "\n".join(lines) if lines else None
+
+
+def _indexed_messages(span: Span, prefix: str) -> str | None:
+    """OpenInference's flattened messages: ``llm.input_messages.0.message.content`` ..."""
+    lines = []
+    index = 0
+    while (content := span.attributes.get(f"{prefix}.{index}.message.content")) is not None:
+        role = span.attributes.get(f"{prefix}.{index}.message.role")
+        lines.append(f"{role}: {content}" if role else str(content))
+        index += 1
+    return "\n".join(lines) if lines else None
+
+
+def _from_events(span: Span, attribute: str, legacy_events: tuple[str, ...]) -> str | None:
+    for _name, attrs in span.events:
+        if attrs.get(attribute) is not None:
+            return messages_text(attrs[attribute])
+    lines = []
+    for name, attrs in span.events:
+        if name in legacy_events:
+            text = messages_text(attrs.get("content") or attrs.get("message") or attrs.get("body"))
+            if text:
+                role = name.split(".")[1] if name.endswith(".message") else None
+                lines.append(f"{role}: {text}" if role else text)
+    return "\n".join(lines) if lines else None
+
+
+def prompt_and_response(span: Span) -> tuple[str | None, str | None]:
+    prompt = (messages_text(span.attributes.get("gen_ai.input.messages"))
+              or _from_events(span, "gen_ai.input.messages", ("gen_ai.system.message", "gen_ai.user.message",
+                                                              "gen_ai.assistant.message", "gen_ai.tool.message"))
+              or messages_text(span.attributes.get("gen_ai.prompt"))
+              or _indexed_messages(span, "llm.input_messages")
+              or messages_text(span.attributes.get("input.value")))
+    response = (messages_text(span.attributes.get("gen_ai.output.messages"))
+                or _from_events(span, "gen_ai.output.messages", ("gen_ai.choice",))
+                or messages_text(span.attributes.get("gen_ai.completion"))
+                or _indexed_messages(span, "llm.output_messages")
+                or messages_text(span.attributes.get("output.value")))
+    return prompt, response
+
+
+def event_id(span: Span) -> str:
+    """Deterministic per span: an exporter's retry of the same span is a duplicate."""
+    return f"otel-{span.trace_id}-{span.span_id}"
+
+
+def _text(span: Span, names: tuple[str, ...]) -> str | None:
+    value = span.get(*names)
+    return None if value is None else str(value)
+
+
+def span_to_event(span: Span, org_id: str, region: str) -> dict | None:
+    """One GenAI span as a gateway event for ``org_id``/``region``; None for a span that
+    is not a GenAI call. Raises SpanRejected for a GenAI span that cannot be one."""
+    if not is_genai(span):
+        return None
+    if len(span.trace_id) != 32 or len(span.span_id) != 16 or not int(span.trace_id, 16) or not int(span.span_id, 16):
+        raise SpanRejected("trace_id/span_id", "must be a non-zero 16-byte trace id and 8-byte span id")
+    model = _text(span, MODEL_ATTRIBUTES)
+    if not model:
+        raise SpanRejected("gen_ai.request.model", "required (or gen_ai.response.model)")
+    if span.start_ns <= 0:
+        raise SpanRejected("start_time_unix_nano", "must be set")
+    if span.end_ns < span.start_ns:
+        raise SpanRejected("end_time_unix_nano", "must not be before start_time_unix_nano")
+    provider = (_text(span, PROVIDER_ATTRIBUTES) or "unknown").lower()
+    operation = _text(span, ("gen_ai.operation.name",))
+    error_type = _text(span, ("error.type",))
+    http_status = span.get("http.response.status_code")
+    failed = span.status_error or error_type is not None
+    status_code = int(http_status) if isinstance(http_status, int) and 100 <= http_status <= 599 else (
+        500 if failed else 200)
+    response_model = _text(span, ("gen_ai.response.model",))
+    prompt, response = prompt_and_response(span)
+    stream = span.get("gen_ai.request.stream")
+    return {
+        "event_id": event_id(span),
+        "request_id": _text(span, REQUEST_ID_ATTRIBUTES) or f"{span.trace_id}-{span.span_id}",
+        "event_time": span.start_ns // NS_PER_MS,
+        "user_id": _text(span, USER_ATTRIBUTES) or DEFAULT_USER,
+        "org_id": org_id,
+        "region": region,
+        "provider": PROVIDERS.get(provider, provider),
+        "endpoint": ENDPOINTS.get(operation, operation or "chat.completions"),
+        "model": model,
+        "model_version": response_model if response_model and response_model != model else None,
+        "status_code": status_code,
+        "error_code": (_SAFE_CODE.sub("_", error_type)[:64] or "error") if failed and error_type else (
+            "error" if failed else None),
+        "streaming": stream if isinstance(stream, bool) else False,
+        "latency_ms": (span.end_ns - span.start_ns) // NS_PER_MS,
+        **token_counts(span),
+        "prompt": prompt,
+        "response": response,
+        "conversation_id": _text(span, ("gen_ai.conversation.id", "session.id")),
+    }
