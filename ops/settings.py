@@ -252,6 +252,31 @@ class MetricsSettings(Section):
     """Where a flow process writes its counter totals as JSON when it exits (used by the demo)."""
 
 
+class ApiSettings(Section):
+    """`gatewatch serve`: the HTTP ingestion API (OTLP GenAI spans and JSON events -> Kafka)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(4318, ge=0, lt=65536)
+    workers: int = Field(1, ge=1, le=64)
+    keys_path: str = "./gatewatch-data/api/keys.sqlite"
+    spool_dir: str = "./gatewatch-data/api/spool"
+    """Each worker process takes the first free slot <spool_dir>/w<N>, so a restarted
+    server replays what its predecessor left there."""
+    max_spool_bytes: int = Field(256 << 20, ge=1 << 20)
+    default_region: str = "us"
+    """Region of events when neither the API key nor the event names one."""
+    max_body_bytes: int = Field(8 << 20, ge=1024)
+    max_decompressed_bytes: int = Field(32 << 20, ge=1024)
+    max_items_per_request: int = Field(20_000, ge=1)
+    max_pending: int = Field(200_000, ge=1)
+    """Events accepted but not yet acknowledged by Kafka above which requests get 429."""
+    retry_after_s: int = Field(1, ge=1)
+    key_cache_s: float = Field(2.0, ge=0, le=60)
+    """How long a key lookup is cached: a revoked key stops working within this time."""
+    durable: bool = False
+    """Acknowledge only once the event is on disk (needs EventProducer's durable mode)."""
+
+
 class RegionStorage(Section):
     """Where one region's events are stored; nothing of that region is written elsewhere."""
 
@@ -279,6 +304,7 @@ class Settings(Section):
     """Storage per region. Empty: every region in parquet.root (under region=) and
     clickhouse.database. Once set, a region missing here has its events sent to the DLQ."""
     metrics: MetricsSettings = MetricsSettings()
+    api: ApiSettings = ApiSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

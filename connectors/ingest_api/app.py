@@ -1,0 +1,373 @@
+"""The ingestion API as a plain ASGI application (no framework: six routes, and the
+per-request overhead is what bounds events/s).
+
+Routes: ``POST /v1/traces`` (OTLP/HTTP, protobuf or JSON, gzip/deflate), ``POST /v1/events``
+(gateway events as JSON: an object, an array or NDJSON), ``GET /healthz``, ``GET /readyz``,
+``GET /metrics``. Every response carries ``X-Request-Id`` (the client's, or a new one).
+
+HTTP semantics: 401 without a known key, 403 for a revoked key, 413 over the body limit
+(compressed or not), 415 for an unknown content type, 400 naming the field and the rule
+when nothing in a request is valid, 200 with the rejected items listed (OTLP:
+``partial_success``) when only some are, 429 with ``Retry-After`` while the producer holds
+more than ``max_pending`` unacknowledged events or its spool is nearly full: memory stays
+bounded and nothing is accepted that the spool would have to drop.
+
+What a 2xx means: every accepted event went through ``EventProducer.send`` (validated,
+Avro-encoded, keyed) and is either in librdkafka's queue or appended to the producer's
+disk spool. It survives a broker outage and a restart of ``serve`` (the spool is replayed
+by the next producer on the same spool directory) but NOT a crash (SIGKILL, OOM) of
+``serve`` for events still only in librdkafka's memory, nor a power loss within the
+spool's fsync interval. A producer built with a durable mode (spool written before
+``send`` returns) closes that gap; the app does not change for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from google.protobuf.message import DecodeError
+from google.rpc.status_pb2 import Status as RpcStatus
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from connectors.ingest_api import otlp
+from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked
+from schemas.codec import InvalidEvent
+
+log = logging.getLogger("connectors.ingest_api")
+
+REQUESTS = Counter("gatewatch_api_requests", "HTTP requests answered by the ingestion API", ["route", "status"])
+EVENTS = Counter("gatewatch_api_events", "Events (and GenAI spans) by outcome", ["source", "outcome"])
+SPANS_DROPPED = Counter("gatewatch_api_spans_dropped", "OTLP spans that are not GenAI calls (counted, not stored)")
+ORG_OVERRIDDEN = Counter("gatewatch_api_org_overridden", "Events whose body named another org than the API key's")
+REQUEST_SECONDS = Histogram("gatewatch_api_request_seconds", "Time to answer one request", ["route"],
+                            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+PROTOBUF = "application/x-protobuf"
+JSON = "application/json"
+MAX_LISTED_REJECTIONS = 100
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_FIELD_IN_REASON = re.compile(r"^(?:required field )?([A-Za-z_][A-Za-z0-9_.\[\]]*)")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    default_region: str = "us"
+    """Region of events whose key has none and whose body names none."""
+    max_body_bytes: int = 8 << 20
+    max_decompressed_bytes: int = 32 << 20
+    max_items_per_request: int = 20_000
+    max_pending: int = 200_000
+    """Events accepted but not yet acknowledged by Kafka above which requests get 429."""
+    spool_high_water: float = 0.9
+    """Share of the producer's spool in use above which requests get 429."""
+    retry_after_s: int = 1
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None, headers: tuple = ()):
+        super().__init__(message)
+        self.status, self.message, self.field, self.headers = status, message, field, headers
+
+
+def _field_of(exc: InvalidEvent) -> str | None:
+    match = _FIELD_IN_REASON.match(exc.reason)
+    return match.group(1) if match else None
+
+
+def decompress(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body after Content-Encoding, never more than ``limit`` bytes (a gzip bomb is a 413)."""
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise HttpError(415, f"Content-Encoding {encoding[:20]!r} is not supported (gzip, deflate, identity)")
+    inflater = zlib.decompressobj(wbits=31 if encoding == "gzip" else 15)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise HttpError(400, f"body is not valid {encoding}: {exc}", field="body") from None
+    if len(out) > limit or inflater.unconsumed_tail:
+        raise HttpError(413, f"decompressed body exceeds {limit} bytes")
+    return out
+
+
+def parse_events(body: bytes) -> list:
+    """A JSON object, a JSON array, or NDJSON (one object per line) as a list of items."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError as first:
+        lines = [line for line in body.split(b"\n") if line.strip()]
+        if len(lines) < 2:
+            raise HttpError(400, f"body is not JSON: {first}", field="body") from None
+        items = []
+        for number, line in enumerate(lines, 1):
+            try:
+                items.append(orjson.loads(line))
+            except orjson.JSONDecodeError as exc:
+                raise HttpError(400, f"NDJSON line {number} is not JSON: {exc}", field=f"line {number}") from None
+        return items
+    return document if isinstance(document, list) else [document]
+
+
+class IngestApp:
+    """ASGI app. ``open_producer`` is called once per process at startup (ASGI lifespan,
+    or on the first request): it returns an EventProducer-like object with ``send``,
+    ``pending``, ``spool`` and ``close``."""
+
+    def __init__(self, open_producer: Callable[[], Any], keys: ApiKeyStore, config: ApiConfig = ApiConfig()):
+        self.open_producer = open_producer
+        self.keys = keys
+        self.config = config
+        self.producer = None
+        self.routes = {("POST", "/v1/traces"): self.traces, ("POST", "/v1/events"): self.events,
+                       ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
+                       ("GET", "/metrics"): self.metrics}
+        self._paths = {path for _method, path in self.routes}
+
+    # -- ASGI ------------------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        given = headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        path = scope["path"]
+        route = path if path in self._paths else "other"
+        handler = self.routes.get((scope["method"], path))
+        try:
+            if handler is None:
+                raise HttpError(405 if path in self._paths else 404,
+                                f"{scope['method']} {path[:100]} is not a route of this API")
+            status, content_type, body, extra = await handler(headers, receive, request_id)
+        except HttpError as exc:
+            status, extra = exc.status, exc.headers
+            content_type, body = self._error_body(route, headers, exc, request_id)
+            log.info("request refused: %s", exc.message, extra={"request_id": request_id, "route": route,
+                                                                 "status": status})
+        except Exception:  # noqa: BLE001 - a bug must answer 500 and keep serving
+            log.exception("request failed", extra={"request_id": request_id, "route": route})
+            status, content_type, extra = 500, JSON, ()
+            body = orjson.dumps({"error": "internal error", "request_id": request_id})
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", content_type.encode()), (b"x-request-id", request_id.encode()),
+                                (b"content-length", str(len(body)).encode()),
+                                *((k.encode(), v.encode()) for k, v in extra)]})
+        await send({"type": "http.response.body", "body": body})
+        REQUESTS.labels(route=route, status=str(status)).inc()
+        REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.start()
+                except Exception as exc:  # noqa: BLE001 - reported to the server, which exits
+                    log.exception("ingestion API cannot start")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def start(self) -> None:
+        if self.producer is None:
+            self.producer = self.open_producer()
+
+    def stop(self) -> None:
+        if self.producer is not None:
+            left = self.producer.close()
+            log.info("ingestion API stopped; %s events left in the producer's spool", left)
+            self.producer = None
+
+    @staticmethod
+    def _error_body(route: str, headers: dict, exc: HttpError, request_id: str) -> tuple[str, bytes]:
+        if route == "/v1/traces" and headers.get("content-type", "").startswith(PROTOBUF):
+            return PROTOBUF, RpcStatus(code=3 if exc.status == 400 else 8, message=exc.message).SerializeToString()
+        error = {"error": exc.message, "status": exc.status, "request_id": request_id}
+        if exc.field:
+            error["field"] = exc.field
+        return JSON, orjson.dumps(error)
+
+    # -- shared request steps ------------------------------------------------------------
+
+    def authenticate(self, headers: dict) -> ApiKey:
+        scheme, _, key = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise HttpError(401, "missing API key: send Authorization: Bearer <key>",
+                            headers=(("www-authenticate", "Bearer"),))
+        try:
+            record = self.keys.authenticate(key.strip())
+        except KeyRevoked:
+            raise HttpError(403, "this API key was revoked") from None
+        if record is None:
+            raise HttpError(401, "unknown API key", headers=(("www-authenticate", 'Bearer error="invalid_token"'),))
+        return record
+
+    def admit(self) -> None:
+        """429 while Kafka is not keeping up: bounded memory, and no spool overflow."""
+        if self.producer is None:
+            self.start()
+        pending = self.producer.pending()
+        spool = self.producer.spool
+        if pending >= self.config.max_pending or spool.bytes >= self.config.spool_high_water * spool.max_bytes:
+            EVENTS.labels(source="any", outcome="throttled").inc()
+            raise HttpError(429, f"{pending} events wait for Kafka; retry later",
+                            headers=(("retry-after", str(self.config.retry_after_s)),))
+
+    async def read_body(self, headers: dict, receive) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise HttpError(413, f"body of {declared} bytes exceeds {limit} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"body exceeds {limit} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        return decompress(body, headers.get("content-encoding", "").strip().lower(),
+                          self.config.max_decompressed_bytes)
+
+    def _check_count(self, count: int) -> None:
+        if count > self.config.max_items_per_request:
+            raise HttpError(413, f"{count} items in one request; at most {self.config.max_items_per_request}")
+
+    def _send(self, event: dict, source: str) -> InvalidEvent | None:
+        try:
+            self.producer.send(event)
+        except InvalidEvent as exc:
+            EVENTS.labels(source=source, outcome="rejected").inc()
+            return exc
+        EVENTS.labels(source=source, outcome="accepted").inc()
+        return None
+
+    # -- routes ---------------------------------------------------------------------------
+
+    async def events(self, headers: dict, receive, request_id: str):
+        key = self.authenticate(headers)
+        self.admit()
+        items = parse_events(await self.read_body(headers, receive))
+        self._check_count(len(items))
+        accepted, rejected = 0, []
+        for index, item in enumerate(items):
+            if not isinstance(item, dict):
+                EVENTS.labels(source="json", outcome="rejected").inc()
+                rejected.append({"index": index, "code": "wrong_type", "field": None,
+                                 "reason": f"item {index} is {type(item).__name__}, expected an object"})
+                continue
+            if item.get("org_id") not in (None, key.org_id):
+                ORG_OVERRIDDEN.inc()
+            item["org_id"] = key.org_id
+            if key.region:
+                item["region"] = key.region
+            elif not item.get("region"):
+                item["region"] = self.config.default_region
+            problem = self._send(item, "json")
+            if problem is None:
+                accepted += 1
+            else:
+                rejected.append({"index": index, "code": problem.code, "field": _field_of(problem),
+                                 "reason": problem.reason})
+        if rejected:
+            log.info("%d of %d events rejected", len(rejected), len(items),
+                     extra={"request_id": request_id, "org_id": key.org_id, "first_reason": rejected[0]["reason"]})
+        if rejected and not accepted:
+            first = rejected[0]
+            body = {"error": f"no valid event: {first['reason']}", "status": 400, "field": first["field"],
+                    "code": first["code"], "rejected": rejected[:MAX_LISTED_REJECTIONS],
+                    "request_id": request_id}
+            return 400, JSON, orjson.dumps(body), ()
+        body = {"accepted": accepted, "rejected_count": len(rejected)}
+        if rejected:
+            body["rejected"] = rejected[:MAX_LISTED_REJECTIONS]
+        return 200, JSON, orjson.dumps(body), ()
+
+    async def traces(self, headers: dict, receive, request_id: str):
+        key = self.authenticate(headers)
+        self.admit()
+        content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type not in (PROTOBUF, JSON):
+            raise HttpError(415, f"Content-Type must be {PROTOBUF} or {JSON}")
+        body = await self.read_body(headers, receive)
+        try:
+            if content_type == PROTOBUF:
+                request = otlp.request_from_protobuf(body)
+            else:
+                request = otlp.request_from_json(orjson.loads(body))
+        except DecodeError as exc:
+            raise HttpError(400, f"body is not an OTLP ExportTraceServiceRequest: {exc}", field="body") from None
+        except orjson.JSONDecodeError as exc:
+            raise HttpError(400, f"body is not JSON: {exc}", field="body") from None
+        except otlp.SpanRejected as exc:
+            raise HttpError(400, exc.rule, field=exc.field) from None
+        spans = list(otlp.spans_of(request))
+        self._check_count(len(spans))
+        region = key.region or self.config.default_region
+        accepted, dropped, problems = 0, 0, []
+        for span in spans:
+            try:
+                event = otlp.span_to_event(span, key.org_id, region)
+            except otlp.SpanRejected as exc:
+                EVENTS.labels(source="otlp", outcome="rejected").inc()
+                problems.append(f"span {span.span_id}: {exc.field}: {exc.rule}")
+                continue
+            if event is None:
+                dropped += 1
+                continue
+            problem = self._send(event, "otlp")
+            if problem is None:
+                accepted += 1
+            else:
+                problems.append(f"span {span.span_id}: {problem.reason}")
+        if dropped:
+            SPANS_DROPPED.inc(dropped)
+        if problems:
+            log.info("%d of %d spans rejected", len(problems), len(spans),
+                     extra={"request_id": request_id, "org_id": key.org_id, "first_reason": problems[0]})
+            if not accepted:
+                raise HttpError(400, f"no valid GenAI span: {'; '.join(problems[:5])}")
+        response = ExportTraceServiceResponse()
+        if problems:
+            response.partial_success.rejected_spans = len(problems)
+            response.partial_success.error_message = "; ".join(problems[:20])
+        if content_type == PROTOBUF:
+            return 200, PROTOBUF, response.SerializeToString(), ()
+        partial = ({"partialSuccess": {"rejectedSpans": str(len(problems)),
+                                       "errorMessage": response.partial_success.error_message}}
+                   if problems else {})
+        return 200, JSON, orjson.dumps(partial), ()
+
+    async def healthz(self, headers: dict, receive, request_id: str):
+        return 200, JSON, b'{"status":"ok"}', ()
+
+    async def readyz(self, headers: dict, receive, request_id: str):
+        try:
+            self.admit()
+        except HttpError as exc:
+            return 503, JSON, orjson.dumps({"status": "not ready", "reason": exc.message}), ()
+        return 200, JSON, b'{"status":"ready"}', ()
+
+    async def metrics(self, headers: dict, receive, request_id: str):
+        return 200, CONTENT_TYPE_LATEST, generate_latest(REGISTRY), ()
