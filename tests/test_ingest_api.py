@@ -329,3 +329,15 @@ def test_429_with_retry_after_when_kafka_cannot_keep_up(tmp_path):
         assert httpx.get(f"{server.url}/readyz").status_code == 503
     finally:
         server.stop()
+
+
+def test_bench_api_reports_accepted_events_from_a_real_http_client(kafka_bootstrap):
+    result = run_cli("bench", "api", "--duration", "1", "--warmup", "0", "--events-per-request", "20",
+                     "--concurrency", "2", "--bootstrap", kafka_bootstrap, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for fmt in ("json", "otlp"):
+        figures = report[fmt]
+        assert figures["errors"] == 0 and figures["requests"] > 0
+        assert figures["accepted"] == 20 * (figures["requests"] - figures["throttled"])
+        assert figures["p99_ms"] >= figures["p50_ms"] > 0 and figures["server_cpu_s"] > 0

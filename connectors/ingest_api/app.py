@@ -47,6 +47,7 @@ log = logging.getLogger("connectors.ingest_api")
 
 REQUESTS = Counter("gatewatch_api_requests", "HTTP requests answered by the ingestion API", ["route", "status"])
 EVENTS = Counter("gatewatch_api_events", "Events (and GenAI spans) by outcome", ["source", "outcome"])
+THROTTLED = Counter("gatewatch_api_throttled", "Requests refused with 429 while Kafka is behind")
 SPANS_DROPPED = Counter("gatewatch_api_spans_dropped", "OTLP spans that are not GenAI calls (counted, not stored)")
 ORG_OVERRIDDEN = Counter("gatewatch_api_org_overridden", "Events whose body named another org than the API key's")
 REQUEST_SECONDS = Histogram("gatewatch_api_request_seconds", "Time to answer one request", ["route"],
@@ -227,7 +228,7 @@ class IngestApp:
         pending = self.producer.pending()
         spool = self.producer.spool
         if pending >= self.config.max_pending or spool.bytes >= self.config.spool_high_water * spool.max_bytes:
-            EVENTS.labels(source="any", outcome="throttled").inc()
+            THROTTLED.inc()
             raise HttpError(429, f"{pending} events wait for Kafka; retry later",
                             headers=(("retry-after", str(self.config.retry_after_s)),))
 
@@ -254,14 +255,20 @@ class IngestApp:
         if count > self.config.max_items_per_request:
             raise HttpError(413, f"{count} items in one request; at most {self.config.max_items_per_request}")
 
-    def _send(self, event: dict, source: str) -> InvalidEvent | None:
+    def _send(self, event: dict) -> InvalidEvent | None:
         try:
             self.producer.send(event)
         except InvalidEvent as exc:
-            EVENTS.labels(source=source, outcome="rejected").inc()
             return exc
-        EVENTS.labels(source=source, outcome="accepted").inc()
         return None
+
+    @staticmethod
+    def _count(source: str, accepted: int, rejected: int) -> None:
+        # Once per request, not per event: a labelled inc() costs as much as a small event.
+        if accepted:
+            EVENTS.labels(source=source, outcome="accepted").inc(accepted)
+        if rejected:
+            EVENTS.labels(source=source, outcome="rejected").inc(rejected)
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -273,7 +280,6 @@ class IngestApp:
         accepted, rejected = 0, []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                EVENTS.labels(source="json", outcome="rejected").inc()
                 rejected.append({"index": index, "code": "wrong_type", "field": None,
                                  "reason": f"item {index} is {type(item).__name__}, expected an object"})
                 continue
@@ -284,12 +290,13 @@ class IngestApp:
                 item["region"] = key.region
             elif not item.get("region"):
                 item["region"] = self.config.default_region
-            problem = self._send(item, "json")
+            problem = self._send(item)
             if problem is None:
                 accepted += 1
             else:
                 rejected.append({"index": index, "code": problem.code, "field": _field_of(problem),
                                  "reason": problem.reason})
+        self._count("json", accepted, len(rejected))
         if rejected:
             log.info("%d of %d events rejected", len(rejected), len(items),
                      extra={"request_id": request_id, "org_id": key.org_id, "first_reason": rejected[0]["reason"]})
@@ -330,17 +337,17 @@ class IngestApp:
             try:
                 event = otlp.span_to_event(span, key.org_id, region)
             except otlp.SpanRejected as exc:
-                EVENTS.labels(source="otlp", outcome="rejected").inc()
                 problems.append(f"span {span.span_id}: {exc.field}: {exc.rule}")
                 continue
             if event is None:
                 dropped += 1
                 continue
-            problem = self._send(event, "otlp")
+            problem = self._send(event)
             if problem is None:
                 accepted += 1
             else:
                 problems.append(f"span {span.span_id}: {problem.reason}")
+        self._count("otlp", accepted, len(problems))
         if dropped:
             SPANS_DROPPED.inc(dropped)
         if problems:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Status
@@ -97,6 +98,8 @@ class Span:
 def any_value(value) -> Any:
     """An OTLP AnyValue as a plain Python value."""
     kind = value.WhichOneof("value")
+    if kind == "string_value":  # most attributes; the getattr below costs more
+        return value.string_value
     if kind is None:
         return None
     if kind == "array_value":
@@ -227,9 +230,11 @@ def messages_text(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str):
+        if not value.startswith(("[", "{")):
+            return value
         try:
-            value = json.loads(value)
-        except ValueError:
+            value = orjson.loads(value)
+        except orjson.JSONDecodeError:
             return value
     lines = []
     for message in value if isinstance(value, list) else [value]:
