@@ -158,6 +158,15 @@ def test_prompt_and_response_from_legacy_span_events():
     assert event["prompt"] == "system: Be brief\nuser: What is 2+2?" and event["response"] == "assistant: 4"
 
 
+def test_openinference_requested_model_from_invocation_parameters():
+    span = Span(TRACE, SPAN, "ChatCompletion", NOW_NS - 10**9, NOW_NS, False,
+                {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-mini-2024-07-18", "llm.provider": "openai",
+                 "llm.invocation_parameters": json.dumps({"model": "gpt-4o-mini", "temperature": 0})}, {})
+    event = span_to_event(span, "o", "us")
+    assert (event["model"], event["model_version"], event["provider"]) == (
+        "gpt-4o-mini", "gpt-4o-mini-2024-07-18", "openai")
+
+
 def test_prompt_from_openinference_flattened_messages():
     span = genai_span({"llm.input_messages.0.message.role": "user", "llm.input_messages.0.message.content": "q",
                        "llm.output_messages.0.message.role": "assistant",

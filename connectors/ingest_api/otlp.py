@@ -44,6 +44,7 @@ TOKEN_CONVENTIONS = (
 # The requested name is the price table's key ("gpt-4o-mini"); the response's dated
 # snapshot ("gpt-4o-mini-2024-07-18") is the schema's model_version.
 MODEL_ATTRIBUTES = ("gen_ai.request.model", "gen_ai.response.model", "llm.model_name")
+RESPONSE_MODEL_ATTRIBUTES = ("gen_ai.response.model", "llm.model_name")
 PROVIDER_ATTRIBUTES = ("gen_ai.provider.name", "gen_ai.system", "llm.provider", "llm.system")
 USER_ATTRIBUTES = ("user.id", "enduser.id", "gen_ai.user.id")
 REQUEST_ID_ATTRIBUTES = ("gatewatch.request_id", "http.request.header.x-request-id", "gen_ai.response.id")
@@ -300,6 +301,18 @@ def _text(span: Span, names: tuple[str, ...]) -> str | None:
     return None if value is None else str(value)
 
 
+def _invocation_model(span: Span) -> str | None:
+    """OpenInference puts the requested model in the JSON of llm.invocation_parameters."""
+    parameters = span.attributes.get("llm.invocation_parameters")
+    if not isinstance(parameters, str) or '"model"' not in parameters:
+        return None
+    try:
+        model = orjson.loads(parameters).get("model")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return model if isinstance(model, str) and model else None
+
+
 def span_to_event(span: Span, org_id: str, region: str) -> dict | None:
     """One GenAI span as a gateway event for ``org_id``/``region``; None for a span that
     is not a GenAI call. Raises SpanRejected for a GenAI span that cannot be one."""
@@ -307,7 +320,7 @@ def span_to_event(span: Span, org_id: str, region: str) -> dict | None:
         return None
     if len(span.trace_id) != 32 or len(span.span_id) != 16 or not int(span.trace_id, 16) or not int(span.span_id, 16):
         raise SpanRejected("trace_id/span_id", "must be a non-zero 16-byte trace id and 8-byte span id")
-    model = _text(span, MODEL_ATTRIBUTES)
+    model = _text(span, ("gen_ai.request.model",)) or _invocation_model(span) or _text(span, MODEL_ATTRIBUTES)
     if not model:
         raise SpanRejected("gen_ai.request.model", "required (or gen_ai.response.model)")
     if span.start_ns <= 0:
@@ -321,7 +334,7 @@ def span_to_event(span: Span, org_id: str, region: str) -> dict | None:
     failed = span.status_error or error_type is not None
     status_code = int(http_status) if isinstance(http_status, int) and 100 <= http_status <= 599 else (
         500 if failed else 200)
-    response_model = _text(span, ("gen_ai.response.model",))
+    response_model = _text(span, RESPONSE_MODEL_ATTRIBUTES)
     prompt, response = prompt_and_response(span)
     stream = span.get("gen_ai.request.stream")
     return {
