@@ -111,7 +111,18 @@ def any_value(value) -> Any:
 
 
 def attributes(key_values) -> dict[str, Any]:
-    return {kv.key: any_value(kv.value) for kv in key_values}
+    out = {}
+    for kv in key_values:
+        value = kv.value
+        kind = value.WhichOneof("value")
+        # Strings and ints are nearly every GenAI attribute: read them without a call.
+        if kind == "string_value":
+            out[kv.key] = value.string_value
+        elif kind == "int_value":
+            out[kv.key] = value.int_value
+        else:
+            out[kv.key] = any_value(value)
+    return out
 
 
 def spans_of(request: ExportTraceServiceRequest):

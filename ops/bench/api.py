@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,4 +239,6 @@ def api(formats, events_per_request, concurrency, duration, warmup, server, work
                 proc.wait()
         if kafka is not None:
             kafka.stop()
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
     click.echo(json.dumps(results, sort_keys=True))
