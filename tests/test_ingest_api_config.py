@@ -24,3 +24,38 @@ def test_api_settings_reject_bad_values():
 
     with pytest.raises(SettingsError, match="api.max_pending"):
         load_settings(environ={"GATEWATCH_API__MAX_PENDING": "0"}, use_service_state=False)
+
+
+def test_each_worker_takes_its_own_spool_slot_and_a_restart_reuses_it(tmp_path):
+    from ops.cli_api import open_producer
+
+    settings = load_settings(environ={"GATEWATCH_KAFKA__BOOTSTRAP": "127.0.0.1:1",
+                                      "GATEWATCH_API__SPOOL_DIR": str(tmp_path / "spool")}, use_service_state=False)
+    first, second = open_producer(settings), open_producer(settings)
+    try:
+        assert (first.spool.directory.name, second.spool.directory.name) == ("w0", "w1")
+    finally:
+        second.close(0)
+    third = open_producer(settings)
+    try:
+        assert third.spool.directory.name == "w1"
+    finally:
+        first.close(0)
+        third.close(0)
+
+
+def test_durable_mode_is_refused_until_the_producer_has_one(tmp_path):
+    import inspect
+
+    import pytest
+
+    from connectors.producer import EventProducer
+    from ops.cli_api import open_producer
+
+    settings = load_settings(environ={"GATEWATCH_KAFKA__BOOTSTRAP": "127.0.0.1:1", "GATEWATCH_API__DURABLE": "true",
+                                      "GATEWATCH_API__SPOOL_DIR": str(tmp_path / "spool")}, use_service_state=False)
+    if "durable" in inspect.signature(EventProducer).parameters:
+        open_producer(settings).close(0)
+    else:
+        with pytest.raises(RuntimeError, match="no durable mode"):
+            open_producer(settings)
