@@ -91,12 +91,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def api(kafka_bootstrap, topic_factory, tmp_path_factory):
-    topic = topic_factory(prefix="api")
+    topic, dlq_topic = topic_factory(prefix="api"), topic_factory(prefix="api-dlq")
     server = Server(tmp_path_factory.mktemp("api"), {
         "GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__EVENTS_TOPIC": topic,
+        "GATEWATCH_KAFKA__DLQ_TOPIC": dlq_topic,
         "GATEWATCH_API__KEY_CACHE_S": "0.5", "GATEWATCH_API__MAX_BODY_BYTES": str(256 * 1024),
         "GATEWATCH_API__MAX_DECOMPRESSED_BYTES": str(1024 * 1024)})
-    server.topic = topic
+    server.topic, server.dlq_topic = topic, dlq_topic
     server.key = server.create_key("acme", "eu")
     yield server
     server.stop()
@@ -205,7 +206,11 @@ def test_otlp_json_with_one_bad_span_is_a_partial_success(api, kafka_bootstrap):
     chat = next(span for span in spans if span.name.startswith("chat gpt"))
     found = _wait_for(kafka_bootstrap, api.topic, {_event_id(chat)})
     assert found[_event_id(chat)][0]["cache_read_tokens"] == 1536
-    assert _event_id(next(s for s in spans if s.name == "chat claude")) not in found
+    claude = next(s for s in spans if s.name == "chat claude")
+    assert _event_id(claude) not in found
+    [record] = _dlq_by_request(kafka_bootstrap, api.dlq_topic, "req-json-1", 1)
+    assert (record["code"], record["event_id"]) == ("invalid_span", _event_id(claude))
+    assert "gen_ai.request.model" in record["reason"]
 
 
 def test_otlp_protobuf_all_bad_is_400_with_a_status(api):
@@ -269,6 +274,36 @@ def test_bad_events_get_400_with_field_and_rule_or_a_partial_200(api, kafka_boot
     assert httpx.post(f"{api.url}/v1/events", content=b"{not json", headers=headers).status_code == 400
     found = _wait_for(kafka_bootstrap, api.topic, {good["event_id"]})
     assert good["event_id"] in found and missing_model["event_id"] not in found
+
+
+def _dlq_by_request(bootstrap: str, topic: str, request_id: str, count: int) -> list[dict]:
+    from schemas.dlq import decode_dlq
+    from sinks.kafka import read_topic
+
+    deadline = time.monotonic() + 30
+    while True:
+        found = [record for _p, _o, record in read_topic(bootstrap, topic, decode_dlq)
+                 if record["request_id"] == request_id]
+        if len(found) >= count or time.monotonic() > deadline:
+            return sorted(found, key=lambda r: r["dlq_id"])
+        time.sleep(0.3)
+
+
+def test_rejected_input_leaves_a_dlq_record_without_its_text(api, kafka_bootstrap):
+    headers = {"Authorization": f"Bearer {api.key}", "X-Request-Id": "req-dlq-1"}
+    bad = _event(12, prompt="mail me at ana.secret@example.com", input_tokens=-1)
+    assert httpx.post(f"{api.url}/v1/events", json=[bad, _event(13)], headers=headers).status_code == 200
+    unreadable = {**headers, "X-Request-Id": "req-dlq-2"}
+    assert httpx.post(f"{api.url}/v1/events", content=b"{not json", headers=unreadable).status_code == 400
+    [record] = _dlq_by_request(kafka_bootstrap, api.dlq_topic, "req-dlq-1", 1)
+    assert (record["stage"], record["code"], record["event_id"], record["dlq_id"]) == (
+        "api", "out_of_range", bad["event_id"], "api:req-dlq-1:0")
+    assert "input_tokens" in record["reason"]
+    assert record["original"] is None and record["text_withheld"] and record["original_size"] > 0
+    [body_record] = _dlq_by_request(kafka_bootstrap, api.dlq_topic, "req-dlq-2", 1)
+    assert body_record["code"] == "bad_body" and body_record["original"] is None
+    raw = b"".join(msg.value() for msg in consume(kafka_bootstrap, api.dlq_topic))
+    assert b"ana.secret" not in raw
 
 
 def test_keys_401_403_and_revocation_within_seconds(api):

@@ -10,7 +10,8 @@ HTTP semantics: 401 without a known key, 403 for a revoked key, 413 over the bod
 when nothing in a request is valid, 200 with the rejected items listed (OTLP:
 ``partial_success``) when only some are, 429 with ``Retry-After`` while the producer holds
 more than ``max_pending`` unacknowledged events or its spool is nearly full: memory stays
-bounded and nothing is accepted that the spool would have to drop.
+bounded and nothing is accepted that the spool would have to drop. Each rejected item and
+each unreadable body also gets a DLQ record (see ``dead_letters``).
 
 What a 2xx means: every accepted event went through ``EventProducer.send`` (validated,
 Avro-encoded, keyed) and is either in librdkafka's queue or appended to the producer's
@@ -23,6 +24,7 @@ spool's fsync interval. A producer built with a durable mode (spool written befo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -40,6 +42,7 @@ from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from connectors.ingest_api import otlp
+from connectors.ingest_api.dead_letters import rejection
 from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked
 from schemas.codec import InvalidEvent
 
@@ -122,13 +125,17 @@ def parse_events(body: bytes) -> list:
 class IngestApp:
     """ASGI app. ``open_producer`` is called once per process at startup (ASGI lifespan,
     or on the first request): it returns an EventProducer-like object with ``send``,
-    ``pending``, ``spool`` and ``close``."""
+    ``pending``, ``spool`` and ``close``. ``open_dead_letters`` (optional) returns a
+    DeadLetters for the DLQ records of rejected input."""
 
-    def __init__(self, open_producer: Callable[[], Any], keys: ApiKeyStore, config: ApiConfig = ApiConfig()):
+    def __init__(self, open_producer: Callable[[], Any], keys: ApiKeyStore, config: ApiConfig = ApiConfig(),
+                 open_dead_letters: Callable[[], Any] | None = None):
         self.open_producer = open_producer
+        self.open_dead_letters = open_dead_letters
         self.keys = keys
         self.config = config
         self.producer = None
+        self.dead_letters = None
         self.routes = {("POST", "/v1/traces"): self.traces, ("POST", "/v1/events"): self.events,
                        ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
                        ("GET", "/metrics"): self.metrics}
@@ -190,8 +197,13 @@ class IngestApp:
     def start(self) -> None:
         if self.producer is None:
             self.producer = self.open_producer()
+        if self.dead_letters is None and self.open_dead_letters is not None:
+            self.dead_letters = self.open_dead_letters()
 
     def stop(self) -> None:
+        if self.dead_letters is not None:
+            self.dead_letters.close()
+            self.dead_letters = None
         if self.producer is not None:
             left = self.producer.close()
             log.info("ingestion API stopped; %s events left in the producer's spool", left)
@@ -262,6 +274,10 @@ class IngestApp:
             return exc
         return None
 
+    def _dead_letter(self, records: list[dict], org_id: str) -> None:
+        if records and self.dead_letters is not None:
+            self.dead_letters.send(records, org_id)
+
     @staticmethod
     def _count(source: str, accepted: int, rejected: int) -> None:
         # Once per request, not per event: a labelled inc() costs as much as a small event.
@@ -275,13 +291,17 @@ class IngestApp:
     async def events(self, headers: dict, receive, request_id: str):
         key = self.authenticate(headers)
         self.admit()
-        items = parse_events(await self.read_body(headers, receive))
+        body = await self.read_body(headers, receive)
+        with self._dead_lettered(request_id, key.org_id, body):
+            items = parse_events(body)
         self._check_count(len(items))
-        accepted, rejected = 0, []
+        accepted, rejected, letters = 0, [], []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
-                rejected.append({"index": index, "code": "wrong_type", "field": None,
-                                 "reason": f"item {index} is {type(item).__name__}, expected an object"})
+                reason = f"item {index} is {type(item).__name__}, expected an object"
+                rejected.append({"index": index, "code": "wrong_type", "field": None, "reason": reason})
+                letters.append(rejection(code="wrong_type", reason=reason, request_id=request_id, index=index,
+                                         original=orjson.dumps(item), event_id=None))
                 continue
             if item.get("org_id") not in (None, key.org_id):
                 ORG_OVERRIDDEN.inc()
@@ -296,7 +316,12 @@ class IngestApp:
             else:
                 rejected.append({"index": index, "code": problem.code, "field": _field_of(problem),
                                  "reason": problem.reason})
+                event_id = item.get("event_id")
+                letters.append(rejection(code=problem.code, reason=problem.reason, request_id=request_id,
+                                         index=index, original=orjson.dumps(item),
+                                         event_id=event_id if isinstance(event_id, str) else None))
         self._count("json", accepted, len(rejected))
+        self._dead_letter(letters, key.org_id)
         if rejected:
             log.info("%d of %d events rejected", len(rejected), len(items),
                      extra={"request_id": request_id, "org_id": key.org_id, "first_reason": rejected[0]["reason"]})
@@ -318,26 +343,20 @@ class IngestApp:
         if content_type not in (PROTOBUF, JSON):
             raise HttpError(415, f"Content-Type must be {PROTOBUF} or {JSON}")
         body = await self.read_body(headers, receive)
-        try:
-            if content_type == PROTOBUF:
-                request = otlp.request_from_protobuf(body)
-            else:
-                request = otlp.request_from_json(orjson.loads(body))
-        except DecodeError as exc:
-            raise HttpError(400, f"body is not an OTLP ExportTraceServiceRequest: {exc}", field="body") from None
-        except orjson.JSONDecodeError as exc:
-            raise HttpError(400, f"body is not JSON: {exc}", field="body") from None
-        except otlp.SpanRejected as exc:
-            raise HttpError(400, exc.rule, field=exc.field) from None
+        with self._dead_lettered(request_id, key.org_id, body):
+            request = self._decode_traces(body, content_type)
         spans = list(otlp.spans_of(request))
         self._check_count(len(spans))
         region = key.region or self.config.default_region
-        accepted, dropped, problems = 0, 0, []
-        for span in spans:
+        accepted, dropped, problems, letters = 0, 0, [], []
+        for index, span in enumerate(spans):
             try:
                 event = otlp.span_to_event(span, key.org_id, region)
             except otlp.SpanRejected as exc:
                 problems.append(f"span {span.span_id}: {exc.field}: {exc.rule}")
+                letters.append(rejection(code="invalid_span", reason=f"{exc.field}: {exc.rule}",
+                                         request_id=request_id, index=index, original=None,
+                                         event_id=otlp.event_id(span)))
                 continue
             if event is None:
                 dropped += 1
@@ -347,7 +366,10 @@ class IngestApp:
                 accepted += 1
             else:
                 problems.append(f"span {span.span_id}: {problem.reason}")
+                letters.append(rejection(code=problem.code, reason=problem.reason, request_id=request_id,
+                                         index=index, original=None, event_id=event["event_id"]))
         self._count("otlp", accepted, len(problems))
+        self._dead_letter(letters, key.org_id)
         if dropped:
             SPANS_DROPPED.inc(dropped)
         if problems:
@@ -365,6 +387,30 @@ class IngestApp:
                                        "errorMessage": response.partial_success.error_message}}
                    if problems else {})
         return 200, JSON, orjson.dumps(partial), ()
+
+    @staticmethod
+    def _decode_traces(body: bytes, content_type: str):
+        try:
+            if content_type == PROTOBUF:
+                return otlp.request_from_protobuf(body)
+            return otlp.request_from_json(orjson.loads(body))
+        except DecodeError as exc:
+            raise HttpError(400, f"body is not an OTLP ExportTraceServiceRequest: {exc}", field="body") from None
+        except orjson.JSONDecodeError as exc:
+            raise HttpError(400, f"body is not JSON: {exc}", field="body") from None
+        except otlp.SpanRejected as exc:
+            raise HttpError(400, exc.rule, field=exc.field) from None
+
+    @contextlib.contextmanager
+    def _dead_lettered(self, request_id: str, org_id: str, body: bytes):
+        """A body that cannot be read at all gets one DLQ record (and its 400)."""
+        try:
+            yield
+        except HttpError as exc:
+            if exc.status == 400:
+                self._dead_letter([rejection(code="bad_body", reason=exc.message, request_id=request_id, index=0,
+                                             original=body, event_id=None)], org_id)
+            raise
 
     async def healthz(self, headers: dict, receive, request_id: str):
         return 200, JSON, b'{"status":"ok"}', ()
