@@ -232,8 +232,9 @@ def test_only_non_genai_spans_is_an_empty_success(api):
                           headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/x-protobuf"})
     assert response.status_code == 200
     assert not ExportTraceServiceResponse.FromString(response.content).HasField("partial_success")
-    metrics = httpx.get(f"{api.url}/metrics").text
-    assert "gatewatch_api_spans_dropped_total" in metrics
+    dropped = [line for line in httpx.get(f"{api.url}/metrics").text.splitlines()
+               if line.startswith("gatewatch_api_spans_dropped_total ")]
+    assert dropped and float(dropped[0].split()[1]) >= 1
 
 
 def _event(i: int, **fields) -> dict:
@@ -340,9 +341,11 @@ def test_health_readiness_metrics_and_json_logs(api):
     assert httpx.get(f"{api.url}/nowhere").status_code == 404
     assert httpx.get(f"{api.url}/v1/events").status_code == 405
     httpx.post(f"{api.url}/v1/events", json=_event(11), headers={"X-Request-Id": "req-unauth-1"})
+    httpx.post(f"{api.url}/v1/events", json=_event(14), headers={"Authorization": f"Bearer {api.key}"})
     metrics = httpx.get(f"{api.url}/metrics").text
     assert 'gatewatch_api_requests_total{route="/v1/events",status="401"}' in metrics
-    assert 'gatewatch_api_events_total{outcome="accepted",source="otlp"}' in metrics
+    assert 'gatewatch_api_events_total{outcome="accepted",source="json"}' in metrics
+    assert "gatewatch_producer_sent_total" in metrics
     deadline = time.monotonic() + 5
     while not any(line.get("request_id") == "req-unauth-1" and line.get("status") == 401 for line in api.logs()):
         assert time.monotonic() < deadline, api.log_path.read_text()[-2000:]
