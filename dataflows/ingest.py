@@ -157,7 +157,8 @@ def from_environment(build: Callable[[Settings], Dataflow]) -> Dataflow:
     # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck flow is waiting on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if settings.metrics.port is not None:
-        metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
+        index = int(os.environ.get("BYTEWAX_PROCESS_ID", 0)) if settings.metrics.offset_by_process else 0
+        metrics.serve(settings.metrics.port + index, settings.metrics.host)
     if settings.metrics.dump_path:
         atexit.register(metrics.dump_counters, settings.metrics.dump_path)
     return build(settings)

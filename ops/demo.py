@@ -187,11 +187,12 @@ def read_counters(path: Path, processes: int) -> dict[str, float]:
 
 def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int, workers: int,
              recovery_dir: Path | None = None, kill_after_s: float | None = None,
-             feed: Callable[[], object] | None = None, processes: int = 1, victim: int = 0) -> float:
+             feed: Callable[[], object] | None = None, processes: int = 1, victim: int = 0,
+             consuming: threading.Event | None = None) -> float:
     """Run the ingest flow (`processes` of them as a cluster) until it drains the topic, or
     SIGKILL process `victim` kill_after_s after it started consuming; return the seconds it
     ran. `feed`, if given, runs in a thread from the moment the flow's metrics answer, and is
-    waited for."""
+    waited for; `consuming` is set once the flow has consumed something."""
     started = time.monotonic()
     consuming_since = None
     feeder = threading.Thread(target=feed) if feed else None
@@ -215,6 +216,8 @@ def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int,
                 last_done, progressed_at = done, time.monotonic()
             if done and consuming_since is None:
                 consuming_since = time.monotonic()
+                if consuming is not None:
+                    consuming.set()
             if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:
                 cluster.kill(victim)
                 print(f"\nchaos: killed flow process {victim} of {processes} (pid {cluster.procs[victim].pid}) "
@@ -231,6 +234,8 @@ def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int,
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+        if consuming is not None:
+            consuming.set()  # a flow that failed before consuming must not keep the feeder waiting
         if feeder and feeder.ident is not None:
             feeder.join()
 
@@ -244,22 +249,28 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
     messages, expected = collect(messages)
     shares = [messages[len(messages) * run // options.chaos:len(messages) * (run + 1) // options.chaos]
               for run in range(options.chaos)]
-    # Each share takes about 3 s to produce, so a kill 0.2-3 s into consuming lands mid-stream.
+    # A tenth of each share is there when the flow starts; the rest takes about 3 s to produce
+    # from the moment it consumes, so a kill 0.2-3 s into consuming lands mid-stream (a flow
+    # still loading its redactor would otherwise find the whole share waiting).
     rate = len(shares[0]) / 3.0
     started = time.monotonic()
     tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
     failures: list[Exception] = []
 
-    def feed(chunk: list) -> None:
+    def feed(chunk: list, consuming: threading.Event) -> None:
+        head = max(1, len(chunk) // 10)
         try:
-            produce(bootstrap, topic, iter(chunk), len(chunk), rate=rate)
+            produce(bootstrap, topic, iter(chunk[:head]), head)
+            consuming.wait(STALL_S)
+            produce(bootstrap, topic, iter(chunk[head:]), len(chunk) - head, rate=rate)
         except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
             failures.append(exc)
 
     for share in shares:
+        consuming = threading.Event()
         run_flow(tail_env, log_path, metrics_port, options.events, options.workers, recovery_dir,
-                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, share), processes=options.processes,
-                 victim=rng.randrange(options.processes))
+                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, share, consuming), consuming=consuming,
+                 processes=options.processes, victim=rng.randrange(options.processes))
         if failures:
             raise RuntimeError("producing the demo events failed") from failures[0]
     run_flow(env, log_path, metrics_port, options.events, options.workers, recovery_dir,
