@@ -66,6 +66,8 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     """
     from ops import demo as demo_mod
 
+    if restart_processes and not chaos:
+        raise click.UsageError("--restart-processes is the process count after the --chaos kills; it needs --chaos")
     if chaos > events:
         raise click.UsageError(f"--chaos {chaos} needs at least {chaos} events: each killed run consumes its own share")
     keep = data_dir is not None
