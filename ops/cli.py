@@ -122,8 +122,9 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
         directory = recovery_dir or settings.recovery.dir
         share = (process_id or 0, processes) if recovery_share else None
         init_recovery(directory, settings.recovery.partitions, share=share)
-        command += ["-r", directory, "-s", str(settings.recovery.snapshot_interval_s),
-                    "-b", str(settings.recovery.backup_interval_s)]
+        # bytewax.run takes whole seconds only ("1.0" is an error).
+        command += ["-r", directory, "-s", str(max(1, round(settings.recovery.snapshot_interval_s))),
+                    "-b", str(round(settings.recovery.backup_interval_s))]
     if config:
         env["GATEWATCH_CONFIG"] = config
     click.echo(f"running: {' '.join(command)}", err=True)
