@@ -4,7 +4,10 @@ are shared out per process, and a two-process cluster in tail mode with recovery
 loses a process mid-stream, restarts, rescales to one process and still reconciles
 every store."""
 
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -12,8 +15,13 @@ from click.testing import CliRunner
 from ops import demo
 from ops.cli import cli
 from ops.cluster import ClusterError, addresses_for, check_cluster, check_environment, cluster_addresses
+from ops.loadgen import generate
 from ops.recovery import init_recovery, recovery_files, share_of
-from ops.settings import Settings
+from ops.services import free_port
+from ops.settings import Settings, load_settings
+from schemas.codec import EventCodec
+from schemas.registry import registry_from_settings
+from sinks.parquet import ParquetStore
 
 
 def chdb_settings() -> Settings:
@@ -90,3 +98,44 @@ def test_a_two_process_cluster_loses_a_process_mid_stream_rescales_and_reconcile
     assert expected.duplicates > 0 and expected.bad > 0 and expected.late > 0
     kills = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chaos: killed flow process")]
     assert len(kills) == 2 and all(" of 2 " in line for line in kills)
+
+
+@pytest.mark.e2e
+@pytest.mark.integration
+def test_processes_with_recovery_on_disks_of_their_own_resume_where_they_stopped(
+        tmp_path, kafka_bootstrap, flow_topics_env):
+    # The Kubernetes layout: `gatewatch run --recovery-share`, each process keeping its share
+    # of the partitions on its own disk. A second run of the cluster resumes from the shares
+    # together and reads nothing twice. Parquet and the DLQ only, to keep it short.
+    env = {**os.environ, **flow_topics_env(partitions=4), "GATEWATCH_SINKS": "parquet,dlq",
+           "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"), "GATEWATCH_RECOVERY__PARTITIONS": "2",
+           "GATEWATCH_RECOVERY__SNAPSHOT_INTERVAL_S": "1", "GATEWATCH_LOG_LEVEL": "WARNING"}
+    settings = load_settings(environ=env, use_service_state=False)
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    expected = demo.produce(kafka_bootstrap, settings.kafka.events_topic,
+                            generate(codec, 400, 0.05, 0.05, users=30, seed=5), 400)
+    addresses = addresses_for(2, [free_port(), free_port()])
+
+    def run_cluster(run: int) -> list[dict]:
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "ops.cli", "run", "ingest", "-i", str(index), "-a", addresses,
+             "--recovery-dir", str(tmp_path / f"pod-{index}"), "--recovery-share"],
+            env={**env, "GATEWATCH_METRICS__DUMP_PATH": str(tmp_path / f"counters-{run}-{index}.json")},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for index in range(2)]
+        for proc in procs:
+            _out, err = proc.communicate(timeout=240)
+            assert proc.returncode == 0, err.decode(errors="replace")[-2000:]
+        return [json.loads((tmp_path / f"counters-{run}-{index}.json").read_text()) for index in range(2)]
+
+    def consumed(counters: list[dict]) -> int:
+        """Messages read: decoded events plus those that could not be decoded."""
+        return int(sum(value for c in counters for name, value in c.items()
+                       if name == "gatewatch_events_total{stage=decoded}"
+                       or name.startswith("gatewatch_dlq_records_total{") and name.endswith("stage=decode}")))
+
+    first = run_cluster(0)
+    assert [recovery_files(tmp_path / f"pod-{index}") for index in range(2)] == [["part-0.sqlite3"], ["part-1.sqlite3"]]
+    assert consumed(first) == expected.produced
+    assert all(consumed([c]) > 0 for c in first)  # both processes read partitions
+    assert consumed(run_cluster(1)) == 0
+    assert ParquetStore(str(tmp_path / "raw")).read().num_rows == expected.valid
