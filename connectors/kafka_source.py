@@ -19,6 +19,12 @@ from confluent_kafka.admin import AdminClient
 
 
 class _RestingPartition(StatefulSourcePartition):
+    """In a cluster, while the cluster-wide frontier lags an epoch behind (backpressure),
+    Bytewax 0.21.1 polls no partition and does not refresh next_awake either, so it
+    reschedules the input at once, every step: a process waiting on a stuck peer spins a
+    core in timely (bytewax src/inputs.rs, `partitioned_input`). Nothing a partition
+    returns changes that; ops/cluster.py removes the known cause of stuck peers."""
+
     def __init__(self, inner: StatefulSourcePartition, idle_wait: timedelta):
         self._inner = inner
         self._idle_wait = idle_wait

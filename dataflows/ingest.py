@@ -25,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 from connectors.kafka_source import RestingKafkaSource
 from dataflows.outputs import deduplicate, fan_out
 from ops import metrics
+from ops.cluster import check_environment
 from ops.logs import configure as configure_logs
 from ops.logs import get_logger
 from ops.settings import Settings, load_settings
@@ -152,10 +153,12 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
 def from_environment(build: Callable[[Settings], Dataflow]) -> Dataflow:
     """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
     settings = load_settings()
+    check_environment(settings)  # a cluster cannot write embedded chdb (ops/cluster.py says why)
     # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck flow is waiting on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if settings.metrics.port is not None:
-        metrics.serve(settings.metrics.port + int(os.environ.get("BYTEWAX_PROCESS_ID", 0)))
+        index = int(os.environ.get("BYTEWAX_PROCESS_ID", 0)) if settings.metrics.offset_by_process else 0
+        metrics.serve(settings.metrics.port + index, settings.metrics.host)
     if settings.metrics.dump_path:
         atexit.register(metrics.dump_counters, settings.metrics.dump_path)
     return build(settings)

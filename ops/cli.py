@@ -48,10 +48,15 @@ def cli() -> None:
 @click.option("--users", default=200, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Bytewax worker threads.")
+@click.option("--processes", default=1, show_default=True, type=click.IntRange(1),
+              help="Run the flow as a Bytewax cluster of N processes on loopback (ClickHouse then runs as a server).")
+@click.option("--restart-processes", type=click.IntRange(1),
+              help="With --chaos: restart the last run with this many processes from the same recovery store.")
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Keep Parquet, the chdb database, the DLQ dump and logs here (default: a temporary directory, removed).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve the flow's Prometheus metrics on this port.")
-def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, data_dir, metrics_port) -> None:
+def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, processes, restart_processes, data_dir,
+         metrics_port) -> None:
     """Run the whole pipeline on embedded defaults and reconcile every sink.
 
     Starts a Kafka-protocol broker and Redis from pip wheels, produces synthetic events
@@ -61,6 +66,8 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     """
     from ops import demo as demo_mod
 
+    if restart_processes and not chaos:
+        raise click.UsageError("--restart-processes is the process count after the --chaos kills; it needs --chaos")
     if chaos > events:
         raise click.UsageError(f"--chaos {chaos} needs at least {chaos} events: each killed run consumes its own share")
     keep = data_dir is not None
@@ -69,7 +76,8 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
         found, problems, _expected = demo_mod.run(demo_mod.DemoOptions(
             events=events, dup_ratio=dup_ratio, bad_ratio=bad_ratio, late_ratio=late_ratio, chaos=chaos,
             users=users, seed=seed,
-            data_dir=root, metrics_port=metrics_port, workers=workers))
+            data_dir=root, metrics_port=metrics_port, workers=workers, processes=processes,
+            restart_processes=restart_processes))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     finally:
@@ -90,9 +98,18 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
 @click.option("-a", "--addresses", help="Semicolon-separated host:port of every process in the cluster.")
 @click.option("--recovery-dir", help="Bytewax recovery directory (default: settings recovery.dir).")
 @click.option("--no-recovery", is_flag=True, help="Run without recovery snapshots.")
-def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery) -> None:
+@click.option("--recovery-share", is_flag=True,
+              help="The recovery directory is this process's own disk: create only its share of the partitions.")
+def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery, recovery_share) -> None:
     """Deploy a dataflow against the configured servers (wraps `python -m bytewax.run`)."""
+    from ops.cluster import ClusterError, check_cluster
+
     settings = _settings(config)
+    processes = len(addresses.split(";")) if addresses else 1
+    try:
+        check_cluster(settings, processes, workers)
+    except ClusterError as exc:
+        raise click.ClickException(str(exc)) from None
     command = [sys.executable, "-m", "bytewax.run", FLOWS[flow], "-w", str(workers)]
     env = dict(os.environ)
     # Passed through the environment, not -i/-a, so that the flow process can read its own
@@ -103,9 +120,11 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery)
         env["BYTEWAX_ADDRESSES"] = addresses
     if settings.recovery.enabled and not no_recovery:
         directory = recovery_dir or settings.recovery.dir
-        init_recovery(directory, settings.recovery.partitions)
-        command += ["-r", directory, "-s", str(settings.recovery.snapshot_interval_s),
-                    "-b", str(settings.recovery.backup_interval_s)]
+        share = (process_id or 0, processes) if recovery_share else None
+        init_recovery(directory, settings.recovery.partitions, share=share)
+        # bytewax.run takes whole seconds only ("1.0" is an error).
+        command += ["-r", directory, "-s", str(max(1, round(settings.recovery.snapshot_interval_s))),
+                    "-b", str(round(settings.recovery.backup_interval_s))]
     if config:
         env["GATEWATCH_CONFIG"] = config
     click.echo(f"running: {' '.join(command)}", err=True)
@@ -208,6 +227,7 @@ _mount(cli, "ops.cli_privacy", "audit")
 _mount(cli, "ops.cli_loadgen", "loadgen")
 _mount(cli, "ops.cli_api", "serve")
 _mount(cli, "ops.cli_api", "api_keys")
+_mount(cli, "ops.cli_deploy", "deploy")
 _mount(bench, "ops.bench.redaction", "redaction")
 _mount(bench, "ops.bench.state", "state")
 _mount(bench, "ops.bench.e2e", "e2e")

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from confluent_kafka import Producer
 
 from ops import services
+from ops.cluster import addresses_for, runs_threaded
 from ops.loadgen import Expected, collect, generate
 from ops.recovery import init_recovery
 from ops.settings import Settings
@@ -60,6 +61,13 @@ class DemoOptions:
     """Keep every generated event in the returned Expected (for tests)."""
     chaos: int = 0
     """Kill the flow (SIGKILL) this many times at random points while events are produced."""
+    processes: int = 1
+    """Run the flow as a Bytewax cluster of this many processes on loopback (-i/-a); a
+    chaos kill then SIGKILLs one of them, and the whole cluster restarts from recovery.
+    A cluster writes a ClickHouse server instead of chdb (see ops/cluster.py)."""
+    restart_processes: int | None = None
+    """With chaos: the process count of the final, draining run (rescaling from the same
+    recovery store); default `processes`."""
 
 
 def say(message: str) -> None:
@@ -113,55 +121,121 @@ def scrape(port: int) -> dict[str, float]:
     return totals
 
 
-def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int, workers: int,
-             recovery_dir: Path | None = None, kill_after_s: float | None = None,
-             feed: Callable[[], object] | None = None) -> float:
-    """Run the ingest flow in its own process until it drains the topic, or SIGKILL it
-    kill_after_s after it started consuming; return the seconds it ran. `feed`, if given,
-    runs in a thread from the moment the flow's metrics answer, and is waited for."""
+@dataclass
+class Cluster:
+    """The flow's processes: one alone, or a Bytewax cluster on loopback."""
+    procs: list[subprocess.Popen]
+    metrics_port: int
+
+    def done(self) -> float:
+        """Events decoded plus DLQ records, summed over the processes that answer."""
+        total = 0.0
+        for index in range(len(self.procs)):
+            counts = scrape(self.metrics_port + index)
+            total += (counts.get('gatewatch_events_total{stage="decoded"}', 0)
+                      + counts.get("gatewatch_dlq_records_total", 0))
+        return total
+
+    def running(self) -> bool:
+        return any(proc.poll() is None for proc in self.procs)
+
+    def kill(self, victim: int) -> None:
+        """SIGKILL one process; its peers lose their connection to it and are stopped too,
+        as a supervisor restarting the cluster would."""
+        self.procs[victim].send_signal(signal.SIGKILL)
+        self.procs[victim].wait()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def failed(self) -> bool:
+        return any(proc.returncode != 0 for proc in self.procs)
+
+
+def start_cluster(env: dict[str, str], log_path: Path, metrics_port: int, workers: int, processes: int,
+                  recovery_dir: Path | None) -> Cluster:
     command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
     if recovery_dir is not None:
         command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
+    envs = [env]
+    if processes > 1:
+        addresses = addresses_for(processes, [services.free_port() for _ in range(processes)])
+        envs = [{**env, "BYTEWAX_PROCESS_ID": str(index), "BYTEWAX_ADDRESSES": addresses,
+                 "GATEWATCH_METRICS__DUMP_PATH": counters_path_of(env["GATEWATCH_METRICS__DUMP_PATH"], index)}
+                for index in range(processes)]
+    with open(log_path, "ab") as log:
+        procs = [subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT) for proc_env in envs]
+    return Cluster(procs, metrics_port)
+
+
+def counters_path_of(path: str, index: int) -> str:
+    return path if index == 0 else f"{path}.{index}"
+
+
+def read_counters(path: Path, processes: int) -> dict[str, float]:
+    """The counters the flow's processes dumped at exit: totals summed, quantiles the worst."""
+    merged: dict[str, float] = {}
+    for index in range(processes):
+        for name, value in json.loads(Path(counters_path_of(str(path), index)).read_text()).items():
+            merged[name] = max(merged.get(name, value), value) if name.startswith("freshness_") \
+                else merged.get(name, 0) + value
+    return merged
+
+
+def run_flow(env: dict[str, str], log_path: Path, metrics_port: int, total: int, workers: int,
+             recovery_dir: Path | None = None, kill_after_s: float | None = None,
+             feed: Callable[[], object] | None = None, processes: int = 1, victim: int = 0,
+             consuming: threading.Event | None = None) -> float:
+    """Run the ingest flow (`processes` of them as a cluster) until it drains the topic, or
+    SIGKILL process `victim` kill_after_s after it started consuming; return the seconds it
+    ran. `feed`, if given, runs in a thread from the moment the flow's metrics answer, and is
+    waited for; `consuming` is set once the flow has consumed something."""
     started = time.monotonic()
     consuming_since = None
     feeder = threading.Thread(target=feed) if feed else None
     last_done, progressed_at = -1.0, started
+    cluster = start_cluster(env, log_path, metrics_port, workers, processes, recovery_dir)
     try:
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            while proc.poll() is None:
-                time.sleep(0.25)
-                if time.monotonic() - progressed_at > STALL_S:
-                    proc.kill()
-                    proc.wait()
-                    tail = log_path.read_text(errors="replace").splitlines()[-30:]
-                    raise RuntimeError(f"the ingest flow made no progress for {STALL_S} s and was stopped:\n"
-                                       + "\n".join(tail))
-                try:
-                    counts = scrape(metrics_port)
-                except OSError:
-                    continue
-                if feeder and feeder.ident is None:
-                    feeder.start()
-                done = (counts.get('gatewatch_events_total{stage="decoded"}', 0)
-                        + counts.get("gatewatch_dlq_records_total", 0))
-                if done != last_done:
-                    last_done, progressed_at = done, time.monotonic()
-                if done and consuming_since is None:
-                    consuming_since = time.monotonic()
-                if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:
-                    proc.send_signal(signal.SIGKILL)
-                    proc.wait()
-                    print(f"\nchaos: killed the ingest flow (pid {proc.pid}) {kill_after_s:.1f} s into consuming",
-                          file=sys.stderr, flush=True)
-                    return time.monotonic() - started
-                print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
+        while cluster.running():
+            time.sleep(0.25)
+            if time.monotonic() - progressed_at > STALL_S:
+                cluster.kill(0)
+                tail = log_path.read_text(errors="replace").splitlines()[-30:]
+                raise RuntimeError(f"the ingest flow made no progress for {STALL_S} s and was stopped:\n"
+                                   + "\n".join(tail))
+            try:
+                done = cluster.done()
+            except OSError:
+                continue
+            if feeder and feeder.ident is None:
+                feeder.start()
+            if done != last_done:
+                last_done, progressed_at = done, time.monotonic()
+            if done and consuming_since is None:
+                consuming_since = time.monotonic()
+                if consuming is not None:
+                    consuming.set()
+            if kill_after_s is not None and consuming_since and time.monotonic() - consuming_since >= kill_after_s:
+                cluster.kill(victim)
+                print(f"\nchaos: killed flow process {victim} of {processes} (pid {cluster.procs[victim].pid}) "
+                      f"{kill_after_s:.1f} s into consuming", file=sys.stderr, flush=True)
+                return time.monotonic() - started
+            print(progress_line("ingest", min(done, total), total, started), end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
-        if proc.returncode != 0:
+        if cluster.failed():
             tail = log_path.read_text(errors="replace").splitlines()[-30:]
             raise RuntimeError("the ingest flow failed:\n" + "\n".join(tail))
         return time.monotonic() - started
     finally:
+        for proc in cluster.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if consuming is not None:
+            consuming.set()  # a flow that failed before consuming must not keep the feeder waiting
         if feeder and feeder.ident is not None:
             feeder.join()
 
@@ -175,24 +249,32 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
     messages, expected = collect(messages)
     shares = [messages[len(messages) * run // options.chaos:len(messages) * (run + 1) // options.chaos]
               for run in range(options.chaos)]
-    # Each share takes about 3 s to produce, so a kill 0.2-3 s into consuming lands mid-stream.
+    # A tenth of each share is there when the flow starts; the rest takes about 3 s to produce
+    # from the moment it consumes, so a kill 0.2-3 s into consuming lands mid-stream (a flow
+    # still loading its redactor would otherwise find the whole share waiting).
     rate = len(shares[0]) / 3.0
     started = time.monotonic()
     tail_env = {**env, "GATEWATCH_KAFKA__TAIL": "true"}
     failures: list[Exception] = []
 
-    def feed(chunk: list) -> None:
+    def feed(chunk: list, consuming: threading.Event) -> None:
+        head = max(1, len(chunk) // 10)
         try:
-            produce(bootstrap, topic, iter(chunk), len(chunk), rate=rate)
+            produce(bootstrap, topic, iter(chunk[:head]), head)
+            consuming.wait(STALL_S)
+            produce(bootstrap, topic, iter(chunk[head:]), len(chunk) - head, rate=rate)
         except Exception as exc:  # noqa: BLE001 - raised below, in the caller's thread
             failures.append(exc)
 
     for share in shares:
+        consuming = threading.Event()
         run_flow(tail_env, log_path, metrics_port, options.events, options.workers, recovery_dir,
-                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, share))
+                 kill_after_s=rng.uniform(0.2, 3.0), feed=partial(feed, share, consuming), consuming=consuming,
+                 processes=options.processes, victim=rng.randrange(options.processes))
         if failures:
             raise RuntimeError("producing the demo events failed") from failures[0]
-    run_flow(env, log_path, metrics_port, options.events, options.workers, recovery_dir)
+    run_flow(env, log_path, metrics_port, options.events, options.workers, recovery_dir,
+             processes=options.restart_processes or options.processes)
     return expected, time.monotonic() - started
 
 
@@ -264,12 +346,20 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
                             window_ms=int(settings.windows.length_s * 1000))
         metrics_port = options.metrics_port or services.free_port()
         counters_path = root / "flow-counters.json"
+        clickhouse_url = f"chdb://{root / 'chdb'}"
+        if runs_threaded(max(options.processes, options.restart_processes or 1), options.workers):
+            clickhouse_server = services.start_clickhouse(root / "clickhouse")
+            started_services.append(clickhouse_server)
+            clickhouse_url = clickhouse_server.address
+            ClickHouse(clickhouse_url, settings.clickhouse.database).migrate(
+                settings.retention.raw_days, settings.retention.aggregate_days)
+            say(f"clickhouse {clickhouse_url} (a cluster cannot write chdb, see ops/cluster.py)")
         env = {
             **os.environ,
             "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address,
             "GATEWATCH_KAFKA__TAIL": "false",
             "GATEWATCH_PARQUET__ROOT": str(root / "raw"),
-            "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}",
+            "GATEWATCH_CLICKHOUSE__URL": clickhouse_url,
             "GATEWATCH_REDIS__URL": redis_server.address,
             "GATEWATCH_METRICS__PORT": str(metrics_port),
             "GATEWATCH_METRICS__DUMP_PATH": str(counters_path),
@@ -280,13 +370,15 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
                                                metrics_port, root / "recovery")
         else:
             expected = produce(kafka.address, topic, messages, options.events)
-            seconds = run_flow(env, root / "flow.log", metrics_port, options.events, options.workers)
-        counters = json.loads(counters_path.read_text())
+            seconds = run_flow(env, root / "flow.log", metrics_port, options.events, options.workers,
+                               processes=options.processes)
+        final_processes = (options.restart_processes or options.processes) if options.chaos else options.processes
+        counters = read_counters(counters_path, final_processes)
 
         dlq_records = read_dlq(kafka.address, k.dlq_topic, root / "dlq.jsonl")
         billed_usd, expected_usd = billing_totals(kafka.address, k.billing_topic, expected, settings)
         parquet = ParquetStore(str(root / "raw")).read()
-        clickhouse = ClickHouse(f"chdb://{root / 'chdb'}")
+        clickhouse = ClickHouse(clickhouse_url)
         (ch_rows, ch_tokens), = clickhouse.rows(
             "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
             f"FROM {settings.clickhouse.database}.events FINAL")
@@ -314,6 +406,8 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "freshness_p50_s": max((v for k, v in counters.items() if k.startswith("freshness_p50_s")), default=None),
             "freshness_p99_s": max((v for k, v in counters.items() if k.startswith("freshness_p99_s")), default=None),
             "chaos_kills": options.chaos,
+            "processes": options.processes,
+            "clickhouse_url": clickhouse_url,
             "flow_seconds": round(seconds, 2),
             "events_per_s": round(expected.produced / seconds, 1),
             "data_dir": str(root),

@@ -31,11 +31,11 @@ FRESHNESS_SECONDS = Histogram(
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))
 
 
-def serve(port: int | None) -> int | None:
-    """Expose /metrics on 127.0.0.1:port (0 picks a free port); return the port bound."""
+def serve(port: int | None, host: str = "127.0.0.1") -> int | None:
+    """Expose /metrics on host:port (0 picks a free port); return the port bound."""
     if port is None:
         return None
-    server, _thread = start_http_server(port, addr="127.0.0.1")
+    server, _thread = start_http_server(port, addr=host)
     return server.server_address[1]
 
 

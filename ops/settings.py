@@ -248,6 +248,10 @@ class RecoverySettings(Section):
 class MetricsSettings(Section):
     port: int | None = Field(None, ge=0, lt=65536)
     """Prometheus endpoint of a flow process; process i of a cluster serves on port + i."""
+    host: str = "127.0.0.1"
+    """Listen address of that endpoint: 0.0.0.0 in a container, so probes and Prometheus reach it."""
+    offset_by_process: bool = True
+    """Add the process index to the port (processes sharing one host); false in a pod of its own."""
     dump_path: str | None = None
     """Where a flow process writes its counter totals as JSON when it exits (used by the demo)."""
 

@@ -34,5 +34,6 @@ def test_ingest_serves_metrics_where_prometheus_scrapes():
     scrape = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
     targets = [t for job in scrape["scrape_configs"] for cfg in job["static_configs"] for t in cfg["targets"]]
     assert f"ingest:{settings.metrics.port}" in targets
+    assert settings.metrics.host == "0.0.0.0"  # reachable from the prometheus container
     for mount in COMPOSE["services"]["prometheus"]["volumes"] + COMPOSE["services"]["grafana"]["volumes"]:
         assert (ROOT / mount.split(":")[0]).exists(), mount

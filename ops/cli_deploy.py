@@ -1,0 +1,35 @@
+"""`gatewatch deploy render`: Kubernetes manifests for an N-process cluster (deploy/render.py)."""
+
+from __future__ import annotations
+
+import click
+
+from deploy.render import DeployOptions, render, to_yaml
+
+
+@click.group()
+def deploy() -> None:
+    """Kubernetes manifests: the ingest flow as a Bytewax cluster, the API with an autoscaler."""
+
+
+@deploy.command("render")
+@click.option("--processes", default=3, show_default=True, type=click.IntRange(1), help="Bytewax processes (pods).")
+@click.option("--namespace", default="gatewatch", show_default=True)
+@click.option("--image", default="gatewatch:latest", show_default=True)
+@click.option("--kafka-bootstrap", default="kafka:9092", show_default=True)
+@click.option("--redis-url", default="redis://redis:6379/0", show_default=True)
+@click.option("--parquet-root", default="s3://gatewatch-raw/events", show_default=True)
+@click.option("--recovery-partitions", type=click.IntRange(1), help="Default: one per process.")
+@click.option("--shared-recovery-claim", help="A ReadWriteMany claim for every pod's recovery (lets the cluster rescale).")
+@click.option("--out", type=click.File("w"), default="-", help="Write here (default: stdout).")
+def render_command(processes, namespace, image, kafka_bootstrap, redis_url, parquet_root, recovery_partitions,
+                   shared_recovery_claim, out) -> None:
+    """Print the manifests as YAML, for `kubectl apply -f -`."""
+    try:
+        documents = render(DeployOptions(
+            processes=processes, namespace=namespace, image=image, kafka_bootstrap=kafka_bootstrap,
+            redis_url=redis_url, parquet_root=parquet_root, recovery_partitions=recovery_partitions,
+            shared_recovery_claim=shared_recovery_claim))
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    out.write(to_yaml(documents))
