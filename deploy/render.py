@@ -177,7 +177,7 @@ def api_deployment(options: DeployOptions) -> dict:
         "envFrom": settings_from(),
         "ports": [{"name": "http", "containerPort": API_PORT}],
         "livenessProbe": http_probe("/healthz", "http", 10, 3),
-        "readinessProbe": http_probe("/healthz", "http", 5, 2),
+        "readinessProbe": http_probe("/readyz", "http", 5, 2),
         "resources": API_RESOURCES,
     }
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(API, options, "api"), "spec": {
