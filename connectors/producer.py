@@ -380,8 +380,11 @@ class EventProducer:
                 if not self._spooling:
                     return
                 if self._failed:
-                    if self._inflight:
-                        return  # older sends are still in flight: the failed ones wait to keep their order
+                    if self._inflight or self._replay_outstanding:
+                        # Newer events still queued must not overtake the failed ones: librdkafka
+                        # hands them back (as failures, re-sent in order); in-flight ones finish.
+                        self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+                        return
                     failed, self._failed = self._failed, []
                     self._spool_first(failed, "delivery_error")
                 if self._replay_failed:
