@@ -134,6 +134,7 @@ def test_a_durable_producer_delivers_while_the_broker_is_up_and_refuses_what_it_
             producer.send(event)
         assert producer.flush(30) == 0
         assert producer.counts["replayed"] == len(sent) == producer.counts["delivered"]
+    assert not list(spool_dir.glob("*.spool")), "a closed durable producer with nothing pending leaves no spool"
     assert_all_delivered_in_user_order(consume(own_broker.address, topic), sent)
 
     own_broker.stop()
