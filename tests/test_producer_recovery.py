@@ -153,14 +153,15 @@ def test_a_durable_producer_delivers_while_the_broker_is_up_and_refuses_what_it_
         own_broker.start()
 
 
-def test_failed_sends_are_resent_before_newer_events(own_broker, spool_dir):
-    """Events queued in librdkafka when the broker went down time out (message.timeout.ms set
-    by the gateway) after newer ones were spooled: they must be re-sent first."""
+def test_failed_replays_are_resent_before_newer_events(own_broker, spool_dir):
+    """Spooled events replayed while the broker is down time out in librdkafka
+    (message.timeout.ms set by the gateway) after newer ones were spooled: they are read
+    again from their place in the spool, not appended behind the newer ones."""
     topic = f"order-{uuid.uuid4().hex[:8]}"
     svc.create_topics(own_broker.address, {topic: 2})
     before = events(100, users=5, seed=31)
-    queued = events(300, users=5, seed=32, first=100)
-    spooled = events(300, users=5, seed=33, first=400)
+    older = events(300, users=5, seed=32, first=100)
+    newer = events(300, users=5, seed=33, first=400)
     producer = EventProducer(own_broker.address, topic, LocalRegistry(), spool_dir,
                              extra_config={"message.timeout.ms": 1500})
     try:
@@ -168,16 +169,37 @@ def test_failed_sends_are_resent_before_newer_events(own_broker, spool_dir):
             producer.send(event)
         assert producer.flush(20) == 0
         own_broker.stop()
-        for event in queued:
+        for event in older:
             producer.send(event)
         assert _wait(lambda: producer._broker_down)
-        for event in spooled:
+        for event in newer:
             producer.send(event)
         assert _wait(lambda: producer.counts["delivery_errors"] > 0, timeout=10), "nothing timed out"
         own_broker.start()
         assert producer.flush(45) == 0
     finally:
         producer.close(timeout=5)
-    print(f"\nafter the outage: {producer.counts['delivery_errors']} failed sends re-sent, "
-          f"{producer.counts['spooled']} events spooled in all")
-    assert_all_delivered_in_user_order(consume(own_broker.address, topic), before + queued + spooled)
+    print(f"\nreplays failed in an outage: {producer.counts['delivery_errors']} re-sent")
+    assert_all_delivered_in_user_order(consume(own_broker.address, topic), before + older + newer)
+
+
+def test_failed_direct_sends_are_resent_before_newer_spooled_events(kafka_bootstrap, spool_dir):
+    """The first events wait in librdkafka for a topic that does not exist yet; the queue is
+    full, so later ones are spooled; the first ones time out: they go to the spool's head."""
+    topic = f"order-direct-{uuid.uuid4().hex[:8]}"
+    sent = events(300, users=5, seed=34)
+    producer = EventProducer(kafka_bootstrap, topic, LocalRegistry(), spool_dir, extra_config={
+        "message.timeout.ms": 1500, "queue.buffering.max.messages": 50, "allow.auto.create.topics": False})
+    try:
+        for event in sent:
+            producer.send(event)
+        assert REGISTRY.get_sample_value("gatewatch_producer_spooled_total",
+                                         {"topic": topic, "reason": "queue_full"}) > 0
+        assert _wait(lambda: REGISTRY.get_sample_value(
+            "gatewatch_producer_spooled_total", {"topic": topic, "reason": "delivery_error"}), timeout=10), \
+            "the queued sends did not fail"
+        svc.create_topics(kafka_bootstrap, {topic: 2})
+        assert producer.flush(45) == 0
+    finally:
+        producer.close(timeout=5)
+    assert_all_delivered_in_user_order(consume(kafka_bootstrap, topic), sent)
