@@ -362,12 +362,14 @@ class EventProducer:
     def _poll(self, timeout: float, *, flushing: bool = False) -> None:
         """Serve delivery reports (``flushing``: sending what lingers right away); a fatal
         error raised here marks the producer for replacement."""
-        serve = self._producer.flush if flushing else self._producer.poll
+        producer = self._producer
         try:
-            serve(timeout)
+            producer.flush(timeout) if flushing else producer.poll(timeout)
         except KafkaException as exc:
             if not is_fatal(exc):
                 raise
+            if producer is not self._producer:
+                return  # already replaced (flush() raced with the background thread)
             if not self._fatal:
                 log.error("fatal producer error (%s): replacing the producer", exc.args[0].str())
             self._fatal = True
