@@ -46,7 +46,8 @@ def assert_all_delivered_in_user_order(messages, sent: list[dict]) -> None:
         last[user] = event["request_id"]
 
 
-def test_a_broker_that_lost_the_producer_state_gets_every_later_event(own_broker, spool_dir):
+@pytest.mark.parametrize("durable", [False, True], ids=["default", "durable"])
+def test_a_broker_that_lost_the_producer_state_gets_every_later_event(own_broker, spool_dir, durable):
     """The broker comes back empty: the producer's next batch has sequence numbers the broker
     never saw, librdkafka raises a fatal OUT_OF_ORDER_SEQUENCE_NUMBER, and the producer must be
     replaced with everything it had not delivered re-sent."""
@@ -55,7 +56,7 @@ def test_a_broker_that_lost_the_producer_state_gets_every_later_event(own_broker
     before = events(200, users=8, seed=11)
     during = events(300, users=8, seed=12, first=200)
     after = events(300, users=8, seed=13, first=500)
-    producer = EventProducer(own_broker.address, topic, LocalRegistry(), spool_dir)
+    producer = EventProducer(own_broker.address, topic, LocalRegistry(), spool_dir, durable=durable)
     try:
         for event in before:
             producer.send(event)
@@ -74,7 +75,7 @@ def test_a_broker_that_lost_the_producer_state_gets_every_later_event(own_broker
     finally:
         producer.close(timeout=5)
     print(f"\nfatal error: producer replaced {producer.counts['recreated']}x, {producer.counts['spooled']} "
-          f"events re-spooled, all {len(during) + len(after)} sent after the restart delivered")
+          f"events spooled in all, all {len(during) + len(after)} sent after the restart delivered")
     # `before` went down with the broker's data; everything sent since must be there, in order.
     assert_all_delivered_in_user_order(consume(own_broker.address, topic), during + after)
 
