@@ -6,43 +6,60 @@ Messages are keyed ``org_id/user_id`` (murmur2 partitioner, as Java clients hash
 user's events stay ordered in one partition; the producer is idempotent with acks=all.
 
 When the broker is down (librdkafka reports all brokers down) or the local queue is full
-(``BufferError``), events go to a bounded on-disk spool instead; a background thread
-replays the spool, oldest first, once the broker takes messages again, and deletes spool
-segments only after every record in them was acknowledged. While anything is spooled, new
-events are spooled behind it, so a user's events keep their order. The spool survives a
-process restart (it is replayed by the next EventProducer with the same ``spool_dir``).
-When the spool is full, new events are dropped and counted (never blocking).
+(``BufferError``), events go to a bounded on-disk spool (connectors.spool) instead; a
+background thread replays the spool, oldest first, once the broker takes messages again,
+and deletes spool segments only after every record in them was acknowledged. While
+anything is spooled, new events are spooled behind it, so a user's events keep their
+order. The spool survives a process restart (it is replayed by the next EventProducer with
+the same ``spool_dir``). When the spool is full, new events are dropped and counted.
+
+Every event handed to librdkafka is also kept in the producer's own in-flight record until
+its delivery report, so nothing depends on librdkafka giving messages back:
+- a send that fails with a retryable error waits until no older send is in flight, then
+  goes to the spool's HEAD with the other failures, in send order (never behind newer
+  events); a failed replay is read again from its place in the spool;
+- a fatal error (an idempotent producer whose sequence state the broker lost raises
+  OUT_OF_ORDER_SEQUENCE_NUMBER from poll()/flush(), and confluent-kafka never passes fatal
+  errors to ``error_cb``) replaces the producer and re-sends every undelivered event, the
+  in-flight ones first, then the spool.
+
+``durable=True``: send() appends the event to the spool before returning (and raises
+SpoolFull instead of dropping when it cannot), and the background thread produces from the
+spool; an event send() accepted survives a crash of the process (one unbuffered write() per
+event; the kernel has it). Power loss: the spool is fsynced every ``fsync_interval_s``, or
+before each send() returns with ``fsync_each_send=True`` (much slower).
 
 Delivery guarantees: every event accepted by ``send`` is delivered at least once unless
-the spool overflows (counted in ``gatewatch_producer_dropped_total``). Duplicates are
-possible only where a broker may have stored a message whose acknowledgement never came
-(purged in flight at shutdown, or a crash between delivery and the spool's ack record);
-the pipeline drops them by event_id.
+the spool overflows (counted in ``gatewatch_producer_dropped_total``) or, in the default
+mode, the process dies with events only in memory. Duplicates are possible where a broker
+may have stored a message whose acknowledgement never came (purged in flight at shutdown,
+a fatal error, a crash between delivery and the spool's ack checkpoint); the pipeline
+drops them by event_id.
 
 Metrics (prometheus_client, default registry; labels are the topic and bounded codes,
 never user ids): gatewatch_producer_{sent,delivered,spooled,replayed,dropped,invalid,
-delivery_errors}_total, gatewatch_producer_spool_bytes, gatewatch_producer_queue_messages,
-gatewatch_producer_send_seconds, gatewatch_producer_delivery_seconds.
+delivery_errors,recreated}_total, gatewatch_producer_spool_bytes,
+gatewatch_producer_queue_messages, gatewatch_producer_send_seconds,
+gatewatch_producer_delivery_seconds.
 """
 
 from __future__ import annotations
 
 import collections
-import fcntl
 import functools
+import itertools
 import logging
 import os
-import struct
 import threading
 import time
-import zlib
-from dataclasses import dataclass, field
-from pathlib import Path
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import Counter, Gauge, Histogram
 
+from connectors.spool import DiskSpool, SpoolRecord
 from schemas.codec import EventCodec, InvalidEvent
+
+__all__ = ["DiskSpool", "EventProducer", "SpoolFull", "SpoolRecord", "usage_tokens"]
 
 log = logging.getLogger("gatewatch.producer")
 
@@ -54,6 +71,8 @@ REPLAYED = Counter("gatewatch_producer_replayed", "Spooled events acknowledged b
 DROPPED = Counter("gatewatch_producer_dropped", "Events lost (spool full, permanent delivery error)",
                   ["topic", "reason"])
 DELIVERY_ERRORS = Counter("gatewatch_producer_delivery_errors", "Delivery reports with an error", ["topic", "code"])
+RECREATED = Counter("gatewatch_producer_recreated", "Producers replaced after a fatal librdkafka error",
+                    ["topic"])
 SPOOL_BYTES = Gauge("gatewatch_producer_spool_bytes", "Bytes in the disk spool", ["topic"])
 QUEUE_MESSAGES = Gauge("gatewatch_producer_queue_messages", "Messages in librdkafka's queue", ["topic"])
 SEND_SECONDS = Histogram("gatewatch_producer_send_seconds", "Time spent inside send() (validate, encode, enqueue)",
@@ -66,316 +85,20 @@ PERMANENT_ERRORS = frozenset({
     KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.INVALID_MSG_SIZE, KafkaError.RECORD_LIST_TOO_LARGE,
     KafkaError.INVALID_RECORD, KafkaError.INVALID_MSG, KafkaError._INVALID_ARG,
 })
-FRAME = struct.Struct(">IIqi")  # crc32, body length, send time ms, key length (-1: no key)
-SEGMENT_SUFFIX = ".spool"
-ACK_SUFFIX = ".ack"
-FIRST_SEQ = 10**12
-
-
-# -- the disk spool ---------------------------------------------------------------------
-
-@dataclass
-class _Segment:
-    seq: int
-    path: Path
-    size: int = 0
-    acked: int = 0
-    """Byte offset below which every record is acknowledged (persisted in the .ack file)."""
-    sealed: bool = True
-    outstanding: collections.deque = field(default_factory=collections.deque)
-    """(start, end) of records read but not yet acknowledged, in read order."""
-    done: set = field(default_factory=set)
-    """Starts of acknowledged records that are not yet at the head of ``outstanding``."""
-    pending: int = 0
-    """Records not yet acknowledged (read or not)."""
-
-    @property
-    def ack_path(self) -> Path:
-        return self.path.with_suffix(ACK_SUFFIX)
-
-
-@dataclass(frozen=True)
-class SpoolRecord:
-    handle: tuple[int, int, int]
-    key: bytes | None
-    value: bytes
-    sent_ms: int
-
-
-class DiskSpool:
-    """FIFO of (key, value) records in append-only segment files, bounded in bytes.
-
-    Not thread-safe: EventProducer serialises access with its lock. Records are read in
-    order, acknowledged in any order; a segment is deleted once sealed, read to its end
-    and fully acknowledged. A torn record at the end of a segment (crash mid-write) ends
-    that segment."""
-
-    def __init__(self, directory: str | os.PathLike, max_bytes: int, segment_bytes: int = 8 << 20):
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.max_bytes = max_bytes
-        self.segment_bytes = segment_bytes
-        self._lock_file = open(self.directory / "LOCK", "a+")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock_file.close()
-            raise RuntimeError(f"spool directory {self.directory} is used by another producer; "
-                               "give each producer process its own spool_dir") from None
-        self.segments: list[_Segment] = []
-        self.corrupt = 0
-        for path in sorted(self.directory.glob(f"*{SEGMENT_SUFFIX}")):
-            try:
-                seq = int(path.stem)
-            except ValueError:
-                continue
-            segment = _Segment(seq, path, size=path.stat().st_size)
-            try:
-                segment.acked = min(int(segment.ack_path.read_text().strip() or 0), segment.size)
-            except (FileNotFoundError, ValueError):
-                segment.acked = 0
-            self.segments.append(segment)
-        self.segments.sort(key=lambda s: s.seq)
-        for ack in self.directory.glob(f"*{ACK_SUFFIX}"):
-            if not ack.with_suffix(SEGMENT_SUFFIX).exists():
-                ack.unlink(missing_ok=True)
-        for segment in self.segments:
-            segment.pending = sum(1 for _ in self._scan(segment, segment.acked))
-        self._writer = None
-        self._reader = None
-        self._read_seq: int | None = None
-        self._read_pos = 0
-        self._drop_finished()
-
-    # -- size and state
-    @property
-    def bytes(self) -> int:
-        return sum(s.size for s in self.segments)
-
-    @property
-    def pending(self) -> int:
-        return sum(s.pending for s in self.segments)
-
-    def __bool__(self) -> bool:
-        return bool(self.segments)
-
-    # -- writing
-    def _frame(self, key: bytes | None, value: bytes, sent_ms: int) -> bytes:
-        key_bytes = key or b""
-        body = key_bytes + value
-        header_tail = struct.pack(">qi", sent_ms, -1 if key is None else len(key_bytes))
-        crc = zlib.crc32(body, zlib.crc32(header_tail))
-        return FRAME.pack(crc, len(body), sent_ms, -1 if key is None else len(key_bytes)) + body
-
-    def _new_segment(self, seq: int) -> _Segment:
-        segment = _Segment(seq, self.directory / f"{seq:020d}{SEGMENT_SUFFIX}", sealed=False)
-        segment.ack_path.unlink(missing_ok=True)
-        return segment
-
-    def append(self, key: bytes | None, value: bytes, sent_ms: int) -> bool:
-        """Write one record at the tail; False (nothing written) when the spool is full."""
-        frame = self._frame(key, value, sent_ms)
-        if self.bytes + len(frame) > self.max_bytes:
-            return False
-        tail = self.segments[-1] if self.segments else None
-        if tail is None or tail.sealed or tail.size >= self.segment_bytes:
-            if tail is not None:
-                self._seal(tail)
-            tail = self._new_segment(self.segments[-1].seq + 1 if self.segments else FIRST_SEQ)
-            self.segments.append(tail)
-            self._writer = open(tail.path, "ab", buffering=0)
-        self._writer.write(frame)
-        tail.size += len(frame)
-        tail.pending += 1
-        return True
-
-    def prepend(self, records: list[tuple[bytes | None, bytes, int]]) -> int:
-        """Write records as a new segment before every other one (older than all); returns
-        how many fit."""
-        if not records:
-            return 0
-        seq = self.segments[0].seq - 1 if self.segments else FIRST_SEQ
-        segment = _Segment(seq, self.directory / f"{seq:020d}{SEGMENT_SUFFIX}")
-        segment.ack_path.unlink(missing_ok=True)
-        written = 0
-        with open(segment.path, "ab") as out:
-            for key, value, sent_ms in records:
-                frame = self._frame(key, value, sent_ms)
-                if self.bytes + segment.size + len(frame) > self.max_bytes:
-                    break
-                out.write(frame)
-                segment.size += len(frame)
-                written += 1
-            out.flush()
-            os.fsync(out.fileno())
-        segment.pending = written
-        if written:
-            self.segments.insert(0, segment)
-            # The reader must start again from the new head.
-            self._close_reader()
-        else:
-            segment.path.unlink(missing_ok=True)
-        return written
-
-    def _seal(self, segment: _Segment) -> None:
-        segment.sealed = True
-        if self._writer is not None and self.segments and segment is self.segments[-1]:
-            self._writer.close()
-            self._writer = None
-
-    def writer_fd(self) -> int | None:
-        return os.dup(self._writer.fileno()) if self._writer is not None else None
-
-    # -- reading
-    def _scan(self, segment: _Segment, start: int):
-        with open(segment.path, "rb") as stream:
-            stream.seek(start)
-            position = start
-            while True:
-                record = self._read_frame(stream, segment, position)
-                if record is None:
-                    return
-                position = record.handle[2]
-                yield record
-
-    def _read_frame(self, stream, segment: _Segment, position: int) -> SpoolRecord | None:
-        header = stream.read(FRAME.size)
-        if len(header) < FRAME.size:
-            if header:
-                self._torn(segment, position)
-            return None
-        crc, length, sent_ms, key_len = FRAME.unpack(header)
-        body = stream.read(length)
-        if len(body) < length or zlib.crc32(body, zlib.crc32(header[8:])) != crc or key_len > length:
-            self._torn(segment, position)
-            return None
-        key = None if key_len < 0 else body[:key_len]
-        value = body[max(key_len, 0):]
-        return SpoolRecord((segment.seq, position, position + FRAME.size + length), key, value, sent_ms)
-
-    def _torn(self, segment: _Segment, position: int) -> None:
-        if segment.sealed:
-            log.warning("spool segment %s: unreadable record at byte %d (torn write?); skipping the rest",
-                        segment.path.name, position)
-            self.corrupt += 1
-            segment.size = position
-
-    def _close_reader(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
-        self._reader, self._read_seq = None, None
-
-    def _segment(self, seq: int) -> _Segment | None:
-        for segment in self.segments:
-            if segment.seq == seq:
-                return segment
-        return None
-
-    def read(self) -> SpoolRecord | None:
-        """The next record not yet handed out, oldest first, or None."""
-        while True:
-            if self._read_seq is None:
-                for candidate in self.segments:
-                    start = candidate.outstanding[-1][1] if candidate.outstanding else candidate.acked
-                    if start < candidate.size:
-                        self._reader = open(candidate.path, "rb")
-                        self._read_seq, self._read_pos = candidate.seq, start
-                        break
-                else:
-                    return None
-            segment = self._segment(self._read_seq)
-            if segment is None:
-                self._close_reader()
-                continue
-            if self._read_pos < segment.size:
-                self._reader.seek(self._read_pos)
-                record = self._read_frame(self._reader, segment, self._read_pos)
-                if record is not None:
-                    self._read_pos = record.handle[2]
-                    segment.outstanding.append((record.handle[1], record.handle[2]))
-                    return record
-            if not segment.sealed:
-                return None  # caught up with the writer
-            self._close_reader()
-            self._drop_finished()
-
-    def restart_reading(self) -> None:
-        """Forget what was handed out: reading starts again at each segment's
-        acknowledged offset (records acknowledged out of order are read again)."""
-        for segment in self.segments:
-            segment.outstanding.clear()
-            segment.done.clear()
-            segment.pending = sum(1 for _ in self._scan(segment, segment.acked))
-        self._close_reader()
-
-    def settle(self) -> bool:
-        """When every record is acknowledged, remove all segments; True if the spool is empty."""
-        if all(s.acked >= s.size and not s.outstanding for s in self.segments):
-            if self._writer is not None:
-                self._writer.close()
-                self._writer = None
-            for segment in self.segments:
-                segment.sealed = True
-            self._drop_finished()
-        return not self.segments
-
-    def rewind(self, record: SpoolRecord) -> None:
-        """Give back the record just read (the producer's queue was full)."""
-        seq, start, _ = record.handle
-        segment = self._segment(seq)
-        if segment is not None and segment.outstanding and segment.outstanding[-1][0] == start:
-            segment.outstanding.pop()
-            if self._read_seq == seq:
-                self._read_pos = start
-            else:
-                self._close_reader()
-
-    def ack(self, handle: tuple[int, int, int]) -> None:
-        seq, start, _ = handle
-        segment = self._segment(seq)
-        if segment is None:
-            return
-        segment.done.add(start)
-        segment.pending -= 1
-        while segment.outstanding and segment.outstanding[0][0] in segment.done:
-            first_start, first_end = segment.outstanding.popleft()
-            segment.done.discard(first_start)
-            segment.acked = first_end
-        self._drop_finished()
-
-    def _drop_finished(self) -> None:
-        keep = []
-        for segment in self.segments:
-            finished = segment.sealed and segment.acked >= segment.size and not segment.outstanding
-            if finished:
-                if self._read_seq == segment.seq:
-                    self._close_reader()
-                segment.path.unlink(missing_ok=True)
-                segment.ack_path.unlink(missing_ok=True)
-            else:
-                keep.append(segment)
-        self.segments = keep
-
-    def checkpoint(self) -> None:
-        """Persist every segment's acknowledged offset (fewer duplicates after a crash)."""
-        for segment in self.segments:
-            if segment.acked:
-                tmp = segment.ack_path.with_suffix(".ack.tmp")
-                tmp.write_text(str(segment.acked))
-                os.replace(tmp, segment.ack_path)
-
-    def close(self) -> None:
-        self.checkpoint()
-        if self._writer is not None:
-            self._writer.flush()
-            os.fsync(self._writer.fileno())
-            self._writer.close()
-            self._writer = None
-        self._close_reader()
-        self._lock_file.close()
 
 
 # -- the producer -----------------------------------------------------------------------
+
+class SpoolFull(RuntimeError):
+    """A durable EventProducer could not write the event to its spool (full, or the disk
+    failed): the event was NOT accepted, and the caller should refuse the request."""
+
+
+def is_fatal(exc: BaseException) -> bool:
+    """True for the KafkaException librdkafka raises once the producer is unusable."""
+    error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+    return isinstance(error, KafkaError) and (error.fatal() or error.code() == KafkaError._FATAL)
+
 
 class EventProducer:
     """Asynchronous, spooling, idempotent producer of gateway events (see the module doc).
@@ -386,12 +109,14 @@ class EventProducer:
     def __init__(self, bootstrap: str, topic: str, registry, spool_dir: str | os.PathLike, *,
                  max_spool_bytes: int = 256 << 20, extra_config: dict | None = None, validation=None,
                  schema: str = "gateway_event", replay_window: int = 1000, fsync_interval_s: float = 1.0,
-                 close_timeout_s: float = 10.0):
+                 close_timeout_s: float = 10.0, durable: bool = False, fsync_each_send: bool = False):
         self.topic = topic
         self.codec = EventCodec(registry, validation, schema=schema)
         self.replay_window = replay_window
         self.fsync_interval_s = fsync_interval_s
         self.close_timeout_s = close_timeout_s
+        self.durable = durable
+        self.fsync_each_send = fsync_each_send
         self.config = {
             "bootstrap.servers": bootstrap,
             "enable.idempotence": True,
@@ -413,28 +138,43 @@ class EventProducer:
             self.spool.close()
             raise
         self._lock = threading.RLock()
-        self._spooling = bool(self.spool)
+        self._spooling = durable or bool(self.spool)
         self._broker_down = False
+        self._fatal = False
+        self._generation = 0
+        """Bumped when the producer is replaced or closed: older delivery reports are ignored
+        (their events were re-spooled)."""
+        self._send_order = itertools.count()
+        self._inflight: dict[int, tuple[bytes | None, bytes, int]] = {}
+        """Direct sends not yet acknowledged: send order -> (key, value, send time ms)."""
+        self._failed: list[tuple[int, bytes | None, bytes, int]] = []
+        """Direct sends that failed, waiting for the older ones in flight before going to the spool."""
         self._replay_outstanding = 0
-        self._rescued: list[tuple[bytes | None, bytes, int]] | None = None
+        self._replay_failed = False
         self._closed = False
         self._stop = threading.Event()
+        # Durable mode produces from the spool only, so the thread looks at it more often.
+        self._poll_s = 0.005 if durable else 0.05
         self.counts = collections.Counter()
-        """Per-instance totals: sent, delivered, spooled, replayed, dropped, invalid, delivery_errors."""
+        """Per-instance totals: sent, delivered, spooled, replayed, dropped, invalid, delivery_errors,
+        recreated."""
         self._metrics = {name: metric.labels(topic=topic) for name, metric in
                          (("sent", SENT), ("delivered", DELIVERED), ("replayed", REPLAYED),
                           ("send_seconds", SEND_SECONDS), ("delivery_seconds", DELIVERY_SECONDS),
                           ("spool_bytes", SPOOL_BYTES), ("queue", QUEUE_MESSAGES))}
+        self._metrics["durable"] = SPOOLED.labels(topic=topic, reason="durable")
         self._thread = threading.Thread(target=self._run, name=f"gatewatch-producer-{topic}", daemon=True)
         self._thread.start()
 
     # -- the request path ----------------------------------------------------------------
 
     def send(self, event: dict) -> None:
-        """Validate, encode and enqueue one event; never waits for the broker or the disk.
+        """Validate, encode and enqueue one event; never waits for the broker (nor, unless
+        durable, for the disk).
 
         Raises InvalidEvent (with .code and .reason) for an event that breaks the schema or
-        the validation rules; nothing is sent then."""
+        the validation rules, and in durable mode SpoolFull when the event could not be
+        stored; nothing is sent then."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
         try:
@@ -448,17 +188,46 @@ class EventProducer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("EventProducer is closed")
-            if self._spooling:
+            if self.durable:
+                self._persist(key, value, now_ms)
+            elif self._spooling:
                 self._spool(key, value, now_ms, "broker_down" if self._broker_down else "backlog")
             else:
-                try:
-                    self._producer.produce(self.topic, value, key, timestamp=now_ms, on_delivery=self._on_direct)
-                except BufferError:
-                    self._spooling = True
-                    self._spool(key, value, now_ms, "queue_full")
+                self._produce_direct(key, value, now_ms)
             self.counts["sent"] += 1
         self._metrics["sent"].inc()
         self._metrics["send_seconds"].observe(time.perf_counter() - started)
+
+    def _produce_direct(self, key: bytes, value: bytes, sent_ms: int) -> None:
+        order = next(self._send_order)
+        try:
+            self._producer.produce(self.topic, value, key, timestamp=sent_ms,
+                                   on_delivery=functools.partial(self._on_direct, self._generation, order))
+        except BufferError:
+            self._spooling = True
+            self._spool(key, value, sent_ms, "queue_full")
+        except KafkaException as exc:
+            if not is_fatal(exc):
+                raise
+            # Until the background thread replaces the producer, events wait on disk.
+            self._fatal = self._spooling = True
+            self._spool(key, value, sent_ms, "fatal_error")
+        else:
+            self._inflight[order] = (key, value, sent_ms)
+
+    def _persist(self, key: bytes, value: bytes, sent_ms: int) -> None:
+        """Durable mode: the event is in the spool (the kernel's page cache, or the disk with
+        fsync_each_send) when this returns, or SpoolFull is raised."""
+        try:
+            stored = self.spool.append(key, value, sent_ms)
+            if stored and self.fsync_each_send:
+                self.spool.sync()
+        except OSError as exc:
+            raise SpoolFull(f"producer spool {self.spool.directory} cannot be written: {exc}") from exc
+        if not stored:
+            raise SpoolFull(f"producer spool {self.spool.directory} is full ({self.spool.max_bytes} bytes)")
+        self._metrics["durable"].inc()
+        self.counts["spooled"] += 1
 
     def _spool(self, key: bytes | None, value: bytes, sent_ms: int, reason: str) -> bool:
         """Append to the spool (caller holds the lock); count a drop when it is full or
@@ -473,12 +242,33 @@ class EventProducer:
             why = "spool_error"
             if self.counts["dropped"] == 0:
                 log.error("producer spool %s cannot be written: %s", self.spool.directory, exc)
-        DROPPED.labels(topic=self.topic, reason=why).inc()
-        self.counts["dropped"] += 1
-        if self.counts["dropped"] in (1, 10, 100) or self.counts["dropped"] % 1000 == 0:
+        self._count_dropped(why)
+        return False
+
+    def _spool_first(self, records: list[tuple[int, bytes | None, bytes, int]], reason: str) -> None:
+        """Write undelivered events, in send order, before everything already spooled
+        (caller holds the lock); what does not fit is counted as dropped."""
+        if not records:
+            return
+        records.sort(key=lambda record: record[0])
+        try:
+            kept = self.spool.prepend([(key, value, sent_ms) for _order, key, value, sent_ms in records])
+        except OSError as exc:
+            log.error("producer spool %s cannot be written: %s", self.spool.directory, exc)
+            kept = 0
+        if kept:
+            SPOOLED.labels(topic=self.topic, reason=reason).inc(kept)
+            self.counts["spooled"] += kept
+        if kept < len(records):
+            self._count_dropped("spool_full", len(records) - kept)
+
+    def _count_dropped(self, why: str, count: int = 1) -> None:
+        DROPPED.labels(topic=self.topic, reason=why).inc(count)
+        before = self.counts["dropped"]
+        self.counts["dropped"] += count
+        if before == 0 or before // 1000 != self.counts["dropped"] // 1000:
             log.error("producer spool %s (at most %d bytes): %d events dropped so far (%s)",
                       self.spool.directory, self.spool.max_bytes, self.counts["dropped"], why)
-        return False
 
     # -- librdkafka callbacks (run in the thread that polls) -----------------------------
 
@@ -491,78 +281,73 @@ class EventProducer:
                                 self.config["bootstrap.servers"], self.spool.directory)
                 self._broker_down = True
                 self._spooling = True
-        elif err.fatal():
-            log.error("fatal producer error (%s): recreating the producer", err.str())
+        elif err.fatal() or code == KafkaError._FATAL:
             self._fatal = True
         else:
             log.debug("producer error: %s", err.str())
 
     def _delivered(self, msg) -> None:
-        with self._lock:
-            self.counts["delivered"] += 1
-            if self._broker_down:
-                log.info("broker of %s is back", self.config["bootstrap.servers"])
-                self._broker_down = False
+        """Count a delivery (caller holds the lock)."""
+        self.counts["delivered"] += 1
+        if self._broker_down:
+            log.info("broker of %s is back", self.config["bootstrap.servers"])
+            self._broker_down = False
         self._metrics["delivered"].inc()
         _kind, sent_ms = msg.timestamp()
         if sent_ms > 0:
             self._metrics["delivery_seconds"].observe(max(0.0, time.time() - sent_ms / 1000))
 
-    def _failed(self, err: KafkaError) -> bool:
-        """Count a delivery error; True when the message is worth another try."""
+    def _retryable(self, err: KafkaError) -> bool:
+        """Count a delivery error (caller holds the lock); True when the message is worth
+        another try."""
         DELIVERY_ERRORS.labels(topic=self.topic, code=err.name()).inc()
-        with self._lock:
-            self.counts["delivery_errors"] += 1
+        self.counts["delivery_errors"] += 1
+        if err.fatal():
+            self._fatal = True
         return err.code() not in PERMANENT_ERRORS
 
-    def _on_direct(self, err, msg) -> None:
-        if err is None:
-            self._delivered(msg)
-            return
-        sent_ms = msg.timestamp()[1]
-        if not self._failed(err):
-            DROPPED.labels(topic=self.topic, reason="permanent_error").inc()
-            with self._lock:
-                self.counts["dropped"] += 1
-            log.error("event dropped: %s (%d bytes)", err.str(), len(msg.value() or b""))
-            return
-        with self._lock:
-            if self._rescued is not None:
-                # Shutting down: these were queued before anything in the spool.
-                self._rescued.append((msg.key(), msg.value(), sent_ms))
-            else:
-                self._spooling = True
-                self._spool(msg.key(), msg.value(), sent_ms, "delivery_error")
+    def _drop_permanently(self, err: KafkaError, msg) -> None:
+        self._count_dropped("permanent_error")
+        log.error("event dropped: %s (%d bytes)", err.str(), len(msg.value() or b""))
 
-    def _on_replay(self, handle, err, msg) -> None:
+    def _on_direct(self, generation: int, order: int, err, msg) -> None:
         with self._lock:
+            if generation != self._generation:
+                return  # a replaced producer's report: the event was re-spooled
+            record = self._inflight.pop(order, None)
+            if record is None:
+                return
+            if err is None:
+                self._delivered(msg)
+            elif self._retryable(err):
+                self._failed.append((order, *record))
+                self._spooling = True
+            else:
+                self._drop_permanently(err, msg)
+
+    def _on_replay(self, generation: int, handle, err, msg) -> None:
+        with self._lock:
+            if generation != self._generation:
+                return  # unacknowledged in the spool: read again by the new producer
             self._replay_outstanding -= 1
             if err is None:
                 self.spool.ack(handle)
                 self.counts["replayed"] += 1
                 self._metrics["replayed"].inc()
-            elif err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT) and self._rescued is not None:
-                pass  # still in its segment, unacknowledged: replayed by the next producer
+                self._delivered(msg)
+            elif self._retryable(err):
+                self._replay_failed = True  # stays unacknowledged: read again from its place
             else:
-                retry = self._failed(err)
                 self.spool.ack(handle)
-                if retry:
-                    self._spool(msg.key(), msg.value(), msg.timestamp()[1], "delivery_error")
-                else:
-                    DROPPED.labels(topic=self.topic, reason="permanent_error").inc()
-                    self.counts["dropped"] += 1
-        if err is None:
-            self._delivered(msg)
+                self._drop_permanently(err, msg)
 
     # -- the background thread -------------------------------------------------------------
-
-    _fatal = False
 
     def _run(self) -> None:
         last_sync = time.monotonic()
         while not self._stop.is_set():
             try:
-                self._producer.poll(0.05)
+                self._poll(self._poll_s)
                 if self._fatal:
                     self._recreate()
                 self._pump()
@@ -574,6 +359,21 @@ class EventProducer:
                 log.exception("producer background thread error")
                 time.sleep(0.5)
 
+    def _poll(self, timeout: float, *, flushing: bool = False) -> None:
+        """Serve delivery reports (``flushing``: sending what lingers right away); a fatal
+        error raised here marks the producer for replacement."""
+        producer = self._producer
+        try:
+            producer.flush(timeout) if flushing else producer.poll(timeout)
+        except KafkaException as exc:
+            if not is_fatal(exc):
+                raise
+            if producer is not self._producer:
+                return  # already replaced (flush() raced with the background thread)
+            if not self._fatal:
+                log.error("fatal producer error (%s): replacing the producer", exc.args[0].str())
+            self._fatal = True
+
     def _pump(self) -> None:
         """Move spooled records into librdkafka, oldest first, a window at a time, in
         short steps so that send() never waits long for the lock."""
@@ -581,7 +381,20 @@ class EventProducer:
             with self._lock:
                 if not self._spooling:
                     return
-                if self._replay_outstanding == 0 and self.spool.settle():
+                if self._failed:
+                    if self._inflight or self._replay_outstanding:
+                        # Newer events still queued must not overtake the failed ones: librdkafka
+                        # hands them back (as failures, re-sent in order); in-flight ones finish.
+                        self._producer.purge(in_queue=True, in_flight=False, blocking=False)
+                        return
+                    failed, self._failed = self._failed, []
+                    self._spool_first(failed, "delivery_error")
+                if self._replay_failed:
+                    if self._replay_outstanding:
+                        return
+                    self._replay_failed = False
+                    self.spool.restart_reading()
+                if self._replay_outstanding == 0 and not self.durable and self.spool.settle():
                     if not self._broker_down:
                         self._spooling = False
                     return
@@ -593,13 +406,24 @@ class EventProducer:
                     record = self.spool.read()
                     if record is None:
                         return
-                    try:
-                        self._producer.produce(self.topic, record.value, record.key, timestamp=record.sent_ms,
-                                               on_delivery=functools.partial(self._on_replay, record.handle))
-                    except BufferError:
-                        self.spool.rewind(record)
+                    if not self._produce_replay(record):
                         return
-                    self._replay_outstanding += 1
+
+    def _produce_replay(self, record: SpoolRecord) -> bool:
+        """Hand one spooled record to librdkafka (caller holds the lock); False when it
+        does not take it now."""
+        try:
+            self._producer.produce(self.topic, record.value, record.key, timestamp=record.sent_ms,
+                                   on_delivery=functools.partial(self._on_replay, self._generation, record.handle))
+        except (BufferError, KafkaException) as exc:
+            self.spool.rewind(record)
+            if isinstance(exc, KafkaException):
+                if not is_fatal(exc):
+                    raise
+                self._fatal = True
+            return False
+        self._replay_outstanding += 1
+        return True
 
     def _sync(self) -> None:
         with self._lock:
@@ -613,31 +437,47 @@ class EventProducer:
             finally:
                 os.close(fd)
 
+    def _take_undelivered(self) -> list[tuple[int, bytes | None, bytes, int]]:
+        """Detach the current producer's reports and return every direct send it has not
+        acknowledged (caller holds the lock); replays stay unacknowledged in the spool."""
+        self._generation += 1
+        undelivered = self._failed + [(order, *record) for order, record in self._inflight.items()]
+        self._failed, self._inflight = [], {}
+        self._replay_outstanding = 0
+        self._replay_failed = False
+        self.spool.restart_reading()
+        return undelivered
+
+    @staticmethod
+    def _discard(producer: Producer) -> None:
+        """Drop what a producer still holds (its reports are ignored by then)."""
+        try:
+            producer.purge(in_queue=True, in_flight=True, blocking=True)
+            producer.poll(0)
+            producer.flush(0)
+        except KafkaException:
+            pass  # a fatal producer refuses to do more; its events are in our records
+
     def _recreate(self) -> None:
-        """A fatal (idempotence) error makes a producer unusable: move what it held to the
-        spool and start a new one."""
-        self._fatal = False
-        old = self._producer
+        """A fatal error makes a producer unusable: start a new one, and re-send every event
+        the old one did not acknowledge, in send order, before what was spooled."""
         with self._lock:
-            self._producer = Producer(self.config)
+            self._fatal = False
+            old, self._producer = self._producer, Producer(self.config)
+            self._spool_first(self._take_undelivered(), "fatal_error")
             self._spooling = True
-            self._rescued = []
-        old.purge(in_queue=True, in_flight=True, blocking=True)
-        old.poll(0)
-        old.flush(0)
-        with self._lock:
-            rescued, self._rescued = self._rescued, None
-            # Replayed records the old producer held are read again from the spool.
-            self.spool.restart_reading()
-            self._replay_outstanding = 0
-            self.spool.prepend(rescued)
+            self.counts["recreated"] += 1
+        RECREATED.labels(topic=self.topic).inc()
+        log.warning("producer of %s replaced after a fatal error; %d events spooled for re-sending",
+                    self.topic, self.spool.pending)
+        self._discard(old)
 
     # -- shutdown -------------------------------------------------------------------------
 
     def pending(self) -> int:
-        """Events accepted but not yet acknowledged (queued in memory or spooled)."""
+        """Events accepted but not yet acknowledged (in flight, failed or spooled)."""
         with self._lock:
-            return len(self._producer) + self.spool.pending
+            return len(self._inflight) + len(self._failed) + self.spool.pending
 
     def flush(self, timeout: float = 10.0) -> int:
         """Wait up to ``timeout`` s for every accepted event (spooled ones included) to be
@@ -648,7 +488,9 @@ class EventProducer:
             left = deadline - time.monotonic()
             if remaining == 0 or left <= 0:
                 return remaining
-            self._producer.flush(min(0.1, left))
+            self._poll(min(0.1, left), flushing=True)
+            if self._fatal:
+                time.sleep(min(0.05, max(left, 0)))  # the background thread replaces the producer
 
     def close(self, timeout: float | None = None) -> int:
         """Flush for up to ``timeout`` s, then keep whatever is still undelivered in the
@@ -658,23 +500,15 @@ class EventProducer:
         self.flush(self.close_timeout_s if timeout is None else timeout)
         with self._lock:
             self._closed = True
-            self._rescued = []
         self._stop.set()
         self._thread.join(timeout=5)
         # Whatever librdkafka still holds goes back to disk: never sent (queued) is safe;
         # in flight may have reached the broker (a possible duplicate, dropped by event_id).
-        self._producer.purge(in_queue=True, in_flight=True, blocking=True)
-        self._producer.poll(0)
-        self._producer.flush(0)
         with self._lock:
-            rescued, self._rescued = self._rescued, None
-            kept = self.spool.prepend(rescued)
-            if kept < len(rescued):
-                DROPPED.labels(topic=self.topic, reason="spool_full").inc(len(rescued) - kept)
-                self.counts["dropped"] += len(rescued) - kept
-            if kept:
-                SPOOLED.labels(topic=self.topic, reason="shutdown").inc(kept)
-                self.counts["spooled"] += kept
+            undelivered = self._take_undelivered()
+        self._discard(self._producer)
+        with self._lock:
+            self._spool_first(undelivered, "shutdown")
             self.spool.settle()
             left = self.spool.pending
             self.spool.close()

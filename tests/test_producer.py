@@ -5,6 +5,7 @@ when the broker is back. Plus the disk spool on its own and the usage-block help
 from __future__ import annotations
 
 import random
+import shutil
 import statistics
 import time
 import uuid
@@ -199,7 +200,13 @@ def own_broker(tmp_path_factory):
     def start():
         broker.service = svc.start_kafka(data_dir, port=service.port, die_with_parent=True)
 
-    broker.stop, broker.start, broker.address = stop, start, service.address
+    def restart_empty():
+        """Restart with no data: every topic, offset and producer state is gone."""
+        stop()
+        shutil.rmtree(data_dir / "noida-data", ignore_errors=True)
+        start()
+
+    broker.stop, broker.start, broker.restart_empty, broker.address = stop, start, restart_empty, service.address
     yield broker
     broker.service.stop()
 
