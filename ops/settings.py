@@ -8,6 +8,7 @@ from so that a bad one is reported with its origin.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -24,8 +25,8 @@ from sinks.text_cipher import decode_key
 
 ENV_PREFIX = "GATEWATCH_"
 # GATEWATCH_* variables that are not settings: the config file path, the state directory of
-# `gatewatch services`, and the test suite's server overrides.
-NOT_SETTINGS = ("GATEWATCH_CONFIG", "GATEWATCH_STATE_DIR", "GATEWATCH_TEST_")
+# `gatewatch services`, who the access audit records, and the test suite's server overrides.
+NOT_SETTINGS = ("GATEWATCH_CONFIG", "GATEWATCH_STATE_DIR", "GATEWATCH_ACTOR", "GATEWATCH_TEST_")
 SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq")
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
 
@@ -237,6 +238,40 @@ class RetentionSettings(Section):
     """ClickHouse rows (and so every metric view over them) live this long."""
 
 
+class AuditSettings(Section):
+    """The audit log (one row per unique event) and the access audit of data commands."""
+
+    url: str = "sqlite:///./gatewatch-data/audit.sqlite3"
+    """`sqlite:///PATH` (embedded, for the demo) or `postgresql://user[:pass]@host:port/db`."""
+    hash_key: SecretStr | None = None
+    """Base64 key of the HMAC-SHA-256 that stands for user ids in the audit; without one a
+    random key is generated once in hash_key_file."""
+    hash_key_file: str = "./gatewatch-data/audit-hash.key"
+    months: int = Field(24, ge=1)
+    """Monthly partitions older than this many months are dropped by `retention apply`."""
+    max_rows: int = Field(5000, gt=0)
+    max_age_s: float = Field(1, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"expected sqlite:///PATH or postgresql://user@host:port/db, got {value!r}")
+        return value
+
+    @field_validator("hash_key")
+    @classmethod
+    def _key_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                raw = base64.b64decode(value.get_secret_value(), validate=True)
+            except ValueError:
+                raise ValueError("the audit hash key must be base64") from None
+            if len(raw) < 16:
+                raise ValueError(f"the audit hash key must be at least 16 bytes, this one decodes to {len(raw)}")
+        return value
+
+
 class RecoverySettings(Section):
     enabled: bool = True
     dir: str = "./gatewatch-data/recovery"
@@ -275,6 +310,7 @@ class Settings(Section):
     retry: RetrySettings = RetrySettings()
     recovery: RecoverySettings = RecoverySettings()
     retention: RetentionSettings = RetentionSettings()
+    audit: AuditSettings = AuditSettings()
     residency: dict[str, RegionStorage] = {}
     """Storage per region. Empty: every region in parquet.root (under region=) and
     clickhouse.database. Once set, a region missing here has its events sent to the DLQ."""
