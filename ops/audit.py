@@ -1,5 +1,7 @@
 """The access audit: every CLI command that reads or changes stored data appends who ran
-it, what, on which scope and how it ended to ClickHouse's append-only access_audit table.
+it, what, on which scope and how it ended to the audit store's append-only access_audit
+table (audit.url: PostgreSQL, or embedded SQLite), and to ClickHouse's access_audit as well
+(dashboards read it there); `gatewatch audit` reads the audit store.
 
 The "started" row is written before the command touches anything: when the audit table
 cannot be written, the command does not run.
@@ -22,7 +24,8 @@ from typing import Iterator
 import pyarrow as pa
 
 from ops.settings import Settings
-from sinks.clickhouse import ClickHouse, sql_string
+from sinks.audit_log import AuditStore, open_store
+from sinks.clickhouse import ClickHouse
 
 AUDIT_SCHEMA = pa.schema([("at", pa.timestamp("ms", tz="UTC")), ("command_id", pa.string()), ("actor", pa.string()),
                           ("command", pa.string()), ("scope", pa.string()), ("outcome", pa.string())])
@@ -62,24 +65,27 @@ def audit_row(command_id: str, command: str, scope: dict, outcome: str, now_ms: 
             "outcome": outcome}
 
 
+def open_audit(settings: Settings) -> AuditStore:
+    """The audit store of audit.url, its tables created (by their owner) if missing."""
+    store = open_store(settings.audit.url, settings.audit.app_role)
+    store.migrate()
+    return store
+
+
 class AccessAudit:
     def __init__(self, settings: Settings):
+        self.store = open_audit(settings)
         self.clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
         self.clickhouse.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
 
     def append(self, row: dict) -> None:
+        self.store.append_access(row)
         self.clickhouse.insert("access_audit", pa.Table.from_pylist([row], AUDIT_SCHEMA))
 
     def read(self, since: datetime | None = None, command: str | None = None) -> list[dict]:
-        where = ["1"]
-        if since is not None:
-            where.append(f"at >= toDateTime('{since.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}', 'UTC')")
-        if command is not None:
-            where.append(f"command = {sql_string(command)}")
-        rows = self.clickhouse.rows(f"SELECT toString(at), command_id, actor, command, scope, outcome "
-                                    f"FROM {self.clickhouse.database}.access_audit WHERE {' AND '.join(where)} "
-                                    f"ORDER BY at, command_id, outcome = 'started' DESC")
-        return [dict(zip(("at", "command_id", "actor", "command", "scope", "outcome"), row)) for row in rows]
+        since_ms = int(since.astimezone(timezone.utc).timestamp() * 1000) if since is not None else None
+        return [{**row, "at": datetime.fromtimestamp(row["at"] / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")}
+                for row in self.store.read_access(since_ms, command)]
 
 
 @contextmanager

@@ -27,7 +27,9 @@ ENV_PREFIX = "GATEWATCH_"
 # GATEWATCH_* variables that are not settings: the config file path, the state directory of
 # `gatewatch services`, who the access audit records, and the test suite's server overrides.
 NOT_SETTINGS = ("GATEWATCH_CONFIG", "GATEWATCH_STATE_DIR", "GATEWATCH_ACTOR", "GATEWATCH_TEST_")
-SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq")
+SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq", "audit")
+DEFAULT_SINKS = SINK_NAMES[:5]
+"""The audit log sink is on where it is asked for (`sinks`), as the demo does."""
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
 
 
@@ -243,6 +245,8 @@ class AuditSettings(Section):
 
     url: str = "sqlite:///./gatewatch-data/audit.sqlite3"
     """`sqlite:///PATH` (embedded, for the demo) or `postgresql://user[:pass]@host:port/db`."""
+    app_role: str | None = None
+    """PostgreSQL role the flows connect as: granted SELECT and INSERT only when the owner migrates."""
     hash_key: SecretStr | None = None
     """Base64 key of the HMAC-SHA-256 that stands for user ids in the audit; without one a
     random key is generated once in hash_key_file."""
@@ -301,7 +305,7 @@ class Settings(Section):
     redaction: RedactionSettings = RedactionSettings()
     dedupe: DedupeSettings = DedupeSettings()
     windows: WindowSettings = WindowSettings()
-    sinks: CsvList = list(SINK_NAMES)
+    sinks: CsvList = list(DEFAULT_SINKS)
     pricing: PricingSettings = PricingSettings()
     quota: QuotaSettings = QuotaSettings()
     parquet: ParquetSettings = ParquetSettings()

@@ -299,6 +299,11 @@ class PostgresAudit:
     def migrate(self) -> None:
         with self._lock, self.connection.transaction(), self.connection.cursor() as cursor:
             cursor.execute("SELECT pg_advisory_xact_lock(hashtext('gatewatch audit migrate'))")
+            cursor.execute("SELECT c.relowner = r.oid FROM pg_class c, pg_roles r "
+                           "WHERE c.oid = to_regclass('audit_log') AND r.rolname = current_user")
+            owner = cursor.fetchone()
+            if owner is not None and not owner[0]:
+                return  # the application role: its owner has migrated, it may not
             cursor.execute(_PG_SCHEMA)
             if self.app_role:
                 for table in ("audit_log", "access_audit"):
