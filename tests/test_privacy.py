@@ -42,6 +42,7 @@ def regional(kafka_bootstrap, flow_topics_env, redis_url, s3_endpoint, tmp_path_
         "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/5",
         "GATEWATCH_RESIDENCY": json.dumps(residency),
         "GATEWATCH_AUDIT__HASH_KEY_FILE": str(root / "audit-hash.key"),
+        "GATEWATCH_AUDIT__URL": f"sqlite:///{root / 'audit.sqlite3'}",
         "GATEWATCH_RECOVERY__DIR": str(root / "no-recovery"),
     }
     settings = load_settings(environ=env, use_service_state=False)
@@ -175,6 +176,7 @@ def empty_stores(redis_url, tmp_path) -> dict:
     env = {"GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "gw_empty",
            "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"), "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/6",
            "GATEWATCH_AUDIT__HASH_KEY_FILE": str(tmp_path / "audit-hash.key"),
+           "GATEWATCH_AUDIT__URL": f"sqlite:///{tmp_path / 'audit.sqlite3'}",
            "GATEWATCH_RECOVERY__DIR": str(tmp_path / "recovery")}
     QuotaStore(env["GATEWATCH_REDIS__URL"]).redis.flushdb()
     return env
