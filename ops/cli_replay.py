@@ -126,7 +126,7 @@ def retention() -> None:
 def retention_apply(dry_run, today, config) -> None:
     """Delete raw Parquet partitions older than retention.raw_days, printing each."""
     from ops import retention as policy
-    from ops.audit import audited
+    from ops.audit import audited, open_audit
 
     settings = _settings(config)
     today = today.date() if today else date.today()
@@ -137,6 +137,10 @@ def retention_apply(dry_run, today, config) -> None:
         verb = "would delete" if dry_run else "deleted"
         for day, path, files in deleted:
             click.echo(f"{verb} {path} ({files} files, event date {day})")
+        audit_months = policy.apply_audit(open_audit(settings), today, settings.audit.months, dry_run)
+        for table in audit_months:
+            click.echo(f"{verb} audit log partition {table}")
         click.echo(json.dumps({"dry_run": dry_run, "raw_days": days, "partitions": len(deleted),
                                "files": sum(files for _d, _p, files in deleted),
-                               "dates": [day.isoformat() for day, _p, _f in deleted]}))
+                               "dates": [day.isoformat() for day, _p, _f in deleted],
+                               "audit_partitions": audit_months}))

@@ -3,6 +3,7 @@ unique event whatever is inserted twice, append-only, monthly partitions dropped
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 from datetime import date
@@ -127,3 +128,25 @@ def test_the_access_audit_round_trip(store):
     rows = store.read_access(command="export")
     assert [r["outcome"] for r in rows] == ["started", "succeeded"] and rows[0]["actor"] == "alice"
     assert store.read_access(command="forget") == [] and store.read_access(since_ms=1_795_000_000_001)[0]["at"] > 0
+
+
+def test_retention_apply_drops_the_audit_months_past_audit_months(tmp_path):
+    from ops import retention
+    from tests.processes import run_cli
+
+    assert retention.audit_oldest_kept(date(2027, 2, 15), 2) == date(2027, 1, 1)
+    assert retention.audit_oldest_kept(date(2027, 2, 15), 24) == date(2025, 3, 1)
+    store = SqliteAudit(str(tmp_path / "audit.sqlite3"))
+    store.migrate()
+    store.insert_events([audit_row(e, KEY) for e in events(90, step_ms=DAY_MS)])  # Nov 2026 .. Feb 2027
+    env = {"GATEWATCH_AUDIT__URL": f"sqlite:///{tmp_path / 'audit.sqlite3'}", "GATEWATCH_AUDIT__MONTHS": "2",
+           "GATEWATCH_AUDIT__HASH_KEY_FILE": str(tmp_path / "key"), "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"),
+           "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}"}
+    dry = run_cli("retention", "apply", "--today", "2027-02-15", "--dry-run", env=env)
+    assert dry.returncode == 0, dry.stderr[-2000:]
+    assert store.months()[0] == date(2026, 11, 1)
+    applied = run_cli("retention", "apply", "--today", "2027-02-15", env=env)
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert json.loads(applied.stdout.splitlines()[-1])["audit_partitions"] == ["audit_log_y2026m11", "audit_log_y2026m12"]
+    assert store.months() == [date(2027, 1, 1), date(2027, 2, 1)]
+    assert [r["command"] for r in store.read_access()] == ["retention apply"] * 4
