@@ -20,6 +20,8 @@ from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import dlq_record, encode_dlq
 from sinks.audit_log import audit_row
+from sinks.vault import KeyStore, VaultFiles, seal_event
+from sinks.vault import partition_of as vault_partition_of
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.kafka import TopicWriter
@@ -162,6 +164,43 @@ def audit_writer(settings: Settings):
         metrics.SINK_ROWS.labels(sink="audit").inc(len(rows))
         observe_freshness("audit", [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
     return write
+
+
+class VaultSealer:
+    """Seals each decoded event's original text with its user's data key; the key store
+    is opened in the worker that first needs it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.retry = retrying(settings)
+        self.keys: KeyStore | None = None
+        self.key = hash_key(settings)
+
+    def __call__(self, event: dict) -> dict:
+        if self.keys is None:
+            vault = self.settings.vault
+            self.keys = KeyStore(vault.key_store, vault.kek_bytes(), vault.kek_id)
+        return self.retry("vault_keys", lambda: seal_event(event, self.keys, self.key))
+
+
+def vault_writer(settings: Settings):
+    retry = retrying(settings)
+    files = VaultFiles(settings.vault.root, settings.parquet.s3_endpoint_url)
+
+    def write(batches: list[tuple[str, list[dict]]]) -> None:
+        records = [record for _partition, batch in batches for record in batch]
+        retry("vault", lambda: files.write(records))
+        metrics.SINK_ROWS.labels(sink="vault").inc(len(records))
+    return write
+
+
+def vault_out(events: Stream[dict], settings: Settings) -> None:
+    """Original text to the vault, sealed before anything holds it (batches and their
+    recovery snapshots only ever see ciphertext)."""
+    sealed = op.map("vault_seal", events, VaultSealer(settings))
+    batches = op.stateful("vault_batches", op.key_on("vault_by_partition", sealed, vault_partition_of),
+                          lambda resume: Batcher(settings.vault.max_rows, settings.vault.max_age_s, resume))
+    op.output("vault_out", batches, WriterSink(partial(vault_writer, settings)))
 
 
 def quota_writer(settings: Settings):

@@ -100,3 +100,57 @@ def audit(since, command_name, config) -> None:
     settings = _settings(config)
     for row in AccessAudit(settings).read(since.replace(tzinfo=timezone.utc) if since else None, command_name):
         click.echo(json.dumps(row))
+
+
+@click.group()
+def vault() -> None:
+    """The prompt/response vault: original text sealed per user, for compliance reads."""
+
+
+@vault.command("read")
+@click.option("--request-id", required=True, help="The request whose original prompt and response to open.")
+@click.option("--reason", required=True, help="Why (recorded in the access audit before anything is read).")
+@config_option
+def vault_read(request_id, reason, config) -> None:
+    """Open one request's vault record for an actor with the auditor or admin role; every
+    read, allowed or refused, is in the access audit first."""
+    from ops import vault as vaults
+    from ops.audit import audited
+
+    settings = _settings(config)
+    if not reason.strip():
+        raise click.BadParameter("give the reason for reading the vault", param_hint="--reason")
+    if not vaults.vault_configured(settings):
+        raise click.ClickException("the vault has no key-encryption key configured (vault.keks, vault.kek_id)")
+    scope = {"request_id": request_id, "reason": reason, "role": vaults.role_of(settings) or "none"}
+    try:
+        with audited(settings, "vault read", scope):
+            vaults.require_reader(settings)
+            records = vaults.read_request(settings, request_id)
+    except vaults.VaultRefused as exc:
+        raise click.ClickException(f"refused: {exc}") from None
+    if not records:
+        raise click.ClickException(f"no vault record of request {request_id} (never stored, or its user was forgotten)")
+    for record in records:
+        click.echo(json.dumps(record, default=str, sort_keys=True))
+
+
+@vault.command("rotate")
+@config_option
+def vault_rotate(config) -> None:
+    """Re-wrap every data key with the active KEK (vault.kek_id); vault files are not rewritten.
+    Keep the old KEK in vault.keks until this has run."""
+    from ops import vault as vaults
+    from ops.audit import audited
+
+    settings = _settings(config)
+    if not vaults.vault_configured(settings):
+        raise click.ClickException("the vault has no key-encryption key configured (vault.keks, vault.kek_id)")
+    with audited(settings, "vault rotate", {"kek_id": settings.vault.kek_id}):
+        keys = vaults.key_store(settings)
+        try:
+            rewrapped = keys.rotate()
+            by_kek = keys.kek_ids()
+        finally:
+            keys.close()
+    click.echo(json.dumps({"rewrapped": rewrapped, "data_keys_by_kek": by_kek}))

@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
-from ops import recovery
+from ops import recovery, vault
 from sinks.audit_log import user_hash
 from sinks.clickhouse import ClickHouse, sql_string
 from sinks.parquet import ParquetStore
@@ -75,16 +75,18 @@ class Found:
     pending_alerts: int = 0
     recovery: dict[str, int] = field(default_factory=dict)
     """{recovery partition file: snapshots holding the user}"""
+    vault_keys: int = 0
+    """The user's data keys in the vault's key store (one per org)."""
 
     def summary(self) -> dict:
         return {"clickhouse_rows": self.clickhouse, "parquet_files": len(self.parquet),
                 "parquet_rows": sum(self.parquet.values()), "redis_keys": len(self.redis_keys),
-                "pending_alerts": self.pending_alerts, "recovery_snapshots": sum(self.recovery.values())}
+                "pending_alerts": self.pending_alerts, "recovery_snapshots": sum(self.recovery.values()), "vault_keys": self.vault_keys}
 
     @property
     def empty(self) -> bool:
         return not (any(self.clickhouse.values()) or self.parquet or self.redis_keys or self.pending_alerts
-                    or any(self.recovery.values()))
+                    or any(self.recovery.values()) or self.vault_keys)
 
 
 # -- ClickHouse ---------------------------------------------------------------------------
@@ -193,6 +195,8 @@ def find(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> Fo
     found.pending_alerts = len(pending_alerts_of(client, subject))
     for directory in recovery_dirs(settings, recovery_extra):
         found.recovery.update(recovery.snapshots_holding(directory, subject.holds))
+    if vault.vault_configured(settings):
+        found.vault_keys = vault.count_user_keys(settings, subject.user_id, subject.org_id)
     return found
 
 
@@ -211,6 +215,8 @@ def forget(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> 
         client.hdel(PENDING_ALERTS_KEY, *alerts)
     for directory in recovery_dirs(settings, recovery_extra):
         recovery.scrub(directory, subject.holds)
+    if found.vault_keys:
+        vault.shred_user(settings, subject.user_id, subject.org_id)
     return found
 
 
@@ -240,4 +246,9 @@ def export(settings, subject: Subject, out: Path) -> dict[str, int]:
     redis_state["pending_alerts"] = pending_alerts_of(client, subject)
     (out / "redis.json").write_text(json.dumps(redis_state, indent=1, sort_keys=True))
     written["redis.json"] = len(redis_state) - 1
+    if vault.vault_configured(settings):
+        if vault.role_of(settings) in vault.READER_ROLES:
+            dump("vault.jsonl", vault.export_user(settings, subject.user_id, subject.org_id))
+        else:
+            written["vault.jsonl (withheld: the actor has no vault reader role)"] = 0
     return written

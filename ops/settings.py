@@ -276,6 +276,46 @@ class AuditSettings(Section):
         return value
 
 
+class VaultSettings(Section):
+    """The prompt/response vault: original text sealed per (org, user) data key, for
+    compliance reads by the roles below; off unless enabled."""
+
+    enabled: bool = False
+    root: str = "./gatewatch-data/vault"
+    """A local directory or s3://bucket/prefix (S3 endpoint: parquet.s3_endpoint_url)."""
+    key_store: str = "./gatewatch-data/vault-keys.sqlite3"
+    """SQLite file of the wrapped data keys; deleting a user's row shreds their records."""
+    keks: dict[str, SecretStr] = {}
+    """Key-encryption keys (base64, 32 bytes) by id; keep old ids until `vault rotate` has run."""
+    kek_id: str | None = None
+    days: int = Field(730, ge=1)
+    roles: dict[str, Literal["auditor", "admin"]] = {}
+    """Actor (GATEWATCH_ACTOR or user@host) -> role; only these actors may read the vault."""
+    max_rows: int = Field(2000, gt=0)
+    max_age_s: float = Field(2, gt=0)
+
+    @field_validator("keks")
+    @classmethod
+    def _keks_are_aes_256(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for kek_id, kek in value.items():
+            try:
+                if len(decode_key(kek.get_secret_value())) != 32:
+                    raise ValueError("a KEK must be 32 bytes (AES-256)")
+            except ValueError as exc:
+                raise ValueError(f"KEK {kek_id!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _enabled_has_a_kek(self) -> "VaultSettings":
+        if self.enabled and (self.kek_id is None or self.kek_id not in self.keks):
+            raise ValueError(f"an enabled vault needs kek_id naming one of keks (kek_id {self.kek_id!r}, "
+                             f"keks: {', '.join(self.keks) or 'none'})")
+        return self
+
+    def kek_bytes(self) -> dict[str, bytes]:
+        return {kek_id: decode_key(kek.get_secret_value()) for kek_id, kek in self.keks.items()}
+
+
 class RecoverySettings(Section):
     enabled: bool = True
     dir: str = "./gatewatch-data/recovery"
@@ -315,6 +355,7 @@ class Settings(Section):
     recovery: RecoverySettings = RecoverySettings()
     retention: RetentionSettings = RetentionSettings()
     audit: AuditSettings = AuditSettings()
+    vault: VaultSettings = VaultSettings()
     residency: dict[str, RegionStorage] = {}
     """Storage per region. Empty: every region in parquet.root (under region=) and
     clickhouse.database. Once set, a region missing here has its events sent to the DLQ."""
