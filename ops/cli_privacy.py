@@ -116,6 +116,7 @@ def vault_read(request_id, reason, config) -> None:
     read, allowed or refused, is in the access audit first."""
     from ops import vault as vaults
     from ops.audit import audited
+    from sinks.vault import VaultKeyError
 
     settings = _settings(config)
     if not reason.strip():
@@ -129,6 +130,9 @@ def vault_read(request_id, reason, config) -> None:
             records = vaults.read_request(settings, request_id)
     except vaults.VaultRefused as exc:
         raise click.ClickException(f"refused: {exc}") from None
+    except VaultKeyError:
+        raise click.ClickException(f"request {request_id} cannot be opened: its user's data key was destroyed when "
+                                   "the user was forgotten") from None
     if not records:
         raise click.ClickException(f"no vault record of request {request_id} (never stored, or its user was forgotten)")
     for record in records:
