@@ -130,7 +130,7 @@ def test_the_access_audit_round_trip(store):
     assert store.read_access(command="forget") == [] and store.read_access(since_ms=1_795_000_000_001)[0]["at"] > 0
 
 
-def test_retention_apply_drops_the_audit_months_past_audit_months(tmp_path):
+def test_retention_apply_drops_audit_months_and_vault_days_past_their_retention(tmp_path):
     from ops import retention
     from tests.processes import run_cli
 
@@ -141,7 +141,11 @@ def test_retention_apply_drops_the_audit_months_past_audit_months(tmp_path):
     store.insert_events([audit_row(e, KEY) for e in events(90, step_ms=DAY_MS)])  # Nov 2026 .. Feb 2027
     env = {"GATEWATCH_AUDIT__URL": f"sqlite:///{tmp_path / 'audit.sqlite3'}", "GATEWATCH_AUDIT__MONTHS": "2",
            "GATEWATCH_AUDIT__HASH_KEY_FILE": str(tmp_path / "key"), "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"),
-           "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}"}
+           "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}",
+           "GATEWATCH_VAULT__ROOT": str(tmp_path / "vault"), "GATEWATCH_VAULT__DAYS": "30"}
+    for day in ("2027-01-10", "2027-02-01"):
+        (tmp_path / "vault" / f"event_date={day}" / "region=eu").mkdir(parents=True)
+        (tmp_path / "vault" / f"event_date={day}" / "region=eu" / "part-1.parquet").write_bytes(b"sealed")
     dry = run_cli("retention", "apply", "--today", "2027-02-15", "--dry-run", env=env)
     assert dry.returncode == 0, dry.stderr[-2000:]
     assert store.months()[0] == date(2026, 11, 1)
@@ -149,4 +153,6 @@ def test_retention_apply_drops_the_audit_months_past_audit_months(tmp_path):
     assert applied.returncode == 0, applied.stderr[-2000:]
     assert json.loads(applied.stdout.splitlines()[-1])["audit_partitions"] == ["audit_log_y2026m11", "audit_log_y2026m12"]
     assert store.months() == [date(2027, 1, 1), date(2027, 2, 1)]
+    assert json.loads(applied.stdout.splitlines()[-1])["vault_dates"] == ["2027-01-10"]
+    assert [p.name for p in (tmp_path / "vault").iterdir()] == ["event_date=2027-02-01"]
     assert [r["command"] for r in store.read_access()] == ["retention apply"] * 4
