@@ -65,6 +65,10 @@ def audit_row(command_id: str, command: str, scope: dict, outcome: str, now_ms: 
             "outcome": outcome}
 
 
+def _iso(epoch_ms: int) -> str:
+    return datetime.fromtimestamp(epoch_ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
 def open_audit(settings: Settings) -> AuditStore:
     """The audit store of audit.url, its tables created (by their owner) if missing."""
     store = open_store(settings.audit.url, settings.audit.app_role)
@@ -84,8 +88,7 @@ class AccessAudit:
 
     def read(self, since: datetime | None = None, command: str | None = None) -> list[dict]:
         since_ms = int(since.astimezone(timezone.utc).timestamp() * 1000) if since is not None else None
-        return [{**row, "at": datetime.fromtimestamp(row["at"] / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")}
-                for row in self.store.read_access(since_ms, command)]
+        return [{**row, "at": _iso(row["at"])} for row in self.store.read_access(since_ms, command)]
 
 
 @contextmanager

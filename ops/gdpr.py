@@ -81,7 +81,8 @@ class Found:
     def summary(self) -> dict:
         return {"clickhouse_rows": self.clickhouse, "parquet_files": len(self.parquet),
                 "parquet_rows": sum(self.parquet.values()), "redis_keys": len(self.redis_keys),
-                "pending_alerts": self.pending_alerts, "recovery_snapshots": sum(self.recovery.values()), "vault_keys": self.vault_keys}
+                "pending_alerts": self.pending_alerts, "recovery_snapshots": sum(self.recovery.values()),
+                "vault_keys": self.vault_keys}
 
     @property
     def empty(self) -> bool:

@@ -55,7 +55,8 @@ def without_user(value: Any, holds: Holds) -> tuple[Any, bool]:
         inner, changed = without_user(inner, holds)
         return (pickle.dumps(inner, protocol=pickle.HIGHEST_PROTOCOL) if changed else value), changed
     if isinstance(value, list):
-        kept = [item for item in value if not (isinstance(item, dict) and holds(item.get("org_id"), item.get("user_id")))]
+        kept = [item for item in value
+                if not (isinstance(item, dict) and holds(item.get("org_id"), item.get("user_id")))]
         return kept, len(kept) != len(value)
     return value, False
 

@@ -148,7 +148,8 @@ class KeyStore:
                 key = self._unwrap(org_id, hashed, kek_id, wrapped)
                 self.connection.execute(
                     "UPDATE data_keys SET kek_id = ?, wrapped = ? WHERE org_id = ? AND user_hash = ?",
-                    (self.active_kek, _seal(self.keks[self.active_kek], key, self._aad(org_id, hashed)), org_id, hashed))
+                    (self.active_kek, _seal(self.keks[self.active_kek], key, self._aad(org_id, hashed)),
+                     org_id, hashed))
         return len(rows)
 
     def kek_ids(self) -> dict[str, int]:
@@ -190,9 +191,10 @@ class VaultFiles:
 
     def __init__(self, root: str, s3_endpoint_url: str | None = None):
         self.root = root.rstrip("/")
-        options = {"client_kwargs": {"endpoint_url": s3_endpoint_url}} if root.startswith("s3://") and s3_endpoint_url else {}
+        on_s3 = root.startswith("s3://")
+        options = {"client_kwargs": {"endpoint_url": s3_endpoint_url}} if on_s3 and s3_endpoint_url else {}
         self.fs, _ = fsspec.core.url_to_fs(self.root, **options)
-        self.base = self.root.split("://", 1)[-1] if root.startswith("s3://") else os.path.abspath(self.root)
+        self.base = self.root.split("://", 1)[-1] if on_s3 else os.path.abspath(self.root)
 
     def write(self, records: list[dict]) -> list[str]:
         by_partition: dict[str, list[dict]] = {}

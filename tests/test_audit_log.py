@@ -151,8 +151,9 @@ def test_retention_apply_drops_audit_months_and_vault_days_past_their_retention(
     assert store.months()[0] == date(2026, 11, 1)
     applied = run_cli("retention", "apply", "--today", "2027-02-15", env=env)
     assert applied.returncode == 0, applied.stderr[-2000:]
-    assert json.loads(applied.stdout.splitlines()[-1])["audit_partitions"] == ["audit_log_y2026m11", "audit_log_y2026m12"]
+    summary = json.loads(applied.stdout.splitlines()[-1])
+    assert summary["audit_partitions"] == ["audit_log_y2026m11", "audit_log_y2026m12"]
     assert store.months() == [date(2027, 1, 1), date(2027, 2, 1)]
-    assert json.loads(applied.stdout.splitlines()[-1])["vault_dates"] == ["2027-01-10"]
+    assert summary["vault_dates"] == ["2027-01-10"]
     assert [p.name for p in (tmp_path / "vault").iterdir()] == ["event_date=2027-02-01"]
     assert [r["command"] for r in store.read_access()] == ["retention apply"] * 4

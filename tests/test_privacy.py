@@ -190,7 +190,8 @@ def audit_records(env: dict) -> list[dict]:
 
 def test_the_actor_variable_is_who_the_audit_records_not_a_setting(empty_stores, tmp_path):
     env = {**empty_stores, "GATEWATCH_ACTOR": "alice"}
-    assert load_settings(environ=env, use_service_state=False).audit.hash_key_file == env["GATEWATCH_AUDIT__HASH_KEY_FILE"]
+    settings = load_settings(environ=env, use_service_state=False)
+    assert settings.audit.hash_key_file == env["GATEWATCH_AUDIT__HASH_KEY_FILE"]
     exported = cli(env, "export", "--user", "u-1", "--out", str(tmp_path / "out"))
     assert exported.returncode == 0, exported.stderr[-2000:]
     assert {r["actor"] for r in audit_records(env)} == {"alice"}

@@ -57,7 +57,8 @@ def test_shredding_a_user_key_makes_only_their_records_unreadable(keys, tmp_path
     files = VaultFiles(str(tmp_path / "vault"))
     files.write([seal_event(e, keys, HASH_KEY) for e in events])
     victim = events[0]
-    mine = [r for r in files.records("org_id", {victim["org_id"]}) if r["user_hash"] == seal_event(victim, keys, HASH_KEY)["user_hash"]]
+    victim_hash = seal_event(victim, keys, HASH_KEY)["user_hash"]
+    mine = [r for r in files.records("org_id", {victim["org_id"]}) if r["user_hash"] == victim_hash]
     others = [r for r in files.records("org_id", {e["org_id"] for e in events}) if r not in mine]
     assert mine and others
     before = {path: open(path, "rb").read() for path in files.files()}
@@ -96,18 +97,21 @@ def test_reads_need_a_reader_role_and_every_read_is_audited_first(keys, tmp_path
     events = decoded_events(5)
     files = VaultFiles(str(tmp_path / "vault"))
     files.write([seal_event(e, keys, HASH_KEY) for e in events])
-    env = {"GATEWATCH_VAULT__ROOT": str(tmp_path / "vault"), "GATEWATCH_VAULT__KEY_STORE": str(tmp_path / "keys.sqlite3"),
+    env = {"GATEWATCH_VAULT__ROOT": str(tmp_path / "vault"),
+           "GATEWATCH_VAULT__KEY_STORE": str(tmp_path / "keys.sqlite3"),
            "GATEWATCH_VAULT__KEKS": json.dumps({"k1": base64.b64encode(keys.keks["k1"]).decode()}),
            "GATEWATCH_VAULT__KEK_ID": "k1", "GATEWATCH_VAULT__ROLES": json.dumps({"carol": "auditor", "bob": "admin"}),
            "GATEWATCH_AUDIT__URL": f"sqlite:///{tmp_path / 'audit.sqlite3'}",
            "GATEWATCH_AUDIT__HASH_KEY": base64.b64encode(HASH_KEY).decode(),
            "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}"}
     wanted = events[2]["request_id"]
-    read = run_cli("vault", "read", "--request-id", wanted, "--reason", "legal hold 42", env={**env, "GATEWATCH_ACTOR": "carol"})
+    read = run_cli("vault", "read", "--request-id", wanted, "--reason", "legal hold 42",
+                   env={**env, "GATEWATCH_ACTOR": "carol"})
     assert read.returncode == 0, read.stderr[-2000:]
     (record,) = [json.loads(line) for line in read.stdout.splitlines()]
     assert record["prompt"] == events[2]["prompt"] and record["response"] == events[2]["response"]
-    refused = run_cli("vault", "read", "--request-id", wanted, "--reason", "curious", env={**env, "GATEWATCH_ACTOR": "mallory"})
+    refused = run_cli("vault", "read", "--request-id", wanted, "--reason", "curious",
+                      env={**env, "GATEWATCH_ACTOR": "mallory"})
     assert refused.returncode != 0 and "refused" in refused.stderr and "person2" not in refused.stdout + refused.stderr
     audit = run_cli("audit", "--command", "vault read", env=env)
     rows = [json.loads(line) for line in audit.stdout.splitlines()]
