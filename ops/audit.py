@@ -18,13 +18,13 @@ import socket
 import time
 import uuid
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Iterator
 
 import pyarrow as pa
 
 from ops.settings import Settings
-from sinks.audit_log import AuditStore, open_store
+from sinks.audit_log import AuditStore, months_back, open_store
 from sinks.clickhouse import ClickHouse
 
 AUDIT_SCHEMA = pa.schema([("at", pa.timestamp("ms", tz="UTC")), ("command_id", pa.string()), ("actor", pa.string()),
@@ -74,6 +74,17 @@ def open_audit(settings: Settings) -> AuditStore:
     store = open_store(settings.audit.url, settings.audit.app_role)
     store.migrate()
     return store
+
+
+def prepare_audit(settings: Settings, today: date | None = None, ahead: int = 3) -> list[str]:
+    """Tables and monthly partitions from last month to `ahead` months on (run by the owner,
+    so that an application role never meets a month without its partition)."""
+    today = today or datetime.now(timezone.utc).date()
+    store = open_audit(settings)
+    try:
+        return store.create_months(months_back(date(today.year, today.month, 1), 1), ahead + 2)
+    finally:
+        store.close()
 
 
 class AccessAudit:

@@ -89,6 +89,7 @@ class AuditStore(Protocol):
     def event_count(self) -> int: ...
     def events_of(self, user_hash: str) -> list[dict]: ...
     def months(self) -> list[date]: ...
+    def create_months(self, first: date, count: int) -> list[str]: ...
     def drop_months_before(self, oldest_kept: date) -> list[str]: ...
     def close(self) -> None: ...
 
@@ -102,6 +103,13 @@ def open_store(url: str, app_role: str | None = None) -> AuditStore:
 
 def _month_ranges(rows: list[dict]) -> set[date]:
     return {month_of(row["event_time"]) for row in rows}
+
+
+def _consecutive_months(first: date, count: int) -> set[date]:
+    months = [first]
+    while len(months) < count:
+        months.append(next_month(months[-1]))
+    return set(months)
 
 
 # -- SQLite: one table per month behind a view ---------------------------------------------
@@ -222,6 +230,12 @@ class SqliteAudit:
     def months(self) -> list[date]:
         return [table_month(name) for name in self._tables()]
 
+    def create_months(self, first: date, count: int) -> list[str]:
+        months = _consecutive_months(first, count)
+        with self._lock:
+            self._ensure_months(months)
+        return [month_table(m) for m in sorted(months)]
+
     def drop_months_before(self, oldest_kept: date) -> list[str]:
         with self._lock:
             dropped = [month_table(m) for m in self.months() if m < oldest_kept]
@@ -330,9 +344,7 @@ class PostgresAudit:
 
     def create_months(self, first: date, count: int) -> list[str]:
         """Partitions of count months from first on (the owner runs this ahead of time)."""
-        months = {first}
-        while len(months) < count:
-            months.add(next_month(max(months)))
+        months = _consecutive_months(first, count)
         self._ensure_months(months)
         return [month_table(m) for m in sorted(months)]
 

@@ -157,3 +157,20 @@ def test_retention_apply_drops_audit_months_and_vault_days_past_their_retention(
     assert summary["vault_dates"] == ["2027-01-10"]
     assert [p.name for p in (tmp_path / "vault").iterdir()] == ["event_date=2027-02-01"]
     assert [r["command"] for r in store.read_access()] == ["retention apply"] * 4
+
+
+def test_migrate_prepares_the_audit_partitions_an_app_role_needs(postgres_server, tmp_path):
+    from ops.audit import prepare_audit
+    from ops.settings import load_settings
+
+    owner_url, app_url = postgres_server.database("gatewatch_app")
+    settings = load_settings(environ={"GATEWATCH_AUDIT__URL": owner_url, "GATEWATCH_AUDIT__APP_ROLE": "gatewatch_app"},
+                             use_service_state=False)
+    assert prepare_audit(settings, today=date(2026, 12, 5)) == [
+        "audit_log_y2026m11", "audit_log_y2026m12", "audit_log_y2027m01", "audit_log_y2027m02", "audit_log_y2027m03"]
+    app = open_store(app_url)
+    try:
+        app.migrate()  # not the owner: leaves the schema alone instead of failing
+        assert app.insert_events([audit_row(e, KEY) for e in events(3)]) == 3
+    finally:
+        app.close()
