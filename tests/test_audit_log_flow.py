@@ -71,3 +71,32 @@ def test_one_row_per_unique_event_through_an_outage_and_a_replay(postgres_server
         assert users == len({(e["org_id"], e["user_id"]) for e in expected.events.values()})
     finally:
         store.close()
+
+
+def test_one_row_per_unique_event_after_sigkill_chaos(postgres_server, kafka_bootstrap, flow_topics_env, tmp_path,
+                                                      capfd):
+    """The flow runs as its own process, is SIGKILLed twice while consuming and resumes
+    from its recovery snapshots each time: batches written before a kill come again."""
+    import os
+
+    from ops.demo import DemoOptions, run_with_chaos
+    from ops.services import free_port
+
+    owner_url, _app_url = postgres_server.database()
+    port = free_port()
+    env = {**os.environ, **flow_topics_env(2), "GATEWATCH_SINKS": "audit,dlq", "GATEWATCH_AUDIT__URL": owner_url,
+           "GATEWATCH_AUDIT__HASH_KEY_FILE": str(tmp_path / "audit-hash.key"), "GATEWATCH_AUDIT__MAX_ROWS": "50",
+           "GATEWATCH_METRICS__PORT": str(port)}
+    settings = load_settings(environ=env, use_service_state=False)
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    messages = generate(codec, 900, dup_ratio=0.1, bad_ratio=0.02, users=25, seed=8, keep_events=True)
+    expected, _seconds = run_with_chaos(DemoOptions(events=900, chaos=2, seed=8), env, tmp_path / "flow.log",
+                                        kafka_bootstrap, settings.kafka.events_topic, messages, port,
+                                        tmp_path / "recovery")
+    assert capfd.readouterr().err.count("chaos: killed the ingest flow") == 2
+    store = PostgresAudit(owner_url)
+    try:
+        ids = [event_id for (event_id,) in store._run("SELECT event_id FROM audit_log")]
+    finally:
+        store.close()
+    assert len(ids) == len(set(ids)) == len(expected.events) == expected.valid
