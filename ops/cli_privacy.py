@@ -31,8 +31,9 @@ def _settings(config: str | None):
 @config_option
 def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
     """Delete every trace of a user: ClickHouse rows in every region's database, their rows
-    in raw Parquet (files are rewritten without them), their Redis quota state, and their
-    window and batch state in the recovery snapshots (stop the flows first)."""
+    in raw Parquet (files are rewritten without them), their Redis quota state, their
+    window and batch state in the recovery snapshots (stop the flows first), and their
+    vault data keys. A user id found nowhere is an error."""
     from ops import gdpr
     from ops.audit import audited, hash_key
 
@@ -63,8 +64,8 @@ def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Directory to write.")
 @config_option
 def export(user_id, org_id, out, config) -> None:
-    """Write everything held about a user (ClickHouse rows, raw Parquet rows, Redis state)
-    as JSON lines under --out."""
+    """Write everything held about a user (ClickHouse rows, raw Parquet rows, Redis state,
+    and their vault records if the actor may read the vault) as JSON lines under --out."""
     from ops import gdpr
     from ops.audit import audited, hash_key
 

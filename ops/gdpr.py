@@ -1,5 +1,6 @@
 """GDPR: find, export and forget everything stored about one user, in every region's
-Parquet and ClickHouse database, in Redis and in the flows' recovery snapshots.
+Parquet and ClickHouse database, in Redis, in the flows' recovery snapshots and in the
+vault (whose records are made unreadable by destroying the user's data keys).
 
 Org-level counters keep their totals (they hold usage, not the person); Kafka topics age
 out by their own retention.
