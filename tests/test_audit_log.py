@@ -174,3 +174,28 @@ def test_migrate_prepares_the_audit_partitions_an_app_role_needs(postgres_server
         assert app.insert_events([audit_row(e, KEY) for e in events(3)]) == 3
     finally:
         app.close()
+
+
+def test_data_commands_are_audited_in_postgresql(postgres_server, redis_url, tmp_path):
+    from tests.processes import run_cli
+
+    owner_url, _app_url = postgres_server.database()
+    env = {"GATEWATCH_AUDIT__URL": owner_url, "GATEWATCH_AUDIT__HASH_KEY_FILE": str(tmp_path / "key"),
+           "GATEWATCH_ACTOR": "dana", "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}",
+           "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"), "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/8",
+           "GATEWATCH_RECOVERY__DIR": str(tmp_path / "recovery")}
+    assert run_cli("export", "--user", "u-9", "--out", str(tmp_path / "out"), env=env).returncode == 0
+    assert run_cli("forget", "--user", "u-9", "--yes", env=env).returncode == 1  # not found
+    listed = run_cli("audit", env=env)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    rows = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(r["actor"], r["command"], r["outcome"]) for r in rows] == [
+        ("dana", "export", "started"), ("dana", "export", "succeeded"),
+        ("dana", "forget", "started"), ("dana", "forget", "failed: ClickException")]
+    store = PostgresAudit(owner_url)
+    try:
+        assert "permission denied" not in refused(store, "DELETE FROM access_audit")
+        (count,), = store._run("SELECT count(*) FROM access_audit")
+        assert count == 4
+    finally:
+        store.close()
