@@ -23,7 +23,7 @@ from bytewax.dataflow import Dataflow, Stream
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from connectors.kafka_source import RestingKafkaSource
-from dataflows.outputs import deduplicate, fan_out
+from dataflows.outputs import deduplicate, fan_out, vault_out
 from ops import metrics
 from ops.cluster import check_environment
 from ops.logs import configure as configure_logs
@@ -116,8 +116,9 @@ def trace_id(event: dict) -> str:
 # -- the flow ---------------------------------------------------------------------------
 
 def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec: EventCodec,
-                           redactor: Redactor) -> tuple[Stream[dict], list[Stream[dict]]]:
-    """(clean events, DLQ record streams) of one Kafka topic: decoded, validated, redacted."""
+                           redactor: Redactor, vault: bool = False) -> tuple[Stream[dict], list[Stream[dict]]]:
+    """(clean events, DLQ record streams) of one Kafka topic: decoded, validated, redacted;
+    with vault, the original text of each decoded event is sealed into the vault first."""
     source = RestingKafkaSource(
         settings.kafka.brokers, [topic], tail=settings.kafka.tail,
         starting_offset=OFFSET_BEGINNING if settings.kafka.starting_offset == "earliest" else OFFSET_END,
@@ -128,6 +129,8 @@ def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec
     decoded = op.branch("is_decoded", op.flat_map_batch("decode", messages, partial(decode_batch, codec)),
                         lambda routed: routed[0] == OK)
     events = op.map("decoded_event", decoded.trues, lambda routed: routed[1])
+    if vault:
+        vault_out(events, settings)
     redacted = op.branch("is_redacted", op.flat_map_batch("redact", events, partial(redact_batch, redactor)),
                          lambda routed: routed[0] == OK)
     clean = op.map("redacted_event", redacted.trues, lambda routed: routed[1])
@@ -145,7 +148,7 @@ def build_flow(settings: Settings | None = None) -> Dataflow:
     codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
     flow = Dataflow("gatewatch_ingest")
     clean, dlq_streams = validated_and_redacted(flow, settings, settings.kafka.events_topic, codec,
-                                                Redactor(settings.redaction))
+                                                Redactor(settings.redaction), vault=settings.vault.enabled)
     fan_out(deduplicate(clean, settings), dlq_streams, settings)
     return flow
 

@@ -14,10 +14,14 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
 from dataflows.state import Batcher, DedupeLogic, UserWindows, WindowLogic, bucket_of
 from ops import metrics
+from ops.audit import hash_key, open_audit
 from ops.logs import get_logger
 from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import dlq_record, encode_dlq
+from sinks.audit_log import audit_row
+from sinks.vault import KeyStore, VaultFiles, seal_event
+from sinks.vault import partition_of as vault_partition_of
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.kafka import TopicWriter
@@ -147,6 +151,58 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
     return write
 
 
+def audit_writer(settings: Settings):
+    """One audit row per unique event; the store ignores rows it already holds, so a
+    retried batch or a replay adds nothing."""
+    retry = retrying(settings)
+    key = hash_key(settings)
+    store = retry("audit", lambda: open_audit(settings))
+
+    def write(batches: list[tuple[str, list[dict]]]) -> None:
+        rows = [audit_row(event, key) for _partition, events in batches for event in events]
+        retry("audit", lambda: store.insert_events(rows))
+        metrics.SINK_ROWS.labels(sink="audit").inc(len(rows))
+        observe_freshness("audit", [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
+    return write
+
+
+class VaultSealer:
+    """Seals each decoded event's original text with its user's data key; the key store
+    is opened in the worker that first needs it."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.retry = retrying(settings)
+        self.keys: KeyStore | None = None
+        self.key = hash_key(settings)
+
+    def __call__(self, event: dict) -> dict:
+        if self.keys is None:
+            vault = self.settings.vault
+            self.keys = KeyStore(vault.key_store, vault.kek_bytes(), vault.kek_id)
+        return self.retry("vault_keys", lambda: seal_event(event, self.keys, self.key))
+
+
+def vault_writer(settings: Settings):
+    retry = retrying(settings)
+    files = VaultFiles(settings.vault.root, settings.parquet.s3_endpoint_url)
+
+    def write(batches: list[tuple[str, list[dict]]]) -> None:
+        records = [record for _partition, batch in batches for record in batch]
+        retry("vault", lambda: files.write(records))
+        metrics.SINK_ROWS.labels(sink="vault").inc(len(records))
+    return write
+
+
+def vault_out(events: Stream[dict], settings: Settings) -> None:
+    """Original text to the vault, sealed before anything holds it (batches and their
+    recovery snapshots only ever see ciphertext)."""
+    sealed = op.map("vault_seal", events, VaultSealer(settings))
+    batches = op.stateful("vault_batches", op.key_on("vault_by_partition", sealed, vault_partition_of),
+                          lambda resume: Batcher(settings.vault.max_rows, settings.vault.max_age_s, resume))
+    op.output("vault_out", batches, WriterSink(partial(vault_writer, settings)))
+
+
 def quota_writer(settings: Settings):
     retry = retrying(settings)
     quota = settings.quota
@@ -272,6 +328,11 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
         batches = op.stateful("clickhouse_batches", op.key_on("by_database", stored, partial(database_of, settings)),
                               lambda resume: Batcher(settings.clickhouse.max_rows, settings.clickhouse.max_age_s, resume))
         op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings)))
+    if "audit" in sinks:
+        by_partition = op.key_on("audit_by_partition", unique, lambda e: str(e.get("source_partition")))
+        batches = op.stateful("audit_batches", by_partition,
+                              lambda resume: Batcher(settings.audit.max_rows, settings.audit.max_age_s, resume))
+        op.output("audit_out", batches, WriterSink(partial(audit_writer, settings)))
     if sinks & {"quota", "billing"}:
         late, totals = window_totals(unique, settings)
         dlq_streams = [*dlq_streams, op.map("late_dlq", late, late_to_dlq)]

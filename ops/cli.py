@@ -135,8 +135,10 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
 @config_option
 @click.option("--kafka/--no-kafka", default=True, show_default=True, help="Create the Kafka topics.")
 @click.option("--clickhouse/--no-clickhouse", default=True, show_default=True, help="Apply ClickHouse migrations.")
-def migrate(config, kafka, clickhouse) -> None:
-    """Create Kafka topics and apply ClickHouse migrations; safe to run again."""
+@click.option("--audit/--no-audit", default=True, show_default=True,
+              help="Create the audit log tables and its partitions for last month to 3 months ahead.")
+def migrate(config, kafka, clickhouse, audit) -> None:
+    """Create Kafka topics and apply ClickHouse and audit log migrations; safe to run again."""
     settings = _settings(config)
     if kafka:
         from ops.services import create_topics
@@ -160,6 +162,14 @@ def migrate(config, kafka, clickhouse) -> None:
                 raise click.ClickException(f"ClickHouse migration of {database} on {settings.clickhouse.url} "
                                            f"failed: {exc}") from None
             click.echo(f"clickhouse {settings.clickhouse.url} {database}: applied {applied or 'nothing (up to date)'}")
+    if audit:
+        from ops.audit import prepare_audit
+
+        try:
+            months = prepare_audit(settings)
+        except Exception as exc:
+            raise click.ClickException(f"audit log migration failed: {exc}") from None
+        click.echo(f"audit log ready, partitions {', '.join(months)}")
 
 
 @cli.command()
@@ -224,6 +234,7 @@ _mount(cli, "ops.cli_replay", "retention")
 _mount(cli, "ops.cli_privacy", "forget")
 _mount(cli, "ops.cli_privacy", "export")
 _mount(cli, "ops.cli_privacy", "audit")
+_mount(cli, "ops.cli_privacy", "vault")
 _mount(cli, "ops.cli_loadgen", "loadgen")
 _mount(cli, "ops.cli_api", "serve")
 _mount(cli, "ops.cli_api", "api_keys")

@@ -126,7 +126,7 @@ def retention() -> None:
 def retention_apply(dry_run, today, config) -> None:
     """Delete raw Parquet partitions older than retention.raw_days, printing each."""
     from ops import retention as policy
-    from ops.audit import audited
+    from ops.audit import audited, open_audit
 
     settings = _settings(config)
     today = today.date() if today else date.today()
@@ -137,6 +137,14 @@ def retention_apply(dry_run, today, config) -> None:
         verb = "would delete" if dry_run else "deleted"
         for day, path, files in deleted:
             click.echo(f"{verb} {path} ({files} files, event date {day})")
+        audit_months = policy.apply_audit(open_audit(settings), today, settings.audit.months, dry_run)
+        for table in audit_months:
+            click.echo(f"{verb} audit log partition {table}")
+        vault_days = policy.apply(settings.parquet.store(settings.vault.root), today, settings.vault.days, dry_run)
+        for day, path, files in vault_days:
+            click.echo(f"{verb} vault partition {path} ({files} files, event date {day})")
         click.echo(json.dumps({"dry_run": dry_run, "raw_days": days, "partitions": len(deleted),
                                "files": sum(files for _d, _p, files in deleted),
-                               "dates": [day.isoformat() for day, _p, _f in deleted]}))
+                               "dates": [day.isoformat() for day, _p, _f in deleted],
+                               "audit_partitions": audit_months,
+                               "vault_dates": [day.isoformat() for day, _p, _f in vault_days]}))

@@ -31,10 +31,11 @@ from ops import services
 from ops.cluster import addresses_for, runs_threaded
 from ops.loadgen import Expected, collect, generate
 from ops.recovery import init_recovery
-from ops.settings import Settings
+from ops.settings import SINK_NAMES, Settings
 from schemas.codec import EventCodec, decode_billing_event
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
+from sinks.audit_log import open_store
 from sinks.billing import billing_event, latest_versions
 from sinks.clickhouse import ClickHouse, close_chdb
 from sinks.kafka import produce_when_room, read_topic
@@ -313,6 +314,7 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
         ("billed USD", found["expected_total_usd"], found["billing_total_usd"]),
         ("ClickHouse events without an audit row", 0, found["events_without_audit"]),
+        ("audit log rows (one per unique event)", expected.valid, found["audit_log_rows"]),
     ]
     if not chaos:
         # Counters of a killed flow process die with it; only an uninterrupted run has them all.
@@ -363,6 +365,9 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "GATEWATCH_REDIS__URL": redis_server.address,
             "GATEWATCH_METRICS__PORT": str(metrics_port),
             "GATEWATCH_METRICS__DUMP_PATH": str(counters_path),
+            "GATEWATCH_SINKS": ",".join(SINK_NAMES),
+            "GATEWATCH_AUDIT__URL": f"sqlite:///{root / 'audit.sqlite3'}",
+            "GATEWATCH_AUDIT__HASH_KEY_FILE": str(root / "audit-hash.key"),
         }
         say(f"ingest flow metrics: http://127.0.0.1:{metrics_port}/metrics, log: {root / 'flow.log'}")
         if options.chaos:
@@ -384,6 +389,9 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             f"FROM {settings.clickhouse.database}.events FINAL")
         without_audit = clickhouse.events_without_audit()
         close_chdb()
+        audit_log = open_store(f"sqlite:///{root / 'audit.sqlite3'}")
+        audit_rows = audit_log.event_count()
+        audit_log.close()
         found = {
             "produced": expected.produced,
             "valid": int(counters.get("gatewatch_events_total{stage=unique}", 0)),
@@ -395,6 +403,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "clickhouse_rows": int(ch_rows),
             "clickhouse_tokens": int(ch_tokens or 0),
             "events_without_audit": without_audit,
+            "audit_log_rows": audit_rows,
             "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
             "expected_total_tokens": expected.quota_tokens,
             "billing_total_usd": str(billed_usd),
@@ -437,6 +446,7 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  DLQ records         {found['dlq']:>8}   expected {found['expected_dlq']}  {found['dlq_reasons']}",
         f"  Parquet rows        {found['parquet_rows']:>8}   in {found['parquet_files']} files",
         f"  ClickHouse rows     {found['clickhouse_rows']:>8}",
+        f"  audit log rows      {found['audit_log_rows']:>8}   one per unique event",
         f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
         f" (late events are not counted: {found['late']})",
         f"  billed USD          {found['billing_total_usd']:>8}   expected {found['expected_total_usd']}",

@@ -1,5 +1,6 @@
 """GDPR: find, export and forget everything stored about one user, in every region's
-Parquet and ClickHouse database and in Redis.
+Parquet and ClickHouse database, in Redis, in the flows' recovery snapshots and in the
+vault (whose records are made unreadable by destroying the user's data keys).
 
 Org-level counters keep their totals (they hold usage, not the person); Kafka topics age
 out by their own retention.
@@ -7,7 +8,6 @@ out by their own retention.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -18,12 +18,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
+from ops import recovery, vault
+from sinks.audit_log import user_hash
 from sinks.clickhouse import ClickHouse, sql_string
 from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY
 
 USER_TABLES = ("events", "audit_log", "feedback")
-"""Tables with a user_id column; every view is computed from events."""
+"""Tables with a user_id column; every view is computed from events. All are
+ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
 
 
 @dataclass(frozen=True)
@@ -47,13 +50,16 @@ class Subject:
         ident = f"{glob_escape(self.org_id) if self.org_id is not None else '*'}/{glob_escape(self.user_id)}"
         return [f"gw:usage:user:{ident}:*", f"gw:win:{ident}:*", f"gw:tier:user:{ident}", f"gw:limits:user:{ident}"]
 
-    def pseudonym(self) -> str:
+    def pseudonym(self, key: bytes) -> str:
         """What the access audit records instead of the user id it must not keep."""
-        return hashlib.sha256(f"{self.org_id or '*'}/{self.user_id}".encode()).hexdigest()[:16]
+        return user_hash(key, self.org_id, self.user_id)
 
     def is_subject(self, quota_subject: str) -> bool:
         org, _, user = quota_subject.partition("/")
-        return user == self.user_id and self.org_id in (None, org)
+        return self.holds(org, user)
+
+    def holds(self, org_id: str | None, user_id: str | None) -> bool:
+        return user_id == self.user_id and self.org_id in (None, org_id)
 
 
 def glob_escape(value: str) -> str:
@@ -68,11 +74,21 @@ class Found:
     """{file path: rows of the user}"""
     redis_keys: list[str] = field(default_factory=list)
     pending_alerts: int = 0
+    recovery: dict[str, int] = field(default_factory=dict)
+    """{recovery partition file: snapshots holding the user}"""
+    vault_keys: int = 0
+    """The user's data keys in the vault's key store (one per org)."""
 
     def summary(self) -> dict:
         return {"clickhouse_rows": self.clickhouse, "parquet_files": len(self.parquet),
                 "parquet_rows": sum(self.parquet.values()), "redis_keys": len(self.redis_keys),
-                "pending_alerts": self.pending_alerts}
+                "pending_alerts": self.pending_alerts, "recovery_snapshots": sum(self.recovery.values()),
+                "vault_keys": self.vault_keys}
+
+    @property
+    def empty(self) -> bool:
+        return not (any(self.clickhouse.values()) or self.parquet or self.redis_keys or self.pending_alerts
+                    or any(self.recovery.values()) or self.vault_keys)
 
 
 # -- ClickHouse ---------------------------------------------------------------------------
@@ -83,18 +99,23 @@ def clickhouse_tables(client: ClickHouse) -> list[str]:
 
 def clickhouse_rows(client: ClickHouse, table: str, subject: Subject) -> list[dict]:
     columns = client.columns(table)
-    rows = client.rows(f"SELECT {', '.join(columns)} FROM {client.database}.{table} WHERE {subject.sql()}")
+    rows = client.rows(f"SELECT {', '.join(columns)} FROM {client.database}.{table} FINAL WHERE {subject.sql()}")
     return [dict(zip(columns, row)) for row in rows]
+
+
+def clickhouse_count(client: ClickHouse, table: str, subject: Subject) -> int:
+    (count,), = client.rows(f"SELECT count() FROM {client.database}.{table} FINAL WHERE {subject.sql()}")
+    return int(count)
 
 
 def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 120) -> dict[str, int]:
     """Delete the subject's rows from every user table and wait until the deletes are done."""
     removed = {}
     for table in clickhouse_tables(client):
-        (count,), = client.rows(f"SELECT count() FROM {client.database}.{table} WHERE {subject.sql()}")
+        count = clickhouse_count(client, table, subject)
         if count:
             client.execute(f"ALTER TABLE {client.database}.{table} DELETE WHERE {subject.sql()}")
-        removed[f"{client.database}.{table}"] = int(count)
+        removed[f"{client.database}.{table}"] = count
     deadline = time.monotonic() + timeout_s
     # Mutations run in the background on every version; pre-21 servers have no mutations_sync.
     while client.rows(f"SELECT count() FROM system.mutations WHERE database = {sql_string(client.database)} "
@@ -159,23 +180,31 @@ def redis_export(client: redis.Redis, keys: list[str]) -> dict[str, dict]:
 
 # -- the whole subject --------------------------------------------------------------------
 
-def find(settings, subject: Subject) -> Found:
+def recovery_dirs(settings, extra: tuple[str, ...] = ()) -> list[str]:
+    """The recovery directories that exist: settings.recovery.dir and any given."""
+    return [d for d in dict.fromkeys((settings.recovery.dir, *extra)) if recovery.recovery_files(d)]
+
+
+def find(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> Found:
     found = Found()
     for storage in settings.storages():
         client = ClickHouse(settings.clickhouse.url, storage.clickhouse_database)
         for table in clickhouse_tables(client):
-            (count,), = client.rows(f"SELECT count() FROM {client.database}.{table} WHERE {subject.sql()}")
-            found.clickhouse[f"{client.database}.{table}"] = int(count)
+            found.clickhouse[f"{client.database}.{table}"] = clickhouse_count(client, table, subject)
         found.parquet.update(parquet_holdings(settings.parquet.store(storage.parquet_root), subject))
     client = redis.Redis.from_url(settings.redis.url)
     found.redis_keys = redis_keys(client, subject)
     found.pending_alerts = len(pending_alerts_of(client, subject))
+    for directory in recovery_dirs(settings, recovery_extra):
+        found.recovery.update(recovery.snapshots_holding(directory, subject.holds))
+    if vault.vault_configured(settings):
+        found.vault_keys = vault.count_user_keys(settings, subject.user_id, subject.org_id)
     return found
 
 
-def forget(settings, subject: Subject) -> Found:
+def forget(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> Found:
     """Delete the subject everywhere; return what was found (and is now gone)."""
-    found = find(settings, subject)
+    found = find(settings, subject, recovery_extra)
     for storage in settings.storages():
         forget_clickhouse(ClickHouse(settings.clickhouse.url, storage.clickhouse_database), subject)
         store = settings.parquet.store(storage.parquet_root)
@@ -186,6 +215,10 @@ def forget(settings, subject: Subject) -> Found:
     alerts = pending_alerts_of(client, subject)
     if alerts:
         client.hdel(PENDING_ALERTS_KEY, *alerts)
+    for directory in recovery_dirs(settings, recovery_extra):
+        recovery.scrub(directory, subject.holds)
+    if found.vault_keys:
+        vault.shred_user(settings, subject.user_id, subject.org_id)
     return found
 
 
@@ -215,4 +248,9 @@ def export(settings, subject: Subject, out: Path) -> dict[str, int]:
     redis_state["pending_alerts"] = pending_alerts_of(client, subject)
     (out / "redis.json").write_text(json.dumps(redis_state, indent=1, sort_keys=True))
     written["redis.json"] = len(redis_state) - 1
+    if vault.vault_configured(settings):
+        if vault.role_of(settings) in vault.READER_ROLES:
+            dump("vault.jsonl", vault.export_user(settings, subject.user_id, subject.org_id))
+        else:
+            written["vault.jsonl (withheld: the actor has no vault reader role)"] = 0
     return written

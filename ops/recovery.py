@@ -1,4 +1,4 @@
-"""Bytewax recovery directories.
+"""Bytewax recovery directories, and erasing one user from their snapshots.
 
 Bytewax gathers the recovery partitions (`part-<i>.sqlite3`) of every process of a
 cluster when it resumes; each process may hold a different subset on its own disk, as
@@ -9,11 +9,17 @@ volume holding its share (`init_recovery(..., share=(index, processes))`).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
+from typing import Any, Callable
+
+from dataflows.state import UserWindows
 
 
 def recovery_files(directory: str | os.PathLike) -> list[str]:
@@ -48,3 +54,78 @@ def init_recovery(directory: str | os.PathLike, partitions: int = 1,
         # Moved in only once all exist, so a crash mid-init leaves nothing half made.
         for index in kept:
             shutil.move(os.path.join(staging, f"part-{index}.sqlite3"), os.path.join(directory, f"part-{index}.sqlite3"))
+
+
+# -- erasing one user from the snapshots ------------------------------------------------
+# Snapshots are pickles of what the logics in dataflows/state.py return: the window state
+# (a pickled UserWindows, keyed by user), the sink batches (lists of events) and the
+# dedupe state, which holds only 64-bit hashes of org/event_id and no user id.
+
+Holds = Callable[[str | None, str | None], bool]
+"""holds(org_id, user_id): is this the user being erased?"""
+
+
+def partition_files(directory: str | os.PathLike) -> list[str]:
+    return [os.path.join(directory, name) for name in recovery_files(directory)]
+
+
+def without_user(value: Any, holds: Holds) -> tuple[Any, bool]:
+    """(the snapshot value without the user's state, whether anything was removed)."""
+    if isinstance(value, UserWindows):
+        gone = [key for key, totals in value.users.items() if holds(totals.org_id, totals.user_id)]
+        for key in gone:
+            del value.users[key]
+        return value, bool(gone)
+    if isinstance(value, bytes):
+        try:
+            inner = pickle.loads(value)
+        except Exception:  # noqa: BLE001 - not every snapshot is a nested pickle
+            return value, False
+        inner, changed = without_user(inner, holds)
+        return (pickle.dumps(inner, protocol=pickle.HIGHEST_PROTOCOL) if changed else value), changed
+    if isinstance(value, list):
+        kept = [item for item in value
+                if not (isinstance(item, dict) and holds(item.get("org_id"), item.get("user_id")))]
+        return kept, len(kept) != len(value)
+    return value, False
+
+
+def _user_snapshots(connection: sqlite3.Connection, holds: Holds) -> list[tuple[tuple, bytes | None]]:
+    """[((step_id, state_key, snap_epoch), the snapshot re-pickled without the user)]"""
+    changed = []
+    for step_id, state_key, epoch, blob in connection.execute(
+            "SELECT step_id, state_key, snap_epoch, ser_change FROM snaps WHERE ser_change IS NOT NULL"):
+        value, removed = without_user(pickle.loads(blob), holds)
+        if removed:
+            changed.append(((step_id, state_key, epoch), pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)))
+    return changed
+
+
+def snapshots_holding(directory: str | os.PathLike, holds: Holds) -> dict[str, int]:
+    """{partition file: snapshots that hold state of the user}"""
+    found = {}
+    for path in partition_files(directory):
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            count = len(_user_snapshots(connection, holds))
+        if count:
+            found[path] = count
+    return found
+
+
+def scrub(directory: str | os.PathLike, holds: Holds) -> int:
+    """Rewrite every snapshot holding the user without them, then VACUUM so the old pages
+    (which still hold the bytes) are gone from the file; return the snapshots rewritten.
+
+    Run it with the flows stopped: a running flow snapshots its memory, user included."""
+    rewritten = 0
+    for path in partition_files(directory):
+        with contextlib.closing(sqlite3.connect(path)) as connection:
+            changed = _user_snapshots(connection, holds)
+            with connection:
+                connection.executemany(
+                    "UPDATE snaps SET ser_change = ? WHERE step_id = ? AND state_key = ? AND snap_epoch = ?",
+                    [(blob, *key) for key, blob in changed])
+            connection.execute("VACUUM")
+            connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        rewritten += len(changed)
+    return rewritten

@@ -1,7 +1,7 @@
-"""Retention of raw Parquet: whole event_date partitions older than retention.raw_days go.
+"""Retention of raw Parquet (whole event_date partitions older than retention.raw_days go)
+and of the audit log (whole monthly partitions older than audit.months go).
 
-ClickHouse enforces its own TTLs (ops/migrations); this covers the files ClickHouse does
-not own.
+ClickHouse enforces its own TTLs (ops/migrations); this covers what ClickHouse does not own.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from datetime import date, timedelta
 
+from sinks.audit_log import AuditStore, month_table, months_back
 from sinks.parquet import ParquetStore
 
 _DATE_DIR = re.compile(r"^event_date=(\d{4}-\d{2}-\d{2})$")
@@ -45,3 +46,16 @@ def apply(store: ParquetStore, today: date, raw_days: int, dry_run: bool = False
             store.fs.rm(path, recursive=True)
         deleted.append((day, path, len(files)))
     return deleted
+
+
+def audit_oldest_kept(today: date, months: int) -> date:
+    """First month of the audit log still kept: this month and the months-1 before it."""
+    return months_back(date(today.year, today.month, 1), months - 1)
+
+
+def apply_audit(store: AuditStore, today: date, months: int, dry_run: bool = False) -> list[str]:
+    """Drop the audit log's monthly partitions older than the retention; return their names."""
+    oldest = audit_oldest_kept(today, months)
+    if dry_run:
+        return [month_table(m) for m in store.months() if m < oldest]
+    return store.drop_months_before(oldest)

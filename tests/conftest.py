@@ -295,3 +295,97 @@ def clickhouse_url(servers_dir) -> Iterator[str]:
         with _local("clickhouse", lambda: svc.start_clickhouse(
                 servers_dir / "clickhouse", die_with_parent=True)) as service:
             yield service.address
+
+
+# --------------------------------------------------------------------------- postgres
+
+
+class PostgresServer:
+    """Debian's PostgreSQL run as the `postgres` user from a temporary data directory (trust
+    auth, socket in that directory) on a free 127.0.0.1 port; stop() and start() again
+    simulate an outage."""
+
+    def __init__(self, bin_dir: str, root: str, port: int):
+        self.bin_dir, self.root, self.port = bin_dir, root, port
+        self.process: subprocess.Popen | None = None
+        self.url = f"postgresql://gatewatch@127.0.0.1:{port}/postgres"
+
+    def _as_postgres(self, *command: str, **kwargs) -> subprocess.Popen:
+        return subprocess.Popen(command, user="postgres", group="postgres", extra_groups=[], cwd=self.root,
+                                stdin=subprocess.DEVNULL, **kwargs)
+
+    def init(self) -> None:
+        initdb = self._as_postgres(f"{self.bin_dir}/initdb", "-D", f"{self.root}/data", "-U", "gatewatch",
+                                   "--auth=trust", "-E", "UTF8", "--no-sync",
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if initdb.wait(120):
+            raise svc.ServiceUnavailable(f"initdb failed: {initdb.stderr.read().decode()[-500:]}")
+
+    def start(self, timeout: float = 60) -> None:
+        import psycopg
+
+        with open(f"{self.root}/postgres.log", "ab") as log:
+            self.process = self._as_postgres(
+                f"{self.bin_dir}/postgres", "-D", f"{self.root}/data", "-p", str(self.port), "-k", self.root,
+                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", stdout=log, stderr=log)
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                psycopg.connect(self.url, connect_timeout=2).close()
+                return
+            except psycopg.OperationalError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise svc.ServiceUnavailable(f"postgres did not start; see {self.root}/postgres.log") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(2)  # SIGINT: fast shutdown, open sessions are cut
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def database(self, role: str = "gatewatch") -> tuple[str, str]:
+        """A new database: (its owner's URL, its URL for `role`)."""
+        import psycopg
+
+        name = f"gw_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(self.url, autocommit=True) as connection:
+            connection.execute(f"CREATE DATABASE {name}")
+        base = self.url.rsplit("/", 1)[0]
+        return f"{base}/{name}", f"{base.replace('gatewatch@', f'{role}@')}/{name}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A PostgreSQL server with a superuser `gatewatch` and a login role `gatewatch_app`."""
+    import glob
+    import tempfile
+
+    bin_dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+    if not bin_dirs:
+        _unavailable("PostgreSQL is not installed (apt-get install postgresql; see ops/setup-test-env.sh)")
+    # pytest's temporary directories are private to root; the server's must belong to postgres.
+    root = tempfile.mkdtemp(prefix="gatewatch-pg-")
+    shutil.chown(root, "postgres", "postgres")
+    server = PostgresServer(bin_dirs[-1], root, svc.free_port())
+    began = time.monotonic()
+    try:
+        server.init()
+        server.start()
+    except (svc.ServiceUnavailable, OSError) as exc:
+        server.stop()
+        _unavailable(f"postgres could not start: {exc}")
+    STARTUP_TIMES["postgres"] = time.monotonic() - began
+    import psycopg
+
+    with psycopg.connect(server.url, autocommit=True) as connection:
+        connection.execute("CREATE ROLE gatewatch_app LOGIN")
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -41,6 +41,9 @@ def regional(kafka_bootstrap, flow_topics_env, redis_url, s3_endpoint, tmp_path_
         "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "gw_ops",
         "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/5",
         "GATEWATCH_RESIDENCY": json.dumps(residency),
+        "GATEWATCH_AUDIT__HASH_KEY_FILE": str(root / "audit-hash.key"),
+        "GATEWATCH_AUDIT__URL": f"sqlite:///{root / 'audit.sqlite3'}",
+        "GATEWATCH_RECOVERY__DIR": str(root / "no-recovery"),
     }
     settings = load_settings(environ=env, use_service_state=False)
     QuotaStore(settings.redis.url).redis.flushdb()
@@ -163,3 +166,145 @@ def test_a_forgotten_user_leaves_the_legacy_server_too(clickhouse_url):
     assert target not in left and sum(left.values()) == 300 - removed[f"{client.database}.events"]
     assert not client.rows(f"SELECT 1 FROM {client.database}.audit_log WHERE user_id = '{target[1]}' "
                            f"AND org_id = '{target[0]}'")
+
+
+# -- the privacy check's findings ---------------------------------------------------------
+
+@pytest.fixture
+def empty_stores(redis_url, tmp_path) -> dict:
+    """Environment of a CLI with empty stores: embedded ClickHouse, a fresh Redis db, a key file."""
+    env = {"GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "gw_empty",
+           "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"), "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/6",
+           "GATEWATCH_AUDIT__HASH_KEY_FILE": str(tmp_path / "audit-hash.key"),
+           "GATEWATCH_AUDIT__URL": f"sqlite:///{tmp_path / 'audit.sqlite3'}",
+           "GATEWATCH_RECOVERY__DIR": str(tmp_path / "recovery")}
+    QuotaStore(env["GATEWATCH_REDIS__URL"]).redis.flushdb()
+    return env
+
+
+def audit_records(env: dict) -> list[dict]:
+    audit = cli(env, "audit")
+    assert audit.returncode == 0, audit.stderr[-2000:]
+    return [json.loads(line) for line in audit.stdout.splitlines()]
+
+
+def test_the_actor_variable_is_who_the_audit_records_not_a_setting(empty_stores, tmp_path):
+    env = {**empty_stores, "GATEWATCH_ACTOR": "alice"}
+    settings = load_settings(environ=env, use_service_state=False)
+    assert settings.audit.hash_key_file == env["GATEWATCH_AUDIT__HASH_KEY_FILE"]
+    exported = cli(env, "export", "--user", "u-1", "--out", str(tmp_path / "out"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert {r["actor"] for r in audit_records(env)} == {"alice"}
+
+
+def test_forgetting_an_unknown_user_says_not_found_and_fails(empty_stores):
+    forgotten = cli(empty_stores, "forget", "--user", "no-such-user", "--yes")
+    assert forgotten.returncode != 0
+    assert "not found" in forgotten.stderr and '"forgotten": true' not in forgotten.stdout
+    assert [(r["command"], r["outcome"]) for r in audit_records(empty_stores)] == [
+        ("forget", "started"), ("forget", "failed: ClickException")]
+
+
+def test_export_to_an_unusable_path_is_a_clear_error(empty_stores, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    exported = cli(empty_stores, "export", "--user", "u-1", "--out", str(blocker / "out"))
+    assert exported.returncode != 0
+    assert "cannot write the export to" in exported.stderr and "Traceback" not in exported.stderr
+
+
+def test_the_audit_keeps_keyed_hashes_not_the_user_or_the_export_path(empty_stores, tmp_path):
+    import base64
+    import hashlib
+
+    out = tmp_path / "exports" / "jane.doe"
+    exported = cli(empty_stores, "export", "--user", "jane.doe", "--org", "acme", "--out", str(out))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    records = audit_records(empty_stores)
+    assert records and all("jane.doe" not in json.dumps(r) and "exports" not in json.dumps(r) for r in records)
+    scope = json.loads(records[0]["scope"])
+    unsalted = hashlib.sha256(b"acme/jane.doe").hexdigest()
+    assert not unsalted.startswith(scope["subject"][:16])
+    key_file = tmp_path / "audit-hash.key"
+    assert key_file.stat().st_mode & 0o077 == 0
+    key = base64.b64decode(key_file.read_text())
+    assert scope["subject"] == gdpr.Subject("jane.doe", "acme").pseudonym(key)
+    assert scope["subject"] != gdpr.Subject("jane.doe", "acme").pseudonym(b"another key of 32 bytes........")
+
+
+def test_reads_after_a_replay_count_each_event_once(tmp_path):
+    import random
+
+    from ops.loadgen import make_event
+    from ops.settings import PricingSettings
+    from sinks.billing import with_cost
+
+    client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "gw_replayed")
+    client.migrate()
+    rng = random.Random(5)
+    rows = [with_cost({**make_event(rng, 1_795_000_000_000, 4, 0.0)[0], "classification": "internal",
+                       "pii_entity_counts": {}, "source_partition": 0, "source_offset": n}, PricingSettings())
+            for n in range(120)]
+    client.insert_events(rows)
+    client.insert_events(rows)  # the replay: the same events again, not merged yet
+    target = Counter((r["org_id"], r["user_id"]) for r in rows).most_common(1)[0]
+    subject = gdpr.Subject(target[0][1], target[0][0])
+    try:
+        for table in ("events", "audit_log"):
+            assert gdpr.clickhouse_count(client, table, subject) == target[1]
+            assert len({r["event_id"] for r in gdpr.clickhouse_rows(client, table, subject)}) == target[1]
+            assert len(gdpr.clickhouse_rows(client, table, subject)) == target[1]
+        assert gdpr.forget_clickhouse(client, subject)[f"{client.database}.events"] == target[1]
+    finally:
+        close_chdb()
+
+
+def test_forget_erases_the_user_from_recovery_snapshots(tmp_path):
+    """Window totals and pending sink batches are snapshotted with the user id in them."""
+    import sqlite3
+    from datetime import timedelta
+    from functools import partial
+
+    import bytewax.operators as op
+    from bytewax.dataflow import Dataflow
+    from bytewax.recovery import RecoveryConfig
+    from bytewax.testing import TestingSink, TestingSource
+
+    from dataflows.state import Batcher, UserWindows, WindowLogic
+    from ops import recovery
+
+    events = [{"org_id": "acme", "user_id": user, "event_id": f"{user}-{n}", "event_time": 1_795_000_000_000 + n,
+               "model": "gpt-4o", **{f"{kind}_tokens": 1 for kind in ("input", "output", "cache_read", "cache_write")}}
+              for n in range(3) for user in ("forget-me-42", "keep-me-7")]
+    flow = Dataflow("snapshots")
+    stream = op.key_on("by_user", op.input("in", flow, TestingSource(events)), lambda e: "0")
+    windows = op.stateful_batch("windows", stream, partial(
+        WindowLogic.build, lambda: UserWindows(60_000, 600_000, "dlq"), 3600, 7200))
+    op.output("totals", windows, TestingSink([]))
+    batches = op.stateful("parquet_batches", stream, lambda resume: Batcher(1000, 3600, resume))
+    op.output("batches", batches, TestingSink([]))
+    directory = tmp_path / "recovery"
+    recovery.init_recovery(directory)
+    from bytewax.testing import run_main as run_with_recovery
+    run_with_recovery(flow, epoch_interval=timedelta(0), recovery_config=RecoveryConfig(str(directory)))
+
+    def raw_bytes() -> bytes:
+        return b"".join(path.read_bytes() for path in directory.iterdir())
+
+    def snapshot_users() -> set[str]:
+        users = set()
+        for path in recovery.partition_files(directory):
+            for (blob,) in sqlite3.connect(path).execute("SELECT ser_change FROM snaps WHERE ser_change IS NOT NULL"):
+                users |= {user for user in ("forget-me-42", "keep-me-7") if user.encode() in blob}
+        return users
+
+    assert snapshot_users() == {"forget-me-42", "keep-me-7"}
+    subject = gdpr.Subject("forget-me-42", "acme")
+    assert recovery.snapshots_holding(directory, subject.holds)
+    assert recovery.scrub(directory, subject.holds) >= 1
+    assert snapshot_users() == {"keep-me-7"} and b"forget-me-42" not in raw_bytes()
+    assert not recovery.snapshots_holding(directory, subject.holds)
+    assert recovery.snapshots_holding(directory, gdpr.Subject("keep-me-7").holds)
+    # A batch still pending at the snapshot (this flow's batches were flushed at its end).
+    pending, removed = recovery.without_user(list(events), subject.holds)
+    assert removed and {e["user_id"] for e in pending} == {"keep-me-7"} and len(pending) == 3
