@@ -109,6 +109,13 @@ class ValidationSettings(Section):
     """prompt, response, comment (code too_long)."""
 
 
+class DlqSettings(Section):
+    max_original_bytes: int = Field(64 * 1024, ge=256, le=512 * 1024)
+    """The redacted original is cut to this size (its full size and SHA-256 are kept)."""
+    spool_path: str = "gatewatch-dlq-spool.jsonl"
+    """A DLQ record the broker refuses for good is appended here (JSON lines), with an alert."""
+
+
 class DedupeSettings(Section):
     horizon_s: float = Field(900, gt=0)
     """How long an event_id is remembered; must cover the window lateness (see Settings)."""
@@ -278,6 +285,7 @@ class Settings(Section):
     kafka: KafkaSettings = KafkaSettings()
     schemas: SchemaSettings = SchemaSettings()
     validation: ValidationSettings = ValidationSettings()
+    dlq: DlqSettings = DlqSettings()
     redaction: RedactionSettings = RedactionSettings()
     dedupe: DedupeSettings = DedupeSettings()
     windows: WindowSettings = WindowSettings()
