@@ -3,7 +3,10 @@ counters and billing events, and the dead-letter queue. Ingest and replay share 
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import threading
 import time
 from functools import lru_cache, partial
 from typing import Any, Callable
@@ -17,10 +20,10 @@ from ops import metrics
 from ops.logs import get_logger
 from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
-from schemas.dlq import dlq_record, encode_dlq
+from schemas.dlq import bounded_original, dlq_record, encode_dlq, fitted, safe_for_storage
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
-from sinks.kafka import TopicWriter
+from sinks.kafka import DeliveryFailed, Rejected, TopicWriter
 from sinks.parquet import ParquetStore, partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
 from sinks.retry import write_with_retries
@@ -154,13 +157,14 @@ def quota_writer(settings: Settings):
     retry("quota", lambda: store.publish_tiers(quota.tiers))
     alerts = TopicWriter(settings.kafka.bootstrap, settings.kafka.quota_alerts_topic, encode_quota_alert,
                          "alert_id", settings.kafka.extra)
+    dead_letters = DeadLetters(settings)
 
     def deliver_alerts() -> None:
         # Alerts stay pending in Redis until the broker has them: a crash in between
         # delivers them again (with the same alert_id) rather than never.
         pending = store.pending_alerts()
         if pending:
-            alerts.send(pending)
+            dead_letters.send_rejected("quota_alerts", alerts.send(pending))
             store.ack_alerts([alert["alert_id"] for alert in pending])
             metrics.QUOTA_ALERTS.inc(len(pending))
 
@@ -176,32 +180,109 @@ def quota_writer(settings: Settings):
     return write
 
 
-def billing_writer(settings: Settings):
-    retry = retrying(settings)
-    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.billing_topic, encode_billing_event,
-                           "billing_id", settings.kafka.extra)
+def send_all(sink: str, writer: TopicWriter, records: list[dict], retry) -> list[Rejected]:
+    """Every record delivered, retrying (only the undelivered ones) while the broker is
+    out; the records refused for good, each counted and logged by its key."""
+    pending, rejected = records, []
 
-    def write(batches: list[list[dict]]) -> None:
-        events = [billing_event(total, settings.pricing) for batch in batches for total in batch]
-        retry("billing", lambda: producer.send(events))
-        metrics.SINK_ROWS.labels(sink="billing").inc(len(events))
-    return write
+    def attempt() -> None:
+        nonlocal pending
+        try:
+            rejected.extend(writer.send(pending))
+            pending = []
+        except DeliveryFailed as failed:
+            rejected.extend(failed.rejected)
+            pending = failed.undelivered
+            raise
+
+    if pending:
+        retry(sink, attempt)
+    for refused in rejected:
+        metrics.SINK_REJECTED.labels(sink=sink, code=refused.code).inc()
+        log.error("sink refused a row for good; it goes to the DLQ", extra={
+            "sink": sink, "code": refused.code, "reason": refused.reason, "row": row_key(refused.record),
+            "request_id": refused.record.get("request_id")})
+    return rejected
 
 
-def dlq_writer(settings: Settings):
-    retry = retrying(settings)
-    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
-                           settings.kafka.extra)
+def row_key(row: dict) -> str:
+    """The id a log line names a row by, bounded (an id may be absurdly long)."""
+    for name in ("billing_id", "alert_id", "dlq_id", "update_id", "event_id"):
+        if row.get(name):
+            value = str(row[name])
+            return value if len(value) <= 200 else f"{value[:160]}…({len(value)} chars)"
+    return "?"
 
-    def write(records: list[dict]) -> None:
-        retry("dlq", lambda: producer.send(records))
+
+def rejected_to_dlq(sink: str, refused: Rejected, max_original_bytes: int) -> dict:
+    """A DLQ record for a row a sink refused: the row as JSON (it has passed redaction
+    already), cut to the configured size with its size and hash."""
+    row = refused.record
+    record = dlq_record(
+        stage="sink", code="sink_rejected", reason=f"{sink} refused the row for good ({refused.code}): {refused.reason}",
+        original=None, topic=None, partition=row.get("source_partition"), offset=row.get("source_offset"),
+        first_seen_ms=int(time.time() * 1000), event_id=row_key(row), request_id=row.get("request_id"))
+    payload = json.dumps(row, default=str, ensure_ascii=False).encode("utf-8", "replace")
+    return {**bounded_original(record, payload, "utf-8", max_original_bytes), "dlq_id": f"sink:{sink}:{row_key(row)}"}
+
+
+class DeadLetters:
+    """The DLQ topic, with a local spool file for records the broker refuses for good
+    (never a retry loop): each spooled record is counted (gatewatch_dlq_spooled, alert on
+    any) and logged."""
+
+    _spool_lock = threading.Lock()
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.retry = retrying(settings)
+        self.writer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
+                                  settings.kafka.extra)
+
+    def send(self, records: list[dict]) -> None:
+        for refused in send_all("dlq", self.writer, records, self.retry):
+            self.spool(refused)
         for record in records:
             metrics.DLQ_RECORDS.labels(stage=record["stage"], code=record["code"]).inc()
             log.warning("event sent to the DLQ", extra={
                 "request_id": record.get("request_id"), "event_id": record.get("event_id"),
                 "stage": record["stage"], "code": record["code"], "reason": record["reason"],
                 "source": f"{record.get('topic')}/{record.get('partition')}/{record.get('offset')}"})
+
+    def send_rejected(self, sink: str, rejected: list[Rejected]) -> None:
+        if rejected:
+            self.send([rejected_to_dlq(sink, refused, self.settings.dlq.max_original_bytes) for refused in rejected])
+
+    def spool(self, refused: Rejected) -> None:
+        record = fitted(safe_for_storage(refused.record))
+        original = record.get("original")
+        line = json.dumps({**record, "original": base64.b64encode(original).decode() if original else None,
+                           "spool_reason": refused.reason}, default=str)
+        path = self.settings.dlq.spool_path
+        with self._spool_lock, open(path, "a", encoding="utf-8") as spool:
+            spool.write(line + "\n")
+        metrics.DLQ_SPOOLED.labels(code=str(record.get("code"))).inc()
+        log.error("DLQ record refused by the broker, appended to the local spool", extra={
+            "dlq_id": row_key(record), "code": record.get("code"), "reason": refused.reason,
+            "spool_path": os.path.abspath(path), "request_id": record.get("request_id")})
+
+
+def billing_writer(settings: Settings):
+    retry = retrying(settings)
+    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.billing_topic, encode_billing_event,
+                           "billing_id", settings.kafka.extra)
+    dead_letters = DeadLetters(settings)
+
+    def write(batches: list[list[dict]]) -> None:
+        events = [billing_event(total, settings.pricing) for batch in batches for total in batch]
+        rejected = send_all("billing", producer, events, retry)
+        dead_letters.send_rejected("billing", rejected)
+        metrics.SINK_ROWS.labels(sink="billing").inc(len(events) - len(rejected))
     return write
+
+
+def dlq_writer(settings: Settings):
+    return DeadLetters(settings).send
 
 
 def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None:

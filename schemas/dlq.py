@@ -223,6 +223,15 @@ def _valid_utf8(data: bytes) -> bool:
         return False
 
 
+def bounded_original(record: dict, payload: bytes, encoding: str, max_bytes: int, *, cut_before: bool = False) -> dict:
+    """The record holding a payload that is safe to store (redacted, or data already
+    cleared for storage), hashed, then cut to max_bytes."""
+    return {**record, "original": payload[:max_bytes], "payload_redacted": True,
+            "original_truncated": cut_before or len(payload) > max_bytes, "original_encoding": encoding,
+            "original_sha256": hashlib.sha256(payload).hexdigest(),
+            "original_size": record.get("original_size") or len(payload)}
+
+
 def with_redacted_original(record: dict, find_spans: FindSpans, max_bytes: int = DEFAULT_MAX_ORIGINAL_BYTES) -> dict:
     """The record with its original redacted, hashed, then cut to max_bytes (its
     original_size stays the size as received)."""
@@ -233,9 +242,7 @@ def with_redacted_original(record: dict, find_spans: FindSpans, max_bytes: int =
     # whole): redacting a megabyte would run over the redactor's time budget.
     window = original[:max_bytes + REDACTION_MARGIN]
     redacted, encoding = redact_original(window, find_spans)
-    return {**record, "original": redacted[:max_bytes], "payload_redacted": True,
-            "original_truncated": len(redacted) > max_bytes or len(window) < len(original),
-            "original_encoding": encoding, "original_sha256": hashlib.sha256(redacted).hexdigest()}
+    return bounded_original(record, redacted, encoding, max_bytes, cut_before=len(window) < len(original))
 
 
 # -- encoding: always possible ------------------------------------------------------------
