@@ -185,10 +185,13 @@ def _merge(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     return merged
 
 
-def redact_original(data: bytes, find_spans: FindSpans) -> tuple[bytes, str]:
+def redact_original(data: bytes, find_spans: FindSpans, keep: int | None = None) -> tuple[bytes, str]:
     """(the bytes with every PII span masked, encoding name) - masked wherever any of three
     views finds one: the text decoded in its detected encoding, the raw bytes as latin-1,
-    and the raw bytes with Avro length prefixes separated from their text."""
+    and the raw bytes with Avro length prefixes separated from their text.
+
+    With ``keep``, only data[:keep] is returned (a span crossing it masked whole): the
+    bytes after it were read only so that a value cut at ``keep`` is still recognised."""
     codec, skip = text_encoding(data)
     spans: list[tuple[int, int, str]] = []
     text, offsets, unit = _decoded_view(data, codec, skip)
@@ -205,12 +208,15 @@ def redact_original(data: bytes, find_spans: FindSpans) -> tuple[bytes, str]:
         for start, end in prefixes:
             separated[start:end] = b" " * (end - start)
         spans += list(find_spans(separated.decode("latin-1")))
+    keep = len(data) if keep is None else min(keep, len(data))
     out, at = bytearray(), 0
     for start, end, kind in _merge(spans):
+        if start >= keep:
+            break
         out += data[at:start]
         out += f"<{kind}>".encode(codec)
         at = end
-    out += data[at:]
+    out += data[at:keep]
     encoding = codec if skip or codec != "utf-8" or _valid_utf8(data) else "binary"
     return bytes(out), encoding
 
@@ -240,9 +246,8 @@ def with_redacted_original(record: dict, find_spans: FindSpans, max_bytes: int =
         return record
     # Only what can be kept is redacted (plus a margin, so a value cut in two is still seen
     # whole): redacting a megabyte would run over the redactor's time budget.
-    window = original[:max_bytes + REDACTION_MARGIN]
-    redacted, encoding = redact_original(window, find_spans)
-    return bounded_original(record, redacted, encoding, max_bytes, cut_before=len(window) < len(original))
+    redacted, encoding = redact_original(original[:max_bytes + REDACTION_MARGIN], find_spans, keep=max_bytes)
+    return bounded_original(record, redacted, encoding, max_bytes, cut_before=len(original) > max_bytes)
 
 
 # -- encoding: always possible ------------------------------------------------------------
