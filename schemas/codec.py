@@ -526,7 +526,14 @@ class RecordCodec:
         """``encode`` of a record that ``normalize`` already returned (skips the checks)."""
         buffer = io.BytesIO()
         buffer.write(self._header)
-        fastavro.schemaless_writer(buffer, self.reader.plain, record)
+        try:
+            fastavro.schemaless_writer(buffer, self.reader.plain, record)
+        except UnicodeEncodeError:
+            raise InvalidEvent("bad_text", f"a string of the {self.name} record holds a lone UTF-16 surrogate, "
+                                           "which is not text") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidEvent("wrong_type", f"the {self.name} record does not fit its schema "
+                                             f"({type(exc).__name__})") from None
         return buffer.getvalue()
 
     # -- decoding --------------------------------------------------------------------
