@@ -767,7 +767,10 @@ def quota_update(total: dict) -> dict:
 
 def encode_quota_update(total: dict) -> bytes:
     """Accepts a flow window total or a QuotaUpdate record."""
-    record = total if "update_id" in total else quota_update(total)
+    try:
+        record = total if "update_id" in total else quota_update(total)
+    except KeyError as exc:
+        raise InvalidEvent("missing_field", f"the window total has no {shown(exc.args[0])}") from None
     return record_codec("quota_update").encode(record)
 
 

@@ -111,11 +111,10 @@ def _decoded_view(data: bytes, codec: str, skip: int) -> tuple[str, list[int] | 
     unit * index, width of one unit) of data[skip:]."""
     unit = _UNIT[codec]
     body = data[skip:len(data) - (len(data) - skip) % unit]
-    errors = "surrogateescape" if codec == "utf-8" else "surrogatepass"
-    try:
-        text = body.decode(codec, errors)
-    except UnicodeDecodeError:  # odd UTF-32 code points: read what the units say as latin-1
-        return body.decode("latin-1"), None, 1
+    # One character per undecodable unit, so offsets stay computable: an escaped byte
+    # (UTF-8), a lone surrogate (UTF-16) or U+FFFD for a code point beyond Unicode (UTF-32).
+    errors = {1: "surrogateescape", 2: "surrogatepass", 4: "replace"}[unit]
+    text = body.decode(codec, errors)
     # The redactor sees an undecodable byte or lone surrogate as U+FFFD: one character each,
     # so the offsets still line up.
     shown = _SURROGATES.sub("\ufffd", text)
@@ -174,6 +173,23 @@ def avro_length_bytes(data: bytes) -> list[tuple[int, int]]:
     return found
 
 
+def _nul_stripped_spans(data: bytes, find_spans: FindSpans) -> list[tuple[int, int, str]]:
+    """Spans of PII found with every NUL byte removed: ASCII text in UTF-16/32 embedded in
+    other bytes (no BOM, not at the start) reads as plain text then."""
+    if data.count(0) < 4:
+        return []
+    kept = [at for at, byte in enumerate(data) if byte]
+    stripped = bytes(data[at] for at in kept).decode("latin-1")
+    out = []
+    for start, end, kind in find_spans(stripped):
+        if start < end:
+            last = kept[end - 1] + 1
+            while last < len(data) and data[last] == 0:  # the rest of the last code unit
+                last += 1
+            out.append((kept[start], min(last, kept[end - 1] + 4), kind))
+    return out
+
+
 def _merge(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
     merged: list[tuple[int, int, str]] = []
     for start, end, kind in sorted(spans):
@@ -202,6 +218,7 @@ def redact_original(data: bytes, find_spans: FindSpans, keep: int | None = None)
             spans.append((offsets[start], offsets[end], kind))
     raw = data.decode("latin-1")
     spans += list(find_spans(raw))
+    spans += _nul_stripped_spans(data, find_spans)
     prefixes = avro_length_bytes(data)
     if prefixes:
         separated = bytearray(data)
