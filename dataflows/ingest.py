@@ -31,7 +31,7 @@ from ops.settings import Settings, load_settings
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.dlq import dlq_record, with_redacted_original
-from schemas.registry import registry_from_settings
+from schemas.registry import RegistryUnavailable, registry_from_settings
 
 log = get_logger(__name__)
 OK, DLQ = "ok", "dlq"
@@ -56,6 +56,17 @@ def decode_batch(codec: EventCodec, messages: list) -> list[tuple[str, dict]]:
             out.append((DLQ, dlq_record(
                 stage="decode", code=exc.code, reason=exc.reason, original=msg.value, topic=msg.topic,
                 partition=msg.partition, offset=msg.offset, schema_id=exc.schema_id, first_seen_ms=now_ms)))
+            continue
+        except RegistryUnavailable:
+            raise  # an outage, not bad input: the flow stops and resumes from its snapshot
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the flow either
+            log.error("decoder failed on a message; it goes to the DLQ", extra={
+                "error": type(exc).__name__, "source": f"{msg.topic}/{msg.partition}/{msg.offset}"}, exc_info=False)
+            out.append((DLQ, dlq_record(
+                stage="decode", code="decoder_error", reason=f"the decoder failed ({type(exc).__name__}); "
+                                                             "please report it with this record's source offset",
+                original=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                first_seen_ms=now_ms)))
             continue
         event["source_partition"] = msg.partition
         event["source_offset"] = msg.offset

@@ -56,17 +56,18 @@ def late_to_dlq(event: dict) -> dict:
         first_seen_ms=int(time.time() * 1000), event_id=event["event_id"], request_id=event["request_id"])
 
 
-def no_storage_to_dlq(event: dict) -> dict:
+def no_storage_to_dlq(event: dict, max_original_bytes: int = 64 * 1024) -> dict:
     """The redacted event as JSON, so `gatewatch dlq replay` can send it back once its
-    region has storage."""
+    region has storage (cut to the DLQ's original size, like every original)."""
+    payload = json.dumps(event, default=str).encode()
     record = dlq_record(
         stage="route", code="no_region_storage",
         reason=f"region {event['region']!r} has no storage in the residency settings; its events are never "
                "written to another region's storage",
-        original=json.dumps(event, default=str).encode(), topic=None, partition=event.get("source_partition"),
+        original=payload, topic=None, partition=event.get("source_partition"),
         offset=event.get("source_offset"), first_seen_ms=int(time.time() * 1000), event_id=event["event_id"],
         request_id=event.get("request_id"))
-    return {**record, "payload_redacted": True}
+    return bounded_original(record, payload, "utf-8", max_original_bytes)
 
 
 def route_by_region(events: Stream[dict], settings: Settings) -> tuple[Stream[dict], list[Stream[dict]]]:
@@ -74,7 +75,8 @@ def route_by_region(events: Stream[dict], settings: Settings) -> tuple[Stream[di
     if not settings.residency:
         return events, []
     routed = op.branch("has_region_storage", events, lambda e: e["region"] in settings.residency)
-    return routed.trues, [op.map("no_storage_dlq", routed.falses, no_storage_to_dlq)]
+    to_dlq = partial(no_storage_to_dlq, max_original_bytes=settings.dlq.max_original_bytes)
+    return routed.trues, [op.map("no_storage_dlq", routed.falses, to_dlq)]
 
 
 def database_of(settings: Settings, event: dict) -> str:

@@ -190,3 +190,35 @@ def test_a_timestamp_micros_writer_schema_is_read_as_micros(tmp_path):
     fastavro.schemaless_writer(body, plain(fastavro.parse_schema(micros)), {**event(), "event_time": (NOW - 1000) * 1000 + 999})
     decoded = codec.decode(b"\x00" + (50).to_bytes(4, "big") + body.getvalue(), NOW)
     assert decoded["event_time"] == NOW - 1000
+
+
+# -- defence in depth ----------------------------------------------------------------------------
+
+class _BrokenDecoder(EventCodec):
+    """A decoder with a bug no input found yet: the flow must still carry on."""
+
+    def decode(self, value, now_ms):
+        if value == b"boom":
+            raise KeyError("a bug")
+        return super().decode(value, now_ms)
+
+
+def test_a_decoder_bug_sends_the_message_to_the_dlq_instead_of_stopping_the_flow(codec):
+    from types import SimpleNamespace
+
+    from dataflows.ingest import DLQ, OK, decode_batch
+
+    broken = _BrokenDecoder(LocalRegistry(), ValidationSettings(max_past_s=10**10, max_future_s=10**10))
+    messages = [SimpleNamespace(value=value, topic="t", partition=0, offset=at)
+                for at, value in enumerate([b"boom", codec.encode(event())])]
+    routed = decode_batch(broken, messages)
+    assert [kind for kind, _ in routed] == [DLQ, OK]
+    assert routed[0][1]["code"] == "decoder_error" and "KeyError" in routed[0][1]["reason"]
+
+
+def test_an_event_routed_to_the_dlq_for_residency_is_cut_to_size():
+    from dataflows.outputs import no_storage_to_dlq
+
+    record = no_storage_to_dlq({**event(prompt="p" * 300_000), "source_partition": 0, "source_offset": 1}, 4096)
+    decoded = decode_dlq(encode_dlq(record))
+    assert decoded["original_truncated"] and len(decoded["original"]) == 4096 and decoded["original_size"] > 300_000
