@@ -26,7 +26,7 @@ from sinks.clickhouse import ClickHouse
 from sinks.kafka import DeliveryFailed, Rejected, TopicWriter
 from sinks.parquet import ParquetStore, partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
-from sinks.retry import write_with_retries
+from sinks.retry import write_isolating, write_with_retries
 
 log = get_logger(__name__)
 
@@ -108,9 +108,17 @@ def retrying(settings: Settings):
                    max_backoff_s=settings.retry.max_backoff_s)
 
 
+def dead_letter_rows(dead_letters: "DeadLetters", sink: str, rejected: list) -> None:
+    """Rows a store refused for good (see write_isolating) to the DLQ, each counted and logged."""
+    refused = [Rejected(row, "row_rejected", f"{type(exc).__name__} writing the row") for row, exc in rejected]
+    note_rejected(sink, refused)
+    dead_letters.send_rejected(sink, refused)
+
+
 def parquet_writer(settings: Settings):
     retry = retrying(settings)
     stores: dict[str, ParquetStore] = {}
+    dead_letters = DeadLetters(settings)
 
     def store_of(region: str) -> ParquetStore:
         root = settings.storage_for(region).parquet_root
@@ -122,8 +130,9 @@ def parquet_writer(settings: Settings):
         for partition, events in batches:
             # A partition is one event_date and region, so one store takes the whole batch.
             store = store_of(events[0]["region"])
-            retry("parquet", lambda: store.write(partition, events))
-            metrics.SINK_ROWS.labels(sink="parquet").inc(len(events))
+            rejected = write_isolating("parquet", partial(store.write, partition), events, retry)
+            dead_letter_rows(dead_letters, "parquet", rejected)
+            metrics.SINK_ROWS.labels(sink="parquet").inc(len(events) - len(rejected))
     return write
 
 
@@ -132,6 +141,7 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
     retry = retrying(settings)
     clients: dict[str, ClickHouse] = {}
     sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
+    dead_letters = DeadLetters(settings)
 
     def client_of(database: str) -> ClickHouse:
         if database not in clients:
@@ -146,8 +156,9 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
         for database, rows in batches:
             client = client_of(database)
             insert = client.insert_events if table == "events" else client.insert_feedback
-            retry(sink, lambda: insert(rows))
-            metrics.SINK_ROWS.labels(sink=sink).inc(len(rows))
+            rejected = write_isolating(sink, insert, rows, retry)
+            dead_letter_rows(dead_letters, sink, rejected)
+            metrics.SINK_ROWS.labels(sink=sink).inc(len(rows) - len(rejected))
             observe_freshness(sink, [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
     return write
 
@@ -199,12 +210,17 @@ def send_all(sink: str, writer: TopicWriter, records: list[dict], retry) -> list
 
     if pending:
         retry(sink, attempt)
+    note_rejected(sink, rejected)
+    return rejected
+
+
+def note_rejected(sink: str, rejected: list[Rejected]) -> None:
+    """Count and log every row a sink refused for good, by its id (never its content)."""
     for refused in rejected:
         metrics.SINK_REJECTED.labels(sink=sink, code=refused.code).inc()
         log.error("sink refused a row for good; it goes to the DLQ", extra={
             "sink": sink, "code": refused.code, "reason": refused.reason, "row": row_key(refused.record),
             "request_id": refused.record.get("request_id")})
-    return rejected
 
 
 def row_key(row: dict) -> str:
@@ -238,10 +254,19 @@ class DeadLetters:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.retry = retrying(settings)
-        self.writer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
-                                  settings.kafka.extra)
+        self._writer: TopicWriter | None = None
+
+    @property
+    def writer(self) -> TopicWriter:
+        # Made on first use: most sinks never refuse a row, and need no producer for it.
+        if self._writer is None:
+            k = self.settings.kafka
+            self._writer = TopicWriter(k.bootstrap, k.dlq_topic, encode_dlq, "event_id", k.extra)
+        return self._writer
 
     def send(self, records: list[dict]) -> None:
+        if not records:
+            return
         for refused in send_all("dlq", self.writer, records, self.retry):
             self.spool(refused)
         for record in records:

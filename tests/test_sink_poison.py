@@ -8,13 +8,16 @@ import threading
 
 import pytest
 
-from dataflows.outputs import DeadLetters, billing_writer
+from dataflows.outputs import DeadLetters, billing_writer, clickhouse_writer, database_of, parquet_writer
 from ops import metrics
 from ops.settings import load_settings
 from schemas.codec import decode_billing_event, encode_billing_event
 from schemas.dlq import decode_dlq, dlq_record
 from sinks.kafka import TopicWriter, read_topic
-from sinks.billing import billing_event
+from sinks.billing import billing_event, with_cost
+from sinks.clickhouse import ClickHouse
+from sinks.parquet import ParquetStore, partition_of
+from tests.test_codec import event
 from tests.test_quota import total
 
 
@@ -99,3 +102,26 @@ def test_an_unredacted_original_never_reaches_the_spool(kafka_bootstrap, topic_f
                            partition=0, offset=3, first_seen_ms=1)}
     _within(60, lambda: DeadLetters(settings).send([record]))
     assert "alice" not in (tmp_path / "spool.jsonl").read_text()
+
+
+def test_parquet_and_clickhouse_write_the_good_rows_and_dead_letter_the_one_they_refuse(
+        kafka_bootstrap, topic_factory, tmp_path):
+    settings = _settings(kafka_bootstrap, topic_factory, tmp_path)
+    settings = settings.model_copy(update={
+        "parquet": settings.parquet.model_copy(update={"root": str(tmp_path / "raw")}),
+        "clickhouse": settings.clickhouse.model_copy(update={"url": f"chdb://{tmp_path / 'chdb'}",
+                                                             "database": "poison"})})
+    rows = [with_cost({**event(event_id=f"e-{i}", request_id=f"r-{i}"), "source_partition": 0, "source_offset": i},
+                      settings.pricing) for i in range(5)]
+    rows[3]["latency_ms"] = 2**40  # no Avro int, no UInt32 column: Arrow refuses the row
+    _within(60, lambda: parquet_writer(settings)([(partition_of(rows[0]), rows)]))
+    _within(60, lambda: clickhouse_writer(settings)([(database_of(settings, rows[0]), rows)]))
+    stored = ParquetStore(settings.parquet.root).read().column("event_id").to_pylist()
+    assert sorted(stored) == ["e-0", "e-1", "e-2", "e-4"]
+    (count,), = ClickHouse(settings.clickhouse.url, "poison").rows("SELECT count() FROM poison.events FINAL")
+    assert count == 4
+    dead = [record for _p, _o, record in read_topic(kafka_bootstrap, settings.kafka.dlq_topic, decode_dlq,
+                                                    timeout_s=20)]
+    assert sorted((r["stage"], r["code"], r["event_id"]) for r in dead) == [
+        ("sink", "sink_rejected", "e-3"), ("sink", "sink_rejected", "e-3")]
+    assert {r["reason"].split(" ")[0] for r in dead} == {"parquet", "clickhouse"}
