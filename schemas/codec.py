@@ -154,6 +154,12 @@ def _check_tree(obj: Any, limits: DecodeLimits) -> None:
             stack.extend((v, depth + 1) for v in value)
 
 
+@functools.lru_cache(maxsize=8)
+def _digit_run(longest: int) -> re.Pattern:
+    # a long digit run, or an exponent that may overflow a double (1e999)
+    return re.compile(f"[0-9]{{{longest + 1},}}|[0-9][eE][+-]?[0-9]{{3,}}")
+
+
 def parse_json(value: bytes, limits: DecodeLimits) -> Any:
     """Strict JSON: UTF-8 without BOM, no NaN/Infinity, no duplicate keys, numbers of at
     most max_number_digits digits (checked before conversion), depth and array limits."""
@@ -177,9 +183,12 @@ def parse_json(value: bytes, limits: DecodeLimits) -> Any:
             return parsed
         return parse
 
+    # Numbers are checked one by one only when a long digit run exists at all (rare: a
+    # Python call per number would double the cost of every event).
+    checked = {"parse_int": number(int), "parse_float": number(float)} \
+        if _digit_run(limits.max_number_digits).search(text) else {}
     try:
-        obj = json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=_no_constants,
-                         object_pairs_hook=_unique_keys)
+        obj = json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys, **checked)
     except _JsonLimit as exc:
         raise InvalidEvent(exc.code, exc.reason) from None
     except json.JSONDecodeError as exc:
