@@ -156,8 +156,9 @@ def _check_tree(obj: Any, limits: DecodeLimits) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _digit_run(longest: int) -> re.Pattern:
-    # a long digit run, or an exponent that may overflow a double (1e999)
-    return re.compile(f"[0-9]{{{longest + 1},}}|[0-9][eE][+-]?[0-9]{{3,}}")
+    # A long digit run anywhere, or a number token (after ":", "[" or ",") with an exponent
+    # that may overflow a double (1e999); "1e-0000" inside a uuid string is neither.
+    return re.compile(f"[0-9]{{{longest + 1},}}|[:\\[,]\\s*-?[0-9.]+[eE][+-]?[0-9]{{3,}}")
 
 
 def parse_json(value: bytes, limits: DecodeLimits) -> Any:
@@ -195,7 +196,9 @@ def parse_json(value: bytes, limits: DecodeLimits) -> Any:
         raise InvalidEvent("bad_json", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise InvalidEvent("too_deep", "JSON nested too deeply") from None
-    _check_tree(obj, limits)
+    # Nesting cannot exceed the number of brackets, nor an array its commas + 1.
+    if text.count("[") + text.count("{") > limits.max_json_depth or text.count(",") >= limits.max_array_items:
+        _check_tree(obj, limits)
     return obj
 
 
@@ -204,7 +207,7 @@ def clean_text(value: str, path: str, max_chars: int, identifier: bool) -> str:
     NFC-normalised (so two spellings of one id are one id) and must follow ID_RULE."""
     if len(value) > max_chars * 4:
         raise InvalidEvent("too_long", f"{path} has {len(value)} characters, above {max_chars}")
-    if _SURROGATE.search(value):
+    if not value.isascii() and _SURROGATE.search(value):
         raise InvalidEvent("bad_text", f"{path} holds a lone UTF-16 surrogate, which is not text")
     if identifier:
         value = unicodedata.normalize("NFC", value)
