@@ -31,8 +31,8 @@ from ops.logs import get_logger
 from ops.settings import Settings, load_settings
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
-from schemas.dlq import dlq_record
-from schemas.registry import registry_from_settings
+from schemas.dlq import dlq_record, with_redacted_original
+from schemas.registry import RegistryUnavailable, registry_from_settings
 
 log = get_logger(__name__)
 OK, DLQ = "ok", "dlq"
@@ -58,6 +58,17 @@ def decode_batch(codec: EventCodec, messages: list) -> list[tuple[str, dict]]:
                 stage="decode", code=exc.code, reason=exc.reason, original=msg.value, topic=msg.topic,
                 partition=msg.partition, offset=msg.offset, schema_id=exc.schema_id, first_seen_ms=now_ms)))
             continue
+        except RegistryUnavailable:
+            raise  # an outage, not bad input: the flow stops and resumes from its snapshot
+        except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the flow either
+            log.error("decoder failed on a message; it goes to the DLQ", extra={
+                "error": type(exc).__name__, "source": f"{msg.topic}/{msg.partition}/{msg.offset}"}, exc_info=False)
+            out.append((DLQ, dlq_record(
+                stage="decode", code="decoder_error", reason=f"the decoder failed ({type(exc).__name__}); "
+                                                             "please report it with this record's source offset",
+                original=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
+                first_seen_ms=now_ms)))
+            continue
         event["source_partition"] = msg.partition
         event["source_offset"] = msg.offset
         out.append((OK, event))
@@ -65,17 +76,15 @@ def decode_batch(codec: EventCodec, messages: list) -> list[tuple[str, dict]]:
     return out
 
 
-def redact_bytes(redactor: Redactor, data: bytes | None) -> bytes | None:
-    """Undecodable input may still hold PII: redact it as latin-1 text, which maps every
-    byte to one character, so the bytes around a redacted span survive unchanged."""
-    if data is None:
-        return None
-    return redactor.redact(data.decode("latin-1")).text.encode("latin-1", errors="replace")
+def pii_spans(redactor: Redactor, text: str) -> list[tuple[int, int, str]]:
+    return [(entity.start, entity.end, entity.type) for entity in redactor.redact(text).entities]
 
 
-def redact_dlq_payload(redactor: Redactor, record: dict) -> dict:
+def redact_dlq_payload(redactor: Redactor, record: dict, max_original_bytes: int = 64 * 1024) -> dict:
+    """Undecodable input may still hold PII in any encoding: see schemas.dlq.redact_original.
+    If redaction fails, only the metadata is kept (fail closed)."""
     try:
-        return {**record, "original": redact_bytes(redactor, record.get("original")), "payload_redacted": True}
+        return with_redacted_original(record, partial(pii_spans, redactor), max_original_bytes)
     except RedactionError:
         return {**record, "original": None, "text_withheld": True}
 
@@ -136,7 +145,7 @@ def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec
     clean = op.map("redacted_event", redacted.trues, lambda routed: routed[1])
     dlq_streams = [
         op.map("redact_undecodable", op.map("decode_dlq", decoded.falses, lambda r: r[1]),
-               partial(redact_dlq_payload, redactor)),
+               partial(redact_dlq_payload, redactor, max_original_bytes=settings.dlq.max_original_bytes)),
         op.map("redact_dlq", redacted.falses, lambda routed: routed[1]),
     ]
     return clean, dlq_streams

@@ -3,7 +3,10 @@ counters and billing events, and the dead-letter queue. Ingest and replay share 
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import threading
 import time
 from functools import lru_cache, partial
 from typing import Any, Callable
@@ -18,16 +21,16 @@ from ops.audit import hash_key, open_audit
 from ops.logs import get_logger
 from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
-from schemas.dlq import dlq_record, encode_dlq
+from schemas.dlq import bounded_original, dlq_record, encode_dlq, fitted, safe_for_storage
 from sinks.audit_log import audit_row
-from sinks.vault import KeyStore, VaultFiles, seal_event
-from sinks.vault import partition_of as vault_partition_of
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
-from sinks.kafka import TopicWriter
+from sinks.kafka import DeliveryFailed, Rejected, TopicWriter
 from sinks.parquet import ParquetStore, partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
-from sinks.retry import write_with_retries
+from sinks.retry import write_isolating, write_with_retries
+from sinks.vault import KeyStore, VaultFiles, seal_event
+from sinks.vault import partition_of as vault_partition_of
 
 log = get_logger(__name__)
 
@@ -57,17 +60,18 @@ def late_to_dlq(event: dict) -> dict:
         first_seen_ms=int(time.time() * 1000), event_id=event["event_id"], request_id=event["request_id"])
 
 
-def no_storage_to_dlq(event: dict) -> dict:
+def no_storage_to_dlq(event: dict, max_original_bytes: int = 64 * 1024) -> dict:
     """The redacted event as JSON, so `gatewatch dlq replay` can send it back once its
-    region has storage."""
+    region has storage (cut to the DLQ's original size, like every original)."""
+    payload = json.dumps(event, default=str).encode()
     record = dlq_record(
         stage="route", code="no_region_storage",
         reason=f"region {event['region']!r} has no storage in the residency settings; its events are never "
                "written to another region's storage",
-        original=json.dumps(event, default=str).encode(), topic=None, partition=event.get("source_partition"),
+        original=payload, topic=None, partition=event.get("source_partition"),
         offset=event.get("source_offset"), first_seen_ms=int(time.time() * 1000), event_id=event["event_id"],
         request_id=event.get("request_id"))
-    return {**record, "payload_redacted": True}
+    return bounded_original(record, payload, "utf-8", max_original_bytes)
 
 
 def route_by_region(events: Stream[dict], settings: Settings) -> tuple[Stream[dict], list[Stream[dict]]]:
@@ -75,7 +79,8 @@ def route_by_region(events: Stream[dict], settings: Settings) -> tuple[Stream[di
     if not settings.residency:
         return events, []
     routed = op.branch("has_region_storage", events, lambda e: e["region"] in settings.residency)
-    return routed.trues, [op.map("no_storage_dlq", routed.falses, no_storage_to_dlq)]
+    to_dlq = partial(no_storage_to_dlq, max_original_bytes=settings.dlq.max_original_bytes)
+    return routed.trues, [op.map("no_storage_dlq", routed.falses, to_dlq)]
 
 
 def database_of(settings: Settings, event: dict) -> str:
@@ -107,9 +112,17 @@ def retrying(settings: Settings):
                    max_backoff_s=settings.retry.max_backoff_s)
 
 
+def dead_letter_rows(dead_letters: "DeadLetters", sink: str, rejected: list) -> None:
+    """Rows a store refused for good (see write_isolating) to the DLQ, each counted and logged."""
+    refused = [Rejected(row, "row_rejected", f"{type(exc).__name__} writing the row") for row, exc in rejected]
+    note_rejected(sink, refused)
+    dead_letters.send_rejected(sink, refused)
+
+
 def parquet_writer(settings: Settings):
     retry = retrying(settings)
     stores: dict[str, ParquetStore] = {}
+    dead_letters = DeadLetters(settings)
 
     def store_of(region: str) -> ParquetStore:
         root = settings.storage_for(region).parquet_root
@@ -121,8 +134,9 @@ def parquet_writer(settings: Settings):
         for partition, events in batches:
             # A partition is one event_date and region, so one store takes the whole batch.
             store = store_of(events[0]["region"])
-            retry("parquet", lambda: store.write(partition, events))
-            metrics.SINK_ROWS.labels(sink="parquet").inc(len(events))
+            rejected = write_isolating("parquet", partial(store.write, partition), events, retry)
+            dead_letter_rows(dead_letters, "parquet", rejected)
+            metrics.SINK_ROWS.labels(sink="parquet").inc(len(events) - len(rejected))
     return write
 
 
@@ -131,6 +145,7 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
     retry = retrying(settings)
     clients: dict[str, ClickHouse] = {}
     sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
+    dead_letters = DeadLetters(settings)
 
     def client_of(database: str) -> ClickHouse:
         if database not in clients:
@@ -145,8 +160,9 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
         for database, rows in batches:
             client = client_of(database)
             insert = client.insert_events if table == "events" else client.insert_feedback
-            retry(sink, lambda: insert(rows))
-            metrics.SINK_ROWS.labels(sink=sink).inc(len(rows))
+            rejected = write_isolating(sink, insert, rows, retry)
+            dead_letter_rows(dead_letters, sink, rejected)
+            metrics.SINK_ROWS.labels(sink=sink).inc(len(rows) - len(rejected))
             observe_freshness(sink, [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
     return write
 
@@ -210,13 +226,14 @@ def quota_writer(settings: Settings):
     retry("quota", lambda: store.publish_tiers(quota.tiers))
     alerts = TopicWriter(settings.kafka.bootstrap, settings.kafka.quota_alerts_topic, encode_quota_alert,
                          "alert_id", settings.kafka.extra)
+    dead_letters = DeadLetters(settings)
 
     def deliver_alerts() -> None:
         # Alerts stay pending in Redis until the broker has them: a crash in between
         # delivers them again (with the same alert_id) rather than never.
         pending = store.pending_alerts()
         if pending:
-            alerts.send(pending)
+            dead_letters.send_rejected("quota_alerts", alerts.send(pending))
             store.ack_alerts([alert["alert_id"] for alert in pending])
             metrics.QUOTA_ALERTS.inc(len(pending))
 
@@ -232,32 +249,123 @@ def quota_writer(settings: Settings):
     return write
 
 
-def billing_writer(settings: Settings):
-    retry = retrying(settings)
-    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.billing_topic, encode_billing_event,
-                           "billing_id", settings.kafka.extra)
+def send_all(sink: str, writer: TopicWriter, records: list[dict], retry) -> list[Rejected]:
+    """Every record delivered, retrying (only the undelivered ones) while the broker is
+    out; the records refused for good, each counted and logged by its key."""
+    pending, rejected = records, []
 
-    def write(batches: list[list[dict]]) -> None:
-        events = [billing_event(total, settings.pricing) for batch in batches for total in batch]
-        retry("billing", lambda: producer.send(events))
-        metrics.SINK_ROWS.labels(sink="billing").inc(len(events))
-    return write
+    def attempt() -> None:
+        nonlocal pending
+        try:
+            rejected.extend(writer.send(pending))
+            pending = []
+        except DeliveryFailed as failed:
+            rejected.extend(failed.rejected)
+            pending = failed.undelivered
+            raise
+
+    if pending:
+        retry(sink, attempt)
+    note_rejected(sink, rejected)
+    return rejected
 
 
-def dlq_writer(settings: Settings):
-    retry = retrying(settings)
-    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.dlq_topic, encode_dlq, "event_id",
-                           settings.kafka.extra)
+def note_rejected(sink: str, rejected: list[Rejected]) -> None:
+    """Count and log every row a sink refused for good, by its id (never its content)."""
+    for refused in rejected:
+        metrics.SINK_REJECTED.labels(sink=sink, code=refused.code).inc()
+        log.error("sink refused a row for good; it goes to the DLQ", extra={
+            "sink": sink, "code": refused.code, "reason": refused.reason, "row": row_key(refused.record),
+            "request_id": refused.record.get("request_id")})
 
-    def write(records: list[dict]) -> None:
-        retry("dlq", lambda: producer.send(records))
+
+def row_key(row: dict) -> str:
+    """The id a log line names a row by, bounded (an id may be absurdly long)."""
+    for name in ("billing_id", "alert_id", "dlq_id", "update_id", "event_id"):
+        if row.get(name):
+            value = str(row[name])
+            return value if len(value) <= 200 else f"{value[:160]}…({len(value)} chars)"
+    return "?"
+
+
+def rejected_to_dlq(sink: str, refused: Rejected, max_original_bytes: int) -> dict:
+    """A DLQ record for a row a sink refused: the row as JSON (it has passed redaction
+    already), cut to the configured size with its size and hash."""
+    row = refused.record
+    record = dlq_record(
+        stage="sink", code="sink_rejected", reason=f"{sink} refused the row for good ({refused.code}): {refused.reason}",
+        original=None, topic=None, partition=row.get("source_partition"), offset=row.get("source_offset"),
+        first_seen_ms=int(time.time() * 1000), event_id=row_key(row), request_id=row.get("request_id"))
+    payload = json.dumps(row, default=str, ensure_ascii=False).encode("utf-8", "replace")
+    return {**bounded_original(record, payload, "utf-8", max_original_bytes), "dlq_id": f"sink:{sink}:{row_key(row)}"}
+
+
+class DeadLetters:
+    """The DLQ topic, with a local spool file for records the broker refuses for good
+    (never a retry loop): each spooled record is counted (gatewatch_dlq_spooled, alert on
+    any) and logged."""
+
+    _spool_lock = threading.Lock()
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.retry = retrying(settings)
+        self._writer: TopicWriter | None = None
+
+    @property
+    def writer(self) -> TopicWriter:
+        # Made on first use: most sinks never refuse a row, and need no producer for it.
+        if self._writer is None:
+            k = self.settings.kafka
+            self._writer = TopicWriter(k.bootstrap, k.dlq_topic, encode_dlq, "event_id", k.extra)
+        return self._writer
+
+    def send(self, records: list[dict]) -> None:
+        if not records:
+            return
+        for refused in send_all("dlq", self.writer, records, self.retry):
+            self.spool(refused)
         for record in records:
             metrics.DLQ_RECORDS.labels(stage=record["stage"], code=record["code"]).inc()
             log.warning("event sent to the DLQ", extra={
                 "request_id": record.get("request_id"), "event_id": record.get("event_id"),
                 "stage": record["stage"], "code": record["code"], "reason": record["reason"],
                 "source": f"{record.get('topic')}/{record.get('partition')}/{record.get('offset')}"})
+
+    def send_rejected(self, sink: str, rejected: list[Rejected]) -> None:
+        if rejected:
+            self.send([rejected_to_dlq(sink, refused, self.settings.dlq.max_original_bytes) for refused in rejected])
+
+    def spool(self, refused: Rejected) -> None:
+        record = fitted(safe_for_storage(refused.record))
+        original = record.get("original")
+        line = json.dumps({**record, "original": base64.b64encode(original).decode() if original else None,
+                           "spool_reason": refused.reason}, default=str)
+        path = self.settings.dlq.spool_path
+        with self._spool_lock, open(path, "a", encoding="utf-8") as spool:
+            spool.write(line + "\n")
+        metrics.DLQ_SPOOLED.labels(code=str(record.get("code"))).inc()
+        log.error("DLQ record refused by the broker, appended to the local spool", extra={
+            "dlq_id": row_key(record), "code": record.get("code"), "reason": refused.reason,
+            "spool_path": os.path.abspath(path), "request_id": record.get("request_id")})
+
+
+def billing_writer(settings: Settings):
+    retry = retrying(settings)
+    producer = TopicWriter(settings.kafka.bootstrap, settings.kafka.billing_topic, encode_billing_event,
+                           "billing_id", settings.kafka.extra)
+    dead_letters = DeadLetters(settings)
+
+    def write(batches: list[list[dict]]) -> None:
+        events = [billing_event(total, settings.pricing) for batch in batches for total in batch]
+        rejected = send_all("billing", producer, events, retry)
+        dead_letters.send_rejected("billing", rejected)
+        metrics.SINK_ROWS.labels(sink="billing").inc(len(events) - len(rejected))
     return write
+
+
+def dlq_writer(settings: Settings):
+    return DeadLetters(settings).send
 
 
 def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None:

@@ -58,7 +58,7 @@ def replay(config, code, stage, dry_run) -> None:
     """Produce the original bytes of matching DLQ records back to the events topic.
 
     Run it after fixing the cause (a schema now registered, a region now configured). A
-    record whose text was withheld has no payload and is reported, not replayed. Events
+    record whose text was withheld (or cut to dlq.max_original_bytes) is reported, not replayed. Events
     that were already processed are dropped again by the dedupe and idempotent sinks.
     """
     settings = _settings(config)
@@ -69,8 +69,8 @@ def replay(config, code, stage, dry_run) -> None:
     for _partition, _offset, record in read_topic(settings.kafka.bootstrap, settings.kafka.dlq_topic, decode_dlq):
         if not matches(record, code, stage):
             continue
-        if record.get("original") is None:
-            withheld += 1
+        if record.get("original") is None or record.get("original_truncated"):
+            withheld += 1  # a cut original would only come back to the DLQ
             continue
         sent += 1
         if producer is not None:

@@ -17,6 +17,10 @@ SINK_WRITE_SECONDS = Histogram("gatewatch_sink_write_seconds", "Duration of one 
 SINK_ROWS = Counter("gatewatch_sink_rows", "Rows written by a sink", ["sink"])
 SINK_ERRORS = Counter("gatewatch_sink_errors", "Failed sink writes (each is retried)", ["sink"])
 SINK_RETRIES = Counter("gatewatch_sink_retries", "Sink write retries after backoff", ["sink"])
+SINK_REJECTED = Counter("gatewatch_sink_rejected", "Rows a sink refused for good (sent to the DLQ, not retried)",
+                        ["sink", "code"])
+DLQ_SPOOLED = Counter("gatewatch_dlq_spooled", "DLQ records the broker refused, appended to the local spool file "
+                                               "(alert on any)", ["code"])
 SINK_UP = Gauge("gatewatch_sink_up", "1 when the last write to the sink succeeded, 0 while it is failing", ["sink"])
 REDACTION_SECONDS = Histogram(
     "gatewatch_redaction_seconds", "Redaction time per batch of events",

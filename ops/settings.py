@@ -95,6 +95,28 @@ class ValidationSettings(Section):
     max_past_s: float = Field(7 * 86400, gt=0)
     max_latency_ms: int = Field(15 * 60 * 1000, gt=0)
     max_tokens: int = Field(10_000_000, gt=0)
+    # Input limits (schemas.codec.DecodeLimits): beyond them a message goes to the DLQ with its code.
+    max_message_bytes: int = Field(1_000_000, gt=0)
+    """Largest message value decoded (code too_large)."""
+    max_json_depth: int = Field(16, ge=2)
+    """Deepest JSON nesting (code too_deep)."""
+    max_number_digits: int = Field(40, ge=20)
+    """Longest JSON number literal, checked before conversion (code out_of_range)."""
+    max_array_items: int = Field(256, ge=1)
+    """Most items in a JSON array or a list field (code too_large)."""
+    max_id_chars: int = Field(128, ge=36)
+    """event_id, request_id, user_id, org_id, conversation_id, experiment_id (code too_long)."""
+    max_name_chars: int = Field(128, ge=16)
+    """model, provider, endpoint, region, model_version, error_code, variant, list items (code too_long)."""
+    max_text_chars: int = Field(500_000, ge=1000)
+    """prompt, response, comment (code too_long)."""
+
+
+class DlqSettings(Section):
+    max_original_bytes: int = Field(64 * 1024, ge=256, le=512 * 1024)
+    """The redacted original is cut to this size (its full size and SHA-256 are kept)."""
+    spool_path: str = "gatewatch-dlq-spool.jsonl"
+    """A DLQ record the broker refuses for good is appended here (JSON lines), with an alert."""
 
 
 class DedupeSettings(Section):
@@ -371,6 +393,7 @@ class Settings(Section):
     kafka: KafkaSettings = KafkaSettings()
     schemas: SchemaSettings = SchemaSettings()
     validation: ValidationSettings = ValidationSettings()
+    dlq: DlqSettings = DlqSettings()
     redaction: RedactionSettings = RedactionSettings()
     dedupe: DedupeSettings = DedupeSettings()
     windows: WindowSettings = WindowSettings()

@@ -15,6 +15,13 @@ The result is the canonical in-flow event: plain Python types, every field of th
 schema present, timestamps as int epoch milliseconds (fastavro's logical-type conversion
 is switched off by reading with logical types stripped).
 
+Input limits (``DecodeLimits``, from ``validation.*`` settings) apply before and while
+parsing: message size, JSON depth, digits of a JSON number, array items, and per-field
+string limits (ids, names, free text). Text must be UTF-8 without a BOM: UTF-16/32 and
+BOM-prefixed JSON are named in the reason (code ``bad_encoding``); lone surrogates
+(``\\ud800`` escapes) are rejected (``bad_text``). Ids and names are NFC-normalised and
+must be printable without whitespace or format characters (``bad_id``).
+
 Every failure raises ``InvalidEvent`` with a short ``code``, a ``reason`` naming the field
 and the rule, and the writer ``schema_id`` when there was one. Reasons never quote string
 values (they may be prompts, responses or other PII); numbers and type names only.
@@ -27,8 +34,10 @@ import io
 import json
 import math
 import re
+import unicodedata
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Callable
 
 import fastavro
 
@@ -44,7 +53,161 @@ TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_wri
 REQUIRED_TEXT = ("event_id", "request_id", "user_id", "org_id", "model")
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.:\-]{1,40}$")
 CODES = ("empty", "unknown_schema_id", "wrong_schema", "truncated", "bad_avro", "bad_json", "wrong_type",
-         "missing_field", "out_of_range", "future_timestamp", "past_timestamp", "unknown_region")
+         "missing_field", "out_of_range", "future_timestamp", "past_timestamp", "unknown_region",
+         "too_large", "too_deep", "too_long", "bad_encoding", "bad_text", "bad_id")
+# Identifiers and names: NFC-normalised, then checked against ID_RULE; the rest is free text.
+ID_FIELDS = ("event_id", "request_id", "user_id", "org_id", "conversation_id", "experiment_id")
+NAME_FIELDS = ("provider", "endpoint", "model", "model_version", "error_code", "variant")
+TEXT_FIELDS = ("prompt", "response", "comment")
+LIST_FIELDS = ("safety_decisions", "policy_flags")
+ID_RULE = "printable characters, no whitespace, control or format characters (e.g. zero-width joiners)"
+# Unicode categories an id or name may not contain: controls, format (ZWJ, BOM), surrogates,
+# private use, unassigned, separators (whitespace).
+_FORBIDDEN_IN_IDS = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"))
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?"
+                       r"(?:Z|[+-]\d{2}(?::?\d{2})?)?)?$")
+# (byte prefix, encoding) of JSON that is not plain UTF-8, longest prefix first.
+_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32-BE with a byte order mark"),
+         (b"\xff\xfe\x00\x00", "UTF-32-LE with a byte order mark"),
+         (b"\xef\xbb\xbf", "UTF-8 with a byte order mark"),
+         (b"\xfe\xff", "UTF-16-BE with a byte order mark"),
+         (b"\xff\xfe", "UTF-16-LE with a byte order mark"))
+
+
+_JSON_OPENERS = b"{["
+_JSON_SECOND = b'"{}[]- \t\r\n0123456789tfn'
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    """What one message may hold; anything beyond is an InvalidEvent, checked before the
+    costly step it protects (size before parsing, digits before int conversion)."""
+
+    max_message_bytes: int = 1_000_000
+    max_json_depth: int = 16
+    max_number_digits: int = 40
+    max_array_items: int = 256
+    max_id_chars: int = 128
+    max_name_chars: int = 128
+    max_text_chars: int = 500_000
+
+    @classmethod
+    def of(cls, validation: Any) -> "DecodeLimits":
+        """The limits named in a settings section (any object with these attributes)."""
+        return cls(**{name: getattr(validation, name) for name in cls.__dataclass_fields__
+                      if hasattr(validation, name)})
+
+
+def detect_encoding(value: bytes) -> str | None:
+    """The name of a non-UTF-8 text encoding the bytes start with (BOM, or JSON's first
+    character padded with NULs as UTF-16/32 writes it), or None."""
+    for prefix, name in _BOMS:
+        if value.startswith(prefix):
+            return name
+    # The second character must be one JSON allows after "{" or "[", so that a Confluent
+    # header (also starting with a NUL) is not taken for UTF-16/32.
+    first, second = _JSON_OPENERS, _JSON_SECOND
+    if len(value) >= 8 and value[:3] == b"\x00\x00\x00" and value[3] in first and value[4:7] == b"\x00\x00\x00" \
+            and value[7] in second:
+        return "UTF-32-BE"
+    if len(value) >= 8 and value[0] in first and value[1:4] == b"\x00\x00\x00" and value[4] in second \
+            and value[5:8] == b"\x00\x00\x00":
+        return "UTF-32-LE"
+    if len(value) >= 4 and value[0] == 0 and value[1] in first and value[2] == 0 and value[3] in second:
+        return "UTF-16-BE"
+    if len(value) >= 4 and value[0] in first and value[1] == 0 and value[2] in second and value[3] == 0:
+        return "UTF-16-LE"
+    return None
+
+
+class _JsonLimit(Exception):
+    def __init__(self, code: str, reason: str):
+        self.code, self.reason = code, reason
+
+
+def _no_constants(name: str):
+    raise _JsonLimit("bad_json", f"{name} is not a JSON number")
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise _JsonLimit("bad_json", "an object has the same key twice")
+    return out
+
+
+def _check_tree(obj: Any, limits: DecodeLimits) -> None:
+    """Depth and array sizes of a parsed JSON value, without recursion."""
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limits.max_json_depth:
+            raise InvalidEvent("too_deep", f"JSON nests deeper than validation.max_json_depth "
+                                           f"({limits.max_json_depth})")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            if len(value) > limits.max_array_items:
+                raise InvalidEvent("too_large", f"a JSON array has {len(value)} items, above "
+                                                f"validation.max_array_items ({limits.max_array_items})")
+            stack.extend((v, depth + 1) for v in value)
+
+
+def parse_json(value: bytes, limits: DecodeLimits) -> Any:
+    """Strict JSON: UTF-8 without BOM, no NaN/Infinity, no duplicate keys, numbers of at
+    most max_number_digits digits (checked before conversion), depth and array limits."""
+    encoding = detect_encoding(value)
+    if encoding is not None:
+        raise InvalidEvent("bad_encoding", f"JSON message is {encoding}; events must be UTF-8 without a "
+                                           "byte order mark")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidEvent("bad_json", f"JSON message is not UTF-8 (byte {exc.start})") from None
+
+    def number(kind: Callable[[str], Any]):
+        def parse(digits: str):
+            if len(digits) > limits.max_number_digits:
+                raise _JsonLimit("out_of_range", f"a JSON number has {len(digits)} characters, above "
+                                                 f"validation.max_number_digits ({limits.max_number_digits})")
+            parsed = kind(digits)
+            if isinstance(parsed, float) and not math.isfinite(parsed):
+                raise _JsonLimit("out_of_range", "a JSON number is too large for a double")
+            return parsed
+        return parse
+
+    try:
+        obj = json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=_no_constants,
+                         object_pairs_hook=_unique_keys)
+    except _JsonLimit as exc:
+        raise InvalidEvent(exc.code, exc.reason) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidEvent("bad_json", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidEvent("too_deep", "JSON nested too deeply") from None
+    # Nesting cannot exceed the number of brackets, nor an array its commas + 1.
+    if text.count("[") + text.count("{") > limits.max_json_depth or text.count(",") >= limits.max_array_items:
+        _check_tree(obj, limits)
+    return obj
+
+
+def clean_text(value: str, path: str, max_chars: int, identifier: bool) -> str:
+    """A string field checked: no lone surrogates, at most max_chars; ids and names are
+    NFC-normalised (so two spellings of one id are one id) and must follow ID_RULE."""
+    if len(value) > max_chars * 4:
+        raise InvalidEvent("too_long", f"{path} has {len(value)} characters, above {max_chars}")
+    if not value.isascii() and _SURROGATE.search(value):
+        raise InvalidEvent("bad_text", f"{path} holds a lone UTF-16 surrogate, which is not text")
+    if identifier:
+        value = unicodedata.normalize("NFC", value)
+    if len(value) > max_chars:
+        raise InvalidEvent("too_long", f"{path} has {len(value)} characters, above {max_chars}")
+    if identifier and (" " in value or not value.isascii() or not value.isprintable()):
+        for char in value:
+            if char == " " or unicodedata.category(char) in _FORBIDDEN_IN_IDS:
+                raise InvalidEvent("bad_id", f"{path} holds U+{ord(char):04X}; ids and names must be {ID_RULE}")
+    return value
 
 
 class InvalidEvent(Exception):
@@ -91,7 +254,9 @@ def to_millis(value: Any, path: str) -> int:
     """An ISO-8601 string or datetime as epoch milliseconds (naive = UTC)."""
     if isinstance(value, str):
         try:
-            value = datetime.fromisoformat(value.strip())
+            if not _ISO_TIME.match(value.strip()):
+                raise ValueError("not ISO-8601")
+            value = datetime.fromisoformat(value.strip().replace(",", "."))
         except ValueError:
             raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, not an ISO-8601 timestamp or epoch "
                                               "milliseconds") from None
@@ -289,6 +454,30 @@ def _primitive(value: Any, kind: str, path: str) -> Any:
     raise InvalidEvent("wrong_type", f"{path} is {got}, expected {kind}")
 
 
+_FINER_THAN_MILLIS = {"timestamp-micros": 1000, "local-timestamp-micros": 1000,
+                      "timestamp-nanos": 1_000_000, "local-timestamp-nanos": 1_000_000}
+
+
+def _logical_of(field_type: Any) -> str | None:
+    branches = field_type if isinstance(field_type, list) else [field_type]
+    for branch in branches:
+        if isinstance(branch, dict) and branch.get("logicalType"):
+            return branch["logicalType"]
+    return None
+
+
+def _timestamp_divisors(writer: dict, reader: dict) -> dict[str, int]:
+    """Top-level fields the writer stored in micro- or nanoseconds where the reader wants
+    milliseconds (Avro resolution ignores logical types, so the numbers need scaling)."""
+    wanted = {f["name"]: _logical_of(f["type"]) for f in reader["fields"]}
+    out = {}
+    for field in writer["fields"]:
+        divisor = _FINER_THAN_MILLIS.get(_logical_of(field["type"]) or "")
+        if divisor and (wanted.get(field["name"]) or "").endswith("millis"):
+            out[field["name"]] = divisor
+    return out
+
+
 class _Schema:
     """One parsed schema and the derived forms a codec needs."""
 
@@ -308,13 +497,15 @@ class RecordCodec:
     version; ``decode`` reads the wire format of any version with the same record name,
     plain Avro (writer = ``plain_writer_id`` or the latest) and JSON."""
 
-    def __init__(self, registry, name: str, *, plain_writer_id: int | None = None):
+    def __init__(self, registry, name: str, *, plain_writer_id: int | None = None,
+                 limits: DecodeLimits | None = None):
         self.registry = registry
         self.name = name
+        self.limits = limits or DecodeLimits()
         self.schema_id, parsed = registry.latest(name)
         self.reader = _Schema(parsed)
         self._header = bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
-        self._writers: dict[int, tuple[dict, dict | None]] = {}
+        self._writers: dict[int, tuple[dict, dict | None, dict[str, int]]] = {}
         self.plain_writer_id = plain_writer_id if plain_writer_id is not None else self.schema_id
 
     # -- encoding --------------------------------------------------------------------
@@ -337,30 +528,45 @@ class RecordCodec:
         """``encode`` of a record that ``normalize`` already returned (skips the checks)."""
         buffer = io.BytesIO()
         buffer.write(self._header)
-        fastavro.schemaless_writer(buffer, self.reader.plain, record)
+        try:
+            fastavro.schemaless_writer(buffer, self.reader.plain, record)
+        except UnicodeEncodeError:
+            raise InvalidEvent("bad_text", f"a string of the {self.name} record holds a lone UTF-16 surrogate, "
+                                           "which is not text") from None
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise InvalidEvent("wrong_type", f"the {self.name} record does not fit its schema "
+                                             f"({type(exc).__name__})") from None
         return buffer.getvalue()
 
     # -- decoding --------------------------------------------------------------------
 
-    def _writer(self, schema_id: int) -> tuple[dict, dict | None]:
+    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int]]:
+        """(writer schema, reader schema or None when they are one, {field: divisor} that
+        brings the writer's finer timestamps to the reader's milliseconds)."""
         found = self._writers.get(schema_id)
         if found is not None:
             return found
         try:
-            writer = _Schema(self.registry.by_id(schema_id))
+            parsed = self.registry.by_id(schema_id)
         except KeyError:
             raise InvalidEvent("unknown_schema_id", f"schema id {schema_id} is not registered",
                                schema_id) from None
+        if not isinstance(parsed, dict) or parsed.get("type") != "record":
+            kind = parsed.get("type") if isinstance(parsed, dict) else parsed
+            raise InvalidEvent("wrong_schema", f"schema id {schema_id} is a {_type_name(kind)} schema, "
+                                               f"not the record {self.reader.full_name}", schema_id)
+        writer = _Schema(parsed)
         if writer.full_name not in self.reader.aliases:
             raise InvalidEvent("wrong_schema", f"schema id {schema_id} is {writer.full_name}, "
                                                f"not {self.reader.full_name}", schema_id)
-        pair = (writer.plain, None if schema_id == self.schema_id else self.reader.plain)
+        found = (writer.plain, None if schema_id == self.schema_id else self.reader.plain,
+                 _timestamp_divisors(parsed, self.reader.parsed))
         if len(self._writers) < 1024:
-            self._writers[schema_id] = pair
-        return pair
+            self._writers[schema_id] = found
+        return found
 
     def _read_avro(self, body: bytes, schema_id: int | None, wire: bool) -> dict:
-        writer, reader = self._writer(schema_id)
+        writer, reader, divisors = self._writer(schema_id)
         buffer = io.BytesIO(body)
         where = f"schema id {schema_id}" if wire else f"plain Avro (writer schema id {schema_id})"
         try:
@@ -380,17 +586,13 @@ class RecordCodec:
                                schema_id if wire else None)
         if not isinstance(record, dict):
             raise InvalidEvent("bad_avro", f"{where} is not a record schema", schema_id if wire else None)
+        for name, divisor in divisors.items():
+            if isinstance(record.get(name), int):
+                record[name] //= divisor
         return record
 
     def _read_json(self, value: bytes) -> dict:
-        try:
-            obj = json.loads(value)
-        except UnicodeDecodeError as exc:
-            raise InvalidEvent("bad_json", f"JSON message is not UTF-8 (byte {exc.start})") from None
-        except json.JSONDecodeError as exc:
-            raise InvalidEvent("bad_json", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-        except RecursionError:
-            raise InvalidEvent("bad_json", "JSON nested too deeply") from None
+        obj = parse_json(value, self.limits)
         if not isinstance(obj, dict):
             raise InvalidEvent("bad_json", f"JSON message is {shown(obj)}, expected an object")
         return self.normalize(obj)
@@ -399,6 +601,13 @@ class RecordCodec:
         """(record, writer schema id or None): schema-level decoding only."""
         if not value:
             raise InvalidEvent("empty", "message has no value" if value is None else "message value is empty")
+        if len(value) > self.limits.max_message_bytes:
+            raise InvalidEvent("too_large", f"message of {len(value)} bytes is above validation.max_message_bytes "
+                                            f"({self.limits.max_message_bytes})")
+        encoding = detect_encoding(value)
+        if encoding is not None:
+            raise InvalidEvent("bad_encoding", f"message is JSON in {encoding}; events must be UTF-8 JSON "
+                                               "without a byte order mark, or Avro")
         first = value[0]
         if first == MAGIC:
             if len(value) < HEADER:
@@ -423,7 +632,7 @@ class EventCodec(RecordCodec):
             from ops.settings import ValidationSettings
 
             validation = ValidationSettings()
-        super().__init__(registry, schema, plain_writer_id=plain_writer_id)
+        super().__init__(registry, schema, plain_writer_id=plain_writer_id, limits=DecodeLimits.of(validation))
         self.validation = validation
         self.regions = frozenset(validation.regions)
         self.max_future_ms = int(validation.max_future_s * 1000)
@@ -432,11 +641,33 @@ class EventCodec(RecordCodec):
         self._required_text = [name for name in REQUIRED_TEXT if name in fields]
         self._token_fields = [name for name in TOKEN_FIELDS if name in fields]
         self._fields = fields
+        limits = self.limits
+        self._string_rules = [(name, limits.max_id_chars, True) for name in ID_FIELDS if name in fields] + \
+            [(name, limits.max_name_chars, True) for name in NAME_FIELDS if name in fields] + \
+            [(name, limits.max_text_chars, False) for name in TEXT_FIELDS if name in fields]
+        self._list_fields = [name for name in LIST_FIELDS if name in fields]
+
+    def clean_strings(self, event: dict) -> dict:
+        """Every string field of a canonical event checked against its limit and rule (see
+        ``clean_text``), ids and names NFC-normalised in place; the event."""
+        for name, max_chars, identifier in self._string_rules:
+            value = event.get(name)
+            if isinstance(value, str):
+                event[name] = clean_text(value, name, max_chars, identifier)
+        for name in self._list_fields:
+            items = event.get(name) or []
+            if len(items) > self.limits.max_array_items:
+                raise InvalidEvent("too_large", f"{name} has {len(items)} items, above validation.max_array_items "
+                                                f"({self.limits.max_array_items})")
+            event[name] = [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False)
+                           for i, item in enumerate(items)]
+        return event
 
     def decode(self, value: bytes | None, now_ms: int) -> dict:
         """The canonical event, or InvalidEvent."""
         event, schema_id = self.decode_record(value)
         try:
+            self.clean_strings(event)
             self.validate(event, now_ms)
         except InvalidEvent as exc:
             exc.schema_id = schema_id
@@ -491,7 +722,7 @@ class EventCodec(RecordCodec):
 
     def check(self, event: dict, now_ms: int) -> dict:
         """What a producer does before sending: normalize, then validate; the canonical event."""
-        normalized = self.normalize(event)
+        normalized = self.clean_strings(self.normalize(event))
         self.validate(normalized, now_ms)
         return normalized
 
@@ -538,7 +769,10 @@ def quota_update(total: dict) -> dict:
 
 def encode_quota_update(total: dict) -> bytes:
     """Accepts a flow window total or a QuotaUpdate record."""
-    record = total if "update_id" in total else quota_update(total)
+    try:
+        record = total if "update_id" in total else quota_update(total)
+    except KeyError as exc:
+        raise InvalidEvent("missing_field", f"the window total has no {shown(exc.args[0])}") from None
     return record_codec("quota_update").encode(record)
 
 

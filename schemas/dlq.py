@@ -1,7 +1,9 @@
 """Dead-letter records: what failed, where, why, and (redacted) what it was.
 
-``dlq_record`` builds the record a flow step emits; ``encode_dlq`` writes it in the
-Confluent wire format (schema ``dlq_record``, local id); ``decode_dlq`` reads any version.
+``dlq_record`` builds the record a flow step emits; ``redact_original`` redacts and bounds
+its original bytes; ``encode_dlq`` writes it in the Confluent wire format (schema
+``dlq_record``, local id) and never fails on a field that does not fit its type;
+``decode_dlq`` reads any version.
 
 The original bytes are raw input and may hold PII. A record leaves the pipeline with its
 ``original`` either redacted (``payload_redacted=True``) or withheld (``original=None``,
@@ -12,9 +14,25 @@ topic that is itself encrypted or access-controlled for raw data).
 
 from __future__ import annotations
 
-from schemas.codec import record_codec
+import hashlib
+import re
+from typing import Callable, Iterable
+
+from schemas.codec import INT_RANGE, LONG_RANGE, record_codec
 
 MAX_REASON = 2000
+# Ids and names in a DLQ record are capped: a record that carries a 600,000-character
+# user id must still fit a Kafka message.
+MAX_ID_CHARS = 256
+DEFAULT_MAX_ORIGINAL_BYTES = 64 * 1024
+REDACTION_MARGIN = 4096
+_STRING_FIELDS = ("dlq_id", "stage", "code", "topic", "event_id", "request_id", "original_encoding",
+                  "original_sha256")
+_INT_FIELDS = {"partition": INT_RANGE, "attempts": INT_RANGE, "offset": LONG_RANGE, "original_size": LONG_RANGE,
+               "writer_schema_id": LONG_RANGE, "first_seen_ms": LONG_RANGE}
+_SURROGATES = re.compile("[\ud800-\udfff]")
+# (text of a span found in a view) -> spans (start, end, entity type) of PII in it
+FindSpans = Callable[[str], Iterable[tuple[int, int, str]]]
 
 
 def dlq_id(stage: str, topic: str | None, partition: int | None, offset: int | None,
@@ -28,7 +46,7 @@ def dlq_id(stage: str, topic: str | None, partition: int | None, offset: int | N
 def dlq_record(*, stage: str, code: str, reason: str, original: bytes | None, topic: str | None,
                partition: int | None, offset: int | None, schema_id: int | None = None, first_seen_ms: int,
                attempts: int = 1, event_id: str | None = None, request_id: str | None = None) -> dict:
-    """A DLQ record (a plain dict matching schemas/avro/dlq_record.v1.avsc).
+    """A DLQ record (a plain dict matching the latest schemas/avro/dlq_record.v*.avsc).
 
     ``original`` is the raw message value; it is stored only once redacted (see module doc)."""
     if reason is None:
@@ -42,17 +60,245 @@ def dlq_record(*, stage: str, code: str, reason: str, original: bytes | None, to
         "reason": reason,
         "original": bytes(original) if original is not None else None,
         "original_size": len(original) if original is not None else None,
+        "original_sha256": None,
+        "original_truncated": False,
+        "original_encoding": None,
         "payload_redacted": False,
         "text_withheld": False,
         "topic": topic,
         "partition": partition,
         "offset": offset,
-        "schema_id": schema_id,
+        "schema_id": schema_id if schema_id is not None and INT_RANGE[0] <= schema_id <= INT_RANGE[1] else None,
+        "writer_schema_id": schema_id,
         "event_id": event_id,
         "request_id": request_id,
         "first_seen_ms": int(first_seen_ms),
         "attempts": attempts,
     }
+
+
+# -- redaction of the original, whatever its encoding ------------------------------------
+
+_BOM_CODECS = ((b"\x00\x00\xfe\xff", "utf-32-be"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\xef\xbb\xbf", "utf-8"),
+               (b"\xfe\xff", "utf-16-be"), (b"\xff\xfe", "utf-16-le"))
+_UNIT = {"utf-8": 1, "utf-16-le": 2, "utf-16-be": 2, "utf-32-le": 4, "utf-32-be": 4}
+
+
+def text_encoding(data: bytes) -> tuple[str, int]:
+    """(codec, BOM length) of the text the bytes most likely hold; binary data is 'utf-8'
+    (decoded leniently, so the text between binary bytes is still seen)."""
+    for bom, codec in _BOM_CODECS:
+        if data.startswith(bom):
+            return codec, len(bom)
+    sample = data[:4096]
+    if len(sample) >= 4:
+        # Mostly-ASCII text in UTF-16/32 has a NUL in the same place of (nearly) every unit.
+        zeros = [sample[k::4].count(0) / len(sample[k::4]) for k in range(4)]
+        if zeros[1] > .6 and zeros[2] > .6 and zeros[3] > .6 and zeros[0] < .4:
+            return "utf-32-le", 0
+        if zeros[0] > .6 and zeros[1] > .6 and zeros[2] > .6 and zeros[3] < .4:
+            return "utf-32-be", 0
+        even, odd = sample[0::2].count(0) / len(sample[0::2]), sample[1::2].count(0) / len(sample[1::2])
+        if odd > .6 and even < .4:
+            return "utf-16-le", 0
+        if even > .6 and odd < .4:
+            return "utf-16-be", 0
+    return "utf-8", 0
+
+
+def _decoded_view(data: bytes, codec: str, skip: int) -> tuple[str, list[int] | None, int]:
+    """(text for the redactor, byte offset of every character or None when it is
+    unit * index, width of one unit) of data[skip:]."""
+    unit = _UNIT[codec]
+    body = data[skip:len(data) - (len(data) - skip) % unit]
+    # One character per undecodable unit, so offsets stay computable: an escaped byte
+    # (UTF-8), a lone surrogate (UTF-16) or U+FFFD for a code point beyond Unicode (UTF-32).
+    errors = {1: "surrogateescape", 2: "surrogatepass", 4: "replace"}[unit]
+    text = body.decode(codec, errors)
+    # The redactor sees an undecodable byte or lone surrogate as U+FFFD: one character each,
+    # so the offsets still line up.
+    shown = _SURROGATES.sub("\ufffd", text)
+    if unit == 4 or (unit == 1 and text.isascii()) or (unit == 2 and all(ord(c) < 0x10000 for c in text)):
+        return shown, None, unit
+    offsets, at = [], skip
+    for char in text:
+        offsets.append(at)
+        at += len(char.encode(codec, errors))
+    offsets.append(at)
+    return shown, offsets, unit
+
+
+def _is_text_byte(byte: int) -> bool:
+    return byte >= 0x20 and byte != 0x7F or byte in (9, 10, 13)
+
+
+def avro_length_bytes(data: bytes) -> list[tuple[int, int]]:
+    """Byte ranges that look like the length prefix of an Avro string glued to its text.
+
+    An Avro string is its zig-zag length then its UTF-8 bytes; the length byte often is a
+    printable character ('&' for 19, 'b' for 49) that hides the value from a pattern. A
+    prefix counts when the text after it is all text bytes and ends exactly where a
+    non-text byte or another such string starts (found right to left), or where the data
+    ends."""
+    size = len(data)
+    text_end = [size] * (size + 1)
+    for at in range(size - 1, -1, -1):
+        text_end[at] = text_end[at + 1] if _is_text_byte(data[at]) else at
+    ends = bytearray(size + 1)
+    ends[size] = 1
+    for at in range(size):
+        if not _is_text_byte(data[at]):
+            ends[at] = 1
+    found = []
+    for at in range(size - 1, -1, -1):
+        value, shift, width = 0, 0, 0
+        while at + width < size and width < 3:
+            byte = data[at + width]
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            width += 1
+            if not byte & 0x80:
+                break
+        else:
+            continue
+        if value & 1 or value < 12:  # negative lengths, or strings too short to be PII
+            continue
+        start, end = at + width, at + width + (value >> 1)
+        # A string cut by the end of the data counts only after a non-text byte (a union
+        # index, say): otherwise every byte near the end would look like a length.
+        cut_short = end >= size and text_end[start] == size and (at == 0 or not _is_text_byte(data[at - 1]))
+        if start < size and (cut_short or end < size and ends[end] and text_end[start] >= end):
+            ends[at] = 1
+            found.append((at, start))
+    return found
+
+
+def _nul_stripped_spans(data: bytes, find_spans: FindSpans) -> list[tuple[int, int, str]]:
+    """Spans of PII found with every NUL byte removed: ASCII text in UTF-16/32 embedded in
+    other bytes (no BOM, not at the start) reads as plain text then."""
+    if data.count(0) < 4:
+        return []
+    kept = [at for at, byte in enumerate(data) if byte]
+    stripped = bytes(data[at] for at in kept).decode("latin-1")
+    out = []
+    for start, end, kind in find_spans(stripped):
+        if start < end:
+            last = kept[end - 1] + 1
+            while last < len(data) and data[last] == 0:  # the rest of the last code unit
+                last += 1
+            out.append((kept[start], min(last, kept[end - 1] + 4), kind))
+    return out
+
+
+def _merge(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
+    merged: list[tuple[int, int, str]] = []
+    for start, end, kind in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            last = merged[-1]
+            merged[-1] = (last[0], max(last[1], end), last[2])
+        else:
+            merged.append((start, end, kind))
+    return merged
+
+
+def redact_original(data: bytes, find_spans: FindSpans, keep: int | None = None) -> tuple[bytes, str]:
+    """(the bytes with every PII span masked, encoding name) - masked wherever any of three
+    views finds one: the text decoded in its detected encoding, the raw bytes as latin-1,
+    and the raw bytes with Avro length prefixes separated from their text.
+
+    With ``keep``, only data[:keep] is returned (a span crossing it masked whole): the
+    bytes after it were read only so that a value cut at ``keep`` is still recognised."""
+    codec, skip = text_encoding(data)
+    spans: list[tuple[int, int, str]] = []
+    text, offsets, unit = _decoded_view(data, codec, skip)
+    for start, end, kind in find_spans(text):
+        if offsets is None:
+            spans.append((skip + start * unit, skip + end * unit, kind))
+        else:
+            spans.append((offsets[start], offsets[end], kind))
+    raw = data.decode("latin-1")
+    spans += list(find_spans(raw))
+    spans += _nul_stripped_spans(data, find_spans)
+    prefixes = avro_length_bytes(data)
+    if prefixes:
+        separated = bytearray(data)
+        for start, end in prefixes:
+            separated[start:end] = b" " * (end - start)
+        spans += list(find_spans(separated.decode("latin-1")))
+    keep = len(data) if keep is None else min(keep, len(data))
+    out, at = bytearray(), 0
+    for start, end, kind in _merge(spans):
+        if start >= keep:
+            break
+        out += data[at:start]
+        out += f"<{kind}>".encode(codec)
+        at = end
+    out += data[at:keep]
+    encoding = codec if skip or codec != "utf-8" or _valid_utf8(data) else "binary"
+    return bytes(out), encoding
+
+
+def _valid_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def bounded_original(record: dict, payload: bytes, encoding: str, max_bytes: int, *, cut_before: bool = False) -> dict:
+    """The record holding a payload that is safe to store (redacted, or data already
+    cleared for storage), hashed, then cut to max_bytes."""
+    return {**record, "original": payload[:max_bytes], "payload_redacted": True,
+            "original_truncated": cut_before or len(payload) > max_bytes, "original_encoding": encoding,
+            "original_sha256": hashlib.sha256(payload).hexdigest(),
+            "original_size": record.get("original_size") or len(payload)}
+
+
+def with_redacted_original(record: dict, find_spans: FindSpans, max_bytes: int = DEFAULT_MAX_ORIGINAL_BYTES) -> dict:
+    """The record with its original redacted, hashed, then cut to max_bytes (its
+    original_size stays the size as received)."""
+    original = record.get("original")
+    if original is None:
+        return record
+    # Only what can be kept is redacted (plus a margin, so a value cut in two is still seen
+    # whole): redacting a megabyte would run over the redactor's time budget.
+    redacted, encoding = redact_original(original[:max_bytes + REDACTION_MARGIN], find_spans, keep=max_bytes)
+    return bounded_original(record, redacted, encoding, max_bytes, cut_before=len(original) > max_bytes)
+
+
+# -- encoding: always possible ------------------------------------------------------------
+
+def _fit_text(value: str, limit: int) -> str:
+    value = _SURROGATES.sub("\ufffd", value)
+    if len(value) <= limit:
+        return value
+    digest = hashlib.sha256(value.encode()).hexdigest()[:16]
+    return f"{value[:limit - 40]}…[{len(value)} chars, sha256 {digest}]"
+
+
+def fitted(record: dict) -> dict:
+    """The record with every field fitting its Avro type: strings without surrogates and
+    capped, numbers in range (an out-of-range number is dropped, its field null)."""
+    out = dict(record)
+    for name in _STRING_FIELDS:
+        if isinstance(out.get(name), str):
+            out[name] = _fit_text(out[name], MAX_ID_CHARS)
+    out["reason"] = _fit_text(str(out.get("reason") or ""), MAX_REASON)
+    for name, (low, high) in _INT_FIELDS.items():
+        value = out.get(name)
+        if value is not None and not (isinstance(value, int) and low <= value <= high):
+            out[name] = None
+    schema_id = out.get("schema_id")
+    if schema_id is not None and not (isinstance(schema_id, int) and INT_RANGE[0] <= schema_id <= INT_RANGE[1]):
+        out["writer_schema_id"] = out.get("writer_schema_id") or (
+            schema_id if isinstance(schema_id, int) and LONG_RANGE[0] <= schema_id <= LONG_RANGE[1] else None)
+        out["schema_id"] = None
+    if out.get("first_seen_ms") is None:
+        out["first_seen_ms"] = 0
+    if out.get("attempts") is None:
+        out["attempts"] = 1
+    return out
 
 
 def safe_for_storage(record: dict) -> dict:
@@ -70,7 +316,7 @@ def encode_dlq(record: dict, *, allow_clear_original: bool = False) -> bytes:
     if "dlq_id" not in record:
         record = {**record, "dlq_id": dlq_id(record.get("stage", ""), record.get("topic"), record.get("partition"),
                                              record.get("offset"), record.get("event_id"))}
-    return record_codec("dlq_record").encode(record)
+    return record_codec("dlq_record").encode(fitted(record))
 
 
 def decode_dlq(value: bytes) -> dict:
