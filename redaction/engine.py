@@ -38,7 +38,10 @@ _KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK = 0, 1, 2, 3
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") | frozenset(range(0x80, 0x100))
 _CAPITAL = rb"(?:[A-Z]|\xc3[\x80-\x9e]|[\xc4\xc5\xc8][\x80-\xbf])"
 _LETTER = rb"(?:[A-Za-z]|[\xc3\xc4\xc5\xc8][\x80-\xbf])"
-_CUE_SEP = rb"[ \t]*[:,.\-]?[ \t]*(?:\r?\n[ \t]*)?"
+# Between a cue and the name: punctuation, a quote ("name": "Ana"), up to two line breaks
+# (a signature's blank line).
+_CUE_SEP = rb"[\"']?[ \t]*[:,.\-]?[ \t]*[\"']?[ \t]*(?:\r?\n[ \t]*){0,2}"
+_TITLE_SEP = rb"\.?[ \t]+"  # "Dr. Ana", "Ms Ito"; never across lines ("time=14 ms\n\nThe")
 TEXT_FIELDS = ("prompt", "response")
 _NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
 # Which type wins a tie between overlapping spans of equal score.
@@ -98,7 +101,8 @@ class Redactor:
             for cue in sorted(set(STRONG_CUES) | TITLES):
                 escaped = cue.replace("'", "['\u2019]").replace(" ", r"[ \t]+").encode()
                 follow = _LETTER if cue in LOWERCASE_CUES else _CAPITAL
-                patterns.append(GatePattern(f"cue:{cue}", rb"\b(?i:" + escaped + rb")\b" + _CUE_SEP + follow, som=False))
+                sep = _TITLE_SEP if cue in TITLES else _CUE_SEP
+                patterns.append(GatePattern(f"cue:{cue}", rb"\b(?i:" + escaped + rb")\b" + sep + follow, som=False))
                 self._kinds.append((_KIND_CUE, cue))
             weak = "|".join(WEAK_CUES).encode()
             patterns.append(GatePattern("weak_cue", rb"\b(?i:" + weak + rb")\b(?:[ \t]+|:[ \t]*)" + _CAPITAL, som=False))
@@ -242,8 +246,9 @@ class Redactor:
             starts = [m.start() for m in re.finditer(r"(?<![^\W\d_])[^\W\d_a-z]", text)]
             cues = []
             for cue in sorted(set(STRONG_CUES) | TITLES):
-                pattern = (r"(?i)\b" + re.escape(cue).replace(r"\ ", r"[ \t]+")
-                           + r"\b[ \t]*[:,.\-]?[ \t]*(?:\r?\n[ \t]*)?(?=[^\W\d_])")
+                sep = _TITLE_SEP if cue in TITLES else _CUE_SEP
+                pattern = (r"(?i)\b" + re.escape(cue).replace(r"\ ", r"[ \t]+") + r"\b" + sep.decode()
+                           + r"(?=[^\W\d_])")
                 cues.extend((m.end(), cue) for m in re.finditer(pattern, text))
             weak = [m.end() for m in re.finditer(r"(?i)\b(?:" + "|".join(WEAK_CUES) + r")(?:[ \t]+|:[ \t]*)(?=[^\W\d_])",
                                                  text)]

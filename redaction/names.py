@@ -34,14 +34,14 @@ WEAK_CUES = ("to", "from", "with", "by", "for", "ask", "asked", "tell", "told", 
 # Cue phrases the gate looks for (case-insensitive); the name follows.
 # After these the name may be written in lowercase ("my name is ana lópez", "thanks john").
 LOWERCASE_CUES = (
-    "my name is", "name is", "i am", "i'm", "im", "call me", "dear", "hi", "hello", "hey", "thanks",
+    "my name is", "name is", "i am", "i'm", "im", "it's", "its", "this is", "call me", "dear", "hi", "hello", "hey", "thanks",
     "thank you", "regards", "kind regards", "cheers", "sincerely", "signed", "full name", "first name",
     "last name", "surname", "my wife", "my husband", "my son", "my daughter", "my colleague", "my manager",
     "my friend", "my boss", "my partner", "my mother", "my father", "my brother", "my sister",
 )
 # After these only a capitalised word is taken ("Customer: Mücevher Şama", "Best,\nAnna").
 CAPITAL_CUES = (
-    "this is", "names are", "best", "name", "patient", "customer", "client", "contact", "attn", "cc",
+    "names are", "best", "name", "patient", "customer", "client", "contact", "attn", "cc",
     "employee", "applicant", "candidate", "tenant", "named", "called", "colleague",
 )
 STRONG_CUES = LOWERCASE_CUES + CAPITAL_CUES
@@ -49,7 +49,7 @@ STRONG_CUES = LOWERCASE_CUES + CAPITAL_CUES
 
 # Cues after which a lone capitalised word that is not an English word is taken for a name.
 NAME_CUES = frozenset((
-    "my name is", "name is", "i'm", "im", "i am", "call me", "dear", "hi", "hello", "hey", "thanks", "thank you",
+    "my name is", "name is", "i'm", "im", "i am", "it's", "its", "this is", "call me", "dear", "hi", "hello", "hey", "thanks", "thank you",
     "regards", "kind regards", "best", "cheers", "sincerely", "signed", "name", "full name", "first name",
     "last name", "surname", "patient", "customer", "client", "attn", "employee", "applicant", "candidate", "tenant",
     "my wife", "my husband", "my son", "my daughter", "my colleague", "my manager", "my friend", "my boss",
