@@ -28,6 +28,7 @@ from redaction.gate import Gate, GatePattern
 from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
 from redaction.operators import Operators
 from redaction.patterns import Detector, pattern_detectors
+from redaction.structure import structure_detectors
 from redaction.settings import FAST_ENTITIES, LEVELS, NER_ENTITIES, RedactionSettings
 from redaction.types import Entity, RedactionError, RedactionResult
 
@@ -38,9 +39,9 @@ _KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK = 0, 1, 2, 3
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") | frozenset(range(0x80, 0x100))
 _CAPITAL = rb"(?:[A-Z]|\xc3[\x80-\x9e]|[\xc4\xc5\xc8][\x80-\xbf])"
 _LETTER = rb"(?:[A-Za-z]|[\xc3\xc4\xc5\xc8][\x80-\xbf])"
-# Between a cue and the name: punctuation, a quote ("name": "Ana"), up to two line breaks
+# Between a cue and the name: punctuation, a JSON/YAML key's quotes ("name": "Ana"), up to two line breaks
 # (a signature's blank line).
-_CUE_SEP = rb"[\"']?[ \t]*[:,.\-]?[ \t]*[\"']?[ \t]*(?:\r?\n[ \t]*){0,2}"
+_CUE_SEP = rb"(?:[\"']?[ \t]*:[ \t]*[\"']?|[ \t]*[:,.\-]?)[ \t]*(?:\r?\n[ \t]*){0,2}"
 _TITLE_SEP = rb"\.?[ \t]+"  # "Dr. Ana", "Ms Ito"; never across lines ("time=14 ms\n\nThe")
 TEXT_FIELDS = ("prompt", "response")
 _NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
@@ -82,6 +83,8 @@ class Redactor:
         self.detectors: list[Detector] = [d for d in pattern_detectors(regions, settings.ip_ignore_private,
                                                                             settings.score_for("PHONE_NUMBER"))
                                           if d.entity in self.entities]
+        if "PERSON" in self.entities:
+            self.detectors += structure_detectors(gazetteer_mod.load().common)
         self.names: NameFinder | None = None
         patterns: list[GatePattern] = []
         self._kinds: list[tuple[int, Any]] = []

@@ -159,9 +159,9 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
                     break
             if best:
                 break
-        if best and not _context(text, best[0], CARD_CONTEXT) and (
+        if best and not _context(text, m.start(), CARD_CONTEXT) and (
                 (best[1] - best[0] == 13 and _ean13(text[best[0]:best[1]]))
-                or NOT_PHONE_CONTEXT.search(text, max(0, best[0] - 24), best[0])):
+                or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())):
             continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
         if best:
             out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
@@ -228,7 +228,7 @@ def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
 PHONE_RE = re.compile(
     r"(?:(?<![\w+])(?:\(\+\d{1,3}\)[ \u00a0]?|\+)|(?<![\w.\-/+#])(?=[(\d]))"
     r"\(?\d{1,14}\)?(?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7}"
-    r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w])")
+    r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])")
 PHONE_CONTEXT = re.compile(
     r"(?i)\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
     r"ring|dial|dial-in|mob|ph|m|t|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b")
@@ -243,9 +243,10 @@ _NOT_PHONE = re.compile(
 # national number with its trunk 0 ("030 1234567", "(0161) 496 0066"), an international
 # prefix 00.
 _PHONE_SHAPE = re.compile(
-    r"^(?:(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}|\(\d{1,5}\)[ .\-]?\d{2,5}(?:[ .\-]\d{2,5}){0,3}|\(?0\d{1,5}\)?(?:[ .\-/]{1,2}\d{2,8}){1,4}|"
+    r"^(?:(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}|\(\d{1,5}\)[ .\-]?\d{2,10}(?:[ .\-]\d{2,5}){0,3}|\(?0\d{1,5}\)?(?:[ .\-/]{1,2}\d{2,8}){1,4}|"
     r"00\d{1,3}(?:[ .\-]?\d{2,8}){1,5})$")
 _TRUNK = re.compile(r"\(0\)")
+DECIMAL = re.compile(r"^\+?[1-9]\d*[.,]\d+$")
 UNIT_AFTER = re.compile(r"(?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b")
 NOT_PHONE_HEADER = re.compile(r"(?i)\b(?:id|ids|sku|ean|gtin|upc|isbn|order|invoice|po|tracking|ref|build|version|"
                               r"amount|price|total|qty|quantity|count|size|ts|timestamp|epoch|zip|postcode)\b")
@@ -345,6 +346,8 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
                               or table_header_says(text, start, NOT_PHONE_HEADER)):
         return 0.0
     context = _context(text, start, PHONE_CONTEXT) or table_header_says(text, start, PHONE_CONTEXT)
+    if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0"):
+        return 0.0  # "+3.140000", "+000000120": numbers, not phones
     if digits >= 12 and not international and luhn(compact) and card_brand(compact):
         return 0.0  # a card number
     if international:
@@ -535,7 +538,7 @@ PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 BEARER_RE = re.compile(r"(?i)\b(?:bearer|token)\s+([A-Za-z0-9\-._~+/]{16,}=*)")
 # The password may hold "@" and "/": it ends at the last "@" that a host name follows.
-URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:(\S{3,128}?)@"
+URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:(\S{3,128})@"
                              r"(?=[A-Za-z0-9\-.]+(?::\d+)?(?:[/?#\s\"']|$))")
 
 # (name, gate pattern(s), precise regex, score)
