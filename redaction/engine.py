@@ -16,6 +16,7 @@ caller (the flow) sends such an event to the DLQ without its text.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -48,6 +49,10 @@ _NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
 # Which type wins a tie between overlapping spans of equal score.
 _PRIORITY = {"SECRET": 9, "CREDIT_CARD": 8, "IBAN_CODE": 7, "US_SSN": 6, "CRYPTO": 5, "EMAIL_ADDRESS": 4,
              "PHONE_NUMBER": 3, "IP_ADDRESS": 2, "PERSON": 1}
+
+
+def _tagged(entities: list[Entity], tier: str) -> list[Entity]:
+    return [e if e.tier else dataclasses.replace(e, tier=tier) for e in entities]
 
 
 class CollectionsHeld:
@@ -180,7 +185,7 @@ class Redactor:
                 found = self._detect_hits(text, data, hits)
         for recognizer in self._extra:
             for r in recognizer.analyze(text, self._extra_entities, None):
-                found.append(Entity(r.entity_type, r.start, r.end, r.score))
+                found.append(Entity(r.entity_type, r.start, r.end, r.score, f"presidio:{recognizer.name}"))
         return found
 
     def _detect_hits(self, text: str, data: bytes, hits: list[tuple[int, int, int]]) -> list[Entity]:
@@ -231,11 +236,12 @@ class Redactor:
                 else:
                     merged.append([lo, hi])
             for lo, hi in merged:
-                found.extend(detector.finder(text, to_char(max(0, lo)), min(size, to_char(min(len(data), hi)))))
+                found.extend(_tagged(detector.finder(text, to_char(max(0, lo)), min(size, to_char(min(len(data), hi)))),
+                                     detector.name))
         if self.names is not None and (given_words or cue_ends or weak_starts):
             if len(given_words) > 1:
                 given_words = sorted(set(given_words))
-            found.extend(self.names.find(text, given_words, cue_ends, weak_starts))
+            found.extend(_tagged(self.names.find(text, given_words, cue_ends, weak_starts), "names"))
         return found
 
     def _detect_everywhere(self, text: str) -> list[Entity]:
@@ -244,7 +250,7 @@ class Redactor:
 
         found: list[Entity] = []
         for detector in self.detectors:
-            found.extend(detector.finder(text, 0, len(text)))
+            found.extend(_tagged(detector.finder(text, 0, len(text)), detector.name))
         if self.names is not None:
             starts = [m.start() for m in re.finditer(r"(?<![^\W\d_])[^\W\d_a-z]", text)]
             cues = []
@@ -255,7 +261,7 @@ class Redactor:
                 cues.extend((m.end(), cue) for m in re.finditer(pattern, text))
             weak = [m.end() for m in re.finditer(r"(?i)\b(?:" + "|".join(WEAK_CUES) + r")(?:[ \t]+|:[ \t]*)(?=[^\W\d_])",
                                                  text)]
-            found.extend(self.names.find(text, starts, cues, weak))
+            found.extend(_tagged(self.names.find(text, starts, cues, weak), "names"))
         return found
 
     def _resolve(self, found: list[Entity]) -> list[Entity]:
@@ -281,7 +287,8 @@ class Redactor:
                 accepted.remove(a)
             start = min([entity.start] + [a.start for a in overlapping])
             end = max([entity.end] + [a.end for a in overlapping])
-            accepted.append(Entity(best.type, start, end, best.score))
+            accepted.append(Entity(best.type, start, end, best.score,
+                                   "+".join(dict.fromkeys([best.tier] + [a.tier for a in overlapping] + [entity.tier]))))
         accepted.sort(key=lambda e: e.start)
         return accepted
 
@@ -388,7 +395,7 @@ class Redactor:
         for text, nlp_artifacts in artifacts:
             results = analyzer.analyze(text, language="en", entities=self._ner_entities, nlp_artifacts=nlp_artifacts,
                                        score_threshold=threshold)
-            found.append([Entity(r.entity_type, r.start, r.end, r.score) for r in results
+            found.append([Entity(r.entity_type, r.start, r.end, r.score, "ner") for r in results
                           if r.entity_type != "PERSON" or self._plausible_person(text[r.start:r.end])])
         return found
 

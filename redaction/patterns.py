@@ -396,7 +396,12 @@ _PRODUCT_TOKEN = re.compile(r"[A-Za-z][\w\-]*/$")
 # 172.16-31.) or link-local (169.254.), or any IPv6 candidate.
 _PUBLIC_HINT = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}\.\d|[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
 _ULA = ipaddress.ip_network("fc00::/7")
-_DOCUMENTATION_V6 = ipaddress.ip_network("2001:db8::/32")
+# Ranges no person is ever reached through. Documentation ranges (192.0.2.0/24,
+# 203.0.113.0/24, 2001:db8::/32) are NOT here: people paste real addresses into examples
+# and example addresses into real data, and redacting one costs nothing.
+_NOT_PERSONAL_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4",
+    "240.0.0.0/4"))
 
 
 def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -407,10 +412,8 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
         mapped = address.ipv4_mapped
         if mapped is not None:
             return _not_personal(mapped)
-        return (address.is_loopback or address.is_unspecified or address.is_multicast or address in _ULA
-                or address in _DOCUMENTATION_V6)
-    return (address.is_private or address.is_loopback or address.is_link_local or address.is_unspecified
-            or address.is_multicast or address.is_reserved)
+        return address.is_loopback or address.is_unspecified or address.is_multicast or address in _ULA
+    return any(address in network for network in _NOT_PERSONAL_V4)
 
 
 def make_ip_finder(ignore_private: bool) -> Finder:
