@@ -68,10 +68,12 @@ def _record(redactor, result, ident, explain: bool = False) -> dict:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
               help="Lines redacted together in thorough mode (spaCy batches).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any line could not be redacted.")
+@click.option("--input", "source", type=click.File("r", encoding="utf-8"), default="-", show_default=True,
+              help="JSON lines to redact (default: stdin).")
 @click.option("--explain", is_flag=True,
               help="Per span, the tier that found it and the operator applied (never the value).")
-def redact(config, mode, entities, operator, hash_key, batch_size, strict, explain) -> None:
-    """Redact JSON lines {"text": ...} from stdin; one JSON line per input on stdout."""
+def redact(config, mode, entities, operator, hash_key, batch_size, strict, source, explain) -> None:
+    """Redact JSON lines {"text": ...} from stdin (or --input); one JSON line per input on stdout."""
     from redaction import RedactionError, Redactor
 
     settings = _settings(config, mode, entities, operator, hash_key)
@@ -97,7 +99,7 @@ def redact(config, mode, entities, operator, hash_key, batch_size, strict, expla
         pending.clear()
 
     size = batch_size if settings.mode == "thorough" else 1
-    for number, line in enumerate(sys.stdin, start=1):
+    for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:

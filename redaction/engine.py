@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from redaction import gazetteer as gazetteer_mod
+from redaction.gazetteer import PARTICLES
 from redaction.gate import Gate, GatePattern
 from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
 from redaction.operators import Operators
@@ -43,7 +44,8 @@ _LETTER = rb"(?:[A-Za-z]|[\xc3\xc4\xc5\xc8][\x80-\xbf])"
 # Between a cue and the name: punctuation, a JSON/YAML key's quotes ("name": "Ana"), up to two line breaks
 # (a signature's blank line).
 _CUE_SEP = rb"(?:[\"']?[ \t]*:[ \t]*[\"']?|[ \t]*[:,.\-]?)[ \t]*(?:\r?\n[ \t]*){0,2}"
-_TITLE_SEP = rb"\.?[ \t]+"  # "Dr. Ana", "Ms Ito"; never across lines ("time=14 ms\n\nThe")
+# "Dr. Ana", "Ms Ito", "Dr. van der Berg"; never across lines ("time=14 ms\n\nThe").
+_TITLE_SEP = rb"\.?[ \t]+(?:(?:" + "|".join(sorted(PARTICLES)).encode() + rb")[ \t]+){0,3}"
 TEXT_FIELDS = ("prompt", "response")
 _NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
 # Which type wins a tie between overlapping spans of equal score.

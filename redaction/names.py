@@ -25,6 +25,7 @@ _LETTERS = r"[^\W\d_]"
 TOKEN = re.compile(rf"{_LETTERS}+(?:['’\-]{_LETTERS}+)*")
 _GAP = re.compile(r"[ \t]+")
 _POSSESSIVE = ("'s", "’s")
+_PARTICLE_BEFORE = re.compile(r"(?<![^\W\d_])(?:" + "|".join(sorted(PARTICLES)) + r")[ \t]+$")
 
 TITLES = frozenset("mr mrs ms miss mx dr prof sir madam mme mlle herr frau sr sra srta dott ing".split())
 # Words that often come right before a person's name ("Ask Akise Tevetoğlu").
@@ -152,6 +153,16 @@ class NameFinder:
         prev = self._prev_word(text, start)
         return bool(prev) and f"{prev} {span}" in self.places
 
+    @staticmethod
+    def _particles_before(text: str, start: int) -> int:
+        """Where "van der Berg" starts when `start` points at "Berg"."""
+        while True:
+            lo = max(0, start - 12)
+            m = _PARTICLE_BEFORE.search(text[lo:start])
+            if m is None:
+                return start
+            start = lo + m.start()
+
     def _from_cue(self, text: str, pos: int, cue: str) -> Entity | None:
         """pos: where the word after the cue starts (the gate has skipped the separator)."""
         title = cue in TITLES
@@ -160,7 +171,7 @@ class NameFinder:
             return None
         start, end = tokens[0][0], tokens[-1][1]
         if title:
-            return Entity(PERSON, start, end, 0.85)
+            return Entity(PERSON, self._particles_before(text, start), end, 0.85)
         words = [text[a:b] for a, b in tokens]
         first = words[0]
         low = first.lower()

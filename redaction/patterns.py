@@ -479,10 +479,7 @@ def _regex_finder(regex: re.Pattern, score: float, group: int = 0, check: Callab
 
 
 def _looks_secret(value: str) -> bool:
-    if _PLACEHOLDER.match(value) or len(value) < 6 or _PLACEHOLDER_PART.search(value):
-        return False
-    tail = value.split("-")[-1].split("_")[-1]
-    return len(set(tail)) > 3 or len(tail) < 4  # "sk-xxxxxxxx": the key part is one letter repeated
+    return not (_PLACEHOLDER.match(value) or len(value) < 6 or _PLACEHOLDER_PART.search(value))
 
 
 def _quoted_or_bare(m: re.Match) -> tuple[str, int, bool]:
