@@ -58,6 +58,11 @@ NAME_CUES = frozenset((
 ))
 
 
+# After a sign-off one capitalised word is the writer's name, even one that is also a
+# place ("thanks, Sasaki").
+SIGN_OFFS = frozenset(("thanks", "thank you", "regards", "kind regards", "best", "cheers", "sincerely", "signed"))
+
+
 class NameFinder:
     def __init__(self, gazetteer: Gazetteer, strict: bool = False):
         self.first = gazetteer.first
@@ -182,7 +187,7 @@ class NameFinder:
             if len(words) >= 2 and last not in self.common and not self._place(text, start, end):
                 return Entity(PERSON, start, end, 0.75)  # "Roan van Dagsburg", "Mücevher Şama"
             if (len(words) == 1 and low not in self.common and cue in NAME_CUES
-                    and not self._place(text, start, end)):
+                    and (cue in SIGN_OFFS or not self._place(text, start, end))):
                 return Entity(PERSON, start, end, 0.75)
             return None
         # lowercase after a cue: every word must be a gazetteer name and not an English word

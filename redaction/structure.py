@@ -21,7 +21,7 @@ NAME_HEADER = re.compile(r"(?i)^[ \t]*(?:full[ _]?name|name|customer|contact|emp
                          r"assignee|holder|first[ _]name|last[ _]name|surname|person)[ \t]*$")
 SIGNATURE = re.compile(rf"(?m)^--[ \t]?\r?\n[ \t]*(?P<name>{_WORD}(?:[ \t]+{_WORD}){{1,3}})[ \t]*$")
 SELF_INTRO = re.compile(
-    rf"(?i)\b(?:it'?s|this is|i'?m|hi,?|hey,?|hello,?)[ \t]+(?!(?:it'?s|this|i'?m|im)\b)(?P<name>{_WORD}(?:[ \t]+{_WORD}){{0,2}})[ \t]*,?[ \t]+"
+    rf"(?i)\b(?:it'?s|this is|i'?m|hi,?|hey,?|hello,?)[ \t]+(?!(?:it'?s|this|i'?m|im)\b)(?P<name>{_WORD}(?:[ \t]+{_WORD}){{0,3}})[ \t]*,?[ \t]+"
     r"(?:here|again|speaking)\b")
 
 
@@ -88,6 +88,6 @@ def structure_detectors(common: frozenset[str]) -> list[Detector]:
                  _table_names, caseless=True),
         Detector("person:signature", "PERSON", (rb"(?:^|\n)--[ \t]?\r?\n",), 4, 120, intro),
         Detector("person:intro", "PERSON",
-                 (rb"\b(?:it'?s|this is|i'?m|hi|hey|hello),?[ \t]+(?:\S+[ \t]+){1,3}(?:here|again|speaking)\b",), 90, 4,
+                 (rb"\b(?:it'?s|this is|i'?m|hi|hey|hello),?[ \t]+(?:\S+[ \t]+){1,4}(?:here|again|speaking)\b",), 100, 4,
                  intro, caseless=True),
     ]
