@@ -231,7 +231,8 @@ PHONE_RE = re.compile(
     r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])")
 PHONE_CONTEXT = re.compile(
     r"(?i)\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
-    r"ring|dial|dial-in|mob|ph|m|t|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b")
+    r"ring|dial|dial-in|mob|ph|m|t|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b"
+    r"|(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_])")  # send_sms(to=...), phone_number=
 # Right before a number that is an identifier, not a phone: "ISBN 978...", "order #...", "PO-".
 NOT_PHONE_CONTEXT = re.compile(
     r"(?i)\b(?:isbn(?:-1[03])?|ean|gtin|upc|sku|po|order|invoice|tracking|parcel|shipment|ref|reference|build|"
@@ -346,7 +347,7 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
                               or table_header_says(text, start, NOT_PHONE_HEADER)):
         return 0.0
     context = _context(text, start, PHONE_CONTEXT) or table_header_says(text, start, PHONE_CONTEXT)
-    if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0"):
+    if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0" and candidate[1:].isdigit()):
         return 0.0  # "+3.140000", "+000000120": numbers, not phones
     if digits >= 12 and not international and luhn(compact) and card_brand(compact):
         return 0.0  # a card number
@@ -458,7 +459,7 @@ def find_crypto(text: str, lo: int, hi: int) -> list[Entity]:
 # -- secrets --------------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"(?i)^(?:<[^>]*>|\*+|x+|\.+|your[_\-].*|changeme|none|null|nil|true|false|"
-                          r"undefined|redacted|example|placeholder|\$\{?\w+\}?|%\w+%|\{\{.*\}\}|os\.environ.*|"
+                          r"undefined|redacted|example|placeholder|\$\{?(?-i:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)\}?|%\w+%|\{\{.*\}\}|os\.environ.*|"
                           r"getenv.*|env\b.*|process\.env.*|input|getpass|secret|password|token|string|str|int|"
                           r"(?:var|local|module|data|each|self|secrets|vars|env)\..*)$")
 # "sk-...", "sk-xxxxxxxx", "sk-your-key-here", "ghp_XXXXXXXX": a placeholder shaped like a key.
