@@ -41,9 +41,10 @@ _KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK = 0, 1, 2, 3
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") | frozenset(range(0x80, 0x100))
 _CAPITAL = rb"(?:[A-Z]|\xc3[\x80-\x9e]|[\xc4\xc5\xc8][\x80-\xbf])"
 _LETTER = rb"(?:[A-Za-z]|[\xc3\xc4\xc5\xc8][\x80-\xbf])"
-# Between a cue and the name: punctuation, a JSON/YAML key's quotes ("name": "Ana"), up to two line breaks
+# Between a cue and the name: a colon, comma or dash (not a full stop: "the class name. Use
+# ISO"), a JSON/YAML key's quotes ("name": "Ana"), up to two line breaks
 # (a signature's blank line).
-_CUE_SEP = rb"(?:[\"']?[ \t]*:[ \t]*[\"']?|[ \t]*[:,.\-]?)[ \t]*(?:\r?\n[ \t]*){0,2}"
+_CUE_SEP = rb"(?:[\"']?[ \t]*:[ \t]*[\"']?|[ \t]*[:,\-]?)[ \t]*(?:\r?\n[ \t]*){0,2}"
 # "Dr. Ana", "Ms Ito", "Dr. van der Berg"; never across lines ("time=14 ms\n\nThe").
 _TITLE_SEP = rb"\.?[ \t]+(?:(?:" + "|".join(sorted(PARTICLES)).encode() + rb")[ \t]+){0,3}"
 TEXT_FIELDS = ("prompt", "response")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from redaction.gazetteer import PARTICLES, Gazetteer
+from redaction.gazetteer import PARTICLES, STOP_WORDS, Gazetteer
 from redaction.types import Entity
 
 PERSON = "PERSON"
@@ -25,6 +25,7 @@ _LETTERS = r"[^\W\d_]"
 TOKEN = re.compile(rf"{_LETTERS}+(?:['’\-]{_LETTERS}+)*")
 _GAP = re.compile(r"[ \t]+")
 _POSSESSIVE = ("'s", "’s")
+STOP_WORDS_SET = frozenset(STOP_WORDS)
 _PARTICLE_BEFORE = re.compile(r"(?<![^\W\d_])(?:" + "|".join(sorted(PARTICLES)) + r")[ \t]+$")
 
 TITLES = frozenset("mr mrs ms miss mx dr prof sir madam mme mlle herr frau sr sra srta dott ing".split())
@@ -102,11 +103,13 @@ class NameFinder:
         return text[j + 1:i + 1].lower()
 
     def _follow(self, text: str, pos: int, max_tokens: int, any_case: bool,
-                any_first: bool = False) -> list[tuple[int, int]]:
+                any_first: bool = False, surname_at: int = -1) -> list[tuple[int, int]]:
         """Name tokens starting at pos (after a cue or a first name): capitalised words that
         are names or not English words, lowercase gazetteer names when any_case, particles
         ("van der", "de la") when a capitalised word follows them. any_first: the first
-        word only needs a capital (the caller judges it)."""
+        word only needs a capital (the caller judges it). surname_at: the index of the token
+        that may be a capitalised English word because it follows a name ("Kelly Archer",
+        "Wu Fang", "Mark Cross"); function words never are."""
         tokens: list[tuple[int, int]] = []
         size = len(text)
         while len(tokens) < max_tokens:
@@ -137,7 +140,8 @@ class NameFinder:
                     continue
                 break
             if capital:
-                ok = (any_first and not tokens) or low not in self.common or low in self.surnames or low in self.given
+                ok = ((any_first and not tokens) or low not in self.common or low in self.surnames or low in self.given
+                      or (len(tokens) == surname_at and low not in STOP_WORDS_SET))
             else:
                 ok = any_case and low in self.names and low not in self.common
             if not ok or (end < size and (text[end].isdigit() or text[end] in "_@")):
@@ -171,7 +175,7 @@ class NameFinder:
     def _from_cue(self, text: str, pos: int, cue: str) -> Entity | None:
         """pos: where the word after the cue starts (the gate has skipped the separator)."""
         title = cue in TITLES
-        tokens = self._follow(text, pos, 3, any_case=not title, any_first=True)
+        tokens = self._follow(text, pos, 3, any_case=not title, any_first=True, surname_at=1)
         if not tokens:
             return None
         start, end = tokens[0][0], tokens[-1][1]
@@ -186,9 +190,11 @@ class NameFinder:
             last = words[-1].lower()
             if len(words) >= 2 and last not in self.common and not self._place(text, start, end):
                 return Entity(PERSON, start, end, 0.75)  # "Roan van Dagsburg", "Mücevher Şama"
-            if (len(words) == 1 and low not in self.common and cue in NAME_CUES
-                    and (cue in SIGN_OFFS or not self._place(text, start, end))):
-                return Entity(PERSON, start, end, 0.75)
+            # One word alone ("Thanks,\nAdeolu Card number ..." takes "Adeolu").
+            first_end = tokens[0][1]
+            if (low not in self.common and cue in NAME_CUES
+                    and (cue in SIGN_OFFS or not self._place(text, start, first_end))):
+                return Entity(PERSON, start, first_end, 0.75)
             return None
         # lowercase after a cue: every word must be a gazetteer name and not an English word
         if low in self.names and low not in self.common:
@@ -238,8 +244,8 @@ class NameFinder:
             if low not in self.given:
                 continue
             gap = _GAP.match(text, span[1])
-            rest = self._follow(text, gap.end(), 3, any_case=False) if gap else []
             ambiguous = low in common
+            rest = self._follow(text, gap.end(), 3, any_case=False, surname_at=-1 if ambiguous else 0) if gap else []
             if rest:
                 second = text[rest[0][0]:rest[0][1]].lower()
                 end = rest[-1][1]

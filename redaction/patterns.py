@@ -247,6 +247,7 @@ _PHONE_SHAPE = re.compile(
     r"^(?:(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}|\(\d{1,5}\)[ .\-]?\d{2,10}(?:[ .\-]\d{2,5}){0,3}|\(?0\d{1,5}\)?(?:[ .\-/]{1,2}\d{2,8}){1,4}|"
     r"00\d{1,3}(?:[ .\-]?\d{2,8}){1,5})$")
 _TRUNK = re.compile(r"\(0\)")
+_LEADING_ZERO_GROUP = re.compile(r"(?<=[ .\-/)])0")
 DECIMAL = re.compile(r"^\+?[1-9]\d*[.,]\d+$")
 UNIT_AFTER = re.compile(r"(?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b")
 NOT_PHONE_HEADER = re.compile(r"(?i)\b(?:id|ids|sku|ean|gtin|upc|isbn|order|invoice|po|tracking|ref|build|version|"
@@ -356,6 +357,8 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     if UNIT_AFTER.match(text, start + len(candidate)):
         return 0.0  # "8751007310 ms", "1 234 567 tokens"
     separated = not candidate.isdigit()
+    if separated and not context and len(_LEADING_ZERO_GROUP.findall(candidate)) >= 2:
+        return 0.0  # "01 012 0123 01234": after the trunk prefix, groups rarely start with 0
     if extension or (separated and (_PHONE_SHAPE.match(candidate) or candidate != main)):
         return 0.95 if context else 0.75
     if not separated:
