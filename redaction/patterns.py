@@ -231,7 +231,8 @@ PHONE_RE = re.compile(
     r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])")
 PHONE_CONTEXT = re.compile(
     r"(?i)\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
-    r"ring|dial|dial-in|mob|ph|m|t|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b"
+    r"ring|dial|dial-in|mob|ph|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b"
+    r"|\b[MmTtFf][ \t]?:"  # a signature's "T: ", "M: ", "F: "
     r"|(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_])")  # send_sms(to=...), phone_number=
 # Right before a number that is an identifier, not a phone: "ISBN 978...", "order #...", "PO-".
 NOT_PHONE_CONTEXT = re.compile(
