@@ -25,7 +25,7 @@ import time
 
 import click
 
-from ops.bench.redaction_corpus import CORPORA, EVAL_TYPES, PATTERN_TYPES, Sample, generate_corpus  # noqa: F401
+from ops.bench.redaction_corpus import CORPORA, EVAL_TYPES, Sample, generate_corpus
 
 
 # -- engines ------------------------------------------------------------------------------------
