@@ -84,7 +84,9 @@ def find_email(text: str, lo: int, hi: int) -> list[Entity]:
 
 # -- credit cards ---------------------------------------------------------------------------
 
-CARD_RE = re.compile(r"(?<![\w\-.,/])\d(?:[ \-]?\d){11,22}(?![\d])")
+# A CSV cell starts right after a comma; thousands separators ("1,234,567") never give 12
+# digits in a row, and an identifier column (id, order, sku) is told by its header.
+CARD_RE = re.compile(r"(?<![\w\-./])\d(?:[ \-]?\d){11,22}(?![\d])")
 _SEP = re.compile(r"[ \-]")
 CARD_CONTEXT = re.compile(r"(?i)\b(?:card|cards|credit|debit|visa|mastercard|amex|maestro|cc|pan|payment|charged?)\b")
 
@@ -161,7 +163,8 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
                 break
         if best and not _context(text, m.start(), CARD_CONTEXT) and (
                 (best[1] - best[0] == 13 and _ean13(text[best[0]:best[1]]))
-                or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())):
+                or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())
+                or table_header_says(text, m.start(), NOT_PHONE_HEADER)):
             continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
         if best:
             out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))

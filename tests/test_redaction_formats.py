@@ -52,6 +52,11 @@ LEAKS = [
     ("secrets: diff", "-  api_key: ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789\n+  api_key: ${API_KEY}",
      ["ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"]),
     ("cards: faker JCB 15", "card 213107142002308 declined", ["213107142002308"]),
+    ("CSV cells right after a comma", "id,card,ssn,iban,email\n1,4111111111111111,536-90-4187,"
+     "DE89370400440532013000,ana@example.com", ["4111111111111111", "536-90-4187", "DE89370400440532013000",
+                                               "ana@example.com"]),
+    ("YAML values", "customer:\n  name: Wu Fang\n  phone: '+86 138 0013 8000'\n  card: \"5555 5555 5555 4444\"",
+     ["Wu Fang", "138 0013 8000", "5555 5555 5555 4444"]),
 ]
 
 LOOKALIKES = [
@@ -67,6 +72,7 @@ LOOKALIKES = [
     ("month and weekday abbreviations", "Open Mon-Fri, closed Sat; report covers Jan, Feb and Mar."),
     ("private addresses", "listens on 10.0.3.17, 192.168.1.20, ::1 and fd00::1a"),
     ("units and epochs", "grace period is 8751007310 ms, ts 1711029382000"),
+    ("identifier columns", "id,sku,total\n4111111111111111,4006381333931,1,234.50"),
 ]
 
 
