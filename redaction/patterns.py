@@ -507,7 +507,8 @@ def _kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
             continue  # password = getpass(), token = self.token
         if not _looks_secret(value):
             continue
-        strong = m.group("key").lower().replace("-", "_") not in ("token", "key", "pass", "auth")
+        key = m.group("key").lower().replace("-", "_")
+        strong = key not in ("token", "key", "pass", "auth") and "session" not in key and "sessid" not in key
         if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
             continue
         out.append(Entity("SECRET", start, end, 0.9 if strong else 0.75))
@@ -537,14 +538,15 @@ _VALUE = r"(?:\"(?P<dq>[^\"\n]{4,200})\"|'(?P<sq>[^'\n]{4,200})'|(?P<value>[^\s\
 KV_RE = re.compile(
     r"(?i)(?<![A-Za-z0-9])(?P<key>password|passwd|passwort|pwd|pass|passphrase|secret|client[_\-]?secret|secret[_\-]?key|"
     r"api[_\-]?key|apikey|api[_\-]?token|access[_\-]?token|access[_\-]?key|auth[_\-]?token|refresh[_\-]?token|"
-    r"private[_\-]?key|aws_secret_access_key|token|key|auth|credentials?)(?P<quote>[\"']?)[ \t]*(?:[:=]|=>|\bis\b)[ \t]*"
+    r"private[_\-]?key|aws_secret_access_key|token|key|auth|credentials?|(?:php|j)?session[_\-]?(?:id|token|key)?|"
+    r"sessid|[cx]srf[_\-]?token)(?P<quote>[\"']?)[ \t]*(?:[:=]|=>|\bis\b)[ \t]*"
     + _VALUE)
 ENV_VALUE_RE = re.compile(
     r"(?i)\bname:[ \t]*[\"']?[A-Z0-9_]*(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|"
     r"CREDENTIALS?)[A-Z0-9_]*[\"']?[ \t]*\r?\n[ \t]*(?:-[ \t]*)?value:[ \t]*" + _VALUE)
 PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
-BEARER_RE = re.compile(r"(?i)\b(?:bearer|token)\s+([A-Za-z0-9\-._~+/]{16,}=*)")
+BEARER_RE = re.compile(r"(?i)\b(?:bearer|token|basic)\s+([A-Za-z0-9\-._~+/]{16,}=*)")
 # The password may hold "@" and "/": it ends at the last "@" that a host name follows.
 URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:(\S{3,128})@"
                              r"(?=[A-Za-z0-9\-.]+(?::\d+)?(?:[/?#\s\"']|$))")
@@ -583,12 +585,12 @@ def secret_detectors() -> list[Detector]:
     ]
     detectors += [
         Detector("secret:pem", "SECRET", (rb"-----BEGIN ",), 12, 64, _pem_block),
-        Detector("secret:bearer", "SECRET", (rb"\b(?:bearer|token)\s+[A-Za-z0-9\-._~+/]{16}",), 40, 600,
+        Detector("secret:bearer", "SECRET", (rb"\b(?:bearer|token|basic)\s+[A-Za-z0-9\-._~+/]{16}",), 40, 600,
                  _regex_finder(BEARER_RE, 0.9, group=1, check=_looks_secret), caseless=True),
         Detector("secret:url_password", "SECRET", (rb"://[^\s:/@]{1,64}:\S{3,128}@",), 240, 16,
                  _regex_finder(URL_PASSWORD_RE, 0.95, group=1, check=_looks_secret)),
         Detector("secret:kv", "SECRET",
-                 (rb"(?:pass|pwd|secret|key|token|auth|credential)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
+                 (rb"(?:pass|pwd|secret|key|token|auth|credential|sess)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
                  _kv_secret, caseless=True),
         Detector("secret:env_block", "SECRET",
                  (rb"(?:pass|pwd|secret|token|key|credential)[a-z0-9_]{0,12}[\"']?[ \t]*\r?\n[ \t]*(?:-[ \t]*)?value:",),

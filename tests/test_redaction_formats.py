@@ -49,6 +49,10 @@ LEAKS = [
      ["A%)(hwRZ3IJ4^b$w9A!"]),
     ("secrets: HTTP header", "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9abcdefghij1234567890",
      ["eyJhbGciOiJIUzI1NiJ9abcdefghij1234567890"]),
+    ("secrets: cookie, API key and basic auth headers",
+     "X-Api-Key: 9f8e7d6c5b4a39281706f5e4d3c2b1a0\nCookie: sessionid=8f14e45fceea167a5a36dedd4bea2543; theme=dark\n"
+     "Proxy-Authorization: Basic YWxhZGRpbjpvcGVuc2VzYW1l",
+     ["9f8e7d6c5b4a39281706f5e4d3c2b1a0", "8f14e45fceea167a5a36dedd4bea2543", "YWxhZGRpbjpvcGVuc2VzYW1l"]),
     ("secrets: diff", "-  api_key: ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789\n+  api_key: ${API_KEY}",
      ["ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789"]),
     ("cards: faker JCB 15", "card 213107142002308 declined", ["213107142002308"]),
