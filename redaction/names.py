@@ -64,6 +64,11 @@ NAME_CUES = frozenset((
 SIGN_OFFS = frozenset(("thanks", "thank you", "regards", "kind regards", "best", "cheers", "sincerely", "signed"))
 
 
+# Cues that say outright that a name follows: any lowercase words that are not English
+# words are taken ("my name is chidi okonkwo").
+IDENTIFYING_CUES = frozenset(("my name is", "name is", "call me", "full name", "first name", "last name", "surname"))
+
+
 class NameFinder:
     def __init__(self, gazetteer: Gazetteer, strict: bool = False):
         self.first = gazetteer.first
@@ -103,7 +108,7 @@ class NameFinder:
         return text[j + 1:i + 1].lower()
 
     def _follow(self, text: str, pos: int, max_tokens: int, any_case: bool,
-                any_first: bool = False, surname_at: int = -1) -> list[tuple[int, int]]:
+                any_first: bool = False, surname_at: int = -1, unknown_ok: bool = False) -> list[tuple[int, int]]:
         """Name tokens starting at pos (after a cue or a first name): capitalised words that
         are names or not English words, lowercase gazetteer names when any_case, particles
         ("van der", "de la") when a capitalised word follows them. any_first: the first
@@ -143,7 +148,7 @@ class NameFinder:
                 ok = ((any_first and not tokens) or low not in self.common or low in self.surnames or low in self.given
                       or (len(tokens) == surname_at and low not in STOP_WORDS_SET))
             else:
-                ok = any_case and low in self.names and low not in self.common
+                ok = any_case and (low in self.names or unknown_ok) and low not in self.common
             if not ok or (end < size and (text[end].isdigit() or text[end] in "_@")):
                 break
             tokens.append((m.start(), end))
@@ -175,7 +180,8 @@ class NameFinder:
     def _from_cue(self, text: str, pos: int, cue: str) -> Entity | None:
         """pos: where the word after the cue starts (the gate has skipped the separator)."""
         title = cue in TITLES
-        tokens = self._follow(text, pos, 3, any_case=not title, any_first=True, surname_at=1)
+        identifying = cue in IDENTIFYING_CUES
+        tokens = self._follow(text, pos, 3, any_case=not title, any_first=True, surname_at=1, unknown_ok=identifying)
         if not tokens:
             return None
         start, end = tokens[0][0], tokens[-1][1]
@@ -197,7 +203,8 @@ class NameFinder:
                 return Entity(PERSON, start, first_end, 0.75)
             return None
         # lowercase after a cue: every word must be a gazetteer name and not an English word
-        if low in self.names and low not in self.common:
+        # (any word that is not English after "my name is")
+        if (low in self.names or identifying) and low not in self.common:
             return Entity(PERSON, start, end, 0.8)
         return None
 

@@ -36,6 +36,7 @@ LEAKS = [
     ("names: particles after a title", "Meeting with Dr. van der Berg moved to Mon", ["van der Berg"]),
     ("names: hyphenated, accents", "Forward it to Hans-Peter Müller-Lüdenscheidt", ["Müller-Lüdenscheidt"]),
     ("names: lowercase in chat", "hey its ngozi okeke here, can you help", ["ngozi", "okeke"]),
+    ("names: lowercase after my name is", "hi, my name is chidi okonkwo and my order is late", ["chidi", "okonkwo"]),
     ("names: family name first", "Customer: Tanaka Yuta asked for a refund", ["Tanaka", "Yuta"]),
     ("names: CSV column", "id,name,phone\n1,Bhekizizwe Masinga,+27 82 123 4567", ["Bhekizizwe", "Masinga"]),
     ("names: markdown table", "| Name | Team |\n|---|---|\n| Oladare Ilupeju | Ops |", ["Oladare", "Ilupeju"]),
