@@ -8,6 +8,10 @@ with the redacted text, the entities (type, start, end, score: offsets into the 
 never the value), the policy flags and the classification the pipeline would record. A line
 that is not a JSON object with a string "text" gets {"error": ..., "line": N} and the run
 goes on (exit code 0; with --strict, 1 when any line failed).
+
+With --explain each output line also lists, per span, which tier found it and the operator
+applied (`"explain": [{"type", "start", "end", "score", "tier", "operator"}]`), so that a
+policy can be tuned; the original value is never printed.
 """
 
 from __future__ import annotations
@@ -42,11 +46,13 @@ def _settings(config: str | None, mode: str | None, entities: str | None, operat
         raise click.ClickException(f"invalid redaction settings: {exc}") from None
 
 
-def _record(redactor, result, ident) -> dict:
+def _record(redactor, result, ident, explain: bool = False) -> dict:
     counts = result.counts()
     flags = (["pii_redacted"] + [f"pii:{t}" for t in sorted(counts)]) if counts else []
     out = {"text": result.text, "entities": [e.to_dict() for e in result.entities], "policy_flags": flags,
            "classification": redactor.classify(counts, bool(result.text)), "pii_entity_counts": counts}
+    if explain:
+        out["explain"] = [{**e.explain(), "operator": redactor.settings.operator_for(e.type)} for e in result.entities]
     if ident is not None:
         out["id"] = ident
     return out
@@ -62,8 +68,12 @@ def _record(redactor, result, ident) -> dict:
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1),
               help="Lines redacted together in thorough mode (spaCy batches).")
 @click.option("--strict", is_flag=True, help="Exit with status 1 when any line could not be redacted.")
-def redact(config, mode, entities, operator, hash_key, batch_size, strict) -> None:
-    """Redact JSON lines {"text": ...} from stdin; one JSON line per input on stdout."""
+@click.option("--input", "source", type=click.File("r", encoding="utf-8"), default="-", show_default=True,
+              help="JSON lines to redact (default: stdin).")
+@click.option("--explain", is_flag=True,
+              help="Per span, the tier that found it and the operator applied (never the value).")
+def redact(config, mode, entities, operator, hash_key, batch_size, strict, source, explain) -> None:
+    """Redact JSON lines {"text": ...} from stdin (or --input); one JSON line per input on stdout."""
     from redaction import RedactionError, Redactor
 
     settings = _settings(config, mode, entities, operator, hash_key)
@@ -83,13 +93,13 @@ def redact(config, mode, entities, operator, hash_key, batch_size, strict) -> No
                 if ident is not None:
                     record["id"] = ident
             else:
-                record = _record(redactor, result, ident)
+                record = _record(redactor, result, ident, explain)
             click.echo(json.dumps(record, ensure_ascii=False))
         sys.stdout.flush()
         pending.clear()
 
     size = batch_size if settings.mode == "thorough" else 1
-    for number, line in enumerate(sys.stdin, start=1):
+    for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:

@@ -16,6 +16,7 @@ caller (the flow) sends such an event to the DLQ without its text.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import logging
@@ -24,10 +25,12 @@ import time
 from typing import Any
 
 from redaction import gazetteer as gazetteer_mod
+from redaction.gazetteer import PARTICLES
 from redaction.gate import Gate, GatePattern
 from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
 from redaction.operators import Operators
 from redaction.patterns import Detector, pattern_detectors
+from redaction.structure import structure_detectors
 from redaction.settings import FAST_ENTITIES, LEVELS, NER_ENTITIES, RedactionSettings
 from redaction.types import Entity, RedactionError, RedactionResult
 
@@ -38,12 +41,21 @@ _KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK = 0, 1, 2, 3
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") | frozenset(range(0x80, 0x100))
 _CAPITAL = rb"(?:[A-Z]|\xc3[\x80-\x9e]|[\xc4\xc5\xc8][\x80-\xbf])"
 _LETTER = rb"(?:[A-Za-z]|[\xc3\xc4\xc5\xc8][\x80-\xbf])"
-_CUE_SEP = rb"[ \t]*[:,.\-]?[ \t]*(?:\r?\n[ \t]*)?"
+# Between a cue and the name: a colon, comma or dash (not a full stop: "the class name. Use
+# ISO"), a JSON/YAML key's quotes ("name": "Ana"), up to two line breaks
+# (a signature's blank line).
+_CUE_SEP = rb"(?:[\"']?[ \t]*:[ \t]*[\"']?|[ \t]*[:,\-]?)[ \t]*(?:\r?\n[ \t]*){0,2}"
+# "Dr. Ana", "Ms Ito", "Dr. van der Berg"; never across lines ("time=14 ms\n\nThe").
+_TITLE_SEP = rb"\.?[ \t]+(?:(?:" + "|".join(sorted(PARTICLES)).encode() + rb")[ \t]+){0,3}"
 TEXT_FIELDS = ("prompt", "response")
 _NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
 # Which type wins a tie between overlapping spans of equal score.
 _PRIORITY = {"SECRET": 9, "CREDIT_CARD": 8, "IBAN_CODE": 7, "US_SSN": 6, "CRYPTO": 5, "EMAIL_ADDRESS": 4,
              "PHONE_NUMBER": 3, "IP_ADDRESS": 2, "PERSON": 1}
+
+
+def _tagged(entities: list[Entity], tier: str) -> list[Entity]:
+    return [e if e.tier else dataclasses.replace(e, tier=tier) for e in entities]
 
 
 class CollectionsHeld:
@@ -79,6 +91,8 @@ class Redactor:
         self.detectors: list[Detector] = [d for d in pattern_detectors(regions, settings.ip_ignore_private,
                                                                             settings.score_for("PHONE_NUMBER"))
                                           if d.entity in self.entities]
+        if "PERSON" in self.entities:
+            self.detectors += structure_detectors(gazetteer_mod.load().common)
         self.names: NameFinder | None = None
         patterns: list[GatePattern] = []
         self._kinds: list[tuple[int, Any]] = []
@@ -98,7 +112,8 @@ class Redactor:
             for cue in sorted(set(STRONG_CUES) | TITLES):
                 escaped = cue.replace("'", "['\u2019]").replace(" ", r"[ \t]+").encode()
                 follow = _LETTER if cue in LOWERCASE_CUES else _CAPITAL
-                patterns.append(GatePattern(f"cue:{cue}", rb"\b(?i:" + escaped + rb")\b" + _CUE_SEP + follow, som=False))
+                sep = _TITLE_SEP if cue in TITLES else _CUE_SEP
+                patterns.append(GatePattern(f"cue:{cue}", rb"\b(?i:" + escaped + rb")\b" + sep + follow, som=False))
                 self._kinds.append((_KIND_CUE, cue))
             weak = "|".join(WEAK_CUES).encode()
             patterns.append(GatePattern("weak_cue", rb"\b(?i:" + weak + rb")\b(?:[ \t]+|:[ \t]*)" + _CAPITAL, som=False))
@@ -173,7 +188,7 @@ class Redactor:
                 found = self._detect_hits(text, data, hits)
         for recognizer in self._extra:
             for r in recognizer.analyze(text, self._extra_entities, None):
-                found.append(Entity(r.entity_type, r.start, r.end, r.score))
+                found.append(Entity(r.entity_type, r.start, r.end, r.score, f"presidio:{recognizer.name}"))
         return found
 
     def _detect_hits(self, text: str, data: bytes, hits: list[tuple[int, int, int]]) -> list[Entity]:
@@ -224,11 +239,12 @@ class Redactor:
                 else:
                     merged.append([lo, hi])
             for lo, hi in merged:
-                found.extend(detector.finder(text, to_char(max(0, lo)), min(size, to_char(min(len(data), hi)))))
+                found.extend(_tagged(detector.finder(text, to_char(max(0, lo)), min(size, to_char(min(len(data), hi)))),
+                                     detector.name))
         if self.names is not None and (given_words or cue_ends or weak_starts):
             if len(given_words) > 1:
                 given_words = sorted(set(given_words))
-            found.extend(self.names.find(text, given_words, cue_ends, weak_starts))
+            found.extend(_tagged(self.names.find(text, given_words, cue_ends, weak_starts), "names"))
         return found
 
     def _detect_everywhere(self, text: str) -> list[Entity]:
@@ -237,17 +253,18 @@ class Redactor:
 
         found: list[Entity] = []
         for detector in self.detectors:
-            found.extend(detector.finder(text, 0, len(text)))
+            found.extend(_tagged(detector.finder(text, 0, len(text)), detector.name))
         if self.names is not None:
             starts = [m.start() for m in re.finditer(r"(?<![^\W\d_])[^\W\d_a-z]", text)]
             cues = []
             for cue in sorted(set(STRONG_CUES) | TITLES):
-                pattern = (r"(?i)\b" + re.escape(cue).replace(r"\ ", r"[ \t]+")
-                           + r"\b[ \t]*[:,.\-]?[ \t]*(?:\r?\n[ \t]*)?(?=[^\W\d_])")
+                sep = _TITLE_SEP if cue in TITLES else _CUE_SEP
+                pattern = (r"(?i)\b" + re.escape(cue).replace(r"\ ", r"[ \t]+") + r"\b" + sep.decode()
+                           + r"(?=[^\W\d_])")
                 cues.extend((m.end(), cue) for m in re.finditer(pattern, text))
             weak = [m.end() for m in re.finditer(r"(?i)\b(?:" + "|".join(WEAK_CUES) + r")(?:[ \t]+|:[ \t]*)(?=[^\W\d_])",
                                                  text)]
-            found.extend(self.names.find(text, starts, cues, weak))
+            found.extend(_tagged(self.names.find(text, starts, cues, weak), "names"))
         return found
 
     def _resolve(self, found: list[Entity]) -> list[Entity]:
@@ -273,7 +290,8 @@ class Redactor:
                 accepted.remove(a)
             start = min([entity.start] + [a.start for a in overlapping])
             end = max([entity.end] + [a.end for a in overlapping])
-            accepted.append(Entity(best.type, start, end, best.score))
+            accepted.append(Entity(best.type, start, end, best.score,
+                                   "+".join(dict.fromkeys([best.tier] + [a.tier for a in overlapping] + [entity.tier]))))
         accepted.sort(key=lambda e: e.start)
         return accepted
 
@@ -380,7 +398,7 @@ class Redactor:
         for text, nlp_artifacts in artifacts:
             results = analyzer.analyze(text, language="en", entities=self._ner_entities, nlp_artifacts=nlp_artifacts,
                                        score_threshold=threshold)
-            found.append([Entity(r.entity_type, r.start, r.end, r.score) for r in results
+            found.append([Entity(r.entity_type, r.start, r.end, r.score, "ner") for r in results
                           if r.entity_type != "PERSON" or self._plausible_person(text[r.start:r.end])])
         return found
 

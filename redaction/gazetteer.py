@@ -24,7 +24,8 @@ from importlib import resources
 # Capitalised in prose without being names, or too short to tell; added to the English list.
 EXTRA_COMMON = """
 monday tuesday wednesday thursday friday saturday sunday january february march april may june
-july august september october november december today tomorrow yesterday please thanks thank
+july august september october november december mon tue tues wed thu thur thurs fri sat sun
+jan feb mar apr jun jul aug sep sept oct nov dec today tomorrow yesterday please thanks thank
 hi hello hey dear regards cheers best sincerely yes no ok okay sure note step figure table
 chapter section appendix example question answer summary overview introduction conclusion
 python java kotlin scala rust ruby perl php swift go golang linux windows macos android ios

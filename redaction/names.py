@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 
-from redaction.gazetteer import PARTICLES, Gazetteer
+from redaction.gazetteer import PARTICLES, STOP_WORDS, Gazetteer
 from redaction.types import Entity
 
 PERSON = "PERSON"
@@ -25,6 +25,8 @@ _LETTERS = r"[^\W\d_]"
 TOKEN = re.compile(rf"{_LETTERS}+(?:['’\-]{_LETTERS}+)*")
 _GAP = re.compile(r"[ \t]+")
 _POSSESSIVE = ("'s", "’s")
+STOP_WORDS_SET = frozenset(STOP_WORDS)
+_PARTICLE_BEFORE = re.compile(r"(?<![^\W\d_])(?:" + "|".join(sorted(PARTICLES)) + r")[ \t]+$")
 
 TITLES = frozenset("mr mrs ms miss mx dr prof sir madam mme mlle herr frau sr sra srta dott ing".split())
 # Words that often come right before a person's name ("Ask Akise Tevetoğlu").
@@ -34,14 +36,14 @@ WEAK_CUES = ("to", "from", "with", "by", "for", "ask", "asked", "tell", "told", 
 # Cue phrases the gate looks for (case-insensitive); the name follows.
 # After these the name may be written in lowercase ("my name is ana lópez", "thanks john").
 LOWERCASE_CUES = (
-    "my name is", "name is", "i am", "i'm", "im", "call me", "dear", "hi", "hello", "hey", "thanks",
+    "my name is", "name is", "i am", "i'm", "im", "it's", "its", "this is", "call me", "dear", "hi", "hello", "hey", "thanks",
     "thank you", "regards", "kind regards", "cheers", "sincerely", "signed", "full name", "first name",
     "last name", "surname", "my wife", "my husband", "my son", "my daughter", "my colleague", "my manager",
     "my friend", "my boss", "my partner", "my mother", "my father", "my brother", "my sister",
 )
 # After these only a capitalised word is taken ("Customer: Mücevher Şama", "Best,\nAnna").
 CAPITAL_CUES = (
-    "this is", "names are", "best", "name", "patient", "customer", "client", "contact", "attn", "cc",
+    "names are", "best", "name", "patient", "customer", "client", "contact", "attn", "cc",
     "employee", "applicant", "candidate", "tenant", "named", "called", "colleague",
 )
 STRONG_CUES = LOWERCASE_CUES + CAPITAL_CUES
@@ -49,12 +51,22 @@ STRONG_CUES = LOWERCASE_CUES + CAPITAL_CUES
 
 # Cues after which a lone capitalised word that is not an English word is taken for a name.
 NAME_CUES = frozenset((
-    "my name is", "name is", "i'm", "im", "i am", "call me", "dear", "hi", "hello", "hey", "thanks", "thank you",
+    "my name is", "name is", "i'm", "im", "i am", "it's", "its", "this is", "call me", "dear", "hi", "hello", "hey", "thanks", "thank you",
     "regards", "kind regards", "best", "cheers", "sincerely", "signed", "name", "full name", "first name",
     "last name", "surname", "patient", "customer", "client", "attn", "employee", "applicant", "candidate", "tenant",
     "my wife", "my husband", "my son", "my daughter", "my colleague", "my manager", "my friend", "my boss",
     "my partner", "my mother", "my father", "my brother", "my sister",
 ))
+
+
+# After a sign-off one capitalised word is the writer's name, even one that is also a
+# place ("thanks, Sasaki").
+SIGN_OFFS = frozenset(("thanks", "thank you", "regards", "kind regards", "best", "cheers", "sincerely", "signed"))
+
+
+# Cues that say outright that a name follows: any lowercase words that are not English
+# words are taken ("my name is chidi okonkwo").
+IDENTIFYING_CUES = frozenset(("my name is", "name is", "call me", "full name", "first name", "last name", "surname"))
 
 
 class NameFinder:
@@ -96,11 +108,13 @@ class NameFinder:
         return text[j + 1:i + 1].lower()
 
     def _follow(self, text: str, pos: int, max_tokens: int, any_case: bool,
-                any_first: bool = False) -> list[tuple[int, int]]:
+                any_first: bool = False, surname_at: int = -1, unknown_ok: bool = False) -> list[tuple[int, int]]:
         """Name tokens starting at pos (after a cue or a first name): capitalised words that
         are names or not English words, lowercase gazetteer names when any_case, particles
         ("van der", "de la") when a capitalised word follows them. any_first: the first
-        word only needs a capital (the caller judges it)."""
+        word only needs a capital (the caller judges it). surname_at: the index of the token
+        that may be a capitalised English word because it follows a name ("Kelly Archer",
+        "Wu Fang", "Mark Cross"); function words never are."""
         tokens: list[tuple[int, int]] = []
         size = len(text)
         while len(tokens) < max_tokens:
@@ -131,9 +145,10 @@ class NameFinder:
                     continue
                 break
             if capital:
-                ok = (any_first and not tokens) or low not in self.common or low in self.surnames or low in self.given
+                ok = ((any_first and not tokens) or low not in self.common or low in self.surnames or low in self.given
+                      or (len(tokens) == surname_at and low not in STOP_WORDS_SET))
             else:
-                ok = any_case and low in self.names and low not in self.common
+                ok = any_case and (low in self.names or unknown_ok) and low not in self.common
             if not ok or (end < size and (text[end].isdigit() or text[end] in "_@")):
                 break
             tokens.append((m.start(), end))
@@ -152,15 +167,26 @@ class NameFinder:
         prev = self._prev_word(text, start)
         return bool(prev) and f"{prev} {span}" in self.places
 
+    @staticmethod
+    def _particles_before(text: str, start: int) -> int:
+        """Where "van der Berg" starts when `start` points at "Berg"."""
+        while True:
+            lo = max(0, start - 12)
+            m = _PARTICLE_BEFORE.search(text[lo:start])
+            if m is None:
+                return start
+            start = lo + m.start()
+
     def _from_cue(self, text: str, pos: int, cue: str) -> Entity | None:
         """pos: where the word after the cue starts (the gate has skipped the separator)."""
         title = cue in TITLES
-        tokens = self._follow(text, pos, 3, any_case=not title, any_first=True)
+        identifying = cue in IDENTIFYING_CUES
+        tokens = self._follow(text, pos, 3, any_case=not title, any_first=True, surname_at=1, unknown_ok=identifying)
         if not tokens:
             return None
         start, end = tokens[0][0], tokens[-1][1]
         if title:
-            return Entity(PERSON, start, end, 0.85)
+            return Entity(PERSON, self._particles_before(text, start), end, 0.85)
         words = [text[a:b] for a, b in tokens]
         first = words[0]
         low = first.lower()
@@ -170,12 +196,15 @@ class NameFinder:
             last = words[-1].lower()
             if len(words) >= 2 and last not in self.common and not self._place(text, start, end):
                 return Entity(PERSON, start, end, 0.75)  # "Roan van Dagsburg", "Mücevher Şama"
-            if (len(words) == 1 and low not in self.common and cue in NAME_CUES
-                    and not self._place(text, start, end)):
-                return Entity(PERSON, start, end, 0.75)
+            # One word alone ("Thanks,\nAdeolu Card number ..." takes "Adeolu").
+            first_end = tokens[0][1]
+            if (low not in self.common and cue in NAME_CUES
+                    and (cue in SIGN_OFFS or not self._place(text, start, first_end))):
+                return Entity(PERSON, start, first_end, 0.75)
             return None
         # lowercase after a cue: every word must be a gazetteer name and not an English word
-        if low in self.names and low not in self.common:
+        # (any word that is not English after "my name is")
+        if (low in self.names or identifying) and low not in self.common:
             return Entity(PERSON, start, end, 0.8)
         return None
 
@@ -222,8 +251,8 @@ class NameFinder:
             if low not in self.given:
                 continue
             gap = _GAP.match(text, span[1])
-            rest = self._follow(text, gap.end(), 3, any_case=False) if gap else []
             ambiguous = low in common
+            rest = self._follow(text, gap.end(), 3, any_case=False, surname_at=-1 if ambiguous else 0) if gap else []
             if rest:
                 second = text[rest[0][0]:rest[0][1]].lower()
                 end = rest[-1][1]

@@ -84,8 +84,11 @@ def find_email(text: str, lo: int, hi: int) -> list[Entity]:
 
 # -- credit cards ---------------------------------------------------------------------------
 
-CARD_RE = re.compile(r"(?<![\w\-.,/])\d(?:[ \-]?\d){11,22}(?![\d])")
+# A CSV cell starts right after a comma; thousands separators ("1,234,567") never give 12
+# digits in a row, and an identifier column (id, order, sku) is told by its header.
+CARD_RE = re.compile(r"(?<![\w\-./])\d(?:[ \-]?\d){11,22}(?![\d])")
 _SEP = re.compile(r"[ \-]")
+CARD_CONTEXT = re.compile(r"(?i)\b(?:card|cards|credit|debit|visa|mastercard|amex|maestro|cc|pan|payment|charged?)\b")
 
 
 def luhn(digits: str) -> bool:
@@ -99,6 +102,11 @@ def luhn(digits: str) -> bool:
                 d -= 9
         total += d
     return total % 10 == 0
+
+
+def _ean13(digits: str) -> bool:
+    return len(digits) == 13 and digits.isdigit() and \
+        sum(int(d) * (3 if i % 2 else 1) for i, d in enumerate(digits)) % 10 == 0
 
 
 def card_brand(d: str) -> str | None:
@@ -115,13 +123,15 @@ def card_brand(d: str) -> str | None:
         return "mir" if 16 <= n <= 19 else None
     if p4 == 6011 or 644 <= p3 <= 649 or p2 == 65 or 622126 <= p6 <= 622925:
         return "discover" if 16 <= n <= 19 else None
-    if 3528 <= p4 <= 3589:
+    if p2 == 35:
         return "jcb" if 16 <= n <= 19 else None
+    if p4 in (2131, 1800):
+        return "jcb" if n == 15 else None
     if 300 <= p3 <= 305 or p2 in (36, 38, 39) or p4 == 3095:
         return "diners" if 14 <= n <= 19 else None
     if p2 in (62, 81):
         return "unionpay" if 16 <= n <= 19 else None
-    if p2 == 50 or 56 <= p2 <= 69:
+    if p2 == 50 or 56 <= p2 <= 69 or p4 == 604:
         return "maestro" if 12 <= n <= 19 else None
     return None
 
@@ -151,6 +161,11 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
                     break
             if best:
                 break
+        if best and not _context(text, m.start(), CARD_CONTEXT) and (
+                (best[1] - best[0] == 13 and _ean13(text[best[0]:best[1]]))
+                or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())
+                or table_header_says(text, m.start(), NOT_PHONE_HEADER)):
+            continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
         if best:
             out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
     return out
@@ -158,7 +173,7 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
 
 # -- IBAN -----------------------------------------------------------------------------------
 
-IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Z]{2}\d{2}(?:[ \-]?[A-Z0-9]){11,32}")
+IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ \-]?[A-Za-z0-9]){11,32}")
 
 
 def _mod97(compact: str) -> bool:
@@ -175,7 +190,7 @@ def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
     for m in IBAN_RE.finditer(text, lo, hi):
         raw = m.group()
         positions = [i for i, ch in enumerate(raw) if ch not in " -"]
-        compact = "".join(raw[i] for i in positions)
+        compact = "".join(raw[i] for i in positions).upper()  # people paste IBANs in lowercase too
         for length in range(min(34, len(compact)), 14, -1):
             candidate = compact[:length]
             end = positions[length - 1] + 1
@@ -211,14 +226,64 @@ def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
 
 # -- phone numbers --------------------------------------------------------------------------
 
+# +CC, (+CC), 00CC or a national number; groups joined by space, dot, dash, slash or nothing
+# around "(0)" / "(area)"; an optional extension (x211, ext. 204, #204).
 PHONE_RE = re.compile(
-    r"(?:(?<![\w+])\+|(?<![\w.\-/])(?=[(\d]))(?:\(?\d{1,14}\)?)(?:[ \u00a0.\-/]{1,2}\(?\d{1,12}\)?){0,7}(?![\w])")
+    r"(?:(?<![\w+])(?:\(\+\d{1,3}\)[ \u00a0]?|\+)|(?<![\w.\-/+#])(?=[(\d]))"
+    r"\(?\d{1,14}\)?(?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7}"
+    r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])")
 PHONE_CONTEXT = re.compile(
     r"(?i)\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
-    r"ring|dial|mob|ph|telefon|t[ée]l[ée]phone|handy|cellulare|celular)\b")
+    r"ring|dial|dial-in|mob|ph|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b"
+    r"|\b[MmTtFf][ \t]?:"  # a signature's "T: ", "M: ", "F: "
+    r"|(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_])")  # send_sms(to=...), phone_number=
+# Right before a number that is an identifier, not a phone: "ISBN 978...", "order #...", "PO-".
+NOT_PHONE_CONTEXT = re.compile(
+    r"(?i)\b(?:isbn(?:-1[03])?|ean|gtin|upc|sku|po|order|invoice|tracking|parcel|shipment|ref|reference|build|"
+    r"version|ver|v|release|sha|id|epoch|ts|timestamp|driver|account|acct)\b[\s:#=\"'\-]*(?:(?:no|nr|number|num)\.?\s*)?$")
 _NOT_PHONE = re.compile(
-    r"^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$)|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}$|\d{1,2}:\d{2}(?::\d{2})?$|"
+    r"^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$)|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d\d)(?:[ T]|$)|\d{1,2}:\d{2}(?::\d{2})?$|"
     r"\d{1,3}(?:\.\d{1,3}){1,2}$|\d{3}([ .\-])\d\d\1\d{4}$)")
+# Written the way phone numbers are and rarely anything else: North American 3-3-4, a
+# national number with its trunk 0 ("030 1234567", "(0161) 496 0066"), an international
+# prefix 00.
+_PHONE_SHAPE = re.compile(
+    r"^(?:(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}|\(\d{1,5}\)[ .\-]?\d{2,10}(?:[ .\-]\d{2,5}){0,3}|\(?0\d{1,5}\)?(?:[ .\-/]{1,2}\d{2,8}){1,4}|"
+    r"00\d{1,3}(?:[ .\-]?\d{2,8}){1,5})$")
+_TRUNK = re.compile(r"\(0\)")
+_LEADING_ZERO_GROUP = re.compile(r"(?<=[ .\-/)])0")
+DECIMAL = re.compile(r"^\+?[1-9]\d*[.,]\d+$")
+UNIT_AFTER = re.compile(r"(?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b")
+NOT_PHONE_HEADER = re.compile(r"(?i)\b(?:id|ids|sku|ean|gtin|upc|isbn|order|invoice|po|tracking|ref|build|version|"
+                              r"amount|price|total|qty|quantity|count|size|ts|timestamp|epoch|zip|postcode)\b")
+
+
+def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
+    """Whether the CSV or markdown-table column holding `start` has a header matching
+    `words` ("phone", "id"): the header is the first line of the block of lines with as many
+    separators as this one."""
+    line_start = text.rfind("\n", 0, start) + 1
+    line_end = text.find("\n", start)
+    line = text[line_start:line_end if line_end >= 0 else len(text)]
+    sep = "|" if line.count("|") >= 2 else ("," if line.count(",") >= 1 else None)
+    if sep is None or line_start == 0:
+        return False
+    column = text.count(sep, line_start, start)
+    cells = line.count(sep)
+    header = line
+    pos = line_start
+    for _ in range(50):  # walk up over rows (and a markdown |---| rule) with as many cells
+        if pos == 0:
+            break
+        prev_start = text.rfind("\n", 0, pos - 1) + 1
+        prev = text[prev_start:pos - 1]
+        if prev.count(sep) != cells:
+            break
+        header, pos = prev, prev_start
+    if header is line:
+        return False
+    names = header.split(sep)
+    return column < len(names) and words.search(names[column]) is not None
 
 
 def _is_ipv4(candidate: str) -> bool:
@@ -262,9 +327,6 @@ def _valid_phone(candidate: str, regions: tuple[str, ...]) -> bool:
 
     digits = "".join(ch for ch in candidate if ch.isdigit())
     try:
-        if candidate.startswith("+") or candidate.startswith("00"):
-            number = "+" + digits[2:] if candidate.startswith("00") else candidate
-            return phonenumbers.is_valid_number(phonenumbers.parse(number, None))
         for region in regions:
             if _plausible(region, digits) and phonenumbers.is_valid_number(phonenumbers.parse(candidate, region)):
                 return True
@@ -273,29 +335,56 @@ def _valid_phone(candidate: str, regions: tuple[str, ...]) -> bool:
     return False
 
 
+def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...], extension: bool = False) -> float:
+    """How sure we are that `candidate` (no extension) at `start` is a phone number; 0: it is not.
+
+    Shape first: a number with its international prefix, or grouped the way phone numbers
+    are written, is somebody's phone even when no numbering plan assigns it (typos, fake-
+    looking real numbers). Unseparated digit runs need a numbering plan or a phone word
+    nearby; identifiers (ISBN, EAN, order and tracking numbers, builds) are left alone."""
+    main = _TRUNK.sub("", candidate)
+    compact = "".join(ch for ch in main if ch.isdigit())
+    digits = len(compact)
+    if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
+        return 0.0  # dates, times, versions, SSNs, IPv4 addresses
+    international = candidate.startswith(("+", "(+"))
+    if not international and (NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start)
+                              or table_header_says(text, start, NOT_PHONE_HEADER)):
+        return 0.0
+    context = _context(text, start, PHONE_CONTEXT) or table_header_says(text, start, PHONE_CONTEXT)
+    if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0" and candidate[1:].isdigit()):
+        return 0.0  # "+3.140000", "+000000120": numbers, not phones
+    if digits >= 12 and not international and luhn(compact) and card_brand(compact):
+        return 0.0  # a card number
+    if international:
+        return 0.95 if context else 0.8
+    if UNIT_AFTER.match(text, start + len(candidate)):
+        return 0.0  # "8751007310 ms", "1 234 567 tokens"
+    separated = not candidate.isdigit()
+    if separated and not context and len(_LEADING_ZERO_GROUP.findall(candidate)) >= 2:
+        return 0.0  # "01 012 0123 01234": after the trunk prefix, groups rarely start with 0
+    if extension or (separated and (_PHONE_SHAPE.match(candidate) or candidate != main)):
+        return 0.95 if context else 0.75
+    if not separated:
+        if digits < 10 and not context:
+            return 0.0
+        if (_ean13(compact) or (digits == 13 and compact[0] == "1")) and not context:
+            return 0.0  # a barcode or an epoch in milliseconds
+    if context and (separated or compact[0] in "0+" or digits >= 8):
+        return 0.9
+    return 0.7 if _valid_phone(candidate, regions) else 0.0
+
+
 def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finder:
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         for m in PHONE_RE.finditer(text, lo, hi):
-            candidate = m.group().rstrip(" .-/\u00a0")
-            digits = sum(ch.isdigit() for ch in candidate)
-            if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
-                continue  # dates, times, versions, SSNs, IPv4 addresses
-            if digits >= 12 and not candidate.startswith("+"):
-                compact = "".join(ch for ch in candidate if ch.isdigit())
-                if luhn(compact) and card_brand(compact):
-                    continue  # a card number
-            plus = candidate.startswith("+")
-            separated = not candidate.isdigit()
-            if not plus and not separated and digits < 10:
-                continue
-            score = 0.8 if plus else (0.7 if separated else 0.4)
-            if score < 0.95 and _context(text, m.start(), PHONE_CONTEXT):
-                score = min(1.0, score + 0.25)
-            # Validation (phonenumbers, ~80 µs a region) only for what would be kept.
-            if score < min_score or not _valid_phone(candidate, regions):
-                continue
-            out.append(Entity("PHONE_NUMBER", m.start(), m.start() + len(candidate), score))
+            end = m.start("ext") if m.group("ext") else m.end()
+            candidate = text[m.start():end].rstrip(" .-/\u00a0")
+            score = phone_score(text, m.start(), candidate, regions, extension=bool(m.group("ext")))
+            if score and score >= min_score:
+                stop = m.end() if m.group("ext") else m.start() + len(candidate)
+                out.append(Entity("PHONE_NUMBER", m.start(), stop, score))
         return out
 
     return find_phone
@@ -304,12 +393,35 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finde
 # -- IP addresses ---------------------------------------------------------------------------
 
 IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?:/\d{1,2})?(?![\w]|\.\d)")
-IPV6_RE = re.compile(r"(?<![\w:])[0-9A-Fa-f:]{2,39}(?:\.\d{1,3}){0,3}(?:%[0-9A-Za-z]+)?(?:/\d{1,3})?(?![\w:])")
-
+# Full, compressed ("::"), with an embedded IPv4, a zone id ("%eth0") or a prefix length;
+# brackets and ":port" stay outside the match.
+IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
+                     r"(?:%[0-9A-Za-z_.\-]+)?(?:/\d{1,3})?(?!\w|:[0-9A-Fa-f:]|\.\d)")
+# "Chrome/121.0.0.0", "Firefox/115.0.2.1": a product version, not an address.
+_PRODUCT_TOKEN = re.compile(r"[A-Za-z][\w\-]*/$")
 
 # An IPv4 address that is not loopback (127.), unspecified (0.), private (10., 192.168.,
 # 172.16-31.) or link-local (169.254.), or any IPv6 candidate.
-_PUBLIC_HINT = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}\.\d|[0-9A-Fa-f]:[0-9A-Fa-f]{0,4}:")
+_PUBLIC_HINT = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}\.\d|[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
+_ULA = ipaddress.ip_network("fc00::/7")
+# Ranges no person is ever reached through. Documentation ranges (192.0.2.0/24,
+# 203.0.113.0/24, 2001:db8::/32) are NOT here: people paste real addresses into examples
+# and example addresses into real data, and redacting one costs nothing.
+_NOT_PERSONAL_V4 = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4",
+    "240.0.0.0/4"))
+
+
+def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Addresses that identify no one: loopback, unspecified, private, multicast. IPv6
+    link-local addresses (often with a zone id) carry the device's interface id, and
+    addresses in unassigned ranges are still somebody's typo or test data: both stay PII."""
+    if address.version == 6:
+        mapped = address.ipv4_mapped
+        if mapped is not None:
+            return _not_personal(mapped)
+        return address.is_loopback or address.is_unspecified or address.is_multicast or address in _ULA
+    return any(address in network for network in _NOT_PERSONAL_V4)
 
 
 def make_ip_finder(ignore_private: bool) -> Finder:
@@ -322,19 +434,19 @@ def make_ip_finder(ignore_private: bool) -> Finder:
         for regex in regexes:
             for m in regex.finditer(text, lo, hi):
                 value = m.group()
-                if regex is IPV6_RE and value.count(":") < 2:
+                if value.endswith(":") and not value.endswith("::"):
+                    value = value[:-1]  # "from 2001:db8::1: icmp_seq=1"
+                if regex is IPV6_RE and (value.count(":") < 2 or value.startswith(":") and not value.startswith("::")):
+                    continue
+                if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
                     continue
                 try:
-                    interface = ipaddress.ip_interface(value.split("%")[0])
+                    address = ipaddress.ip_interface(value.split("%")[0]).ip
                 except ValueError:
                     continue
-                address = interface.ip
-                if regex is IPV6_RE and value.count(":") < 2:
+                if ignore_private and _not_personal(address):
                     continue
-                if ignore_private and (address.is_private or address.is_loopback or address.is_link_local
-                                       or address.is_unspecified or address.is_multicast or address.is_reserved):
-                    continue
-                out.append(Entity("IP_ADDRESS", m.start(), m.end(), 0.85))
+                out.append(Entity("IP_ADDRESS", m.start(), m.start() + len(value), 0.85))
         return out
 
     return find_ip
@@ -354,8 +466,11 @@ def find_crypto(text: str, lo: int, hi: int) -> list[Entity]:
 # -- secrets --------------------------------------------------------------------------------
 
 _PLACEHOLDER = re.compile(r"(?i)^(?:<[^>]*>|\*+|x+|\.+|your[_\-].*|changeme|none|null|nil|true|false|"
-                          r"undefined|redacted|example|placeholder|\$\{?\w+\}?|%\w+%|\{\{.*\}\}|os\.environ.*|"
-                          r"getenv.*|env\b.*|process\.env.*|input|getpass|secret|password|token|string|str|int)$")
+                          r"undefined|redacted|example|placeholder|\$\{?(?-i:[A-Z_][A-Z0-9_]*|[a-z_][a-z0-9_]*)\}?|%\w+%|\{\{.*\}\}|os\.environ.*|"
+                          r"getenv.*|env\b.*|process\.env.*|input|getpass|secret|password|token|string|str|int|"
+                          r"(?:var|local|module|data|each|self|secrets|vars|env)\..*)$")
+# "sk-...", "sk-xxxxxxxx", "sk-your-key-here", "ghp_XXXXXXXX": a placeholder shaped like a key.
+_PLACEHOLDER_PART = re.compile(r"(?i)x{6,}|\.{3}|\*{3}|your|here|example|placeholder|dummy|redacted|changeme|insert|<|>")
 
 
 def _regex_finder(regex: re.Pattern, score: float, group: int = 0, check: Callable[[str], bool] | None = None) -> Finder:
@@ -372,24 +487,41 @@ def _regex_finder(regex: re.Pattern, score: float, group: int = 0, check: Callab
 
 
 def _looks_secret(value: str) -> bool:
-    if _PLACEHOLDER.match(value) or len(value) < 6:
-        return False
-    return True
+    return not (_PLACEHOLDER.match(value) or len(value) < 6 or _PLACEHOLDER_PART.search(value))
+
+
+def _quoted_or_bare(m: re.Match) -> tuple[str, int, bool]:
+    """(value, start, quoted) of whichever value group of KV_RE / ENV_VALUE_RE matched."""
+    for group in ("dq", "sq"):
+        if m.group(group) is not None:
+            return m.group(group), m.start(group), True
+    return m.group("value").rstrip("."), m.start("value"), False
 
 
 def _kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
     out = []
     for m in KV_RE.finditer(text, lo, hi):
-        value = m.group("value").rstrip(".")
-        end = m.start("value") + len(value)
-        if end < len(text) and text[end] in "(.[" and not m.group("quote"):
+        value, start, quoted = _quoted_or_bare(m)
+        end = start + len(value)
+        if end < len(text) and text[end] in "(.[" and not quoted and not m.group("quote"):
             continue  # password = getpass(), token = self.token
         if not _looks_secret(value):
             continue
-        strong = m.group("key").lower().replace("-", "_") not in ("token", "key", "pass", "auth")
+        key = m.group("key").lower().replace("-", "_")
+        strong = key not in ("token", "key", "pass", "auth") and "session" not in key and "sessid" not in key
         if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
             continue
-        out.append(Entity("SECRET", m.start("value"), end, 0.9 if strong else 0.75))
+        out.append(Entity("SECRET", start, end, 0.9 if strong else 0.75))
+    return out
+
+
+def _env_block_secret(text: str, lo: int, hi: int) -> list[Entity]:
+    """Kubernetes / compose env lists: the secret's name on one line, its value on the next."""
+    out = []
+    for m in ENV_VALUE_RE.finditer(text, lo, hi):
+        value, start, _quoted = _quoted_or_bare(m)
+        if _looks_secret(value):
+            out.append(Entity("SECRET", start, start + len(value), 0.9))
     return out
 
 
@@ -402,15 +534,22 @@ def _pem_block(text: str, lo: int, hi: int) -> list[Entity]:
     return out
 
 
+_VALUE = r"(?:\"(?P<dq>[^\"\n]{4,200})\"|'(?P<sq>[^'\n]{4,200})'|(?P<value>[^\s\"',;<>`()\[\]{}]{4,200}))"
 KV_RE = re.compile(
-    r"(?i)(?<![\w])(?P<key>password|passwd|passwort|pwd|pass|passphrase|secret|client[_\-]?secret|secret[_\-]?key|"
+    r"(?i)(?<![A-Za-z0-9])(?P<key>password|passwd|passwort|pwd|pass|passphrase|secret|client[_\-]?secret|secret[_\-]?key|"
     r"api[_\-]?key|apikey|api[_\-]?token|access[_\-]?token|access[_\-]?key|auth[_\-]?token|refresh[_\-]?token|"
-    r"private[_\-]?key|aws_secret_access_key|token|key|auth|credentials?)(?P<quote>[\"']?)\s*(?:[:=]|=>|\bis\b)\s*"
-    r"[\"']?(?P<value>[^\s\"',;<>`()\[\]{}]{4,200})")
+    r"private[_\-]?key|aws_secret_access_key|token|key|auth|credentials?|(?:php|j)?session[_\-]?(?:id|token|key)?|"
+    r"sessid|[cx]srf[_\-]?token)(?P<quote>[\"']?)[ \t]*(?:[:=]|=>|\bis\b)[ \t]*"
+    + _VALUE)
+ENV_VALUE_RE = re.compile(
+    r"(?i)\bname:[ \t]*[\"']?[A-Z0-9_]*(?:PASSWORD|PASSWD|PWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|"
+    r"CREDENTIALS?)[A-Z0-9_]*[\"']?[ \t]*\r?\n[ \t]*(?:-[ \t]*)?value:[ \t]*" + _VALUE)
 PEM_BEGIN = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
 PEM_END = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")
-BEARER_RE = re.compile(r"(?i)\b(?:bearer|token)\s+([A-Za-z0-9\-._~+/]{16,}=*)")
-URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:([^\s@/]{3,128})@")
+BEARER_RE = re.compile(r"(?i)\b(?:bearer|token|basic)\s+([A-Za-z0-9\-._~+/]{16,}=*)")
+# The password may hold "@" and "/": it ends at the last "@" that a host name follows.
+URL_PASSWORD_RE = re.compile(r"(?i)\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@]{1,64}:(\S{3,128})@"
+                             r"(?=[A-Za-z0-9\-.]+(?::\d+)?(?:[/?#\s\"']|$))")
 
 # (name, gate pattern(s), precise regex, score)
 _PREFIXED: list[tuple[str, bytes, str]] = [
@@ -446,13 +585,16 @@ def secret_detectors() -> list[Detector]:
     ]
     detectors += [
         Detector("secret:pem", "SECRET", (rb"-----BEGIN ",), 12, 64, _pem_block),
-        Detector("secret:bearer", "SECRET", (rb"\b(?:bearer|token)\s+[A-Za-z0-9\-._~+/]{16}",), 40, 600,
-                 _regex_finder(BEARER_RE, 0.9, group=1), caseless=True),
-        Detector("secret:url_password", "SECRET", (rb"://[^\s:/@]{1,64}:[^\s@/]{3,128}@",), 240, 16,
+        Detector("secret:bearer", "SECRET", (rb"\b(?:bearer|token|basic)\s+[A-Za-z0-9\-._~+/]{16}",), 40, 600,
+                 _regex_finder(BEARER_RE, 0.9, group=1, check=_looks_secret), caseless=True),
+        Detector("secret:url_password", "SECRET", (rb"://[^\s:/@]{1,64}:\S{3,128}@",), 240, 16,
                  _regex_finder(URL_PASSWORD_RE, 0.95, group=1, check=_looks_secret)),
         Detector("secret:kv", "SECRET",
-                 (rb"(?:pass|pwd|secret|key|token|auth|credential)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
+                 (rb"(?:pass|pwd|secret|key|token|auth|credential|sess)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
                  _kv_secret, caseless=True),
+        Detector("secret:env_block", "SECRET",
+                 (rb"(?:pass|pwd|secret|token|key|credential)[a-z0-9_]{0,12}[\"']?[ \t]*\r?\n[ \t]*(?:-[ \t]*)?value:",),
+                 120, 240, _env_block_secret, caseless=True),
     ]
     return detectors
 
@@ -465,14 +607,16 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
                  132, 280, find_email),
         Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, find_card),
-        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban),
+        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban,
+                 caseless=True),
         Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]?\d\d[ .\-]?\d{4}",), 15, 3, find_ssn),
         Detector("phone", "PHONE_NUMBER",
-                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\d{1,5}\)[ \-.]?\d{2,}", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}",
-                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", rb"\d{2,5}[ \-./]\d{5,}", rb"\d{10,13}"),
+                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}",
+                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", rb"\d{2,5}[ \-./]\d{5,}", rb"\d{4}[ \-.]\d{4}",
+                  rb"\d{7,13}"),
                  30, 24, make_phone_finder(phone_regions, phone_min_score)),
         Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
-                                      rb"::[fF]{4}:\d"),
+                                      rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
                  48, 44, make_ip_finder(ip_ignore_private)),
         Detector("crypto", "CRYPTO", (rb"\b(?:bc1[ac-hj-np-z02-9]{11}|[13][a-km-zA-HJ-NP-Z1-9]{25})",), 30, 80, find_crypto),
         *secret_detectors(),

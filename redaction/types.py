@@ -23,9 +23,15 @@ class Entity:
     start: int
     end: int
     score: float
+    tier: str = ""
+    """Which tier found it: the detector ("phone", "secret:kv", "person:table"), "names",
+    "presidio:<recognizer>" or "ner" (for `gatewatch redact --explain`)."""
 
     def to_dict(self) -> dict:
         return {"type": self.type, "start": self.start, "end": self.end, "score": round(self.score, 3)}
+
+    def explain(self) -> dict:
+        return {**self.to_dict(), "tier": self.tier}
 
 
 @dataclass(frozen=True, slots=True)

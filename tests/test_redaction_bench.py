@@ -44,3 +44,18 @@ def test_tiny_bench_run_ends_with_json():
     assert last["presidio_texts_per_s"] is None  # not run here
     assert set(last["engines"]["ours_fast"]["entities"]) == set(EVAL_TYPES)
     assert "texts/s" in result.output and "PERSON" in result.output
+
+
+def test_realworld_corpus_is_labeled_by_its_generator_in_many_locales():
+    one = generate_corpus(400, seed=5, pii_ratio=0.5, kind="realworld")
+    two = generate_corpus(400, seed=5, pii_ratio=0.5, kind="realworld")
+    assert [s.text for s in one] == [s.text for s in two]
+    assert {label for s in one for label, _, _ in s.spans} == set(EVAL_TYPES)
+    assert len({s.locale for s in one}) >= 10
+    for sample in one:
+        for label, start, end in sample.spans:
+            value = sample.text[start:end]
+            assert value and value == value.strip(), (label, value)
+    clean = " ".join(s.text for s in one if not s.has_pii)
+    # lookalikes are in the clean texts: versions, ISBNs, digests, placeholders, abbreviations
+    assert "Chrome/" in clean and "ISBN" in clean and "sha256" in clean and "OPENAI_API_KEY=" in clean
