@@ -93,7 +93,7 @@ def test_one_row_per_unique_event_after_sigkill_chaos(postgres_server, kafka_boo
     expected, _seconds = run_with_chaos(DemoOptions(events=900, chaos=2, seed=8), env, tmp_path / "flow.log",
                                         kafka_bootstrap, settings.kafka.events_topic, messages, port,
                                         tmp_path / "recovery")
-    assert capfd.readouterr().err.count("chaos: killed the ingest flow") == 2
+    assert capfd.readouterr().err.count("chaos: killed flow process") == 2
     store = PostgresAudit(owner_url)
     try:
         ids = [event_id for (event_id,) in store._run("SELECT event_id FROM audit_log")]
