@@ -14,12 +14,15 @@ bounded and nothing is accepted that the spool would have to drop. Each rejected
 each unreadable body also gets a DLQ record (see ``dead_letters``).
 
 What a 2xx means: every accepted event went through ``EventProducer.send`` (validated,
-Avro-encoded, keyed) and is either in librdkafka's queue or appended to the producer's
-disk spool. It survives a broker outage and a restart of ``serve`` (the spool is replayed
-by the next producer on the same spool directory) but NOT a crash (SIGKILL, OOM) of
-``serve`` for events still only in librdkafka's memory, nor a power loss within the
-spool's fsync interval. A producer built with a durable mode (spool written before
-``send`` returns) closes that gap; the app does not change for it.
+Avro-encoded, keyed). With a durable producer (serve's default) it is in the worker's disk
+spool before the answer is sent, so it survives a broker outage, a restart and a crash
+(SIGKILL, OOM) of ``serve``: the next producer on that spool slot delivers it. Not a power
+loss within the spool's fsync interval. A non-durable producer (``api.durable=false``) may
+still hold it only in librdkafka's memory: faster, lost if ``serve`` crashes.
+
+A spool that cannot take an event (full, disk error: the producer raises ``SpoolFull``)
+answers 503 with ``Retry-After``; events of the same request stored before it stay stored,
+and the client's retry of the whole request is a duplicate the flow drops by event_id.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from connectors.ingest_api import otlp
 from connectors.ingest_api.dead_letters import rejection
 from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked
+from connectors.producer import SpoolFull
 from schemas.codec import InvalidEvent
 
 log = logging.getLogger("connectors.ingest_api")
@@ -51,6 +55,7 @@ log = logging.getLogger("connectors.ingest_api")
 REQUESTS = Counter("gatewatch_api_requests", "HTTP requests answered by the ingestion API", ["route", "status"])
 EVENTS = Counter("gatewatch_api_events", "Events (and GenAI spans) by outcome", ["source", "outcome"])
 THROTTLED = Counter("gatewatch_api_throttled", "Requests refused with 429 while Kafka is behind")
+SPOOL_FULL = Counter("gatewatch_api_spool_full", "Requests refused with 503: the durable spool could not store an event")
 SPANS_DROPPED = Counter("gatewatch_api_spans_dropped", "OTLP spans that are not GenAI calls (counted, not stored)")
 ORG_OVERRIDDEN = Counter("gatewatch_api_org_overridden", "Events whose body named another org than the API key's")
 REQUEST_SECONDS = Histogram("gatewatch_api_request_seconds", "Time to answer one request", ["route"],
@@ -272,7 +277,15 @@ class IngestApp:
             self.producer.send(event)
         except InvalidEvent as exc:
             return exc
+        except SpoolFull as exc:
+            raise self._spool_full(exc) from None
         return None
+
+    def _spool_full(self, exc: SpoolFull) -> HttpError:
+        SPOOL_FULL.inc()
+        log.error("event refused: %s", exc)
+        return HttpError(503, "the server cannot store events durably right now; retry later",
+                         headers=(("retry-after", str(self.config.retry_after_s)),))
 
     def _dead_letter(self, records: list[dict], org_id: str) -> None:
         if records and self.dead_letters is not None:
