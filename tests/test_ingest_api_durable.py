@@ -5,8 +5,10 @@ the request a 503 with Retry-After, never a silent drop."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import socket
 import uuid
 
 import httpx
@@ -23,27 +25,41 @@ from tests.test_ingest_api import Server, _event, _wait_for
 from tests.test_producer import events, own_broker  # noqa: F401 (fixture)
 
 
+@contextlib.contextmanager
+def _silent_broker():
+    """A port that accepts connections and never answers: librdkafka keeps events in memory,
+    waiting, without seeing the broker as down (what a non-durable server loses on a crash)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"127.0.0.1:{listener.getsockname()[1]}"
+
+
 @pytest.mark.integration
-def test_events_acknowledged_before_a_sigkill_are_delivered_by_the_restarted_server(own_broker, tmp_path):
+@pytest.mark.parametrize("outage", ["stopped", "silent"])
+def test_events_acknowledged_before_a_sigkill_are_delivered_by_the_restarted_server(own_broker, tmp_path, outage):
     topic = f"api-kill-{uuid.uuid4().hex[:8]}"
     svc.create_topics(own_broker.address, {topic: 2})
     env = {"GATEWATCH_KAFKA__BOOTSTRAP": own_broker.address, "GATEWATCH_KAFKA__EVENTS_TOPIC": topic}
-    server = Server(tmp_path, env)
     acknowledged: set[str] = set()
-    try:
-        headers = {"Authorization": f"Bearer {server.create_key('acme', 'us')}"}
-        own_broker.stop()  # from now on the spool is the only place an accepted event can be
-        for batch in range(5):
-            sent = events(40, users=6, seed=batch, first=batch * 40)
-            response = httpx.post(f"{server.url}/v1/events", json=sent, headers=headers, timeout=30)
-            assert response.status_code == 200, response.text
-            assert response.json()["accepted"] == len(sent)
-            acknowledged |= {event["event_id"] for event in sent}
-        os.killpg(server.proc.pid, signal.SIGKILL)  # right after the last 2xx: no shutdown, no flush
-        server.proc.wait(20)
-    finally:
-        server.stop()
-        own_broker.start()
+    with _silent_broker() as silent:
+        server = Server(tmp_path, env if outage == "stopped" else {**env, "GATEWATCH_KAFKA__BOOTSTRAP": silent})
+        try:
+            headers = {"Authorization": f"Bearer {server.create_key('acme', 'us')}"}
+            if outage == "stopped":
+                own_broker.stop()  # from now on the spool is the only place an accepted event can be
+            for batch in range(5):
+                sent = events(40, users=6, seed=batch, first=batch * 40)
+                response = httpx.post(f"{server.url}/v1/events", json=sent, headers=headers, timeout=30)
+                assert response.status_code == 200, response.text
+                assert response.json()["accepted"] == len(sent)
+                acknowledged |= {event["event_id"] for event in sent}
+            os.killpg(server.proc.pid, signal.SIGKILL)  # right after the last 2xx: no shutdown, no flush
+            server.proc.wait(20)
+        finally:
+            server.stop()
+            if outage == "stopped":
+                own_broker.start()
 
     spool = DiskSpool(tmp_path / "spool" / "w0", 1 << 30)  # the killed worker's slot
     try:
@@ -51,7 +67,7 @@ def test_events_acknowledged_before_a_sigkill_are_delivered_by_the_restarted_ser
     finally:
         spool.close()
 
-    restarted = Server(tmp_path, env)  # takes the free slot w0 and replays it
+    restarted = Server(tmp_path, env)  # takes the free slot w0 and replays it to the real broker
     try:
         found = _wait_for(own_broker.address, topic, acknowledged, timeout=60)
     finally:
