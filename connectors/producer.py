@@ -23,6 +23,9 @@ its delivery report, so nothing depends on librdkafka giving messages back:
   errors to ``error_cb``) replaces the producer and re-sends every undelivered event, the
   in-flight ones first, then the spool.
 
+``send_many(events)`` does the same for a batch at a lower cost per event (one lock, one
+metrics update, in durable mode one spool write).
+
 ``durable=True``: send() appends the event to the spool before returning (and raises
 SpoolFull instead of dropping when it cannot), and the background thread produces from the
 spool; an event send() accepted survives a crash of the process (one unbuffered write() per
@@ -175,28 +178,51 @@ class EventProducer:
         Raises InvalidEvent (with .code and .reason) for an event that breaks the schema or
         the validation rules, and in durable mode SpoolFull when the event could not be
         stored; nothing is sent then."""
+        problem = self.send_many([event])[0]
+        if problem is not None:
+            raise problem
+
+    def send_many(self, events: list[dict]) -> list[InvalidEvent | None]:
+        """``send`` for a batch, at a lower cost per event: one lock, one metrics update and,
+        when durable, one spool write for the whole batch. Returns, per event, None when it
+        was accepted or the InvalidEvent that rejected it (the others are still sent).
+
+        Durable mode: the batch's valid events are all stored, or none is and SpoolFull is
+        raised. ``gatewatch_producer_send_seconds`` observes the mean time per event once
+        per batch."""
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
-        try:
-            canonical = self.codec.check(event, now_ms)
-        except InvalidEvent as exc:
-            INVALID.labels(topic=self.topic, code=exc.code).inc()
-            self.counts["invalid"] += 1
-            raise
-        value = self.codec.encode_canonical(canonical)
-        key = f"{canonical['org_id']}/{canonical['user_id']}".encode()
+        check, encode = self.codec.check, self.codec.encode_canonical
+        outcomes: list[InvalidEvent | None] = []
+        records: list[tuple[bytes, bytes, int]] = []
+        for event in events:
+            try:
+                canonical = check(event, now_ms)
+            except InvalidEvent as exc:
+                INVALID.labels(topic=self.topic, code=exc.code).inc()
+                self.counts["invalid"] += 1
+                outcomes.append(exc)
+                continue
+            records.append((f"{canonical['org_id']}/{canonical['user_id']}".encode(), encode(canonical), now_ms))
+            outcomes.append(None)
+        if not records:
+            return outcomes
         with self._lock:
             if self._closed:
                 raise RuntimeError("EventProducer is closed")
             if self.durable:
-                self._persist(key, value, now_ms)
+                self._persist_many(records)
             elif self._spooling:
-                self._spool(key, value, now_ms, "broker_down" if self._broker_down else "backlog")
+                reason = "broker_down" if self._broker_down else "backlog"
+                for record in records:
+                    self._spool(*record, reason)
             else:
-                self._produce_direct(key, value, now_ms)
-            self.counts["sent"] += 1
-        self._metrics["sent"].inc()
-        self._metrics["send_seconds"].observe(time.perf_counter() - started)
+                for record in records:
+                    self._produce_direct(*record)
+            self.counts["sent"] += len(records)
+        self._metrics["sent"].inc(len(records))
+        self._metrics["send_seconds"].observe((time.perf_counter() - started) / len(records))
+        return outcomes
 
     def _produce_direct(self, key: bytes, value: bytes, sent_ms: int) -> None:
         order = next(self._send_order)
@@ -215,19 +241,19 @@ class EventProducer:
         else:
             self._inflight[order] = (key, value, sent_ms)
 
-    def _persist(self, key: bytes, value: bytes, sent_ms: int) -> None:
-        """Durable mode: the event is in the spool (the kernel's page cache, or the disk with
-        fsync_each_send) when this returns, or SpoolFull is raised."""
+    def _persist_many(self, records: list[tuple[bytes, bytes, int]]) -> None:
+        """Durable mode: the events are in the spool (the kernel's page cache, or the disk
+        with fsync_each_send) when this returns, or none is and SpoolFull is raised."""
         try:
-            stored = self.spool.append(key, value, sent_ms)
+            stored = self.spool.append_many(records)
             if stored and self.fsync_each_send:
                 self.spool.sync()
         except OSError as exc:
             raise SpoolFull(f"producer spool {self.spool.directory} cannot be written: {exc}") from exc
         if not stored:
             raise SpoolFull(f"producer spool {self.spool.directory} is full ({self.spool.max_bytes} bytes)")
-        self._metrics["durable"].inc()
-        self.counts["spooled"] += 1
+        self._metrics["durable"].inc(len(records))
+        self.counts["spooled"] += len(records)
 
     def _spool(self, key: bytes | None, value: bytes, sent_ms: int, reason: str) -> bool:
         """Append to the spool (caller holds the lock); count a drop when it is full or

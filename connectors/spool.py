@@ -6,8 +6,8 @@ Records are appended at the tail (or written as a new segment before every other
 once it is sealed, read to its end and fully acknowledged. Each segment's acknowledged
 offset is checkpointed to a small ``.ack`` file, so a restarted reader resumes after it.
 
-Durability: ``append`` writes each record to the kernel with one unbuffered ``write()``,
-so a record survives the death of the process as soon as ``append`` returns; it survives
+Durability: ``append`` (``append_many``: a batch) writes to the kernel with one unbuffered
+``write()``, so a record survives the death of the process as soon as that returns; it survives
 a power loss only after ``sync()`` (the producer calls it every ``fsync_interval_s``, or
 on every send with ``fsync_each_send``). ``prepend`` and ``close`` always fsync."""
 
@@ -132,8 +132,13 @@ class DiskSpool:
 
     def append(self, key: bytes | None, value: bytes, sent_ms: int) -> bool:
         """Write one record at the tail; False (nothing written) when the spool is full."""
-        frame = self._frame(key, value, sent_ms)
-        if self.bytes + len(frame) > self.max_bytes:
+        return self.append_many([(key, value, sent_ms)])
+
+    def append_many(self, records: list[tuple[bytes | None, bytes, int]]) -> bool:
+        """Write records at the tail with one write() (one segment holds them all); False,
+        and nothing written, when they do not all fit."""
+        frames = b"".join([self._frame(key, value, sent_ms) for key, value, sent_ms in records])
+        if self.bytes + len(frames) > self.max_bytes:
             return False
         tail = self.segments[-1] if self.segments else None
         if tail is None or tail.sealed or tail.size >= self.segment_bytes:
@@ -142,9 +147,9 @@ class DiskSpool:
             tail = self._new_segment(self.segments[-1].seq + 1 if self.segments else FIRST_SEQ)
             self.segments.append(tail)
             self._writer = open(tail.path, "ab", buffering=0)
-        self._writer.write(frame)
-        tail.size += len(frame)
-        tail.pending += 1
+        self._writer.write(frames)
+        tail.size += len(frames)
+        tail.pending += len(records)
         return True
 
     def prepend(self, records: list[tuple[bytes | None, bytes, int]]) -> int:

@@ -13,16 +13,16 @@ more than ``max_pending`` unacknowledged events or its spool is nearly full: mem
 bounded and nothing is accepted that the spool would have to drop. Each rejected item and
 each unreadable body also gets a DLQ record (see ``dead_letters``).
 
-What a 2xx means: every accepted event went through ``EventProducer.send`` (validated,
+What a 2xx means: every accepted event went through ``EventProducer.send_many`` (validated,
 Avro-encoded, keyed). With a durable producer (serve's default) it is in the worker's disk
 spool before the answer is sent, so it survives a broker outage, a restart and a crash
 (SIGKILL, OOM) of ``serve``: the next producer on that spool slot delivers it. Not a power
 loss within the spool's fsync interval. A non-durable producer (``api.durable=false``) may
 still hold it only in librdkafka's memory: faster, lost if ``serve`` crashes.
 
-A spool that cannot take an event (full, disk error: the producer raises ``SpoolFull``)
-answers 503 with ``Retry-After``; events of the same request stored before it stay stored,
-and the client's retry of the whole request is a duplicate the flow drops by event_id.
+A spool that cannot take a request's events (full, disk error: the producer raises
+``SpoolFull``) answers 503 with ``Retry-After``, and none of them is stored: the client
+retries the whole request.
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def parse_events(body: bytes) -> list:
 
 class IngestApp:
     """ASGI app. ``open_producer`` is called once per process at startup (ASGI lifespan,
-    or on the first request): it returns an EventProducer-like object with ``send``,
+    or on the first request): it returns an EventProducer-like object with ``send_many``,
     ``pending``, ``spool`` and ``close``. ``open_dead_letters`` (optional) returns a
     DeadLetters for the DLQ records of rejected input."""
 
@@ -272,20 +272,15 @@ class IngestApp:
         if count > self.config.max_items_per_request:
             raise HttpError(413, f"{count} items in one request; at most {self.config.max_items_per_request}")
 
-    def _send(self, event: dict) -> InvalidEvent | None:
+    def _send_all(self, events: list[dict]) -> list[InvalidEvent | None]:
+        """Each event's problem (None: accepted); 503 when the spool cannot take the batch."""
         try:
-            self.producer.send(event)
-        except InvalidEvent as exc:
-            return exc
+            return self.producer.send_many(events)
         except SpoolFull as exc:
-            raise self._spool_full(exc) from None
-        return None
-
-    def _spool_full(self, exc: SpoolFull) -> HttpError:
-        SPOOL_FULL.inc()
-        log.error("event refused: %s", exc)
-        return HttpError(503, "the server cannot store events durably right now; retry later",
-                         headers=(("retry-after", str(self.config.retry_after_s)),))
+            SPOOL_FULL.inc()
+            log.error("request refused: %s", exc)
+            raise HttpError(503, "the server cannot store events durably right now; retry later",
+                            headers=(("retry-after", str(self.config.retry_after_s)),)) from None
 
     def _dead_letter(self, records: list[dict], org_id: str) -> None:
         if records and self.dead_letters is not None:
@@ -308,7 +303,7 @@ class IngestApp:
         with self._dead_lettered(request_id, key.org_id, body):
             items = parse_events(body)
         self._check_count(len(items))
-        accepted, rejected, letters = 0, [], []
+        rejected, letters, candidates = [], [], []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 reason = f"item {index} is {type(item).__name__}, expected an object"
@@ -323,16 +318,18 @@ class IngestApp:
                 item["region"] = key.region
             elif not item.get("region"):
                 item["region"] = self.config.default_region
-            problem = self._send(item)
-            if problem is None:
-                accepted += 1
-            else:
+            candidates.append((index, item))
+        outcomes = self._send_all([item for _index, item in candidates])
+        accepted = outcomes.count(None)
+        for (index, item), problem in zip(candidates, outcomes):
+            if problem is not None:
                 rejected.append({"index": index, "code": problem.code, "field": _field_of(problem),
                                  "reason": problem.reason})
                 event_id = item.get("event_id")
                 letters.append(rejection(code=problem.code, reason=problem.reason, request_id=request_id,
                                          index=index, original=orjson.dumps(item),
                                          event_id=event_id if isinstance(event_id, str) else None))
+        rejected.sort(key=lambda entry: entry["index"])
         self._count("json", accepted, len(rejected))
         self._dead_letter(letters, key.org_id)
         if rejected:
@@ -361,7 +358,7 @@ class IngestApp:
         spans = list(otlp.spans_of(request))
         self._check_count(len(spans))
         region = key.region or self.config.default_region
-        accepted, dropped, problems, letters = 0, 0, [], []
+        dropped, problems, letters, candidates = 0, [], [], []
         for index, span in enumerate(spans):
             try:
                 event = otlp.span_to_event(span, key.org_id, region)
@@ -374,10 +371,11 @@ class IngestApp:
             if event is None:
                 dropped += 1
                 continue
-            problem = self._send(event)
-            if problem is None:
-                accepted += 1
-            else:
+            candidates.append((index, span, event))
+        outcomes = self._send_all([event for _index, _span, event in candidates])
+        accepted = outcomes.count(None)
+        for (index, span, event), problem in zip(candidates, outcomes):
+            if problem is not None:
                 problems.append(f"span {span.span_id}: {problem.reason}")
                 letters.append(rejection(code=problem.code, reason=problem.reason, request_id=request_id,
                                          index=index, original=None, event_id=event["event_id"]))
