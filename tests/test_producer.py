@@ -388,3 +388,12 @@ def test_spool_restart_reading_hands_out_unacknowledged_records_again(tmp_path):
     spool.restart_reading()  # as after a fatal producer error: `second` was never acknowledged
     assert _drain(spool) == [b"v1", b"v2", b"v3", b"v4"]
     spool.close()
+
+
+def test_bench_producer_measures_send_many_batches(kafka_bootstrap, topic_factory, tmp_path):
+    from ops.bench.producer import measure
+
+    result = measure(kafka_bootstrap, topic_factory(prefix="bench-producer"), tmp_path / "spool", events(300),
+                     {"durable": True}, batch=100)
+    assert (result["events"], result["batch"], result["unacknowledged"]) == (300, 100, 0)
+    assert result["cpu_us_per_event"] > 0 and result["acknowledged_per_s"] > 0
