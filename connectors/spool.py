@@ -28,6 +28,7 @@ FRAME = struct.Struct(">IIqi")  # crc32, body length, send time ms, key length (
 SEGMENT_SUFFIX = ".spool"
 ACK_SUFFIX = ".ack"
 FIRST_SEQ = 10**12
+READ_AHEAD = 1 << 20
 
 
 # -- the disk spool ---------------------------------------------------------------------
@@ -50,6 +51,33 @@ class _Segment:
     @property
     def ack_path(self) -> Path:
         return self.path.with_suffix(ACK_SUFFIX)
+
+
+class _ReadAhead:
+    """A segment file read forward in READ_AHEAD chunks: one read() syscall for many records
+    (seek + read per header and per body cost more than the rest of a replay). Bytes once
+    written never change, so a chunk stays valid while the writer appends behind it."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb", buffering=0)
+        self._chunk = b""
+        self._chunk_at = 0
+        self._position = 0
+
+    def seek(self, position: int) -> None:
+        self._position = position
+
+    def read(self, size: int) -> bytes:
+        start = self._position - self._chunk_at
+        if start < 0 or start + size > len(self._chunk):
+            self._file.seek(self._position)
+            self._chunk, self._chunk_at, start = self._file.read(max(size, READ_AHEAD)), self._position, 0
+        data = self._chunk[start:start + size]
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass(frozen=True)
@@ -246,7 +274,7 @@ class DiskSpool:
                 for candidate in self.segments:
                     start = candidate.outstanding[-1][1] if candidate.outstanding else candidate.acked
                     if start < candidate.size:
-                        self._reader = open(candidate.path, "rb")
+                        self._reader = _ReadAhead(candidate.path)
                         self._read_seq, self._read_pos = candidate.seq, start
                         break
                 else:
