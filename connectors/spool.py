@@ -6,8 +6,8 @@ Records are appended at the tail (or written as a new segment before every other
 once it is sealed, read to its end and fully acknowledged. Each segment's acknowledged
 offset is checkpointed to a small ``.ack`` file, so a restarted reader resumes after it.
 
-Durability: ``append`` writes each record to the kernel with one unbuffered ``write()``,
-so a record survives the death of the process as soon as ``append`` returns; it survives
+Durability: ``append`` (``append_many``: a batch) writes to the kernel with one unbuffered
+``write()``, so a record survives the death of the process as soon as that returns; it survives
 a power loss only after ``sync()`` (the producer calls it every ``fsync_interval_s``, or
 on every send with ``fsync_each_send``). ``prepend`` and ``close`` always fsync."""
 
@@ -28,6 +28,7 @@ FRAME = struct.Struct(">IIqi")  # crc32, body length, send time ms, key length (
 SEGMENT_SUFFIX = ".spool"
 ACK_SUFFIX = ".ack"
 FIRST_SEQ = 10**12
+READ_AHEAD = 1 << 20
 
 
 # -- the disk spool ---------------------------------------------------------------------
@@ -50,6 +51,33 @@ class _Segment:
     @property
     def ack_path(self) -> Path:
         return self.path.with_suffix(ACK_SUFFIX)
+
+
+class _ReadAhead:
+    """A segment file read forward in READ_AHEAD chunks: one read() syscall for many records
+    (seek + read per header and per body cost more than the rest of a replay). Bytes once
+    written never change, so a chunk stays valid while the writer appends behind it."""
+
+    def __init__(self, path: Path):
+        self._file = open(path, "rb", buffering=0)
+        self._chunk = b""
+        self._chunk_at = 0
+        self._position = 0
+
+    def seek(self, position: int) -> None:
+        self._position = position
+
+    def read(self, size: int) -> bytes:
+        start = self._position - self._chunk_at
+        if start < 0 or start + size > len(self._chunk):
+            self._file.seek(self._position)
+            self._chunk, self._chunk_at, start = self._file.read(max(size, READ_AHEAD)), self._position, 0
+        data = self._chunk[start:start + size]
+        self._position += len(data)
+        return data
+
+    def close(self) -> None:
+        self._file.close()
 
 
 @dataclass(frozen=True)
@@ -132,8 +160,13 @@ class DiskSpool:
 
     def append(self, key: bytes | None, value: bytes, sent_ms: int) -> bool:
         """Write one record at the tail; False (nothing written) when the spool is full."""
-        frame = self._frame(key, value, sent_ms)
-        if self.bytes + len(frame) > self.max_bytes:
+        return self.append_many([(key, value, sent_ms)])
+
+    def append_many(self, records: list[tuple[bytes | None, bytes, int]]) -> bool:
+        """Write records at the tail with one write() (one segment holds them all); False,
+        and nothing written, when they do not all fit."""
+        frames = b"".join([self._frame(key, value, sent_ms) for key, value, sent_ms in records])
+        if self.bytes + len(frames) > self.max_bytes:
             return False
         tail = self.segments[-1] if self.segments else None
         if tail is None or tail.sealed or tail.size >= self.segment_bytes:
@@ -142,9 +175,9 @@ class DiskSpool:
             tail = self._new_segment(self.segments[-1].seq + 1 if self.segments else FIRST_SEQ)
             self.segments.append(tail)
             self._writer = open(tail.path, "ab", buffering=0)
-        self._writer.write(frame)
-        tail.size += len(frame)
-        tail.pending += 1
+        self._writer.write(frames)
+        tail.size += len(frames)
+        tail.pending += len(records)
         return True
 
     def prepend(self, records: list[tuple[bytes | None, bytes, int]]) -> int:
@@ -241,7 +274,7 @@ class DiskSpool:
                 for candidate in self.segments:
                     start = candidate.outstanding[-1][1] if candidate.outstanding else candidate.acked
                     if start < candidate.size:
-                        self._reader = open(candidate.path, "rb")
+                        self._reader = _ReadAhead(candidate.path)
                         self._read_seq, self._read_pos = candidate.seq, start
                         break
                 else:

@@ -6,7 +6,6 @@ each with its own spool slot, and the API key store.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from pathlib import Path
@@ -34,11 +33,7 @@ def open_producer(settings):
     from schemas.registry import registry_from_settings
 
     api = settings.api
-    options = {"max_spool_bytes": api.max_spool_bytes, "validation": settings.validation}
-    if api.durable:
-        if "durable" not in inspect.signature(EventProducer).parameters:
-            raise RuntimeError("api.durable is set but this EventProducer has no durable mode yet")
-        options["durable"] = True
+    options = {"max_spool_bytes": api.max_spool_bytes, "validation": settings.validation, "durable": api.durable}
     registry = registry_from_settings(settings.schemas)
     for slot in range(SPOOL_SLOTS):
         try:

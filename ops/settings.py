@@ -378,8 +378,10 @@ class ApiSettings(Section):
     retry_after_s: int = Field(1, ge=1)
     key_cache_s: float = Field(2.0, ge=0, le=60)
     """How long a key lookup is cached: a revoked key stops working within this time."""
-    durable: bool = False
-    """Acknowledge only once the event is on disk (needs EventProducer's durable mode)."""
+    durable: bool = True
+    """A 2xx only once every accepted event is in the worker's spool file (survives a crash
+    of serve). false: events may wait in librdkafka's memory when acknowledged; faster,
+    but a crash of serve loses them."""
 
 
 class RegionStorage(Section):

@@ -44,18 +44,18 @@ def test_each_worker_takes_its_own_spool_slot_and_a_restart_reuses_it(tmp_path):
         third.close(0)
 
 
-def test_durable_mode_is_refused_until_the_producer_has_one(tmp_path):
-    import inspect
-
-    import pytest
-
-    from connectors.producer import EventProducer
+def test_serve_producers_are_durable_unless_opted_out(tmp_path):
     from ops.cli_api import open_producer
 
-    settings = load_settings(environ={"GATEWATCH_KAFKA__BOOTSTRAP": "127.0.0.1:1", "GATEWATCH_API__DURABLE": "true",
-                                      "GATEWATCH_API__SPOOL_DIR": str(tmp_path / "spool")}, use_service_state=False)
-    if "durable" in inspect.signature(EventProducer).parameters:
-        open_producer(settings).close(0)
-    else:
-        with pytest.raises(RuntimeError, match="no durable mode"):
-            open_producer(settings)
+    env = {"GATEWATCH_KAFKA__BOOTSTRAP": "127.0.0.1:1", "GATEWATCH_API__SPOOL_DIR": str(tmp_path / "spool")}
+    default = open_producer(load_settings(environ=env, use_service_state=False))
+    try:
+        assert default.durable
+    finally:
+        default.close(0)
+    opted_out = open_producer(load_settings(environ={**env, "GATEWATCH_API__DURABLE": "false"},
+                                            use_service_state=False))
+    try:
+        assert not opted_out.durable
+    finally:
+        opted_out.close(0)

@@ -123,6 +123,24 @@ def test_producer_output_is_decoded_by_the_ingest_step(kafka_bootstrap, topic_fa
     assert_ordered_per_user(messages)
 
 
+@pytest.mark.parametrize("durable", [False, True], ids=["default", "durable"])
+def test_send_many_rejects_invalid_events_alone_and_delivers_the_rest_in_order(kafka_bootstrap, topic_factory,
+                                                                                spool_dir, durable):
+    topic = topic_factory(partitions=2, prefix="send-many")
+    sent = events(300, users=5)
+    batch = [*sent[:100], {**sent[0], "latency_ms": -1}, *sent[100:], {"event_id": "x"}]
+    with EventProducer(kafka_bootstrap, topic, LocalRegistry(), spool_dir, durable=durable) as producer:
+        outcomes = producer.send_many(batch[:150]) + producer.send_many(batch[150:])
+        assert [i for i, problem in enumerate(outcomes) if problem is not None] == [100, 301]
+        assert (outcomes[100].code, outcomes[301].code) == ("out_of_range", "missing_field")
+        assert producer.flush(30) == 0
+        assert producer.counts["sent"] == 300 and producer.counts["invalid"] == 2
+        assert producer.counts["spooled"] == (300 if durable else 0)
+    messages = consume(kafka_bootstrap, topic)
+    assert sorted(e["event_id"] for e in decoded(messages)) == sorted(e["event_id"] for e in sent)
+    assert_ordered_per_user(messages)
+
+
 def test_an_invalid_event_is_refused_by_send_and_nothing_is_sent(kafka_bootstrap, topic_factory, spool_dir):
     topic = topic_factory(prefix="invalid")
     with EventProducer(kafka_bootstrap, topic, LocalRegistry(), spool_dir) as producer:
@@ -370,3 +388,12 @@ def test_spool_restart_reading_hands_out_unacknowledged_records_again(tmp_path):
     spool.restart_reading()  # as after a fatal producer error: `second` was never acknowledged
     assert _drain(spool) == [b"v1", b"v2", b"v3", b"v4"]
     spool.close()
+
+
+def test_bench_producer_measures_send_many_batches(kafka_bootstrap, topic_factory, tmp_path):
+    from ops.bench.producer import measure
+
+    result = measure(kafka_bootstrap, topic_factory(prefix="bench-producer"), tmp_path / "spool", events(300),
+                     {"durable": True}, batch=100)
+    assert (result["events"], result["batch"], result["unacknowledged"]) == (300, 100, 0)
+    assert result["cpu_us_per_event"] > 0 and result["acknowledged_per_s"] > 0

@@ -13,13 +13,16 @@ more than ``max_pending`` unacknowledged events or its spool is nearly full: mem
 bounded and nothing is accepted that the spool would have to drop. Each rejected item and
 each unreadable body also gets a DLQ record (see ``dead_letters``).
 
-What a 2xx means: every accepted event went through ``EventProducer.send`` (validated,
-Avro-encoded, keyed) and is either in librdkafka's queue or appended to the producer's
-disk spool. It survives a broker outage and a restart of ``serve`` (the spool is replayed
-by the next producer on the same spool directory) but NOT a crash (SIGKILL, OOM) of
-``serve`` for events still only in librdkafka's memory, nor a power loss within the
-spool's fsync interval. A producer built with a durable mode (spool written before
-``send`` returns) closes that gap; the app does not change for it.
+What a 2xx means: every accepted event went through ``EventProducer.send_many`` (validated,
+Avro-encoded, keyed). With a durable producer (serve's default) it is in the worker's disk
+spool before the answer is sent, so it survives a broker outage, a restart and a crash
+(SIGKILL, OOM) of ``serve``: the next producer on that spool slot delivers it. Not a power
+loss within the spool's fsync interval. A non-durable producer (``api.durable=false``) may
+still hold it only in librdkafka's memory: faster, lost if ``serve`` crashes.
+
+A spool that cannot take a request's events (full, disk error: the producer raises
+``SpoolFull``) answers 503 with ``Retry-After``, and none of them is stored: the client
+retries the whole request.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from connectors.ingest_api import otlp
 from connectors.ingest_api.dead_letters import rejection
 from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked
+from connectors.producer import SpoolFull
 from schemas.codec import InvalidEvent
 
 log = logging.getLogger("connectors.ingest_api")
@@ -51,6 +55,7 @@ log = logging.getLogger("connectors.ingest_api")
 REQUESTS = Counter("gatewatch_api_requests", "HTTP requests answered by the ingestion API", ["route", "status"])
 EVENTS = Counter("gatewatch_api_events", "Events (and GenAI spans) by outcome", ["source", "outcome"])
 THROTTLED = Counter("gatewatch_api_throttled", "Requests refused with 429 while Kafka is behind")
+SPOOL_FULL = Counter("gatewatch_api_spool_full", "Requests refused with 503: the durable spool could not store an event")
 SPANS_DROPPED = Counter("gatewatch_api_spans_dropped", "OTLP spans that are not GenAI calls (counted, not stored)")
 ORG_OVERRIDDEN = Counter("gatewatch_api_org_overridden", "Events whose body named another org than the API key's")
 REQUEST_SECONDS = Histogram("gatewatch_api_request_seconds", "Time to answer one request", ["route"],
@@ -124,7 +129,7 @@ def parse_events(body: bytes) -> list:
 
 class IngestApp:
     """ASGI app. ``open_producer`` is called once per process at startup (ASGI lifespan,
-    or on the first request): it returns an EventProducer-like object with ``send``,
+    or on the first request): it returns an EventProducer-like object with ``send_many``,
     ``pending``, ``spool`` and ``close``. ``open_dead_letters`` (optional) returns a
     DeadLetters for the DLQ records of rejected input."""
 
@@ -267,12 +272,15 @@ class IngestApp:
         if count > self.config.max_items_per_request:
             raise HttpError(413, f"{count} items in one request; at most {self.config.max_items_per_request}")
 
-    def _send(self, event: dict) -> InvalidEvent | None:
+    def _send_all(self, events: list[dict]) -> list[InvalidEvent | None]:
+        """Each event's problem (None: accepted); 503 when the spool cannot take the batch."""
         try:
-            self.producer.send(event)
-        except InvalidEvent as exc:
-            return exc
-        return None
+            return self.producer.send_many(events)
+        except SpoolFull as exc:
+            SPOOL_FULL.inc()
+            log.error("request refused: %s", exc)
+            raise HttpError(503, "the server cannot store events durably right now; retry later",
+                            headers=(("retry-after", str(self.config.retry_after_s)),)) from None
 
     def _dead_letter(self, records: list[dict], org_id: str) -> None:
         if records and self.dead_letters is not None:
@@ -295,7 +303,7 @@ class IngestApp:
         with self._dead_lettered(request_id, key.org_id, body):
             items = parse_events(body)
         self._check_count(len(items))
-        accepted, rejected, letters = 0, [], []
+        rejected, letters, candidates = [], [], []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
                 reason = f"item {index} is {type(item).__name__}, expected an object"
@@ -310,16 +318,18 @@ class IngestApp:
                 item["region"] = key.region
             elif not item.get("region"):
                 item["region"] = self.config.default_region
-            problem = self._send(item)
-            if problem is None:
-                accepted += 1
-            else:
+            candidates.append((index, item))
+        outcomes = self._send_all([item for _index, item in candidates])
+        accepted = outcomes.count(None)
+        for (index, item), problem in zip(candidates, outcomes):
+            if problem is not None:
                 rejected.append({"index": index, "code": problem.code, "field": _field_of(problem),
                                  "reason": problem.reason})
                 event_id = item.get("event_id")
                 letters.append(rejection(code=problem.code, reason=problem.reason, request_id=request_id,
                                          index=index, original=orjson.dumps(item),
                                          event_id=event_id if isinstance(event_id, str) else None))
+        rejected.sort(key=lambda entry: entry["index"])
         self._count("json", accepted, len(rejected))
         self._dead_letter(letters, key.org_id)
         if rejected:
@@ -348,7 +358,7 @@ class IngestApp:
         spans = list(otlp.spans_of(request))
         self._check_count(len(spans))
         region = key.region or self.config.default_region
-        accepted, dropped, problems, letters = 0, 0, [], []
+        dropped, problems, letters, candidates = 0, [], [], []
         for index, span in enumerate(spans):
             try:
                 event = otlp.span_to_event(span, key.org_id, region)
@@ -361,10 +371,11 @@ class IngestApp:
             if event is None:
                 dropped += 1
                 continue
-            problem = self._send(event)
-            if problem is None:
-                accepted += 1
-            else:
+            candidates.append((index, span, event))
+        outcomes = self._send_all([event for _index, _span, event in candidates])
+        accepted = outcomes.count(None)
+        for (index, span, event), problem in zip(candidates, outcomes):
+            if problem is not None:
                 problems.append(f"span {span.span_id}: {problem.reason}")
                 letters.append(rejection(code=problem.code, reason=problem.reason, request_id=request_id,
                                          index=index, original=None, event_id=event["event_id"]))

@@ -86,9 +86,14 @@ class Span:
 
     def get(self, *names: str) -> Any:
         """The first of ``names`` set on the span, else on its resource, else None."""
-        for source in (self.attributes, self.resource):
+        attributes = self.attributes  # called ~15 times per span: no tuple of sources, no nested loop
+        for name in names:
+            value = attributes.get(name)
+            if value is not None and value != "":
+                return value
+        if self.resource:
             for name in names:
-                value = source.get(name)
+                value = self.resource.get(name)
                 if value is not None and value != "":
                     return value
         return None
