@@ -150,7 +150,9 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
 def quota_writer(settings: Settings):
     retry = retrying(settings)
     quota = settings.quota
-    store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds))
+    windows = settings.windows
+    store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
+                       window_ttl_s=2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s))
     retry("quota", lambda: store.publish_tiers(quota.tiers))
     alerts = TopicWriter(settings.kafka.bootstrap, settings.kafka.quota_alerts_topic, encode_quota_alert,
                          "alert_id", settings.kafka.extra)

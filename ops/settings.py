@@ -105,7 +105,10 @@ class WindowSettings(Section):
     length_s: float = Field(60, gt=0)
     allowed_lateness_s: float = Field(600, ge=0)
     flush_interval_s: float = Field(2, gt=0)
-    late_policy: Literal["dlq", "current"] = "dlq"
+    late_policy: Literal["adjust", "dlq", "current"] = "adjust"
+    """adjust: a late event counts once in its own event-time day and month, billed as an
+    adjustment; dlq: late events go to the DLQ instead (unbilled); current: counted in the
+    user's newest window."""
 
 
 class ModelPrice(Section):
