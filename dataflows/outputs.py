@@ -19,7 +19,7 @@ from ops.settings import Settings
 from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import dlq_record, encode_dlq
 from sinks.billing import billing_event, with_cost
-from sinks.clickhouse import ClickHouse
+from sinks.clickhouse import ClickHouse, refresh_aggregates
 from sinks.kafka import TopicWriter
 from sinks.parquet import ParquetStore, partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
@@ -87,6 +87,10 @@ class _WriterPartition(StatelessSinkPartition):
     def write_batch(self, items: list) -> None:
         self._write(items)
 
+    def close(self) -> None:
+        # A writer may have work to finish when the flow ends (see clickhouse_writer).
+        getattr(self._write, "close", lambda: None)()
+
 
 class WriterSink(DynamicSink):
     """Builds its writer inside each worker, so connections are never pickled or shared."""
@@ -137,6 +141,16 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
             clients[database] = client
         return clients[database]
 
+    refreshed_at = {"s": time.monotonic()}
+
+    def refresh(force: bool = False) -> None:
+        """Recompute the usage aggregates of the hours written since the last refresh."""
+        if table != "events" or not (force or time.monotonic() - refreshed_at["s"] >= settings.clickhouse.aggregate_interval_s):
+            return
+        for client in clients.values():
+            retry("clickhouse_aggregates", lambda: refresh_aggregates(client, settings.retention.raw_days))
+        refreshed_at["s"] = time.monotonic()
+
     def write(batches: list[tuple[str, list[dict]]]) -> None:
         for database, rows in batches:
             client = client_of(database)
@@ -144,6 +158,9 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
             retry(sink, lambda: insert(rows))
             metrics.SINK_ROWS.labels(sink=sink).inc(len(rows))
             observe_freshness(sink, [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
+        refresh()
+
+    write.close = partial(refresh, force=True)
     return write
 
 

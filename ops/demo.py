@@ -234,6 +234,9 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         ("tokens in Redis quota counters", found["expected_total_tokens"], found["quota_total_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
         ("billed USD", found["expected_total_usd"], found["billing_total_usd"]),
+        # Events are priced one by one, windows as a whole: equal to the nano-dollar while
+        # prices per million tokens have at most three decimals (all of the demo's).
+        ("USD in ClickHouse aggregates", found["expected_total_usd"], found["clickhouse_usd"]),
         ("ClickHouse events without an audit row", 0, found["events_without_audit"]),
     ]
     if not chaos:
@@ -292,9 +295,10 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         billed_usd, expected_usd = billing_totals(kafka.address, k.billing_topic, expected, settings)
         parquet = ParquetStore(str(root / "raw")).read()
         clickhouse = ClickHouse(f"chdb://{root / 'chdb'}")
-        (ch_rows, ch_tokens), = clickhouse.rows(
-            "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
-            f"FROM {settings.clickhouse.database}.events FINAL")
+        # The aggregates, not the raw rows: they are what dashboards, status and invoices read.
+        (ch_rows, ch_tokens, ch_usd), = clickhouse.rows(
+            "SELECT sum(requests), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), "
+            f"toString(sum(cost_usd)) FROM {settings.clickhouse.database}.usage_daily FINAL")
         without_audit = clickhouse.events_without_audit()
         close_chdb()
         found = {
@@ -307,6 +311,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "parquet_rows": len(pc.unique(parquet.column("event_id"))) if parquet.num_rows else 0,
             "clickhouse_rows": int(ch_rows),
             "clickhouse_tokens": int(ch_tokens or 0),
+            "clickhouse_usd": str(Decimal(ch_usd or 0).quantize(Decimal("0.000000001"))),
             "events_without_audit": without_audit,
             "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
             "expected_total_tokens": expected.tokens if late_billed else expected.quota_tokens,
@@ -347,7 +352,8 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  duplicates dropped  {found['duplicates_dropped']:>8}   expected {found['expected_duplicates']}",
         f"  DLQ records         {found['dlq']:>8}   expected {found['expected_dlq']}  {found['dlq_reasons']}",
         f"  Parquet rows        {found['parquet_rows']:>8}   in {found['parquet_files']} files",
-        f"  ClickHouse rows     {found['clickhouse_rows']:>8}",
+        f"  ClickHouse requests {found['clickhouse_rows']:>8}   {found['clickhouse_tokens']} tokens,"
+        f" {found['clickhouse_usd']} USD (usage aggregates)",
         f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
         f" (of which late: {found['late']})",
         f"  billed USD          {found['billing_total_usd']:>8}   expected {found['expected_total_usd']}",

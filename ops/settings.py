@@ -205,6 +205,9 @@ class ClickHouseSettings(Section):
     database: str = "gatewatch"
     max_rows: int = Field(20_000, gt=0)
     max_age_s: float = Field(1, gt=0)
+    aggregate_interval_s: float = Field(10, ge=0)
+    """How often a writer recomputes the usage aggregates of the hours it touched (and once
+    more when the flow ends); 0 recomputes after every batch."""
 
     @field_validator("url")
     @classmethod
