@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import redis
 
@@ -59,7 +61,7 @@ end
 
 APPLY_WINDOW = _LIMITS_LUA + """
 -- KEYS: record, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts
--- ARGV: n, input, output, cache_read, cache_write, record ttl, default tier, day, month, subject,
+-- ARGV: n, input, output, cache_read, cache_write, window record expires at, default tier, day, month, subject,
 --       day expires at, month expires at, late event id ('' for a window total), thresholds...
 local kinds = {'input', 'output', 'cache_read', 'cache_write'}
 local n = tonumber(ARGV[1])
@@ -75,7 +77,7 @@ if ARGV[13] == '' then
     redis.call('HSET', KEYS[1], kind, value)
   end
   redis.call('HSET', KEYS[1], 'n', n)
-  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIREAT', KEYS[1], ARGV[6])
 else
   -- A late event: once per event id in its month (the set lives as long as the month counter).
   if redis.call('SADD', KEYS[1], ARGV[13]) == 0 then return 0 end
@@ -167,12 +169,14 @@ def tier_keys(user: str) -> tuple[str, str, str]:
 
 class QuotaStore:
     def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0),
-                 window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S):
+                 window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S,
+                 clock: Callable[[], float] = time.time):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.default_tier = default_tier
         self.alert_thresholds = alert_thresholds
         self.window_ttl_s = int(window_ttl_s)
         self.period_margin_s = int(period_margin_s)
+        self.clock = clock  # a benchmark replaying simulated days passes their clock
         self._apply = self.redis.register_script(APPLY_WINDOW)
 
     def publish_tiers(self, tiers: dict) -> None:
@@ -203,7 +207,8 @@ class QuotaStore:
             keys = [record, *usage_keys("user", user, total["window_start_ms"]),
                     *usage_keys("org", total["org_id"], total["window_start_ms"]),
                     *tier_keys(user), PENDING_ALERTS_KEY]
-            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), self.window_ttl_s, self.default_tier,
+            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(self.clock()) + self.window_ttl_s,
+                    self.default_tier,
                     *periods(total["window_start_ms"]), user, day_end + self.period_margin_s,
                     month_end + self.period_margin_s, late_member(late_id) if late_id else "",
                     *self.alert_thresholds]
