@@ -213,6 +213,7 @@ _mount(bench, "ops.bench.state", "state")
 _mount(bench, "ops.bench.e2e", "e2e")
 _mount(bench, "ops.bench.stages", "stages")
 _mount(bench, "ops.bench.api", "api")
+_mount(bench, "ops.bench.history", "history")
 
 
 def main() -> None:
