@@ -173,7 +173,7 @@ SELECT toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experim
     now64(3)
 FROM {db}.events FINAL
 WHERE org_id IN ({orgs}) AND event_time >= toDateTime64({low}, 3, 'UTC') AND event_time < toDateTime64({high}, 3, 'UTC')
-  AND (org_id, toStartOfHour(event_time)) IN ({keys})
+  AND (org_id, toStartOfHour(event_time), user_id) IN ({keys})
 GROUP BY toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experiment_id, ''), ifNull(variant, '')
 """
 
@@ -185,7 +185,7 @@ SELECT toDate(hour), org_id, user_id, model, region, experiment_id, variant, sum
     sumMap(policy_flags), now64(3)
 FROM {db}.usage_hourly FINAL
 WHERE org_id IN ({orgs}) AND hour >= toDateTime({low}, 'UTC') AND hour < toDateTime({high}, 'UTC')
-  AND (org_id, toDate(hour)) IN ({keys})
+  AND (org_id, toDate(hour), user_id) IN ({keys})
 GROUP BY toDate(hour), org_id, user_id, model, region, experiment_id, variant
 """
 
@@ -194,9 +194,9 @@ REFRESH_OVERLAP_S = 60
 this far before the previous one's start (recomputing a key twice changes nothing)."""
 
 
-def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 200) -> int:
-    """Recompute the hourly and daily aggregates of every (org, hour) that received raw rows
-    since the last refresh; return how many (org, hour) pairs were recomputed.
+def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000) -> int:
+    """Recompute the hourly and daily aggregates of every (org, hour, user) that received raw
+    rows since the last refresh; return how many (org, hour, user) keys were recomputed.
 
     Exactly once by construction: an aggregate row is the absolute total of the distinct
     events of its key (events read FINAL, restricted to the touched orgs' hours) and
@@ -204,6 +204,8 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     crash between an insert and its refresh is caught up by the next refresh; the first
     refresh of an existing deployment recomputes its whole history. Hours older than the
     raw retention are left alone: their raw rows are gone, their aggregates are final.
+    Keys include the user, so a refresh rewrites rows in proportion to the users active
+    since the previous one, not to everything the org did that day.
     Servers older than 21 (legacy migrations) have no aggregates and keep their views."""
     if client.legacy:
         return 0
@@ -213,12 +215,13 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     since_ms = max(0, int(since or 0) - REFRESH_OVERLAP_S * 1000) if since else 0
     oldest_s = int(started) // 1000 - (raw_days - 1) * 86400
     touched = client.rows(
-        f"SELECT DISTINCT org_id, toUnixTimestamp(toStartOfHour(event_time)) FROM {db}.events "
+        f"SELECT DISTINCT org_id, toUnixTimestamp(toStartOfHour(event_time)), user_id FROM {db}.events "
         f"WHERE ingested_at >= fromUnixTimestamp64Milli(toInt64({since_ms}), 'UTC') "
-        f"AND event_time >= toDateTime({oldest_s}, 'UTC') ORDER BY 1, 2")
+        f"AND event_time >= toDateTime({oldest_s}, 'UTC') ORDER BY 1, 2, 3")
     for at in range(0, len(touched), chunk):
-        _recompute(client, _HOURLY_FROM_EVENTS, [(org, int(hour)) for org, hour in touched[at:at + chunk]], 3600)
-    days = sorted({(org, int(hour) // 86400 * 86400) for org, hour in touched})
+        _recompute(client, _HOURLY_FROM_EVENTS, [(org, int(hour), user) for org, hour, user in touched[at:at + chunk]],
+                   3600)
+    days = sorted({(org, int(hour) // 86400 * 86400, user) for org, hour, user in touched})
     for at in range(0, len(days), chunk):
         _recompute(client, _DAILY_FROM_HOURLY, days[at:at + chunk], 86400)
     client.execute(f"INSERT INTO {db}.aggregate_progress (name, through) "
@@ -226,12 +229,13 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     return len(touched)
 
 
-def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int]], span_s: int) -> None:
-    starts = [start for _org, start in keys]
+def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, str]], span_s: int) -> None:
+    starts = [start for _org, start, _user in keys]
     to_bucket = "toStartOfHour" if span_s == 3600 else "toDate"
-    key_sql = ", ".join(f"({sql_string(org)}, {to_bucket}(toDateTime({start}, 'UTC')))" for org, start in keys)
+    key_sql = ", ".join(f"({sql_string(org)}, {to_bucket}(toDateTime({start}, 'UTC')), {sql_string(user)})"
+                        for org, start, user in keys)
     client.execute(template.format(
-        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _ in keys})),
+        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})),
         low=min(starts), high=max(starts) + span_s, keys=key_sql))
 
 
