@@ -23,7 +23,9 @@ from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY
 
 USER_TABLES = ("events", "audit_log", "feedback")
-"""Tables with a user_id column; every view is computed from events."""
+"""Tables with a user_id column; every view is computed from events or the aggregates."""
+AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
+"""Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,8 @@ def clickhouse_rows(client: ClickHouse, table: str, subject: Subject) -> list[di
 def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 120) -> dict[str, int]:
     """Delete the subject's rows from every user table and wait until the deletes are done."""
     removed = {}
-    for table in clickhouse_tables(client):
+    aggregates = [table for table in AGGREGATE_TABLES if "user_id" in client.columns(table)]
+    for table in [*clickhouse_tables(client), *aggregates]:
         (count,), = client.rows(f"SELECT count() FROM {client.database}.{table} WHERE {subject.sql()}")
         if count:
             client.execute(f"ALTER TABLE {client.database}.{table} DELETE WHERE {subject.sql()}")

@@ -131,3 +131,19 @@ def test_an_existing_deployment_moves_over_on_migration_and_first_refresh(tmp_pa
         assert "toIntervalDay(30)" in create or "INTERVAL 30 DAY" in create
     finally:
         close_chdb()
+
+
+def test_forgetting_a_user_removes_their_aggregates(clickhouse):
+    from ops.gdpr import Subject, forget_clickhouse
+
+    rows = events(300)
+    clickhouse.insert_events(rows)
+    refresh_aggregates(clickhouse)
+    user = rows[0]["user_id"]
+    removed = forget_clickhouse(clickhouse, Subject(user_id=user))
+    assert removed[f"{clickhouse.database}.usage_daily"] > 0
+    for table in ("usage_hourly", "usage_daily", "events"):
+        assert clickhouse.rows(f"SELECT count() FROM {clickhouse.database}.{table} WHERE user_id = '{user}'") == [(0,)]
+    # A later refresh does not bring them back: their raw rows are gone too.
+    refresh_aggregates(clickhouse)
+    assert clickhouse.rows(f"SELECT count() FROM {clickhouse.database}.usage_daily WHERE user_id = '{user}'") == [(0,)]
