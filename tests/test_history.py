@@ -54,7 +54,8 @@ def test_two_simulated_days_keep_every_token_once_and_expire_what_they_outgrew(t
     assert report["days"] == 2 and report["events"] == 1000
     assert len(report["redis_bytes_by_day"]) == len(report["query_ms_by_day"]) == 2
     assert report["clickhouse_rows_by_table"]["events"] == [500, 1000]
-    assert report["projection"]["redis_bytes_per_active_user"] > 0
+    assert report["projection"]["redis_bytes_per_month_active_user"] > 0
+    assert report["month_active_users_by_day"][0] <= report["month_active_users_by_day"][1] <= 300
 
     events = kept["events"]
     tokens = sum(e[f"{k}_tokens"] for e in events for k in ("input", "output", "cache_read", "cache_write"))
