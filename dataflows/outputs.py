@@ -24,7 +24,7 @@ from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import bounded_original, dlq_record, encode_dlq, fitted, safe_for_storage
 from sinks.audit_log import audit_row
 from sinks.billing import billing_event, with_cost
-from sinks.clickhouse import ClickHouse
+from sinks.clickhouse import ClickHouse, refresh_aggregates
 from sinks.kafka import DeliveryFailed, Rejected, TopicWriter
 from sinks.parquet import ParquetStore, partition_of, sample_text
 from sinks.quota import TOKEN_KINDS, QuotaStore
@@ -96,6 +96,10 @@ class _WriterPartition(StatelessSinkPartition):
     def write_batch(self, items: list) -> None:
         self._write(items)
 
+    def close(self) -> None:
+        # A writer may have work to finish when the flow ends (see clickhouse_writer).
+        getattr(self._write, "close", lambda: None)()
+
 
 class WriterSink(DynamicSink):
     """Builds its writer inside each worker, so connections are never pickled or shared."""
@@ -156,6 +160,16 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
             clients[database] = client
         return clients[database]
 
+    refreshed_at = {"s": time.monotonic()}
+
+    def refresh(force: bool = False) -> None:
+        """Recompute the usage aggregates of the hours written since the last refresh."""
+        if table != "events" or not (force or time.monotonic() - refreshed_at["s"] >= settings.clickhouse.aggregate_interval_s):
+            return
+        for client in clients.values():
+            retry("clickhouse_aggregates", lambda: refresh_aggregates(client, settings.retention.raw_days))
+        refreshed_at["s"] = time.monotonic()
+
     def write(batches: list[tuple[str, list[dict]]]) -> None:
         for database, rows in batches:
             client = client_of(database)
@@ -164,6 +178,9 @@ def clickhouse_writer(settings: Settings, table: str = "events"):
             dead_letter_rows(dead_letters, sink, rejected)
             metrics.SINK_ROWS.labels(sink=sink).inc(len(rows) - len(rejected))
             observe_freshness(sink, [row["event_time"] for row in rows], settings.windows.allowed_lateness_s)
+        refresh()
+
+    write.close = partial(refresh, force=True)
     return write
 
 
@@ -222,7 +239,9 @@ def vault_out(events: Stream[dict], settings: Settings) -> None:
 def quota_writer(settings: Settings):
     retry = retrying(settings)
     quota = settings.quota
-    store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds))
+    windows = settings.windows
+    store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
+                       window_ttl_s=2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s))
     retry("quota", lambda: store.publish_tiers(quota.tiers))
     alerts = TopicWriter(settings.kafka.bootstrap, settings.kafka.quota_alerts_topic, encode_quota_alert,
                          "alert_id", settings.kafka.extra)

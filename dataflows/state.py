@@ -115,6 +115,18 @@ class DedupeLogic(StatefulBatchLogic):
 
 # -- windowed usage totals --------------------------------------------------------------
 
+def late_adjustment(event: dict, length_ms: int) -> dict:
+    """A late event as a one-event total of its own event-time window, carrying its event_id.
+
+    It never merges into the window's running totals (that window may be billed and
+    forgotten long ago): quotas and billing apply it once per event_id, in the day and
+    month it happened."""
+    start = event["event_time"] - event["event_time"] % length_ms
+    return {"org_id": event["org_id"], "user_id": event["user_id"], "model": event["model"],
+            "window_start_ms": start, "window_length_ms": length_ms, "n": 1, "event_id": event["event_id"],
+            **{kind: event[f"{kind}_tokens"] for kind in TOKEN_KINDS}}
+
+
 @dataclass
 class WindowTotals:
     """Running totals of one user's tumbling event-time windows, per model (prices differ).
@@ -126,7 +138,7 @@ class WindowTotals:
 
     length_ms: int
     lateness_ms: int
-    late_policy: str = "dlq"
+    late_policy: str = "adjust"
     org_id: str = ""
     user_id: str = ""
     watermark_ms: int = -1
@@ -142,7 +154,7 @@ class WindowTotals:
         # that a replay makes the same decision.
         late = event["event_time"] < self.watermark_ms - self.lateness_ms
         if late:
-            if self.late_policy == "dlq":
+            if self.late_policy != "current":
                 return None, True
             start = self.watermark_ms - self.watermark_ms % self.length_ms
         key = (start, event["model"])
@@ -181,8 +193,10 @@ class UserWindows:
 
 
 class WindowLogic(StatefulBatchLogic):
-    """Keyed by bucket_of(org/user). Emits ("late", event) at once and ("totals", [...])
-    every flush interval while something changed; forgets users idle for idle_s."""
+    """Keyed by bucket_of(org/user). Emits ("totals", [...]) every flush interval while
+    something changed, and for late events at once either ("totals", [late_adjustment])
+    (policy "adjust", the default) or ("late", event) (policy "dlq"); forgets users idle
+    for idle_s."""
 
     def __init__(self, state: UserWindows, flush_interval_s: float, idle_s: float,
                  clock: Callable[[], float] = time.time):
@@ -198,7 +212,7 @@ class WindowLogic(StatefulBatchLogic):
 
     def on_batch(self, events: list[dict]):
         now = self.clock()
-        late = []
+        late, adjustments = [], []
         for event in events:
             user = f"{event['org_id']}/{event['user_id']}"
             totals = self.state.users.get(user)
@@ -207,10 +221,13 @@ class WindowLogic(StatefulBatchLogic):
                     self.state.length_ms, self.state.lateness_ms, self.state.late_policy)
             totals.last_seen_s = now
             if totals.add(event)[1]:
-                late.append(("late", event))
+                if self.state.late_policy == "adjust":
+                    adjustments.append(late_adjustment(event, self.state.length_ms))
+                else:
+                    late.append(("late", event))
         if self.state.next_flush_s is None:
             self.state.next_flush_s = now + self.flush_interval_s
-        return late, StatefulBatchLogic.RETAIN
+        return late + ([("totals", adjustments)] if adjustments else []), StatefulBatchLogic.RETAIN
 
     def _flush(self) -> list:
         now = self.clock()

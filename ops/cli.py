@@ -178,7 +178,8 @@ def migrate(config, kafka, clickhouse, audit) -> None:
               help="Metrics endpoint(s) of flow processes (default: 127.0.0.1:metrics.port).")
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between scrapes.")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
-def status(config, urls, interval, watch) -> None:
+@click.option("--usage", is_flag=True, help="Also today's and this month's usage from the ClickHouse aggregates.")
+def status(config, urls, interval, watch, usage) -> None:
     """One screen of lag, rates, freshness and sink health from running flows' metrics."""
     import time
 
@@ -203,6 +204,11 @@ def status(config, urls, interval, watch) -> None:
         if watch:
             click.clear()
         click.echo(status_mod.render(before, after))
+        if usage:
+            from sinks.clickhouse import ClickHouse
+
+            settings = _settings(config)
+            click.echo("\n".join(status_mod.usage_lines(ClickHouse(settings.clickhouse.url, settings.clickhouse.database))))
         if not watch:
             return
         before = after
@@ -245,6 +251,7 @@ _mount(bench, "ops.bench.e2e", "e2e")
 _mount(bench, "ops.bench.stages", "stages")
 _mount(bench, "ops.bench.api", "api")
 _mount(bench, "ops.bench.producer", "producer")
+_mount(bench, "ops.bench.history", "history")
 
 
 def main() -> None:

@@ -295,8 +295,10 @@ def billing_totals(bootstrap: str, topic: str, expected: Expected, settings: Set
     events = [record for _p, _o, record in read_topic(bootstrap, topic, decode_billing_event)]
     billed = sum((Decimal(e["cost_usd"]) for e in latest_versions(events).values()), Decimal(0))
     window_ms = int(settings.windows.length_s * 1000)
-    want = sum((Decimal(billing_event(t, settings.pricing)["cost_usd"]) for t in expected.window_totals(window_ms)),
-               Decimal(0))
+    # Late events are billed too, each as an adjustment of its own event-time window.
+    late_billed = settings.windows.late_policy != "dlq"
+    owed = [*expected.window_totals(window_ms), *(expected.late_totals if late_billed else [])]
+    want = sum((Decimal(billing_event(t, settings.pricing)["cost_usd"]) for t in owed), Decimal(0))
     return billed, want
 
 
@@ -306,13 +308,18 @@ def distinct_sources(records: list[dict]) -> int:
 
 
 def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
+    """Every sink against the generated events. Late events are usage like any other: quota
+    counters hold every valid token (unless late_policy=dlq sends late events to the DLQ)."""
     checks = [
         ("valid events in ClickHouse", expected.valid, found["clickhouse_rows"]),
         ("distinct events in Parquet", expected.valid, found["parquet_rows"]),
-        ("DLQ records (malformed + late)", expected.bad + expected.late, found["dlq"]),
-        ("tokens in Redis quota counters", expected.quota_tokens, found["quota_total_tokens"]),
+        ("DLQ records", found["expected_dlq"], found["dlq"]),
+        ("tokens in Redis quota counters", found["expected_total_tokens"], found["quota_total_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
         ("billed USD", found["expected_total_usd"], found["billing_total_usd"]),
+        # Events are priced one by one, windows as a whole: equal to the nano-dollar while
+        # prices per million tokens have at most three decimals (all of the demo's).
+        ("USD in ClickHouse aggregates", found["expected_total_usd"], found["clickhouse_usd"]),
         ("ClickHouse events without an audit row", 0, found["events_without_audit"]),
         ("audit log rows (one per unique event)", expected.valid, found["audit_log_rows"]),
     ]
@@ -380,13 +387,17 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         final_processes = (options.restart_processes or options.processes) if options.chaos else options.processes
         counters = read_counters(counters_path, final_processes)
 
+        late_billed = settings.windows.late_policy != "dlq"
         dlq_records = read_dlq(kafka.address, k.dlq_topic, root / "dlq.jsonl")
         billed_usd, expected_usd = billing_totals(kafka.address, k.billing_topic, expected, settings)
         parquet = ParquetStore(str(root / "raw")).read()
         clickhouse = ClickHouse(clickhouse_url)
-        (ch_rows, ch_tokens), = clickhouse.rows(
-            "SELECT count(), sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens) "
-            f"FROM {settings.clickhouse.database}.events FINAL")
+        # The aggregates, not the raw rows: they are what dashboards, status and invoices read.
+        # A pre-21 server (the cluster demo's Debian one) has no aggregates: read its raw rows.
+        table, requests = ("events", "count()") if clickhouse.legacy else ("usage_daily", "sum(requests)")
+        (ch_rows, ch_tokens, ch_usd), = clickhouse.rows(
+            f"SELECT {requests}, sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), "
+            f"toString(sum(cost_usd)) FROM {settings.clickhouse.database}.{table} FINAL")
         without_audit = clickhouse.events_without_audit()
         close_chdb()
         audit_log = open_store(f"sqlite:///{root / 'audit.sqlite3'}")
@@ -402,15 +413,16 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "parquet_rows": len(pc.unique(parquet.column("event_id"))) if parquet.num_rows else 0,
             "clickhouse_rows": int(ch_rows),
             "clickhouse_tokens": int(ch_tokens or 0),
+            "clickhouse_usd": str(Decimal(ch_usd or 0).quantize(Decimal("0.000000001"))),
             "events_without_audit": without_audit,
             "audit_log_rows": audit_rows,
             "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
-            "expected_total_tokens": expected.quota_tokens,
+            "expected_total_tokens": expected.tokens if late_billed else expected.quota_tokens,
             "billing_total_usd": str(billed_usd),
             "expected_total_usd": str(expected_usd),
             "expected_valid": expected.valid,
             "expected_duplicates": expected.duplicates,
-            "expected_dlq": expected.bad + expected.late,
+            "expected_dlq": expected.bad + (0 if late_billed else expected.late),
             "dlq_reasons": _count_by(dlq_records, "code"),
             "freshness_p50_s": max((v for k, v in counters.items() if k.startswith("freshness_p50_s")), default=None),
             "freshness_p99_s": max((v for k, v in counters.items() if k.startswith("freshness_p99_s")), default=None),
@@ -445,10 +457,11 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  duplicates dropped  {found['duplicates_dropped']:>8}   expected {found['expected_duplicates']}",
         f"  DLQ records         {found['dlq']:>8}   expected {found['expected_dlq']}  {found['dlq_reasons']}",
         f"  Parquet rows        {found['parquet_rows']:>8}   in {found['parquet_files']} files",
-        f"  ClickHouse rows     {found['clickhouse_rows']:>8}",
+        f"  ClickHouse requests {found['clickhouse_rows']:>8}   {found['clickhouse_tokens']} tokens,"
+        f" {found['clickhouse_usd']} USD (usage aggregates)",
         f"  audit log rows      {found['audit_log_rows']:>8}   one per unique event",
         f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
-        f" (late events are not counted: {found['late']})",
+        f" (of which late: {found['late']})",
         f"  billed USD          {found['billing_total_usd']:>8}   expected {found['expected_total_usd']}",
         f"  freshness p50/p99   {found['freshness_p50_s']} s / {found['freshness_p99_s']} s"
         " (event time to queryable in ClickHouse and Redis)",

@@ -25,8 +25,10 @@ from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY
 
 USER_TABLES = ("events", "audit_log", "feedback")
-"""Tables with a user_id column; every view is computed from events. All are
-ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
+"""Tables with a user_id column; every view is computed from events or the aggregates. All
+are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
+AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
+"""Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,8 @@ def clickhouse_count(client: ClickHouse, table: str, subject: Subject) -> int:
 def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 120) -> dict[str, int]:
     """Delete the subject's rows from every user table and wait until the deletes are done."""
     removed = {}
-    for table in clickhouse_tables(client):
+    aggregates = [table for table in AGGREGATE_TABLES if "user_id" in client.columns(table)]
+    for table in [*clickhouse_tables(client), *aggregates]:
         count = clickhouse_count(client, table, subject)
         if count:
             client.execute(f"ALTER TABLE {client.database}.{table} DELETE WHERE {subject.sql()}")

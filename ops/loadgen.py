@@ -45,6 +45,8 @@ class Expected:
     """Tokens of the valid events that are not late: what the quota counters must hold."""
     windows: dict[tuple[str, str, str, int], list[int]] = field(default_factory=dict)
     """(org, user, model, window start) -> [events, *tokens by kind] of the events not late."""
+    late_totals: list[dict] = field(default_factory=list)
+    """The late events as one-event totals of their own window (what the flow bills as adjustments)."""
 
     def as_dict(self) -> dict:
         return {"produced": self.produced, "valid": self.valid, "duplicates": self.duplicates,
@@ -196,6 +198,11 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             expected.tokens += sum(tokens)
             if watermark is not None and event["event_time"] < watermark - lateness_ms:
                 expected.late += 1
+                expected.late_totals.append({
+                    "org_id": event["org_id"], "user_id": event["user_id"], "model": event["model"],
+                    "window_start_ms": event["event_time"] - event["event_time"] % window_ms,
+                    "window_length_ms": window_ms, "n": 1, "event_id": event["event_id"],
+                    **dict(zip(TOKEN_KINDS, tokens))})
             else:
                 start = event["event_time"] - event["event_time"] % window_ms
                 counts = expected.windows.setdefault((event["org_id"], event["user_id"], event["model"], start),

@@ -130,7 +130,10 @@ class WindowSettings(Section):
     length_s: float = Field(60, gt=0)
     allowed_lateness_s: float = Field(600, ge=0)
     flush_interval_s: float = Field(2, gt=0)
-    late_policy: Literal["dlq", "current"] = "dlq"
+    late_policy: Literal["adjust", "dlq", "current"] = "adjust"
+    """adjust: a late event counts once in its own event-time day and month, billed as an
+    adjustment; dlq: late events go to the DLQ instead (unbilled); current: counted in the
+    user's newest window."""
 
 
 class ModelPrice(Section):
@@ -227,6 +230,9 @@ class ClickHouseSettings(Section):
     database: str = "gatewatch"
     max_rows: int = Field(20_000, gt=0)
     max_age_s: float = Field(1, gt=0)
+    aggregate_interval_s: float = Field(10, ge=0)
+    """How often a writer recomputes the usage aggregates of the hours it touched (and once
+    more when the flow ends); 0 recomputes after every batch."""
 
     @field_validator("url")
     @classmethod

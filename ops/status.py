@@ -113,3 +113,23 @@ def render(before: Snapshot, after: Snapshot) -> str:
 
 def _seconds(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} s"
+
+
+def usage_lines(client, day_s: float | None = None) -> list[str]:
+    """Today's and this month's usage from the ClickHouse aggregates (never the raw events):
+    requests, errors, tokens and cost, and the orgs that used the most today."""
+    db = client.database
+    day = f"toDate(toDateTime({int(day_s if day_s is not None else time.time())}, 'UTC'))"
+    lines = ["", f"{'usage':<14}{'requests':>12}{'errors':>9}{'tokens':>15}{'cost USD':>16}"]
+    periods = (("today", f"day = {day}"), ("this month", f"day >= toStartOfMonth({day}) AND day <= {day}"))
+    for label, where in periods:
+        (requests, errors, tokens, cost), = client.rows(
+            f"SELECT sum(requests), sum(errors), sum(input_tokens + output_tokens + cache_read_tokens + "
+            f"cache_write_tokens), sum(cost_usd) FROM {db}.usage_daily FINAL WHERE {where}")
+        lines.append(f"{label:<14}{int(requests or 0):>12,}{int(errors or 0):>9,}{int(tokens or 0):>15,}"
+                     f"{float(cost or 0):>16,.2f}")
+    top = client.rows(f"SELECT org_id, sum(requests) AS n, sum(cost_usd) FROM {db}.usage_daily FINAL "
+                      f"WHERE day = {day} GROUP BY org_id ORDER BY n DESC LIMIT 5")
+    if top:
+        lines.append("top orgs today " + ", ".join(f"{org} {int(n):,} req ${float(c):,.2f}" for org, n, c in top))
+    return lines

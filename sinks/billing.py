@@ -1,8 +1,11 @@
 """Billing events: per user, model and window, the cost of its tokens from a versioned price table.
 
 A window's billing event is re-emitted with a higher `version` (the number of events it
-covers) whenever late events add to it; `billing_id` is deterministic, so a consumer keeps
-the highest version per id and never bills a token twice.
+covers) whenever events within the allowed lateness add to it; `billing_id` is
+deterministic, so a consumer keeps the highest version per id and never bills a token twice.
+An event later than that is billed as an adjustment of its own event-time window, with the
+id `<window id>/late/<event_id>`: a redelivery or replay of it carries the same id and
+version, so it is billed once whatever its lateness.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ def with_cost(event: dict, pricing) -> dict:
 
 def billing_event(total: dict, pricing) -> dict:
     cost, priced = cost_usd(total, pricing)
+    window_id = f"{total['org_id']}/{total['user_id']}/{total['model']}/{total['window_start_ms']}"
     return {
-        "billing_id": f"{total['org_id']}/{total['user_id']}/{total['model']}/{total['window_start_ms']}",
+        "billing_id": f"{window_id}/late/{total['event_id']}" if total.get("event_id") else window_id,
         "version": total["n"],
         "org_id": total["org_id"],
         "user_id": total["user_id"],

@@ -1,7 +1,10 @@
 """ClickHouse for analytics: embedded chdb (chdb://PATH) or a server (clickhouse://host:port).
 
 Rows go in as one columnar insert per batch. The events table is a ReplacingMergeTree keyed
-by event_id, so a batch written twice changes no query that reads it FINAL.
+by event_id, so a batch written twice changes no query that reads it FINAL. Raw rows expire
+after raw_days; what lives aggregate_days is usage_hourly and usage_daily, recomputed by
+refresh_aggregates as absolute totals of the touched hours (see there why that is exactly
+once), and every view reads those.
 """
 
 from __future__ import annotations
@@ -155,6 +158,85 @@ class ClickHouse:
             applied.append(path.stem)
         self._columns.clear()
         return applied
+
+
+# Absolute totals of every aggregate key of the given (org, hour) pairs, from the distinct
+# raw events. Inserted by position, so no aggregate needs an alias equal to its argument.
+_HOURLY_FROM_EVENTS = """
+INSERT INTO {db}.usage_hourly
+SELECT toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experiment_id, ''), ifNull(variant, ''),
+    count(), countIf(status_code >= 400), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
+    sum(cache_write_tokens), sum(cost_usd), sum(latency_ms), quantilesTDigestState(0.5, 0.95, 0.99)(latency_ms),
+    sumMap(map(toString(classification), toUInt64(1))),
+    sumMap(CAST((arrayMap(f -> concat(toString(classification), '/', toString(f)), policy_flags),
+                 arrayMap(f -> toUInt64(1), policy_flags)), 'Map(String, UInt64)')),
+    now64(3)
+FROM {db}.events FINAL
+WHERE org_id IN ({orgs}) AND event_time >= toDateTime64({low}, 3, 'UTC') AND event_time < toDateTime64({high}, 3, 'UTC')
+  AND (org_id, toStartOfHour(event_time), user_id) IN ({keys})
+GROUP BY toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experiment_id, ''), ifNull(variant, '')
+"""
+
+_DAILY_FROM_HOURLY = """
+INSERT INTO {db}.usage_daily
+SELECT toDate(hour), org_id, user_id, model, region, experiment_id, variant, sum(requests), sum(errors),
+    sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd),
+    sum(latency_ms_sum), quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_quantiles), sumMap(classifications),
+    sumMap(policy_flags), now64(3)
+FROM {db}.usage_hourly FINAL
+WHERE org_id IN ({orgs}) AND hour >= toDateTime({low}, 'UTC') AND hour < toDateTime({high}, 'UTC')
+  AND (org_id, toDate(hour), user_id) IN ({keys})
+GROUP BY toDate(hour), org_id, user_id, model, region, experiment_id, variant
+"""
+
+REFRESH_OVERLAP_S = 60
+"""Rows whose insert began before a refresh may commit after it read: each refresh looks
+this far before the previous one's start (recomputing a key twice changes nothing)."""
+
+
+def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000) -> int:
+    """Recompute the hourly and daily aggregates of every (org, hour, user) that received raw
+    rows since the last refresh; return how many (org, hour, user) keys were recomputed.
+
+    Exactly once by construction: an aggregate row is the absolute total of the distinct
+    events of its key (events read FINAL, restricted to the touched orgs' hours) and
+    replaces the older row of the same key. Progress is kept in aggregate_progress, so a
+    crash between an insert and its refresh is caught up by the next refresh; the first
+    refresh of an existing deployment recomputes its whole history. Hours older than the
+    raw retention are left alone: their raw rows are gone, their aggregates are final.
+    Keys include the user, so a refresh rewrites rows in proportion to the users active
+    since the previous one, not to everything the org did that day.
+    Servers older than 21 (legacy migrations) have no aggregates and keep their views."""
+    if client.legacy:
+        return 0
+    db = client.database
+    (started,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
+    (since,), = client.rows(f"SELECT toUnixTimestamp64Milli(max(through)) FROM {db}.aggregate_progress")
+    since_ms = max(0, int(since or 0) - REFRESH_OVERLAP_S * 1000) if since else 0
+    oldest_s = int(started) // 1000 - (raw_days - 1) * 86400
+    touched = client.rows(
+        f"SELECT DISTINCT org_id, toUnixTimestamp(toStartOfHour(event_time)), user_id FROM {db}.events "
+        f"WHERE ingested_at >= fromUnixTimestamp64Milli(toInt64({since_ms}), 'UTC') "
+        f"AND event_time >= toDateTime({oldest_s}, 'UTC') ORDER BY 1, 2, 3")
+    for at in range(0, len(touched), chunk):
+        _recompute(client, _HOURLY_FROM_EVENTS, [(org, int(hour), user) for org, hour, user in touched[at:at + chunk]],
+                   3600)
+    days = sorted({(org, int(hour) // 86400 * 86400, user) for org, hour, user in touched})
+    for at in range(0, len(days), chunk):
+        _recompute(client, _DAILY_FROM_HOURLY, days[at:at + chunk], 86400)
+    client.execute(f"INSERT INTO {db}.aggregate_progress (name, through) "
+                   f"SELECT 'usage', fromUnixTimestamp64Milli(toInt64({int(started)}), 'UTC')")
+    return len(touched)
+
+
+def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, str]], span_s: int) -> None:
+    starts = [start for _org, start, _user in keys]
+    to_bucket = "toStartOfHour" if span_s == 3600 else "toDate"
+    key_sql = ", ".join(f"({sql_string(org)}, {to_bucket}(toDateTime({start}, 'UTC')), {sql_string(user)})"
+                        for org, start, user in keys)
+    client.execute(template.format(
+        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})),
+        low=min(starts), high=max(starts) + span_s, keys=key_sql))
 
 
 def sql_string(value: str) -> str:

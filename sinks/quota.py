@@ -7,17 +7,41 @@ that cover no more events than it already holds. A retried, replayed or re-emitt
 therefore never counts a token twice. The same script notices when a user crosses an
 alert threshold of its tier's limits and records the alert as pending until the flow has
 delivered it.
+
+Bounded state (memory follows active users, not history):
+- A window's record only has to outlive the moments the flow can re-emit that window: the
+  flow forgets a window once its user's watermark passed it by the allowed lateness, and an
+  idle user after lateness + length + flush interval. The record therefore expires after
+  twice that horizon (the flow passes it as window_ttl_s), which also covers a restart
+  from a recovery snapshot within the horizon.
+- An event later than the allowed lateness never reopens its window. It arrives as a late
+  adjustment (a one-event total carrying its event_id) and is counted in its own
+  event-time day and month once per event id: a set per user and month of 12-byte id
+  hashes, expiring with the month counter it protects. Only late events are remembered
+  there, so it grows with the late rate, never with all traffic.
+- Day counters expire when their day ends plus a margin, month counters when their month
+  ends plus the margin; an event for a period that already expired still counts in the
+  periods that live (and is billed: billing does not depend on Redis).
+- A replay of raw events older than the window horizon cannot be told apart from new
+  usage by these records; such a replay is restated instead: restate() writes absolute
+  day/month totals (recomputed from the ClickHouse aggregates), which is idempotent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from datetime import datetime, timezone
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 import redis
 
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
-COUNTER_TTL_S = 40 * 86400
+WINDOW_RECORD_TTL_S = 2 * 3600
+"""Default life of a window's idempotency record; the flow passes twice its own horizon."""
+PERIOD_MARGIN_S = 86400
+"""Day and month counters outlive their period by this much (status, late alerts, reconciliation)."""
 TIERS_KEY = "gw:tiers"
 PENDING_ALERTS_KEY = "gw:alerts:pending"
 
@@ -36,42 +60,52 @@ end
 """
 
 APPLY_WINDOW = _LIMITS_LUA + """
--- KEYS: window, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts
--- ARGV: n, input, output, cache_read, cache_write, ttl, default tier, day, month, subject, thresholds...
-local n = tonumber(ARGV[1])
-local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
-if n <= prev_n then return 0 end
+-- KEYS: record, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts
+-- ARGV: n, input, output, cache_read, cache_write, window record expires at, default tier, day, month, subject,
+--       day expires at, month expires at, late event id ('' for a window total), thresholds...
 local kinds = {'input', 'output', 'cache_read', 'cache_write'}
-local deltas = {}
-local total = 0
-for i, kind in ipairs(kinds) do
-  local value = tonumber(ARGV[i + 1])
-  local delta = value - tonumber(redis.call('HGET', KEYS[1], kind) or '0')
-  deltas[i] = delta
-  total = total + delta
-  redis.call('HSET', KEYS[1], kind, value)
+local n = tonumber(ARGV[1])
+local added, deltas, total = 0, {}, 0
+if ARGV[13] == '' then
+  -- A window's running absolute totals: add what they hold beyond the record's.
+  local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+  if n <= prev_n then return 0 end
+  added = n - prev_n
+  for i, kind in ipairs(kinds) do
+    local value = tonumber(ARGV[i + 1])
+    deltas[i] = value - tonumber(redis.call('HGET', KEYS[1], kind) or '0')
+    redis.call('HSET', KEYS[1], kind, value)
+  end
+  redis.call('HSET', KEYS[1], 'n', n)
+  redis.call('EXPIREAT', KEYS[1], ARGV[6])
+else
+  -- A late event: once per event id in its month (the set lives as long as the month counter).
+  if redis.call('SADD', KEYS[1], ARGV[13]) == 0 then return 0 end
+  redis.call('EXPIREAT', KEYS[1], ARGV[12])
+  added = n
+  for i = 1, 4 do deltas[i] = tonumber(ARGV[i + 1]) end
 end
-redis.call('HSET', KEYS[1], 'n', n)
-redis.call('EXPIRE', KEYS[1], ARGV[6])
+for i = 1, 4 do total = total + deltas[i] end
 local before = {}
 for k = 2, 5 do
   before[k] = {tonumber(redis.call('HGET', KEYS[k], 'requests') or '0'), tonumber(redis.call('HGET', KEYS[k], 'tokens') or '0')}
-  redis.call('HINCRBY', KEYS[k], 'requests', n - prev_n)
+  redis.call('HINCRBY', KEYS[k], 'requests', added)
   redis.call('HINCRBY', KEYS[k], 'tokens', total)
   for i, kind in ipairs(kinds) do
     redis.call('HINCRBY', KEYS[k], kind, deltas[i])
   end
-  redis.call('EXPIRE', KEYS[k], ARGV[6])
+  -- Counters live until their period ends plus a margin: memory follows active users.
+  redis.call('EXPIREAT', KEYS[k], (k % 2 == 0) and ARGV[11] or ARGV[12])
 end
 local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
 local checks = {
-  {'requests_day', ARGV[8], rpd, before[2][1], before[2][1] + n - prev_n},
+  {'requests_day', ARGV[8], rpd, before[2][1], before[2][1] + added},
   {'tokens_month', ARGV[9], tpm, before[3][2], before[3][2] + total},
 }
 for _, check in ipairs(checks) do
   local metric, period, limit, old, new = check[1], check[2], check[3], check[4], check[5]
   if limit > 0 then
-    for t = 11, #ARGV do
+    for t = 14, #ARGV do
       local at = tonumber(ARGV[t]) * limit
       if old < at and new >= at then
         local id = ARGV[10] .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
@@ -111,15 +145,38 @@ def window_key(total: dict) -> str:
     return f"gw:win:{total['org_id']}/{total['user_id']}:{total['model']}:{total['window_start_ms']}"
 
 
+def late_key(total: dict) -> str:
+    """The set of late event ids already counted for a user in the month of the event."""
+    return f"gw:late:{total['org_id']}/{total['user_id']}:{periods(total['window_start_ms'])[1]}"
+
+
+def late_member(event_id: str) -> str:
+    """12 bytes of the event id's hash: late ids are kept a month, so they are kept small."""
+    return hashlib.blake2b(event_id.encode(), digest_size=12).hexdigest()
+
+
+def period_ends(when_ms: int) -> tuple[int, int]:
+    """Epoch seconds at which the day and the month containing when_ms end."""
+    moment = datetime.fromtimestamp(when_ms / 1000, tz=timezone.utc)
+    day = datetime(moment.year, moment.month, moment.day, tzinfo=timezone.utc) + timedelta(days=1)
+    month = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=timezone.utc)
+    return int(day.timestamp()), int(month.timestamp())
+
+
 def tier_keys(user: str) -> tuple[str, str, str]:
     return f"gw:tier:user:{user}", f"gw:limits:user:{user}", TIERS_KEY
 
 
 class QuotaStore:
-    def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0)):
+    def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0),
+                 window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S,
+                 clock: Callable[[], float] = time.time):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.default_tier = default_tier
         self.alert_thresholds = alert_thresholds
+        self.window_ttl_s = int(window_ttl_s)
+        self.period_margin_s = int(period_margin_s)
+        self.clock = clock  # a benchmark replaying simulated days passes their clock
         self._apply = self.redis.register_script(APPLY_WINDOW)
 
     def publish_tiers(self, tiers: dict) -> None:
@@ -139,17 +196,37 @@ class QuotaStore:
             self.redis.hset(limits_key, mapping=limits)
 
     def apply(self, totals: list[dict]) -> int:
-        """Apply window totals in one round trip; return how many changed a counter."""
+        """Apply window totals and late adjustments (totals with an event_id) in one round
+        trip; return how many changed a counter."""
         pipe = self.redis.pipeline(transaction=False)
         for total in totals:
             user = f"{total['org_id']}/{total['user_id']}"
-            keys = [window_key(total), *usage_keys("user", user, total["window_start_ms"]),
+            late_id = total.get("event_id")
+            record = late_key(total) if late_id else window_key(total)
+            day_end, month_end = period_ends(total["window_start_ms"])
+            keys = [record, *usage_keys("user", user, total["window_start_ms"]),
                     *usage_keys("org", total["org_id"], total["window_start_ms"]),
                     *tier_keys(user), PENDING_ALERTS_KEY]
-            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), COUNTER_TTL_S, self.default_tier,
-                    *periods(total["window_start_ms"]), user, *self.alert_thresholds]
+            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(self.clock()) + self.window_ttl_s,
+                    self.default_tier,
+                    *periods(total["window_start_ms"]), user, day_end + self.period_margin_s,
+                    month_end + self.period_margin_s, late_member(late_id) if late_id else "",
+                    *self.alert_thresholds]
             self._apply(keys=keys, args=args, client=pipe)
         return sum(pipe.execute())
+
+    def restate(self, scope: str, ident: str, when_ms: int, day: dict[str, int], month: dict[str, int]) -> None:
+        """Overwrite a day and month counter with absolute totals (requests, tokens, tokens by
+        kind), e.g. recomputed from the ClickHouse aggregates after a replay older than the
+        window horizon: setting an absolute value twice is the same as setting it once."""
+        day_key, month_key = usage_keys(scope, ident, when_ms)
+        day_end, month_end = period_ends(when_ms)
+        pipe = self.redis.pipeline(transaction=True)
+        for key, values, ends in ((day_key, day, day_end), (month_key, month, month_end)):
+            pipe.delete(key)
+            pipe.hset(key, mapping={name: int(value) for name, value in values.items()})
+            pipe.expireat(key, ends + self.period_margin_s)
+        pipe.execute()
 
     def pending_alerts(self) -> list[dict]:
         return [json.loads(v) for v in self.redis.hvals(PENDING_ALERTS_KEY)]

@@ -1,5 +1,6 @@
 """Quota counters, tiers, alerts and the gateway's QuotaClient against a real redis-server."""
 
+import time
 from decimal import Decimal
 
 import pytest
@@ -8,10 +9,11 @@ import redis
 from connectors.quota_client import QuotaClient
 from ops.settings import QuotaSettings, load_settings
 from sinks.billing import billing_event, cost_usd, latest_versions
-from sinks.quota import QuotaStore
+from sinks.quota import QuotaStore, periods
 
 pytestmark = pytest.mark.integration
-WINDOW = 1_795_000_000_000  # 2026-11-18
+# Today's current minute: counters of a period that ended (plus a margin) expire at once.
+WINDOW = int(time.time()) // 60 * 60_000
 
 
 @pytest.fixture
@@ -90,3 +92,56 @@ def test_billing_consumers_keep_the_highest_version():
     assert first["billing_id"] == later["billing_id"]
     kept = latest_versions([later, first, first])
     assert kept[first["billing_id"]]["cost_usd"] == later["cost_usd"] == "0.000750000"
+
+
+def late(event_id, input, start=WINDOW, user="u1"):
+    return {**total(1, input, user=user, start=start), "event_id": event_id}
+
+
+def test_late_events_count_once_in_their_own_day_and_month(store):
+    store.apply([total(2, 100)])
+    # Another day of the same month (yesterday, or tomorrow on the 1st).
+    yesterday = WINDOW - 86_400_000 if periods(WINDOW - 86_400_000)[1] == periods(WINDOW)[1] else WINDOW + 86_400_000
+    assert store.apply([late("e-old", 40, start=yesterday), late("e-old", 40, start=yesterday)]) == 1
+    assert store.apply([late("e-old", 40, start=yesterday)]) == 0
+    assert store.usage("user", "o1/u1", yesterday)["day"]["tokens"] == 40
+    assert store.usage("user", "o1/u1", WINDOW)["day"]["tokens"] == 100
+    assert store.usage("user", "o1/u1", WINDOW)["month"] == {
+        "requests": 3, "tokens": 140, "input": 140, "output": 0, "cache_read": 0, "cache_write": 0}
+    # A late event joins no window record: the window's own totals still apply by difference.
+    assert store.apply([total(3, 130)]) == 1
+    assert store.usage("user", "o1/u1", WINDOW)["month"]["tokens"] == 170
+
+
+def test_redis_state_expires_with_its_horizon_and_periods(store):
+    from sinks.quota import late_key, period_ends, usage_keys, window_key
+    store.window_ttl_s = 1324
+    store.apply([total(2, 100), late("e-late", 7)])
+    r = store.redis
+    assert 0 < r.ttl(window_key(total(2))) <= 1324
+    day_end, month_end = period_ends(WINDOW)
+    day_key, month_key = usage_keys("user", "o1/u1", WINDOW)
+    assert r.expiretime(day_key) == day_end + 86_400
+    assert r.expiretime(month_key) == month_end + 86_400 == r.expiretime(late_key(late("x", 0)))
+    assert r.expiretime(usage_keys("org", "o1", WINDOW)[0]) == day_end + 86_400
+    # Every key written is bounded by a TTL: nothing a user leaves behind lives forever.
+    assert all(r.ttl(key) > 0 for key in r.scan_iter(match="gw:*")
+               if not key.startswith((b"gw:tiers", b"gw:tier:", b"gw:limits:")))
+
+
+def test_restating_absolute_totals_is_idempotent(store):
+    store.apply([total(2, 100)])
+    restated = {"requests": 5, "tokens": 900, "input": 900}
+    for _ in range(2):
+        store.restate("user", "o1/u1", WINDOW, day=restated, month=restated)
+    assert store.usage("user", "o1/u1", WINDOW)["month"] == restated
+
+
+def test_late_events_are_billed_as_adjustments_with_deterministic_ids():
+    pricing = load_settings().pricing
+    adjustment = billing_event(late("e-9", 1000), pricing)
+    assert adjustment["billing_id"] == f"o1/u1/gpt-4o/{WINDOW}/late/e-9"
+    window = billing_event(total(4, 1000), pricing)
+    kept = latest_versions([window, adjustment, adjustment, billing_event(total(3, 900), pricing)])
+    assert sorted(kept) == sorted([window["billing_id"], adjustment["billing_id"]])
+    assert Decimal(adjustment["cost_usd"]) > 0

@@ -120,3 +120,15 @@ def test_batcher_emits_by_size_age_and_eof():
     batcher = Batcher(max_rows=10, max_age_s=5, items=[3], clock=clock)
     assert batcher.on_notify() == ([[3]], Batcher.DISCARD)
     assert Batcher(10, 5, items=[4]).on_eof() == ([[4]], Batcher.DISCARD)
+
+
+def test_late_events_become_adjustments_of_their_own_window_by_default():
+    logic = WindowLogic(UserWindows(60_000, 60_000, "adjust"), flush_interval_s=2, idle_s=30, clock=Clock())
+    out, _ = logic.on_batch([event("new", t=600_000), event("old", t=100_000)])
+    assert [(kind, [(t["event_id"], t["window_start_ms"], t["n"]) for t in totals]) for kind, totals in out] == [
+        ("totals", [("old", 60_000, 1)])]
+    (kind, totals), = logic.on_notify()[0]
+    # The late event never reopens or joins a window's running totals.
+    assert [(t["window_start_ms"], t["n"], "event_id" in t) for t in totals] == [(600_000, 1, False)]
+    from ops.settings import WindowSettings
+    assert WindowTotals(60_000, 60_000).late_policy == WindowSettings().late_policy == "adjust"

@@ -37,3 +37,25 @@ def test_merge_sums_processes():
     snap = merge([parse(BEFORE, 0), parse(BEFORE, 1)])
     assert snap.counters[("gatewatch_events", (("stage", "decoded"),))] == 200
     assert dict(snap.buckets[("gatewatch_freshness_seconds", (("sink", "clickhouse"),))])[2.0] == 200
+
+
+def test_usage_lines_read_the_aggregates(tmp_path):
+    import time
+    import uuid
+
+    from ops.status import usage_lines
+    from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
+    from tests.test_aggregates import events
+
+    client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", f"st_{uuid.uuid4().hex[:8]}")
+    try:
+        client.migrate()
+        now = int(time.time() * 1000)
+        rows = events(120, now_ms=now, hours=1)
+        client.insert_events(rows)
+        refresh_aggregates(client)
+        text = "\n".join(usage_lines(client, rows[0]["event_time"] / 1000))
+    finally:
+        close_chdb()
+    today = sum(1 for e in rows if e["event_time"] // 86_400_000 == rows[0]["event_time"] // 86_400_000)
+    assert f"today{today:>21,}" in text and "top orgs today org-" in text

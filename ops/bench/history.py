@@ -1,0 +1,219 @@
+"""`gatewatch bench history`: what the stores hold after D simulated days of traffic.
+
+The flow's own code runs over days of event time compressed into seconds: WindowLogic
+(tumbling windows and late adjustments), QuotaStore.apply on a real redis-server, billing
+events, ParquetStore and ClickHouse (chdb) inserts with refresh_aggregates. Redis expires
+keys by the wall clock, which stands still here, so the benchmark gives the store the
+simulated clock and, at the end of each simulated day, deletes the keys whose expiry time
+(EXPIRETIME) has passed in simulated time: what Redis' own expiry does in a real day.
+Simulated days start tomorrow, so no expiry time falls in the real past.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+import sys
+import tempfile
+import time
+from datetime import timezone
+from pathlib import Path
+
+import click
+import redis
+
+from dataflows.state import UserWindows, WindowLogic
+from ops.loadgen import make_event
+from ops.services import start_redis
+from ops.settings import PricingSettings
+from sinks.billing import billing_event, with_cost
+from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
+from sinks.parquet import ParquetStore, partition_of
+from sinks.quota import QuotaStore
+
+DAY_S = 86400
+BATCH_S = 300
+"""Simulated seconds per batch handed to the window logic (then its timer fires)."""
+LENGTH_MS, LATENESS_MS, FLUSH_S = 60_000, 600_000, 2.0
+
+
+class SimulatedClock:
+    def __init__(self, now: float):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def day_events(rng: random.Random, day_start_s: int, users: int, count: int,
+               late_ratio: float) -> list[tuple[int, dict]]:
+    """(arrival second, event) of count events arriving over one day, in arrival order; users
+    drawn with a long tail (a few heavy users, most seen once or twice a day); late_ratio of
+    the events are dated minutes to hours before they arrive, past the allowed lateness."""
+    arrivals = []
+    for n in range(count):
+        arrival_s = day_start_s + rng.randrange(DAY_S)
+        event = make_event(rng, arrival_s * 1000, 1, 0.0, (20, 40))[0]
+        user = min(int(rng.paretovariate(0.35)), users) if rng.random() < 0.5 else rng.randrange(1, users + 1)
+        event.update(user_id=f"user-{user:07d}", org_id=f"org-{user % 97:02d}", classification="internal",
+                     pii_entity_counts={}, source_partition=0, source_offset=n)
+        if rng.random() < late_ratio:
+            event["event_time"] -= rng.randrange(LATENESS_MS + 60_000, 6 * 3_600_000)
+        arrivals.append((arrival_s, event))
+    arrivals.sort(key=lambda pair: pair[0])
+    return arrivals
+
+
+def expire_passed(client: redis.Redis, now_s: float) -> int:
+    """Delete every key whose expiry time is at or before now_s; return how many."""
+    gone = 0
+    keys = list(client.scan_iter(count=5000))
+    for at in range(0, len(keys), 5000):
+        chunk = keys[at:at + 5000]
+        pipe = client.pipeline(transaction=False)
+        for key in chunk:
+            pipe.expiretime(key)
+        doomed = [key for key, expires in zip(chunk, pipe.execute()) if 0 < expires <= now_s]
+        if doomed:
+            gone += client.delete(*doomed)
+    return gone
+
+
+def timed_ms(client: ClickHouse, sql: str, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        client.rows(sql)
+        best = min(best, (time.perf_counter() - started) * 1000)
+    return round(best, 1)
+
+
+def dashboard_queries(db: str, day_s: int, org: str, user: str) -> dict[str, str]:
+    """The questions a usage dashboard asks most: one org's day, one user's month to date,
+    the top models of the month."""
+    day = f"toDate(toDateTime({day_s}, 'UTC'))"
+    return {
+        "org_day": f"SELECT model, sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) "
+                   f"FROM {db}.usage_hourly FINAL WHERE org_id = '{org}' AND toDate(hour) = {day} GROUP BY model",
+        "user_month": f"SELECT sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) FROM {db}.usage_daily "
+                      f"FINAL WHERE org_id = '{org}' AND user_id = '{user}' AND day >= toStartOfMonth({day}) "
+                      f"AND day <= {day}",
+        "top_models_month": f"SELECT model, sum(requests) AS n, sum(cost_usd) FROM {db}.usage_daily FINAL "
+                            f"WHERE day >= toStartOfMonth({day}) AND day <= {day} GROUP BY model ORDER BY n DESC "
+                            "LIMIT 5",
+    }
+
+
+def table_sizes(client: ClickHouse, db: str) -> dict[str, tuple[int, int]]:
+    return {name: (int(rows), int(size)) for name, rows, size in client.rows(
+        f"SELECT table, sum(rows), sum(bytes_on_disk) FROM system.parts WHERE database = '{db}' AND active "
+        "GROUP BY table")}
+
+
+def run_history(days: int, users: int, events_per_day: int, late_ratio: float, seed: int, root: Path,
+                first_day: int | None = None) -> dict:
+    """Simulate the days from first_day (epoch seconds of a future midnight, tomorrow by default)."""
+    rng = random.Random(seed)
+    pricing = PricingSettings()
+    first_day = first_day or (int(time.time()) // DAY_S + 1) * DAY_S
+    clock = SimulatedClock(first_day)
+    server = start_redis(root / "redis")
+    try:
+        quota = QuotaStore(server.address, window_ttl_s=int(2 * (LATENESS_MS / 1000 + LENGTH_MS / 1000 + FLUSH_S)),
+                           clock=clock)
+        windows = WindowLogic(UserWindows(LENGTH_MS, LATENESS_MS, "adjust"), FLUSH_S,
+                              (LATENESS_MS + LENGTH_MS) / 1000 + FLUSH_S, clock=clock)
+        parquet = ParquetStore(str(root / "raw"))
+        clickhouse = ClickHouse(f"chdb://{root / 'chdb'}", "history")
+        clickhouse.migrate()
+        report: dict = {"days": days, "users": users, "events_per_day": events_per_day, "events": 0,
+                        "billing_events": 0, "redis_bytes_by_day": [], "redis_keys_by_day": [],
+                        "clickhouse_rows_by_table": {}, "clickhouse_bytes_by_table": {}, "parquet_bytes_by_day": [],
+                        "query_ms_by_day": [], "month_active_users_by_day": []}
+        seen_month, month_users = None, set()
+        for day in range(days):
+            day_start = first_day + day * DAY_S
+            arrivals = day_events(rng, day_start, users, events_per_day, late_ratio)
+            events = [event for _at, event in arrivals]
+            for batch_end, batch in itertools.groupby(arrivals, key=lambda pair: pair[0] // BATCH_S * BATCH_S + BATCH_S):
+                clock.now = batch_end
+                out, _ = windows.on_batch([with_cost(event, pricing) for _at, event in batch])
+                out += windows.on_notify()[0]
+                totals = [t for kind, items in out if kind == "totals" for t in items]
+                quota.apply(totals)
+                report["billing_events"] += len([billing_event(t, pricing) for t in totals])
+            priced = [with_cost(e, pricing) for e in events]
+            by_partition: dict[str, list[dict]] = {}
+            for event in priced:
+                by_partition.setdefault(partition_of(event), []).append(event)
+            for partition, rows in by_partition.items():
+                parquet.write(partition, rows)
+            for at in range(0, len(priced), 20_000):
+                clickhouse.insert_events(priced[at:at + 20_000])
+            refresh_aggregates(clickhouse, raw_days=30)
+            clock.now = day_start + DAY_S
+            expire_passed(quota.redis, clock.now)
+            report["events"] += len(events)
+            report["active_users_last_day"] = len({(e["org_id"], e["user_id"]) for e in events})
+            month = time.gmtime(day_start)[:2]
+            if month != seen_month:
+                seen_month, month_users = month, set()
+            month_users.update((e["org_id"], e["user_id"]) for e in events)
+            report["month_active_users_by_day"].append(len(month_users))
+            info = quota.redis.info("memory")
+            report["redis_bytes_by_day"].append(int(info["used_memory"]) - int(info.get("used_memory_startup", 0)))
+            report["redis_keys_by_day"].append(int(quota.redis.dbsize()))
+            report["parquet_bytes_by_day"].append(sum(p.stat().st_size for p in (root / "raw").rglob("*.parquet")))
+            sizes = table_sizes(clickhouse, "history")
+            sample = events[len(events) // 2]
+            queries = dashboard_queries("history", day_start, sample["org_id"], sample["user_id"])
+            report["query_ms_by_day"].append({name: timed_ms(clickhouse, sql) for name, sql in queries.items()})
+            for name in ("events", "usage_hourly", "usage_daily"):
+                rows, size = sizes.get(name, (0, 0))
+                report["clickhouse_rows_by_table"].setdefault(name, []).append(rows)
+                report["clickhouse_bytes_by_table"].setdefault(name, []).append(size)
+            print(f"day {day + 1:>3}: {len(events):>7} events  redis {report['redis_bytes_by_day'][-1] / 1e6:7.2f} MB "
+                  f"{report['redis_keys_by_day'][-1]:>8} keys  clickhouse "
+                  + " ".join(f"{n} {r:,} rows/{s / 1e6:.1f} MB" for n, (r, s) in sorted(sizes.items())
+                             if n in ("events", "usage_hourly", "usage_daily"))
+                  + f"  parquet {report['parquet_bytes_by_day'][-1] / 1e6:.1f} MB  queries ms "
+                  + json.dumps(report["query_ms_by_day"][-1]), file=sys.stderr, flush=True)
+        close_chdb()
+        return report
+    finally:
+        server.stop()
+
+
+def projection(report: dict, events_per_day: float = 86e6, active_users: float = 1e6) -> dict:
+    """The brief's scale from the last day's per-user and per-event figures. Redis holds a
+    month counter for every user active this month, so its figure is per month-active user
+    (at the brief's 86 requests per user per day, all 1M users are active every month)."""
+    redis_per_user = report["redis_bytes_by_day"][-1] / max(1, report["month_active_users_by_day"][-1])
+    hourly_per_event = report["clickhouse_bytes_by_table"]["usage_hourly"][-1] / max(1, report["events"])
+    raw_per_event = report["clickhouse_bytes_by_table"]["events"][-1] / max(1, report["events"])
+    return {"redis_bytes_per_month_active_user": round(redis_per_user, 1),
+            "redis_gb_at_scale": round(redis_per_user * active_users / 1e9, 2),
+            "clickhouse_raw_gb_per_day_at_scale": round(raw_per_event * events_per_day / 1e9, 1),
+            "clickhouse_hourly_aggregate_gb_per_day_at_scale_upper_bound": round(hourly_per_event * events_per_day / 1e9, 1)}
+
+
+@click.command("history")
+@click.option("--days", default=7, show_default=True, type=click.IntRange(1, 400))
+@click.option("--users", default=20_000, show_default=True, type=click.IntRange(1))
+@click.option("--events-per-day", default=20_000, show_default=True, type=click.IntRange(1))
+@click.option("--late-ratio", default=0.01, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--seed", default=11, show_default=True)
+@click.option("--start", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="First simulated day (UTC, in the future); tomorrow by default.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Keep the stores here.")
+def history(days: int, users: int, events_per_day: int, late_ratio: float, seed: int, start, data_dir: str | None) -> None:
+    """Redis memory, ClickHouse and Parquet sizes and dashboard query latency over D
+    simulated days (progress per day on stderr, one JSON object last on stdout)."""
+    root = Path(data_dir or tempfile.mkdtemp(prefix="gatewatch-history-")).resolve()
+    first_day = int(start.replace(tzinfo=timezone.utc).timestamp()) if start else None
+    if first_day is not None and first_day <= time.time():
+        raise click.BadParameter("must be a future day: Redis would expire its keys by the real clock", param_hint="--start")
+    report = run_history(days, users, events_per_day, late_ratio, seed, root, first_day)
+    report["projection"] = projection(report)
+    click.echo(json.dumps(report))

@@ -1,0 +1,149 @@
+"""Usage aggregates in embedded ClickHouse (chdb): exactly once under duplicates, retried
+batches, replays and late events, and the views that read them."""
+
+import random
+import time
+import uuid
+from collections import Counter
+from decimal import Decimal
+
+import pytest
+
+from ops.loadgen import make_event
+from ops.settings import PricingSettings
+from sinks.billing import with_cost
+from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
+
+HOUR_MS = 3_600_000
+FLAGS = (["jailbreak"], [], ["pii_leak", "jailbreak"], [])
+
+
+def events(count, seed=5, now_ms=None, hours=48):
+    rng = random.Random(seed)
+    now_ms = now_ms or int(time.time() * 1000)
+    out = []
+    for n in range(count):
+        event = make_event(rng, now_ms - rng.randrange(0, hours * HOUR_MS), 40, 0.0)[0]
+        event.update(classification=rng.choice(["public", "internal"]), policy_flags=FLAGS[n % 4],
+                     pii_entity_counts={}, source_partition=0, source_offset=n)
+        out.append(with_cost(event, PricingSettings()))
+    return out
+
+
+@pytest.fixture
+def clickhouse(tmp_path):
+    client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", f"agg_{uuid.uuid4().hex[:8]}")
+    assert "050_usage_aggregates" in client.migrate(raw_ttl_days=30, aggregate_ttl_days=365)
+    yield client
+    close_chdb()
+
+
+def totals(client, table="usage_daily"):
+    return sorted(client.rows(
+        f"SELECT org_id, user_id, model, sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), "
+        f"sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd) FROM {client.database}.{table} "
+        f"FINAL GROUP BY org_id, user_id, model"))
+
+
+def want(rows):
+    out = {}
+    for e in rows:
+        key = (e["org_id"], e["user_id"], e["model"])
+        n, err, i, o, cr, cw, usd = out.get(key, (0, 0, 0, 0, 0, 0, Decimal(0)))
+        out[key] = (n + 1, err + (e["status_code"] >= 400), i + e["input_tokens"], o + e["output_tokens"],
+                    cr + e["cache_read_tokens"], cw + e["cache_write_tokens"], usd + e["cost_usd"])
+    return sorted((*key, *values) for key, values in out.items())
+
+
+def test_duplicates_retries_and_replays_are_aggregated_once(clickhouse):
+    rows = events(1500)
+    clickhouse.insert_events(rows)
+    clickhouse.insert_events(rows[:400])  # a retried batch
+    assert refresh_aggregates(clickhouse) > 20
+    expected = want(rows)
+    assert totals(clickhouse) == expected
+    assert totals(clickhouse, "usage_hourly") == expected
+    # A replay of everything in other batches, refreshed twice: nothing changes.
+    for at in range(0, 1500, 700):
+        clickhouse.insert_events(rows[at:at + 700][::-1])
+    refresh_aggregates(clickhouse)
+    refresh_aggregates(clickhouse)
+    assert totals(clickhouse) == expected
+
+
+def test_a_late_event_lands_in_its_own_hour_and_day(clickhouse):
+    now = int(time.time() * 1000)
+    rows = events(300, now_ms=now, hours=2)
+    clickhouse.insert_events(rows)
+    refresh_aggregates(clickhouse)
+    late = {**rows[0], "event_id": "late-1", "event_time": now - 26 * HOUR_MS, "input_tokens": 777}
+    clickhouse.insert_events([late])
+    refresh_aggregates(clickhouse)
+    assert totals(clickhouse) == want([*rows, late])
+    hour = late["event_time"] // HOUR_MS * HOUR_MS // 1000
+    (requests, tokens), = clickhouse.rows(
+        f"SELECT sum(requests), sum(input_tokens) FROM {clickhouse.database}.usage_hourly FINAL "
+        f"WHERE hour = toDateTime({hour}, 'UTC') AND org_id = '{late['org_id']}'")
+    assert (requests, tokens) == (1, 777)
+
+
+def test_views_read_the_aggregates(clickhouse):
+    rows = events(800)
+    clickhouse.insert_events(rows)
+    refresh_aggregates(clickhouse)
+    db = clickhouse.database
+    (requests, tokens, p50, p99), = clickhouse.rows(
+        f"SELECT sum(requests), sum(total_tokens), min(latency_p50_ms), max(latency_p99_ms) FROM {db}.daily_metrics")
+    assert requests == 800
+    assert tokens == sum(e[f"{k}_tokens"] for e in rows for k in ("input", "output", "cache_read", "cache_write"))
+    assert 0 < p50 <= p99 <= max(e["latency_ms"] for e in rows) * 1.01
+    flags = Counter((e["classification"], f) for e in rows for f in e["policy_flags"])
+    got = {(level, flag): int(n) for level, flag, n in clickhouse.rows(
+        f"SELECT level, flag, sum(requests) FROM {db}.policy_metrics GROUP BY level, flag")}
+    assert got == dict(flags)
+    (hourly,), = clickhouse.rows(f"SELECT sum(requests) FROM {db}.hourly_metrics")
+    (experiments,), = clickhouse.rows(f"SELECT sum(requests) FROM {db}.experiment_metrics")
+    assert hourly == 800 and experiments == sum(1 for e in rows if e["experiment_id"])
+    assert "FINAL" not in " ".join(sql for (sql,) in clickhouse.rows(
+        f"SELECT create_table_query FROM system.tables WHERE database = '{db}' AND name LIKE '%metrics' "
+        f"AND name != 'feedback_metrics'")).replace("usage_daily FINAL", "").replace("usage_hourly FINAL", "")
+
+
+def test_an_existing_deployment_moves_over_on_migration_and_first_refresh(tmp_path, monkeypatch):
+    import sinks.clickhouse as module
+    before = tmp_path / "before_050"
+    before.mkdir()
+    for path in sorted(module.MIGRATIONS_DIR.glob("*.sql")):
+        if path.stem < "050":
+            (before / path.name).write_text(path.read_text())
+    client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing")
+    try:
+        monkeypatch.setattr(module, "MIGRATIONS_DIR", before)
+        assert "050_usage_aggregates" not in client.migrate(raw_ttl_days=30, aggregate_ttl_days=365)
+        rows = events(200, hours=24 * 20)
+        client.insert_events(rows)
+        monkeypatch.undo()
+        assert client.migrate(raw_ttl_days=30, aggregate_ttl_days=365) == ["050_usage_aggregates"]
+        assert refresh_aggregates(client) > 0
+        assert totals(client) == want(rows)
+        (create,), = client.rows("SELECT create_table_query FROM system.tables "
+                                 "WHERE database = 'existing' AND name = 'events'")
+        assert "toIntervalDay(30)" in create or "INTERVAL 30 DAY" in create
+    finally:
+        close_chdb()
+
+
+def test_forgetting_a_user_removes_their_aggregates(clickhouse):
+    from ops.gdpr import Subject, forget_clickhouse
+
+    rows = events(300)
+    clickhouse.insert_events(rows)
+    refresh_aggregates(clickhouse)
+    user = rows[0]["user_id"]
+    removed = forget_clickhouse(clickhouse, Subject(user_id=user))
+    assert removed[f"{clickhouse.database}.usage_daily"] > 0
+    for table in ("usage_hourly", "usage_daily", "events"):
+        assert clickhouse.rows(f"SELECT count() FROM {clickhouse.database}.{table} WHERE user_id = '{user}'") == [(0,)]
+    # A later refresh does not bring them back: their raw rows are gone too.
+    refresh_aggregates(clickhouse)
+    assert clickhouse.rows(f"SELECT count() FROM {clickhouse.database}.usage_daily WHERE user_id = '{user}'") == [(0,)]
