@@ -187,10 +187,14 @@ def _mod97(compact: str) -> bool:
 def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
     out = []
     validator = _presidio()["iban"]
-    for m in IBAN_RE.finditer(text, lo, hi):
+    position = lo
+    while (m := IBAN_RE.search(text, position, hi)) is not None:
         raw = m.group()
         positions = [i for i, ch in enumerate(raw) if ch not in " -"]
         compact = "".join(raw[i] for i in positions).upper()  # people paste IBANs in lowercase too
+        # A match can run on into the next words ("DE89 ... 00 and GB82..."): the search goes on
+        # right after the IBAN found, not after the match, or a second IBAN is swallowed.
+        position = m.start() + 1
         for length in range(min(34, len(compact)), 14, -1):
             candidate = compact[:length]
             end = positions[length - 1] + 1
@@ -198,6 +202,7 @@ def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
                 continue  # would cut a group in half
             if _mod97(candidate) and validator.validate_result(candidate):
                 out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
+                position = m.start() + end
                 break
     return out
 

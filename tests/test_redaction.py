@@ -85,6 +85,18 @@ def test_every_entity_type_is_found_and_replaced(redactor, entity, template, val
     assert value in text[found.start:found.end] or text[found.start:found.end] in value
 
 
+@pytest.mark.parametrize("text", [
+    "keep DE89 3704 0044 0532 0130 00 and GB82WEST12345698765432 safe",
+    "de89370400440532013000, gb82west12345698765432",
+])
+def test_an_iban_followed_by_words_and_another_iban_finds_both(redactor, text):
+    """The IBAN pattern runs on over spaces into the next words; the second IBAN must not be
+    swallowed by the first one's match."""
+    result = redactor.redact(text)
+    assert kinds(result) == ["IBAN_CODE", "IBAN_CODE"]
+    assert "GB82" not in result.text.upper()
+
+
 def test_private_key_block_is_removed_whole(redactor):
     key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nq1w2e3r4t5y6\n-----END RSA PRIVATE KEY-----"
     result = redactor.redact(f"why does ssh reject this?\n{key}\nthanks")
