@@ -158,10 +158,14 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
                 if 12 <= len(digits) <= 19 and luhn(digits) and card_brand(digits):
                     last = first + size - 1
                     best = (starts[first], starts[last] + len(groups[last]))
+                    shape = [len(g) for g in groups[first:last + 1]]
                     break
             if best:
                 break
-        if best and not _context(text, m.start(), CARD_CONTEXT) and (
+        # Grouped as cards are printed (4-4-4-4, 4-4-4-4-3, Amex 4-6-5, Diners 4-6-4), a Luhn-valid
+        # number of a card range is a card whatever word stands before it ("ID", "account").
+        card_shaped = best is not None and shape in ([4, 4, 4, 4], [4, 4, 4, 4, 3], [4, 6, 5], [4, 6, 4])
+        if best and not card_shaped and not _context(text, m.start(), CARD_CONTEXT) and (
                 (best[1] - best[0] == 13 and _ean13(text[best[0]:best[1]]))
                 or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())
                 or table_header_says(text, m.start(), NOT_PHONE_HEADER)):

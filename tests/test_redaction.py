@@ -97,6 +97,13 @@ def test_an_iban_followed_by_words_and_another_iban_finds_both(redactor, text):
     assert "GB82" not in result.text.upper()
 
 
+@pytest.mark.parametrize("text", ["ID 4111 1111 1111 1111", "account 4111 1111 1111 1111", "ref 3782 822463 10005"])
+def test_a_card_printed_in_card_groups_is_a_card_after_any_word(redactor, text):
+    """Identifier words keep contiguous order and tracking numbers that pass Luhn; a number
+    grouped the way cards are printed is redacted whatever stands before it."""
+    assert kinds(redactor.redact(text)) == ["CREDIT_CARD"]
+
+
 def test_private_key_block_is_removed_whole(redactor):
     key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nq1w2e3r4t5y6\n-----END RSA PRIVATE KEY-----"
     result = redactor.redact(f"why does ssh reject this?\n{key}\nthanks")
