@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import pytest
 
@@ -111,7 +112,10 @@ def test_parquet_and_clickhouse_write_the_good_rows_and_dead_letter_the_one_they
         "parquet": settings.parquet.model_copy(update={"root": str(tmp_path / "raw")}),
         "clickhouse": settings.clickhouse.model_copy(update={"url": f"chdb://{tmp_path / 'chdb'}",
                                                              "database": "poison"})})
-    rows = [with_cost({**event(event_id=f"e-{i}", request_id=f"r-{i}"), "source_partition": 0, "source_offset": i},
+    # Recent: raw ClickHouse rows older than retention.raw_days are dropped by the table TTL.
+    now_ms = int(time.time() * 1000)
+    rows = [with_cost({**event(event_id=f"e-{i}", request_id=f"r-{i}", event_time=now_ms - 1000),
+                       "source_partition": 0, "source_offset": i},
                       settings.pricing) for i in range(5)]
     rows[3]["latency_ms"] = 2**40  # no Avro int, no UInt32 column: Arrow refuses the row
     _within(60, lambda: parquet_writer(settings)([(partition_of(rows[0]), rows)]))
