@@ -46,6 +46,10 @@ class PrometheusMetrics:
     def __init__(self, *metrics: Counter | Gauge | Histogram):
         self._by_name = {metric.describe()[0].name: metric for metric in metrics}
 
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._by_name)
+
     def _metric(self, name: str, tags: Mapping[str, str] | None):
         metric = self._by_name[name]
         return metric.labels(**tags) if tags else metric

@@ -62,3 +62,17 @@ def test_sink_retries_reach_the_prometheus_counters():
     assert write_with_retries("layers-test", flaky, initial_backoff_s=0.001, max_backoff_s=0.001) == "ok"
     assert samples() == (errors + 2, retries + 2)
     assert metrics.SINK_UP.labels(sink="layers-test")._value.get() == 1
+
+
+def test_every_metric_a_lower_package_reports_is_registered_with_prometheus():
+    import re
+
+    from ops import metrics
+    from sinks.metrics import get_metrics
+
+    reported = {name for package in LOWER for path in (ROOT / package).rglob("*.py")
+                for name in re.findall(r'get_metrics\(\)\.\w+\(\s*"(\w+)"', path.read_text())}
+    assert {"gatewatch_sink_errors", "gatewatch_replay_rows"} <= reported
+    backend = get_metrics()
+    assert isinstance(backend, metrics.PrometheusMetrics)
+    assert reported - backend.names == set()
