@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 
-from ops import metrics
+from sinks.metrics import get_metrics
 from sinks.parquet import ParquetStore
 
 FINISHED = ("", 0)
@@ -92,9 +92,9 @@ class _RegionPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
             if self._offset < self._table.num_rows:
                 batch = self._table.slice(self._offset, self._batch_size)
                 self._offset += batch.num_rows
-                metrics.REPLAY_ROWS.inc(batch.num_rows)
+                get_metrics().increment("gatewatch_replay_rows", batch.num_rows)
                 return rows_to_events(batch)
-            metrics.REPLAY_FILES.inc()
+            get_metrics().increment("gatewatch_replay_files")
             self._index, self._offset, self._table = self._index + 1, 0, None
         raise StopIteration
 

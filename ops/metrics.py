@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Mapping
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+from sinks.metrics import configure_metrics
 
 EVENTS = Counter("gatewatch_events", "Events leaving a pipeline stage", ["stage"])
 DLQ_RECORDS = Counter("gatewatch_dlq_records", "Records sent to the dead-letter queue", ["stage", "code"])
@@ -33,6 +36,36 @@ REPLAY_ROWS = Counter("gatewatch_replay_rows", "Raw Parquet rows a replay has re
 FRESHNESS_SECONDS = Histogram(
     "gatewatch_freshness_seconds", "Seconds from event_time until the event is queryable in a sink", ["sink"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))
+
+
+class PrometheusMetrics:
+    """The backend of ``sinks.metrics``: a report names one of the metrics above by its
+    Prometheus name; a name not registered here is a programming error and raises."""
+
+    def __init__(self, *metrics: Counter | Gauge | Histogram):
+        self._by_name = {metric.describe()[0].name: metric for metric in metrics}
+
+    @property
+    def names(self) -> frozenset[str]:
+        return frozenset(self._by_name)
+
+    def _metric(self, name: str, tags: Mapping[str, str] | None):
+        metric = self._by_name[name]
+        return metric.labels(**tags) if tags else metric
+
+    def increment(self, name: str, value: float = 1, tags: Mapping[str, str] | None = None) -> None:
+        self._metric(name, tags).inc(value)
+
+    def gauge(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
+        self._metric(name, tags).set(value)
+
+    def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None:
+        self._metric(name, tags).observe(seconds)
+
+
+# Installed on import: every process that runs a flow or a sink imports this module, so the
+# lower packages' reports reach Prometheus without each entry point wiring it.
+configure_metrics(PrometheusMetrics(SINK_ERRORS, SINK_UP, SINK_RETRIES, SINK_WRITE_SECONDS, REPLAY_FILES, REPLAY_ROWS))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

@@ -99,6 +99,19 @@ class DecodeLimits:
                       if hasattr(validation, name)})
 
 
+@dataclass(frozen=True)
+class EventRules(DecodeLimits):
+    """The semantic rules of an event besides its input limits; the defaults are those of
+    the ``validation`` settings section, which a caller passes instead (any object with
+    these attributes)."""
+
+    regions: tuple[str, ...] = ("us", "eu", "apac")
+    max_future_s: float = 300
+    max_past_s: float = 7 * 86400
+    max_latency_ms: int = 15 * 60 * 1000
+    max_tokens: int = 10_000_000
+
+
 def detect_encoding(value: bytes) -> str | None:
     """The name of a non-UTF-8 text encoding the bytes start with (BOM, or JSON's first
     character padded with NULs as UTF-16/32 writes it), or None."""
@@ -629,9 +642,7 @@ class EventCodec(RecordCodec):
     def __init__(self, registry, validation=None, *, schema: str = "gateway_event",
                  plain_writer_id: int | None = None):
         if validation is None:
-            from ops.settings import ValidationSettings
-
-            validation = ValidationSettings()
+            validation = EventRules()
         super().__init__(registry, schema, plain_writer_id=plain_writer_id, limits=DecodeLimits.of(validation))
         self.validation = validation
         self.regions = frozenset(validation.regions)

@@ -13,15 +13,15 @@ the caller sends to the DLQ.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from typing import Callable, TypeVar
 
-from ops import metrics
-from ops.logs import get_logger
+from sinks.metrics import get_metrics
 
 T = TypeVar("T")
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 
 
 def backoff_delays(initial_s: float = 0.2, max_s: float = 30.0, factor: float = 2.0):
@@ -44,25 +44,26 @@ def write_with_retries(
     """Run write() until it succeeds; every failure is logged, counted and waited out,
     except one that ``give_up_on`` calls permanent, which is raised at once."""
     attempt = 0
+    labels = {"sink": sink}
     for delay in backoff_delays(initial_backoff_s, max_backoff_s):
         attempt += 1
         started = time.perf_counter()
         try:
             result = write()
         except retry_on as exc:
-            metrics.SINK_ERRORS.labels(sink=sink).inc()
+            get_metrics().increment("gatewatch_sink_errors", tags=labels)
             if give_up_on is not None and give_up_on(exc):
                 raise
-            metrics.SINK_UP.labels(sink=sink).set(0)
+            get_metrics().gauge("gatewatch_sink_up", 0, tags=labels)
             if max_attempts is not None and attempt >= max_attempts:
                 raise
             log.warning("sink write failed, retrying", extra={"sink": sink, "attempt": attempt,
                         "retry_in_s": round(delay, 2), "error": f"{type(exc).__name__}: {exc}"})
-            metrics.SINK_RETRIES.labels(sink=sink).inc()
+            get_metrics().increment("gatewatch_sink_retries", tags=labels)
             time.sleep(delay)
             continue
-        metrics.SINK_WRITE_SECONDS.labels(sink=sink).observe(time.perf_counter() - started)
-        metrics.SINK_UP.labels(sink=sink).set(1)
+        get_metrics().timing("gatewatch_sink_write_seconds", time.perf_counter() - started, tags=labels)
+        get_metrics().gauge("gatewatch_sink_up", 1, tags=labels)
         return result
     raise AssertionError("unreachable")
 

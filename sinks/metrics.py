@@ -1,0 +1,45 @@
+"""The metrics hook of the lower packages (``sinks``, ``connectors``), in the manner of
+getsentry/arroyo's ``configure_metrics``: they report through ``get_metrics()`` and never
+import a metrics library or ``ops``. ``ops.metrics`` (the composition root) installs the
+Prometheus backend when it is imported; until then every call is a no-op, so a sink used
+on its own needs no set-up.
+
+Names are the full Prometheus metric names (``gatewatch_sink_errors``) and tags their
+labels, so the exported series are exactly the ones the backend registered.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol
+
+
+class Metrics(Protocol):
+    def increment(self, name: str, value: float = 1, tags: Mapping[str, str] | None = None) -> None: ...
+
+    def gauge(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None: ...
+
+    def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None: ...
+
+
+class NoOpMetrics:
+    def increment(self, name: str, value: float = 1, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+    def gauge(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+    def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+
+_backend: Metrics = NoOpMetrics()
+
+
+def configure_metrics(backend: Metrics) -> None:
+    """Install the backend every later report goes to (once, at start-up)."""
+    global _backend
+    _backend = backend
+
+
+def get_metrics() -> Metrics:
+    return _backend

@@ -1,0 +1,78 @@
+"""The packages below ops/ never import ops or dataflows (ops is the composition root), and
+the hooks that replace those imports still deliver: schema defaults, sink metrics."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+LOWER = ("schemas", "redaction", "sinks", "connectors")
+UPPER = ("ops", "dataflows")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (function-level imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("package", LOWER)
+def test_lower_packages_do_not_import_ops_or_dataflows(package):
+    upward = sorted(f"{path.relative_to(ROOT)} imports {name}"
+                    for path in (ROOT / package).rglob("*.py")
+                    for name in imported_modules(path) if name.split(".")[0] in UPPER)
+    assert upward == []
+
+
+def test_event_rules_defaults_match_the_validation_settings():
+    from ops.settings import ValidationSettings
+    from schemas.codec import EventRules
+
+    settings, rules = ValidationSettings(), EventRules()
+    for name in EventRules.__dataclass_fields__:
+        expected = getattr(settings, name)
+        assert getattr(rules, name) == (tuple(expected) if isinstance(expected, list) else expected), name
+
+
+def test_sink_retries_reach_the_prometheus_counters():
+    from ops import metrics
+    from sinks.retry import write_with_retries
+
+    def samples():
+        return (metrics.SINK_ERRORS.labels(sink="layers-test")._value.get(),
+                metrics.SINK_RETRIES.labels(sink="layers-test")._value.get())
+
+    errors, retries = samples()
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("down")
+        return "ok"
+
+    assert write_with_retries("layers-test", flaky, initial_backoff_s=0.001, max_backoff_s=0.001) == "ok"
+    assert samples() == (errors + 2, retries + 2)
+    assert metrics.SINK_UP.labels(sink="layers-test")._value.get() == 1
+
+
+def test_every_metric_a_lower_package_reports_is_registered_with_prometheus():
+    import re
+
+    from ops import metrics
+    from sinks.metrics import get_metrics
+
+    reported = {name for package in LOWER for path in (ROOT / package).rglob("*.py")
+                for name in re.findall(r'get_metrics\(\)\.\w+\(\s*"(\w+)"', path.read_text())}
+    assert {"gatewatch_sink_errors", "gatewatch_replay_rows"} <= reported
+    backend = get_metrics()
+    assert isinstance(backend, metrics.PrometheusMetrics)
+    assert reported - backend.names == set()
