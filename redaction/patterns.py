@@ -431,6 +431,13 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
     return any(address in network for network in _NOT_PERSONAL_V4)
 
 
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of "a.b.c.d", "a.b.c.d/nn" or an IPv6 form; ValueError if it is none.
+    Without a prefix this is ip_address: ip_interface would also build a network object,
+    which costs more than the parse."""
+    return ipaddress.ip_interface(value).ip if "/" in value else ipaddress.ip_address(value)
+
+
 def make_ip_finder(ignore_private: bool) -> Finder:
     def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
@@ -448,7 +455,7 @@ def make_ip_finder(ignore_private: bool) -> Finder:
                 if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
                     continue
                 try:
-                    address = ipaddress.ip_interface(value.split("%")[0]).ip
+                    address = _parse_ip(value.split("%")[0])
                 except ValueError:
                     continue
                 if ignore_private and _not_personal(address):
