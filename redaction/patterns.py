@@ -180,12 +180,16 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
 IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ \-]?[A-Za-z0-9]){11,32}")
 
 
+# ISO 13616: each letter becomes its number (A=10 ... Z=35) before the mod-97 check.
+_IBAN_LETTERS = str.maketrans({chr(c): str(c - 55) for c in range(ord("A"), ord("Z") + 1)}
+                              | {chr(c): str(c - 87) for c in range(ord("a"), ord("z") + 1)})
+
+
 def _mod97(compact: str) -> bool:
-    moved = compact[4:] + compact[:4]
-    try:
-        return int("".join(str(int(ch, 36)) for ch in moved)) % 97 == 1
-    except ValueError:
+    moved = (compact[4:] + compact[:4]).translate(_IBAN_LETTERS)
+    if not moved.isdecimal():
         return False
+    return int(moved) % 97 == 1
 
 
 def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
@@ -260,6 +264,7 @@ _PHONE_SHAPE = re.compile(
     r"^(?:(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}|\(\d{1,5}\)[ .\-]?\d{2,10}(?:[ .\-]\d{2,5}){0,3}|\(?0\d{1,5}\)?(?:[ .\-/]{1,2}\d{2,8}){1,4}|"
     r"00\d{1,3}(?:[ .\-]?\d{2,8}){1,5})$")
 _TRUNK = re.compile(r"\(0\)")
+_NON_DIGIT = re.compile(r"\D")
 _LEADING_ZERO_GROUP = re.compile(r"(?<=[ .\-/)])0")
 DECIMAL = re.compile(r"^\+?[1-9]\d*[.,]\d+$")
 UNIT_AFTER = re.compile(r"(?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b")
@@ -296,6 +301,8 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
 
 
 def _is_ipv4(candidate: str) -> bool:
+    if candidate.count(".") != 3:
+        return False  # what IPv4Address would reject, without the cost of its ValueError
     try:
         ipaddress.IPv4Address(candidate)
         return True
@@ -352,7 +359,7 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     looking real numbers). Unseparated digit runs need a numbering plan or a phone word
     nearby; identifiers (ISBN, EAN, order and tracking numbers, builds) are left alone."""
     main = _TRUNK.sub("", candidate)
-    compact = "".join(ch for ch in main if ch.isdigit())
+    compact = _NON_DIGIT.sub("", main)  # PHONE_RE matched: its only digits are \d ones
     digits = len(compact)
     if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
         return 0.0  # dates, times, versions, SSNs, IPv4 addresses
@@ -433,6 +440,13 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
     return any(address in network for network in _NOT_PERSONAL_V4)
 
 
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address of "a.b.c.d", "a.b.c.d/nn" or an IPv6 form; ValueError if it is none.
+    Without a prefix this is ip_address: ip_interface would also build a network object,
+    which costs more than the parse."""
+    return ipaddress.ip_interface(value).ip if "/" in value else ipaddress.ip_address(value)
+
+
 def make_ip_finder(ignore_private: bool) -> Finder:
     def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
@@ -450,7 +464,7 @@ def make_ip_finder(ignore_private: bool) -> Finder:
                 if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
                     continue
                 try:
-                    address = ipaddress.ip_interface(value.split("%")[0]).ip
+                    address = _parse_ip(value.split("%")[0])
                 except ValueError:
                     continue
                 if ignore_private and _not_personal(address):
