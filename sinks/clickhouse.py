@@ -18,6 +18,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
+from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import to_table
 
 FEEDBACK_SCHEMA = pa.schema([
@@ -146,14 +147,12 @@ class ClickHouse:
                      "(name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY name")
         done = {r[0] for r in self.rows(f"SELECT name FROM {self.database}.schema_migrations")}
         applied = []
-        directory = MIGRATIONS_DIR / "legacy" if self.legacy else MIGRATIONS_DIR
-        for path in sorted(directory.glob("*.sql")):
-            if path.stem in done:
+        for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
+            if path.stem in done or (self.legacy and path.stem in LEGACY_SKIPPED):
                 continue
-            sql = path.read_text().format(db=self.database, raw_ttl_days=raw_ttl_days,
-                                          aggregate_ttl_days=aggregate_ttl_days)
-            for statement in _statements(sql):
-                self.execute(statement)
+            for statement in migration_statements(path, self.legacy):
+                self.execute(statement.format(db=self.database, raw_ttl_days=raw_ttl_days,
+                                              aggregate_ttl_days=aggregate_ttl_days))
             self.execute(f"INSERT INTO {self.database}.schema_migrations (name) SELECT '{path.stem}'")
             applied.append(path.stem)
         self._columns.clear()
@@ -249,6 +248,16 @@ def _driver_values(column: pa.ChunkedArray) -> list:
     if pa.types.is_map(column.type):
         return [dict(v or ()) for v in values]
     return values
+
+
+def migration_statements(path: Path, legacy: bool) -> list[str]:
+    """The statements of one migration file, for a pre-21 server when legacy: generated from
+    the modern file, with the overrides of ops/migrations/legacy/<same name> (sinks.legacy_sql)."""
+    if not legacy:
+        return _statements(path.read_text())
+    override = path.parent / "legacy" / path.name
+    return with_overrides(_statements(to_legacy(path.read_text())),
+                          _statements(override.read_text()) if override.exists() else [])
 
 
 def _statements(sql: str) -> list[str]:
