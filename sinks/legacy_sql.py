@@ -8,6 +8,8 @@ column codecs or TTL. A legacy migration is the modern one with exactly these re
 - ``Bool`` -> ``UInt8`` (what Bool stores anyway);
 - ``CODEC(...)`` and column/table ``TTL ...`` clauses are dropped (legacy data never expires
   on its own; ``gatewatch forget`` and retention jobs still delete);
+- expressions leave a table's sort key (``ORDER BY (org_id, toDate(event_time), ...)`` ->
+  ``ORDER BY (org_id, ...)``): 18.16 rejects them ("Column 'toDate(event_time)' already exists");
 - ``Map`` columns are dropped, with their names in the same file's SELECT lists: their data
   (e.g. pii_entity_counts) is not written to legacy servers, inserts skip missing columns.
 
@@ -44,12 +46,19 @@ def _drop_map_columns(sql: str) -> str:
     return sql
 
 
+def _plain_sort_key(match: re.Match) -> str:
+    columns = [c.strip() for c in match.group(1).split(",")]
+    return "ORDER BY (" + ", ".join(c for c in columns if "(" not in c and ")" not in c) + ")"
+
+
 def to_legacy(sql: str) -> str:
     """The pre-21 form of one modern migration's SQL (placeholders such as {db} untouched)."""
     sql = _drop_map_columns(sql)
     sql = re.sub(r"DateTime64\(\d+,\s*('[^']*')\)", r"DateTime(\1)", sql)
     sql = re.sub(r"\bnow64\(\d*\)", "now()", sql)
     sql = re.sub(r"\bBool\b", "UInt8", sql)
+    # Only a table's own ORDER BY clause starts a line; a view's ORDER BY stays.
+    sql = re.sub(r"^ORDER BY \(([^\n]*)\)", _plain_sort_key, sql, flags=re.MULTILINE)
     sql = _unwrap(sql, "LowCardinality", keep_argument=True)
     sql = _unwrap(sql, "CODEC", keep_argument=False)
     # Column TTL ends at the next comma/CODEC; table TTL is the statement's last clause.

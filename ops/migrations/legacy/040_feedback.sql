@@ -1,26 +1,6 @@
--- A user's thumbs up/down on one response, joined to events by request_id (pre-21 servers:
--- no DateTime64 or column TTL).
-CREATE TABLE IF NOT EXISTS {db}.feedback
-(
-    event_id String,
-    request_id String,
-    event_time DateTime('UTC'),
-    user_id String,
-    org_id String,
-    region String,
-    rating String,
-    comment Nullable(String),
-    conversation_id Nullable(String),
-    experiment_id Nullable(String),
-    variant Nullable(String),
-    policy_flags Array(String),
-    classification String,
-    ingested_at DateTime('UTC') DEFAULT now()
-)
-ENGINE = ReplacingMergeTree(ingested_at)
-PARTITION BY toYYYYMM(event_time)
-ORDER BY (org_id, request_id, event_id);
-
+-- Override for pre-21 servers (everything else in legacy migrations is generated from
+-- ../040_feedback.sql by sinks.legacy_sql.to_legacy). 18.16 cannot JOIN ... ON an aliased
+-- FINAL table: it joins two subqueries USING request_id, with ANY strictness spelled out.
 CREATE VIEW IF NOT EXISTS {db}.feedback_metrics AS
 SELECT
     toDate(event_time) AS day,
