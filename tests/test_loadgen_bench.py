@@ -76,3 +76,19 @@ def test_bench_stages_names_the_slowest_stage():
                                            "Parquet encode", "ClickHouse insert (chdb)"}
     assert report["slowest"] == min(report["events_per_s"], key=report["events_per_s"].get)
     assert "<- slowest" in result.stderr
+
+
+@pytest.mark.integration
+def test_bench_e2e_backlog_drains_every_event():
+    result = run_cli("bench", "e2e", "--backlog", "2000", "--processes", "2", "--partitions", "4",
+                     "--stages-sample", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["events"] == 2000
+    assert 0 < report["timed_events"] <= 2000
+    for key in ("drain_events_per_s", "cpu_us_per_event", "stages_us_per_event"):
+        assert report[key] > 0, key
+    assert report["cpu_to_stages_ratio"] == pytest.approx(report["cpu_us_per_event"] / report["stages_us_per_event"],
+                                                          abs=0.01)
+    assert len(report["peak_rss_mb_per_process"]) == 2 and min(report["peak_rss_mb_per_process"]) > 0
+    assert "stages alone" in result.stderr

@@ -1,6 +1,9 @@
 """`gatewatch bench e2e`: the ingest flow against real local servers under `gatewatch loadgen`
 traffic: sustained events/s, consumer lag over time, freshness p50/p99, peak RSS per
-process and CPU seconds per 1,000 events. The last line is one JSON object."""
+process and CPU seconds per 1,000 events. The last line is one JSON object.
+
+With --backlog N the topic is filled first and the flow then drains it with nothing else
+running, which isolates the flow's own cost per event from the producer's."""
 
 from __future__ import annotations
 
@@ -152,8 +155,13 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--broker", type=click.Choice(["tansu", "noida"]), default="tansu", show_default=True,
               help="Local broker; noida answers fetches at once instead of waiting, which costs the flow CPU.")
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep logs and data in this directory.")
+@click.option("--backlog", default=0, show_default=True, type=click.IntRange(0),
+              help="Fill the topic with this many events first, then time the drain alone (ignores --rate/--duration"
+                   " and bursts).")
+@click.option("--stages-sample", default=5000, show_default=True, type=click.IntRange(100),
+              help="With --backlog: events `bench stages` measures after the drain.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep) -> None:
+        keep, backlog, stages_sample) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -171,6 +179,9 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
+        if backlog:
+            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample)
+            return
         flow = start_flow(env, root, processes, workers, partitions)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
                    err=True)
@@ -255,6 +266,89 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             flow.stop()
         for service in reversed(started):
             service.stop()
+
+
+def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
+                  partitions: int, users: int, stages_sample: int) -> None:
+    """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
+
+    The clock and the CPU baseline start at the first sample that shows consumed events, so
+    interpreter start and redactor loading are not charged to the events; events consumed
+    before that sample are left out of both sides of the ratio."""
+    fill = loadgen(env, backlog, 1, root / "backlog.json", ["--users", str(users)])
+    fill_report = json.loads(fill.communicate()[0].splitlines()[-1])
+    if fill.returncode != 0 or fill_report["sent"] != backlog:
+        raise click.ClickException(f"loadgen could not fill the backlog (exit {fill.returncode}, {fill_report})")
+    click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
+               f"{partitions} partitions; logs in {root}", err=True)
+    flow = start_flow(env, root, processes, workers, partitions)
+    try:
+        launched = time.monotonic()
+        start = None  # (monotonic time, events consumed, CPU seconds) at the first sample with progress
+        done = 0.0
+        reported = launched
+        while done < backlog:
+            time.sleep(0.5)
+            if not flow.alive():
+                raise click.ClickException(f"a flow process died; see {root}/flow-*.log")
+            if time.monotonic() - launched > 600 + backlog / 100:
+                raise click.ClickException(f"the flow did not drain {backlog:,} events; consumed {done:,.0f}")
+            try:
+                done = consumed(flow.snapshot())
+            except (OSError, http.client.HTTPException):
+                continue
+            cpu, rss = flow.usage()
+            if start is None and done > 0:
+                start = (time.monotonic(), done, cpu)
+            if time.monotonic() - reported >= 5:
+                reported = time.monotonic()
+                click.echo(f"bench  consumed {done:>9,.0f}/{backlog:,}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB",
+                           err=True)
+        finished = time.monotonic()
+        cpu, _ = flow.usage()
+    finally:
+        flow.stop()
+    started_at, consumed_before, cpu_before = start
+    if consumed_before >= done:  # drained before the first sample: charge start-up too
+        started_at, consumed_before, cpu_before = launched, 0.0, 0.0
+    timed_events = done - consumed_before
+    stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
+    cpu_us = (cpu - cpu_before) / timed_events * 1e6
+    result = {
+        "backlog": backlog, "processes": processes, "workers": workers, "partitions": partitions,
+        "events": int(done), "timed_events": int(timed_events),
+        "drain_s": round(finished - started_at, 2),
+        "drain_events_per_s": round(timed_events / (finished - started_at), 1),
+        "cpu_us_per_event": round(cpu_us, 1),
+        "stages_us_per_event": round(stages_us, 1),
+        "cpu_to_stages_ratio": round(cpu_us / stages_us, 2),
+        "startup_cpu_s": round(cpu_before, 2),
+        "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
+    }
+    click.echo(render_backlog(result), err=True)
+    click.echo(json.dumps(result))
+
+
+def stages_us_per_event(settings: Settings, sample: int, users: int, chdb_dir: Path) -> float:
+    """`bench stages`' sum over stages on loadgen events of the same shape, in CPU seconds of
+    this process (all threads, as for the flow), so a busy machine does not inflate it; best
+    of two runs, so first-call costs (chdb table creation) are not charged per event."""
+    from ops.bench.stages import messages_for, stage_seconds
+
+    seconds = stage_seconds(settings, messages_for(settings, sample, users), 2, chdb_dir, time.process_time)
+    return sum(seconds.values()) / sample * 1e6
+
+
+def render_backlog(r: dict) -> str:
+    rows = [
+        ("backlog drained", f"{r['events']:,} events, timed {r['timed_events']:,} over {r['drain_s']:.1f} s"),
+        ("drain rate", f"{r['drain_events_per_s']:,.0f} events/s"),
+        ("CPU per event (flow)", f"{r['cpu_us_per_event']:.1f} µs (start-up {r['startup_cpu_s']:.1f} s not included)"),
+        ("stages alone", f"{r['stages_us_per_event']:.1f} µs per event (ratio {r['cpu_to_stages_ratio']:.2f})"),
+        ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
+        ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+    ]
+    return "\n".join(f"  {name:<22}{value}" for name, value in rows)
 
 
 def _round(value: float | None) -> float | None:
