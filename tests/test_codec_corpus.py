@@ -7,24 +7,12 @@ from __future__ import annotations
 import pytest
 
 from dataflows.ingest import redact_dlq_payload
-from ops.settings import ValidationSettings
-from redaction import Redactor
-from schemas.codec import EventCodec, InvalidEvent
+from schemas.codec import InvalidEvent
 from schemas.dlq import decode_dlq, dlq_record, encode_dlq
-from schemas.registry import LocalRegistry
 from tests.malformed import CORPUS_NOW, leaked, load_corpus
+from tests.test_codec_poison import codec, redactor  # noqa: F401 - the same module fixtures
 
 CORPUS = load_corpus()
-
-
-@pytest.fixture(scope="module")
-def codec() -> EventCodec:
-    return EventCodec(LocalRegistry(), ValidationSettings())
-
-
-@pytest.fixture(scope="module")
-def redactor() -> Redactor:
-    return Redactor()
 
 
 def test_the_corpus_covers_every_class():
