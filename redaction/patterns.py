@@ -358,12 +358,16 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     are written, is somebody's phone even when no numbering plan assigns it (typos, fake-
     looking real numbers). Unseparated digit runs need a numbering plan or a phone word
     nearby; identifiers (ISBN, EAN, order and tracking numbers, builds) are left alone."""
-    main = _TRUNK.sub("", candidate)
+    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
     compact = _NON_DIGIT.sub("", main)  # PHONE_RE matched: its only digits are \d ones
     digits = len(compact)
     if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
         return 0.0  # dates, times, versions, SSNs, IPv4 addresses
     international = candidate.startswith(("+", "(+"))
+    # Every later exit for a national number with a unit after it is 0 as well: decide it
+    # here, before the context searches.
+    if not international and UNIT_AFTER.match(text, start + len(candidate)):
+        return 0.0  # "8751007310 ms", "1 234 567 tokens"
     if not international and (NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start)
                               or table_header_says(text, start, NOT_PHONE_HEADER)):
         return 0.0
@@ -374,8 +378,6 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
         return 0.0  # a card number
     if international:
         return 0.95 if context else 0.8
-    if UNIT_AFTER.match(text, start + len(candidate)):
-        return 0.0  # "8751007310 ms", "1 234 567 tokens"
     separated = not candidate.isdigit()
     if separated and not context and len(_LEADING_ZERO_GROUP.findall(candidate)) >= 2:
         return 0.0  # "01 012 0123 01234": after the trunk prefix, groups rarely start with 0
@@ -395,12 +397,12 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finde
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         for m in PHONE_RE.finditer(text, lo, hi):
-            end = m.start("ext") if m.group("ext") else m.end()
-            candidate = text[m.start():end].rstrip(" .-/\u00a0")
-            score = phone_score(text, m.start(), candidate, regions, extension=bool(m.group("ext")))
+            start = m.start()
+            extension = m.group("ext")
+            candidate = text[start:m.start("ext") if extension else m.end()].rstrip(" .-/\u00a0")
+            score = phone_score(text, start, candidate, regions, extension=bool(extension))
             if score and score >= min_score:
-                stop = m.end() if m.group("ext") else m.start() + len(candidate)
-                out.append(Entity("PHONE_NUMBER", m.start(), stop, score))
+                out.append(Entity("PHONE_NUMBER", start, m.end() if extension else start + len(candidate), score))
         return out
 
     return find_phone
