@@ -560,8 +560,10 @@ def _pem_block(text: str, lo: int, hi: int) -> list[Entity]:
 
 
 _VALUE = r"(?:\"(?P<dq>[^\"\n]{4,200})\"|'(?P<sq>[^'\n]{4,200})'|(?P<value>[^\s\"',;<>`()\[\]{}]{4,200}))"
+# The lookahead lists the keys' first letters: at most positions it fails at once, where the
+# lookbehind and the alternation would be tried (about twice as fast over a window).
 KV_RE = re.compile(
-    r"(?i)(?<![A-Za-z0-9])(?P<key>password|passwd|passwort|pwd|pass|passphrase|secret|client[_\-]?secret|secret[_\-]?key|"
+    r"(?i)(?=[acjkprstx])(?<![A-Za-z0-9])(?P<key>password|passwd|passwort|pwd|pass|passphrase|secret|client[_\-]?secret|secret[_\-]?key|"
     r"api[_\-]?key|apikey|api[_\-]?token|access[_\-]?token|access[_\-]?key|auth[_\-]?token|refresh[_\-]?token|"
     r"private[_\-]?key|aws_secret_access_key|token|key|auth|credentials?|(?:php|j)?session[_\-]?(?:id|token|key)?|"
     r"sessid|[cx]srf[_\-]?token)(?P<quote>[\"']?)[ \t]*(?:[:=]|=>|\bis\b)[ \t]*"
