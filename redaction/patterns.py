@@ -241,8 +241,10 @@ def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
 
 # +CC, (+CC), 00CC or a national number; groups joined by space, dot, dash, slash or nothing
 # around "(0)" / "(area)"; an optional extension (x211, ext. 204, #204).
+# (The leading lookahead repeats what a match must start with: most positions then fail
+# before the lookbehinds and the alternation are tried.)
 PHONE_RE = re.compile(
-    r"(?:(?<![\w+])(?:\(\+\d{1,3}\)[ \u00a0]?|\+)|(?<![\w.\-/+#])(?=[(\d]))"
+    r"(?=[(+\d])(?:(?<![\w+])(?:\(\+\d{1,3}\)[ \u00a0]?|\+)|(?<![\w.\-/+#])(?=[(\d]))"
     r"\(?\d{1,14}\)?(?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7}"
     r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])")
 PHONE_CONTEXT = re.compile(
