@@ -248,13 +248,13 @@ PHONE_RE = re.compile(
     r"\(?\d{1,14}\)?(?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7}"
     r"(?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])")
 PHONE_CONTEXT = re.compile(
-    r"(?i)\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
+    r"(?i)(?=[cdfhmnoprstw])(?:\b(?:phone|tel|telephone|call|calls|mobile|cell|whatsapp|signal|number|contact|reach|fax|sms|text me|"
     r"ring|dial|dial-in|mob|ph|oncall|on-call|telefon|t[ée]l[ée]phone|handy|cellulare|celular|tel[ée]fono)\b"
     r"|\b[MmTtFf][ \t]?:"  # a signature's "T: ", "M: ", "F: "
-    r"|(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_])")  # send_sms(to=...), phone_number=
+    r"|(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_]))")  # send_sms(to=...), phone_number=
 # Right before a number that is an identifier, not a phone: "ISBN 978...", "order #...", "PO-".
 NOT_PHONE_CONTEXT = re.compile(
-    r"(?i)\b(?:isbn(?:-1[03])?|ean|gtin|upc|sku|po|order|invoice|tracking|parcel|shipment|ref|reference|build|"
+    r"(?i)(?=[abdegioprstuv])\b(?:isbn(?:-1[03])?|ean|gtin|upc|sku|po|order|invoice|tracking|parcel|shipment|ref|reference|build|"
     r"version|ver|v|release|sha|id|epoch|ts|timestamp|driver|account|acct)\b[\s:#=\"'\-]*(?:(?:no|nr|number|num)\.?\s*)?$")
 _NOT_PHONE = re.compile(
     r"^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$)|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d\d)(?:[ T]|$)|\d{1,2}:\d{2}(?::\d{2})?$|"
