@@ -14,10 +14,14 @@ from typing import Iterable
 from urllib.parse import urlparse
 
 import fsspec
+from fsspec.exceptions import FSTimeoutError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sinks.text_cipher import KEY_ID_METADATA, open_table, seal_table
+
+S3_PUT_TIMEOUT_S = 60
+"""Longest an upload of one file may take before the sink retries it."""
 
 ARROW_SCHEMA = pa.schema([
     ("event_id", pa.string()),
@@ -91,16 +95,9 @@ class ParquetStore:
     def __init__(self, root: str, s3_endpoint_url: str | None = None, compression: str = "zstd",
                  text_keys: dict[str, bytes] | None = None, text_key_id: str | None = None):
         parsed = urlparse(root)
+        self.s3_endpoint_url = s3_endpoint_url
         if parsed.scheme == "s3":
-            # Fail fast and let the sink's own backoff retry: botocore's retries would hide an
-            # outage from the metrics and hold the flow for minutes.
-            options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
-                                         "retries": {"max_attempts": 1, "mode": "standard"}},
-                       "skip_instance_cache": True}
-            if s3_endpoint_url:
-                options["client_kwargs"] = {"endpoint_url": s3_endpoint_url}
-            self.fs = fsspec.filesystem("s3", **options)
-            self.fs.retries = 1
+            self.fs = self._s3()
             self.root = f"{parsed.netloc}{parsed.path}".rstrip("/")
         else:
             self.fs = fsspec.filesystem("file")
@@ -110,6 +107,18 @@ class ParquetStore:
         self.text_key_id = text_key_id
         if text_key_id is not None and text_key_id not in self.text_keys:
             raise ValueError(f"text key id {text_key_id!r} has no key")
+
+    def _s3(self) -> fsspec.AbstractFileSystem:
+        # Fail fast and let the sink's own backoff retry: botocore's retries would hide an
+        # outage from the metrics and hold the flow for minutes.
+        options = {"config_kwargs": {"connect_timeout": 5, "read_timeout": 30,
+                                     "retries": {"max_attempts": 1, "mode": "standard"}},
+                   "skip_instance_cache": True}
+        if self.s3_endpoint_url:
+            options["client_kwargs"] = {"endpoint_url": self.s3_endpoint_url}
+        fs = fsspec.filesystem("s3", **options)
+        fs.retries = 1
+        return fs
 
     def write(self, partition: str, events: list[dict]) -> str:
         """Write one file for the events of one partition; return its path."""
@@ -131,7 +140,13 @@ class ParquetStore:
                 handle.write(buffer.getvalue())
             os.replace(tmp, path)
         else:
-            self.fs.pipe_file(path, buffer.getvalue())
+            try:
+                self.fs.pipe_file(path, buffer.getvalue(), timeout=S3_PUT_TIMEOUT_S)
+            except FSTimeoutError:
+                # Once, after an S3 server restart, an upload waited forever with its event loop
+                # idle, beyond botocore's read timeout; the next attempt gets a new session.
+                self.fs = self._s3()
+                raise
 
     def files(self) -> list[str]:
         self.fs.invalidate_cache(self.root)
