@@ -12,7 +12,7 @@ import pytest
 import redis
 import s3fs
 from bytewax.testing import run_main
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from dataflows.ingest import build_flow
 from ops.loadgen import collect, generate
@@ -21,7 +21,7 @@ from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
 from sinks.clickhouse import ClickHouse
-from sinks.kafka import produce_when_room
+from sinks.kafka import produce_when_room, read_topic
 from sinks.parquet import ParquetStore
 from tests.malformed import leaked, load_corpus
 
@@ -30,22 +30,8 @@ VALID = 300
 
 
 def _raw_values(bootstrap: str, topic: str) -> list[bytes]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fuzz-{uuid.uuid4().hex[:6]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
-    try:
-        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
-        values, at_eof = [], set()
-        while len(at_eof) < len(partitions):
-            msg = consumer.poll(5)
-            assert msg is not None, "the DLQ topic did not reach its end in time"
-            if msg.error():
-                at_eof.add(msg.partition())
-            else:
-                values.append(msg.value())
-        return values
-    finally:
-        consumer.close()
+    """The topic's message values as they are on the broker, undecoded."""
+    return [value for _partition, _offset, value in read_topic(bootstrap, topic, lambda value: value)]
 
 
 @pytest.fixture(scope="module")
