@@ -194,6 +194,8 @@ class ParquetSettings(Section):
     max_rows: int = Field(50_000, gt=0)
     max_age_s: float = Field(30, gt=0)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
+    put_timeout_s: float = Field(60, gt=0)
+    """Longest one upload to S3 may take before the sink gives up on it and retries."""
     text_sample_rate: float = Field(1.0, ge=0, le=1)
     """Share of events whose prompt and response are kept (Parquet and ClickHouse); metrics use every event."""
     text_keys: dict[str, SecretStr] = {}
@@ -221,7 +223,7 @@ class ParquetSettings(Section):
         from sinks.parquet import ParquetStore
         return ParquetStore(root or self.root, self.s3_endpoint_url, self.compression,
                             {key_id: decode_key(key.get_secret_value()) for key_id, key in self.text_keys.items()},
-                            self.text_key_id)
+                            self.text_key_id, self.put_timeout_s)
 
 
 class ClickHouseSettings(Section):

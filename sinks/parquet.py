@@ -20,8 +20,8 @@ import pyarrow.parquet as pq
 
 from sinks.text_cipher import KEY_ID_METADATA, open_table, seal_table
 
-S3_PUT_TIMEOUT_S = 60
-"""Longest an upload of one file may take before the sink retries it."""
+S3_PUT_TIMEOUT_S = 60.0
+"""Longest an upload of one file may take before the sink retries it (default)."""
 
 ARROW_SCHEMA = pa.schema([
     ("event_id", pa.string()),
@@ -93,9 +93,11 @@ class ParquetStore:
     """Writes and lists raw Parquet files in a local directory or an s3:// prefix."""
 
     def __init__(self, root: str, s3_endpoint_url: str | None = None, compression: str = "zstd",
-                 text_keys: dict[str, bytes] | None = None, text_key_id: str | None = None):
+                 text_keys: dict[str, bytes] | None = None, text_key_id: str | None = None,
+                 put_timeout_s: float | None = None):
         parsed = urlparse(root)
         self.s3_endpoint_url = s3_endpoint_url
+        self.put_timeout_s = put_timeout_s
         if parsed.scheme == "s3":
             self.fs = self._s3()
             self.root = f"{parsed.netloc}{parsed.path}".rstrip("/")
@@ -141,11 +143,15 @@ class ParquetStore:
             os.replace(tmp, path)
         else:
             try:
-                self.fs.pipe_file(path, buffer.getvalue(), timeout=S3_PUT_TIMEOUT_S)
+                self.fs.pipe_file(path, buffer.getvalue(), timeout=self.put_timeout_s or S3_PUT_TIMEOUT_S)
             except FSTimeoutError:
-                # Once, after an S3 server restart, an upload waited forever with its event loop
-                # idle, beyond botocore's read timeout; the next attempt gets a new session.
-                self.fs = self._s3()
+                # After an S3 server restart an upload can wait forever with its event loop idle,
+                # beyond botocore's read timeout. The next attempt gets a new session, and the old
+                # one is closed: its stuck request would otherwise hold the server's lock on the
+                # same object name, and the retry would wait behind it.
+                stuck, self.fs = self.fs, self._s3()
+                if stuck._s3 is not None:
+                    stuck.close_session(stuck.loop, stuck._s3)
                 raise
 
     def files(self) -> list[str]:

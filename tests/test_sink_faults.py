@@ -90,6 +90,8 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
            **{f"GATEWATCH_KAFKA__{k.upper()}": v for k, v in topics.items()},
            "GATEWATCH_PARQUET__ROOT": f"s3://{bucket}/raw", "GATEWATCH_PARQUET__S3_ENDPOINT_URL": s3_url,
            "GATEWATCH_PARQUET__MAX_AGE_S": "1", "GATEWATCH_PARQUET__MAX_ROWS": "400",
+           # An upload stuck across the S3 server's restart is retried after 10 s, not 60.
+           "GATEWATCH_PARQUET__PUT_TIMEOUT_S": "10",
            "GATEWATCH_CLICKHOUSE__URL": clickhouse_url, "GATEWATCH_CLICKHOUSE__DATABASE": database,
            "GATEWATCH_REDIS__URL": settings.redis.url, "GATEWATCH_RETRY__MAX_BACKOFF_S": "1",
            "GATEWATCH_METRICS__PORT": str(metrics_port), "GATEWATCH_LOG_LEVEL": "DEBUG"}
@@ -131,7 +133,7 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
             return seen == {"parquet": expected.valid, "clickhouse": expected.valid,
                             "quota_tokens": expected.tokens}  # late events included
 
-        wait_until(landed, 90, lambda: f"the sinks never caught up: {seen}, expected {expected.as_dict()}, "
+        wait_until(landed, 180, lambda: f"the sinks never caught up: {seen}, expected {expected.as_dict()}, "
                                        f"DLQ: {dlq_codes(kafka_bootstrap, topics['dlq_topic'])}\n"
                                        f"{stacks(flow, tmp_path / 'flow.log')}")
         dlq = read_dlq(kafka_bootstrap, topics["dlq_topic"], tmp_path / "dlq.jsonl")
