@@ -64,8 +64,11 @@ class PrometheusMetrics:
 
 
 # Installed on import: every process that runs a flow or a sink imports this module, so the
-# lower packages' reports reach Prometheus without each entry point wiring it.
-configure_metrics(PrometheusMetrics(SINK_ERRORS, SINK_UP, SINK_RETRIES, SINK_WRITE_SECONDS, REPLAY_FILES, REPLAY_ROWS))
+# reports of the flows and the lower packages reach Prometheus without each entry point wiring it.
+configure_metrics(PrometheusMetrics(
+    EVENTS, DLQ_RECORDS, DEDUPE_DROPS, LATE_EVENTS, TOKENS, QUOTA_ALERTS, SINK_WRITE_SECONDS, SINK_ROWS, SINK_ERRORS,
+    SINK_RETRIES, SINK_REJECTED, DLQ_SPOOLED, SINK_UP, REDACTION_SECONDS, PII_ENTITIES, POLICY_FLAGS, CLASSIFICATIONS,
+    REPLAY_FILES, REPLAY_ROWS, FRESHNESS_SECONDS))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

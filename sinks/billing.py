@@ -12,7 +12,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from sinks.dlq import DeadLetters, send_all
+from sinks.kafka import TopicWriter
+from sinks.metrics import count_written
 from sinks.quota import TOKEN_KINDS
+from sinks.retry import Retry
 
 MILLION = Decimal(1_000_000)
 NANO = Decimal("0.000000001")
@@ -60,3 +64,22 @@ def latest_versions(events: list[dict]) -> dict[str, dict]:
         if kept is None or event["version"] > kept["version"]:
             latest[event["billing_id"]] = event
     return latest
+
+
+class BillingWriter:
+    """The billing sink's writer: one billing event per window total to the billing topic;
+    events the broker refuses for good go to the DLQ."""
+
+    sink = "billing"
+
+    def __init__(self, producer: TopicWriter, pricing, retry: Retry, dead_letters: DeadLetters):
+        self.producer = producer
+        self.pricing = pricing
+        self.retry = retry
+        self.dead_letters = dead_letters
+
+    def __call__(self, batches: list[list[dict]]) -> None:
+        events = [billing_event(total, self.pricing) for batch in batches for total in batch]
+        rejected = send_all(self.sink, self.producer, events, self.retry)
+        self.dead_letters.send_rejected(self.sink, rejected)
+        count_written(self.sink, len(events) - len(rejected))

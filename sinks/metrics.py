@@ -10,6 +10,7 @@ labels, so the exported series are exactly the ones the backend registered.
 
 from __future__ import annotations
 
+import time
 from typing import Mapping, Protocol
 
 
@@ -43,3 +44,22 @@ def configure_metrics(backend: Metrics) -> None:
 
 def get_metrics() -> Metrics:
     return _backend
+
+
+# -- what every sink reports ---------------------------------------------------------------
+
+def count_written(sink: str, rows: int) -> None:
+    get_metrics().increment("gatewatch_sink_rows", rows, tags={"sink": sink})
+
+
+def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None:
+    """Seconds from event time (or window end) until the sink acknowledged the write.
+
+    Events the gateway sent later than the allowed lateness are counted as late events
+    instead: their age says nothing about the pipeline's own delay."""
+    now_ms = time.time() * 1000
+    tags = {"sink": sink}
+    for at_ms in times_ms:
+        age_s = max(0.0, (now_ms - at_ms) / 1000)
+        if age_s <= lateness_s:
+            get_metrics().timing("gatewatch_freshness_seconds", age_s, tags=tags)

@@ -270,8 +270,9 @@ def test_forget_erases_the_user_from_recovery_snapshots(tmp_path):
     from bytewax.recovery import RecoveryConfig
     from bytewax.testing import TestingSink, TestingSource
 
-    from dataflows.state import Batcher, UserWindows, WindowLogic
+    from dataflows.state import UserWindows, WindowLogic
     from ops import recovery
+    from sinks.base import Batcher
 
     events = [{"org_id": "acme", "user_id": user, "event_id": f"{user}-{n}", "event_time": 1_795_000_000_000 + n,
                "model": "gpt-4o", **{f"{kind}_tokens": 1 for kind in ("input", "output", "cache_read", "cache_write")}}
