@@ -21,8 +21,9 @@ from connectors.kafka_source import RestingKafkaSource
 from dataflows.outputs import Settings, deduplicate, fan_out, vault_out
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
-from schemas.dlq import dlq_record, with_redacted_original
+from schemas.dlq import event_dlq_record, message_dlq_record, with_redacted_original
 from schemas.registry import RegistryUnavailable, registry_from_settings
+from schemas.vocabulary import event_key
 from sinks.metrics import get_metrics
 
 log = logging.getLogger(__name__)
@@ -38,27 +39,23 @@ def decode_batch(codec: EventCodec, messages: list) -> list[tuple[str, dict]]:
     for msg in messages:
         if isinstance(msg, KafkaError):
             source = msg.msg
-            out.append((DLQ, dlq_record(
-                stage="consume", code="kafka_error", reason=str(msg.err), original=source.value,
-                topic=source.topic, partition=source.partition, offset=source.offset, first_seen_ms=now_ms)))
+            out.append((DLQ, message_dlq_record(source, stage="consume", code="kafka_error", reason=str(msg.err),
+                                                first_seen_ms=now_ms)))
             continue
         try:
             event = codec.decode(msg.value, now_ms)
         except InvalidEvent as exc:
-            out.append((DLQ, dlq_record(
-                stage="decode", code=exc.code, reason=exc.reason, original=msg.value, topic=msg.topic,
-                partition=msg.partition, offset=msg.offset, schema_id=exc.schema_id, first_seen_ms=now_ms)))
+            out.append((DLQ, message_dlq_record(msg, stage="decode", code=exc.code, reason=exc.reason,
+                                                schema_id=exc.schema_id, first_seen_ms=now_ms)))
             continue
         except RegistryUnavailable:
             raise  # an outage, not bad input: the flow stops and resumes from its snapshot
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the flow either
             log.error("decoder failed on a message; it goes to the DLQ", extra={
                 "error": type(exc).__name__, "source": f"{msg.topic}/{msg.partition}/{msg.offset}"}, exc_info=False)
-            out.append((DLQ, dlq_record(
-                stage="decode", code="decoder_error", reason=f"the decoder failed ({type(exc).__name__}); "
-                                                             "please report it with this record's source offset",
-                original=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                first_seen_ms=now_ms)))
+            out.append((DLQ, message_dlq_record(
+                msg, stage="decode", code="decoder_error", first_seen_ms=now_ms,
+                reason=f"the decoder failed ({type(exc).__name__}); please report it with this record's source offset")))
             continue
         event["source_partition"] = msg.partition
         event["source_offset"] = msg.offset
@@ -90,10 +87,8 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
     now_ms = int(time.time() * 1000)
     for event, result in zip(events, results):
         if isinstance(result, RedactionError):
-            out.append((DLQ, dlq_record(
-                stage="redact", code="redaction_failed", reason=str(result), original=None,
-                topic=None, partition=event["source_partition"], offset=event["source_offset"],
-                first_seen_ms=now_ms, event_id=event["event_id"], request_id=event["request_id"])))
+            out.append((DLQ, event_dlq_record(event, stage="redact", code="redaction_failed", reason=str(result),
+                                              first_seen_ms=now_ms)))
             continue
         for entity, count in result.get("pii_entity_counts", {}).items():
             get_metrics().increment("gatewatch_pii_entities", count, tags={"entity": entity})
@@ -110,7 +105,7 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
 
 def trace_id(event: dict) -> str:
     """A W3C-sized trace id derived from the event id, the same in every log line and store."""
-    return hashlib.blake2b(f"{event['org_id']}/{event['event_id']}".encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=16).hexdigest()
 
 
 # -- the flow ---------------------------------------------------------------------------

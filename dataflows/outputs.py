@@ -9,7 +9,6 @@ each is built from the settings the launcher passes in, inside the worker that u
 from __future__ import annotations
 
 import json
-import time
 from functools import partial
 from typing import Any, Callable
 
@@ -18,16 +17,18 @@ from bytewax.dataflow import Stream
 
 from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
 from schemas.codec import encode_billing_event, encode_quota_alert
-from schemas.dlq import bounded_original, dlq_record
+from schemas.dlq import bounded_original, event_dlq_record
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
-from sinks.billing import BillingWriter, with_cost
+from schemas.pricing import with_cost
+from schemas.vocabulary import TOKEN_KINDS, user_key
+from sinks.billing import BillingWriter
 from sinks.clickhouse import ClickHouseWriter
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
 from sinks.parquet import ParquetWriter, partition_of, sample_text
-from sinks.quota import TOKEN_KINDS, QuotaStore, QuotaWriter
+from sinks.quota import QuotaStore, QuotaWriter
 from sinks.retry import Retry, retry_policy
 from sinks.vault import KeyStore, VaultFiles, VaultSealer, VaultWriter
 from sinks.vault import partition_of as vault_partition_of
@@ -51,24 +52,18 @@ def count_unique(events: list[dict]) -> None:
 
 def late_to_dlq(event: dict) -> dict:
     get_metrics().increment("gatewatch_late_events", tags={"policy": "dlq"})
-    return dlq_record(
-        stage="window", code="late_event",
-        reason="event_time is older than the allowed lateness of the user's newest event",
-        original=None, topic=None, partition=event["source_partition"], offset=event["source_offset"],
-        first_seen_ms=int(time.time() * 1000), event_id=event["event_id"], request_id=event["request_id"])
+    return event_dlq_record(event, stage="window", code="late_event",
+                            reason="event_time is older than the allowed lateness of the user's newest event")
 
 
 def no_storage_to_dlq(event: dict, max_original_bytes: int = 64 * 1024) -> dict:
     """The redacted event as JSON, so `gatewatch dlq replay` can send it back once its
     region has storage (cut to the DLQ's original size, like every original)."""
     payload = json.dumps(event, default=str).encode()
-    record = dlq_record(
-        stage="route", code="no_region_storage",
+    record = event_dlq_record(
+        event, stage="route", code="no_region_storage", original=payload,
         reason=f"region {event['region']!r} has no storage in the residency settings; its events are never "
-               "written to another region's storage",
-        original=payload, topic=None, partition=event.get("source_partition"),
-        offset=event.get("source_offset"), first_seen_ms=int(time.time() * 1000), event_id=event["event_id"],
-        request_id=event.get("request_id"))
+               "written to another region's storage")
     return bounded_original(record, payload, "utf-8", max_original_bytes)
 
 
@@ -171,7 +166,7 @@ def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
     partition order through the dedupe, which the windows' lateness decisions rely on
     (a redelivered event carries the same user as the original)."""
     buckets = settings.dedupe.buckets
-    by_user = op.key_on("dedupe_by_user", events, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
+    by_user = op.key_on("dedupe_by_user", events, lambda e: bucket_of(user_key(e["org_id"], e["user_id"]), buckets))
     seen = op.stateful_batch("dedupe", by_user, partial(DedupeLogic.build, settings.dedupe.horizon_s))
     return op.flat_map_batch("drop_duplicates", seen, first_sightings)
 
@@ -186,7 +181,7 @@ def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict
 
     build_windows = partial(WindowLogic.build, empty, windows.flush_interval_s,
                             windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
-    by_user = op.key_on("by_user", unique, lambda e: bucket_of(f"{e['org_id']}/{e['user_id']}", buckets))
+    by_user = op.key_on("by_user", unique, lambda e: bucket_of(user_key(e["org_id"], e["user_id"]), buckets))
     outputs = op.key_rm("window_out", op.stateful_batch("windows", by_user, build_windows))
     late_or_totals = op.branch("is_late", outputs, lambda out: out[0] == "late")
     late = op.map("late_event", late_or_totals.trues, lambda out: out[1])

@@ -16,7 +16,7 @@ from typing import Callable
 
 from bytewax.operators import StatefulBatchLogic
 
-from sinks.quota import TOKEN_KINDS
+from schemas.vocabulary import TOKEN_KINDS, event_key, user_key
 
 
 def _at(epoch_s: float) -> datetime:
@@ -97,7 +97,7 @@ class DedupeLogic(StatefulBatchLogic):
     def on_batch(self, events: list[dict]):
         now = self.clock()
         self.seen.evict(now)
-        out = [(self.seen.first(f"{e['org_id']}/{e['event_id']}", now), e) for e in events]
+        out = [(self.seen.first(event_key(e["org_id"], e["event_id"]), now), e) for e in events]
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self):
@@ -214,7 +214,7 @@ class WindowLogic(StatefulBatchLogic):
         now = self.clock()
         late, adjustments = [], []
         for event in events:
-            user = f"{event['org_id']}/{event['user_id']}"
+            user = user_key(event["org_id"], event["user_id"])
             totals = self.state.users.get(user)
             if totals is None:
                 totals = self.state.users[user] = WindowTotals(

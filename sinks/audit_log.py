@@ -30,6 +30,7 @@ from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol
 
+from schemas.vocabulary import user_key
 from sinks.metrics import count_written, observe_freshness
 from sinks.retry import Retry
 
@@ -46,7 +47,7 @@ def keyed_hash(key: bytes, text: str) -> str:
 
 def user_hash(key: bytes, org_id: str | None, user_id: str) -> str:
     """What the audit records instead of a user id ("*" for every org)."""
-    return keyed_hash(key, f"{org_id if org_id is not None else '*'}/{user_id}")
+    return keyed_hash(key, user_key(org_id if org_id is not None else "*", user_id))
 
 
 def audit_row(event: dict, key: bytes) -> dict:

@@ -1,4 +1,5 @@
-"""Billing events: per user, model and window, the cost of its tokens from a versioned price table.
+"""Billing events: per user, model and window, the cost of its tokens from a versioned price
+table (``schemas.pricing``), sent to the billing topic.
 
 A window's billing event is re-emitted with a higher `version` (the number of events it
 covers) whenever events within the allowed lateness add to it; `billing_id` is
@@ -10,38 +11,19 @@ version, so it is billed once whatever its lateness.
 
 from __future__ import annotations
 
-from decimal import Decimal
-
+from schemas.pricing import cost_usd, with_cost  # noqa: F401 - with_cost: ops/bench's import path until it moves
+from schemas.vocabulary import TOKEN_KINDS, window_id
 from sinks.dlq import DeadLetters, send_all
 from sinks.kafka import TopicWriter
 from sinks.metrics import count_written
-from sinks.quota import TOKEN_KINDS
 from sinks.retry import Retry
-
-MILLION = Decimal(1_000_000)
-NANO = Decimal("0.000000001")
-
-
-def cost_usd(total: dict, pricing) -> tuple[Decimal, bool]:
-    """(cost, priced) of a window total; unpriced models cost 0 unless a default price is set."""
-    price = pricing.models.get(total["model"], pricing.default)
-    if price is None:
-        return Decimal(0), False
-    cost = sum((Decimal(total[kind]) * getattr(price, kind) for kind in TOKEN_KINDS), Decimal(0)) / MILLION
-    return cost.quantize(NANO), total["model"] in pricing.models
-
-
-def with_cost(event: dict, pricing) -> dict:
-    """The event with its own cost and the price table version that priced it."""
-    tokens = {"model": event["model"], **{kind: event[f"{kind}_tokens"] for kind in TOKEN_KINDS}}
-    return {**event, "cost_usd": cost_usd(tokens, pricing)[0], "price_version": pricing.version}
 
 
 def billing_event(total: dict, pricing) -> dict:
     cost, priced = cost_usd(total, pricing)
-    window_id = f"{total['org_id']}/{total['user_id']}/{total['model']}/{total['window_start_ms']}"
+    window = window_id(total)
     return {
-        "billing_id": f"{window_id}/late/{total['event_id']}" if total.get("event_id") else window_id,
+        "billing_id": f"{window}/late/{total['event_id']}" if total.get("event_id") else window,
         "version": total["n"],
         "org_id": total["org_id"],
         "user_id": total["user_id"],

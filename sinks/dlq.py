@@ -13,10 +13,9 @@ import json
 import logging
 import os
 import threading
-import time
 from typing import Callable
 
-from schemas.dlq import bounded_original, dlq_record, encode_dlq, fitted, safe_for_storage
+from schemas.dlq import bounded_original, encode_dlq, event_dlq_record, fitted, safe_for_storage
 from sinks.kafka import DeliveryFailed, Rejected, TopicWriter
 from sinks.metrics import get_metrics
 from sinks.retry import Retry
@@ -67,10 +66,8 @@ def rejected_to_dlq(sink: str, refused: Rejected, max_original_bytes: int) -> di
     """A DLQ record for a row a sink refused: the row as JSON (it has passed redaction
     already), cut to the configured size with its size and hash."""
     row = refused.record
-    record = dlq_record(
-        stage="sink", code="sink_rejected", reason=f"{sink} refused the row for good ({refused.code}): {refused.reason}",
-        original=None, topic=None, partition=row.get("source_partition"), offset=row.get("source_offset"),
-        first_seen_ms=int(time.time() * 1000), event_id=row_key(row), request_id=row.get("request_id"))
+    record = event_dlq_record(row, stage="sink", code="sink_rejected", event_id=row_key(row),
+                              reason=f"{sink} refused the row for good ({refused.code}): {refused.reason}")
     payload = json.dumps(row, default=str, ensure_ascii=False).encode("utf-8", "replace")
     return {**bounded_original(record, payload, "utf-8", max_original_bytes), "dlq_id": f"sink:{sink}:{row_key(row)}"}
 

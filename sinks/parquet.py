@@ -19,6 +19,7 @@ from fsspec.exceptions import FSTimeoutError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.vocabulary import event_key
 from sinks.metrics import count_written
 from sinks.retry import Retry, write_isolating
 from sinks.text_cipher import KEY_ID_METADATA, open_table, seal_table
@@ -76,7 +77,7 @@ def keeps_text(event: dict, sample_rate: float) -> bool:
     run, so a replay keeps exactly the texts the live run kept."""
     if sample_rate >= 1:
         return True
-    digest = hashlib.blake2b(f"{event['org_id']}/{event['event_id']}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < sample_rate
 
 
@@ -87,7 +88,7 @@ def sample_text(event: dict, sample_rate: float) -> dict:
 
 
 def file_name(events: Iterable[dict]) -> str:
-    digest = hashlib.sha256("\n".join(sorted(f"{e['org_id']}/{e['event_id']}" for e in events)).encode())
+    digest = hashlib.sha256("\n".join(sorted(event_key(e["org_id"], e["event_id"]) for e in events)).encode())
     return f"part-{digest.hexdigest()[:24]}.parquet"
 
 

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Callable
 
 import redis
 
+from schemas.vocabulary import TOKEN_KINDS
 from sinks.metrics import count_written, get_metrics, observe_freshness
 from sinks.retry import Retry
 
@@ -44,7 +45,6 @@ if TYPE_CHECKING:
     from sinks.dlq import DeadLetters
     from sinks.kafka import TopicWriter
 
-TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
 WINDOW_RECORD_TTL_S = 2 * 3600
 """Default life of a window's idempotency record; the flow passes twice its own horizon."""
 PERIOD_MARGIN_S = 86400

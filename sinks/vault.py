@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from schemas.vocabulary import event_key
 from sinks.audit_log import user_hash
 from sinks.metrics import count_written
 from sinks.retry import Retry
@@ -228,7 +229,7 @@ class VaultFiles:
             table = table.filter(pc.is_in(table.column(column), pa.array(sorted(values), pa.string())))
             for row in table.to_pylist():
                 row["event_time"] = int(row["event_time"].timestamp() * 1000)
-                found.setdefault(f"{row['org_id']}/{row['event_id']}", row)
+                found.setdefault(event_key(row["org_id"], row["event_id"]), row)
         return list(found.values())
 
 

@@ -19,7 +19,7 @@ from ops.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
-from sinks.billing import with_cost
+from schemas.pricing import with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore

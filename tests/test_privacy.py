@@ -150,7 +150,7 @@ def test_a_forgotten_user_leaves_the_legacy_server_too(clickhouse_url):
 
     from ops.loadgen import make_event
     from ops.settings import PricingSettings
-    from sinks.billing import with_cost
+    from schemas.pricing import with_cost
 
     client = ClickHouse(clickhouse_url, f"gdpr_{uuid.uuid4().hex[:8]}")
     client.migrate()
@@ -237,7 +237,7 @@ def test_reads_after_a_replay_count_each_event_once(tmp_path):
 
     from ops.loadgen import make_event
     from ops.settings import PricingSettings
-    from sinks.billing import with_cost
+    from schemas.pricing import with_cost
 
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "gw_replayed")
     client.migrate()
