@@ -18,10 +18,10 @@ from bytewax.dataflow import Stream
 from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
 from schemas.codec import encode_billing_event, encode_quota_alert
 from schemas.dlq import bounded_original, event_dlq_record
-from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
-from sinks.base import Batcher, Writer, WriterSink
 from schemas.pricing import with_cost
 from schemas.vocabulary import TOKEN_KINDS, user_key
+from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
+from sinks.base import Batcher, Writer, WriterSink
 from sinks.billing import BillingWriter
 from sinks.clickhouse import ClickHouseWriter
 from sinks.dlq import DeadLetters

@@ -29,11 +29,6 @@ from ops.settings import Settings, load_settings
 FLOWS: dict[str, Callable[[Settings], Dataflow]] = {"ingest": build_ingest, "feedback": build_feedback}
 
 
-def entry_point(flow: str) -> str:
-    """The ``module:attribute`` that ``python -m bytewax.run`` takes for a flow."""
-    return f"{__name__}:{flow}"
-
-
 def build(flow: str, settings: Settings) -> Dataflow:
     """A flow of FLOWS with this process's logs configured."""
     configure_logs(settings.log_level)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest, start_http_server
 
@@ -61,6 +61,11 @@ class PrometheusMetrics:
 
     def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None:
         self._metric(name, tags).observe(seconds)
+
+    def timings(self, name: str, seconds: Iterable[float], tags: Mapping[str, str] | None = None) -> None:
+        observe = self._metric(name, tags).observe
+        for value in seconds:
+            observe(value)
 
 
 # Installed on import: every process that runs a flow or a sink imports this module, so the

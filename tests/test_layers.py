@@ -105,3 +105,22 @@ def test_bytewax_run_finds_every_flow_the_cli_launches(monkeypatch):
         assert module == launch.__name__ and attribute == name
         assert _locate_dataflow(module, attribute).flow_id == name
     assert [settings.kafka.events_topic for settings in built] == ["layers-test-events"] * len(CLI_FLOWS)
+
+
+def test_a_sinks_freshness_reaches_the_prometheus_histogram_without_late_events():
+    import time
+
+    from ops import metrics
+    from sinks.metrics import observe_freshness
+
+    def observed() -> tuple[float, float]:
+        samples = {s.name: s.value for s in metrics.FRESHNESS_SECONDS.collect()[0].samples
+                   if s.labels.get("sink") == "layers-test" and s.name.endswith(("_count", "_sum"))}
+        return samples.get("gatewatch_freshness_seconds_count", 0.0), samples.get("gatewatch_freshness_seconds_sum", 0.0)
+
+    count, total = observed()
+    now_ms = time.time() * 1000
+    observe_freshness("layers-test", [now_ms - 2_000, now_ms - 4_000, now_ms - 3_600_000], lateness_s=600)
+    new_count, new_total = observed()
+    assert new_count == count + 2  # the hour-old event is late: not the pipeline's delay
+    assert 6 <= new_total - total < 8

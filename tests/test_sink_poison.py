@@ -14,9 +14,9 @@ from ops import metrics
 from ops.settings import load_settings
 from schemas.codec import decode_billing_event, encode_billing_event
 from schemas.dlq import decode_dlq, dlq_record
-from sinks.kafka import TopicWriter, read_topic
 from schemas.pricing import with_cost
 from sinks.billing import billing_event
+from sinks.kafka import TopicWriter, read_topic
 from sinks.clickhouse import ClickHouse
 from sinks.parquet import ParquetStore, partition_of
 from tests.test_codec import event
