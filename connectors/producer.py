@@ -62,6 +62,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from connectors.avro_encoder import Unsupported, compile_encoder
 from connectors.spool import DiskSpool, SpoolRecord
 from schemas.codec import MAGIC, EventCodec, InvalidEvent
+from schemas.vocabulary import user_key
 
 __all__ = ["DiskSpool", "EventProducer", "SpoolFull", "SpoolRecord", "usage_tokens"]
 
@@ -207,7 +208,7 @@ class EventProducer:
                 self.counts["invalid"] += 1
                 outcomes.append(exc)
                 continue
-            records.append((f"{canonical['org_id']}/{canonical['user_id']}".encode(), encode(canonical), now_ms))
+            records.append((user_key(canonical["org_id"], canonical["user_id"]).encode(), encode(canonical), now_ms))
             outcomes.append(None)
         if not records:
             return outcomes

@@ -2,7 +2,7 @@
 comment redacted -> the ClickHouse feedback table (joinable to events by request_id);
 bad input -> DLQ topic.
 
-Run it with `gatewatch run feedback` or `python -m bytewax.run dataflows.feedback:flow`.
+Run it with `gatewatch run feedback` or `python -m bytewax.run ops.launch:feedback`.
 The table is a ReplacingMergeTree keyed by event_id, so redeliveries change nothing.
 """
 
@@ -13,32 +13,21 @@ from functools import partial
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
-from dataflows.ingest import from_environment, validated_and_redacted
-from dataflows.outputs import WriterSink, clickhouse_writer, database_of, dlq_writer, route_by_region
-from dataflows.state import Batcher
-from ops.logs import configure as configure_logs
-from ops.settings import Settings, load_settings
+from dataflows.ingest import validated_and_redacted
+from dataflows.outputs import Settings, batched_out, clickhouse_writer, database_of, dead_letters, route_by_region
 from redaction import Redactor
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
+from sinks.base import WriterSink
 
 
-def build_flow(settings: Settings | None = None) -> Dataflow:
-    settings = settings or load_settings()
-    configure_logs(settings.log_level)
+def build_flow(settings: Settings) -> Dataflow:
     codec = EventCodec(registry_from_settings(settings.schemas), settings.validation, schema="feedback_event")
     flow = Dataflow("gatewatch_feedback")
     clean, dlq_streams = validated_and_redacted(flow, settings, settings.kafka.feedback_topic, codec,
                                                 Redactor(settings.redaction))
     clean, unstorable = route_by_region(clean, settings)
-    batches = op.stateful("feedback_batches", op.key_on("by_database", clean, partial(database_of, settings)),
-                          lambda resume: Batcher(settings.clickhouse.max_rows, settings.clickhouse.max_age_s, resume))
-    op.output("clickhouse_out", batches, WriterSink(partial(clickhouse_writer, settings, "feedback")))
-    op.output("dlq_out", op.merge("all_dlq", *dlq_streams, *unstorable), WriterSink(partial(dlq_writer, settings)))
+    batched_out("feedback", clean, partial(database_of, settings), settings.clickhouse.max_rows,
+                settings.clickhouse.max_age_s, partial(clickhouse_writer, settings, "feedback"))
+    op.output("dlq_out", op.merge("all_dlq", *dlq_streams, *unstorable), WriterSink(partial(dead_letters, settings)))
     return flow
-
-
-def __getattr__(name: str) -> Dataflow:
-    if name == "flow":
-        return from_environment(build_flow)
-    raise AttributeError(name)

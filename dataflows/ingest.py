@@ -1,21 +1,16 @@
 """The ingest dataflow: Kafka gateway events -> validated, redacted, deduplicated events
 -> raw Parquet, ClickHouse, per-user quota counters in Redis; bad input -> DLQ topic.
 
-Run it with `gatewatch run ingest` or `python -m bytewax.run dataflows.ingest:flow`; the
-settings come from the environment (see ops/settings.py).
+Run it with `gatewatch run ingest` or `python -m bytewax.run ops.launch:ingest`: the
+launcher loads the settings and passes them to build_flow (flows never import ops).
 """
 
 from __future__ import annotations
 
-import atexit
-import faulthandler
 import hashlib
 import logging
-import os
-import signal
 import time
 from functools import partial
-from typing import Callable
 
 import bytewax.operators as op
 from bytewax.connectors.kafka import KafkaError
@@ -23,18 +18,15 @@ from bytewax.dataflow import Dataflow, Stream
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from connectors.kafka_source import RestingKafkaSource
-from dataflows.outputs import deduplicate, fan_out, vault_out
-from ops import metrics
-from ops.cluster import check_environment
-from ops.logs import configure as configure_logs
-from ops.logs import get_logger
-from ops.settings import Settings, load_settings
+from dataflows.outputs import Settings, deduplicate, fan_out, vault_out
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
-from schemas.dlq import dlq_record, with_redacted_original
+from schemas.dlq import event_dlq_record, message_dlq_record, with_redacted_original
 from schemas.registry import RegistryUnavailable, registry_from_settings
+from schemas.vocabulary import event_key
+from sinks.metrics import get_metrics
 
-log = get_logger(__name__)
+log = logging.getLogger(__name__)
 OK, DLQ = "ok", "dlq"
 
 
@@ -47,32 +39,28 @@ def decode_batch(codec: EventCodec, messages: list) -> list[tuple[str, dict]]:
     for msg in messages:
         if isinstance(msg, KafkaError):
             source = msg.msg
-            out.append((DLQ, dlq_record(
-                stage="consume", code="kafka_error", reason=str(msg.err), original=source.value,
-                topic=source.topic, partition=source.partition, offset=source.offset, first_seen_ms=now_ms)))
+            out.append((DLQ, message_dlq_record(source, stage="consume", code="kafka_error", reason=str(msg.err),
+                                                first_seen_ms=now_ms)))
             continue
         try:
             event = codec.decode(msg.value, now_ms)
         except InvalidEvent as exc:
-            out.append((DLQ, dlq_record(
-                stage="decode", code=exc.code, reason=exc.reason, original=msg.value, topic=msg.topic,
-                partition=msg.partition, offset=msg.offset, schema_id=exc.schema_id, first_seen_ms=now_ms)))
+            out.append((DLQ, message_dlq_record(msg, stage="decode", code=exc.code, reason=exc.reason,
+                                                schema_id=exc.schema_id, first_seen_ms=now_ms)))
             continue
         except RegistryUnavailable:
             raise  # an outage, not bad input: the flow stops and resumes from its snapshot
         except Exception as exc:  # noqa: BLE001 - a decoder bug must not stop the flow either
             log.error("decoder failed on a message; it goes to the DLQ", extra={
                 "error": type(exc).__name__, "source": f"{msg.topic}/{msg.partition}/{msg.offset}"}, exc_info=False)
-            out.append((DLQ, dlq_record(
-                stage="decode", code="decoder_error", reason=f"the decoder failed ({type(exc).__name__}); "
-                                                             "please report it with this record's source offset",
-                original=msg.value, topic=msg.topic, partition=msg.partition, offset=msg.offset,
-                first_seen_ms=now_ms)))
+            out.append((DLQ, message_dlq_record(
+                msg, stage="decode", code="decoder_error", first_seen_ms=now_ms,
+                reason=f"the decoder failed ({type(exc).__name__}); please report it with this record's source offset")))
             continue
         event["source_partition"] = msg.partition
         event["source_offset"] = msg.offset
         out.append((OK, event))
-    metrics.EVENTS.labels(stage="decoded").inc(sum(1 for kind, _ in out if kind == OK))
+    get_metrics().increment("gatewatch_events", sum(1 for kind, _ in out if kind == OK), tags={"stage": "decoded"})
     return out
 
 
@@ -94,21 +82,19 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
     without its text (fail closed)."""
     started = time.perf_counter()
     results = redactor.redact_events(events)
-    metrics.REDACTION_SECONDS.observe(time.perf_counter() - started)
+    get_metrics().timing("gatewatch_redaction_seconds", time.perf_counter() - started)
     out = []
     now_ms = int(time.time() * 1000)
     for event, result in zip(events, results):
         if isinstance(result, RedactionError):
-            out.append((DLQ, dlq_record(
-                stage="redact", code="redaction_failed", reason=str(result), original=None,
-                topic=None, partition=event["source_partition"], offset=event["source_offset"],
-                first_seen_ms=now_ms, event_id=event["event_id"], request_id=event["request_id"])))
+            out.append((DLQ, event_dlq_record(event, stage="redact", code="redaction_failed", reason=str(result),
+                                              first_seen_ms=now_ms)))
             continue
         for entity, count in result.get("pii_entity_counts", {}).items():
-            metrics.PII_ENTITIES.labels(entity=entity).inc(count)
+            get_metrics().increment("gatewatch_pii_entities", count, tags={"entity": entity})
         for flag in result["policy_flags"]:
-            metrics.POLICY_FLAGS.labels(flag=flag).inc()
-        metrics.CLASSIFICATIONS.labels(level=result["classification"]).inc()
+            get_metrics().increment("gatewatch_policy_flags", tags={"flag": flag})
+        get_metrics().increment("gatewatch_classifications", tags={"level": result["classification"]})
         if log.isEnabledFor(logging.DEBUG):
             log.debug("policy decision", extra={
                 "request_id": result["request_id"], "trace_id": trace_id(result), "classification": result["classification"],
@@ -119,7 +105,7 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
 
 def trace_id(event: dict) -> str:
     """A W3C-sized trace id derived from the event id, the same in every log line and store."""
-    return hashlib.blake2b(f"{event['org_id']}/{event['event_id']}".encode(), digest_size=16).hexdigest()
+    return hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=16).hexdigest()
 
 
 # -- the flow ---------------------------------------------------------------------------
@@ -151,34 +137,10 @@ def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec
     return clean, dlq_streams
 
 
-def build_flow(settings: Settings | None = None) -> Dataflow:
-    settings = settings or load_settings()
-    configure_logs(settings.log_level)
+def build_flow(settings: Settings) -> Dataflow:
     codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
     flow = Dataflow("gatewatch_ingest")
     clean, dlq_streams = validated_and_redacted(flow, settings, settings.kafka.events_topic, codec,
                                                 Redactor(settings.redaction), vault=settings.vault.enabled)
     fan_out(deduplicate(clean, settings), dlq_streams, settings)
     return flow
-
-
-def from_environment(build: Callable[[Settings], Dataflow]) -> Dataflow:
-    """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
-    settings = load_settings()
-    check_environment(settings)  # a cluster cannot write embedded chdb (ops/cluster.py says why)
-    # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck flow is waiting on.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
-    if settings.metrics.port is not None:
-        index = int(os.environ.get("BYTEWAX_PROCESS_ID", 0)) if settings.metrics.offset_by_process else 0
-        metrics.serve(settings.metrics.port + index, settings.metrics.host)
-    if settings.metrics.dump_path:
-        atexit.register(metrics.dump_counters, settings.metrics.dump_path)
-    return build(settings)
-
-
-def __getattr__(name: str) -> Dataflow:
-    # `python -m bytewax.run dataflows.ingest:flow` builds the flow from the environment
-    # only when asked, so importing this module for its steps costs nothing.
-    if name == "flow":
-        return from_environment(build_flow)
-    raise AttributeError(name)

@@ -13,9 +13,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Dataflow
 
 from connectors.parquet_source import ParquetSource
-from dataflows.outputs import deduplicate, fan_out
-from ops.logs import configure as configure_logs
-from ops.settings import Settings
+from dataflows.outputs import Settings, deduplicate, fan_out
 
 REPLAY_SINKS = ("clickhouse", "quota", "billing", "dlq")
 
@@ -24,7 +22,6 @@ def build_flow(settings: Settings, first: date, last: date, region: str | None =
     """settings.sinks says where replayed events go; Parquet is the source, never a sink."""
     if "parquet" in settings.sinks:
         raise ValueError("a replay reads the raw Parquet; it cannot also write it")
-    configure_logs(settings.log_level)
     flow = Dataflow("gatewatch_replay")
     stores = [settings.parquet.store(storage.parquet_root) for storage in settings.storages()]
     stored = op.input("parquet_in", flow, ParquetSource(stores, first, last, region, settings.kafka.batch_size))

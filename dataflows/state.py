@@ -1,4 +1,4 @@
-"""Keyed state of the ingest flow: dedupe, window totals and sink batches.
+"""Keyed state of the ingest flow: dedupe and window totals (sink batches: sinks.base.Batcher).
 
 Each Bytewax logic is a thin shell over a plain state object whose methods tests call
 directly; its recovery snapshot is an immutable copy of that object.
@@ -12,11 +12,11 @@ import time
 import zlib
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Callable
+from typing import Callable
 
-from bytewax.operators import StatefulBatchLogic, StatefulLogic
+from bytewax.operators import StatefulBatchLogic
 
-from sinks.quota import TOKEN_KINDS
+from schemas.vocabulary import TOKEN_KINDS, event_key, user_key
 
 
 def _at(epoch_s: float) -> datetime:
@@ -97,7 +97,7 @@ class DedupeLogic(StatefulBatchLogic):
     def on_batch(self, events: list[dict]):
         now = self.clock()
         self.seen.evict(now)
-        out = [(self.seen.first(f"{e['org_id']}/{e['event_id']}", now), e) for e in events]
+        out = [(self.seen.first(event_key(e["org_id"], e["event_id"]), now), e) for e in events]
         return out, StatefulBatchLogic.RETAIN
 
     def on_notify(self):
@@ -214,7 +214,7 @@ class WindowLogic(StatefulBatchLogic):
         now = self.clock()
         late, adjustments = [], []
         for event in events:
-            user = f"{event['org_id']}/{event['user_id']}"
+            user = user_key(event["org_id"], event["user_id"])
             totals = self.state.users.get(user)
             if totals is None:
                 totals = self.state.users[user] = WindowTotals(
@@ -251,44 +251,3 @@ class WindowLogic(StatefulBatchLogic):
     def snapshot(self) -> bytes:
         # Pickled now: Bytewax may pickle a snapshot after later batches changed the state.
         return pickle.dumps(self.state, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-# -- sink batches -----------------------------------------------------------------------
-
-class Batcher(StatefulLogic):
-    """Holds items until max_rows or max_age_s, then emits them as one list.
-
-    Batching here rather than in the sink keeps pending rows in the recovery snapshot, and
-    gives sinks (which have no timer) a flush by age."""
-
-    def __init__(self, max_rows: int, max_age_s: float, items: list | None = None,
-                 clock: Callable[[], float] = time.time):
-        self.max_rows = max_rows
-        self.max_age_s = max_age_s
-        self.items: list[Any] = items or []
-        self.clock = clock
-        self.first_at = clock() if self.items else None
-
-    def on_item(self, item):
-        if not self.items:
-            self.first_at = self.clock()
-        self.items.append(item)
-        if len(self.items) >= self.max_rows:
-            return [self._take()], StatefulLogic.DISCARD
-        return [], StatefulLogic.RETAIN
-
-    def _take(self) -> list:
-        batch, self.items, self.first_at = self.items, [], None
-        return batch
-
-    def on_notify(self):
-        return ([self._take()] if self.items else []), StatefulLogic.DISCARD
-
-    def on_eof(self):
-        return ([self._take()] if self.items else []), StatefulLogic.DISCARD
-
-    def notify_at(self):
-        return _at(self.first_at + self.max_age_s) if self.first_at is not None else None
-
-    def snapshot(self):
-        return list(self.items)

@@ -9,11 +9,9 @@ cannot be written, the command does not run.
 
 from __future__ import annotations
 
-import base64
 import getpass
 import json
 import os
-import secrets
 import socket
 import time
 import uuid
@@ -24,7 +22,7 @@ from typing import Iterator
 import pyarrow as pa
 
 from ops.settings import Settings
-from sinks.audit_log import AuditStore, months_back, open_store
+from sinks.audit_log import AuditStore, load_hash_key, months_back, open_store
 from sinks.clickhouse import ClickHouse
 
 AUDIT_SCHEMA = pa.schema([("at", pa.timestamp("ms", tz="UTC")), ("command_id", pa.string()), ("actor", pa.string()),
@@ -32,26 +30,9 @@ AUDIT_SCHEMA = pa.schema([("at", pa.timestamp("ms", tz="UTC")), ("command_id", p
 
 
 def hash_key(settings: Settings) -> bytes:
-    """The key of the audit's user hash: audit.hash_key, else the key file (created with a
-    random key, readable by its owner only, the first time it is needed)."""
-    if settings.audit.hash_key is not None:
-        return base64.b64decode(settings.audit.hash_key.get_secret_value())
-    path = os.path.abspath(settings.audit.hash_key_file)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
-    for _attempt in range(50):
-        # Another process may have created the file and not written it yet.
-        encoded = open(path).read().strip()
-        if encoded:
-            return base64.b64decode(encoded)
-        time.sleep(0.02)
-    raise RuntimeError(f"the audit hash key file {path} is empty")
+    """The key of the audit's user hash (sinks.audit_log.load_hash_key)."""
+    secret = settings.audit.hash_key
+    return load_hash_key(secret.get_secret_value() if secret is not None else None, settings.audit.hash_key_file)
 
 
 def actor() -> str:

@@ -15,7 +15,7 @@ import click
 from ops.recovery import init_recovery
 from ops.settings import SettingsError, load_settings
 
-FLOWS = {"ingest": "dataflows.ingest:flow", "feedback": "dataflows.feedback:flow"}
+FLOWS = {"ingest": "ops.launch:ingest", "feedback": "ops.launch:feedback"}  # see ops/launch.py
 
 
 def _settings(config: str | None):

@@ -58,7 +58,8 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
     once, billing events keep their ids), so a replay gives the live run's numbers and a
     second replay changes nothing."""
     from connectors.parquet_source import list_files
-    from dataflows.replay import REPLAY_SINKS, build_flow
+    from dataflows.replay import REPLAY_SINKS
+    from ops.launch import build_replay
     from ops.audit import audited
 
     first, last = first.date(), last.date()
@@ -83,7 +84,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
             return
         if not files:
             raise click.ClickException(f"no raw Parquet for {first}..{last} under {settings.parquet.root}")
-        flow = build_flow(settings, first, last, region)
+        flow = build_replay(settings, first, last, region)
         started = time.monotonic()
         stop = threading.Event()
         reporter = threading.Thread(target=_progress, args=(len(files), total_rows, started, stop), daemon=True)

@@ -158,7 +158,7 @@ class Cluster:
 
 def start_cluster(env: dict[str, str], log_path: Path, metrics_port: int, workers: int, processes: int,
                   recovery_dir: Path | None) -> Cluster:
-    command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+    command = [sys.executable, "-m", "bytewax.run", "ops.launch:ingest", "-w", str(workers)]
     if recovery_dir is not None:
         command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
     envs = [env]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, generate_latest, start_http_server
 
@@ -62,10 +62,18 @@ class PrometheusMetrics:
     def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None:
         self._metric(name, tags).observe(seconds)
 
+    def timings(self, name: str, seconds: Iterable[float], tags: Mapping[str, str] | None = None) -> None:
+        observe = self._metric(name, tags).observe
+        for value in seconds:
+            observe(value)
+
 
 # Installed on import: every process that runs a flow or a sink imports this module, so the
-# lower packages' reports reach Prometheus without each entry point wiring it.
-configure_metrics(PrometheusMetrics(SINK_ERRORS, SINK_UP, SINK_RETRIES, SINK_WRITE_SECONDS, REPLAY_FILES, REPLAY_ROWS))
+# reports of the flows and the lower packages reach Prometheus without each entry point wiring it.
+configure_metrics(PrometheusMetrics(
+    EVENTS, DLQ_RECORDS, DEDUPE_DROPS, LATE_EVENTS, TOKENS, QUOTA_ALERTS, SINK_WRITE_SECONDS, SINK_ROWS, SINK_ERRORS,
+    SINK_RETRIES, SINK_REJECTED, DLQ_SPOOLED, SINK_UP, REDACTION_SECONDS, PII_ENTITIES, POLICY_FLAGS, CLASSIFICATIONS,
+    REPLAY_FILES, REPLAY_ROWS, FRESHNESS_SECONDS))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

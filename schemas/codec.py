@@ -42,6 +42,7 @@ from typing import Any, Callable
 import fastavro
 
 from schemas.registry import default_local_registry, full_name, parse
+from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, window_id
 
 MAGIC = 0
 HEADER = 5
@@ -49,7 +50,6 @@ INT_RANGE = (-(2**31), 2**31 - 1)
 LONG_RANGE = (-(2**63), 2**63 - 1)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 REQUIRED_TEXT = ("event_id", "request_id", "user_id", "org_id", "model")
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.:\-]{1,40}$")
 CODES = ("empty", "unknown_schema_id", "wrong_schema", "truncated", "bad_avro", "bad_json", "wrong_type",
@@ -770,11 +770,11 @@ def quota_update(total: dict) -> dict:
     """A window total of the flow (org_id, user_id, model, window_start_ms, window_length_ms,
     n, input, output, cache_read, cache_write) as a QuotaUpdate record."""
     return {
-        "update_id": f"{total['org_id']}/{total['user_id']}/{total['model']}/{total['window_start_ms']}#{total['n']}",
+        "update_id": f"{window_id(total)}#{total['n']}",
         "org_id": total["org_id"], "user_id": total["user_id"], "model": total["model"],
         "window_start_ms": total["window_start_ms"], "window_length_ms": total["window_length_ms"],
         "events": total["n"],
-        **{f"{kind}_tokens": total[kind] for kind in ("input", "output", "cache_read", "cache_write")},
+        **{f"{kind}_tokens": total[kind] for kind in TOKEN_KINDS},
     }
 
 

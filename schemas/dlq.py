@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from typing import Callable, Iterable
 
 from schemas.codec import INT_RANGE, LONG_RANGE, record_codec
@@ -75,6 +76,26 @@ def dlq_record(*, stage: str, code: str, reason: str, original: bytes | None, to
         "first_seen_ms": int(first_seen_ms),
         "attempts": attempts,
     }
+
+
+def message_dlq_record(message, *, stage: str, code: str, reason: str, first_seen_ms: int,
+                       schema_id: int | None = None) -> dict:
+    """The DLQ record of a Kafka message that could not be used: its raw value (redacted
+    before it is stored) and where it was read (``message``: topic, partition, offset, value)."""
+    return dlq_record(stage=stage, code=code, reason=reason, original=message.value, topic=message.topic,
+                      partition=message.partition, offset=message.offset, schema_id=schema_id,
+                      first_seen_ms=first_seen_ms)
+
+
+def event_dlq_record(event: dict, *, stage: str, code: str, reason: str, original: bytes | None = None,
+                     event_id: str | None = None, first_seen_ms: int | None = None) -> dict:
+    """The DLQ record of an event that was decoded: named by its event id (or ``event_id``,
+    e.g. a billing id), request id and source partition/offset."""
+    return dlq_record(
+        stage=stage, code=code, reason=reason, original=original, topic=None,
+        partition=event.get("source_partition"), offset=event.get("source_offset"),
+        first_seen_ms=first_seen_ms if first_seen_ms is not None else int(time.time() * 1000),
+        event_id=event_id if event_id is not None else event.get("event_id"), request_id=event.get("request_id"))
 
 
 # -- redaction of the original, whatever its encoding ------------------------------------

@@ -16,15 +16,23 @@ the key nobody can confirm a candidate user id against the log.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+import os
 import re
+import secrets
 import sqlite3
 import threading
+import time
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
+
+from schemas.vocabulary import user_key
+from sinks.metrics import count_written, observe_freshness
+from sinks.retry import Retry
 
 EVENT_COLUMNS = ("org_id", "event_id", "event_time", "request_id", "user_hash", "model", "classification",
                  "policy_flags", "safety_decisions", "pii_entity_counts", "region", "source_partition",
@@ -39,7 +47,7 @@ def keyed_hash(key: bytes, text: str) -> str:
 
 def user_hash(key: bytes, org_id: str | None, user_id: str) -> str:
     """What the audit records instead of a user id ("*" for every org)."""
-    return keyed_hash(key, f"{org_id if org_id is not None else '*'}/{user_id}")
+    return keyed_hash(key, user_key(org_id if org_id is not None else "*", user_id))
 
 
 def audit_row(event: dict, key: bytes) -> dict:
@@ -397,3 +405,52 @@ class PostgresAudit:
 
     def close(self) -> None:
         self._connection.close()
+
+
+def load_hash_key(secret_b64: str | None, key_file: str) -> bytes:
+    """The key of the audit's user hash: the configured secret (base64), else the key file,
+    created with a random key readable by its owner only the first time it is needed."""
+    if secret_b64 is not None:
+        return base64.b64decode(secret_b64)
+    path = os.path.abspath(key_file)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+    for _attempt in range(50):
+        # Another process may have created the file and not written it yet.
+        encoded = open(path).read().strip()
+        if encoded:
+            return base64.b64decode(encoded)
+        time.sleep(0.02)
+    raise RuntimeError(f"the audit hash key file {path} is empty")
+
+
+def open_migrated(url: str, app_role: str | None = None) -> AuditStore:
+    """The audit store of url, its tables created (by their owner) if missing."""
+    store = open_store(url, app_role)
+    store.migrate()
+    return store
+
+
+class AuditWriter:
+    """The audit sink's writer: one audit row per unique event; the store ignores rows it
+    already holds, so a retried batch or a replay adds nothing."""
+
+    sink = "audit"
+
+    def __init__(self, open_audit_store: Callable[[], AuditStore], hash_key: bytes, retry: Retry, lateness_s: float):
+        self.retry = retry
+        self.hash_key = hash_key
+        self.lateness_s = lateness_s
+        self.store = retry(self.sink, open_audit_store)
+
+    def __call__(self, batches: list[tuple[str, list[dict]]]) -> None:
+        rows = [audit_row(event, self.hash_key) for _partition, events in batches for event in events]
+        self.retry(self.sink, lambda: self.store.insert_events(rows))
+        count_written(self.sink, len(rows))
+        observe_freshness(self.sink, [row["event_time"] for row in rows], self.lateness_s)

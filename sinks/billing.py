@@ -1,4 +1,5 @@
-"""Billing events: per user, model and window, the cost of its tokens from a versioned price table.
+"""Billing events: per user, model and window, the cost of its tokens from a versioned price
+table (``schemas.pricing``), sent to the billing topic.
 
 A window's billing event is re-emitted with a higher `version` (the number of events it
 covers) whenever events within the allowed lateness add to it; `billing_id` is
@@ -10,34 +11,19 @@ version, so it is billed once whatever its lateness.
 
 from __future__ import annotations
 
-from decimal import Decimal
-
-from sinks.quota import TOKEN_KINDS
-
-MILLION = Decimal(1_000_000)
-NANO = Decimal("0.000000001")
-
-
-def cost_usd(total: dict, pricing) -> tuple[Decimal, bool]:
-    """(cost, priced) of a window total; unpriced models cost 0 unless a default price is set."""
-    price = pricing.models.get(total["model"], pricing.default)
-    if price is None:
-        return Decimal(0), False
-    cost = sum((Decimal(total[kind]) * getattr(price, kind) for kind in TOKEN_KINDS), Decimal(0)) / MILLION
-    return cost.quantize(NANO), total["model"] in pricing.models
-
-
-def with_cost(event: dict, pricing) -> dict:
-    """The event with its own cost and the price table version that priced it."""
-    tokens = {"model": event["model"], **{kind: event[f"{kind}_tokens"] for kind in TOKEN_KINDS}}
-    return {**event, "cost_usd": cost_usd(tokens, pricing)[0], "price_version": pricing.version}
+from schemas.pricing import cost_usd, with_cost  # noqa: F401 - with_cost: ops/bench's import path until it moves
+from schemas.vocabulary import TOKEN_KINDS, window_id
+from sinks.dlq import DeadLetters, send_all
+from sinks.kafka import TopicWriter
+from sinks.metrics import count_written
+from sinks.retry import Retry
 
 
 def billing_event(total: dict, pricing) -> dict:
     cost, priced = cost_usd(total, pricing)
-    window_id = f"{total['org_id']}/{total['user_id']}/{total['model']}/{total['window_start_ms']}"
+    window = window_id(total)
     return {
-        "billing_id": f"{window_id}/late/{total['event_id']}" if total.get("event_id") else window_id,
+        "billing_id": f"{window}/late/{total['event_id']}" if total.get("event_id") else window,
         "version": total["n"],
         "org_id": total["org_id"],
         "user_id": total["user_id"],
@@ -60,3 +46,22 @@ def latest_versions(events: list[dict]) -> dict[str, dict]:
         if kept is None or event["version"] > kept["version"]:
             latest[event["billing_id"]] = event
     return latest
+
+
+class BillingWriter:
+    """The billing sink's writer: one billing event per window total to the billing topic;
+    events the broker refuses for good go to the DLQ."""
+
+    sink = "billing"
+
+    def __init__(self, producer: TopicWriter, pricing, retry: Retry, dead_letters: DeadLetters):
+        self.producer = producer
+        self.pricing = pricing
+        self.retry = retry
+        self.dead_letters = dead_letters
+
+    def __call__(self, batches: list[list[dict]]) -> None:
+        events = [billing_event(total, self.pricing) for batch in batches for total in batch]
+        rejected = send_all(self.sink, self.producer, events, self.retry)
+        self.dead_letters.send_rejected(self.sink, rejected)
+        count_written(self.sink, len(events) - len(rejected))

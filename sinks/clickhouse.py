@@ -14,12 +14,18 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
+from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import to_table
+from sinks.retry import Retry, write_isolating
+
+if TYPE_CHECKING:
+    from sinks.dlq import DeadLetters
 
 FEEDBACK_SCHEMA = pa.schema([
     ("event_id", pa.string()),
@@ -268,3 +274,54 @@ def _statements(sql: str) -> list[str]:
 def freshness_seconds(events: list[dict], now: float | None = None) -> list[float]:
     now = time.time() if now is None else now
     return [max(0.0, now - e["event_time"] / 1000) for e in events]
+
+
+class ClickHouseWriter:
+    """The ClickHouse sink's writer: batches keyed by database, one insert each into
+    ``table`` (events or feedback); rows the server refuses for good go to the DLQ. After
+    events it recomputes the usage aggregates of the hours written, at most once per
+    ``aggregate_interval_s`` and once more when the flow ends (``close``)."""
+
+    def __init__(self, url: str, retry: Retry, dead_letters: DeadLetters, *, raw_days: int, aggregate_days: int,
+                 aggregate_interval_s: float, lateness_s: float, table: str = "events"):
+        self.url = url
+        self.retry = retry
+        self.dead_letters = dead_letters
+        self.raw_days = raw_days
+        self.aggregate_days = aggregate_days
+        self.aggregate_interval_s = aggregate_interval_s
+        self.lateness_s = lateness_s
+        self.table = table
+        self.sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
+        self.clients: dict[str, ClickHouse] = {}
+        self.refreshed_at = time.monotonic()
+
+    def client_of(self, database: str) -> ClickHouse:
+        if database not in self.clients:
+            client = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
+            if client.embedded:
+                # Nobody else can reach an embedded database to migrate it.
+                client.migrate(self.raw_days, self.aggregate_days)
+            self.clients[database] = client
+        return self.clients[database]
+
+    def refresh(self, force: bool = False) -> None:
+        """Recompute the usage aggregates of the hours written since the last refresh."""
+        if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
+            return
+        for client in self.clients.values():
+            self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days))
+        self.refreshed_at = time.monotonic()
+
+    def __call__(self, batches: list[tuple[str, list[dict]]]) -> None:
+        for database, rows in batches:
+            client = self.client_of(database)
+            insert = client.insert_events if self.table == "events" else client.insert_feedback
+            rejected = write_isolating(self.sink, insert, rows, self.retry)
+            self.dead_letters.send_refused_rows(self.sink, rejected)
+            count_written(self.sink, len(rows) - len(rejected))
+            observe_freshness(self.sink, [row["event_time"] for row in rows], self.lateness_s)
+        self.refresh()
+
+    def close(self) -> None:
+        self.refresh(force=True)

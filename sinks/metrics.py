@@ -10,7 +10,8 @@ labels, so the exported series are exactly the ones the backend registered.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol
+import time
+from typing import Iterable, Mapping, Protocol
 
 
 class Metrics(Protocol):
@@ -19,6 +20,10 @@ class Metrics(Protocol):
     def gauge(self, name: str, value: float, tags: Mapping[str, str] | None = None) -> None: ...
 
     def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None: ...
+
+    def timings(self, name: str, seconds: Iterable[float], tags: Mapping[str, str] | None = None) -> None:
+        """Many observations of one series (a batch's freshness): its labels looked up once."""
+        ...
 
 
 class NoOpMetrics:
@@ -29,6 +34,9 @@ class NoOpMetrics:
         pass
 
     def timing(self, name: str, seconds: float, tags: Mapping[str, str] | None = None) -> None:
+        pass
+
+    def timings(self, name: str, seconds: Iterable[float], tags: Mapping[str, str] | None = None) -> None:
         pass
 
 
@@ -43,3 +51,20 @@ def configure_metrics(backend: Metrics) -> None:
 
 def get_metrics() -> Metrics:
     return _backend
+
+
+# -- what every sink reports ---------------------------------------------------------------
+
+def count_written(sink: str, rows: int) -> None:
+    get_metrics().increment("gatewatch_sink_rows", rows, tags={"sink": sink})
+
+
+def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None:
+    """Seconds from event time (or window end) until the sink acknowledged the write.
+
+    Events the gateway sent later than the allowed lateness are counted as late events
+    instead: their age says nothing about the pipeline's own delay."""
+    now_ms = time.time() * 1000
+    ages_s = (max(0.0, (now_ms - at_ms) / 1000) for at_ms in times_ms)
+    get_metrics().timings("gatewatch_freshness_seconds", [age for age in ages_s if age <= lateness_s],
+                          tags={"sink": sink})

@@ -10,7 +10,8 @@ import hashlib
 import io
 import os
 from datetime import datetime, timezone
-from typing import Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import urlparse
 
 import fsspec
@@ -18,7 +19,13 @@ from fsspec.exceptions import FSTimeoutError
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.vocabulary import event_key
+from sinks.metrics import count_written
+from sinks.retry import Retry, write_isolating
 from sinks.text_cipher import KEY_ID_METADATA, open_table, seal_table
+
+if TYPE_CHECKING:
+    from sinks.dlq import DeadLetters
 
 S3_PUT_TIMEOUT_S = 60.0
 """Longest an upload of one file may take before the sink retries it (default)."""
@@ -70,7 +77,7 @@ def keeps_text(event: dict, sample_rate: float) -> bool:
     run, so a replay keeps exactly the texts the live run kept."""
     if sample_rate >= 1:
         return True
-    digest = hashlib.blake2b(f"{event['org_id']}/{event['event_id']}".encode(), digest_size=8).digest()
+    digest = hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64 < sample_rate
 
 
@@ -81,7 +88,7 @@ def sample_text(event: dict, sample_rate: float) -> dict:
 
 
 def file_name(events: Iterable[dict]) -> str:
-    digest = hashlib.sha256("\n".join(sorted(f"{e['org_id']}/{e['event_id']}" for e in events)).encode())
+    digest = hashlib.sha256("\n".join(sorted(event_key(e["org_id"], e["event_id"]) for e in events)).encode())
     return f"part-{digest.hexdigest()[:24]}.parquet"
 
 
@@ -175,3 +182,33 @@ class ParquetStore:
         if not files:
             return ARROW_SCHEMA.empty_table()
         return pa.concat_tables(self.read_file(f) for f in files)
+
+
+class ParquetWriter:
+    """The raw-Parquet sink's writer: batches keyed by partition (``partition_of``), each
+    written as one file to the store of its region; rows the store refuses for good go to
+    the DLQ and the rest are written (``write_isolating``)."""
+
+    sink = "parquet"
+
+    def __init__(self, root_of: Callable[[str], str], open_store: Callable[[str], ParquetStore], retry: Retry,
+                 dead_letters: DeadLetters):
+        self.root_of = root_of
+        self.open_store = open_store
+        self.retry = retry
+        self.dead_letters = dead_letters
+        self.stores: dict[str, ParquetStore] = {}
+
+    def store_of(self, region: str) -> ParquetStore:
+        root = self.root_of(region)
+        if root not in self.stores:
+            self.stores[root] = self.open_store(root)
+        return self.stores[root]
+
+    def __call__(self, batches: list[tuple[str, list[dict]]]) -> None:
+        for partition, events in batches:
+            # A partition is one event_date and region, so one store takes the whole batch.
+            store = self.store_of(events[0]["region"])
+            rejected = write_isolating(self.sink, partial(store.write, partition), events, self.retry)
+            self.dead_letters.send_refused_rows(self.sink, rejected)
+            count_written(self.sink, len(events) - len(rejected))

@@ -33,11 +33,18 @@ import hashlib
 import json
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import redis
 
-TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+from schemas.vocabulary import TOKEN_KINDS
+from sinks.metrics import count_written, get_metrics, observe_freshness
+from sinks.retry import Retry
+
+if TYPE_CHECKING:
+    from sinks.dlq import DeadLetters
+    from sinks.kafka import TopicWriter
+
 WINDOW_RECORD_TTL_S = 2 * 3600
 """Default life of a window's idempotency record; the flow passes twice its own horizon."""
 PERIOD_MARGIN_S = 86400
@@ -246,3 +253,36 @@ class QuotaStore:
         for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*:m:*", count=1000):
             total += int(self.redis.hget(key, "tokens") or 0)
         return total
+
+
+class QuotaWriter:
+    """The quota sink's writer: window totals into the counters (``QuotaStore.apply``), then
+    the alerts that crossed a threshold to the alerts topic. Alerts stay pending in Redis
+    until the broker has them: a crash in between delivers them again (with the same
+    alert_id) rather than never."""
+
+    sink = "quota"
+
+    def __init__(self, store: QuotaStore, tiers: dict, alerts: TopicWriter, retry: Retry, dead_letters: DeadLetters,
+                 lateness_s: float):
+        self.store = store
+        self.alerts = alerts
+        self.retry = retry
+        self.dead_letters = dead_letters
+        self.lateness_s = lateness_s
+        retry(self.sink, lambda: store.publish_tiers(tiers))
+        retry("quota_alerts", self.deliver_alerts)
+
+    def deliver_alerts(self) -> None:
+        pending = self.store.pending_alerts()
+        if pending:
+            self.dead_letters.send_rejected("quota_alerts", self.alerts.send(pending))
+            self.store.ack_alerts([alert["alert_id"] for alert in pending])
+            get_metrics().increment("gatewatch_quota_alerts", len(pending))
+
+    def __call__(self, batches: list[list[dict]]) -> None:
+        totals = [total for batch in batches for total in batch]
+        self.retry(self.sink, lambda: self.store.apply(totals))
+        count_written(self.sink, len(totals))
+        observe_freshness(self.sink, [t["window_start_ms"] + t["window_length_ms"] for t in totals], self.lateness_s)
+        self.retry("quota_alerts", self.deliver_alerts)

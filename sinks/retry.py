@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from functools import partial
 from typing import Callable, TypeVar
 
 from sinks.metrics import get_metrics
@@ -105,3 +106,12 @@ def write_isolating(sink: str, write: Callable[[list], object], rows: list, retr
 
     attempt(rows)
     return rejected
+
+
+Retry = Callable[..., T]
+"""``retry(sink, write, **options)``: write_with_retries with the configured backoff bound in."""
+
+
+def retry_policy(initial_backoff_s: float, max_backoff_s: float) -> Retry:
+    """The retry every sink of one flow writes under (the settings' ``retry`` section)."""
+    return partial(write_with_retries, initial_backoff_s=initial_backoff_s, max_backoff_s=max_backoff_s)

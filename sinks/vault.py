@@ -24,6 +24,7 @@ import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import fsspec
 import pyarrow as pa
@@ -32,7 +33,10 @@ import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from schemas.vocabulary import event_key
 from sinks.audit_log import user_hash
+from sinks.metrics import count_written
+from sinks.retry import Retry
 
 VAULT_FIELDS = ("prompt", "response")
 NONCE_BYTES = 12
@@ -225,5 +229,36 @@ class VaultFiles:
             table = table.filter(pc.is_in(table.column(column), pa.array(sorted(values), pa.string())))
             for row in table.to_pylist():
                 row["event_time"] = int(row["event_time"].timestamp() * 1000)
-                found.setdefault(f"{row['org_id']}/{row['event_id']}", row)
+                found.setdefault(event_key(row["org_id"], row["event_id"]), row)
         return list(found.values())
+
+
+class VaultSealer:
+    """Seals each decoded event's original text with its user's data key; the key store
+    is opened in the worker that first needs it (``open_keys``)."""
+
+    def __init__(self, open_keys: Callable[[], KeyStore], hash_key: bytes, retry: Retry):
+        self.open_keys = open_keys
+        self.hash_key = hash_key
+        self.retry = retry
+        self.keys: KeyStore | None = None
+
+    def __call__(self, event: dict) -> dict:
+        if self.keys is None:
+            self.keys = self.open_keys()
+        return self.retry("vault_keys", lambda: seal_event(event, self.keys, self.hash_key))
+
+
+class VaultWriter:
+    """The vault sink's writer: sealed records, batched by partition, as Parquet files."""
+
+    sink = "vault"
+
+    def __init__(self, files: VaultFiles, retry: Retry):
+        self.files = files
+        self.retry = retry
+
+    def __call__(self, batches: list[tuple[str, list[dict]]]) -> None:
+        records = [record for _partition, batch in batches for record in batch]
+        self.retry(self.sink, lambda: self.files.write(records))
+        count_written(self.sink, len(records))

@@ -11,7 +11,7 @@ import pytest
 
 from ops.loadgen import make_event
 from ops.settings import PricingSettings
-from sinks.billing import with_cost
+from schemas.pricing import with_cost
 from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
 
 HOUR_MS = 3_600_000

@@ -18,8 +18,8 @@ from ops.demo import billing_totals, produce, read_dlq
 from ops.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
+from schemas.pricing import with_cost
 from schemas.registry import registry_from_settings
-from sinks.billing import with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.parquet import ParquetStore
 from sinks.quota import QuotaStore

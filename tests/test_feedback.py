@@ -18,8 +18,8 @@ from ops.demo import produce, read_dlq
 from ops.loadgen import generate, make_event
 from ops.settings import PricingSettings, load_settings
 from schemas.codec import EventCodec
+from schemas.pricing import with_cost
 from schemas.registry import registry_from_settings
-from sinks.billing import with_cost
 from sinks.clickhouse import ClickHouse
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

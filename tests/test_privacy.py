@@ -150,7 +150,7 @@ def test_a_forgotten_user_leaves_the_legacy_server_too(clickhouse_url):
 
     from ops.loadgen import make_event
     from ops.settings import PricingSettings
-    from sinks.billing import with_cost
+    from schemas.pricing import with_cost
 
     client = ClickHouse(clickhouse_url, f"gdpr_{uuid.uuid4().hex[:8]}")
     client.migrate()
@@ -237,7 +237,7 @@ def test_reads_after_a_replay_count_each_event_once(tmp_path):
 
     from ops.loadgen import make_event
     from ops.settings import PricingSettings
-    from sinks.billing import with_cost
+    from schemas.pricing import with_cost
 
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "gw_replayed")
     client.migrate()
@@ -270,8 +270,9 @@ def test_forget_erases_the_user_from_recovery_snapshots(tmp_path):
     from bytewax.recovery import RecoveryConfig
     from bytewax.testing import TestingSink, TestingSource
 
-    from dataflows.state import Batcher, UserWindows, WindowLogic
+    from dataflows.state import UserWindows, WindowLogic
     from ops import recovery
+    from sinks.base import Batcher
 
     events = [{"org_id": "acme", "user_id": user, "event_id": f"{user}-{n}", "event_time": 1_795_000_000_000 + n,
                "model": "gpt-4o", **{f"{kind}_tokens": 1 for kind in ("input", "output", "cache_read", "cache_write")}}

@@ -8,7 +8,8 @@ import redis
 
 from connectors.quota_client import QuotaClient
 from ops.settings import QuotaSettings, load_settings
-from sinks.billing import billing_event, cost_usd, latest_versions
+from schemas.pricing import cost_usd
+from sinks.billing import billing_event, latest_versions
 from sinks.quota import QuotaStore, periods
 
 pytestmark = pytest.mark.integration

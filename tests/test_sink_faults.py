@@ -95,7 +95,7 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
            "GATEWATCH_CLICKHOUSE__URL": clickhouse_url, "GATEWATCH_CLICKHOUSE__DATABASE": database,
            "GATEWATCH_REDIS__URL": settings.redis.url, "GATEWATCH_RETRY__MAX_BACKOFF_S": "1",
            "GATEWATCH_METRICS__PORT": str(metrics_port), "GATEWATCH_LOG_LEVEL": "DEBUG"}
-    flow = subprocess.Popen([sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow"], env=env,
+    flow = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ops.launch:ingest"], env=env,
                             stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT)
     try:
         codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
@@ -165,7 +165,7 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
 
 
 def stacks(flow: subprocess.Popen, log_path) -> str:
-    """What every thread of the flow is doing (dataflows.ingest.from_environment
+    """What every thread of the flow is doing (ops.launch.from_environment
     registers the dump on SIGUSR1)."""
     flow.send_signal(signal.SIGUSR1)
     time.sleep(1)

@@ -9,13 +9,14 @@ import time
 
 import pytest
 
-from dataflows.outputs import DeadLetters, billing_writer, clickhouse_writer, database_of, parquet_writer
+from dataflows.outputs import billing_writer, clickhouse_writer, database_of, dead_letters, parquet_writer
 from ops import metrics
 from ops.settings import load_settings
 from schemas.codec import decode_billing_event, encode_billing_event
 from schemas.dlq import decode_dlq, dlq_record
+from schemas.pricing import with_cost
+from sinks.billing import billing_event
 from sinks.kafka import TopicWriter, read_topic
-from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse
 from sinks.parquet import ParquetStore, partition_of
 from tests.test_codec import event
@@ -87,7 +88,7 @@ def test_a_dlq_record_the_broker_refuses_goes_to_the_spool_with_an_alert(kafka_b
     large = {**dlq_record(stage="decode", code="bad_json", reason="not JSON", original=b"x" * 3000, topic="t",
                           partition=0, offset=2, first_seen_ms=1), "payload_redacted": True}
     before = _counter(metrics.DLQ_SPOOLED, code="bad_json")
-    _within(60, lambda: DeadLetters(settings).send([small, large]))
+    _within(60, lambda: dead_letters(settings).send([small, large]))
     on_topic = [record for _p, _o, record in read_topic(kafka_bootstrap, settings.kafka.dlq_topic, decode_dlq,
                                                         timeout_s=20)]
     assert [r["offset"] for r in on_topic] == [1]
@@ -101,7 +102,7 @@ def test_an_unredacted_original_never_reaches_the_spool(kafka_bootstrap, topic_f
     secret = "alice.smith@example.com " * 100
     record = {**dlq_record(stage="decode", code="bad_json", reason="x" * 1500, original=secret.encode(), topic="t",
                            partition=0, offset=3, first_seen_ms=1)}
-    _within(60, lambda: DeadLetters(settings).send([record]))
+    _within(60, lambda: dead_letters(settings).send([record]))
     assert "alice" not in (tmp_path / "spool.jsonl").read_text()
 
 

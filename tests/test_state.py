@@ -1,6 +1,7 @@
 """The keyed state logic of the ingest flow, without Bytewax."""
 
-from dataflows.state import Batcher, DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of
+from dataflows.state import DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of
+from sinks.base import Batcher
 
 
 def event(event_id="e1", t=60_000, user="u1", org="o1", tokens=(10, 5, 2, 1), model="m1"):

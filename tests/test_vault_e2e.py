@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from bytewax.testing import run_main
 
-from dataflows.ingest import build_flow
+from ops.launch import build
 from ops.demo import produce, read_dlq
 from ops.loadgen import generate
 from ops.settings import load_settings
@@ -44,7 +44,7 @@ def test_original_text_lives_only_in_the_vault_and_forget_shreds_it(kafka_bootst
     expected = produce(kafka_bootstrap, settings.kafka.events_topic,
                        generate(codec, 400, dup_ratio=0.05, bad_ratio=0.05, users=12, pii_ratio=0.6, seed=21,
                                 keep_events=True), 400)
-    run_main(build_flow(settings))
+    run_main(build("ingest", settings))  # with the JSON logs a flow process writes: they are checked for leaks
     flow_output = capfd.readouterr()
     originals = {value for value in expected.pii_values if len(value) >= 6}
     assert len(originals) > 20

@@ -110,7 +110,7 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
-        command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+        command = [sys.executable, "-m", "bytewax.run", "ops.launch:ingest", "-w", str(workers)]
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                     "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
