@@ -25,7 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from ops import services as svc
-from ops.cli_services import services as services_cli
+from ops.cli.services import services as services_cli
 from tests.processes import run_cli
 
 # Tests on the session's server fixtures are marked `integration` by conftest; the ones that
@@ -234,7 +234,7 @@ def test_rclone_s3_keeps_objects_on_disk(tmp_path, monkeypatch):
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli(*args, env=env, timeout=120, module="ops.cli_services")
+    return run_cli("services", *args, env=env, timeout=120)
 
 
 @pytest.mark.integration

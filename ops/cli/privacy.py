@@ -7,18 +7,8 @@ from pathlib import Path
 
 import click
 
-from ops.settings import SettingsError, load_settings
+from ops.cli.options import config_option, settings_from
 from sinks.audit_log import keyed_hash
-
-config_option = click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
-                             help="TOML settings file.")
-
-
-def _settings(config: str | None):
-    try:
-        return load_settings(config)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @click.command()
@@ -37,7 +27,7 @@ def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
     from ops import gdpr
     from ops.audit import audited, hash_key
 
-    settings = _settings(config)
+    settings = settings_from(config)
     subject = gdpr.Subject(user_id, org_id)
     scope = {"subject": subject.pseudonym(hash_key(settings)), "dry_run": dry_run}
     with audited(settings, "forget", scope):
@@ -69,7 +59,7 @@ def export(user_id, org_id, out, config) -> None:
     from ops import gdpr
     from ops.audit import audited, hash_key
 
-    settings = _settings(config)
+    settings = settings_from(config)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".gatewatch-write-test"
@@ -98,7 +88,7 @@ def audit(since, command_name, config) -> None:
 
     from ops.audit import AccessAudit
 
-    settings = _settings(config)
+    settings = settings_from(config)
     for row in AccessAudit(settings).read(since.replace(tzinfo=timezone.utc) if since else None, command_name):
         click.echo(json.dumps(row))
 
@@ -119,7 +109,7 @@ def vault_read(request_id, reason, config) -> None:
     from ops.audit import audited
     from sinks.vault import VaultKeyError
 
-    settings = _settings(config)
+    settings = settings_from(config)
     if not reason.strip():
         raise click.BadParameter("give the reason for reading the vault", param_hint="--reason")
     if not vaults.vault_configured(settings):
@@ -148,7 +138,7 @@ def vault_rotate(config) -> None:
     from ops import vault as vaults
     from ops.audit import audited
 
-    settings = _settings(config)
+    settings = settings_from(config)
     if not vaults.vault_configured(settings):
         raise click.ClickException("the vault has no key-encryption key configured (vault.keks, vault.kek_id)")
     with audited(settings, "vault rotate", {"kek_id": settings.vault.kek_id}):

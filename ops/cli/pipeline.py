@@ -1,8 +1,7 @@
-"""The `gatewatch` command line."""
+"""The pipeline's own commands: `demo`, `run`, `migrate`, `status` and `config`."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -12,30 +11,13 @@ import tempfile
 
 import click
 
+from ops.cli.options import config_option, settings_from
 from ops.recovery import init_recovery
-from ops.settings import SettingsError, load_settings
 
 FLOWS = {"ingest": "dataflows.ingest:flow", "feedback": "dataflows.feedback:flow"}
 
 
-def _settings(config: str | None):
-    try:
-        return load_settings(config)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-config_option = click.option("--config", "config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
-                             help="TOML settings file (default: $GATEWATCH_CONFIG).")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="gatewatch")
-def cli() -> None:
-    """gatewatch: GenAI gateway telemetry from Kafka to Parquet, ClickHouse, Redis quotas and a DLQ."""
-
-
-@cli.command()
+@click.command()
 @click.option("--events", default=5000, show_default=True, type=click.IntRange(1), help="Messages to produce.")
 @click.option("--dup-ratio", default=0.05, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of messages that repeat an earlier event.")
@@ -90,7 +72,7 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     sys.exit(0 if not problems else 1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("flow", type=click.Choice(sorted(FLOWS)))
 @config_option
 @click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(1), help="Worker threads per process.")
@@ -104,7 +86,7 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
     """Deploy a dataflow against the configured servers (wraps `python -m bytewax.run`)."""
     from ops.cluster import ClusterError, check_cluster
 
-    settings = _settings(config)
+    settings = settings_from(config)
     processes = len(addresses.split(";")) if addresses else 1
     try:
         check_cluster(settings, processes, workers)
@@ -131,7 +113,7 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
     sys.exit(subprocess.call(command, env=env))
 
 
-@cli.command()
+@click.command()
 @config_option
 @click.option("--kafka/--no-kafka", default=True, show_default=True, help="Create the Kafka topics.")
 @click.option("--clickhouse/--no-clickhouse", default=True, show_default=True, help="Apply ClickHouse migrations.")
@@ -139,7 +121,7 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
               help="Create the audit log tables and its partitions for last month to 3 months ahead.")
 def migrate(config, kafka, clickhouse, audit) -> None:
     """Create Kafka topics and apply ClickHouse and audit log migrations; safe to run again."""
-    settings = _settings(config)
+    settings = settings_from(config)
     if kafka:
         from ops.services import create_topics
 
@@ -172,7 +154,7 @@ def migrate(config, kafka, clickhouse, audit) -> None:
         click.echo(f"audit log ready, partitions {', '.join(months)}")
 
 
-@cli.command()
+@click.command()
 @config_option
 @click.option("--url", "urls", multiple=True,
               help="Metrics endpoint(s) of flow processes (default: 127.0.0.1:metrics.port).")
@@ -186,7 +168,7 @@ def status(config, urls, interval, watch, usage) -> None:
     from ops import status as status_mod
 
     if not urls:
-        port = _settings(config).metrics.port
+        port = settings_from(config).metrics.port
         if port is None:
             raise click.ClickException("no metrics endpoint: pass --url or set metrics.port")
         urls = (f"http://127.0.0.1:{port}/metrics",)
@@ -207,56 +189,15 @@ def status(config, urls, interval, watch, usage) -> None:
         if usage:
             from sinks.clickhouse import ClickHouse
 
-            settings = _settings(config)
+            settings = settings_from(config)
             click.echo("\n".join(status_mod.usage_lines(ClickHouse(settings.clickhouse.url, settings.clickhouse.database))))
         if not watch:
             return
         before = after
 
 
-@cli.command("config")
+@click.command("config")
 @config_option
 def show_config(config) -> None:
     """Print the effective settings as JSON (after defaults, TOML file and environment)."""
-    click.echo(json.dumps(_settings(config).model_dump(), indent=2, default=str))
-
-
-@cli.group()
-def bench() -> None:
-    """Benchmarks (figures are printed, never asserted)."""
-
-
-def _mount(group: click.Group, module: str, attribute: str) -> None:
-    """Add a command that lives beside the code it drives."""
-    group.add_command(getattr(importlib.import_module(module), attribute))
-
-
-_mount(cli, "ops.cli_services", "services")
-_mount(cli, "ops.cli_schemas", "schemas")
-_mount(cli, "ops.cli_redact", "redact")
-_mount(cli, "ops.cli_dlq", "dlq")
-_mount(cli, "ops.cli_replay", "replay")
-_mount(cli, "ops.cli_replay", "retention")
-_mount(cli, "ops.cli_privacy", "forget")
-_mount(cli, "ops.cli_privacy", "export")
-_mount(cli, "ops.cli_privacy", "audit")
-_mount(cli, "ops.cli_privacy", "vault")
-_mount(cli, "ops.cli_loadgen", "loadgen")
-_mount(cli, "ops.cli_api", "serve")
-_mount(cli, "ops.cli_api", "api_keys")
-_mount(cli, "ops.cli_deploy", "deploy")
-_mount(bench, "ops.bench.redaction", "redaction")
-_mount(bench, "ops.bench.state", "state")
-_mount(bench, "ops.bench.e2e", "e2e")
-_mount(bench, "ops.bench.stages", "stages")
-_mount(bench, "ops.bench.api", "api")
-_mount(bench, "ops.bench.producer", "producer")
-_mount(bench, "ops.bench.history", "history")
-
-
-def main() -> None:
-    cli()
-
-
-if __name__ == "__main__":
-    main()
+    click.echo(json.dumps(settings_from(config).model_dump(), indent=2, default=str))

@@ -10,17 +10,10 @@ from pathlib import Path
 
 import click
 from prometheus_client import REGISTRY
+from ops.cli.options import config_option, settings_from
 
-from ops.settings import SettingsError, load_settings
 
 DATE = click.DateTime(formats=["%Y-%m-%d"])
-
-
-def _settings(config: str | None, overrides: dict | None = None):
-    try:
-        return load_settings(config, overrides=overrides)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _progress(total_files: int, total_rows: int, started: float, stop: threading.Event) -> None:
@@ -50,7 +43,7 @@ def progress_text(total_files: int, total_rows: int, started: float) -> str:
 @click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--recovery-dir", type=click.Path(file_okay=False),
               help="Bytewax recovery directory: run again with the same one to resume after a crash.")
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config) -> None:
     """Backfill: read raw Parquet of a date range and write it again to the chosen sinks.
 
@@ -69,7 +62,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: a replay writes to {', '.join(REPLAY_SINKS)}",
                                  param_hint="--to-sinks")
-    settings = _settings(config, {"sinks": sinks})
+    settings = settings_from(config, {"sinks": sinks})
     scope = {"from": first.isoformat(), "to": last.isoformat(), "region": region, "sinks": sinks, "dry_run": dry_run}
     with audited(settings, "replay", scope):
         files = [f for storage in settings.storages()
@@ -122,13 +115,13 @@ def retention() -> None:
 @retention.command("apply")
 @click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
 @click.option("--today", type=DATE, help="Pretend today is this date (default: today, UTC).")
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 def retention_apply(dry_run, today, config) -> None:
     """Delete raw Parquet partitions older than retention.raw_days, printing each."""
     from ops import retention as policy
     from ops.audit import audited, open_audit
 
-    settings = _settings(config)
+    settings = settings_from(config)
     today = today.date() if today else date.today()
     days = settings.retention.raw_days
     with audited(settings, "retention apply", {"today": today.isoformat(), "raw_days": days, "dry_run": dry_run}):
