@@ -500,7 +500,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def _service_layer() -> tuple[dict, dict[tuple, str]]:
     """Addresses of the servers `gatewatch services up` started, if any are recorded."""
     try:
-        from ops.services.state import load_addresses, state_dir_default
+        from ops.dev.services.state import load_addresses, state_dir_default
     except ImportError:
         return {}, {}
     state_dir = state_dir_default()

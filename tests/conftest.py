@@ -1,7 +1,7 @@
 """Real servers for the integration tests, started once per session on free 127.0.0.1 ports.
 
 Without Docker (this project's usual case) the fixtures launch local binaries through
-``ops.services``: a Kafka-protocol broker (noida-db, or tansu), redis-server, moto (S3) and
+``ops.dev.services``: a Kafka-protocol broker (noida-db, or tansu), redis-server, moto (S3) and
 Debian's clickhouse-server. When a Docker engine answers (``docker info`` exits 0) the same
 fixtures run testcontainers instead (Apache Kafka, Redis, MinIO, ClickHouse).
 
@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ops import services as svc
+from ops.dev import services as svc
 
 SERVER_FIXTURES = frozenset({"kafka_bootstrap", "tansu_bootstrap", "redis_url", "s3_endpoint",
                              "clickhouse_url", "topic_factory", "kafka_kind"})

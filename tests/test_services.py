@@ -24,7 +24,7 @@ from clickhouse_driver import Client
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from ops import services as svc
+from ops.dev import services as svc
 from ops.cli.services import services as services_cli
 from tests.processes import run_cli
 

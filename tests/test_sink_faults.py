@@ -18,9 +18,9 @@ import pyarrow.compute as pc
 import pytest
 import s3fs
 
-from ops import services
-from ops.demo import billing_totals, distinct_sources, produce, read_dlq, scrape
-from ops.loadgen import collect, generate
+from ops.dev import services
+from ops.dev.demo import billing_totals, distinct_sources, produce, read_dlq, scrape
+from ops.dev.loadgen import collect, generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import click
 
-from ops import services
+from ops.dev import services
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
 

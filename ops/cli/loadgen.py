@@ -11,7 +11,7 @@ import click
 from confluent_kafka import Producer
 
 from ops.cli.options import config_option, settings_from
-from ops.loadgen import collect, generate, messages_in, schedule
+from ops.dev.loadgen import collect, generate, messages_in, schedule
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
 from sinks.kafka import produce_when_room

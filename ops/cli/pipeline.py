@@ -46,7 +46,7 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     checks Parquet, ClickHouse (chdb), Redis and the DLQ against what was produced. The
     last line is one JSON object; the exit code is 1 when any count does not reconcile.
     """
-    from ops import demo as demo_mod
+    from ops.dev import demo as demo_mod
 
     if restart_processes and not chaos:
         raise click.UsageError("--restart-processes is the process count after the --chaos kills; it needs --chaos")
@@ -123,7 +123,7 @@ def migrate(config, kafka, clickhouse, audit) -> None:
     """Create Kafka topics and apply ClickHouse and audit log migrations; safe to run again."""
     settings = settings_from(config)
     if kafka:
-        from ops.services import create_topics
+        from ops.dev.services import create_topics
 
         k = settings.kafka
         topics = {k.events_topic: k.partitions, k.dlq_topic: 1, k.billing_topic: k.partitions, k.quota_alerts_topic: 1,
@@ -145,7 +145,7 @@ def migrate(config, kafka, clickhouse, audit) -> None:
                                            f"failed: {exc}") from None
             click.echo(f"clickhouse {settings.clickhouse.url} {database}: applied {applied or 'nothing (up to date)'}")
     if audit:
-        from ops.audit import prepare_audit
+        from ops.privacy.audit import prepare_audit
 
         try:
             months = prepare_audit(settings)

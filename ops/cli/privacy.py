@@ -24,8 +24,8 @@ def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
     in raw Parquet (files are rewritten without them), their Redis quota state, their
     window and batch state in the recovery snapshots (stop the flows first), and their
     vault data keys. A user id found nowhere is an error."""
-    from ops import gdpr
-    from ops.audit import audited, hash_key
+    from ops.privacy import gdpr
+    from ops.privacy.audit import audited, hash_key
 
     settings = settings_from(config)
     subject = gdpr.Subject(user_id, org_id)
@@ -56,8 +56,8 @@ def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
 def export(user_id, org_id, out, config) -> None:
     """Write everything held about a user (ClickHouse rows, raw Parquet rows, Redis state,
     and their vault records if the actor may read the vault) as JSON lines under --out."""
-    from ops import gdpr
-    from ops.audit import audited, hash_key
+    from ops.privacy import gdpr
+    from ops.privacy.audit import audited, hash_key
 
     settings = settings_from(config)
     try:
@@ -86,7 +86,7 @@ def audit(since, command_name, config) -> None:
     """Print the access audit: who ran which data command, on what, when, and how it ended."""
     from datetime import timezone
 
-    from ops.audit import AccessAudit
+    from ops.privacy.audit import AccessAudit
 
     settings = settings_from(config)
     for row in AccessAudit(settings).read(since.replace(tzinfo=timezone.utc) if since else None, command_name):
@@ -105,8 +105,8 @@ def vault() -> None:
 def vault_read(request_id, reason, config) -> None:
     """Open one request's vault record for an actor with the auditor or admin role; every
     read, allowed or refused, is in the access audit first."""
-    from ops import vault as vaults
-    from ops.audit import audited
+    from ops.privacy import vault as vaults
+    from ops.privacy.audit import audited
     from sinks.vault import VaultKeyError
 
     settings = settings_from(config)
@@ -135,8 +135,8 @@ def vault_read(request_id, reason, config) -> None:
 def vault_rotate(config) -> None:
     """Re-wrap every data key with the active KEK (vault.kek_id); vault files are not rewritten.
     Keep the old KEK in vault.keks until this has run."""
-    from ops import vault as vaults
-    from ops.audit import audited
+    from ops.privacy import vault as vaults
+    from ops.privacy.audit import audited
 
     settings = settings_from(config)
     if not vaults.vault_configured(settings):

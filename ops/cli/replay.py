@@ -52,7 +52,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
     second replay changes nothing."""
     from connectors.parquet_source import list_files
     from dataflows.replay import REPLAY_SINKS, build_flow
-    from ops.audit import audited
+    from ops.privacy.audit import audited
 
     first, last = first.date(), last.date()
     if last < first:
@@ -118,8 +118,8 @@ def retention() -> None:
 @config_option
 def retention_apply(dry_run, today, config) -> None:
     """Delete raw Parquet partitions older than retention.raw_days, printing each."""
-    from ops import retention as policy
-    from ops.audit import audited, open_audit
+    from ops.privacy import retention as policy
+    from ops.privacy.audit import audited, open_audit
 
     settings = settings_from(config)
     today = today.date() if today else date.today()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from ops import services as svc
+from ops.dev import services as svc
 
 state_dir_option = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,

@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.services.supervision import HOST, ServiceUnavailable, Service, _port_open, _package_dir, _executable, _start
+from ops.dev.services.supervision import (HOST, ServiceUnavailable, Service, _port_open,
+                                          _package_dir, _executable, _start)
 
 
 def _kafka_probe(service: Service) -> Callable[[], Any]:

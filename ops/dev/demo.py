@@ -27,9 +27,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 from confluent_kafka import Producer
 
-from ops import services
+from ops.dev import services
 from ops.cluster import addresses_for, runs_threaded
-from ops.loadgen import Expected, collect, generate
+from ops.dev.loadgen import Expected, collect, generate
 from ops.recovery import init_recovery
 from ops.settings import SINK_NAMES, Settings
 from schemas.codec import EventCodec, decode_billing_event
