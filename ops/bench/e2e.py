@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 from ops.dev import services
+from ops.launch import flow_command
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
 
@@ -110,7 +111,7 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
-        command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+        command = flow_command("ingest", workers)
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                     "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,

@@ -12,9 +12,9 @@ import tempfile
 import click
 
 from ops.cli.options import config_option, settings_from
+from ops.launch import FLOWS, Snapshots, flow_command, process_env
+from ops.migrate import clickhouse_databases, migrate_audit, migrate_clickhouse, migrate_kafka
 from ops.recovery import init_recovery
-
-FLOWS = {"ingest": "dataflows.ingest:flow", "feedback": "dataflows.feedback:flow"}
 
 
 @click.command()
@@ -92,21 +92,14 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
         check_cluster(settings, processes, workers)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
-    command = [sys.executable, "-m", "bytewax.run", FLOWS[flow], "-w", str(workers)]
-    env = dict(os.environ)
-    # Passed through the environment, not -i/-a, so that the flow process can read its own
-    # index and serve metrics on metrics.port + index.
-    if process_id is not None:
-        env["BYTEWAX_PROCESS_ID"] = str(process_id)
-    if addresses:
-        env["BYTEWAX_ADDRESSES"] = addresses
+    snapshots = None
     if settings.recovery.enabled and not no_recovery:
         directory = recovery_dir or settings.recovery.dir
         share = (process_id or 0, processes) if recovery_share else None
         init_recovery(directory, settings.recovery.partitions, share=share)
-        # bytewax.run takes whole seconds only ("1.0" is an error).
-        command += ["-r", directory, "-s", str(max(1, round(settings.recovery.snapshot_interval_s))),
-                    "-b", str(round(settings.recovery.backup_interval_s))]
+        snapshots = Snapshots(directory, settings.recovery.snapshot_interval_s, settings.recovery.backup_interval_s)
+    command = flow_command(flow, workers, snapshots)
+    env = process_env(os.environ, process_id, addresses)
     if config:
         env["GATEWATCH_CONFIG"] = config
     click.echo(f"running: {' '.join(command)}", err=True)
@@ -123,32 +116,22 @@ def migrate(config, kafka, clickhouse, audit) -> None:
     """Create Kafka topics and apply ClickHouse and audit log migrations; safe to run again."""
     settings = settings_from(config)
     if kafka:
-        from ops.dev.services import create_topics
-
-        k = settings.kafka
-        topics = {k.events_topic: k.partitions, k.dlq_topic: 1, k.billing_topic: k.partitions, k.quota_alerts_topic: 1,
-                  k.feedback_topic: k.partitions}
         try:
-            create_topics(k.bootstrap, topics)
+            topics = migrate_kafka(settings.kafka)
         except Exception as exc:  # the broker's own error says more than we could
-            raise click.ClickException(f"creating topics on {k.bootstrap} failed: {exc}") from None
-        click.echo(f"kafka topics ready on {k.bootstrap}: {', '.join(topics)}")
+            raise click.ClickException(f"creating topics on {settings.kafka.bootstrap} failed: {exc}") from None
+        click.echo(f"kafka topics ready on {settings.kafka.bootstrap}: {', '.join(topics)}")
     if clickhouse:
-        from sinks.clickhouse import ClickHouse
-
-        for database in sorted({settings.clickhouse.database} | {s.clickhouse_database for s in settings.storages()}):
+        for database in clickhouse_databases(settings):
             try:
-                applied = ClickHouse(settings.clickhouse.url, database).migrate(
-                    settings.retention.raw_days, settings.retention.aggregate_days)
+                applied = migrate_clickhouse(settings, database)
             except Exception as exc:
                 raise click.ClickException(f"ClickHouse migration of {database} on {settings.clickhouse.url} "
                                            f"failed: {exc}") from None
             click.echo(f"clickhouse {settings.clickhouse.url} {database}: applied {applied or 'nothing (up to date)'}")
     if audit:
-        from ops.privacy.audit import prepare_audit
-
         try:
-            months = prepare_audit(settings)
+            months = migrate_audit(settings)
         except Exception as exc:
             raise click.ClickException(f"audit log migration failed: {exc}") from None
         click.echo(f"audit log ready, partitions {', '.join(months)}")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import date, timedelta
-from pathlib import Path
+from datetime import date
 
 import click
 from prometheus_client import REGISTRY
+
 from ops.cli.options import config_option, settings_from
+from ops.launch import run_here
 
 
 DATE = click.DateTime(formats=["%Y-%m-%d"])
@@ -82,7 +83,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
         reporter = threading.Thread(target=_progress, args=(len(files), total_rows, started, stop), daemon=True)
         reporter.start()
         try:
-            run_flow(flow, workers, recovery_dir, settings.recovery.snapshot_interval_s)
+            run_here(flow, workers, recovery_dir, settings.recovery.snapshot_interval_s)
         finally:
             stop.set()
             reporter.join()
@@ -91,20 +92,6 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
         rows = replayed()[1]
         click.echo(json.dumps({"files": len(files), "rows": rows, "sinks": sinks, "seconds": round(seconds, 2),
                                "rows_per_s": round(rows / seconds, 1)}))
-
-
-def run_flow(flow, workers: int, recovery_dir: str | None, snapshot_s: float) -> None:
-    from bytewax._bytewax import cli_main
-    from bytewax.recovery import RecoveryConfig
-
-    from ops.recovery import init_recovery
-
-    recovery = None
-    if recovery_dir:
-        init_recovery(recovery_dir)
-        recovery = RecoveryConfig(str(Path(recovery_dir)))
-    cli_main(flow, workers_per_process=workers, epoch_interval=timedelta(seconds=snapshot_s),
-             recovery_config=recovery)
 
 
 @click.group()
