@@ -13,9 +13,9 @@ import s3fs
 from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
-from ops.privacy import gdpr
 from ops.dev.demo import produce, read_dlq
 from ops.dev.loadgen import generate
+from ops.privacy import gdpr
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings

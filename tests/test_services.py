@@ -24,8 +24,8 @@ from clickhouse_driver import Client
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from ops.dev import services as svc
 from ops.cli.services import services as services_cli
+from ops.dev import services as svc
 from tests.processes import run_cli
 
 # Tests on the session's server fixtures are marked `integration` by conftest; the ones that

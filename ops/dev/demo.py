@@ -27,8 +27,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 from confluent_kafka import Producer
 
-from ops.dev import services
 from ops.cluster import addresses_for, runs_threaded
+from ops.dev import services
 from ops.dev.loadgen import Expected, collect, generate
 from ops.launch import Snapshots, flow_command, process_env
 from ops.migrate import migrate_clickhouse, migrate_kafka
