@@ -1,0 +1,6 @@
+"""The ways events get in and out of the pipeline's edges: the gateways' producer library
+(with its disk spool), the ingestion API (`ingest_api/`), the Kafka and raw-Parquet
+sources of the flows, and the quota client gateways ask before calling a model.
+
+Takes plain values and its own settings sections; never imports `ops` or `dataflows`.
+"""

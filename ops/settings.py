@@ -15,12 +15,16 @@ import re
 import tomllib
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
 from redaction import RedactionSettings
+# One section base and one comma-list type for every settings section: redaction's, the
+# lowest package with settings of its own (it may not import ops; ops may import it).
+from redaction.settings import CsvList
+from redaction.settings import _Section as Section
+from redaction.settings import _split_csv
 from sinks.text_cipher import decode_key
 
 ENV_PREFIX = "GATEWATCH_"
@@ -31,19 +35,6 @@ SINK_NAMES = ("parquet", "clickhouse", "quota", "billing", "dlq", "audit")
 DEFAULT_SINKS = SINK_NAMES[:5]
 """The audit log sink is on where it is asked for (`sinks`), as the demo does."""
 _HOST_PORT = re.compile(r"^[A-Za-z0-9_.\-]+:\d{1,5}$")
-
-
-def _split_csv(value: Any) -> Any:
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-CsvList = Annotated[list[str], BeforeValidator(_split_csv)]
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class KafkaSettings(Section):
@@ -502,7 +493,7 @@ def _deep_merge(base: dict, over: dict) -> dict:
 def _service_layer() -> tuple[dict, dict[tuple, str]]:
     """Addresses of the servers `gatewatch services up` started, if any are recorded."""
     try:
-        from ops.services.state import load_addresses, state_dir_default
+        from ops.dev.services.state import load_addresses, state_dir_default
     except ImportError:
         return {}, {}
     state_dir = state_dir_default()

@@ -1,4 +1,5 @@
-"""PII redaction and data classification for gateway events (issue 4).
+"""PII redaction and data classification for gateway events; imports nothing of `ops`
+or `dataflows` (its settings section nests into `ops.settings`).
 
     from redaction import Redactor, RedactionSettings, RedactionError
     redactor = Redactor(RedactionSettings(operators={"PERSON": "hash"}, hash_key="..."))

@@ -8,5 +8,5 @@ their codecs and the compatibility checker.
 - ``schemas.dlq``: ``dlq_record``, ``encode_dlq``, ``decode_dlq``.
 - ``schemas.compat``: BACKWARD/FORWARD checks behind ``gatewatch schemas check``.
 
-See schemas/README.md.
+Imports nothing of `ops` or `dataflows`. See schemas/README.md.
 """

@@ -1,7 +1,7 @@
 """Real servers for the integration tests, started once per session on free 127.0.0.1 ports.
 
 Without Docker (this project's usual case) the fixtures launch local binaries through
-``ops.services``: a Kafka-protocol broker (noida-db, or tansu), redis-server, moto (S3) and
+``ops.dev.services``: a Kafka-protocol broker (noida-db, or tansu), redis-server, moto (S3) and
 Debian's clickhouse-server. When a Docker engine answers (``docker info`` exits 0) the same
 fixtures run testcontainers instead (Apache Kafka, Redis, MinIO, ClickHouse).
 
@@ -32,7 +32,9 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ops import services as svc
+from ops.dev import services as svc
+from ops.migrate import migrate_kafka
+from ops.settings import KafkaSettings
 
 SERVER_FIXTURES = frozenset({"kafka_bootstrap", "tansu_bootstrap", "redis_url", "s3_endpoint",
                              "clickhouse_url", "topic_factory", "kafka_kind"})
@@ -176,15 +178,19 @@ def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
 
 
 @pytest.fixture(scope="session")
-def flow_topics_env(kafka_bootstrap: str, topic_factory) -> Callable[..., dict[str, str]]:
+def flow_topics_env(kafka_bootstrap: str) -> Callable[..., dict[str, str]]:
     """``make(partitions) -> env``: GATEWATCH_KAFKA__* variables of a flow reading a new events
-    topic to its end, with new DLQ, billing and quota-alert topics."""
+    topic to its end, with every other pipeline topic new too, created by ``gatewatch migrate``'s
+    own runner."""
 
     def make(partitions: int = 2) -> dict[str, str]:
+        suffix = uuid.uuid4().hex[:12]
+        names = {name: f"test-{name.lower().replace('_', '-')}-{suffix}"
+                 for name in ("EVENTS", "DLQ", "BILLING", "QUOTA_ALERTS", "FEEDBACK")}
+        migrate_kafka(KafkaSettings(bootstrap=kafka_bootstrap, partitions=partitions,
+                                    **{f"{name.lower()}_topic": topic for name, topic in names.items()}))
         return {"GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__TAIL": "false",
-                "GATEWATCH_KAFKA__EVENTS_TOPIC": topic_factory(partitions=partitions),
-                **{f"GATEWATCH_KAFKA__{name}_TOPIC": topic_factory(partitions=1)
-                   for name in ("DLQ", "BILLING", "QUOTA_ALERTS")}}
+                **{f"GATEWATCH_KAFKA__{name}_TOPIC": topic for name, topic in names.items()}}
 
     return make
 

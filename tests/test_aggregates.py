@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from schemas.pricing import with_cost
 from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
@@ -134,7 +134,7 @@ def test_an_existing_deployment_moves_over_on_migration_and_first_refresh(tmp_pa
 
 
 def test_forgetting_a_user_removes_their_aggregates(clickhouse):
-    from ops.gdpr import Subject, forget_clickhouse
+    from ops.privacy.gdpr import Subject, forget_clickhouse
 
     rows = events(300)
     clickhouse.insert_events(rows)

@@ -11,7 +11,7 @@ from datetime import date
 import psycopg
 import pytest
 
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 from sinks.audit_log import MissingPartition, PostgresAudit, SqliteAudit, audit_row, month_of, open_store, user_hash
 
 KEY = b"k" * 32
@@ -131,7 +131,7 @@ def test_the_access_audit_round_trip(store):
 
 
 def test_retention_apply_drops_audit_months_and_vault_days_past_their_retention(tmp_path):
-    from ops import retention
+    from ops.privacy import retention
     from tests.processes import run_cli
 
     assert retention.audit_oldest_kept(date(2027, 2, 15), 2) == date(2027, 1, 1)
@@ -160,7 +160,7 @@ def test_retention_apply_drops_audit_months_and_vault_days_past_their_retention(
 
 
 def test_migrate_prepares_the_audit_partitions_an_app_role_needs(postgres_server, tmp_path):
-    from ops.audit import prepare_audit
+    from ops.privacy.audit import prepare_audit
     from ops.settings import load_settings
 
     owner_url, app_url = postgres_server.database("gatewatch_app")

@@ -9,8 +9,8 @@ from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
 from ops import metrics
-from ops.demo import produce
-from ops.loadgen import generate
+from ops.dev.demo import produce
+from ops.dev.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
@@ -79,8 +79,8 @@ def test_one_row_per_unique_event_after_sigkill_chaos(postgres_server, kafka_boo
     from its recovery snapshots each time: batches written before a kill come again."""
     import os
 
-    from ops.demo import DemoOptions, run_with_chaos
-    from ops.services import free_port
+    from ops.dev.demo import DemoOptions, run_with_chaos
+    from ops.dev.services import free_port
 
     owner_url, _app_url = postgres_server.database()
     port = free_port()

@@ -12,7 +12,7 @@ import pytest
 from fastavro.utils import generate_many
 
 from connectors.avro_encoder import Unsupported, compile_encoder
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 from schemas.codec import EventCodec, plain
 from schemas.registry import LocalRegistry
 

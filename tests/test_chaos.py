@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from ops import demo
+from ops.dev import demo
 from sinks.clickhouse import ClickHouse, close_chdb
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]

@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from schemas.pricing import with_cost
 from sinks.clickhouse import ClickHouse

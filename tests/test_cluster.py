@@ -12,12 +12,12 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from ops import demo
 from ops.cli import cli
 from ops.cluster import ClusterError, addresses_for, check_cluster, check_environment, cluster_addresses
-from ops.loadgen import generate
+from ops.dev import demo
+from ops.dev.loadgen import generate
+from ops.dev.services import free_port
 from ops.recovery import init_recovery, recovery_files, share_of
-from ops.services import free_port
 from ops.settings import Settings, load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings

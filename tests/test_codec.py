@@ -248,7 +248,7 @@ def test_every_bad_message_raises_invalid_event_with_its_code(codec, case, code,
 
 def test_the_loadgen_malformed_kinds_map_to_their_codes(codec):
     """The demo and e2e tests name each malformed message after the code it must get."""
-    from ops.loadgen import BAD_KINDS, make_event, malformed
+    from ops.dev.loadgen import BAD_KINDS, make_event, malformed
 
     sample, _ = make_event(random.Random(3), int(time.time() * 1000), 10, 1.0)
     for kind in BAD_KINDS:

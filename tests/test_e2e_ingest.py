@@ -14,8 +14,8 @@ import s3fs
 from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
-from ops.demo import billing_totals, produce, read_dlq
-from ops.loadgen import generate
+from ops.dev.demo import billing_totals, produce, read_dlq
+from ops.dev.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.pricing import with_cost

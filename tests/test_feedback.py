@@ -14,8 +14,8 @@ from confluent_kafka import Producer
 
 from dataflows import feedback as feedback_flow
 from dataflows import ingest
-from ops.demo import produce, read_dlq
-from ops.loadgen import generate, make_event
+from ops.dev.demo import produce, read_dlq
+from ops.dev.loadgen import generate, make_event
 from ops.settings import PricingSettings, load_settings
 from schemas.codec import EventCodec
 from schemas.pricing import with_cost

@@ -15,7 +15,7 @@ from bytewax.testing import run_main
 from confluent_kafka import Producer
 
 from dataflows.ingest import build_flow
-from ops.loadgen import collect, generate
+from ops.dev.loadgen import collect, generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq

@@ -27,7 +27,7 @@ def test_api_settings_reject_bad_values():
 
 
 def test_each_worker_takes_its_own_spool_slot_and_a_restart_reuses_it(tmp_path):
-    from ops.cli_api import open_producer
+    from ops.api import open_producer
 
     settings = load_settings(environ={"GATEWATCH_KAFKA__BOOTSTRAP": "127.0.0.1:1",
                                       "GATEWATCH_API__SPOOL_DIR": str(tmp_path / "spool")}, use_service_state=False)
@@ -45,7 +45,7 @@ def test_each_worker_takes_its_own_spool_slot_and_a_restart_reuses_it(tmp_path):
 
 
 def test_serve_producers_are_durable_unless_opted_out(tmp_path):
-    from ops.cli_api import open_producer
+    from ops.api import open_producer
 
     env = {"GATEWATCH_KAFKA__BOOTSTRAP": "127.0.0.1:1", "GATEWATCH_API__SPOOL_DIR": str(tmp_path / "spool")}
     default = open_producer(load_settings(environ=env, use_service_state=False))

@@ -20,7 +20,7 @@ from connectors.ingest_api.app import ApiConfig, IngestApp
 from connectors.ingest_api.keys import ApiKeyStore
 from connectors.producer import EventProducer
 from connectors.spool import DiskSpool
-from ops import services as svc
+from ops.dev import services as svc
 from schemas.registry import LocalRegistry
 from tests.test_ingest_api import Server, _event, _wait_for
 from tests.test_producer import events, own_broker  # noqa: F401 (fixture)

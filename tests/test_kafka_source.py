@@ -44,7 +44,7 @@ def test_a_caught_up_partition_rests_until_it_has_messages(kafka_bootstrap, topi
 
 
 def test_an_unreachable_broker_is_a_clear_error_not_a_hang():
-    from ops.services import free_port
+    from ops.dev.services import free_port
 
     broker = f"127.0.0.1:{free_port()}"
     with pytest.raises(RuntimeError, match=f"events.*{broker}.*kafka.bootstrap"):

@@ -87,24 +87,23 @@ def test_every_metric_a_flow_or_lower_package_reports_is_registered_with_prometh
     assert reported - backend.names == set()
 
 
-def test_bytewax_run_finds_every_flow_the_cli_launches(monkeypatch):
+def test_bytewax_run_finds_every_flow_the_launcher_starts(monkeypatch):
     """`python -m bytewax.run ops.launch:<flow>` reaches the launcher (a module attribute of
     the same name would shadow it), which builds the flow from the environment's settings."""
     from bytewax.dataflow import Dataflow
     from bytewax.run import _locate_dataflow
 
     from ops import launch
-    from ops.cli import FLOWS as CLI_FLOWS
 
     built = []
     monkeypatch.setattr(launch, "FLOWS", {name: lambda settings, name=name: built.append(settings) or Dataflow(name)
                                           for name in launch.FLOWS})
     monkeypatch.setenv("GATEWATCH_KAFKA__EVENTS_TOPIC", "layers-test-events")
-    for name, entry in CLI_FLOWS.items():
+    for name, entry in launch.ENTRY_POINTS.items():
         module, attribute = entry.split(":")
         assert module == launch.__name__ and attribute == name
         assert _locate_dataflow(module, attribute).flow_id == name
-    assert [settings.kafka.events_topic for settings in built] == ["layers-test-events"] * len(CLI_FLOWS)
+    assert [settings.kafka.events_topic for settings in built] == ["layers-test-events"] * len(launch.FLOWS)
 
 
 def test_a_sinks_freshness_reaches_the_prometheus_histogram_without_late_events():

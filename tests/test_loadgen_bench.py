@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from ops.loadgen import messages_in, schedule
+from ops.dev.loadgen import messages_in, schedule
 from ops.settings import Settings
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import registry_from_settings

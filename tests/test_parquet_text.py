@@ -14,8 +14,8 @@ import s3fs
 from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
-from ops.demo import produce
-from ops.loadgen import generate
+from ops.dev.demo import produce
+from ops.dev.loadgen import generate
 from ops.settings import SettingsError, load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings

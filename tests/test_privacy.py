@@ -13,9 +13,9 @@ import s3fs
 from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
-from ops import gdpr
-from ops.demo import produce, read_dlq
-from ops.loadgen import generate
+from ops.dev.demo import produce, read_dlq
+from ops.dev.loadgen import generate
+from ops.privacy import gdpr
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
@@ -148,7 +148,7 @@ def test_a_forgotten_user_leaves_the_legacy_server_too(clickhouse_url):
     """ALTER TABLE ... DELETE and the wait for its mutation on Debian's 18.16 server."""
     import random
 
-    from ops.loadgen import make_event
+    from ops.dev.loadgen import make_event
     from ops.settings import PricingSettings
     from schemas.pricing import with_cost
 
@@ -235,7 +235,7 @@ def test_the_audit_keeps_keyed_hashes_not_the_user_or_the_export_path(empty_stor
 def test_reads_after_a_replay_count_each_event_once(tmp_path):
     import random
 
-    from ops.loadgen import make_event
+    from ops.dev.loadgen import make_event
     from ops.settings import PricingSettings
     from schemas.pricing import with_cost
 

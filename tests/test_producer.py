@@ -16,8 +16,8 @@ from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
 from connectors.producer import DiskSpool, EventProducer, usage_tokens
-from ops import services as svc
-from ops.loadgen import make_event
+from ops.dev import services as svc
+from ops.dev.loadgen import make_event
 from ops.settings import ValidationSettings
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import LocalRegistry

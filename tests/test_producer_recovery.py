@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from connectors.producer import EventProducer, SpoolFull
-from ops import services as svc
+from ops.dev import services as svc
 from schemas.registry import LocalRegistry
 from tests.test_producer import _wait, consume, decoded, events, own_broker, spool_dir  # noqa: F401 (fixtures)
 

@@ -334,7 +334,7 @@ def test_overlong_text_is_refused():
 # -- the CLI ---------------------------------------------------------------------------------
 
 def test_cli_round_trip():
-    from ops.cli_redact import redact
+    from ops.cli.redact import redact
 
     lines = "\n".join([
         json.dumps({"text": "mail ana@example.com or call +44 20 7946 0958", "id": 1}),
@@ -361,7 +361,7 @@ def test_cli_round_trip():
 
 
 def test_cli_operator_override():
-    from ops.cli_redact import redact
+    from ops.cli.redact import redact
 
     result = CliRunner().invoke(redact, ["--operator", "hash", "--hash-key", "k"],
                                 input=json.dumps({"text": "mail ana@example.com"}) + "\n")

@@ -18,8 +18,8 @@ from bytewax.testing import run_main
 
 from dataflows.ingest import build_flow
 from ops.bench.redaction_corpus import generate_corpus
-from ops.demo import produce
-from ops.loadgen import Expected, make_event
+from ops.dev.demo import produce
+from ops.dev.loadgen import Expected, make_event
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings

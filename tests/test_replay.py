@@ -15,9 +15,9 @@ from bytewax.testing import run_main
 
 from connectors.parquet_source import FINISHED, ParquetSource, select_files
 from dataflows.ingest import build_flow
-from ops import retention
-from ops.demo import billing_totals, produce
-from ops.loadgen import generate, make_event
+from ops.dev.demo import billing_totals, produce
+from ops.dev.loadgen import generate, make_event
+from ops.privacy import retention
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings

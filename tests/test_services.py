@@ -24,8 +24,8 @@ from clickhouse_driver import Client
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from ops import services as svc
-from ops.cli_services import services as services_cli
+from ops.cli.services import services as services_cli
+from ops.dev import services as svc
 from tests.processes import run_cli
 
 # Tests on the session's server fixtures are marked `integration` by conftest; the ones that
@@ -257,7 +257,7 @@ def test_rclone_s3_keeps_answering_uploads_in_nested_directories(tmp_path, monke
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run_cli(*args, env=env, timeout=120, module="ops.cli_services")
+    return run_cli("services", *args, env=env, timeout=120)
 
 
 @pytest.mark.integration

@@ -8,7 +8,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -18,9 +17,10 @@ import pyarrow.compute as pc
 import pytest
 import s3fs
 
-from ops import services
-from ops.demo import billing_totals, distinct_sources, produce, read_dlq, scrape
-from ops.loadgen import collect, generate
+from ops.dev import services
+from ops.dev.demo import billing_totals, distinct_sources, produce, read_dlq, scrape
+from ops.dev.loadgen import collect, generate
+from ops.launch import flow_command
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.dlq import decode_dlq
@@ -95,7 +95,7 @@ def test_every_event_lands_once_after_s3_clickhouse_and_redis_outages(servers, k
            "GATEWATCH_CLICKHOUSE__URL": clickhouse_url, "GATEWATCH_CLICKHOUSE__DATABASE": database,
            "GATEWATCH_REDIS__URL": settings.redis.url, "GATEWATCH_RETRY__MAX_BACKOFF_S": "1",
            "GATEWATCH_METRICS__PORT": str(metrics_port), "GATEWATCH_LOG_LEVEL": "DEBUG"}
-    flow = subprocess.Popen([sys.executable, "-m", "bytewax.run", "ops.launch:ingest"], env=env,
+    flow = subprocess.Popen(flow_command(), env=env,
                             stdout=open(tmp_path / "flow.log", "wb"), stderr=subprocess.STDOUT)
     try:
         codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)

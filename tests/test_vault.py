@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 from sinks.vault import KeyStore, VaultFiles, VaultKeyError, open_record, seal_event
 from tests.processes import run_cli
 

@@ -14,8 +14,8 @@ import pytest
 from bytewax.testing import run_main
 
 from ops.launch import build
-from ops.demo import produce, read_dlq
-from ops.loadgen import generate
+from ops.dev.demo import produce, read_dlq
+from ops.dev.loadgen import generate
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings

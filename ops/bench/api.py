@@ -27,7 +27,7 @@ from pathlib import Path
 import click
 
 from ops.bench.e2e import proc_usage
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 
 FORMATS = ("json", "otlp")
 BODIES_PER_FORMAT = 16
@@ -178,7 +178,7 @@ def _tree_cpu(pid: int) -> float:
 def api(formats, events_per_request, concurrency, duration, warmup, server, workers, broker, bootstrap, keep) -> None:
     """Accepted events/s per server core and request latency of `gatewatch serve`."""
     from connectors.ingest_api.keys import ApiKeyStore
-    from ops import services
+    from ops.dev import services
 
     formats = formats or FORMATS
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-api-"))

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import click
 
-from ops import services
+from ops.dev import services
+from ops.launch import flow_command
+from ops.migrate import migrate_kafka
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
 
@@ -110,7 +112,7 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
-        command = [sys.executable, "-m", "bytewax.run", "ops.launch:ingest", "-w", str(workers)]
+        command = flow_command("ingest", workers)
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                     "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
@@ -173,9 +175,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         started.append(kafka)
         redis_server = services.start_redis(root / "redis")
         started.append(redis_server)
-        k = settings.kafka
-        services.create_topics(kafka.address, {k.events_topic: partitions, k.dlq_topic: 1,
-                                               k.billing_topic: partitions, k.quota_alerts_topic: 1})
+        migrate_kafka(settings.kafka.model_copy(update={"bootstrap": kafka.address, "partitions": partitions}))
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}

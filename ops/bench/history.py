@@ -24,8 +24,8 @@ import click
 import redis
 
 from dataflows.state import UserWindows, WindowLogic
-from ops.loadgen import make_event
-from ops.services import start_redis
+from ops.dev.loadgen import make_event
+from ops.dev.services import start_redis
 from ops.settings import PricingSettings
 from sinks.billing import billing_event, with_cost
 from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates

@@ -19,8 +19,8 @@ from pathlib import Path
 import click
 
 from connectors.producer import EventProducer
-from ops import services
-from ops.loadgen import make_event
+from ops.dev import services
+from ops.dev.loadgen import make_event
 from schemas.registry import LocalRegistry
 
 MODES = {

@@ -14,7 +14,7 @@ import click
 import pyarrow.parquet as pq
 
 from dataflows.state import SeenIds, WindowLogic, UserWindows
-from ops.loadgen import generate
+from ops.dev.loadgen import generate
 from ops.settings import Settings
 from redaction import Redactor
 from schemas.codec import EventCodec

@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import redis
 
-from ops import recovery, vault
+from ops import recovery
+from ops.privacy import vault
 from sinks.audit_log import user_hash
 from sinks.clickhouse import ClickHouse, sql_string
 from sinks.parquet import ParquetStore

@@ -3,7 +3,7 @@ what forget and export do with it."""
 
 from __future__ import annotations
 
-from ops.audit import actor, hash_key
+from ops.privacy.audit import actor, hash_key
 from ops.settings import Settings
 from sinks.audit_log import user_hash
 from sinks.vault import KeyStore, VaultFiles, open_record

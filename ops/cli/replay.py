@@ -5,22 +5,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from datetime import date, timedelta
-from pathlib import Path
+from datetime import date
 
 import click
 from prometheus_client import REGISTRY
 
-from ops.settings import SettingsError, load_settings
+from ops.cli.options import config_option, settings_from
+from ops.launch import run_here
+
 
 DATE = click.DateTime(formats=["%Y-%m-%d"])
-
-
-def _settings(config: str | None, overrides: dict | None = None):
-    try:
-        return load_settings(config, overrides=overrides)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 def _progress(total_files: int, total_rows: int, started: float, stop: threading.Event) -> None:
@@ -50,7 +44,7 @@ def progress_text(total_files: int, total_rows: int, started: float) -> str:
 @click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(1))
 @click.option("--recovery-dir", type=click.Path(file_okay=False),
               help="Bytewax recovery directory: run again with the same one to resume after a crash.")
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config) -> None:
     """Backfill: read raw Parquet of a date range and write it again to the chosen sinks.
 
@@ -60,7 +54,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
     from connectors.parquet_source import list_files
     from dataflows.replay import REPLAY_SINKS
     from ops.launch import build_replay
-    from ops.audit import audited
+    from ops.privacy.audit import audited
 
     first, last = first.date(), last.date()
     if last < first:
@@ -70,7 +64,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
     if unknown:
         raise click.BadParameter(f"{', '.join(unknown)}: a replay writes to {', '.join(REPLAY_SINKS)}",
                                  param_hint="--to-sinks")
-    settings = _settings(config, {"sinks": sinks})
+    settings = settings_from(config, {"sinks": sinks})
     scope = {"from": first.isoformat(), "to": last.isoformat(), "region": region, "sinks": sinks, "dry_run": dry_run}
     with audited(settings, "replay", scope):
         files = [f for storage in settings.storages()
@@ -90,7 +84,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
         reporter = threading.Thread(target=_progress, args=(len(files), total_rows, started, stop), daemon=True)
         reporter.start()
         try:
-            run_flow(flow, workers, recovery_dir, settings.recovery.snapshot_interval_s)
+            run_here(flow, workers, recovery_dir, settings.recovery.snapshot_interval_s)
         finally:
             stop.set()
             reporter.join()
@@ -101,20 +95,6 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
                                "rows_per_s": round(rows / seconds, 1)}))
 
 
-def run_flow(flow, workers: int, recovery_dir: str | None, snapshot_s: float) -> None:
-    from bytewax._bytewax import cli_main
-    from bytewax.recovery import RecoveryConfig
-
-    from ops.recovery import init_recovery
-
-    recovery = None
-    if recovery_dir:
-        init_recovery(recovery_dir)
-        recovery = RecoveryConfig(str(Path(recovery_dir)))
-    cli_main(flow, workers_per_process=workers, epoch_interval=timedelta(seconds=snapshot_s),
-             recovery_config=recovery)
-
-
 @click.group()
 def retention() -> None:
     """Raw data retention (ClickHouse applies its own TTLs from the same settings)."""
@@ -123,13 +103,13 @@ def retention() -> None:
 @retention.command("apply")
 @click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
 @click.option("--today", type=DATE, help="Pretend today is this date (default: today, UTC).")
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 def retention_apply(dry_run, today, config) -> None:
     """Delete raw Parquet partitions older than retention.raw_days, printing each."""
-    from ops import retention as policy
-    from ops.audit import audited, open_audit
+    from ops.privacy import retention as policy
+    from ops.privacy.audit import audited, open_audit
 
-    settings = _settings(config)
+    settings = settings_from(config)
     today = today.date() if today else date.today()
     days = settings.retention.raw_days
     with audited(settings, "retention apply", {"today": today.isoformat(), "raw_days": days, "dry_run": dry_run}):

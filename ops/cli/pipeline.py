@@ -1,8 +1,7 @@
-"""The `gatewatch` command line."""
+"""The pipeline's own commands: `demo`, `run`, `migrate`, `status` and `config`."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import shutil
@@ -12,30 +11,13 @@ import tempfile
 
 import click
 
+from ops.cli.options import config_option, settings_from
+from ops.launch import FLOWS, Snapshots, flow_command, process_env
+from ops.migrate import clickhouse_databases, migrate_audit, migrate_clickhouse, migrate_kafka
 from ops.recovery import init_recovery
-from ops.settings import SettingsError, load_settings
-
-FLOWS = {"ingest": "ops.launch:ingest", "feedback": "ops.launch:feedback"}  # see ops/launch.py
 
 
-def _settings(config: str | None):
-    try:
-        return load_settings(config)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
-
-
-config_option = click.option("--config", "config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
-                             help="TOML settings file (default: $GATEWATCH_CONFIG).")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="gatewatch")
-def cli() -> None:
-    """gatewatch: GenAI gateway telemetry from Kafka to Parquet, ClickHouse, Redis quotas and a DLQ."""
-
-
-@cli.command()
+@click.command()
 @click.option("--events", default=5000, show_default=True, type=click.IntRange(1), help="Messages to produce.")
 @click.option("--dup-ratio", default=0.05, show_default=True, type=click.FloatRange(0, 0.9),
               help="Share of messages that repeat an earlier event.")
@@ -64,7 +46,7 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     checks Parquet, ClickHouse (chdb), Redis and the DLQ against what was produced. The
     last line is one JSON object; the exit code is 1 when any count does not reconcile.
     """
-    from ops import demo as demo_mod
+    from ops.dev import demo as demo_mod
 
     if restart_processes and not chaos:
         raise click.UsageError("--restart-processes is the process count after the --chaos kills; it needs --chaos")
@@ -90,7 +72,7 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
     sys.exit(0 if not problems else 1)
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("flow", type=click.Choice(sorted(FLOWS)))
 @config_option
 @click.option("-w", "--workers", default=1, show_default=True, type=click.IntRange(1), help="Worker threads per process.")
@@ -104,34 +86,27 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
     """Deploy a dataflow against the configured servers (wraps `python -m bytewax.run`)."""
     from ops.cluster import ClusterError, check_cluster
 
-    settings = _settings(config)
+    settings = settings_from(config)
     processes = len(addresses.split(";")) if addresses else 1
     try:
         check_cluster(settings, processes, workers)
     except ClusterError as exc:
         raise click.ClickException(str(exc)) from None
-    command = [sys.executable, "-m", "bytewax.run", FLOWS[flow], "-w", str(workers)]
-    env = dict(os.environ)
-    # Passed through the environment, not -i/-a, so that the flow process can read its own
-    # index and serve metrics on metrics.port + index.
-    if process_id is not None:
-        env["BYTEWAX_PROCESS_ID"] = str(process_id)
-    if addresses:
-        env["BYTEWAX_ADDRESSES"] = addresses
+    snapshots = None
     if settings.recovery.enabled and not no_recovery:
         directory = recovery_dir or settings.recovery.dir
         share = (process_id or 0, processes) if recovery_share else None
         init_recovery(directory, settings.recovery.partitions, share=share)
-        # bytewax.run takes whole seconds only ("1.0" is an error).
-        command += ["-r", directory, "-s", str(max(1, round(settings.recovery.snapshot_interval_s))),
-                    "-b", str(round(settings.recovery.backup_interval_s))]
+        snapshots = Snapshots(directory, settings.recovery.snapshot_interval_s, settings.recovery.backup_interval_s)
+    command = flow_command(flow, workers, snapshots)
+    env = process_env(os.environ, process_id, addresses)
     if config:
         env["GATEWATCH_CONFIG"] = config
     click.echo(f"running: {' '.join(command)}", err=True)
     sys.exit(subprocess.call(command, env=env))
 
 
-@cli.command()
+@click.command()
 @config_option
 @click.option("--kafka/--no-kafka", default=True, show_default=True, help="Create the Kafka topics.")
 @click.option("--clickhouse/--no-clickhouse", default=True, show_default=True, help="Apply ClickHouse migrations.")
@@ -139,40 +114,30 @@ def run(flow, config, workers, process_id, addresses, recovery_dir, no_recovery,
               help="Create the audit log tables and its partitions for last month to 3 months ahead.")
 def migrate(config, kafka, clickhouse, audit) -> None:
     """Create Kafka topics and apply ClickHouse and audit log migrations; safe to run again."""
-    settings = _settings(config)
+    settings = settings_from(config)
     if kafka:
-        from ops.services import create_topics
-
-        k = settings.kafka
-        topics = {k.events_topic: k.partitions, k.dlq_topic: 1, k.billing_topic: k.partitions, k.quota_alerts_topic: 1,
-                  k.feedback_topic: k.partitions}
         try:
-            create_topics(k.bootstrap, topics)
+            topics = migrate_kafka(settings.kafka)
         except Exception as exc:  # the broker's own error says more than we could
-            raise click.ClickException(f"creating topics on {k.bootstrap} failed: {exc}") from None
-        click.echo(f"kafka topics ready on {k.bootstrap}: {', '.join(topics)}")
+            raise click.ClickException(f"creating topics on {settings.kafka.bootstrap} failed: {exc}") from None
+        click.echo(f"kafka topics ready on {settings.kafka.bootstrap}: {', '.join(topics)}")
     if clickhouse:
-        from sinks.clickhouse import ClickHouse
-
-        for database in sorted({settings.clickhouse.database} | {s.clickhouse_database for s in settings.storages()}):
+        for database in clickhouse_databases(settings):
             try:
-                applied = ClickHouse(settings.clickhouse.url, database).migrate(
-                    settings.retention.raw_days, settings.retention.aggregate_days)
+                applied = migrate_clickhouse(settings, database)
             except Exception as exc:
                 raise click.ClickException(f"ClickHouse migration of {database} on {settings.clickhouse.url} "
                                            f"failed: {exc}") from None
             click.echo(f"clickhouse {settings.clickhouse.url} {database}: applied {applied or 'nothing (up to date)'}")
     if audit:
-        from ops.audit import prepare_audit
-
         try:
-            months = prepare_audit(settings)
+            months = migrate_audit(settings)
         except Exception as exc:
             raise click.ClickException(f"audit log migration failed: {exc}") from None
         click.echo(f"audit log ready, partitions {', '.join(months)}")
 
 
-@cli.command()
+@click.command()
 @config_option
 @click.option("--url", "urls", multiple=True,
               help="Metrics endpoint(s) of flow processes (default: 127.0.0.1:metrics.port).")
@@ -186,7 +151,7 @@ def status(config, urls, interval, watch, usage) -> None:
     from ops import status as status_mod
 
     if not urls:
-        port = _settings(config).metrics.port
+        port = settings_from(config).metrics.port
         if port is None:
             raise click.ClickException("no metrics endpoint: pass --url or set metrics.port")
         urls = (f"http://127.0.0.1:{port}/metrics",)
@@ -207,56 +172,15 @@ def status(config, urls, interval, watch, usage) -> None:
         if usage:
             from sinks.clickhouse import ClickHouse
 
-            settings = _settings(config)
+            settings = settings_from(config)
             click.echo("\n".join(status_mod.usage_lines(ClickHouse(settings.clickhouse.url, settings.clickhouse.database))))
         if not watch:
             return
         before = after
 
 
-@cli.command("config")
+@click.command("config")
 @config_option
 def show_config(config) -> None:
     """Print the effective settings as JSON (after defaults, TOML file and environment)."""
-    click.echo(json.dumps(_settings(config).model_dump(), indent=2, default=str))
-
-
-@cli.group()
-def bench() -> None:
-    """Benchmarks (figures are printed, never asserted)."""
-
-
-def _mount(group: click.Group, module: str, attribute: str) -> None:
-    """Add a command that lives beside the code it drives."""
-    group.add_command(getattr(importlib.import_module(module), attribute))
-
-
-_mount(cli, "ops.cli_services", "services")
-_mount(cli, "ops.cli_schemas", "schemas")
-_mount(cli, "ops.cli_redact", "redact")
-_mount(cli, "ops.cli_dlq", "dlq")
-_mount(cli, "ops.cli_replay", "replay")
-_mount(cli, "ops.cli_replay", "retention")
-_mount(cli, "ops.cli_privacy", "forget")
-_mount(cli, "ops.cli_privacy", "export")
-_mount(cli, "ops.cli_privacy", "audit")
-_mount(cli, "ops.cli_privacy", "vault")
-_mount(cli, "ops.cli_loadgen", "loadgen")
-_mount(cli, "ops.cli_api", "serve")
-_mount(cli, "ops.cli_api", "api_keys")
-_mount(cli, "ops.cli_deploy", "deploy")
-_mount(bench, "ops.bench.redaction", "redaction")
-_mount(bench, "ops.bench.state", "state")
-_mount(bench, "ops.bench.e2e", "e2e")
-_mount(bench, "ops.bench.stages", "stages")
-_mount(bench, "ops.bench.api", "api")
-_mount(bench, "ops.bench.producer", "producer")
-_mount(bench, "ops.bench.history", "history")
-
-
-def main() -> None:
-    cli()
-
-
-if __name__ == "__main__":
-    main()
+    click.echo(json.dumps(settings_from(config).model_dump(), indent=2, default=str))

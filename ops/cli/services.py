@@ -8,7 +8,6 @@
 The servers run in the background, detached from the shell, and are recorded in
 STATE_DIR/services.json (STATE_DIR: --state-dir, $GATEWATCH_STATE_DIR or ~/.gatewatch);
 the settings layer reads their addresses from there, so `gatewatch run` finds them.
-Run it standalone with `python -m ops.cli_services ...`.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from ops import services as svc
+from ops.dev import services as svc
 
 state_dir_option = click.option(
     "--state-dir", type=click.Path(file_okay=False), default=None,
@@ -93,6 +92,3 @@ def status(state_dir) -> None:
     if not all(alive for _, _, alive in rows):
         raise click.exceptions.Exit(1)
 
-
-if __name__ == "__main__":
-    services()

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from ops.services.supervision import Service
+from ops.dev.services.supervision import Service
 
 STATE_FILE = "services.json"
 

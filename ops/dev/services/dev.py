@@ -9,12 +9,12 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from ops.services.supervision import ServiceUnavailable, Service, port_is_free, _port_conflict
-from ops.services.kafka import start_kafka
-from ops.services.redis import redis_binary, start_redis
-from ops.services.s3 import start_s3
-from ops.services.clickhouse import clickhouse_binary, start_clickhouse
-from ops.services.state import _save_state, _state_path, load_state, state_dir_default
+from ops.dev.services.supervision import ServiceUnavailable, Service, port_is_free, _port_conflict
+from ops.dev.services.kafka import start_kafka
+from ops.dev.services.redis import redis_binary, start_redis
+from ops.dev.services.s3 import start_s3
+from ops.dev.services.clickhouse import clickhouse_binary, start_clickhouse
+from ops.dev.services.state import _save_state, _state_path, load_state, state_dir_default
 
 SERVICE_NAMES = ("kafka", "redis", "s3", "clickhouse")
 DEFAULT_SERVICES = SERVICE_NAMES

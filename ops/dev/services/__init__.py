@@ -26,19 +26,21 @@ Binaries used (all without Docker):
 
 One module per part: ``supervision`` (processes, :class:`Service`), one per launcher
 (``kafka``, ``redis``, ``s3``, ``clickhouse``), ``state`` (the state file) and ``dev``
-(``up``/``down``/``status``); this package re-exports their public names.
+(``up``/``down``/``status``); this package re-exports their public names, and
+``ops.migrate.create_topics`` for the tests and benchmarks that make topics of their own.
 """
 
 from __future__ import annotations
 
-from ops.services.supervision import (HOST, S3_TEST_CREDENTIALS, Service, ServiceUnavailable, free_port, pid_alive,
-                                      port_is_free)
-from ops.services.kafka import create_topics, noida_binary, start_kafka, tansu_binary
-from ops.services.redis import redis_binary, start_redis
-from ops.services.s3 import rclone_binary, start_s3
-from ops.services.clickhouse import clickhouse_binary, start_clickhouse
-from ops.services.state import STATE_FILE, load_addresses, load_state, state_dir_default
-from ops.services.dev import DEFAULT_SERVICES, PREFERRED_PORTS, SERVICE_NAMES, down, status, up
+from ops.dev.services.supervision import (HOST, S3_TEST_CREDENTIALS, Service, ServiceUnavailable, free_port,
+                                          pid_alive, port_is_free)
+from ops.dev.services.kafka import noida_binary, start_kafka, tansu_binary
+from ops.dev.services.redis import redis_binary, start_redis
+from ops.dev.services.s3 import rclone_binary, start_s3
+from ops.dev.services.clickhouse import clickhouse_binary, start_clickhouse
+from ops.migrate import create_topics
+from ops.dev.services.state import STATE_FILE, load_addresses, load_state, state_dir_default
+from ops.dev.services.dev import DEFAULT_SERVICES, PREFERRED_PORTS, SERVICE_NAMES, down, status, up
 
 
 __all__ = [

@@ -1,16 +1,16 @@
-"""The Kafka-protocol broker: noida-db (disk-backed) or tansu (memory only), and topic creation.
-"""
+"""The Kafka-protocol broker: noida-db (disk-backed) or tansu (memory only); topics are
+created by ops.migrate."""
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.services.supervision import HOST, ServiceUnavailable, Service, _port_open, _package_dir, _executable, _start
+from ops.dev.services.supervision import (HOST, ServiceUnavailable, Service, _port_open,
+                                          _package_dir, _executable, _start)
 
 
 def _kafka_probe(service: Service) -> Callable[[], Any]:
@@ -73,44 +73,3 @@ def start_kafka(
                   timeout, die_with_parent)
 
 
-def create_topics(
-    bootstrap: str,
-    topics: dict[str, int],
-    timeout: float = 30,
-    config: dict[str, str] | None = None,
-    replication_factor: int = 1,
-) -> dict[str, int]:
-    """Create ``{name: partitions}``; topics that already exist are left as they are.
-
-    Waits until the broker's metadata shows every topic and returns ``{name: partitions}`` as
-    the broker reports them (an existing topic keeps its own partition count).
-    """
-    from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
-
-    if not topics:
-        return {}
-    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
-    futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=replication_factor,
-                  config=dict(config or {})) for name, partitions in topics.items()],
-        operation_timeout=timeout, request_timeout=timeout)
-    for name, future in futures.items():
-        try:
-            future.result(timeout=timeout)
-        except KafkaException as exc:
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
-                exc.add_note(f"while creating topic {name!r} ({topics[name]} partitions) on {bootstrap}")
-                raise
-    deadline = time.monotonic() + timeout
-    while True:
-        metadata = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
-        found = {name: len(metadata.topics[name].partitions) for name in topics
-                 if name in metadata.topics and metadata.topics[name].error is None
-                 and metadata.topics[name].partitions}
-        if len(found) == len(topics):
-            return found
-        if time.monotonic() >= deadline:
-            missing = sorted(set(topics) - set(found))
-            raise TimeoutError(f"topics {missing} not visible on {bootstrap} after {timeout:.0f}s")
-        time.sleep(0.1)

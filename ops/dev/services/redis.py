@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.services.supervision import HOST, ServiceUnavailable, Service, _executable, _start
+from ops.dev.services.supervision import HOST, ServiceUnavailable, Service, _executable, _start
 
 
 def redis_binary() -> str | None:

@@ -7,7 +7,7 @@ import json
 import click
 from confluent_kafka import Producer
 
-from ops.settings import SettingsError, load_settings
+from ops.cli.options import config_option, settings_from
 from schemas.dlq import decode_dlq
 from sinks.kafka import read_topic
 
@@ -27,14 +27,14 @@ def dlq() -> None:
 
 
 @dlq.command()
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 @click.option("--code", help="Only records with this code (e.g. bad_json, unknown_region).")
 @click.option("--stage", help="Only records from this stage (consume, decode, redact, window).")
 @click.option("--limit", type=click.IntRange(1), help="Print at most this many records.")
 @click.option("--summary", is_flag=True, help="Print counts by stage and code instead of records.")
 def inspect(config, code, stage, limit, summary) -> None:
     """Print DLQ records as JSON lines (payload sizes only, never payloads)."""
-    settings = _settings(config)
+    settings = settings_from(config)
     counts: dict[str, int] = {}
     shown = 0
     for partition, offset, record in read_topic(settings.kafka.bootstrap, settings.kafka.dlq_topic, decode_dlq):
@@ -50,7 +50,7 @@ def inspect(config, code, stage, limit, summary) -> None:
 
 
 @dlq.command()
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 @click.option("--code", help="Only records with this code.")
 @click.option("--stage", help="Only records from this stage.")
 @click.option("--dry-run", is_flag=True, help="Count what would be sent, send nothing.")
@@ -61,7 +61,7 @@ def replay(config, code, stage, dry_run) -> None:
     record whose text was withheld (or cut to dlq.max_original_bytes) is reported, not replayed. Events
     that were already processed are dropped again by the dedupe and idempotent sinks.
     """
-    settings = _settings(config)
+    settings = settings_from(config)
     producer = None if dry_run else Producer({"bootstrap.servers": settings.kafka.bootstrap,
                                               "enable.idempotence": True, "acks": "all"})
     failures: list[str] = []
@@ -83,8 +83,3 @@ def replay(config, code, stage, dry_run) -> None:
     click.echo(f"{verb} {sent} records to {settings.kafka.events_topic}; {withheld} without payload skipped")
 
 
-def _settings(config):
-    try:
-        return load_settings(config)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ops.services.supervision import HOST, S3_TEST_CREDENTIALS, ServiceUnavailable, Service, _package_dir, _executable, _start
+from ops.dev.services.supervision import (HOST, S3_TEST_CREDENTIALS, ServiceUnavailable, Service,
+                                          _package_dir, _executable, _start)
 
 
 def rclone_binary() -> str | None:

@@ -7,18 +7,8 @@ from pathlib import Path
 
 import click
 
-from ops.settings import SettingsError, load_settings
+from ops.cli.options import config_option, settings_from
 from sinks.audit_log import keyed_hash
-
-config_option = click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
-                             help="TOML settings file.")
-
-
-def _settings(config: str | None):
-    try:
-        return load_settings(config)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @click.command()
@@ -34,10 +24,10 @@ def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
     in raw Parquet (files are rewritten without them), their Redis quota state, their
     window and batch state in the recovery snapshots (stop the flows first), and their
     vault data keys. A user id found nowhere is an error."""
-    from ops import gdpr
-    from ops.audit import audited, hash_key
+    from ops.privacy import gdpr
+    from ops.privacy.audit import audited, hash_key
 
-    settings = _settings(config)
+    settings = settings_from(config)
     subject = gdpr.Subject(user_id, org_id)
     scope = {"subject": subject.pseudonym(hash_key(settings)), "dry_run": dry_run}
     with audited(settings, "forget", scope):
@@ -66,10 +56,10 @@ def forget(user_id, org_id, dry_run, yes, recovery_dirs, config) -> None:
 def export(user_id, org_id, out, config) -> None:
     """Write everything held about a user (ClickHouse rows, raw Parquet rows, Redis state,
     and their vault records if the actor may read the vault) as JSON lines under --out."""
-    from ops import gdpr
-    from ops.audit import audited, hash_key
+    from ops.privacy import gdpr
+    from ops.privacy.audit import audited, hash_key
 
-    settings = _settings(config)
+    settings = settings_from(config)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".gatewatch-write-test"
@@ -96,9 +86,9 @@ def audit(since, command_name, config) -> None:
     """Print the access audit: who ran which data command, on what, when, and how it ended."""
     from datetime import timezone
 
-    from ops.audit import AccessAudit
+    from ops.privacy.audit import AccessAudit
 
-    settings = _settings(config)
+    settings = settings_from(config)
     for row in AccessAudit(settings).read(since.replace(tzinfo=timezone.utc) if since else None, command_name):
         click.echo(json.dumps(row))
 
@@ -115,11 +105,11 @@ def vault() -> None:
 def vault_read(request_id, reason, config) -> None:
     """Open one request's vault record for an actor with the auditor or admin role; every
     read, allowed or refused, is in the access audit first."""
-    from ops import vault as vaults
-    from ops.audit import audited
+    from ops.privacy import vault as vaults
+    from ops.privacy.audit import audited
     from sinks.vault import VaultKeyError
 
-    settings = _settings(config)
+    settings = settings_from(config)
     if not reason.strip():
         raise click.BadParameter("give the reason for reading the vault", param_hint="--reason")
     if not vaults.vault_configured(settings):
@@ -145,10 +135,10 @@ def vault_read(request_id, reason, config) -> None:
 def vault_rotate(config) -> None:
     """Re-wrap every data key with the active KEK (vault.kek_id); vault files are not rewritten.
     Keep the old KEK in vault.keks until this has run."""
-    from ops import vault as vaults
-    from ops.audit import audited
+    from ops.privacy import vault as vaults
+    from ops.privacy.audit import audited
 
-    settings = _settings(config)
+    settings = settings_from(config)
     if not vaults.vault_configured(settings):
         raise click.ClickException("the vault has no key-encryption key configured (vault.keks, vault.kek_id)")
     with audited(settings, "vault rotate", {"kek_id": settings.vault.kek_id}):

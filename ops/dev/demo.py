@@ -27,9 +27,11 @@ from pathlib import Path
 import pyarrow.compute as pc
 from confluent_kafka import Producer
 
-from ops import services
 from ops.cluster import addresses_for, runs_threaded
-from ops.loadgen import Expected, collect, generate
+from ops.dev import services
+from ops.dev.loadgen import Expected, collect, generate
+from ops.launch import Snapshots, flow_command, process_env
+from ops.migrate import migrate_clickhouse, migrate_kafka
 from ops.recovery import init_recovery
 from ops.settings import SINK_NAMES, Settings
 from schemas.codec import EventCodec, decode_billing_event
@@ -158,14 +160,12 @@ class Cluster:
 
 def start_cluster(env: dict[str, str], log_path: Path, metrics_port: int, workers: int, processes: int,
                   recovery_dir: Path | None) -> Cluster:
-    command = [sys.executable, "-m", "bytewax.run", "ops.launch:ingest", "-w", str(workers)]
-    if recovery_dir is not None:
-        command += ["-r", str(recovery_dir), "-s", "1", "-b", "0"]
+    command = flow_command("ingest", workers, None if recovery_dir is None else Snapshots(recovery_dir))
     envs = [env]
     if processes > 1:
         addresses = addresses_for(processes, [services.free_port() for _ in range(processes)])
-        envs = [{**env, "BYTEWAX_PROCESS_ID": str(index), "BYTEWAX_ADDRESSES": addresses,
-                 "GATEWATCH_METRICS__DUMP_PATH": counters_path_of(env["GATEWATCH_METRICS__DUMP_PATH"], index)}
+        envs = [process_env({**env, "GATEWATCH_METRICS__DUMP_PATH": counters_path_of(env["GATEWATCH_METRICS__DUMP_PATH"],
+                                                                                     index)}, index, addresses)
                 for index in range(processes)]
     with open(log_path, "ab") as log:
         procs = [subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT) for proc_env in envs]
@@ -345,8 +345,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         say(f"broker {kafka.address}, redis {redis_server.address}")
         k = settings.kafka
         topic = k.events_topic
-        services.create_topics(kafka.address, {topic: options.partitions, k.dlq_topic: 1, k.billing_topic: 1,
-                                               k.quota_alerts_topic: 1})
+        migrate_kafka(k.model_copy(update={"bootstrap": kafka.address, "partitions": options.partitions}))
 
         codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
         messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio, users=options.users,
@@ -360,8 +359,8 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             clickhouse_server = services.start_clickhouse(root / "clickhouse")
             started_services.append(clickhouse_server)
             clickhouse_url = clickhouse_server.address
-            ClickHouse(clickhouse_url, settings.clickhouse.database).migrate(
-                settings.retention.raw_days, settings.retention.aggregate_days)
+            migrate_clickhouse(settings.model_copy(update={
+                "clickhouse": settings.clickhouse.model_copy(update={"url": clickhouse_url})}))
             say(f"clickhouse {clickhouse_url} (a cluster cannot write chdb, see ops/cluster.py)")
         env = {
             **os.environ,

@@ -10,8 +10,8 @@ from pathlib import Path
 import click
 from confluent_kafka import Producer
 
-from ops.loadgen import collect, generate, messages_in, schedule
-from ops.settings import SettingsError, load_settings
+from ops.cli.options import config_option, settings_from
+from ops.dev.loadgen import collect, generate, messages_in, schedule
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
 from sinks.kafka import produce_when_room
@@ -87,17 +87,14 @@ def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], 
 @click.option("--topic", help="Default: kafka.events_topic.")
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
               help='Keep {"sent": n, "done": bool} in this file while sending.')
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG", help="TOML settings file.")
+@config_option
 def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii_ratio, dup_ratio, bad_ratio,
             prompt_words, response_words, seed, topic, status_file, config) -> None:
     """Produce realistic gateway events to Kafka at --rate per second for --duration seconds.
 
     Messages are generated before the clock starts, each dated with the time it is due to
     be sent, so generating them costs the timed run nothing."""
-    try:
-        settings = load_settings(config)
-    except SettingsError as exc:
-        raise click.ClickException(str(exc)) from None
+    settings = settings_from(config)
     topic = topic or settings.kafka.events_topic
     count = messages_in(duration, rate, burst_factor, burst_every, burst_seconds)
     offsets = schedule(count, rate, burst_factor, burst_every, burst_seconds)

@@ -21,19 +21,15 @@ import sys
 
 import click
 
+from ops.cli.options import config_option, settings_from
 
-def _settings(config: str | None, mode: str | None, entities: str | None, operator: str | None,
-              hash_key: str | None):
+
+def redaction_settings(config: str | None, mode: str | None, entities: str | None, operator: str | None,
+                       hash_key: str | None):
+    """The [redaction] section of the settings, with the command line's overrides on top."""
     from redaction import RedactionSettings
 
-    base = RedactionSettings()
-    if config:
-        from ops.settings import SettingsError, load_settings
-
-        try:
-            base = load_settings(config).redaction
-        except SettingsError as exc:
-            raise click.ClickException(str(exc)) from None
+    base = settings_from(config).redaction if config else RedactionSettings()
     values = base.model_dump()
     if base.hash_key is not None:
         values["hash_key"] = base.hash_key.get_secret_value()
@@ -59,8 +55,7 @@ def _record(redactor, result, ident, explain: bool = False) -> dict:
 
 
 @click.command("redact")
-@click.option("--config", type=click.Path(dir_okay=False), envvar="GATEWATCH_CONFIG",
-              help="TOML settings file; its [redaction] section is used (default: $GATEWATCH_CONFIG).")
+@config_option
 @click.option("--mode", type=click.Choice(["fast", "thorough"]), help="Override redaction.mode.")
 @click.option("--entities", help="Override redaction.entities (comma-separated, e.g. EMAIL_ADDRESS,PERSON).")
 @click.option("--operator", type=click.Choice(["replace", "mask", "hash"]), help="Override the default operator.")
@@ -76,7 +71,7 @@ def redact(config, mode, entities, operator, hash_key, batch_size, strict, sourc
     """Redact JSON lines {"text": ...} from stdin (or --input); one JSON line per input on stdout."""
     from redaction import RedactionError, Redactor
 
-    settings = _settings(config, mode, entities, operator, hash_key)
+    settings = redaction_settings(config, mode, entities, operator, hash_key)
     redactor = Redactor(settings)
     failed = False
     pending: list[tuple[int, str, object]] = []
@@ -120,6 +115,3 @@ def redact(config, mode, entities, operator, hash_key, batch_size, strict, sourc
     flush()
     sys.exit(1 if failed and strict else 0)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    redact()
