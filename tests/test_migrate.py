@@ -45,7 +45,7 @@ def test_migrate_creates_every_pipeline_topic_and_database_once(kafka_bootstrap,
 
 def test_flow_command_gives_bytewax_whole_seconds_and_the_cluster_through_the_environment():
     command = flow_command("feedback", 2, Snapshots("/recovery", interval_s=0.4, backup_s=1.6))
-    assert command[1:] == ["-m", "bytewax.run", "dataflows.feedback:flow", "-w", "2", "-r", "/recovery", "-s", "1",
+    assert command[1:] == ["-m", "bytewax.run", "ops.launch:feedback", "-w", "2", "-r", "/recovery", "-s", "1",
                            "-b", "2"]
     assert "-i" not in flow_command("ingest") and "-r" not in flow_command("ingest")
     env = process_env({"KEEP": "1"}, 1, "127.0.0.1:1;127.0.0.1:2")
