@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 
 from ops.settings import KafkaSettings, Settings
+from schemas.vocabulary import topic_partitions
 
 
 def create_topics(
@@ -52,17 +53,10 @@ def create_topics(
         time.sleep(0.1)
 
 
-def pipeline_topics(kafka: KafkaSettings) -> dict[str, int]:
-    """Every topic the flows read or write, with its partition count. The DLQ and quota
-    alerts are low volume and keep their order in one partition."""
-    return {kafka.events_topic: kafka.partitions, kafka.dlq_topic: 1, kafka.billing_topic: kafka.partitions,
-            kafka.quota_alerts_topic: 1, kafka.feedback_topic: kafka.partitions}
-
-
 def migrate_kafka(kafka: KafkaSettings) -> dict[str, int]:
     """Create the pipeline's topics on kafka.bootstrap; return them with the partitions the
     broker reports (a topic that already existed keeps its own)."""
-    return create_topics(kafka.bootstrap, pipeline_topics(kafka))
+    return create_topics(kafka.bootstrap, topic_partitions(kafka, kafka.partitions))
 
 
 def clickhouse_databases(settings: Settings) -> list[str]:

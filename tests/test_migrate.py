@@ -11,7 +11,7 @@ from confluent_kafka.admin import AdminClient
 
 from ops.cli import cli
 from ops.launch import Snapshots, flow_command, process_env
-from ops.migrate import pipeline_topics
+from schemas.vocabulary import topic_partitions
 from ops.settings import KafkaSettings
 
 
@@ -35,8 +35,9 @@ def test_migrate_creates_every_pipeline_topic_and_database_once(kafka_bootstrap,
     assert "audit log ready" in first.output
 
     metadata = AdminClient({"bootstrap.servers": kafka_bootstrap}).list_topics(timeout=10).topics
-    assert {name: len(metadata[name].partitions) for name in pipeline_topics(kafka)} == pipeline_topics(kafka)
-    assert pipeline_topics(kafka)[kafka.dlq_topic] == 1
+    expected = topic_partitions(kafka, kafka.partitions)
+    assert {name: len(metadata[name].partitions) for name in expected} == expected
+    assert expected[kafka.dlq_topic] == 1
 
     again = CliRunner().invoke(cli, ["migrate"], env=env)
     assert again.exit_code == 0, again.output
