@@ -53,6 +53,10 @@ _PRIORITY = {"SECRET": 9, "CREDIT_CARD": 8, "IBAN_CODE": 7, "US_SSN": 6, "CRYPTO
              "PHONE_NUMBER": 3, "IP_ADDRESS": 2, "PERSON": 1}
 
 
+def _end(hit: tuple[int, int, int]) -> int:
+    return hit[2]
+
+
 def _tagged(entities: list[Entity], tier: str) -> list[Entity]:
     # (the constructor, not dataclasses.replace: this runs for every span of every text)
     return [e if e.tier else Entity(e.type, e.start, e.end, e.score, tier) for e in entities]
@@ -119,6 +123,7 @@ class Redactor:
             patterns.append(GatePattern("weak_cue", rb"\b(?i:" + weak + rb")\b(?:[ \t]+|:[ \t]*)" + _CAPITAL, som=False))
             self._kinds.append((_KIND_WEAK, None))
         self.gate = Gate(patterns) if patterns else None
+        self._pads = [(d.pad_before, d.pad_after) for d in self.detectors]
 
         known = set(FAST_ENTITIES) | set(NER_ENTITIES)
         extra = sorted(e for e in self.entities if e not in known)
@@ -200,22 +205,38 @@ class Redactor:
             def to_char(offset: int) -> int:
                 return len(data[:offset].decode("utf-8", "ignore"))
         kinds = self._kinds
-        windows: dict[int, list[tuple[int, int]]] = {}
+        pads = self._pads
+        # Window per detector hit: [end - pad_before, end + pad_after] (the gate reports ends
+        # only). Taken in end order, a window either extends the detector's last one or
+        # starts a new one, so each detector's merged windows build up in one pass.
+        windows: dict[int, list[list[int]]] = {}
         given_words: list[int] = []
         cue_ends: list[tuple[int, str]] = []
         weak_starts: list[int] = []
         size = len(data)
-        for pattern_id, start, end in hits:
+        if len(hits) > 1:
+            hits.sort(key=_end)
+        for pattern_id, _start, end in hits:
             kind, payload = kinds[pattern_id]
-            if kind == _KIND_WORD:
+            if kind == _KIND_DETECTOR:
+                before, after = pads[payload]
+                mine = windows.get(payload)
+                if mine is None:
+                    windows[payload] = [[end - before, end + after]]
+                else:
+                    last = mine[-1]
+                    if end - before <= last[1]:
+                        if end + after > last[1]:
+                            last[1] = end + after
+                    else:
+                        mine.append([end - before, end + after])
+            elif kind == _KIND_WORD:
                 start = end - payload
                 if start > 0 and (data[start - 1] in _WORD_BYTES):
                     continue  # "Anna" inside "Hanna"
                 if end < size and data[end] in _WORD_BYTES:
                     continue  # "Ann" in "Announcement"
                 given_words.append(to_char(start))
-            elif kind == _KIND_DETECTOR:
-                windows.setdefault(payload, []).append((start, end))
             else:
                 at = to_char(end - 1 if data[end - 1] < 0x80 else end - 2)
                 if kind == _KIND_CUE:
@@ -223,24 +244,15 @@ class Redactor:
                 else:
                     weak_starts.append(at)
         found: list[Entity] = []
-        size = len(text)
-        for index, spans in windows.items():
-            detector = self.detectors[index]
-            spans.sort()
-            # Merge in byte space (a UTF-8 character is at most 4 bytes, so padding by the
-            # character count in bytes covers at least as much), then convert once.
-            merged: list[list[int]] = []
-            before, after = detector.pad_before, detector.pad_after
-            for _start, end in spans:
-                lo, hi = end - before, end + after
-                if merged and lo <= merged[-1][1]:
-                    if hi > merged[-1][1]:
-                        merged[-1][1] = hi
-                else:
-                    merged.append([lo, hi])
+        chars = len(text)
+        detectors = self.detectors
+        for index, merged in windows.items():  # in the order of each detector's first hit
+            detector = detectors[index]
+            finder, name = detector.finder, detector.name
+            # (Merged in byte space: a UTF-8 character is at most 4 bytes, so padding by the
+            # character count in bytes covers at least as much; converted once per window.)
             for lo, hi in merged:
-                found.extend(_tagged(detector.finder(text, to_char(max(0, lo)), min(size, to_char(min(len(data), hi)))),
-                                     detector.name))
+                found.extend(_tagged(finder(text, to_char(max(0, lo)), min(chars, to_char(min(size, hi)))), name))
         if self.names is not None and (given_words or cue_ends or weak_starts):
             if len(given_words) > 1:
                 given_words = sorted(set(given_words))
