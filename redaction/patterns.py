@@ -430,6 +430,7 @@ _ULA = ipaddress.ip_network("fc00::/7")
 _NOT_PERSONAL_V4 = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4",
     "240.0.0.0/4"))
+_NOT_PERSONAL_V4_RANGES = tuple((int(n.network_address), int(n.broadcast_address)) for n in _NOT_PERSONAL_V4)
 
 
 def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -441,7 +442,8 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
         if mapped is not None:
             return _not_personal(mapped)
         return address.is_loopback or address.is_unspecified or address.is_multicast or address in _ULA
-    return any(address in network for network in _NOT_PERSONAL_V4)
+    number = int(address)
+    return any(first <= number <= last for first, last in _NOT_PERSONAL_V4_RANGES)
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -457,7 +459,9 @@ def make_ip_finder(ignore_private: bool) -> Finder:
         window = text[lo:hi]
         if ignore_private and "." in window and not _PUBLIC_HINT.search(window):
             return out  # only loopback/private/link-local IPv4 and no ':' (IPv6) in sight
-        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 2 else [])
+        # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
+        # neither (timestamps, "host:port") holds none.
+        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 6 else [])
         for regex in regexes:
             for m in regex.finditer(text, lo, hi):
                 value = m.group()
@@ -467,8 +471,11 @@ def make_ip_finder(ignore_private: bool) -> Finder:
                     continue
                 if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
                     continue
+                bare = value.split("%")[0]
+                if regex is IPV6_RE and "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
+                    continue  # what ip_address would reject, without the cost of its ValueError
                 try:
-                    address = _parse_ip(value.split("%")[0])
+                    address = _parse_ip(bare)
                 except ValueError:
                     continue
                 if ignore_private and _not_personal(address):

@@ -290,6 +290,25 @@ def test_time_budget_exceeded_fails_closed():
     assert isinstance(out[0], RedactionError)
 
 
+def test_time_spent_off_the_cpu_is_not_charged_to_the_text():
+    """The wall clock decides only whether the CPU time is measured (on a second pass):
+    a thread that waits (preempted by other processes; here asleep) keeps its text."""
+    r = Redactor(RedactionSettings(entities=["EMAIL_ADDRESS"], time_budget_ms=5, time_budget_ms_per_kb=0,
+                                   cache_size=0))
+    detector = r.detectors[0]
+    fast = detector.finder
+    passes = []
+
+    def waiting(text, lo, hi):
+        passes.append(lo)
+        time.sleep(0.02)
+        return fast(text, lo, hi)
+
+    object.__setattr__(detector, "finder", waiting)
+    result = r.redact("mail ana@example.com")
+    assert result.text == "mail <EMAIL_ADDRESS>" and len(passes) == 2
+
+
 def test_a_garbage_collection_is_not_charged_to_the_text_it_interrupts():
     r = Redactor(RedactionSettings(entities=["EMAIL_ADDRESS"], time_budget_ms=20, time_budget_ms_per_kb=0,
                                    cache_size=0))
