@@ -28,14 +28,14 @@ from redaction.gazetteer import PARTICLES
 from redaction.gate import Gate, GatePattern
 from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
 from redaction.operators import Operators
-from redaction.patterns import Detector, pattern_detectors
+from redaction.patterns import Detector, RunGate, pattern_detectors
 from redaction.structure import structure_detectors
 from redaction.settings import FAST_ENTITIES, LEVELS, NER_ENTITIES, RedactionSettings
 from redaction.types import Entity, RedactionError, RedactionResult
 
 log = logging.getLogger(__name__)
 
-_KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK = 0, 1, 2, 3
+_KIND_DETECTOR, _KIND_WORD, _KIND_CUE, _KIND_WEAK, _KIND_RUN = 0, 1, 2, 3, 4
 # Bytes that continue a word: ASCII letters and digits, "_", and any byte of a non-ASCII character.
 _WORD_BYTES = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_") | frozenset(range(0x80, 0x100))
 _CAPITAL = rb"(?:[A-Z]|\xc3[\x80-\x9e]|[\xc4\xc5\xc8][\x80-\xbf])"
@@ -102,8 +102,12 @@ class Redactor:
         self._kinds: list[tuple[int, Any]] = []
         for index, detector in enumerate(self.detectors):
             for gate in detector.gates:
-                patterns.append(GatePattern(detector.name, gate, detector.caseless))
-                self._kinds.append((_KIND_DETECTOR, index))
+                if isinstance(gate, RunGate):
+                    patterns.append(GatePattern(detector.name, gate.first, detector.caseless))
+                    self._kinds.append((_KIND_RUN, (index, re.compile(gate.extend).match)))
+                else:
+                    patterns.append(GatePattern(detector.name, gate, detector.caseless))
+                    self._kinds.append((_KIND_DETECTOR, index))
         if "PERSON" in self.entities:
             self.names, literals = _names_tier(settings.names_min_context == "strict")
             # Given names as literals (capitalised as in prose); a hit inside a longer word
@@ -218,18 +222,24 @@ class Redactor:
             hits.sort(key=_end)
         for pattern_id, _start, end in hits:
             kind, payload = kinds[pattern_id]
-            if kind == _KIND_DETECTOR:
+            if kind == _KIND_DETECTOR or kind == _KIND_RUN:
+                if kind == _KIND_RUN:
+                    payload, extend = payload
+                    last_end = extend(data, end).end()
+                else:
+                    last_end = end
                 before, after = pads[payload]
+                lo, hi = end - before, last_end + after
                 mine = windows.get(payload)
                 if mine is None:
-                    windows[payload] = [[end - before, end + after]]
+                    windows[payload] = [[lo, hi]]
                 else:
                     last = mine[-1]
-                    if end - before <= last[1]:
-                        if end + after > last[1]:
-                            last[1] = end + after
+                    if lo <= last[1]:
+                        if hi > last[1]:
+                            last[1] = hi
                     else:
-                        mine.append([end - before, end + after])
+                        mine.append([lo, hi])
             elif kind == _KIND_WORD:
                 start = end - payload
                 if start > 0 and (data[start - 1] in _WORD_BYTES):

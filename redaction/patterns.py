@@ -24,10 +24,21 @@ Finder = Callable[[str, int, int], list[Entity]]
 
 
 @dataclass(frozen=True)
+class RunGate:
+    """A gate for patterns that match at every end along a run ("\\d{7,13}" ends after each
+    digit of a long number: one hit per digit). `first` matches only where the run's first
+    end is, and `extend` (a bytes regex matched from there) reaches its last end: the two
+    give the same window as all the ends in between, for one hit instead of many."""
+    first: bytes
+    extend: bytes
+    replaces: bytes  # the plain gate pattern whose windows these give (tests/test_redaction.py checks it)
+
+
+@dataclass(frozen=True)
 class Detector:
     name: str  # checker key; several gate patterns may share one detector
     entity: str
-    gates: tuple[bytes, ...]
+    gates: tuple[bytes | RunGate, ...]
     pad_before: int  # window start = END of the gate hit - pad_before (the gate reports ends only)
     pad_after: int
     finder: Finder
@@ -637,6 +648,12 @@ def secret_detectors() -> list[Detector]:
 
 # -- the table of pattern detectors ---------------------------------------------------------
 
+# A run of at least 7 (9) digits: its first end is 7 (9) digits after a non-digit or the
+# start, its last end where the digits stop.
+_DIGIT_RUN_FROM_7 = RunGate(rb"(?:^|\D)\d{7}", rb"\d*", rb"\d{7,13}")
+_DIGIT_RUN_FROM_9 = RunGate(rb"(?:^|\D)\d{9}", rb"\d*", rb"\d{9}")
+
+
 def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                       phone_min_score: float = 0.0) -> list[Detector]:
     return [
@@ -645,11 +662,14 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
         Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, find_card),
         Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban,
                  caseless=True),
-        Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]?\d\d[ .\-]?\d{4}",), 15, 3, find_ssn),
+        # (ssn: \d{3}[ .\-]?\d\d[ .\-]?\d{4}, split by separator, the unseparated form a run gate)
+        Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]\d\d[ .\-]?\d{4}", rb"\d{5}[ .\-]\d{4}", _DIGIT_RUN_FROM_9), 15, 3,
+                 find_ssn),
         Detector("phone", "PHONE_NUMBER",
-                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}",
-                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", rb"\d{2,5}[ \-./]\d{5,}", rb"\d{4}[ \-.]\d{4}",
-                  rb"\d{7,13}"),
+                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}",
+                  RunGate(rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3}", rb"\d*", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}"),
+                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", RunGate(rb"\d{2,5}[ \-./]\d{5}", rb"\d*", rb"\d{2,5}[ \-./]\d{5,}"),
+                  rb"\d{4}[ \-.]\d{4}", _DIGIT_RUN_FROM_7),
                  30, 24, make_phone_finder(phone_regions, phone_min_score)),
         Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
