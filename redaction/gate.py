@@ -129,7 +129,8 @@ class Gate:
 
             for db, scratch in self._prepared():
                 try:
-                    db.scan(data, match_event_handler=on_match, scratch=scratch)
+                    # (positional: the binding parses keyword arguments slowly, ~2 µs a call)
+                    db.scan(data, on_match, 0, None, scratch)
                 except hyperscan.ScanTerminated:
                     return hits, True
                 if len(hits) >= limit:
