@@ -411,6 +411,8 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finde
         out = []
         for m in PHONE_RE.finditer(text, lo, hi):
             start = m.start()
+            if m.end() - start < 7:
+                continue  # fewer than 7 characters hold fewer than the 7 digits phone_score wants
             extension = m.group("ext")
             candidate = text[start:m.start("ext") if extension else m.end()].rstrip(" .-/\u00a0")
             score = phone_score(text, start, candidate, regions, extension=bool(extension))
