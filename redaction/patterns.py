@@ -314,13 +314,15 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
 
 
 def _is_ipv4(candidate: str) -> bool:
+    """What ipaddress.IPv4Address accepts (four ASCII decimal octets up to 255, no leading
+    zeros), without building the address or raising its ValueError."""
     if candidate.count(".") != 3:
-        return False  # what IPv4Address would reject, without the cost of its ValueError
-    try:
-        ipaddress.IPv4Address(candidate)
-        return True
-    except ValueError:
         return False
+    for octet in candidate.split("."):
+        if not (octet.isascii() and octet.isdigit()) or len(octet) > 3 or (len(octet) > 1 and octet[0] == "0") \
+                or int(octet) > 255:
+            return False
+    return True
 
 
 def _plausible(region: str, digits: str) -> bool:

@@ -521,3 +521,23 @@ def test_run_gates_give_the_windows_of_the_patterns_they_replace():
             assert got == expected, (gate.replaces, data)
             checked += bool(ends)
         assert checked > 50  # the samples exercise the pattern
+
+
+def test_the_ipv4_shape_check_agrees_with_ipaddress():
+    import ipaddress
+
+    from redaction.patterns import _is_ipv4
+
+    def reference(candidate: str) -> bool:
+        try:
+            ipaddress.IPv4Address(candidate)
+            return True
+        except ValueError:
+            return False
+
+    rng = random.Random(4)
+    candidates = ["1.2.3.4", "01.2.3.4", "0.0.0.0", "255.255.255.255", "256.1.1.1", "1.2.3.", "1.2.3.4 ",
+                  "\u0661.2.3.4", "1.2.3.0004", "10.0.0.1", "1..2.3"]
+    candidates += ["".join(rng.choice("0123456789.. -") for _ in range(rng.randint(7, 15))) for _ in range(20000)]
+    assert sum(reference(c) for c in candidates) > 5
+    assert [c for c in candidates if _is_ipv4(c) != reference(c)] == []
