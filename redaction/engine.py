@@ -262,7 +262,9 @@ class Redactor:
             # (Merged in byte space: a UTF-8 character is at most 4 bytes, so padding by the
             # character count in bytes covers at least as much; converted once per window.)
             for lo, hi in merged:
-                found.extend(_tagged(finder(text, to_char(max(0, lo)), min(chars, to_char(min(size, hi)))), name))
+                spans = finder(text, to_char(max(0, lo)), min(chars, to_char(min(size, hi))))
+                if spans:  # (most windows hold nothing)
+                    found.extend(_tagged(spans, name))
         if self.names is not None and (given_words or cue_ends or weak_starts):
             if len(given_words) > 1:
                 given_words = sorted(set(given_words))
