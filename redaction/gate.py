@@ -106,15 +106,14 @@ class Gate:
                              for i, p in enumerate(patterns) if not p.literal]
             self._literals = {p.pattern: i for i, p in enumerate(patterns) if p.literal}
 
-    def _scratch(self, index: int, db):
-        # hyperscan scratch space is per thread (Bytewax may run several worker threads).
-        scratches = getattr(self._local, "scratches", None)
-        if scratches is None:
-            scratches = self._local.scratches = {}
-        scratch = scratches.get(index)
-        if scratch is None:
-            scratch = scratches[index] = hyperscan.Scratch(db)
-        return scratch
+    def _prepared(self) -> list:
+        """(database, scratch) pairs of this thread: hyperscan scratch space is per thread
+        (Bytewax may run several worker threads)."""
+        try:
+            return self._local.prepared
+        except AttributeError:
+            prepared = self._local.prepared = [(db, hyperscan.Scratch(db)) for db, _literal in self._dbs]
+            return prepared
 
     def scan(self, data: bytes) -> tuple[list[tuple[int, int, int]], bool]:
         """Hits, and whether the scan stopped early because there were more than max_hits
@@ -128,9 +127,10 @@ class Gate:
                 append((pattern_id, start, end))
                 return len(hits) >= limit  # True stops the scan
 
-            for index, (db, _som) in enumerate(self._dbs):
+            for db, scratch in self._prepared():
                 try:
-                    db.scan(data, match_event_handler=on_match, scratch=self._scratch(index, db))
+                    # (positional: the binding parses keyword arguments slowly, ~2 µs a call)
+                    db.scan(data, on_match, 0, None, scratch)
                 except hyperscan.ScanTerminated:
                     return hits, True
                 if len(hits) >= limit:

@@ -24,10 +24,21 @@ Finder = Callable[[str, int, int], list[Entity]]
 
 
 @dataclass(frozen=True)
+class RunGate:
+    """A gate for patterns that match at every end along a run ("\\d{7,13}" ends after each
+    digit of a long number: one hit per digit). `first` matches only where the run's first
+    end is, and `extend` (a bytes regex matched from there) reaches its last end: the two
+    give the same window as all the ends in between, for one hit instead of many."""
+    first: bytes
+    extend: bytes
+    replaces: bytes  # the plain gate pattern whose windows these give (tests/test_redaction.py checks it)
+
+
+@dataclass(frozen=True)
 class Detector:
     name: str  # checker key; several gate patterns may share one detector
     entity: str
-    gates: tuple[bytes, ...]
+    gates: tuple[bytes | RunGate, ...]
     pad_before: int  # window start = END of the gate hit - pad_before (the gate reports ends only)
     pad_after: int
     finder: Finder
@@ -303,13 +314,15 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
 
 
 def _is_ipv4(candidate: str) -> bool:
+    """What ipaddress.IPv4Address accepts (four ASCII decimal octets up to 255, no leading
+    zeros), without building the address or raising its ValueError."""
     if candidate.count(".") != 3:
-        return False  # what IPv4Address would reject, without the cost of its ValueError
-    try:
-        ipaddress.IPv4Address(candidate)
-        return True
-    except ValueError:
         return False
+    for octet in candidate.split("."):
+        if not (octet.isascii() and octet.isdigit()) or len(octet) > 3 or (len(octet) > 1 and octet[0] == "0") \
+                or int(octet) > 255:
+            return False
+    return True
 
 
 def _plausible(region: str, digits: str) -> bool:
@@ -400,6 +413,8 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finde
         out = []
         for m in PHONE_RE.finditer(text, lo, hi):
             start = m.start()
+            if m.end() - start < 7:
+                continue  # fewer than 7 characters hold fewer than the 7 digits phone_score wants
             extension = m.group("ext")
             candidate = text[start:m.start("ext") if extension else m.end()].rstrip(" .-/\u00a0")
             score = phone_score(text, start, candidate, regions, extension=bool(extension))
@@ -430,6 +445,7 @@ _ULA = ipaddress.ip_network("fc00::/7")
 _NOT_PERSONAL_V4 = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4",
     "240.0.0.0/4"))
+_NOT_PERSONAL_V4_RANGES = tuple((int(n.network_address), int(n.broadcast_address)) for n in _NOT_PERSONAL_V4)
 
 
 def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -441,7 +457,8 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
         if mapped is not None:
             return _not_personal(mapped)
         return address.is_loopback or address.is_unspecified or address.is_multicast or address in _ULA
-    return any(address in network for network in _NOT_PERSONAL_V4)
+    number = int(address)
+    return any(first <= number <= last for first, last in _NOT_PERSONAL_V4_RANGES)
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -457,7 +474,9 @@ def make_ip_finder(ignore_private: bool) -> Finder:
         window = text[lo:hi]
         if ignore_private and "." in window and not _PUBLIC_HINT.search(window):
             return out  # only loopback/private/link-local IPv4 and no ':' (IPv6) in sight
-        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 2 else [])
+        # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
+        # neither (timestamps, "host:port") holds none.
+        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 6 else [])
         for regex in regexes:
             for m in regex.finditer(text, lo, hi):
                 value = m.group()
@@ -467,8 +486,11 @@ def make_ip_finder(ignore_private: bool) -> Finder:
                     continue
                 if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
                     continue
+                bare = value.split("%")[0]
+                if regex is IPV6_RE and "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
+                    continue  # what ip_address would reject, without the cost of its ValueError
                 try:
-                    address = _parse_ip(value.split("%")[0])
+                    address = _parse_ip(bare)
                 except ValueError:
                     continue
                 if ignore_private and _not_personal(address):
@@ -630,6 +652,12 @@ def secret_detectors() -> list[Detector]:
 
 # -- the table of pattern detectors ---------------------------------------------------------
 
+# A run of at least 7 (9) digits: its first end is 7 (9) digits after a non-digit or the
+# start, its last end where the digits stop.
+_DIGIT_RUN_FROM_7 = RunGate(rb"(?:^|\D)\d{7}", rb"\d*", rb"\d{7,13}")
+_DIGIT_RUN_FROM_9 = RunGate(rb"(?:^|\D)\d{9}", rb"\d*", rb"\d{9}")
+
+
 def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                       phone_min_score: float = 0.0) -> list[Detector]:
     return [
@@ -638,11 +666,14 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
         Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, find_card),
         Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban,
                  caseless=True),
-        Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]?\d\d[ .\-]?\d{4}",), 15, 3, find_ssn),
+        # (ssn: \d{3}[ .\-]?\d\d[ .\-]?\d{4}, split by separator, the unseparated form a run gate)
+        Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]\d\d[ .\-]?\d{4}", rb"\d{5}[ .\-]\d{4}", _DIGIT_RUN_FROM_9), 15, 3,
+                 find_ssn),
         Detector("phone", "PHONE_NUMBER",
-                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}",
-                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", rb"\d{2,5}[ \-./]\d{5,}", rb"\d{4}[ \-.]\d{4}",
-                  rb"\d{7,13}"),
+                 (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}",
+                  RunGate(rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3}", rb"\d*", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}"),
+                  rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", RunGate(rb"\d{2,5}[ \-./]\d{5}", rb"\d*", rb"\d{2,5}[ \-./]\d{5,}"),
+                  rb"\d{4}[ \-.]\d{4}", _DIGIT_RUN_FROM_7),
                  30, 24, make_phone_finder(phone_regions, phone_min_score)),
         Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),

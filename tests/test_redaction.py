@@ -7,6 +7,8 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import random
+import re
 import time
 
 import pytest
@@ -290,6 +292,25 @@ def test_time_budget_exceeded_fails_closed():
     assert isinstance(out[0], RedactionError)
 
 
+def test_time_spent_off_the_cpu_is_not_charged_to_the_text():
+    """The wall clock decides only whether the CPU time is measured (on a second pass):
+    a thread that waits (preempted by other processes; here asleep) keeps its text."""
+    r = Redactor(RedactionSettings(entities=["EMAIL_ADDRESS"], time_budget_ms=5, time_budget_ms_per_kb=0,
+                                   cache_size=0))
+    detector = r.detectors[0]
+    fast = detector.finder
+    passes = []
+
+    def waiting(text, lo, hi):
+        passes.append(lo)
+        time.sleep(0.02)
+        return fast(text, lo, hi)
+
+    object.__setattr__(detector, "finder", waiting)
+    result = r.redact("mail ana@example.com")
+    assert result.text == "mail <EMAIL_ADDRESS>" and len(passes) == 2
+
+
 def test_a_garbage_collection_is_not_charged_to_the_text_it_interrupts():
     r = Redactor(RedactionSettings(entities=["EMAIL_ADDRESS"], time_budget_ms=20, time_budget_ms_per_kb=0,
                                    cache_size=0))
@@ -459,3 +480,64 @@ def test_results_are_cached_by_text():
 def test_redact_texts_returns_errors_in_place(redactor):
     out = redactor.redact_texts(["mail a@example.com", None, "plain"])
     assert out[0].text == "mail <EMAIL_ADDRESS>" and isinstance(out[1], RedactionError) and out[2].text == "plain"
+
+
+# -- gate windows ------------------------------------------------------------------------------
+
+def _merged(windows: list[tuple[int, int]]) -> list[list[int]]:
+    merged: list[list[int]] = []
+    for lo, hi in sorted(windows):
+        if merged and lo <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], hi)
+        else:
+            merged.append([lo, hi])
+    return merged
+
+
+def test_run_gates_give_the_windows_of_the_patterns_they_replace():
+    """A RunGate reports one hit per run instead of one per match end; the windows around
+    its hits must be the windows around every end of the plain pattern, on any input."""
+    from redaction.gate import Gate, GatePattern
+    from redaction.patterns import RunGate, pattern_detectors
+
+    run_gates = [(gate, d.pad_before, d.pad_after) for d in pattern_detectors(("US",), True)
+                 for gate in d.gates if isinstance(gate, RunGate)]
+    assert len(run_gates) >= 4
+    rng = random.Random(13)
+    alphabet = b"0123456789" * 4 + b" -./a(+"
+    samples = [bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    samples += [b"4155552671", b"call 020 7946 0958 or 2024-01-15 10:30", b"12345678901234567890", b"1 22 333 4444 55555"]
+    for gate, before, after in run_gates:
+        plain = re.compile(gate.replaces)
+        extend = re.compile(gate.extend)
+        scanner = Gate([GatePattern("run", gate.first)])
+        checked = 0
+        for data in samples:
+            ends = [e for e in range(1, len(data) + 1) if any(plain.fullmatch(data, s, e) for s in range(e))]
+            expected = _merged([(e - before, e + after) for e in ends])
+            hits, overflow = scanner.scan(data)
+            assert not overflow
+            got = _merged([(end - before, extend.match(data, end).end() + after) for _id, _start, end in hits])
+            assert got == expected, (gate.replaces, data)
+            checked += bool(ends)
+        assert checked > 50  # the samples exercise the pattern
+
+
+def test_the_ipv4_shape_check_agrees_with_ipaddress():
+    import ipaddress
+
+    from redaction.patterns import _is_ipv4
+
+    def reference(candidate: str) -> bool:
+        try:
+            ipaddress.IPv4Address(candidate)
+            return True
+        except ValueError:
+            return False
+
+    rng = random.Random(4)
+    candidates = ["1.2.3.4", "01.2.3.4", "0.0.0.0", "255.255.255.255", "256.1.1.1", "1.2.3.", "1.2.3.4 ",
+                  "\u0661.2.3.4", "1.2.3.0004", "10.0.0.1", "1..2.3"]
+    candidates += ["".join(rng.choice("0123456789.. -") for _ in range(rng.randint(7, 15))) for _ in range(20000)]
+    assert sum(reference(c) for c in candidates) > 5
+    assert [c for c in candidates if _is_ipv4(c) != reference(c)] == []
