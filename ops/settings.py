@@ -22,9 +22,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from redaction import RedactionSettings
 # One section base and one comma-list type for every settings section: redaction's, the
 # lowest package with settings of its own (it may not import ops; ops may import it).
-from redaction.settings import CsvList
-from redaction.settings import _Section as Section
-from redaction.settings import _split_csv
+from redaction.settings import CsvList, Section, split_csv
 from sinks.text_cipher import decode_key
 
 ENV_PREFIX = "GATEWATCH_"
@@ -59,7 +57,7 @@ class KafkaSettings(Section):
     @field_validator("only_partitions", mode="before")
     @classmethod
     def _partition_list(cls, value: Any) -> Any:
-        return _split_csv(value) if isinstance(value, str) else value
+        return split_csv(value) if isinstance(value, str) else value
 
     @field_validator("bootstrap")
     @classmethod

@@ -23,28 +23,32 @@ NER_ENTITIES = ("PERSON", "LOCATION", "NRP", "ORGANIZATION")
 DEFAULT_ENTITIES = list(FAST_ENTITIES)
 
 
-def _split_csv(value: Any) -> Any:
+def split_csv(value: Any) -> Any:
+    """"a, b" from an environment variable becomes ["a", "b"]; a list passes through."""
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
 
 
 def _upper_list(value: Any) -> Any:
-    value = _split_csv(value)
+    value = split_csv(value)
     if isinstance(value, (list, tuple)):
         return [str(v).strip().upper() for v in value]
     return value
 
 
 EntityList = Annotated[list[str], BeforeValidator(_upper_list)]
-CsvList = Annotated[list[str], BeforeValidator(_split_csv)]
+CsvList = Annotated[list[str], BeforeValidator(split_csv)]
 
 
-class _Section(BaseModel):
+class Section(BaseModel):
+    """A settings section: unknown keys are errors, assignments are validated (ops.settings
+    builds its sections on this too)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class ClassificationPolicy(_Section):
+class ClassificationPolicy(Section):
     """How an event's classification follows from the entity types found in its texts."""
 
     no_text: Level = "public"
@@ -70,7 +74,7 @@ class ClassificationPolicy(_Section):
         return value
 
 
-class RedactionSettings(_Section):
+class RedactionSettings(Section):
     """PII redaction: tiers, operators per entity, classification, fail-closed budget."""
 
     mode: Literal["fast", "thorough"] = "fast"
