@@ -104,13 +104,17 @@ class Flow:
                 proc.wait()
 
 
-def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int) -> Flow:
+DEFAULT_FLOW = "dataflows.ingest:flow"
+
+
+def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int,
+               flow_target: str = DEFAULT_FLOW) -> Flow:
     """`processes` independent flow processes, each reading its own share of the partitions
     (see kafka.only_partitions), with its own embedded ClickHouse and metrics port."""
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
-        command = [sys.executable, "-m", "bytewax.run", "dataflows.ingest:flow", "-w", str(workers)]
+        command = [sys.executable, "-m", "bytewax.run", flow_target, "-w", str(workers)]
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                     "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
@@ -158,10 +162,12 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--backlog", default=0, show_default=True, type=click.IntRange(0),
               help="Fill the topic with this many events first, then time the drain alone (ignores --rate/--duration"
                    " and bursts).")
+@click.option("--flow", "flow_target", default=DEFAULT_FLOW, show_default=True,
+              help="The `python -m bytewax.run` target to measure: compare a variant of the flow with the shipped one.")
 @click.option("--stages-sample", default=5000, show_default=True, type=click.IntRange(100),
               help="With --backlog: events `bench stages` measures after the drain.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep, backlog, stages_sample) -> None:
+        keep, backlog, stages_sample, flow_target) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -180,9 +186,10 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
-            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample)
+            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample,
+                          flow_target)
             return
-        flow = start_flow(env, root, processes, workers, partitions)
+        flow = start_flow(env, root, processes, workers, partitions, flow_target)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
                    err=True)
 
@@ -244,7 +251,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         in_load = [row for row in timeline if row["t"] <= load_seconds]
         result = {
             "rate": rate, "duration_s": duration, "burst_factor": burst_factor, "burst_every_s": burst_every,
-            "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
+            "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
             "offered_events_per_s": load_report["events_per_s"],
             "sustained_events_per_s": round((in_load[-1]["consumed"] if in_load else events) / load_seconds, 1),
             "drain_s": round(finished - (load_finished or finished), 1),
@@ -269,7 +276,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
 
 
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
-                  partitions: int, users: int, stages_sample: int) -> None:
+                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
@@ -281,7 +288,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         raise click.ClickException(f"loadgen could not fill the backlog (exit {fill.returncode}, {fill_report})")
     click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
                f"{partitions} partitions; logs in {root}", err=True)
-    flow = start_flow(env, root, processes, workers, partitions)
+    flow = start_flow(env, root, processes, workers, partitions, flow_target)
     try:
         launched = time.monotonic()
         start = None  # (monotonic time, events consumed, CPU seconds) at the first sample with progress
@@ -315,7 +322,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
     result = {
-        "backlog": backlog, "processes": processes, "workers": workers, "partitions": partitions,
+        "backlog": backlog, "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions,
         "events": int(done), "timed_events": int(timed_events),
         "drain_s": round(finished - started_at, 2),
         "drain_events_per_s": round(timed_events / (finished - started_at), 1),
