@@ -47,6 +47,12 @@ def consumed(snap: Snapshot) -> float:
     return decoded + undecodable
 
 
+def full_gc_collections(snap: Snapshot) -> float:
+    """Full (generation 2) collections of CPython's cyclic GC, from prometheus_client's own
+    metrics: each walks every tracked object of the flow, the largest overhead per event."""
+    return snap.counters.get(("python_gc_collections", (("generation", "2"),)), 0)
+
+
 def freshness_delta(before: Snapshot, after: Snapshot, q: float) -> float | None:
     """The q-quantile of freshness observed between two snapshots, worst of the sinks."""
     worst = None
@@ -292,8 +298,9 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     flow = start_flow(env, root, processes, workers, partitions, flow_target)
     try:
         launched = time.monotonic()
-        start = None  # (monotonic time, events consumed, CPU seconds) at the first sample with progress
+        start = None  # (monotonic time, events consumed, CPU seconds, snapshot) at the first sample with progress
         done = 0.0
+        snap = None
         reported = launched
         while done < backlog:
             # Each scrape costs the flow a few ms of CPU (charged to its events): once a second.
@@ -303,12 +310,13 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             if time.monotonic() - launched > 600 + backlog / 100:
                 raise click.ClickException(f"the flow did not drain {backlog:,} events; consumed {done:,.0f}")
             try:
-                done = consumed(flow.snapshot())
+                snap = flow.snapshot()
             except (OSError, http.client.HTTPException):
                 continue
+            done = consumed(snap)
             cpu, rss = flow.usage()
             if start is None and done > 0:
-                start = (time.monotonic(), done, cpu)
+                start = (time.monotonic(), done, cpu, snap)
             if time.monotonic() - reported >= 5:
                 reported = time.monotonic()
                 click.echo(f"bench  consumed {done:>9,.0f}/{backlog:,}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB",
@@ -317,9 +325,9 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         cpu, _ = flow.usage()
     finally:
         flow.stop()
-    started_at, consumed_before, cpu_before = start
+    started_at, consumed_before, cpu_before, first = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
-        started_at, consumed_before, cpu_before = launched, 0.0, 0.0
+        started_at, consumed_before, cpu_before, first = launched, 0.0, 0.0, None
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
@@ -332,6 +340,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "stages_us_per_event": round(stages_us, 1),
         "cpu_to_stages_ratio": round(cpu_us / stages_us, 2),
         "startup_cpu_s": round(cpu_before, 2),
+        "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
     }
     click.echo(render_backlog(result), err=True)
@@ -354,6 +363,7 @@ def render_backlog(r: dict) -> str:
         ("drain rate", f"{r['drain_events_per_s']:,.0f} events/s"),
         ("CPU per event (flow)", f"{r['cpu_us_per_event']:.1f} µs (start-up {r['startup_cpu_s']:.1f} s not included)"),
         ("stages alone", f"{r['stages_us_per_event']:.1f} µs per event (ratio {r['cpu_to_stages_ratio']:.2f})"),
+        ("full GC collections", f"{r['full_gc_collections']:,} during the drain, all processes"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
     ]
