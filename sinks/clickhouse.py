@@ -127,7 +127,13 @@ class ClickHouse:
         rows = rows.select([name for name in rows.column_names if name in known])
         columns = ", ".join(rows.column_names)
         if self.embedded:
-            self._session.query(f"INSERT INTO {self.database}.{table} ({columns}) SELECT * FROM Python(rows)")
+            # Arrow IPC bytes that ClickHouse parses itself. The Python(rows) table function it
+            # replaces had chdb's own threads take the GIL to read the table: a deadlock once
+            # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
+            with self._session.send_insert(f"INSERT INTO {self.database}.{table} ({columns})",
+                                           "ArrowStream") as stream:
+                stream.append(arrow_stream_bytes(rows))
+                stream.finish()
         else:
             # Rows travel as parameters: a server parses them natively and old servers hang on literal VALUES.
             self._client.execute(f"INSERT INTO {self.database}.{table} ({columns}) VALUES",
@@ -247,6 +253,14 @@ def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, s
 def sql_string(value: str) -> str:
     """A ClickHouse string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def arrow_stream_bytes(table: pa.Table) -> bytes:
+    """The table in Arrow's IPC stream format (ClickHouse's ArrowStream input)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 def _driver_values(column: pa.ChunkedArray) -> list:

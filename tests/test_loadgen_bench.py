@@ -68,10 +68,22 @@ def test_bench_e2e_prints_its_table_and_json():
     assert "freshness p50 / p99" in result.stderr
 
 
+def test_full_gc_collections_are_read_from_prometheus_clients_gc_metrics():
+    from ops.bench.e2e import full_gc_collections
+    from ops.status import merge, parse
+
+    text = ("# TYPE python_gc_collections_total counter\n"
+            'python_gc_collections_total{generation="0"} 900.0\n'
+            'python_gc_collections_total{generation="2"} 7.0\n')
+    assert full_gc_collections(merge([parse(text, 0), parse(text, 0)])) == 14
+    assert full_gc_collections(parse("", 0)) == 0
+
+
 def test_bench_stages_names_the_slowest_stage():
-    result = run_cli("bench", "stages", "--events", "300", "--repeat", "1")
+    result = run_cli("bench", "stages", "--events", "300", "--repeat", "1", "--cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
+    assert report["clock"] == "cpu" and "CPU time" in result.stderr
     assert set(report["events_per_s"]) == {"decode (Avro)", "validate", "redact", "dedupe", "window", "price",
                                            "Parquet encode", "ClickHouse insert (chdb)"}
     assert report["slowest"] == min(report["events_per_s"], key=report["events_per_s"].get)
@@ -81,10 +93,11 @@ def test_bench_stages_names_the_slowest_stage():
 @pytest.mark.integration
 def test_bench_e2e_backlog_drains_every_event():
     result = run_cli("bench", "e2e", "--backlog", "2000", "--processes", "2", "--partitions", "4",
-                     "--stages-sample", "200")
+                     "--stages-sample", "200", "--flow", "ops.launch:ingest")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert report["events"] == 2000
+    assert report["events"] == 2000 and report["flow"] == "ops.launch:ingest"
+    assert report["full_gc_collections"] >= 0
     assert 0 < report["timed_events"] <= 2000
     for key in ("drain_events_per_s", "cpu_us_per_event", "stages_us_per_event"):
         assert report[key] > 0, key

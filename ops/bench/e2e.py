@@ -21,13 +21,14 @@ from pathlib import Path
 import click
 
 from ops.dev import services
-from ops.launch import flow_command
+from ops.launch import ENTRY_POINTS
 from ops.migrate import migrate_kafka
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
 
 TICK = os.sysconf("SC_CLK_TCK")
 FRESHNESS_SINKS = ("clickhouse", "quota")
+DRAIN_POLL_S = 1.0
 
 
 def proc_usage(pid: int) -> tuple[float, float]:
@@ -46,6 +47,12 @@ def consumed(snap: Snapshot) -> float:
     undecodable = sum(v for (name, labels), v in snap.counters.items()
                       if name == "gatewatch_dlq_records" and ("stage", "decode") in labels)
     return decoded + undecodable
+
+
+def full_gc_collections(snap: Snapshot) -> float:
+    """Full (generation 2) collections of CPython's cyclic GC, from prometheus_client's own
+    metrics: each walks every tracked object of the flow, the largest overhead per event."""
+    return snap.counters.get(("python_gc_collections", (("generation", "2"),)), 0)
 
 
 def freshness_delta(before: Snapshot, after: Snapshot, q: float) -> float | None:
@@ -106,13 +113,17 @@ class Flow:
                 proc.wait()
 
 
-def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int) -> Flow:
+DEFAULT_FLOW = ENTRY_POINTS["ingest"]
+
+
+def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int,
+               flow_target: str = DEFAULT_FLOW) -> Flow:
     """`processes` independent flow processes, each reading its own share of the partitions
     (see kafka.only_partitions), with its own embedded ClickHouse and metrics port."""
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
-        command = flow_command("ingest", workers)
+        command = [sys.executable, "-m", "bytewax.run", flow_target, "-w", str(workers)]
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                     "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
@@ -160,10 +171,12 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--backlog", default=0, show_default=True, type=click.IntRange(0),
               help="Fill the topic with this many events first, then time the drain alone (ignores --rate/--duration"
                    " and bursts).")
+@click.option("--flow", "flow_target", default=DEFAULT_FLOW, show_default=True,
+              help="The `python -m bytewax.run` target to measure: compare a variant of the flow with the shipped one.")
 @click.option("--stages-sample", default=5000, show_default=True, type=click.IntRange(100),
               help="With --backlog: events `bench stages` measures after the drain.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep, backlog, stages_sample) -> None:
+        keep, backlog, stages_sample, flow_target) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -180,9 +193,10 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
-            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample)
+            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample,
+                          flow_target)
             return
-        flow = start_flow(env, root, processes, workers, partitions)
+        flow = start_flow(env, root, processes, workers, partitions, flow_target)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
                    err=True)
 
@@ -244,7 +258,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         in_load = [row for row in timeline if row["t"] <= load_seconds]
         result = {
             "rate": rate, "duration_s": duration, "burst_factor": burst_factor, "burst_every_s": burst_every,
-            "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
+            "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
             "offered_events_per_s": load_report["events_per_s"],
             "sustained_events_per_s": round((in_load[-1]["consumed"] if in_load else events) / load_seconds, 1),
             "drain_s": round(finished - (load_finished or finished), 1),
@@ -269,7 +283,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
 
 
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
-                  partitions: int, users: int, stages_sample: int) -> None:
+                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
@@ -281,25 +295,28 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         raise click.ClickException(f"loadgen could not fill the backlog (exit {fill.returncode}, {fill_report})")
     click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
                f"{partitions} partitions; logs in {root}", err=True)
-    flow = start_flow(env, root, processes, workers, partitions)
+    flow = start_flow(env, root, processes, workers, partitions, flow_target)
     try:
         launched = time.monotonic()
-        start = None  # (monotonic time, events consumed, CPU seconds) at the first sample with progress
+        start = None  # (monotonic time, events consumed, CPU seconds, snapshot) at the first sample with progress
         done = 0.0
+        snap = None
         reported = launched
         while done < backlog:
-            time.sleep(0.5)
+            # Each scrape costs the flow a few ms of CPU (charged to its events): once a second.
+            time.sleep(DRAIN_POLL_S)
             if not flow.alive():
                 raise click.ClickException(f"a flow process died; see {root}/flow-*.log")
             if time.monotonic() - launched > 600 + backlog / 100:
                 raise click.ClickException(f"the flow did not drain {backlog:,} events; consumed {done:,.0f}")
             try:
-                done = consumed(flow.snapshot())
+                snap = flow.snapshot()
             except (OSError, http.client.HTTPException):
                 continue
+            done = consumed(snap)
             cpu, rss = flow.usage()
             if start is None and done > 0:
-                start = (time.monotonic(), done, cpu)
+                start = (time.monotonic(), done, cpu, snap)
             if time.monotonic() - reported >= 5:
                 reported = time.monotonic()
                 click.echo(f"bench  consumed {done:>9,.0f}/{backlog:,}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB",
@@ -308,14 +325,14 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         cpu, _ = flow.usage()
     finally:
         flow.stop()
-    started_at, consumed_before, cpu_before = start
+    started_at, consumed_before, cpu_before, first = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
-        started_at, consumed_before, cpu_before = launched, 0.0, 0.0
+        started_at, consumed_before, cpu_before, first = launched, 0.0, 0.0, None
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
     result = {
-        "backlog": backlog, "processes": processes, "workers": workers, "partitions": partitions,
+        "backlog": backlog, "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions,
         "events": int(done), "timed_events": int(timed_events),
         "drain_s": round(finished - started_at, 2),
         "drain_events_per_s": round(timed_events / (finished - started_at), 1),
@@ -323,6 +340,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "stages_us_per_event": round(stages_us, 1),
         "cpu_to_stages_ratio": round(cpu_us / stages_us, 2),
         "startup_cpu_s": round(cpu_before, 2),
+        "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
     }
     click.echo(render_backlog(result), err=True)
@@ -345,6 +363,7 @@ def render_backlog(r: dict) -> str:
         ("drain rate", f"{r['drain_events_per_s']:,.0f} events/s"),
         ("CPU per event (flow)", f"{r['cpu_us_per_event']:.1f} µs (start-up {r['startup_cpu_s']:.1f} s not included)"),
         ("stages alone", f"{r['stages_us_per_event']:.1f} µs per event (ratio {r['cpu_to_stages_ratio']:.2f})"),
+        ("full GC collections", f"{r['full_gc_collections']:,} during the drain, all processes"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
     ]
