@@ -6,7 +6,7 @@ from decimal import Decimal
 
 import pyarrow as pa
 
-from ops.loadgen import make_event
+from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from sinks.billing import with_cost
 from sinks.clickhouse import ClickHouse, arrow_stream_bytes, close_chdb
