@@ -2,5 +2,5 @@
 
 Modules: ``otlp`` (pure span -> event mapping), ``keys`` (per-org API keys, hashed in
 SQLite), ``app`` (the ASGI application and its HTTP semantics). Plain values in, no
-``ops`` imports: ops/cli_api.py wires settings into them.
+``ops`` imports: ops/api.py wires settings into them.
 """
