@@ -49,7 +49,7 @@ INT_RANGE = (-(2**31), 2**31 - 1)
 LONG_RANGE = (-(2**63), 2**63 - 1)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MS = timedelta(milliseconds=1)
-TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+TOKEN_FIELDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "reasoning_tokens")
 REQUIRED_TEXT = ("event_id", "request_id", "user_id", "org_id", "model")
 _SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.:\-]{1,40}$")
 CODES = ("empty", "unknown_schema_id", "wrong_schema", "truncated", "bad_avro", "bad_json", "wrong_type",
@@ -60,6 +60,9 @@ ID_FIELDS = ("event_id", "request_id", "user_id", "org_id", "conversation_id", "
 NAME_FIELDS = ("provider", "endpoint", "model", "model_version", "error_code", "variant")
 TEXT_FIELDS = ("prompt", "response", "comment")
 LIST_FIELDS = ("safety_decisions", "policy_flags")
+# W3C trace context ids (schema v2): lowercase hex of a fixed length, not all zero.
+TRACE_ID_FIELDS = (("trace_id", 32), ("span_id", 16))
+_HEX = frozenset("0123456789abcdef")
 ID_RULE = "printable characters, no whitespace, control or format characters (e.g. zero-width joiners)"
 # Unicode categories an id or name may not contain: controls, format (ZWJ, BOM), surrogates,
 # private use, unassigned, separators (whitespace).
@@ -221,6 +224,18 @@ def clean_text(value: str, path: str, max_chars: int, identifier: bool) -> str:
             if char == " " or unicodedata.category(char) in _FORBIDDEN_IN_IDS:
                 raise InvalidEvent("bad_id", f"{path} holds U+{ord(char):04X}; ids and names must be {ID_RULE}")
     return value
+
+
+def trace_context_id(value: str, path: str, digits: int) -> str:
+    """A W3C trace or span id: ``digits`` hex digits (upper case accepted, stored lower
+    case, as OpenTelemetry writes them), not all zero (the W3C invalid id)."""
+    lowered = value.lower()
+    if len(lowered) != digits or not _HEX.issuperset(lowered):
+        raise InvalidEvent("bad_id", f"{path} has {len(value)} characters; expected {digits} hex digits "
+                                     "(W3C trace context)")
+    if lowered.count("0") == digits:
+        raise InvalidEvent("bad_id", f"{path} is all zeros, the W3C invalid id")
+    return lowered
 
 
 class InvalidEvent(Exception):
@@ -657,6 +672,7 @@ class EventCodec(RecordCodec):
             [(name, limits.max_name_chars, True) for name in NAME_FIELDS if name in fields] + \
             [(name, limits.max_text_chars, False) for name in TEXT_FIELDS if name in fields]
         self._list_fields = [name for name in LIST_FIELDS if name in fields]
+        self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
@@ -672,6 +688,10 @@ class EventCodec(RecordCodec):
                                                 f"({self.limits.max_array_items})")
             event[name] = [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False)
                            for i, item in enumerate(items)]
+        for name, digits in self._trace_fields:
+            value = event[name]
+            if value is not None:
+                event[name] = trace_context_id(value, name, digits)
         return event
 
     def decode(self, value: bytes | None, now_ms: int) -> dict:
@@ -699,6 +719,9 @@ class EventCodec(RecordCodec):
                 raise InvalidEvent("out_of_range", f"{name} is {count}, above validation.max_tokens "
                                                    f"({limits.max_tokens})")
         fields = self._fields
+        if "reasoning_tokens" in fields and event["reasoning_tokens"] > event["output_tokens"]:
+            raise InvalidEvent("out_of_range", f"reasoning_tokens is {event['reasoning_tokens']}, above output_tokens "
+                                               f"({event['output_tokens']}); output_tokens include the reasoning tokens")
         if "latency_ms" in fields:
             self._bounded(event, "latency_ms", 0, limits.max_latency_ms, "validation.max_latency_ms")
         if "time_to_first_token_ms" in fields and event["time_to_first_token_ms"] is not None:
