@@ -720,8 +720,8 @@ class EventCodec(RecordCodec):
                                                    f"({limits.max_tokens})")
         fields = self._fields
         if "reasoning_tokens" in fields and event["reasoning_tokens"] > event["output_tokens"]:
-            raise InvalidEvent("out_of_range", f"reasoning_tokens is {event['reasoning_tokens']}, above output_tokens "
-                                               f"({event['output_tokens']}); output_tokens include the reasoning tokens")
+            raise InvalidEvent("out_of_range", f"reasoning_tokens is {event['reasoning_tokens']}, above "
+                                               f"output_tokens ({event['output_tokens']}), which include them")
         if "latency_ms" in fields:
             self._bounded(event, "latency_ms", 0, limits.max_latency_ms, "validation.max_latency_ms")
         if "time_to_first_token_ms" in fields and event["time_to_first_token_ms"] is not None:

@@ -10,6 +10,8 @@ column codecs or TTL. A legacy migration is the modern one with exactly these re
   on its own; ``gatewatch forget`` and retention jobs still delete);
 - expressions leave a table's sort key (``ORDER BY (org_id, toDate(event_time), ...)`` ->
   ``ORDER BY (org_id, ...)``): 18.16 rejects them ("Column 'toDate(event_time)' already exists");
+- ``ADD COLUMN IF NOT EXISTS`` -> ``ADD COLUMN`` (18.16 has no IF NOT EXISTS there; the
+  migration table already keeps a migration from running twice);
 - ``Map`` columns are dropped, with their names in the same file's SELECT lists: their data
   (e.g. pii_entity_counts) is not written to legacy servers, inserts skip missing columns.
 
@@ -57,6 +59,7 @@ def to_legacy(sql: str) -> str:
     sql = re.sub(r"DateTime64\(\d+,\s*('[^']*')\)", r"DateTime(\1)", sql)
     sql = re.sub(r"\bnow64\(\d*\)", "now()", sql)
     sql = re.sub(r"\bBool\b", "UInt8", sql)
+    sql = re.sub(r"\bADD COLUMN IF NOT EXISTS\b", "ADD COLUMN", sql)
     # Only a table's own ORDER BY clause starts a line; a view's ORDER BY stays.
     sql = re.sub(r"^ORDER BY \(([^\n]*)\)", _plain_sort_key, sql, flags=re.MULTILINE)
     sql = _unwrap(sql, "LowCardinality", keep_argument=True)

@@ -10,9 +10,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span as PbSpan, Status
 
+from connectors.ingest_api.app import parse_traceparent
 from connectors.ingest_api.otlp import (Span, SpanRejected, request_from_json, request_from_protobuf, span_to_event,
                                         spans_of, token_counts)
-from connectors.ingest_api.app import parse_traceparent
 from schemas.codec import EventCodec
 from schemas.registry import default_local_registry
 
@@ -256,11 +256,13 @@ def test_json_request_with_bad_ids_is_rejected():
         request_from_json([1, 2])
 
 
+W3C_IDS = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+
+
 @pytest.mark.parametrize("header,expected", [
-    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
-    (" 00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00 ", ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")),
-    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future", ("4bf92f3577b34da6a3ce929d0e0e4736",
-                                                                         "00f067aa0ba902b7")),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", W3C_IDS),
+    (" 00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00 ", W3C_IDS),
+    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future", W3C_IDS),
     ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", None),  # version 00 ends at the flags
     ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
     (f"00-{'0' * 32}-00f067aa0ba902b7-01", None),
