@@ -83,6 +83,11 @@ def test_clickhouse_rows_of_both_versions_with_reasoning_and_trace_apart(mixed_r
         assert rows[event["event_id"]] == (1, 500, 0, None, None, cost)
     for event in new:
         assert rows[event["event_id"]] == (2, 500, 400, TRACE, event["span_id"], cost)
+    # The aggregates that outlive raw rows keep reasoning apart too (the flow refreshed them).
+    for table in ("usage_hourly", "usage_daily"):
+        (output, reasoning), = clickhouse.rows(
+            f"SELECT sum(output_tokens), sum(reasoning_tokens) FROM schema_v2.{table} FINAL")
+        assert (output, reasoning) == (500 * len(old + new), 400 * len(new)), table
 
 
 def test_quota_counts_reasoning_once_as_output(mixed_run):
