@@ -3,16 +3,19 @@ pricing, and raw Parquet written before v2 (see test_schema_v2_flow.py for the s
 
 from __future__ import annotations
 
+import io
 import json
 import time
 from decimal import Decimal
 
+import fastavro
 import pyarrow.parquet as pq
 import pytest
 
 from connectors.producer import usage_tokens
 from ops.settings import PricingSettings, ValidationSettings
-from schemas.codec import EventCodec, InvalidEvent
+from schemas.codec import EventCodec, InvalidEvent, plain
+from schemas.compat import compatibility
 from schemas.registry import LocalRegistry
 from sinks.billing import with_cost
 from sinks.parquet import ARROW_SCHEMA, COLUMNS_SINCE, ParquetStore, to_table
@@ -103,3 +106,21 @@ def test_events_from_before_v2_get_zero_reasoning_in_the_sink_table():
     table = to_table([event(), event(event_id="e-2", reasoning_tokens=7)])
     assert table.column("reasoning_tokens").to_pylist() == [0, 7]
     assert table.column("reasoning_tokens").null_count == 0
+
+
+def test_v2_is_full_compatible_with_v1_and_only_adds_defaulted_fields():
+    registry = LocalRegistry()
+    v1, v2 = registry.entry("gateway_event", 1), registry.entry("gateway_event", 2)
+    assert (v1.schema_id, v2.schema_id) == (1, 8)
+    assert compatibility(v2.raw, v1.raw, "FULL") == []
+    added = {f["name"]: f for f in v2.raw["fields"]}.keys() - {f["name"] for f in v1.raw["fields"]}
+    assert added == set(COLUMNS_SINCE)
+    assert all("default" in f for f in v2.raw["fields"] if f["name"] in added)
+
+
+def test_a_consumer_still_on_v1_reads_v2_messages(codec):
+    """FORWARD: a flow not yet upgraded reads the new producers' records (new fields dropped)."""
+    body = codec.encode_plain(event(reasoning_tokens=400, trace_id="4bf92f3577b34da6a3ce929d0e0e4736"))
+    reader = plain(LocalRegistry().by_id(1))
+    record = fastavro.schemaless_reader(io.BytesIO(body), codec.reader.plain, reader)
+    assert "reasoning_tokens" not in record and (record["output_tokens"], record["input_tokens"]) == (500, 100)
