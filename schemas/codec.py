@@ -321,6 +321,58 @@ def conform(value: Any, schema: Any, path: str, named: dict) -> Any:
 _FAST_TYPES = {"string": str, "boolean": bool, "double": float, "float": float}
 
 
+_MISSING = object()
+
+
+def _already_canonical(schema: Any, value: str) -> str:
+    """A Python test that ``value`` needs no conversion under ``schema`` (what the compiled
+    converter would return unchanged), or "False" where only the converter can tell."""
+    if isinstance(schema, dict) and schema.get("type") in ("int", "long") and schema.get("logicalType") in (
+            None, "timestamp-millis", "local-timestamp-millis"):
+        schema = schema["type"]
+    if isinstance(schema, str) and schema in ("int", "long"):
+        low, high = INT_RANGE if schema == "int" else LONG_RANGE
+        return f"(type({value}) is int and {low} <= {value} <= {high})"
+    if isinstance(schema, str) and schema in _FAST_TYPES:
+        return f"type({value}) is {_FAST_TYPES[schema].__name__}"
+    if isinstance(schema, list) and len(schema) == 2 and "null" in schema:
+        other = _already_canonical(schema[1 - schema.index("null")], value)
+        return f"({value} is None or {other})" if other != "False" else "False"
+    return "False"
+
+
+def _compile_record(schema: dict, named: dict, seen: dict):
+    """The record converter as generated straight-line code: a field whose value is already
+    canonical (nearly all of them) costs one type test, not a converter call."""
+    lines = ["def record(value, path):",
+             "    if not isinstance(value, dict):",
+             "        raise InvalidEvent('wrong_type',",
+             "                           f\"{path or 'the message'} is {shown(value)}, expected an object\")",
+             "    out = {}"]
+    namespace: dict[str, Any] = {"InvalidEvent": InvalidEvent, "shown": shown, "MISSING": _MISSING}
+    for index, field in enumerate(schema["fields"]):
+        name = field["name"]
+        namespace[f"convert{index}"] = compile_schema(field["type"], named, seen)
+        where = f"(path + {'.' + name!r} if path else {name!r})"
+        lines += [f"    v = value.get({name!r}, MISSING)",
+                  "    if v is MISSING:"]
+        namespace[f"default{index}"] = field.get("default")
+        if "default" not in field:
+            lines.append(f"        raise InvalidEvent('missing_field', 'required field ' + {where} + ' is missing')")
+        elif isinstance(field["default"], (list, dict)):  # a fresh copy for each record
+            lines.append(f"        out[{name!r}] = {type(field['default']).__name__}(default{index})")
+        else:
+            lines.append(f"        out[{name!r}] = default{index}")
+        lines += [f"    elif {_already_canonical(field['type'], 'v')}:",
+                  f"        out[{name!r}] = v",
+                  "    else:",
+                  f"        out[{name!r}] = convert{index}(v, {where})"]
+    lines.append("    return out")
+    exec(compile("\n".join(lines) + "\n", f"<record converter {schema.get('name', '')}>", "exec"),  # noqa: S102
+         namespace)
+    return namespace["record"]
+
+
 def compile_schema(schema: Any, named: dict, _seen: dict | None = None):
     """A function (value, path) -> canonical value for one schema (see ``conform``)."""
     seen = {} if _seen is None else _seen
@@ -383,26 +435,7 @@ def compile_schema(schema: Any, named: dict, _seen: dict | None = None):
             return as_long(value, path)
         return timestamp
     if kind == "record":
-        fields = []
-        for field in schema["fields"]:
-            fields.append((field["name"], compile_schema(field["type"], named, seen), "default" in field,
-                           field.get("default")))
-
-        def record(value, path):
-            if not isinstance(value, dict):
-                raise InvalidEvent("wrong_type", f"{path or 'the message'} is {shown(value)}, expected an object")
-            out = {}
-            for name, convert, has_default, default in fields:
-                if name in value:
-                    out[name] = convert(value[name], f"{path}.{name}" if path else name)
-                elif has_default:
-                    out[name] = list(default) if isinstance(default, list) else (
-                        dict(default) if isinstance(default, dict) else default)
-                else:
-                    where = f"{path}.{name}" if path else name
-                    raise InvalidEvent("missing_field", f"required field {where} is missing")
-            return out
-        return record
+        return _compile_record(schema, named, seen)
     if kind == "array":
         items = compile_schema(schema["items"], named, seen)
         expected = _type_name(schema)
