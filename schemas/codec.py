@@ -713,6 +713,11 @@ class EventCodec(RecordCodec):
         for name, max_chars, identifier in self._string_rules:
             value = event.get(name)
             if isinstance(value, str):
+                # What clean_text keeps as it is, tested without the call: ASCII holds no
+                # surrogate and is its own NFC form.
+                if value.isascii() and len(value) <= max_chars and (
+                        not identifier or (value.isprintable() and " " not in value)):
+                    continue
                 event[name] = clean_text(value, name, max_chars, identifier)
         for name in self._list_fields:
             items = event.get(name) or []
