@@ -39,7 +39,9 @@ def _long(value: int) -> bytes:
     return bytes(out)
 
 
-_SMALL = {value: _long(value) for value in range(-64, 64)}
+# Values up to 2047 (most token counts, latencies and string lengths): a dict
+# hit instead of the loop above (0.9 MB per process).
+_SMALL = {value: _long(value) for value in range(-2048, 2048)}
 
 
 class _Source:

@@ -42,7 +42,7 @@ from typing import Any, Callable
 import fastavro
 
 from schemas.registry import default_local_registry, full_name, parse
-from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, window_id
+from schemas.vocabulary import COUNTED_TOKEN_FIELDS, TOKEN_KINDS, window_id
 
 MAGIC = 0
 HEADER = 5
@@ -60,6 +60,9 @@ ID_FIELDS = ("event_id", "request_id", "user_id", "org_id", "conversation_id", "
 NAME_FIELDS = ("provider", "endpoint", "model", "model_version", "error_code", "variant")
 TEXT_FIELDS = ("prompt", "response", "comment")
 LIST_FIELDS = ("safety_decisions", "policy_flags")
+# W3C trace context ids (schema v2): lowercase hex of a fixed length, not all zero.
+TRACE_ID_FIELDS = (("trace_id", 32), ("span_id", 16))
+_HEX = frozenset("0123456789abcdef")
 ID_RULE = "printable characters, no whitespace, control or format characters (e.g. zero-width joiners)"
 # Unicode categories an id or name may not contain: controls, format (ZWJ, BOM), surrogates,
 # private use, unassigned, separators (whitespace).
@@ -223,6 +226,18 @@ def clean_text(value: str, path: str, max_chars: int, identifier: bool) -> str:
     return value
 
 
+def trace_context_id(value: str, path: str, digits: int) -> str:
+    """A W3C trace or span id: ``digits`` hex digits (upper case accepted, stored lower
+    case, as OpenTelemetry writes them), not all zero (the W3C invalid id)."""
+    lowered = value.lower()
+    if len(lowered) != digits or not _HEX.issuperset(lowered):
+        raise InvalidEvent("bad_id", f"{path} has {len(value)} characters; expected {digits} hex digits "
+                                     "(W3C trace context)")
+    if lowered.count("0") == digits:
+        raise InvalidEvent("bad_id", f"{path} is all zeros, the W3C invalid id")
+    return lowered
+
+
 class InvalidEvent(Exception):
     """A message that is not a valid event: ``code`` (machine), ``reason`` (human), ``schema_id``."""
 
@@ -306,6 +321,58 @@ def conform(value: Any, schema: Any, path: str, named: dict) -> Any:
 _FAST_TYPES = {"string": str, "boolean": bool, "double": float, "float": float}
 
 
+_MISSING = object()
+
+
+def _already_canonical(schema: Any, value: str) -> str:
+    """A Python test that ``value`` needs no conversion under ``schema`` (what the compiled
+    converter would return unchanged), or "False" where only the converter can tell."""
+    if isinstance(schema, dict) and schema.get("type") in ("int", "long") and schema.get("logicalType") in (
+            None, "timestamp-millis", "local-timestamp-millis"):
+        schema = schema["type"]
+    if isinstance(schema, str) and schema in ("int", "long"):
+        low, high = INT_RANGE if schema == "int" else LONG_RANGE
+        return f"(type({value}) is int and {low} <= {value} <= {high})"
+    if isinstance(schema, str) and schema in _FAST_TYPES:
+        return f"type({value}) is {_FAST_TYPES[schema].__name__}"
+    if isinstance(schema, list) and len(schema) == 2 and "null" in schema:
+        other = _already_canonical(schema[1 - schema.index("null")], value)
+        return f"({value} is None or {other})" if other != "False" else "False"
+    return "False"
+
+
+def _compile_record(schema: dict, named: dict, seen: dict):
+    """The record converter as generated straight-line code: a field whose value is already
+    canonical (nearly all of them) costs one type test, not a converter call."""
+    lines = ["def record(value, path):",
+             "    if not isinstance(value, dict):",
+             "        raise InvalidEvent('wrong_type',",
+             "                           f\"{path or 'the message'} is {shown(value)}, expected an object\")",
+             "    out = {}"]
+    namespace: dict[str, Any] = {"InvalidEvent": InvalidEvent, "shown": shown, "MISSING": _MISSING}
+    for index, field in enumerate(schema["fields"]):
+        name = field["name"]
+        namespace[f"convert{index}"] = compile_schema(field["type"], named, seen)
+        where = f"(path + {'.' + name!r} if path else {name!r})"
+        lines += [f"    v = value.get({name!r}, MISSING)",
+                  "    if v is MISSING:"]
+        namespace[f"default{index}"] = field.get("default")
+        if "default" not in field:
+            lines.append(f"        raise InvalidEvent('missing_field', 'required field ' + {where} + ' is missing')")
+        elif isinstance(field["default"], (list, dict)):  # a fresh copy for each record
+            lines.append(f"        out[{name!r}] = {type(field['default']).__name__}(default{index})")
+        else:
+            lines.append(f"        out[{name!r}] = default{index}")
+        lines += [f"    elif {_already_canonical(field['type'], 'v')}:",
+                  f"        out[{name!r}] = v",
+                  "    else:",
+                  f"        out[{name!r}] = convert{index}(v, {where})"]
+    lines.append("    return out")
+    exec(compile("\n".join(lines) + "\n", f"<record converter {schema.get('name', '')}>", "exec"),  # noqa: S102
+         namespace)
+    return namespace["record"]
+
+
 def compile_schema(schema: Any, named: dict, _seen: dict | None = None):
     """A function (value, path) -> canonical value for one schema (see ``conform``)."""
     seen = {} if _seen is None else _seen
@@ -368,26 +435,7 @@ def compile_schema(schema: Any, named: dict, _seen: dict | None = None):
             return as_long(value, path)
         return timestamp
     if kind == "record":
-        fields = []
-        for field in schema["fields"]:
-            fields.append((field["name"], compile_schema(field["type"], named, seen), "default" in field,
-                           field.get("default")))
-
-        def record(value, path):
-            if not isinstance(value, dict):
-                raise InvalidEvent("wrong_type", f"{path or 'the message'} is {shown(value)}, expected an object")
-            out = {}
-            for name, convert, has_default, default in fields:
-                if name in value:
-                    out[name] = convert(value[name], f"{path}.{name}" if path else name)
-                elif has_default:
-                    out[name] = list(default) if isinstance(default, list) else (
-                        dict(default) if isinstance(default, dict) else default)
-                else:
-                    where = f"{path}.{name}" if path else name
-                    raise InvalidEvent("missing_field", f"required field {where} is missing")
-            return out
-        return record
+        return _compile_record(schema, named, seen)
     if kind == "array":
         items = compile_schema(schema["items"], named, seen)
         expected = _type_name(schema)
@@ -650,13 +698,14 @@ class EventCodec(RecordCodec):
         self.max_past_ms = int(validation.max_past_s * 1000)
         fields = {f["name"] for f in self.reader.parsed["fields"]}
         self._required_text = [name for name in REQUIRED_TEXT if name in fields]
-        self._token_fields = [name for name in TOKEN_FIELDS if name in fields]
+        self._token_fields = [name for name in COUNTED_TOKEN_FIELDS if name in fields]
         self._fields = fields
         limits = self.limits
         self._string_rules = [(name, limits.max_id_chars, True) for name in ID_FIELDS if name in fields] + \
             [(name, limits.max_name_chars, True) for name in NAME_FIELDS if name in fields] + \
             [(name, limits.max_text_chars, False) for name in TEXT_FIELDS if name in fields]
         self._list_fields = [name for name in LIST_FIELDS if name in fields]
+        self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
@@ -664,6 +713,11 @@ class EventCodec(RecordCodec):
         for name, max_chars, identifier in self._string_rules:
             value = event.get(name)
             if isinstance(value, str):
+                # What clean_text keeps as it is, tested without the call: ASCII holds no
+                # surrogate and is its own NFC form.
+                if value.isascii() and len(value) <= max_chars and (
+                        not identifier or (value.isprintable() and " " not in value)):
+                    continue
                 event[name] = clean_text(value, name, max_chars, identifier)
         for name in self._list_fields:
             items = event.get(name) or []
@@ -672,6 +726,10 @@ class EventCodec(RecordCodec):
                                                 f"({self.limits.max_array_items})")
             event[name] = [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False)
                            for i, item in enumerate(items)]
+        for name, digits in self._trace_fields:
+            value = event[name]
+            if value is not None:
+                event[name] = trace_context_id(value, name, digits)
         return event
 
     def decode(self, value: bytes | None, now_ms: int) -> dict:
@@ -699,6 +757,9 @@ class EventCodec(RecordCodec):
                 raise InvalidEvent("out_of_range", f"{name} is {count}, above validation.max_tokens "
                                                    f"({limits.max_tokens})")
         fields = self._fields
+        if "reasoning_tokens" in fields and event["reasoning_tokens"] > event["output_tokens"]:
+            raise InvalidEvent("out_of_range", f"reasoning_tokens is {event['reasoning_tokens']}, above "
+                                               f"output_tokens ({event['output_tokens']}), which include them")
         if "latency_ms" in fields:
             self._bounded(event, "latency_ms", 0, limits.max_latency_ms, "validation.max_latency_ms")
         if "time_to_first_token_ms" in fields and event["time_to_first_token_ms"] is not None:

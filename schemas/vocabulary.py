@@ -16,6 +16,10 @@ its own (cache reads are inside ``input`` at the gateway, never added twice)."""
 
 TOKEN_FIELDS = tuple(f"{kind}_tokens" for kind in TOKEN_KINDS)
 
+COUNTED_TOKEN_FIELDS = (*TOKEN_FIELDS, "reasoning_tokens")
+"""Every token count an event may carry. Reasoning tokens (schema v2) are part of
+``output_tokens``: stored and shown, never priced or added on top."""
+
 
 def user_key(org_id: str, user_id: str) -> str:
     """``org/user``: a user is only unique within its org. The producer's partition key,

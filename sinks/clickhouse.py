@@ -172,16 +172,20 @@ class ClickHouse:
 
 
 # Absolute totals of every aggregate key of the given (org, hour) pairs, from the distinct
-# raw events. Inserted by position, so no aggregate needs an alias equal to its argument.
+# raw events. Inserted by position into named columns, so no aggregate needs an alias equal
+# to its argument, and a column a later migration adds (with a default) breaks no insert.
+_AGGREGATE_COLUMNS = ("org_id, user_id, model, region, experiment_id, variant, requests, errors, input_tokens, "
+                      "output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, latency_ms_sum, "
+                      "latency_quantiles, classifications, policy_flags, computed_at, reasoning_tokens")
 _HOURLY_FROM_EVENTS = """
-INSERT INTO {db}.usage_hourly
+INSERT INTO {db}.usage_hourly (hour, {columns})
 SELECT toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experiment_id, ''), ifNull(variant, ''),
     count(), countIf(status_code >= 400), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens),
     sum(cache_write_tokens), sum(cost_usd), sum(latency_ms), quantilesTDigestState(0.5, 0.95, 0.99)(latency_ms),
     sumMap(map(toString(classification), toUInt64(1))),
     sumMap(CAST((arrayMap(f -> concat(toString(classification), '/', toString(f)), policy_flags),
                  arrayMap(f -> toUInt64(1), policy_flags)), 'Map(String, UInt64)')),
-    now64(3)
+    now64(3), sum(reasoning_tokens)
 FROM {db}.events FINAL
 WHERE org_id IN ({orgs}) AND event_time >= toDateTime64({low}, 3, 'UTC') AND event_time < toDateTime64({high}, 3, 'UTC')
   AND (org_id, toStartOfHour(event_time), user_id) IN ({keys})
@@ -189,11 +193,11 @@ GROUP BY toStartOfHour(event_time), org_id, user_id, model, region, ifNull(exper
 """
 
 _DAILY_FROM_HOURLY = """
-INSERT INTO {db}.usage_daily
+INSERT INTO {db}.usage_daily (day, {columns})
 SELECT toDate(hour), org_id, user_id, model, region, experiment_id, variant, sum(requests), sum(errors),
     sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd),
     sum(latency_ms_sum), quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_quantiles), sumMap(classifications),
-    sumMap(policy_flags), now64(3)
+    sumMap(policy_flags), now64(3), sum(reasoning_tokens)
 FROM {db}.usage_hourly FINAL
 WHERE org_id IN ({orgs}) AND hour >= toDateTime({low}, 'UTC') AND hour < toDateTime({high}, 'UTC')
   AND (org_id, toDate(hour), user_id) IN ({keys})
@@ -246,8 +250,8 @@ def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, s
     key_sql = ", ".join(f"({sql_string(org)}, {to_bucket}(toDateTime({start}, 'UTC')), {sql_string(user)})"
                         for org, start, user in keys)
     client.execute(template.format(
-        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})),
-        low=min(starts), high=max(starts) + span_s, keys=key_sql))
+        db=client.database, columns=_AGGREGATE_COLUMNS,
+        orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})), low=min(starts), high=max(starts) + span_s, keys=key_sql))
 
 
 def sql_string(value: str) -> str:

@@ -10,6 +10,8 @@ column codecs or TTL. A legacy migration is the modern one with exactly these re
   on its own; ``gatewatch forget`` and retention jobs still delete);
 - expressions leave a table's sort key (``ORDER BY (org_id, toDate(event_time), ...)`` ->
   ``ORDER BY (org_id, ...)``): 18.16 rejects them ("Column 'toDate(event_time)' already exists");
+- ``ADD COLUMN IF NOT EXISTS`` -> ``ADD COLUMN`` (18.16 has no IF NOT EXISTS there; the
+  migration table already keeps a migration from running twice);
 - ``Map`` columns are dropped, with their names in the same file's SELECT lists: their data
   (e.g. pii_entity_counts) is not written to legacy servers, inserts skip missing columns.
 
@@ -19,8 +21,9 @@ generated statement that creates the same object. Migrations listed in LEGACY_SK
 legacy variant at all."""
 import re
 
-LEGACY_SKIPPED = frozenset({"050_usage_aggregates"})
-"""The aggregates need AggregateFunction states and Map sums: legacy servers keep their views."""
+LEGACY_SKIPPED = frozenset({"050_usage_aggregates", "071_usage_reasoning"})
+"""The aggregates need AggregateFunction states and Map sums: legacy servers keep their views
+(and have no aggregate tables for later migrations to alter)."""
 
 _CREATED_OBJECT = re.compile(
     r"CREATE\s+(?:MATERIALIZED\s+)?(?:TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\S+)", re.IGNORECASE)
@@ -57,6 +60,7 @@ def to_legacy(sql: str) -> str:
     sql = re.sub(r"DateTime64\(\d+,\s*('[^']*')\)", r"DateTime(\1)", sql)
     sql = re.sub(r"\bnow64\(\d*\)", "now()", sql)
     sql = re.sub(r"\bBool\b", "UInt8", sql)
+    sql = re.sub(r"\bADD COLUMN IF NOT EXISTS\b", "ADD COLUMN", sql)
     # Only a table's own ORDER BY clause starts a line; a view's ORDER BY stays.
     sql = re.sub(r"^ORDER BY \(([^\n]*)\)", _plain_sort_key, sql, flags=re.MULTILINE)
     sql = _unwrap(sql, "LowCardinality", keep_argument=True)

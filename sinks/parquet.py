@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 import fsspec
 from fsspec.exceptions import FSTimeoutError
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.vocabulary import event_key
@@ -51,9 +52,12 @@ ARROW_SCHEMA = pa.schema([
     ("output_tokens", pa.int64()),
     ("cache_read_tokens", pa.int64()),
     ("cache_write_tokens", pa.int64()),
+    ("reasoning_tokens", pa.int64()),
     ("prompt", pa.string()),
     ("response", pa.string()),
     ("conversation_id", pa.string()),
+    ("trace_id", pa.string()),
+    ("span_id", pa.string()),
     ("experiment_id", pa.string()),
     ("variant", pa.string()),
     ("safety_decisions", pa.list_(pa.string())),
@@ -65,6 +69,17 @@ ARROW_SCHEMA = pa.schema([
     ("source_partition", pa.int32()),
     ("source_offset", pa.int64()),
 ])
+COLUMNS_SINCE = {"reasoning_tokens": 0, "trace_id": None, "span_id": None}
+"""Columns that files written before gateway_event v2 lack, with the value they read as."""
+
+
+def with_current_columns(table: pa.Table) -> pa.Table:
+    """A stored table in ARROW_SCHEMA's columns: an older file's missing ones filled in."""
+    for name, value in COLUMNS_SINCE.items():
+        if name not in table.column_names:
+            field = ARROW_SCHEMA.field(name)
+            table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
+    return table.select(ARROW_SCHEMA.names)
 
 
 def partition_of(event: dict) -> str:
@@ -93,7 +108,13 @@ def file_name(events: Iterable[dict]) -> str:
 
 
 def to_table(events: list[dict]) -> pa.Table:
-    return pa.Table.from_pylist(events, schema=ARROW_SCHEMA)
+    table = pa.Table.from_pylist(events, schema=ARROW_SCHEMA)
+    for name, value in COLUMNS_SINCE.items():
+        # Events from before gateway_event v2 (a flow's recovery snapshot) lack the field.
+        if value is not None and table.column(name).null_count:
+            table = table.set_column(ARROW_SCHEMA.get_field_index(name), ARROW_SCHEMA.field(name),
+                                     pc.fill_null(table.column(name), value))
+    return table
 
 
 class ParquetStore:
@@ -171,7 +192,7 @@ class ParquetStore:
         """One file's rows, raw text decrypted with the key its metadata names."""
         # One GET per file (no HEAD first: an S3 server may list an object it cannot yet HEAD).
         parquet = pq.ParquetFile(pa.BufferReader(self.fs.cat_file(path)))
-        table = parquet.read().cast(ARROW_SCHEMA)
+        table = with_current_columns(parquet.read()).cast(ARROW_SCHEMA)
         key_id = (parquet.schema_arrow.metadata or {}).get(KEY_ID_METADATA)
         if key_id is not None:
             table = open_table(table.replace_schema_metadata({KEY_ID_METADATA: key_id}), self.text_keys)

@@ -29,7 +29,7 @@ def test_migrations_inserts_and_daily_metrics_over_the_wire(clickhouse_url):
     clickhouse = ClickHouse(clickhouse_url, f"wire_{uuid.uuid4().hex[:8]}")
     applied = clickhouse.migrate()
     assert applied == ["001_events", "002_daily_metrics", "010_views", "011_audit_log", "030_access_audit",
-                       "040_feedback"]
+                       "040_feedback", "070_events_reasoning_trace"]
     assert clickhouse.migrate() == []
     batch = events(500)
     clickhouse.insert_events(batch)

@@ -172,6 +172,10 @@ def test_sdk_exporter_protobuf_gzip_each_token_kind_once_org_from_key_retry_is_a
     event = copies[0]
     assert (event["input_tokens"], event["cache_read_tokens"], event["cache_write_tokens"],
             event["output_tokens"]) == (400, 1536, 64, 300)
+    # Reasoning is shown apart, inside output (never added), and the span's ids link the event to the trace.
+    assert event["reasoning_tokens"] == 256 and event["schema_version"] == 2
+    context = chat.get_span_context()
+    assert (event["trace_id"], event["span_id"]) == (f"{context.trace_id:032x}", f"{context.span_id:016x}")
     assert event["input_tokens"] + event["cache_read_tokens"] + event["cache_write_tokens"] == 2000
     assert (event["org_id"], event["region"], event["user_id"]) == ("acme", "eu", "u-7")
     assert (event["model"], event["model_version"], event["conversation_id"]) == (
@@ -258,6 +262,36 @@ def test_json_events_object_array_ndjson_org_from_key(api, kafka_bootstrap):
     found = _wait_for(kafka_bootstrap, api.topic, ids)
     assert ids <= set(found)
     assert {(found[i][0]["org_id"], found[i][0]["region"]) for i in ids} == {("acme", "eu")}
+
+
+def test_json_events_take_trace_context_from_their_fields_or_the_traceparent_header(api, kafka_bootstrap):
+    header_trace, header_span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    own_trace, own_span = "0AF7651916CD43DD8448EB211C80319C", "B7AD6B7169203331"
+    plain, own = _event(20, output_tokens=90, reasoning_tokens=64), _event(21, trace_id=own_trace, span_id=own_span)
+    headers = {"Authorization": f"Bearer {api.key}", "traceparent": f"00-{header_trace}-{header_span}-01"}
+    assert httpx.post(f"{api.url}/v1/events", json=[plain, own], headers=headers).json()["accepted"] == 2
+    malformed = _event(22)
+    headers["traceparent"] = f"00-{'0' * 32}-{header_span}-01"  # the W3C invalid trace id: ignored
+    assert httpx.post(f"{api.url}/v1/events", json=malformed, headers=headers).json()["accepted"] == 1
+    found = _wait_for(kafka_bootstrap, api.topic, {plain["event_id"], own["event_id"], malformed["event_id"]})
+    stored = {name: found[event["event_id"]][0] for name, event in
+              (("plain", plain), ("own", own), ("malformed", malformed))}
+    assert (stored["plain"]["trace_id"], stored["plain"]["span_id"]) == (header_trace, header_span)
+    assert (stored["plain"]["output_tokens"], stored["plain"]["reasoning_tokens"]) == (90, 64)
+    assert (stored["own"]["trace_id"], stored["own"]["span_id"]) == (own_trace.lower(), own_span.lower())
+    assert (stored["malformed"]["trace_id"], stored["malformed"]["span_id"]) == (None, None)
+    bad = [line for line in httpx.get(f"{api.url}/metrics").text.splitlines()
+           if line.startswith("gatewatch_api_bad_traceparent_total ")]
+    assert bad and float(bad[0].split()[1]) >= 1
+
+
+def test_bad_trace_ids_and_reasoning_above_output_are_400_naming_the_field(api):
+    headers = {"Authorization": f"Bearer {api.key}"}
+    for changes, field in (({"trace_id": "xyz"}, "trace_id"), ({"span_id": "0" * 16}, "span_id"),
+                           ({"output_tokens": 10, "reasoning_tokens": 11}, "reasoning_tokens")):
+        response = httpx.post(f"{api.url}/v1/events", json=_event(30, **changes), headers=headers)
+        assert response.status_code == 400, changes
+        assert response.json()["field"] == field
 
 
 def test_bad_events_get_400_with_field_and_rule_or_a_partial_200(api, kafka_bootstrap):

@@ -100,14 +100,18 @@ def test_instrumented_openai_client_to_clickhouse_each_token_once_org_from_key_r
     clickhouse = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
     rows = clickhouse.rows(
         "SELECT event_id, org_id, region, provider, model, model_version, input_tokens, cache_read_tokens, "
-        "cache_write_tokens, output_tokens FROM api_e2e.events FINAL ORDER BY event_id")
+        "cache_write_tokens, output_tokens, reasoning_tokens, trace_id, span_id FROM api_e2e.events FINAL "
+        "ORDER BY event_id")
     want_ids = sorted(f"otel-{s.context.trace_id:032x}-{s.context.span_id:016x}" for s in spans)
     assert [row[0] for row in rows] == want_ids  # three exports, two spans, two rows
-    for _id, org, region, provider_name, model, version, uncached, cache_read, cache_write, output in rows:
+    for event_id, org, region, provider_name, model, version, uncached, cache_read, cache_write, output, \
+            reasoning, trace_id, span_id in rows:
         assert (org, region, provider_name, model, version) == ("acme", "us", "openai", "gpt-4o-mini",
                                                                 "gpt-4o-mini-2024-07-18")
         # Every prompt token exactly once (the span's prompt count includes the 1024
         # cached ones), reasoning tokens inside output, never added.
-        assert (uncached, cache_read, cache_write, output) == (176, 1024, 0, 80)
+        assert (uncached, cache_read, cache_write, output, reasoning) == (176, 1024, 0, 80, 30)
+        # The stored row joins the client's own trace.
+        assert event_id == f"otel-{trace_id}-{span_id}"
     (prompt, response), = set(clickhouse.rows("SELECT prompt, response FROM api_e2e.events FINAL"))
     assert "Capital of France?" in prompt and "Paris." in response

@@ -10,6 +10,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span as PbSpan, Status
 
+from connectors.ingest_api.app import parse_traceparent
 from connectors.ingest_api.otlp import (Span, SpanRejected, request_from_json, request_from_protobuf, span_to_event,
                                         spans_of, token_counts)
 from schemas.codec import EventCodec
@@ -37,19 +38,57 @@ def test_semconv_input_tokens_include_cache_so_cache_is_subtracted_once():
     assert tokens({"gen_ai.usage.input_tokens": 1200, "gen_ai.usage.output_tokens": 50,
                    "gen_ai.usage.cache_read.input_tokens": 1000,
                    "gen_ai.usage.cache_creation.input_tokens": 100}) == {
-        "input_tokens": 100, "output_tokens": 50, "cache_read_tokens": 1000, "cache_write_tokens": 100}
+        "input_tokens": 100, "output_tokens": 50, "cache_read_tokens": 1000, "cache_write_tokens": 100,
+        "reasoning_tokens": 0}
 
 
 def test_total_tokens_are_preserved_not_double_counted():
     counts = tokens({"gen_ai.usage.input_tokens": 5000, "gen_ai.usage.output_tokens": 7,
                      "gen_ai.usage.cache_read.input_tokens": 4096})
-    assert sum(counts.values()) == 5000 + 7
+    assert sum(counts.values()) - counts["reasoning_tokens"] == 5000 + 7
 
 
 def test_reasoning_tokens_are_inside_output_and_not_added():
     counts = tokens({"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 900,
                      "gen_ai.usage.reasoning.output_tokens": 800})
-    assert counts["output_tokens"] == 900
+    assert counts["output_tokens"] == 900 and counts["reasoning_tokens"] == 800
+
+
+@pytest.mark.parametrize("attributes", [
+    {"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 900, "gen_ai.usage.output_tokens.reasoning": 800},
+    {"gen_ai.usage.prompt_tokens": 10, "gen_ai.usage.completion_tokens": 900, "gen_ai.usage.reasoning_tokens": 800},
+    {"llm.token_count.prompt": 10, "llm.token_count.completion": 900,
+     "llm.token_count.completion_details.reasoning": 800},
+], ids=["sentry", "openllmetry", "openinference"])
+def test_reasoning_tokens_of_every_convention_are_shown_apart_inside_output(attributes):
+    counts = tokens(attributes)
+    assert (counts["input_tokens"], counts["output_tokens"], counts["reasoning_tokens"]) == (10, 900, 800)
+
+
+def test_output_smaller_than_its_reasoning_part_is_read_as_exclusive():
+    # 50 visible completion tokens cannot include 800 reasoning ones: the output billed is 850.
+    counts = tokens({"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 50,
+                     "gen_ai.usage.reasoning.output_tokens": 800})
+    assert (counts["output_tokens"], counts["reasoning_tokens"]) == (850, 800)
+
+
+def test_reasoning_of_another_convention_is_not_mixed_in():
+    counts = tokens({"gen_ai.usage.input_tokens": 10, "gen_ai.usage.output_tokens": 90,
+                     "llm.token_count.completion_details.reasoning": 60})
+    assert (counts["output_tokens"], counts["reasoning_tokens"]) == (90, 0)
+
+
+def test_negative_reasoning_count_names_the_attribute():
+    with pytest.raises(SpanRejected) as caught:
+        tokens({"gen_ai.usage.output_tokens": 9, "gen_ai.usage.reasoning.output_tokens": -1})
+    assert caught.value.field == "gen_ai.usage.reasoning.output_tokens"
+
+
+def test_span_trace_and_span_ids_are_the_events_trace_context():
+    event = span_to_event(genai_span({"gen_ai.usage.output_tokens": 9}), "acme", "eu")
+    assert (event["trace_id"], event["span_id"]) == (TRACE, SPAN)
+    checked = EventCodec(default_local_registry()).check(event, NOW_NS // 1_000_000)
+    assert (checked["trace_id"], checked["span_id"], checked["reasoning_tokens"]) == (TRACE, SPAN, 0)
 
 
 def test_prompt_smaller_than_its_cache_is_read_as_exclusive():
@@ -60,13 +99,15 @@ def test_prompt_smaller_than_its_cache_is_read_as_exclusive():
 
 def test_legacy_prompt_and_completion_tokens():
     assert tokens({"gen_ai.usage.prompt_tokens": 300, "gen_ai.usage.completion_tokens": 40}) == {
-        "input_tokens": 300, "output_tokens": 40, "cache_read_tokens": 0, "cache_write_tokens": 0}
+        "input_tokens": 300, "output_tokens": 40, "cache_read_tokens": 0, "cache_write_tokens": 0,
+        "reasoning_tokens": 0}
 
 
 def test_openinference_token_counts_with_cache_details():
     assert tokens({"llm.token_count.prompt": 1500, "llm.token_count.completion": 12,
                    "llm.token_count.total": 1512, "llm.token_count.prompt_details.cache_read": 1024}) == {
-        "input_tokens": 476, "output_tokens": 12, "cache_read_tokens": 1024, "cache_write_tokens": 0}
+        "input_tokens": 476, "output_tokens": 12, "cache_read_tokens": 1024, "cache_write_tokens": 0,
+        "reasoning_tokens": 0}
 
 
 def test_one_convention_only_when_a_span_carries_two():
@@ -213,3 +254,21 @@ def test_json_request_with_bad_ids_is_rejected():
         request_from_json({"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "xyz"}]}]}]})
     with pytest.raises(SpanRejected):
         request_from_json([1, 2])
+
+
+W3C_IDS = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
+
+
+@pytest.mark.parametrize("header,expected", [
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", W3C_IDS),
+    (" 00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-00 ", W3C_IDS),
+    ("01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future", W3C_IDS),
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", None),  # version 00 ends at the flags
+    ("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),
+    (f"00-{'0' * 32}-00f067aa0ba902b7-01", None),
+    (f"00-4bf92f3577b34da6a3ce929d0e0e4736-{'0' * 16}-01", None),
+    ("00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None),
+    ("not a traceparent", None),
+])
+def test_traceparent_header_parsing_follows_w3c_trace_context(header, expected):
+    assert parse_traceparent(header) == expected

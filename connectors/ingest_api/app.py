@@ -2,7 +2,8 @@
 per-request overhead is what bounds events/s).
 
 Routes: ``POST /v1/traces`` (OTLP/HTTP, protobuf or JSON, gzip/deflate), ``POST /v1/events``
-(gateway events as JSON: an object, an array or NDJSON), ``GET /healthz``, ``GET /readyz``,
+(gateway events as JSON: an object, an array or NDJSON; a W3C ``traceparent`` header gives
+its trace and span id to the events that carry none), ``GET /healthz``, ``GET /readyz``,
 ``GET /metrics``. Every response carries ``X-Request-Id`` (the client's, or a new one).
 
 HTTP semantics: 401 without a known key, 403 for a revoked key, 413 over the body limit
@@ -57,6 +58,8 @@ EVENTS = Counter("gatewatch_api_events", "Events (and GenAI spans) by outcome", 
 THROTTLED = Counter("gatewatch_api_throttled", "Requests refused with 429 while Kafka is behind")
 SPOOL_FULL = Counter("gatewatch_api_spool_full", "Requests refused with 503: the durable spool could not store an event")
 SPANS_DROPPED = Counter("gatewatch_api_spans_dropped", "OTLP spans that are not GenAI calls (counted, not stored)")
+BAD_TRACEPARENT = Counter("gatewatch_api_bad_traceparent",
+                          "Requests whose traceparent header was malformed (ignored, as W3C trace context says)")
 ORG_OVERRIDDEN = Counter("gatewatch_api_org_overridden", "Events whose body named another org than the API key's")
 REQUEST_SECONDS = Histogram("gatewatch_api_request_seconds", "Time to answer one request", ["route"],
                             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
@@ -65,6 +68,7 @@ PROTOBUF = "application/x-protobuf"
 JSON = "application/json"
 MAX_LISTED_REJECTIONS = 100
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:\-]{1,64}$")
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _FIELD_IN_REASON = re.compile(r"^(?:required field )?([A-Za-z_][A-Za-z0-9_.\[\]]*)")
 
 
@@ -125,6 +129,18 @@ def parse_events(body: bytes) -> list:
                 raise HttpError(400, f"NDJSON line {number} is not JSON: {exc}", field=f"line {number}") from None
         return items
     return document if isinstance(document, list) else [document]
+
+
+def parse_traceparent(header: str) -> tuple[str, str] | None:
+    """(trace id, parent span id) of a W3C ``traceparent`` header, or None when it is
+    malformed: version ff, all-zero ids, or anything after the flags of version 00."""
+    match = _TRACEPARENT.match(header.strip().lower())
+    if match is None:
+        return None
+    version, trace_id, span_id, _flags, rest = match.groups()
+    if version == "ff" or (version == "00" and rest) or not int(trace_id, 16) or not int(span_id, 16):
+        return None
+    return trace_id, span_id
 
 
 class IngestApp:
@@ -303,6 +319,7 @@ class IngestApp:
         with self._dead_lettered(request_id, key.org_id, body):
             items = parse_events(body)
         self._check_count(len(items))
+        trace_context = self._trace_context(headers, request_id)
         rejected, letters, candidates = [], [], []
         for index, item in enumerate(items):
             if not isinstance(item, dict):
@@ -318,6 +335,8 @@ class IngestApp:
                 item["region"] = key.region
             elif not item.get("region"):
                 item["region"] = self.config.default_region
+            if trace_context and item.get("trace_id") is None and item.get("span_id") is None:
+                item["trace_id"], item["span_id"] = trace_context
             candidates.append((index, item))
         outcomes = self._send_all([item for _index, item in candidates])
         accepted = outcomes.count(None)
@@ -345,6 +364,18 @@ class IngestApp:
         if rejected:
             body["rejected"] = rejected[:MAX_LISTED_REJECTIONS]
         return 200, JSON, orjson.dumps(body), ()
+
+    @staticmethod
+    def _trace_context(headers: dict, request_id: str) -> tuple[str, str] | None:
+        header = headers.get("traceparent")
+        if header is None:
+            return None
+        parsed = parse_traceparent(header)
+        if parsed is None:
+            BAD_TRACEPARENT.inc()
+            log.info("malformed traceparent header ignored (%d characters)", len(header),
+                     extra={"request_id": request_id})
+        return parsed
 
     async def traces(self, headers: dict, receive, request_id: str):
         key = self.authenticate(headers)

@@ -11,8 +11,12 @@ UNCACHED prompt tokens; cache reads and cache writes are separate, never inside 
 OpenTelemetry's ``gen_ai.usage.input_tokens`` (like OpenAI's ``prompt_tokens`` and
 OpenInference's ``llm.token_count.prompt``) INCLUDES ``cache_read`` and ``cache_creation``,
 so they are subtracted exactly once. Output tokens include reasoning tokens in every
-convention and in ours, so ``reasoning.output_tokens`` is never added. One naming
-convention is read per span (the first one present, newest first), never a sum of two.
+convention and in ours, so ``reasoning.output_tokens`` is never added: it becomes the
+event's ``reasoning_tokens``, the part of output shown apart (an output count smaller than
+its reasoning part cannot include it, and is taken as exclusive, like a prompt count
+smaller than its cache). One naming convention is read per span (the first one present,
+newest first), never a sum of two. The span's trace and span ids become the event's
+``trace_id``/``span_id``.
 """
 
 from __future__ import annotations
@@ -32,14 +36,19 @@ STATUS_ERROR = Status.STATUS_CODE_ERROR
 NS_PER_MS = 1_000_000
 
 # Token attribute names per convention, newest first: (input incl. cache, output incl.
-# reasoning, cache read, cache write).
+# reasoning, cache read, cache write, reasoning names (part of output)).
 TOKEN_CONVENTIONS = (
     ("semconv", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
-     "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_creation.input_tokens"),
+     "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_creation.input_tokens",
+     # the second spelling is Sentry's, the third OpenLLMetry's, both beside semconv names
+     ("gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.output_tokens.reasoning",
+      "gen_ai.usage.reasoning_tokens")),
     ("legacy", "gen_ai.usage.prompt_tokens", "gen_ai.usage.completion_tokens",
-     "gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_creation_input_tokens"),
+     "gen_ai.usage.cache_read_input_tokens", "gen_ai.usage.cache_creation_input_tokens",
+     ("gen_ai.usage.reasoning_tokens", "gen_ai.usage.completion_tokens_details.reasoning_tokens")),
     ("openinference", "llm.token_count.prompt", "llm.token_count.completion",
-     "llm.token_count.prompt_details.cache_read", "llm.token_count.prompt_details.cache_write"),
+     "llm.token_count.prompt_details.cache_read", "llm.token_count.prompt_details.cache_write",
+     ("llm.token_count.completion_details.reasoning",)),
 )
 # The requested name is the price table's key ("gpt-4o-mini"); the response's dated
 # snapshot ("gpt-4o-mini-2024-07-18") is the schema's model_version.
@@ -206,9 +215,19 @@ def _count(span: Span, name: str | None) -> int:
     return int(value)
 
 
+def _first_count(span: Span, names: tuple[str, ...]) -> int:
+    if span.get(*names) is None:  # the common case, in one call
+        return 0
+    for name in names:
+        if span.get(name) is not None:
+            return _count(span, name)
+    return 0
+
+
 def token_counts(span: Span) -> dict[str, int]:
-    """The span's usage as our four exclusive token kinds, each counted exactly once."""
-    for _convention, total_in, out, cache_read, cache_write in TOKEN_CONVENTIONS:
+    """The span's usage as our four exclusive token kinds, each counted exactly once, and
+    the reasoning part of the output."""
+    for _convention, total_in, out, cache_read, cache_write, reasoning_names in TOKEN_CONVENTIONS:
         if span.get(total_in, out, cache_read, cache_write) is None:
             continue
         prompt, read, write = _count(span, total_in), _count(span, cache_read), _count(span, cache_write)
@@ -218,9 +237,14 @@ def token_counts(span: Span) -> dict[str, int]:
             uncached = prompt
         else:
             uncached = prompt - read - write
-        return {"input_tokens": uncached, "output_tokens": _count(span, out),
-                "cache_read_tokens": read, "cache_write_tokens": write}
-    return {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0}
+        output, reasoning = _count(span, out), _first_count(span, reasoning_names)
+        if output < reasoning:
+            # Same reading for output: a count smaller than its reasoning part excludes it.
+            output += reasoning
+        return {"input_tokens": uncached, "output_tokens": output,
+                "cache_read_tokens": read, "cache_write_tokens": write, "reasoning_tokens": reasoning}
+    return {"input_tokens": 0, "output_tokens": 0, "cache_read_tokens": 0, "cache_write_tokens": 0,
+            "reasoning_tokens": 0}
 
 
 def _text_of_parts(parts: Any) -> list[str]:
@@ -373,4 +397,6 @@ def span_to_event(span: Span, org_id: str, region: str) -> dict | None:
         "prompt": prompt,
         "response": response,
         "conversation_id": _text(span, ("gen_ai.conversation.id", "session.id")),
+        "trace_id": span.trace_id,
+        "span_id": span.span_id,
     }
