@@ -123,7 +123,7 @@ def test_an_existing_deployment_moves_over_on_migration_and_first_refresh(tmp_pa
         rows = events(200, hours=24 * 20)
         client.insert_events(rows)
         monkeypatch.undo()
-        assert client.migrate(raw_ttl_days=30, aggregate_ttl_days=365) == ["050_usage_aggregates"]
+        assert client.migrate(raw_ttl_days=30, aggregate_ttl_days=365) == ["050_usage_aggregates", "060_model_daily"]
         assert refresh_aggregates(client) > 0
         assert totals(client) == want(rows)
         (create,), = client.rows("SELECT create_table_query FROM system.tables "
