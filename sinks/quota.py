@@ -88,6 +88,19 @@ local function month_tokens(month_key, day_prefix, last_day)
   end
   return total
 end
+
+-- Pending alerts for the thresholds (ARGV from index first on) that usage crossed from old to new.
+local function raise_alerts(pending_key, subject, tier, metric, period, limit, old, new, first)
+  if limit <= 0 then return end
+  for t = first, #ARGV do
+    local at = tonumber(ARGV[t]) * limit
+    if old < at and new >= at then
+      local id = subject .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
+      redis.call('HSETNX', pending_key, id, cjson.encode({alert_id = id, subject = subject, tier = tier,
+        metric = metric, period = period, threshold = tonumber(ARGV[t]), limit = limit, usage = new}))
+    end
+  end
+end
 """
 
 APPLY_WINDOW = _LIMITS_LUA + """
@@ -145,23 +158,26 @@ if bases then
   if not cutoff or cutoff < ARGV[14] then redis.call('ZADD', KEYS[10], 'NX', ARGV[15], due) end
 end
 local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
-local checks = {
-  {'requests_day', ARGV[8], rpd, requests_before, requests_before + added},
-  {'tokens_month', ARGV[9], tpm, month_before, month_before + total},
-}
-for _, check in ipairs(checks) do
-  local metric, period, limit, old, new = check[1], check[2], check[3], check[4], check[5]
-  if limit > 0 then
-    for t = 17, #ARGV do
-      local at = tonumber(ARGV[t]) * limit
-      if old < at and new >= at then
-        local id = ARGV[10] .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
-        redis.call('HSETNX', KEYS[9], id, cjson.encode({alert_id = id, subject = ARGV[10], tier = tier,
-          metric = metric, period = period, threshold = tonumber(ARGV[t]), limit = limit, usage = new}))
-      end
-    end
-  end
-end
+raise_alerts(KEYS[9], ARGV[10], tier, 'requests_day', ARGV[8], rpd, requests_before, requests_before + added, 17)
+raise_alerts(KEYS[9], ARGV[10], tier, 'tokens_month', ARGV[9], tpm, month_before, month_before + total, 17)
+return 1
+"""
+
+WRITE_BASE = _LIMITS_LUA + """
+-- KEYS: user month (the base), user tier, user limits, tiers, pending alerts
+-- ARGV: cutoff, expires at, default tier, month, subject, last day so far, requests, input, output, cache_read,
+--       cache_write, thresholds...
+-- A new base can carry the month over an alert threshold (usage Redis had left to the aggregates).
+local day_prefix = string.sub(KEYS[1], 1, -10) .. ':d:'
+local before = month_tokens(KEYS[1], day_prefix, ARGV[6])
+local tokens = 0
+for i = 8, 11 do tokens = tokens + tonumber(ARGV[i]) end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'cutoff', ARGV[1], 'requests', ARGV[7], 'tokens', tokens, 'input', ARGV[8],
+  'output', ARGV[9], 'cache_read', ARGV[10], 'cache_write', ARGV[11])
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+local tier, _rpd, tpm = limits(KEYS[2], KEYS[3], KEYS[4], ARGV[3])
+raise_alerts(KEYS[5], ARGV[5], tier, 'tokens_month', ARGV[4], tpm, before, month_tokens(KEYS[1], day_prefix, ARGV[6]), 12)
 return 1
 """
 
@@ -294,6 +310,7 @@ class QuotaStore:
         self.month_bases = month_bases
         self._apply = self.redis.register_script(APPLY_WINDOW)
         self._forget_due = self.redis.register_script(FORGET_DUE)
+        self._write_base = self.redis.register_script(WRITE_BASE)
 
     def publish_tiers(self, tiers: dict) -> None:
         """Store tier limits where the Lua scripts (and every gateway's QuotaClient) read them."""
@@ -364,12 +381,12 @@ class QuotaStore:
             if cutoff is None:
                 continue
             _day, month_key = usage_keys("user", user, day_ms(cutoff))
-            values = {kind: int(totals.get(kind, 0)) for kind in ("requests", *TOKEN_KINDS)}
-            values["tokens"] = sum(values[kind] for kind in TOKEN_KINDS)
-            pipe.delete(month_key)
-            pipe.hset(month_key, mapping={"cutoff": cutoff, **values})
             # Stale, and gone, with the cutoff day's counter: the user's next request marks a new one.
-            pipe.expireat(month_key, period_ends(day_ms(cutoff))[0] + self.period_margin_s)
+            expires = period_ends(day_ms(cutoff))[0] + self.period_margin_s
+            self._write_base(keys=[month_key, *tier_keys(user), PENDING_ALERTS_KEY],
+                             args=[cutoff, expires, self.default_tier, month, user, month_so_far(month, now),
+                                   *(int(totals.get(kind, 0)) for kind in ("requests", *TOKEN_KINDS)),
+                                   *self.alert_thresholds], client=pipe)
             written += 1
         pipe.execute()
         if bases:
