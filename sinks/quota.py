@@ -403,7 +403,8 @@ class QuotaStore:
 
     def usage(self, scope: str, ident: str, when_ms: int) -> dict[str, dict[str, int]]:
         """The day and month counters of when_ms; with a month base (or none yet, with month
-        bases on), the month is the base plus the day counters from its cutoff on."""
+        bases on), the month to date is the base plus the day counters from its cutoff through
+        when_ms's day."""
         day_key, month_key = usage_keys(scope, ident, when_ms)
         day = {k.decode(): int(v) for k, v in self.redis.hgetall(day_key).items()}
         month = {k.decode(): v.decode() for k, v in self.redis.hgetall(month_key).items()}
@@ -413,7 +414,7 @@ class QuotaStore:
         totals = {k: int(v) for k, v in month.items()}
         prefix = day_key[:-8]
         pipe = self.redis.pipeline(transaction=False)
-        for dd in range(int(cutoff[6:]), 32):
+        for dd in range(int(cutoff[6:]), int(periods(when_ms)[0][6:]) + 1):
             pipe.hgetall(f"{prefix}{cutoff[:6]}{dd:02d}")
         for counted in pipe.execute():
             for k, v in counted.items():
