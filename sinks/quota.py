@@ -422,7 +422,8 @@ class QuotaStore:
         return {"day": day, "month": totals}
 
     def total_tokens(self, scope: str = "user") -> int:
-        """Tokens over every monthly counter of a scope (for reconciliation)."""
+        """Tokens over every monthly counter of a scope (for reconciliation). With month bases
+        Redis holds only recently active users' months: reconcile with the aggregates instead."""
         total = 0
         for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*:m:*", count=1000):
             total += int(self.redis.hget(key, "tokens") or 0)
