@@ -108,3 +108,14 @@ def test_month_usage_before_sums_the_days_before_the_cutoff(clickhouse):
     assert {user: dict(t) for user, t in got.items() if any(t.values())} == \
         {user: {k: t[k] for k in ("requests", "input", "output", "cache_read", "cache_write")} for user, t in want.items()}
     assert month_usage_before(clickhouse, [], month, f"{cutoff:%Y%m%d}") == {}
+
+
+@pytest.mark.integration
+def test_a_pre_21_server_skips_the_aggregates_and_says_so(clickhouse_url, caplog):
+    server = ClickHouse(clickhouse_url, f"legacy_{uuid.uuid4().hex[:8]}")
+    if not server.legacy:
+        pytest.skip("GATEWATCH_TEST_CLICKHOUSE_URL points at a modern server: it runs the aggregates")
+    with caplog.at_level("WARNING", logger="sinks.clickhouse"):
+        assert "060_model_daily" not in server.migrate()
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert any(m.startswith("migration 060_model_daily skipped") and "ClickHouse 21" in m for m in skipped), skipped
