@@ -132,7 +132,8 @@ if ARGV[13] == '' then
   redis.call('HSET', KEYS[1], 'n', n)
   redis.call('EXPIREAT', KEYS[1], ARGV[6])
 else
-  -- A late event: once per event id in its month (the set lives as long as the month counter).
+  -- A late event: once per event id in its month (in its day with month bases): the set lives
+  -- as long as the counter it guards.
   if redis.call('SADD', KEYS[1], ARGV[13]) == 0 then return 0 end
   redis.call('EXPIREAT', KEYS[1], bases and ARGV[11] or ARGV[12])
   added = n
