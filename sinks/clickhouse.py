@@ -10,6 +10,7 @@ once), and every view reads those.
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import threading
 import time
@@ -43,6 +44,7 @@ FEEDBACK_SCHEMA = pa.schema([
     ("classification", pa.string()),
 ])
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "ops" / "migrations"
+log = logging.getLogger(__name__)
 
 _chdb_sessions: dict[str, object] = {}
 _chdb_lock = threading.Lock()
@@ -160,7 +162,11 @@ class ClickHouse:
         done = {r[0] for r in self.rows(f"SELECT name FROM {self.database}.schema_migrations")}
         applied = []
         for path in sorted(MIGRATIONS_DIR.glob("*.sql")):
-            if path.stem in done or (self.legacy and path.stem in LEGACY_SKIPPED):
+            if path.stem in done:
+                continue
+            if self.legacy and path.stem in LEGACY_SKIPPED:
+                log.warning("migration %s skipped: usage aggregates need ClickHouse 21 or newer; "
+                            "this server keeps the views over raw events", path.stem)
                 continue
             for statement in migration_statements(path, self.legacy):
                 self.execute(statement.format(db=self.database, raw_ttl_days=raw_ttl_days,
@@ -204,6 +210,17 @@ WHERE org_id IN ({orgs}) AND hour >= toDateTime({low}, 'UTC') AND hour < toDateT
 GROUP BY toDate(hour), org_id, user_id, model, region, experiment_id, variant
 """
 
+_MODEL_DAILY_FROM_DAILY = """
+INSERT INTO {db}.usage_model_daily
+SELECT day, org_id, model, uniqExact(user_id), sum(requests), sum(errors), sum(input_tokens), sum(output_tokens),
+    sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd), sum(latency_ms_sum),
+    quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_quantiles), now64(3)
+FROM {db}.usage_daily FINAL
+WHERE org_id IN ({orgs}) AND day >= toDate(toDateTime({low}, 'UTC')) AND day <= toDate(toDateTime({high}, 'UTC'))
+  AND (org_id, day) IN ({keys})
+GROUP BY day, org_id, model
+"""
+
 REFRESH_OVERLAP_S = 60
 """Rows whose insert began before a refresh may commit after it read: each refresh looks
 this far before the previous one's start (recomputing a key twice changes nothing)."""
@@ -239,6 +256,9 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     days = sorted({(org, int(hour) // 86400 * 86400, user) for org, hour, user in touched})
     for at in range(0, len(days), chunk):
         _recompute(client, _DAILY_FROM_HOURLY, days[at:at + chunk], 86400)
+    org_days = sorted({(org, day) for org, day, _user in days})
+    for at in range(0, len(org_days), chunk):
+        _recompute_model_days(client, org_days[at:at + chunk])
     client.execute(f"INSERT INTO {db}.aggregate_progress (name, through) "
                    f"SELECT 'usage', fromUnixTimestamp64Milli(toInt64({int(started)}), 'UTC')")
     return len(touched)
@@ -252,6 +272,33 @@ def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, s
     client.execute(template.format(
         db=client.database, columns=_AGGREGATE_COLUMNS,
         orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})), low=min(starts), high=max(starts) + span_s, keys=key_sql))
+
+
+def _recompute_model_days(client: "ClickHouse", org_days: list[tuple[str, int]]) -> None:
+    """The per-model rollup of whole org days: after their users' daily rows were recomputed."""
+    days = [day for _org, day in org_days]
+    client.execute(_MODEL_DAILY_FROM_DAILY.format(
+        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _day in org_days})),
+        low=min(days), high=max(days),
+        keys=", ".join(f"({sql_string(org)}, toDate(toDateTime({day}, 'UTC')))" for org, day in org_days)))
+
+
+def month_usage_before(client: "ClickHouse", users: list[tuple[str, str]], month: str,
+                       cutoff: str) -> dict[tuple[str, str], dict[str, int]]:
+    """Requests and tokens by kind of each (org, user) over the days of month (YYYYMM) before
+    cutoff (YYYYMMDD), from the daily aggregates: the month bases of sinks.quota."""
+    if not users:
+        return {}
+    first, end = f"toDate('{month[:4]}-{month[4:]}-01')", f"toDate('{cutoff[:4]}-{cutoff[4:6]}-{cutoff[6:]}')"
+    rows = client.rows(
+        f"SELECT org_id, user_id, sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
+        f"sum(cache_write_tokens) FROM {client.database}.usage_daily FINAL "
+        f"WHERE org_id IN ({', '.join(sorted({sql_string(org) for org, _user in users}))}) "
+        f"AND day >= {first} AND day < {end} "
+        f"AND (org_id, user_id) IN ({', '.join(f'({sql_string(o)}, {sql_string(u)})' for o, u in users)}) "
+        "GROUP BY org_id, user_id")
+    return {(org, user): dict(zip(("requests", "input", "output", "cache_read", "cache_write"), map(int, values)))
+            for org, user, *values in rows}
 
 
 def sql_string(value: str) -> str:

@@ -25,6 +25,18 @@ Bounded state (memory follows active users, not history):
 - A replay of raw events older than the window horizon cannot be told apart from new
   usage by these records; such a replay is restated instead: restate() writes absolute
   day/month totals (recomputed from the ClickHouse aggregates), which is idempotent.
+
+Month bases (QuotaStore(month_bases=True)): a live month counter per user lives until its
+month ends, so Redis grows with the users seen this month, not with those active now (a
+long tail of occasional users grows it every day). With month bases Redis instead counts
+only the days whose day counters are alive (yesterday and today) and keeps, per recently
+active user, a base: the absolute month-to-date totals of the days before a cutoff day,
+read from the ClickHouse daily aggregates (restate_month_bases). A user's month is then
+base + the day counters from the cutoff on, which splits the month at a day boundary, so
+no event is counted on both sides. Writing a base is idempotent (absolute totals). An
+event dated before yesterday is left to the aggregates: Redis does not count it and marks
+the user's base for a recomputation once the aggregates hold it. Every key then lives at
+most a couple of days after its user's last request.
 """
 
 from __future__ import annotations
@@ -51,6 +63,10 @@ PERIOD_MARGIN_S = 86400
 """Day and month counters outlive their period by this much (status, late alerts, reconciliation)."""
 TIERS_KEY = "gw:tiers"
 PENDING_ALERTS_KEY = "gw:alerts:pending"
+RESTATE_KEY = "gw:bases:due"
+"""Sorted set of 'org/user|YYYYMM' whose month base is missing or stale, scored by when marked."""
+RESTATE_DELAY_S = 120
+"""A base is recomputed this long after its mark, so the aggregates hold what Redis left to them."""
 
 # Limits of a user: its own override hash, else its tier's (tier from gw:tier:..., else the
 # default tier). -1 means unlimited.
@@ -64,15 +80,52 @@ local function limits(tier_key, override_key, tiers_key, default_tier)
   end
   return tier, limit('requests_per_day'), limit('tokens_per_month'), limit('overage_allowed')
 end
+
+-- A user's month tokens: a live month counter holds them all; a month base holds the days
+-- before its cutoff and the day counters from the cutoff through last_day (YYYYMMDD) the rest
+-- (no base yet: every day counter of the month that is still alive).
+local function month_tokens(month_key, day_prefix, last_day)
+  local base = redis.call('HMGET', month_key, 'cutoff', 'tokens')
+  local total = tonumber(base[2] or '0')
+  if not base[1] and base[2] then return total end
+  local first = base[1] and tonumber(string.sub(base[1], 7, 8)) or 1
+  local month = string.sub(last_day, 1, 6)
+  for d = first, tonumber(string.sub(last_day, 7, 8)) do
+    total = total + tonumber(redis.call('HGET', day_prefix .. month .. string.format('%02d', d), 'tokens') or '0')
+  end
+  return total
+end
+
+-- Pending alerts for the thresholds (ARGV from index first on) that usage crossed from old to new.
+local function raise_alerts(pending_key, subject, tier, metric, period, limit, old, new, first)
+  if limit <= 0 then return end
+  for t = first, #ARGV do
+    local at = tonumber(ARGV[t]) * limit
+    if old < at and new >= at then
+      local id = subject .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
+      redis.call('HSETNX', pending_key, id, cjson.encode({alert_id = id, subject = subject, tier = tier,
+        metric = metric, period = period, threshold = tonumber(ARGV[t]), limit = limit, usage = new}))
+    end
+  end
+end
 """
 
 APPLY_WINDOW = _LIMITS_LUA + """
--- KEYS: record, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts
+-- KEYS: record, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts,
+--       bases due
 -- ARGV: n, input, output, cache_read, cache_write, window record expires at, default tier, day, month, subject,
---       day expires at, month expires at, late event id ('' for a window total), thresholds...
+--       day expires at, month expires at (of the late set), late event id ('' for a window total),
+--       first counted day ('' with live month counters), now, last day of the month so far, thresholds...
 local kinds = {'input', 'output', 'cache_read', 'cache_write'}
 local n = tonumber(ARGV[1])
 local added, deltas, total = 0, {}, 0
+local bases = ARGV[14] ~= ''
+local due = ARGV[10] .. '|' .. ARGV[9]
+if bases and ARGV[8] < ARGV[14] then
+  -- Older than the day counters: the aggregates count it; recompute the base once they hold it.
+  redis.call('ZADD', KEYS[10], ARGV[15], due)
+  return 0
+end
 if ARGV[13] == '' then
   -- A window's running absolute totals: add what they hold beyond the record's.
   local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
@@ -86,50 +139,70 @@ if ARGV[13] == '' then
   redis.call('HSET', KEYS[1], 'n', n)
   redis.call('EXPIREAT', KEYS[1], ARGV[6])
 else
-  -- A late event: once per event id in its month (the set lives as long as the month counter).
+  -- A late event: once per event id in its month (in its day with month bases): the set lives
+  -- as long as the counter it guards.
   if redis.call('SADD', KEYS[1], ARGV[13]) == 0 then return 0 end
-  redis.call('EXPIREAT', KEYS[1], ARGV[12])
+  redis.call('EXPIREAT', KEYS[1], bases and ARGV[11] or ARGV[12])
   added = n
   for i = 1, 4 do deltas[i] = tonumber(ARGV[i + 1]) end
 end
 for i = 1, 4 do total = total + deltas[i] end
-local before = {}
+local requests_before = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
+local month_before = month_tokens(KEYS[3], string.sub(KEYS[2], 1, -9), ARGV[16])
 for k = 2, 5 do
-  before[k] = {tonumber(redis.call('HGET', KEYS[k], 'requests') or '0'), tonumber(redis.call('HGET', KEYS[k], 'tokens') or '0')}
-  redis.call('HINCRBY', KEYS[k], 'requests', added)
-  redis.call('HINCRBY', KEYS[k], 'tokens', total)
-  for i, kind in ipairs(kinds) do
-    redis.call('HINCRBY', KEYS[k], kind, deltas[i])
+  -- With month bases the user's month key is the base: the day counter carries the usage.
+  if not (bases and k == 3) then
+    redis.call('HINCRBY', KEYS[k], 'requests', added)
+    redis.call('HINCRBY', KEYS[k], 'tokens', total)
+    for i, kind in ipairs(kinds) do
+      redis.call('HINCRBY', KEYS[k], kind, deltas[i])
+    end
+    -- Counters live until their period ends plus a margin: memory follows active users.
+    redis.call('EXPIREAT', KEYS[k], (k % 2 == 0) and ARGV[11] or ARGV[12])
   end
-  -- Counters live until their period ends plus a margin: memory follows active users.
-  redis.call('EXPIREAT', KEYS[k], (k % 2 == 0) and ARGV[11] or ARGV[12])
+end
+if bases then
+  local cutoff = redis.call('HGET', KEYS[3], 'cutoff')
+  if not cutoff or cutoff < ARGV[14] then redis.call('ZADD', KEYS[10], 'NX', ARGV[15], due) end
 end
 local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
-local checks = {
-  {'requests_day', ARGV[8], rpd, before[2][1], before[2][1] + added},
-  {'tokens_month', ARGV[9], tpm, before[3][2], before[3][2] + total},
-}
-for _, check in ipairs(checks) do
-  local metric, period, limit, old, new = check[1], check[2], check[3], check[4], check[5]
-  if limit > 0 then
-    for t = 14, #ARGV do
-      local at = tonumber(ARGV[t]) * limit
-      if old < at and new >= at then
-        local id = ARGV[10] .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
-        redis.call('HSETNX', KEYS[9], id, cjson.encode({alert_id = id, subject = ARGV[10], tier = tier,
-          metric = metric, period = period, threshold = tonumber(ARGV[t]), limit = limit, usage = new}))
-      end
-    end
-  end
-end
+raise_alerts(KEYS[9], ARGV[10], tier, 'requests_day', ARGV[8], rpd, requests_before, requests_before + added, 17)
+raise_alerts(KEYS[9], ARGV[10], tier, 'tokens_month', ARGV[9], tpm, month_before, month_before + total, 17)
 return 1
+"""
+
+WRITE_BASE = _LIMITS_LUA + """
+-- KEYS: user month (the base), user tier, user limits, tiers, pending alerts
+-- ARGV: cutoff, expires at, default tier, month, subject, last day so far, requests, input, output, cache_read,
+--       cache_write, thresholds...
+-- A new base can carry the month over an alert threshold (usage Redis had left to the aggregates).
+local day_prefix = string.sub(KEYS[1], 1, -10) .. ':d:'
+local before = month_tokens(KEYS[1], day_prefix, ARGV[6])
+local tokens = 0
+for i = 8, 11 do tokens = tokens + tonumber(ARGV[i]) end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'cutoff', ARGV[1], 'requests', ARGV[7], 'tokens', tokens, 'input', ARGV[8],
+  'output', ARGV[9], 'cache_read', ARGV[10], 'cache_write', ARGV[11])
+redis.call('EXPIREAT', KEYS[1], ARGV[2])
+local tier, _rpd, tpm = limits(KEYS[2], KEYS[3], KEYS[4], ARGV[3])
+raise_alerts(KEYS[5], ARGV[5], tier, 'tokens_month', ARGV[4], tpm, before, month_tokens(KEYS[1], day_prefix, ARGV[6]), 12)
+return 1
+"""
+
+FORGET_DUE = """
+-- KEYS: bases due; ARGV: member, score read, ... (a member marked again since stays)
+for i = 1, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[i + 1]) then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+return 0
 """
 
 CHECK = _LIMITS_LUA + """
 -- KEYS: user tier, user limits, tiers, user day, user month; ARGV: default tier
 local tier, rpd, tpm, overage = limits(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 local requests = tonumber(redis.call('HGET', KEYS[4], 'requests') or '0')
-local tokens = tonumber(redis.call('HGET', KEYS[5], 'tokens') or '0')
+local tokens = month_tokens(KEYS[5], string.sub(KEYS[4], 1, -9), string.sub(KEYS[4], -8))
 local allowed = 1
 if rpd >= 0 and requests >= rpd then allowed = 0 end
 if tpm >= 0 and tokens >= tpm and overage ~= 1 then allowed = 0 end
@@ -152,9 +225,41 @@ def window_key(total: dict) -> str:
     return f"gw:win:{total['org_id']}/{total['user_id']}:{total['model']}:{total['window_start_ms']}"
 
 
-def late_key(total: dict) -> str:
-    """The set of late event ids already counted for a user in the month of the event."""
-    return f"gw:late:{total['org_id']}/{total['user_id']}:{periods(total['window_start_ms'])[1]}"
+def late_key(total: dict, per_day: bool = False) -> str:
+    """The set of late event ids already counted for a user in the month of the event (in its
+    day with month bases, where nothing older than the day counters is counted)."""
+    day, month = periods(total['window_start_ms'])
+    return f"gw:late:{total['org_id']}/{total['user_id']}:{day if per_day else month}"
+
+
+def day_string(when_s: float) -> str:
+    return f"{datetime.fromtimestamp(when_s, tz=timezone.utc):%Y%m%d}"
+
+
+def first_counted_day(now_s: float) -> str:
+    """With month bases, the oldest day whose usage Redis counts: yesterday (its counter
+    lives until today ends), so a base's cutoff is never older than that."""
+    return day_string(now_s - 86400)
+
+
+def day_ms(day: str) -> int:
+    """Epoch milliseconds of a day's (YYYYMMDD) midnight, UTC."""
+    return int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def month_so_far(month: str, now_s: float) -> str:
+    """The last day of a month (YYYYMM) that can hold usage at now_s, as YYYYMMDD."""
+    today = day_string(now_s)
+    return today if today.startswith(month) else f"{month}31"
+
+
+def base_cutoff(month: str, now_s: float) -> str | None:
+    """The cutoff day of a base written now: yesterday, or the 1st when the month began
+    today; None for a month that is over (nothing enforces it any more)."""
+    today = day_string(now_s)
+    if month != today[:6]:
+        return None
+    return max(first_counted_day(now_s), f"{month}01")
 
 
 def late_member(event_id: str) -> str:
@@ -174,17 +279,46 @@ def tier_keys(user: str) -> tuple[str, str, str]:
     return f"gw:tier:user:{user}", f"gw:limits:user:{user}", TIERS_KEY
 
 
+MonthTotals = Callable[[list[tuple[str, str]], str, str], dict[tuple[str, str], dict[str, int]]]
+"""(org, user) pairs, month YYYYMM, cutoff YYYYMMDD -> their totals over the month's days
+before the cutoff (requests and tokens by kind), e.g. sinks.clickhouse.month_usage_before."""
+
+
+def restate_month_bases(store: "QuotaStore", month_totals: MonthTotals, delay_s: float = RESTATE_DELAY_S,
+                        batch: int = 2000) -> int:
+    """Recompute the due month bases from the aggregates; return how many were written.
+    Run it periodically next to the quota sink (absolute totals: running it twice is harmless)."""
+    written = 0
+    while due := store.due_bases(delay_s, batch):
+        by_month: dict[str, list[tuple[str, str, float]]] = {}
+        for user, month, marked in due:
+            by_month.setdefault(month, []).append((user, month, marked))
+        bases = []
+        for month, entries in by_month.items():
+            cutoff = base_cutoff(month, store.clock())
+            pairs = [tuple(user.split("/", 1)) for user, _m, _at in entries]
+            totals = month_totals(pairs, month, cutoff) if cutoff else {}
+            bases += [(user, month, marked, totals.get(pair, {})) for (user, month, marked), pair in zip(entries, pairs)]
+        written += store.write_bases(bases)
+        if len(due) < batch:
+            break
+    return written
+
+
 class QuotaStore:
     def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0),
                  window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, month_bases: bool = False):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.default_tier = default_tier
         self.alert_thresholds = alert_thresholds
         self.window_ttl_s = int(window_ttl_s)
         self.period_margin_s = int(period_margin_s)
         self.clock = clock  # a benchmark replaying simulated days passes their clock
+        self.month_bases = month_bases
         self._apply = self.redis.register_script(APPLY_WINDOW)
+        self._forget_due = self.redis.register_script(FORGET_DUE)
+        self._write_base = self.redis.register_script(WRITE_BASE)
 
     def publish_tiers(self, tiers: dict) -> None:
         """Store tier limits where the Lua scripts (and every gateway's QuotaClient) read them."""
@@ -206,18 +340,20 @@ class QuotaStore:
         """Apply window totals and late adjustments (totals with an event_id) in one round
         trip; return how many changed a counter."""
         pipe = self.redis.pipeline(transaction=False)
+        now = self.clock()
         for total in totals:
             user = f"{total['org_id']}/{total['user_id']}"
             late_id = total.get("event_id")
-            record = late_key(total) if late_id else window_key(total)
+            record = late_key(total, self.month_bases) if late_id else window_key(total)
             day_end, month_end = period_ends(total["window_start_ms"])
+            day, month = periods(total["window_start_ms"])
             keys = [record, *usage_keys("user", user, total["window_start_ms"]),
                     *usage_keys("org", total["org_id"], total["window_start_ms"]),
-                    *tier_keys(user), PENDING_ALERTS_KEY]
-            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(self.clock()) + self.window_ttl_s,
-                    self.default_tier,
-                    *periods(total["window_start_ms"]), user, day_end + self.period_margin_s,
+                    *tier_keys(user), PENDING_ALERTS_KEY, RESTATE_KEY]
+            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(now) + self.window_ttl_s,
+                    self.default_tier, day, month, user, day_end + self.period_margin_s,
                     month_end + self.period_margin_s, late_member(late_id) if late_id else "",
+                    first_counted_day(now) if self.month_bases else "", int(now), month_so_far(month, now),
                     *self.alert_thresholds]
             self._apply(keys=keys, args=args, client=pipe)
         return sum(pipe.execute())
@@ -235,6 +371,37 @@ class QuotaStore:
             pipe.expireat(key, ends + self.period_margin_s)
         pipe.execute()
 
+    def due_bases(self, delay_s: float = RESTATE_DELAY_S, limit: int = 10_000) -> list[tuple[str, str, float]]:
+        """(org/user, YYYYMM, marked at) of the month bases to recompute, marked delay_s ago or earlier."""
+        due = self.redis.zrangebyscore(RESTATE_KEY, "-inf", self.clock() - delay_s, start=0, num=limit,
+                                       withscores=True)
+        return [(*member.decode().rsplit("|", 1), marked) for member, marked in due]
+
+    def write_bases(self, bases: list[tuple[str, str, float, dict[str, int]]]) -> int:
+        """Write month bases (org/user, YYYYMM, marked at, absolute totals of the month's days
+        before the cutoff, requests and tokens by kind, from the aggregates), cutoff per
+        base_cutoff; a mark made again since it was read stays due. Return how many written."""
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        written = 0
+        for user, month, _marked, totals in bases:
+            cutoff = base_cutoff(month, now)
+            if cutoff is None:
+                continue
+            _day, month_key = usage_keys("user", user, day_ms(cutoff))
+            # Stale, and gone, with the cutoff day's counter: the user's next request marks a new one.
+            expires = period_ends(day_ms(cutoff))[0] + self.period_margin_s
+            self._write_base(keys=[month_key, *tier_keys(user), PENDING_ALERTS_KEY],
+                             args=[cutoff, expires, self.default_tier, month, user, month_so_far(month, now),
+                                   *(int(totals.get(kind, 0)) for kind in ("requests", *TOKEN_KINDS)),
+                                   *self.alert_thresholds], client=pipe)
+            written += 1
+        pipe.execute()
+        if bases:
+            self._forget_due(keys=[RESTATE_KEY], args=[x for user, month, marked, _t in bases
+                                                       for x in (f"{user}|{month}", marked)])
+        return written
+
     def pending_alerts(self) -> list[dict]:
         return [json.loads(v) for v in self.redis.hvals(PENDING_ALERTS_KEY)]
 
@@ -243,12 +410,28 @@ class QuotaStore:
             self.redis.hdel(PENDING_ALERTS_KEY, *alert_ids)
 
     def usage(self, scope: str, ident: str, when_ms: int) -> dict[str, dict[str, int]]:
-        day, month = usage_keys(scope, ident, when_ms)
-        return {name: {k.decode(): int(v) for k, v in self.redis.hgetall(key).items()}
-                for name, key in (("day", day), ("month", month))}
+        """The day and month counters of when_ms; with a month base (or none yet, with month
+        bases on), the month to date is the base plus the day counters from its cutoff through
+        when_ms's day."""
+        day_key, month_key = usage_keys(scope, ident, when_ms)
+        day = {k.decode(): int(v) for k, v in self.redis.hgetall(day_key).items()}
+        month = {k.decode(): v.decode() for k, v in self.redis.hgetall(month_key).items()}
+        if "cutoff" not in month and (month or not self.month_bases):
+            return {"day": day, "month": {k: int(v) for k, v in month.items()}}
+        cutoff = month.pop("cutoff", None) or f"{periods(when_ms)[1]}01"
+        totals = {k: int(v) for k, v in month.items()}
+        prefix = day_key[:-8]
+        pipe = self.redis.pipeline(transaction=False)
+        for dd in range(int(cutoff[6:]), int(periods(when_ms)[0][6:]) + 1):
+            pipe.hgetall(f"{prefix}{cutoff[:6]}{dd:02d}")
+        for counted in pipe.execute():
+            for k, v in counted.items():
+                totals[k.decode()] = totals.get(k.decode(), 0) + int(v)
+        return {"day": day, "month": totals}
 
     def total_tokens(self, scope: str = "user") -> int:
-        """Tokens over every monthly counter of a scope (for reconciliation)."""
+        """Tokens over every monthly counter of a scope (for reconciliation). With month bases
+        Redis holds only recently active users' months: reconcile with the aggregates instead."""
         total = 0
         for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*:m:*", count=1000):
             total += int(self.redis.hget(key, "tokens") or 0)

@@ -10,6 +10,7 @@ settings (`ops.cli.options`) and calls the code that does the work elsewhere in 
     redact     redact
     dlq        dlq inspect|replay
     replay     replay, retention apply
+    compact    compact                         (sinks/parquet_compaction)
     privacy    forget, export, audit, vault read|rotate   (ops/privacy)
     api        serve, api-keys create|list|revoke
     deploy     deploy render
@@ -28,6 +29,7 @@ from ops.bench.redaction import redaction as bench_redaction
 from ops.bench.stages import stages as bench_stages
 from ops.bench.state import state as bench_state
 from ops.cli.api import api_keys, serve
+from ops.cli.compact import compact
 from ops.cli.deploy import deploy
 from ops.cli.dlq import dlq
 from ops.cli.loadgen import loadgen
@@ -62,6 +64,7 @@ cli.add_command(redact)
 cli.add_command(dlq)
 cli.add_command(replay)
 cli.add_command(retention)
+cli.add_command(compact)
 cli.add_command(forget)
 cli.add_command(export)
 cli.add_command(audit)
