@@ -431,9 +431,11 @@ class QuotaStore:
 
     def total_tokens(self, scope: str = "user") -> int:
         """Tokens over every monthly counter of a scope (for reconciliation). With month bases
-        Redis holds only recently active users' months: reconcile with the aggregates instead."""
+        there are no month counters: the day counters are summed instead, which holds all tokens
+        only while no event is older than yesterday (the rest is in the aggregates)."""
         total = 0
-        for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*:m:*", count=1000):
+        period = "d" if self.month_bases else "m"
+        for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*:{period}:*", count=1000):
             total += int(self.redis.hget(key, "tokens") or 0)
         return total
 
@@ -447,12 +449,13 @@ class QuotaWriter:
     sink = "quota"
 
     def __init__(self, store: QuotaStore, tiers: dict, alerts: TopicWriter, retry: Retry, dead_letters: DeadLetters,
-                 lateness_s: float):
+                 lateness_s: float, restate_bases: Callable[[], object] | None = None):
         self.store = store
         self.alerts = alerts
         self.retry = retry
         self.dead_letters = dead_letters
         self.lateness_s = lateness_s
+        self.restate_bases = restate_bases  # with month bases: restate_month_bases over the aggregates
         retry(self.sink, lambda: store.publish_tiers(tiers))
         retry("quota_alerts", self.deliver_alerts)
 
@@ -466,6 +469,8 @@ class QuotaWriter:
     def __call__(self, batches: list[list[dict]]) -> None:
         totals = [total for batch in batches for total in batch]
         self.retry(self.sink, lambda: self.store.apply(totals))
+        if self.restate_bases is not None:
+            self.retry("quota_bases", self.restate_bases)
         count_written(self.sink, len(totals))
         observe_freshness(self.sink, [t["window_start_ms"] + t["window_length_ms"] for t in totals], self.lateness_s)
         self.retry("quota_alerts", self.deliver_alerts)
