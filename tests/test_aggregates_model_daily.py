@@ -62,7 +62,7 @@ def test_an_existing_deployment_gets_its_rollup_on_migration(tmp_path, monkeypat
     before = tmp_path / "before_060"
     before.mkdir()
     for path in sorted(module.MIGRATIONS_DIR.glob("*.sql")):
-        if path.stem < "060":
+        if path.stem != "060_model_daily":  # the later migrations too: today's refresh needs their columns
             (before / path.name).write_text(path.read_text())
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing_md")
     try:
