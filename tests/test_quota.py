@@ -181,3 +181,39 @@ def test_an_idle_users_window_state_drop_never_loses_a_later_events_tokens(store
     logic.on_notify()
     run([event("c", first + 3000, 7)])
     assert store.usage("user", "o1/u1", first)["month"]["tokens"] == 121
+
+
+def test_closed_days_are_restated_and_their_month_keeps_the_open_days_live_counts(store):
+    from sinks.quota import RESTATE_KEY, day_string, first_open_day
+    now_s = WINDOW / 1000
+    if day_string(now_s)[6:] == "01":
+        pytest.skip("the 1st of the month has no closed day in its month")
+    today, yesterday = day_string(now_s), day_string(now_s - 86400)
+    store.apply([total(2, 100)])  # today, through the window records
+    usage = {"requests": 3, "input": 40, "output": 2}
+    for _ in range(2):  # absolute totals: a second restatement changes nothing
+        assert store.restate_closed_days({("user", "o1/u1", yesterday): usage},
+                                         {("user", "o1/u1", yesterday[:6] + "01"): usage}, open_from=today) == 2
+    counted = store.usage("user", "o1/u1", WINDOW)
+    assert counted["month"] == {"requests": 5, "tokens": 142, "input": 140, "output": 2, "cache_read": 0,
+                                "cache_write": 0}
+    assert store.usage("user", "o1/u1", WINDOW - 86_400_000)["day"]["tokens"] == 42
+    assert first_open_day(now_s, 1200) <= today
+    store.month_bases = True
+    store.restate_closed_days({}, {("user", "o1/u1", yesterday[:6] + "01"): usage}, open_from=today)
+    assert store.redis.zscore(RESTATE_KEY, f"o1/u1|{yesterday[:6]}") is not None
+
+
+def test_a_replay_splits_closed_days_from_open_ones():
+    from datetime import date
+
+    from dataflows.replay import closed_day_restatement, quota_split
+    assert quota_split(date(2026, 11, 1), date(2026, 11, 29), "20261129") == (
+        (date(2026, 11, 1), date(2026, 11, 28)), (date(2026, 11, 29), date(2026, 11, 29)))
+    assert quota_split(date(2026, 11, 29), date(2026, 11, 29), "20261129") == (None, (date(2026, 11, 29),) * 2)
+    assert quota_split(date(2026, 10, 1), date(2026, 10, 3), "20261129")[1] is None
+    usage = {("user", "o/u", "20261102"): {"requests": 1}, ("user", "o/u", "20261105"): {"requests": 2},
+             ("user", "o/v", "20261104"): {"requests": 4}}
+    days, months = closed_day_restatement(usage, "20261105", "20261105")
+    assert list(days) == [("user", "o/u", "20261105")]
+    assert {key: totals["requests"] for key, totals in months.items()} == {("user", "o/u", "20261101"): 3}
