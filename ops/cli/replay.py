@@ -51,7 +51,8 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
 
     Writes are idempotent (ClickHouse rows collapse by event_id, Redis takes window totals
     once, billing events keep their ids), so a replay gives the live run's numbers and a
-    second replay changes nothing."""
+    second replay changes nothing. Days older than the quota's window records are restated
+    from the aggregates instead of replayed into the quota."""
     from connectors.parquet_source import list_files
     from dataflows.replay import REPLAY_SINKS
     from ops.privacy.audit import audited
