@@ -180,7 +180,8 @@ class WindowTotals:
         """Forget the windows of an idle user (after a flush) but keep its watermark, so its
         next events are still classified against what the quota already counted."""
         if self.watermark_ms >= 0:
-            self.sealed_ms = max(self.sealed_ms, self.watermark_ms - self.watermark_ms % self.length_ms + self.length_ms)
+            watermark_window_end = self.watermark_ms - self.watermark_ms % self.length_ms + self.length_ms
+            self.sealed_ms = max(self.sealed_ms, watermark_window_end)
         self.windows.clear()
 
     def flush(self) -> list[dict]:

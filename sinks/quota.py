@@ -306,7 +306,9 @@ def first_open_day(now_s: float, horizon_s: float) -> str:
 def month_days(month: str, first: str, last: str) -> list[str]:
     """The days (YYYYMMDD) of a month (YYYYMM) from first through last."""
     start = max(first, f"{month}01")
-    return [f"{month}{d:02d}" for d in range(int(start[6:]), int(last[6:]) + 1)] if start[:6] == month <= last[:6] else []
+    if start[:6] != month or month > last[:6]:
+        return []
+    return [f"{month}{d:02d}" for d in range(int(start[6:]), int(last[6:]) + 1)]
 
 
 UsageByDay = dict[tuple[str, str, str], dict[str, int]]
@@ -433,7 +435,8 @@ class QuotaStore:
                 pipe.zadd(RESTATE_KEY, {f"{ident}|{month}": now - RESTATE_DELAY_S})
             else:
                 month_key = usage_keys(scope, ident, day_ms(day))[1]
-                open_days = [usage_keys(scope, ident, day_ms(d))[0] for d in month_days(month, open_from, month_so_far(month, now))]
+                open_days = [usage_keys(scope, ident, day_ms(d))[0]
+                             for d in month_days(month, open_from, month_so_far(month, now))]
                 pipe.eval(RESTATE_MONTH, 1 + len(open_days), month_key, *open_days, month_end + self.period_margin_s,
                           *(x for name, value in with_token_total(totals).items() for x in (name, int(value))))
             written += 1
