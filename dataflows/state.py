@@ -146,8 +146,15 @@ class WindowTotals:
     windows: dict[tuple[int, str], list[int]] = field(default_factory=dict)  # (start, model) -> [n, *tokens]
     dirty: set[tuple[int, str]] = field(default_factory=set)
 
+    sealed_ms: int = -1
+    """Windows that start before this were flushed and then forgotten while their user was
+    idle (retire): the quota still holds their records, so reopening one at n=1 would be
+    refused as not newer. Their events go out as late adjustments instead (class default:
+    snapshots taken before this field existed unpickle with it)."""
+
     def add(self, event: dict) -> tuple[int | None, bool]:
-        """Count the event; return (window it went to or None if refused as late, was_late)."""
+        """Count the event; return (window it went to, or None if it goes out as a late
+        adjustment or to the DLQ, was_late). (None, False) is an event of a retired window."""
         self.org_id, self.user_id = event["org_id"], event["user_id"]
         start = event["event_time"] - event["event_time"] % self.length_ms
         # Decided by event times alone (never by which windows happen to be in memory), so
@@ -157,6 +164,9 @@ class WindowTotals:
             if self.late_policy != "current":
                 return None, True
             start = self.watermark_ms - self.watermark_ms % self.length_ms
+        if start < self.sealed_ms:
+            self.watermark_ms = max(self.watermark_ms, event["event_time"])
+            return None, False
         key = (start, event["model"])
         totals = self.windows.setdefault(key, [0] * (1 + len(TOKEN_KINDS)))
         totals[0] += 1
@@ -165,6 +175,14 @@ class WindowTotals:
         self.dirty.add(key)
         self.watermark_ms = max(self.watermark_ms, event["event_time"])
         return start, late
+
+    def retire(self) -> None:
+        """Forget the windows of an idle user (after a flush) but keep its watermark, so its
+        next events are still classified against what the quota already counted."""
+        if self.watermark_ms >= 0:
+            watermark_window_end = self.watermark_ms - self.watermark_ms % self.length_ms + self.length_ms
+            self.sealed_ms = max(self.sealed_ms, watermark_window_end)
+        self.windows.clear()
 
     def flush(self) -> list[dict]:
         """Totals of every window changed since the last flush; forget windows past lateness."""
@@ -192,11 +210,19 @@ class UserWindows:
     next_flush_s: float | None = None
 
 
+RETIRED_FOR = 3
+"""An idle user's watermark is kept this many idle_s after its last event. The quota keeps
+a window's record twice the flow's horizon (idle_s) from its last write, a flush after the
+user's last event, so the third covers sink delays: until then a late event of the user
+is classified against its watermark, never reopens a window the quota already counted."""
+
+
 class WindowLogic(StatefulBatchLogic):
     """Keyed by bucket_of(org/user). Emits ("totals", [...]) every flush interval while
     something changed, and for late events at once either ("totals", [late_adjustment])
-    (policy "adjust", the default) or ("late", event) (policy "dlq"); forgets users idle
-    for idle_s."""
+    (policy "adjust", the default) or ("late", event) (policy "dlq"); an event of a window
+    forgotten while its user was idle is always an adjustment. Retires users idle for
+    idle_s (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s."""
 
     def __init__(self, state: UserWindows, flush_interval_s: float, idle_s: float,
                  clock: Callable[[], float] = time.time):
@@ -220,11 +246,13 @@ class WindowLogic(StatefulBatchLogic):
                 totals = self.state.users[user] = WindowTotals(
                     self.state.length_ms, self.state.lateness_ms, self.state.late_policy)
             totals.last_seen_s = now
-            if totals.add(event)[1]:
-                if self.state.late_policy == "adjust":
-                    adjustments.append(late_adjustment(event, self.state.length_ms))
-                else:
-                    late.append(("late", event))
+            window, was_late = totals.add(event)
+            if window is not None:
+                continue
+            if was_late and self.state.late_policy == "dlq":
+                late.append(("late", event))
+            else:
+                adjustments.append(late_adjustment(event, self.state.length_ms))
         if self.state.next_flush_s is None:
             self.state.next_flush_s = now + self.flush_interval_s
         return late + ([("totals", adjustments)] if adjustments else []), StatefulBatchLogic.RETAIN
@@ -232,9 +260,12 @@ class WindowLogic(StatefulBatchLogic):
     def _flush(self) -> list:
         now = self.clock()
         totals = [t for user in self.state.users.values() if user.dirty for t in user.flush()]
-        idle = [key for key, user in self.state.users.items() if now - user.last_seen_s >= self.idle_s]
-        for key in idle:
-            del self.state.users[key]
+        for key, user in list(self.state.users.items()):
+            idle_for = now - user.last_seen_s
+            if idle_for >= RETIRED_FOR * self.idle_s:
+                del self.state.users[key]
+            elif idle_for >= self.idle_s and user.windows:
+                user.retire()
         self.state.next_flush_s = now + self.flush_interval_s if self.state.users else None
         return [("totals", totals)] if totals else []
 

@@ -198,6 +198,23 @@ end
 return 0
 """
 
+RESTATE_MONTH = """
+-- KEYS: month counter, the day counters of the month's open days; ARGV: expires at, then name, value pairs:
+-- the absolute totals of the month's closed days (from the aggregates). The open days' usage is counted
+-- by the flow (their window records live) and read here in the same atomic step, so an increment the
+-- flow makes meanwhile is neither lost nor counted twice.
+local totals = {}
+for i = 2, #ARGV, 2 do totals[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for k = 2, #KEYS do
+  local held = redis.call('HGETALL', KEYS[k])
+  for i = 1, #held, 2 do totals[held[i]] = (totals[held[i]] or 0) + tonumber(held[i + 1]) end
+end
+redis.call('DEL', KEYS[1])
+for name, value in pairs(totals) do redis.call('HSET', KEYS[1], name, value) end
+redis.call('EXPIREAT', KEYS[1], ARGV[1])
+return 1
+"""
+
 CHECK = _LIMITS_LUA + """
 -- KEYS: user tier, user limits, tiers, user day, user month; ARGV: default tier
 local tier, rpd, tpm, overage = limits(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
@@ -279,6 +296,25 @@ def tier_keys(user: str) -> tuple[str, str, str]:
     return f"gw:tier:user:{user}", f"gw:limits:user:{user}", TIERS_KEY
 
 
+def first_open_day(now_s: float, horizon_s: float) -> str:
+    """The oldest day (YYYYMMDD) that ended less than horizon_s ago (or has not ended): the flow
+    may still hold, and the quota still remember, windows of it. Older days are closed: a
+    replay of them is restated from the aggregates instead of counted again."""
+    return day_string(now_s - horizon_s)
+
+
+def month_days(month: str, first: str, last: str) -> list[str]:
+    """The days (YYYYMMDD) of a month (YYYYMM) from first through last."""
+    start = max(first, f"{month}01")
+    if start[:6] != month or month > last[:6]:
+        return []
+    return [f"{month}{d:02d}" for d in range(int(start[6:]), int(last[6:]) + 1)]
+
+
+UsageByDay = dict[tuple[str, str, str], dict[str, int]]
+"""(scope 'user' or 'org', org/user or org, YYYYMMDD) -> requests and tokens by kind."""
+
+
 MonthTotals = Callable[[list[tuple[str, str]], str, str], dict[tuple[str, str], dict[str, int]]]
 """(org, user) pairs, month YYYYMM, cutoff YYYYMMDD -> their totals over the month's days
 before the cutoff (requests and tokens by kind), e.g. sinks.clickhouse.month_usage_before."""
@@ -303,6 +339,12 @@ def restate_month_bases(store: "QuotaStore", month_totals: MonthTotals, delay_s:
         if len(due) < batch:
             break
     return written
+
+
+def with_token_total(totals: dict[str, int]) -> dict[str, int]:
+    """Counters hold requests, tokens by kind and their sum, 'tokens'."""
+    return {"requests": int(totals.get("requests", 0)), "tokens": sum(int(totals.get(k, 0)) for k in TOKEN_KINDS),
+            **{kind: int(totals.get(kind, 0)) for kind in TOKEN_KINDS}}
 
 
 class QuotaStore:
@@ -370,6 +412,42 @@ class QuotaStore:
             pipe.hset(key, mapping={name: int(value) for name, value in values.items()})
             pipe.expireat(key, ends + self.period_margin_s)
         pipe.execute()
+
+    def restate_closed_days(self, days: UsageByDay, months: UsageByDay, open_from: str) -> int:
+        """Write absolute totals for closed days (before open_from, from the aggregates): the day
+        counters of days, and the month counters of months (keyed by any day of the month,
+        totals of its closed days), plus the live counters of its open days. With month bases,
+        a user's month is a base: it is marked due, for restate_month_bases. Return the keys written."""
+        now = self.clock()
+        pipe = self.redis.pipeline(transaction=False)
+        written = 0
+        for (scope, ident, day), totals in days.items():
+            day_end, _month_end = period_ends(day_ms(day))
+            if day < open_from and day_end + self.period_margin_s > now:
+                self.restate_day(pipe, scope, ident, day, totals)
+                written += 1
+        for (scope, ident, day), totals in months.items():
+            month = day[:6]
+            _day_end, month_end = period_ends(day_ms(day))
+            if month_end + self.period_margin_s <= now:
+                continue
+            if self.month_bases and scope == "user":
+                pipe.zadd(RESTATE_KEY, {f"{ident}|{month}": now - RESTATE_DELAY_S})
+            else:
+                month_key = usage_keys(scope, ident, day_ms(day))[1]
+                open_days = [usage_keys(scope, ident, day_ms(d))[0]
+                             for d in month_days(month, open_from, month_so_far(month, now))]
+                pipe.eval(RESTATE_MONTH, 1 + len(open_days), month_key, *open_days, month_end + self.period_margin_s,
+                          *(x for name, value in with_token_total(totals).items() for x in (name, int(value))))
+            written += 1
+        pipe.execute()
+        return written
+
+    def restate_day(self, pipe, scope: str, ident: str, day: str, totals: dict[str, int]) -> None:
+        day_key = usage_keys(scope, ident, day_ms(day))[0]
+        pipe.delete(day_key)
+        pipe.hset(day_key, mapping={name: int(value) for name, value in with_token_total(totals).items()})
+        pipe.expireat(day_key, period_ends(day_ms(day))[0] + self.period_margin_s)
 
     def due_bases(self, delay_s: float = RESTATE_DELAY_S, limit: int = 10_000) -> list[tuple[str, str, float]]:
         """(org/user, YYYYMM, marked at) of the month bases to recompute, marked delay_s ago or earlier."""

@@ -309,3 +309,48 @@ def test_forget_erases_the_user_from_recovery_snapshots(tmp_path):
     # A batch still pending at the snapshot (this flow's batches were flushed at its end).
     pending, removed = recovery.without_user(list(events), subject.holds)
     assert removed and {e["user_id"] for e in pending} == {"keep-me-7"} and len(pending) == 3
+
+
+def test_forget_leaves_no_late_ids_restate_marks_or_model_rollup_counts(redis_url, tmp_path):
+    """The keys and rows derived from a user's usage go with the user: its late-event id sets,
+    its month-base restate marks, and its share of the per-model daily rollup (which has no
+    user_id column, so it is rolled up again from the remaining users)."""
+    import time
+
+    from sinks.clickhouse import refresh_aggregates
+    from sinks.quota import RESTATE_KEY, periods
+    from tests.test_aggregates import events
+    from tests.test_aggregates_model_daily import from_events
+
+    client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", f"gdpr_{uuid.uuid4().hex[:8]}")
+    client.migrate()
+    rows = events(400, seed=11, hours=30)
+    client.insert_events(rows)
+    refresh_aggregates(client)
+    org, user = Counter((r["org_id"], r["user_id"]) for r in rows).most_common(1)[0][0]
+    others = [r for r in rows if (r["org_id"], r["user_id"]) != (org, user)]
+    gdpr.forget_clickhouse(client, gdpr.Subject(user, org))
+    rollup = Counter({(day, o, model): requests for day, o, model, requests in client.rows(
+        f"SELECT day, org_id, model, sum(requests) FROM {client.database}.usage_model_daily FINAL "
+        "GROUP BY day, org_id, model")})
+    assert +rollup == +from_events(others)
+    close_chdb()
+
+    quota = QuotaStore(redis_url.rsplit("/", 1)[0] + "/7", month_bases=True)
+    quota.redis.flushdb()
+    now_ms = int(time.time() * 1000)
+    late = {"org_id": org, "user_id": user, "model": "m", "window_start_ms": now_ms, "window_length_ms": 60_000,
+            "n": 1, "input": 5, "output": 0, "cache_read": 0, "cache_write": 0, "event_id": "late-1"}
+    other = {**late, "user_id": "someone-else", "event_id": "late-2"}
+    assert quota.apply([late, other]) == 2
+    month = periods(now_ms)[1]
+    assert quota.redis.zscore(RESTATE_KEY, f"{org}/{user}|{month}") is not None
+    subject = gdpr.Subject(user, org)
+    held = gdpr.redis_keys(quota.redis, subject)
+    assert gdpr.restate_marks_of(quota.redis, subject) == [f"{org}/{user}|{month}"]
+    assert any(key.startswith(f"gw:late:{org}/{user}:") for key in held)
+    gdpr.forget_redis(quota.redis, subject, held)
+    assert gdpr.redis_keys(quota.redis, subject) == []
+    assert quota.redis.zscore(RESTATE_KEY, f"{org}/{user}|{month}") is None
+    assert quota.redis.zscore(RESTATE_KEY, f"{org}/someone-else|{month}") is not None
+    assert quota.redis.keys(f"gw:late:{org}/someone-else:*")

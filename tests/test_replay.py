@@ -28,25 +28,28 @@ from tests.processes import run_cli
 
 
 
-@pytest.fixture(scope="module")
-def live(kafka_bootstrap, flow_topics_env, redis_url, tmp_path_factory):
-    """A live ingest run with duplicates and late events, over two event dates."""
-    root = tmp_path_factory.mktemp("replay")
+def live_run(flow_topics_env, kafka_bootstrap, root, redis_db: int, redis_url: str, now_ms: int | None = None):
+    """A live ingest run with duplicates and late events (dated at now_ms, default the wall clock)."""
     env = {
         **flow_topics_env(3),
         "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_PARQUET__MAX_ROWS": "300",
         "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "live",
-        "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/3",
+        "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + f"/{redis_db}",
     }
     settings = load_settings(environ=env, use_service_state=False)
     QuotaStore(settings.redis.url).redis.flushdb()
     codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
     messages = generate(codec, 2500, dup_ratio=0.08, bad_ratio=0.02, users=60, seed=21, late_ratio=0.03,
-                        lateness_ms=int(settings.windows.allowed_lateness_s * 1000), keep_events=True)
+                        lateness_ms=int(settings.windows.allowed_lateness_s * 1000), keep_events=True, now_ms=now_ms)
     expected = produce(kafka_bootstrap, settings.kafka.events_topic, messages, 2500)
     run_main(build_flow(settings))
     close_chdb()
     return env, settings, expected
+
+
+@pytest.fixture(scope="module")
+def live(kafka_bootstrap, flow_topics_env, redis_url, tmp_path_factory):
+    return live_run(flow_topics_env, kafka_bootstrap, tmp_path_factory.mktemp("replay"), 3, redis_url)
 
 
 def numbers(settings, expected) -> dict:
@@ -189,3 +192,24 @@ def test_a_finished_replay_run_again_with_its_recovery_dir_reads_nothing(live, t
     again = replay(resumed_env, *span)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads(again.stdout.splitlines()[-1])["rows"] == 0
+
+
+def test_a_replay_after_the_window_records_expired_counts_nothing_twice(kafka_bootstrap, flow_topics_env, redis_url,
+                                                                       tmp_path):
+    """Yesterday's window records are gone (they live twice the flow's horizon): a replay of
+    yesterday restates its day and month counters from the aggregates instead of counting
+    its windows again."""
+    yesterday = datetime.now(timezone.utc).date() - timedelta(days=1)
+    noon_ms = int(datetime(yesterday.year, yesterday.month, yesterday.day, 12, tzinfo=timezone.utc).timestamp() * 1000)
+    env, settings, expected = live_run(flow_topics_env, kafka_bootstrap, tmp_path, 8, redis_url, now_ms=noon_ms)
+    before = numbers(settings, expected)["quota"]
+    assert before
+    redis_client = QuotaStore(settings.redis.url).redis
+    expired = list(redis_client.scan_iter(match="gw:win:*", count=1000))
+    assert expired
+    redis_client.delete(*expired)
+    for _ in range(2):
+        result = replay(env, "--from", str(yesterday), "--to", str(yesterday))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout.splitlines()[-1])["quota_restated"] > 0
+        assert numbers(settings, expected)["quota"] == before

@@ -102,7 +102,10 @@ def test_window_logic_flushes_on_timer_and_drops_idle_users():
     assert emitted[0] == "totals" and sorted((t["user_id"], t["n"]) for t in emitted[1]) == [("u1", 2), ("u2", 1)]
     assert retain == WindowLogic.RETAIN
     assert logic.on_notify() == ([], WindowLogic.RETAIN)
-    clock.now += 31
+    clock.now += 31  # idle: windows forgotten, the watermark kept for late events
+    assert logic.on_notify() == ([], WindowLogic.RETAIN)
+    assert [(u.windows, u.watermark_ms) for u in logic.state.users.values()] == [({}, 60_000), ({}, 60_000)]
+    clock.now += 60
     assert logic.on_notify() == ([], WindowLogic.DISCARD)
 
 
@@ -133,3 +136,27 @@ def test_late_events_become_adjustments_of_their_own_window_by_default():
     assert [(t["window_start_ms"], t["n"], "event_id" in t) for t in totals] == [(600_000, 1, False)]
     from ops.settings import WindowSettings
     assert WindowTotals(60_000, 60_000).late_policy == WindowSettings().late_policy == "adjust"
+
+
+def test_an_event_of_a_window_forgotten_while_idle_is_an_adjustment_whatever_the_policy():
+    clock = Clock()
+    logic = WindowLogic(UserWindows(60_000, 600_000, "dlq"), flush_interval_s=2, idle_s=30, clock=clock)
+    logic.on_batch([event("a", t=60_000)])
+    clock.now += 31
+    assert [t["n"] for t in logic.on_notify()[0][0][1]] == [1]
+    clock.now += 31
+    assert logic.on_notify() == ([], WindowLogic.RETAIN)
+    # Within lateness of the user's last event, but its window's record is in the quota already.
+    out, _ = logic.on_batch([event("b", t=61_000), event("c", t=180_000)])
+    assert [(kind, [(t["event_id"], t["n"]) for t in totals]) for kind, totals in out] == [("totals", [("b", 1)])]
+    assert [(t["window_start_ms"], t["n"]) for t in logic.on_notify()[0][0][1]] == [(180_000, 1)]
+
+
+def test_window_snapshots_from_before_retirement_resume():
+    import pickle
+    old = UserWindows(60_000, 600_000, "adjust")
+    old.users["o1/u1"] = WindowTotals(60_000, 600_000, org_id="o1", user_id="u1", watermark_ms=60_000)
+    del old.users["o1/u1"].__dict__["sealed_ms"]  # how a snapshot of the previous release unpickles
+    resumed = WindowLogic.build(lambda: None, 2, 30, pickle.dumps(old))
+    assert resumed.state.users["o1/u1"].sealed_ms == -1
+    assert resumed.on_batch([event("b", t=61_000)])[0] == []

@@ -6,6 +6,7 @@ import json
 import threading
 import time
 from datetime import date
+from pathlib import Path
 
 import click
 from prometheus_client import REGISTRY
@@ -50,10 +51,10 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
 
     Writes are idempotent (ClickHouse rows collapse by event_id, Redis takes window totals
     once, billing events keep their ids), so a replay gives the live run's numbers and a
-    second replay changes nothing."""
+    second replay changes nothing. Days older than the quota's window records are restated
+    from the aggregates instead of replayed into the quota."""
     from connectors.parquet_source import list_files
     from dataflows.replay import REPLAY_SINKS
-    from ops.launch import build_replay
     from ops.privacy.audit import audited
 
     first, last = first.date(), last.date()
@@ -78,13 +79,12 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
             return
         if not files:
             raise click.ClickException(f"no raw Parquet for {first}..{last} under {settings.parquet.root}")
-        flow = build_replay(settings, first, last, region)
         started = time.monotonic()
         stop = threading.Event()
         reporter = threading.Thread(target=_progress, args=(len(files), total_rows, started, stop), daemon=True)
         reporter.start()
         try:
-            run_here(flow, workers, recovery_dir, settings.recovery.snapshot_interval_s)
+            restated = replay_runs(settings, first, last, region, workers, recovery_dir)
         finally:
             stop.set()
             reporter.join()
@@ -92,7 +92,36 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
         click.echo(progress_text(len(files), total_rows, started), err=True)
         rows = replayed()[1]
         click.echo(json.dumps({"files": len(files), "rows": rows, "sinks": sinks, "seconds": round(seconds, 2),
-                               "rows_per_s": round(rows / seconds, 1)}))
+                               "rows_per_s": round(rows / seconds, 1), "quota_restated": restated}))
+
+
+def replay_runs(settings, first: date, last: date, region: str | None, workers: int, recovery_dir: str | None) -> int:
+    """Run the replay; return the quota counters restated. Days older than the quota's window
+    records (closed) skip the quota sink and are restated from the aggregates afterwards, so
+    a replay after the records expired does not count them twice; the open days run after
+    them through every sink (resuming from a sub-directory of --recovery-dir)."""
+    from dataflows.replay import quota_split, restate_closed_quota
+    from ops.launch import build_replay
+    from sinks.quota import QuotaStore, first_open_day
+
+    if "quota" not in settings.sinks:
+        run_here(build_replay(settings, first, last, region), workers, recovery_dir,
+                 settings.recovery.snapshot_interval_s)
+        return 0
+    windows, quota = settings.windows, settings.quota
+    record_ttl_s = 2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
+    store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
+                       window_ttl_s=record_ttl_s, month_bases=quota.month_bases)
+    open_from = first_open_day(store.clock(), record_ttl_s)
+    closed, opened = quota_split(first, last, open_from)
+    others = [sink for sink in settings.sinks if sink != "quota"]
+    if closed and others:
+        run_here(build_replay(settings.model_copy(update={"sinks": others}), *closed, region), workers,
+                 recovery_dir, settings.recovery.snapshot_interval_s)
+    if opened:
+        run_here(build_replay(settings, *opened, region), workers,
+                 recovery_dir and str(Path(recovery_dir) / "open-days"), settings.recovery.snapshot_interval_s)
+    return restate_closed_quota(settings, store, *closed, open_from) if closed else 0
 
 
 @click.group()

@@ -21,15 +21,17 @@ import redis
 from ops import recovery
 from ops.privacy import vault
 from sinks.audit_log import user_hash
-from sinks.clickhouse import ClickHouse, sql_string
+from sinks.clickhouse import ClickHouse, _recompute_model_days, sql_string
 from sinks.parquet import ParquetStore
-from sinks.quota import PENDING_ALERTS_KEY
+from sinks.quota import PENDING_ALERTS_KEY, RESTATE_KEY
 
 USER_TABLES = ("events", "audit_log", "feedback")
 """Tables with a user_id column; every view is computed from events or the aggregates. All
 are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
 AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
 """Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
+ROLLUP_TABLE = "usage_model_daily"
+"""Per (day, org, model), no user_id: the org days the user was in are rolled up again without it."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,8 @@ class Subject:
 
     def redis_patterns(self) -> list[str]:
         ident = f"{glob_escape(self.org_id) if self.org_id is not None else '*'}/{glob_escape(self.user_id)}"
-        return [f"gw:usage:user:{ident}:*", f"gw:win:{ident}:*", f"gw:tier:user:{ident}", f"gw:limits:user:{ident}"]
+        return [f"gw:usage:user:{ident}:*", f"gw:win:{ident}:*", f"gw:late:{ident}:*", f"gw:tier:user:{ident}",
+                f"gw:limits:user:{ident}"]
 
     def pseudonym(self, key: bytes) -> str:
         """What the access audit records instead of the user id it must not keep."""
@@ -77,6 +80,8 @@ class Found:
     """{file path: rows of the user}"""
     redis_keys: list[str] = field(default_factory=list)
     pending_alerts: int = 0
+    restate_marks: int = 0
+    """The user's month bases due for a recomputation (gw:bases:due members)."""
     recovery: dict[str, int] = field(default_factory=dict)
     """{recovery partition file: snapshots holding the user}"""
     vault_keys: int = 0
@@ -85,13 +90,14 @@ class Found:
     def summary(self) -> dict:
         return {"clickhouse_rows": self.clickhouse, "parquet_files": len(self.parquet),
                 "parquet_rows": sum(self.parquet.values()), "redis_keys": len(self.redis_keys),
-                "pending_alerts": self.pending_alerts, "recovery_snapshots": sum(self.recovery.values()),
+                "pending_alerts": self.pending_alerts, "restate_marks": self.restate_marks,
+                "recovery_snapshots": sum(self.recovery.values()),
                 "vault_keys": self.vault_keys}
 
     @property
     def empty(self) -> bool:
         return not (any(self.clickhouse.values()) or self.parquet or self.redis_keys or self.pending_alerts
-                    or any(self.recovery.values()) or self.vault_keys)
+                    or self.restate_marks or any(self.recovery.values()) or self.vault_keys)
 
 
 # -- ClickHouse ---------------------------------------------------------------------------
@@ -112,14 +118,34 @@ def clickhouse_count(client: ClickHouse, table: str, subject: Subject) -> int:
 
 
 def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 120) -> dict[str, int]:
-    """Delete the subject's rows from every user table and wait until the deletes are done."""
+    """Delete the subject's rows from every user table and wait until the deletes are done;
+    then roll the org days it was in up again without it."""
     removed = {}
     aggregates = [table for table in AGGREGATE_TABLES if "user_id" in client.columns(table)]
+    org_days = rolled_up_days(client, subject) if "usage_daily" in aggregates and client.columns(ROLLUP_TABLE) else []
     for table in [*clickhouse_tables(client), *aggregates]:
         count = clickhouse_count(client, table, subject)
         if count:
             client.execute(f"ALTER TABLE {client.database}.{table} DELETE WHERE {subject.sql()}")
         removed[f"{client.database}.{table}"] = count
+    wait_for_mutations(client, timeout_s)
+    if org_days:
+        # A key whose only user was the subject gets no new row from the rollup: its old row goes first.
+        keys = ", ".join(f"({sql_string(org)}, toDate(toDateTime({day}, 'UTC')))" for org, day in org_days)
+        client.execute(f"ALTER TABLE {client.database}.{ROLLUP_TABLE} DELETE WHERE (org_id, day) IN ({keys})")
+        wait_for_mutations(client, timeout_s)
+        _recompute_model_days(client, org_days)
+    return removed
+
+
+def rolled_up_days(client: ClickHouse, subject: Subject) -> list[tuple[str, int]]:
+    """(org, day midnight epoch s) of the subject's daily aggregates."""
+    return [(org, int(day)) for org, day in client.rows(
+        f"SELECT DISTINCT org_id, toUnixTimestamp(toDateTime(day, 'UTC')) FROM {client.database}.usage_daily "
+        f"WHERE {subject.sql()} ORDER BY 1, 2")]
+
+
+def wait_for_mutations(client: ClickHouse, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     # Mutations run in the background on every version; pre-21 servers have no mutations_sync.
     while client.rows(f"SELECT count() FROM system.mutations WHERE database = {sql_string(client.database)} "
@@ -127,7 +153,6 @@ def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 1
         if time.monotonic() > deadline:
             raise TimeoutError(f"ClickHouse deletes in {client.database} did not finish in {timeout_s:.0f} s")
         time.sleep(0.2)
-    return removed
 
 
 # -- Parquet ------------------------------------------------------------------------------
@@ -164,6 +189,24 @@ def redis_keys(client: redis.Redis, subject: Subject) -> list[str]:
     return sorted(keys)
 
 
+def restate_marks_of(client: redis.Redis, subject: Subject) -> list[str]:
+    """The subject's members ('org/user|YYYYMM') of the month bases due for a recomputation."""
+    return [member.decode() for member, _score in client.zscan_iter(RESTATE_KEY, count=1000)
+            if subject.is_subject(member.decode().rsplit("|", 1)[0])]
+
+
+def forget_redis(client: redis.Redis, subject: Subject, keys: list[str]) -> None:
+    """Delete the subject's keys (found by redis_keys), pending alerts and restate marks."""
+    if keys:
+        client.delete(*keys)
+    alerts = pending_alerts_of(client, subject)
+    if alerts:
+        client.hdel(PENDING_ALERTS_KEY, *alerts)
+    marks = restate_marks_of(client, subject)
+    if marks:
+        client.zrem(RESTATE_KEY, *marks)
+
+
 def pending_alerts_of(client: redis.Redis, subject: Subject) -> dict[str, dict]:
     alerts = {k.decode(): json.loads(v) for k, v in client.hgetall(PENDING_ALERTS_KEY).items()}
     return {alert_id: alert for alert_id, alert in alerts.items() if subject.is_subject(alert["subject"])}
@@ -174,7 +217,9 @@ def redis_export(client: redis.Redis, keys: list[str]) -> dict[str, dict]:
     for key in keys:
         kind = client.type(key).decode()
         value = client.hgetall(key) if kind == "hash" else client.get(key) if kind == "string" else None
-        if isinstance(value, dict):
+        if kind == "set":  # late-event ids, as 12-byte hashes
+            value = sorted(member.decode() for member in client.smembers(key))
+        elif isinstance(value, dict):
             value = {k.decode(): v.decode() for k, v in value.items()}
         elif isinstance(value, bytes):
             value = value.decode()
@@ -199,6 +244,7 @@ def find(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> Fo
     client = redis.Redis.from_url(settings.redis.url)
     found.redis_keys = redis_keys(client, subject)
     found.pending_alerts = len(pending_alerts_of(client, subject))
+    found.restate_marks = len(restate_marks_of(client, subject))
     for directory in recovery_dirs(settings, recovery_extra):
         found.recovery.update(recovery.snapshots_holding(directory, subject.holds))
     if vault.vault_configured(settings):
@@ -213,12 +259,7 @@ def forget(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> 
         forget_clickhouse(ClickHouse(settings.clickhouse.url, storage.clickhouse_database), subject)
         store = settings.parquet.store(storage.parquet_root)
         forget_parquet(store, [path for path in found.parquet if path.startswith(store.root)], subject)
-    client = redis.Redis.from_url(settings.redis.url)
-    if found.redis_keys:
-        client.delete(*found.redis_keys)
-    alerts = pending_alerts_of(client, subject)
-    if alerts:
-        client.hdel(PENDING_ALERTS_KEY, *alerts)
+    forget_redis(redis.Redis.from_url(settings.redis.url), subject, found.redis_keys)
     for directory in recovery_dirs(settings, recovery_extra):
         recovery.scrub(directory, subject.holds)
     if found.vault_keys:
