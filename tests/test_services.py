@@ -264,10 +264,13 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 def test_services_cli_servers_outlive_the_cli_and_down_stops_them(tmp_path):
     state = str(tmp_path / "state")
-    started = _cli("up", "--state-dir", state)
+    with_postgres = svc.postgres_bin_dir() is not None
+    up_args = ("up", "--state-dir", state, *(["--postgres"] if with_postgres else []))
+    started = _cli(*up_args)
     assert started.returncode == 0, started.stdout + started.stderr
     recorded = json.loads((tmp_path / "state" / "services.json").read_text())["services"]
-    expected = {"kafka", "redis", "s3"} | ({"clickhouse"} if svc.clickhouse_binary() else set())
+    expected = {"kafka", "redis", "s3"} | ({"clickhouse"} if svc.clickhouse_binary() else set()) | \
+        ({"postgres"} if with_postgres else set())
     assert set(recorded) == expected
     pids = {name: entry["pid"] for name, entry in recorded.items()}
     try:
@@ -282,12 +285,17 @@ def test_services_cli_servers_outlive_the_cli_and_down_stops_them(tmp_path):
             client = Client.from_url(addresses["clickhouse_url"])
             assert client.execute("SELECT 1") == [(1,)]
             client.disconnect()
+        if with_postgres:
+            import psycopg
+
+            with psycopg.connect(addresses["postgres_url"], connect_timeout=5) as connection:
+                assert connection.execute("SELECT current_database()").fetchone() == ("gatewatch",)
 
         shown = _cli("status", "--state-dir", state)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert shown.stdout.count("running") == len(expected) and "NOT RUNNING" not in shown.stdout
 
-        again = _cli("up", "--state-dir", state)  # idempotent: nothing restarted
+        again = _cli(*up_args)  # idempotent: nothing restarted
         assert again.returncode == 0 and again.stdout.count("already running") == len(expected)
         assert {n: e["pid"] for n, e in json.loads(
             (tmp_path / "state" / "services.json").read_text())["services"].items()} == pids
@@ -302,6 +310,8 @@ def test_services_cli_servers_outlive_the_cli_and_down_stops_them(tmp_path):
         for pid in pids.values():  # never leave a server behind, even when an assert failed
             if svc.pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        if "postgres" in recorded:  # under root its cluster lives outside the state dir
+            shutil.rmtree(recorded["postgres"]["extra"]["cluster_dir"], ignore_errors=True)
 
 
 @pytest.mark.integration

@@ -14,7 +14,7 @@ from ops.dev.services.kafka import start_kafka
 from ops.dev.services.redis import redis_binary, start_redis
 from ops.dev.services.s3 import start_s3
 from ops.dev.services.clickhouse import clickhouse_binary, start_clickhouse
-from ops.dev.services.postgres import postgres_bin_dir, start_postgres
+from ops.dev.services.postgres import start_postgres
 from ops.dev.services.state import _save_state, _state_path, load_state, state_dir_default
 
 SERVICE_NAMES = ("kafka", "redis", "s3", "clickhouse", "postgres")
@@ -30,8 +30,6 @@ def _available(name: str) -> bool:
         return clickhouse_binary() is not None
     if name == "redis":
         return redis_binary() is not None
-    if name == "postgres":
-        return postgres_bin_dir() is not None
     return True
 
 
@@ -57,7 +55,7 @@ def up(
     postgres: bool = False,
 ) -> dict[str, Service]:
     """Start the named services (default: all of DEFAULT_SERVICES whose binaries are installed,
-    and PostgreSQL too when ``postgres``) in the background, record them in
+    and PostgreSQL when ``postgres``) in the background, record them in
     ``state_dir/services.json`` and return every recorded service.
 
     A service recorded and still alive is left running. Each service keeps its data under
@@ -67,8 +65,9 @@ def up(
     """
     state_dir = Path(state_dir or state_dir_default()).expanduser()
     names = list(names or [])
-    defaults = (*DEFAULT_SERVICES, "postgres") if postgres else DEFAULT_SERVICES
-    wanted = list(dict.fromkeys(names)) if names else [n for n in defaults if _available(n)]
+    # PostgreSQL asked for and not installed fails with how to install it, never silently.
+    wanted = list(dict.fromkeys(names)) if names else \
+        [n for n in DEFAULT_SERVICES if _available(n)] + (["postgres"] if postgres else [])
     unknown = [n for n in wanted if n not in SERVICE_NAMES]
     if unknown:
         raise ValueError(f"unknown service(s) {unknown}: choose from {', '.join(SERVICE_NAMES)}")
