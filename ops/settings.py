@@ -505,6 +505,7 @@ def _service_layer() -> tuple[dict, dict[tuple, str]]:
         "redis_url": ("redis", "url"),
         "s3_endpoint_url": ("parquet", "s3_endpoint_url"),
         "clickhouse_url": ("clickhouse", "url"),
+        "postgres_url": ("audit", "url"),
     }
     values: dict = {}
     origins: dict[tuple, str] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import struct
 import threading
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ import pyarrow as pa
 from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import to_table
-from sinks.retry import Retry, write_isolating
+from sinks.retry import Retry, row_error, write_isolating
 
 if TYPE_CHECKING:
     from sinks.dlq import DeadLetters
@@ -336,6 +337,44 @@ def _statements(sql: str) -> list[str]:
     return [s.strip() for s in without_comments.split(";") if s.strip()]
 
 
+# ClickHouse error codes of rows the table cannot hold: the same rows fail again however long
+# one waits, so they go to the DLQ. The driver's own checks before sending (a value that does
+# not pack into its column, a string too long for a FixedString) raise with these codes too.
+# Every other code (a network error, MEMORY_LIMIT_EXCEEDED 241, TOO_MANY_PARTS 252, a table
+# not migrated yet, UNKNOWN_TABLE 60) is an outage and is retried.
+BAD_DATA_CODES = frozenset({
+    6,    # CANNOT_PARSE_TEXT
+    25,   # CANNOT_PARSE_ESCAPE_SEQUENCE
+    26,   # CANNOT_PARSE_QUOTED_STRING
+    27,   # CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    38,   # CANNOT_PARSE_DATE
+    41,   # CANNOT_PARSE_DATETIME
+    53,   # TYPE_MISMATCH
+    69,   # ARGUMENT_OUT_OF_BOUND
+    70,   # CANNOT_CONVERT_TYPE
+    72,   # CANNOT_PARSE_NUMBER
+    117,  # INCORRECT_DATA
+    128,  # TOO_LARGE_ARRAY_SIZE
+    131,  # TOO_LARGE_STRING_SIZE
+    321,  # VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    376,  # CANNOT_PARSE_UUID
+    407,  # DECIMAL_OVERFLOW
+    441,  # CANNOT_PARSE_DOMAIN_VALUE_FROM_STRING
+    469,  # VIOLATED_CONSTRAINT
+})
+
+
+def refused_for_good(exc: BaseException) -> bool:
+    """True when the rows themselves caused exc (see BAD_DATA_CODES), so retrying cannot help."""
+    if row_error(exc) or isinstance(exc, struct.error):
+        return True
+    try:
+        from clickhouse_driver.errors import Error as DriverError
+    except ImportError:  # pragma: no cover - the driver is a dependency
+        return False
+    return isinstance(exc, DriverError) and getattr(exc, "code", None) in BAD_DATA_CODES
+
+
 def freshness_seconds(events: list[dict], now: float | None = None) -> list[float]:
     now = time.time() if now is None else now
     return [max(0.0, now - e["event_time"] / 1000) for e in events]
@@ -382,7 +421,7 @@ class ClickHouseWriter:
         for database, rows in batches:
             client = self.client_of(database)
             insert = client.insert_events if self.table == "events" else client.insert_feedback
-            rejected = write_isolating(self.sink, insert, rows, self.retry)
+            rejected = write_isolating(self.sink, insert, rows, self.retry, permanent=refused_for_good)
             self.dead_letters.send_refused_rows(self.sink, rejected)
             count_written(self.sink, len(rows) - len(rejected))
             observe_freshness(self.sink, [row["event_time"] for row in rows], self.lateness_s)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -263,10 +264,13 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 @pytest.mark.integration
 def test_services_cli_servers_outlive_the_cli_and_down_stops_them(tmp_path):
     state = str(tmp_path / "state")
-    started = _cli("up", "--state-dir", state)
+    with_postgres = svc.postgres_bin_dir() is not None
+    up_args = ("up", "--state-dir", state, *(["--postgres"] if with_postgres else []))
+    started = _cli(*up_args)
     assert started.returncode == 0, started.stdout + started.stderr
     recorded = json.loads((tmp_path / "state" / "services.json").read_text())["services"]
-    expected = {"kafka", "redis", "s3"} | ({"clickhouse"} if svc.clickhouse_binary() else set())
+    expected = {"kafka", "redis", "s3"} | ({"clickhouse"} if svc.clickhouse_binary() else set()) | \
+        ({"postgres"} if with_postgres else set())
     assert set(recorded) == expected
     pids = {name: entry["pid"] for name, entry in recorded.items()}
     try:
@@ -281,12 +285,17 @@ def test_services_cli_servers_outlive_the_cli_and_down_stops_them(tmp_path):
             client = Client.from_url(addresses["clickhouse_url"])
             assert client.execute("SELECT 1") == [(1,)]
             client.disconnect()
+        if with_postgres:
+            import psycopg
+
+            with psycopg.connect(addresses["postgres_url"], connect_timeout=5) as connection:
+                assert connection.execute("SELECT current_database()").fetchone() == ("gatewatch",)
 
         shown = _cli("status", "--state-dir", state)
         assert shown.returncode == 0, shown.stdout + shown.stderr
         assert shown.stdout.count("running") == len(expected) and "NOT RUNNING" not in shown.stdout
 
-        again = _cli("up", "--state-dir", state)  # idempotent: nothing restarted
+        again = _cli(*up_args)  # idempotent: nothing restarted
         assert again.returncode == 0 and again.stdout.count("already running") == len(expected)
         assert {n: e["pid"] for n, e in json.loads(
             (tmp_path / "state" / "services.json").read_text())["services"].items()} == pids
@@ -301,6 +310,8 @@ def test_services_cli_servers_outlive_the_cli_and_down_stops_them(tmp_path):
         for pid in pids.values():  # never leave a server behind, even when an assert failed
             if svc.pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        if "postgres" in recorded:  # under root its cluster lives outside the state dir
+            shutil.rmtree(recorded["postgres"]["extra"]["cluster_dir"], ignore_errors=True)
 
 
 @pytest.mark.integration
@@ -343,3 +354,61 @@ def test_services_cli_status_notices_a_dead_server_and_up_restarts_it(tmp_path):
 def test_services_cli_help(command):
     result = CliRunner().invoke(services_cli, [*command, "--help"])
     assert result.exit_code == 0 and "Usage" in result.output
+
+
+# --------------------------------------------------------------------------- postgres (audit log)
+
+
+@pytest.mark.integration
+def test_services_cli_runs_postgres_for_the_audit_log_and_keeps_its_data(tmp_path, monkeypatch):
+    if svc.postgres_bin_dir() is None:
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql; see ops/setup-test-env.sh)")
+    import psycopg
+
+    from ops.settings import load_settings
+
+    state = str(tmp_path / "state")
+    started = _cli("up", "postgres", "--state-dir", state)
+    assert started.returncode == 0, started.stdout + started.stderr
+    first = svc.load_state(state)["postgres"]
+    try:
+        url = svc.load_addresses(state)["postgres_url"]
+        assert url == first.address and url.endswith("/gatewatch")
+        # The settings take the audit log's URL from the state file, as they do the other servers'.
+        monkeypatch.setenv("GATEWATCH_STATE_DIR", state)
+        settings = load_settings(environ={})
+        assert settings.audit.url == url
+        with psycopg.connect(url, autocommit=True) as connection:
+            connection.execute("CREATE TABLE kept (note text)")
+            connection.execute("INSERT INTO kept VALUES ('survives a restart')")
+
+        shown = _cli("status", "--state-dir", state)
+        assert shown.returncode == 0 and "postgres" in shown.stdout and url in shown.stdout, shown.stdout
+
+        stopped = _cli("down", "postgres", "--state-dir", state)
+        assert stopped.returncode == 0 and "postgres    stopped" in stopped.stdout, stopped.stdout
+        assert _gone(first.pid)
+        assert "postgres_url" not in svc.load_addresses(state)
+
+        again = _cli("up", "postgres", "--state-dir", state)
+        assert again.returncode == 0, again.stdout + again.stderr
+        second = svc.load_state(state)["postgres"]
+        with psycopg.connect(second.address) as connection:
+            assert connection.execute("SELECT note FROM kept").fetchall() == [("survives a restart",)]
+        assert _cli("down", "--state-dir", state).returncode == 0
+        assert _gone(second.pid)
+    finally:
+        svc.down(state)
+        shutil.rmtree(first.extra["cluster_dir"], ignore_errors=True)
+
+
+@pytest.mark.parametrize(("audit_url", "wanted"), [
+    ("postgresql://gatewatch@127.0.0.1:5432/gatewatch", True),
+    ("sqlite:///./gatewatch-data/audit.sqlite3", False),
+    ("mysql://nope", False),  # a broken configuration: `up` still starts the other servers
+])
+def test_services_up_starts_postgres_when_the_audit_log_is_configured_for_it(monkeypatch, audit_url, wanted):
+    from ops.cli.services import audit_wants_postgres
+
+    monkeypatch.setenv("GATEWATCH_AUDIT__URL", audit_url)
+    assert audit_wants_postgres() is wanted

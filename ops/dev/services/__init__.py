@@ -1,4 +1,4 @@
-"""Local servers without Docker: a Kafka-protocol broker, Redis, S3 and ClickHouse.
+"""Local servers without Docker: a Kafka-protocol broker, Redis, S3, ClickHouse and PostgreSQL.
 
 Each ``start_*`` function launches the real server binary on 127.0.0.1 (a free port unless
 one is given), writes its log under ``data_dir``, waits until the server really answers a
@@ -23,9 +23,11 @@ Binaries used (all without Docker):
   ``AWS_RESPONSE_CHECKSUM_VALIDATION=when_required``).
 * clickhouse: ``clickhouse-server`` (Debian 18.16) or ``clickhouse server`` with a generated
   config.xml/users.xml in ``data_dir``.
+* postgres: Debian's ``/usr/lib/postgresql/<version>/bin`` (``initdb`` once, then ``postgres``),
+  run as the ``postgres`` user under root (see ``ops.dev.services.postgres``).
 
 One module per part: ``supervision`` (processes, :class:`Service`), one per launcher
-(``kafka``, ``redis``, ``s3``, ``clickhouse``), ``state`` (the state file) and ``dev``
+(``kafka``, ``redis``, ``s3``, ``clickhouse``, ``postgres``), ``state`` (the state file) and ``dev``
 (``up``/``down``/``status``); this package re-exports their public names, and
 ``ops.migrate.create_topics`` for the tests and benchmarks that make topics of their own.
 """
@@ -38,6 +40,7 @@ from ops.dev.services.kafka import noida_binary, start_kafka, tansu_binary
 from ops.dev.services.redis import redis_binary, start_redis
 from ops.dev.services.s3 import rclone_binary, start_s3
 from ops.dev.services.clickhouse import clickhouse_binary, start_clickhouse
+from ops.dev.services.postgres import postgres_bin_dir, start_postgres
 from ops.migrate import create_topics
 from ops.dev.services.state import STATE_FILE, load_addresses, load_state, state_dir_default
 from ops.dev.services.dev import DEFAULT_SERVICES, PREFERRED_PORTS, SERVICE_NAMES, down, status, up
@@ -58,10 +61,12 @@ __all__ = [
     "noida_binary",
     "pid_alive",
     "port_is_free",
+    "postgres_bin_dir",
     "rclone_binary",
     "redis_binary",
     "start_clickhouse",
     "start_kafka",
+    "start_postgres",
     "start_redis",
     "start_s3",
     "state_dir_default",

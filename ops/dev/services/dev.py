@@ -14,12 +14,15 @@ from ops.dev.services.kafka import start_kafka
 from ops.dev.services.redis import redis_binary, start_redis
 from ops.dev.services.s3 import start_s3
 from ops.dev.services.clickhouse import clickhouse_binary, start_clickhouse
+from ops.dev.services.postgres import start_postgres
 from ops.dev.services.state import _save_state, _state_path, load_state, state_dir_default
 
-SERVICE_NAMES = ("kafka", "redis", "s3", "clickhouse")
-DEFAULT_SERVICES = SERVICE_NAMES
+SERVICE_NAMES = ("kafka", "redis", "s3", "clickhouse", "postgres")
+# PostgreSQL only serves the audit log, whose default is an embedded SQLite file: it starts
+# when asked for (by name, or ``up(postgres=True)``).
+DEFAULT_SERVICES = ("kafka", "redis", "s3", "clickhouse")
 # Ports `up` tries first, so that the settings defaults match when they are free.
-PREFERRED_PORTS = {"kafka": 9092, "redis": 6379, "s3": 5000, "clickhouse": 9000}
+PREFERRED_PORTS = {"kafka": 9092, "redis": 6379, "s3": 5000, "clickhouse": 9000, "postgres": 5432}
 
 
 def _available(name: str) -> bool:
@@ -37,6 +40,8 @@ def _start_named(name: str, data_dir: Path, port: int | None, kafka_kind: str, s
         return start_redis(data_dir, port, appendonly=True)
     if name == "s3":
         return start_s3(data_dir, port, kind=s3_kind)
+    if name == "postgres":
+        return start_postgres(data_dir, port)
     http_port = 8123 if port == PREFERRED_PORTS["clickhouse"] and port_is_free(8123) else None
     return start_clickhouse(data_dir, port, http_port=http_port)
 
@@ -47,9 +52,11 @@ def up(
     kafka_kind: str = "noida",
     s3_kind: str = "moto",
     on_start: Callable[[Service, bool], None] | None = None,
+    postgres: bool = False,
 ) -> dict[str, Service]:
-    """Start the named services (default: all whose binaries are installed) in the background,
-    record them in ``state_dir/services.json`` and return every recorded service.
+    """Start the named services (default: all of DEFAULT_SERVICES whose binaries are installed,
+    and PostgreSQL when ``postgres``) in the background, record them in
+    ``state_dir/services.json`` and return every recorded service.
 
     A service recorded and still alive is left running. Each service keeps its data under
     ``state_dir/<name>`` and gets its preferred port (9092, 6379, 5000, 9000) when free.
@@ -58,7 +65,9 @@ def up(
     """
     state_dir = Path(state_dir or state_dir_default()).expanduser()
     names = list(names or [])
-    wanted = list(dict.fromkeys(names)) if names else [n for n in DEFAULT_SERVICES if _available(n)]
+    # PostgreSQL asked for and not installed fails with how to install it, never silently.
+    wanted = list(dict.fromkeys(names)) if names else \
+        [n for n in DEFAULT_SERVICES if _available(n)] + (["postgres"] if postgres else [])
     unknown = [n for n in wanted if n not in SERVICE_NAMES]
     if unknown:
         raise ValueError(f"unknown service(s) {unknown}: choose from {', '.join(SERVICE_NAMES)}")

@@ -50,8 +50,8 @@ def _save_state(state_dir: str | os.PathLike | None, services: dict[str, Service
 
 def load_addresses(state_dir: str | os.PathLike | None = None) -> dict[str, str]:
     """Setting defaults from the services ``up`` recorded and that still run:
-    ``kafka_bootstrap``, ``redis_url``, ``s3_endpoint_url``, ``clickhouse_url``."""
+    ``kafka_bootstrap``, ``redis_url``, ``s3_endpoint_url``, ``clickhouse_url``, ``postgres_url``."""
     keys = {"kafka": "kafka_bootstrap", "redis": "redis_url", "s3": "s3_endpoint_url",
-            "clickhouse": "clickhouse_url"}
+            "clickhouse": "clickhouse_url", "postgres": "postgres_url"}
     return {keys[name]: service.address for name, service in load_state(state_dir).items()
             if name in keys and service.alive()}

@@ -134,7 +134,8 @@ class Service:
         return pid_alive(self.pid, self.extra.get("start_ticks"))
 
     def stop(self, timeout: float = 10) -> bool:
-        """SIGTERM the server binary, wait up to ``timeout`` s, then SIGKILL.
+        """SIGTERM (or the service's ``stop_signal``) to the server binary, wait up to
+        ``timeout`` s, then SIGKILL.
 
         Returns True if the process had to be killed. Safe to call twice.
         """
@@ -142,7 +143,7 @@ class Service:
         was_alive = self.alive()
         if was_alive:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGTERM)
+                os.kill(self.pid, self.extra.get("stop_signal", signal.SIGTERM))
             if not self._wait_gone(timeout):
                 killed = True
                 with contextlib.suppress(ProcessLookupError):
@@ -260,6 +261,7 @@ def _launch(
     log_name: str,
     env: dict[str, str] | None = None,
     die_with_parent: bool = False,
+    run_as: str | None = None,
 ) -> tuple[subprocess.Popen, Path, int]:
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / log_name
@@ -279,6 +281,7 @@ def _launch(
             close_fds=True,
             # prctl only, no locks: safe between fork and exec even with threads around
             preexec_fn=_parent_death_signal() if die_with_parent and sys.platform == "linux" else None,  # noqa: PLW1509
+            **({"user": run_as, "group": run_as, "extra_groups": []} if run_as else {}),
         )
     _CHILDREN[proc.pid] = proc
     return proc, log_path, offset
@@ -331,6 +334,7 @@ def _start(
     die_with_parent: bool,
     env: dict[str, str] | None = None,
     log_name: str | None = None,
+    run_as: str | None = None,
 ) -> Service:
     """Launch, wait, and when we picked the port ourselves retry on a port race."""
     data_dir = Path(data_dir).absolute()
@@ -340,7 +344,7 @@ def _start(
         chosen = port if port is not None else free_port()
         command, extra = build(data_dir, chosen)
         proc, log_path, offset = _launch(name, kind, command, data_dir, log_name or f"{name}.log",
-                                 env=env, die_with_parent=die_with_parent)
+                                 env=env, die_with_parent=die_with_parent, run_as=run_as)
         service = Service(
             name=name, kind=kind, pid=proc.pid, host=HOST, port=chosen, address=address_for(chosen),
             data_dir=str(data_dir), log_path=str(log_path),
