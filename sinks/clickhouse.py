@@ -259,7 +259,7 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
         _recompute(client, _DAILY_FROM_HOURLY, days[at:at + chunk], 86400)
     org_days = sorted({(org, day) for org, day, _user in days})
     for at in range(0, len(org_days), chunk):
-        _recompute_model_days(client, org_days[at:at + chunk])
+        recompute_model_days(client, org_days[at:at + chunk])
     client.execute(f"INSERT INTO {db}.aggregate_progress (name, through) "
                    f"SELECT 'usage', fromUnixTimestamp64Milli(toInt64({int(started)}), 'UTC')")
     return len(touched)
@@ -275,7 +275,7 @@ def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, s
         orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})), low=min(starts), high=max(starts) + span_s, keys=key_sql))
 
 
-def _recompute_model_days(client: "ClickHouse", org_days: list[tuple[str, int]]) -> None:
+def recompute_model_days(client: "ClickHouse", org_days: list[tuple[str, int]]) -> None:
     """The per-model rollup of whole org days: after their users' daily rows were recomputed."""
     days = [day for _org, day in org_days]
     client.execute(_MODEL_DAILY_FROM_DAILY.format(

@@ -67,7 +67,7 @@ def test_an_existing_deployment_gets_its_rollup_on_migration(tmp_path, monkeypat
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing_md")
     try:
         monkeypatch.setattr(module, "MIGRATIONS_DIR", before)
-        monkeypatch.setattr(module, "_recompute_model_days", lambda *a: None)  # the code before 060
+        monkeypatch.setattr(module, "recompute_model_days", lambda *a: None)  # the code before 060
         client.migrate()
         client.insert_events(events(400, hours=24 * 5))
         refresh_aggregates(client)

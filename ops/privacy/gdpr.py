@@ -21,7 +21,7 @@ import redis
 from ops import recovery
 from ops.privacy import vault
 from sinks.audit_log import user_hash
-from sinks.clickhouse import ClickHouse, _recompute_model_days, sql_string
+from sinks.clickhouse import ClickHouse, recompute_model_days, sql_string
 from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY, RESTATE_KEY
 
@@ -134,7 +134,7 @@ def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 1
         keys = ", ".join(f"({sql_string(org)}, toDate(toDateTime({day}, 'UTC')))" for org, day in org_days)
         client.execute(f"ALTER TABLE {client.database}.{ROLLUP_TABLE} DELETE WHERE (org_id, day) IN ({keys})")
         wait_for_mutations(client, timeout_s)
-        _recompute_model_days(client, org_days)
+        recompute_model_days(client, org_days)
     return removed
 
 
