@@ -126,6 +126,11 @@ def span_ids(event: dict) -> tuple[int, int]:
     return int.from_bytes(digest[:16], "big") or 1, int.from_bytes(digest[16:24], "big") or 1
 
 
+def _messages(role: str, text: str) -> str:
+    """One message in the JSON shape of gen_ai.input.messages / gen_ai.output.messages."""
+    return json.dumps([{"role": role, "parts": [{"type": "text", "content": text}]}])
+
+
 def genai_span(event: dict):
     """The event as the GenAI client span an instrumented gateway exports (OpenTelemetry
     semantic conventions: input_tokens include the cached parts, output the reasoning)."""
@@ -144,9 +149,8 @@ def genai_span(event: dict):
         "gen_ai.usage.reasoning.output_tokens": event.get("reasoning_tokens", 0),
         "user.id": event["user_id"], "gatewatch.request_id": event["request_id"],
         "http.response.status_code": event["status_code"],
-        "gen_ai.input.messages": json.dumps([{"role": "user", "parts": [{"type": "text", "content": event["prompt"]}]}]),
-        "gen_ai.output.messages": json.dumps([{"role": "assistant",
-                                               "parts": [{"type": "text", "content": event["response"]}]}]),
+        "gen_ai.input.messages": _messages("user", event["prompt"]),
+        "gen_ai.output.messages": _messages("assistant", event["response"]),
     }
     failed = event["status_code"] >= 400
     return ReadableSpan(f"chat {event['model']}", context=SpanContext(trace_id, span_id, False, TraceFlags(1)),

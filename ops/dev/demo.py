@@ -507,6 +507,12 @@ def _count_by(records: list[dict], key: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def api_summary(api: dict, expected_rejected: int) -> str:
+    return (f"  via the API         {api['json_events']:>8} JSON events, {api['otlp_spans']} OTLP spans in "
+            f"{api['requests']} requests; {api['rejected']} rejected (expected {expected_rejected}), "
+            f"HTTP {api['statuses']}")
+
+
 def human_summary(found: dict, problems: list[str]) -> str:
     lines = [
         "",
@@ -525,11 +531,9 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  freshness p50/p99   {found['freshness_p50_s']} s / {found['freshness_p99_s']} s"
         " (event time to queryable in ClickHouse and Redis)",
         f"  throughput          {found['events_per_s']:>8} events/s over {found['flow_seconds']} s (flow start to drained)",
-        *([f"  via the API         {found['api']['json_events']:>8} JSON events, {found['api']['otlp_spans']} OTLP "
-           f"spans in {found['api']['requests']} requests; {found['api']['rejected']} rejected "
-           f"(expected {found['expected_bad']}), HTTP {found['api']['statuses']}"] if found.get("api") else []),
-        f"  reasoning tokens    {found['clickhouse_reasoning_tokens']:>8}   expected {found['expected_reasoning_tokens']}"
-        " (part of output tokens)",
+        *([api_summary(found["api"], found["expected_bad"])] if found.get("api") else []),
+        f"  reasoning tokens    {found['clickhouse_reasoning_tokens']:>8}   "
+        f"expected {found['expected_reasoning_tokens']} (part of output tokens)",
         f"  data                {found['data_dir']}",
         "  RECONCILED" if not problems else "  NOT RECONCILED:\n    " + "\n    ".join(problems),
     ]
