@@ -87,3 +87,42 @@ def test_demo_via_the_api_reconciles_and_counts_every_rejection(tmp_path):
     for event in by_otlp:
         if "trace_id" in event:
             assert stored[event["trace_id"]] == event["reasoning_tokens"]
+
+
+@pytest.mark.integration
+def test_each_users_events_reach_kafka_in_the_order_generated_across_both_routes(kafka_bootstrap, topic_factory,
+                                                                                tmp_path):
+    from ops.dev.loadgen import collect, generate
+    from ops.dev.services import free_port
+    from schemas.codec import EventCodec
+    from schemas.registry import registry_from_settings
+    from sinks.kafka import read_topic
+
+    topic, dlq_topic = topic_factory(partitions=3, prefix="demo-api"), topic_factory(prefix="demo-api-dlq")
+    messages, _expected = collect(generate(api_feed.JsonWire(), 600, dup_ratio=0.1, bad_ratio=0.05, users=15,
+                                           seed=12, late_ratio=0.05))
+    server = api_feed.ServeProcess(tmp_path, kafka_bootstrap, free_port(), env={
+        "GATEWATCH_KAFKA__EVENTS_TOPIC": topic, "GATEWATCH_KAFKA__DLQ_TOPIC": dlq_topic})
+    try:
+        json_keys, otlp_keys = api_feed.create_keys(server.keys_path, [f"org-{n:02d}" for n in range(7)])
+        counts = api_feed.feed(server.url, messages, json_keys, otlp_keys, 0.5)
+    finally:
+        server.stop()
+    assert counts.otlp_spans > 100 and counts.json_events > 100
+
+    settings = Settings()
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    stored: dict[str, list[str]] = {}
+    for _partition, _offset, event in read_topic(kafka_bootstrap, topic, lambda raw: codec.decode_record(raw)[0]):
+        stored.setdefault(f"{event['org_id']}/{event['user_id']}", []).append(event["request_id"])
+    assert sum(map(len, stored.values())) == counts.accepted
+    arrived = {request_id for ids in stored.values() for request_id in ids}
+    generated: dict[str, list[str]] = {}
+    for key, value in messages:
+        try:
+            request_id = json.loads(value)["request_id"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if request_id in arrived:  # not one the API rejected
+            generated.setdefault(key.decode(), []).append(request_id)
+    assert stored == generated

@@ -64,13 +64,14 @@ class FeedCounts:
 class ServeProcess:
     """`python -m ops.cli serve` in its own process group, its log in a file."""
 
-    def __init__(self, root: Path, bootstrap: str, port: int, timeout_s: float = 120):
+    def __init__(self, root: Path, bootstrap: str, port: int, timeout_s: float = 120,
+                 env: dict[str, str] | None = None):
         root.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{port}"
         self.keys_path = root / "keys.sqlite"
         self.log_path = root / "serve.log"
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": bootstrap,
-               "GATEWATCH_API__KEYS_PATH": str(self.keys_path), "GATEWATCH_API__SPOOL_DIR": str(root / "spool")}
+               "GATEWATCH_API__KEYS_PATH": str(self.keys_path), "GATEWATCH_API__SPOOL_DIR": str(root / "spool"), **(env or {})}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve", "--port", str(port)], env=env,
                                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
