@@ -11,8 +11,7 @@ import click
 from confluent_kafka import Producer
 
 from ops.cli.options import config_option, settings_from
-from ops.dev.loadgen import collect, generate, messages_in, schedule
-from schemas.codec import EventCodec
+from ops.dev.loadgen import FleetWire, collect, generate, messages_in, schedule
 from schemas.registry import registry_from_settings
 from sinks.kafka import produce_when_room
 
@@ -100,7 +99,7 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     topic = topic or settings.kafka.events_topic
     count = messages_in(duration, rate, burst_factor, burst_every, burst_seconds)
     offsets = schedule(count, rate, burst_factor, burst_every, burst_seconds)
-    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    codec = FleetWire(registry_from_settings(settings.schemas), settings.validation)
     # Every message is dated with the time it is due, so generating them all must end before
     # the first is due: time a sample, and leave half as much again.
     sample_started = time.monotonic()

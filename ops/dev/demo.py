@@ -29,12 +29,12 @@ from confluent_kafka import Producer
 
 from ops.cluster import addresses_for, runs_threaded
 from ops.dev import api_feed, services
-from ops.dev.loadgen import Expected, collect, generate
+from ops.dev.loadgen import Expected, FleetWire, collect, generate
 from ops.launch import Snapshots, flow_command, process_env
 from ops.migrate import migrate_clickhouse, migrate_kafka
 from ops.recovery import init_recovery
 from ops.settings import SINK_NAMES, Settings
-from schemas.codec import EventCodec, decode_billing_event
+from schemas.codec import decode_billing_event
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
 from sinks.audit_log import open_store
@@ -397,9 +397,10 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         topic = k.events_topic
         migrate_kafka(k.model_copy(update={"bootstrap": kafka.address, "partitions": options.partitions}))
 
-        # Through the API, events travel as the JSON a gateway posts; to Kafka, Avro-encoded.
-        codec = api_feed.JsonWire() if options.via_api else EventCodec(registry_from_settings(settings.schemas),
-                                                                        settings.validation)
+        # Through the API, events travel as the JSON a gateway posts; to Kafka, as Avro of
+        # their own schema version.
+        codec = api_feed.JsonWire() if options.via_api else FleetWire(registry_from_settings(settings.schemas),
+                                                                       settings.validation)
         messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio, users=options.users,
                             seed=options.seed, late_ratio=options.late_ratio, keep_events=options.keep_events,
                             lateness_ms=int(settings.windows.allowed_lateness_s * 1000),

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from schemas.codec import EventCodec
 from sinks.quota import TOKEN_KINDS
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"),
@@ -64,6 +65,36 @@ class Expected:
                  "window_length_ms": window_ms, "n": counts[0],
                  **{kind: counts[i] for i, kind in enumerate(TOKEN_KINDS, start=1)}}
                 for (org, user, model, start), counts in self.windows.items()]
+
+
+class _PinnedVersion:
+    """A registry view whose latest version of a schema is an older one (to write with it)."""
+
+    def __init__(self, registry, entry):
+        self._registry = registry
+        self._entry = entry
+
+    def latest(self, _name: str) -> tuple[int, dict]:
+        return self._entry.schema_id, self._entry.parsed
+
+    def by_id(self, schema_id: int) -> dict:
+        return self._registry.by_id(schema_id)
+
+
+class FleetWire:
+    """generate()'s codec for Kafka as a fleet of gateways on different releases writes:
+    each event with the writer schema of its own schema_version (a v1 event as v1 Avro), so
+    the flow reads old and new writers side by side. A registry that cannot list older
+    versions (a Confluent one) gets every event in the latest schema."""
+
+    def __init__(self, registry, validation, name: str = "gateway_event"):
+        self._latest = EventCodec(registry, validation)
+        older = registry.versions(name)[:-1] if hasattr(registry, "versions") else []
+        self._by_version = {entry.version: EventCodec(_PinnedVersion(registry, entry), validation)
+                            for entry in older}
+
+    def encode(self, event: dict) -> bytes:
+        return self._by_version.get(event.get("schema_version"), self._latest).encode(event)
 
 
 def _text(rng: random.Random, words: int, phrases: list[str]) -> str:
