@@ -2,6 +2,7 @@
 Grafana's ClickHouse macros substituted the way the plugin expands them."""
 
 import json
+import random
 import re
 import time
 import uuid
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ops.dev.loadgen import upgrade_to_v2
 from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
 from tests.test_aggregates import events
 
@@ -35,7 +37,7 @@ def panels() -> list[dict]:
 def test_the_dashboard_covers_the_usage_questions_on_the_clickhouse_plugin():
     titles = " ".join(p["title"].lower() for p in panels())
     for topic in ("org", "tokens by kind", "cost", "p50 / p95 / p99", "utilisation", "policy", "classification",
-                  "experiment"):
+                  "experiment", "reasoning"):
         assert topic in titles, topic
     assert {p["datasource"]["type"] for p in panels()} == {"grafana-clickhouse-datasource"}
     assert "type: grafana-clickhouse-datasource" in PROVISIONING.read_text()
@@ -43,10 +45,18 @@ def test_the_dashboard_covers_the_usage_questions_on_the_clickhouse_plugin():
 
 
 @pytest.fixture(scope="module")
-def aggregated(tmp_path_factory):
+def stored_events() -> list[dict]:
+    """Three days of events, two in three of schema v2 (with reasoning tokens)."""
+    rng = random.Random(11)
+    return [{**event, **upgrade_to_v2(rng, event)} if n % 3 else event
+            for n, event in enumerate(events(600, hours=72))]
+
+
+@pytest.fixture(scope="module")
+def aggregated(tmp_path_factory, stored_events):
     client = ClickHouse(f"chdb://{tmp_path_factory.mktemp('dash') / 'chdb'}", f"dash_{uuid.uuid4().hex[:8]}")
     client.migrate()
-    client.insert_events(events(600, hours=72))
+    client.insert_events(stored_events)
     refresh_aggregates(client)
     yield client
     close_chdb()
@@ -64,3 +74,16 @@ def test_every_panel_query_runs_on_the_aggregates(panel, aggregated):
     for target in panel["targets"]:
         assert aggregated.rows(expand(target["rawSql"], aggregated.database, now - 90 * 86400, now - 80 * 86400)) == [], \
             panel["title"]
+
+
+def test_the_reasoning_panel_sums_each_models_reasoning_tokens(aggregated, stored_events):
+    want: dict[str, int] = {}
+    for event in stored_events:
+        want[event["model"]] = want.get(event["model"], 0) + event.get("reasoning_tokens", 0)
+    panel, = [p for p in panels() if "reasoning" in p["title"].lower()]
+    now = int(time.time())
+    got: dict[str, int] = {}
+    for _day, model, reasoning in aggregated.rows(expand(panel["targets"][0]["rawSql"], aggregated.database,
+                                                         now - 7 * 86400, now)):
+        got[model] = got.get(model, 0) + int(reasoning)
+    assert got == want and sum(got.values()) > 0

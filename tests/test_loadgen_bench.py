@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from ops.dev.loadgen import messages_in, schedule
+from ops.dev.loadgen import FleetWire, collect, generate, messages_in, schedule
 from ops.settings import Settings
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import registry_from_settings
@@ -54,6 +54,36 @@ def test_loadgen_produces_what_it_reports(kafka_bootstrap, topic_factory, tmp_pa
     assert len(decoded) + bad == 800 and bad == report["bad"]
     assert len({e["event_id"] for e in decoded}) == report["valid"]
     assert len({e["user_id"] for e in decoded}) > 10
+    unique = {e["event_id"]: e for e in decoded}.values()
+    assert sum(e["reasoning_tokens"] for e in unique) == report["reasoning_tokens"] > 0
+    assert sum(e["schema_version"] == 2 for e in unique) == report["v2"]
+    assert 0 < report["v2"] < report["valid"]  # v1 events (written as v1 Avro) mixed in
+
+
+def test_generated_events_mix_schema_v1_and_v2_and_expect_their_reasoning_tokens():
+    settings = Settings()
+    registry = registry_from_settings(settings.schemas)
+    codec = EventCodec(registry, settings.validation)
+    messages, expected = collect(generate(FleetWire(registry, settings.validation), 600, dup_ratio=0.0, bad_ratio=0.0, users=30, seed=3,
+                                          keep_events=True, v2_ratio=0.4))
+    events = list(expected.events.values())
+    v2 = [e for e in events if e["schema_version"] == 2]
+    v1 = [e for e in events if e["schema_version"] == 1]
+    assert len(v2) == expected.v2 and 0.3 * 600 < len(v2) < 0.5 * 600 and v1
+    assert all("reasoning_tokens" not in e and "trace_id" not in e for e in v1)
+    assert all(0 <= e["reasoning_tokens"] <= e["output_tokens"] for e in v2)
+    assert any(e["reasoning_tokens"] for e in v2)
+    assert len({e["trace_id"] for e in v2}) == len(v2) and all(len(e["span_id"]) == 16 for e in v2)
+    assert expected.reasoning_tokens == sum(e["reasoning_tokens"] for e in v2)
+    # Each version is written with its own writer schema, as gateways of two releases do;
+    # the reader takes both, a v1 event with no reasoning and no trace.
+    writers = {int.from_bytes(value[1:5], "big") for _key, value in messages}
+    assert writers == {registry.entry("gateway_event", 1).schema_id, registry.entry("gateway_event").schema_id}
+    now = int(time.time() * 1000)
+    decoded = {e["event_id"]: e for e in (codec.decode(value, now) for _key, value in messages)}
+    assert sum(e["reasoning_tokens"] for e in decoded.values()) == expected.reasoning_tokens
+    assert all(decoded[e["event_id"]]["trace_id"] is None for e in v1)
+    assert all(decoded[e["event_id"]]["trace_id"] == e["trace_id"] for e in v2)
 
 
 @pytest.mark.integration

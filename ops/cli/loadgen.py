@@ -11,8 +11,7 @@ import click
 from confluent_kafka import Producer
 
 from ops.cli.options import config_option, settings_from
-from ops.dev.loadgen import collect, generate, messages_in, schedule
-from schemas.codec import EventCodec
+from ops.dev.loadgen import FleetWire, collect, generate, messages_in, schedule
 from schemas.registry import registry_from_settings
 from sinks.kafka import produce_when_room
 
@@ -83,13 +82,15 @@ def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], 
               help="Mean prompt length (lognormal).")
 @click.option("--response-words", default=250.0, show_default=True, type=click.FloatRange(min=1),
               help="Mean response length (lognormal).")
+@click.option("--v2-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of events of schema version 2 (reasoning tokens, trace and span ids); the rest are v1.")
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--topic", help="Default: kafka.events_topic.")
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
               help='Keep {"sent": n, "done": bool} in this file while sending.')
 @config_option
 def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii_ratio, dup_ratio, bad_ratio,
-            prompt_words, response_words, seed, topic, status_file, config) -> None:
+            prompt_words, response_words, v2_ratio, seed, topic, status_file, config) -> None:
     """Produce realistic gateway events to Kafka at --rate per second for --duration seconds.
 
     Messages are generated before the clock starts, each dated with the time it is due to
@@ -98,7 +99,7 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     topic = topic or settings.kafka.events_topic
     count = messages_in(duration, rate, burst_factor, burst_every, burst_seconds)
     offsets = schedule(count, rate, burst_factor, burst_every, burst_seconds)
-    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+    codec = FleetWire(registry_from_settings(settings.schemas), settings.validation)
     # Every message is dated with the time it is due, so generating them all must end before
     # the first is due: time a sample, and leave half as much again.
     sample_started = time.monotonic()
@@ -109,7 +110,7 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     start_ms = time.time() * 1000 + (start - time.monotonic()) * 1000
     generator = generate(codec, count, dup_ratio, bad_ratio, users=users, pii_ratio=pii_ratio, seed=seed,
                          clock=lambda i: int(start_ms + offsets[i] * 1000),
-                         mean_words=(prompt_words, response_words))
+                         mean_words=(prompt_words, response_words), v2_ratio=v2_ratio)
     messages, expected = collect(generator)
     print(f"loadgen  {count:,} messages generated; sending {rate:,.0f}/s for {duration:g} s"
           + (f", bursts of {burst_factor:g}x for {burst_seconds:g} s every {burst_every:g} s" if burst_every else ""),
@@ -121,4 +122,5 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     result = send_paced(settings.kafka.bootstrap, topic, messages, offsets, start, settings.kafka.extra,
                         status_file=status_file)
     print(json.dumps({**result, "target_events_per_s": round(count / duration, 1), "valid": expected.valid,
-                      "duplicates": expected.duplicates, "bad": expected.bad, "tokens": expected.tokens}))
+                      "duplicates": expected.duplicates, "bad": expected.bad, "tokens": expected.tokens,
+                      "reasoning_tokens": expected.reasoning_tokens, "v2": expected.v2}))

@@ -37,8 +37,15 @@ from ops.recovery import init_recovery
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Keep Parquet, the chdb database, the DLQ dump and logs here (default: a temporary directory, removed).")
 @click.option("--metrics-port", type=click.IntRange(1, 65535), help="Serve the flow's Prometheus metrics on this port.")
+@click.option("--via-api", is_flag=True,
+              help="Send the events through `gatewatch serve` (JSON batches on /v1/events, a share as OTLP GenAI "
+                   "spans on /v1/traces) instead of producing them to Kafka.")
+@click.option("--otlp-share", default=0.3, show_default=True, type=click.FloatRange(0, 1),
+              help="With --via-api: the share of events sent as OpenTelemetry spans.")
+@click.option("--v2-ratio", default=0.5, show_default=True, type=click.FloatRange(0, 1),
+              help="Share of events of schema version 2 (reasoning tokens, trace and span ids); the rest are v1.")
 def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, processes, restart_processes, data_dir,
-         metrics_port) -> None:
+         metrics_port, via_api, otlp_share, v2_ratio) -> None:
     """Run the whole pipeline on embedded defaults and reconcile every sink.
 
     Starts a Kafka-protocol broker and Redis from pip wheels, produces synthetic events
@@ -50,6 +57,8 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
 
     if restart_processes and not chaos:
         raise click.UsageError("--restart-processes is the process count after the --chaos kills; it needs --chaos")
+    if via_api and chaos:
+        raise click.UsageError("--via-api cannot be combined with --chaos (chaos produces to Kafka while the flow runs)")
     if chaos > events:
         raise click.UsageError(f"--chaos {chaos} needs at least {chaos} events: each killed run consumes its own share")
     keep = data_dir is not None
@@ -59,7 +68,7 @@ def demo(events, dup_ratio, bad_ratio, late_ratio, chaos, users, seed, workers, 
             events=events, dup_ratio=dup_ratio, bad_ratio=bad_ratio, late_ratio=late_ratio, chaos=chaos,
             users=users, seed=seed,
             data_dir=root, metrics_port=metrics_port, workers=workers, processes=processes,
-            restart_processes=restart_processes))
+            restart_processes=restart_processes, via_api=via_api, otlp_share=otlp_share, v2_ratio=v2_ratio))
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from None
     finally:

@@ -28,13 +28,13 @@ import pyarrow.compute as pc
 from confluent_kafka import Producer
 
 from ops.cluster import addresses_for, runs_threaded
-from ops.dev import services
-from ops.dev.loadgen import Expected, collect, generate
+from ops.dev import api_feed, services
+from ops.dev.loadgen import Expected, FleetWire, collect, generate
 from ops.launch import Snapshots, flow_command, process_env
 from ops.migrate import migrate_clickhouse, migrate_kafka
 from ops.recovery import init_recovery
 from ops.settings import SINK_NAMES, Settings
-from schemas.codec import EventCodec, decode_billing_event
+from schemas.codec import decode_billing_event
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
 from sinks.audit_log import open_store
@@ -71,6 +71,13 @@ class DemoOptions:
     restart_processes: int | None = None
     """With chaos: the process count of the final, draining run (rescaling from the same
     recovery store); default `processes`."""
+    via_api: bool = False
+    """Send the events through `gatewatch serve` (JSON batches and OTLP spans) instead of
+    producing them to Kafka; see ops/dev/api_feed.py."""
+    otlp_share: float = 0.3
+    """With via_api: the share of events sent as OpenTelemetry GenAI spans."""
+    v2_ratio: float = 0.5
+    """Share of events of schema version 2 (reasoning tokens, trace ids); the rest are v1."""
 
 
 def say(message: str) -> None:
@@ -112,7 +119,13 @@ def produce(bootstrap: str, topic: str, messages, total: int, rate: float | None
 
 def scrape(port: int) -> dict[str, float]:
     """Counter totals from a flow's /metrics endpoint (labels summed)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+    return scrape_url(f"http://127.0.0.1:{port}/metrics")
+
+
+def scrape_url(url: str) -> dict[str, float]:
+    """Counter totals of gatewatch_* counters at a Prometheus endpoint: by name (labels
+    summed) and by name with its labels."""
+    text = urllib.request.urlopen(url, timeout=2).read().decode()
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("gatewatch_") and "_total" in line:
@@ -279,6 +292,30 @@ def run_with_chaos(options: DemoOptions, env: dict[str, str], log_path: Path, bo
     return expected, time.monotonic() - started
 
 
+def send_via_api(options: DemoOptions, bootstrap: str, root: Path, messages) -> tuple[Expected, dict]:
+    """Start `gatewatch serve` with a key per org, send every generated message through it,
+    and stop it (which flushes what it accepted to Kafka); return Expected and the counts."""
+    messages, expected = collect(messages)
+    server = api_feed.ServeProcess(root / "api", bootstrap, services.free_port())
+    try:
+        say(f"ingestion API {server.url}, log: {server.log_path}")
+        json_keys, otlp_keys = api_feed.create_keys(server.keys_path, sorted({key.decode().split("/", 1)[0]
+                                                                               for key, _value in messages}))
+        started = time.monotonic()
+        counts = api_feed.feed(server.url, messages, json_keys, otlp_keys, options.otlp_share, progress=lambda sent:
+                               print(progress_line("api", sent, len(messages), started), end="", file=sys.stderr,
+                                     flush=True))
+        print(progress_line("api", len(messages), len(messages), started), file=sys.stderr, flush=True)
+        server_counts = scrape_url(f"{server.url}/metrics")
+    finally:
+        server.stop()
+    if server.proc.returncode not in (0, -signal.SIGTERM):
+        raise RuntimeError(f"gatewatch serve exited with {server.proc.returncode}:\n{server.log_tail()}")
+    server_accepted = sum(value for name, value in server_counts.items()
+                          if name.startswith("gatewatch_api_events_total{") and 'outcome="accepted"' in name)
+    return expected, {**counts.as_dict(), "server_accepted": int(server_accepted)}
+
+
 def read_dlq(bootstrap: str, topic: str, dump_path: Path) -> list[dict]:
     """Every DLQ record on the topic, also written to dump_path as JSON lines."""
     records = [record for _p, _o, record in read_topic(bootstrap, topic, decode_dlq)]
@@ -303,8 +340,10 @@ def billing_totals(bootstrap: str, topic: str, expected: Expected, settings: Set
 
 
 def distinct_sources(records: list[dict]) -> int:
-    """DLQ records are delivered at least once; one source message counts once."""
-    return len({(r.get("topic"), r.get("partition"), r.get("offset"), r.get("stage")) for r in records})
+    """DLQ records are delivered at least once; one source message counts once. The API's
+    records have no Kafka offset: their dlq_id (request id and item index) tells them apart."""
+    return len({(r.get("topic"), r.get("partition"), r.get("offset"), r.get("stage"),
+                 r.get("dlq_id") if r.get("offset") is None else None) for r in records})
 
 
 def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
@@ -316,6 +355,8 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         ("DLQ records", found["expected_dlq"], found["dlq"]),
         ("tokens in Redis quota counters", found["expected_total_tokens"], found["quota_total_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
+        ("reasoning tokens in ClickHouse (within output)", expected.reasoning_tokens,
+         found["clickhouse_reasoning_tokens"]),
         ("billed USD", found["expected_total_usd"], found["billing_total_usd"]),
         # Events are priced one by one, windows as a whole: equal to the nano-dollar while
         # prices per million tokens have at most three decimals (all of the demo's).
@@ -327,11 +368,20 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         # Counters of a killed flow process die with it; only an uninterrupted run has them all.
         checks += [("duplicates dropped", expected.duplicates, found["duplicates_dropped"]),
                    ("unique events counted by the flow", expected.valid, found["valid"])]
+    if found.get("api"):
+        api = found["api"]
+        checks += [("inputs the API rejected (400, rejected_count, OTLP partial_success)", expected.bad,
+                    api["rejected"]),
+                   ("events the API accepted", expected.produced - expected.bad, api["accepted"]),
+                   ("events the API counted as accepted (its /metrics)", expected.produced - expected.bad,
+                    api["server_accepted"])]
     return [f"{name}: expected {want}, found {got}" for name, want, got in checks if want != got]
 
 
 def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
     """Run the demo; return what was found, what did not reconcile, and what was expected."""
+    if options.via_api and options.chaos:
+        raise ValueError("via_api and chaos cannot be combined: chaos produces to Kafka while the flow runs")
     root = Path(options.data_dir or tempfile.mkdtemp(prefix="gatewatch-demo-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings()
@@ -347,11 +397,14 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         topic = k.events_topic
         migrate_kafka(k.model_copy(update={"bootstrap": kafka.address, "partitions": options.partitions}))
 
-        codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+        # Through the API, events travel as the JSON a gateway posts; to Kafka, as Avro of
+        # their own schema version.
+        codec = api_feed.JsonWire() if options.via_api else FleetWire(registry_from_settings(settings.schemas),
+                                                                       settings.validation)
         messages = generate(codec, options.events, options.dup_ratio, options.bad_ratio, users=options.users,
                             seed=options.seed, late_ratio=options.late_ratio, keep_events=options.keep_events,
                             lateness_ms=int(settings.windows.allowed_lateness_s * 1000),
-                            window_ms=int(settings.windows.length_s * 1000))
+                            window_ms=int(settings.windows.length_s * 1000), v2_ratio=options.v2_ratio)
         metrics_port = options.metrics_port or services.free_port()
         counters_path = root / "flow-counters.json"
         clickhouse_url = f"chdb://{root / 'chdb'}"
@@ -376,11 +429,15 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "GATEWATCH_AUDIT__HASH_KEY_FILE": str(root / "audit-hash.key"),
         }
         say(f"ingest flow metrics: http://127.0.0.1:{metrics_port}/metrics, log: {root / 'flow.log'}")
+        api_counts = None
         if options.chaos:
             expected, seconds = run_with_chaos(options, env, root / "flow.log", kafka.address, topic, messages,
                                                metrics_port, root / "recovery")
         else:
-            expected = produce(kafka.address, topic, messages, options.events)
+            if options.via_api:
+                expected, api_counts = send_via_api(options, kafka.address, root, messages)
+            else:
+                expected, api_counts = produce(kafka.address, topic, messages, options.events), None
             seconds = run_flow(env, root / "flow.log", metrics_port, options.events, options.workers,
                                processes=options.processes)
         final_processes = (options.restart_processes or options.processes) if options.chaos else options.processes
@@ -394,9 +451,9 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         # The aggregates, not the raw rows: they are what dashboards, status and invoices read.
         # A pre-21 server (the cluster demo's Debian one) has no aggregates: read its raw rows.
         table, requests = ("events", "count()") if clickhouse.legacy else ("usage_daily", "sum(requests)")
-        (ch_rows, ch_tokens, ch_usd), = clickhouse.rows(
+        (ch_rows, ch_tokens, ch_usd, ch_reasoning), = clickhouse.rows(
             f"SELECT {requests}, sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), "
-            f"toString(sum(cost_usd)) FROM {settings.clickhouse.database}.{table} FINAL")
+            f"toString(sum(cost_usd)), sum(reasoning_tokens) FROM {settings.clickhouse.database}.{table} FINAL")
         without_audit = clickhouse.events_without_audit()
         close_chdb()
         audit_log = open_store(f"sqlite:///{root / 'audit.sqlite3'}")
@@ -412,6 +469,8 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "parquet_rows": len(pc.unique(parquet.column("event_id"))) if parquet.num_rows else 0,
             "clickhouse_rows": int(ch_rows),
             "clickhouse_tokens": int(ch_tokens or 0),
+            "clickhouse_reasoning_tokens": int(ch_reasoning or 0),
+            "expected_reasoning_tokens": expected.reasoning_tokens,
             "clickhouse_usd": str(Decimal(ch_usd or 0).quantize(Decimal("0.000000001"))),
             "events_without_audit": without_audit,
             "audit_log_rows": audit_rows,
@@ -421,6 +480,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "expected_total_usd": str(expected_usd),
             "expected_valid": expected.valid,
             "expected_duplicates": expected.duplicates,
+            "expected_bad": expected.bad,
             "expected_dlq": expected.bad + (0 if late_billed else expected.late),
             "dlq_reasons": _count_by(dlq_records, "code"),
             "freshness_p50_s": max((v for k, v in counters.items() if k.startswith("freshness_p50_s")), default=None),
@@ -431,6 +491,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "flow_seconds": round(seconds, 2),
             "events_per_s": round(expected.produced / seconds, 1),
             "data_dir": str(root),
+            "api": api_counts,
         }
         problems = reconcile(expected, found, chaos=bool(options.chaos))
         found["reconciled"] = not problems
@@ -445,6 +506,12 @@ def _count_by(records: list[dict], key: str) -> dict[str, int]:
     for record in records:
         counts[record[key]] = counts.get(record[key], 0) + 1
     return dict(sorted(counts.items()))
+
+
+def api_summary(api: dict, expected_rejected: int) -> str:
+    return (f"  via the API         {api['json_events']:>8} JSON events, {api['otlp_spans']} OTLP spans in "
+            f"{api['requests']} requests; {api['rejected']} rejected (expected {expected_rejected}), "
+            f"HTTP {api['statuses']}")
 
 
 def human_summary(found: dict, problems: list[str]) -> str:
@@ -465,6 +532,9 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f"  freshness p50/p99   {found['freshness_p50_s']} s / {found['freshness_p99_s']} s"
         " (event time to queryable in ClickHouse and Redis)",
         f"  throughput          {found['events_per_s']:>8} events/s over {found['flow_seconds']} s (flow start to drained)",
+        *([api_summary(found["api"], found["expected_bad"])] if found.get("api") else []),
+        f"  reasoning tokens    {found['clickhouse_reasoning_tokens']:>8}   "
+        f"expected {found['expected_reasoning_tokens']} (part of output tokens)",
         f"  data                {found['data_dir']}",
         "  RECONCILED" if not problems else "  NOT RECONCILED:\n    " + "\n    ".join(problems),
     ]

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Callable
 
+from schemas.codec import EventCodec
 from sinks.quota import TOKEN_KINDS
 
 MODELS = [("openai", "gpt-4o"), ("openai", "gpt-4o-mini"), ("anthropic", "claude-sonnet-4"),
@@ -41,6 +42,10 @@ class Expected:
     """The valid events by event_id, when the generator was asked to keep them."""
     late: int = 0
     """Valid events older than their user's newest event by more than the lateness."""
+    reasoning_tokens: int = 0
+    """Reasoning tokens of the valid (schema v2) events: part of output_tokens, counted apart."""
+    v2: int = 0
+    """Valid events of schema version 2 (the rest are version 1, without its fields)."""
     quota_tokens: int = 0
     """Tokens of the valid events that are not late: what the quota counters must hold."""
     windows: dict[tuple[str, str, str, int], list[int]] = field(default_factory=dict)
@@ -50,7 +55,8 @@ class Expected:
 
     def as_dict(self) -> dict:
         return {"produced": self.produced, "valid": self.valid, "duplicates": self.duplicates,
-                "bad": self.bad, "late": self.late, "tokens": self.tokens, "quota_tokens": self.quota_tokens,
+                "bad": self.bad, "late": self.late, "tokens": self.tokens, "reasoning_tokens": self.reasoning_tokens,
+                "v2": self.v2, "quota_tokens": self.quota_tokens,
                 "tokens_by_kind": dict(self.tokens_by_kind)}
 
     def window_totals(self, window_ms: int) -> list[dict]:
@@ -59,6 +65,36 @@ class Expected:
                  "window_length_ms": window_ms, "n": counts[0],
                  **{kind: counts[i] for i, kind in enumerate(TOKEN_KINDS, start=1)}}
                 for (org, user, model, start), counts in self.windows.items()]
+
+
+class _PinnedVersion:
+    """A registry view whose latest version of a schema is an older one (to write with it)."""
+
+    def __init__(self, registry, entry):
+        self._registry = registry
+        self._entry = entry
+
+    def latest(self, _name: str) -> tuple[int, dict]:
+        return self._entry.schema_id, self._entry.parsed
+
+    def by_id(self, schema_id: int) -> dict:
+        return self._registry.by_id(schema_id)
+
+
+class FleetWire:
+    """generate()'s codec for Kafka as a fleet of gateways on different releases writes:
+    each event with the writer schema of its own schema_version (a v1 event as v1 Avro), so
+    the flow reads old and new writers side by side. A registry that cannot list older
+    versions (a Confluent one) gets every event in the latest schema."""
+
+    def __init__(self, registry, validation, name: str = "gateway_event"):
+        self._latest = EventCodec(registry, validation)
+        older = registry.versions(name)[:-1] if hasattr(registry, "versions") else []
+        self._by_version = {entry.version: EventCodec(_PinnedVersion(registry, entry), validation)
+                            for entry in older}
+
+    def encode(self, event: dict) -> bytes:
+        return self._by_version.get(event.get("schema_version"), self._latest).encode(event)
 
 
 def _text(rng: random.Random, words: int, phrases: list[str]) -> str:
@@ -82,8 +118,10 @@ def _words(rng: random.Random, mean: float | None, low: int, high: int) -> int:
 
 
 def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float,
-               mean_words: tuple[float, float] | None = None) -> tuple[dict, list[str]]:
-    """A valid event; mean_words = (prompt, response) mean lengths draws lognormal lengths."""
+               mean_words: tuple[float, float] | None = None, v2_ratio: float = 0.0) -> tuple[dict, list[str]]:
+    """A valid event; mean_words = (prompt, response) mean lengths draws lognormal lengths.
+    A share v2_ratio of them are schema version 2: reasoning tokens within the output and
+    the gateway's trace and span ids; the rest are version 1, without those fields."""
     provider, model = rng.choice(MODELS)
     user = min(int(rng.paretovariate(1.2)), users)  # a few heavy users, a long tail
     pii: list[str] = []
@@ -122,7 +160,17 @@ def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float,
         "safety_decisions": [],
         "policy_flags": [],
     }
+    if v2_ratio and rng.random() < v2_ratio:
+        event.update(upgrade_to_v2(rng, event))
     return event, pii
+
+
+def upgrade_to_v2(rng: random.Random, event: dict) -> dict:
+    """The schema v2 fields of an event: reasoning tokens (some models spend none) within
+    its output tokens, and non-zero W3C trace and span ids."""
+    reasoning = rng.choice([0, rng.randrange(0, event["output_tokens"] + 1)])
+    return {"schema_version": 2, "reasoning_tokens": reasoning,
+            "trace_id": f"{rng.getrandbits(128) | 1:032x}", "span_id": f"{rng.getrandbits(64) | 1:016x}"}
 
 
 def malformed(kind: str, event: dict, codec) -> bytes:
@@ -156,13 +204,14 @@ def collect(generator) -> tuple[list[tuple[bytes, bytes]], "Expected"]:
 def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02, users: int = 200,
              pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False,
              late_ratio: float = 0.0, lateness_ms: int = 3_600_000, window_ms: int = 60_000,
-             clock: Callable[[int], int] | None = None, mean_words: tuple[float, float] | None = None):
+             clock: Callable[[int], int] | None = None, mean_words: tuple[float, float] | None = None,
+             v2_ratio: float = 0.5):
     """Yield (key, value) messages, `count` in all, and return what a correct pipeline must
     hold afterwards as the generator's return value (StopIteration.value).
 
     Event times are the wall clock at generation unless now_ms pins them or clock(i) gives
     the time message i will be sent. A late event is dated more than lateness_ms before its
-    user's newest event."""
+    user's newest event. A share v2_ratio of the events are schema version 2 (see make_event)."""
     rng = random.Random(seed)
     expected = Expected()
     recent: list[tuple[bytes, bytes]] = []
@@ -181,7 +230,7 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             key, value = rng.choice(recent)
             expected.duplicates += 1
         else:
-            event, pii = make_event(rng, now, users, pii_ratio, mean_words)
+            event, pii = make_event(rng, now, users, pii_ratio, mean_words, v2_ratio)
             user = f"{event['org_id']}/{event['user_id']}"
             watermark = watermarks.get(user)
             if watermark is not None and roll < bad_ratio + dup_ratio + late_ratio:
@@ -196,6 +245,8 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             for kind, amount in zip(TOKEN_KINDS, tokens):
                 expected.tokens_by_kind[kind] += amount
             expected.tokens += sum(tokens)
+            expected.reasoning_tokens += event.get("reasoning_tokens", 0)
+            expected.v2 += event["schema_version"] == 2
             if watermark is not None and event["event_time"] < watermark - lateness_ms:
                 expected.late += 1
                 expected.late_totals.append({
