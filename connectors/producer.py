@@ -109,7 +109,7 @@ class EventProducer:
     """Asynchronous, spooling, idempotent producer of gateway events (see the module doc).
 
     ``registry`` is a schemas.registry registry (LocalRegistry or ConfluentRegistry);
-    ``validation`` the validation settings section (schemas.codec.EventRules when None)."""
+    ``validation`` the validation settings section (schemas.rules.EventRules when None)."""
 
     def __init__(self, bootstrap: str, topic: str, registry, spool_dir: str | os.PathLike, *,
                  max_spool_bytes: int = 256 << 20, extra_config: dict | None = None, validation=None,

@@ -12,7 +12,7 @@ import pytest
 from dataflows.outputs import billing_writer, clickhouse_writer, database_of, dead_letters, parquet_writer
 from ops import metrics
 from ops.settings import load_settings
-from schemas.codec import decode_billing_event, encode_billing_event
+from schemas.records import decode_billing_event, encode_billing_event
 from schemas.dlq import decode_dlq, dlq_record
 from schemas.pricing import with_cost
 from sinks.billing import billing_event
