@@ -1,6 +1,8 @@
 """The ways events get in and out of the pipeline's edges: the gateways' producer library
-(with its disk spool), the ingestion API (`ingest_api/`), the Kafka and raw-Parquet
-sources of the flows, and the quota client gateways ask before calling a model.
+(``producer``, its disk ``spool``, the generated ``avro_encoder``, and ``usage``, which maps
+a provider's usage block to token counts), the ingestion API (`ingest_api/`), the Kafka
+and raw-Parquet sources of the flows, and the quota client gateways ask before calling a
+model.
 
 Takes plain values and its own settings sections; never imports `ops` or `dataflows`.
 """

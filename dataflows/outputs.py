@@ -16,7 +16,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream
 
 from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
-from schemas.codec import encode_billing_event, encode_quota_alert
+from schemas.records import encode_billing_event, encode_quota_alert
 from schemas.dlq import bounded_original, event_dlq_record
 from schemas.pricing import with_cost
 from schemas.vocabulary import TOKEN_KINDS, user_key

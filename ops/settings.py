@@ -84,7 +84,7 @@ class ValidationSettings(Section):
     max_past_s: float = Field(7 * 86400, gt=0)
     max_latency_ms: int = Field(15 * 60 * 1000, gt=0)
     max_tokens: int = Field(10_000_000, gt=0)
-    # Input limits (schemas.codec.DecodeLimits): beyond them a message goes to the DLQ with its code.
+    # Input limits (schemas.rules.DecodeLimits): beyond them a message goes to the DLQ with its code.
     max_message_bytes: int = Field(1_000_000, gt=0)
     """Largest message value decoded (code too_large)."""
     max_json_depth: int = Field(16, ge=2)

@@ -1,4 +1,5 @@
-"""Decode and encode events and the pipeline's own records.
+"""Decode and encode events: ``RecordCodec`` for any registered record schema, and
+``EventCodec`` for gateway and feedback events with their semantic checks.
 
 Accepted input (``EventCodec.decode``):
 
@@ -15,504 +16,46 @@ The result is the canonical in-flow event: plain Python types, every field of th
 schema present, timestamps as int epoch milliseconds (fastavro's logical-type conversion
 is switched off by reading with logical types stripped).
 
-Input limits (``DecodeLimits``, from ``validation.*`` settings) apply before and while
-parsing: message size, JSON depth, digits of a JSON number, array items, and per-field
-string limits (ids, names, free text). Text must be UTF-8 without a BOM: UTF-16/32 and
-BOM-prefixed JSON are named in the reason (code ``bad_encoding``); lone surrogates
-(``\\ud800`` escapes) are rejected (``bad_text``). Ids and names are NFC-normalised and
-must be printable without whitespace or format characters (``bad_id``).
-
-Every failure raises ``InvalidEvent`` with a short ``code``, a ``reason`` naming the field
-and the rule, and the writer ``schema_id`` when there was one. Reasons never quote string
-values (they may be prompts, responses or other PII); numbers and type names only.
+Input limits and field rules (``schemas.rules``) apply before and while parsing; the
+schema compiler (``schemas.compiler``) checks and converts JSON. Every failure raises
+``InvalidEvent`` with a short ``code``, a ``reason`` that never quotes string values, and
+the writer ``schema_id`` when there was one. The pipeline's own records (billing, quota,
+alerts) have their codecs in ``schemas.records``.
 """
 
 from __future__ import annotations
 
-import functools
 import io
-import json
-import math
-import re
-import unicodedata
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from typing import Any, Callable
+from typing import Any
 
 import fastavro
 
-from schemas.registry import default_local_registry, full_name, parse
-from schemas.vocabulary import COUNTED_TOKEN_FIELDS, TOKEN_KINDS, window_id
+from schemas.compiler import compile_schema, plain, type_name
+from schemas.registry import full_name
+from schemas.rules import (
+    ID_FIELDS,
+    LIST_FIELDS,
+    NAME_FIELDS,
+    REQUIRED_TEXT,
+    TEXT_FIELDS,
+    TRACE_ID_FIELDS,
+    DecodeLimits,
+    EventRules,
+    InvalidEvent,
+    clean_text,
+    detect_encoding,
+    parse_json,
+    shown,
+    trace_context_id,
+)
+from schemas.vocabulary import COUNTED_TOKEN_FIELDS
+
+# What a caller of the codec handles besides the codecs: the error they raise, the rules
+# and limits they take, the schema form a plain-Avro reader needs.
+__all__ = ["HEADER", "MAGIC", "DecodeLimits", "EventCodec", "EventRules", "InvalidEvent", "RecordCodec", "plain"]
 
 MAGIC = 0
 HEADER = 5
-INT_RANGE = (-(2**31), 2**31 - 1)
-LONG_RANGE = (-(2**63), 2**63 - 1)
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_MS = timedelta(milliseconds=1)
-REQUIRED_TEXT = ("event_id", "request_id", "user_id", "org_id", "model")
-_SAFE_TOKEN = re.compile(r"^[A-Za-z0-9_.:\-]{1,40}$")
-CODES = ("empty", "unknown_schema_id", "wrong_schema", "truncated", "bad_avro", "bad_json", "wrong_type",
-         "missing_field", "out_of_range", "future_timestamp", "past_timestamp", "unknown_region",
-         "too_large", "too_deep", "too_long", "bad_encoding", "bad_text", "bad_id")
-# Identifiers and names: NFC-normalised, then checked against ID_RULE; the rest is free text.
-ID_FIELDS = ("event_id", "request_id", "user_id", "org_id", "conversation_id", "experiment_id")
-NAME_FIELDS = ("provider", "endpoint", "model", "model_version", "error_code", "variant")
-TEXT_FIELDS = ("prompt", "response", "comment")
-LIST_FIELDS = ("safety_decisions", "policy_flags")
-# W3C trace context ids (schema v2): lowercase hex of a fixed length, not all zero.
-TRACE_ID_FIELDS = (("trace_id", 32), ("span_id", 16))
-_HEX = frozenset("0123456789abcdef")
-ID_RULE = "printable characters, no whitespace, control or format characters (e.g. zero-width joiners)"
-# Unicode categories an id or name may not contain: controls, format (ZWJ, BOM), surrogates,
-# private use, unassigned, separators (whitespace).
-_FORBIDDEN_IN_IDS = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp"))
-_SURROGATE = re.compile("[\ud800-\udfff]")
-_ISO_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2}(?:[.,]\d{1,9})?)?"
-                       r"(?:Z|[+-]\d{2}(?::?\d{2})?)?)?$")
-# (byte prefix, encoding) of JSON that is not plain UTF-8, longest prefix first.
-_BOMS = ((b"\x00\x00\xfe\xff", "UTF-32-BE with a byte order mark"),
-         (b"\xff\xfe\x00\x00", "UTF-32-LE with a byte order mark"),
-         (b"\xef\xbb\xbf", "UTF-8 with a byte order mark"),
-         (b"\xfe\xff", "UTF-16-BE with a byte order mark"),
-         (b"\xff\xfe", "UTF-16-LE with a byte order mark"))
-
-
-_JSON_OPENERS = b"{["
-_JSON_SECOND = b'"{}[]- \t\r\n0123456789tfn'
-
-
-@dataclass(frozen=True)
-class DecodeLimits:
-    """What one message may hold; anything beyond is an InvalidEvent, checked before the
-    costly step it protects (size before parsing, digits before int conversion)."""
-
-    max_message_bytes: int = 1_000_000
-    max_json_depth: int = 16
-    max_number_digits: int = 40
-    max_array_items: int = 256
-    max_id_chars: int = 128
-    max_name_chars: int = 128
-    max_text_chars: int = 500_000
-
-    @classmethod
-    def of(cls, validation: Any) -> "DecodeLimits":
-        """The limits named in a settings section (any object with these attributes)."""
-        return cls(**{name: getattr(validation, name) for name in cls.__dataclass_fields__
-                      if hasattr(validation, name)})
-
-
-@dataclass(frozen=True)
-class EventRules(DecodeLimits):
-    """The semantic rules of an event besides its input limits; the defaults are those of
-    the ``validation`` settings section, which a caller passes instead (any object with
-    these attributes)."""
-
-    regions: tuple[str, ...] = ("us", "eu", "apac")
-    max_future_s: float = 300
-    max_past_s: float = 7 * 86400
-    max_latency_ms: int = 15 * 60 * 1000
-    max_tokens: int = 10_000_000
-
-
-def detect_encoding(value: bytes) -> str | None:
-    """The name of a non-UTF-8 text encoding the bytes start with (BOM, or JSON's first
-    character padded with NULs as UTF-16/32 writes it), or None."""
-    for prefix, name in _BOMS:
-        if value.startswith(prefix):
-            return name
-    # The second character must be one JSON allows after "{" or "[", so that a Confluent
-    # header (also starting with a NUL) is not taken for UTF-16/32.
-    first, second = _JSON_OPENERS, _JSON_SECOND
-    if len(value) >= 8 and value[:3] == b"\x00\x00\x00" and value[3] in first and value[4:7] == b"\x00\x00\x00" \
-            and value[7] in second:
-        return "UTF-32-BE"
-    if len(value) >= 8 and value[0] in first and value[1:4] == b"\x00\x00\x00" and value[4] in second \
-            and value[5:8] == b"\x00\x00\x00":
-        return "UTF-32-LE"
-    if len(value) >= 4 and value[0] == 0 and value[1] in first and value[2] == 0 and value[3] in second:
-        return "UTF-16-BE"
-    if len(value) >= 4 and value[0] in first and value[1] == 0 and value[2] in second and value[3] == 0:
-        return "UTF-16-LE"
-    return None
-
-
-class _JsonLimit(Exception):
-    def __init__(self, code: str, reason: str):
-        self.code, self.reason = code, reason
-
-
-def _no_constants(name: str):
-    raise _JsonLimit("bad_json", f"{name} is not a JSON number")
-
-
-def _unique_keys(pairs: list) -> dict:
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        raise _JsonLimit("bad_json", "an object has the same key twice")
-    return out
-
-
-def _check_tree(obj: Any, limits: DecodeLimits) -> None:
-    """Depth and array sizes of a parsed JSON value, without recursion."""
-    stack = [(obj, 1)]
-    while stack:
-        value, depth = stack.pop()
-        if depth > limits.max_json_depth:
-            raise InvalidEvent("too_deep", f"JSON nests deeper than validation.max_json_depth "
-                                           f"({limits.max_json_depth})")
-        if isinstance(value, dict):
-            stack.extend((v, depth + 1) for v in value.values())
-        elif isinstance(value, list):
-            if len(value) > limits.max_array_items:
-                raise InvalidEvent("too_large", f"a JSON array has {len(value)} items, above "
-                                                f"validation.max_array_items ({limits.max_array_items})")
-            stack.extend((v, depth + 1) for v in value)
-
-
-def parse_json(value: bytes, limits: DecodeLimits) -> Any:
-    """Strict JSON: UTF-8 without BOM, no NaN/Infinity, no duplicate keys, numbers of at
-    most max_number_digits digits (checked before conversion), depth and array limits."""
-    encoding = detect_encoding(value)
-    if encoding is not None:
-        raise InvalidEvent("bad_encoding", f"JSON message is {encoding}; events must be UTF-8 without a "
-                                           "byte order mark")
-    try:
-        text = value.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidEvent("bad_json", f"JSON message is not UTF-8 (byte {exc.start})") from None
-
-    def number(kind: Callable[[str], Any]):
-        def parse(digits: str):
-            if len(digits) > limits.max_number_digits:
-                raise _JsonLimit("out_of_range", f"a JSON number has {len(digits)} characters, above "
-                                                 f"validation.max_number_digits ({limits.max_number_digits})")
-            parsed = kind(digits)
-            if isinstance(parsed, float) and not math.isfinite(parsed):
-                raise _JsonLimit("out_of_range", "a JSON number is too large for a double")
-            return parsed
-        return parse
-
-    try:
-        obj = json.loads(text, parse_int=number(int), parse_float=number(float), parse_constant=_no_constants,
-                         object_pairs_hook=_unique_keys)
-    except _JsonLimit as exc:
-        raise InvalidEvent(exc.code, exc.reason) from None
-    except json.JSONDecodeError as exc:
-        raise InvalidEvent("bad_json", f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise InvalidEvent("too_deep", "JSON nested too deeply") from None
-    # Nesting cannot exceed the number of brackets, nor an array its commas + 1.
-    if text.count("[") + text.count("{") > limits.max_json_depth or text.count(",") >= limits.max_array_items:
-        _check_tree(obj, limits)
-    return obj
-
-
-def clean_text(value: str, path: str, max_chars: int, identifier: bool) -> str:
-    """A string field checked: no lone surrogates, at most max_chars; ids and names are
-    NFC-normalised (so two spellings of one id are one id) and must follow ID_RULE."""
-    if len(value) > max_chars * 4:
-        raise InvalidEvent("too_long", f"{path} has {len(value)} characters, above {max_chars}")
-    if not value.isascii() and _SURROGATE.search(value):
-        raise InvalidEvent("bad_text", f"{path} holds a lone UTF-16 surrogate, which is not text")
-    if identifier:
-        value = unicodedata.normalize("NFC", value)
-    if len(value) > max_chars:
-        raise InvalidEvent("too_long", f"{path} has {len(value)} characters, above {max_chars}")
-    if identifier and (" " in value or not value.isascii() or not value.isprintable()):
-        for char in value:
-            if char == " " or unicodedata.category(char) in _FORBIDDEN_IN_IDS:
-                raise InvalidEvent("bad_id", f"{path} holds U+{ord(char):04X}; ids and names must be {ID_RULE}")
-    return value
-
-
-def trace_context_id(value: str, path: str, digits: int) -> str:
-    """A W3C trace or span id: ``digits`` hex digits (upper case accepted, stored lower
-    case, as OpenTelemetry writes them), not all zero (the W3C invalid id)."""
-    lowered = value.lower()
-    if len(lowered) != digits or not _HEX.issuperset(lowered):
-        raise InvalidEvent("bad_id", f"{path} has {len(value)} characters; expected {digits} hex digits "
-                                     "(W3C trace context)")
-    if lowered.count("0") == digits:
-        raise InvalidEvent("bad_id", f"{path} is all zeros, the W3C invalid id")
-    return lowered
-
-
-class InvalidEvent(Exception):
-    """A message that is not a valid event: ``code`` (machine), ``reason`` (human), ``schema_id``."""
-
-    def __init__(self, code: str, reason: str, schema_id: int | None = None):
-        super().__init__(f"{code}: {reason}")
-        self.code = code
-        self.reason = reason
-        self.schema_id = schema_id
-
-    def __reduce__(self):
-        return (type(self), (self.code, self.reason, self.schema_id))
-
-
-def shown(value: Any) -> str:
-    """A value fit for a reason: short identifiers as they are, anything else by its size."""
-    if isinstance(value, str):
-        return repr(value) if _SAFE_TOKEN.match(value) else f"a {len(value)}-character string"
-    return type(value).__name__
-
-
-def _strip(schema: Any) -> Any:
-    """A copy of a (parsed) schema without logical types and fastavro's private keys."""
-    if isinstance(schema, list):
-        return [_strip(branch) for branch in schema]
-    if isinstance(schema, dict):
-        return {key: _strip(value) for key, value in schema.items()
-                if key != "logicalType" and not key.startswith("__")}
-    return schema
-
-
-@functools.lru_cache(maxsize=256)
-def _plain_by_key(key: str) -> dict:
-    return parse(json.loads(key))
-
-
-def plain(parsed: dict) -> dict:
-    """The parsed schema with logical types removed (so longs stay ints), cached."""
-    return _plain_by_key(json.dumps(_strip(parsed), sort_keys=True))
-
-
-def to_millis(value: Any, path: str) -> int:
-    """An ISO-8601 string or datetime as epoch milliseconds (naive = UTC)."""
-    if isinstance(value, str):
-        try:
-            if not _ISO_TIME.match(value.strip()):
-                raise ValueError("not ISO-8601")
-            value = datetime.fromisoformat(value.strip().replace(",", "."))
-        except ValueError:
-            raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, not an ISO-8601 timestamp or epoch "
-                                              "milliseconds") from None
-    if isinstance(value, datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=UTC)
-        return (value - EPOCH) // _MS
-    raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, expected epoch milliseconds or ISO-8601")
-
-
-
-def _type_name(schema: Any) -> str:
-    if isinstance(schema, list):
-        return " or ".join(_type_name(branch) for branch in schema)
-    if isinstance(schema, dict):
-        if schema.get("logicalType"):
-            return schema["logicalType"]
-        if schema.get("type") in ("record", "enum", "fixed"):
-            return schema["name"].rsplit(".", 1)[-1]
-        if schema.get("type") == "array":
-            return f"array of {_type_name(schema['items'])}"
-        if schema.get("type") == "map":
-            return f"map of {_type_name(schema['values'])}"
-        return _type_name(schema["type"])
-    return str(schema).rsplit(".", 1)[-1]
-
-
-def conform(value: Any, schema: Any, path: str, named: dict) -> Any:
-    """A JSON-ish value checked against a (parsed, logical types kept) schema and made
-    canonical: defaults filled, timestamps to epoch ms, numbers to their Avro type."""
-    return compile_schema(schema, named)(value, path)
-
-
-_FAST_TYPES = {"string": str, "boolean": bool, "double": float, "float": float}
-
-
-_MISSING = object()
-
-
-def _already_canonical(schema: Any, value: str) -> str:
-    """A Python test that ``value`` needs no conversion under ``schema`` (what the compiled
-    converter would return unchanged), or "False" where only the converter can tell."""
-    if isinstance(schema, dict) and schema.get("type") in ("int", "long") and schema.get("logicalType") in (
-            None, "timestamp-millis", "local-timestamp-millis"):
-        schema = schema["type"]
-    if isinstance(schema, str) and schema in ("int", "long"):
-        low, high = INT_RANGE if schema == "int" else LONG_RANGE
-        return f"(type({value}) is int and {low} <= {value} <= {high})"
-    if isinstance(schema, str) and schema in _FAST_TYPES:
-        return f"type({value}) is {_FAST_TYPES[schema].__name__}"
-    if isinstance(schema, list) and len(schema) == 2 and "null" in schema:
-        other = _already_canonical(schema[1 - schema.index("null")], value)
-        return f"({value} is None or {other})" if other != "False" else "False"
-    return "False"
-
-
-def _compile_record(schema: dict, named: dict, seen: dict):
-    """The record converter as generated straight-line code: a field whose value is already
-    canonical (nearly all of them) costs one type test, not a converter call."""
-    lines = ["def record(value, path):",
-             "    if not isinstance(value, dict):",
-             "        raise InvalidEvent('wrong_type',",
-             "                           f\"{path or 'the message'} is {shown(value)}, expected an object\")",
-             "    out = {}"]
-    namespace: dict[str, Any] = {"InvalidEvent": InvalidEvent, "shown": shown, "MISSING": _MISSING}
-    for index, field in enumerate(schema["fields"]):
-        name = field["name"]
-        namespace[f"convert{index}"] = compile_schema(field["type"], named, seen)
-        where = f"(path + {'.' + name!r} if path else {name!r})"
-        lines += [f"    v = value.get({name!r}, MISSING)",
-                  "    if v is MISSING:"]
-        namespace[f"default{index}"] = field.get("default")
-        if "default" not in field:
-            lines.append(f"        raise InvalidEvent('missing_field', 'required field ' + {where} + ' is missing')")
-        elif isinstance(field["default"], (list, dict)):  # a fresh copy for each record
-            lines.append(f"        out[{name!r}] = {type(field['default']).__name__}(default{index})")
-        else:
-            lines.append(f"        out[{name!r}] = default{index}")
-        lines += [f"    elif {_already_canonical(field['type'], 'v')}:",
-                  f"        out[{name!r}] = v",
-                  "    else:",
-                  f"        out[{name!r}] = convert{index}(v, {where})"]
-    lines.append("    return out")
-    exec(compile("\n".join(lines) + "\n", f"<record converter {schema.get('name', '')}>", "exec"),  # noqa: S102
-         namespace)
-    return namespace["record"]
-
-
-def compile_schema(schema: Any, named: dict, _seen: dict | None = None):
-    """A function (value, path) -> canonical value for one schema (see ``conform``)."""
-    seen = {} if _seen is None else _seen
-    if isinstance(schema, str):
-        if schema in named:
-            if schema not in seen:
-                seen[schema] = None  # recursive types: resolved lazily below
-                seen[schema] = compile_schema(named[schema], named, seen)
-            found = seen[schema]
-            return found if found is not None else (lambda v, p: seen[schema](v, p))
-        kind = schema
-        exact = _FAST_TYPES.get(kind)
-        if kind in ("int", "long"):
-            low, high = INT_RANGE if kind == "int" else LONG_RANGE
-
-            def integer(value, path):
-                if type(value) is int and low <= value <= high:
-                    return value
-                return _primitive(value, kind, path)
-            return integer
-        if exact is not None:
-            def fast(value, path):
-                if type(value) is exact:
-                    return value
-                return _primitive(value, kind, path)
-            return fast
-        return lambda value, path: _primitive(value, kind, path)
-    if isinstance(schema, list):
-        nullable = "null" in schema
-        branches = [compile_schema(b, named, seen) for b in schema if b != "null"]
-        expected = _type_name(schema)
-
-        def union(value, path):
-            if value is None:
-                if nullable:
-                    return None
-                raise InvalidEvent("wrong_type", f"{path} is null, expected {expected}")
-            errors = []
-            for branch in branches:
-                try:
-                    return branch(value, path)
-                except InvalidEvent as exc:
-                    errors.append(exc)
-            for exc in errors:
-                if exc.code != "wrong_type":
-                    raise exc
-            got = "a string" if isinstance(value, str) else shown(value)
-            raise InvalidEvent("wrong_type", f"{path} is {got}, expected {expected}")
-        return union
-    kind = schema["type"]
-    logical = schema.get("logicalType")
-    if kind == "long" and logical in ("timestamp-millis", "local-timestamp-millis",
-                                       "timestamp-micros", "local-timestamp-micros"):
-        scale = 1000 if "micros" in logical else 1
-        as_long = compile_schema("long", named, seen)
-
-        def timestamp(value, path):
-            if isinstance(value, (str, datetime)):
-                value = to_millis(value, path) * scale
-            return as_long(value, path)
-        return timestamp
-    if kind == "record":
-        return _compile_record(schema, named, seen)
-    if kind == "array":
-        items = compile_schema(schema["items"], named, seen)
-        expected = _type_name(schema)
-
-        def array(value, path):
-            if not isinstance(value, (list, tuple)):
-                raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, expected {expected}")
-            return [items(item, f"{path}[{i}]") for i, item in enumerate(value)]
-        return array
-    if kind == "map":
-        values = compile_schema(schema["values"], named, seen)
-        expected = _type_name(schema)
-
-        def mapping(value, path):
-            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, expected {expected}")
-            return {k: values(v, f"{path}[{i}]") for i, (k, v) in enumerate(value.items())}
-        return mapping
-    if kind == "enum":
-        symbols = schema["symbols"]
-        allowed = frozenset(symbols)
-        has_default, default = "default" in schema, schema.get("default")
-
-        def enum(value, path):
-            if not isinstance(value, str):
-                raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, expected one of {', '.join(symbols)}")
-            if value in allowed:
-                return value
-            if has_default:
-                return default
-            raise InvalidEvent("out_of_range", f"{path} is {shown(value)}, not one of {', '.join(symbols)}")
-        return enum
-    if kind == "fixed":
-        size = schema["size"]
-
-        def fixed(value, path):
-            data = value.encode("latin-1") if isinstance(value, str) else value
-            if not isinstance(data, bytes) or len(data) != size:
-                raise InvalidEvent("wrong_type", f"{path} is {shown(value)}, expected {size} bytes")
-            return data
-        return fixed
-    return compile_schema(kind, named, seen)
-
-
-def _primitive(value: Any, kind: str, path: str) -> Any:
-    if kind == "null":
-        if value is None:
-            return None
-    elif kind == "boolean":
-        if isinstance(value, bool):
-            return value
-    elif kind in ("int", "long"):
-        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            low, high = INT_RANGE if kind == "int" else LONG_RANGE
-            if not low <= value <= high:
-                raise InvalidEvent("out_of_range", f"{path} is {value}, outside the range of an Avro {kind}")
-            return value
-    elif kind in ("float", "double"):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif kind == "string":
-        if isinstance(value, str):
-            return value
-    elif kind == "bytes":
-        if isinstance(value, (bytes, bytearray)):
-            return bytes(value)
-        if isinstance(value, str):
-            try:
-                return value.encode("latin-1")
-            except UnicodeEncodeError:
-                pass
-    else:
-        raise InvalidEvent("wrong_type", f"{path}: unsupported schema type {kind}")
-    got = "a string" if isinstance(value, str) else ("null" if value is None else type(value).__name__)
-    raise InvalidEvent("wrong_type", f"{path} is {got}, expected {kind}")
 
 
 _FINER_THAN_MILLIS = {"timestamp-micros": 1000, "local-timestamp-micros": 1000,
@@ -614,7 +157,7 @@ class RecordCodec:
                                schema_id) from None
         if not isinstance(parsed, dict) or parsed.get("type") != "record":
             kind = parsed.get("type") if isinstance(parsed, dict) else parsed
-            raise InvalidEvent("wrong_schema", f"schema id {schema_id} is a {_type_name(kind)} schema, "
+            raise InvalidEvent("wrong_schema", f"schema id {schema_id} is a {type_name(kind)} schema, "
                                                f"not the record {self.reader.full_name}", schema_id)
         writer = _Schema(parsed)
         if writer.full_name not in self.reader.aliases:
@@ -797,56 +340,3 @@ class EventCodec(RecordCodec):
         normalized = self.clean_strings(self.normalize(event))
         self.validate(normalized, now_ms)
         return normalized
-
-
-# -- the pipeline's own records: local ids, shipped schemas ------------------------------
-
-@functools.cache
-def record_codec(name: str) -> RecordCodec:
-    """Codec of one of the pipeline's own record schemas, with the shipped local ids.
-
-    Pipeline-produced records (DLQ, billing events, quota updates and alerts) always use
-    the local ids, also when a Confluent registry serves the gateway events: the pipeline
-    owns these schemas and `gatewatch schemas check` gates their evolution."""
-    return RecordCodec(default_local_registry(), name)
-
-
-def encode_billing_event(record: dict) -> bytes:
-    return record_codec("billing_event").encode(record)
-
-
-def decode_billing_event(value: bytes) -> dict:
-    return record_codec("billing_event").decode(value)
-
-
-def encode_quota_alert(record: dict) -> bytes:
-    return record_codec("quota_alert").encode(record)
-
-
-def decode_quota_alert(value: bytes) -> dict:
-    return record_codec("quota_alert").decode(value)
-
-
-def quota_update(total: dict) -> dict:
-    """A window total of the flow (org_id, user_id, model, window_start_ms, window_length_ms,
-    n, input, output, cache_read, cache_write) as a QuotaUpdate record."""
-    return {
-        "update_id": f"{window_id(total)}#{total['n']}",
-        "org_id": total["org_id"], "user_id": total["user_id"], "model": total["model"],
-        "window_start_ms": total["window_start_ms"], "window_length_ms": total["window_length_ms"],
-        "events": total["n"],
-        **{f"{kind}_tokens": total[kind] for kind in TOKEN_KINDS},
-    }
-
-
-def encode_quota_update(total: dict) -> bytes:
-    """Accepts a flow window total or a QuotaUpdate record."""
-    try:
-        record = total if "update_id" in total else quota_update(total)
-    except KeyError as exc:
-        raise InvalidEvent("missing_field", f"the window total has no {shown(exc.args[0])}") from None
-    return record_codec("quota_update").encode(record)
-
-
-def decode_quota_update(value: bytes) -> dict:
-    return record_codec("quota_update").decode(value)

@@ -19,7 +19,8 @@ import re
 import time
 from typing import Callable, Iterable
 
-from schemas.codec import INT_RANGE, LONG_RANGE, record_codec
+from schemas.compiler import INT_RANGE, LONG_RANGE
+from schemas.records import record_codec
 
 MAX_REASON = 2000
 # Ids and names in a DLQ record are capped: a record that carries a 600,000-character

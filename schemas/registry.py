@@ -205,7 +205,7 @@ class ConfluentRegistry:
     schema is registered (looked up, or registered when ``auto_register``). Subjects
     follow RecordNameStrategy (``io.gatewatch.v1.GatewayEvent``) unless ``subject_for``
     says otherwise. DLQ, billing and alert records keep using the local ids (see
-    schemas.codec)."""
+    schemas.records)."""
 
     def __init__(self, url: str | None = None, *, client=None, local: LocalRegistry | None = None,
                  auto_register: bool = True, subject_for=record_name_subject, conf: dict | None = None):

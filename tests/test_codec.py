@@ -18,18 +18,16 @@ from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerialize
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 from ops.settings import ValidationSettings
-from schemas.codec import (
-    CODES,
-    EventCodec,
-    InvalidEvent,
+from schemas.codec import EventCodec, InvalidEvent, plain
+from schemas.records import (
     decode_billing_event,
     decode_quota_alert,
     decode_quota_update,
     encode_billing_event,
     encode_quota_alert,
     encode_quota_update,
-    plain,
 )
+from schemas.rules import CODES
 from schemas.dlq import decode_dlq, dlq_record, encode_dlq
 from schemas.registry import SCHEMA_DIR, ConfluentRegistry, LocalRegistry, registry_from_settings
 

@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 from ops.settings import ValidationSettings
 from redaction import Redactor
-from schemas.codec import (
-    EventCodec,
-    InvalidEvent,
+from schemas.codec import EventCodec, InvalidEvent
+from schemas.records import (
     decode_billing_event,
     decode_quota_alert,
     decode_quota_update,

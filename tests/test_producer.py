@@ -15,7 +15,8 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 from prometheus_client import REGISTRY
 
-from connectors.producer import DiskSpool, EventProducer, usage_tokens
+from connectors.producer import DiskSpool, EventProducer
+from connectors.usage import usage_tokens
 from ops.dev import services as svc
 from ops.dev.loadgen import make_event
 from ops.settings import ValidationSettings

@@ -1,11 +1,12 @@
-"""The generated record converter of schemas.codec (compile_schema): values already
+"""The generated record converter of schemas.compiler (compile_schema): values already
 canonical pass through, everything else goes to the field's converter with its path."""
 
 from __future__ import annotations
 
 import pytest
 
-from schemas.codec import InvalidEvent, compile_schema
+from schemas.compiler import compile_schema
+from schemas.rules import InvalidEvent
 from schemas.registry import parse
 
 SCHEMA = parse({"type": "record", "name": "Outer", "namespace": "t", "fields": [

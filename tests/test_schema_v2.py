@@ -12,7 +12,7 @@ import fastavro
 import pyarrow.parquet as pq
 import pytest
 
-from connectors.producer import usage_tokens
+from connectors.usage import usage_tokens
 from ops.settings import PricingSettings, ValidationSettings
 from schemas.codec import EventCodec, InvalidEvent, plain
 from schemas.compat import compatibility

@@ -17,7 +17,7 @@ from bytewax.testing import run_main
 from connectors.producer import EventProducer
 from dataflows.ingest import build_flow
 from ops.settings import load_settings
-from schemas.codec import decode_billing_event
+from schemas.records import decode_billing_event
 from schemas.registry import SCHEMA_DIR, LocalRegistry
 from sinks.clickhouse import ClickHouse
 from sinks.kafka import read_topic

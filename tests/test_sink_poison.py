@@ -15,7 +15,7 @@ from dataflows.outputs import billing_writer, clickhouse_writer, database_of, de
 from ops import metrics
 from ops.dev import services as svc
 from ops.settings import load_settings
-from schemas.codec import decode_billing_event, encode_billing_event
+from schemas.records import decode_billing_event, encode_billing_event
 from schemas.dlq import decode_dlq, dlq_record
 from schemas.pricing import with_cost
 from sinks.billing import billing_event

@@ -33,7 +33,7 @@ def test_keys_name_users_events_and_windows_within_their_org():
 
 def test_billing_ids_and_quota_updates_name_a_window_the_same_way():
     from ops.settings import load_settings
-    from schemas.codec import quota_update
+    from schemas.records import quota_update
     from sinks.billing import billing_event
 
     pricing = load_settings(environ={}, use_service_state=False).pricing

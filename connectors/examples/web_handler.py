@@ -21,7 +21,8 @@ import time
 import uuid
 from wsgiref.simple_server import make_server
 
-from connectors.producer import EventProducer, usage_tokens
+from connectors.producer import EventProducer
+from connectors.usage import usage_tokens
 from schemas.codec import InvalidEvent
 from schemas.registry import registry_from_settings
 

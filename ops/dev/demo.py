@@ -34,7 +34,7 @@ from ops.launch import Snapshots, flow_command, process_env
 from ops.migrate import migrate_clickhouse, migrate_kafka
 from ops.recovery import init_recovery
 from ops.settings import SINK_NAMES, Settings
-from schemas.codec import decode_billing_event
+from schemas.records import decode_billing_event
 from schemas.dlq import decode_dlq
 from schemas.registry import registry_from_settings
 from sinks.audit_log import open_store
