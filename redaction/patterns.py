@@ -252,14 +252,20 @@ SSN_RE = re.compile(r"(?<![\d\-.])(\d{3})([ .\-]?)(\d{2})\2(\d{4})(?![\d\-])")
 SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|ssns|social security|soc\.? sec|ss#|ss no|taxpayer)")
 
 
+# Published sample numbers (UsSsnRecognizer.invalidate_result's list).
+_SAMPLE_SSNS = frozenset(("123456789", "987654320", "078051120"))
+
+
 def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
     out = []
-    validator = _presidio()["ssn"]
     for m in SSN_RE.finditer(text, lo, hi):
-        area, sep, group, serial = m.group(1), m.group(2), m.group(3), m.group(4)
+        area, sep, group, serial = m.groups()
         if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
             continue
-        if validator.invalidate_result(m.group()):
+        # The rest of Presidio's UsSsnRecognizer.invalidate_result (SSN_RE already makes both
+        # separators the same): not one digit repeated, not a published sample.
+        digits = area + group + serial
+        if digits in _SAMPLE_SSNS or digits.count(digits[0]) == 9:
             continue
         score = {"-": 0.85, " ": 0.6, ".": 0.6}.get(sep, 0.3)
         if _context(text, m.start(), SSN_CONTEXT, 64):
