@@ -99,6 +99,9 @@ def find_email(text: str, lo: int, hi: int) -> list[Entity]:
 # digits in a row, and an identifier column (id, order, sku) is told by its header.
 CARD_RE = re.compile(r"(?<![\w\-./])\d(?:[ \-]?\d){11,22}(?![\d])")
 _SEP = re.compile(r"[ \-]")
+# A card number written right after letters ("xy4111111111111111"): CARD_RE's boundary
+# skips it; a whole unseparated number that passes Luhn in a card range is taken.
+GLUED_CARD_RE = re.compile(r"[A-Za-z]\d{12,19}(?!\w)")
 CARD_CONTEXT = re.compile(r"(?i)\b(?:card|cards|credit|debit|visa|mastercard|amex|maestro|cc|pan|payment|charged?)\b")
 
 
@@ -183,12 +186,29 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
             continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
         if best:
             out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
+    for m in GLUED_CARD_RE.finditer(text, lo, hi):
+        start = m.start() + 1
+        digits = m.group()[1:]
+        if _glued_to_word(text, start) and luhn(digits) and card_brand(digits) and not (
+                len(digits) == 13 and _ean13(digits) and not _context(text, start, CARD_CONTEXT)):
+            out.append(Entity("CREDIT_CARD", start, m.end(), 0.9))
     return out
+
+
+def _glued_to_word(text: str, start: int) -> bool:
+    """Whether the value at `start` follows letters that begin a token ("ref4111...",
+    "xyDE89..."): not the middle of a hash or identifier that mixes letters and digits."""
+    i = start
+    while i > 0 and text[i - 1].isascii() and text[i - 1].isalpha():
+        i -= 1
+    return i < start and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] in "_-./"))
 
 
 # -- IBAN -----------------------------------------------------------------------------------
 
-IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ \-]?[A-Za-z0-9]){11,32}")
+# (A match may start right after letters, "refDE89...", but then only at the start of a
+# token of letters: see _glued_to_word.)
+IBAN_RE = re.compile(r"(?<![0-9])[A-Za-z]{2}\d{2}(?:[ \-]?[A-Za-z0-9]){11,32}")
 
 
 # ISO 13616: each letter becomes its number (A=10 ... Z=35) before the mod-97 check.
@@ -228,6 +248,9 @@ def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
     out = []
     position = lo
     while (m := IBAN_RE.search(text, position, hi)) is not None:
+        if m.start() > 0 and text[m.start() - 1].isalpha() and not _glued_to_word(text, m.start()):
+            position = m.start() + 1
+            continue
         raw = m.group()
         positions = [i for i, ch in enumerate(raw) if ch not in " -"]
         compact = "".join(raw[i] for i in positions).upper()  # people paste IBANs in lowercase too
