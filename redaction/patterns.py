@@ -336,14 +336,20 @@ NOT_PHONE_HEADER = re.compile(r"(?i)\b(?:id|ids|sku|ean|gtin|upc|isbn|order|invo
 
 def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
     """Whether the CSV or markdown-table column holding `start` has a header matching
-    `words` ("phone", "id"): the header is the first line of the block of lines with as many
-    separators as this one."""
+    `words` ("phone", "id")."""
+    header = column_header(text, start)
+    return header is not None and words.search(header) is not None
+
+
+def column_header(text: str, start: int) -> str | None:
+    """The header cell of the CSV or markdown-table column holding `start`, or None: the
+    header is the first line of the block of lines with as many separators as this one."""
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start:line_end if line_end >= 0 else len(text)]
     sep = "|" if line.count("|") >= 2 else ("," if line.count(",") >= 1 else None)
     if sep is None or line_start == 0:
-        return False
+        return None
     column = text.count(sep, line_start, start)
     cells = line.count(sep)
     header = line
@@ -357,9 +363,9 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
             break
         header, pos = prev, prev_start
     if header is line:
-        return False
+        return None
     names = header.split(sep)
-    return column < len(names) and words.search(names[column]) is not None
+    return names[column] if column < len(names) else None
 
 
 def _is_ipv4(candidate: str) -> bool:
@@ -432,10 +438,18 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     # here, before the context searches.
     if not international and UNIT_AFTER.match(text, start + len(candidate)):
         return 0.0  # "8751007310 ms", "1 234 567 tokens"
-    if not international and (NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start)
-                              or table_header_says(text, start, NOT_PHONE_HEADER)):
-        return 0.0
-    context = _context(text, start, PHONE_CONTEXT) or table_header_says(text, start, PHONE_CONTEXT)
+    header: str | None | bool = False  # (False: not looked up yet; the walk up a table is the dearer part)
+    if not international:
+        if NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start):
+            return 0.0
+        header = column_header(text, start)
+        if header is not None and NOT_PHONE_HEADER.search(header):
+            return 0.0
+    context = _context(text, start, PHONE_CONTEXT)
+    if not context:
+        if header is False:
+            header = column_header(text, start)
+        context = header is not None and PHONE_CONTEXT.search(header) is not None
     if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0" and candidate[1:].isdigit()):
         return 0.0  # "+3.140000", "+000000120": numbers, not phones
     if digits >= 12 and not international and luhn(compact) and card_brand(compact):
