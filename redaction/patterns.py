@@ -99,6 +99,9 @@ def find_email(text: str, lo: int, hi: int) -> list[Entity]:
 # digits in a row, and an identifier column (id, order, sku) is told by its header.
 CARD_RE = re.compile(r"(?<![\w\-./])\d(?:[ \-]?\d){11,22}(?![\d])")
 _SEP = re.compile(r"[ \-]")
+# A card number written right after letters ("xy4111111111111111"): CARD_RE's boundary
+# skips it; a whole unseparated number that passes Luhn in a card range is taken.
+GLUED_CARD_RE = re.compile(r"[A-Za-z]\d{12,19}(?!\w)")
 CARD_CONTEXT = re.compile(r"(?i)\b(?:card|cards|credit|debit|visa|mastercard|amex|maestro|cc|pan|payment|charged?)\b")
 
 
@@ -183,12 +186,29 @@ def find_card(text: str, lo: int, hi: int) -> list[Entity]:
             continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
         if best:
             out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
+    for m in GLUED_CARD_RE.finditer(text, lo, hi):
+        start = m.start() + 1
+        digits = m.group()[1:]
+        if _glued_to_word(text, start) and luhn(digits) and card_brand(digits) and not (
+                len(digits) == 13 and _ean13(digits) and not _context(text, start, CARD_CONTEXT)):
+            out.append(Entity("CREDIT_CARD", start, m.end(), 0.9))
     return out
+
+
+def _glued_to_word(text: str, start: int) -> bool:
+    """Whether the value at `start` follows letters that begin a token ("ref4111...",
+    "xyDE89..."): not the middle of a hash or identifier that mixes letters and digits."""
+    i = start
+    while i > 0 and text[i - 1].isascii() and text[i - 1].isalpha():
+        i -= 1
+    return i < start and (i == 0 or not (text[i - 1].isalnum() or text[i - 1] in "_-./"))
 
 
 # -- IBAN -----------------------------------------------------------------------------------
 
-IBAN_RE = re.compile(r"(?<![A-Za-z0-9])[A-Za-z]{2}\d{2}(?:[ \-]?[A-Za-z0-9]){11,32}")
+# (A match may start right after letters, "refDE89...", but then only at the start of a
+# token of letters: see _glued_to_word.)
+IBAN_RE = re.compile(r"(?<![0-9])[A-Za-z]{2}\d{2}(?:[ \-]?[A-Za-z0-9]){11,32}")
 
 
 # ISO 13616: each letter becomes its number (A=10 ... Z=35) before the mod-97 check.
@@ -203,11 +223,34 @@ def _mod97(compact: str) -> bool:
     return int(moved) % 97 == 1
 
 
+@functools.lru_cache(maxsize=1)
+def _iban_formats() -> dict[str, re.Pattern]:
+    """Presidio's per-country IBAN layouts, compiled once with the standard library's re:
+    its IbanRecognizer.validate_result looks each one up in the `regex` module's pattern
+    cache on every call (about 10 µs) and repeats the checksum _mod97 has already done."""
+    from presidio_analyzer.predefined_recognizers.generic.iban_patterns import regex_per_country
+
+    # (Unanchored at the end, as Presidio matches them: exact_match is off by default.)
+    return {country: re.compile(layout) for country, layout in regex_per_country.items() if layout}
+
+
+def _iban_layout_ok(compact: str) -> bool:
+    """What IbanRecognizer.validate_result says of a compact, upper-case IBAN whose mod-97
+    checksum passed: its check digits are ones it computes (02-98: 00, 01 and 99 also pass
+    mod 97) and its country's layout matches."""
+    if compact[2:4] in ("00", "01", "99"):
+        return False
+    layout = _iban_formats().get(compact[:2])
+    return layout is not None and layout.match(compact) is not None
+
+
 def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
     out = []
-    validator = _presidio()["iban"]
     position = lo
     while (m := IBAN_RE.search(text, position, hi)) is not None:
+        if m.start() > 0 and text[m.start() - 1].isalpha() and not _glued_to_word(text, m.start()):
+            position = m.start() + 1
+            continue
         raw = m.group()
         positions = [i for i, ch in enumerate(raw) if ch not in " -"]
         compact = "".join(raw[i] for i in positions).upper()  # people paste IBANs in lowercase too
@@ -219,7 +262,7 @@ def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
             end = positions[length - 1] + 1
             if end < len(raw) and raw[end].isalnum():
                 continue  # would cut a group in half
-            if _mod97(candidate) and validator.validate_result(candidate):
+            if _mod97(candidate) and _iban_layout_ok(candidate):
                 out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
                 position = m.start() + end
                 break
@@ -232,14 +275,20 @@ SSN_RE = re.compile(r"(?<![\d\-.])(\d{3})([ .\-]?)(\d{2})\2(\d{4})(?![\d\-])")
 SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|ssns|social security|soc\.? sec|ss#|ss no|taxpayer)")
 
 
+# Published sample numbers (UsSsnRecognizer.invalidate_result's list).
+_SAMPLE_SSNS = frozenset(("123456789", "987654320", "078051120"))
+
+
 def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
     out = []
-    validator = _presidio()["ssn"]
     for m in SSN_RE.finditer(text, lo, hi):
-        area, sep, group, serial = m.group(1), m.group(2), m.group(3), m.group(4)
+        area, sep, group, serial = m.groups()
         if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
             continue
-        if validator.invalidate_result(m.group()):
+        # The rest of Presidio's UsSsnRecognizer.invalidate_result (SSN_RE already makes both
+        # separators the same): not one digit repeated, not a published sample.
+        digits = area + group + serial
+        if digits in _SAMPLE_SSNS or digits.count(digits[0]) == 9:
             continue
         score = {"-": 0.85, " ": 0.6, ".": 0.6}.get(sep, 0.3)
         if _context(text, m.start(), SSN_CONTEXT, 64):
@@ -287,14 +336,20 @@ NOT_PHONE_HEADER = re.compile(r"(?i)\b(?:id|ids|sku|ean|gtin|upc|isbn|order|invo
 
 def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
     """Whether the CSV or markdown-table column holding `start` has a header matching
-    `words` ("phone", "id"): the header is the first line of the block of lines with as many
-    separators as this one."""
+    `words` ("phone", "id")."""
+    header = column_header(text, start)
+    return header is not None and words.search(header) is not None
+
+
+def column_header(text: str, start: int) -> str | None:
+    """The header cell of the CSV or markdown-table column holding `start`, or None: the
+    header is the first line of the block of lines with as many separators as this one."""
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start:line_end if line_end >= 0 else len(text)]
     sep = "|" if line.count("|") >= 2 else ("," if line.count(",") >= 1 else None)
     if sep is None or line_start == 0:
-        return False
+        return None
     column = text.count(sep, line_start, start)
     cells = line.count(sep)
     header = line
@@ -308,9 +363,9 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
             break
         header, pos = prev, prev_start
     if header is line:
-        return False
+        return None
     names = header.split(sep)
-    return column < len(names) and words.search(names[column]) is not None
+    return names[column] if column < len(names) else None
 
 
 def _is_ipv4(candidate: str) -> bool:
@@ -383,10 +438,18 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     # here, before the context searches.
     if not international and UNIT_AFTER.match(text, start + len(candidate)):
         return 0.0  # "8751007310 ms", "1 234 567 tokens"
-    if not international and (NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start)
-                              or table_header_says(text, start, NOT_PHONE_HEADER)):
-        return 0.0
-    context = _context(text, start, PHONE_CONTEXT) or table_header_says(text, start, PHONE_CONTEXT)
+    header: str | None | bool = False  # (False: not looked up yet; the walk up a table is the dearer part)
+    if not international:
+        if NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start):
+            return 0.0
+        header = column_header(text, start)
+        if header is not None and NOT_PHONE_HEADER.search(header):
+            return 0.0
+    context = _context(text, start, PHONE_CONTEXT)
+    if not context:
+        if header is False:
+            header = column_header(text, start)
+        context = header is not None and PHONE_CONTEXT.search(header) is not None
     if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0" and candidate[1:].isdigit()):
         return 0.0  # "+3.140000", "+000000120": numbers, not phones
     if digits >= 12 and not international and luhn(compact) and card_brand(compact):
@@ -461,6 +524,13 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
     return any(first <= number <= last for first, last in _NOT_PERSONAL_V4_RANGES)
 
 
+def _private_v4(valid: str) -> bool:
+    """_not_personal of the address of a string _is_ipv4 accepted."""
+    a, b, c, d = valid.split(".")
+    number = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+    return any(first <= number <= last for first, last in _NOT_PERSONAL_V4_RANGES)
+
+
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     """The address of "a.b.c.d", "a.b.c.d/nn" or an IPv6 form; ValueError if it is none.
     Without a prefix this is ip_address: ip_interface would also build a network object,
@@ -489,12 +559,18 @@ def make_ip_finder(ignore_private: bool) -> Finder:
                 bare = value.split("%")[0]
                 if regex is IPV6_RE and "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
                     continue  # what ip_address would reject, without the cost of its ValueError
-                try:
-                    address = _parse_ip(bare)
-                except ValueError:
-                    continue
-                if ignore_private and _not_personal(address):
-                    continue
+                if regex is IPV4_RE and "/" not in bare:
+                    # (Most candidates: the octets' own check and range test cost a fraction
+                    # of building an IPv4Address.)
+                    if not _is_ipv4(bare) or (ignore_private and _private_v4(bare)):
+                        continue
+                else:
+                    try:
+                        address = _parse_ip(bare)
+                    except ValueError:
+                        continue
+                    if ignore_private and _not_personal(address):
+                        continue
                 out.append(Entity("IP_ADDRESS", m.start(), m.start() + len(value), 0.85))
         return out
 

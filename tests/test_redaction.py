@@ -106,6 +106,83 @@ def test_a_card_printed_in_card_groups_is_a_card_after_any_word(redactor, text):
     assert kinds(redactor.redact(text)) == ["CREDIT_CARD"]
 
 
+@pytest.mark.parametrize("text, value", [
+    ("pay with xy4111111111111111 now", "4111111111111111"),
+    ("ref4111111111111111", "4111111111111111"),
+    ("IBAN:ibanDE89370400440532013000 ok", "DE89370400440532013000"),
+    ("see refDE89 3704 0044 0532 0130 00", "DE89 3704 0044 0532 0130 00"),
+    ("acct gb82west12345698765432", "gb82west12345698765432"),
+])
+def test_a_card_or_iban_glued_to_letters_is_still_found(redactor, text, value):
+    """A letter prefix stuck to the number hides no card or IBAN whose checksum passes."""
+    result = redactor.redact(text)
+    assert value not in result.text
+    assert [text[e.start:e.end] for e in result.entities] == [value]
+
+
+@pytest.mark.parametrize("text", [
+    "digest a3f94111111111111111 ok",          # inside a token that mixes letters and digits
+    "sha 9f2e1c4111111111111111",
+    "xy4111111111111112 is not Luhn-valid",
+    "build_4111111111111111",                 # after "_": part of an identifier
+    "tokenDE89370400440532013001 fails mod 97",
+])
+def test_glued_digits_inside_identifiers_or_failing_checksums_stay(redactor, text):
+    assert redactor.redact(text).entities == []
+
+
+def test_iban_layout_check_agrees_with_presidio_on_checksum_valid_candidates():
+    """_iban_layout_ok replaces Presidio's IbanRecognizer.validate_result after our mod-97
+    check: every candidate that passes mod 97 (check digits 00-99, every country Presidio
+    knows and two it does not) gets the same answer."""
+    import string
+
+    from presidio_analyzer.predefined_recognizers import IbanRecognizer
+    from presidio_analyzer.predefined_recognizers.generic.iban_patterns import regex_per_country
+
+    from redaction.patterns import _iban_layout_ok, _mod97
+
+    presidio = IbanRecognizer()
+    rnd = random.Random(5)
+    checked = valid = 0
+    for _ in range(3000):
+        country = rnd.choice(sorted(regex_per_country) + ["XX", "ZZ"])
+        body = "".join(rnd.choice(string.digits * 3 + string.ascii_uppercase) for _ in range(rnd.randint(11, 30)))
+        for check in range(100):
+            candidate = f"{country}{check:02d}{body}"
+            if _mod97(candidate):
+                checked += 1
+                ours = _iban_layout_ok(candidate)
+                valid += ours
+                assert ours == bool(presidio.validate_result(candidate)), candidate
+    assert checked > 2000 and valid > 20
+
+
+def test_ipv4_octet_checks_agree_with_ipaddress():
+    """find_ip tests bare IPv4 candidates on their octets instead of building an address."""
+    import ipaddress
+
+    from redaction.patterns import _is_ipv4, _not_personal, _private_v4
+
+    rnd = random.Random(9)
+    for _ in range(20000):
+        octets = [str(rnd.choice([rnd.randint(0, 999), rnd.randint(0, 255), rnd.choice([0, 10, 127, 169, 172, 192, 224])]))
+                  .zfill(rnd.choice([1, 1, 2, 3])) for _ in range(4)]
+        candidate = ".".join(octets)
+        try:
+            address = ipaddress.ip_address(candidate)
+        except ValueError:
+            assert not _is_ipv4(candidate), candidate
+            continue
+        assert _is_ipv4(candidate) and _private_v4(candidate) == _not_personal(address), candidate
+
+
+@pytest.mark.parametrize("ssn, found", [("536-22-1234", True), ("123-45-6789", False), ("078-05-1120", False),
+                                         ("555-55-5555", False), ("536 22 1234", True)])
+def test_ssn_sample_and_one_digit_numbers_are_not_ssns(redactor, ssn, found):
+    assert ("US_SSN" in kinds(redactor.redact(f"SSN {ssn}"))) is found
+
+
 def test_private_key_block_is_removed_whole(redactor):
     key = "-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7\nq1w2e3r4t5y6\n-----END RSA PRIVATE KEY-----"
     result = redactor.redact(f"why does ssh reject this?\n{key}\nthanks")
