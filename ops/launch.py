@@ -79,7 +79,8 @@ def settle_heap() -> None:
     """Start-up work done once, before the first event, so the drain does not pay for it: the
     first Parquet table imports pandas (pyarrow does, on its first list conversion), and the
     young generation grows. No gc.freeze(): frozen objects are never collected at exit, and
-    a flow process then exited non-zero without a traceback (chdb's shutdown) in test_chaos."""
+    with it a flow process exited non-zero, without a traceback, at chdb's shutdown
+    (test_chaos)."""
     from sinks.parquet import to_table
 
     to_table([])
