@@ -227,7 +227,8 @@ def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
     partition order through the dedupe, which the windows' lateness decisions rely on
     (a redelivered event carries the same user as the original)."""
     buckets = settings.dedupe.buckets
-    seen = op.stateful_batch("dedupe", keyed("dedupe_by_user", events, partial(user_bucket, buckets)), partial(DedupeLogic.build, settings.dedupe.horizon_s))
+    by_user = keyed("dedupe_by_user", events, partial(user_bucket, buckets))
+    seen = op.stateful_batch("dedupe", by_user, partial(DedupeLogic.build, settings.dedupe.horizon_s))
     return op.flat_map_batch("drop_duplicates", seen, first_sightings)
 
 
