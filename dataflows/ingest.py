@@ -18,7 +18,7 @@ from bytewax.dataflow import Dataflow, Stream
 from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from connectors.kafka_source import RestingKafkaSource
-from dataflows.outputs import Settings, deduplicate, fan_out, vault_out
+from dataflows.outputs import Settings, deduplicate, fan_out, split_routed, vault_out
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.dlq import event_dlq_record, message_dlq_record, with_redacted_original
@@ -121,20 +121,15 @@ def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec
         idle_wait_s=settings.kafka.idle_wait_s, only_partitions=settings.kafka.only_partitions)
     messages = op.input("kafka_in", flow, source)
 
-    decoded = op.branch("is_decoded", op.flat_map_batch("decode", messages, partial(decode_batch, codec)),
-                        lambda routed: routed[0] == OK)
-    events = op.map("decoded_event", decoded.trues, lambda routed: routed[1])
+    events, undecodable = split_routed("decoded", op.flat_map_batch("decode", messages, partial(decode_batch, codec)),
+                                       OK)
     if vault:
         vault_out(events, settings)
-    redacted = op.branch("is_redacted", op.flat_map_batch("redact", events, partial(redact_batch, redactor)),
-                         lambda routed: routed[0] == OK)
-    clean = op.map("redacted_event", redacted.trues, lambda routed: routed[1])
-    dlq_streams = [
-        op.map("redact_undecodable", op.map("decode_dlq", decoded.falses, lambda r: r[1]),
-               partial(redact_dlq_payload, redactor, max_original_bytes=settings.dlq.max_original_bytes)),
-        op.map("redact_dlq", redacted.falses, lambda routed: routed[1]),
-    ]
-    return clean, dlq_streams
+    clean, unredactable = split_routed("redacted", op.flat_map_batch("redact", events, partial(redact_batch, redactor)),
+                                       OK)
+    undecodable = op.map("redact_undecodable", undecodable,
+                         partial(redact_dlq_payload, redactor, max_original_bytes=settings.dlq.max_original_bytes))
+    return clean, [undecodable, unredactable]
 
 
 def build_flow(settings: Settings) -> Dataflow:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import bytewax.operators as op
 from bytewax.dataflow import Stream
+from bytewax.operators import KeyedStream
 
 from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
 from schemas.records import encode_billing_event, encode_quota_alert
@@ -67,13 +68,52 @@ def no_storage_to_dlq(event: dict, max_original_bytes: int = 64 * 1024) -> dict:
     return bounded_original(record, payload, "utf-8", max_original_bytes)
 
 
+# -- batch-level plumbing: one Python call per batch instead of one per item ----------------
+# Every per-item Bytewax step (map, key_on, branch) calls Python once per event and allocates
+# a tuple or a closure frame per event, which the GC then walks; the same work over the whole
+# batch that timely hands a step is one call.
+
+def keyed_batch(key: Callable[[Any], str], items: list) -> list[tuple[str, Any]]:
+    return [(key(item), item) for item in items]
+
+
+def keyed(step_id: str, stream: Stream, key: Callable[[Any], str]) -> KeyedStream:
+    """``op.key_on`` over whole batches; ``key`` returns a str, as every stateful step needs."""
+    return op.flat_map_batch(step_id, stream, partial(keyed_batch, key))
+
+
+def routed_of(kind: str, routed: list[tuple[str, Any]]) -> list:
+    return [item for item_kind, item in routed if item_kind == kind]
+
+
+def routed_other_than(kind: str, routed: list[tuple[str, Any]]) -> list:
+    return [item for item_kind, item in routed if item_kind != kind]
+
+
+def split_routed(step_id: str, routed: Stream[tuple[str, Any]], kind: str) -> tuple[Stream, Stream]:
+    """(items routed as ``kind``, every other item) of a stream of (kind, item), both unwrapped:
+    ``op.branch`` and a ``map`` per side, in two batch filters."""
+    return (op.flat_map_batch(f"{step_id}_{kind}", routed, partial(routed_of, kind)),
+            op.flat_map_batch(f"{step_id}_not_{kind}", routed, partial(routed_other_than, kind)))
+
+
 def route_by_region(events: Stream[dict], settings: Settings) -> tuple[Stream[dict], list[Stream[dict]]]:
     """(events whose region has storage, [DLQ records of the others])."""
     if not settings.residency:
         return events, []
-    routed = op.branch("has_region_storage", events, lambda e: e["region"] in settings.residency)
-    to_dlq = partial(no_storage_to_dlq, max_original_bytes=settings.dlq.max_original_bytes)
-    return routed.trues, [op.map("no_storage_dlq", routed.falses, to_dlq)]
+    routed = op.flat_map_batch("has_region_storage", events, partial(
+        routed_by_region, settings.residency, settings.dlq.max_original_bytes))
+    stored, unstorable = split_routed("region", routed, STORED)
+    return stored, [unstorable]
+
+
+STORED = "stored"
+
+
+def routed_by_region(residency, max_original_bytes: int, events: list[dict]) -> list[tuple[str, dict]]:
+    """("stored", event) where the event's region has storage, else ("dlq", its DLQ record)."""
+    return [(STORED, event) if event["region"] in residency else ("dlq", no_storage_to_dlq(event, max_original_bytes))
+            for event in events]
 
 
 def database_of(settings: Settings, event: dict) -> str:
@@ -138,8 +178,8 @@ def billing_writer(settings: Settings) -> BillingWriter:
 def batched_out(name: str, stream: Stream[dict], key: Callable[[dict], str], max_rows: int, max_age_s: float,
                 make_writer: Callable[[], Writer]) -> None:
     """Items keyed by ``key`` into batches of max_rows or max_age_s, each batch to the writer."""
-    keyed = op.key_on(f"{name}_by_key", stream, key)
-    batches = op.stateful(f"{name}_batches", keyed, lambda resume: Batcher(max_rows, max_age_s, resume))
+    batches = op.stateful(f"{name}_batches", keyed(f"{name}_by_key", stream, key),
+                          lambda resume: Batcher(max_rows, max_age_s, resume))
     op.output(f"{name}_out", batches, WriterSink(make_writer))
 
 
@@ -156,12 +196,28 @@ def vault_out(events: Stream[dict], settings: Settings) -> None:
 
 # -- the steps ------------------------------------------------------------------------------
 
+def priced(pricing, events: list[dict]) -> list[dict]:
+    return [with_cost(event, pricing) for event in events]
+
+
+def text_sampled(sample_rate: float, events: list[dict]) -> list[dict]:
+    return [sample_text(event, sample_rate) for event in events]
+
+
 def first_sightings(seen: list[tuple[str, tuple[bool, dict]]]) -> list[dict]:
     unique = [event for _bucket, (first, event) in seen if first]
     count_unique(unique)
     if len(unique) < len(seen):
         get_metrics().increment("gatewatch_dedupe_drops", len(seen) - len(unique))
     return unique
+
+
+def user_bucket(buckets: int, event: dict) -> str:
+    return bucket_of(user_key(event["org_id"], event["user_id"]), buckets)
+
+
+def unkeyed(keyed_items: list[tuple[str, Any]]) -> list:
+    return [item for _key, item in keyed_items]
 
 
 def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
@@ -171,7 +227,7 @@ def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
     partition order through the dedupe, which the windows' lateness decisions rely on
     (a redelivered event carries the same user as the original)."""
     buckets = settings.dedupe.buckets
-    by_user = op.key_on("dedupe_by_user", events, lambda e: bucket_of(user_key(e["org_id"], e["user_id"]), buckets))
+    by_user = keyed("dedupe_by_user", events, partial(user_bucket, buckets))
     seen = op.stateful_batch("dedupe", by_user, partial(DedupeLogic.build, settings.dedupe.horizon_s))
     return op.flat_map_batch("drop_duplicates", seen, first_sightings)
 
@@ -186,12 +242,8 @@ def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict
 
     build_windows = partial(WindowLogic.build, empty, windows.flush_interval_s,
                             windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
-    by_user = op.key_on("by_user", unique, lambda e: bucket_of(user_key(e["org_id"], e["user_id"]), buckets))
-    outputs = op.key_rm("window_out", op.stateful_batch("windows", by_user, build_windows))
-    late_or_totals = op.branch("is_late", outputs, lambda out: out[0] == "late")
-    late = op.map("late_event", late_or_totals.trues, lambda out: out[1])
-    totals = op.map("totals", late_or_totals.falses, lambda out: out[1])
-    return late, totals
+    outputs = op.stateful_batch("windows", keyed("by_user", unique, partial(user_bucket, buckets)), build_windows)
+    return split_routed("window_out", op.flat_map_batch("window_out", outputs, unkeyed), "late")
 
 
 def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Settings) -> None:
@@ -199,10 +251,10 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
     sinks = set(settings.sinks)
     unique, unstorable = route_by_region(unique, settings)
     dlq_streams = [*dlq_streams, *unstorable]
-    unique = op.map("price", unique, partial(with_cost, pricing=settings.pricing))
+    unique = op.flat_map_batch("price", unique, partial(priced, settings.pricing))
     stored = unique
     if settings.parquet.text_sample_rate < 1:
-        stored = op.map("sample_text", unique, partial(sample_text, sample_rate=settings.parquet.text_sample_rate))
+        stored = op.flat_map_batch("sample_text", unique, partial(text_sampled, settings.parquet.text_sample_rate))
     if "parquet" in sinks:
         batched_out("parquet", stored, partition_of, settings.parquet.max_rows, settings.parquet.max_age_s,
                     partial(parquet_writer, settings))

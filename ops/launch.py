@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import faulthandler
+import gc
 import os
 import signal
 import sys
@@ -62,7 +63,29 @@ def from_environment(flow: str) -> Dataflow:
         metrics.serve(settings.metrics.port + index, settings.metrics.host)
     if settings.metrics.dump_path:
         atexit.register(metrics.dump_counters, settings.metrics.dump_path)
-    return build(flow, settings)
+    built = build(flow, settings)
+    settle_heap()
+    return built
+
+
+YOUNG_GENERATION = 50_000
+"""Allocations between young collections. CPython's default (700) runs a full collection every
+few hundred thousand allocations, and each walks every object the process holds (~270,000
+after the redaction models load, plus the batched events): 15 full collections in a 100,000
+event drain with the default, 1 with this (ops/bench/FINDINGS.md)."""
+
+
+def settle_heap() -> None:
+    """Start-up work done once, before the first event, so the drain does not pay for it: the
+    first Parquet table imports pandas (pyarrow does, on its first list conversion), and the
+    young generation grows. No gc.freeze(): frozen objects are never collected at exit, and
+    with it a flow process exited non-zero, without a traceback, at chdb's shutdown
+    (test_chaos)."""
+    from sinks.parquet import to_table
+
+    to_table([])
+    gc.collect()
+    gc.set_threshold(YOUNG_GENERATION, 20, 10)
 
 
 def __getattr__(name: str) -> Dataflow:
