@@ -147,8 +147,7 @@ def test_flow_samples_and_seals_text_but_counts_every_event(kafka_bootstrap, top
 
 def test_an_s3_upload_that_never_answers_times_out_and_the_next_attempt_gets_a_new_session(monkeypatch):
     """A server that accepts the connection and never answers: the upload gives up after
-    put_timeout_s (so the sink's retry can run), the stuck connection is closed, and the store
-    builds a new S3 session."""
+    put_timeout_s (so the sink's retry can run) and the store builds a new S3 session."""
     import socket
 
     from fsspec.exceptions import FSTimeoutError
@@ -163,11 +162,5 @@ def test_an_s3_upload_that_never_answers_times_out_and_the_next_attempt_gets_a_n
         with pytest.raises(FSTimeoutError):
             store.put("silent/raw/x.parquet", pa.table({"a": [1]}))
         assert store.fs is not first
-        # The stuck request's connection is closed, so the server can let go of the object.
-        connection, _ = silent.accept()
-        connection.settimeout(10)
-        while connection.recv(65536):
-            pass
-        connection.close()
     finally:
         silent.close()
