@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from sinks.dlq import DeadLetters
 
 S3_PUT_TIMEOUT_S = 60.0
-"""Longest an upload of one file may take before the sink retries it (default)."""
+"""Longest an upload of one file may take before the sink retries it (parquet.put_timeout_s)."""
 
 ARROW_SCHEMA = pa.schema([
     ("event_id", pa.string()),
@@ -122,7 +122,7 @@ class ParquetStore:
 
     def __init__(self, root: str, s3_endpoint_url: str | None = None, compression: str = "zstd",
                  text_keys: dict[str, bytes] | None = None, text_key_id: str | None = None,
-                 put_timeout_s: float | None = None):
+                 put_timeout_s: float = S3_PUT_TIMEOUT_S):
         parsed = urlparse(root)
         self.s3_endpoint_url = s3_endpoint_url
         self.put_timeout_s = put_timeout_s
@@ -171,15 +171,11 @@ class ParquetStore:
             os.replace(tmp, path)
         else:
             try:
-                self.fs.pipe_file(path, buffer.getvalue(), timeout=self.put_timeout_s or S3_PUT_TIMEOUT_S)
+                self.fs.pipe_file(path, buffer.getvalue(), timeout=self.put_timeout_s)
             except FSTimeoutError:
-                # After an S3 server restart an upload can wait forever with its event loop idle,
-                # beyond botocore's read timeout. The next attempt gets a new session, and the old
-                # one is closed: its stuck request would otherwise hold the server's lock on the
-                # same object name, and the retry would wait behind it.
-                stuck, self.fs = self.fs, self._s3()
-                if stuck._s3 is not None:
-                    stuck.close_session(stuck.loop, stuck._s3)
+                # A server that stops reading the body holds an upload beyond botocore's read
+                # timeout, its event loop idle; the next attempt gets a new session.
+                self.fs = self._s3()
                 raise
 
     def files(self) -> list[str]:

