@@ -105,8 +105,9 @@ class Snapshots:
 
 
 def flow_command(flow: str = "ingest", workers: int = 1, snapshots: Snapshots | None = None) -> list[str]:
-    """The command line of one flow process."""
-    command = [sys.executable, "-m", "bytewax.run", ENTRY_POINTS[flow], "-w", str(workers)]
+    """The command line of one flow process: a flow of FLOWS, or a MODULE:ATTR entry point
+    (a variant measured by `bench e2e --flow`)."""
+    command = [sys.executable, "-m", "bytewax.run", ENTRY_POINTS.get(flow, flow), "-w", str(workers)]
     if snapshots is not None:
         # bytewax.run takes whole seconds only ("1.0" is an error).
         command += ["-r", str(snapshots.directory), "-s", str(max(1, round(snapshots.interval_s))),

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from ops.dev import services
-from ops.launch import ENTRY_POINTS
+from ops.launch import ENTRY_POINTS, flow_command
 from ops.migrate import migrate_kafka
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
@@ -123,7 +123,7 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
-        command = [sys.executable, "-m", "bytewax.run", flow_target, "-w", str(workers)]
+        command = flow_command(flow_target, workers)
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                     "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
