@@ -166,8 +166,7 @@ class ClickHouse:
             if path.stem in done:
                 continue
             if self.legacy and path.stem in LEGACY_SKIPPED:
-                log.warning("migration %s skipped: usage aggregates need ClickHouse 21 or newer; "
-                            "this server keeps the views over raw events", path.stem)
+                log.warning("migration %s skipped: %s", path.stem, LEGACY_SKIPPED[path.stem])
                 continue
             for statement in migration_statements(path, self.legacy):
                 self.execute(statement.format(db=self.database, raw_ttl_days=raw_ttl_days,

@@ -21,9 +21,16 @@ generated statement that creates the same object. Migrations listed in LEGACY_SK
 legacy variant at all."""
 import re
 
-LEGACY_SKIPPED = frozenset({"050_usage_aggregates", "060_model_daily", "071_usage_reasoning"})
-"""The aggregates need AggregateFunction states and Map sums: legacy servers keep their views
-(and have no aggregate tables for later migrations to alter)."""
+_AGGREGATES = ("usage aggregates need AggregateFunction states and Map sums (ClickHouse 21 or newer); this "
+               "server keeps the views over raw events")
+LEGACY_SKIPPED = {
+    "050_usage_aggregates": _AGGREGATES,
+    "060_model_daily": _AGGREGATES,
+    "071_usage_reasoning": _AGGREGATES,
+    "080_events_trace_index": ("bloom_filter skip indexes need ClickHouse 19.8 or newer; trace id look-ups scan "
+                               "the events table on this server"),
+}
+"""Migrations a legacy server cannot run, with the reason logged when one is skipped."""
 
 _CREATED_OBJECT = re.compile(
     r"CREATE\s+(?:MATERIALIZED\s+)?(?:TABLE|VIEW)\s+(?:IF\s+NOT\s+EXISTS\s+)?(\S+)", re.IGNORECASE)
