@@ -25,6 +25,7 @@ from schemas.dlq import event_dlq_record, message_dlq_record, with_redacted_orig
 from schemas.registry import RegistryUnavailable, registry_from_settings
 from schemas.vocabulary import event_key
 from sinks.metrics import get_metrics
+from sinks.tracing import TracedStep
 
 log = logging.getLogger(__name__)
 OK, DLQ = "ok", "dlq"
@@ -104,8 +105,9 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
 
 
 def trace_id(event: dict) -> str:
-    """A W3C-sized trace id derived from the event id, the same in every log line and store."""
-    return hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=16).hexdigest()
+    """The gateway's trace id of the event, or a W3C-sized one derived from its event id: the
+    same in every log line and store."""
+    return event.get("trace_id") or hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=16).hexdigest()
 
 
 # -- the flow ---------------------------------------------------------------------------
@@ -121,12 +123,12 @@ def validated_and_redacted(flow: Dataflow, settings: Settings, topic: str, codec
         idle_wait_s=settings.kafka.idle_wait_s, only_partitions=settings.kafka.only_partitions)
     messages = op.input("kafka_in", flow, source)
 
-    events, undecodable = split_routed("decoded", op.flat_map_batch("decode", messages, partial(decode_batch, codec)),
-                                       OK)
+    decode = TracedStep("decode", partial(decode_batch, codec))
+    events, undecodable = split_routed("decoded", op.flat_map_batch("decode", messages, decode), OK)
     if vault:
         vault_out(events, settings)
-    clean, unredactable = split_routed("redacted", op.flat_map_batch("redact", events, partial(redact_batch, redactor)),
-                                       OK)
+    redact = TracedStep("redact", partial(redact_batch, redactor))
+    clean, unredactable = split_routed("redacted", op.flat_map_batch("redact", events, redact), OK)
     undecodable = op.map("redact_undecodable", undecodable,
                          partial(redact_dlq_payload, redactor, max_original_bytes=settings.dlq.max_original_bytes))
     return clean, [undecodable, unredactable]

@@ -51,9 +51,11 @@ def app_factory():
     """Entry point of each server worker process (settings from GATEWATCH_CONFIG and env)."""
     from ops.logs import configure
     from ops.settings import load_settings
+    from ops.tracing import install_tracing
 
     settings = load_settings(os.environ.get("GATEWATCH_CONFIG"))
     configure(settings.log_level)
+    install_tracing(settings.tracing, "serve")
     return build_app(settings)
 
 

@@ -5,7 +5,8 @@ A deployed flow runs as ``python -m bytewax.run ops.launch:ingest`` (or ``:feedb
 processes of its own (`gatewatch run`, the demo, the end-to-end benchmark): the flow builds
 itself from the settings in its environment, so every process of a cluster, and every
 restart, builds the same flow, with JSON logs, the Prometheus backend of the metrics hook
-(installed by importing ``ops.metrics``), the metrics endpoint, the cluster check and a stack
+(installed by importing ``ops.metrics``), the metrics endpoint, OpenTelemetry spans when
+``tracing.otlp_endpoint`` is set (``ops.tracing``), the cluster check and a stack
 dump on SIGUSR1. A flow that needs more than the settings (a replay's date range) is built by
 its caller and runs in this process through `run_here`.
 """
@@ -34,6 +35,7 @@ from ops.cluster import check_environment
 from ops.logs import configure as configure_logs
 from ops.recovery import init_recovery
 from ops.settings import Settings, load_settings
+from ops.tracing import install_tracing
 
 # Reached through __getattr__ below: no module-level name may be called like a flow.
 FLOWS: dict[str, Callable[[Settings], Dataflow]] = {"ingest": build_ingest, "feedback": build_feedback}
@@ -63,6 +65,7 @@ def from_environment(flow: str) -> Dataflow:
         metrics.serve(settings.metrics.port + index, settings.metrics.host)
     if settings.metrics.dump_path:
         atexit.register(metrics.dump_counters, settings.metrics.dump_path)
+    install_tracing(settings.tracing, f"flow-{flow}")
     built = build(flow, settings)
     settle_heap()
     return built

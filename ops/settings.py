@@ -385,6 +385,28 @@ class ApiSettings(Section):
     but a crash of serve loses them."""
 
 
+class TracingSettings(Section):
+    """OpenTelemetry spans of the pipeline's own batches (flows) and requests (serve), sent
+    over OTLP/HTTP to a collector, Jaeger or Tempo; off while otlp_endpoint is empty."""
+
+    otlp_endpoint: str = ""
+    """Base URL of an OTLP/HTTP receiver (e.g. http://jaeger:4318); spans go to <it>/v1/traces."""
+    service_name: str = "gatewatch"
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    """Share of root spans (batches, requests without a traceparent) kept; a request's own
+    sampled flag decides for its span."""
+    headers: dict[str, SecretStr] = {}
+    """Sent with every export (an Authorization header of a hosted backend)."""
+    export_timeout_s: float = Field(10, gt=0, le=120)
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value and not value.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http(s):// URL of an OTLP/HTTP receiver, got {value!r}")
+        return value.rstrip("/")
+
+
 class RegionStorage(Section):
     """Where one region's events are stored; nothing of that region is written elsewhere."""
 
@@ -416,6 +438,7 @@ class Settings(Section):
     clickhouse.database. Once set, a region missing here has its events sent to the DLQ."""
     metrics: MetricsSettings = MetricsSettings()
     api: ApiSettings = ApiSettings()
+    tracing: TracingSettings = TracingSettings()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     @model_validator(mode="after")

@@ -23,6 +23,8 @@ from typing import Any, Callable, Protocol
 from bytewax.operators import StatefulLogic
 from bytewax.outputs import DynamicSink, StatelessSinkPartition
 
+from sinks.tracing import write_span
+
 
 class Writer(Protocol):
     """A sink's writer: one call per list of batches, ``close`` when the flow ends."""
@@ -31,11 +33,15 @@ class Writer(Protocol):
 
 
 class _WriterPartition(StatelessSinkPartition):
-    def __init__(self, write: Writer):
+    def __init__(self, write: Writer, store: str = "sink", worker_index: int = 0):
         self._write = write
+        self._store = store
+        self._worker_index = worker_index
 
     def write_batch(self, items: list) -> None:
-        self._write(items)
+        # One span per write of every sink, here rather than in each store's module.
+        with write_span(self._store, self._worker_index, items):
+            self._write(items)
 
     def close(self) -> None:
         # A writer may have work to finish when the flow ends (ClickHouseWriter refreshes
@@ -50,7 +56,12 @@ class WriterSink(DynamicSink):
         self._make_writer = make_writer
 
     def build(self, step_id: str, worker_index: int, worker_count: int) -> _WriterPartition:
-        return _WriterPartition(self._make_writer())
+        return _WriterPartition(self._make_writer(), store_of(step_id), worker_index)
+
+
+def store_of(step_id: str) -> str:
+    """The store a sink step writes to: ``gatewatch_ingest.clickhouse_out`` -> ``clickhouse``."""
+    return step_id.rsplit(".", 1)[-1].removesuffix("_out")
 
 
 def _at(epoch_s: float) -> datetime:

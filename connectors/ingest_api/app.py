@@ -48,6 +48,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from connectors.ingest_api import otlp
 from connectors.ingest_api.dead_letters import rejection
 from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked
+from connectors.ingest_api.tracing import end_request_span, start_request_span
 from connectors.producer import SpoolFull
 from schemas.codec import InvalidEvent
 
@@ -177,6 +178,7 @@ class IngestApp:
         path = scope["path"]
         route = path if path in self._paths else "other"
         handler = self.routes.get((scope["method"], path))
+        span = start_request_span(scope["method"], route, headers, request_id)
         try:
             if handler is None:
                 raise HttpError(405 if path in self._paths else 404,
@@ -196,6 +198,7 @@ class IngestApp:
                                 (b"content-length", str(len(body)).encode()),
                                 *((k.encode(), v.encode()) for k, v in extra)]})
         await send({"type": "http.response.body", "body": body})
+        end_request_span(span, status)
         REQUESTS.labels(route=route, status=str(status)).inc()
         REQUEST_SECONDS.labels(route=route).observe(time.perf_counter() - started)
 

@@ -1,0 +1,107 @@
+"""The pipeline's own OpenTelemetry spans: one per batch of a stage worth seeing (decode and
+validate, redact, each sink's write), each linked to the gateway traces of the events in it,
+so a trace viewer leads from a user's request to the pipeline batch that stored it.
+
+Like ``sinks.metrics``, this is the library side only: it uses the OpenTelemetry API, which
+is a no-op until ``ops.tracing`` installs the SDK's TracerProvider (when
+``tracing.otlp_endpoint`` is set). With tracing off a span is a shared non-recording object
+and nothing below ``is_recording()`` runs: the cost is one ``start_span`` per batch.
+
+A batch span has no parent: the events in it came from many requests of many traces, which
+is what span links are for (OpenTelemetry's messaging conventions do the same for batch
+consumers). Links are added after the span starts, so the sampler decides without them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
+
+MAX_LINKS = 128
+"""Links per batch span: the SDK's default limit (OTEL_SPAN_LINK_COUNT_LIMIT); collecting
+more would be work the SDK throws away."""
+OK = "ok"
+
+tracer = trace.get_tracer("gatewatch.pipeline")
+
+
+def event_contexts(events: Iterable[Any], limit: int = MAX_LINKS) -> list[SpanContext]:
+    """The distinct gateway span contexts (``trace_id``/``span_id``) of the first events that
+    carry one, at most ``limit``; items that are not events are passed over."""
+    contexts: list[SpanContext] = []
+    seen: set[tuple[str, str]] = set()
+    for event in events:
+        if not isinstance(event, dict):
+            continue
+        trace_id, span_id = event.get("trace_id"), event.get("span_id")
+        if not trace_id or not span_id or (trace_id, span_id) in seen:
+            continue
+        try:
+            context = SpanContext(int(trace_id, 16), int(span_id, 16), is_remote=True,
+                                  trace_flags=TraceFlags(TraceFlags.SAMPLED))
+        except (TypeError, ValueError):
+            continue
+        if context.is_valid:
+            seen.add((trace_id, span_id))
+            contexts.append(context)
+            if len(contexts) >= limit:
+                break
+    return contexts
+
+
+def link_events(span: Span, events: Iterable[Any]) -> None:
+    for context in event_contexts(events):
+        span.add_link(context)
+
+
+def rows_of(items: list) -> list:
+    """The rows of what a sink is handed: (key, rows) batches, lists of rows, or single rows."""
+    rows: list = []
+    for item in items:
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], list):
+            rows.extend(item[1])
+        elif isinstance(item, list):
+            rows.extend(item)
+        else:
+            rows.append(item)
+    return rows
+
+
+class TracedStep:
+    """A batch step returning ``(route, item)`` pairs (``decode_batch``, ``redact_batch``),
+    run inside one span per batch: its size, how many items went on and how many to the
+    DLQ, and links to the events that went on."""
+
+    def __init__(self, stage: str, step: Callable[[list], list[tuple[str, Any]]]):
+        self.stage = stage
+        self.step = step
+
+    def __call__(self, items: list) -> list[tuple[str, Any]]:
+        with tracer.start_as_current_span(f"gatewatch {self.stage}") as span:
+            routed = self.step(items)
+            if span.is_recording():
+                passed = [item for route, item in routed if route == OK]
+                span.set_attributes({"gatewatch.stage": self.stage, "gatewatch.batch.size": len(items),
+                                     "gatewatch.batch.passed": len(passed),
+                                     "gatewatch.batch.dlq": len(routed) - len(passed),
+                                     "thread.id": threading.get_native_id()})
+                link_events(span, passed)
+            return routed
+
+
+@contextlib.contextmanager
+def write_span(store: str, worker_index: int, items: list) -> Iterator[Span]:
+    """The span of one sink write: the store, the rows and batches written, links to the
+    events written. An exception inside ends it with an error status (and goes on)."""
+    with tracer.start_as_current_span(f"gatewatch write {store}", kind=SpanKind.CLIENT) as span:
+        if span.is_recording():
+            rows = rows_of(items)
+            span.set_attributes({"gatewatch.sink": store, "gatewatch.worker": worker_index,
+                                 "gatewatch.batch.size": len(rows), "gatewatch.batch.batches": len(items)})
+            link_events(span, rows)
+        yield span
