@@ -36,14 +36,14 @@ def open_producer(settings):
 def build_app(settings):
     from connectors.ingest_api.app import ApiConfig, IngestApp
     from connectors.ingest_api.dead_letters import DeadLetters
-    from connectors.ingest_api.keys import ApiKeyStore
+    from connectors.ingest_api.keys import open_key_store
 
     api = settings.api
     config = ApiConfig(default_region=api.default_region, max_body_bytes=api.max_body_bytes,
                        max_decompressed_bytes=api.max_decompressed_bytes,
                        max_items_per_request=api.max_items_per_request, max_pending=api.max_pending,
                        retry_after_s=api.retry_after_s)
-    return IngestApp(lambda: open_producer(settings), ApiKeyStore(api.keys_path, api.key_cache_s), config,
+    return IngestApp(lambda: open_producer(settings), open_key_store(api.key_store_url, api.key_cache_s), config,
                      open_dead_letters=lambda: DeadLetters(settings.kafka.bootstrap, settings.kafka.dlq_topic))
 
 

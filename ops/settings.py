@@ -365,6 +365,10 @@ class ApiSettings(Section):
     port: int = Field(4318, ge=0, lt=65536)
     workers: int = Field(1, ge=1, le=64)
     keys_path: str = "./gatewatch-data/api/keys.sqlite"
+    """The SQLite key store of a single host (used while keys_url is empty)."""
+    keys_url: str = ""
+    """`postgresql://user[:pass]@host:port/db`: one key table for every replica of serve
+    (behind an autoscaler), so a key created or revoked anywhere holds everywhere."""
     spool_dir: str = "./gatewatch-data/api/spool"
     """Each worker process takes the first free slot <spool_dir>/w<N>, so a restarted
     server replays what its predecessor left there."""
@@ -383,6 +387,18 @@ class ApiSettings(Section):
     """A 2xx only once every accepted event is in the worker's spool file (survives a crash
     of serve). false: events may wait in librdkafka's memory when acknowledged; faster,
     but a crash of serve loses them."""
+
+    @field_validator("keys_url")
+    @classmethod
+    def _keys_url_scheme(cls, value: str) -> str:
+        if value and not value.startswith(("postgresql://", "postgres://", "sqlite:///")):
+            raise ValueError(f"expected postgresql://user@host:port/db or sqlite:///PATH, got {value!r}")
+        return value
+
+    @property
+    def key_store_url(self) -> str:
+        """Where the API keys are: keys_url, or the SQLite file at keys_path."""
+        return self.keys_url or f"sqlite:///{self.keys_path}"
 
 
 class TracingSettings(Section):

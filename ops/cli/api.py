@@ -33,13 +33,14 @@ def serve(config, host, port, workers, server) -> None:
 
 @click.group("api-keys")
 def api_keys() -> None:
-    """Per-org API keys of `gatewatch serve` (only their hashes are stored)."""
+    """Per-org API keys of `gatewatch serve` (only their hashes are stored), in api.keys_url
+    (PostgreSQL, shared by every replica) or the SQLite file api.keys_path."""
 
 
 def _store(config):
-    from connectors.ingest_api.keys import ApiKeyStore
+    from connectors.ingest_api.keys import open_key_store
 
-    return ApiKeyStore(settings_from(config).api.keys_path)
+    return open_key_store(settings_from(config).api.key_store_url)
 
 
 @api_keys.command("create")
