@@ -1,5 +1,5 @@
 """Kubernetes manifests for gatewatch: the ingest flow as an N-process Bytewax cluster (a
-StatefulSet) and the ingestion API as a Deployment with a HorizontalPodAutoscaler.
+StatefulSet) and the ingestion API as a StatefulSet scaled by a HorizontalPodAutoscaler.
 
 Plain Python data rendered to YAML, so `gatewatch deploy render --processes N` needs no
 Helm; every manifest is checked against the Kubernetes schemas in tests/test_deploy.py.
@@ -16,6 +16,14 @@ Helm; every manifest is checked against the Kubernetes schemas in tests/test_dep
   its password, S3 keys). ClickHouse must be a server: a cluster refuses embedded chdb.
 - Liveness and readiness read the metrics endpoint: a flow process whose Python is stuck
   (the chdb GIL deadlock of ops/cluster.py was one) stops answering it.
+- The API's durable spool (a 2xx means the event is on disk) lives on a volume per pod:
+  the API is a StatefulSet (an HPA scales it like a Deployment), so a pod that crashes or
+  moves to another node comes back with its own volume and sends what its predecessor
+  spooled. Claims are retained when the HPA scales down: a pod stopped while Kafka was
+  unreachable (it flushes for up to 10 s first) keeps its events on its claim until
+  that ordinal runs again. With a ReadWriteMany claim (shared_spool_claim) the API is a
+  Deployment instead: every pod takes a free spool slot there, orphaned ones included.
+  API keys live in PostgreSQL (api.keys_url, in the Secret), shared by every replica.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ CLUSTER_PORT = 2101
 METRICS_PORT = 9100
 API_PORT = 4318
 RECOVERY_DIR = "/var/lib/gatewatch/recovery"
+SPOOL_DIR = "/var/lib/gatewatch/spool"
+SPOOL_SHARE = 0.8
+"""Of the spool volume, the part the API's spool may fill (filesystem overhead, headroom)."""
 
 # From `gatewatch bench e2e` (ops/bench/FINDINGS.md, issue 17), two flow processes on two
 # cores: peak RSS 624-1,126 MB per process at 2,500 events/s and 966 / 1,478 MB at 5,000/s;
@@ -57,6 +68,11 @@ class DeployOptions:
     """An existing ReadWriteMany claim holding every partition, instead of one volume per pod."""
     api_replicas: tuple[int, int] = (2, 10)
     api_target_cpu: int = 70
+    api_keys_url: str = "postgresql://gatewatch:CHANGE-ME@postgres:5432/gatewatch"
+    api_spool_gib: int = 1
+    """Size of each API pod's spool volume (one worker per pod: the HPA scales pods)."""
+    shared_spool_claim: str | None = None
+    """An existing ReadWriteMany claim for every API pod's spool: the API is then a Deployment."""
     extra_settings: dict[str, str] = field(default_factory=dict)
 
 
@@ -99,6 +115,7 @@ def secret(options: DeployOptions) -> dict:
     """Placeholders: replace them (or let an external secrets operator own this Secret)."""
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque", "metadata": meta(SECRETS, options, "settings"),
             "stringData": {"GATEWATCH_CLICKHOUSE__URL": options.clickhouse_url,
+                           "GATEWATCH_API__KEYS_URL": options.api_keys_url,
                            "AWS_ACCESS_KEY_ID": "CHANGE-ME", "AWS_SECRET_ACCESS_KEY": "CHANGE-ME"}}
 
 
@@ -169,24 +186,44 @@ def flow_disruption_budget(options: DeployOptions) -> dict:
             "spec": {"maxUnavailable": 1, "selector": {"matchLabels": labels("flow")}}}
 
 
-def api_deployment(options: DeployOptions) -> dict:
+def api_workload(options: DeployOptions) -> dict:
+    """The API's pods: a StatefulSet with a spool volume each, or a Deployment on a shared
+    ReadWriteMany spool claim."""
     container = {
         "name": "api",
         "image": options.image,
-        "args": ["gatewatch", "serve", "--host", "0.0.0.0", "--port", str(API_PORT)],
+        "args": ["gatewatch", "serve", "--host", "0.0.0.0", "--port", str(API_PORT), "--workers", "1"],
+        "env": [{"name": "GATEWATCH_API__SPOOL_DIR", "value": SPOOL_DIR},
+                {"name": "GATEWATCH_API__MAX_SPOOL_BYTES",
+                 "value": str(int(options.api_spool_gib * SPOOL_SHARE * 2**30))}],
         "envFrom": settings_from(),
         "ports": [{"name": "http", "containerPort": API_PORT}],
         "livenessProbe": http_probe("/healthz", "http", 10, 3),
         "readinessProbe": http_probe("/readyz", "http", 5, 2),
         "resources": API_RESOURCES,
+        "volumeMounts": [{"name": "spool", "mountPath": SPOOL_DIR}],
+        # Out of the Service's endpoints before SIGTERM, so no request arrives while the
+        # producer flushes its spool on the way out.
+        "lifecycle": {"preStop": {"sleep": {"seconds": 5}}},
     }
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(API, options, "api"), "spec": {
-        "replicas": options.api_replicas[0],
-        "selector": {"matchLabels": labels("api")},
-        "template": {"metadata": {"labels": labels("api"), "annotations": scrape_annotations(API_PORT)},
-                     "spec": {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001},
-                              "containers": [container]}},
-    }}
+    pod = {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+           "terminationGracePeriodSeconds": 45, "containers": [container]}
+    spec = {"replicas": options.api_replicas[0], "selector": {"matchLabels": labels("api")},
+            "template": {"metadata": {"labels": labels("api"), "annotations": scrape_annotations(API_PORT)},
+                         "spec": pod}}
+    if options.shared_spool_claim:
+        pod["volumes"] = [{"name": "spool", "persistentVolumeClaim": {"claimName": options.shared_spool_claim}}]
+        return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(API, options, "api"), "spec": spec}
+    spec.update({
+        "serviceName": API,
+        "podManagementPolicy": "Parallel",  # the HPA adds and removes pods without waiting in order
+        "persistentVolumeClaimRetentionPolicy": {"whenScaled": "Retain", "whenDeleted": "Retain"},
+        "volumeClaimTemplates": [{
+            "metadata": {"name": "spool", "labels": labels("api")},
+            "spec": {"accessModes": ["ReadWriteOnce"],
+                     "resources": {"requests": {"storage": f"{options.api_spool_gib}Gi"}}}}],
+    })
+    return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta(API, options, "api"), "spec": spec}
 
 
 def api_service(options: DeployOptions) -> dict:
@@ -194,12 +231,18 @@ def api_service(options: DeployOptions) -> dict:
         "selector": labels("api"), "ports": [{"name": "http", "port": API_PORT, "targetPort": "http"}]}}
 
 
+def api_kind(options: DeployOptions) -> str:
+    return "Deployment" if options.shared_spool_claim else "StatefulSet"
+
+
 def api_autoscaler(options: DeployOptions) -> dict:
     low, high = options.api_replicas
     return {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler", "metadata": meta(API, options, "api"),
             "spec": {
-                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": API},
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": api_kind(options), "name": API},
                 "minReplicas": low, "maxReplicas": high,
+                # Fewer scale-downs, fewer pods stopped with events still to send.
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
                 "metrics": [{"type": "Resource", "resource": {
                     "name": "cpu", "target": {"type": "Utilization", "averageUtilization": options.api_target_cpu}}}],
             }}
@@ -214,7 +257,7 @@ def render(options: DeployOptions) -> list[dict]:
     if options.clickhouse_url.startswith("chdb://"):
         raise ValueError("a Bytewax cluster cannot write embedded chdb; give a clickhouse:// server URL")
     return [settings_config_map(options), secret(options), flow_service(options), flow_statefulset(options),
-            flow_disruption_budget(options), api_deployment(options), api_service(options), api_autoscaler(options)]
+            flow_disruption_budget(options), api_workload(options), api_service(options), api_autoscaler(options)]
 
 
 def to_yaml(documents: list[dict]) -> str:

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from deploy.render import (API, CLUSTER_PORT, FLOW, METRICS_PORT, SECRETS, SETTINGS, DeployOptions, render,
-                           to_yaml)
+from deploy.render import (API, CLUSTER_PORT, FLOW, METRICS_PORT, SECRETS, SETTINGS, SPOOL_DIR, DeployOptions,
+                           render, to_yaml)
 from ops.cli import cli
 
 K8S_VERSION = "1.30.0"
@@ -23,8 +23,13 @@ def by_kind(documents: list[dict]) -> dict[str, list[dict]]:
     return kinds
 
 
+def the(documents: list[dict], kind: str, name: str) -> dict:
+    found, = [doc for doc in documents if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    return found
+
+
 def flow_container(documents: list[dict]) -> dict:
-    statefulset, = by_kind(documents)["StatefulSet"]
+    statefulset = the(documents, "StatefulSet", FLOW)
     container, = statefulset["spec"]["template"]["spec"]["containers"]
     return container
 
@@ -41,7 +46,7 @@ def test_every_manifest_is_valid_kubernetes(processes):
 
 
 def test_the_validator_rejects_a_broken_statefulset():
-    statefulset, = by_kind(render(DeployOptions(processes=3)))["StatefulSet"]
+    statefulset = the(render(DeployOptions(processes=3)), "StatefulSet", FLOW)
     broken = copy.deepcopy(statefulset)
     broken["spec"]["replicas"] = "three"
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -55,7 +60,7 @@ def test_the_validator_rejects_a_broken_statefulset():
 @pytest.mark.parametrize("processes", [1, 3, 8])
 def test_pod_i_is_process_i_of_a_cluster_of_every_pod(processes):
     documents = render(DeployOptions(processes=processes, namespace="telemetry"))
-    statefulset, = by_kind(documents)["StatefulSet"]
+    statefulset = the(documents, "StatefulSet", FLOW)
     assert statefulset["spec"]["replicas"] == processes
     assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
     container = flow_container(documents)
@@ -77,7 +82,7 @@ def test_pod_i_is_process_i_of_a_cluster_of_every_pod(processes):
 
 def test_recovery_lives_on_a_volume_per_pod_holding_its_share():
     documents = render(DeployOptions(processes=3))
-    statefulset, = by_kind(documents)["StatefulSet"]
+    statefulset = the(documents, "StatefulSet", FLOW)
     claim, = statefulset["spec"]["volumeClaimTemplates"]
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
     container = flow_container(documents)
@@ -89,7 +94,7 @@ def test_recovery_lives_on_a_volume_per_pod_holding_its_share():
 
 def test_a_shared_recovery_claim_replaces_the_per_pod_volumes():
     documents = render(DeployOptions(processes=3, shared_recovery_claim="gatewatch-recovery"))
-    statefulset, = by_kind(documents)["StatefulSet"]
+    statefulset = the(documents, "StatefulSet", FLOW)
     assert "volumeClaimTemplates" not in statefulset["spec"]
     volume, = statefulset["spec"]["template"]["spec"]["volumes"]
     assert volume["persistentVolumeClaim"]["claimName"] == "gatewatch-recovery"
@@ -112,22 +117,51 @@ def test_settings_probes_metrics_and_resources():
         assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}
     env = env_of(container)
     assert env["GATEWATCH_METRICS__HOST"] == "0.0.0.0" and env["GATEWATCH_METRICS__OFFSET_BY_PROCESS"] == "false"
-    statefulset, = by_kind(documents)["StatefulSet"]
+    statefulset = the(documents, "StatefulSet", FLOW)
     annotations = statefulset["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == str(METRICS_PORT)
     assert container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
 
 
-def test_the_api_is_a_deployment_scaled_by_an_autoscaler():
-    documents = render(DeployOptions(processes=1))
-    deployment, = by_kind(documents)["Deployment"]
+def api_pods(documents: list[dict], kind: str) -> tuple[dict, dict]:
+    workload = the(documents, kind, API)
+    container, = workload["spec"]["template"]["spec"]["containers"]
+    return workload, container
+
+
+def test_the_api_is_a_statefulset_with_a_spool_volume_per_pod_scaled_by_an_autoscaler():
+    documents = render(DeployOptions(processes=1, api_spool_gib=4))
+    assert "Deployment" not in by_kind(documents)
+    api, container = api_pods(documents, "StatefulSet")
     autoscaler, = by_kind(documents)["HorizontalPodAutoscaler"]
-    assert deployment["metadata"]["name"] == API
-    assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": API}
-    assert autoscaler["spec"]["minReplicas"] <= deployment["spec"]["replicas"] <= autoscaler["spec"]["maxReplicas"]
-    container, = deployment["spec"]["template"]["spec"]["containers"]
+    assert autoscaler["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": API}
+    assert autoscaler["spec"]["minReplicas"] <= api["spec"]["replicas"] <= autoscaler["spec"]["maxReplicas"]
     assert container["ports"] == [{"name": "http", "containerPort": 4318}]
     assert container["resources"]["requests"]["cpu"]  # an HPA on CPU needs a CPU request
+    # The durable spool is on the pod's own claim, which outlives the pod and a scale-down.
+    claim, = api["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "4Gi"
+    assert container["volumeMounts"] == [{"name": claim["metadata"]["name"], "mountPath": SPOOL_DIR}]
+    assert api["spec"]["persistentVolumeClaimRetentionPolicy"] == {"whenScaled": "Retain", "whenDeleted": "Retain"}
+    env = env_of(container)
+    assert env["GATEWATCH_API__SPOOL_DIR"] == SPOOL_DIR
+    assert 0 < int(env["GATEWATCH_API__MAX_SPOOL_BYTES"]) < 4 * 2**30  # the spool refuses (503) before the disk is full
+    assert api["spec"]["template"]["spec"]["securityContext"]["fsGroup"] == 10001  # the volume is writable
+    # Keys are shared by every replica: PostgreSQL, its URL (a password) in the Secret.
+    secret, = by_kind(documents)["Secret"]
+    assert secret["stringData"]["GATEWATCH_API__KEYS_URL"].startswith("postgresql://")
+
+
+def test_a_shared_spool_claim_makes_the_api_a_deployment_on_it():
+    documents = render(DeployOptions(shared_spool_claim="api-spool-rwx"))
+    deployment, container = api_pods(documents, "Deployment")
+    assert "volumeClaimTemplates" not in deployment["spec"]
+    volume, = deployment["spec"]["template"]["spec"]["volumes"]
+    assert volume == {"name": "spool", "persistentVolumeClaim": {"claimName": "api-spool-rwx"}}
+    autoscaler, = by_kind(documents)["HorizontalPodAutoscaler"]
+    assert autoscaler["spec"]["scaleTargetRef"]["kind"] == "Deployment"
+    for doc in documents:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
 
 
 def test_render_refuses_what_a_cluster_cannot_run():
@@ -141,7 +175,10 @@ def test_gatewatch_deploy_render_prints_the_manifests():
     result = CliRunner().invoke(cli, ["deploy", "render", "--processes", "8", "--namespace", "prod"])
     assert result.exit_code == 0, result.output
     documents = list(yaml.safe_load_all(result.output))
-    statefulset, = by_kind(documents)["StatefulSet"]
+    statefulset = the(documents, "StatefulSet", FLOW)
     assert statefulset["spec"]["replicas"] == 8 and statefulset["metadata"]["namespace"] == "prod"
+    shared = CliRunner().invoke(cli, ["deploy", "render", "--shared-spool-claim", "rwx", "--api-spool-gib", "2"])
+    assert shared.exit_code == 0, shared.output
+    assert the(list(yaml.safe_load_all(shared.output)), "Deployment", API)["spec"]["template"]["spec"]["volumes"]
     bad = CliRunner().invoke(cli, ["deploy", "render", "--processes", "4", "--recovery-partitions", "2"])
     assert bad.exit_code == 2 and "at least one" in bad.output

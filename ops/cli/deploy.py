@@ -9,7 +9,8 @@ from deploy.render import DeployOptions, render, to_yaml
 
 @click.group()
 def deploy() -> None:
-    """Kubernetes manifests: the ingest flow as a Bytewax cluster, the API with an autoscaler."""
+    """Kubernetes manifests: the ingest flow as a Bytewax cluster, the API with an autoscaler
+    and a spool volume per pod."""
 
 
 @deploy.command("render")
@@ -21,15 +22,20 @@ def deploy() -> None:
 @click.option("--parquet-root", default="s3://gatewatch-raw/events", show_default=True)
 @click.option("--recovery-partitions", type=click.IntRange(1), help="Default: one per process.")
 @click.option("--shared-recovery-claim", help="A ReadWriteMany claim for every pod's recovery (lets the cluster rescale).")
+@click.option("--api-spool-gib", default=1, show_default=True, type=click.IntRange(1),
+              help="Size of each API pod's spool volume (its durable buffer while Kafka is away).")
+@click.option("--shared-spool-claim",
+              help="A ReadWriteMany claim for every API pod's spool: the API becomes a Deployment.")
 @click.option("--out", type=click.File("w"), default="-", help="Write here (default: stdout).")
 def render_command(processes, namespace, image, kafka_bootstrap, redis_url, parquet_root, recovery_partitions,
-                   shared_recovery_claim, out) -> None:
+                   shared_recovery_claim, api_spool_gib, shared_spool_claim, out) -> None:
     """Print the manifests as YAML, for `kubectl apply -f -`."""
     try:
         documents = render(DeployOptions(
             processes=processes, namespace=namespace, image=image, kafka_bootstrap=kafka_bootstrap,
             redis_url=redis_url, parquet_root=parquet_root, recovery_partitions=recovery_partitions,
-            shared_recovery_claim=shared_recovery_claim))
+            shared_recovery_claim=shared_recovery_claim, api_spool_gib=api_spool_gib,
+            shared_spool_claim=shared_spool_claim))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out.write(to_yaml(documents))
