@@ -4,17 +4,19 @@ so a trace viewer leads from a user's request to the pipeline batch that stored 
 
 Like ``sinks.metrics``, this is the library side only: it uses the OpenTelemetry API, which
 is a no-op until ``ops.tracing`` installs the SDK's TracerProvider (when
-``tracing.otlp_endpoint`` is set). With tracing off a span is a shared non-recording object
-and nothing below ``is_recording()`` runs: the cost is one ``start_span`` per batch.
+``tracing.otlp_endpoint`` is set). With tracing off a batch costs one ``isinstance`` check
+(``tracing_on``); with it on, links are collected for sampled spans only (added after the
+span starts, so the sampler decides without them).
 
 A batch span has no parent: the events in it came from many requests of many traces, which
 is what span links are for (OpenTelemetry's messaging conventions do the same for batch
-consumers). Links are added after the span starts, so the sampler decides without them.
+consumers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -22,9 +24,10 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Span, SpanContext, SpanKind, TraceFlags
 
-MAX_LINKS = 128
-"""Links per batch span: the SDK's default limit (OTEL_SPAN_LINK_COUNT_LIMIT); collecting
-more would be work the SDK throws away."""
+MAX_LINKS = int(os.environ.get("OTEL_SPAN_LINK_COUNT_LIMIT", 128))
+"""Links per batch span: the SDK's limit (128 unless OTEL_SPAN_LINK_COUNT_LIMIT says
+otherwise); collecting more would be work the SDK throws away. Each link costs a few µs of
+CPU (``gatewatch bench tracing``): lower it, or tracing.sample_ratio, to pay less."""
 OK = "ok"
 
 tracer = trace.get_tracer("gatewatch.pipeline")
@@ -59,6 +62,12 @@ def link_events(span: Span, events: Iterable[Any]) -> None:
         span.add_link(context)
 
 
+def tracing_on() -> bool:
+    """Whether a TracerProvider is installed (the API's proxy stands in until one is): the
+    links of a batch are only collected then."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
 def rows_of(items: list) -> list:
     """The rows of what a sink is handed: (key, rows) batches, lists of rows, or single rows."""
     rows: list = []
@@ -82,6 +91,8 @@ class TracedStep:
         self.step = step
 
     def __call__(self, items: list) -> list[tuple[str, Any]]:
+        if not tracing_on():
+            return self.step(items)
         with tracer.start_as_current_span(f"gatewatch {self.stage}") as span:
             routed = self.step(items)
             if span.is_recording():
@@ -95,9 +106,12 @@ class TracedStep:
 
 
 @contextlib.contextmanager
-def write_span(store: str, worker_index: int, items: list) -> Iterator[Span]:
+def write_span(store: str, worker_index: int, items: list) -> Iterator[Span | None]:
     """The span of one sink write: the store, the rows and batches written, links to the
     events written. An exception inside ends it with an error status (and goes on)."""
+    if not tracing_on():
+        yield None
+        return
     with tracer.start_as_current_span(f"gatewatch write {store}", kind=SpanKind.CLIENT) as span:
         if span.is_recording():
             rows = rows_of(items)

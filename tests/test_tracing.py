@@ -5,6 +5,7 @@ under the client's traceparent; with tracing off, no SDK and nothing sent."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -191,3 +192,13 @@ def test_serve_without_an_endpoint_sends_nothing(tmp_path_factory, kafka_bootstr
     finally:
         server.stop()
     assert (receiver.requests, receiver.spans) == (0, [])
+
+
+def test_bench_tracing_reports_the_cost_per_event_off_and_on():
+    """A process of its own: the bench installs the SDK, which must not leak into this one."""
+    result = subprocess.run([sys.executable, "-m", "ops.cli", "bench", "tracing", "--events", "2000", "--repeat", "1"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["spans_per_pass"] == 8  # 2 batches x (decode, redact, parquet, clickhouse)
+    assert {"cpu_us_per_event_off", "cpu_us_per_event_on", "cpu_us_per_event_added"} <= set(report)

@@ -14,7 +14,7 @@ settings (`ops.cli.options`) and calls the code that does the work elsewhere in 
     privacy    forget, export, audit, vault read|rotate   (ops/privacy)
     api        serve, api-keys create|list|revoke
     deploy     deploy render
-    bench      bench e2e|stages|redaction|state|api|producer|history   (ops/bench)
+    bench      bench e2e|stages|redaction|state|api|producer|history|tracing   (ops/bench)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ops.bench.producer import producer as bench_producer
 from ops.bench.redaction import redaction as bench_redaction
 from ops.bench.stages import stages as bench_stages
 from ops.bench.state import state as bench_state
+from ops.bench.tracing import tracing as bench_tracing
 from ops.cli.api import api_keys, serve
 from ops.cli.compact import compact
 from ops.cli.deploy import deploy
@@ -78,6 +79,7 @@ bench.add_command(bench_stages)
 bench.add_command(bench_redaction)
 bench.add_command(bench_state)
 bench.add_command(bench_api)
+bench.add_command(bench_tracing)
 bench.add_command(bench_producer)
 bench.add_command(bench_history)
 
