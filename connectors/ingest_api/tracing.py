@@ -13,6 +13,8 @@ tracer = trace.get_tracer("gatewatch.ingest_api")
 
 
 def start_request_span(method: str, route: str, headers: dict[str, str], request_id: str) -> Span:
+    if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return trace.INVALID_SPAN  # tracing off: not even the traceparent is parsed
     span = tracer.start_span(f"{method} {route}", context=propagate.extract(headers), kind=SpanKind.SERVER)
     if span.is_recording():
         span.set_attributes({"http.request.method": method, "http.route": route, "gatewatch.request_id": request_id})
