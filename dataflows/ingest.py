@@ -107,7 +107,8 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
 def trace_id(event: dict) -> str:
     """The gateway's trace id of the event, or a W3C-sized one derived from its event id: the
     same in every log line and store."""
-    return event.get("trace_id") or hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=16).hexdigest()
+    own = event.get("trace_id")
+    return own or hashlib.blake2b(event_key(event["org_id"], event["event_id"]).encode(), digest_size=16).hexdigest()
 
 
 # -- the flow ---------------------------------------------------------------------------

@@ -75,6 +75,15 @@ def test_settings_and_the_traces_url():
         TracingSettings(otlp_endpoint="jaeger:4318")
 
 
+def test_policy_decision_logs_carry_the_gateways_trace_id_when_the_event_has_one():
+    from dataflows.ingest import trace_id
+
+    traced, untraced = _event(1, traced=True), _event(2, traced=False)
+    assert trace_id(traced) == traced["trace_id"]
+    derived = trace_id(untraced)
+    assert len(derived) == 32 and derived == trace_id(dict(untraced)) and derived != trace_id(_event(3, traced=False))
+
+
 # -- the real flow --------------------------------------------------------------------------
 
 @pytest.mark.integration
