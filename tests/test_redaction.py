@@ -711,3 +711,35 @@ def test_gate_hits_out_of_end_order_are_sorted_first(redactor):
     assert all(n > 3 for n in reversed_calls)
     assert got == expected
     assert all(result.entities for result in got)
+
+
+def test_luhn_and_phone_digits_agree_with_their_plain_forms():
+    """luhn sums slices when the digits are ASCII, and phone_score removes PHONE_RE's
+    punctuation with str.translate: both agree with the per-character loop and with \\D."""
+    from redaction.patterns import _PHONE_PUNCTUATION, PHONE_RE, luhn
+
+    def luhn_loop(digits: str) -> bool:
+        total = 0
+        for i, ch in enumerate(reversed(digits)):
+            d = ord(ch) - 48
+            if i % 2:
+                d = d * 2 - 9 if d * 2 > 9 else d * 2
+            total += d
+        return total % 10 == 0
+
+    rng = random.Random(12)
+    numbers = ["4111111111111111", "4111111111111112", "79927398713", "0", "\u0664\u0661\u0661\u0661"]
+    numbers += ["".join(rng.choice("0123456789" if rng.random() < 0.99 else "\u0661\u0662")
+                        for _ in range(rng.randint(1, 22))) for _ in range(30000)]
+    assert [n for n in numbers if luhn(n) != luhn_loop(n)] == []
+    assert sum(map(luhn, numbers)) > 2000
+
+    not_digit = re.compile(r"\D")
+    candidates = 0
+    for _ in range(20000):
+        text = "".join(rng.choice("0123456789()+ \u00a0.-/x#ext\u0661") for _ in range(rng.randint(1, 40)))
+        for m in PHONE_RE.finditer(text):
+            candidate = text[m.start():m.start("ext") if m.group("ext") else m.end()]
+            assert candidate.translate(_PHONE_PUNCTUATION) == not_digit.sub("", candidate), candidate
+            candidates += 1
+    assert candidates > 10000
