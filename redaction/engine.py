@@ -190,17 +190,33 @@ class Redactor:
         found: list[Entity] = []
         if self.gate is not None and text:
             data = text.encode("utf-8", "surrogatepass")
-            hits, overflow = self.gate.scan(data)
-            if overflow:
+            on_match, tiers, status = self._hit_sink(text, data)
+            if self.gate.feed(data, on_match) and status[1]:
+                # Hits out of end order (never seen from hyperscan, which reports by end
+                # offset; the re fallback does not): collect them all, sort, take them again.
+                hits, overflow = self.gate.scan(data)
+                if not overflow:
+                    hits.sort(key=_end)
+                    on_match, tiers, status = self._hit_sink(text, data)
+                    for pattern_id, hit_start, hit_end in hits:
+                        on_match(pattern_id, hit_start, hit_end, 0, None)
+                status[0] = overflow
+            if status[0]:
                 found = self._detect_everywhere(text)
-            elif hits:
-                found = self._detect_hits(text, data, hits)
+            elif status[2]:
+                found = self._detect_windows(text, data, *tiers)
         for recognizer in self._extra:
             for r in recognizer.analyze(text, self._extra_entities, None):
                 found.append(Entity(r.entity_type, r.start, r.end, r.score, f"presidio:{recognizer.name}"))
         return found
 
-    def _detect_hits(self, text: str, data: bytes, hits: list[tuple[int, int, int]]) -> list[Entity]:
+    def _hit_sink(self, text: str, data: bytes):
+        """The gate's match callback for one text, and what it fills: the hits are taken as
+        hyperscan reports them (by end offset), with no list of hits built and sorted first.
+        Each detector hit opens its window [end - pad_before, end + pad_after] or extends
+        the detector's last one, so each detector's merged windows build up in one pass;
+        name-word, cue and weak-cue hits become the names tier's positions. status:
+        [too many hits, a detector hit came before the previous one's end, any hit]."""
         ascii_only = len(data) == len(text)
         if ascii_only:
             def to_char(offset: int) -> int:
@@ -210,18 +226,37 @@ class Redactor:
                 return len(data[:offset].decode("utf-8", "ignore"))
         kinds = self._kinds
         pads = self._pads
-        # Window per detector hit: [end - pad_before, end + pad_after] (the gate reports ends
-        # only). Taken in end order, a window either extends the detector's last one or
-        # starts a new one, so each detector's merged windows build up in one pass.
         windows: dict[int, list[list[int]]] = {}
         given_words: list[int] = []
         cue_ends: list[tuple[int, str]] = []
         weak_starts: list[int] = []
         size = len(data)
-        if len(hits) > 1:
-            hits.sort(key=_end)
-        for pattern_id, _start, end in hits:
+        limit = self.gate.max_hits
+        status = [False, False, False]
+        count = 0
+        previous = 0
+
+        def on_match(pattern_id: int, _start: int, end: int, _flags: int, _context) -> bool:
+            nonlocal count, previous
+            count += 1
+            if count >= limit:
+                status[0] = True
+                return True  # stop: the caller runs every detector on the whole text
             kind, payload = kinds[pattern_id]
+            if kind == _KIND_WORD:
+                start = end - payload
+                if start > 0 and (data[start - 1] in _WORD_BYTES):
+                    return False  # "Anna" inside "Hanna"
+                if end < size and data[end] in _WORD_BYTES:
+                    return False  # "Ann" in "Announcement"
+                given_words.append(to_char(start))
+                status[2] = True
+                return False
+            if end < previous:
+                status[1] = True
+                return True
+            previous = end
+            status[2] = True
             if kind == _KIND_DETECTOR or kind == _KIND_RUN:
                 if kind == _KIND_RUN:
                     payload, extend = payload
@@ -240,21 +275,22 @@ class Redactor:
                             last[1] = hi
                     else:
                         mine.append([lo, hi])
-            elif kind == _KIND_WORD:
-                start = end - payload
-                if start > 0 and (data[start - 1] in _WORD_BYTES):
-                    continue  # "Anna" inside "Hanna"
-                if end < size and data[end] in _WORD_BYTES:
-                    continue  # "Ann" in "Announcement"
-                given_words.append(to_char(start))
             else:
                 at = to_char(end - 1 if data[end - 1] < 0x80 else end - 2)
                 if kind == _KIND_CUE:
                     cue_ends.append((at, payload))
                 else:
                     weak_starts.append(at)
+            return False
+
+        return on_match, (windows, given_words, cue_ends, weak_starts, to_char), status
+
+    def _detect_windows(self, text: str, data: bytes, windows: dict[int, list[list[int]]], given_words: list[int],
+                        cue_ends: list[tuple[int, str]], weak_starts: list[int], to_char) -> list[Entity]:
+        """Each detector's finder on its merged windows (byte offsets), then the names tier."""
         found: list[Entity] = []
         chars = len(text)
+        size = len(data)
         detectors = self.detectors
         for index, merged in windows.items():  # in the order of each detector's first hit
             detector = detectors[index]

@@ -115,35 +115,38 @@ class Gate:
             prepared = self._local.prepared = [(db, hyperscan.Scratch(db)) for db, _literal in self._dbs]
             return prepared
 
-    def scan(self, data: bytes) -> tuple[list[tuple[int, int, int]], bool]:
-        """Hits, and whether the scan stopped early because there were more than max_hits
-        (the caller then treats every detector as hit on the whole text)."""
-        hits: list[tuple[int, int, int]] = []
+    def feed(self, data: bytes, on_match) -> bool:
+        """Call on_match(pattern_index, start, end, flags, context) for every hit, database
+        by database as hyperscan reports them (in end order within each); True if on_match
+        stopped the scan by returning True."""
         if self._regexes is None:
-            limit = self.max_hits
-            append = hits.append
-
-            def on_match(pattern_id, start, end, _flags, _context):
-                append((pattern_id, start, end))
-                return len(hits) >= limit  # True stops the scan
-
             for db, scratch in self._prepared():
                 try:
                     # (positional: the binding parses keyword arguments slowly, ~2 µs a call)
                     db.scan(data, on_match, 0, None, scratch)
                 except hyperscan.ScanTerminated:
-                    return hits, True
-                if len(hits) >= limit:
-                    return hits, True
-            return hits, False
+                    return True
+            return False
         for index, regex in self._regexes:  # pragma: no cover
             for m in regex.finditer(data):
-                hits.append((index, m.start(), m.end()))
-                if len(hits) >= self.max_hits:
-                    return hits, True
+                if on_match(index, m.start(), m.end(), 0, None):
+                    return True
         if self._literals:  # pragma: no cover - whole words only
             for m in _WORDISH.finditer(data):
                 index = self._literals.get(m.group())
-                if index is not None:
-                    hits.append((index, m.start(), m.end()))
-        return hits, False
+                if index is not None and on_match(index, m.start(), m.end(), 0, None):
+                    return True
+        return False
+
+    def scan(self, data: bytes) -> tuple[list[tuple[int, int, int]], bool]:
+        """Hits, and whether the scan stopped early because there were more than max_hits
+        (the caller then treats every detector as hit on the whole text)."""
+        hits: list[tuple[int, int, int]] = []
+        limit = self.max_hits
+        append = hits.append
+
+        def on_match(pattern_id, start, end, _flags, _context):
+            append((pattern_id, start, end))
+            return len(hits) >= limit  # True stops the scan
+
+        return hits, self.feed(data, on_match)

@@ -66,6 +66,24 @@ def _context(text: str, start: int, words: re.Pattern, reach: int = 48) -> bool:
     return words.search(text, max(0, start - reach), start) is not None
 
 
+def finditer_from(regex: re.Pattern, starts: re.Pattern, text: str, lo: int, hi: int):
+    """The matches of regex.finditer(text, lo, hi), with `regex` tried only where `starts`
+    matches. `starts` must match at the start of every match of `regex` (a prefix of it
+    without the lookbehind): re tries a pattern that opens with a lookbehind at every
+    position of the window, which costs more than a search for the prefix and one anchored
+    match per place it is found."""
+    search, match = starts.search, regex.match
+    pos = lo
+    while (found := search(text, pos, hi)) is not None:
+        at = found.start()
+        m = match(text, at, hi)
+        if m is None:
+            pos = at + 1
+            continue
+        yield m
+        pos = m.end() if m.end() > at else at + 1
+
+
 # -- e-mail ---------------------------------------------------------------------------------
 
 EMAIL_RE = re.compile(r"(?<![\w.+\-%'])[\w.+\-%']{1,64}@(?:[^\W_](?:[\w\-]{0,62}[^\W_])?\.)+[^\W\d_]{2,24}(?![\w\-])")
@@ -105,7 +123,15 @@ GLUED_CARD_RE = re.compile(r"[A-Za-z]\d{12,19}(?!\w)")
 CARD_CONTEXT = re.compile(r"(?i)\b(?:card|cards|credit|debit|visa|mastercard|amex|maestro|cc|pan|payment|charged?)\b")
 
 
+# A digit's contribution when the Luhn check doubles it.
+_LUHN_DOUBLED = {str(d): 2 * d - 9 if 2 * d > 9 else 2 * d for d in range(10)}
+
+
 def luhn(digits: str) -> bool:
+    if digits.isascii() and digits.isdigit():
+        # (Every other digit from the right is doubled: two sums over slices, no Python loop.)
+        backwards = digits[::-1]
+        return (sum(map(int, backwards[0::2])) + sum(map(_LUHN_DOUBLED.__getitem__, backwards[1::2]))) % 10 == 0
     total = 0
     parity = len(digits) % 2
     for i, ch in enumerate(digits):
@@ -326,7 +352,8 @@ _PHONE_SHAPE = re.compile(
     r"^(?:(?:\+?1[ .\-]?)?\(?\d{3}\)?[ .\-]?\d{3}[ .\-]\d{4}|\(\d{1,5}\)[ .\-]?\d{2,10}(?:[ .\-]\d{2,5}){0,3}|\(?0\d{1,5}\)?(?:[ .\-/]{1,2}\d{2,8}){1,4}|"
     r"00\d{1,3}(?:[ .\-]?\d{2,8}){1,5})$")
 _TRUNK = re.compile(r"\(0\)")
-_NON_DIGIT = re.compile(r"\D")
+# Every character PHONE_RE matches that is not a \d digit (see phone_score).
+_PHONE_PUNCTUATION = str.maketrans("", "", "()+ \u00a0.-/")
 _LEADING_ZERO_GROUP = re.compile(r"(?<=[ .\-/)])0")
 DECIMAL = re.compile(r"^\+?[1-9]\d*[.,]\d+$")
 UNIT_AFTER = re.compile(r"(?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b")
@@ -429,7 +456,7 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     looking real numbers). Unseparated digit runs need a numbering plan or a phone word
     nearby; identifiers (ISBN, EAN, order and tracking numbers, builds) are left alone."""
     main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
-    compact = _NON_DIGIT.sub("", main)  # PHONE_RE matched: its only digits are \d ones
+    compact = main.translate(_PHONE_PUNCTUATION)  # (PHONE_RE's other characters: what \D would remove)
     digits = len(compact)
     if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
         return 0.0  # dates, times, versions, SSNs, IPv4 addresses
@@ -491,6 +518,7 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finde
 # -- IP addresses ---------------------------------------------------------------------------
 
 IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?:/\d{1,2})?(?![\w]|\.\d)")
+_IPV4_START = re.compile(r"\d{1,3}\.\d")
 # Full, compressed ("::"), with an embedded IPv4, a zone id ("%eth0") or a prefix length;
 # brackets and ":port" stay outside the match.
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}(?:[0-9A-Fa-f]{1,4}|(?:\d{1,3}\.){3}\d{1,3})?"
@@ -500,7 +528,10 @@ _PRODUCT_TOKEN = re.compile(r"[A-Za-z][\w\-]*/$")
 
 # An IPv4 address that is not loopback (127.), unspecified (0.), private (10., 192.168.,
 # 172.16-31.) or link-local (169.254.), or any IPv6 candidate.
-_PUBLIC_HINT = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}\.\d|[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
+# (Two searches, not one alternation: the IPv6 half, rewritten to start at its first ":",
+# is found by re's literal-prefix search instead of being tried at every position.)
+_PUBLIC_V4_HINT = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)\d{1,3}\.\d")
+_V6_HINT = re.compile(r":[0-9A-Fa-f]{0,4}:")
 _ULA = ipaddress.ip_network("fc00::/7")
 # Ranges no person is ever reached through. Documentation ranges (192.0.2.0/24,
 # 203.0.113.0/24, 2001:db8::/32) are NOT here: people paste real addresses into examples
@@ -538,17 +569,30 @@ def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
     return ipaddress.ip_interface(value).ip if "/" in value else ipaddress.ip_address(value)
 
 
+def _full_ipv6(value: str) -> ipaddress.IPv6Address:
+    """ip_address() of an IPv6 address written in full (eight groups, no "::", no embedded
+    IPv4): its groups read as one hexadecimal number, without ip_address's per-group parse.
+    ValueError if it is none."""
+    if _FULL_IPV6.fullmatch(value) is None:
+        raise ValueError(value)
+    return ipaddress.IPv6Address(int("".join(group.zfill(4) for group in value.split(":")), 16))
+
+
+_FULL_IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}")
+
+
 def make_ip_finder(ignore_private: bool) -> Finder:
     def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         window = text[lo:hi]
-        if ignore_private and "." in window and not _PUBLIC_HINT.search(window):
+        if ignore_private and "." in window and not (_V6_HINT.search(window) or _PUBLIC_V4_HINT.search(window)):
             return out  # only loopback/private/link-local IPv4 and no ':' (IPv6) in sight
         # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
         # neither (timestamps, "host:port") holds none.
         regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 6 else [])
         for regex in regexes:
-            for m in regex.finditer(text, lo, hi):
+            matches = finditer_from(IPV4_RE, _IPV4_START, text, lo, hi) if regex is IPV4_RE else regex.finditer(text, lo, hi)
+            for m in matches:
                 value = m.group()
                 if value.endswith(":") and not value.endswith("::"):
                     value = value[:-1]  # "from 2001:db8::1: icmp_seq=1"
@@ -566,7 +610,7 @@ def make_ip_finder(ignore_private: bool) -> Finder:
                         continue
                 else:
                     try:
-                        address = _parse_ip(bare)
+                        address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
                     except ValueError:
                         continue
                     if ignore_private and _not_personal(address):

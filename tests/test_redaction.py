@@ -618,3 +618,128 @@ def test_the_ipv4_shape_check_agrees_with_ipaddress():
     candidates += ["".join(rng.choice("0123456789.. -") for _ in range(rng.randint(7, 15))) for _ in range(20000)]
     assert sum(reference(c) for c in candidates) > 5
     assert [c for c in candidates if _is_ipv4(c) != reference(c)] == []
+
+
+def test_full_form_ipv6_read_agrees_with_ipaddress():
+    """find_ip reads eight-group IPv6 addresses as one hexadecimal number instead of
+    ip_address's per-group parse: same address, same rejections."""
+    import ipaddress
+
+    from redaction.patterns import _full_ipv6
+
+    rng = random.Random(6)
+    hexdigits = "0123456789abcdefABCDEF"
+    odd = hexdigits + "g_ +-\u0661"  # what int(..., 16) would also accept or a Unicode digit
+    candidates = ["2001:db8:0:0:0:0:0:1", "0:0:0:0:0:ffff:c000:0201", "fe80:0:0:0:0:0:0:1", "1:2:3:4:5:6:7",
+                  "1:2:3:4:5:6:7:8:9", "12345:0:0:0:0:0:0:1", "1_0:0:0:0:0:0:0:1", " 1:0:0:0:0:0:0:1"]
+    for _ in range(20000):
+        groups = ["".join(rng.choice(hexdigits if rng.random() < 0.98 else odd) for _ in range(rng.randint(1, 5)))
+                  for _ in range(rng.choice([7, 8, 8, 8, 9]))]
+        candidates.append(":".join(groups))
+    valid = 0
+    for candidate in candidates:
+        try:
+            expected = ipaddress.ip_address(candidate)
+        except ValueError:
+            expected = None
+        try:
+            got = _full_ipv6(candidate)
+        except ValueError:
+            got = None
+        assert got == expected, candidate
+        valid += expected is not None
+    assert valid > 1000
+
+
+def test_ip_prefilters_find_what_the_plain_regexes_find():
+    """find_ip's window test (two searches instead of one alternation) and its IPv4 scan
+    (the regex tried only where its prefix matches) agree with the plain forms."""
+    from redaction.patterns import _IPV4_START, _PUBLIC_V4_HINT, _V6_HINT, IPV4_RE, finditer_from
+
+    one_alternation = re.compile(r"(?<![\d.])(?!127\.|0\.|10\.|192\.168\.|169\.254\.|172\.(?:1[6-9]|2\d|3[01])\.)"
+                                 r"\d{1,3}\.\d|[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{0,4}:")
+    rng = random.Random(8)
+    pieces = ["1", "10", "127", "172", "192", "168", "25", "255", "300", "0", ".", ".", ":", "::", "a", "ff", "/", " ",
+              "x", "\u0661", "Chrome/", "-"]
+
+    def piece() -> str:
+        if rng.random() < 0.1:  # a dotted quad, now and then one of the private ranges
+            return ".".join(rng.choice(["1", "10", "127", "172", "16", "192", "168", "0", "8", "255", "300", "01"])
+                            for _ in range(rng.choice([3, 4, 4, 5])))
+        return rng.choice(pieces)
+
+    texts = ["".join(piece() for _ in range(rng.randint(1, 30))) for _ in range(20000)]
+    texts += ["host 8.8.8.8", "10.0.0.1 and 192.168.1.1", "fe80::1%eth0", "1.2.3.4.5", "v1.2.3.4/24"]
+    hinted = 0
+    for text in texts:
+        expected = one_alternation.search(text) is not None
+        assert (_V6_HINT.search(text) is not None or _PUBLIC_V4_HINT.search(text) is not None) == expected, text
+        hinted += expected
+        lo = rng.randint(0, len(text))
+        hi = rng.randint(lo, len(text))
+        assert [m.span() for m in finditer_from(IPV4_RE, _IPV4_START, text, lo, hi)] == \
+               [m.span() for m in IPV4_RE.finditer(text, lo, hi)], (text, lo, hi)
+    assert 1000 < hinted < len(texts) - 1000
+    assert sum(bool(IPV4_RE.search(t)) for t in texts) > 500  # the texts hold addresses to find
+
+
+def test_gate_hits_out_of_end_order_are_sorted_first(redactor):
+    """The engine builds its windows as hyperscan reports hits, in end order; hits that come
+    out of order (the re fallback of platforms without hyperscan) are collected and sorted
+    instead, with the same result."""
+    texts = ["Call +1 415 555 2671 or mail ana@example.com, card 4111 1111 1111 1111, host 8.8.8.8",
+             "Dear Ana Lopez, IBAN DE89 3704 0044 0532 0130 00; SSN 536-22-1234; build 20260517.3",
+             "| Name | Phone |\n|---|---|\n| Priya Raghunathan | 020 7946 0958 |"]
+    expected = [redactor.redact(text) for text in texts]
+    gate = redactor.gate
+    real_feed = gate.feed
+    reversed_calls = []
+
+    def feed_reversed(data, on_match):
+        hits, overflow = gate.scan(data)
+        reversed_calls.append(len(hits))
+        for pattern_id, start, end in reversed(hits):
+            if on_match(pattern_id, start, end, 0, None):
+                return True
+        return overflow
+
+    gate.feed = feed_reversed
+    try:
+        got = [redactor.redact(text) for text in texts]
+    finally:
+        gate.feed = real_feed
+    assert all(n > 3 for n in reversed_calls)
+    assert got == expected
+    assert all(result.entities for result in got)
+
+
+def test_luhn_and_phone_digits_agree_with_their_plain_forms():
+    """luhn sums slices when the digits are ASCII, and phone_score removes PHONE_RE's
+    punctuation with str.translate: both agree with the per-character loop and with \\D."""
+    from redaction.patterns import _PHONE_PUNCTUATION, PHONE_RE, luhn
+
+    def luhn_loop(digits: str) -> bool:
+        total = 0
+        for i, ch in enumerate(reversed(digits)):
+            d = ord(ch) - 48
+            if i % 2:
+                d = d * 2 - 9 if d * 2 > 9 else d * 2
+            total += d
+        return total % 10 == 0
+
+    rng = random.Random(12)
+    numbers = ["4111111111111111", "4111111111111112", "79927398713", "0", "\u0664\u0661\u0661\u0661"]
+    numbers += ["".join(rng.choice("0123456789" if rng.random() < 0.99 else "\u0661\u0662")
+                        for _ in range(rng.randint(1, 22))) for _ in range(30000)]
+    assert [n for n in numbers if luhn(n) != luhn_loop(n)] == []
+    assert sum(map(luhn, numbers)) > 2000
+
+    not_digit = re.compile(r"\D")
+    candidates = 0
+    for _ in range(20000):
+        text = "".join(rng.choice("0123456789()+ \u00a0.-/x#ext\u0661") for _ in range(rng.randint(1, 40)))
+        for m in PHONE_RE.finditer(text):
+            candidate = text[m.start():m.start("ext") if m.group("ext") else m.end()]
+            assert candidate.translate(_PHONE_PUNCTUATION) == not_digit.sub("", candidate), candidate
+            candidates += 1
+    assert candidates > 10000
