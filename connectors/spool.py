@@ -146,6 +146,8 @@ class DiskSpool:
         """Bytes of records in the segments' ``unread`` caches."""
         self._read_seq: int | None = None
         self._read_pos = 0
+        self._by_seq: dict[int, _Segment] = {}
+        """``segments`` by seq: every read and ack looks its segment up."""
         self._drop_finished()
 
     # -- size and state
@@ -191,6 +193,7 @@ class DiskSpool:
                 self._drop_finished()
             tail = self._new_segment(self.segments[-1].seq + 1 if self.segments else FIRST_SEQ)
             self.segments.append(tail)
+            self._by_seq[tail.seq] = tail
             self._writer = open(tail.path, "ab", buffering=0)
         self._writer.write(data)
         if self._cached_bytes + len(data) <= UNREAD_CACHE_BYTES:
@@ -231,6 +234,7 @@ class DiskSpool:
         segment.pending = written
         if written:
             self.segments.insert(0, segment)
+            self._by_seq[segment.seq] = segment
             # The reader must start again from the new head.
             self._close_reader()
         else:
@@ -291,10 +295,7 @@ class DiskSpool:
         self._reader, self._read_seq = None, None
 
     def _segment(self, seq: int) -> _Segment | None:
-        for segment in self.segments:
-            if segment.seq == seq:
-                return segment
-        return None
+        return self._by_seq.get(seq)
 
     def read(self) -> SpoolRecord | None:
         """The next record not yet handed out, oldest first, or None."""
@@ -388,6 +389,7 @@ class DiskSpool:
             else:
                 keep.append(segment)
         self.segments = keep
+        self._by_seq = {segment.seq: segment for segment in keep}
 
     def checkpoint(self) -> None:
         """Persist every segment's acknowledged offset (fewer duplicates after a crash)."""

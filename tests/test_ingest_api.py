@@ -232,6 +232,17 @@ def test_otlp_protobuf_all_bad_is_400_with_a_status(api):
     assert "gen_ai.request.model" in RpcStatus.FromString(response.content).message
 
 
+def test_otlp_protobuf_that_does_not_parse_is_400_with_a_status(api):
+    from google.rpc.status_pb2 import Status as RpcStatus
+
+    truncated = encode_spans(_record_spans()).SerializeToString()[:-7]
+    for body in (truncated, b"\x0a\xff\xff\xff"):
+        response = httpx.post(f"{api.url}/v1/traces", content=body,
+                              headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/x-protobuf"})
+        assert response.status_code == 400
+        assert "not an OTLP ExportTraceServiceRequest" in RpcStatus.FromString(response.content).message
+
+
 def test_only_non_genai_spans_is_an_empty_success(api):
     spans = [s for s in _record_spans() if s.name == "POST /chat"]
     response = httpx.post(f"{api.url}/v1/traces", content=encode_spans(spans).SerializeToString(),
