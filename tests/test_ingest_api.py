@@ -426,3 +426,15 @@ def test_bench_api_reports_accepted_events_from_a_real_http_client(kafka_bootstr
         assert figures["errors"] == 0 and figures["requests"] > 0
         assert figures["accepted"] == 20 * (figures["requests"] - figures["throttled"])
         assert figures["p99_ms"] >= figures["p50_ms"] > 0 and figures["server_cpu_s"] > 0
+
+
+def test_bench_api_in_process_reports_cpu_per_acknowledged_event(kafka_bootstrap):
+    result = run_cli("bench", "api", "--in-process", "3", "--events-per-request", "20", "--bootstrap", kafka_bootstrap,
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "in-process"
+    for fmt in ("json", "otlp"):
+        figures = report[fmt]
+        assert (figures["requests"], figures["accepted"], figures["unacknowledged"]) == (3, 60, 0)
+        assert figures["cpu_us_per_event"] > 0 and figures["events_per_s_per_core"] > 0
