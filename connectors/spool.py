@@ -9,7 +9,13 @@ offset is checkpointed to a small ``.ack`` file, so a restarted reader resumes a
 Durability: ``append`` (``append_many``: a batch) writes to the kernel with one unbuffered
 ``write()``, so a record survives the death of the process as soon as that returns; it survives
 a power loss only after ``sync()`` (the producer calls it every ``fsync_interval_s``, or
-on every send with ``fsync_each_send``). ``prepend`` and ``close`` always fsync."""
+on every send with ``fsync_each_send``). ``prepend`` and ``close`` always fsync.
+
+A durable producer appends every event and reads it back right away to produce it: reading
+the file back (frame header, CRC, slices) cost more than the append. So appended records
+also stay in memory, up to ``UNREAD_CACHE_BYTES``, until they are read once; read() takes
+them from there. The file stays the record of truth: anything not in that cache (read
+before, after a restart, or appended while it was full) is read from disk."""
 
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import struct
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 log = logging.getLogger("gatewatch.producer")
 
@@ -29,6 +36,7 @@ SEGMENT_SUFFIX = ".spool"
 ACK_SUFFIX = ".ack"
 FIRST_SEQ = 10**12
 READ_AHEAD = 1 << 20
+UNREAD_CACHE_BYTES = 16 << 20
 
 
 # -- the disk spool ---------------------------------------------------------------------
@@ -47,6 +55,10 @@ class _Segment:
     """Starts of acknowledged records that are not yet at the head of ``outstanding``."""
     pending: int = 0
     """Records not yet acknowledged (read or not)."""
+    unread: dict = field(default_factory=dict)
+    """Start offset -> SpoolRecord of records appended by this process and not yet read:
+    read() takes them from here instead of reading the file back (see DiskSpool)."""
+    unread_bytes: int = 0
 
     @property
     def ack_path(self) -> Path:
@@ -80,9 +92,10 @@ class _ReadAhead:
         self._file.close()
 
 
-@dataclass(frozen=True)
-class SpoolRecord:
+class SpoolRecord(NamedTuple):
+    """One record read back (a tuple: a frozen dataclass costs a microsecond per record to build)."""
     handle: tuple[int, int, int]
+    """(segment seq, start offset, end offset)."""
     key: bytes | None
     value: bytes
     sent_ms: int
@@ -129,8 +142,12 @@ class DiskSpool:
             segment.pending = sum(1 for _ in self._scan(segment, segment.acked))
         self._writer = None
         self._reader = None
+        self._cached_bytes = 0
+        """Bytes of records in the segments' ``unread`` caches."""
         self._read_seq: int | None = None
         self._read_pos = 0
+        self._by_seq: dict[int, _Segment] = {}
+        """``segments`` by seq: every read and ack looks its segment up."""
         self._drop_finished()
 
     # -- size and state
@@ -165,20 +182,35 @@ class DiskSpool:
     def append_many(self, records: list[tuple[bytes | None, bytes, int]]) -> bool:
         """Write records at the tail with one write() (one segment holds them all); False,
         and nothing written, when they do not all fit."""
-        frames = b"".join([self._frame(key, value, sent_ms) for key, value, sent_ms in records])
-        if self.bytes + len(frames) > self.max_bytes:
+        frames = [self._frame(key, value, sent_ms) for key, value, sent_ms in records]
+        data = b"".join(frames)
+        if self.bytes + len(data) > self.max_bytes:
             return False
         tail = self.segments[-1] if self.segments else None
         if tail is None or tail.sealed or tail.size >= self.segment_bytes:
             if tail is not None:
                 self._seal(tail)
+                self._drop_finished()
             tail = self._new_segment(self.segments[-1].seq + 1 if self.segments else FIRST_SEQ)
             self.segments.append(tail)
+            self._by_seq[tail.seq] = tail
             self._writer = open(tail.path, "ab", buffering=0)
-        self._writer.write(frames)
-        tail.size += len(frames)
+        self._writer.write(data)
+        if self._cached_bytes + len(data) <= UNREAD_CACHE_BYTES:
+            self._cache_unread(tail, records, frames)
+        tail.size += len(data)
         tail.pending += len(records)
         return True
+
+    def _cache_unread(self, tail: _Segment, records: list, frames: list[bytes]) -> None:
+        unread, seq, position = tail.unread, tail.seq, tail.size
+        for (key, value, sent_ms), frame in zip(records, frames):
+            end = position + len(frame)
+            unread[position] = SpoolRecord((seq, position, end), key, value, sent_ms)
+            position = end
+        added = position - tail.size
+        tail.unread_bytes += added
+        self._cached_bytes += added
 
     def prepend(self, records: list[tuple[bytes | None, bytes, int]]) -> int:
         """Write records as a new segment before every other one (older than all); returns
@@ -202,6 +234,7 @@ class DiskSpool:
         segment.pending = written
         if written:
             self.segments.insert(0, segment)
+            self._by_seq[segment.seq] = segment
             # The reader must start again from the new head.
             self._close_reader()
         else:
@@ -262,10 +295,7 @@ class DiskSpool:
         self._reader, self._read_seq = None, None
 
     def _segment(self, seq: int) -> _Segment | None:
-        for segment in self.segments:
-            if segment.seq == seq:
-                return segment
-        return None
+        return self._by_seq.get(seq)
 
     def read(self) -> SpoolRecord | None:
         """The next record not yet handed out, oldest first, or None."""
@@ -284,8 +314,14 @@ class DiskSpool:
                 self._close_reader()
                 continue
             if self._read_pos < segment.size:
-                self._reader.seek(self._read_pos)
-                record = self._read_frame(self._reader, segment, self._read_pos)
+                record = segment.unread.pop(self._read_pos, None)
+                if record is not None:
+                    size = record.handle[2] - record.handle[1]
+                    segment.unread_bytes -= size
+                    self._cached_bytes -= size
+                else:
+                    self._reader.seek(self._read_pos)
+                    record = self._read_frame(self._reader, segment, self._read_pos)
                 if record is not None:
                     self._read_pos = record.handle[2]
                     segment.outstanding.append((record.handle[1], record.handle[2]))
@@ -337,7 +373,8 @@ class DiskSpool:
             first_start, first_end = segment.outstanding.popleft()
             segment.done.discard(first_start)
             segment.acked = first_end
-        self._drop_finished()
+        if segment.sealed and segment.acked >= segment.size and not segment.outstanding:
+            self._drop_finished()
 
     def _drop_finished(self) -> None:
         keep = []
@@ -348,9 +385,11 @@ class DiskSpool:
                     self._close_reader()
                 segment.path.unlink(missing_ok=True)
                 segment.ack_path.unlink(missing_ok=True)
+                self._cached_bytes -= segment.unread_bytes
             else:
                 keep.append(segment)
         self.segments = keep
+        self._by_seq = {segment.seq: segment for segment in keep}
 
     def checkpoint(self) -> None:
         """Persist every segment's acknowledged offset (fewer duplicates after a crash)."""

@@ -86,3 +86,17 @@ def test_edge_values_encode_exactly_as_fastavro(record):
 def test_types_outside_the_subset_are_refused(field_type):
     with pytest.raises(Unsupported):
         compile_encoder({"type": "record", "name": "R", "fields": [{"name": "x", "type": field_type}]})
+
+
+def test_every_varint_length_and_the_cached_high_bits_encode_exactly_as_fastavro():
+    schema = {"type": "record", "name": "L", "fields": [{"name": "l", "type": "long"}]}
+    encode = compile_encoder(schema)
+    rng = random.Random(5)
+    around_each_byte_boundary = [sign * (1 << bits) + delta for bits in range(0, 63, 7) for delta in (-1, 0, 1)
+                                 for sign in (1, -1)]
+    timestamps = [1_795_940_000_000 + rng.randrange(100_000) for _ in range(300)]  # the high-bits cache reused
+    values = around_each_byte_boundary + timestamps + [rng.randrange(-(2**63), 2**63) for _ in range(3000)]
+    for value in values + [2**63 - 1, -(2**63)]:
+        out = bytearray()
+        encode({"l": value}, out)
+        assert bytes(out) == fastavro_bytes(schema, {"l": value}), value

@@ -232,6 +232,17 @@ def test_otlp_protobuf_all_bad_is_400_with_a_status(api):
     assert "gen_ai.request.model" in RpcStatus.FromString(response.content).message
 
 
+def test_otlp_protobuf_that_does_not_parse_is_400_with_a_status(api):
+    from google.rpc.status_pb2 import Status as RpcStatus
+
+    truncated = encode_spans(_record_spans()).SerializeToString()[:-7]
+    for body in (truncated, b"\x0a\xff\xff\xff"):
+        response = httpx.post(f"{api.url}/v1/traces", content=body,
+                              headers={"Authorization": f"Bearer {api.key}", "Content-Type": "application/x-protobuf"})
+        assert response.status_code == 400
+        assert "not an OTLP ExportTraceServiceRequest" in RpcStatus.FromString(response.content).message
+
+
 def test_only_non_genai_spans_is_an_empty_success(api):
     spans = [s for s in _record_spans() if s.name == "POST /chat"]
     response = httpx.post(f"{api.url}/v1/traces", content=encode_spans(spans).SerializeToString(),
@@ -415,3 +426,15 @@ def test_bench_api_reports_accepted_events_from_a_real_http_client(kafka_bootstr
         assert figures["errors"] == 0 and figures["requests"] > 0
         assert figures["accepted"] == 20 * (figures["requests"] - figures["throttled"])
         assert figures["p99_ms"] >= figures["p50_ms"] > 0 and figures["server_cpu_s"] > 0
+
+
+def test_bench_api_in_process_reports_cpu_per_acknowledged_event(kafka_bootstrap):
+    result = run_cli("bench", "api", "--in-process", "3", "--events-per-request", "20", "--bootstrap", kafka_bootstrap,
+                     timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["mode"] == "in-process"
+    for fmt in ("json", "otlp"):
+        figures = report[fmt]
+        assert (figures["requests"], figures["accepted"], figures["unacknowledged"]) == (3, 60, 0)
+        assert figures["cpu_us_per_event"] > 0 and figures["events_per_s_per_core"] > 0

@@ -11,8 +11,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span as PbSpan, Status
 
 from connectors.ingest_api.app import parse_traceparent
-from connectors.ingest_api.otlp import (Span, SpanRejected, request_from_json, request_from_protobuf, span_to_event,
-                                        spans_of, token_counts)
+from connectors.ingest_api.otlp import (TOKEN_CONVENTIONS, Span, SpanRejected, request_from_json, request_from_protobuf,
+                                        span_to_event, spans_of, token_counts)
 from schemas.codec import EventCodec
 from schemas.registry import default_local_registry
 
@@ -247,6 +247,64 @@ def test_protobuf_and_json_requests_map_to_the_same_event():
     assert from_pb == from_json
     assert from_pb[0]["input_tokens"] == 20 and from_pb[0]["cache_read_tokens"] == 1280
     assert from_pb[0]["event_id"] == f"otel-{TRACE}-{SPAN}"
+
+
+def _decoded_attributes(*key_values: KeyValue) -> dict:
+    span = PbSpan(trace_id=bytes.fromhex(TRACE), span_id=bytes.fromhex(SPAN), name="s", attributes=list(key_values))
+    request = ExportTraceServiceRequest(resource_spans=[ResourceSpans(scope_spans=[ScopeSpans(spans=[span])])])
+    [decoded] = spans_of(request_from_protobuf(request.SerializeToString()))
+    return decoded.attributes
+
+
+def test_every_otlp_value_kind_decodes_to_its_python_value():
+    from opentelemetry.proto.common.v1.common_pb2 import ArrayValue, KeyValueList
+
+    def kv(key, **value):
+        return KeyValue(key=key, value=AnyValue(**value))
+    assert _decoded_attributes(
+        kv("text", string_value="gpt-4o"), kv("empty", string_value=""), kv("count", int_value=4131),
+        kv("negative", int_value=-(2**63)), kv("zero", int_value=0), kv("flag", bool_value=True),
+        kv("off", bool_value=False), kv("ratio", double_value=0.5), kv("raw", bytes_value=b"\x00\xff"),
+        kv("list", array_value=ArrayValue(values=[AnyValue(string_value="a"), AnyValue(int_value=2)])),
+        kv("map", kvlist_value=KeyValueList(values=[kv("k", string_value="v")])), KeyValue(key="unset"),
+    ) == {"text": "gpt-4o", "empty": "", "count": 4131, "negative": -(2**63), "zero": 0, "flag": True, "off": False,
+          "ratio": 0.5, "raw": b"\x00\xff", "list": ["a", 2], "map": {"k": "v"}, "unset": None}
+
+
+@pytest.mark.parametrize("convention", TOKEN_CONVENTIONS, ids=[c[0] for c in TOKEN_CONVENTIONS])
+def test_every_token_attribute_naming_decoded_from_protobuf_counts_each_kind_once(convention):
+    _name, total_in, out, cache_read, cache_write, reasoning_names = convention
+    for reasoning in reasoning_names:
+        counts = {total_in: 1000, out: 300, cache_read: 600, cache_write: 100, reasoning: 120}
+        attributes = _decoded_attributes(
+            *(KeyValue(key=key, value=AnyValue(int_value=value)) for key, value in counts.items()),
+            KeyValue(key="gen_ai.operation.name", value=AnyValue(string_value="chat")))
+        assert token_counts(genai_span(attributes)) == {
+            "input_tokens": 300, "output_tokens": 300, "cache_read_tokens": 600, "cache_write_tokens": 100,
+            "reasoning_tokens": 120}, reasoning
+
+
+def test_unknown_attributes_of_any_kind_are_ignored():
+    request = _pb_request()
+    span = request.resource_spans[0].scope_spans[0].spans[0]
+    plain = [span_to_event(s, "o", "us") for s in spans_of(request_from_protobuf(request.SerializeToString()))]
+    span.attributes.extend([KeyValue(key="server.address", value=AnyValue(string_value="api.openai.com")),
+                            KeyValue(key="gen_ai.request.temperature", value=AnyValue(double_value=0.2)),
+                            KeyValue(key="gen_ai.response.finish_reasons", value=AnyValue(string_value="stop")),
+                            KeyValue(key="vendor.flag", value=AnyValue(bool_value=True)),
+                            KeyValue(key="vendor.blob", value=AnyValue(bytes_value=b"\x01")), KeyValue(key="unset")])
+    request.resource_spans[0].resource.attributes.extend([KeyValue(key="host.name", value=AnyValue(string_value="h"))])
+    extended = [span_to_event(s, "o", "us") for s in spans_of(request_from_protobuf(request.SerializeToString()))]
+    assert extended == plain
+
+
+@pytest.mark.parametrize("body", [b"\x0a\xff\xff\xff", b"\x0a\x05\x12\x03\x12\x01", b"\xff" * 8],
+                         ids=["length-past-the-end", "nested-truncated", "bad-tag"])
+def test_malformed_protobuf_is_refused_as_a_whole(body):
+    from google.protobuf.message import DecodeError
+
+    with pytest.raises(DecodeError):
+        list(spans_of(request_from_protobuf(body)))
 
 
 def test_json_request_with_bad_ids_is_rejected():

@@ -110,6 +110,10 @@ def test_producer_output_is_decoded_by_the_ingest_step(kafka_bootstrap, topic_fa
           f" µs, max {latencies[-1] * 1e3:.1f} ms; {len(sent) / sending:.0f} events/s sent, "
           f"{len(sent) / total:.0f} events/s acknowledged")
     assert producer.counts["delivered"] == len(sent) and producer.counts["spooled"] == 0
+    histogram = {suffix: REGISTRY.get_sample_value(f"gatewatch_producer_delivery_seconds_{suffix}",
+                                                   {"topic": topic, **({"le": "+Inf"} if suffix == "bucket" else {})})
+                 for suffix in ("count", "bucket", "sum")}
+    assert histogram["count"] == histogram["bucket"] == len(sent) and histogram["sum"] > 0
 
     messages = consume(kafka_bootstrap, topic)
     codec = EventCodec(LocalRegistry(), ValidationSettings())
@@ -378,6 +382,41 @@ def test_usage_tokens_keeps_cached_tokens_out_of_input(provider, usage, expected
     counts = usage_tokens(usage, provider)
     assert (counts["input_tokens"], counts["output_tokens"], counts["cache_read_tokens"],
             counts["cache_write_tokens"]) == expected
+
+
+def test_spool_reads_its_own_appends_from_memory_as_they_are_on_disk(tmp_path, monkeypatch):
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20)
+    spool.append_many([(b"org/u1", b"v0", 10), (None, b"", 11), (b"", b"v2" * 300, 12)])
+    spool.append(b"org/u2", b"v3", 13)
+    monkeypatch.setattr(spool, "_read_frame", lambda *args: pytest.fail("read back from the file"))
+    from_memory = [spool.read() for _ in range(4)]
+    assert spool.read() is None and spool._cached_bytes == 0
+    monkeypatch.undo()
+    spool.close()
+    reopened = DiskSpool(tmp_path, max_bytes=1 << 20)  # nothing acknowledged: all four again, from disk
+    from_disk = [reopened.read() for _ in range(4)]
+    assert from_memory == from_disk
+    assert [(r.key, r.value, r.sent_ms) for r in from_disk] == [(b"org/u1", b"v0", 10), (None, b"", 11),
+                                                                (b"", b"v2" * 300, 12), (b"org/u2", b"v3", 13)]
+    reopened.close()
+
+
+def test_spool_memory_of_unread_appends_is_bounded_and_the_rest_is_read_from_disk(tmp_path, monkeypatch):
+    import connectors.spool
+
+    monkeypatch.setattr(connectors.spool, "UNREAD_CACHE_BYTES", 300)
+    spool = DiskSpool(tmp_path, max_bytes=1 << 20, segment_bytes=500)
+    for i in range(30):
+        spool.append_many([(b"k", f"v{i}".encode() * 10, i)])
+        assert spool._cached_bytes <= 300
+    first = spool.read()
+    spool.restart_reading()  # handed out from memory, not acknowledged: read again, from disk
+    again = spool.read()
+    assert again == first
+    spool.ack(again.handle)
+    assert _drain(spool) == [f"v{i}".encode() * 10 for i in range(1, 30)]
+    assert spool.settle() and spool._cached_bytes == 0
+    spool.close()
 
 
 def test_spool_restart_reading_hands_out_unacknowledged_records_again(tmp_path):

@@ -6,6 +6,12 @@ a separate process) and the request latency percentiles. The last line is one JS
 measured phase (from /proc), so the figure does not depend on how busy the machine is with
 other work. The server's producer really delivers to a broker started for the bench (or
 ``--bootstrap``): when Kafka falls behind, the API answers 429 and the accepted rate shows it.
+
+``--in-process`` calls the ASGI app directly instead (no HTTP server, no load client): the
+CPU seconds of this one process (request path, producer thread, librdkafka) per accepted
+event, until the broker acknowledged every event. On a shared machine the load client and
+the other tenants move the HTTP figures by ±30%; this one moves much less, so it is the
+one to compare two versions of the code with.
 """
 
 from __future__ import annotations
@@ -124,6 +130,58 @@ async def _load(url: str, key: str, content_type: str, bodies: list[bytes], even
             "p99_ms": round(1000 * percentile(latencies, 0.99), 2) if latencies else None}
 
 
+async def _asgi_post(app, path: str, headers: list, body: bytes):
+    """One POST through the app's ASGI interface; its status and response body."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+    await app({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+    return sent[0]["status"], sent[1]["body"]
+
+
+def in_process(app, key: str, fmt: str, bodies: list[bytes], events_per_request: int, requests: int) -> dict:
+    """CPU of this process per event accepted by ``app`` and acknowledged by the broker."""
+    import gc
+
+    path, content_type = (("/v1/events", "application/json") if fmt == "json"
+                          else ("/v1/traces", "application/x-protobuf"))
+    headers = [(b"authorization", f"Bearer {key}".encode()), (b"content-type", content_type.encode())]
+    in_gc = {"seconds": 0.0, "since": 0.0}
+
+    def on_gc(phase, _info):
+        if phase == "start":
+            in_gc["since"] = time.thread_time()
+        else:
+            in_gc["seconds"] += time.thread_time() - in_gc["since"]
+
+    async def post_all(count: int) -> int:
+        accepted = 0
+        for n in range(count):
+            status, payload = await _asgi_post(app, path, headers, bodies[n % len(bodies)])
+            if status != 200:
+                raise click.ClickException(f"{fmt} request answered {status}: {payload[:300]!r}")
+            accepted += json.loads(payload)["accepted"] if fmt == "json" else events_per_request
+        return accepted
+
+    asyncio.run(post_all(2))  # warm-up
+    app.producer.flush(60)
+    gc.callbacks.append(on_gc)
+    cpu_before = time.process_time()
+    try:
+        accepted = asyncio.run(post_all(requests))
+        unacknowledged = app.producer.flush(120)
+    finally:
+        gc.callbacks.remove(on_gc)
+    cpu = time.process_time() - cpu_before
+    return {"requests": requests, "accepted": accepted, "unacknowledged": unacknowledged,
+            "cpu_us_per_event": round(cpu / accepted * 1e6, 1), "gc_us_per_event": round(
+                in_gc["seconds"] / accepted * 1e6, 1), "events_per_s_per_core": round(accepted / cpu)}
+
+
 def _client(queue, *args) -> None:
     queue.put(asyncio.run(_load(*args)))
 
@@ -162,6 +220,25 @@ def _tree_cpu(pid: int) -> float:
     return total
 
 
+def _bench_in_process(results: dict, env: dict, key: str, formats, events_per_request: int, requests: int) -> None:
+    from ops.api import app_factory
+
+    os.environ.update(env)  # app_factory reads the settings a server worker would get
+    app = app_factory()
+    app.start()
+    try:
+        for fmt in formats:
+            click.echo(f"bench api in process: {fmt}, {requests} requests of {events_per_request} events ...",
+                       err=True)
+            bodies = json_bodies(events_per_request) if fmt == "json" else otlp_bodies(events_per_request)
+            results[fmt] = in_process(app, key, fmt, bodies, events_per_request, requests)
+            click.echo(f"  {fmt}: {results[fmt]['cpu_us_per_event']} us CPU per event "
+                       f"({results[fmt]['events_per_s_per_core']:,} per core), "
+                       f"{results[fmt]['gc_us_per_event']} us of it in GC", err=True)
+    finally:
+        app.stop()
+
+
 @click.command("api")
 @click.option("--format", "formats", type=click.Choice(FORMATS), multiple=True, help="Default: both.")
 @click.option("--events-per-request", default=500, show_default=True, type=click.IntRange(1, 20_000))
@@ -175,7 +252,10 @@ def _tree_cpu(pid: int) -> float:
               help="Broker started for the bench (ignored with --bootstrap).")
 @click.option("--bootstrap", help="Use this broker instead of starting one.")
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep the server's log and spool here.")
-def api(formats, events_per_request, concurrency, duration, warmup, server, workers, broker, bootstrap, keep) -> None:
+@click.option("--in-process", "requests_in_process", type=click.IntRange(1), default=None, metavar="REQUESTS",
+              help="Call the app directly with this many requests per format (no HTTP): CPU per event.")
+def api(formats, events_per_request, concurrency, duration, warmup, server, workers, broker, bootstrap, keep,
+        requests_in_process) -> None:
     """Accepted events/s per server core and request latency of `gatewatch serve`."""
     from connectors.ingest_api.keys import ApiKeyStore
     from ops.dev import services
@@ -197,6 +277,18 @@ def api(formats, events_per_request, concurrency, duration, warmup, server, work
            "GATEWATCH_LOG_LEVEL": "WARNING"}
     results = {"server": server, "workers": workers, "events_per_request": events_per_request,
                "concurrency": concurrency, "duration_s": duration, "cpus": os.cpu_count(), "broker": bootstrap}
+    if requests_in_process:
+        results = {"mode": "in-process", "events_per_request": events_per_request, "cpus": os.cpu_count(),
+                   "broker": bootstrap}
+        try:
+            _bench_in_process(results, env, key, formats, events_per_request, requests_in_process)
+        finally:
+            if kafka is not None:
+                kafka.stop()
+            if not keep:
+                shutil.rmtree(root, ignore_errors=True)
+        click.echo(json.dumps(results, sort_keys=True))
+        return
     with open(root / "serve.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "serve", "--server", server, "--workers",
                                  str(workers), "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
