@@ -104,3 +104,28 @@ def test_a_key_store_outage_keeps_checked_keys_working(postgres_server):
     store.revoke(known)
     with pytest.raises(KeyRevoked):
         store.authenticate(known)
+
+
+def test_serve_answers_503_with_retry_after_while_the_key_store_is_down(postgres_server, kafka_bootstrap,
+                                                                       topic_factory, tmp_path):
+    """An OTLP exporter retries 503 (with Retry-After) but drops a batch on 500."""
+    url, _app = postgres_server.database()
+    env = {"GATEWATCH_KAFKA__BOOTSTRAP": kafka_bootstrap, "GATEWATCH_KAFKA__EVENTS_TOPIC": topic_factory(prefix="pg503"),
+           "GATEWATCH_KAFKA__DLQ_TOPIC": topic_factory(prefix="pg503-dlq"), "GATEWATCH_API__KEYS_URL": url,
+           "GATEWATCH_API__KEY_CACHE_S": "0"}
+    server = Server(tmp_path, env)
+    try:
+        checked, never_checked = server.create_key("acme"), server.create_key("beta")
+        assert httpx.post(f"{server.url}/v1/events", json=[], headers={"Authorization": f"Bearer {checked}"}
+                          ).status_code == 200
+        postgres_server.stop()
+        try:
+            refused = httpx.post(f"{server.url}/v1/events", json=[],
+                                 headers={"Authorization": f"Bearer {never_checked}"}, timeout=30)
+            assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+            assert httpx.post(f"{server.url}/v1/events", json=[], headers={"Authorization": f"Bearer {checked}"},
+                              timeout=30).status_code == 200
+        finally:
+            postgres_server.start()
+    finally:
+        server.stop()

@@ -47,7 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from connectors.ingest_api import otlp
 from connectors.ingest_api.dead_letters import rejection
-from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked
+from connectors.ingest_api.keys import ApiKey, ApiKeyStore, KeyRevoked, KeyStoreUnavailable
 from connectors.ingest_api.tracing import end_request_span, start_request_span
 from connectors.producer import SpoolFull
 from schemas.codec import InvalidEvent
@@ -253,6 +253,9 @@ class IngestApp:
             record = self.keys.authenticate(key.strip())
         except KeyRevoked:
             raise HttpError(403, "this API key was revoked") from None
+        except KeyStoreUnavailable:  # 503, not 500: OTLP exporters retry 503 (and honour Retry-After)
+            raise HttpError(503, "the API key store cannot answer right now; retry later",
+                            headers=(("retry-after", str(self.config.retry_after_s)),)) from None
         if record is None:
             raise HttpError(401, "unknown API key", headers=(("www-authenticate", 'Bearer error="invalid_token"'),))
         return record
