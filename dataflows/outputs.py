@@ -24,12 +24,12 @@ from schemas.vocabulary import TOKEN_KINDS, user_key
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
 from sinks.billing import BillingWriter
-from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before
+from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before, org_month_usage_before
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
 from sinks.parquet import ParquetWriter, partition_of, sample_text
-from sinks.quota import QuotaStore, QuotaWriter, restate_month_bases
+from sinks.quota import QuotaStore, QuotaWriter, keep_month_bases
 from sinks.retry import Retry, retry_policy
 from sinks.vault import KeyStore, VaultFiles, VaultSealer, VaultWriter
 from sinks.vault import partition_of as vault_partition_of
@@ -160,13 +160,14 @@ def quota_writer(settings: Settings) -> QuotaWriter:
     store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
                        window_ttl_s=2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s),
                        month_bases=quota.month_bases)
-    restate_bases = None
+    keep_bases = None
     if quota.month_bases:  # a user's month before yesterday comes from the daily aggregates
         aggregates = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
-        restate_bases = partial(restate_month_bases, store, partial(month_usage_before, aggregates))
+        keep_bases = partial(keep_month_bases, store, partial(month_usage_before, aggregates),
+                             partial(org_month_usage_before, aggregates))
     alerts = TopicWriter(kafka.bootstrap, kafka.quota_alerts_topic, encode_quota_alert, "alert_id", kafka.extra)
     return QuotaWriter(store, quota.tiers, alerts, retry_of(settings), dead_letters(settings),
-                       windows.allowed_lateness_s, restate_bases)
+                       windows.allowed_lateness_s, keep_bases)
 
 
 def billing_writer(settings: Settings) -> BillingWriter:

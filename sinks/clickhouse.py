@@ -302,6 +302,21 @@ def month_usage_before(client: "ClickHouse", users: list[tuple[str, str]], month
             for org, user, *values in rows}
 
 
+def org_month_usage_before(client: "ClickHouse", orgs: list[str], month: str, cutoff: str) -> dict[str, dict[str, int]]:
+    """Requests and tokens by kind of each org over the days of month (YYYYMM) before cutoff
+    (YYYYMMDD), from the daily aggregates: the closed part of an org's month in sinks.quota."""
+    if not orgs:
+        return {}
+    rows = client.rows(
+        f"SELECT org_id, sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
+        f"sum(cache_write_tokens) FROM {client.database}.usage_daily FINAL "
+        f"WHERE org_id IN ({', '.join(sorted({sql_string(org) for org in orgs}))}) "
+        f"AND day >= toDate('{month[:4]}-{month[4:]}-01') AND day < toDate('{cutoff[:4]}-{cutoff[4:6]}-{cutoff[6:]}') "
+        "GROUP BY org_id")
+    return {org: dict(zip(("requests", "input", "output", "cache_read", "cache_write"), map(int, values)))
+            for org, *values in rows}
+
+
 def sql_string(value: str) -> str:
     """A ClickHouse string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
