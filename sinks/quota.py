@@ -554,6 +554,12 @@ class QuotaStore:
         month = periods(today)[1]
         return [(user, month) for user, exists in zip(users, pipe.execute()) if not exists]
 
+    def mark_due(self, bases: list[tuple[str, str]]) -> None:
+        """Mark (org/user, YYYYMM) bases due now, for restate_month_bases."""
+        if bases:
+            due_at = self.clock() - RESTATE_DELAY_S
+            self.redis.zadd(RESTATE_KEY, {f"{user}|{month}": due_at for user, month in bases}, nx=True)
+
     def restate_org_months(self, due: list[tuple[str, str, float]], org_totals: OrgMonthTotals) -> int:
         """Restate the month counters of orgs (org, YYYYMM, marked at) from the aggregates' days
         before month_cutoff plus the org's day counters from it on; return how many written."""
@@ -673,6 +679,14 @@ class QuotaWriter:
         retry(self.sink, lambda: store.publish_tiers(tiers))
         retry("quota_alerts", self.deliver_alerts)
 
+    def keep_month_bases(self, users: set[str]) -> None:
+        """The batch's missing bases, and those due: a few attempts, then left for the next
+        batch (the users marked due), so an aggregates outage never stops the quota counting."""
+        try:
+            self.retry("quota_bases", lambda: self.keep_bases(users), max_attempts=3)
+        except Exception:  # noqa: BLE001 - logged and counted by the retry; the marks retry it
+            self.retry(self.sink, lambda: self.store.mark_due(self.store.missing_bases(users)))
+
     def deliver_alerts(self) -> None:
         pending = self.store.pending_alerts()
         if pending:
@@ -684,8 +698,7 @@ class QuotaWriter:
         totals = [total for batch in batches for total in batch]
         self.retry(self.sink, lambda: self.store.apply(totals))
         if self.keep_bases is not None:
-            users = {f"{total['org_id']}/{total['user_id']}" for total in totals}
-            self.retry("quota_bases", lambda: self.keep_bases(users))
+            self.keep_month_bases({f"{total['org_id']}/{total['user_id']}" for total in totals})
         count_written(self.sink, len(totals))
         observe_freshness(self.sink, [t["window_start_ms"] + t["window_length_ms"] for t in totals], self.lateness_s)
         self.retry("quota_alerts", self.deliver_alerts)

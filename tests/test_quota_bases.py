@@ -14,6 +14,7 @@ from connectors.quota_client import QuotaClient
 from ops.bench.history import expire_passed
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings, QuotaSettings
+from ops.status import quota_lines
 from sinks.billing import with_cost
 from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, org_month_usage_before, refresh_aggregates
 from sinks.quota import RESTATE_KEY, QuotaStore, keep_month_bases, restate_month_bases
@@ -150,6 +151,10 @@ def test_a_returning_users_month_is_whole_from_its_first_request(stores, redis_u
     assert month_tokens(store, redis_url, "c", int(clock.now)) == (55, 55)
     usage.window("a", int(clock.now), 1)
     assert month_tokens(store, redis_url, "a", int(clock.now)) == (301, 301)
+    # `gatewatch status --quota` reads them as enforcement does (the org's month is a live counter).
+    screen = quota_lines(gateway, store, ["o1/a", "o1"], now_ms)
+    assert screen[2].split() == ["o1/a", "free", "1", "301", "100,000"]
+    assert screen[3].split() == ["o1", "org", "2", "356", "-"]
 
 
 def test_a_late_event_older_than_the_counted_days_is_counted_once_through_the_aggregates(stores, redis_url):

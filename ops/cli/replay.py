@@ -121,7 +121,25 @@ def replay_runs(settings, first: date, last: date, region: str | None, workers: 
     if opened:
         run_here(build_replay(settings, *opened, region), workers,
                  recovery_dir and str(Path(recovery_dir) / "open-days"), settings.recovery.snapshot_interval_s)
-    return restate_closed_quota(settings, store, *closed, open_from) if closed else 0
+    if not closed:
+        return 0
+    restated = restate_closed_quota(settings, store, *closed, open_from)
+    if quota.month_bases:  # the users' bases marked due: rewrite them now from the refreshed aggregates
+        restated += restate_bases_now(settings, store)
+    return restated
+
+
+def restate_bases_now(settings, store) -> int:
+    """Rewrite the month bases marked due (a replay's closed days) from the aggregates, without
+    waiting for a flow's quota sink."""
+    from functools import partial
+
+    from dataflows.outputs import aggregate_clients, summed_totals
+    from sinks.clickhouse import month_usage_before
+    from sinks.quota import restate_month_bases
+
+    # The replay's marks are due at once; a flow's newer marks wait for their delay as always.
+    return restate_month_bases(store, partial(summed_totals, aggregate_clients(settings), month_usage_before))
 
 
 @click.group()
