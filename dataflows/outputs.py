@@ -168,7 +168,7 @@ def quota_writer(settings: Settings) -> QuotaWriter:
                     extra={"sink": "quota"})
     store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
                        window_ttl_s=2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s),
-                       month_bases=month_bases)
+                       month_bases=month_bases, counts_from_ms=quota.replay_counts_from_ms)
     keep_bases = None
     if month_bases:  # a user's month before yesterday comes from the daily aggregates
         keep_bases = partial(keep_month_bases, store, partial(summed_totals, clients, month_usage_before),

@@ -173,6 +173,11 @@ class QuotaSettings(Section):
     day counters (Redis memory follows the users active now); false: a month counter per
     user active this month, which grows Redis with the month's long tail (sinks.quota)."""
 
+    replay_counts_from_ms: int | None = None
+    """Set by `gatewatch replay` for the open days it replays: the quota sink counts only window
+    totals and late events dated from then on; what is older is restated from the aggregates
+    (its window records may have expired: counting it again would count it twice)."""
+
     @model_validator(mode="after")
     def _default_tier_exists(self) -> "QuotaSettings":
         if self.default_tier not in self.tiers:

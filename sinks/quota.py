@@ -77,6 +77,9 @@ RESTATE_KEY = "gw:bases:due"
 """Sorted set of 'org/user|YYYYMM' whose month base is stale (an event Redis left to the
 aggregates, a replay), scored by when marked. A missing base is written at once instead
 (fill_month_bases): the days before yesterday are in the aggregates already."""
+RECENT_PREFIX = "gw:recent:"
+"""Per org, a sorted set of its window records and late adjustments by window start, trimmed
+to the window records' life: what restating an open day reads as the part the flow counts."""
 ORG_RESTATE_KEY = "gw:orgmonths:due"
 """Sorted set of 'org|YYYYMM' whose month counter misses an event Redis left to the aggregates."""
 RESTATE_DELAY_S = 120
@@ -139,10 +142,11 @@ end
 
 APPLY_WINDOW = _LIMITS_LUA + """
 -- KEYS: record, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts,
---       user bases due, org months due
+--       user bases due, org months due, org's recent windows
 -- ARGV: n, input, output, cache_read, cache_write, window record expires at, default tier, day, month, subject,
 --       day expires at, month expires at (of the late set), late event id ('' for a window total),
---       first counted day ('' with live month counters), now, last day of the month so far, thresholds...
+--       first counted day ('' with live month counters), now, last day of the month so far, window start (ms),
+--       recent windows kept from (ms), thresholds...
 local kinds = {'input', 'output', 'cache_read', 'cache_write'}
 local n = tonumber(ARGV[1])
 local added, deltas, total = 0, {}, 0
@@ -159,6 +163,7 @@ if ARGV[13] == '' then
   -- A window's running absolute totals: add what they hold beyond the record's.
   local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
   if n <= prev_n then return 0 end
+  if prev_n == 0 then redis.call('ZADD', KEYS[12], ARGV[17], 'w|' .. #ARGV[10] .. '|' .. KEYS[1]) end
   added = n - prev_n
   for i, kind in ipairs(kinds) do
     local value = tonumber(ARGV[i + 1])
@@ -174,7 +179,10 @@ else
   redis.call('EXPIREAT', KEYS[1], bases and ARGV[11] or ARGV[12])
   added = n
   for i = 1, 4 do deltas[i] = tonumber(ARGV[i + 1]) end
+  redis.call('ZADD', KEYS[12], ARGV[17], table.concat({'l', n, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[13], ARGV[10]}, '|'))
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', '(' .. ARGV[18])
+redis.call('EXPIREAT', KEYS[12], ARGV[6])
 for i = 1, 4 do total = total + deltas[i] end
 local requests_before = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
 local month_before = month_tokens(KEYS[3], string.sub(KEYS[2], 1, -9), ARGV[16])
@@ -191,8 +199,8 @@ for k = 2, 5 do
   end
 end
 local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
-raise_alerts(KEYS[9], ARGV[10], tier, 'requests_day', ARGV[8], rpd, requests_before, requests_before + added, 17)
-raise_alerts(KEYS[9], ARGV[10], tier, 'tokens_month', ARGV[9], tpm, month_before, month_before + total, 17)
+raise_alerts(KEYS[9], ARGV[10], tier, 'requests_day', ARGV[8], rpd, requests_before, requests_before + added, 19)
+raise_alerts(KEYS[9], ARGV[10], tier, 'tokens_month', ARGV[9], tpm, month_before, month_before + total, 19)
 return 1
 """
 
@@ -238,6 +246,52 @@ redis.call('DEL', KEYS[1])
 for name, value in pairs(totals) do redis.call('HSET', KEYS[1], name, value) end
 redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
+"""
+
+RESTATE_OPEN_DAY = """
+-- KEYS: the org's recent windows; ARGV: from (ms), day start (ms), day end (ms), day (YYYYMMDD), expires at, org,
+--   then per subject ('' the org, else org/user) its requests, input, output, cache_read, cache_write of the
+--   day before `from` (from the aggregates).
+-- Each subject's day counter := those totals + what the flow counted from `from` on (its window records and
+-- late adjustments, read in the same atomic step, so an increment the flow makes meanwhile is neither lost
+-- nor counted twice).
+local totals = {}
+local function add(subject, values)
+  local held = totals[subject] or {0, 0, 0, 0, 0}
+  for i = 1, 5 do held[i] = held[i] + tonumber(values[i] or '0') end
+  totals[subject] = held
+end
+add('', {})
+for i = 7, #ARGV, 6 do add(ARGV[i], {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}) end
+local low = math.max(tonumber(ARGV[1]), tonumber(ARGV[2]))
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], low, '(' .. ARGV[3])) do
+  local values, user
+  if string.sub(member, 1, 2) == 'w|' then
+    local length, record = string.match(member, '^w|(%d+)|(.*)$')
+    user = string.sub(record, 8, 7 + tonumber(length))
+    local held = redis.call('HMGET', record, 'n', 'input', 'output', 'cache_read', 'cache_write')
+    if held[1] then values = held end
+  else
+    local n, input, output, cache_read, cache_write, _id, who = string.match(member,
+      '^l|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|([^|]*)|(.*)$')
+    values, user = {n, input, output, cache_read, cache_write}, who
+  end
+  if values then
+    add(user, values)
+    add('', values)
+  end
+end
+local written = 0
+for subject, held in pairs(totals) do
+  written = written + 1
+  local key = subject == '' and ('gw:usage:org:' .. ARGV[6] .. ':d:' .. ARGV[4])
+    or ('gw:usage:user:' .. subject .. ':d:' .. ARGV[4])
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'requests', held[1], 'tokens', held[2] + held[3] + held[4] + held[5], 'input', held[2],
+    'output', held[3], 'cache_read', held[4], 'cache_write', held[5])
+  redis.call('EXPIREAT', key, ARGV[5])
+end
+return written
 """
 
 MONTH_USAGE = _LIMITS_LUA + """
@@ -327,6 +381,15 @@ def period_ends(when_ms: int) -> tuple[int, int]:
 
 def tier_keys(user: str) -> tuple[str, str, str]:
     return f"gw:tier:user:{user}", f"gw:limits:user:{user}", TIERS_KEY
+
+
+def open_windows_from_ms(now_s: float, horizon_s: float, length_ms: int) -> int:
+    """The window start (ms) from which every window of a user may still be re-emitted by the
+    flow and still has its record (written at or after its start, each record lives twice the
+    horizon): a replay counts those through the quota sink; older ones of a day still open
+    are restated from the aggregates (restate_open_day)."""
+    at_ms = int((now_s - horizon_s) * 1000)
+    return at_ms - at_ms % length_ms
 
 
 def first_open_day(now_s: float, horizon_s: float) -> str:
@@ -439,7 +502,7 @@ def with_token_total(totals: dict[str, int]) -> dict[str, int]:
 class QuotaStore:
     def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0),
                  window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S,
-                 clock: Callable[[], float] = time.time, month_bases: bool = True):
+                 clock: Callable[[], float] = time.time, month_bases: bool = True, counts_from_ms: int | None = None):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.default_tier = default_tier
         self.alert_thresholds = alert_thresholds
@@ -447,6 +510,7 @@ class QuotaStore:
         self.period_margin_s = int(period_margin_s)
         self.clock = clock  # a benchmark replaying simulated days passes their clock
         self.month_bases = month_bases
+        self.counts_from_ms = counts_from_ms  # a replay of open days: what is older is restated (restate_open_day)
         self._apply = self.redis.register_script(APPLY_WINDOW)
         self._forget_due = self.redis.register_script(FORGET_DUE)
         self._write_base = self.redis.register_script(WRITE_BASE)
@@ -473,6 +537,8 @@ class QuotaStore:
         trip; return how many changed a counter."""
         pipe = self.redis.pipeline(transaction=False)
         now = self.clock()
+        if self.counts_from_ms is not None:
+            totals = [total for total in totals if total["window_start_ms"] >= self.counts_from_ms]
         for total in totals:
             user = f"{total['org_id']}/{total['user_id']}"
             late_id = total.get("event_id")
@@ -481,12 +547,13 @@ class QuotaStore:
             day, month = periods(total["window_start_ms"])
             keys = [record, *usage_keys("user", user, total["window_start_ms"]),
                     *usage_keys("org", total["org_id"], total["window_start_ms"]),
-                    *tier_keys(user), PENDING_ALERTS_KEY, RESTATE_KEY, ORG_RESTATE_KEY]
+                    *tier_keys(user), PENDING_ALERTS_KEY, RESTATE_KEY, ORG_RESTATE_KEY,
+                    RECENT_PREFIX + total["org_id"]]
             args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(now) + self.window_ttl_s,
                     self.default_tier, day, month, user, day_end + self.period_margin_s,
                     month_end + self.period_margin_s, late_member(late_id) if late_id else "",
                     first_counted_day(now) if self.month_bases else "", int(now), month_so_far(month, now),
-                    *self.alert_thresholds]
+                    total["window_start_ms"], int((now - self.window_ttl_s) * 1000), *self.alert_thresholds]
             self._apply(keys=keys, args=args, client=pipe)
         return sum(pipe.execute())
 
@@ -528,6 +595,19 @@ class QuotaStore:
             written += 1
         pipe.execute()
         return written
+
+    def restate_open_day(self, org: str, day: str, from_ms: int, closed: dict[str, dict[str, int]]) -> int:
+        """Restate the day counters of an org and of its users for a day (YYYYMMDD) that is still
+        open: the totals before from_ms (closed, keyed '' for the org and org/user for a user,
+        from the aggregates: their window records may have expired, a replay must not count them
+        again) + what the flow counted from from_ms on (window records that still live, late
+        adjustments), read atomically. Absolute totals: restating twice is restating once.
+        Return the counters written."""
+        day_start = day_ms(day)
+        args = [from_ms, day_start, day_start + 86_400_000, day, period_ends(day_start)[0] + self.period_margin_s, org]
+        for subject, totals in closed.items():
+            args += [subject, *(int(totals.get(name, 0)) for name in ("requests", *TOKEN_KINDS))]
+        return int(self.redis.eval(RESTATE_OPEN_DAY, 1, RECENT_PREFIX + org, *args))
 
     def restate_day(self, pipe, scope: str, ident: str, day: str, totals: dict[str, int]) -> None:
         day_key = usage_keys(scope, ident, day_ms(day))[0]
