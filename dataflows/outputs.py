@@ -161,11 +161,7 @@ def audit_writer(settings: Settings) -> AuditWriter:
 def quota_writer(settings: Settings) -> QuotaWriter:
     quota, windows, kafka = settings.quota, settings.windows, settings.kafka
     clients = aggregate_clients(settings) if quota.month_bases else []
-    # A pre-21 server has no daily aggregates to hold the bases: a month counter per user then.
-    month_bases = quota.month_bases and not any(client.legacy for client in clients)
-    if quota.month_bases and not month_bases:
-        log.warning("quota month bases need the usage aggregates (ClickHouse 21 or newer): month counters kept instead",
-                    extra={"sink": "quota"})
+    month_bases = quota.month_bases and not any(map(has_no_aggregates, clients))
     store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
                        window_ttl_s=2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s),
                        month_bases=month_bases, counts_from_ms=quota.replay_counts_from_ms)
@@ -176,6 +172,22 @@ def quota_writer(settings: Settings) -> QuotaWriter:
     alerts = TopicWriter(kafka.bootstrap, kafka.quota_alerts_topic, encode_quota_alert, "alert_id", kafka.extra)
     return QuotaWriter(store, quota.tiers, alerts, retry_of(settings), dead_letters(settings),
                        windows.allowed_lateness_s, keep_bases)
+
+
+def has_no_aggregates(client: ClickHouse) -> bool:
+    """A pre-21 server has no daily aggregates to hold the month bases: the quota keeps a month
+    counter per user then. A server that cannot be asked now is taken for a modern one (the
+    bases step then fails and retries without stopping the quota)."""
+    try:
+        legacy = client.legacy
+    except Exception as exc:  # noqa: BLE001 - an outage at start must not stop the flow
+        log.warning("cannot ask ClickHouse its version for the quota's month bases",
+                    extra={"sink": "quota", "error": f"{type(exc).__name__}: {exc}"})
+        return False
+    if legacy:
+        log.warning("quota month bases need the usage aggregates (ClickHouse 21 or newer): month counters kept instead",
+                    extra={"sink": "quota"})
+    return legacy
 
 
 def summed_totals(clients: list[ClickHouse], totals_before: Callable, subjects: list, month: str, cutoff: str) -> dict:

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -66,6 +67,8 @@ from sinks.retry import Retry
 if TYPE_CHECKING:
     from sinks.dlq import DeadLetters
     from sinks.kafka import TopicWriter
+
+log = logging.getLogger(__name__)
 
 WINDOW_RECORD_TTL_S = 2 * 3600
 """Default life of a window's idempotency record; the flow passes twice its own horizon."""
@@ -760,11 +763,14 @@ class QuotaWriter:
         retry("quota_alerts", self.deliver_alerts)
 
     def keep_month_bases(self, users: set[str]) -> None:
-        """The batch's missing bases, and those due: a few attempts, then left for the next
-        batch (the users marked due), so an aggregates outage never stops the quota counting."""
+        """The batch's missing bases, and those due: one attempt (logged and counted when it
+        fails), then left to the next batch with the users marked due, so an aggregates outage
+        never stops or slows the quota counting."""
         try:
-            self.retry("quota_bases", lambda: self.keep_bases(users), max_attempts=3)
-        except Exception:  # noqa: BLE001 - logged and counted by the retry; the marks retry it
+            self.retry("quota_bases", lambda: self.keep_bases(users), max_attempts=1)
+        except Exception as exc:  # noqa: BLE001 - counted by the retry; the marks try again
+            log.warning("quota month bases not written, left to the next batch",
+                        extra={"sink": "quota_bases", "users": len(users), "error": f"{type(exc).__name__}: {exc}"})
             self.retry(self.sink, lambda: self.store.mark_due(self.store.missing_bases(users)))
 
     def deliver_alerts(self) -> None:

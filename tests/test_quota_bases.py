@@ -201,3 +201,33 @@ def test_a_base_that_carries_the_month_over_a_threshold_raises_the_alert(stores,
     store.ack_alerts([a["alert_id"] for a in alerts])
     usage.restate()
     assert [a for a in store.pending_alerts() if a["metric"] == "tokens_month"] == []
+
+
+def test_the_quota_sink_counts_on_when_the_aggregates_are_down(redis_url, flow_topics_env, monkeypatch):
+    """No ClickHouse to read the bases from: the batch is counted all the same, its users stay
+    marked due for a later batch, and the failure is counted."""
+    from dataflows.outputs import quota_writer
+    from ops.dev.services import free_port
+    from ops.settings import load_settings
+    from sinks import metrics
+
+    class ErrorsCounted(metrics.NoOpMetrics):
+        def __init__(self):
+            self.sinks: list[str] = []
+
+        def increment(self, name, value=1, tags=None):
+            if name == "gatewatch_sink_errors":
+                self.sinks.append(tags["sink"])
+
+    counted = ErrorsCounted()
+    monkeypatch.setattr(metrics, "_backend", counted)
+    redis.Redis.from_url(redis_url).flushdb()
+    env = {**flow_topics_env(1), "GATEWATCH_REDIS__URL": redis_url,
+           "GATEWATCH_CLICKHOUSE__URL": f"clickhouse://127.0.0.1:{free_port()}"}
+    writer = quota_writer(load_settings(environ=env, use_service_state=False))
+    now_ms = int(writer.store.clock() * 1000)
+    writer([[{"org_id": "o1", "user_id": "u9", "model": "gpt-4o", "n": 2, "window_start_ms": now_ms // 60_000 * 60_000,
+              "window_length_ms": 60_000, "input": 30, "output": 4, "cache_read": 0, "cache_write": 0}]])
+    assert writer.store.month_usage("user", "o1/u9", now_ms)["tokens"] == 34
+    assert [user for user, _month, _at in writer.store.due_bases()] == ["o1/u9"]
+    assert counted.sinks == ["quota_bases"]
