@@ -118,10 +118,10 @@ def replay_runs(settings, first: date, last: date, region: str | None, workers: 
     if closed and others:
         run_here(build_replay(settings.model_copy(update={"sinks": others}), *closed, region), workers,
                  recovery_dir, settings.recovery.snapshot_interval_s)
-    counts_from_ms = open_windows_from_ms(store.clock(), record_ttl_s / 2, int(windows.length_s * 1000))
     if opened:
-        # Windows of the open days older than counts_from_ms may have lost their records: the quota
-        # sink leaves them out and they are restated below, like closed days.
+        # Windows of the open days older than this may have lost their records: the quota sink
+        # leaves them out and they are restated below, like closed days.
+        counts_from_ms = open_windows_from_ms(store.clock(), record_ttl_s / 2, int(windows.length_s * 1000))
         counting = settings.model_copy(update={"quota": quota.model_copy(update={"replay_counts_from_ms": counts_from_ms})})
         run_here(build_replay(counting, *opened, region), workers,
                  recovery_dir and str(Path(recovery_dir) / "open-days"), settings.recovery.snapshot_interval_s)
@@ -129,21 +129,25 @@ def replay_runs(settings, first: date, last: date, region: str | None, workers: 
     if closed:
         restated += restate_closed_quota(settings, store, *closed, open_from)
     if opened:
-        restated += restate_open_quota(settings, store, *opened, counts_from_ms, open_from)
+        restated += restate_open_quota(settings, store, *opened, open_from)
     if closed and quota.month_bases:  # the users' bases marked due: rewrite them now from the refreshed aggregates
         restated += restate_bases_now(settings, store)
     return restated
 
 
-def restate_open_quota(settings, store, first: date, last: date, counts_from_ms: int, open_from: str) -> int:
-    """Restate the day counters of the replayed open days (first..last) as their events before
-    counts_from_ms (from the raw events) + what the quota counted from then on, and the month
-    counters that are live counters (orgs', users' without month bases) as the aggregates'
-    days before open_from + the day counters from it on; return the counters written."""
+def restate_open_quota(settings, store, first: date, last: date, open_from: str) -> int:
+    """Restate the day counters of the replayed open days (first..last) as their raw events
+    dated before the window records' horizon, as it is now (the replay may have outlasted the
+    records of its start; everything it read is in ClickHouse) + what the quota counted from
+    then on, and the month counters that are live counters (orgs', users' without month
+    bases) as the aggregates' days before open_from + the day counters from it on; return
+    the counters written."""
     from dataflows.outputs import aggregate_clients, summed_totals
     from dataflows.replay import USAGE_NAMES
+    from sinks.quota import open_windows_from_ms
     from sinks.clickhouse import month_usage_before, org_month_usage_before, usage_before_time
 
+    counts_from_ms = open_windows_from_ms(store.clock(), store.window_ttl_s / 2, int(settings.windows.length_s * 1000))
     clients = aggregate_clients(settings)
     closed: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
     for client in clients:
