@@ -182,7 +182,8 @@ else
   redis.call('EXPIREAT', KEYS[1], bases and ARGV[11] or ARGV[12])
   added = n
   for i = 1, 4 do deltas[i] = tonumber(ARGV[i + 1]) end
-  redis.call('ZADD', KEYS[12], ARGV[17], table.concat({'l', n, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[13], ARGV[10]}, '|'))
+  redis.call('ZADD', KEYS[12], ARGV[17],
+    table.concat({'l', n, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[13], ARGV[10]}, '|'))
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', '(' .. ARGV[18])
 redis.call('EXPIREAT', KEYS[12], ARGV[6])
@@ -656,7 +657,8 @@ class QuotaStore:
             totals = org_totals(orgs, month, cutoff) if cutoff else {}
             months.update({("org", org, f"{month}01"): totals.get(org, {}) for org in orgs if cutoff})
         written = self.restate_months(months, {month: month_cutoff(month, now) for month in by_month})
-        self._forget_due(keys=[ORG_RESTATE_KEY], args=[x for org, month, marked in due for x in (f"{org}|{month}", marked)])
+        self._forget_due(keys=[ORG_RESTATE_KEY],
+                         args=[x for org, month, marked in due for x in (f"{org}|{month}", marked)])
         return written
 
     def restate_months(self, months: UsageByDay, open_from: dict[str, str], pipe=None) -> int:

@@ -122,7 +122,8 @@ def replay_runs(settings, first: date, last: date, region: str | None, workers: 
         # Windows of the open days older than this may have lost their records: the quota sink
         # leaves them out and they are restated below, like closed days.
         counts_from_ms = open_windows_from_ms(store.clock(), record_ttl_s / 2, int(windows.length_s * 1000))
-        counting = settings.model_copy(update={"quota": quota.model_copy(update={"replay_counts_from_ms": counts_from_ms})})
+        counting = settings.model_copy(update={
+            "quota": quota.model_copy(update={"replay_counts_from_ms": counts_from_ms})})
         run_here(build_replay(counting, *opened, region), workers,
                  recovery_dir and str(Path(recovery_dir) / "open-days"), settings.recovery.snapshot_interval_s)
     restated = 0
