@@ -9,6 +9,7 @@ each is built from the settings the launcher passes in, inside the worker that u
 from __future__ import annotations
 
 import json
+import logging
 from functools import partial
 from typing import Any, Callable
 
@@ -24,15 +25,17 @@ from schemas.vocabulary import TOKEN_KINDS, user_key
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
 from sinks.billing import BillingWriter
-from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before
+from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before, org_month_usage_before
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
 from sinks.parquet import ParquetWriter, partition_of, sample_text
-from sinks.quota import QuotaStore, QuotaWriter, restate_month_bases
+from sinks.quota import QuotaStore, QuotaWriter, keep_month_bases
 from sinks.retry import Retry, retry_policy
 from sinks.vault import KeyStore, VaultFiles, VaultSealer, VaultWriter
 from sinks.vault import partition_of as vault_partition_of
+
+log = logging.getLogger(__name__)
 
 Settings = Any
 """``ops.settings.Settings``, passed in by the launcher: flows read it, never import ops."""
@@ -157,16 +160,55 @@ def audit_writer(settings: Settings) -> AuditWriter:
 
 def quota_writer(settings: Settings) -> QuotaWriter:
     quota, windows, kafka = settings.quota, settings.windows, settings.kafka
+    clients = aggregate_clients(settings) if quota.month_bases else []
+    month_bases = quota.month_bases and not any(map(has_no_aggregates, clients))
     store = QuotaStore(settings.redis.url, quota.default_tier, tuple(quota.alert_thresholds),
                        window_ttl_s=2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s),
-                       month_bases=quota.month_bases)
-    restate_bases = None
-    if quota.month_bases:  # a user's month before yesterday comes from the daily aggregates
-        aggregates = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
-        restate_bases = partial(restate_month_bases, store, partial(month_usage_before, aggregates))
+                       month_bases=month_bases, counts_from_ms=quota.replay_counts_from_ms)
+    keep_bases = None
+    if month_bases:  # a user's month before yesterday comes from the daily aggregates
+        keep_bases = partial(keep_month_bases, store, partial(summed_totals, clients, month_usage_before),
+                             partial(summed_totals, clients, org_month_usage_before))
     alerts = TopicWriter(kafka.bootstrap, kafka.quota_alerts_topic, encode_quota_alert, "alert_id", kafka.extra)
     return QuotaWriter(store, quota.tiers, alerts, retry_of(settings), dead_letters(settings),
-                       windows.allowed_lateness_s, restate_bases)
+                       windows.allowed_lateness_s, keep_bases)
+
+
+def has_no_aggregates(client: ClickHouse) -> bool:
+    """A pre-21 server has no daily aggregates to hold the month bases: the quota keeps a month
+    counter per user then. A server that cannot be asked now is taken for a modern one (the
+    bases step then fails and retries without stopping the quota)."""
+    try:
+        legacy = client.legacy
+    except Exception as exc:  # noqa: BLE001 - an outage at start must not stop the flow
+        log.warning("cannot ask ClickHouse its version for the quota's month bases",
+                    extra={"sink": "quota", "error": f"{type(exc).__name__}: {exc}"})
+        return False
+    if legacy:
+        log.warning("quota month bases need the usage aggregates (ClickHouse 21 or newer): month counters kept instead",
+                    extra={"sink": "quota"})
+    return legacy
+
+
+def summed_totals(clients: list[ClickHouse], totals_before: Callable, subjects: list, month: str, cutoff: str) -> dict:
+    """A month's totals before cutoff of users or orgs (month_usage_before or
+    org_month_usage_before) over every storage's aggregates: a user's region is one of them."""
+    summed: dict = {}
+    for client in clients:
+        for subject, values in totals_before(client, subjects, month, cutoff).items():
+            held = summed.setdefault(subject, {})
+            for name, value in values.items():
+                held[name] = held.get(name, 0) + value
+    return summed
+
+
+def aggregate_clients(settings: Settings) -> list[ClickHouse]:
+    """A ClickHouse client per storage, for the quota's month bases."""
+    clients = [ClickHouse(settings.clickhouse.url, storage.clickhouse_database) for storage in settings.storages()]
+    for client in clients:
+        if client.embedded:  # nobody else can reach an embedded database to migrate it (as ClickHouseWriter)
+            client.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
+    return clients
 
 
 def billing_writer(settings: Settings) -> BillingWriter:

@@ -168,10 +168,15 @@ class QuotaSettings(Section):
         "enterprise": TierLimits(requests_per_day=None, tokens_per_month=None, overage_allowed=True),
     }
     alert_thresholds: list[float] = [0.8, 1.0]
-    month_bases: bool = False
+    month_bases: bool = True
     """Month usage per user as a base from the ClickHouse daily aggregates plus the recent
-    day counters (Redis memory follows the users active now), instead of a month counter
-    per user active this month (sinks.quota)."""
+    day counters (Redis memory follows the users active now); false: a month counter per
+    user active this month, which grows Redis with the month's long tail (sinks.quota)."""
+
+    replay_counts_from_ms: int | None = None
+    """Set by `gatewatch replay` for the open days it replays: the quota sink counts only window
+    totals and late events dated from then on; what is older is restated from the aggregates
+    (its window records may have expired: counting it again would count it twice)."""
 
     @model_validator(mode="after")
     def _default_tier_exists(self) -> "QuotaSettings":

@@ -139,3 +139,24 @@ def usage_lines(client, day_s: float | None = None) -> list[str]:
         lines.append("top models this month " + ", ".join(f"{model} {int(n):,} req ${float(c):,.2f}"
                                                         for model, n, c in models))
     return lines
+
+
+def quota_lines(client, store, subjects: list[str], now_ms: int | None = None) -> list[str]:
+    """Each subject's quota as enforcement reads it: a user ('org/user') through the gateway's
+    QuotaClient (tier, limits, today's requests, the month's tokens), an org ('org') through
+    QuotaStore.month_usage; both read the month with the one Lua month_usage."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    lines = ["", f"{'quota':<28}{'tier':>8}{'requests today':>16}{'tokens this month':>19}{'limit':>12}"]
+    for subject in subjects:
+        if "/" in subject:
+            decision = client.check(*subject.split("/", 1), now_ms)
+            limit = "-" if decision.tokens_per_month is None else f"{decision.tokens_per_month:,}"
+            note = "" if decision.month_complete else "  (no month base: yesterday and today only)"
+            lines.append(f"{subject:<28}{decision.tier:>8}{decision.requests_today:>16,}"
+                         f"{decision.tokens_this_month:>19,}{limit:>12}" + ("  refused" if not decision.allowed else "")
+                         + note)
+        else:
+            usage = store.usage("org", subject, now_ms)
+            lines.append(f"{subject:<28}{'org':>8}{usage['day'].get('requests', 0):>16,}"
+                         f"{usage['month']['tokens']:>19,}{'-':>12}")
+    return lines

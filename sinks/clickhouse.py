@@ -301,6 +301,34 @@ def month_usage_before(client: "ClickHouse", users: list[tuple[str, str]], month
             for org, user, *values in rows}
 
 
+def usage_before_time(client: "ClickHouse", first: str, last: str, before_ms: int) -> list[tuple]:
+    """(org, user, YYYYMMDD, requests, input, output, cache_read, cache_write) of the days first..last
+    (YYYYMMDD) from the raw events dated before before_ms: the part of a day that is still open
+    which a replay restates in the quota (sinks.quota.QuotaStore.restate_open_day)."""
+    rows = client.rows(
+        f"SELECT org_id, user_id, toString(toYYYYMMDD(event_time)), count(), sum(input_tokens), sum(output_tokens), "
+        f"sum(cache_read_tokens), sum(cache_write_tokens) FROM {client.database}.events FINAL "
+        f"WHERE event_time >= toDateTime64('{first[:4]}-{first[4:6]}-{first[6:]} 00:00:00', 3, 'UTC') "
+        f"AND event_time < fromUnixTimestamp64Milli(toInt64({int(before_ms)}), 'UTC') "
+        f"AND toYYYYMMDD(event_time) <= {int(last)} GROUP BY org_id, user_id, toYYYYMMDD(event_time)")
+    return [(org, user, day, *map(int, values)) for org, user, day, *values in rows]
+
+
+def org_month_usage_before(client: "ClickHouse", orgs: list[str], month: str, cutoff: str) -> dict[str, dict[str, int]]:
+    """Requests and tokens by kind of each org over the days of month (YYYYMM) before cutoff
+    (YYYYMMDD), from the daily aggregates: the closed part of an org's month in sinks.quota."""
+    if not orgs:
+        return {}
+    rows = client.rows(
+        f"SELECT org_id, sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
+        f"sum(cache_write_tokens) FROM {client.database}.usage_daily FINAL "
+        f"WHERE org_id IN ({', '.join(sorted({sql_string(org) for org in orgs}))}) "
+        f"AND day >= toDate('{month[:4]}-{month[4:]}-01') AND day < toDate('{cutoff[:4]}-{cutoff[4:6]}-{cutoff[6:]}') "
+        "GROUP BY org_id")
+    return {org: dict(zip(("requests", "input", "output", "cache_read", "cache_write"), map(int, values)))
+            for org, *values in rows}
+
+
 def sql_string(value: str) -> str:
     """A ClickHouse string literal."""
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

@@ -26,26 +26,37 @@ Bounded state (memory follows active users, not history):
   usage by these records; such a replay is restated instead: restate() writes absolute
   day/month totals (recomputed from the ClickHouse aggregates), which is idempotent.
 
-Month bases (QuotaStore(month_bases=True)): a live month counter per user lives until its
-month ends, so Redis grows with the users seen this month, not with those active now (a
-long tail of occasional users grows it every day). With month bases Redis instead counts
-only the days whose day counters are alive (yesterday and today) and keeps, per recently
-active user, a base: the absolute month-to-date totals of the days before a cutoff day,
-read from the ClickHouse daily aggregates (restate_month_bases). A user's month is then
-base + the day counters from the cutoff on, which splits the month at a day boundary, so
-no event is counted on both sides. Writing a base is idempotent (absolute totals). An
-event dated before yesterday is left to the aggregates: Redis does not count it and marks
-the user's base for a recomputation once the aggregates hold it. Every key then lives at
-most a couple of days after its user's last request.
+Month bases (the default; QuotaStore(month_bases=False) keeps a month counter per user): a
+live month counter per user lives until its month ends, so Redis grows with the users seen
+this month, not with those active now (a long tail of occasional users grows it every day).
+With month bases Redis instead counts only the days whose day counters are alive (yesterday
+and today) and keeps, per recently active user, a base: the absolute month-to-date totals of
+the days before a cutoff day, read from the ClickHouse daily aggregates. A user's month is
+then base + the day counters from the cutoff on, which splits the month at a day boundary, so
+no event is counted on both sides; the Lua month_usage is the one definition of it, read by
+enforcement (CHECK), alerts, QuotaStore.month_usage and every report. Writing a base is
+idempotent (absolute totals).
+- A user without a base (new this month, or back after a day or more away) gets one at once:
+  the quota sink writes the bases its batch lacks right after applying it, and a gateway's
+  QuotaClient given the aggregates writes it before deciding (fill_month_bases). The days a
+  base holds ended before yesterday, so the aggregates hold them already: nothing waits,
+  and enforcement never sees a returning user's month without its earlier days.
+- An event dated before yesterday is left to the aggregates: Redis does not count it and
+  marks the user's base and the org's month counter for a recomputation once the aggregates
+  hold it (restate_month_bases, RESTATE_DELAY_S later): org month counters are live counters
+  (one per org and month) restated as the aggregates' days before yesterday + the org's day
+  counters from yesterday on.
+Every user key then lives at most a couple of days after its user's last request.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import redis
 
@@ -57,6 +68,8 @@ if TYPE_CHECKING:
     from sinks.dlq import DeadLetters
     from sinks.kafka import TopicWriter
 
+log = logging.getLogger(__name__)
+
 WINDOW_RECORD_TTL_S = 2 * 3600
 """Default life of a window's idempotency record; the flow passes twice its own horizon."""
 PERIOD_MARGIN_S = 86400
@@ -64,9 +77,17 @@ PERIOD_MARGIN_S = 86400
 TIERS_KEY = "gw:tiers"
 PENDING_ALERTS_KEY = "gw:alerts:pending"
 RESTATE_KEY = "gw:bases:due"
-"""Sorted set of 'org/user|YYYYMM' whose month base is missing or stale, scored by when marked."""
+"""Sorted set of 'org/user|YYYYMM' whose month base is stale (an event Redis left to the
+aggregates, a replay), scored by when marked. A missing base is written at once instead
+(fill_month_bases): the days before yesterday are in the aggregates already."""
+RECENT_PREFIX = "gw:recent:"
+"""Per org, a sorted set of its window records and late adjustments by window start, trimmed
+to the window records' life: what restating an open day reads as the part the flow counts."""
+ORG_RESTATE_KEY = "gw:orgmonths:due"
+"""Sorted set of 'org|YYYYMM' whose month counter misses an event Redis left to the aggregates."""
 RESTATE_DELAY_S = 120
-"""A base is recomputed this long after its mark, so the aggregates hold what Redis left to them."""
+"""A stale base or org month is recomputed this long after its mark, so the aggregates hold
+what Redis left to them."""
 
 # Limits of a user: its own override hash, else its tier's (tier from gw:tier:..., else the
 # default tier). -1 means unlimited.
@@ -81,19 +102,31 @@ local function limits(tier_key, override_key, tiers_key, default_tier)
   return tier, limit('requests_per_day'), limit('tokens_per_month'), limit('overage_allowed')
 end
 
--- A user's month tokens: a live month counter holds them all; a month base holds the days
--- before its cutoff and the day counters from the cutoff through last_day (YYYYMMDD) the rest
--- (no base yet: every day counter of the month that is still alive).
-local function month_tokens(month_key, day_prefix, last_day)
-  local base = redis.call('HMGET', month_key, 'cutoff', 'tokens')
-  local total = tonumber(base[2] or '0')
-  if not base[1] and base[2] then return total end
+-- The month to date of a user or org (requests, tokens, tokens by kind, in USAGE_FIELDS order) and whether
+-- its month key exists: a live month counter holds it all; a month base holds the days before its cutoff
+-- and the day counters from the cutoff through last_day (YYYYMMDD) the rest; no month key: every day
+-- counter of the month that is still alive. The one definition of a month: enforcement, alerts and every
+-- reader (QuotaStore.month_usage) use it.
+local USAGE_FIELDS = {'requests', 'tokens', 'input', 'output', 'cache_read', 'cache_write'}
+local function month_usage(month_key, day_prefix, last_day)
+  local base = redis.call('HMGET', month_key, 'cutoff', unpack(USAGE_FIELDS))
+  local totals, exists = {}, base[1] ~= false
+  for i = 1, #USAGE_FIELDS do
+    totals[i] = tonumber(base[i + 1] or '0')
+    exists = exists or base[i + 1] ~= false
+  end
+  if exists and not base[1] then return totals, true end
   local first = base[1] and tonumber(string.sub(base[1], 7, 8)) or 1
   local month = string.sub(last_day, 1, 6)
   for d = first, tonumber(string.sub(last_day, 7, 8)) do
-    total = total + tonumber(redis.call('HGET', day_prefix .. month .. string.format('%02d', d), 'tokens') or '0')
+    local day = redis.call('HMGET', day_prefix .. month .. string.format('%02d', d), unpack(USAGE_FIELDS))
+    for i = 1, #USAGE_FIELDS do totals[i] = totals[i] + tonumber(day[i] or '0') end
   end
-  return total
+  return totals, exists
+end
+
+local function month_tokens(month_key, day_prefix, last_day)
+  return month_usage(month_key, day_prefix, last_day)[2]
 end
 
 -- Pending alerts for the thresholds (ARGV from index first on) that usage crossed from old to new.
@@ -112,24 +145,28 @@ end
 
 APPLY_WINDOW = _LIMITS_LUA + """
 -- KEYS: record, user day, user month, org day, org month, user tier, user limits, tiers, pending alerts,
---       bases due
+--       user bases due, org months due, org's recent windows
 -- ARGV: n, input, output, cache_read, cache_write, window record expires at, default tier, day, month, subject,
 --       day expires at, month expires at (of the late set), late event id ('' for a window total),
---       first counted day ('' with live month counters), now, last day of the month so far, thresholds...
+--       first counted day ('' with live month counters), now, last day of the month so far, window start (ms),
+--       recent windows kept from (ms), thresholds...
 local kinds = {'input', 'output', 'cache_read', 'cache_write'}
 local n = tonumber(ARGV[1])
 local added, deltas, total = 0, {}, 0
 local bases = ARGV[14] ~= ''
 local due = ARGV[10] .. '|' .. ARGV[9]
 if bases and ARGV[8] < ARGV[14] then
-  -- Older than the day counters: the aggregates count it; recompute the base once they hold it.
+  -- Older than the day counters: the aggregates count it; recompute the user's base and the org's
+  -- month counter from them once they hold it.
   redis.call('ZADD', KEYS[10], ARGV[15], due)
+  redis.call('ZADD', KEYS[11], ARGV[15], string.match(KEYS[4], '^gw:usage:org:(.*):d:') .. '|' .. ARGV[9])
   return 0
 end
 if ARGV[13] == '' then
   -- A window's running absolute totals: add what they hold beyond the record's.
   local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
   if n <= prev_n then return 0 end
+  if prev_n == 0 then redis.call('ZADD', KEYS[12], ARGV[17], 'w|' .. #ARGV[10] .. '|' .. KEYS[1]) end
   added = n - prev_n
   for i, kind in ipairs(kinds) do
     local value = tonumber(ARGV[i + 1])
@@ -145,7 +182,11 @@ else
   redis.call('EXPIREAT', KEYS[1], bases and ARGV[11] or ARGV[12])
   added = n
   for i = 1, 4 do deltas[i] = tonumber(ARGV[i + 1]) end
+  redis.call('ZADD', KEYS[12], ARGV[17],
+    table.concat({'l', n, ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[13], ARGV[10]}, '|'))
 end
+redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', '(' .. ARGV[18])
+redis.call('EXPIREAT', KEYS[12], ARGV[6])
 for i = 1, 4 do total = total + deltas[i] end
 local requests_before = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
 local month_before = month_tokens(KEYS[3], string.sub(KEYS[2], 1, -9), ARGV[16])
@@ -161,13 +202,9 @@ for k = 2, 5 do
     redis.call('EXPIREAT', KEYS[k], (k % 2 == 0) and ARGV[11] or ARGV[12])
   end
 end
-if bases then
-  local cutoff = redis.call('HGET', KEYS[3], 'cutoff')
-  if not cutoff or cutoff < ARGV[14] then redis.call('ZADD', KEYS[10], 'NX', ARGV[15], due) end
-end
 local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
-raise_alerts(KEYS[9], ARGV[10], tier, 'requests_day', ARGV[8], rpd, requests_before, requests_before + added, 17)
-raise_alerts(KEYS[9], ARGV[10], tier, 'tokens_month', ARGV[9], tpm, month_before, month_before + total, 17)
+raise_alerts(KEYS[9], ARGV[10], tier, 'requests_day', ARGV[8], rpd, requests_before, requests_before + added, 19)
+raise_alerts(KEYS[9], ARGV[10], tier, 'tokens_month', ARGV[9], tpm, month_before, month_before + total, 19)
 return 1
 """
 
@@ -215,15 +252,69 @@ redis.call('EXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
 
+RESTATE_OPEN_DAY = """
+-- KEYS: the org's recent windows; ARGV: from (ms), day start (ms), day end (ms), day (YYYYMMDD), expires at, org,
+--   then per subject ('' the org, else org/user) its requests, input, output, cache_read, cache_write of the
+--   day before `from` (from the aggregates).
+-- Each subject's day counter := those totals + what the flow counted from `from` on (its window records and
+-- late adjustments, read in the same atomic step, so an increment the flow makes meanwhile is neither lost
+-- nor counted twice).
+local totals = {}
+local function add(subject, values)
+  local held = totals[subject] or {0, 0, 0, 0, 0}
+  for i = 1, 5 do held[i] = held[i] + tonumber(values[i] or '0') end
+  totals[subject] = held
+end
+add('', {})
+for i = 7, #ARGV, 6 do add(ARGV[i], {ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4], ARGV[i + 5]}) end
+local low = math.max(tonumber(ARGV[1]), tonumber(ARGV[2]))
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], low, '(' .. ARGV[3])) do
+  local values, user
+  if string.sub(member, 1, 2) == 'w|' then
+    local length, record = string.match(member, '^w|(%d+)|(.*)$')
+    user = string.sub(record, 8, 7 + tonumber(length))
+    local held = redis.call('HMGET', record, 'n', 'input', 'output', 'cache_read', 'cache_write')
+    if held[1] then values = held end
+  else
+    local n, input, output, cache_read, cache_write, _id, who = string.match(member,
+      '^l|(%d+)|(%d+)|(%d+)|(%d+)|(%d+)|([^|]*)|(.*)$')
+    values, user = {n, input, output, cache_read, cache_write}, who
+  end
+  if values then
+    add(user, values)
+    add('', values)
+  end
+end
+local written = 0
+for subject, held in pairs(totals) do
+  written = written + 1
+  local key = subject == '' and ('gw:usage:org:' .. ARGV[6] .. ':d:' .. ARGV[4])
+    or ('gw:usage:user:' .. subject .. ':d:' .. ARGV[4])
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'requests', held[1], 'tokens', held[2] + held[3] + held[4] + held[5], 'input', held[2],
+    'output', held[3], 'cache_read', held[4], 'cache_write', held[5])
+  redis.call('EXPIREAT', key, ARGV[5])
+end
+return written
+"""
+
+MONTH_USAGE = _LIMITS_LUA + """
+-- KEYS: month key; ARGV: day key prefix (up to the YYYYMMDD), last day so far
+local totals, exists = month_usage(KEYS[1], ARGV[1], ARGV[2])
+return totals
+"""
+
 CHECK = _LIMITS_LUA + """
 -- KEYS: user tier, user limits, tiers, user day, user month; ARGV: default tier
+-- The last value says whether the month key exists (with month bases: whether the base is there).
 local tier, rpd, tpm, overage = limits(KEYS[1], KEYS[2], KEYS[3], ARGV[1])
 local requests = tonumber(redis.call('HGET', KEYS[4], 'requests') or '0')
-local tokens = month_tokens(KEYS[5], string.sub(KEYS[4], 1, -9), string.sub(KEYS[4], -8))
+local month, has_month = month_usage(KEYS[5], string.sub(KEYS[4], 1, -9), string.sub(KEYS[4], -8))
+local tokens = month[2]
 local allowed = 1
 if rpd >= 0 and requests >= rpd then allowed = 0 end
 if tpm >= 0 and tokens >= tpm and overage ~= 1 then allowed = 0 end
-return {allowed, tier, requests, rpd, tokens, tpm, overage}
+return {allowed, tier, requests, rpd, tokens, tpm, overage, has_month and 1 or 0}
 """
 
 
@@ -296,6 +387,15 @@ def tier_keys(user: str) -> tuple[str, str, str]:
     return f"gw:tier:user:{user}", f"gw:limits:user:{user}", TIERS_KEY
 
 
+def open_windows_from_ms(now_s: float, horizon_s: float, length_ms: int) -> int:
+    """The window start (ms) from which every window of a user may still be re-emitted by the
+    flow and still has its record (written at or after its start, each record lives twice the
+    horizon): a replay counts those through the quota sink; older ones of a day still open
+    are restated from the aggregates (restate_open_day)."""
+    at_ms = int((now_s - horizon_s) * 1000)
+    return at_ms - at_ms % length_ms
+
+
 def first_open_day(now_s: float, horizon_s: float) -> str:
     """The oldest day (YYYYMMDD) that ended less than horizon_s ago (or has not ended): the flow
     may still hold, and the quota still remember, windows of it. Older days are closed: a
@@ -320,25 +420,81 @@ MonthTotals = Callable[[list[tuple[str, str]], str, str], dict[tuple[str, str], 
 before the cutoff (requests and tokens by kind), e.g. sinks.clickhouse.month_usage_before."""
 
 
+OrgMonthTotals = Callable[[list[str], str, str], dict[str, dict[str, int]]]
+"""Orgs, month YYYYMM, cutoff YYYYMMDD -> their totals over the month's days before the
+cutoff, e.g. sinks.clickhouse.org_month_usage_before."""
+
+
+def month_bases_for(store: "QuotaStore", month_totals: MonthTotals, due: list[tuple[str, str, float | None]]
+                    ) -> list[tuple[str, str, float | None, dict[str, int]]]:
+    """(org/user, month, marked at, totals before the cutoff) for write_bases, one query per month."""
+    by_month: dict[str, list[tuple[str, str, float | None]]] = {}
+    for entry in due:
+        by_month.setdefault(entry[1], []).append(entry)
+    bases = []
+    for month, entries in by_month.items():
+        cutoff = base_cutoff(month, store.clock())
+        pairs = [tuple(user.split("/", 1)) for user, _m, _at in entries]
+        totals = month_totals(pairs, month, cutoff) if cutoff else {}
+        bases += [(user, month, marked, totals.get(pair, {})) for (user, month, marked), pair in zip(entries, pairs)]
+    return bases
+
+
+def fill_month_bases(store: "QuotaStore", month_totals: MonthTotals, users: Iterable[str]) -> int:
+    """Write, now, the month base of every user (org/user) who has none this month: a user
+    returning after days away is then never under-counted for longer than one write (the
+    quota sink calls this after each batch; a gateway's QuotaClient before deciding). The
+    base's days end before yesterday, long complete in the aggregates, so nothing waits;
+    stale marks stay for restate_month_bases. Return how many were written."""
+    missing = store.missing_bases(users)
+    return store.write_bases(month_bases_for(store, month_totals, [(u, m, None) for u, m in missing]), forget=False)
+
+
 def restate_month_bases(store: "QuotaStore", month_totals: MonthTotals, delay_s: float = RESTATE_DELAY_S,
-                        batch: int = 2000) -> int:
-    """Recompute the due month bases from the aggregates; return how many were written.
+                        batch: int = 2000, org_totals: OrgMonthTotals | None = None) -> int:
+    """Recompute the stale month bases, and with org_totals the org month counters that miss an
+    event left to the aggregates, marked delay_s ago or earlier; return how many were written.
     Run it periodically next to the quota sink (absolute totals: running it twice is harmless)."""
     written = 0
     while due := store.due_bases(delay_s, batch):
-        by_month: dict[str, list[tuple[str, str, float]]] = {}
-        for user, month, marked in due:
-            by_month.setdefault(month, []).append((user, month, marked))
-        bases = []
-        for month, entries in by_month.items():
-            cutoff = base_cutoff(month, store.clock())
-            pairs = [tuple(user.split("/", 1)) for user, _m, _at in entries]
-            totals = month_totals(pairs, month, cutoff) if cutoff else {}
-            bases += [(user, month, marked, totals.get(pair, {})) for (user, month, marked), pair in zip(entries, pairs)]
-        written += store.write_bases(bases)
+        written += store.write_bases(month_bases_for(store, month_totals, due))
+        if len(due) < batch:
+            break
+    while org_totals is not None and (due := store.due_bases(delay_s, batch, ORG_RESTATE_KEY)):
+        written += store.restate_org_months(due, org_totals)
         if len(due) < batch:
             break
     return written
+
+
+def keep_month_bases(store: "QuotaStore", month_totals: MonthTotals, org_totals: OrgMonthTotals | None,
+                     users: Iterable[str]) -> int:
+    """The quota sink's part after each batch: missing bases of the batch's users now, stale
+    ones and org months once their delay passed."""
+    return fill_month_bases(store, month_totals, users) + restate_month_bases(store, month_totals,
+                                                                              org_totals=org_totals)
+
+
+def month_cutoff(month: str, now_s: float) -> str | None:
+    """The first day of a month (YYYYMM) whose counters Redis still counts when restating its
+    month counter at now_s (the days before come from the aggregates): yesterday within the
+    month, its 1st if the month began today, the next month's 1st for a month that is over;
+    None for a month to come."""
+    first_counted = first_counted_day(now_s)
+    if month > day_string(now_s)[:6]:
+        return None
+    if first_counted[:6] > month:
+        return next_month(month) + "01"
+    return max(first_counted, f"{month}01")
+
+
+def next_month(month: str) -> str:
+    year, number = int(month[:4]), int(month[4:])
+    return f"{year + number // 12}{number % 12 + 1:02d}"
+
+
+USAGE_FIELDS = ("requests", "tokens", *TOKEN_KINDS)
+"""The fields of a counter, in the order of the Lua scripts' USAGE_FIELDS."""
 
 
 def with_token_total(totals: dict[str, int]) -> dict[str, int]:
@@ -350,7 +506,7 @@ def with_token_total(totals: dict[str, int]) -> dict[str, int]:
 class QuotaStore:
     def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0),
                  window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S,
-                 clock: Callable[[], float] = time.time, month_bases: bool = False):
+                 clock: Callable[[], float] = time.time, month_bases: bool = True, counts_from_ms: int | None = None):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.default_tier = default_tier
         self.alert_thresholds = alert_thresholds
@@ -358,9 +514,11 @@ class QuotaStore:
         self.period_margin_s = int(period_margin_s)
         self.clock = clock  # a benchmark replaying simulated days passes their clock
         self.month_bases = month_bases
+        self.counts_from_ms = counts_from_ms  # a replay of open days: what is older is restated (restate_open_day)
         self._apply = self.redis.register_script(APPLY_WINDOW)
         self._forget_due = self.redis.register_script(FORGET_DUE)
         self._write_base = self.redis.register_script(WRITE_BASE)
+        self._month_usage = self.redis.register_script(MONTH_USAGE)
 
     def publish_tiers(self, tiers: dict) -> None:
         """Store tier limits where the Lua scripts (and every gateway's QuotaClient) read them."""
@@ -383,6 +541,8 @@ class QuotaStore:
         trip; return how many changed a counter."""
         pipe = self.redis.pipeline(transaction=False)
         now = self.clock()
+        if self.counts_from_ms is not None:
+            totals = [total for total in totals if total["window_start_ms"] >= self.counts_from_ms]
         for total in totals:
             user = f"{total['org_id']}/{total['user_id']}"
             late_id = total.get("event_id")
@@ -391,12 +551,13 @@ class QuotaStore:
             day, month = periods(total["window_start_ms"])
             keys = [record, *usage_keys("user", user, total["window_start_ms"]),
                     *usage_keys("org", total["org_id"], total["window_start_ms"]),
-                    *tier_keys(user), PENDING_ALERTS_KEY, RESTATE_KEY]
+                    *tier_keys(user), PENDING_ALERTS_KEY, RESTATE_KEY, ORG_RESTATE_KEY,
+                    RECENT_PREFIX + total["org_id"]]
             args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(now) + self.window_ttl_s,
                     self.default_tier, day, month, user, day_end + self.period_margin_s,
                     month_end + self.period_margin_s, late_member(late_id) if late_id else "",
                     first_counted_day(now) if self.month_bases else "", int(now), month_so_far(month, now),
-                    *self.alert_thresholds]
+                    total["window_start_ms"], int((now - self.window_ttl_s) * 1000), *self.alert_thresholds]
             self._apply(keys=keys, args=args, client=pipe)
         return sum(pipe.execute())
 
@@ -434,14 +595,23 @@ class QuotaStore:
             if self.month_bases and scope == "user":
                 pipe.zadd(RESTATE_KEY, {f"{ident}|{month}": now - RESTATE_DELAY_S})
             else:
-                month_key = usage_keys(scope, ident, day_ms(day))[1]
-                open_days = [usage_keys(scope, ident, day_ms(d))[0]
-                             for d in month_days(month, open_from, month_so_far(month, now))]
-                pipe.eval(RESTATE_MONTH, 1 + len(open_days), month_key, *open_days, month_end + self.period_margin_s,
-                          *(x for name, value in with_token_total(totals).items() for x in (name, int(value))))
+                self.restate_months({(scope, ident, day): totals}, {month: open_from}, pipe)
             written += 1
         pipe.execute()
         return written
+
+    def restate_open_day(self, org: str, day: str, from_ms: int, closed: dict[str, dict[str, int]]) -> int:
+        """Restate the day counters of an org and of its users for a day (YYYYMMDD) that is still
+        open: the totals before from_ms (closed, keyed '' for the org and org/user for a user,
+        from the aggregates: their window records may have expired, a replay must not count them
+        again) + what the flow counted from from_ms on (window records that still live, late
+        adjustments), read atomically. Absolute totals: restating twice is restating once.
+        Return the counters written."""
+        day_start = day_ms(day)
+        args = [from_ms, day_start, day_start + 86_400_000, day, period_ends(day_start)[0] + self.period_margin_s, org]
+        for subject, totals in closed.items():
+            args += [subject, *(int(totals.get(name, 0)) for name in ("requests", *TOKEN_KINDS))]
+        return int(self.redis.eval(RESTATE_OPEN_DAY, 1, RECENT_PREFIX + org, *args))
 
     def restate_day(self, pipe, scope: str, ident: str, day: str, totals: dict[str, int]) -> None:
         day_key = usage_keys(scope, ident, day_ms(day))[0]
@@ -449,16 +619,75 @@ class QuotaStore:
         pipe.hset(day_key, mapping={name: int(value) for name, value in with_token_total(totals).items()})
         pipe.expireat(day_key, period_ends(day_ms(day))[0] + self.period_margin_s)
 
-    def due_bases(self, delay_s: float = RESTATE_DELAY_S, limit: int = 10_000) -> list[tuple[str, str, float]]:
-        """(org/user, YYYYMM, marked at) of the month bases to recompute, marked delay_s ago or earlier."""
-        due = self.redis.zrangebyscore(RESTATE_KEY, "-inf", self.clock() - delay_s, start=0, num=limit,
-                                       withscores=True)
+    def due_bases(self, delay_s: float = RESTATE_DELAY_S, limit: int = 10_000,
+                  key: str = RESTATE_KEY) -> list[tuple[str, str, float]]:
+        """(org/user, YYYYMM, marked at) of the month bases to recompute (with ORG_RESTATE_KEY:
+        (org, YYYYMM, marked at) of the org months), marked delay_s ago or earlier."""
+        due = self.redis.zrangebyscore(key, "-inf", self.clock() - delay_s, start=0, num=limit, withscores=True)
         return [(*member.decode().rsplit("|", 1), marked) for member, marked in due]
 
-    def write_bases(self, bases: list[tuple[str, str, float, dict[str, int]]]) -> int:
+    def missing_bases(self, users: Iterable[str]) -> list[tuple[str, str]]:
+        """(org/user, YYYYMM) of the users without a month base this month (none with month bases off)."""
+        if not self.month_bases:
+            return []
+        users = sorted(set(users))
+        today = self.clock() * 1000
+        pipe = self.redis.pipeline(transaction=False)
+        for user in users:
+            pipe.exists(usage_keys("user", user, today)[1])
+        month = periods(today)[1]
+        return [(user, month) for user, exists in zip(users, pipe.execute()) if not exists]
+
+    def mark_due(self, bases: list[tuple[str, str]]) -> None:
+        """Mark (org/user, YYYYMM) bases due now, for restate_month_bases."""
+        if bases:
+            due_at = self.clock() - RESTATE_DELAY_S
+            self.redis.zadd(RESTATE_KEY, {f"{user}|{month}": due_at for user, month in bases}, nx=True)
+
+    def restate_org_months(self, due: list[tuple[str, str, float]], org_totals: OrgMonthTotals) -> int:
+        """Restate the month counters of orgs (org, YYYYMM, marked at) from the aggregates' days
+        before month_cutoff plus the org's day counters from it on; return how many written."""
+        now = self.clock()
+        by_month: dict[str, list[str]] = {}
+        for org, month, _marked in due:
+            by_month.setdefault(month, []).append(org)
+        months: UsageByDay = {}
+        for month, orgs in by_month.items():
+            cutoff = month_cutoff(month, now)
+            totals = org_totals(orgs, month, cutoff) if cutoff else {}
+            months.update({("org", org, f"{month}01"): totals.get(org, {}) for org in orgs if cutoff})
+        written = self.restate_months(months, {month: month_cutoff(month, now) for month in by_month})
+        self._forget_due(keys=[ORG_RESTATE_KEY],
+                         args=[x for org, month, marked in due for x in (f"{org}|{month}", marked)])
+        return written
+
+    def restate_months(self, months: UsageByDay, open_from: dict[str, str], pipe=None) -> int:
+        """Month counters (keyed by any day of their month) := the given totals of their days
+        before open_from[month] + their live day counters from it on, atomically."""
+        now = self.clock()
+        own_pipe = pipe is None
+        pipe = self.redis.pipeline(transaction=False) if own_pipe else pipe
+        written = 0
+        for (scope, ident, day), totals in months.items():
+            month = day[:6]
+            month_end = period_ends(day_ms(day))[1] + self.period_margin_s
+            if month_end <= now:
+                continue
+            month_key = usage_keys(scope, ident, day_ms(day))[1]
+            open_days = [usage_keys(scope, ident, day_ms(d))[0]
+                         for d in month_days(month, open_from[month], month_so_far(month, now))]
+            pipe.eval(RESTATE_MONTH, 1 + len(open_days), month_key, *open_days, month_end,
+                      *(x for name, value in with_token_total(totals).items() for x in (name, int(value))))
+            written += 1
+        if own_pipe:
+            pipe.execute()
+        return written
+
+    def write_bases(self, bases: list[tuple[str, str, float | None, dict[str, int]]], forget: bool = True) -> int:
         """Write month bases (org/user, YYYYMM, marked at, absolute totals of the month's days
         before the cutoff, requests and tokens by kind, from the aggregates), cutoff per
-        base_cutoff; a mark made again since it was read stays due. Return how many written."""
+        base_cutoff; with forget, their marks are done, but a mark made again since it was
+        read stays due. Return how many written."""
         now = self.clock()
         pipe = self.redis.pipeline(transaction=False)
         written = 0
@@ -475,7 +704,7 @@ class QuotaStore:
                                    *self.alert_thresholds], client=pipe)
             written += 1
         pipe.execute()
-        if bases:
+        if bases and forget:
             self._forget_due(keys=[RESTATE_KEY], args=[x for user, month, marked, _t in bases
                                                        for x in (f"{user}|{month}", marked)])
         return written
@@ -488,34 +717,32 @@ class QuotaStore:
             self.redis.hdel(PENDING_ALERTS_KEY, *alert_ids)
 
     def usage(self, scope: str, ident: str, when_ms: int) -> dict[str, dict[str, int]]:
-        """The day and month counters of when_ms; with a month base (or none yet, with month
-        bases on), the month to date is the base plus the day counters from its cutoff through
-        when_ms's day."""
-        day_key, month_key = usage_keys(scope, ident, when_ms)
-        day = {k.decode(): int(v) for k, v in self.redis.hgetall(day_key).items()}
-        month = {k.decode(): v.decode() for k, v in self.redis.hgetall(month_key).items()}
-        if "cutoff" not in month and (month or not self.month_bases):
-            return {"day": day, "month": {k: int(v) for k, v in month.items()}}
-        cutoff = month.pop("cutoff", None) or f"{periods(when_ms)[1]}01"
-        totals = {k: int(v) for k, v in month.items()}
-        prefix = day_key[:-8]
-        pipe = self.redis.pipeline(transaction=False)
-        for dd in range(int(cutoff[6:]), int(periods(when_ms)[0][6:]) + 1):
-            pipe.hgetall(f"{prefix}{cutoff[:6]}{dd:02d}")
-        for counted in pipe.execute():
-            for k, v in counted.items():
-                totals[k.decode()] = totals.get(k.decode(), 0) + int(v)
-        return {"day": day, "month": totals}
+        """The day counter of when_ms's day and the month to date through it (month_usage)."""
+        day_key = usage_keys(scope, ident, when_ms)[0]
+        return {"day": {k.decode(): int(v) for k, v in self.redis.hgetall(day_key).items()},
+                "month": self.month_usage(scope, ident, when_ms)}
+
+    def month_usage(self, scope: str, ident: str, when_ms: int) -> dict[str, int]:
+        """Requests, tokens and tokens by kind of a user ('user', 'org/user') or an org ('org',
+        'org') from its month's start through when_ms's day, as enforcement reads them: the
+        month_usage of the Lua scripts, whatever the month key holds (a live counter, a base, none)."""
+        return self.month_through(scope, ident, periods(when_ms)[0])
+
+    def month_through(self, scope: str, ident: str, last_day: str) -> dict[str, int]:
+        """month_usage through a day given as YYYYMMDD (the 31st reads a whole month)."""
+        values = self._month_usage(keys=[f"gw:usage:{scope}:{ident}:m:{last_day[:6]}"],
+                                   args=[f"gw:usage:{scope}:{ident}:d:", last_day])
+        return dict(zip(USAGE_FIELDS, map(int, values)))
 
     def total_tokens(self, scope: str = "user") -> int:
-        """Tokens over every monthly counter of a scope (for reconciliation). With month bases
-        there are no month counters: the day counters are summed instead, which holds all tokens
-        only while no event is older than yesterday (the rest is in the aggregates)."""
-        total = 0
-        period = "d" if self.month_bases else "m"
-        for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*:{period}:*", count=1000):
-            total += int(self.redis.hget(key, "tokens") or 0)
-        return total
+        """Tokens of every user (or org) over every month Redis holds (for reconciliation): the
+        sum of their month_usage, each month read through its last day so far."""
+        months = set()
+        for key in self.redis.scan_iter(match=f"gw:usage:{scope}:*", count=1000):
+            ident, _period, stamp = key.decode()[len(f"gw:usage:{scope}:"):].rsplit(":", 2)
+            months.add((ident, stamp[:6]))
+        return sum(self.month_through(scope, ident, month_so_far(month, self.clock()))["tokens"]
+                   for ident, month in sorted(months))
 
 
 class QuotaWriter:
@@ -527,15 +754,26 @@ class QuotaWriter:
     sink = "quota"
 
     def __init__(self, store: QuotaStore, tiers: dict, alerts: TopicWriter, retry: Retry, dead_letters: DeadLetters,
-                 lateness_s: float, restate_bases: Callable[[], object] | None = None):
+                 lateness_s: float, keep_bases: Callable[[list[str]], object] | None = None):
         self.store = store
         self.alerts = alerts
         self.retry = retry
         self.dead_letters = dead_letters
         self.lateness_s = lateness_s
-        self.restate_bases = restate_bases  # with month bases: restate_month_bases over the aggregates
+        self.keep_bases = keep_bases  # with month bases: keep_month_bases over the aggregates, given the users
         retry(self.sink, lambda: store.publish_tiers(tiers))
         retry("quota_alerts", self.deliver_alerts)
+
+    def keep_month_bases(self, users: set[str]) -> None:
+        """The batch's missing bases, and those due: one attempt (logged and counted when it
+        fails), then left to the next batch with the users marked due, so an aggregates outage
+        never stops or slows the quota counting."""
+        try:
+            self.retry("quota_bases", lambda: self.keep_bases(users), max_attempts=1)
+        except Exception as exc:  # noqa: BLE001 - counted by the retry; the marks try again
+            log.warning("quota month bases not written, left to the next batch",
+                        extra={"sink": "quota_bases", "users": len(users), "error": f"{type(exc).__name__}: {exc}"})
+            self.retry(self.sink, lambda: self.store.mark_due(self.store.missing_bases(users)))
 
     def deliver_alerts(self) -> None:
         pending = self.store.pending_alerts()
@@ -547,8 +785,8 @@ class QuotaWriter:
     def __call__(self, batches: list[list[dict]]) -> None:
         totals = [total for batch in batches for total in batch]
         self.retry(self.sink, lambda: self.store.apply(totals))
-        if self.restate_bases is not None:
-            self.retry("quota_bases", self.restate_bases)
+        if self.keep_bases is not None:
+            self.keep_month_bases({f"{total['org_id']}/{total['user_id']}" for total in totals})
         count_written(self.sink, len(totals))
         observe_freshness(self.sink, [t["window_start_ms"] + t["window_length_ms"] for t in totals], self.lateness_s)
         self.retry("quota_alerts", self.deliver_alerts)

@@ -344,6 +344,7 @@ def test_forget_leaves_no_late_ids_restate_marks_or_model_rollup_counts(redis_ur
     other = {**late, "user_id": "someone-else", "event_id": "late-2"}
     assert quota.apply([late, other]) == 2
     month = periods(now_ms)[1]
+    quota.mark_due([(f"{org}/{user}", month), (f"{org}/someone-else", month)])  # as an event older than yesterday does
     assert quota.redis.zscore(RESTATE_KEY, f"{org}/{user}|{month}") is not None
     subject = gdpr.Subject(user, org)
     held = gdpr.redis_keys(quota.redis, subject)

@@ -8,10 +8,11 @@ simulated clock and, at the end of each simulated day, deletes the keys whose ex
 (EXPIRETIME) has passed in simulated time: what Redis' own expiry does in a real day.
 Simulated days start tomorrow, so no expiry time falls in the real past.
 
-Quota runs with month bases (sinks.quota): after each day's aggregates refresh, the bases of
-the users marked that day are recomputed from ClickHouse, and the day closes with a check
-that every user active that day has the same month-to-date tokens in Redis (base + day
-counters, as the gateway's check reads them) as in the daily aggregates.
+Quota runs with month bases (sinks.quota) as the quota sink does: after each batch the bases
+its users lack are written from ClickHouse; after each day's aggregates refresh, the bases
+and org months marked that day are recomputed, and the day closes with a check that every
+user active that day has the same month-to-date tokens in Redis (base + day counters, as the
+gateway's check reads them) as in the daily aggregates, and every org too.
 """
 
 from __future__ import annotations
@@ -34,14 +35,21 @@ from ops.dev.loadgen import make_event
 from ops.dev.services import start_redis
 from ops.settings import PricingSettings
 from sinks.billing import billing_event, with_cost
-from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, refresh_aggregates
+from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, org_month_usage_before, refresh_aggregates
 from sinks.parquet import ParquetStore, partition_of
-from sinks.quota import QuotaStore, restate_month_bases
+from sinks.quota import QuotaStore, keep_month_bases, restate_month_bases
 
 DAY_S = 86400
 BATCH_S = 300
 """Simulated seconds per batch handed to the window logic (then its timer fires)."""
 LENGTH_MS, LATENESS_MS, FLUSH_S = 60_000, 600_000, 2.0
+
+
+ORGS = 97
+
+
+def org_of(user: int) -> str:
+    return f"org-{user % ORGS:02d}"
 
 
 class SimulatedClock:
@@ -62,7 +70,7 @@ def day_events(rng: random.Random, day_start_s: int, users: int, count: int,
         arrival_s = day_start_s + rng.randrange(DAY_S)
         event = make_event(rng, arrival_s * 1000, 1, 0.0, (20, 40))[0]
         user = min(int(rng.paretovariate(0.35)), users) if rng.random() < 0.5 else rng.randrange(1, users + 1)
-        event.update(user_id=f"user-{user:07d}", org_id=f"org-{user % 97:02d}", classification="internal",
+        event.update(user_id=f"user-{user:07d}", org_id=org_of(user), classification="internal",
                      pii_entity_counts={}, source_partition=0, source_offset=n)
         if rng.random() < late_ratio:
             event["event_time"] -= rng.randrange(LATENESS_MS + 60_000, 6 * 3_600_000)
@@ -127,6 +135,16 @@ def month_mismatches(quota: QuotaStore, clickhouse: ClickHouse, users: set[tuple
     return wrong
 
 
+def org_month_mismatches(quota: QuotaStore, clickhouse: ClickHouse, day_s: int) -> int:
+    """Orgs whose month-to-date tokens differ between Redis (their month counter) and the aggregates."""
+    month = time.strftime("%Y%m", time.gmtime(day_s))
+    tomorrow = time.strftime("%Y%m%d", time.gmtime(day_s + DAY_S))
+    orgs = [org_of(n) for n in range(ORGS)]
+    kept = org_month_usage_before(clickhouse, orgs, month, tomorrow)
+    return sum(quota.month_usage("org", org, day_s * 1000)["tokens"]
+               != sum(v for k, v in kept.get(org, {}).items() if k != "requests") for org in orgs)
+
+
 def table_sizes(client: ClickHouse, db: str) -> dict[str, tuple[int, int]]:
     return {name: (int(rows), int(size)) for name, rows, size in client.rows(
         f"SELECT table, sum(rows), sum(bytes_on_disk) FROM system.parts WHERE database = '{db}' AND active "
@@ -149,6 +167,7 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
         parquet = ParquetStore(str(root / "raw"))
         clickhouse = ClickHouse(f"chdb://{root / 'chdb'}", "history")
         clickhouse.migrate()
+        user_totals, org_totals = partial(month_usage_before, clickhouse), partial(org_month_usage_before, clickhouse)
         report: dict = {"days": days, "users": users, "events_per_day": events_per_day, "events": 0,
                         "billing_events": 0, "redis_bytes_by_day": [], "redis_keys_by_day": [],
                         "clickhouse_rows_by_table": {}, "clickhouse_bytes_by_table": {}, "parquet_bytes_by_day": [],
@@ -165,6 +184,7 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
                 out += windows.on_notify()[0]
                 totals = [t for kind, items in out if kind == "totals" for t in items]
                 quota.apply(totals)
+                keep_month_bases(quota, user_totals, org_totals, {f"{t['org_id']}/{t['user_id']}" for t in totals})
                 report["billing_events"] += len([billing_event(t, pricing) for t in totals])
             priced = [with_cost(e, pricing) for e in events]
             by_partition: dict[str, list[dict]] = {}
@@ -175,9 +195,10 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
             for at in range(0, len(priced), 20_000):
                 clickhouse.insert_events(priced[at:at + 20_000])
             refresh_aggregates(clickhouse, raw_days=30)
-            restate_month_bases(quota, partial(month_usage_before, clickhouse), delay_s=0)
+            restate_month_bases(quota, user_totals, delay_s=0, org_totals=org_totals)
             active = {(e["org_id"], e["user_id"]) for e in events}
-            report["quota_month_mismatches_by_day"].append(month_mismatches(quota, clickhouse, active, day_start))
+            report["quota_month_mismatches_by_day"].append(month_mismatches(quota, clickhouse, active, day_start)
+                                                           + org_month_mismatches(quota, clickhouse, day_start))
             clock.now = day_start + DAY_S
             expire_passed(quota.redis, clock.now)
             report["events"] += len(events)

@@ -153,7 +153,9 @@ def migrate(config, kafka, clickhouse, audit) -> None:
 @click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(0.1), help="Seconds between scrapes.")
 @click.option("--watch", is_flag=True, help="Refresh until interrupted.")
 @click.option("--usage", is_flag=True, help="Also today's and this month's usage from the ClickHouse aggregates.")
-def status(config, urls, interval, watch, usage) -> None:
+@click.option("--quota", "quota_subjects", multiple=True, metavar="ORG[/USER]",
+              help="Also the quota of this user or org as enforcement reads it (repeatable).")
+def status(config, urls, interval, watch, usage, quota_subjects) -> None:
     """One screen of lag, rates, freshness and sink health from running flows' metrics."""
     import time
 
@@ -183,9 +185,28 @@ def status(config, urls, interval, watch, usage) -> None:
 
             settings = settings_from(config)
             click.echo("\n".join(status_mod.usage_lines(ClickHouse(settings.clickhouse.url, settings.clickhouse.database))))
+        if quota_subjects:
+            click.echo("\n".join(status_mod.quota_lines(*quota_readers(settings_from(config)), list(quota_subjects))))
         if not watch:
             return
         before = after
+
+
+def quota_readers(settings):
+    """(QuotaClient, QuotaStore) as the flow's settings configure them; the client writes a
+    user's missing month base from the aggregates, as a gateway given them does."""
+    from functools import partial
+
+    from connectors.quota_client import QuotaClient
+    from sinks.clickhouse import ClickHouse, month_usage_before
+    from sinks.quota import QuotaStore
+
+    quota = settings.quota
+    aggregates = ClickHouse(settings.clickhouse.url, settings.clickhouse.database)
+    client = QuotaClient(settings.redis.url, quota.default_tier, socket_timeout_s=2, month_bases=quota.month_bases,
+                         month_totals=partial(month_usage_before, aggregates) if quota.month_bases else None,
+                         alert_thresholds=tuple(quota.alert_thresholds))
+    return client, QuotaStore(settings.redis.url, quota.default_tier, month_bases=quota.month_bases)
 
 
 @click.command("config")

@@ -102,7 +102,7 @@ def replay_runs(settings, first: date, last: date, region: str | None, workers: 
     them through every sink (resuming from a sub-directory of --recovery-dir)."""
     from dataflows.replay import quota_split, restate_closed_quota
     from ops.launch import build_replay
-    from sinks.quota import QuotaStore, first_open_day
+    from sinks.quota import QuotaStore, first_open_day, open_windows_from_ms
 
     if "quota" not in settings.sinks:
         run_here(build_replay(settings, first, last, region), workers, recovery_dir,
@@ -119,9 +119,70 @@ def replay_runs(settings, first: date, last: date, region: str | None, workers: 
         run_here(build_replay(settings.model_copy(update={"sinks": others}), *closed, region), workers,
                  recovery_dir, settings.recovery.snapshot_interval_s)
     if opened:
-        run_here(build_replay(settings, *opened, region), workers,
+        # Windows of the open days older than this may have lost their records: the quota sink
+        # leaves them out and they are restated below, like closed days.
+        counts_from_ms = open_windows_from_ms(store.clock(), record_ttl_s / 2, int(windows.length_s * 1000))
+        counting = settings.model_copy(update={
+            "quota": quota.model_copy(update={"replay_counts_from_ms": counts_from_ms})})
+        run_here(build_replay(counting, *opened, region), workers,
                  recovery_dir and str(Path(recovery_dir) / "open-days"), settings.recovery.snapshot_interval_s)
-    return restate_closed_quota(settings, store, *closed, open_from) if closed else 0
+    restated = 0
+    if closed:
+        restated += restate_closed_quota(settings, store, *closed, open_from)
+    if opened:
+        restated += restate_open_quota(settings, store, *opened, open_from)
+    if closed and quota.month_bases:  # the users' bases marked due: rewrite them now from the refreshed aggregates
+        restated += restate_bases_now(settings, store)
+    return restated
+
+
+def restate_open_quota(settings, store, first: date, last: date, open_from: str) -> int:
+    """Restate the day counters of the replayed open days (first..last) as their raw events
+    dated before the window records' horizon, as it is now (the replay may have outlasted the
+    records of its start; everything it read is in ClickHouse) + what the quota counted from
+    then on, and the month counters that are live counters (orgs', users' without month
+    bases) as the aggregates' days before open_from + the day counters from it on; return
+    the counters written."""
+    from dataflows.outputs import aggregate_clients, summed_totals
+    from dataflows.replay import USAGE_NAMES
+    from sinks.quota import open_windows_from_ms
+    from sinks.clickhouse import month_usage_before, org_month_usage_before, usage_before_time
+
+    counts_from_ms = open_windows_from_ms(store.clock(), store.window_ttl_s / 2, int(settings.windows.length_s * 1000))
+    clients = aggregate_clients(settings)
+    closed: dict[tuple[str, str], dict[str, dict[str, int]]] = {}
+    for client in clients:
+        for org, user, day, *values in usage_before_time(client, f"{first:%Y%m%d}", f"{last:%Y%m%d}", counts_from_ms):
+            for subject in ("", f"{org}/{user}"):
+                held = closed.setdefault((org, day), {}).setdefault(subject, {})
+                for name, value in zip(USAGE_NAMES, values):
+                    held[name] = held.get(name, 0) + value
+    written = sum(store.restate_open_day(org, day, counts_from_ms, subjects)
+                  for (org, day), subjects in sorted(closed.items()))
+    months: dict = {}
+    for month in sorted({day[:6] for _org, day in closed}):
+        orgs = sorted({org for org, day in closed if day[:6] == month})
+        org_totals = summed_totals(clients, org_month_usage_before, orgs, month, open_from)
+        months.update({("org", org, f"{month}01"): org_totals.get(org, {}) for org in orgs})
+        if not store.month_bases:
+            users = sorted({tuple(s.split("/", 1)) for (org, day), subjects in closed.items() if day[:6] == month
+                            for s in subjects if s})
+            user_totals = summed_totals(clients, month_usage_before, users, month, open_from)
+            months.update({("user", "/".join(u), f"{month}01"): user_totals.get(u, {}) for u in users})
+    return written + store.restate_months(months, {key[2][:6]: open_from for key in months})
+
+
+def restate_bases_now(settings, store) -> int:
+    """Rewrite the month bases marked due (a replay's closed days) from the aggregates, without
+    waiting for a flow's quota sink."""
+    from functools import partial
+
+    from dataflows.outputs import aggregate_clients, summed_totals
+    from sinks.clickhouse import month_usage_before
+    from sinks.quota import restate_month_bases
+
+    # The replay's marks are due at once; a flow's newer marks wait for their delay as always.
+    return restate_month_bases(store, partial(summed_totals, aggregate_clients(settings), month_usage_before))
 
 
 @click.group()

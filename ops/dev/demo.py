@@ -353,7 +353,8 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         ("valid events in ClickHouse", expected.valid, found["clickhouse_rows"]),
         ("distinct events in Parquet", expected.valid, found["parquet_rows"]),
         ("DLQ records", found["expected_dlq"], found["dlq"]),
-        ("tokens in Redis quota counters", found["expected_total_tokens"], found["quota_total_tokens"]),
+        ("tokens in Redis quota, users' months", found["expected_total_tokens"], found["quota_total_tokens"]),
+        ("tokens in Redis quota, orgs' months", found["expected_total_tokens"], found["quota_org_tokens"]),
         ("tokens in ClickHouse", expected.tokens, found["clickhouse_tokens"]),
         ("reasoning tokens in ClickHouse (within output)", expected.reasoning_tokens,
          found["clickhouse_reasoning_tokens"]),
@@ -459,6 +460,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         audit_log = open_store(f"sqlite:///{root / 'audit.sqlite3'}")
         audit_rows = audit_log.event_count()
         audit_log.close()
+        quota = QuotaStore(redis_server.address)
         found = {
             "produced": expected.produced,
             "valid": int(counters.get("gatewatch_events_total{stage=unique}", 0)),
@@ -474,7 +476,9 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "clickhouse_usd": str(Decimal(ch_usd or 0).quantize(Decimal("0.000000001"))),
             "events_without_audit": without_audit,
             "audit_log_rows": audit_rows,
-            "quota_total_tokens": QuotaStore(redis_server.address).total_tokens("user"),
+            # Every user's and org's month as enforcement reads it (base + day counters with month bases).
+            "quota_total_tokens": quota.total_tokens("user"),
+            "quota_org_tokens": quota.total_tokens("org"),
             "expected_total_tokens": expected.tokens if late_billed else expected.quota_tokens,
             "billing_total_usd": str(billed_usd),
             "expected_total_usd": str(expected_usd),
@@ -527,7 +531,7 @@ def human_summary(found: dict, problems: list[str]) -> str:
         f" {found['clickhouse_usd']} USD (usage aggregates)",
         f"  audit log rows      {found['audit_log_rows']:>8}   one per unique event",
         f"  quota tokens        {found['quota_total_tokens']:>8}   expected {found['expected_total_tokens']}"
-        f" (of which late: {found['late']})",
+        f" (of which late: {found['late']}); orgs' months {found['quota_org_tokens']}",
         f"  billed USD          {found['billing_total_usd']:>8}   expected {found['expected_total_usd']}",
         f"  freshness p50/p99   {found['freshness_p50_s']} s / {found['freshness_p99_s']} s"
         " (event time to queryable in ClickHouse and Redis)",
