@@ -333,6 +333,15 @@ def window_key(total: dict) -> str:
     return f"gw:win:{total['org_id']}/{total['user_id']}:{total['model']}:{total['window_start_ms']}"
 
 
+def recent_member_subject(member: str) -> str:
+    """The 'org/user' of a member of an org's recent-window index (APPLY_WINDOW writes
+    'w|<len(subject)>|<window record key>' and 'l|n|tokens by kind...|event id|subject')."""
+    if member.startswith("w|"):
+        length, _, record = member[2:].partition("|")
+        return record[len("gw:win:"):len("gw:win:") + int(length)]
+    return member.split("|", 7)[7]
+
+
 def late_key(total: dict, per_day: bool = False) -> str:
     """The set of late event ids already counted for a user in the month of the event (in its
     day with month bases, where nothing older than the day counters is counted)."""

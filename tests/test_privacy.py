@@ -20,7 +20,7 @@ from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
 from sinks.clickhouse import ClickHouse, close_chdb
-from sinks.quota import QuotaStore
+from sinks.quota import QuotaStore, recent_member_subject
 from tests.processes import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
@@ -106,7 +106,11 @@ def test_export_then_forget_removes_one_user_and_nothing_else(regional, tmp_path
         snapshot = {name: {e: v for e, v in held.items() if v[0] != user} for name, held in rows.items()}
         redis_client = QuotaStore(settings.redis.url).redis
         snapshot["redis"] = {k: redis_client.dump(k) for k in redis_client.scan_iter(count=1000)
-                             if f"/{user}:".encode() not in k and not k.endswith(f"/{user}".encode())}
+                             if f"/{user}:".encode() not in k and not k.endswith(f"/{user}".encode())
+                             and not k.startswith(b"gw:recent:")}
+        for key in redis_client.scan_iter(match="gw:recent:*", count=1000):  # an org's index names its users
+            snapshot["redis"][key] = {member for member in redis_client.zrange(key, 0, -1)
+                                      if not subject.is_subject(recent_member_subject(member.decode()))}
         return snapshot
 
     before = others()
@@ -342,7 +346,8 @@ def test_forget_leaves_no_late_ids_restate_marks_or_model_rollup_counts(redis_ur
     late = {"org_id": org, "user_id": user, "model": "m", "window_start_ms": now_ms, "window_length_ms": 60_000,
             "n": 1, "input": 5, "output": 0, "cache_read": 0, "cache_write": 0, "event_id": "late-1"}
     other = {**late, "user_id": "someone-else", "event_id": "late-2"}
-    assert quota.apply([late, other]) == 2
+    window = {key: value for key, value in late.items() if key != "event_id"}
+    assert quota.apply([late, other, window, {**window, "user_id": "someone-else"}]) == 4
     month = periods(now_ms)[1]
     quota.mark_due([(f"{org}/{user}", month), (f"{org}/someone-else", month)])  # as an event older than yesterday does
     assert quota.redis.zscore(RESTATE_KEY, f"{org}/{user}|{month}") is not None
@@ -350,7 +355,12 @@ def test_forget_leaves_no_late_ids_restate_marks_or_model_rollup_counts(redis_ur
     held = gdpr.redis_keys(quota.redis, subject)
     assert gdpr.restate_marks_of(quota.redis, subject) == [f"{org}/{user}|{month}"]
     assert any(key.startswith(f"gw:late:{org}/{user}:") for key in held)
+    recent = f"gw:recent:{org}"  # the org's index of recent windows and late events names its users
+    assert [len(members) for members in gdpr.recent_windows_of(quota.redis, subject).values()] == [2]
     gdpr.forget_redis(quota.redis, subject, held)
+    remaining = [member.decode() for member in quota.redis.zrange(recent, 0, -1)]
+    assert len(remaining) == 2 and not any(f"/{user}" in member for member in remaining)
+    assert gdpr.recent_windows_of(quota.redis, subject) == {}
     assert gdpr.redis_keys(quota.redis, subject) == []
     assert quota.redis.zscore(RESTATE_KEY, f"{org}/{user}|{month}") is None
     assert quota.redis.zscore(RESTATE_KEY, f"{org}/someone-else|{month}") is not None

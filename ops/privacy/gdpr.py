@@ -23,7 +23,7 @@ from ops.privacy import vault
 from sinks.audit_log import user_hash
 from sinks.clickhouse import ClickHouse, recompute_model_days, sql_string
 from sinks.parquet import ParquetStore
-from sinks.quota import PENDING_ALERTS_KEY, RESTATE_KEY
+from sinks.quota import PENDING_ALERTS_KEY, RECENT_PREFIX, RESTATE_KEY, recent_member_subject
 
 USER_TABLES = ("events", "audit_log", "feedback")
 """Tables with a user_id column; every view is computed from events or the aggregates. All
@@ -82,6 +82,8 @@ class Found:
     pending_alerts: int = 0
     restate_marks: int = 0
     """The user's month bases due for a recomputation (gw:bases:due members)."""
+    recent_windows: int = 0
+    """The user's entries in their org's recent-window index (gw:recent:<org> members)."""
     recovery: dict[str, int] = field(default_factory=dict)
     """{recovery partition file: snapshots holding the user}"""
     vault_keys: int = 0
@@ -91,13 +93,14 @@ class Found:
         return {"clickhouse_rows": self.clickhouse, "parquet_files": len(self.parquet),
                 "parquet_rows": sum(self.parquet.values()), "redis_keys": len(self.redis_keys),
                 "pending_alerts": self.pending_alerts, "restate_marks": self.restate_marks,
+                "recent_windows": self.recent_windows,
                 "recovery_snapshots": sum(self.recovery.values()),
                 "vault_keys": self.vault_keys}
 
     @property
     def empty(self) -> bool:
         return not (any(self.clickhouse.values()) or self.parquet or self.redis_keys or self.pending_alerts
-                    or self.restate_marks or any(self.recovery.values()) or self.vault_keys)
+                    or self.restate_marks or self.recent_windows or any(self.recovery.values()) or self.vault_keys)
 
 
 # -- ClickHouse ---------------------------------------------------------------------------
@@ -195,8 +198,22 @@ def restate_marks_of(client: redis.Redis, subject: Subject) -> list[str]:
             if subject.is_subject(member.decode().rsplit("|", 1)[0])]
 
 
+def recent_windows_of(client: redis.Redis, subject: Subject) -> dict[str, list[str]]:
+    """{org's recent-window index: the subject's members} (members name the user; they expire
+    with the window records, ~22 minutes, but a forget does not wait for that)."""
+    org = glob_escape(subject.org_id) if subject.org_id is not None else "*"
+    found = {}
+    for key in client.scan_iter(match=f"{RECENT_PREFIX}{org}", count=1000):
+        members = [member.decode() for member, _score in client.zscan_iter(key, count=1000)
+                   if subject.is_subject(recent_member_subject(member.decode()))]
+        if members:
+            found[key.decode()] = members
+    return found
+
+
 def forget_redis(client: redis.Redis, subject: Subject, keys: list[str]) -> None:
-    """Delete the subject's keys (found by redis_keys), pending alerts and restate marks."""
+    """Delete the subject's keys (found by redis_keys), pending alerts, restate marks and
+    entries in the orgs' recent-window indexes."""
     if keys:
         client.delete(*keys)
     alerts = pending_alerts_of(client, subject)
@@ -205,6 +222,8 @@ def forget_redis(client: redis.Redis, subject: Subject, keys: list[str]) -> None
     marks = restate_marks_of(client, subject)
     if marks:
         client.zrem(RESTATE_KEY, *marks)
+    for key, members in recent_windows_of(client, subject).items():
+        client.zrem(key, *members)
 
 
 def pending_alerts_of(client: redis.Redis, subject: Subject) -> dict[str, dict]:
@@ -245,6 +264,7 @@ def find(settings, subject: Subject, recovery_extra: tuple[str, ...] = ()) -> Fo
     found.redis_keys = redis_keys(client, subject)
     found.pending_alerts = len(pending_alerts_of(client, subject))
     found.restate_marks = len(restate_marks_of(client, subject))
+    found.recent_windows = sum(map(len, recent_windows_of(client, subject).values()))
     for directory in recovery_dirs(settings, recovery_extra):
         found.recovery.update(recovery.snapshots_holding(directory, subject.holds))
     if vault.vault_configured(settings):
