@@ -13,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from ops.cli.options import config_option, settings_from
 from ops.launch import run_here
+from ops.tracing import install_tracing
 
 
 DATE = click.DateTime(formats=["%Y-%m-%d"])
@@ -79,6 +80,7 @@ def replay(first, last, region, to_sinks, dry_run, workers, recovery_dir, config
             return
         if not files:
             raise click.ClickException(f"no raw Parquet for {first}..{last} under {settings.parquet.root}")
+        install_tracing(settings.tracing, "replay")
         started = time.monotonic()
         stop = threading.Event()
         reporter = threading.Thread(target=_progress, args=(len(files), total_rows, started, stop), daemon=True)
