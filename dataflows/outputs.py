@@ -263,7 +263,7 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
         stored = op.flat_map_batch("sample_text", unique, partial(text_sampled, settings.parquet.text_sample_rate))
     if sinks & {"parquet", "clickhouse"}:
         # One Arrow table per partition of each batch, shared by both sinks; the step ids of
-        # their batchers are unchanged, so a snapshot's event dicts still resume (table_of).
+        # their batchers are unchanged, so a snapshot's event dicts still resume (blocks_and_events).
         blocks = op.flat_map_batch("event_blocks", stored, event_blocks)
     if "parquet" in sinks:
         batched_out("parquet", blocks, partition_of_item, settings.parquet.max_rows, settings.parquet.max_age_s,

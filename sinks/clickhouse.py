@@ -10,12 +10,12 @@ once), and every view reads those.
 from __future__ import annotations
 
 import functools
-from functools import partial
 import logging
 import re
 import struct
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote, urlparse

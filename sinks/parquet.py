@@ -186,7 +186,8 @@ def rows_in(item: Any) -> int:
 
 class BlockBatcher(Batcher):
     """A Batcher whose max_rows counts the rows of the EventBlocks it holds (an event dict,
-    from a recovery snapshot taken before blocks, counts as one)."""
+    from a recovery snapshot taken before blocks, counts as one); a batch may pass max_rows
+    by less than one block (one batch of the source, ~1,000 events)."""
 
     def __init__(self, max_rows: int, max_age_s: float, items: list | None = None, **kwargs):
         super().__init__(max_rows, max_age_s, items, **kwargs)
