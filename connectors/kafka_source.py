@@ -45,19 +45,30 @@ class _RestingPartition(StatefulSourcePartition):
         self._inner.close()
 
 
+PREFETCH_LIMITS = {"queued.max.messages.kbytes": "8192", "queued.min.messages": "5000"}
+"""librdkafka's consumer prefetches up to 64 MB or 100,000 messages per consumer by default,
+and Bytewax opens one consumer per partition: a backlog of ~3 KB events filled ~130 MB of a
+two-partition process before the flow had read it (ops/bench/FINDINGS.md). 8 MB per
+partition is still several of the source's 1,000-message batches ahead. kafka.extra
+overrides either."""
+
+
 class RestingKafkaSource(KafkaSource):
     """only_partitions, when given, restricts every topic to those partition numbers."""
 
     def __init__(self, *args, idle_wait_s: float = 0.05, only_partitions: list[int] | None = None,
                  list_timeout_s: float = 30.0, **kwargs):
         super().__init__(*args, **kwargs)
+        # The partition listing's admin client takes no consumer properties (librdkafka warns).
+        self._admin_config = dict(self._add_config)
+        self._add_config = {**PREFETCH_LIMITS, **self._add_config}
         self._idle_wait = timedelta(seconds=idle_wait_s)
         self._only = None if only_partitions is None else set(only_partitions)
         self._list_timeout_s = list_timeout_s
 
     def list_parts(self) -> list[str]:
         brokers = ",".join(self._brokers)
-        client = AdminClient({"bootstrap.servers": brokers, **self._add_config})
+        client = AdminClient({"bootstrap.servers": brokers, **self._admin_config})
         parts = []
         for topic in self._topics:
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections import Counter
 from functools import partial
 
 import bytewax.operators as op
@@ -86,22 +87,32 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
     get_metrics().timing("gatewatch_redaction_seconds", time.perf_counter() - started)
     out = []
     now_ms = int(time.time() * 1000)
+    # Counted per batch: a labelled increment costs ~3 µs, and each event had about six.
+    entities: Counter[str] = Counter()
+    flags: Counter[str] = Counter()
+    levels: Counter[str] = Counter()
     for event, result in zip(events, results):
         if isinstance(result, RedactionError):
             out.append((DLQ, event_dlq_record(event, stage="redact", code="redaction_failed", reason=str(result),
                                               first_seen_ms=now_ms)))
             continue
-        for entity, count in result.get("pii_entity_counts", {}).items():
-            get_metrics().increment("gatewatch_pii_entities", count, tags={"entity": entity})
-        for flag in result["policy_flags"]:
-            get_metrics().increment("gatewatch_policy_flags", tags={"flag": flag})
-        get_metrics().increment("gatewatch_classifications", tags={"level": result["classification"]})
+        entities.update(result.get("pii_entity_counts", {}))
+        flags.update(result["policy_flags"])
+        levels[result["classification"]] += 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug("policy decision", extra={
                 "request_id": result["request_id"], "trace_id": trace_id(result), "classification": result["classification"],
                 "policy_flags": result["policy_flags"], "pii_entity_counts": result.get("pii_entity_counts", {})})
         out.append((OK, result))
+    count_by_label("gatewatch_pii_entities", "entity", entities)
+    count_by_label("gatewatch_policy_flags", "flag", flags)
+    count_by_label("gatewatch_classifications", "level", levels)
     return out
+
+
+def count_by_label(metric: str, label: str, counts: Counter[str]) -> None:
+    for value, count in counts.items():
+        get_metrics().increment(metric, count, tags={label: value})
 
 
 def trace_id(event: dict) -> str:

@@ -29,7 +29,8 @@ from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before, o
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
-from sinks.parquet import ParquetWriter, partition_of, sample_text
+from sinks.parquet import (BlockBatcher, EventBlock, ParquetWriter, event_blocks, partition_of_item, region_of_item,
+                           sample_text)
 from sinks.quota import QuotaStore, QuotaWriter, keep_month_bases
 from sinks.retry import Retry, retry_policy
 from sinks.vault import KeyStore, VaultFiles, VaultSealer, VaultWriter
@@ -121,6 +122,11 @@ def routed_by_region(residency, max_original_bytes: int, events: list[dict]) -> 
 
 def database_of(settings: Settings, event: dict) -> str:
     return settings.storage_for(event["region"]).clickhouse_database
+
+
+def database_of_item(settings: Settings, item: EventBlock | dict) -> str:
+    """database_of an EventBlock's events, or of one event."""
+    return settings.storage_for(region_of_item(item)).clickhouse_database
 
 
 # -- sinks, built from the settings ---------------------------------------------------------
@@ -218,10 +224,10 @@ def billing_writer(settings: Settings) -> BillingWriter:
 
 
 def batched_out(name: str, stream: Stream[dict], key: Callable[[dict], str], max_rows: int, max_age_s: float,
-                make_writer: Callable[[], Writer]) -> None:
+                make_writer: Callable[[], Writer], batcher: type[Batcher] = Batcher) -> None:
     """Items keyed by ``key`` into batches of max_rows or max_age_s, each batch to the writer."""
     batches = op.stateful(f"{name}_batches", keyed(f"{name}_by_key", stream, key),
-                          lambda resume: Batcher(max_rows, max_age_s, resume))
+                          lambda resume: batcher(max_rows, max_age_s, resume))
     op.output(f"{name}_out", batches, WriterSink(make_writer))
 
 
@@ -297,12 +303,16 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
     stored = unique
     if settings.parquet.text_sample_rate < 1:
         stored = op.flat_map_batch("sample_text", unique, partial(text_sampled, settings.parquet.text_sample_rate))
+    if sinks & {"parquet", "clickhouse"}:
+        # One Arrow table per partition of each batch, shared by both sinks; the step ids of
+        # their batchers are unchanged, so a snapshot's event dicts still resume (blocks_and_events).
+        blocks = op.flat_map_batch("event_blocks", stored, event_blocks)
     if "parquet" in sinks:
-        batched_out("parquet", stored, partition_of, settings.parquet.max_rows, settings.parquet.max_age_s,
-                    partial(parquet_writer, settings))
+        batched_out("parquet", blocks, partition_of_item, settings.parquet.max_rows, settings.parquet.max_age_s,
+                    partial(parquet_writer, settings), BlockBatcher)
     if "clickhouse" in sinks:
-        batched_out("clickhouse", stored, partial(database_of, settings), settings.clickhouse.max_rows,
-                    settings.clickhouse.max_age_s, partial(clickhouse_writer, settings))
+        batched_out("clickhouse", blocks, partial(database_of_item, settings), settings.clickhouse.max_rows,
+                    settings.clickhouse.max_age_s, partial(clickhouse_writer, settings), BlockBatcher)
     if "audit" in sinks:
         batched_out("audit", unique, lambda e: str(e.get("source_partition")), settings.audit.max_rows,
                     settings.audit.max_age_s, partial(audit_writer, settings))

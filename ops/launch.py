@@ -54,8 +54,16 @@ def build_replay(settings: Settings, first: date, last: date, region: str | None
     return build_replay_flow(settings, first, last, region)
 
 
+CHDB_JEMALLOC = "dirty_decay_ms:0,muzzy_decay_ms:0"
+"""Embedded ClickHouse (chdb) allocates through its own jemalloc, which keeps freed pages
+5 s without a background thread to return them: ~100 MB more resident per flow process
+after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb loads; the
+operator's own JE_MALLOC_CONF wins."""
+
+
 def from_environment(flow: str) -> Dataflow:
     """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
+    os.environ.setdefault("JE_MALLOC_CONF", CHDB_JEMALLOC)
     settings = load_settings()
     check_environment(settings)  # a cluster cannot write embedded chdb (ops/cluster.py says why)
     # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck flow is waiting on.

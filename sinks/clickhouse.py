@@ -15,15 +15,16 @@ import re
 import struct
 import threading
 import time
+from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
 from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
-from sinks.parquet import to_table
+from sinks.parquet import TableRows, blocks_and_events, to_table
 from sinks.retry import Retry, row_error, write_isolating
 
 if TYPE_CHECKING:
@@ -407,6 +408,10 @@ def freshness_seconds(events: list[dict], now: float | None = None) -> list[floa
     return [max(0.0, now - e["event_time"] / 1000) for e in events]
 
 
+def insert_rows(client: ClickHouse, rows: TableRows) -> None:
+    client.insert("events", rows.table)
+
+
 class ClickHouseWriter:
     """The ClickHouse sink's writer: batches keyed by database, one insert each into
     ``table`` (events or feedback); rows the server refuses for good go to the DLQ. After
@@ -444,15 +449,28 @@ class ClickHouseWriter:
             self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days))
         self.refreshed_at = time.monotonic()
 
-    def __call__(self, batches: list[tuple[str, list[dict]]]) -> None:
-        for database, rows in batches:
+    def __call__(self, batches: list[tuple[str, list]]) -> None:
+        """Batches keyed by database: of EventBlocks (events, each block's table shared with
+        the Parquet sink), or of dicts (feedback; events from a snapshot taken before blocks,
+        from a caller, or rows Arrow refused)."""
+        for database, items in batches:
             client = self.client_of(database)
-            insert = client.insert_events if self.table == "events" else client.insert_feedback
-            rejected = write_isolating(self.sink, insert, rows, self.retry, permanent=refused_for_good)
-            self.dead_letters.send_refused_rows(self.sink, rejected)
-            count_written(self.sink, len(rows) - len(rejected))
-            observe_freshness(self.sink, [row["event_time"] for row in rows], self.lateness_s)
+            if self.table != "events":
+                self.write_rows(items, client.insert_feedback, [row["event_time"] for row in items])
+                continue
+            rows, events = blocks_and_events(items)
+            if rows is not None:
+                self.write_rows(rows, partial(insert_rows, client),
+                                rows.table.column("event_time").cast(pa.int64()).to_pylist())
+            if events:
+                self.write_rows(events, client.insert_events, [row["event_time"] for row in events])
         self.refresh()
+
+    def write_rows(self, rows: TableRows | list[dict], insert: Callable, event_times_ms: list[int]) -> None:
+        rejected = write_isolating(self.sink, insert, rows, self.retry, permanent=refused_for_good)
+        self.dead_letters.send_refused_rows(self.sink, rejected)
+        count_written(self.sink, len(rows) - len(rejected))
+        observe_freshness(self.sink, event_times_ms, self.lateness_s)
 
     def close(self) -> None:
         self.refresh(force=True)

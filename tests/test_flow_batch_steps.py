@@ -43,3 +43,36 @@ def test_a_flow_process_settles_its_heap_before_the_drain():
              "assert gc.get_freeze_count() == 0, 'frozen objects are never collected at exit'\n")
     done = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_redaction_metrics_are_counted_once_per_batch_with_the_per_event_totals():
+    from collections import Counter
+
+    from prometheus_client import REGISTRY
+
+    import ops.metrics  # noqa: F401 - installs the Prometheus backend of the metrics hook
+    from dataflows.ingest import redact_batch
+    from redaction import Redactor
+    from tests.test_codec import event
+
+    def counts(metric: str, label: str, values) -> dict:
+        return {v: REGISTRY.get_sample_value(f"{metric}_total", {label: v}) or 0 for v in values}
+
+    events = [event(event_id=f"3b8f2c1e-0000-4000-8000-{n:012d}", prompt=text)
+              for n, text in enumerate(["write to ana@example.com", "call +1 415 555 0100 or bob@example.org",
+                                        "nothing personal here"] * 4)]
+    redacted = [result for kind, result in redact_batch(Redactor(), events[:3]) if kind == "ok"]  # warms up
+    entities = Counter()
+    for result in redacted:
+        entities.update(result["pii_entity_counts"])
+    flags = Counter(flag for result in redacted for flag in result["policy_flags"])
+    levels = Counter(result["classification"] for result in redacted)
+    assert entities and flags and levels, "the sample must exercise every counter"
+
+    before = (counts("gatewatch_pii_entities", "entity", entities), counts("gatewatch_policy_flags", "flag", flags),
+              counts("gatewatch_classifications", "level", levels))
+    assert len(redact_batch(Redactor(), events)) == 12  # the same three events four times
+    after = (counts("gatewatch_pii_entities", "entity", entities), counts("gatewatch_policy_flags", "flag", flags),
+             counts("gatewatch_classifications", "level", levels))
+    for old, new, expected in zip(before, after, (entities, flags, levels)):
+        assert {key: new[key] - old[key] for key in expected} == {key: 4 * n for key, n in expected.items()}

@@ -49,3 +49,14 @@ def test_an_unreachable_broker_is_a_clear_error_not_a_hang():
     broker = f"127.0.0.1:{free_port()}"
     with pytest.raises(RuntimeError, match=f"events.*{broker}.*kafka.bootstrap"):
         RestingKafkaSource([broker], ["events"], list_timeout_s=2).list_parts()
+
+
+def test_consumers_prefetch_a_bounded_amount_and_kafka_extra_overrides_it():
+    from connectors.kafka_source import PREFETCH_LIMITS
+
+    bounded = RestingKafkaSource(["127.0.0.1:1"], ["events"])
+    assert {key: bounded._add_config[key] for key in PREFETCH_LIMITS} == PREFETCH_LIMITS
+    assert int(bounded._add_config["queued.max.messages.kbytes"]) < 65536, "librdkafka's own default"
+    assert not set(PREFETCH_LIMITS) & set(bounded._admin_config), "an admin client warns about consumer properties"
+    chosen = RestingKafkaSource(["127.0.0.1:1"], ["events"], add_config={"queued.max.messages.kbytes": "1024"})
+    assert chosen._add_config["queued.max.messages.kbytes"] == "1024"

@@ -115,7 +115,7 @@ def test_bench_stages_names_the_slowest_stage():
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["clock"] == "cpu" and "CPU time" in result.stderr
     assert set(report["events_per_s"]) == {"decode (Avro)", "validate", "redact", "dedupe", "window", "price",
-                                           "Parquet encode", "ClickHouse insert (chdb)"}
+                                           "Arrow table", "Parquet encode", "ClickHouse insert (chdb)"}
     assert report["slowest"] == min(report["events_per_s"], key=report["events_per_s"].get)
     assert "<- slowest" in result.stderr
 

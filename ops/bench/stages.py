@@ -65,8 +65,11 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
         for event in redacted:
             seen.first(f"{event['org_id']}/{event['event_id']}", now)
 
+    # The flow builds one Arrow table per batch for both sinks (sinks.parquet.event_blocks).
+    table = to_table(priced)
+
     def parquet() -> None:
-        pq.write_table(to_table(priced), io.BytesIO(), compression="zstd")
+        pq.write_table(table, io.BytesIO(), compression="zstd")
 
     from sinks.clickhouse import ClickHouse, close_chdb
 
@@ -74,8 +77,8 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
     clickhouse.migrate()
 
     def insert() -> None:
-        for start in range(0, len(priced), 5000):
-            clickhouse.insert_events(priced[start:start + 5000])
+        for start in range(0, table.num_rows, 5000):
+            clickhouse.insert("events", table.slice(start, 5000))
 
     stages = {
         "decode (Avro)": lambda: [codec.decode_record(m) for m in messages],
@@ -84,6 +87,7 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
         "dedupe": dedupe,
         "window": window,
         "price": lambda: [with_cost(e, settings.pricing) for e in redacted],
+        "Arrow table": lambda: to_table(priced),
         "Parquet encode": parquet,
         "ClickHouse insert (chdb)": insert,
     }
@@ -102,7 +106,7 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
                    "on a shared machine other processes then do not inflate the figures.")
 def stages(events, users, repeat, cpu) -> None:
     """Per-stage throughput on one core: decode, validate, redact, dedupe, window, price,
-    Parquet encode, ClickHouse insert."""
+    Arrow table (one for both sinks), Parquet encode, ClickHouse insert."""
     settings = Settings()
     messages = messages_for(settings, events, users)
     with tempfile.TemporaryDirectory() as chdb_dir:

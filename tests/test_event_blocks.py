@@ -1,0 +1,116 @@
+"""One Arrow table per batch, shared by the Parquet and ClickHouse sinks (sinks/parquet.py
+EventBlock): the same rows and file names as the per-sink tables it replaces, batches that
+count rows, and event dicts (a snapshot's, or rows Arrow refuses) still written."""
+
+from __future__ import annotations
+
+import pickle
+
+
+from sinks.clickhouse import ClickHouse, ClickHouseWriter, close_chdb
+from sinks.parquet import (ARROW_SCHEMA, COLUMNS_SINCE, BlockBatcher, EventBlock, ParquetStore, ParquetWriter,
+                           TableRows, blocks_and_events, event_blocks, events_of, file_name, file_name_of_table, partition_of,
+                           to_table)
+from sinks.retry import retry_policy
+from tests.test_clickhouse_insert import events
+
+
+class NoDeadLetters:
+    def __init__(self):
+        self.refused = []
+
+    def send_refused_rows(self, sink, rejected):
+        self.refused.extend((sink, row) for row, _exc in rejected)
+
+
+def as_stored(event: dict) -> dict:
+    """An event as to_table stores it: the schema's fields, those since v2 defaulted."""
+    return {name: COLUMNS_SINCE[name] if event.get(name) is None and name in COLUMNS_SINCE else event.get(name)
+            for name in ARROW_SCHEMA.names}
+
+
+def spread(count: int) -> list[dict]:
+    """Events over two days and two regions: four partitions."""
+    rows = events(count)
+    for n, event in enumerate(rows):
+        event["region"] = "eu" if n % 2 else "us"
+        event["event_time"] += (n % 3 == 0) * 86_400_000
+    return rows
+
+
+def test_blocks_hold_each_partitions_events_as_the_sinks_own_tables_did():
+    rows = spread(60)
+    blocks = event_blocks(rows)
+    assert [block.partition for block in blocks] == list(dict.fromkeys(map(partition_of, rows)))
+    assert sum(block.table.num_rows for block in blocks) == len(rows)
+    for block in blocks:
+        mine = [event for event in rows if partition_of(event) == block.partition]
+        assert block.table.equals(to_table(mine))
+        assert block.region == mine[0]["region"]
+        assert file_name_of_table(block.table) == file_name(mine), "a replay must rewrite the same file"
+        assert events_of(block.table) == list(map(as_stored, mine))
+
+
+def test_a_partition_arrow_refuses_stays_dicts_for_the_sinks_to_isolate():
+    rows = spread(8)
+    rows[2]["latency_ms"] = 2**40  # no int32
+    items = event_blocks(rows)
+    bad = partition_of(rows[2])
+    assert [item for item in items if isinstance(item, dict)] == [e for e in rows if partition_of(e) == bad]
+    assert all(item.partition != bad for item in items if isinstance(item, EventBlock))
+
+
+def test_the_batcher_counts_rows_and_resumes_from_a_snapshot_of_dicts_or_blocks():
+    block, = event_blocks([dict(event, region="eu") for event in events(30)])
+    batcher = BlockBatcher(50, 60)
+    assert batcher.on_item(block) == ([], BlockBatcher.RETAIN)
+    emitted, state = batcher.on_item(block)
+    assert state == BlockBatcher.DISCARD and emitted == [[block, block]] and batcher.rows == 0
+    assert BlockBatcher(50, 60, pickle.loads(pickle.dumps([block, *events(3)]))).rows == 33
+    old = BlockBatcher(4, 60, events(3))  # a snapshot of the per-event batcher
+    assert old.on_item(events(1)[0])[1] == BlockBatcher.DISCARD
+
+
+def test_both_writers_store_a_batch_of_blocks_and_dicts_and_share_its_tables(tmp_path):
+    rows = [dict(event, region="eu") for event in events(40)]
+    partition = partition_of(rows[0])
+    assert {partition_of(event) for event in rows} == {partition}
+    blocks = event_blocks(rows[:30])
+    batch = [*blocks, *rows[30:]]  # a resumed snapshot's dicts after the new blocks
+    table, dicts = blocks_and_events(batch)
+    assert len(table) == 30 and dicts == rows[30:]
+
+    dead = NoDeadLetters()
+    ParquetWriter(lambda region: str(tmp_path / "raw" / region), ParquetStore, retry_policy(0.01, 0.01), dead)(
+        [(partition, batch)])
+    stored = ParquetStore(str(tmp_path / "raw" / "eu")).read()
+    assert sorted(stored.column("event_id").to_pylist()) == sorted(e["event_id"] for e in rows)
+    assert len(ParquetStore(str(tmp_path / "raw" / "eu")).files()) == 2  # the blocks' file and the dicts'
+
+    writer = ClickHouseWriter(f"chdb://{tmp_path / 'chdb'}", retry_policy(0.01, 0.01), dead, raw_days=30,
+                              aggregate_days=365, aggregate_interval_s=3600, lateness_s=60)
+    try:
+        writer([("blocks", batch)])
+        writer([("blocks", blocks)])  # the same blocks again (a retry) change nothing read FINAL
+        (count,), = ClickHouse(writer.url, "blocks").rows("SELECT count() FROM blocks.events FINAL")
+    finally:
+        close_chdb()
+    assert count == len(rows) and dead.refused == []
+
+
+def test_a_row_arrow_refuses_is_dead_lettered_and_the_rest_written(tmp_path):
+    rows = [dict(event, region="eu") for event in events(6)]
+    rows[4]["latency_ms"] = 2**40
+    dead = NoDeadLetters()
+    writer = ParquetWriter(lambda region: str(tmp_path / region), ParquetStore, retry_policy(0.01, 0.01), dead)
+    writer([(partition_of(rows[0]), event_blocks(rows))])
+    stored = ParquetStore(str(tmp_path / "eu")).read().column("event_id").to_pylist()
+    assert sorted(stored) == sorted(e["event_id"] for n, e in enumerate(rows) if n != 4)
+    assert [(sink, row["event_id"]) for sink, row in dead.refused] == [("parquet", rows[4]["event_id"])]
+
+
+def test_table_rows_halve_as_tables_and_give_one_row_as_its_event():
+    rows = events(5)
+    block = TableRows(to_table(rows))
+    assert len(block[1:4]) == 3 and block[1:4].table.equals(to_table(rows[1:4]))
+    assert block[2] == as_stored(rows[2])
