@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import importlib.util
 import json
 import os
 import sys
@@ -112,10 +113,14 @@ def _first_from_gender_guesser(out: set, anglo: set) -> None:
                 _add(out, name)
 
 
-def _from_mimesis(first: set, surnames: set) -> None:
-    import mimesis
+def _mimesis_datasets() -> str:
+    """mimesis's data folder, found without importing mimesis (its import loads every
+    locale's provider modules: ~75 ms and memory the redactor never uses)."""
+    return os.path.join(importlib.util.find_spec("mimesis").submodule_search_locations[0], "datasets")
 
-    root = os.path.join(os.path.dirname(mimesis.__file__), "datasets")
+
+def _from_mimesis(first: set, surnames: set) -> None:
+    root = _mimesis_datasets()
     for locale in sorted(os.listdir(root)):
         path = os.path.join(root, locale, "person.json")
         if not os.path.exists(path):
@@ -138,9 +143,7 @@ def _from_mimesis(first: set, surnames: set) -> None:
 
 
 def _places_from_mimesis(places: set) -> None:
-    import mimesis
-
-    root = os.path.join(os.path.dirname(mimesis.__file__), "datasets")
+    root = _mimesis_datasets()
 
     def take(value) -> None:
         if isinstance(value, str):

@@ -13,7 +13,10 @@ private-key blocks, passwords in key=value and URLs).
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
 import ipaddress
+import os
 import re
 from dataclasses import dataclass
 from typing import Callable
@@ -43,15 +46,6 @@ class Detector:
     pad_after: int
     finder: Finder
     caseless: bool = False
-
-
-# -- Presidio validators (instantiated once; only their validate/invalidate methods run) --
-
-@functools.lru_cache(maxsize=1)
-def _presidio():
-    from presidio_analyzer.predefined_recognizers import (CryptoRecognizer, IbanRecognizer, IpRecognizer,
-                                                          UsSsnRecognizer)
-    return {"iban": IbanRecognizer(), "ssn": UsSsnRecognizer(), "ip": IpRecognizer(), "crypto": CryptoRecognizer()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -254,7 +248,14 @@ def _iban_formats() -> dict[str, re.Pattern]:
     """Presidio's per-country IBAN layouts, compiled once with the standard library's re:
     its IbanRecognizer.validate_result looks each one up in the `regex` module's pattern
     cache on every call (about 10 µs) and repeats the checksum _mod97 has already done."""
-    from presidio_analyzer.predefined_recognizers.generic.iban_patterns import regex_per_country
+    # Read from its file: importing it as a module imports the presidio_analyzer package and with it
+    # spaCy (~1.5 s and ~100 MB per process), which fast mode never uses. The file has no imports.
+    package = importlib.util.find_spec("presidio_analyzer").submodule_search_locations[0]
+    spec = importlib.util.spec_from_file_location(
+        "gatewatch_presidio_iban_patterns", os.path.join(package, "predefined_recognizers", "generic", "iban_patterns.py"))
+    layouts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(layouts)
+    regex_per_country = layouts.regex_per_country
 
     # (Unanchored at the end, as Presidio matches them: exact_match is off by default.)
     return {country: re.compile(layout) for country, layout in regex_per_country.items() if layout}
@@ -626,10 +627,46 @@ def make_ip_finder(ignore_private: bool) -> Finder:
 CRYPTO_RE = re.compile(r"(?<![\w])(?:bc1[ac-hj-np-z02-9]{11,71}|[13][a-km-zA-HJ-NP-Z1-9]{25,34})(?![\w])")
 
 
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_BECH32 = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+_BECH32_GENERATOR = (0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)
+
+
+def valid_bitcoin_address(value: str) -> bool:
+    """Presidio's CryptoRecognizer.validate_result, here so that fast mode never imports the
+    presidio_analyzer package (it imports spaCy: ~1.5 s and ~90 MB in every flow process).
+    Base58Check (P2PKH/P2SH, '1'/'3') or a Bech32/Bech32m checksum ('bc1')."""
+    if value[:1] in ("1", "3"):
+        stripped = value.lstrip("1")
+        number = 0
+        for char in stripped:
+            digit = _BASE58.find(char)
+            if digit < 0:
+                return False
+            number = number * 58 + digit
+        raw = number.to_bytes(len(value) - len(stripped) + (number.bit_length() + 7) // 8, "big")
+        return raw[-4:] == hashlib.sha256(hashlib.sha256(raw[:-4]).digest()).digest()[:4]
+    if not value.startswith("bc1"):
+        return False
+    if any(ord(c) < 33 or ord(c) > 126 for c in value) or (value.lower() != value and value.upper() != value):
+        return False
+    value = value.lower()
+    pos = value.rfind("1")
+    if pos < 1 or pos + 7 > len(value) or len(value) > 90 or any(c not in _BECH32 for c in value[pos + 1:]):
+        return False
+    hrp = value[:pos]
+    checksum = 1
+    for item in [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp] + [_BECH32.find(c) for c in value[pos + 1:]]:
+        top = checksum >> 25
+        checksum = (checksum & 0x1FFFFFF) << 5 ^ item
+        for i in range(5):
+            checksum ^= _BECH32_GENERATOR[i] if (top >> i) & 1 else 0
+    return checksum in (1, 0x2BC830A3)  # Bech32, Bech32m
+
+
 def find_crypto(text: str, lo: int, hi: int) -> list[Entity]:
-    validator = _presidio()["crypto"]
     return [Entity("CRYPTO", m.start(), m.end(), 0.9) for m in CRYPTO_RE.finditer(text, lo, hi)
-            if validator.validate_result(m.group())]
+            if valid_bitcoin_address(m.group())]
 
 
 # -- secrets --------------------------------------------------------------------------------

@@ -743,3 +743,68 @@ def test_luhn_and_phone_digits_agree_with_their_plain_forms():
             assert candidate.translate(_PHONE_PUNCTUATION) == not_digit.sub("", candidate), candidate
             candidates += 1
     assert candidates > 10000
+
+
+def _base58check(payload: bytes) -> str:
+    alphabet = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+    raw = payload + hashlib.sha256(hashlib.sha256(payload).digest()).digest()[:4]
+    number, out = int.from_bytes(raw, "big"), ""
+    while number:
+        number, digit = divmod(number, 58)
+        out = alphabet[digit] + out
+    return "1" * (len(raw) - len(raw.lstrip(b"\0"))) + out
+
+
+def _bech32(hrp: str, data: list[int], const: int) -> str:
+    """BIP-173/350 encoding (the reference's create_checksum)."""
+    charset = "qpzry9x8gf2tvdw0s3jn54khce6mua7l"
+
+    def polymod(values):
+        chk = 1
+        for value in values:
+            top = chk >> 25
+            chk = (chk & 0x1FFFFFF) << 5 ^ value
+            for i, gen in enumerate((0x3B6A57B2, 0x26508E6D, 0x1EA119FA, 0x3D4233DD, 0x2A1462B3)):
+                chk ^= gen if (top >> i) & 1 else 0
+        return chk
+
+    expanded = [ord(c) >> 5 for c in hrp] + [0] + [ord(c) & 31 for c in hrp]
+    mod = polymod(expanded + data + [0] * 6) ^ const
+    return hrp + "1" + "".join(charset[d] for d in data + [(mod >> 5 * (5 - i)) & 31 for i in range(6)])
+
+
+def test_bitcoin_address_check_agrees_with_presidio():
+    """Fast mode validates wallets without importing presidio_analyzer (it imports spaCy):
+    the check must say what Presidio's CryptoRecognizer says, on valid addresses and on
+    every one-character corruption of them."""
+    from presidio_analyzer.predefined_recognizers import CryptoRecognizer
+
+    from redaction.patterns import valid_bitcoin_address
+
+    rng = random.Random(5)
+    valid = [_base58check(bytes([version]) + rng.randbytes(20)) for version in (0, 5) for _ in range(40)]
+    valid += [_base58check(b"\0\0" + rng.randbytes(19)) for _ in range(5)]  # leading zero bytes: '1's
+    valid += [_bech32("bc", [0] + [rng.randrange(32) for _ in range(32)], 1) for _ in range(20)]
+    valid += [_bech32("bc", [1] + [rng.randrange(32) for _ in range(52)], 0x2BC830A3) for _ in range(20)]
+    candidates = list(valid) + [v.upper() for v in valid if v.startswith("bc1")]
+    for address in valid:
+        for _ in range(6):
+            i = rng.randrange(len(address))
+            candidates.append(address[:i] + rng.choice("13abcqpzXY0O!") + address[i + 1:])
+    presidio = CryptoRecognizer()
+    verdicts = [(address, valid_bitcoin_address(address)) for address in candidates]
+    assert verdicts == [(address, presidio.validate_result(address)) for address in candidates]
+    assert all(ok for address, ok in verdicts if address in valid)
+    assert sum(not ok for _address, ok in verdicts) > len(candidates) // 3  # corruptions are refused
+
+
+def test_fast_mode_never_imports_presidio_or_spacy():
+    """~90 MB and ~1.5 s per flow process that fast mode does not use."""
+    code = ("import sys; from redaction import Redactor, RedactionSettings; "
+            "Redactor(RedactionSettings()).redact('wallet 1BoatSLRHtKNngkdXEeobR76b53LETtpyT, Ann Lee +1 415 555 0101'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'presidio_analyzer', 'spacy', 'mimesis'}))")
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
