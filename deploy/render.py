@@ -21,7 +21,7 @@ Helm; every manifest is checked against the Kubernetes schemas in tests/test_dep
   moves to another node comes back with its own volume and sends what its predecessor
   spooled. Claims are retained when the HPA scales down: a pod stopped while Kafka was
   unreachable (it flushes for up to 10 s first) keeps its events on its claim until
-  that ordinal runs again. With a ReadWriteMany claim (shared_spool_claim) the API is a
+  that ordinal runs again, or a drain Job (``drain_api_spools``) sends them. With a ReadWriteMany claim (shared_spool_claim) the API is a
   Deployment instead: every pod takes a free spool slot there, orphaned ones included.
   API keys live in PostgreSQL (api.keys_url, in the Secret), shared by every replica.
 """
