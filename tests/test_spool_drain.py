@@ -5,6 +5,7 @@ with the broker still down the drain fails and every record stays spooled."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -50,6 +51,15 @@ def orphan(broker, topic: str, slot: Path, sent: list[dict], durable: bool) -> N
     assert producer.close(timeout=0.5) == len(sent)
 
 
+@contextlib.contextmanager
+def unreachable(broker):
+    broker.stop()
+    try:
+        yield
+    finally:
+        broker.start()
+
+
 @pytest.fixture
 def topic(own_broker) -> str:
     name = f"drain-{uuid.uuid4().hex[:8]}"
@@ -61,12 +71,9 @@ def test_drain_delivers_every_orphaned_slot_once_in_user_order_and_a_rerun_sends
                                                                                          tmp_path):
     spool_dir = tmp_path / "spool"
     first, second = events(300, users=12, seed=31), events(200, users=12, seed=32, first=300)
-    own_broker.stop()
-    try:
+    with unreachable(own_broker):
         orphan(own_broker, topic, spool_dir / "w0", first, durable=True)
         orphan(own_broker, topic, spool_dir / "w1", second, durable=False)
-    finally:
-        own_broker.start()
 
     before = status(spool_dir)
     assert [before[slot]["records"] for slot in ("w0", "w1")] == [len(first), len(second)]
@@ -93,11 +100,8 @@ def test_drain_delivers_every_orphaned_slot_once_in_user_order_and_a_rerun_sends
 def test_a_slot_held_by_a_running_producer_is_refused_and_the_others_drained(own_broker, topic, tmp_path):
     spool_dir = tmp_path / "spool"
     orphaned = events(100, users=5, seed=41)
-    own_broker.stop()
-    try:
+    with unreachable(own_broker):
         orphan(own_broker, topic, spool_dir / "w1", orphaned, durable=True)
-    finally:
-        own_broker.start()
     running = EventProducer(own_broker.address, topic, LocalRegistry(), spool_dir / "w0")
     try:
         assert status(spool_dir)["w0"]["locked"] is True
@@ -115,16 +119,13 @@ def test_a_slot_held_by_a_running_producer_is_refused_and_the_others_drained(own
 def test_with_the_broker_unreachable_the_drain_fails_and_keeps_every_record(own_broker, topic, tmp_path):
     spool_dir = tmp_path / "spool"
     sent = events(150, users=6, seed=51)
-    own_broker.stop()
-    try:
+    with unreachable(own_broker):
         orphan(own_broker, topic, spool_dir / "w0", sent, durable=True)
         failed = drain(spool_dir, own_broker, topic, "--stall-timeout", "2")
         assert failed.returncode != 0
         assert f"150 of 150 records not acknowledged by {own_broker.address}" in failed.stderr
         assert "rerun the drain" in failed.stderr
         assert status(spool_dir)["w0"]["records"] == len(sent)
-    finally:
-        own_broker.start()
     done = drain(spool_dir, own_broker, topic)
     assert done.returncode == 0, done.stderr
     messages = consume(own_broker.address, topic)
