@@ -4,7 +4,8 @@ CRC-framed segment files that survives a process restart.
 Records are appended at the tail (or written as a new segment before every other one by
 ``prepend``), read oldest first and acknowledged in any order; a segment file is deleted
 once it is sealed, read to its end and fully acknowledged. Each segment's acknowledged
-offset is checkpointed to a small ``.ack`` file, so a restarted reader resumes after it.
+offset is checkpointed to a small ``.ack`` file, with the records acknowledged out of order
+beyond it, so a restarted reader resumes after it and never hands an acknowledged record out again.
 
 Durability: ``append`` (``append_many``: a batch) writes to the kernel with one unbuffered
 ``write()``, so a record survives the death of the process as soon as that returns; it survives
@@ -53,6 +54,9 @@ class _Segment:
     """(start, end) of records read but not yet acknowledged, in read order."""
     done: set = field(default_factory=set)
     """Starts of acknowledged records that are not yet at the head of ``outstanding``."""
+    acked_ahead: set = field(default_factory=set)
+    """Starts of records beyond ``acked`` acknowledged out of order before a restart_reading
+    or a restart (kept in the .ack file): read() never hands them out again."""
     pending: int = 0
     """Records not yet acknowledged (read or not)."""
     unread: dict = field(default_factory=dict)
@@ -129,17 +133,14 @@ class DiskSpool:
             except ValueError:
                 continue
             segment = _Segment(seq, path, size=path.stat().st_size)
-            try:
-                segment.acked = min(int(segment.ack_path.read_text().strip() or 0), segment.size)
-            except (FileNotFoundError, ValueError):
-                segment.acked = 0
+            self._load_checkpoint(segment)
             self.segments.append(segment)
         self.segments.sort(key=lambda s: s.seq)
         for ack in self.directory.glob(f"*{ACK_SUFFIX}"):
             if not ack.with_suffix(SEGMENT_SUFFIX).exists():
                 ack.unlink(missing_ok=True)
         for segment in self.segments:
-            segment.pending = sum(1 for _ in self._scan(segment, segment.acked))
+            self._recount(segment)
         self._writer = None
         self._reader = None
         self._cached_bytes = 0
@@ -149,6 +150,31 @@ class DiskSpool:
         self._by_seq: dict[int, _Segment] = {}
         """``segments`` by seq: every read and ack looks its segment up."""
         self._drop_finished()
+
+    @staticmethod
+    def _load_checkpoint(segment: _Segment) -> None:
+        """The .ack file: the acknowledged offset, then (optional line) the starts of the
+        records acknowledged beyond it."""
+        try:
+            lines = segment.ack_path.read_text().split("\n")
+            segment.acked = min(int(lines[0].strip() or 0), segment.size)
+            ahead = {int(start) for start in lines[1].split()} if len(lines) > 1 else set()
+        except (FileNotFoundError, ValueError):
+            segment.acked, ahead = 0, set()
+        segment.acked_ahead = {start for start in ahead if segment.acked < start < segment.size}
+
+    def _recount(self, segment: _Segment) -> None:
+        """Count the records not acknowledged, moving ``acked`` past those at its head that
+        were acknowledged out of order."""
+        pending = 0
+        for record in self._scan(segment, segment.acked):
+            start, end = record.handle[1], record.handle[2]
+            if start not in segment.acked_ahead:
+                pending += 1
+            elif not pending:
+                segment.acked_ahead.discard(start)
+                segment.acked = end
+        segment.pending = pending
 
     # -- size and state
     @property
@@ -323,9 +349,15 @@ class DiskSpool:
                     self._reader.seek(self._read_pos)
                     record = self._read_frame(self._reader, segment, self._read_pos)
                 if record is not None:
+                    start = record.handle[1]
                     self._read_pos = record.handle[2]
-                    segment.outstanding.append((record.handle[1], record.handle[2]))
-                    return record
+                    segment.outstanding.append((start, record.handle[2]))
+                    if start not in segment.acked_ahead:
+                        return record
+                    segment.acked_ahead.discard(start)  # delivered before: never handed out again
+                    segment.done.add(start)
+                    self._advance(segment)
+                    continue
             if not segment.sealed:
                 return None  # caught up with the writer
             self._close_reader()
@@ -333,11 +365,12 @@ class DiskSpool:
 
     def restart_reading(self) -> None:
         """Forget what was handed out: reading starts again at each segment's
-        acknowledged offset (records acknowledged out of order are read again)."""
+        acknowledged offset, past the records already acknowledged out of order."""
         for segment in self.segments:
+            segment.acked_ahead |= segment.done
             segment.outstanding.clear()
             segment.done.clear()
-            segment.pending = sum(1 for _ in self._scan(segment, segment.acked))
+            self._recount(segment)
         self._close_reader()
 
     def settle(self) -> bool:
@@ -369,12 +402,16 @@ class DiskSpool:
             return
         segment.done.add(start)
         segment.pending -= 1
+        self._advance(segment)
+        if segment.sealed and segment.acked >= segment.size and not segment.outstanding:
+            self._drop_finished()
+
+    @staticmethod
+    def _advance(segment: _Segment) -> None:
         while segment.outstanding and segment.outstanding[0][0] in segment.done:
             first_start, first_end = segment.outstanding.popleft()
             segment.done.discard(first_start)
             segment.acked = first_end
-        if segment.sealed and segment.acked >= segment.size and not segment.outstanding:
-            self._drop_finished()
 
     def _drop_finished(self) -> None:
         keep = []
@@ -394,9 +431,10 @@ class DiskSpool:
     def checkpoint(self) -> None:
         """Persist every segment's acknowledged offset (fewer duplicates after a crash)."""
         for segment in self.segments:
-            if segment.acked:
+            ahead = segment.acked_ahead | segment.done
+            if segment.acked or ahead:
                 tmp = segment.ack_path.with_suffix(".ack.tmp")
-                tmp.write_text(str(segment.acked))
+                tmp.write_text(str(segment.acked) + ("\n" + " ".join(map(str, sorted(ahead))) if ahead else ""))
                 os.replace(tmp, segment.ack_path)
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ Helm; every manifest is checked against the Kubernetes schemas in tests/test_dep
   moves to another node comes back with its own volume and sends what its predecessor
   spooled. Claims are retained when the HPA scales down: a pod stopped while Kafka was
   unreachable (it flushes for up to 10 s first) keeps its events on its claim until
-  that ordinal runs again. With a ReadWriteMany claim (shared_spool_claim) the API is a
+  that ordinal runs again, or a drain Job (``drain_api_spools``) sends them. With a ReadWriteMany claim (shared_spool_claim) the API is a
   Deployment instead: every pod takes a free spool slot there, orphaned ones included.
   API keys live in PostgreSQL (api.keys_url, in the Secret), shared by every replica.
 """
@@ -73,6 +73,8 @@ class DeployOptions:
     """Size of each API pod's spool volume (one worker per pod: the HPA scales pods)."""
     shared_spool_claim: str | None = None
     """An existing ReadWriteMany claim for every API pod's spool: the API is then a Deployment."""
+    drain_api_spools: tuple[int, ...] = ()
+    """Ordinals of scaled-down API pods whose retained spool claims get a drain Job."""
     extra_settings: dict[str, str] = field(default_factory=dict)
 
 
@@ -193,9 +195,7 @@ def api_workload(options: DeployOptions) -> dict:
         "name": "api",
         "image": options.image,
         "args": ["gatewatch", "serve", "--host", "0.0.0.0", "--port", str(API_PORT), "--workers", "1"],
-        "env": [{"name": "GATEWATCH_API__SPOOL_DIR", "value": SPOOL_DIR},
-                {"name": "GATEWATCH_API__MAX_SPOOL_BYTES",
-                 "value": str(int(options.api_spool_gib * SPOOL_SHARE * 2**30))}],
+        "env": api_spool_env(options),
         "envFrom": settings_from(),
         "ports": [{"name": "http", "containerPort": API_PORT}],
         "livenessProbe": http_probe("/healthz", "http", 10, 3),
@@ -224,6 +224,42 @@ def api_workload(options: DeployOptions) -> dict:
                      "resources": {"requests": {"storage": f"{options.api_spool_gib}Gi"}}}}],
     })
     return {"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": meta(API, options, "api"), "spec": spec}
+
+
+def api_spool_env(options: DeployOptions) -> list[dict]:
+    return [{"name": "GATEWATCH_API__SPOOL_DIR", "value": SPOOL_DIR},
+            {"name": "GATEWATCH_API__MAX_SPOOL_BYTES", "value": str(int(options.api_spool_gib * SPOOL_SHARE * 2**30))}]
+
+
+def api_spool_claim(ordinal: int) -> str:
+    """The claim the StatefulSet made for pod ``ordinal`` (<template>-<statefulset>-<ordinal>)."""
+    return f"spool-{API}-{ordinal}"
+
+
+def api_spool_drain_job(options: DeployOptions, ordinal: int) -> dict:
+    """A Job that sends what API pod ``ordinal`` left in its retained spool claim after a
+    scale-down while Kafka was unreachable (`gatewatch spool drain`). The drain exits
+    non-zero while Kafka stays unreachable and is safe to rerun, so the Job retries with
+    Kubernetes' growing back-off; it refuses a slot that a running pod (the same ordinal
+    scaled up again) holds, and that pod sends its spool itself."""
+    container = {
+        "name": "drain",
+        "image": options.image,
+        "args": ["gatewatch", "spool", "drain", SPOOL_DIR],
+        "env": api_spool_env(options),
+        "envFrom": settings_from(),
+        "resources": API_RESOURCES,
+        "volumeMounts": [{"name": "spool", "mountPath": SPOOL_DIR}],
+    }
+    pod = {"securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
+           "restartPolicy": "Never", "containers": [container],
+           "volumes": [{"name": "spool", "persistentVolumeClaim": {"claimName": api_spool_claim(ordinal)}}]}
+    name = f"{API}-spool-drain-{ordinal}"
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta(name, options, "spool-drain"), "spec": {
+        # 10 retries, back-off from 10 s doubling to at most 6 min: about 40 minutes of outage.
+        "backoffLimit": 10,
+        "ttlSecondsAfterFinished": 7 * 24 * 3600,
+        "template": {"metadata": {"labels": labels("spool-drain")}, "spec": pod}}}
 
 
 def api_service(options: DeployOptions) -> dict:
@@ -256,8 +292,14 @@ def render(options: DeployOptions) -> list[dict]:
                          "pods with a volume each: give every pod at least one")
     if options.clickhouse_url.startswith("chdb://"):
         raise ValueError("a Bytewax cluster cannot write embedded chdb; give a clickhouse:// server URL")
+    if options.drain_api_spools and options.shared_spool_claim:
+        raise ValueError("with a shared spool claim every API pod takes orphaned spool slots itself: "
+                         "there is no per-pod claim to drain")
+    if any(ordinal < 0 for ordinal in options.drain_api_spools):
+        raise ValueError(f"API pod ordinals start at 0, got {list(options.drain_api_spools)}")
     return [settings_config_map(options), secret(options), flow_service(options), flow_statefulset(options),
-            flow_disruption_budget(options), api_workload(options), api_service(options), api_autoscaler(options)]
+            flow_disruption_budget(options), api_workload(options), api_service(options), api_autoscaler(options),
+            *(api_spool_drain_job(options, ordinal) for ordinal in sorted(set(options.drain_api_spools)))]
 
 
 def to_yaml(documents: list[dict]) -> str:

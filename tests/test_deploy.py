@@ -182,3 +182,37 @@ def test_gatewatch_deploy_render_prints_the_manifests():
     assert the(list(yaml.safe_load_all(shared.output)), "Deployment", API)["spec"]["template"]["spec"]["volumes"]
     bad = CliRunner().invoke(cli, ["deploy", "render", "--processes", "4", "--recovery-partitions", "2"])
     assert bad.exit_code == 2 and "at least one" in bad.output
+
+
+def test_a_drain_job_sends_what_a_scaled_down_api_pod_left_on_its_retained_claim():
+    documents = render(DeployOptions(processes=1, drain_api_spools=(3, 0, 3)))
+    for doc in documents:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    api, api_container = api_pods(documents, "StatefulSet")
+    jobs = by_kind(documents)["Job"]
+    assert [job["metadata"]["name"] for job in jobs] == [f"{API}-spool-drain-0", f"{API}-spool-drain-3"]
+    job = jobs[1]
+    pod = job["spec"]["template"]["spec"]
+    container, = pod["containers"]
+    # The claim the StatefulSet made for pod 3: <claim template>-<statefulset>-<ordinal>.
+    template, = api["spec"]["volumeClaimTemplates"]
+    volume, = pod["volumes"]
+    assert volume["persistentVolumeClaim"]["claimName"] == f"{template['metadata']['name']}-{API}-3"
+    assert container["volumeMounts"] == [{"name": volume["name"], "mountPath": SPOOL_DIR}]
+    assert container["args"] == ["gatewatch", "spool", "drain", SPOOL_DIR]
+    assert env_of(container) == env_of(api_container) and container["envFrom"] == api_container["envFrom"]
+    assert pod["restartPolicy"] == "Never" and job["spec"]["backoffLimit"] > 0  # retried while Kafka is away
+    assert pod["securityContext"] == api["spec"]["template"]["spec"]["securityContext"]  # same owner as the pod
+    # The Job's command is ours: `gatewatch spool drain DIR` parses.
+    assert CliRunner().invoke(cli, [*container["args"][1:], "--help"]).exit_code == 0
+    assert "Job" not in by_kind(render(DeployOptions(processes=1)))
+
+
+def test_gatewatch_deploy_render_adds_drain_jobs_and_refuses_them_on_a_shared_claim():
+    result = CliRunner().invoke(cli, ["deploy", "render", "--drain-api-spool", "2", "--drain-api-spool", "5"])
+    assert result.exit_code == 0, result.output
+    jobs = by_kind(list(yaml.safe_load_all(result.output)))["Job"]
+    assert [job["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"] for job in jobs] \
+        == [f"spool-{API}-2", f"spool-{API}-5"]
+    shared = CliRunner().invoke(cli, ["deploy", "render", "--shared-spool-claim", "rwx", "--drain-api-spool", "1"])
+    assert shared.exit_code == 2 and "takes orphaned spool slots itself" in shared.output

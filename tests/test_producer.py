@@ -343,8 +343,8 @@ def test_spool_resumes_after_the_acknowledged_records_and_skips_a_torn_tail(tmp_
     with open(segment, "ab") as torn:
         torn.write(b"\x00\x01\x02")  # a crash in the middle of a write
     reopened = DiskSpool(tmp_path, max_bytes=1 << 20)
-    assert reopened.pending == 8
-    assert _drain(reopened) == [f"v{i}".encode() for i in range(2, 10)]
+    assert reopened.pending == 7  # v3, acknowledged out of order, is not sent again
+    assert _drain(reopened) == [f"v{i}".encode() for i in (2, *range(4, 10))]
     assert reopened.settle()
     reopened.close()
 

@@ -14,6 +14,7 @@ settings (`ops.cli.options`) and calls the code that does the work elsewhere in 
     privacy    forget, export, audit, vault read|rotate   (ops/privacy)
     api        serve, api-keys create|list|revoke
     deploy     deploy render
+    spool      spool status|drain              (ops/spool_drain)
     bench      bench e2e|stages|redaction|state|api|producer|history|tracing   (ops/bench)
 """
 
@@ -40,6 +41,7 @@ from ops.cli.redact import redact
 from ops.cli.replay import replay, retention
 from ops.cli.schemas import schemas
 from ops.cli.services import services
+from ops.cli.spool import spool
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,6 +75,7 @@ cli.add_command(vault)
 cli.add_command(serve)
 cli.add_command(api_keys)
 cli.add_command(deploy)
+cli.add_command(spool)
 
 bench.add_command(bench_e2e)
 bench.add_command(bench_stages)

@@ -26,16 +26,18 @@ def deploy() -> None:
               help="Size of each API pod's spool volume (its durable buffer while Kafka is away).")
 @click.option("--shared-spool-claim",
               help="A ReadWriteMany claim for every API pod's spool: the API becomes a Deployment.")
+@click.option("--drain-api-spool", "drain_api_spools", multiple=True, type=click.IntRange(0), metavar="ORDINAL",
+              help="Add a Job draining the retained spool claim of this scaled-down API pod (repeatable).")
 @click.option("--out", type=click.File("w"), default="-", help="Write here (default: stdout).")
 def render_command(processes, namespace, image, kafka_bootstrap, redis_url, parquet_root, recovery_partitions,
-                   shared_recovery_claim, api_spool_gib, shared_spool_claim, out) -> None:
+                   shared_recovery_claim, api_spool_gib, shared_spool_claim, drain_api_spools, out) -> None:
     """Print the manifests as YAML, for `kubectl apply -f -`."""
     try:
         documents = render(DeployOptions(
             processes=processes, namespace=namespace, image=image, kafka_bootstrap=kafka_bootstrap,
             redis_url=redis_url, parquet_root=parquet_root, recovery_partitions=recovery_partitions,
             shared_recovery_claim=shared_recovery_claim, api_spool_gib=api_spool_gib,
-            shared_spool_claim=shared_spool_claim))
+            shared_spool_claim=shared_spool_claim, drain_api_spools=tuple(drain_api_spools)))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     out.write(to_yaml(documents))
