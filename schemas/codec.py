@@ -30,6 +30,7 @@ from typing import Any
 
 import fastavro
 
+from schemas.avro_reader import Unsupported, compile_reader
 from schemas.compiler import compile_schema, plain, type_name
 from schemas.registry import full_name
 from schemas.rules import (
@@ -109,7 +110,7 @@ class RecordCodec:
         self.schema_id, parsed = registry.latest(name)
         self.reader = _Schema(parsed)
         self._header = bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
-        self._writers: dict[int, tuple[dict, dict | None, dict[str, int]]] = {}
+        self._writers: dict[int, tuple[dict, dict | None, dict[str, int], Any]] = {}
         self.plain_writer_id = plain_writer_id if plain_writer_id is not None else self.schema_id
 
     # -- encoding --------------------------------------------------------------------
@@ -144,9 +145,10 @@ class RecordCodec:
 
     # -- decoding --------------------------------------------------------------------
 
-    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int]]:
+    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int], Any]:
         """(writer schema, reader schema or None when they are one, {field: divisor} that
-        brings the writer's finer timestamps to the reader's milliseconds)."""
+        brings the writer's finer timestamps to the reader's milliseconds, the generated
+        reader of the pair or None where only fastavro reads it)."""
         found = self._writers.get(schema_id)
         if found is not None:
             return found
@@ -163,14 +165,37 @@ class RecordCodec:
         if writer.full_name not in self.reader.aliases:
             raise InvalidEvent("wrong_schema", f"schema id {schema_id} is {writer.full_name}, "
                                                f"not {self.reader.full_name}", schema_id)
-        found = (writer.plain, None if schema_id == self.schema_id else self.reader.plain,
-                 _timestamp_divisors(parsed, self.reader.parsed))
+        reader = None if schema_id == self.schema_id else self.reader.plain
+        try:
+            fast = compile_reader(writer.plain, reader)
+        except Unsupported:
+            fast = None
+        found = (writer.plain, reader, _timestamp_divisors(parsed, self.reader.parsed), fast)
         if len(self._writers) < 1024:
             self._writers[schema_id] = found
         return found
 
     def _read_avro(self, body: bytes, schema_id: int | None, wire: bool) -> dict:
-        writer, reader, divisors = self._writer(schema_id)
+        writer, reader, divisors, fast = self._writer(schema_id)
+        record = None
+        if fast is not None:
+            try:
+                record, end = fast(body)
+            except Exception:  # noqa: BLE001 - fastavro reads it again and names the problem
+                record = None
+            else:
+                if end != len(body):
+                    record = None
+        if record is None:
+            record = self._read_fastavro(body, schema_id, wire, writer, reader)
+        for name, divisor in divisors.items():
+            if isinstance(record.get(name), int):
+                record[name] //= divisor
+        return record
+
+    def _read_fastavro(self, body: bytes, schema_id: int | None, wire: bool, writer: dict,
+                       reader: dict | None) -> dict:
+        """The record fastavro reads, or the InvalidEvent that says why it cannot."""
         buffer = io.BytesIO(body)
         where = f"schema id {schema_id}" if wire else f"plain Avro (writer schema id {schema_id})"
         try:
@@ -190,9 +215,6 @@ class RecordCodec:
                                schema_id if wire else None)
         if not isinstance(record, dict):
             raise InvalidEvent("bad_avro", f"{where} is not a record schema", schema_id if wire else None)
-        for name, divisor in divisors.items():
-            if isinstance(record.get(name), int):
-                record[name] //= divisor
         return record
 
     def _read_json(self, value: bytes) -> dict:
