@@ -31,6 +31,7 @@ _SIMPLE = ("null", "boolean", "int", "long", "float", "double", "string", "bytes
 _DOUBLE = struct.Struct("<d").unpack_from
 _FLOAT = struct.Struct("<f").unpack_from
 _INT_RANGE = (-(2**31), 2**31 - 1)
+_ZIGZAG = tuple((byte >> 1) ^ -(byte & 1) for byte in range(0x80))
 
 
 class Unsupported(ValueError):
@@ -84,7 +85,7 @@ class _Source:
     def __init__(self):
         self.lines: list[str] = []
         self.namespace: dict[str, Any] = {"_varint_tail": _varint_tail, "_Corrupt": _Corrupt, "_DOUBLE": _DOUBLE,
-                                          "_FLOAT": _FLOAT}
+                                          "_FLOAT": _FLOAT, "_ZIGZAG": _ZIGZAG}
         self.temp = 0
 
     def fresh(self, stem: str) -> str:
@@ -95,9 +96,14 @@ class _Source:
         self.lines.extend("    " * indent + line for line in lines)
 
     def long(self, indent: int, target: str) -> None:
-        self.emit(indent, "b = data[pos]", "pos += 1",
-                  "if b & 0x80:", f"    {target}, pos = _varint_tail(data, pos, b)",
-                  "else:", f"    {target} = (b >> 1) ^ -(b & 1)")
+        """One- and two-byte varints (small numbers, string lengths below 8 KiB) inline,
+        longer ones (timestamps) through _varint_tail."""
+        self.emit(indent, "b = data[pos]",
+                  "if b < 0x80:", f"    {target} = _ZIGZAG[b]", "    pos += 1",
+                  "else:", "    c = data[pos + 1]",
+                  "    if c < 0x80:", "        c = (b & 0x7F) | (c << 7)",
+                  f"        {target} = (c >> 1) ^ -(c & 1)", "        pos += 2",
+                  "    else:", f"        {target}, pos = _varint_tail(data, pos + 1, b)")
 
     def value(self, indent: int, key: Any, target: str) -> None:
         """Lines that read one value of type ``key`` into ``target``."""
@@ -166,18 +172,18 @@ def compile_reader(writer: dict, reader: dict | None = None) -> Callable[[bytes]
     if any(field.get("aliases") for field in reader["fields"]):
         raise Unsupported("reader field aliases")
     source = _Source()
-    source.emit(0, "def read(data):", "    size = len(data)", "    pos = 0", "    out = {}")
-    written = set()
+    source.emit(0, "def read(data):", "    size = len(data)", "    pos = 0")
+    written: dict[str, str] = {}
+    """Field name -> the local variable its value is read into (the record is built at the
+    end, in writer order then the reader's defaults: fastavro's order)."""
     for field in writer["fields"]:
         name = field["name"]
         key = _type_key(field["type"])
-        target = f"out[{name!r}]"
+        target = "_"
         if name in wanted:
             if _type_key(wanted[name]["type"]) != key:
                 raise Unsupported(f"field {name} changes type (fastavro resolves it)")
-            written.add(name)
-        else:
-            target = "_"
+            target = written[name] = source.fresh("field")
         source.value(1, key, target)
     for name, field in wanted.items():
         if name in written:
@@ -190,11 +196,11 @@ def compile_reader(writer: dict, reader: dict | None = None) -> Callable[[bytes]
         if isinstance(default, (list, dict)):
             holder = source.fresh("default")
             source.namespace[holder] = default
-            source.emit(1, f"out[{name!r}] = _deepcopy({holder})")
             source.namespace["_deepcopy"] = copy.deepcopy
+            written[name] = f"_deepcopy({holder})"
         else:
-            source.emit(1, f"out[{name!r}] = {default!r}")
-    source.emit(1, "return out, pos")
+            written[name] = repr(default)
+    source.emit(1, "return {" + ", ".join(f"{name!r}: {value}" for name, value in written.items()) + "}, pos")
     text = "\n".join(source.lines) + "\n"
     exec(compile(text, f"<avro reader {writer.get('name', '')}>", "exec"), source.namespace)  # noqa: S102
     return source.namespace["read"]

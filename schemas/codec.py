@@ -95,6 +95,15 @@ class _Schema:
         self.aliases = {self.full_name, *(parsed.get("aliases") or [])}
 
 
+def _plain_texts(items: list, max_chars: int) -> bool:
+    """Whether every item is an ASCII string of at most max_chars (what clean_text keeps)."""
+    try:
+        joined = "".join(items)
+    except TypeError:
+        return False
+    return joined.isascii() and (not items or max(map(len, items)) <= max_chars)
+
+
 class RecordCodec:
     """Schema-level encoding and decoding of one named schema (no semantic checks).
 
@@ -270,32 +279,70 @@ class EventCodec(RecordCodec):
             [(name, limits.max_name_chars, True) for name in NAME_FIELDS if name in fields] + \
             [(name, limits.max_text_chars, False) for name in TEXT_FIELDS if name in fields]
         self._list_fields = [name for name in LIST_FIELDS if name in fields]
+        # For the one-pass test of clean_strings: every id and name field, and the
+        # smallest limit among them.
+        self._identifiers = tuple(name for name, _limit, identifier in self._string_rules if identifier)
+        self._identifier_chars = min((limit for _name, limit, identifier in self._string_rules if identifier),
+                                     default=0)
+        self._texts = [(name, limit) for name, limit, identifier in self._string_rules if not identifier]
         self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
         ``clean_text``), ids and names NFC-normalised in place; the event."""
+        if not self._identifiers_are_plain(event):
+            return self._clean_strings_one_by_one(event)
+        # What clean_text keeps as it is, tested without the call: ASCII holds no
+        # surrogate and is its own NFC form.
+        for name, max_chars in self._texts:
+            value = event.get(name)
+            if isinstance(value, str) and not (value.isascii() and len(value) <= max_chars):
+                event[name] = clean_text(value, name, max_chars, False)
+        max_items, max_chars = self.limits.max_array_items, self.limits.max_name_chars
+        for name in self._list_fields:
+            items = event.get(name)
+            if not (type(items) is list and len(items) <= max_items and _plain_texts(items, max_chars)):
+                event[name] = self._cleaned_list(name, items)
+        self._clean_trace_ids(event)
+        return event
+
+    def _identifiers_are_plain(self, event: dict) -> bool:
+        """Whether every id and name of the event is a string clean_text keeps as it is
+        (ASCII, printable, no space, within the smallest limit), tested on them joined:
+        each of these properties holds for a string when it holds for each character."""
+        present = [value for value in map(event.get, self._identifiers) if value is not None]
+        try:
+            joined = "".join(present)
+        except TypeError:  # a value that is not a string: the field-by-field rules say what
+            return False
+        return joined.isascii() and joined.isprintable() and " " not in joined and (
+            not present or max(map(len, present)) <= self._identifier_chars)
+
+    def _clean_strings_one_by_one(self, event: dict) -> dict:
         for name, max_chars, identifier in self._string_rules:
             value = event.get(name)
             if isinstance(value, str):
-                # What clean_text keeps as it is, tested without the call: ASCII holds no
-                # surrogate and is its own NFC form.
                 if value.isascii() and len(value) <= max_chars and (
                         not identifier or (value.isprintable() and " " not in value)):
                     continue
                 event[name] = clean_text(value, name, max_chars, identifier)
         for name in self._list_fields:
-            items = event.get(name) or []
-            if len(items) > self.limits.max_array_items:
-                raise InvalidEvent("too_large", f"{name} has {len(items)} items, above validation.max_array_items "
-                                                f"({self.limits.max_array_items})")
-            event[name] = [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False)
-                           for i, item in enumerate(items)]
+            event[name] = self._cleaned_list(name, event.get(name))
+        self._clean_trace_ids(event)
+        return event
+
+    def _cleaned_list(self, name: str, items: list | None) -> list:
+        items = items or []
+        if len(items) > self.limits.max_array_items:
+            raise InvalidEvent("too_large", f"{name} has {len(items)} items, above validation.max_array_items "
+                                            f"({self.limits.max_array_items})")
+        return [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False) for i, item in enumerate(items)]
+
+    def _clean_trace_ids(self, event: dict) -> None:
         for name, digits in self._trace_fields:
             value = event[name]
             if value is not None:
                 event[name] = trace_context_id(value, name, digits)
-        return event
 
     def decode(self, value: bytes | None, now_ms: int) -> dict:
         """The canonical event, or InvalidEvent."""
