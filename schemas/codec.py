@@ -286,6 +286,7 @@ class EventCodec(RecordCodec):
                                      default=0)
         self._texts = [(name, limit) for name, limit, identifier in self._string_rules if not identifier]
         self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
+        self._passes = self._compile_passes()
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
@@ -357,6 +358,42 @@ class EventCodec(RecordCodec):
 
     def validate(self, event: dict, now_ms: int) -> None:
         """Semantic checks beyond the schema (on a canonical event)."""
+        try:
+            if self._passes(event, now_ms):
+                return
+        except Exception:  # noqa: BLE001 - the rules one by one raise what they raise
+            pass
+        self._validate_one_by_one(event, now_ms)
+
+    def _compile_passes(self):
+        """One generated expression that is true only when no rule of ``validate`` fails:
+        the common case costs a few comparisons; when it is false, ``_validate_one_by_one``
+        finds the rule and says why (so reasons and their order stay in one place)."""
+        limits, fields = self.validation, self._fields
+        terms = [f"event[{name!r}]" for name in self._required_text]
+        terms += [f"0 <= event[{name!r}] <= MAX_TOKENS" for name in self._token_fields]
+        if "reasoning_tokens" in fields:
+            terms.append("event['reasoning_tokens'] <= event['output_tokens']")
+        if "latency_ms" in fields:
+            terms.append("0 <= event['latency_ms'] <= MAX_LATENCY")
+        if "time_to_first_token_ms" in fields:
+            terms.append("(event['time_to_first_token_ms'] is None or "
+                         "0 <= event['time_to_first_token_ms'] <= MAX_LATENCY)")
+        if "status_code" in fields:
+            terms.append("(100 <= event['status_code'] <= 599 or event['status_code'] == 0)")
+        if "schema_version" in fields:
+            terms.append("event['schema_version'] >= 1")
+        if "region" in fields:
+            terms.append("event['region'] in REGIONS")
+        if "event_time" in fields:
+            terms.append("now_ms - MAX_PAST <= event['event_time'] <= now_ms + MAX_FUTURE")
+        source = "def passes(event, now_ms):\n    return bool(" + "\n                and ".join(terms or ["True"]) + ")\n"
+        namespace = {"REGIONS": self.regions, "MAX_TOKENS": limits.max_tokens, "MAX_LATENCY": limits.max_latency_ms,
+                     "MAX_PAST": self.max_past_ms, "MAX_FUTURE": self.max_future_ms}
+        exec(compile(source, f"<rules of {self.name}>", "exec"), namespace)  # noqa: S102
+        return namespace["passes"]
+
+    def _validate_one_by_one(self, event: dict, now_ms: int) -> None:
         for name in self._required_text:
             if not event[name]:
                 raise InvalidEvent("missing_field", f"{name} is empty")
