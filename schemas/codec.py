@@ -95,15 +95,6 @@ class _Schema:
         self.aliases = {self.full_name, *(parsed.get("aliases") or [])}
 
 
-def _plain_texts(items: list, max_chars: int) -> bool:
-    """Whether every item is an ASCII string of at most max_chars (what clean_text keeps)."""
-    try:
-        joined = "".join(items)
-    except TypeError:
-        return False
-    return joined.isascii() and (not items or max(map(len, items)) <= max_chars)
-
-
 class RecordCodec:
     """Schema-level encoding and decoding of one named schema (no semantic checks).
 
@@ -287,37 +278,54 @@ class EventCodec(RecordCodec):
         self._texts = [(name, limit) for name, limit, identifier in self._string_rules if not identifier]
         self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
         self._passes = self._compile_passes()
+        self._strings_plain = self._compile_strings_plain()
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
         ``clean_text``), ids and names NFC-normalised in place; the event."""
-        if not self._identifiers_are_plain(event):
-            return self._clean_strings_one_by_one(event)
-        # What clean_text keeps as it is, tested without the call: ASCII holds no
-        # surrogate and is its own NFC form.
-        for name, max_chars in self._texts:
-            value = event.get(name)
-            if isinstance(value, str) and not (value.isascii() and len(value) <= max_chars):
-                event[name] = clean_text(value, name, max_chars, False)
-        max_items, max_chars = self.limits.max_array_items, self.limits.max_name_chars
-        for name in self._list_fields:
-            items = event.get(name)
-            if not (type(items) is list and len(items) <= max_items and _plain_texts(items, max_chars)):
-                event[name] = self._cleaned_list(name, items)
-        self._clean_trace_ids(event)
-        return event
-
-    def _identifiers_are_plain(self, event: dict) -> bool:
-        """Whether every id and name of the event is a string clean_text keeps as it is
-        (ASCII, printable, no space, within the smallest limit), tested on them joined:
-        each of these properties holds for a string when it holds for each character."""
-        present = [value for value in map(event.get, self._identifiers) if value is not None]
         try:
-            joined = "".join(present)
-        except TypeError:  # a value that is not a string: the field-by-field rules say what
-            return False
-        return joined.isascii() and joined.isprintable() and " " not in joined and (
-            not present or max(map(len, present)) <= self._identifier_chars)
+            if self._strings_plain(event):
+                return event
+        except Exception:  # noqa: BLE001 - the rules one by one raise what they raise
+            pass
+        return self._clean_strings_one_by_one(event)
+
+    def _compile_strings_plain(self):
+        """A generated test that every string field is what the rules keep as it is, so
+        that ``clean_strings`` has nothing to change or refuse: ids and names ASCII,
+        printable and without spaces (tested on them joined, as each property holds for a
+        string when it holds for each character; ASCII is its own NFC form), texts ASCII
+        (no surrogate), every string within its limit, trace ids lower-case hex, not zero."""
+        limits = self.limits
+        getters = ", ".join(f"get({name!r})" for name in self._identifiers)
+        lines = ["def plain(event):", "    get = event.get",
+                 f"    strings = list(filter(None, ({getters},)))",
+                 "    joined = ''.join(strings)",
+                 "    if not (joined.isascii() and joined.isprintable() and ' ' not in joined",
+                 "            and (not strings or max(map(len, strings)) <= ID_CHARS)):",
+                 "        return False"]
+        namespace = {"HEX": frozenset("0123456789abcdef"), "ID_CHARS": self._identifier_chars,
+                     "MAX_ITEMS": limits.max_array_items, "NAME_CHARS": limits.max_name_chars}
+        for index, (name, max_chars) in enumerate(self._texts):
+            namespace[f"TEXT_CHARS{index}"] = max_chars
+            lines += [f"    text = get({name!r})",
+                      f"    if text is not None and not (text.isascii() and len(text) <= TEXT_CHARS{index}):",
+                      "        return False"]
+        for name in self._list_fields:
+            lines += [f"    items = get({name!r})",
+                      "    if type(items) is not list or len(items) > MAX_ITEMS:",
+                      "        return False",
+                      "    if items and not (''.join(items).isascii() and "
+                      "max(map(len, items)) <= NAME_CHARS):",
+                      "        return False"]
+        for name, digits in self._trace_fields:
+            lines += [f"    text = event[{name!r}]",
+                      f"    if text is not None and not (len(text) == {digits} and HEX.issuperset(text) "
+                      f"and text.count('0') != {digits}):",
+                      "        return False"]
+        lines.append("    return True")
+        exec(compile("\n".join(lines) + "\n", f"<string rules of {self.name}>", "exec"), namespace)  # noqa: S102
+        return namespace["plain"]
 
     def _clean_strings_one_by_one(self, event: dict) -> dict:
         for name, max_chars, identifier in self._string_rules:
