@@ -161,7 +161,8 @@ class _Source:
 
 
 def compile_reader(writer: dict, reader: dict | None = None) -> Callable[[bytes], tuple[dict, int]]:
-    """A function ``read(body) -> (record, bytes read)`` for plain (logical-type-free) parsed
+    """A function ``read(data, start) -> (record, end)`` reading the body that starts at
+    ``start`` of ``data`` (no copy of a header's tail) for plain (logical-type-free) parsed
     record schemas: ``writer`` wrote the body, ``reader`` (None: the writer) is what the
     record must look like. Raises Unsupported for what it does not cover; the function
     raises (any exception) for bytes the fast path does not read."""
@@ -172,7 +173,7 @@ def compile_reader(writer: dict, reader: dict | None = None) -> Callable[[bytes]
     if any(field.get("aliases") for field in reader["fields"]):
         raise Unsupported("reader field aliases")
     source = _Source()
-    source.emit(0, "def read(data):", "    size = len(data)", "    pos = 0")
+    source.emit(0, "def read(data, pos=0):", "    size = len(data)")
     written: dict[str, str] = {}
     """Field name -> the local variable its value is read into (the record is built at the
     end, in writer order then the reader's defaults: fastavro's order)."""

@@ -175,19 +175,20 @@ class RecordCodec:
             self._writers[schema_id] = found
         return found
 
-    def _read_avro(self, body: bytes, schema_id: int | None, wire: bool) -> dict:
+    def _read_avro(self, value: bytes, start: int, schema_id: int | None, wire: bool) -> dict:
+        """The record of the Avro body that starts at ``start`` of ``value``."""
         writer, reader, divisors, fast = self._writer(schema_id)
         record = None
         if fast is not None:
             try:
-                record, end = fast(body)
+                record, end = fast(value, start)
             except Exception:  # noqa: BLE001 - fastavro reads it again and names the problem
                 record = None
             else:
-                if end != len(body):
+                if end != len(value):
                     record = None
         if record is None:
-            record = self._read_fastavro(body, schema_id, wire, writer, reader)
+            record = self._read_fastavro(value[start:], schema_id, wire, writer, reader)
         for name, divisor in divisors.items():
             if isinstance(record.get(name), int):
                 record[name] //= divisor
@@ -239,10 +240,10 @@ class RecordCodec:
             if len(value) < HEADER:
                 raise InvalidEvent("truncated", f"{len(value)} bytes: shorter than the 5-byte Confluent header")
             schema_id = int.from_bytes(value[1:HEADER], "big")
-            return self._read_avro(value[HEADER:], schema_id, True), schema_id
+            return self._read_avro(value, HEADER, schema_id, True), schema_id
         if first in b"{[ \t\r\n":
             return self._read_json(value), None
-        return self._read_avro(value, self.plain_writer_id, False), None
+        return self._read_avro(value, 0, self.plain_writer_id, False), None
 
     def decode(self, value: bytes | None) -> dict:
         return self.decode_record(value)[0]
