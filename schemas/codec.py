@@ -13,8 +13,13 @@ Accepted input (``EventCodec.decode``):
   are ignored (a newer producer may send them).
 
 The result is the canonical in-flow event: plain Python types, every field of the latest
-schema present, timestamps as int epoch milliseconds (fastavro's logical-type conversion
-is switched off by reading with logical types stripped).
+schema present, timestamps as int epoch milliseconds (logical types are stripped before
+reading). Avro bodies are read by a reader generated per (writer, reader) pair
+(``schemas.avro_reader``); fastavro reads what it declines and names every error.
+
+The string rules and the semantic rules each start with one generated test that nothing
+is to change or refuse (the common case); only when it fails are the rules applied one by
+one, which find the rule and word the reason.
 
 Input limits and field rules (``schemas.rules``) apply before and while parsing; the
 schema compiler (``schemas.compiler``) checks and converts JSON. Every failure raises
