@@ -158,3 +158,26 @@ def test_every_shipped_schema_reads_as_fastavro_reads_it(schema_id):
                 continue
             buffer = io.BytesIO(body[:cut])
             assert (record, end) == (fastavro.schemaless_reader(buffer, schema, None), buffer.tell())
+
+
+def test_reader_fields_the_writer_lacks_get_the_defaults_fastavro_gives():
+    import io
+
+    import fastavro
+
+    writer = fastavro.parse_schema({"type": "record", "name": "R", "fields": [
+        {"name": "a", "type": "long"}, {"name": "gone", "type": ["null", "string"], "default": None}]})
+    reader = fastavro.parse_schema({"type": "record", "name": "R", "fields": [
+        {"name": "a", "type": "long"}, {"name": "d", "type": "double", "default": 0},
+        {"name": "s", "type": ["null", "string"], "default": None},
+        {"name": "e", "type": {"type": "enum", "name": "E", "symbols": ["X", "Y"]}, "default": "Y"},
+        {"name": "tags", "type": {"type": "array", "items": "string"}, "default": ["q"]}]})
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, writer, {"a": 5, "gone": "x"})
+    body = buffer.getvalue()
+    read = compile_reader(writer, reader)
+    first, end = read(body)
+    assert (first, end) == (fastavro.schemaless_reader(io.BytesIO(body), writer, reader), len(body))
+    assert list(first) == ["a", "d", "s", "e", "tags"]
+    first["tags"].append("changed")
+    assert read(body)[0]["tags"] == ["q"]  # each record its own copy of a list default
