@@ -13,8 +13,13 @@ Accepted input (``EventCodec.decode``):
   are ignored (a newer producer may send them).
 
 The result is the canonical in-flow event: plain Python types, every field of the latest
-schema present, timestamps as int epoch milliseconds (fastavro's logical-type conversion
-is switched off by reading with logical types stripped).
+schema present, timestamps as int epoch milliseconds (logical types are stripped before
+reading). Avro bodies are read by a reader generated per (writer, reader) pair
+(``schemas.avro_reader``); fastavro reads what it declines and names every error.
+
+The string rules and the semantic rules each start with one generated test that nothing
+is to change or refuse (the common case); only when it fails are the rules applied one by
+one, which find the rule and word the reason.
 
 Input limits and field rules (``schemas.rules``) apply before and while parsing; the
 schema compiler (``schemas.compiler``) checks and converts JSON. Every failure raises
@@ -30,6 +35,7 @@ from typing import Any
 
 import fastavro
 
+from schemas.avro_reader import Unsupported, compile_reader
 from schemas.compiler import compile_schema, plain, type_name
 from schemas.registry import full_name
 from schemas.rules import (
@@ -109,7 +115,7 @@ class RecordCodec:
         self.schema_id, parsed = registry.latest(name)
         self.reader = _Schema(parsed)
         self._header = bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
-        self._writers: dict[int, tuple[dict, dict | None, dict[str, int]]] = {}
+        self._writers: dict[int, tuple[dict, dict | None, dict[str, int], Any]] = {}
         self.plain_writer_id = plain_writer_id if plain_writer_id is not None else self.schema_id
 
     # -- encoding --------------------------------------------------------------------
@@ -144,9 +150,10 @@ class RecordCodec:
 
     # -- decoding --------------------------------------------------------------------
 
-    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int]]:
+    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int], Any]:
         """(writer schema, reader schema or None when they are one, {field: divisor} that
-        brings the writer's finer timestamps to the reader's milliseconds)."""
+        brings the writer's finer timestamps to the reader's milliseconds, the generated
+        reader of the pair or None where only fastavro reads it)."""
         found = self._writers.get(schema_id)
         if found is not None:
             return found
@@ -163,14 +170,38 @@ class RecordCodec:
         if writer.full_name not in self.reader.aliases:
             raise InvalidEvent("wrong_schema", f"schema id {schema_id} is {writer.full_name}, "
                                                f"not {self.reader.full_name}", schema_id)
-        found = (writer.plain, None if schema_id == self.schema_id else self.reader.plain,
-                 _timestamp_divisors(parsed, self.reader.parsed))
+        reader = None if schema_id == self.schema_id else self.reader.plain
+        try:
+            fast = compile_reader(writer.plain, reader)
+        except Unsupported:
+            fast = None
+        found = (writer.plain, reader, _timestamp_divisors(parsed, self.reader.parsed), fast)
         if len(self._writers) < 1024:
             self._writers[schema_id] = found
         return found
 
-    def _read_avro(self, body: bytes, schema_id: int | None, wire: bool) -> dict:
-        writer, reader, divisors = self._writer(schema_id)
+    def _read_avro(self, value: bytes, start: int, schema_id: int | None, wire: bool) -> dict:
+        """The record of the Avro body that starts at ``start`` of ``value``."""
+        writer, reader, divisors, fast = self._writer(schema_id)
+        record = None
+        if fast is not None:
+            try:
+                record, end = fast(value, start)
+            except Exception:  # noqa: BLE001 - fastavro reads it again and names the problem
+                record = None
+            else:
+                if end != len(value):
+                    record = None
+        if record is None:
+            record = self._read_fastavro(value[start:], schema_id, wire, writer, reader)
+        for name, divisor in divisors.items():
+            if isinstance(record.get(name), int):
+                record[name] //= divisor
+        return record
+
+    def _read_fastavro(self, body: bytes, schema_id: int | None, wire: bool, writer: dict,
+                       reader: dict | None) -> dict:
+        """The record fastavro reads, or the InvalidEvent that says why it cannot."""
         buffer = io.BytesIO(body)
         where = f"schema id {schema_id}" if wire else f"plain Avro (writer schema id {schema_id})"
         try:
@@ -190,9 +221,6 @@ class RecordCodec:
                                schema_id if wire else None)
         if not isinstance(record, dict):
             raise InvalidEvent("bad_avro", f"{where} is not a record schema", schema_id if wire else None)
-        for name, divisor in divisors.items():
-            if isinstance(record.get(name), int):
-                record[name] //= divisor
         return record
 
     def _read_json(self, value: bytes) -> dict:
@@ -217,10 +245,10 @@ class RecordCodec:
             if len(value) < HEADER:
                 raise InvalidEvent("truncated", f"{len(value)} bytes: shorter than the 5-byte Confluent header")
             schema_id = int.from_bytes(value[1:HEADER], "big")
-            return self._read_avro(value[HEADER:], schema_id, True), schema_id
+            return self._read_avro(value, HEADER, schema_id, True), schema_id
         if first in b"{[ \t\r\n":
             return self._read_json(value), None
-        return self._read_avro(value, self.plain_writer_id, False), None
+        return self._read_avro(value, 0, self.plain_writer_id, False), None
 
     def decode(self, value: bytes | None) -> dict:
         return self.decode_record(value)[0]
@@ -248,32 +276,88 @@ class EventCodec(RecordCodec):
             [(name, limits.max_name_chars, True) for name in NAME_FIELDS if name in fields] + \
             [(name, limits.max_text_chars, False) for name in TEXT_FIELDS if name in fields]
         self._list_fields = [name for name in LIST_FIELDS if name in fields]
+        # For the one-pass test of clean_strings: every id and name field, and the
+        # smallest limit among them.
+        self._identifiers = tuple(name for name, _limit, identifier in self._string_rules if identifier)
+        self._identifier_chars = min((limit for _name, limit, identifier in self._string_rules if identifier),
+                                     default=0)
+        self._texts = [(name, limit) for name, limit, identifier in self._string_rules if not identifier]
         self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
+        self._passes = self._compile_passes()
+        self._strings_plain = self._compile_strings_plain()
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
         ``clean_text``), ids and names NFC-normalised in place; the event."""
+        try:
+            if self._strings_plain(event):
+                return event
+        except Exception:  # noqa: BLE001 - the rules one by one raise what they raise
+            pass
+        return self._clean_strings_one_by_one(event)
+
+    def _compile_strings_plain(self):
+        """A generated test that every string field is what the rules keep as it is, so
+        that ``clean_strings`` has nothing to change or refuse: ids and names ASCII,
+        printable and without spaces (tested on them joined, as each property holds for a
+        string when it holds for each character; ASCII is its own NFC form), texts ASCII
+        (no surrogate), every string within its limit, trace ids lower-case hex, not zero."""
+        limits = self.limits
+        getters = ", ".join(f"get({name!r})" for name in self._identifiers)
+        lines = ["def plain(event):", "    get = event.get",
+                 f"    strings = list(filter(None, ({getters},)))",
+                 "    joined = ''.join(strings)",
+                 "    if not (joined.isascii() and joined.isprintable() and ' ' not in joined",
+                 "            and (not strings or max(map(len, strings)) <= ID_CHARS)):",
+                 "        return False"]
+        namespace = {"HEX": frozenset("0123456789abcdef"), "ID_CHARS": self._identifier_chars,
+                     "MAX_ITEMS": limits.max_array_items, "NAME_CHARS": limits.max_name_chars}
+        for index, (name, max_chars) in enumerate(self._texts):
+            namespace[f"TEXT_CHARS{index}"] = max_chars
+            lines += [f"    text = get({name!r})",
+                      f"    if text is not None and not (text.isascii() and len(text) <= TEXT_CHARS{index}):",
+                      "        return False"]
+        for name in self._list_fields:
+            lines += [f"    items = get({name!r})",
+                      "    if type(items) is not list or len(items) > MAX_ITEMS:",
+                      "        return False",
+                      "    if items and not (''.join(items).isascii() and "
+                      "max(map(len, items)) <= NAME_CHARS):",
+                      "        return False"]
+        for name, digits in self._trace_fields:
+            lines += [f"    text = event[{name!r}]",
+                      f"    if text is not None and not (len(text) == {digits} and HEX.issuperset(text) "
+                      f"and text.count('0') != {digits}):",
+                      "        return False"]
+        lines.append("    return True")
+        exec(compile("\n".join(lines) + "\n", f"<string rules of {self.name}>", "exec"), namespace)  # noqa: S102
+        return namespace["plain"]
+
+    def _clean_strings_one_by_one(self, event: dict) -> dict:
         for name, max_chars, identifier in self._string_rules:
             value = event.get(name)
             if isinstance(value, str):
-                # What clean_text keeps as it is, tested without the call: ASCII holds no
-                # surrogate and is its own NFC form.
                 if value.isascii() and len(value) <= max_chars and (
                         not identifier or (value.isprintable() and " " not in value)):
                     continue
                 event[name] = clean_text(value, name, max_chars, identifier)
         for name in self._list_fields:
-            items = event.get(name) or []
-            if len(items) > self.limits.max_array_items:
-                raise InvalidEvent("too_large", f"{name} has {len(items)} items, above validation.max_array_items "
-                                                f"({self.limits.max_array_items})")
-            event[name] = [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False)
-                           for i, item in enumerate(items)]
+            event[name] = self._cleaned_list(name, event.get(name))
+        self._clean_trace_ids(event)
+        return event
+
+    def _cleaned_list(self, name: str, items: list | None) -> list:
+        items = items or []
+        if len(items) > self.limits.max_array_items:
+            raise InvalidEvent("too_large", f"{name} has {len(items)} items, above validation.max_array_items "
+                                            f"({self.limits.max_array_items})")
+        return [clean_text(item, f"{name}[{i}]", self.limits.max_name_chars, False) for i, item in enumerate(items)]
+
+    def _clean_trace_ids(self, event: dict) -> None:
         for name, digits in self._trace_fields:
             value = event[name]
             if value is not None:
                 event[name] = trace_context_id(value, name, digits)
-        return event
 
     def decode(self, value: bytes | None, now_ms: int) -> dict:
         """The canonical event, or InvalidEvent."""
@@ -288,6 +372,42 @@ class EventCodec(RecordCodec):
 
     def validate(self, event: dict, now_ms: int) -> None:
         """Semantic checks beyond the schema (on a canonical event)."""
+        try:
+            if self._passes(event, now_ms):
+                return
+        except Exception:  # noqa: BLE001 - the rules one by one raise what they raise
+            pass
+        self._validate_one_by_one(event, now_ms)
+
+    def _compile_passes(self):
+        """One generated expression that is true only when no rule of ``validate`` fails:
+        the common case costs a few comparisons; when it is false, ``_validate_one_by_one``
+        finds the rule and says why (so reasons and their order stay in one place)."""
+        limits, fields = self.validation, self._fields
+        terms = [f"event[{name!r}]" for name in self._required_text]
+        terms += [f"0 <= event[{name!r}] <= MAX_TOKENS" for name in self._token_fields]
+        if "reasoning_tokens" in fields:
+            terms.append("event['reasoning_tokens'] <= event['output_tokens']")
+        if "latency_ms" in fields:
+            terms.append("0 <= event['latency_ms'] <= MAX_LATENCY")
+        if "time_to_first_token_ms" in fields:
+            terms.append("(event['time_to_first_token_ms'] is None or "
+                         "0 <= event['time_to_first_token_ms'] <= MAX_LATENCY)")
+        if "status_code" in fields:
+            terms.append("(100 <= event['status_code'] <= 599 or event['status_code'] == 0)")
+        if "schema_version" in fields:
+            terms.append("event['schema_version'] >= 1")
+        if "region" in fields:
+            terms.append("event['region'] in REGIONS")
+        if "event_time" in fields:
+            terms.append("now_ms - MAX_PAST <= event['event_time'] <= now_ms + MAX_FUTURE")
+        source = "def passes(event, now_ms):\n    return bool(" + "\n                and ".join(terms or ["True"]) + ")\n"
+        namespace = {"REGIONS": self.regions, "MAX_TOKENS": limits.max_tokens, "MAX_LATENCY": limits.max_latency_ms,
+                     "MAX_PAST": self.max_past_ms, "MAX_FUTURE": self.max_future_ms}
+        exec(compile(source, f"<rules of {self.name}>", "exec"), namespace)  # noqa: S102
+        return namespace["passes"]
+
+    def _validate_one_by_one(self, event: dict, now_ms: int) -> None:
         for name in self._required_text:
             if not event[name]:
                 raise InvalidEvent("missing_field", f"{name} is empty")
