@@ -68,14 +68,23 @@ def tracing_on() -> bool:
     return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
+TRACE_COLUMNS = ("trace_id", "span_id")
+
+
 def rows_of(items: list) -> list:
-    """The rows of what a sink is handed: (key, rows) batches, lists of rows, or single rows."""
+    """The rows of what a sink is handed: (key, rows) batches, lists of rows, single rows, and
+    in any of these blocks of rows in an Arrow table (sinks.parquet.EventBlock: only the
+    trace columns are read out, for the links)."""
     rows: list = []
     for item in items:
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], list):
-            rows.extend(item[1])
+        table = getattr(item, "table", None)
+        if table is not None:
+            present = [name for name in TRACE_COLUMNS if name in table.column_names]
+            rows.extend(table.select(present).to_pylist() if present else [None] * table.num_rows)
+        elif isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], list):
+            rows.extend(rows_of(item[1]))
         elif isinstance(item, list):
-            rows.extend(item)
+            rows.extend(rows_of(item))
         else:
             rows.append(item)
     return rows
