@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from ops.dev import services
-from ops.launch import ENTRY_POINTS, flow_command
+from ops.launch import ENTRY_POINTS, flow_command, process_env
 from ops.migrate import migrate_kafka
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
@@ -129,9 +129,9 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
     for index in range(processes):
         command = flow_command(flow_target, workers)
         share = ",".join(str(p) for p in range(index, partitions, processes))
-        proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
-                    "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
-                    "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"}
+        proc_env = process_env({**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
+                                "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
+                                "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"})
         log = open(root / f"flow-{index}.log", "wb")
         procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
     return Flow(procs, ports)
