@@ -16,6 +16,7 @@ from __future__ import annotations
 import atexit
 import faulthandler
 import gc
+import logging
 import os
 import signal
 import sys
@@ -61,6 +62,29 @@ after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb load
 operator's own JE_MALLOC_CONF wins."""
 
 
+FLOW_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2",
+                      "MALLOC_MMAP_THRESHOLD_": "131072"}
+"""Allocator settings of a flow process, read when the process starts (so they go through
+process_env, not os.environ of the flow itself); the operator's own values win.
+- Arrow's default pool (mimalloc) kept ~140 MB resident in a flow process whose Arrow data was
+  under 90 MB; on glibc's malloc the freed blocks go back.
+- A fixed mmap threshold: blocks of 128 KB and more (Arrow's columns, Parquet buffers) are
+  mapped and unmapped, not left in the heap; glibc otherwise raises the threshold after the
+  first large free, and later large blocks stay resident.
+- Two arenas, not eight per core: librdkafka, chdb and Bytewax run dozens of threads.
+Measured in ops/bench/FINDINGS.md (resident memory, fifth pass)."""
+
+
+def allocator_report() -> dict[str, str | None]:
+    """What this process's allocators are, read inside it: logged at start-up so an operator
+    (and a test) can see that FLOW_ALLOCATOR_ENV took effect."""
+    import pyarrow as pa
+
+    return {"arrow_pool": pa.default_memory_pool().backend_name,
+            **{name.lower().strip("_"): os.environ.get(name)
+               for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "JE_MALLOC_CONF")}}
+
+
 def from_environment(flow: str) -> Dataflow:
     """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
     os.environ.setdefault("JE_MALLOC_CONF", CHDB_JEMALLOC)
@@ -76,6 +100,7 @@ def from_environment(flow: str) -> Dataflow:
     install_tracing(settings.tracing, f"flow-{flow}")
     built = build(flow, settings)
     settle_heap()
+    logging.getLogger(__name__).info("allocators", extra=allocator_report())
     return built
 
 
@@ -129,8 +154,8 @@ def flow_command(flow: str = "ingest", workers: int = 1, snapshots: Snapshots | 
 def process_env(env: Mapping[str, str], process_id: int | None = None, addresses: str | None = None) -> dict[str, str]:
     """The environment of one process of a cluster. The cluster goes through the environment,
     not -i/-a, so that the flow process can read its own index (ops.cluster) and serve
-    metrics on metrics.port + index."""
-    env = dict(env)
+    metrics on metrics.port + index. FLOW_ALLOCATOR_ENV fills what the environment leaves unset."""
+    env = {**FLOW_ALLOCATOR_ENV, **env}
     if process_id is not None:
         env["BYTEWAX_PROCESS_ID"] = str(process_id)
     if addresses:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections import Counter
 
@@ -135,3 +136,17 @@ def test_bench_e2e_backlog_drains_every_event():
                                                           abs=0.01)
     assert len(report["peak_rss_mb_per_process"]) == 2 and min(report["peak_rss_mb_per_process"]) > 0
     assert "stages alone" in result.stderr
+
+
+def test_proc_usage_reports_the_kernels_high_water_mark_not_a_sample():
+    """The peak is VmHWM: a spike between two samples still counts, and it never falls."""
+    from ops.bench.e2e import proc_usage
+
+    _, rss_before, peak_before = proc_usage(os.getpid())
+    spike = bytearray(64 * 1024 * 1024)  # touched pages, freed before the next sample
+    spike[::4096] = b"x" * len(spike[::4096])
+    del spike
+    _, rss_after, peak_after = proc_usage(os.getpid())
+    assert peak_before >= rss_before and peak_after >= rss_after
+    assert peak_after >= peak_before
+    assert peak_after >= rss_after + 48  # 64 MB were resident, then returned (mmap'd, so unmapped)

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from confluent_kafka.admin import AdminClient
 
 from ops.cli import cli
-from ops.launch import Snapshots, flow_command, process_env
+from ops.launch import FLOW_ALLOCATOR_ENV, Snapshots, flow_command, process_env
 from schemas.vocabulary import topic_partitions
 from ops.settings import KafkaSettings
 
@@ -50,5 +50,8 @@ def test_flow_command_gives_bytewax_whole_seconds_and_the_cluster_through_the_en
                            "-b", "2"]
     assert "-i" not in flow_command("ingest") and "-r" not in flow_command("ingest")
     env = process_env({"KEEP": "1"}, 1, "127.0.0.1:1;127.0.0.1:2")
-    assert env == {"KEEP": "1", "BYTEWAX_PROCESS_ID": "1", "BYTEWAX_ADDRESSES": "127.0.0.1:1;127.0.0.1:2"}
-    assert process_env({"KEEP": "1"}) == {"KEEP": "1"}
+    assert env == {**FLOW_ALLOCATOR_ENV, "KEEP": "1", "BYTEWAX_PROCESS_ID": "1",
+                   "BYTEWAX_ADDRESSES": "127.0.0.1:1;127.0.0.1:2"}
+    assert process_env({"KEEP": "1"}) == {**FLOW_ALLOCATOR_ENV, "KEEP": "1"}
+    # The operator's own allocator settings win over ours.
+    assert process_env({"MALLOC_ARENA_MAX": "8"})["MALLOC_ARENA_MAX"] == "8"

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from ops.dev import services
-from ops.launch import ENTRY_POINTS, flow_command
+from ops.launch import ENTRY_POINTS, flow_command, process_env
 from ops.migrate import migrate_kafka
 from ops.settings import Settings
 from ops.status import Snapshot, merge, parse, quantile
@@ -31,14 +31,17 @@ FRESHNESS_SINKS = ("clickhouse", "quota")
 DRAIN_POLL_S = 1.0
 
 
-def proc_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds, resident MB) of a process, from /proc."""
+def proc_usage(pid: int) -> tuple[float, float, float]:
+    """(CPU seconds, resident MB, peak resident MB) of a process, from /proc. The peak is the
+    kernel's high-water mark (VmHWM): a sample of VmRSS once a second misses short spikes
+    (a batch written, a table concatenated), and the target is on the peak."""
     with open(f"/proc/{pid}/stat") as handle:
         fields = handle.read().rsplit(")", 1)[1].split()
     cpu = (int(fields[11]) + int(fields[12])) / TICK
     with open(f"/proc/{pid}/status") as handle:
-        rss_kb = next(int(line.split()[1]) for line in handle if line.startswith("VmRSS:"))
-    return cpu, rss_kb / 1024
+        status = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS:", "VmHWM:")))
+    rss_kb, peak_kb = (int(status[key].split()[0]) for key in ("VmRSS", "VmHWM"))
+    return cpu, rss_kb / 1024, peak_kb / 1024
 
 
 def consumed(snap: Snapshot) -> float:
@@ -90,12 +93,13 @@ class Flow:
                       for port in self.ports])
 
     def usage(self) -> tuple[float, list[float]]:
-        cpu, rss = 0.0, []
+        cpu, rss, peaks = 0.0, [], []
         for proc in self.processes:
-            c, r = proc_usage(proc.pid)
+            c, r, peak = proc_usage(proc.pid)
             cpu += c
             rss.append(r)
-        self.peak_rss_mb = [max(a, b) for a, b in zip(self.peak_rss_mb or rss, rss)]
+            peaks.append(peak)
+        self.peak_rss_mb = peaks  # the kernel's high-water mark never falls
         return cpu, rss
 
     def alive(self) -> bool:
@@ -125,9 +129,9 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
     for index in range(processes):
         command = flow_command(flow_target, workers)
         share = ",".join(str(p) for p in range(index, partitions, processes))
-        proc_env = {**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
-                    "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
-                    "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"}
+        proc_env = process_env({**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
+                                "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
+                                "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"})
         log = open(root / f"flow-{index}.log", "wb")
         procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
     return Flow(procs, ports)
