@@ -458,7 +458,7 @@ class ClickHouseWriter:
             if self.table != "events":
                 self.write_rows(items, client.insert_feedback, [row["event_time"] for row in items])
                 continue
-            rows, events = blocks_and_events(items)
+            rows, events = blocks_and_events(items, one_chunk=True)
             if rows is not None:
                 self.write_rows(rows, partial(insert_rows, client),
                                 rows.table.column("event_time").cast(pa.int64()).to_pylist())
