@@ -194,6 +194,22 @@ def test_a_finished_replay_run_again_with_its_recovery_dir_reads_nothing(live, t
     assert json.loads(again.stdout.splitlines()[-1])["rows"] == 0
 
 
+def expire_window_records_then_replay_twice(env, settings, expected, day) -> None:
+    """Drop the quota's window records (as Redis does after their life), replay the day twice:
+    each replay restates counters and leaves the quota totals as they were."""
+    before = numbers(settings, expected)["quota"]
+    assert before
+    redis_client = QuotaStore(settings.redis.url).redis
+    expired = list(redis_client.scan_iter(match="gw:win:*", count=1000))
+    assert expired
+    redis_client.delete(*expired)
+    for _ in range(2):
+        result = replay(env, "--from", str(day), "--to", str(day))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads(result.stdout.splitlines()[-1])["quota_restated"] > 0
+        assert numbers(settings, expected)["quota"] == before
+
+
 def test_a_replay_after_the_window_records_expired_counts_nothing_twice(kafka_bootstrap, flow_topics_env, redis_url,
                                                                        tmp_path):
     """Yesterday's window records are gone (they live twice the flow's horizon): a replay of
@@ -202,17 +218,7 @@ def test_a_replay_after_the_window_records_expired_counts_nothing_twice(kafka_bo
     yesterday = datetime.now(timezone.utc).date() - timedelta(days=1)
     noon_ms = int(datetime(yesterday.year, yesterday.month, yesterday.day, 12, tzinfo=timezone.utc).timestamp() * 1000)
     env, settings, expected = live_run(flow_topics_env, kafka_bootstrap, tmp_path, 8, redis_url, now_ms=noon_ms)
-    before = numbers(settings, expected)["quota"]
-    assert before
-    redis_client = QuotaStore(settings.redis.url).redis
-    expired = list(redis_client.scan_iter(match="gw:win:*", count=1000))
-    assert expired
-    redis_client.delete(*expired)
-    for _ in range(2):
-        result = replay(env, "--from", str(yesterday), "--to", str(yesterday))
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads(result.stdout.splitlines()[-1])["quota_restated"] > 0
-        assert numbers(settings, expected)["quota"] == before
+    expire_window_records_then_replay_twice(env, settings, expected, yesterday)
 
 
 def test_a_replay_of_today_after_its_window_records_expired_counts_nothing_twice(kafka_bootstrap, flow_topics_env,
@@ -225,14 +231,4 @@ def test_a_replay_of_today_after_its_window_records_expired_counts_nothing_twice
         pytest.skip("within 2 hours after midnight UTC an hour-old day would not be today")
     hour_ago_ms = int((now - timedelta(hours=1)).timestamp() * 1000)
     env, settings, expected = live_run(flow_topics_env, kafka_bootstrap, tmp_path, 9, redis_url, now_ms=hour_ago_ms)
-    before = numbers(settings, expected)["quota"]
-    assert before
-    redis_client = QuotaStore(settings.redis.url).redis
-    expired = list(redis_client.scan_iter(match="gw:win:*", count=1000))
-    assert expired
-    redis_client.delete(*expired)
-    for _ in range(2):
-        result = replay(env, "--from", str(now.date()), "--to", str(now.date()))
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert json.loads(result.stdout.splitlines()[-1])["quota_restated"] > 0
-        assert numbers(settings, expected)["quota"] == before
+    expire_window_records_then_replay_twice(env, settings, expected, now.date())
