@@ -29,7 +29,11 @@ metrics update, in durable mode one spool write).
 ``durable=True``: send() appends the event to the spool before returning (and raises
 SpoolFull instead of dropping when it cannot), and the background thread produces from the
 spool; an event send() accepted survives a crash of the process (one unbuffered write() per
-event; the kernel has it). Power loss: the spool is fsynced every ``fsync_interval_s``, or
+event; the kernel has it). It produces in flights of up to ``replay_window`` records with a
+longer linger (bigger produce requests); librdkafka reports only failures, and a flight's
+records are acknowledged in the spool together once librdkafka holds nothing more (a
+per-message delivery report, with the GIL taken and a Message built per event, was a third
+of the background thread's CPU). Power loss: the spool is fsynced every ``fsync_interval_s``, or
 before each send() returns with ``fsync_each_send=True`` (much slower).
 
 Delivery guarantees: every event accepted by ``send`` is delivered at least once unless
@@ -61,7 +65,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 
-from connectors.avro_encoder import Unsupported, compile_encoder
+from connectors.avro_encoder import Unsupported, compile_writer
 from connectors.spool import DiskSpool, SpoolRecord
 from schemas.codec import MAGIC, EventCodec, InvalidEvent
 from schemas.vocabulary import user_key
@@ -85,6 +89,16 @@ QUEUE_MESSAGES = Gauge("gatewatch_producer_queue_messages", "Messages in librdka
 SEND_SECONDS = Histogram("gatewatch_producer_send_seconds", "Time spent inside send() (validate, encode, enqueue)",
                          ["topic"], buckets=(2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 5e-3, 0.025, 0.1))
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5, 30, 300, 3600)
+DELIVERY_BUCKETS_MS = tuple(bound * 1000 for bound in DELIVERY_BUCKETS)
+REPLAY_WINDOW = 1000
+"""Spooled records handed to librdkafka and not yet acknowledged, at most."""
+DURABLE_LINGER_MS = 50
+DURABLE_REPLAY_WINDOW = 20_000
+"""A durable producer's events are on disk before librdkafka sees them, so it can wait
+longer to fill a batch: with linger.ms 5, the API under load sent many small produce
+requests and librdkafka's broker thread cost 4-9 us per event, 2-3 with 50 ms (bench api,
+JSON). The window must then hold more than a linger's worth of events (20,000 = 28 MB
+of typical events, within queue.buffering.max.kbytes) or it caps the rate."""
 
 
 class DeliveryLatency:
@@ -149,12 +163,12 @@ class EventProducer:
 
     def __init__(self, bootstrap: str, topic: str, registry, spool_dir: str | os.PathLike, *,
                  max_spool_bytes: int = 256 << 20, extra_config: dict | None = None, validation=None,
-                 schema: str = "gateway_event", replay_window: int = 1000, fsync_interval_s: float = 1.0,
+                 schema: str = "gateway_event", replay_window: int | None = None, fsync_interval_s: float = 1.0,
                  close_timeout_s: float = 10.0, durable: bool = False, fsync_each_send: bool = False):
         self.topic = topic
         self.codec = EventCodec(registry, validation, schema=schema)
         self._encode = self._fast_encoder() or self.codec.encode_canonical
-        self.replay_window = replay_window
+        self.replay_window = replay_window or (DURABLE_REPLAY_WINDOW if durable else REPLAY_WINDOW)
         self.fsync_interval_s = fsync_interval_s
         self.close_timeout_s = close_timeout_s
         self.durable = durable
@@ -163,7 +177,7 @@ class EventProducer:
             "bootstrap.servers": bootstrap,
             "enable.idempotence": True,
             "acks": "all",
-            "linger.ms": 5,
+            "linger.ms": DURABLE_LINGER_MS if durable else 5,
             "partitioner": "murmur2_random",
             # Keep messages until the broker takes them; the spool bounds what waits.
             "message.timeout.ms": 0,
@@ -173,9 +187,18 @@ class EventProducer:
             **(extra_config or {}),
             "error_cb": self._on_error,
         }
+        if durable:
+            # Flights (see _fly): librdkafka reports only failures, so a delivered event costs
+            # no Python callback (confluent-kafka builds a Message, copying the value, per report).
+            self.config["delivery.report.only.error"] = True
+        self._producer_number = 0
+        self._flight: list[SpoolRecord] = []
+        """Durable mode: the spooled records handed to the current producer, not yet landed."""
+        self._flight_errors: dict[tuple[bytes | None, bytes], KafkaError] = {}
+        """Failed deliveries of the current flight, by (key, value) (the only reports asked for)."""
         self.spool = DiskSpool(spool_dir, max_spool_bytes)
         try:
-            self._producer = Producer(self.config)
+            self._producer = self._new_producer()
         except Exception:
             self.spool.close()
             raise
@@ -193,6 +216,9 @@ class EventProducer:
         """Direct sends that failed, waiting for the older ones in flight before going to the spool."""
         self._replay_outstanding = 0
         self._replay_failed = False
+        self._replay_reports: collections.deque = collections.deque()
+        """(generation, spool handle, error, message) of replays librdkafka reported, settled
+        in one go after each poll (see _settle_replays)."""
         self._closed = False
         self._stop = threading.Event()
         # Durable mode produces from the spool only, so the thread looks at it more often.
@@ -271,17 +297,10 @@ class EventProducer:
         """``codec.encode_canonical`` with a generated Avro encoder (connectors.avro_encoder),
         or None when the schema uses something it does not cover."""
         try:
-            encode_body = compile_encoder(self.codec.reader.plain)
+            return compile_writer(self.codec.reader.plain, bytes([MAGIC]) + self.codec.schema_id.to_bytes(4, "big"))
         except Unsupported as exc:
             log.info("schema %s: fastavro encodes it (%s)", self.codec.name, exc)
             return None
-        header = bytes([MAGIC]) + self.codec.schema_id.to_bytes(4, "big")
-
-        def encode(canonical: dict) -> bytes:
-            out = bytearray(header)
-            encode_body(canonical, out)
-            return bytes(out)
-        return encode
 
     def _produce_direct(self, key: bytes, value: bytes, sent_ms: int) -> None:
         order = next(self._send_order)
@@ -373,15 +392,24 @@ class EventProducer:
 
     def _delivered(self, msg) -> None:
         """Count a delivery (caller holds the lock)."""
-        self.counts["delivered"] += 1
+        self._delivered_many([msg.timestamp()[1]])
+
+    def _delivered_many(self, sent_times_ms: list[int]) -> None:
+        """Count deliveries and their latency from their send times (caller holds the lock)."""
+        if not sent_times_ms:
+            return
+        self.counts["delivered"] += len(sent_times_ms)
         if self._broker_down:
             log.info("broker of %s is back", self.config["bootstrap.servers"])
             self._broker_down = False
-        _kind, sent_ms = msg.timestamp()
-        if sent_ms > 0:
-            seconds = max(0.0, time.time() - sent_ms / 1000)
-            self._latency_counts[bisect.bisect_left(DELIVERY_BUCKETS, seconds)] += 1
-            self._latency_seconds += seconds
+        now_ms, counts, total_ms = time.time() * 1000, self._latency_counts, 0.0
+        bucket_of, bounds_ms = bisect.bisect_left, DELIVERY_BUCKETS_MS
+        for sent_ms in sent_times_ms:
+            if sent_ms > 0:
+                took_ms = now_ms - sent_ms if now_ms > sent_ms else 0.0
+                counts[bucket_of(bounds_ms, took_ms)] += 1
+                total_ms += took_ms
+        self._latency_seconds += total_ms / 1000
 
     def _retryable(self, err: KafkaError) -> bool:
         """Count a delivery error (caller holds the lock); True when the message is worth
@@ -412,19 +440,36 @@ class EventProducer:
                 self._drop_permanently(err, msg)
 
     def _on_replay(self, generation: int, handle, err, msg) -> None:
+        # Only noted here: confluent-kafka takes the GIL for every report, and the work of
+        # a report (lock, spool ack, counters, latency) costs less done for all at once.
+        self._replay_reports.append((generation, handle, err, msg))
+
+    def _settle_replays(self) -> None:
+        """Apply the replay reports of the last poll: acknowledge the delivered records in
+        the spool; a retryable failure leaves its record unacknowledged, read again from its
+        place (a report of a replaced producer is ignored: its record stays unacknowledged)."""
+        reports = self._replay_reports
+        if not reports:
+            return
+        delivered, acknowledged = [], []
         with self._lock:
-            if generation != self._generation:
-                return  # unacknowledged in the spool: read again by the new producer
-            self._replay_outstanding -= 1
-            if err is None:
-                self.spool.ack(handle)
-                self.counts["replayed"] += 1
-                self._delivered(msg)
-            elif self._retryable(err):
-                self._replay_failed = True  # stays unacknowledged: read again from its place
-            else:
-                self.spool.ack(handle)
-                self._drop_permanently(err, msg)
+            generation = self._generation
+            while reports:
+                report_generation, handle, err, msg = reports.popleft()
+                if report_generation != generation:
+                    continue
+                self._replay_outstanding -= 1
+                if err is None:
+                    acknowledged.append(handle)
+                    delivered.append(msg)
+                elif self._retryable(err):
+                    self._replay_failed = True
+                else:
+                    acknowledged.append(handle)
+                    self._drop_permanently(err, msg)
+            self.spool.ack_many(acknowledged)
+            self.counts["replayed"] += len(delivered)
+            self._delivered_many([msg.timestamp()[1] for msg in delivered])
 
     # -- the background thread -------------------------------------------------------------
 
@@ -436,7 +481,7 @@ class EventProducer:
                 self._publish()
                 if self._fatal:
                     self._recreate()
-                self._pump()
+                self._fly() if self.durable else self._pump()
                 now = time.monotonic()
                 if now - last_sync >= self.fsync_interval_s:
                     last_sync = now
@@ -459,6 +504,8 @@ class EventProducer:
             if not self._fatal:
                 log.error("fatal producer error (%s): replacing the producer", exc.args[0].str())
             self._fatal = True
+        finally:
+            self._settle_replays()
 
     def _publish(self) -> None:
         """Add deliveries to the Prometheus counters once per loop: a labelled inc() per
@@ -525,6 +572,76 @@ class EventProducer:
         self._replay_outstanding += 1
         return True
 
+    def _new_producer(self) -> Producer:
+        """A librdkafka producer; a durable one reports only failed deliveries, tagged with
+        its number so that a replaced producer's reports are ignored."""
+        self._producer_number += 1
+        if not self.durable:
+            return Producer(self.config)
+        return Producer({**self.config,
+                         "on_delivery": functools.partial(self._on_flight_error, self._producer_number)})
+
+    def _on_flight_error(self, producer_number: int, err, msg) -> None:
+        if producer_number == self._producer_number:
+            self._flight_errors[(msg.key(), msg.value())] = err
+
+    def _fly(self) -> None:
+        """Durable mode: hand the spool's records to librdkafka one flight at a time, up to
+        ``replay_window`` records. A flight has landed when librdkafka holds nothing (no
+        message and no unserved report): its records are acknowledged in the spool, except
+        those that failed (read again from their place when retryable). While the broker is
+        down the flight waits in librdkafka as the probe and the rest stays on disk."""
+        with self._lock:
+            if self._flight:
+                if len(self._producer):
+                    return
+                self._land()
+        budget = self.replay_window
+        while budget > 0:
+            with self._lock:  # in short steps, so that send_many never waits long for the lock
+                for _ in range(min(256, budget)):
+                    record = self.spool.read()
+                    if record is None:
+                        return
+                    try:
+                        self._producer.produce(self.topic, record.value, record.key, timestamp=record.sent_ms)
+                    except (BufferError, KafkaException) as exc:
+                        self.spool.rewind(record)
+                        if isinstance(exc, KafkaException):
+                            if not is_fatal(exc):
+                                raise
+                            self._fatal = True
+                        return
+                    self._flight.append(record)
+                    budget -= 1
+
+    def _land(self) -> None:
+        """Acknowledge a landed flight (caller holds the lock)."""
+        flight, errors = self._flight, self._flight_errors
+        self._flight, self._flight_errors = [], {}
+        if not errors:
+            self.spool.ack_many([record.handle for record in flight])
+            delivered = flight
+        else:
+            delivered, acknowledged = [], []
+            for record in flight:
+                err = errors.get((record.key, record.value))
+                if err is None:
+                    delivered.append(record)
+                    acknowledged.append(record.handle)
+                elif self._retryable(err):
+                    self._replay_failed = True
+                else:
+                    acknowledged.append(record.handle)
+                    self._count_dropped("permanent_error")
+                    log.error("event dropped: %s (%d bytes)", err.str(), len(record.value))
+            self.spool.ack_many(acknowledged)
+            if self._replay_failed:
+                self._replay_failed = False
+                self.spool.restart_reading()
+        self.counts["replayed"] += len(delivered)
+        self._delivered_many([record.sent_ms for record in delivered])
+
     def _sync(self) -> None:
         with self._lock:
             fd = self.spool.writer_fd()
@@ -545,6 +662,7 @@ class EventProducer:
         self._failed, self._inflight = [], {}
         self._replay_outstanding = 0
         self._replay_failed = False
+        self._flight, self._flight_errors = [], {}
         self.spool.restart_reading()
         return undelivered
 
@@ -563,7 +681,7 @@ class EventProducer:
         the old one did not acknowledge, in send order, before what was spooled."""
         with self._lock:
             self._fatal = False
-            old, self._producer = self._producer, Producer(self.config)
+            old, self._producer = self._producer, self._new_producer()
             self._spool_first(self._take_undelivered(), "fatal_error")
             self._spooling = True
             self.counts["recreated"] += 1

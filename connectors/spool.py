@@ -33,6 +33,8 @@ from typing import NamedTuple
 log = logging.getLogger("gatewatch.producer")
 
 FRAME = struct.Struct(">IIqi")  # crc32, body length, send time ms, key length (-1: no key)
+_HEADER_HEAD = struct.Struct(">II")  # FRAME in two parts: the CRC covers the tail, not the head
+_HEADER_TAIL = struct.Struct(">qi")
 SEGMENT_SUFFIX = ".spool"
 ACK_SUFFIX = ".ack"
 FIRST_SEQ = 10**12
@@ -189,12 +191,12 @@ class DiskSpool:
         return bool(self.segments)
 
     # -- writing
-    def _frame(self, key: bytes | None, value: bytes, sent_ms: int) -> bytes:
+    @staticmethod
+    def _frame(key: bytes | None, value: bytes, sent_ms: int) -> bytes:
         key_bytes = key or b""
-        body = key_bytes + value
-        header_tail = struct.pack(">qi", sent_ms, -1 if key is None else len(key_bytes))
-        crc = zlib.crc32(body, zlib.crc32(header_tail))
-        return FRAME.pack(crc, len(body), sent_ms, -1 if key is None else len(key_bytes)) + body
+        header_tail = _HEADER_TAIL.pack(sent_ms, -1 if key is None else len(key_bytes))
+        crc = zlib.crc32(value, zlib.crc32(key_bytes, zlib.crc32(header_tail)))
+        return b"".join((_HEADER_HEAD.pack(crc, len(key_bytes) + len(value)), header_tail, key_bytes, value))
 
     def _new_segment(self, seq: int) -> _Segment:
         segment = _Segment(seq, self.directory / f"{seq:020d}{SEGMENT_SUFFIX}", sealed=False)
@@ -396,14 +398,23 @@ class DiskSpool:
                 self._close_reader()
 
     def ack(self, handle: tuple[int, int, int]) -> None:
-        seq, start, _ = handle
-        segment = self._segment(seq)
-        if segment is None:
-            return
-        segment.done.add(start)
-        segment.pending -= 1
-        self._advance(segment)
-        if segment.sealed and segment.acked >= segment.size and not segment.outstanding:
+        self.ack_many((handle,))
+
+    def ack_many(self, handles) -> None:
+        """Acknowledge records (in any order); each segment advances once for the batch."""
+        by_seq, touched = self._by_seq, {}
+        for seq, start, _end in handles:
+            segment = by_seq.get(seq)
+            if segment is None:
+                continue
+            segment.done.add(start)
+            segment.pending -= 1
+            touched[seq] = segment
+        finished = False
+        for segment in touched.values():
+            self._advance(segment)
+            finished = finished or (segment.sealed and segment.acked >= segment.size and not segment.outstanding)
+        if finished:
             self._drop_finished()
 
     @staticmethod

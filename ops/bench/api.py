@@ -32,7 +32,7 @@ from pathlib import Path
 
 import click
 
-from ops.bench.e2e import proc_usage
+from ops.bench.e2e import TICK, proc_usage
 from ops.dev.loadgen import make_event
 
 FORMATS = ("json", "otlp")
@@ -170,7 +170,8 @@ def in_process(app, key: str, fmt: str, bodies: list[bytes], events_per_request:
     asyncio.run(post_all(2))  # warm-up
     app.producer.flush(60)
     gc.callbacks.append(on_gc)
-    cpu_before = time.process_time()
+    # This process only: the broker started for the bench is a child of it.
+    cpu_before, threads_before = time.process_time(), _tree_threads(os.getpid(), children=False)
     try:
         accepted = asyncio.run(post_all(requests))
         unacknowledged = app.producer.flush(120)
@@ -178,6 +179,7 @@ def in_process(app, key: str, fmt: str, bodies: list[bytes], events_per_request:
         gc.callbacks.remove(on_gc)
     cpu = time.process_time() - cpu_before
     return {"requests": requests, "accepted": accepted, "unacknowledged": unacknowledged,
+            "thread_cpu_s": thread_cpu(threads_before, _tree_threads(os.getpid(), children=False)),
             "cpu_us_per_event": round(cpu / accepted * 1e6, 1), "gc_us_per_event": round(
                 in_gc["seconds"] / accepted * 1e6, 1), "events_per_s_per_core": round(accepted / cpu)}
 
@@ -218,6 +220,38 @@ def _tree_cpu(pid: int) -> float:
             except (FileNotFoundError, ProcessLookupError):
                 continue
     return total
+
+
+def _tree_threads(pid: int, role: str = "serve", children: bool = True) -> dict[tuple[str, int], tuple[str, float]]:
+    """CPU seconds of every thread of a process tree: (process role, thread id) -> (thread
+    name, seconds). Rust runtime threads (tokio), librdkafka's (rdk:...) and Python's own
+    threads (named after the process) show where a server's CPU goes under load."""
+    threads = {}
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        tid = int(task.name)
+        threads[(role, tid)] = ("main" if tid == pid else name, (int(fields[11]) + int(fields[12])) / TICK)
+    listed = Path(f"/proc/{pid}/task/{pid}/children")
+    if children and listed.exists():
+        for child in listed.read_text().split():
+            threads.update(_tree_threads(int(child), "worker"))
+    return threads
+
+
+def thread_cpu(before: dict, after: dict) -> dict[str, float]:
+    """CPU seconds per ``role/thread name`` between two ``_tree_threads`` snapshots, busiest first
+    (threads of one name, such as librdkafka's per-broker ones, are added up)."""
+    spent: dict[str, float] = {}
+    for key, (name, seconds) in after.items():
+        used = seconds - before.get(key, (name, 0.0))[1]
+        if used > 0:
+            label = f"{key[0]}/{name}"
+            spent[label] = spent.get(label, 0.0) + used
+    return {label: round(seconds, 2) for label, seconds in sorted(spent.items(), key=lambda item: -item[1])}
 
 
 def _bench_in_process(results: dict, env: dict, key: str, formats, events_per_request: int, requests: int) -> None:
@@ -307,20 +341,23 @@ def api(formats, events_per_request, concurrency, duration, warmup, server, work
                                                            events_per_request, concurrency, warmup, duration))
             client.start()
             time.sleep(warmup)
-            cpu_before, wall_before = _tree_cpu(proc.pid), time.monotonic()
+            cpu_before, threads_before, wall_before = _tree_cpu(proc.pid), _tree_threads(proc.pid), time.monotonic()
             measured = queue.get(timeout=warmup + duration + 120)
             cpu = _tree_cpu(proc.pid) - cpu_before
+            threads = thread_cpu(threads_before, _tree_threads(proc.pid))
             wall = time.monotonic() - wall_before
             client.join(30)
             accepted = measured["accepted"]
             results[fmt] = {**measured, "events_per_s": round(accepted / duration),
                             "server_cpu_s": round(cpu, 2), "server_cores_busy": round(cpu / wall, 2),
                             "events_per_s_per_core": round(accepted / cpu) if cpu else None,
-                            "body_bytes": len(bodies[0])}
+                            "body_bytes": len(bodies[0]), "server_thread_cpu_s": threads}
             click.echo(f"  {fmt}: {results[fmt]['events_per_s']:,} events/s accepted, "
                        f"{results[fmt]['events_per_s_per_core'] or 0:,} per server core, "
                        f"p50 {measured['p50_ms']} ms p99 {measured['p99_ms']} ms, "
                        f"{measured['throttled']} x 429, {measured['errors']} errors", err=True)
+            click.echo("  server CPU by thread: " + ", ".join(f"{label} {seconds:g} s"
+                                                             for label, seconds in list(threads.items())[:6]), err=True)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
