@@ -330,3 +330,27 @@ W3C_IDS = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7")
 ])
 def test_traceparent_header_parsing_follows_w3c_trace_context(header, expected):
     assert parse_traceparent(header) == expected
+
+
+def test_schema_defaults_give_the_event_every_field_and_change_nothing_validation_returns():
+    from types import SimpleNamespace
+
+    from connectors.ingest_api.app import schema_defaults
+    from ops.bench.api import otlp_bodies
+
+    codec = EventCodec(default_local_registry())
+    defaults = schema_defaults(SimpleNamespace(codec=codec))
+    assert schema_defaults(SimpleNamespace()) is None  # a producer without a codec: no defaults
+    spans = [*spans_of(request_from_protobuf(otlp_bodies(40)[0])), genai_span(status_error=True),
+             genai_span({"gen_ai.usage.input_tokens": 1200, "gen_ai.usage.cache_read.input_tokens": 1000,
+                         "gen_ai.usage.output_tokens": 50, "gen_ai.usage.reasoning.output_tokens": 20,
+                         "gen_ai.conversation.id": "c-1", "error.type": "timeout"}),
+             Span(TRACE, SPAN, "llm", NOW_NS, NOW_NS, False, {"openinference.span.kind": "LLM", "llm.model_name": "m"},
+                  {})]
+    fields = {field["name"] for field in codec.reader.parsed["fields"]}
+    now_ms = time.time_ns() // 1_000_000
+    for span in spans:
+        bare, filled = span_to_event(span, "o", "us"), span_to_event(span, "o", "us", defaults)
+        assert fields <= set(filled), fields - set(filled)
+        assert {key: filled[key] for key in bare} == bare  # the mapping's own values win over defaults
+        assert codec.check(filled, now_ms) == codec.check(bare, now_ms)

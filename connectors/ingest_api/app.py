@@ -144,6 +144,16 @@ def parse_traceparent(header: str) -> tuple[str, str] | None:
     return trace_id, span_id
 
 
+def schema_defaults(producer) -> dict | None:
+    """The default of every field of the producer's event schema that has one (None for a
+    producer without an EventCodec)."""
+    codec = getattr(producer, "codec", None)
+    reader = getattr(codec, "reader", None)
+    if reader is None:
+        return None
+    return {field["name"]: field["default"] for field in reader.parsed["fields"] if "default" in field}
+
+
 class IngestApp:
     """ASGI app. ``open_producer`` is called once per process at startup (ASGI lifespan,
     or on the first request): it returns an EventProducer-like object with ``send_many``,
@@ -158,6 +168,7 @@ class IngestApp:
         self.config = config
         self.producer = None
         self.dead_letters = None
+        self._span_defaults: dict | None = None
         self.routes = {("POST", "/v1/traces"): self.traces, ("POST", "/v1/events"): self.events,
                        ("GET", "/healthz"): self.healthz, ("GET", "/readyz"): self.readyz,
                        ("GET", "/metrics"): self.metrics}
@@ -221,6 +232,7 @@ class IngestApp:
     def start(self) -> None:
         if self.producer is None:
             self.producer = self.open_producer()
+            self._span_defaults = schema_defaults(self.producer)
         if self.dead_letters is None and self.open_dead_letters is not None:
             self.dead_letters = self.open_dead_letters()
 
@@ -398,7 +410,7 @@ class IngestApp:
         dropped, problems, letters, candidates = 0, [], [], []
         for index, span in enumerate(spans):
             try:
-                event = otlp.span_to_event(span, key.org_id, region)
+                event = otlp.span_to_event(span, key.org_id, region, self._span_defaults)
             except otlp.SpanRejected as exc:
                 problems.append(f"span {span.span_id}: {exc.field}: {exc.rule}")
                 letters.append(rejection(code="invalid_span", reason=f"{exc.field}: {exc.rule}",
