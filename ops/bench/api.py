@@ -6,6 +6,9 @@ a separate process) and the request latency percentiles. The last line is one JS
 measured phase (from /proc), so the figure does not depend on how busy the machine is with
 other work. The server's producer really delivers to a broker started for the bench (or
 ``--bootstrap``): when Kafka falls behind, the API answers 429 and the accepted rate shows it.
+``server_thread_cpu_s`` splits that CPU by thread (the worker's event loop ``main``, its
+Python producer thread, librdkafka's ``rdk:*`` and granian's Rust ``tokio-*`` threads), so
+a cost that only shows under HTTP load can be placed.
 
 ``--in-process`` calls the ASGI app directly instead (no HTTP server, no load client): the
 CPU seconds of this one process (request path, producer thread, librdkafka) per accepted
