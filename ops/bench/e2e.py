@@ -85,6 +85,7 @@ class Flow:
     processes: list[subprocess.Popen]
     ports: list[int]
     peak_rss_mb: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
 
     def snapshots(self) -> list[Snapshot]:
         from urllib.request import urlopen
@@ -101,14 +102,15 @@ class Flow:
         return [int(consumed(snap)) for snap in self.snapshots()]
 
     def usage(self) -> tuple[float, list[float]]:
-        cpu, rss, peaks = 0.0, [], []
+        cpus, rss, peaks = [], [], []
         for proc in self.processes:
             c, r, peak = proc_usage(proc.pid)
-            cpu += c
+            cpus.append(c)
             rss.append(r)
             peaks.append(peak)
         self.peak_rss_mb = peaks  # the kernel's high-water mark never falls
-        return cpu, rss
+        self.cpu_s = cpus
+        return sum(cpus), rss
 
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.processes)
@@ -315,6 +317,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     profilers: list[subprocess.Popen] = []
     try:
         launched = time.monotonic()
+        cpu_at_start: list[float] = [0.0] * processes
         start = None  # (monotonic time, events consumed, CPU seconds, snapshot) at the first sample with progress
         done = 0.0
         snap = None
@@ -334,6 +337,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             cpu, rss = flow.usage()
             if start is None and done > 0:
                 start = (time.monotonic(), done, cpu, snap)
+                cpu_at_start = list(flow.cpu_s)
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
             if time.monotonic() - reported >= 5:
@@ -349,6 +353,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     started_at, consumed_before, cpu_before, first = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first = launched, 0.0, 0.0, None
+        cpu_at_start = [0.0] * processes
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
@@ -364,6 +369,10 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
         "events_per_process": per_process,
+        # A process's CPU seconds over the drain's wall seconds: under 1 while it has events
+        # left, its core went to other processes (or it waited on a sink).
+        "cpu_share_per_process": [round((end - begin) / (finished - started_at), 2)
+                                  for begin, end in zip(cpu_at_start, flow.cpu_s)],
     }
     if profile_dir is not None:
         from ops.bench.profile import summarize_file
@@ -415,6 +424,7 @@ def render_backlog(r: dict) -> str:
         ("full GC collections", f"{r['full_gc_collections']:,} during the drain, all processes"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("events per process", " / ".join(f"{n:,}" for n in r["events_per_process"])),
+        ("CPU share per process", " / ".join(f"{share:.2f} of a core" for share in r["cpu_share_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
     ]
     for index, shares in enumerate(r.get("profile_shares", [])):

@@ -23,7 +23,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("dedupe/windows", ("dataflows/state.py", "first_sightings (", "unkeyed (")),
     ("price", ("schemas/pricing.py", "priced (")),
     ("arrow blocks", ("event_blocks (", "to_table (")),
-    ("sinks", ("sinks/", "chdb/", "pyarrow/parquet", "redis/", "confluent_kafka/")),
+    ("sinks", ("sinks/", "chdb/", "pyarrow/parquet", "redis/")),
     ("kafka source", ("connectors/kafka", "kafka_source.py", "rd_kafka")),
     ("flow glue (python)", ("dataflows/", "bytewax/operators/", "bytewax/")),
     ("tracing", ("opentelemetry/",)),
