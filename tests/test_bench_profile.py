@@ -31,3 +31,26 @@ def test_summarize_adds_the_counts_of_each_line():
     lines = [STEP + ";decode_batch (dataflows/ingest.py:46) 7\n", STEP + ";priced (dataflows/outputs.py:240) 3\n",
              STEP + ";decode_batch (dataflows/ingest.py:50) 2\n", "\n"]
     assert summarize(lines) == {"decode/validate": 9, "price": 3}
+
+
+def test_the_bench_profilers_record_a_running_python_process_until_stopped(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from ops.bench.e2e import Flow, start_profilers, stop_profilers
+    from ops.bench.profile import summarize_file
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: sum(range(1000))"])
+    try:
+        profilers = start_profilers(Flow([busy], []), tmp_path)
+        time.sleep(2)
+        stop_profilers(profilers)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert all(profiler.returncode is not None for profiler in profilers)
+    shares = summarize_file(tmp_path / "flow-0.txt")
+    # The child runs no flow: its samples are outside Bytewax's entry point (or its collections).
+    assert shares.get("other threads", 0) > 0.5 and set(shares) <= {"other threads", "gc"}, (
+        shares, (tmp_path / "py-spy-0.log").read_text())

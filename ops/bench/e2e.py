@@ -387,10 +387,13 @@ def start_profilers(flow: Flow, profile_dir: Path) -> list[subprocess.Popen]:
     but --native pauses the process for each sample: compare CPU figures only between runs
     that both profile)."""
     profile_dir.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen(["py-spy", "record", "--native", "--format", "raw", "--rate", "50", "--pid", str(proc.pid),
-                              "-o", str(profile_dir / f"flow-{index}.txt")],
-                             stdout=subprocess.DEVNULL, stderr=open(profile_dir / f"py-spy-{index}.log", "wb"))
-            for index, proc in enumerate(flow.processes)]
+    profilers = []
+    for index, proc in enumerate(flow.processes):
+        with open(profile_dir / f"py-spy-{index}.log", "wb") as log:
+            profilers.append(subprocess.Popen(
+                ["py-spy", "record", "--native", "--format", "raw", "--rate", "50", "--pid", str(proc.pid),
+                 "-o", str(profile_dir / f"flow-{index}.txt")], stdout=subprocess.DEVNULL, stderr=log))
+    return profilers
 
 
 def stop_profilers(profilers: list[subprocess.Popen]) -> None:
