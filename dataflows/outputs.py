@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
+from operator import itemgetter
 from typing import Any, Callable
 
 import bytewax.operators as op
@@ -21,7 +22,7 @@ from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
 from schemas.records import encode_billing_event, encode_quota_alert
 from schemas.dlq import bounded_original, event_dlq_record
 from schemas.pricing import with_cost
-from schemas.vocabulary import TOKEN_KINDS, user_key
+from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, user_key
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
 from sinks.billing import BillingWriter
@@ -46,13 +47,16 @@ def count_unique(events: list[dict]) -> None:
     """Unique events and their tokens by model and kind, counted once per batch (a label
     look-up per event costs more than the counting)."""
     get_metrics().increment("gatewatch_events", len(events), tags={"stage": "unique"})
-    tokens: dict[tuple[str, str], int] = {}
+    tokens_by_model: dict[str, list[tuple[int, ...]]] = {}
     for event in events:
-        for kind in TOKEN_KINDS:
-            key = (event["model"], kind)
-            tokens[key] = tokens.get(key, 0) + event[f"{kind}_tokens"]
-    for (model, kind), count in tokens.items():
-        get_metrics().increment("gatewatch_tokens", count, tags={"model": model, "kind": kind})
+        # One C call per event for its four counts (a loop over the kinds was ~1 µs per event).
+        tokens_by_model.setdefault(event["model"], []).append(tokens_of(event))
+    for model, rows in tokens_by_model.items():
+        for kind, count in zip(TOKEN_KINDS, map(sum, zip(*rows))):
+            get_metrics().increment("gatewatch_tokens", count, tags={"model": model, "kind": kind})
+
+
+tokens_of = itemgetter(*TOKEN_FIELDS)
 
 
 def late_to_dlq(event: dict) -> dict:

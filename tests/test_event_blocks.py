@@ -114,3 +114,15 @@ def test_table_rows_halve_as_tables_and_give_one_row_as_its_event():
     block = TableRows(to_table(rows))
     assert len(block[1:4]) == 3 and block[1:4].table.equals(to_table(rows[1:4]))
     assert block[2] == as_stored(rows[2])
+
+
+def test_partition_of_names_the_utc_day_of_the_event_time_at_every_boundary():
+    def day(ms: int) -> str:
+        return partition_of({"event_time": ms, "region": "eu"})
+
+    assert day(0) == day(86_399_999) == "event_date=1970-01-01/region=eu"
+    assert day(86_400_000) == "event_date=1970-01-02/region=eu"
+    assert day(-1) == "event_date=1969-12-31/region=eu"
+    leap_end = 1_709_251_199_999  # 2024-02-29T23:59:59.999Z
+    assert day(leap_end) == "event_date=2024-02-29/region=eu"
+    assert day(leap_end + 1) == "event_date=2024-03-01/region=eu"

@@ -85,22 +85,32 @@ class Flow:
     processes: list[subprocess.Popen]
     ports: list[int]
     peak_rss_mb: list[float] = field(default_factory=list)
+    cpu_s: list[float] = field(default_factory=list)
 
-    def snapshot(self) -> Snapshot:
+    def snapshots(self) -> list[Snapshot]:
         from urllib.request import urlopen
 
-        return merge([parse(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode(), time.time())
-                      for port in self.ports])
+        return [parse(urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode(), time.time())
+                for port in self.ports]
+
+    def snapshot(self) -> Snapshot:
+        return merge(self.snapshots())
+
+    def consumed_per_process(self) -> list[int]:
+        """Events each process took off the topic: the producer keys by user, so a heavy user's
+        partition makes one process's share far larger than the other's."""
+        return [int(consumed(snap)) for snap in self.snapshots()]
 
     def usage(self) -> tuple[float, list[float]]:
-        cpu, rss, peaks = 0.0, [], []
+        cpus, rss, peaks = [], [], []
         for proc in self.processes:
             c, r, peak = proc_usage(proc.pid)
-            cpu += c
+            cpus.append(c)
             rss.append(r)
             peaks.append(peak)
         self.peak_rss_mb = peaks  # the kernel's high-water mark never falls
-        return cpu, rss
+        self.cpu_s = cpus
+        return sum(cpus), rss
 
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.processes)
@@ -179,8 +189,11 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
               help="The `python -m bytewax.run` target to measure: compare a variant of the flow with the shipped one.")
 @click.option("--stages-sample", default=5000, show_default=True, type=click.IntRange(100),
               help="With --backlog: events `bench stages` measures after the drain.")
+@click.option("--profile-dir", type=click.Path(file_okay=False),
+              help="With --backlog: py-spy records each flow process (native frames, collapsed stacks) from the "
+                   "first consumed events to the end of the drain, into flow-<i>.txt here.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep, backlog, stages_sample, flow_target) -> None:
+        keep, backlog, stages_sample, flow_target, profile_dir) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -198,7 +211,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
             drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample,
-                          flow_target)
+                          flow_target, Path(profile_dir) if profile_dir else None)
             return
         flow = start_flow(env, root, processes, workers, partitions, flow_target)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
@@ -287,7 +300,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
 
 
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
-                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW) -> None:
+                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW,
+                  profile_dir: Path | None = None) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
@@ -300,8 +314,10 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
                f"{partitions} partitions; logs in {root}", err=True)
     flow = start_flow(env, root, processes, workers, partitions, flow_target)
+    profilers: list[subprocess.Popen] = []
     try:
         launched = time.monotonic()
+        cpu_at_start: list[float] = [0.0] * processes
         start = None  # (monotonic time, events consumed, CPU seconds, snapshot) at the first sample with progress
         done = 0.0
         snap = None
@@ -321,17 +337,23 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             cpu, rss = flow.usage()
             if start is None and done > 0:
                 start = (time.monotonic(), done, cpu, snap)
+                cpu_at_start = list(flow.cpu_s)
+                if profile_dir is not None:
+                    profilers = start_profilers(flow, profile_dir)
             if time.monotonic() - reported >= 5:
                 reported = time.monotonic()
                 click.echo(f"bench  consumed {done:>9,.0f}/{backlog:,}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB",
                            err=True)
         finished = time.monotonic()
         cpu, _ = flow.usage()
+        per_process = flow.consumed_per_process()
     finally:
+        stop_profilers(profilers)
         flow.stop()
     started_at, consumed_before, cpu_before, first = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first = launched, 0.0, 0.0, None
+        cpu_at_start = [0.0] * processes
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
@@ -346,9 +368,44 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "startup_cpu_s": round(cpu_before, 2),
         "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
+        "events_per_process": per_process,
+        # A process's CPU seconds over the drain's wall seconds: under 1 while it has events
+        # left, its core went to other processes (or it waited on a sink).
+        "cpu_share_per_process": [round((end - begin) / (finished - started_at), 2)
+                                  for begin, end in zip(cpu_at_start, flow.cpu_s)],
     }
+    if profile_dir is not None:
+        from ops.bench.profile import summarize_file
+
+        result["profile_shares"] = [summarize_file(profile_dir / f"flow-{index}.txt") for index in range(processes)]
     click.echo(render_backlog(result), err=True)
     click.echo(json.dumps(result))
+
+
+def start_profilers(flow: Flow, profile_dir: Path) -> list[subprocess.Popen]:
+    """py-spy on every flow process; its samples cost the flow nothing (sampled from outside,
+    but --native pauses the process for each sample: compare CPU figures only between runs
+    that both profile)."""
+    profile_dir.mkdir(parents=True, exist_ok=True)
+    profilers = []
+    for index, proc in enumerate(flow.processes):
+        with open(profile_dir / f"py-spy-{index}.log", "wb") as log:
+            profilers.append(subprocess.Popen(
+                ["py-spy", "record", "--native", "--format", "raw", "--rate", "50", "--pid", str(proc.pid),
+                 "-o", str(profile_dir / f"flow-{index}.txt")], stdout=subprocess.DEVNULL, stderr=log))
+    return profilers
+
+
+def stop_profilers(profilers: list[subprocess.Popen]) -> None:
+    """SIGINT makes py-spy write what it sampled."""
+    for profiler in profilers:
+        profiler.send_signal(signal.SIGINT)
+    for profiler in profilers:
+        try:
+            profiler.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            profiler.kill()
+            profiler.wait()
 
 
 def stages_us_per_event(settings: Settings, sample: int, users: int, chdb_dir: Path) -> float:
@@ -369,8 +426,12 @@ def render_backlog(r: dict) -> str:
         ("stages alone", f"{r['stages_us_per_event']:.1f} µs per event (ratio {r['cpu_to_stages_ratio']:.2f})"),
         ("full GC collections", f"{r['full_gc_collections']:,} during the drain, all processes"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
+        ("events per process", " / ".join(f"{n:,}" for n in r["events_per_process"])),
+        ("CPU share per process", " / ".join(f"{share:.2f} of a core" for share in r["cpu_share_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
     ]
+    for index, shares in enumerate(r.get("profile_shares", [])):
+        rows.append((f"profile, process {index}", ", ".join(f"{name} {share:.0%}" for name, share in shares.items())))
     return "\n".join(f"  {name:<22}{value}" for name, value in rows)
 
 
