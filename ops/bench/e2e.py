@@ -3,7 +3,11 @@ traffic: sustained events/s, consumer lag over time, freshness p50/p99, peak RSS
 process and CPU seconds per 1,000 events. The last line is one JSON object.
 
 With --backlog N the topic is filled first and the flow then drains it with nothing else
-running, which isolates the flow's own cost per event from the producer's."""
+running, which isolates the flow's own cost per event from the producer's.
+
+With --clickhouse server the flow processes write to one local clickhouse-server over the
+native protocol (as a deployment does) instead of each embedding chdb; the server's CPU is
+reported on its own and in the total, since it runs on the same cores."""
 
 from __future__ import annotations
 
@@ -42,6 +46,13 @@ def proc_usage(pid: int) -> tuple[float, float, float]:
         status = dict(line.split(":", 1) for line in handle if line.startswith(("VmRSS:", "VmHWM:")))
     rss_kb, peak_kb = (int(status[key].split()[0]) for key in ("VmRSS", "VmHWM"))
     return cpu, rss_kb / 1024, peak_kb / 1024
+
+
+def maps_chdb(pid: int) -> bool:
+    """Whether chdb's library is mapped into the process (/proc/PID/maps): a flow writing to a
+    ClickHouse server must never load it (its code alone is ~230 MB of each process's RSS)."""
+    with open(f"/proc/{pid}/maps") as handle:
+        return any("chdb" in line.rsplit("/", 1)[-1] for line in handle if "/" in line)
 
 
 def consumed(snap: Snapshot) -> float:
@@ -85,6 +96,9 @@ class Flow:
     processes: list[subprocess.Popen]
     ports: list[int]
     peak_rss_mb: list[float] = field(default_factory=list)
+    server_pid: int | None = None
+    """The ClickHouse server the processes write to (--clickhouse server), measured apart."""
+    server_peak_rss_mb: float | None = None
 
     def snapshot(self) -> Snapshot:
         from urllib.request import urlopen
@@ -102,8 +116,18 @@ class Flow:
         self.peak_rss_mb = peaks  # the kernel's high-water mark never falls
         return cpu, rss
 
+    def server_cpu(self) -> float:
+        """CPU seconds of the ClickHouse server so far (0 with embedded chdb)."""
+        if self.server_pid is None:
+            return 0.0
+        cpu, _rss, self.server_peak_rss_mb = proc_usage(self.server_pid)
+        return cpu
+
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.processes)
+
+    def chdb_mapped(self) -> list[bool]:
+        return [maps_chdb(proc.pid) for proc in self.processes]
 
     def stop(self) -> None:
         for proc in self.processes:
@@ -120,10 +144,41 @@ class Flow:
 DEFAULT_FLOW = ENTRY_POINTS["ingest"]
 
 
+@dataclass(frozen=True)
+class ClickHouseTarget:
+    """Where the flow processes write: each its own embedded chdb under the bench's directory
+    (with server settings for its session), or one server they share."""
+
+    server: services.Service | None = None
+    chdb_settings: str = ""
+    """name=value&... appended to each chdb:// URL (sinks.clickhouse.chdb_location)."""
+
+    def url(self, root: Path, index: int) -> str:
+        if self.server is not None:
+            return self.server.address
+        return f"chdb://{root / f'chdb-{index}'}" + (f"?{self.chdb_settings}" if self.chdb_settings else "")
+
+    @property
+    def kind(self) -> str:
+        return "chdb" if self.server is None else "server"
+
+
+def start_clickhouse_server(root: Path, settings: Settings) -> services.Service:
+    """A clickhouse-server for the bench, migrated: a flow creates only an embedded database."""
+    from ops.migrate import clickhouse_databases, migrate_clickhouse
+
+    server = services.start_clickhouse(root / "clickhouse")
+    on_server = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(
+        update={"url": server.address})})
+    for database in clickhouse_databases(on_server):
+        migrate_clickhouse(on_server, database)
+    return server
+
+
 def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int,
-               flow_target: str = DEFAULT_FLOW) -> Flow:
+               flow_target: str = DEFAULT_FLOW, clickhouse: ClickHouseTarget = ClickHouseTarget()) -> Flow:
     """`processes` independent flow processes, each reading its own share of the partitions
-    (see kafka.only_partitions), with its own embedded ClickHouse and metrics port."""
+    (see kafka.only_partitions), with its own metrics port and ClickHouse (clickhouse.url)."""
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
@@ -131,10 +186,10 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = process_env({**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                                 "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
-                                "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"})
+                                "GATEWATCH_CLICKHOUSE__URL": clickhouse.url(root, index)})
         log = open(root / f"flow-{index}.log", "wb")
         procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
-    return Flow(procs, ports)
+    return Flow(procs, ports, server_pid=clickhouse.server.pid if clickhouse.server else None)
 
 
 def wait_for(predicate, timeout_s: float, flow: Flow, what: str) -> None:
@@ -179,9 +234,16 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
               help="The `python -m bytewax.run` target to measure: compare a variant of the flow with the shipped one.")
 @click.option("--stages-sample", default=5000, show_default=True, type=click.IntRange(100),
               help="With --backlog: events `bench stages` measures after the drain.")
+@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "server"]), default="chdb",
+              show_default=True,
+              help="Embedded chdb in each flow process, or one local clickhouse-server over the native protocol.")
+@click.option("--chdb-settings", default="", metavar="NAME=VALUE&...",
+              help="ClickHouse server settings of each embedded chdb session, e.g. mark_cache_size=67108864.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep, backlog, stages_sample, flow_target) -> None:
-    """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
+        keep, backlog, stages_sample, flow_target, clickhouse_kind, chdb_settings) -> None:
+    """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
+    if chdb_settings and clickhouse_kind != "chdb":
+        raise click.UsageError("--chdb-settings applies to --clickhouse chdb only")
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings()
@@ -193,14 +255,20 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         redis_server = services.start_redis(root / "redis")
         started.append(redis_server)
         migrate_kafka(settings.kafka.model_copy(update={"bootstrap": kafka.address, "partitions": partitions}))
+        clickhouse = ClickHouseTarget(chdb_settings=chdb_settings)
+        if clickhouse_kind == "server":
+            clickhouse = ClickHouseTarget(server=start_clickhouse_server(root, settings))
+            started.append(clickhouse.server)
+            click.echo(f"bench: clickhouse-server {clickhouse.server.extra.get('version')} at "
+                       f"{clickhouse.server.address}", err=True)
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
             drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample,
-                          flow_target)
+                          flow_target, clickhouse)
             return
-        flow = start_flow(env, root, processes, workers, partitions, flow_target)
+        flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
                    err=True)
 
@@ -211,6 +279,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         wait_for(lambda: consumed(flow.snapshot()) >= warm_sent, 180, flow, "the warm-up events")
         base = flow.snapshot()
         base_cpu, _ = flow.usage()
+        base_server_cpu = flow.server_cpu()
 
         extra = ["--users", str(users), "--burst-factor", str(burst_factor), "--burst-every", str(burst_every),
                  "--burst-seconds", str(burst_seconds)]
@@ -257,13 +326,15 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         load_report = json.loads(load.communicate()[0].splitlines()[-1])
         final = flow.snapshot()
         cpu, _ = flow.usage()
+        server_cpu = flow.server_cpu() - base_server_cpu
+        chdb_mapped = flow.chdb_mapped()
         events = consumed(final) - consumed(base)
         load_seconds = load_report["seconds"]
         in_load = [row for row in timeline if row["t"] <= load_seconds]
         result = {
             "rate": rate, "duration_s": duration, "burst_factor": burst_factor, "burst_every_s": burst_every,
             "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
-            "offered_events_per_s": load_report["events_per_s"],
+            "clickhouse": clickhouse.kind, "offered_events_per_s": load_report["events_per_s"],
             "sustained_events_per_s": round((in_load[-1]["consumed"] if in_load else events) / load_seconds, 1),
             "drain_s": round(finished - (load_finished or finished), 1),
             "events": int(events),
@@ -273,6 +344,9 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
             "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
+            "chdb_mapped_per_process": chdb_mapped,
+            **server_figures(flow, server_cpu / max(events, 1) * 1000, (cpu - base_cpu + server_cpu) / max(events, 1)
+                             * 1000, "cpu_s_per_1000_events", 3),
             "lag_timeline": [(row["t"], row["lag"]) for row in timeline[::max(1, len(timeline) // 30)]],
         }
         click.echo(render(result), err=True)
@@ -286,8 +360,19 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             service.stop()
 
 
+def server_figures(flow: Flow, server_per_event: float, total_per_event: float, unit: str,
+                   digits: int) -> dict[str, float]:
+    """The ClickHouse server's share of a result (nothing with embedded chdb): its own CPU,
+    flow plus server, and its peak resident memory."""
+    if flow.server_pid is None:
+        return {}
+    return {f"server_{unit}": round(server_per_event, digits), f"total_{unit}": round(total_per_event, digits),
+            "server_peak_rss_mb": round(flow.server_peak_rss_mb or 0, 1)}
+
+
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
-                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW) -> None:
+                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW,
+                  clickhouse: ClickHouseTarget = ClickHouseTarget()) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
@@ -299,7 +384,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         raise click.ClickException(f"loadgen could not fill the backlog (exit {fill.returncode}, {fill_report})")
     click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
                f"{partitions} partitions; logs in {root}", err=True)
-    flow = start_flow(env, root, processes, workers, partitions, flow_target)
+    flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
     try:
         launched = time.monotonic()
         start = None  # (monotonic time, events consumed, CPU seconds, snapshot) at the first sample with progress
@@ -320,23 +405,29 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             done = consumed(snap)
             cpu, rss = flow.usage()
             if start is None and done > 0:
-                start = (time.monotonic(), done, cpu, snap)
+                start = (time.monotonic(), done, cpu, snap, flow.server_cpu())
             if time.monotonic() - reported >= 5:
                 reported = time.monotonic()
                 click.echo(f"bench  consumed {done:>9,.0f}/{backlog:,}  rss {'/'.join(f'{r:.0f}' for r in rss)} MB",
                            err=True)
         finished = time.monotonic()
         cpu, _ = flow.usage()
+        server_cpu = flow.server_cpu()
+        chdb_mapped = flow.chdb_mapped()
     finally:
         flow.stop()
-    started_at, consumed_before, cpu_before, first = start
+    stored = stored_events(clickhouse, settings)
+    started_at, consumed_before, cpu_before, first, server_cpu_before = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
-        started_at, consumed_before, cpu_before, first = launched, 0.0, 0.0, None
+        started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
+    server_us = (server_cpu - server_cpu_before) / timed_events * 1e6
     result = {
         "backlog": backlog, "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions,
+        "clickhouse": clickhouse.kind, "valid_events": fill_report["valid"],
+        **({"clickhouse_events": stored} if stored is not None else {}),
         "events": int(done), "timed_events": int(timed_events),
         "drain_s": round(finished - started_at, 2),
         "drain_events_per_s": round(timed_events / (finished - started_at), 1),
@@ -346,9 +437,23 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "startup_cpu_s": round(cpu_before, 2),
         "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
+        "chdb_mapped_per_process": chdb_mapped,
+        **server_figures(flow, server_us, cpu_us + server_us, "cpu_us_per_event", 1),
     }
     click.echo(render_backlog(result), err=True)
     click.echo(json.dumps(result))
+
+
+def stored_events(clickhouse: ClickHouseTarget, settings: Settings) -> int | None:
+    """Distinct events in the server's events table after the flows stopped (None with chdb,
+    whose databases only their own process can open): nothing lost on the way."""
+    if clickhouse.server is None:
+        return None
+    from sinks.clickhouse import ClickHouse
+
+    client = ClickHouse(clickhouse.server.address, settings.clickhouse.database)
+    (count,), = client.rows(f"SELECT count() FROM {settings.clickhouse.database}.events FINAL")
+    return int(count)
 
 
 def stages_us_per_event(settings: Settings, sample: int, users: int, chdb_dir: Path) -> float:
@@ -370,8 +475,19 @@ def render_backlog(r: dict) -> str:
         ("full GC collections", f"{r['full_gc_collections']:,} during the drain, all processes"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+        *server_rows(r, "cpu_us_per_event", "µs per event"),
     ]
     return "\n".join(f"  {name:<22}{value}" for name, value in rows)
+
+
+def server_rows(r: dict, unit: str, label: str) -> list[tuple[str, str]]:
+    if f"server_{unit}" not in r:
+        return [("clickhouse", "embedded chdb in each flow process")]
+    rows = [("clickhouse server CPU", f"{r[f'server_{unit}']:g} {label}; flow + server {r[f'total_{unit}']:g}"),
+            ("clickhouse server RSS", f"peak {r['server_peak_rss_mb']:.0f} MB")]
+    if "clickhouse_events" in r:
+        rows.append(("clickhouse events", f"{r['clickhouse_events']:,} stored of {r['valid_events']:,} valid sent"))
+    return rows
 
 
 def _round(value: float | None) -> float | None:
@@ -389,6 +505,7 @@ def render(r: dict) -> str:
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("CPU per 1,000 events", f"{r['cpu_s_per_1000_events']:.3f} s"),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+        *server_rows(r, "cpu_s_per_1000_events", "CPU s per 1,000 events"),
     ]
     lag = "  ".join(f"{t:g}s:{lag}" for t, lag in r["lag_timeline"])
     return "\n".join(f"  {name:<22}{value}" for name, value in rows) + f"\n  lag over time: {lag}"
