@@ -68,3 +68,16 @@ def test_bench_e2e_with_a_clickhouse_server_stores_every_event_and_never_maps_ch
     assert report["total_cpu_us_per_event"] == pytest.approx(
         report["cpu_us_per_event"] + report["server_cpu_us_per_event"], abs=0.2)
     assert "clickhouse server CPU" in result.stderr
+
+
+@pytest.mark.integration
+def test_bench_e2e_that_cannot_drain_in_time_prints_its_figures_and_fails():
+    """--drain-timeout: 40,000 events offered in 2 s cannot be drained by one flow process in
+    the second after, so the bench reports what it has, the lag left, and exits non-zero."""
+    result = run_cli("bench", "e2e", "--rate", "20000", "--duration", "2", "--processes", "1", "--partitions", "1",
+                     "--drain-timeout", "1")
+    assert result.returncode != 0
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["drained"] is False and report["lag_left"] > 0
+    assert report["events"] < 40_000 and report["sustained_events_per_s"] > 0
+    assert "did not drain the topic within 1 s" in result.stderr
