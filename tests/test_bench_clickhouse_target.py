@@ -38,8 +38,8 @@ print(json.dumps({name: [value, changed] for name, value, changed in client.rows
 
 
 def test_server_settings_in_a_chdb_url_take_effect_in_the_session(tmp_path):
-    """In a process of its own (chdb reads server settings once, when a process opens its first
-    session), as in a flow process: ClickHouse's own system.server_settings says what it runs with."""
+    """In a fresh process whose first chdb session this is, as in a flow process: ClickHouse's
+    own system.server_settings says what it runs with."""
     directory = tmp_path / "chdb"
     url = f"chdb://{directory}?mark_cache_size=33554432&background_pool_size=4"
     probe = subprocess.run([sys.executable, "-c", SESSION_PROBE, url], cwd=REPO, capture_output=True, text=True,
