@@ -189,7 +189,11 @@ class ParquetSettings(Section):
     root: str = "./gatewatch-data/raw"
     """A local directory or an s3://bucket/prefix URL."""
     s3_endpoint_url: str | None = None
-    max_rows: int = Field(50_000, gt=0)
+    max_rows: int = Field(10_000, gt=0)
+    """Rows per file and per (date, region) batch. A flow process holds every open batch (~3 KB
+    per event) and peaks when one is written: 10,000 rather than 50,000 took the heavier of two
+    flow processes from 534-602 to 452-454 MB in a 300,000-event drain at the same CPU per event
+    (ops/bench/FINDINGS.md, issue 17). Small files are merged later (sinks.parquet_compaction)."""
     max_age_s: float = Field(30, gt=0)
     compression: Literal["zstd", "snappy", "gzip", "none"] = "zstd"
     put_timeout_s: float = Field(60, gt=0)
@@ -226,7 +230,10 @@ class ParquetSettings(Section):
 
 class ClickHouseSettings(Section):
     url: str = "chdb://./gatewatch-data/chdb"
-    """`chdb://PATH` for embedded ClickHouse, or `clickhouse://[user:pass@]host:port` for a server."""
+    """`chdb://PATH` for embedded ClickHouse, or `clickhouse://[user:pass@]host:port` for a server.
+    An embedded session takes ClickHouse server settings in the URL's query,
+    `chdb://PATH?mark_cache_size=67108864&background_pool_size=2` (sinks.clickhouse.chdb_location).
+    A flow writing to a server never loads chdb (~230 MB of code in each flow process)."""
     database: str = "gatewatch"
     max_rows: int = Field(20_000, gt=0)
     max_age_s: float = Field(1, gt=0)

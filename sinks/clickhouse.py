@@ -18,7 +18,7 @@ import time
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qsl, unquote, urlencode, urlparse
 
 import pyarrow as pa
 
@@ -52,9 +52,28 @@ _chdb_sessions: dict[str, object] = {}
 _chdb_lock = threading.Lock()
 
 
-def _chdb_session(path: str):
+def chdb_location(url: str) -> tuple[str, dict[str, str]]:
+    """(the absolute directory, the server settings) of a chdb://PATH[?name=value&...] URL.
+    The settings are ClickHouse server settings (system.server_settings: mark_cache_size,
+    max_server_memory_usage, background_pool_size, ...) that chdb applies when its session
+    opens; the URL's own values override CHDB_SESSION_SETTINGS."""
+    parsed = urlparse(url)
+    if parsed.scheme != "chdb":
+        raise ValueError(f"not a chdb:// URL: {url!r}")
+    path = unquote(url[len("chdb://"):].split("?", 1)[0])
+    return str(Path(path).resolve()), {**CHDB_SESSION_SETTINGS, **dict(parse_qsl(parsed.query))}
+
+
+CHDB_SESSION_SETTINGS: dict[str, str] = {}
+"""Server settings of every embedded session unless its URL says otherwise. Empty: chdb's
+own defaults (ops/bench/FINDINGS.md measured the caches and pools against them)."""
+
+
+def _chdb_session(path: str, server_settings: dict[str, str] | None = None):
     """chdb allows one session per process: every caller of a path shares it, and asking
-    for another path closes the previous one (only tests and CLI tools switch paths)."""
+    for another path closes the previous one (only tests and CLI tools switch paths). The
+    first caller's server settings are the session's. chdb is imported here, not at module
+    level: a flow writing to a ClickHouse server never maps chdb's ~230 MB library."""
     from chdb import session
 
     with _chdb_lock:
@@ -63,7 +82,8 @@ def _chdb_session(path: str):
                 old.close()
             _chdb_sessions.clear()
             Path(path).mkdir(parents=True, exist_ok=True)
-            _chdb_sessions[path] = session.Session(path)
+            query = urlencode(sorted((server_settings or {}).items()))
+            _chdb_sessions[path] = session.Session(f"{path}?{query}" if query else path)
         return _chdb_sessions[path]
 
 
@@ -84,7 +104,7 @@ class ClickHouse:
         self.embedded = parsed.scheme == "chdb"
         self._columns: dict[str, tuple[str, ...]] = {}
         if self.embedded:
-            self._session = _chdb_session(str(Path(unquote(url[len("chdb://"):])).resolve()))
+            self._session = _chdb_session(*chdb_location(url))
         else:
             from clickhouse_driver import Client
 

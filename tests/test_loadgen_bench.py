@@ -124,10 +124,13 @@ def test_bench_stages_names_the_slowest_stage():
 @pytest.mark.integration
 def test_bench_e2e_backlog_drains_every_event():
     result = run_cli("bench", "e2e", "--backlog", "2000", "--processes", "2", "--partitions", "4",
-                     "--stages-sample", "200", "--flow", "ops.launch:ingest")
+                     "--stages-sample", "200", "--flow", "ops.launch:ingest", "--chdb-settings",
+                     "mark_cache_size=67108864")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["events"] == 2000 and report["flow"] == "ops.launch:ingest"
+    assert report["clickhouse"] == "chdb" and report["chdb_mapped_per_process"] == [True, True]
+    assert "server_cpu_us_per_event" not in report and "embedded chdb" in result.stderr
     assert report["full_gc_collections"] >= 0
     assert 0 < report["timed_events"] <= 2000
     for key in ("drain_events_per_s", "cpu_us_per_event", "stages_us_per_event"):

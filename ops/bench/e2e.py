@@ -3,7 +3,11 @@ traffic: sustained events/s, consumer lag over time, freshness p50/p99, peak RSS
 process and CPU seconds per 1,000 events. The last line is one JSON object.
 
 With --backlog N the topic is filled first and the flow then drains it with nothing else
-running, which isolates the flow's own cost per event from the producer's."""
+running, which isolates the flow's own cost per event from the producer's.
+
+With --clickhouse server the flow processes write to one local clickhouse-server over the
+native protocol (as a deployment does) instead of each embedding chdb; the server's CPU is
+reported on its own and in the total, since it runs on the same cores."""
 
 from __future__ import annotations
 
@@ -44,12 +48,24 @@ def proc_usage(pid: int) -> tuple[float, float, float]:
     return cpu, rss_kb / 1024, peak_kb / 1024
 
 
+def maps_chdb(pid: int) -> bool:
+    """Whether chdb's library is mapped into the process (/proc/PID/maps): a flow writing to a
+    ClickHouse server must never load it (its code alone is ~230 MB of each process's RSS)."""
+    with open(f"/proc/{pid}/maps") as handle:
+        return any("chdb" in line.rsplit("/", 1)[-1] for line in handle if "/" in line)
+
+
 def consumed(snap: Snapshot) -> float:
     """Messages the flow has taken off the topic: decoded ones and undecodable ones."""
     decoded = snap.counters.get(("gatewatch_events", (("stage", "decoded"),)), 0)
     undecodable = sum(v for (name, labels), v in snap.counters.items()
                       if name == "gatewatch_dlq_records" and ("stage", "decode") in labels)
     return decoded + undecodable
+
+
+def clickhouse_rows(snap: Snapshot) -> float:
+    """Rows the flow's ClickHouse sink has written (the events table)."""
+    return snap.counters.get(("gatewatch_sink_rows", (("sink", "clickhouse"),)), 0)
 
 
 def full_gc_collections(snap: Snapshot) -> float:
@@ -86,6 +102,9 @@ class Flow:
     ports: list[int]
     peak_rss_mb: list[float] = field(default_factory=list)
     cpu_s: list[float] = field(default_factory=list)
+    server_pid: int | None = None
+    """The ClickHouse server the processes write to (--clickhouse server), measured apart."""
+    server_peak_rss_mb: float | None = None
 
     def snapshots(self) -> list[Snapshot]:
         from urllib.request import urlopen
@@ -112,8 +131,18 @@ class Flow:
         self.cpu_s = cpus
         return sum(cpus), rss
 
+    def server_cpu(self) -> float:
+        """CPU seconds of the ClickHouse server so far (0 with embedded chdb)."""
+        if self.server_pid is None:
+            return 0.0
+        cpu, _rss, self.server_peak_rss_mb = proc_usage(self.server_pid)
+        return cpu
+
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.processes)
+
+    def chdb_mapped(self) -> list[bool]:
+        return [maps_chdb(proc.pid) for proc in self.processes]
 
     def stop(self) -> None:
         for proc in self.processes:
@@ -130,10 +159,41 @@ class Flow:
 DEFAULT_FLOW = ENTRY_POINTS["ingest"]
 
 
+@dataclass(frozen=True)
+class ClickHouseTarget:
+    """Where the flow processes write: each its own embedded chdb under the bench's directory
+    (with server settings for its session), or one server they share."""
+
+    server: services.Service | None = None
+    chdb_settings: str = ""
+    """name=value&... appended to each chdb:// URL (sinks.clickhouse.chdb_location)."""
+
+    def url(self, root: Path, index: int) -> str:
+        if self.server is not None:
+            return self.server.address
+        return f"chdb://{root / f'chdb-{index}'}" + (f"?{self.chdb_settings}" if self.chdb_settings else "")
+
+    @property
+    def kind(self) -> str:
+        return "chdb" if self.server is None else "server"
+
+
+def start_clickhouse_server(root: Path, settings: Settings) -> services.Service:
+    """A clickhouse-server for the bench, migrated: a flow creates only an embedded database."""
+    from ops.migrate import clickhouse_databases, migrate_clickhouse
+
+    server = services.start_clickhouse(root / "clickhouse")
+    on_server = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(
+        update={"url": server.address})})
+    for database in clickhouse_databases(on_server):
+        migrate_clickhouse(on_server, database)
+    return server
+
+
 def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: int,
-               flow_target: str = DEFAULT_FLOW) -> Flow:
+               flow_target: str = DEFAULT_FLOW, clickhouse: ClickHouseTarget = ClickHouseTarget()) -> Flow:
     """`processes` independent flow processes, each reading its own share of the partitions
-    (see kafka.only_partitions), with its own embedded ClickHouse and metrics port."""
+    (see kafka.only_partitions), with its own metrics port and ClickHouse (clickhouse.url)."""
     ports = [services.free_port() for _ in range(processes)]
     procs = []
     for index in range(processes):
@@ -141,10 +201,10 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
         share = ",".join(str(p) for p in range(index, partitions, processes))
         proc_env = process_env({**env, "PYTHONFAULTHANDLER": "1", "GATEWATCH_METRICS__PORT": str(ports[index]),
                                 "GATEWATCH_KAFKA__ONLY_PARTITIONS": share,
-                                "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / f'chdb-{index}'}"})
+                                "GATEWATCH_CLICKHOUSE__URL": clickhouse.url(root, index)})
         log = open(root / f"flow-{index}.log", "wb")
         procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
-    return Flow(procs, ports)
+    return Flow(procs, ports, server_pid=clickhouse.server.pid if clickhouse.server else None)
 
 
 def wait_for(predicate, timeout_s: float, flow: Flow, what: str) -> None:
@@ -192,9 +252,19 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--profile-dir", type=click.Path(file_okay=False),
               help="With --backlog: py-spy records each flow process (native frames, collapsed stacks) from the "
                    "first consumed events to the end of the drain, into flow-<i>.txt here.")
+@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "server"]), default="chdb",
+              show_default=True,
+              help="Embedded chdb in each flow process, or one local clickhouse-server over the native protocol.")
+@click.option("--drain-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds the flow may take to catch up after the load; past them the figures so far are printed"
+                   " and the bench fails.")
+@click.option("--chdb-settings", default="", metavar="NAME=VALUE&...",
+              help="ClickHouse server settings of each embedded chdb session, e.g. mark_cache_size=67108864.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep, backlog, stages_sample, flow_target, profile_dir) -> None:
-    """Run loadgen and the ingest flow against a local broker, Redis and embedded ClickHouse."""
+        keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout, chdb_settings) -> None:
+    """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
+    if chdb_settings and clickhouse_kind != "chdb":
+        raise click.UsageError("--chdb-settings applies to --clickhouse chdb only")
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings()
@@ -206,14 +276,20 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         redis_server = services.start_redis(root / "redis")
         started.append(redis_server)
         migrate_kafka(settings.kafka.model_copy(update={"bootstrap": kafka.address, "partitions": partitions}))
+        clickhouse = ClickHouseTarget(chdb_settings=chdb_settings)
+        if clickhouse_kind == "server":
+            clickhouse = ClickHouseTarget(server=start_clickhouse_server(root, settings))
+            started.append(clickhouse.server)
+            click.echo(f"bench: clickhouse-server {clickhouse.server.extra.get('version')} at "
+                       f"{clickhouse.server.address}", err=True)
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
             drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample,
-                          flow_target, Path(profile_dir) if profile_dir else None)
+                          flow_target, clickhouse, Path(profile_dir) if profile_dir else None)
             return
-        flow = start_flow(env, root, processes, workers, partitions, flow_target)
+        flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
                    err=True)
 
@@ -224,6 +300,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         wait_for(lambda: consumed(flow.snapshot()) >= warm_sent, 180, flow, "the warm-up events")
         base = flow.snapshot()
         base_cpu, _ = flow.usage()
+        base_server_cpu = flow.server_cpu()
 
         extra = ["--users", str(users), "--burst-factor", str(burst_factor), "--burst-every", str(burst_every),
                  "--burst-seconds", str(burst_seconds)]
@@ -231,7 +308,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         load = loadgen(env, rate, duration, status_file, extra)
         timeline = []
         load_started = load_finished = None
-        budget_s = 2 * duration + 600
+        budget_s = 2 * duration + drain_timeout + 300
+        drained = True
         give_up_at = time.monotonic() + budget_s
         while True:
             time.sleep(1.0)
@@ -264,32 +342,43 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             if load.poll() is not None:
                 if lag == 0:
                     break
-                if time.monotonic() - load_finished > 300:
-                    raise click.ClickException("the flow did not drain the topic within 300 s of the load ending")
+                if time.monotonic() - load_finished > drain_timeout:
+                    drained = False  # reported below with the lag left, then an error
+                    break
         finished = time.monotonic()
         load_report = json.loads(load.communicate()[0].splitlines()[-1])
         final = flow.snapshot()
         cpu, _ = flow.usage()
+        server_cpu = flow.server_cpu() - base_server_cpu
+        chdb_mapped = flow.chdb_mapped()
         events = consumed(final) - consumed(base)
         load_seconds = load_report["seconds"]
         in_load = [row for row in timeline if row["t"] <= load_seconds]
         result = {
             "rate": rate, "duration_s": duration, "burst_factor": burst_factor, "burst_every_s": burst_every,
             "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
-            "offered_events_per_s": load_report["events_per_s"],
+            "clickhouse": clickhouse.kind, "offered_events_per_s": load_report["events_per_s"],
             "sustained_events_per_s": round((in_load[-1]["consumed"] if in_load else events) / load_seconds, 1),
             "drain_s": round(finished - (load_finished or finished), 1),
             "events": int(events),
             "max_lag": max((row["lag"] for row in timeline), default=0),
+            "drained": drained, "lag_left": timeline[-1]["lag"] if timeline else 0,
             "freshness_p50_s": _round(freshness_delta(base, final, 0.5)),
             "freshness_p99_s": _round(freshness_delta(base, final, 0.99)),
             "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
             "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
+            "chdb_mapped_per_process": chdb_mapped,
+            **server_figures(flow, server_cpu / max(events, 1) * 1000, (cpu - base_cpu + server_cpu) / max(events, 1)
+                             * 1000, "cpu_s_per_1000_events", 3),
             "lag_timeline": [(row["t"], row["lag"]) for row in timeline[::max(1, len(timeline) // 30)]],
         }
         click.echo(render(result), err=True)
         click.echo(json.dumps(result))
+        if not drained:
+            raise click.ClickException(f"the flow did not drain the topic within {drain_timeout:g} s of the load "
+                                       f"ending ({result['lag_left']:,} messages left; freshness counts only the "
+                                       "events written)")
     finally:
         if load is not None and load.poll() is None:
             load.kill()
@@ -299,9 +388,19 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             service.stop()
 
 
+def server_figures(flow: Flow, server_per_event: float, total_per_event: float, unit: str,
+                   digits: int) -> dict[str, float]:
+    """The ClickHouse server's share of a result (nothing with embedded chdb): its own CPU,
+    flow plus server, and its peak resident memory."""
+    if flow.server_pid is None:
+        return {}
+    return {f"server_{unit}": round(server_per_event, digits), f"total_{unit}": round(total_per_event, digits),
+            "server_peak_rss_mb": round(flow.server_peak_rss_mb or 0, 1)}
+
+
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
                   partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW,
-                  profile_dir: Path | None = None) -> None:
+                  clickhouse: ClickHouseTarget = ClickHouseTarget(), profile_dir: Path | None = None) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
@@ -313,7 +412,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         raise click.ClickException(f"loadgen could not fill the backlog (exit {fill.returncode}, {fill_report})")
     click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
                f"{partitions} partitions; logs in {root}", err=True)
-    flow = start_flow(env, root, processes, workers, partitions, flow_target)
+    flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
     profilers: list[subprocess.Popen] = []
     try:
         launched = time.monotonic()
@@ -336,7 +435,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             done = consumed(snap)
             cpu, rss = flow.usage()
             if start is None and done > 0:
-                start = (time.monotonic(), done, cpu, snap)
+                start = (time.monotonic(), done, cpu, snap, flow.server_cpu())
                 cpu_at_start = list(flow.cpu_s)
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
@@ -347,18 +446,28 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         finished = time.monotonic()
         cpu, _ = flow.usage()
         per_process = flow.consumed_per_process()
+        server_cpu = flow.server_cpu()
+        chdb_mapped = flow.chdb_mapped()
+        # The last ClickHouse batch waits up to clickhouse.max_age_s; a flow stopped before
+        # it is written would leave it to recovery. Not timed: the drain is over.
+        wait_for(lambda: clickhouse_rows(flow.snapshot()) >= fill_report["valid"], 60, flow,
+                 "the last ClickHouse batch")
     finally:
         stop_profilers(profilers)
         flow.stop()
-    started_at, consumed_before, cpu_before, first = start
+    stored = stored_events(clickhouse, settings)
+    started_at, consumed_before, cpu_before, first, server_cpu_before = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
-        started_at, consumed_before, cpu_before, first = launched, 0.0, 0.0, None
+        started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
         cpu_at_start = [0.0] * processes
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
+    server_us = (server_cpu - server_cpu_before) / timed_events * 1e6
     result = {
         "backlog": backlog, "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions,
+        "clickhouse": clickhouse.kind, "valid_events": fill_report["valid"],
+        **({"clickhouse_events": stored} if stored is not None else {}),
         "events": int(done), "timed_events": int(timed_events),
         "drain_s": round(finished - started_at, 2),
         "drain_events_per_s": round(timed_events / (finished - started_at), 1),
@@ -373,6 +482,8 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         # left, its core went to other processes (or it waited on a sink).
         "cpu_share_per_process": [round((end - begin) / (finished - started_at), 2)
                                   for begin, end in zip(cpu_at_start, flow.cpu_s)],
+        "chdb_mapped_per_process": chdb_mapped,
+        **server_figures(flow, server_us, cpu_us + server_us, "cpu_us_per_event", 1),
     }
     if profile_dir is not None:
         from ops.bench.profile import summarize_file
@@ -408,6 +519,18 @@ def stop_profilers(profilers: list[subprocess.Popen]) -> None:
             profiler.wait()
 
 
+def stored_events(clickhouse: ClickHouseTarget, settings: Settings) -> int | None:
+    """Distinct events in the server's events table after the flows stopped (None with chdb,
+    whose databases only their own process can open): nothing lost on the way."""
+    if clickhouse.server is None:
+        return None
+    from sinks.clickhouse import ClickHouse
+
+    client = ClickHouse(clickhouse.server.address, settings.clickhouse.database)
+    (count,), = client.rows(f"SELECT count() FROM {settings.clickhouse.database}.events FINAL")
+    return int(count)
+
+
 def stages_us_per_event(settings: Settings, sample: int, users: int, chdb_dir: Path) -> float:
     """`bench stages`' sum over stages on loadgen events of the same shape, in CPU seconds of
     this process (all threads, as for the flow), so a busy machine does not inflate it; best
@@ -429,10 +552,21 @@ def render_backlog(r: dict) -> str:
         ("events per process", " / ".join(f"{n:,}" for n in r["events_per_process"])),
         ("CPU share per process", " / ".join(f"{share:.2f} of a core" for share in r["cpu_share_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+        *server_rows(r, "cpu_us_per_event", "µs per event"),
     ]
     for index, shares in enumerate(r.get("profile_shares", [])):
         rows.append((f"profile, process {index}", ", ".join(f"{name} {share:.0%}" for name, share in shares.items())))
     return "\n".join(f"  {name:<22}{value}" for name, value in rows)
+
+
+def server_rows(r: dict, unit: str, label: str) -> list[tuple[str, str]]:
+    if f"server_{unit}" not in r:
+        return [("clickhouse", "embedded chdb in each flow process")]
+    rows = [("clickhouse server CPU", f"{r[f'server_{unit}']:g} {label}; flow + server {r[f'total_{unit}']:g}"),
+            ("clickhouse server RSS", f"peak {r['server_peak_rss_mb']:.0f} MB")]
+    if "clickhouse_events" in r:
+        rows.append(("clickhouse events", f"{r['clickhouse_events']:,} stored of {r['valid_events']:,} valid sent"))
+    return rows
 
 
 def _round(value: float | None) -> float | None:
@@ -450,6 +584,7 @@ def render(r: dict) -> str:
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("CPU per 1,000 events", f"{r['cpu_s_per_1000_events']:.3f} s"),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+        *server_rows(r, "cpu_s_per_1000_events", "CPU s per 1,000 events"),
     ]
     lag = "  ".join(f"{t:g}s:{lag}" for t, lag in r["lag_timeline"])
     return "\n".join(f"  {name:<22}{value}" for name, value in rows) + f"\n  lag over time: {lag}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,8 @@ def start_clickhouse(
         def probe() -> None:
             from clickhouse_driver import Client
 
+            # The driver logs a traceback for every refused connection: knock first, quietly.
+            socket.create_connection((service.host, service.port), timeout=2).close()
             client = Client(host=service.host, port=service.port, connect_timeout=2,
                             send_receive_timeout=5, sync_request_timeout=5)
             try:
