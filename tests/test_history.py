@@ -69,6 +69,11 @@ def test_two_simulated_days_keep_every_token_once_and_expire_what_they_outgrew(t
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["days"] == 2 and report["events"] == 1000
     assert len(report["redis_bytes_by_day"]) == len(report["query_ms_by_day"]) == 2
+    # What each question is planned to read is reported next to its latency.
+    for reads in report["query_reads_by_day"]:
+        assert set(reads) == {"org_day", "user_month", "top_models_month"}
+        assert all(parts >= 1 and marks >= 1 and rows >= 1 for parts, rows, marks in reads.values()), reads
+    assert report["clickhouse_rows_by_table"]["usage_monthly"][-1] > 0
     assert report["clickhouse_rows_by_table"]["events"] == [500, 1000]
     assert report["projection"]["redis_bytes_per_daily_active_user"] > 0
     assert report["quota_month_mismatches_by_day"] == [0, 0]

@@ -109,6 +109,16 @@ def timed_ms(client: ClickHouse, queries: dict[str, str], rounds: int = 7) -> di
     return {name: round(ms, 1) for name, ms in best.items()}
 
 
+def planned_reads(client: ClickHouse, queries: dict[str, str]) -> dict[str, list[int]]:
+    """[parts, rows, marks] each query is planned to read (EXPLAIN ESTIMATE), summed over its
+    tables: what its latency follows once the fixed cost of a query is paid."""
+    reads = {}
+    for name, sql in queries.items():
+        estimates = client.rows(f"EXPLAIN ESTIMATE {sql}")
+        reads[name] = [sum(int(row[column]) for row in estimates) for column in (2, 3, 4)]
+    return reads
+
+
 def dashboard_queries(db: str, day_s: int, org: str, user: str) -> dict[str, str]:
     """The questions a usage dashboard asks most: one org's day, one user's month to date,
     the top models of the month."""
@@ -178,7 +188,7 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
                         "billing_events": 0, "redis_bytes_by_day": [], "redis_keys_by_day": [],
                         "clickhouse_rows_by_table": {}, "clickhouse_bytes_by_table": {}, "parquet_bytes_by_day": [],
                         "query_ms_by_day": [], "month_active_users_by_day": [], "active_users_by_day": [],
-                        "quota_month_mismatches_by_day": [], "refresh_s_by_day": []}
+                        "quota_month_mismatches_by_day": [], "refresh_s_by_day": [], "query_reads_by_day": []}
         seen_month, month_users = None, set()
         for day in range(days):
             day_start = first_day + day * DAY_S
@@ -228,6 +238,7 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
             sample = events[len(events) // 2]
             queries = dashboard_queries("history", day_start, sample["org_id"], sample["user_id"])
             report["query_ms_by_day"].append(timed_ms(clickhouse, queries))
+            report["query_reads_by_day"].append(planned_reads(clickhouse, queries))
             for name in SIZED_TABLES:
                 rows, size = sizes.get(name, (0, 0))
                 report["clickhouse_rows_by_table"].setdefault(name, []).append(rows)
@@ -239,7 +250,8 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
                   + f"  refresh {report['refresh_s_by_day'][-1]:.1f} s"
                   + f"  parquet {report['parquet_bytes_by_day'][-1] / 1e6:.1f} MB  quota month mismatches "
                   + f"{report['quota_month_mismatches_by_day'][-1]}  queries ms "
-                  + json.dumps(report["query_ms_by_day"][-1]), file=sys.stderr, flush=True)
+                  + json.dumps(report["query_ms_by_day"][-1]) + "  planned [parts, rows, marks] "
+                  + json.dumps(report["query_reads_by_day"][-1]), file=sys.stderr, flush=True)
         close_chdb()
         return report
     finally:
