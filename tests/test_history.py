@@ -73,7 +73,6 @@ def test_two_simulated_days_keep_every_token_once_and_expire_what_they_outgrew(t
     for reads in report["query_reads_by_day"]:
         assert set(reads) == {"org_day", "user_month", "top_models_month"}
         assert all(parts >= 1 and marks >= 1 and rows >= 1 for parts, rows, marks in reads.values()), reads
-    assert report["clickhouse_rows_by_table"]["usage_monthly"][-1] > 0
     assert report["clickhouse_rows_by_table"]["events"] == [500, 1000]
     assert report["projection"]["redis_bytes_per_daily_active_user"] > 0
     assert report["quota_month_mismatches_by_day"] == [0, 0]
