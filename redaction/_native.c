@@ -1,0 +1,557 @@
+/* Native half of the fast redaction tier: the gate's match callback and the window loop.
+
+   `engine.Redactor._hit_sink` (Python) and `HitSink` (here) must give the same windows,
+   name positions and status for every text; tests/test_redaction_native.py runs both on the
+   corpora and on fuzzed strings. The Python code stays the reference and the fallback: keep
+   the two in step when either changes.
+
+   Per text: hyperscan calls the sink once per gate hit (in end order). A detector hit opens
+   the window [end - pad_before, last_end + pad_after] of its detector or extends that
+   detector's last window; a name-word, cue or weak-cue hit becomes a character position for
+   the names tier. Then `find` runs each detector's finder (Python) on its merged windows. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <structmember.h>
+
+enum { KIND_DETECTOR = 0, KIND_WORD = 1, KIND_CUE = 2, KIND_WEAK = 3, KIND_RUN = 4 };
+
+/* ---- Tables: what each gate pattern id means; built once per Redactor, read-only after. */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t patterns;
+    unsigned char *kind;
+    Py_ssize_t *payload;   /* detector index (detector, run) or literal length (word) */
+    PyObject *cues;        /* tuple: the cue phrase of each pattern id (None for others) */
+    Py_ssize_t detectors;
+    Py_ssize_t *pad_before;
+    Py_ssize_t *pad_after;
+    Py_ssize_t limit;      /* hits at which the scan stops (Gate.max_hits) */
+} Tables;
+
+typedef struct {
+    Py_ssize_t count, capacity;
+    Py_ssize_t *bounds;    /* lo, hi pairs (byte offsets, before clamping) */
+} Windows;
+
+typedef struct {
+    PyObject_HEAD
+    Tables *tables;
+    PyObject *text;
+    PyObject *data;
+    const unsigned char *buf;
+    Py_ssize_t size;
+    int ascii_only;
+    int surrogates;        /* the bytes hold surrogatepass-encoded surrogates (invalid UTF-8) */
+    Py_ssize_t hits;
+    Py_ssize_t previous;
+    int too_many, out_of_order, any;
+    Windows *windows;      /* one per detector */
+    Py_ssize_t *order;     /* detector indexes in the order of their first hit */
+    Py_ssize_t opened;
+    PyObject *given_words, *cue_ends, *weak_starts;
+} Sink;
+
+static PyTypeObject TablesType;
+static PyTypeObject SinkType;
+
+static void tables_dealloc(Tables *self) {
+    PyMem_Free(self->kind);
+    PyMem_Free(self->payload);
+    PyMem_Free(self->pad_before);
+    PyMem_Free(self->pad_after);
+    Py_XDECREF(self->cues);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Tables(kinds, pads, limit): kinds a sequence of (kind, payload) per gate pattern id, with
+   payload the detector index (detector, run), the literal's length in bytes (word), the cue
+   phrase (cue) or None (weak cue); pads a sequence of (pad_before, pad_after) per detector. */
+static PyObject *tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *kinds, *pads;
+    Py_ssize_t limit;
+    static char *names[] = {"kinds", "pads", "limit", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn", names, &kinds, &pads, &limit))
+        return NULL;
+    PyObject *kinds_seq = PySequence_Fast(kinds, "kinds must be a sequence");
+    if (kinds_seq == NULL)
+        return NULL;
+    PyObject *pads_seq = PySequence_Fast(pads, "pads must be a sequence");
+    if (pads_seq == NULL) {
+        Py_DECREF(kinds_seq);
+        return NULL;
+    }
+    Tables *self = (Tables *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        goto fail;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(kinds_seq);
+    Py_ssize_t d = PySequence_Fast_GET_SIZE(pads_seq);
+    self->patterns = n;
+    self->detectors = d;
+    self->limit = limit;
+    self->kind = PyMem_Calloc(n ? n : 1, 1);
+    self->payload = PyMem_Calloc(n ? n : 1, sizeof(Py_ssize_t));
+    self->pad_before = PyMem_Calloc(d ? d : 1, sizeof(Py_ssize_t));
+    self->pad_after = PyMem_Calloc(d ? d : 1, sizeof(Py_ssize_t));
+    self->cues = PyTuple_New(n);
+    if (!self->kind || !self->payload || !self->pad_before || !self->pad_after || !self->cues) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(kinds_seq, i);
+        PyObject *kind_obj, *payload;
+        if (!PyArg_ParseTuple(item, "OO", &kind_obj, &payload))
+            goto fail;
+        long kind = PyLong_AsLong(kind_obj);
+        if (kind == -1 && PyErr_Occurred())
+            goto fail;
+        if (kind < KIND_DETECTOR || kind > KIND_RUN) {
+            PyErr_Format(PyExc_ValueError, "unknown gate pattern kind %ld", kind);
+            goto fail;
+        }
+        self->kind[i] = (unsigned char)kind;
+        PyObject *cue = Py_None;
+        if (kind == KIND_CUE) {
+            cue = payload;
+        } else if (kind != KIND_WEAK) {
+            Py_ssize_t value = PyLong_AsSsize_t(payload);
+            if (value == -1 && PyErr_Occurred())
+                goto fail;
+            if (kind != KIND_WORD && (value < 0 || value >= d)) {
+                PyErr_SetString(PyExc_ValueError, "detector index out of range");
+                goto fail;
+            }
+            self->payload[i] = value;
+        }
+        Py_INCREF(cue);
+        PyTuple_SET_ITEM(self->cues, i, cue);
+    }
+    for (Py_ssize_t i = 0; i < d; i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(pads_seq, i), "nn", &self->pad_before[i], &self->pad_after[i]))
+            goto fail;
+    }
+    Py_DECREF(kinds_seq);
+    Py_DECREF(pads_seq);
+    return (PyObject *)self;
+fail:
+    Py_DECREF(kinds_seq);
+    Py_DECREF(pads_seq);
+    Py_XDECREF(self);
+    return NULL;
+}
+
+/* ---- Sink ---------------------------------------------------------------------------- */
+
+static int sink_clear(Sink *self) {
+    Py_CLEAR(self->tables);
+    Py_CLEAR(self->text);
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->given_words);
+    Py_CLEAR(self->cue_ends);
+    Py_CLEAR(self->weak_starts);
+    return 0;
+}
+
+static void sink_dealloc(Sink *self) {
+    if (self->windows != NULL) {
+        Py_ssize_t detectors = self->tables ? self->tables->detectors : 0;
+        for (Py_ssize_t i = 0; i < detectors; i++)
+            PyMem_Free(self->windows[i].bounds);
+        PyMem_Free(self->windows);
+    }
+    PyMem_Free(self->order);
+    sink_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* tables.sink(text, data): a new sink for one text; data is text.encode("utf-8", "surrogatepass"). */
+static PyObject *tables_sink(Tables *tables, PyObject *args) {
+    PyObject *text, *data;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
+        return NULL;
+    Sink *self = PyObject_New(Sink, &SinkType);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(tables);
+    self->tables = tables;
+    Py_INCREF(text);
+    self->text = text;
+    Py_INCREF(data);
+    self->data = data;
+    self->buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    self->size = PyBytes_GET_SIZE(data);
+    self->ascii_only = self->size == PyUnicode_GET_LENGTH(text);
+    self->surrogates = 0;
+    if (!self->ascii_only) {
+        for (Py_ssize_t i = 0; i + 1 < self->size; i++) {
+            if (self->buf[i] == 0xED && self->buf[i + 1] >= 0xA0) {
+                self->surrogates = 1;
+                break;
+            }
+        }
+    }
+    self->hits = 0;
+    self->previous = 0;
+    self->too_many = self->out_of_order = self->any = 0;
+    self->opened = 0;
+    self->windows = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Windows));
+    self->order = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Py_ssize_t));
+    self->given_words = PyList_New(0);
+    self->cue_ends = PyList_New(0);
+    self->weak_starts = PyList_New(0);
+    if (!self->windows || !self->order || !self->given_words || !self->cue_ends || !self->weak_starts) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+/* len(data[:offset].decode("utf-8", "ignore")): the character offset of a byte offset. */
+static Py_ssize_t to_char(Sink *self, Py_ssize_t offset) {
+    Py_ssize_t size = self->size;
+    if (offset < 0) {
+        offset += size;
+        if (offset < 0)
+            offset = 0;
+    }
+    if (offset > size)
+        offset = size;
+    if (self->ascii_only)
+        return offset;
+    if (self->surrogates) {
+        /* Invalid UTF-8 in the bytes: let the decoder itself say what "ignore" keeps. */
+        PyObject *decoded = PyUnicode_DecodeUTF8((const char *)self->buf, offset, "ignore");
+        if (decoded == NULL)
+            return -1;
+        Py_ssize_t length = PyUnicode_GET_LENGTH(decoded);
+        Py_DECREF(decoded);
+        return length;
+    }
+    /* Valid UTF-8: one character per lead byte, less a last character cut by the offset. */
+    const unsigned char *buf = self->buf;
+    Py_ssize_t chars = 0, last_lead = -1;
+    for (Py_ssize_t i = 0; i < offset; i++) {
+        if ((buf[i] & 0xC0) != 0x80) {
+            chars++;
+            last_lead = i;
+        }
+    }
+    if (last_lead >= 0) {
+        unsigned char lead = buf[last_lead];
+        Py_ssize_t length = lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
+        if (last_lead + length > offset)
+            chars--;
+    }
+    return chars;
+}
+
+static int word_byte(unsigned char b) {
+    return b >= 0x80 || (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_';
+}
+
+static int append_position(PyObject *list, Py_ssize_t position) {
+    PyObject *value = PyLong_FromSsize_t(position);
+    if (value == NULL)
+        return -1;
+    int rc = PyList_Append(list, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+static int open_window(Sink *self, Py_ssize_t detector, Py_ssize_t lo, Py_ssize_t hi) {
+    Windows *mine = &self->windows[detector];
+    if (mine->count > 0) {
+        Py_ssize_t *last = &mine->bounds[2 * (mine->count - 1)];
+        if (lo <= last[1]) {
+            if (hi > last[1])
+                last[1] = hi;
+            return 0;
+        }
+    } else {
+        self->order[self->opened++] = detector;
+    }
+    if (mine->count == mine->capacity) {
+        Py_ssize_t capacity = mine->capacity ? 2 * mine->capacity : 4;
+        Py_ssize_t *bounds = PyMem_Realloc(mine->bounds, 2 * capacity * sizeof(Py_ssize_t));
+        if (bounds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        mine->bounds = bounds;
+        mine->capacity = capacity;
+    }
+    mine->bounds[2 * mine->count] = lo;
+    mine->bounds[2 * mine->count + 1] = hi;
+    mine->count++;
+    return 0;
+}
+
+/* One gate hit: (pattern_id, start, end, flags, context) as hyperscan's binding passes it.
+   Returns True to stop the scan. */
+static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "the sink takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 3) {
+        PyErr_SetString(PyExc_TypeError, "the sink takes (pattern_id, start, end, flags, context)");
+        return NULL;
+    }
+    Py_ssize_t pattern_id = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 0));
+    if (pattern_id == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 2));
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    Tables *tables = self->tables;
+    self->hits++;
+    if (self->hits >= tables->limit) {
+        self->too_many = 1;
+        Py_RETURN_TRUE;  /* stop: the caller runs every detector on the whole text */
+    }
+    if (pattern_id < 0 || pattern_id >= tables->patterns) {
+        PyErr_SetString(PyExc_IndexError, "gate pattern id out of range");
+        return NULL;
+    }
+    if (end < 0 || end > self->size) {
+        PyErr_SetString(PyExc_IndexError, "gate hit outside the text");
+        return NULL;
+    }
+    const unsigned char *buf = self->buf;
+    int kind = tables->kind[pattern_id];
+    Py_ssize_t payload = tables->payload[pattern_id];
+    if (kind == KIND_WORD) {
+        Py_ssize_t start = end - payload;
+        if (start > 0 && word_byte(buf[start - 1]))
+            Py_RETURN_FALSE;  /* "Anna" inside "Hanna" */
+        if (end < self->size && word_byte(buf[end]))
+            Py_RETURN_FALSE;  /* "Ann" in "Announcement" */
+        Py_ssize_t at = to_char(self, start);
+        if (at < 0 || append_position(self->given_words, at) < 0)
+            return NULL;
+        self->any = 1;
+        Py_RETURN_FALSE;
+    }
+    if (end < self->previous) {
+        self->out_of_order = 1;
+        Py_RETURN_TRUE;
+    }
+    self->previous = end;
+    self->any = 1;
+    if (kind == KIND_DETECTOR || kind == KIND_RUN) {
+        Py_ssize_t last_end = end;
+        if (kind == KIND_RUN) {  /* the run gate's extension: \d* (ASCII digits: a bytes pattern) */
+            while (last_end < self->size && buf[last_end] >= '0' && buf[last_end] <= '9')
+                last_end++;
+        }
+        if (open_window(self, payload, end - tables->pad_before[payload], last_end + tables->pad_after[payload]) < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
+    Py_ssize_t at = to_char(self, buf[last] < 0x80 ? end - 1 : end - 2);
+    if (at < 0)
+        return NULL;
+    if (kind == KIND_CUE) {
+        PyObject *pair = Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(tables->cues, pattern_id));
+        if (pair == NULL)
+            return NULL;
+        int rc = PyList_Append(self->cue_ends, pair);
+        Py_DECREF(pair);
+        if (rc < 0)
+            return NULL;
+    } else if (append_position(self->weak_starts, at) < 0) {
+        return NULL;
+    }
+    Py_RETURN_FALSE;
+}
+
+/* sink.find(finders, names, tagged, found): for each detector in the order of its first hit,
+   finder(text, lo, hi) on each merged window (character offsets, clamped to the text), and
+   found.extend(tagged(spans, name)) for the windows that hold spans. Returns found. */
+static PyObject *sink_find(Sink *self, PyObject *args) {
+    PyObject *finders, *names, *tagged, *found;
+    if (!PyArg_ParseTuple(args, "O!O!OO!", &PyList_Type, &finders, &PyList_Type, &names, &tagged,
+                          &PyList_Type, &found))
+        return NULL;
+    Py_ssize_t detectors = self->tables->detectors;
+    if (PyList_GET_SIZE(finders) != detectors || PyList_GET_SIZE(names) != detectors) {
+        PyErr_SetString(PyExc_ValueError, "one finder and one name per detector");
+        return NULL;
+    }
+    Py_ssize_t chars = PyUnicode_GET_LENGTH(self->text);
+    for (Py_ssize_t k = 0; k < self->opened; k++) {
+        Py_ssize_t detector = self->order[k];
+        Windows *mine = &self->windows[detector];
+        PyObject *finder = PyList_GET_ITEM(finders, detector);
+        for (Py_ssize_t w = 0; w < mine->count; w++) {
+            Py_ssize_t lo = mine->bounds[2 * w], hi = mine->bounds[2 * w + 1];
+            Py_ssize_t char_lo = to_char(self, lo > 0 ? lo : 0);
+            Py_ssize_t char_hi = to_char(self, hi < self->size ? hi : self->size);
+            if (char_lo < 0 || char_hi < 0)
+                return NULL;
+            if (char_hi > chars)
+                char_hi = chars;
+            PyObject *spans = PyObject_CallFunction(finder, "Onn", self->text, char_lo, char_hi);
+            if (spans == NULL)
+                return NULL;
+            int holds = PyObject_IsTrue(spans);
+            if (holds < 0) {
+                Py_DECREF(spans);
+                return NULL;
+            }
+            if (holds) {  /* (most windows hold nothing) */
+                PyObject *tagged_spans = PyObject_CallFunctionObjArgs(tagged, spans, PyList_GET_ITEM(names, detector), NULL);
+                Py_DECREF(spans);
+                if (tagged_spans == NULL)
+                    return NULL;
+                Py_ssize_t at = PyList_GET_SIZE(found);
+                int rc = PyList_SetSlice(found, at, at, tagged_spans);
+                Py_DECREF(tagged_spans);
+                if (rc < 0)
+                    return NULL;
+            } else {
+                Py_DECREF(spans);
+            }
+        }
+    }
+    Py_INCREF(found);
+    return found;
+}
+
+/* The merged windows as the Python sink builds them: {detector index: [[lo, hi], ...]} in the
+   order of each detector's first hit (for tests and the sorted-hits path). */
+static PyObject *sink_windows(Sink *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < self->opened; k++) {
+        Py_ssize_t detector = self->order[k];
+        Windows *mine = &self->windows[detector];
+        PyObject *list = PyList_New(mine->count);
+        if (list == NULL)
+            goto fail;
+        for (Py_ssize_t w = 0; w < mine->count; w++) {
+            PyObject *pair = Py_BuildValue("[nn]", mine->bounds[2 * w], mine->bounds[2 * w + 1]);
+            if (pair == NULL) {
+                Py_DECREF(list);
+                goto fail;
+            }
+            PyList_SET_ITEM(list, w, pair);
+        }
+        PyObject *key = PyLong_FromSsize_t(detector);
+        if (key == NULL || PyDict_SetItem(out, key, list) < 0) {
+            Py_XDECREF(key);
+            Py_DECREF(list);
+            goto fail;
+        }
+        Py_DECREF(key);
+        Py_DECREF(list);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *sink_status(Sink *self, PyObject *Py_UNUSED(ignored)) {
+    return Py_BuildValue("[OOO]", self->too_many ? Py_True : Py_False, self->out_of_order ? Py_True : Py_False,
+                         self->any ? Py_True : Py_False);
+}
+
+static PyObject *sink_to_char(Sink *self, PyObject *arg) {
+    Py_ssize_t offset = PyLong_AsSsize_t(arg);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t chars = to_char(self, offset);
+    return chars < 0 ? NULL : PyLong_FromSsize_t(chars);
+}
+
+static PyObject *sink_get_given_words(Sink *self, void *closure) {
+    Py_INCREF(self->given_words);
+    return self->given_words;
+}
+
+static PyObject *sink_get_cue_ends(Sink *self, void *closure) {
+    Py_INCREF(self->cue_ends);
+    return self->cue_ends;
+}
+
+static PyObject *sink_get_weak_starts(Sink *self, void *closure) {
+    Py_INCREF(self->weak_starts);
+    return self->weak_starts;
+}
+
+static PyGetSetDef sink_getset[] = {
+    {"given_words", (getter)sink_get_given_words, NULL, "character offsets of given-name hits", NULL},
+    {"cue_ends", (getter)sink_get_cue_ends, NULL, "(character offset, cue) of cue hits", NULL},
+    {"weak_starts", (getter)sink_get_weak_starts, NULL, "character offsets of weak-cue hits", NULL},
+    {NULL},
+};
+
+static PyMemberDef sink_members[] = {
+    {"too_many", T_INT, offsetof(Sink, too_many), READONLY, "the scan stopped at the hit limit"},
+    {"out_of_order", T_INT, offsetof(Sink, out_of_order), READONLY, "a detector hit came before the previous one's end"},
+    {"any", T_INT, offsetof(Sink, any), READONLY, "any hit kept"},
+    {NULL},
+};
+
+static PyMethodDef sink_methods[] = {
+    {"find", (PyCFunction)sink_find, METH_VARARGS, "run the finders on the merged windows"},
+    {"windows", (PyCFunction)sink_windows, METH_NOARGS, "the merged windows per detector"},
+    {"status", (PyCFunction)sink_status, METH_NOARGS, "[too many hits, out of order, any hit]"},
+    {"to_char", (PyCFunction)sink_to_char, METH_O, "character offset of a byte offset"},
+    {NULL},
+};
+
+static PyTypeObject SinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "redaction._native.Sink",
+    .tp_basicsize = sizeof(Sink),
+    .tp_dealloc = (destructor)sink_dealloc,
+    .tp_call = (ternaryfunc)sink_call,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The gate's match callback for one text (see Tables.sink).",
+    .tp_methods = sink_methods,
+    .tp_members = sink_members,
+    .tp_getset = sink_getset,
+};
+
+static PyMethodDef tables_methods[] = {
+    {"sink", (PyCFunction)tables_sink, METH_VARARGS, "sink(text, data): the match callback for one text"},
+    {NULL},
+};
+
+static PyTypeObject TablesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "redaction._native.Tables",
+    .tp_basicsize = sizeof(Tables),
+    .tp_dealloc = (destructor)tables_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tables(kinds, pads, limit): what each gate pattern id means.",
+    .tp_methods = tables_methods,
+    .tp_new = tables_new,
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "redaction._native",
+    "Native gate-hit handling and window loop of the fast redaction tier.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&TablesType) < 0 || PyType_Ready(&SinkType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&native_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&TablesType);
+    if (PyModule_AddObject(module, "Tables", (PyObject *)&TablesType) < 0) {
+        Py_DECREF(&TablesType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
