@@ -7,5 +7,4 @@ test environment got the extension.
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("redaction._native", ["redaction/_native.c"], optional=True,
-                             extra_compile_args=["-O2"])])
+setup(ext_modules=[Extension("redaction._native", ["redaction/_native.c"], optional=True)])

@@ -536,9 +536,239 @@ static PyTypeObject TablesType = {
     .tp_new = tables_new,
 };
 
+
+/* ---- The phone candidate scan: PHONE_RE (redaction/patterns.py) as re matches it ----------
+
+   PHONE_RE, for reference (keep the two in step; tests compare them on the corpora and on
+   fuzzed strings):
+     (?=[(+\d])(?:(?<![\w+])(?:\(\+\d{1,3}\)[ \u00a0]?|\+)|(?<![\w.\-/+#])(?=[(\d]))
+     \(?\d{1,14}\)?(?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7}
+     (?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])
+   Every choice is tried in re's order (greedy counts from the most down, an optional part
+   with before without, alternatives left to right), so the first path that matches is re's
+   match. \d and \w are re's Unicode classes; lookbehinds see the text before the window,
+   lookaheads stop at its end (re's pos and endpos). */
+
+typedef struct {
+    int kind;
+    const void *data;
+    Py_ssize_t hi;         /* endpos */
+    Py_ssize_t ext_start;  /* of the successful path, -1 without an extension */
+} Scan;
+
+#define CH(s, i) PyUnicode_READ((s)->kind, (s)->data, (i))
+
+static int is_digit(Py_UCS4 c) { return Py_UNICODE_ISDECIMAL(c); }
+static int is_word(Py_UCS4 c) { return Py_UNICODE_ISALNUM(c) || c == '_'; }
+static int is_space(Py_UCS4 c) { return c == ' ' || c == 0xA0; }
+static int is_separator(Py_UCS4 c) { return c == ' ' || c == 0xA0 || c == '.' || c == '-' || c == '/'; }
+static int is_ascii_alnum(Py_UCS4 c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static Py_ssize_t digit_run(Scan *s, Py_ssize_t at, Py_ssize_t most) {
+    Py_ssize_t n = 0;
+    while (n < most && at + n < s->hi && is_digit(CH(s, at + n)))
+        n++;
+    return n;
+}
+
+/* (?![\w]|-[0-9A-Za-z]) at pos: the match ends here. */
+static Py_ssize_t phone_tail(Scan *s, Py_ssize_t pos) {
+    if (pos < s->hi) {
+        Py_UCS4 c = CH(s, pos);
+        if (is_word(c))
+            return -1;
+        if (c == '-' && pos + 1 < s->hi && is_ascii_alnum(CH(s, pos + 1)))
+            return -1;
+    }
+    return pos;
+}
+
+/* [ \u00a0]?\d{1,6} then the tail: the rest of the extension after its word. */
+static Py_ssize_t phone_ext_digits(Scan *s, Py_ssize_t pos) {
+    for (int space = 1; space >= 0; space--) {
+        Py_ssize_t at = pos;
+        if (space) {
+            if (at >= s->hi || !is_space(CH(s, at)))
+                continue;
+            at++;
+        }
+        for (Py_ssize_t k = digit_run(s, at, 6); k >= 1; k--) {
+            Py_ssize_t end = phone_tail(s, at + k);
+            if (end >= 0)
+                return end;
+        }
+    }
+    return -1;
+}
+
+static int text_at(Scan *s, Py_ssize_t pos, const char *word) {
+    for (Py_ssize_t i = 0; word[i]; i++) {
+        if (pos + i >= s->hi || CH(s, pos + i) != (Py_UCS4)(unsigned char)word[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* (?P<ext>...)? then the tail. */
+static Py_ssize_t phone_ext(Scan *s, Py_ssize_t pos) {
+    for (int space = 1; space >= 0; space--) {
+        Py_ssize_t at = pos;
+        if (space) {
+            if (at >= s->hi || !is_space(CH(s, at)))
+                continue;
+            at++;
+        }
+        Py_ssize_t end;
+        if (text_at(s, at, "x") && (end = phone_ext_digits(s, at + 1)) >= 0)
+            goto found;
+        if (text_at(s, at, "ext")) {
+            if (text_at(s, at + 3, ".") && (end = phone_ext_digits(s, at + 4)) >= 0)
+                goto found;
+            if ((end = phone_ext_digits(s, at + 3)) >= 0)
+                goto found;
+        }
+        if (text_at(s, at, "extension") && (end = phone_ext_digits(s, at + 9)) >= 0)
+            goto found;
+        if (text_at(s, at, "#") && (end = phone_ext_digits(s, at + 1)) >= 0)
+            goto found;
+        continue;
+    found:
+        s->ext_start = pos;
+        return end;
+    }
+    s->ext_start = -1;
+    return phone_tail(s, pos);
+}
+
+static Py_ssize_t phone_groups(Scan *s, Py_ssize_t pos, int done);
+
+/* \(?\d{1,most}\)? at pos, then the next group (or the end). */
+static Py_ssize_t phone_group(Scan *s, Py_ssize_t pos, Py_ssize_t most, int done) {
+    for (int open = 1; open >= 0; open--) {
+        Py_ssize_t at = pos;
+        if (open) {
+            if (at >= s->hi || CH(s, at) != '(')
+                continue;
+            at++;
+        }
+        for (Py_ssize_t k = digit_run(s, at, most); k >= 1; k--) {
+            Py_ssize_t after = at + k;
+            for (int close = 1; close >= 0; close--) {
+                Py_ssize_t next = after;
+                if (close) {
+                    if (next >= s->hi || CH(s, next) != ')')
+                        continue;
+                    next++;
+                }
+                Py_ssize_t end = phone_groups(s, next, done);
+                if (end >= 0)
+                    return end;
+            }
+        }
+    }
+    return -1;
+}
+
+/* (?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7} after `done` groups, then the
+   extension and the tail. */
+static Py_ssize_t phone_groups(Scan *s, Py_ssize_t pos, int done) {
+    if (done < 7) {
+        Py_ssize_t end;
+        if (pos < s->hi && is_separator(CH(s, pos))) {
+            if (pos + 1 < s->hi && is_separator(CH(s, pos + 1)) && (end = phone_group(s, pos + 2, 12, done + 1)) >= 0)
+                return end;
+            if ((end = phone_group(s, pos + 1, 12, done + 1)) >= 0)
+                return end;
+        }
+        if (pos > 0 && CH(s, pos - 1) == ')' && (end = phone_group(s, pos, 12, done + 1)) >= 0)
+            return end;
+        if (pos < s->hi && CH(s, pos) == '(' && (end = phone_group(s, pos, 12, done + 1)) >= 0)
+            return end;
+    }
+    return phone_ext(s, pos);
+}
+
+/* The end of PHONE_RE's match at pos, or -1. */
+static Py_ssize_t phone_match(Scan *s, Py_ssize_t pos) {
+    Py_UCS4 c = CH(s, pos);
+    if (!(c == '(' || c == '+' || is_digit(c)))
+        return -1;
+    Py_UCS4 before = pos > 0 ? CH(s, pos - 1) : 0;
+    Py_ssize_t end;
+    if (pos == 0 || !(is_word(before) || before == '+')) {
+        /* \(\+\d{1,3}\)[ \u00a0]? */
+        if (c == '(' && pos + 1 < s->hi && CH(s, pos + 1) == '+') {
+            Py_ssize_t run = digit_run(s, pos + 2, 3);
+            for (Py_ssize_t k = run; k >= 1; k--) {
+                Py_ssize_t close = pos + 2 + k;
+                if (close >= s->hi || CH(s, close) != ')')
+                    continue;
+                if (close + 1 < s->hi && is_space(CH(s, close + 1)) && (end = phone_group(s, close + 2, 14, 0)) >= 0)
+                    return end;
+                if ((end = phone_group(s, close + 1, 14, 0)) >= 0)
+                    return end;
+            }
+        }
+        if (c == '+' && (end = phone_group(s, pos + 1, 14, 0)) >= 0)
+            return end;
+    }
+    if ((pos == 0 || !(is_word(before) || before == '.' || before == '-' || before == '/' || before == '+' || before == '#'))
+        && (c == '(' || is_digit(c)) && (end = phone_group(s, pos, 14, 0)) >= 0)
+        return end;
+    return -1;
+}
+
+/* phone_candidates(text, lo, hi, shortest): (start, extension start or -1, end) of each match
+   of PHONE_RE.finditer(text, lo, hi) at least `shortest` characters long. */
+static PyObject *phone_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi, shortest;
+    if (!PyArg_ParseTuple(args, "Unnn", &text, &lo, &hi, &shortest))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    /* (re's own clamping of pos and endpos) */
+    if (lo < 0)
+        lo = 0;
+    if (hi > length)
+        hi = length;
+    if (hi < 0)
+        hi = 0;
+    Scan scan = {PyUnicode_KIND(text), PyUnicode_DATA(text), hi, -1};
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        Py_ssize_t end = phone_match(&scan, pos);
+        if (end < 0) {
+            pos++;
+            continue;
+        }
+        if (end - pos >= shortest) {
+            PyObject *match = Py_BuildValue("(nnn)", pos, scan.ext_start, end);
+            if (match == NULL || PyList_Append(out, match) < 0) {
+                Py_XDECREF(match);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(match);
+        }
+        pos = end;  /* (a match is never empty) */
+    }
+    return out;
+}
+
+static PyMethodDef module_methods[] = {
+    {"phone_candidates", phone_candidates, METH_VARARGS,
+     "phone_candidates(text, lo, hi, shortest): PHONE_RE's matches in text[lo:hi] of at least shortest characters"},
+    {NULL},
+};
+
 static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT, "redaction._native",
-    "Native gate-hit handling and window loop of the fast redaction tier.", -1, NULL,
+    "Native gate-hit handling and window loop of the fast redaction tier.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__native(void) {

@@ -26,17 +26,13 @@ from typing import Any
 from redaction import gazetteer as gazetteer_mod
 from redaction.gazetteer import PARTICLES
 from redaction.gate import Gate, GatePattern
+from redaction import native as native_mod
 from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
 from redaction.operators import Operators
 from redaction.patterns import Detector, RunGate, pattern_detectors
 from redaction.structure import structure_detectors
 from redaction.settings import FAST_ENTITIES, LEVELS, NER_ENTITIES, RedactionSettings
 from redaction.types import Entity, RedactionError, RedactionResult
-
-try:  # the C half of the gate-hit handling (redaction/_native.c); the Python below is the reference
-    from redaction import _native
-except ImportError:  # pragma: no cover - an install without a C compiler
-    _native = None
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +95,10 @@ class Redactor:
         self.entities = set(settings.entities)
         self.operators = Operators(settings)
         regions = tuple(r.upper() for r in settings.phone_regions)
+        extension = native_mod.chosen(native)
         self.detectors: list[Detector] = [d for d in pattern_detectors(regions, settings.ip_ignore_private,
-                                                                            settings.score_for("PHONE_NUMBER"))
+                                                                            settings.score_for("PHONE_NUMBER"),
+                                                                            native=extension is not None)
                                           if d.entity in self.entities]
         if "PERSON" in self.entities:
             self.detectors += structure_detectors(gazetteer_mod.load().common)
@@ -137,7 +135,7 @@ class Redactor:
             self._kinds.append((_KIND_WEAK, None))
         self.gate = Gate(patterns) if patterns else None
         self._pads = [(d.pad_before, d.pad_after) for d in self.detectors]
-        self._native = self._native_tables(native, run_extends)
+        self._native = self._native_tables(extension, native, run_extends)
         self._finders = [d.finder for d in self.detectors]
         self._finder_names = [d.name for d in self.detectors]
 
@@ -179,19 +177,17 @@ class Redactor:
         self._rank = {level: i for i, level in enumerate(LEVELS)}
         self._warm_up()
 
-    def _native_tables(self, wanted: bool | None, run_extends: set[bytes]):
+    def _native_tables(self, extension, wanted: bool | None, run_extends: set[bytes]):
         """The C sink's tables, or None for the Python path. The C sink extends a run gate's
         hit over ASCII digits only: a run gate with any other extension keeps Python."""
-        if wanted is False or self.gate is None:
+        if extension is None or self.gate is None:
             return None
-        usable = _native is not None and run_extends <= {rb"\d*"}
-        if not usable:
+        if not run_extends <= {rb"\d*"}:
             if wanted:
-                raise RuntimeError("the native redaction extension is not built" if _native is None
-                                   else "a run gate extends by other than \\d*: the native sink cannot")
+                raise RuntimeError("a run gate extends by other than \\d*: the native sink cannot")
             return None
         kinds = [(kind, payload[0] if kind == _KIND_RUN else payload) for kind, payload in self._kinds]
-        return _native.Tables(kinds, self._pads, self.gate.max_hits)
+        return extension.Tables(kinds, self._pads, self.gate.max_hits)
 
     def _warm_up(self) -> None:
         # Import the validators' libraries and fill lazy tables now, not inside the first

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from redaction import native as native_mod
 from redaction.types import Entity
 
 Finder = Callable[[str, int, int], list[Entity]]
@@ -499,18 +500,27 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     return 0.7 if _valid_phone(candidate, regions) else 0.0
 
 
-def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finder:
+def phone_candidates(text: str, lo: int, hi: int, shortest: int):
+    """(start, extension start or -1, end) of each match of PHONE_RE.finditer(text, lo, hi)
+    at least `shortest` characters long (redaction/_native.c has the same scan in C)."""
+    for m in PHONE_RE.finditer(text, lo, hi):
+        start = m.start()
+        if m.end() - start >= shortest:
+            yield start, m.start("ext"), m.end()
+
+
+def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: bool = False) -> Finder:
+    candidates = native_mod.extension.phone_candidates if native else phone_candidates
+
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
-        for m in PHONE_RE.finditer(text, lo, hi):
-            start = m.start()
-            if m.end() - start < 7:
-                continue  # fewer than 7 characters hold fewer than the 7 digits phone_score wants
-            extension = m.group("ext")
-            candidate = text[start:m.start("ext") if extension else m.end()].rstrip(" .-/\u00a0")
-            score = phone_score(text, start, candidate, regions, extension=bool(extension))
+        # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
+        for start, extension_start, end in candidates(text, lo, hi, 7):
+            extension = extension_start >= 0
+            candidate = text[start:extension_start if extension else end].rstrip(" .-/\u00a0")
+            score = phone_score(text, start, candidate, regions, extension=extension)
             if score and score >= min_score:
-                out.append(Entity("PHONE_NUMBER", start, m.end() if extension else start + len(candidate), score))
+                out.append(Entity("PHONE_NUMBER", start, end if extension else start + len(candidate), score))
         return out
 
     return find_phone
@@ -816,7 +826,8 @@ _DIGIT_RUN_FROM_9 = RunGate(rb"(?:^|\D)\d{9}", rb"\d*", rb"\d{9}")
 
 
 def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
-                      phone_min_score: float = 0.0) -> list[Detector]:
+                      phone_min_score: float = 0.0, native: bool = False) -> list[Detector]:
+    """native: the finders use redaction/_native.c where it has their scans (same results)."""
     return [
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
                  132, 280, find_email),
@@ -831,7 +842,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                   RunGate(rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3}", rb"\d*", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}"),
                   rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", RunGate(rb"\d{2,5}[ \-./]\d{5}", rb"\d*", rb"\d{2,5}[ \-./]\d{5,}"),
                   rb"\d{4}[ \-.]\d{4}", _DIGIT_RUN_FROM_7),
-                 30, 24, make_phone_finder(phone_regions, phone_min_score)),
+                 30, 24, make_phone_finder(phone_regions, phone_min_score, native)),
         Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
                  48, 44, make_ip_finder(ip_ignore_private)),
