@@ -720,12 +720,187 @@ static Py_ssize_t phone_match(Scan *s, Py_ssize_t pos) {
     return -1;
 }
 
-/* phone_candidates(text, lo, hi, shortest): (start, extension start or -1, end) of each match
-   of PHONE_RE.finditer(text, lo, hi) at least `shortest` characters long. */
+
+/* ---- phone_score's first test (patterns.phone_shape_rejected), on a candidate's characters.
+
+   Rejected: fewer than 7 or more than 15 characters left after removing "(0)" and the phone
+   punctuation "()+ \u00a0.-/", or _NOT_PHONE matches at the start:
+     ^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$)|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d\d)(?:[ T]|$)|
+         \d{1,2}:\d{2}(?::\d{2})?$|\d{1,3}(?:\.\d{1,3}){1,2}$|\d{3}([ .\-])\d\d\1\d{4}$)
+   or it is a dotted quad _is_ipv4 accepts. Only whether some path matches counts here, so
+   each alternative is tried over all its digit counts. */
+
+typedef struct {
+    int kind;
+    const void *data;
+    Py_ssize_t start, end;  /* the candidate: text[start:end] */
+} Span;
+
+#define AT(c, i) PyUnicode_READ((c)->kind, (c)->data, (c)->start + (i))
+
+static Py_ssize_t span_length(const Span *c) { return c->end - c->start; }
+
+/* Exactly n digits at i. */
+static int digits_at(const Span *c, Py_ssize_t i, Py_ssize_t n) {
+    if (i + n > span_length(c))
+        return 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!is_digit(AT(c, i + k)))
+            return 0;
+    }
+    return 1;
+}
+
+/* re's $ at i (no MULTILINE): the end, or a last "\n". */
+static int end_at(const Span *c, Py_ssize_t i) {
+    Py_ssize_t n = span_length(c);
+    return i == n || (i == n - 1 && AT(c, i) == '\n');
+}
+
+static int date_separator_at(const Span *c, Py_ssize_t i) {
+    if (i >= span_length(c))
+        return 0;
+    Py_UCS4 ch = AT(c, i);
+    return ch == '-' || ch == '/' || ch == '.';
+}
+
+static int not_phone_match(const Span *c) {
+    Py_ssize_t n = span_length(c);
+    /* \d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$) */
+    if (digits_at(c, 0, 4) && date_separator_at(c, 4)) {
+        for (Py_ssize_t a = 1; a <= 2; a++) {
+            if (!digits_at(c, 5, a) || !date_separator_at(c, 5 + a))
+                continue;
+            for (Py_ssize_t b = 1; b <= 2; b++) {
+                Py_ssize_t i = 6 + a;
+                if (!digits_at(c, i, b))
+                    continue;
+                i += b;
+                if ((i < n && !is_digit(AT(c, i))) || end_at(c, i))
+                    return 1;
+            }
+        }
+    }
+    /* \d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d\d)(?:[ T]|$) */
+    for (Py_ssize_t a = 1; a <= 2; a++) {
+        if (!digits_at(c, 0, a) || !date_separator_at(c, a))
+            continue;
+        for (Py_ssize_t b = 1; b <= 2; b++) {
+            Py_ssize_t i = a + 1;
+            if (!digits_at(c, i, b) || !date_separator_at(c, i + b))
+                continue;
+            i += b + 1;
+            for (Py_ssize_t y = 4; y >= 2; y -= 2) {
+                if (!digits_at(c, i, y))
+                    continue;
+                Py_ssize_t j = i + y;
+                if ((j < n && (AT(c, j) == ' ' || AT(c, j) == 'T')) || end_at(c, j))
+                    return 1;
+            }
+        }
+    }
+    /* \d{1,2}:\d{2}(?::\d{2})?$ */
+    for (Py_ssize_t a = 1; a <= 2; a++) {
+        if (!digits_at(c, 0, a) || a >= n || AT(c, a) != ':' || !digits_at(c, a + 1, 2))
+            continue;
+        Py_ssize_t i = a + 3;
+        if (end_at(c, i) || (i < n && AT(c, i) == ':' && digits_at(c, i + 1, 2) && end_at(c, i + 3)))
+            return 1;
+    }
+    /* \d{1,3}(?:\.\d{1,3}){1,2}$: two or three dot-separated groups of 1-3 digits, to the end */
+    {
+        Py_ssize_t i = 0, groups = 0, stop = n;
+        if (n > 0 && AT(c, n - 1) == '\n')
+            stop = n - 1;  /* $ before a last newline */
+        int shaped = 1;
+        while (i < stop && shaped) {
+            Py_ssize_t run = 0;
+            while (i + run < stop && is_digit(AT(c, i + run)))
+                run++;
+            if (run < 1 || run > 3)
+                shaped = 0;
+            groups++;
+            i += run;
+            if (shaped && i < stop) {
+                if (AT(c, i) != '.')
+                    shaped = 0;
+                else if (++i == stop)
+                    shaped = 0;  /* a trailing dot */
+            }
+        }
+        if (shaped && stop > 0 && groups >= 2 && groups <= 3)
+            return 1;
+    }
+    /* \d{3}([ .\-])\d\d\1\d{4}$ */
+    if (digits_at(c, 0, 3) && n > 3) {
+        Py_UCS4 sep = AT(c, 3);
+        if ((sep == ' ' || sep == '.' || sep == '-') && digits_at(c, 4, 2) && n > 6 && AT(c, 6) == sep
+                && digits_at(c, 7, 4) && end_at(c, 11))
+            return 1;
+    }
+    return 0;
+}
+
+/* _is_ipv4: four ASCII decimal octets up to 255, no leading zeros. */
+static int is_ipv4_span(const Span *c) {
+    Py_ssize_t n = span_length(c), i = 0;
+    for (int octet = 0; octet < 4; octet++) {
+        Py_ssize_t run = 0;
+        int value = 0;
+        while (i + run < n && AT(c, i + run) != '.') {
+            Py_UCS4 ch = AT(c, i + run);
+            if (ch < '0' || ch > '9' || run >= 3)
+                return 0;
+            value = value * 10 + (int)(ch - '0');
+            run++;
+        }
+        if (run == 0 || (run > 1 && AT(c, i) == '0') || value > 255)
+            return 0;
+        i += run;
+        if (octet < 3) {
+            if (i >= n)
+                return 0;
+            i++;  /* the dot */
+        }
+    }
+    return i == n;
+}
+
+static int phone_punctuation(Py_UCS4 ch) {
+    return ch == '(' || ch == ')' || ch == '+' || ch == ' ' || ch == 0xA0 || ch == '.' || ch == '-' || ch == '/';
+}
+
+static int shape_rejected(const Span *c) {
+    Py_ssize_t n = span_length(c), kept = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 2 < n && AT(c, i) == '(' && AT(c, i + 1) == '0' && AT(c, i + 2) == ')') {
+            i += 2;  /* "(0)", the trunk prefix, is not counted */
+            continue;
+        }
+        if (!phone_punctuation(AT(c, i)))
+            kept++;
+    }
+    return kept < 7 || kept > 15 || not_phone_match(c) || is_ipv4_span(c);
+}
+
+static PyObject *phone_shape_rejected(PyObject *module, PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "phone_shape_rejected takes a str");
+        return NULL;
+    }
+    Span candidate = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), 0, PyUnicode_GET_LENGTH(arg)};
+    return PyBool_FromLong(shape_rejected(&candidate));
+}
+
+/* phone_candidates(text, lo, hi, shortest, screen): (start, extension start or -1, end,
+   candidate end) of each match of PHONE_RE.finditer(text, lo, hi) at least `shortest`
+   characters long; the candidate is the match before its extension without trailing
+   " .-/\u00a0". With screen, candidates phone_shape_rejected refuses are left out. */
 static PyObject *phone_candidates(PyObject *module, PyObject *args) {
     PyObject *text;
     Py_ssize_t lo, hi, shortest;
-    if (!PyArg_ParseTuple(args, "Unnn", &text, &lo, &hi, &shortest))
+    int screen;
+    if (!PyArg_ParseTuple(args, "Unnnp", &text, &lo, &hi, &shortest, &screen))
         return NULL;
     Py_ssize_t length = PyUnicode_GET_LENGTH(text);
     /* (re's own clamping of pos and endpos) */
@@ -746,8 +921,15 @@ static PyObject *phone_candidates(PyObject *module, PyObject *args) {
             pos++;
             continue;
         }
-        if (end - pos >= shortest) {
-            PyObject *match = Py_BuildValue("(nnn)", pos, scan.ext_start, end);
+        Span candidate = {scan.kind, scan.data, pos, scan.ext_start >= 0 ? scan.ext_start : end};
+        while (candidate.end > pos) {
+            Py_UCS4 last = PyUnicode_READ(scan.kind, scan.data, candidate.end - 1);
+            if (!(last == ' ' || last == '.' || last == '-' || last == '/' || last == 0xA0))
+                break;
+            candidate.end--;
+        }
+        if (end - pos >= shortest && !(screen && shape_rejected(&candidate))) {
+            PyObject *match = Py_BuildValue("(nnnn)", pos, scan.ext_start, end, candidate.end);
             if (match == NULL || PyList_Append(out, match) < 0) {
                 Py_XDECREF(match);
                 Py_DECREF(out);
@@ -762,7 +944,10 @@ static PyObject *phone_candidates(PyObject *module, PyObject *args) {
 
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
-     "phone_candidates(text, lo, hi, shortest): PHONE_RE's matches in text[lo:hi] of at least shortest characters"},
+     "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
+     "characters, as (start, extension start or -1, end, candidate end)"},
+    {"phone_shape_rejected", phone_shape_rejected, METH_O,
+     "phone_shape_rejected(candidate): phone_score's first test says it is no phone"},
     {NULL},
 };
 

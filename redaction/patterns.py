@@ -457,11 +457,25 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     are written, is somebody's phone even when no numbering plan assigns it (typos, fake-
     looking real numbers). Unseparated digit runs need a numbering plan or a phone word
     nearby; identifiers (ISBN, EAN, order and tracking numbers, builds) are left alone."""
-    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
-    compact = main.translate(_PHONE_PUNCTUATION)  # (PHONE_RE's other characters: what \D would remove)
-    digits = len(compact)
-    if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
+    if phone_shape_rejected(candidate):
         return 0.0  # dates, times, versions, SSNs, IPv4 addresses
+    return shaped_phone_score(text, start, candidate, regions, extension)
+
+
+def phone_shape_rejected(candidate: str) -> bool:
+    """phone_score's first test (redaction/_native.c has it in C too): fewer than 7 or more
+    than 15 digits besides a trunk "(0)", a date, time, version, SSN or IPv4 address."""
+    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
+    digits = len(main.translate(_PHONE_PUNCTUATION))  # (PHONE_RE's other characters: what \D would remove)
+    return not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) is not None or _is_ipv4(candidate)
+
+
+def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
+                       extension: bool = False) -> float:
+    """phone_score of a candidate phone_shape_rejected let through."""
+    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
+    compact = main.translate(_PHONE_PUNCTUATION)
+    digits = len(compact)
     international = candidate.startswith(("+", "(+"))
     # Every later exit for a national number with a unit after it is 0 as well: decide it
     # here, before the context searches.
@@ -500,13 +514,18 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     return 0.7 if _valid_phone(candidate, regions) else 0.0
 
 
-def phone_candidates(text: str, lo: int, hi: int, shortest: int):
-    """(start, extension start or -1, end) of each match of PHONE_RE.finditer(text, lo, hi)
-    at least `shortest` characters long (redaction/_native.c has the same scan in C)."""
+def phone_candidates(text: str, lo: int, hi: int, shortest: int, screen: bool):
+    """(start, extension start or -1, end, candidate end) of each match of
+    PHONE_RE.finditer(text, lo, hi) at least `shortest` characters long; the candidate is the
+    match before its extension, without trailing separators. With screen, the candidates
+    phone_shape_rejected refuses are left out. (redaction/_native.c has the same scan in C.)"""
     for m in PHONE_RE.finditer(text, lo, hi):
         start = m.start()
         if m.end() - start >= shortest:
-            yield start, m.start("ext"), m.end()
+            extension_start = m.start("ext")
+            candidate = text[start:extension_start if extension_start >= 0 else m.end()].rstrip(" .-/\u00a0")
+            if not (screen and phone_shape_rejected(candidate)):
+                yield start, extension_start, m.end(), start + len(candidate)
 
 
 def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: bool = False) -> Finder:
@@ -515,12 +534,11 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: 
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
-        for start, extension_start, end in candidates(text, lo, hi, 7):
+        for start, extension_start, end, candidate_end in candidates(text, lo, hi, 7, True):
             extension = extension_start >= 0
-            candidate = text[start:extension_start if extension else end].rstrip(" .-/\u00a0")
-            score = phone_score(text, start, candidate, regions, extension=extension)
+            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension)
             if score and score >= min_score:
-                out.append(Entity("PHONE_NUMBER", start, end if extension else start + len(candidate), score))
+                out.append(Entity("PHONE_NUMBER", start, end if extension else candidate_end, score))
         return out
 
     return find_phone
