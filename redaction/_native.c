@@ -942,12 +942,191 @@ static PyObject *phone_candidates(PyObject *module, PyObject *args) {
     return out;
 }
 
+
+/* ---- The card scan: CARD_RE's matches and the card number inside each (patterns.card_runs).
+
+   CARD_RE = (?<![\w\-./])\d(?:[ \-]?\d){11,22}(?![\d]). A separator is taken only with the
+   digit after it, so the greedy path through the repeat is unique; re then gives back whole
+   iterations until the lookahead holds. In each match, runs of whole groups (split at the
+   separators), longest first, then leftmost: the first of 12-19 digits that passes Luhn and
+   has a card brand (patterns.luhn and card_brand, including what they do with non-ASCII
+   decimal digits: Luhn on ord(ch) - 48, int() on their decimal values). */
+
+static int luhn_span(const Span *c, const Py_ssize_t *at, Py_ssize_t n) {
+    long long total = 0;
+    Py_ssize_t parity = n % 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long d = (long long)AT(c, at[i]) - 48;
+        if (i % 2 == parity) {
+            d *= 2;
+            if (d > 9)
+                d -= 9;
+        }
+        total += d;
+    }
+    return total % 10 == 0;
+}
+
+/* int(digits[:width]) */
+static long prefix_value(const Span *c, const Py_ssize_t *at, Py_ssize_t width) {
+    long value = 0;
+    for (Py_ssize_t i = 0; i < width; i++)
+        value = value * 10 + Py_UNICODE_TODECIMAL(AT(c, at[i]));
+    return value;
+}
+
+static int has_card_brand(const Span *c, const Py_ssize_t *at, Py_ssize_t n) {
+    long p2 = prefix_value(c, at, 2), p3 = prefix_value(c, at, 3), p4 = prefix_value(c, at, 4);
+    long p6 = prefix_value(c, at, 6);
+    if (AT(c, at[0]) == '4')
+        return n == 13 || n == 16 || n == 19;
+    if ((51 <= p2 && p2 <= 55) || (2221 <= p4 && p4 <= 2720))
+        return n == 16;
+    if (p2 == 34 || p2 == 37)
+        return n == 15;
+    if (2200 <= p4 && p4 <= 2204)
+        return 16 <= n && n <= 19;
+    if (p4 == 6011 || (644 <= p3 && p3 <= 649) || p2 == 65 || (622126 <= p6 && p6 <= 622925))
+        return 16 <= n && n <= 19;
+    if (p2 == 35)
+        return 16 <= n && n <= 19;
+    if (p4 == 2131 || p4 == 1800)
+        return n == 15;
+    if ((300 <= p3 && p3 <= 305) || p2 == 36 || p2 == 38 || p2 == 39 || p4 == 3095)
+        return 14 <= n && n <= 19;
+    if (p2 == 62 || p2 == 81)
+        return 16 <= n && n <= 19;
+    if (p2 == 50 || (56 <= p2 && p2 <= 69) || p4 == 604)
+        return 12 <= n && n <= 19;
+    return 0;
+}
+
+/* card_runs(text, lo, hi): (match start, card start, card end, printed as cards are: groups
+   4-4-4-4, 4-4-4-4-3, 4-6-5 or 4-6-4) for each match of CARD_RE.finditer(text, lo, hi) that
+   holds a card number. */
+static PyObject *card_runs(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (lo < 0)
+        lo = 0;
+    if (hi > length)
+        hi = length;
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Span whole = {kind, data, 0, length};
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t ends[23];          /* end of the match after 0..22 iterations */
+    Py_ssize_t digit_at[23];      /* each digit's position */
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, pos);
+        if (!is_digit(c)) {
+            pos++;
+            continue;
+        }
+        if (pos > 0) {
+            Py_UCS4 before = PyUnicode_READ(kind, data, pos - 1);
+            if (is_word(before) || before == '-' || before == '.' || before == '/') {
+                pos++;
+                continue;
+            }
+        }
+        Py_ssize_t taken = 0, at = pos + 1;
+        digit_at[0] = pos;
+        ends[0] = at;
+        while (taken < 22 && at < hi) {
+            Py_UCS4 next = PyUnicode_READ(kind, data, at);
+            if ((next == ' ' || next == '-') && at + 1 < hi && is_digit(PyUnicode_READ(kind, data, at + 1))) {
+                digit_at[taken + 1] = at + 1;
+                at += 2;
+            } else if (is_digit(next)) {
+                digit_at[taken + 1] = at;
+                at += 1;
+            } else {
+                break;
+            }
+            ends[++taken] = at;
+        }
+        Py_ssize_t iterations = -1;
+        for (Py_ssize_t k = taken; k >= 11; k--) {
+            if (ends[k] >= hi || !is_digit(PyUnicode_READ(kind, data, ends[k]))) {
+                iterations = k;
+                break;
+            }
+        }
+        if (iterations < 0) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t digits = iterations + 1, end = ends[iterations];
+        /* groups: [first digit index, digit count] */
+        Py_ssize_t group_first[23], group_size[23], groups = 0;
+        for (Py_ssize_t i = 0; i < digits; i++) {
+            if (i == 0 || digit_at[i] != digit_at[i - 1] + 1) {
+                group_first[groups] = i;
+                group_size[groups++] = 0;
+            }
+            group_size[groups - 1]++;
+        }
+        Py_ssize_t best_first = -1, best_size = 0;
+        for (Py_ssize_t size = groups; size >= 1 && best_first < 0; size--) {
+            for (Py_ssize_t first = 0; first + size <= groups; first++) {
+                if (size > 1) {
+                    int short_group = group_size[first] < 4;
+                    for (Py_ssize_t g = first + 1; g < first + size - 1 && !short_group; g++)
+                        short_group = group_size[g] < 3;
+                    if (short_group)
+                        continue;  /* written cards come in groups of 4 (4-6-5, ...) */
+                }
+                Py_ssize_t n = 0;
+                for (Py_ssize_t g = first; g < first + size; g++)
+                    n += group_size[g];
+                const Py_ssize_t *run = &digit_at[group_first[first]];
+                if (12 <= n && n <= 19 && luhn_span(&whole, run, n) && has_card_brand(&whole, run, n)) {
+                    best_first = first;
+                    best_size = size;
+                    break;
+                }
+            }
+        }
+        if (best_first >= 0) {
+            Py_ssize_t last = best_first + best_size - 1;
+            Py_ssize_t card_start = digit_at[group_first[best_first]];
+            Py_ssize_t card_end = digit_at[group_first[last]] + group_size[last];
+            int shaped = 0;
+            if (best_size == 5 || best_size == 4) {
+                shaped = group_size[best_first] == 4 && group_size[best_first + 1] == 4 && group_size[best_first + 2] == 4
+                         && group_size[best_first + 3] == 4 && (best_size == 4 || group_size[best_first + 4] == 3);
+            } else if (best_size == 3) {
+                shaped = group_size[best_first] == 4 && group_size[best_first + 1] == 6
+                         && (group_size[best_first + 2] == 5 || group_size[best_first + 2] == 4);
+            }
+            PyObject *run = Py_BuildValue("(nnnO)", pos, card_start, card_end, shaped ? Py_True : Py_False);
+            if (run == NULL || PyList_Append(out, run) < 0) {
+                Py_XDECREF(run);
+                Py_DECREF(out);
+                return NULL;
+            }
+            Py_DECREF(run);
+        }
+        pos = end;
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
      "characters, as (start, extension start or -1, end, candidate end)"},
     {"phone_shape_rejected", phone_shape_rejected, METH_O,
      "phone_shape_rejected(candidate): phone_score's first test says it is no phone"},
+    {"card_runs", card_runs, METH_VARARGS,
+     "card_runs(text, lo, hi): (match start, card start, card end, card-shaped) per CARD_RE match holding a card"},
     {NULL},
 };
 

@@ -171,49 +171,61 @@ def card_brand(d: str) -> str | None:
     return None
 
 
-def find_card(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
+_CARD_SHAPES = ([4, 4, 4, 4], [4, 4, 4, 4, 3], [4, 6, 5], [4, 6, 4])
+
+
+def card_runs(text: str, lo: int, hi: int):
+    """(match start, card start, card end, printed as cards are) for each match of
+    CARD_RE.finditer(text, lo, hi) that holds a card number (redaction/_native.c has the same
+    scan in C)."""
     for m in CARD_RE.finditer(text, lo, hi):
-        raw = m.group()
-        groups = _SEP.split(raw)
-        starts = []
-        pos = m.start()
-        for g in groups:
-            starts.append(pos)
-            pos += len(g) + 1
-        # Runs of whole groups, longest first: "4111 1111 1111 1111 123" is a card + CVV,
-        # "ref 12 4111 1111 1111 1111" a number + a card.
-        best = None
-        n = len(groups)
-        for size in range(n, 0, -1):
-            for first in range(0, n - size + 1):
-                if size > 1 and (len(groups[first]) < 4 or any(len(g) < 3 for g in groups[first + 1:first + size - 1])):
-                    continue  # written cards come in groups of 4 (4-6-5, ...); not "6 6 110 7 7 7 111"
-                digits = "".join(groups[first:first + size])
-                if 12 <= len(digits) <= 19 and luhn(digits) and card_brand(digits):
-                    last = first + size - 1
-                    best = (starts[first], starts[last] + len(groups[last]))
-                    shape = [len(g) for g in groups[first:last + 1]]
-                    break
-            if best:
-                break
-        # Grouped as cards are printed (4-4-4-4, 4-4-4-4-3, Amex 4-6-5, Diners 4-6-4), a Luhn-valid
-        # number of a card range is a card whatever word stands before it ("ID", "account").
-        card_shaped = best is not None and shape in ([4, 4, 4, 4], [4, 4, 4, 4, 3], [4, 6, 5], [4, 6, 4])
-        if best and not card_shaped and not _context(text, m.start(), CARD_CONTEXT) and (
-                (best[1] - best[0] == 13 and _ean13(text[best[0]:best[1]]))
-                or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())
-                or table_header_says(text, m.start(), NOT_PHONE_HEADER)):
-            continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
-        if best:
-            out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
-    for m in GLUED_CARD_RE.finditer(text, lo, hi):
-        start = m.start() + 1
-        digits = m.group()[1:]
-        if _glued_to_word(text, start) and luhn(digits) and card_brand(digits) and not (
-                len(digits) == 13 and _ean13(digits) and not _context(text, start, CARD_CONTEXT)):
-            out.append(Entity("CREDIT_CARD", start, m.end(), 0.9))
-    return out
+        groups = _SEP.split(m.group())
+        found = _card_groups(groups)
+        if found is not None:
+            first, last = found
+            start = m.start() + sum(len(g) + 1 for g in groups[:first])
+            end = start + sum(len(g) + 1 for g in groups[first:last + 1]) - 1
+            yield m.start(), start, end, [len(g) for g in groups[first:last + 1]] in _CARD_SHAPES
+
+
+def _card_groups(groups: list[str]) -> tuple[int, int] | None:
+    """The first and last group of the card number among a number's digit groups, or None.
+    Runs of whole groups, longest first, then leftmost: "4111 1111 1111 1111 123" is a card +
+    CVV, "ref 12 4111 1111 1111 1111" a number + a card."""
+    n = len(groups)
+    for size in range(n, 0, -1):
+        for first in range(0, n - size + 1):
+            if size > 1 and (len(groups[first]) < 4 or any(len(g) < 3 for g in groups[first + 1:first + size - 1])):
+                continue  # written cards come in groups of 4 (4-6-5, ...); not "6 6 110 7 7 7 111"
+            digits = "".join(groups[first:first + size])
+            if 12 <= len(digits) <= 19 and luhn(digits) and card_brand(digits):
+                return first, first + size - 1
+    return None
+
+
+def make_card_finder(native: bool = False) -> Finder:
+    runs = native_mod.extension.card_runs if native else card_runs
+
+    def find_card(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for match_start, start, end, card_shaped in runs(text, lo, hi):
+            # Grouped as cards are printed (4-4-4-4, 4-4-4-4-3, Amex 4-6-5, Diners 4-6-4), a Luhn-valid
+            # number of a card range is a card whatever word stands before it ("ID", "account").
+            if not card_shaped and not _context(text, match_start, CARD_CONTEXT) and (
+                    (end - start == 13 and _ean13(text[start:end]))
+                    or NOT_PHONE_CONTEXT.search(text, max(0, match_start - 24), match_start)
+                    or table_header_says(text, match_start, NOT_PHONE_HEADER)):
+                continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
+            out.append(Entity("CREDIT_CARD", start, end, 0.9))
+        for m in GLUED_CARD_RE.finditer(text, lo, hi):
+            start = m.start() + 1
+            digits = m.group()[1:]
+            if _glued_to_word(text, start) and luhn(digits) and card_brand(digits) and not (
+                    len(digits) == 13 and _ean13(digits) and not _context(text, start, CARD_CONTEXT)):
+                out.append(Entity("CREDIT_CARD", start, m.end(), 0.9))
+        return out
+
+    return find_card
 
 
 def _glued_to_word(text: str, start: int) -> bool:
@@ -849,7 +861,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
     return [
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
                  132, 280, find_email),
-        Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, find_card),
+        Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, make_card_finder(native)),
         Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban,
                  caseless=True),
         # (ssn: \d{3}[ .\-]?\d\d[ .\-]?\d{4}, split by separator, the unseparated form a run gate)
