@@ -211,16 +211,16 @@ static PyObject *tables_sink(Tables *tables, PyObject *args) {
 
 /* len(data[:offset].decode("utf-8", "ignore")): the character offset of a byte offset. */
 static Py_ssize_t to_char(Sink *self, Py_ssize_t offset) {
+    if (self->ascii_only)
+        return offset;  /* (as the Python sink: no slicing, so no clamping either) */
     Py_ssize_t size = self->size;
-    if (offset < 0) {
+    if (offset < 0) {  /* data[:offset] */
         offset += size;
         if (offset < 0)
             offset = 0;
     }
     if (offset > size)
         offset = size;
-    if (self->ascii_only)
-        return offset;
     if (self->surrogates) {
         /* Invalid UTF-8 in the bytes: let the decoder itself say what "ignore" keeps. */
         PyObject *decoded = PyUnicode_DecodeUTF8((const char *)self->buf, offset, "ignore");
@@ -330,7 +330,7 @@ static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
         if (end < self->size && word_byte(buf[end]))
             Py_RETURN_FALSE;  /* "Ann" in "Announcement" */
         Py_ssize_t at = to_char(self, start);
-        if (at < 0 || append_position(self->given_words, at) < 0)
+        if ((at < 0 && PyErr_Occurred()) || append_position(self->given_words, at) < 0)
             return NULL;
         self->any = 1;
         Py_RETURN_FALSE;
@@ -353,7 +353,7 @@ static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
     }
     Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
     Py_ssize_t at = to_char(self, buf[last] < 0x80 ? end - 1 : end - 2);
-    if (at < 0)
+    if (at < 0 && PyErr_Occurred())
         return NULL;
     if (kind == KIND_CUE) {
         PyObject *pair = Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(tables->cues, pattern_id));
@@ -369,54 +369,61 @@ static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
     Py_RETURN_FALSE;
 }
 
-/* sink.find(finders, names, tagged, found): for each detector in the order of its first hit,
-   finder(text, lo, hi) on each merged window (character offsets, clamped to the text), and
-   found.extend(tagged(spans, name)) for the windows that hold spans. Returns found. */
+/* sink.find(detectors, tagged, found): for each detector in the order of its first hit,
+   detector.finder(text, lo, hi) on each merged window (character offsets, clamped to the
+   text), and found.extend(tagged(spans, detector.name)) for the windows that hold spans.
+   Returns found. (The finder is looked up on every call, as the Python loop does.) */
 static PyObject *sink_find(Sink *self, PyObject *args) {
-    PyObject *finders, *names, *tagged, *found;
-    if (!PyArg_ParseTuple(args, "O!O!OO!", &PyList_Type, &finders, &PyList_Type, &names, &tagged,
-                          &PyList_Type, &found))
+    PyObject *detectors, *tagged, *found;
+    if (!PyArg_ParseTuple(args, "O!OO!", &PyList_Type, &detectors, &tagged, &PyList_Type, &found))
         return NULL;
-    Py_ssize_t detectors = self->tables->detectors;
-    if (PyList_GET_SIZE(finders) != detectors || PyList_GET_SIZE(names) != detectors) {
-        PyErr_SetString(PyExc_ValueError, "one finder and one name per detector");
+    if (PyList_GET_SIZE(detectors) != self->tables->detectors) {
+        PyErr_SetString(PyExc_ValueError, "the detectors the tables were built for");
         return NULL;
     }
     Py_ssize_t chars = PyUnicode_GET_LENGTH(self->text);
     for (Py_ssize_t k = 0; k < self->opened; k++) {
-        Py_ssize_t detector = self->order[k];
-        Windows *mine = &self->windows[detector];
-        PyObject *finder = PyList_GET_ITEM(finders, detector);
+        Py_ssize_t index = self->order[k];
+        Windows *mine = &self->windows[index];
+        PyObject *detector = PyList_GET_ITEM(detectors, index);
+        PyObject *finder = PyObject_GetAttrString(detector, "finder");
+        if (finder == NULL)
+            return NULL;
         for (Py_ssize_t w = 0; w < mine->count; w++) {
             Py_ssize_t lo = mine->bounds[2 * w], hi = mine->bounds[2 * w + 1];
             Py_ssize_t char_lo = to_char(self, lo > 0 ? lo : 0);
             Py_ssize_t char_hi = to_char(self, hi < self->size ? hi : self->size);
-            if (char_lo < 0 || char_hi < 0)
-                return NULL;
+            if ((char_lo < 0 || char_hi < 0) && PyErr_Occurred())
+                goto fail;
             if (char_hi > chars)
                 char_hi = chars;
             PyObject *spans = PyObject_CallFunction(finder, "Onn", self->text, char_lo, char_hi);
             if (spans == NULL)
-                return NULL;
+                goto fail;
             int holds = PyObject_IsTrue(spans);
-            if (holds < 0) {
-                Py_DECREF(spans);
-                return NULL;
+            PyObject *tagged_spans = NULL, *name = NULL;
+            if (holds > 0) {  /* (most windows hold nothing) */
+                name = PyObject_GetAttrString(detector, "name");
+                if (name != NULL)
+                    tagged_spans = PyObject_CallFunctionObjArgs(tagged, spans, name, NULL);
             }
-            if (holds) {  /* (most windows hold nothing) */
-                PyObject *tagged_spans = PyObject_CallFunctionObjArgs(tagged, spans, PyList_GET_ITEM(names, detector), NULL);
-                Py_DECREF(spans);
-                if (tagged_spans == NULL)
-                    return NULL;
+            Py_DECREF(spans);
+            Py_XDECREF(name);
+            if (holds < 0 || (holds > 0 && tagged_spans == NULL))
+                goto fail;
+            if (tagged_spans != NULL) {
                 Py_ssize_t at = PyList_GET_SIZE(found);
                 int rc = PyList_SetSlice(found, at, at, tagged_spans);
                 Py_DECREF(tagged_spans);
                 if (rc < 0)
-                    return NULL;
-            } else {
-                Py_DECREF(spans);
+                    goto fail;
             }
         }
+        Py_DECREF(finder);
+        continue;
+    fail:
+        Py_DECREF(finder);
+        return NULL;
     }
     Py_INCREF(found);
     return found;
@@ -467,7 +474,7 @@ static PyObject *sink_to_char(Sink *self, PyObject *arg) {
     if (offset == -1 && PyErr_Occurred())
         return NULL;
     Py_ssize_t chars = to_char(self, offset);
-    return chars < 0 ? NULL : PyLong_FromSsize_t(chars);
+    return chars < 0 && PyErr_Occurred() ? NULL : PyLong_FromSsize_t(chars);
 }
 
 static PyObject *sink_get_given_words(Sink *self, void *closure) {

@@ -136,8 +136,6 @@ class Redactor:
         self.gate = Gate(patterns) if patterns else None
         self._pads = [(d.pad_before, d.pad_after) for d in self.detectors]
         self._native = self._native_tables(extension, native, run_extends)
-        self._finders = [d.finder for d in self.detectors]
-        self._finder_names = [d.name for d in self.detectors]
 
         known = set(FAST_ENTITIES) | set(NER_ENTITIES)
         extra = sorted(e for e in self.entities if e not in known)
@@ -250,7 +248,7 @@ class Redactor:
             return self._detect_everywhere(text)
         if not sink.any:
             return []
-        found = sink.find(self._finders, self._finder_names, _tagged, [])
+        found = sink.find(self.detectors, _tagged, [])
         self._find_names(text, found, sink.given_words, sink.cue_ends, sink.weak_starts)
         return found
 
