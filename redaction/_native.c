@@ -1126,6 +1126,168 @@ static PyObject *card_runs(PyObject *module, PyObject *args) {
     return out;
 }
 
+
+/* ---- The IPv4 scan (patterns.ipv4_candidates).
+
+   IPV4_RE = (?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?:/\d{1,2})?(?![\w]|\.\d): each group of digits
+   is a whole run of 1-3 (a longer run leaves a digit where a dot or the end must be), so only
+   the optional prefix length has choices (2 digits, 1, none). A match after a product token
+   (_PRODUCT_TOKEN, "Chrome/") is dropped; one without a prefix length is checked here as
+   _is_ipv4 and _private_v4 do; one with a prefix length is left to ipaddress. */
+
+/* _PRODUCT_TOKEN.search(text, bound, slash + 1) with the "/" at slash: an ASCII letter, then
+   word characters or "-", up to the slash. */
+static int product_token_before(const Span *c, Py_ssize_t bound, Py_ssize_t slash) {
+    if (slash - 1 < bound || AT(c, slash) != '/')
+        return 0;
+    for (Py_ssize_t k = slash - 1; k >= bound; k--) {
+        Py_UCS4 ch = AT(c, k);
+        if (!(is_word(ch) || ch == '-'))
+            return 0;
+        if ((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z'))
+            return 1;
+    }
+    return 0;
+}
+
+static Py_ssize_t ipv4_tail(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    if (pos < hi) {
+        Py_UCS4 ch = AT(c, pos);
+        if (is_word(ch) || (ch == '.' && pos + 1 < hi && is_digit(AT(c, pos + 1))))
+            return -1;
+    }
+    return pos;
+}
+
+/* The end of IPV4_RE's match at pos, or -1; octets[] gets the four groups' digit runs. */
+static Py_ssize_t ipv4_match(const Span *c, Py_ssize_t pos, Py_ssize_t hi, Py_ssize_t *octet_at, Py_ssize_t *octet_len,
+                             int *prefixed) {
+    if (pos > 0) {
+        Py_UCS4 before = AT(c, pos - 1);
+        if (is_word(before) || before == '.')
+            return -1;
+    }
+    Py_ssize_t at = pos;
+    for (int group = 0; group < 4; group++) {
+        Py_ssize_t run = 0;
+        while (at + run < hi && is_digit(AT(c, at + run)))
+            run++;
+        if (run < 1 || run > 3)
+            return -1;
+        octet_at[group] = at;
+        octet_len[group] = run;
+        at += run;
+        if (group < 3) {
+            if (at >= hi || AT(c, at) != '.')
+                return -1;
+            at++;
+        }
+    }
+    if (at < hi && AT(c, at) == '/') {
+        Py_ssize_t run = 0;
+        while (run < 2 && at + 1 + run < hi && is_digit(AT(c, at + 1 + run)))
+            run++;
+        for (Py_ssize_t k = run; k >= 1; k--) {
+            Py_ssize_t end = ipv4_tail(c, at + 1 + k, hi);
+            if (end >= 0) {
+                *prefixed = 1;
+                return end;
+            }
+        }
+    }
+    *prefixed = 0;
+    return ipv4_tail(c, at, hi);
+}
+
+/* ipv4_candidates(text, lo, hi, not_personal): (start, end, checked) of each match of
+   IPV4_RE.finditer(text, lo, hi) not after a product token; without a prefix length only the
+   valid addresses outside not_personal's (first, last) ranges (None: no ranges), checked. */
+static PyObject *ipv4_candidates(PyObject *module, PyObject *args) {
+    PyObject *text, *ranges;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "UnnO", &text, &lo, &hi, &ranges))
+        return NULL;
+    unsigned long long range_first[16], range_last[16];
+    Py_ssize_t range_count = 0;
+    if (ranges != Py_None) {
+        PyObject *seq = PySequence_Fast(ranges, "not_personal must be a sequence of (first, last)");
+        if (seq == NULL)
+            return NULL;
+        range_count = PySequence_Fast_GET_SIZE(seq);
+        if (range_count > 16) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "at most 16 ranges");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < range_count; i++) {
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &range_first[i], &range_last[i])) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (lo < 0)
+        lo = 0;
+    if (hi > length)
+        hi = length;
+    Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t octet_at[4], octet_len[4];
+    for (Py_ssize_t pos = lo; pos < hi;) {
+        int prefixed = 0;
+        Py_ssize_t end = is_digit(AT(&whole, pos)) ? ipv4_match(&whole, pos, hi, octet_at, octet_len, &prefixed) : -1;
+        if (end < 0) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t start = pos;
+        pos = end;
+        Py_ssize_t bound = start - 32 > 0 ? start - 32 : 0;
+        if (product_token_before(&whole, bound, start - 1)
+                || (start >= 1 && AT(&whole, start - 1) == '\n' && product_token_before(&whole, bound, start - 2)))
+            continue;  /* "Chrome/121.0.0.0" ($ matches before a last newline too) */
+        if (!prefixed) {
+            unsigned long long number = 0;
+            int valid = 1;
+            for (int group = 0; group < 4 && valid; group++) {
+                unsigned value = 0;
+                for (Py_ssize_t k = 0; k < octet_len[group]; k++) {
+                    Py_UCS4 ch = AT(&whole, octet_at[group] + k);
+                    if (ch < '0' || ch > '9') {
+                        valid = 0;  /* a non-ASCII decimal digit */
+                        break;
+                    }
+                    value = value * 10 + (ch - '0');
+                }
+                if (octet_len[group] > 1 && AT(&whole, octet_at[group]) == '0')
+                    valid = 0;
+                if (value > 255)
+                    valid = 0;
+                number = (number << 8) | value;
+            }
+            if (!valid)
+                continue;
+            int private_range = 0;
+            for (Py_ssize_t i = 0; i < range_count && !private_range; i++)
+                private_range = range_first[i] <= number && number <= range_last[i];
+            if (private_range)
+                continue;
+        }
+        PyObject *found = Py_BuildValue("(nnO)", start, end, prefixed ? Py_False : Py_True);
+        if (found == NULL || PyList_Append(out, found) < 0) {
+            Py_XDECREF(found);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(found);
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -1134,6 +1296,8 @@ static PyMethodDef module_methods[] = {
      "phone_shape_rejected(candidate): phone_score's first test says it is no phone"},
     {"card_runs", card_runs, METH_VARARGS,
      "card_runs(text, lo, hi): (match start, card start, card end, card-shaped) per CARD_RE match holding a card"},
+    {"ipv4_candidates", ipv4_candidates, METH_VARARGS,
+     "ipv4_candidates(text, lo, hi, not_personal): (start, end, checked) per IPV4_RE match kept"},
     {NULL},
 };
 

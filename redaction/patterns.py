@@ -598,9 +598,14 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
 
 def _private_v4(valid: str) -> bool:
     """_not_personal of the address of a string _is_ipv4 accepted."""
+    return _in_ranges(valid, _NOT_PERSONAL_V4_RANGES)
+
+
+def _in_ranges(valid: str, ranges: tuple[tuple[int, int], ...]) -> bool:
+    """Whether the address of a string _is_ipv4 accepted is in one of the (first, last) ranges."""
     a, b, c, d = valid.split(".")
     number = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
-    return any(first <= number <= last for first, last in _NOT_PERSONAL_V4_RANGES)
+    return any(first <= number <= last for first, last in ranges)
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -622,40 +627,60 @@ def _full_ipv6(value: str) -> ipaddress.IPv6Address:
 _FULL_IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}")
 
 
-def make_ip_finder(ignore_private: bool) -> Finder:
+def ipv4_candidates(text: str, lo: int, hi: int, not_personal: tuple[tuple[int, int], ...] | None):
+    """(start, end, checked) of each match of IPV4_RE.finditer(text, lo, hi) that does not follow
+    a product token ("Chrome/121.0.0.0"). One without a prefix length is checked here (octets,
+    and not in a `not_personal` range unless that is None); one with a prefix length is left
+    to ipaddress, unchecked. (redaction/_native.c has the same scan in C.)"""
+    for m in finditer_from(IPV4_RE, _IPV4_START, text, lo, hi):
+        if _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
+            continue
+        value = m.group()
+        if "/" in value:
+            yield m.start(), m.end(), False
+        # (Most candidates: the octets' own check and range test cost a fraction of building
+        # an IPv4Address.)
+        elif _is_ipv4(value) and not (not_personal is not None and _in_ranges(value, not_personal)):
+            yield m.start(), m.end(), True
+
+
+def make_ip_finder(ignore_private: bool, native: bool = False) -> Finder:
+    v4_candidates = native_mod.extension.ipv4_candidates if native else ipv4_candidates
+    not_personal = _NOT_PERSONAL_V4_RANGES if ignore_private else None
+
     def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         window = text[lo:hi]
         if ignore_private and "." in window and not (_V6_HINT.search(window) or _PUBLIC_V4_HINT.search(window)):
             return out  # only loopback/private/link-local IPv4 and no ':' (IPv6) in sight
-        # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
-        # neither (timestamps, "host:port") holds none.
-        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 6 else [])
-        for regex in regexes:
-            matches = finditer_from(IPV4_RE, _IPV4_START, text, lo, hi) if regex is IPV4_RE else regex.finditer(text, lo, hi)
-            for m in matches:
-                value = m.group()
-                if value.endswith(":") and not value.endswith("::"):
-                    value = value[:-1]  # "from 2001:db8::1: icmp_seq=1"
-                if regex is IPV6_RE and (value.count(":") < 2 or value.startswith(":") and not value.startswith("::")):
-                    continue
-                if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
-                    continue
-                bare = value.split("%")[0]
-                if regex is IPV6_RE and "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
-                    continue  # what ip_address would reject, without the cost of its ValueError
-                if regex is IPV4_RE and "/" not in bare:
-                    # (Most candidates: the octets' own check and range test cost a fraction
-                    # of building an IPv4Address.)
-                    if not _is_ipv4(bare) or (ignore_private and _private_v4(bare)):
-                        continue
-                else:
+        if "." in window:
+            for start, end, checked in v4_candidates(text, lo, hi, not_personal):
+                if not checked:
                     try:
-                        address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
+                        address = _parse_ip(text[start:end])
                     except ValueError:
                         continue
                     if ignore_private and _not_personal(address):
                         continue
+                out.append(Entity("IP_ADDRESS", start, end, 0.85))
+        # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
+        # neither (timestamps, "host:port") holds none.
+        if "::" in window or window.count(":") >= 6:
+            for m in IPV6_RE.finditer(text, lo, hi):
+                value = m.group()
+                if value.endswith(":") and not value.endswith("::"):
+                    value = value[:-1]  # "from 2001:db8::1: icmp_seq=1"
+                if value.count(":") < 2 or value.startswith(":") and not value.startswith("::"):
+                    continue
+                bare = value.split("%")[0]
+                if "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
+                    continue  # what ip_address would reject, without the cost of its ValueError
+                try:
+                    address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
+                except ValueError:
+                    continue
+                if ignore_private and _not_personal(address):
+                    continue
                 out.append(Entity("IP_ADDRESS", m.start(), m.start() + len(value), 0.85))
         return out
 
@@ -875,7 +900,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                  30, 24, make_phone_finder(phone_regions, phone_min_score, native)),
         Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
-                 48, 44, make_ip_finder(ip_ignore_private)),
+                 48, 44, make_ip_finder(ip_ignore_private, native)),
         Detector("crypto", "CRYPTO", (rb"\b(?:bc1[ac-hj-np-z02-9]{11}|[13][a-km-zA-HJ-NP-Z1-9]{25})",), 30, 80, find_crypto),
         *secret_detectors(),
     ]

@@ -173,3 +173,21 @@ def test_hits_sorted_by_end_give_the_windows_of_hits_in_end_order(both):
     for pattern_id, start, end in sorted(hits, key=_end):
         assert not sink(pattern_id, start, end, 0, None)
     assert sink.windows() == _python_sink(reference, text, data)[0]
+
+
+def test_ipv4_scan_agrees_with_the_regex_and_checks():
+    """Product tokens (also before a line break), prefix lengths, leading zeros, octets over
+    255, non-ASCII digits, private ranges on and off."""
+    rng = random.Random(6)
+    pieces = list("0123456789" * 3 + "..../ :-_a\n") + ["Chrome/", "x/", "1.2.3.4", "10.0.0.1", "192.168.1.1",
+                                                        "8.8.8.8", "256.1.1.1", "01.2.3.4", "\u0663", "é", "/24",
+                                                        "172.16.0.1", "a-b/"]
+    found = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        for lo, hi in ((0, len(text)), (rng.randint(0, len(text)), len(text) + 2)):
+            for ranges in (None, patterns._NOT_PERSONAL_V4_RANGES):
+                expected = list(patterns.ipv4_candidates(text, lo, hi, ranges))
+                assert native.extension.ipv4_candidates(text, lo, hi, ranges) == expected, (text, lo, hi)
+                found += len(expected)
+    assert found > 200
