@@ -1288,6 +1288,113 @@ static PyObject *ipv4_candidates(PyObject *module, PyObject *args) {
     return out;
 }
 
+
+/* ---- The SSN scan (patterns.ssn_candidates).
+
+   SSN_RE = (?<![\d\-.])(\d{3})([ .\-]?)(\d{2})\2(\d{4})(?![\d\-]): after three digits either a
+   separator (then only "ddd s dd s dddd" can match) or a digit (then only nine digits in a
+   row), so each position has one path. Then Presidio's invalidation rules as find_ssn applies
+   them: the comparisons are with ASCII strings ("000", "9"), and "one digit repeated" is one
+   character nine times. */
+
+static int ascii_run(const Span *c, Py_ssize_t at, const char *want) {
+    for (Py_ssize_t i = 0; want[i]; i++) {
+        if (AT(c, at + i) != (Py_UCS4)(unsigned char)want[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* ssn_candidates(text, lo, hi): (start, end, separator) of each match of
+   SSN_RE.finditer(text, lo, hi) that the invalidation rules keep. */
+static PyObject *ssn_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (lo < 0)
+        lo = 0;
+    if (hi > length)
+        hi = length;
+    Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    Span window = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, hi};  /* endpos: nothing after hi */
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t pos = lo; pos + 9 <= hi;) {
+        if (pos > 0) {
+            Py_UCS4 before = AT(&whole, pos - 1);
+            if (is_digit(before) || before == '-' || before == '.') {
+                pos++;
+                continue;
+            }
+        }
+        if (!digits_at(&window, pos, 3)) {
+            pos++;
+            continue;
+        }
+        Py_UCS4 sep = AT(&window, pos + 3);
+        Py_ssize_t group_at, serial_at, end;
+        int separated = sep == ' ' || sep == '.' || sep == '-';
+        if (separated) {
+            group_at = pos + 4;
+            serial_at = pos + 7;
+            end = pos + 11;
+            if (!digits_at(&window, group_at, 2) || end > hi || AT(&window, pos + 6) != sep
+                    || !digits_at(&window, serial_at, 4)) {
+                pos++;
+                continue;
+            }
+        } else {
+            group_at = pos + 3;
+            serial_at = pos + 5;
+            end = pos + 9;
+            if (!digits_at(&window, group_at, 6)) {
+                pos++;
+                continue;
+            }
+        }
+        if (end < hi && (is_digit(AT(&window, end)) || AT(&window, end) == '-')) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t start = pos;
+        pos = end;
+        if (ascii_run(&window, start, "000") || ascii_run(&window, start, "666") || AT(&window, start) == '9'
+                || ascii_run(&window, group_at, "00") || ascii_run(&window, serial_at, "0000"))
+            continue;
+        Py_UCS4 digit[9];
+        for (int i = 0; i < 3; i++)
+            digit[i] = AT(&window, start + i);
+        for (int i = 0; i < 2; i++)
+            digit[3 + i] = AT(&window, group_at + i);
+        for (int i = 0; i < 4; i++)
+            digit[5 + i] = AT(&window, serial_at + i);
+        static const char *samples[] = {"123456789", "987654320", "078051120"};
+        int rejected = 0, same = 1;
+        for (int k = 0; k < 3 && !rejected; k++) {
+            int equal = 1;
+            for (int i = 0; i < 9 && equal; i++)
+                equal = digit[i] == (Py_UCS4)samples[k][i];
+            rejected = equal;
+        }
+        for (int i = 1; i < 9; i++)
+            same = same && digit[i] == digit[0];
+        if (rejected || same)
+            continue;
+        PyObject *found = separated ? Py_BuildValue("(nnN)", start, end, PyUnicode_FromOrdinal(sep))
+                                    : Py_BuildValue("(nns)", start, end, "");
+        if (found == NULL || PyList_Append(out, found) < 0) {
+            Py_XDECREF(found);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(found);
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -1298,6 +1405,8 @@ static PyMethodDef module_methods[] = {
      "card_runs(text, lo, hi): (match start, card start, card end, card-shaped) per CARD_RE match holding a card"},
     {"ipv4_candidates", ipv4_candidates, METH_VARARGS,
      "ipv4_candidates(text, lo, hi, not_personal): (start, end, checked) per IPV4_RE match kept"},
+    {"ssn_candidates", ssn_candidates, METH_VARARGS,
+     "ssn_candidates(text, lo, hi): (start, end, separator) per SSN_RE match the invalidation rules keep"},
     {NULL},
 };
 

@@ -319,22 +319,37 @@ SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|ssns|social security|soc\.? sec|ss#|ss n
 _SAMPLE_SSNS = frozenset(("123456789", "987654320", "078051120"))
 
 
-def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
+_SSN_SCORES = {"-": 0.85, " ": 0.6, ".": 0.6}
+
+
+def ssn_candidates(text: str, lo: int, hi: int):
+    """(start, end, separator) of each match of SSN_RE.finditer(text, lo, hi) that Presidio's
+    UsSsnRecognizer.invalidate_result keeps (SSN_RE already makes both separators the same).
+    (redaction/_native.c has the same scan in C.)"""
     for m in SSN_RE.finditer(text, lo, hi):
         area, sep, group, serial = m.groups()
         if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
             continue
-        # The rest of Presidio's UsSsnRecognizer.invalidate_result (SSN_RE already makes both
-        # separators the same): not one digit repeated, not a published sample.
+        # not one digit repeated, not a published sample
         digits = area + group + serial
         if digits in _SAMPLE_SSNS or digits.count(digits[0]) == 9:
             continue
-        score = {"-": 0.85, " ": 0.6, ".": 0.6}.get(sep, 0.3)
-        if _context(text, m.start(), SSN_CONTEXT, 64):
-            score = min(1.0, score + 0.4)
-        out.append(Entity("US_SSN", m.start(), m.end(), score))
-    return out
+        yield m.start(), m.end(), sep
+
+
+def make_ssn_finder(native: bool = False) -> Finder:
+    candidates = native_mod.extension.ssn_candidates if native else ssn_candidates
+
+    def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for start, end, sep in candidates(text, lo, hi):
+            score = _SSN_SCORES.get(sep, 0.3)
+            if _context(text, start, SSN_CONTEXT, 64):
+                score = min(1.0, score + 0.4)
+            out.append(Entity("US_SSN", start, end, score))
+        return out
+
+    return find_ssn
 
 
 # -- phone numbers --------------------------------------------------------------------------
@@ -891,7 +906,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                  caseless=True),
         # (ssn: \d{3}[ .\-]?\d\d[ .\-]?\d{4}, split by separator, the unseparated form a run gate)
         Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]\d\d[ .\-]?\d{4}", rb"\d{5}[ .\-]\d{4}", _DIGIT_RUN_FROM_9), 15, 3,
-                 find_ssn),
+                 make_ssn_finder(native)),
         Detector("phone", "PHONE_NUMBER",
                  (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}",
                   RunGate(rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3}", rb"\d*", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}"),

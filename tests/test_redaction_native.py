@@ -191,3 +191,21 @@ def test_ipv4_scan_agrees_with_the_regex_and_checks():
                 assert native.extension.ipv4_candidates(text, lo, hi, ranges) == expected, (text, lo, hi)
                 found += len(expected)
     assert found > 200
+
+
+def test_ssn_scan_agrees_with_the_regex_and_rules():
+    """Separated and unseparated forms, mixed separators, the invalid areas, groups and
+    serials, published samples, one digit repeated, Unicode digits."""
+    rng = random.Random(8)
+    pieces = list("0123456789" * 3 + " .-x\n") + ["536-22-1234", "536 22 1234", "536221234", "000-12-3456",
+                                                  "666-12-3456", "900-12-3456", "536-00-1234", "536-22-0000",
+                                                  "123-45-6789", "078-05-1120", "111-11-1111", "536-22.1234",
+                                                  "\u0665\u0663\u0666-22-1234", "é"]
+    found = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
+        for lo, hi in ((0, len(text)), (rng.randint(0, len(text)), len(text) + 2), (0, max(0, len(text) - 1))):
+            expected = list(patterns.ssn_candidates(text, lo, hi))
+            assert native.extension.ssn_candidates(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 100
