@@ -477,32 +477,13 @@ static PyObject *sink_to_char(Sink *self, PyObject *arg) {
     return chars < 0 && PyErr_Occurred() ? NULL : PyLong_FromSsize_t(chars);
 }
 
-static PyObject *sink_get_given_words(Sink *self, void *closure) {
-    Py_INCREF(self->given_words);
-    return self->given_words;
-}
-
-static PyObject *sink_get_cue_ends(Sink *self, void *closure) {
-    Py_INCREF(self->cue_ends);
-    return self->cue_ends;
-}
-
-static PyObject *sink_get_weak_starts(Sink *self, void *closure) {
-    Py_INCREF(self->weak_starts);
-    return self->weak_starts;
-}
-
-static PyGetSetDef sink_getset[] = {
-    {"given_words", (getter)sink_get_given_words, NULL, "character offsets of given-name hits", NULL},
-    {"cue_ends", (getter)sink_get_cue_ends, NULL, "(character offset, cue) of cue hits", NULL},
-    {"weak_starts", (getter)sink_get_weak_starts, NULL, "character offsets of weak-cue hits", NULL},
-    {NULL},
-};
-
 static PyMemberDef sink_members[] = {
     {"too_many", T_INT, offsetof(Sink, too_many), READONLY, "the scan stopped at the hit limit"},
     {"out_of_order", T_INT, offsetof(Sink, out_of_order), READONLY, "a detector hit came before the previous one's end"},
     {"any", T_INT, offsetof(Sink, any), READONLY, "any hit kept"},
+    {"given_words", T_OBJECT_EX, offsetof(Sink, given_words), READONLY, "character offsets of given-name hits"},
+    {"cue_ends", T_OBJECT_EX, offsetof(Sink, cue_ends), READONLY, "(character offset, cue) of cue hits"},
+    {"weak_starts", T_OBJECT_EX, offsetof(Sink, weak_starts), READONLY, "character offsets of weak-cue hits"},
     {NULL},
 };
 
@@ -524,7 +505,6 @@ static PyTypeObject SinkType = {
     .tp_doc = "The gate's match callback for one text (see Tables.sink).",
     .tp_methods = sink_methods,
     .tp_members = sink_members,
-    .tp_getset = sink_getset,
 };
 
 static PyMethodDef tables_methods[] = {
@@ -555,6 +535,28 @@ static PyTypeObject TablesType = {
    with before without, alternatives left to right), so the first path that matches is re's
    match. \d and \w are re's Unicode classes; lookbehinds see the text before the window,
    lookaheads stop at its end (re's pos and endpos). */
+
+
+/* re's own clamping of pos and endpos for (text, lo, hi); returns len(text). */
+static Py_ssize_t clamp_window(PyObject *text, Py_ssize_t *lo, Py_ssize_t *hi) {
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (*lo < 0)
+        *lo = 0;
+    if (*hi > length)
+        *hi = length;
+    if (*hi < 0)
+        *hi = 0;
+    return length;
+}
+
+/* list.append(item), taking the reference to item (which may be NULL: an error already set). */
+static int append_stolen(PyObject *list, PyObject *item) {
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
 
 typedef struct {
     int kind;
@@ -909,14 +911,7 @@ static PyObject *phone_candidates(PyObject *module, PyObject *args) {
     int screen;
     if (!PyArg_ParseTuple(args, "Unnnp", &text, &lo, &hi, &shortest, &screen))
         return NULL;
-    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    /* (re's own clamping of pos and endpos) */
-    if (lo < 0)
-        lo = 0;
-    if (hi > length)
-        hi = length;
-    if (hi < 0)
-        hi = 0;
+    clamp_window(text, &lo, &hi);
     Scan scan = {PyUnicode_KIND(text), PyUnicode_DATA(text), hi, -1};
     PyObject *out = PyList_New(0);
     if (out == NULL)
@@ -936,13 +931,10 @@ static PyObject *phone_candidates(PyObject *module, PyObject *args) {
             candidate.end--;
         }
         if (end - pos >= shortest && !(screen && shape_rejected(&candidate))) {
-            PyObject *match = Py_BuildValue("(nnnn)", pos, scan.ext_start, end, candidate.end);
-            if (match == NULL || PyList_Append(out, match) < 0) {
-                Py_XDECREF(match);
+            if (append_stolen(out, Py_BuildValue("(nnnn)", pos, scan.ext_start, end, candidate.end)) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(match);
         }
         pos = end;  /* (a match is never empty) */
     }
@@ -1016,11 +1008,7 @@ static PyObject *card_runs(PyObject *module, PyObject *args) {
     Py_ssize_t lo, hi;
     if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
         return NULL;
-    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    if (lo < 0)
-        lo = 0;
-    if (hi > length)
-        hi = length;
+    Py_ssize_t length = clamp_window(text, &lo, &hi);
     int kind = PyUnicode_KIND(text);
     const void *data = PyUnicode_DATA(text);
     Span whole = {kind, data, 0, length};
@@ -1113,13 +1101,10 @@ static PyObject *card_runs(PyObject *module, PyObject *args) {
                 shaped = group_size[best_first] == 4 && group_size[best_first + 1] == 6
                          && (group_size[best_first + 2] == 5 || group_size[best_first + 2] == 4);
             }
-            PyObject *run = Py_BuildValue("(nnnO)", pos, card_start, card_end, shaped ? Py_True : Py_False);
-            if (run == NULL || PyList_Append(out, run) < 0) {
-                Py_XDECREF(run);
+            if (append_stolen(out, Py_BuildValue("(nnnO)", pos, card_start, card_end, shaped ? Py_True : Py_False)) < 0) {
                 Py_DECREF(out);
                 return NULL;
             }
-            Py_DECREF(run);
         }
         pos = end;
     }
@@ -1227,11 +1212,7 @@ static PyObject *ipv4_candidates(PyObject *module, PyObject *args) {
         }
         Py_DECREF(seq);
     }
-    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    if (lo < 0)
-        lo = 0;
-    if (hi > length)
-        hi = length;
+    Py_ssize_t length = clamp_window(text, &lo, &hi);
     Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
     PyObject *out = PyList_New(0);
     if (out == NULL)
@@ -1277,13 +1258,10 @@ static PyObject *ipv4_candidates(PyObject *module, PyObject *args) {
             if (private_range)
                 continue;
         }
-        PyObject *found = Py_BuildValue("(nnO)", start, end, prefixed ? Py_False : Py_True);
-        if (found == NULL || PyList_Append(out, found) < 0) {
-            Py_XDECREF(found);
+        if (append_stolen(out, Py_BuildValue("(nnO)", start, end, prefixed ? Py_False : Py_True)) < 0) {
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(found);
     }
     return out;
 }
@@ -1312,11 +1290,7 @@ static PyObject *ssn_candidates(PyObject *module, PyObject *args) {
     Py_ssize_t lo, hi;
     if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
         return NULL;
-    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    if (lo < 0)
-        lo = 0;
-    if (hi > length)
-        hi = length;
+    Py_ssize_t length = clamp_window(text, &lo, &hi);
     Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
     Span window = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, hi};  /* endpos: nothing after hi */
     PyObject *out = PyList_New(0);
@@ -1383,14 +1357,11 @@ static PyObject *ssn_candidates(PyObject *module, PyObject *args) {
             same = same && digit[i] == digit[0];
         if (rejected || same)
             continue;
-        PyObject *found = separated ? Py_BuildValue("(nnN)", start, end, PyUnicode_FromOrdinal(sep))
-                                    : Py_BuildValue("(nns)", start, end, "");
-        if (found == NULL || PyList_Append(out, found) < 0) {
-            Py_XDECREF(found);
+        if (append_stolen(out, separated ? Py_BuildValue("(nnN)", start, end, PyUnicode_FromOrdinal(sep))
+                                    : Py_BuildValue("(nns)", start, end, "")) < 0) {
             Py_DECREF(out);
             return NULL;
         }
-        Py_DECREF(found);
     }
     return out;
 }
