@@ -1366,6 +1366,64 @@ static PyObject *ssn_candidates(PyObject *module, PyObject *args) {
     return out;
 }
 
+
+/* ---- IBAN checksums (patterns.iban_checksum_cuts).
+
+   For a match of IBAN_RE (letters, digits, single spaces or dashes), the lengths of its compact,
+   upper-cased form from min(34, all) down to 15 that end a group (the next character of the
+   match is not alphanumeric) and pass ISO 13616's mod 97: the first four characters moved to
+   the end, each letter its number (A=10 ... Z=35), the whole a decimal number, remainder 1.
+   Digits count by their decimal value, as int() reads them. */
+
+static PyObject *iban_checksum_cuts(PyObject *module, PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "iban_checksum_cuts takes a str");
+        return NULL;
+    }
+    Span raw = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), 0, PyUnicode_GET_LENGTH(arg)};
+    Py_ssize_t n = span_length(&raw);
+    Py_ssize_t *positions = PyMem_Malloc((n ? n : 1) * sizeof(Py_ssize_t));
+    if (positions == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 ch = AT(&raw, i);
+        if (ch != ' ' && ch != '-')
+            positions[count++] = i;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyMem_Free(positions);
+        return NULL;
+    }
+    for (Py_ssize_t length = count < 34 ? count : 34; length > 14; length--) {
+        Py_ssize_t end = positions[length - 1] + 1;
+        if (end < n && Py_UNICODE_ISALNUM(AT(&raw, end)))
+            continue;  /* would cut a group in half */
+        long remainder = 0;
+        int decimal = 1;
+        for (Py_ssize_t k = 0; k < length && decimal; k++) {
+            Py_UCS4 ch = AT(&raw, positions[(k + 4) % length]);
+            if (ch >= 'a' && ch <= 'z')
+                ch -= 'a' - 'A';
+            if (ch >= 'A' && ch <= 'Z') {
+                remainder = (remainder * 100 + (long)(ch - 'A' + 10)) % 97;
+            } else if (Py_UNICODE_ISDECIMAL(ch)) {
+                remainder = (remainder * 10 + Py_UNICODE_TODECIMAL(ch)) % 97;
+            } else {
+                decimal = 0;
+            }
+        }
+        if (decimal && remainder == 1 && append_stolen(out, Py_BuildValue("(nn)", length, end)) < 0) {
+            Py_DECREF(out);
+            PyMem_Free(positions);
+            return NULL;
+        }
+    }
+    PyMem_Free(positions);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -1378,6 +1436,8 @@ static PyMethodDef module_methods[] = {
      "ipv4_candidates(text, lo, hi, not_personal): (start, end, checked) per IPV4_RE match kept"},
     {"ssn_candidates", ssn_candidates, METH_VARARGS,
      "ssn_candidates(text, lo, hi): (start, end, separator) per SSN_RE match the invalidation rules keep"},
+    {"iban_checksum_cuts", iban_checksum_cuts, METH_O,
+     "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {NULL},
 };
 

@@ -284,29 +284,46 @@ def _iban_layout_ok(compact: str) -> bool:
     return layout is not None and layout.match(compact) is not None
 
 
-def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
-    position = lo
-    while (m := IBAN_RE.search(text, position, hi)) is not None:
-        if m.start() > 0 and text[m.start() - 1].isalpha() and not _glued_to_word(text, m.start()):
+def _compact_iban(raw: str) -> str:
+    return "".join(ch for ch in raw if ch not in " -").upper()  # people paste IBANs in lowercase too
+
+
+def iban_checksum_cuts(raw: str):
+    """(length, end in raw) of each cut of an IBAN_RE match, its compact form from the longest
+    (34) down to 15 characters, that ends a group and passes mod 97 (redaction/_native.c has
+    the same loop in C)."""
+    positions = [i for i, ch in enumerate(raw) if ch not in " -"]
+    compact = _compact_iban(raw)
+    for length in range(min(34, len(compact)), 14, -1):
+        end = positions[length - 1] + 1
+        if end < len(raw) and raw[end].isalnum():
+            continue  # would cut a group in half
+        if _mod97(compact[:length]):
+            yield length, end
+
+
+def make_iban_finder(native: bool = False) -> Finder:
+    cuts = native_mod.extension.iban_checksum_cuts if native else iban_checksum_cuts
+
+    def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        position = lo
+        while (m := IBAN_RE.search(text, position, hi)) is not None:
+            if m.start() > 0 and text[m.start() - 1].isalpha() and not _glued_to_word(text, m.start()):
+                position = m.start() + 1
+                continue
+            raw = m.group()
+            # A match can run on into the next words ("DE89 ... 00 and GB82..."): the search goes on
+            # right after the IBAN found, not after the match, or a second IBAN is swallowed.
             position = m.start() + 1
-            continue
-        raw = m.group()
-        positions = [i for i, ch in enumerate(raw) if ch not in " -"]
-        compact = "".join(raw[i] for i in positions).upper()  # people paste IBANs in lowercase too
-        # A match can run on into the next words ("DE89 ... 00 and GB82..."): the search goes on
-        # right after the IBAN found, not after the match, or a second IBAN is swallowed.
-        position = m.start() + 1
-        for length in range(min(34, len(compact)), 14, -1):
-            candidate = compact[:length]
-            end = positions[length - 1] + 1
-            if end < len(raw) and raw[end].isalnum():
-                continue  # would cut a group in half
-            if _mod97(candidate) and _iban_layout_ok(candidate):
-                out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
-                position = m.start() + end
-                break
-    return out
+            for length, end in cuts(raw):
+                if _iban_layout_ok(_compact_iban(raw)[:length]):
+                    out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
+                    position = m.start() + end
+                    break
+        return out
+
+    return find_iban
 
 
 # -- US SSN ---------------------------------------------------------------------------------
@@ -902,7 +919,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
                  132, 280, find_email),
         Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, make_card_finder(native)),
-        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban,
+        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, make_iban_finder(native),
                  caseless=True),
         # (ssn: \d{3}[ .\-]?\d\d[ .\-]?\d{4}, split by separator, the unseparated form a run gate)
         Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]\d\d[ .\-]?\d{4}", rb"\d{5}[ .\-]\d{4}", _DIGIT_RUN_FROM_9), 15, 3,

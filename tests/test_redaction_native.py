@@ -209,3 +209,20 @@ def test_ssn_scan_agrees_with_the_regex_and_rules():
             assert native.extension.ssn_candidates(text, lo, hi) == expected, (text, lo, hi)
             found += len(expected)
     assert found > 100
+
+
+def test_iban_checksum_cuts_agree_with_mod97():
+    """Valid IBANs (upper and lower case, grouped, running on into words or a second IBAN),
+    random alphanumeric runs (about one cut in 97 passes by chance) and Unicode digits."""
+    rng = random.Random(10)
+    ibans = ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432", "fr14 2004 1010 0505 0001 3m02 606",
+             "NL91-ABNA-0417-1643-00", "DE\u0668\u0669370400440532013000"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + "0123456789" * 3 + " -"
+    found = 0
+    for _ in range(4000):
+        tail = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))).replace("  ", " ").replace("--", "-")
+        raw = (rng.choice(ibans) + rng.choice(["", " ", "-"]) + tail).strip(" -")
+        expected = list(patterns.iban_checksum_cuts(raw))
+        assert native.extension.iban_checksum_cuts(raw) == expected, raw
+        found += len(expected)
+    assert found > 1000
