@@ -1424,10 +1424,97 @@ static PyObject *iban_checksum_cuts(PyObject *module, PyObject *arg) {
     return out;
 }
 
+
+/* ---- A phone word before a candidate: PHONE_CONTEXT (redaction/patterns.py) ---------------
+
+   phone_word_before(text, start) is PHONE_CONTEXT.search(text, max(0, start - 48), start)
+   is not None, for reference (keep the two in step; tests compare them on fuzzed strings):
+     (?i)(?=[cdfhmnoprstw])(?:\b(?:phone|tel|...|tel[ée]fono)\b|\b[MmTtFf][ \t]?:
+         |(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_]))
+   The lookahead only repeats the alternatives' first letters. Case folding is re's for these
+   letters (measured over every code point): ASCII either case, and also U+0130 and U+0131
+   for i, U+017F for s, U+00C9 for é; [MmTtFf] is ASCII only. \b sees the text before the
+   window (re's pos) but not after its end (endpos). */
+
+#define E_ACUTE_CLASS '\x01'  /* [ée] in a word below */
+
+static const char *const PHONE_WORDS[] = {
+    "phone", "tel", "telephone", "call", "calls", "mobile", "cell", "whatsapp", "signal", "number", "contact",
+    "reach", "fax", "sms", "text me", "ring", "dial", "dial-in", "mob", "ph", "oncall", "on-call", "telefon",
+    "t\x01l\x01phone", "handy", "cellulare", "celular", "tel\x01" "fono", NULL,
+};
+static const char *const PHONE_WORDS_UNBOUNDED[] = {"sms", "phone", "mobile", "whatsapp", "fax", NULL};
+
+/* The character as the words above spell it: re's case-insensitive equivalents of their letters. */
+static Py_UCS4 fold_phone_letter(Py_UCS4 ch) {
+    if (ch < 128)
+        return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
+    if (ch == 0x130 || ch == 0x131)
+        return 'i';
+    if (ch == 0x17F)
+        return 's';
+    if (ch == 0xC9)
+        return 0xE9;
+    return ch;
+}
+
+/* End of `word` matched case-insensitively at pos (before hi), or -1. */
+static Py_ssize_t word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const char *word) {
+    for (; *word; word++, pos++) {
+        if (pos >= hi)
+            return -1;
+        Py_UCS4 ch = fold_phone_letter(AT(c, pos));
+        if (*word == E_ACUTE_CLASS ? !(ch == 'e' || ch == 0xE9) : ch != (Py_UCS4)(unsigned char)*word)
+            return -1;
+    }
+    return pos;
+}
+
+static int phone_word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    for (const char *const *word = PHONE_WORDS_UNBOUNDED; *word; word++) {
+        Py_ssize_t end = word_at(c, pos, hi, *word);
+        if (end >= 0 && end < hi && (!is_word(AT(c, end)) || AT(c, end) == '_'))
+            return 1;  /* (?=[\W_]) */
+    }
+    if (pos > 0 && is_word(AT(c, pos - 1)))
+        return 0;  /* no \b before (the text's next character is a letter in every alternative left) */
+    for (const char *const *word = PHONE_WORDS; *word; word++) {
+        Py_ssize_t end = word_at(c, pos, hi, *word);
+        if (end >= 0 && (end == hi || !is_word(AT(c, end))))
+            return 1;
+    }
+    Py_UCS4 ch = AT(c, pos);
+    if (ch == 'M' || ch == 'm' || ch == 'T' || ch == 't' || ch == 'F' || ch == 'f') {
+        Py_ssize_t next = pos + 1;
+        if (next < hi && (AT(c, next) == ' ' || AT(c, next) == '\t') && next + 1 < hi && AT(c, next + 1) == ':')
+            return 1;
+        if (next < hi && AT(c, next) == ':')
+            return 1;
+    }
+    return 0;
+}
+
+static PyObject *phone_word_before(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "Un:phone_word_before", &text, &start))
+        return NULL;
+    Py_ssize_t lo = start - 48, hi = start;
+    clamp_window(text, &lo, &hi);
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, PyUnicode_GET_LENGTH(text)};
+    for (Py_ssize_t pos = lo; pos < hi; pos++) {
+        if (phone_word_at(&c, pos, hi))
+            Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
      "characters, as (start, extension start or -1, end, candidate end)"},
+    {"phone_word_before", phone_word_before, METH_VARARGS,
+     "phone_word_before(text, start): PHONE_CONTEXT finds a phone word in the 48 characters before start"},
     {"phone_shape_rejected", phone_shape_rejected, METH_O,
      "phone_shape_rejected(candidate): phone_score's first test says it is no phone"},
     {"card_runs", card_runs, METH_VARARGS,

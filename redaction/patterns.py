@@ -514,9 +514,16 @@ def phone_shape_rejected(candidate: str) -> bool:
     return not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) is not None or _is_ipv4(candidate)
 
 
+def phone_word_before(text: str, start: int) -> bool:
+    """Whether a phone word ("Tel.", "M:", "send_sms(") is in the 48 characters before start.
+    (redaction/_native.c has the same test in C.)"""
+    return _context(text, start, PHONE_CONTEXT)
+
+
 def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
-                       extension: bool = False) -> float:
-    """phone_score of a candidate phone_shape_rejected let through."""
+                       extension: bool = False, word_before: Callable[[str, int], bool] = phone_word_before) -> float:
+    """phone_score of a candidate phone_shape_rejected let through; word_before: phone_word_before
+    or the native one."""
     main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
     compact = main.translate(_PHONE_PUNCTUATION)
     digits = len(compact)
@@ -532,7 +539,7 @@ def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str
         header = column_header(text, start)
         if header is not None and NOT_PHONE_HEADER.search(header):
             return 0.0
-    context = _context(text, start, PHONE_CONTEXT)
+    context = word_before(text, start)
     if not context:
         if header is False:
             header = column_header(text, start)
@@ -574,13 +581,14 @@ def phone_candidates(text: str, lo: int, hi: int, shortest: int, screen: bool):
 
 def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: bool = False) -> Finder:
     candidates = native_mod.extension.phone_candidates if native else phone_candidates
+    word_before = native_mod.extension.phone_word_before if native else phone_word_before
 
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
         for start, extension_start, end, candidate_end in candidates(text, lo, hi, 7, True):
             extension = extension_start >= 0
-            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension)
+            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension, word_before)
             if score and score >= min_score:
                 out.append(Entity("PHONE_NUMBER", start, end if extension else candidate_end, score))
         return out

@@ -127,6 +127,28 @@ def test_phone_candidate_scan_and_shape_test_agree_with_the_regexes():
     assert 0 < sum(rejected) < len(rejected)
 
 
+# Phone words and what re's case-insensitive Unicode matching takes for their letters
+# (U+0130/U+0131 for i, U+017F for s, É for é), with \w and \W characters around them.
+_CONTEXT_PIECES = ["phone", "tel", "telephone", "calls", "mobile", "whatsapp", "signal", "number", "contact", "fax",
+                   "sms", "text me", "ring", "dial-in", "mob", "ph", "on-call", "telefon", "téléphone", "TÉLÉPHONE",
+                   "teléfono", "handy", "cellulare", "celular", "M:", "T :", "f\t:", "send_sms(", "phone_number",
+                   "\u0130", "\u0131", "\u017f", "É", "\u212a", "\ud800", "ü", "\u0660", "_", "-", ":", " ", "\t",
+                   "\n", "a", "e", "I", "S", "x", "1"]
+
+
+def test_phone_word_before_agrees_with_the_context_regex():
+    rng = random.Random(5)
+    matched = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(_CONTEXT_PIECES) for _ in range(rng.randint(0, 10)))
+        text = "".join(ch.upper() if rng.random() < 0.3 else ch for ch in text)
+        start = rng.randint(0, len(text) + 2)
+        expected = patterns.phone_word_before(text, start)
+        assert native.extension.phone_word_before(text, start) is expected, (text, start)
+        matched += expected
+    assert 2000 < matched < 18000
+
+
 def test_card_scan_agrees_with_the_regex_and_checks():
     rng = random.Random(4)
     cards = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117", "3530111333300000",
