@@ -416,7 +416,8 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
 
 def column_header(text: str, start: int) -> str | None:
     """The header cell of the CSV or markdown-table column holding `start`, or None: the
-    header is the first line of the block of lines with as many separators as this one."""
+    header is the first line of the block of lines with as many separators as this one.
+    (redaction/_native.c has the same walk in C.)"""
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start:line_end if line_end >= 0 else len(text)]
@@ -425,7 +426,7 @@ def column_header(text: str, start: int) -> str | None:
         return None
     column = text.count(sep, line_start, start)
     cells = line.count(sep)
-    header = line
+    header = None
     pos = line_start
     for _ in range(50):  # walk up over rows (and a markdown |---| rule) with as many cells
         if pos == 0:
@@ -435,7 +436,7 @@ def column_header(text: str, start: int) -> str | None:
         if prev.count(sep) != cells:
             break
         header, pos = prev, prev_start
-    if header is line:
+    if header is None:  # (not `header is line`: a one-character line and its copy above may be one object)
         return None
     names = header.split(sep)
     return names[column] if column < len(names) else None
@@ -520,10 +521,16 @@ def phone_word_before(text: str, start: int) -> bool:
     return _context(text, start, PHONE_CONTEXT)
 
 
+class _PythonPhoneContext:
+    """The context tests shaped_phone_score calls; redaction/_native.c has both under these names."""
+    phone_word_before = staticmethod(phone_word_before)
+    column_header = staticmethod(column_header)
+
+
 def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
-                       extension: bool = False, word_before: Callable[[str, int], bool] = phone_word_before) -> float:
-    """phone_score of a candidate phone_shape_rejected let through; word_before: phone_word_before
-    or the native one."""
+                       extension: bool = False, tests=_PythonPhoneContext) -> float:
+    """phone_score of a candidate phone_shape_rejected let through; tests: where its context
+    tests come from (_PythonPhoneContext or the native module)."""
     main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
     compact = main.translate(_PHONE_PUNCTUATION)
     digits = len(compact)
@@ -536,13 +543,13 @@ def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str
     if not international:
         if NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start):
             return 0.0
-        header = column_header(text, start)
+        header = tests.column_header(text, start)
         if header is not None and NOT_PHONE_HEADER.search(header):
             return 0.0
-    context = word_before(text, start)
+    context = tests.phone_word_before(text, start)
     if not context:
         if header is False:
-            header = column_header(text, start)
+            header = tests.column_header(text, start)
         context = header is not None and PHONE_CONTEXT.search(header) is not None
     if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0" and candidate[1:].isdigit()):
         return 0.0  # "+3.140000", "+000000120": numbers, not phones
@@ -581,14 +588,14 @@ def phone_candidates(text: str, lo: int, hi: int, shortest: int, screen: bool):
 
 def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: bool = False) -> Finder:
     candidates = native_mod.extension.phone_candidates if native else phone_candidates
-    word_before = native_mod.extension.phone_word_before if native else phone_word_before
+    context_tests = native_mod.extension if native else _PythonPhoneContext
 
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
         for start, extension_start, end, candidate_end in candidates(text, lo, hi, 7, True):
             extension = extension_start >= 0
-            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension, word_before)
+            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension, context_tests)
             if score and score >= min_score:
                 out.append(Entity("PHONE_NUMBER", start, end if extension else candidate_end, score))
         return out

@@ -149,6 +149,23 @@ def test_phone_word_before_agrees_with_the_context_regex():
     assert 2000 < matched < 18000
 
 
+def test_column_header_agrees_with_the_python_walk():
+    rng = random.Random(6)
+    pieces = ["|", "|", ",", ",", "\n", "\n", "name", "phone", " ", "---", "1", "é", "\ud800", "😀", "||", ",,", "\n\n"]
+    headers = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        start = rng.randint(0, len(text))
+        expected = patterns.column_header(text, start)
+        assert native.extension.column_header(text, start) == expected, (text, start)
+        headers += expected is not None
+    assert headers > 200
+    # a one-character line under its copy: a header (the walk moved), not "this line"
+    assert patterns.column_header(",\n,", 3) == native.extension.column_header(",\n,", 3) == ""
+    table = "name,phone\nAna,030 1234567\nBo,040 7654321"
+    assert native.extension.column_header(table, table.rindex("040")) == "phone"
+
+
 def test_card_scan_agrees_with_the_regex_and_checks():
     rng = random.Random(4)
     cards = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117", "3530111333300000",
