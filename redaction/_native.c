@@ -1445,25 +1445,31 @@ static const char *const PHONE_WORDS[] = {
 };
 static const char *const PHONE_WORDS_UNBOUNDED[] = {"sms", "phone", "mobile", "whatsapp", "fax", NULL};
 
-/* The character as the words above spell it: re's case-insensitive equivalents of their letters. */
-static Py_UCS4 fold_phone_letter(Py_UCS4 ch) {
+/* The character as the words here spell it: re's case-insensitive equivalents of their
+   letters (measured over every code point for each letter of PHONE_WORDS and IDENTIFIER_WORDS). */
+static Py_UCS4 fold_word_letter(Py_UCS4 ch) {
     if (ch < 128)
         return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
     if (ch == 0x130 || ch == 0x131)
         return 'i';
     if (ch == 0x17F)
         return 's';
+    if (ch == 0x212A)
+        return 'k';
     if (ch == 0xC9)
         return 0xE9;
     return ch;
 }
 
-/* End of `word` matched case-insensitively at pos (before hi), or -1. */
-static Py_ssize_t word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const char *word) {
-    for (; *word; word++, pos++) {
+/* End of `word` matched case-insensitively at pos (before hi), or -1; first: the folded
+   character at pos. */
+static Py_ssize_t word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const char *word, Py_UCS4 first) {
+    if (first != (Py_UCS4)(unsigned char)*word)
+        return -1;
+    for (word++, pos++; *word; word++, pos++) {
         if (pos >= hi)
             return -1;
-        Py_UCS4 ch = fold_phone_letter(AT(c, pos));
+        Py_UCS4 ch = fold_word_letter(AT(c, pos));
         if (*word == E_ACUTE_CLASS ? !(ch == 'e' || ch == 0xE9) : ch != (Py_UCS4)(unsigned char)*word)
             return -1;
     }
@@ -1471,15 +1477,18 @@ static Py_ssize_t word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const ch
 }
 
 static int phone_word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    Py_UCS4 first = fold_word_letter(AT(c, pos));
+    if (first == 0 || first >= 128 || !strchr("cdfhmnoprstw", (int)first))
+        return 0;  /* the regex's leading lookahead */
     for (const char *const *word = PHONE_WORDS_UNBOUNDED; *word; word++) {
-        Py_ssize_t end = word_at(c, pos, hi, *word);
+        Py_ssize_t end = word_at(c, pos, hi, *word, first);
         if (end >= 0 && end < hi && (!is_word(AT(c, end)) || AT(c, end) == '_'))
             return 1;  /* (?=[\W_]) */
     }
     if (pos > 0 && is_word(AT(c, pos - 1)))
         return 0;  /* no \b before (the text's next character is a letter in every alternative left) */
     for (const char *const *word = PHONE_WORDS; *word; word++) {
-        Py_ssize_t end = word_at(c, pos, hi, *word);
+        Py_ssize_t end = word_at(c, pos, hi, *word, first);
         if (end >= 0 && (end == hi || !is_word(AT(c, end))))
             return 1;
     }
@@ -1505,6 +1514,76 @@ static PyObject *phone_word_before(PyObject *module, PyObject *args) {
     for (Py_ssize_t pos = lo; pos < hi; pos++) {
         if (phone_word_at(&c, pos, hi))
             Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+
+/* ---- An identifier word right before a candidate: NOT_PHONE_CONTEXT (redaction/patterns.py)
+
+   identifier_word_before(text, start) is NOT_PHONE_CONTEXT.search(text, max(0, start - 24),
+   start) is not None, for reference (tests compare them on fuzzed strings):
+     (?i)(?=[abdegioprstuv])\b(?:isbn(?:-1[03])?|ean|...|acct)\b[\s:#=\"'\-]*
+         (?:(?:no|nr|number|num)\.?\s*)?$
+   $ is the window's end (or before a last "\n", which \s covers). */
+
+static const char *const IDENTIFIER_WORDS[] = {
+    "isbn", "isbn-10", "isbn-13", "ean", "gtin", "upc", "sku", "po", "order", "invoice", "tracking", "parcel",
+    "shipment", "ref", "reference", "build", "version", "ver", "v", "release", "sha", "id", "epoch", "ts",
+    "timestamp", "driver", "account", "acct", NULL,
+};
+static const char *const NUMBER_ABBREVIATIONS[] = {"no", "nr", "number", "num", NULL};
+
+static int identifier_separator(Py_UCS4 ch) {
+    return Py_UNICODE_ISSPACE(ch) || ch == ':' || ch == '#' || ch == '=' || ch == '"' || ch == '\'' || ch == '-';
+}
+
+static int only_space_from(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    for (; pos < hi; pos++) {
+        if (!Py_UNICODE_ISSPACE(AT(c, pos)))
+            return 0;
+    }
+    return 1;
+}
+
+/* After the word's \b at end: separators, then an optional "no."/"nr"/"number"/"num" and
+   spaces, to the window's end. */
+static int identifier_tail(const Span *c, Py_ssize_t end, Py_ssize_t hi) {
+    Py_ssize_t run = end;
+    while (run < hi && identifier_separator(AT(c, run)))
+        run++;
+    if (run == hi)
+        return 1;
+    for (Py_ssize_t at = end; at <= run; at++) {
+        Py_UCS4 first = fold_word_letter(AT(c, at));
+        for (const char *const *word = NUMBER_ABBREVIATIONS; *word; word++) {
+            Py_ssize_t after = word_at(c, at, hi, *word, first);
+            if (after < 0)
+                continue;
+            if (only_space_from(c, after, hi) || (after < hi && AT(c, after) == '.' && only_space_from(c, after + 1, hi)))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *identifier_word_before(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "Un:identifier_word_before", &text, &start))
+        return NULL;
+    Py_ssize_t lo = start - 24, hi = start;
+    clamp_window(text, &lo, &hi);
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, PyUnicode_GET_LENGTH(text)};
+    for (Py_ssize_t pos = lo; pos < hi; pos++) {
+        Py_UCS4 first = fold_word_letter(AT(&c, pos));
+        if (first == 0 || first >= 128 || !strchr("abdegioprstuv", (int)first) || (pos > 0 && is_word(AT(&c, pos - 1))))
+            continue;  /* the leading lookahead and \b */
+        for (const char *const *word = IDENTIFIER_WORDS; *word; word++) {
+            Py_ssize_t end = word_at(&c, pos, hi, *word, first);
+            if (end >= 0 && (end == hi || !is_word(AT(&c, end))) && identifier_tail(&c, end, hi))
+                Py_RETURN_TRUE;
+        }
     }
     Py_RETURN_FALSE;
 }
@@ -1585,6 +1664,8 @@ static PyMethodDef module_methods[] = {
      "characters, as (start, extension start or -1, end, candidate end)"},
     {"phone_word_before", phone_word_before, METH_VARARGS,
      "phone_word_before(text, start): PHONE_CONTEXT finds a phone word in the 48 characters before start"},
+    {"identifier_word_before", identifier_word_before, METH_VARARGS,
+     "identifier_word_before(text, start): NOT_PHONE_CONTEXT finds an identifier word (ISBN, order, ...) right before start"},
     {"column_header", column_header, METH_VARARGS,
      "column_header(text, start): the header cell of the CSV or markdown-table column holding start, or None"},
     {"phone_shape_rejected", phone_shape_rejected, METH_O,

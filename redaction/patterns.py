@@ -521,9 +521,16 @@ def phone_word_before(text: str, start: int) -> bool:
     return _context(text, start, PHONE_CONTEXT)
 
 
+def identifier_word_before(text: str, start: int) -> bool:
+    """Whether an identifier word ("ISBN", "order #", "PO-") ends right before start.
+    (redaction/_native.c has the same test in C.)"""
+    return NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start) is not None
+
+
 class _PythonPhoneContext:
-    """The context tests shaped_phone_score calls; redaction/_native.c has both under these names."""
+    """The context tests shaped_phone_score calls; redaction/_native.c has them under these names."""
     phone_word_before = staticmethod(phone_word_before)
+    identifier_word_before = staticmethod(identifier_word_before)
     column_header = staticmethod(column_header)
 
 
@@ -541,7 +548,7 @@ def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str
         return 0.0  # "8751007310 ms", "1 234 567 tokens"
     header: str | None | bool = False  # (False: not looked up yet; the walk up a table is the dearer part)
     if not international:
-        if NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start):
+        if tests.identifier_word_before(text, start):
             return 0.0
         header = tests.column_header(text, start)
         if header is not None and NOT_PHONE_HEADER.search(header):

@@ -127,27 +127,35 @@ def test_phone_candidate_scan_and_shape_test_agree_with_the_regexes():
     assert 0 < sum(rejected) < len(rejected)
 
 
-# Phone words and what re's case-insensitive Unicode matching takes for their letters
-# (U+0130/U+0131 for i, U+017F for s, É for é), with \w and \W characters around them.
+# Phone and identifier words and what re's case-insensitive Unicode matching takes for their
+# letters (U+0130/U+0131 for i, U+017F for s, U+212A for k, É for é), with \w, \W and \s
+# characters around them.
 _CONTEXT_PIECES = ["phone", "tel", "telephone", "calls", "mobile", "whatsapp", "signal", "number", "contact", "fax",
                    "sms", "text me", "ring", "dial-in", "mob", "ph", "on-call", "telefon", "téléphone", "TÉLÉPHONE",
                    "teléfono", "handy", "cellulare", "celular", "M:", "T :", "f\t:", "send_sms(", "phone_number",
                    "\u0130", "\u0131", "\u017f", "É", "\u212a", "\ud800", "ü", "\u0660", "_", "-", ":", " ", "\t",
                    "\n", "a", "e", "I", "S", "x", "1"]
+_IDENTIFIER_PIECES = ["isbn", "ISBN-10", "isbn-13", "isbn-1", "ean", "gtin", "upc", "sku", "\u212au", "po", "order",
+                      "invoice", "tracking", "parcel", "shipment", "ref", "reference", "build", "version", "ver", "v",
+                      "release", "sha", "id", "\u0130d", "\u0131D", "epoch", "ts", "timestamp", "\u017fha", "driver",
+                      "account", "acct", "no", "nr", "number", "num", ".", " ", "\t", "\n", ":", "#", "=", "\"", "'",
+                      "-", "\u00a0", "\u2003", "\x1c", "_", "a", "1", "é", "\ud800", "\u0660"]
 
 
-def test_phone_word_before_agrees_with_the_context_regex():
+@pytest.mark.parametrize("name, pieces", [("phone_word_before", _CONTEXT_PIECES),
+                                          ("identifier_word_before", _IDENTIFIER_PIECES)])
+def test_context_word_tests_agree_with_their_regexes(name, pieces):
     rng = random.Random(5)
+    python_test, native_test = getattr(patterns, name), getattr(native.extension, name)
     matched = 0
     for _ in range(20000):
-        text = "".join(rng.choice(_CONTEXT_PIECES) for _ in range(rng.randint(0, 10)))
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
         text = "".join(ch.upper() if rng.random() < 0.3 else ch for ch in text)
         start = rng.randint(0, len(text) + 2)
-        expected = patterns.phone_word_before(text, start)
-        assert native.extension.phone_word_before(text, start) is expected, (text, start)
+        expected = python_test(text, start)
+        assert native_test(text, start) is expected, (text, start)
         matched += expected
-    assert 2000 < matched < 18000
-
+    assert 1000 < matched < 18000
 
 def test_column_header_agrees_with_the_python_walk():
     rng = random.Random(6)
