@@ -1589,6 +1589,53 @@ static PyObject *identifier_word_before(PyObject *module, PyObject *args) {
 }
 
 
+/* ---- A unit right after a candidate: UNIT_AFTER (redaction/patterns.py) ------------------
+
+   unit_after(text, end) is UNIT_AFTER.match(text, end) is not None, for reference (tests
+   compare them on fuzzed strings):
+     (?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b
+   \b after "%", "€" or "$" wants a word character next. */
+
+static const char *const UNITS[] = {
+    "ms", "s", "sec", "secs", "seconds", "min", "bytes", "kb", "kib", "mb", "mib", "gb", "gib", "tb", "tib", "%",
+    "tokens", "rows", "items", "km", "kg", "eur", "usd", "$", NULL,
+};
+
+static int word_boundary_at(const Span *c, Py_ssize_t at) {
+    int before = at > 0 && is_word(AT(c, at - 1));
+    int after = at < span_length(c) && is_word(AT(c, at));
+    return before != after;
+}
+
+static PyObject *unit_after(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t end;
+    if (!PyArg_ParseTuple(args, "Un:unit_after", &text, &end))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    if (end < 0)
+        end = 0;
+    Py_ssize_t tries[2] = {-1, end};  /* after a space first, as re tries [ \u00a0]? */
+    if (end < length && is_space(AT(&c, end)))
+        tries[0] = end + 1;
+    for (int t = 0; t < 2; t++) {
+        Py_ssize_t at = tries[t];
+        if (at < 0 || at >= length)
+            continue;
+        Py_UCS4 first = fold_word_letter(AT(&c, at));
+        if (first == 0x20AC && word_boundary_at(&c, at + 1))
+            Py_RETURN_TRUE;
+        for (const char *const *unit = UNITS; *unit; unit++) {
+            Py_ssize_t after = word_at(&c, at, length, *unit, first);
+            if (after >= 0 && word_boundary_at(&c, after))
+                Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+
 /* ---- column_header (redaction/patterns.py): the header cell of a CSV or markdown column ---
 
    Same walk as the Python reference (tests compare them on fuzzed tables): the line holding
@@ -1666,6 +1713,8 @@ static PyMethodDef module_methods[] = {
      "phone_word_before(text, start): PHONE_CONTEXT finds a phone word in the 48 characters before start"},
     {"identifier_word_before", identifier_word_before, METH_VARARGS,
      "identifier_word_before(text, start): NOT_PHONE_CONTEXT finds an identifier word (ISBN, order, ...) right before start"},
+    {"unit_after", unit_after, METH_VARARGS,
+     "unit_after(text, end): UNIT_AFTER matches at end (a unit: ms, tokens, MiB, %, ...)"},
     {"column_header", column_header, METH_VARARGS,
      "column_header(text, start): the header cell of the CSV or markdown-table column holding start, or None"},
     {"phone_shape_rejected", phone_shape_rejected, METH_O,

@@ -527,10 +527,17 @@ def identifier_word_before(text: str, start: int) -> bool:
     return NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start) is not None
 
 
+def unit_after(text: str, end: int) -> bool:
+    """Whether a unit ("ms", "tokens", "MiB", "%") follows at end. (redaction/_native.c has
+    the same test in C.)"""
+    return UNIT_AFTER.match(text, end) is not None
+
+
 class _PythonPhoneContext:
     """The context tests shaped_phone_score calls; redaction/_native.c has them under these names."""
     phone_word_before = staticmethod(phone_word_before)
     identifier_word_before = staticmethod(identifier_word_before)
+    unit_after = staticmethod(unit_after)
     column_header = staticmethod(column_header)
 
 
@@ -544,7 +551,7 @@ def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str
     international = candidate.startswith(("+", "(+"))
     # Every later exit for a national number with a unit after it is 0 as well: decide it
     # here, before the context searches.
-    if not international and UNIT_AFTER.match(text, start + len(candidate)):
+    if not international and tests.unit_after(text, start + len(candidate)):
         return 0.0  # "8751007310 ms", "1 234 567 tokens"
     header: str | None | bool = False  # (False: not looked up yet; the walk up a table is the dearer part)
     if not international:

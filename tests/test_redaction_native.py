@@ -127,7 +127,7 @@ def test_phone_candidate_scan_and_shape_test_agree_with_the_regexes():
     assert 0 < sum(rejected) < len(rejected)
 
 
-# Phone and identifier words and what re's case-insensitive Unicode matching takes for their
+# Phone and identifier words, units, and what re's case-insensitive Unicode matching takes for their
 # letters (U+0130/U+0131 for i, U+017F for s, U+212A for k, É for é), with \w, \W and \s
 # characters around them.
 _CONTEXT_PIECES = ["phone", "tel", "telephone", "calls", "mobile", "whatsapp", "signal", "number", "contact", "fax",
@@ -140,10 +140,14 @@ _IDENTIFIER_PIECES = ["isbn", "ISBN-10", "isbn-13", "isbn-1", "ean", "gtin", "up
                       "release", "sha", "id", "\u0130d", "\u0131D", "epoch", "ts", "timestamp", "\u017fha", "driver",
                       "account", "acct", "no", "nr", "number", "num", ".", " ", "\t", "\n", ":", "#", "=", "\"", "'",
                       "-", "\u00a0", "\u2003", "\x1c", "_", "a", "1", "é", "\ud800", "\u0660"]
+_UNIT_PIECES = ["ms", "s", "sec", "secs", "seconds", "min", "bytes", "kb", "KiB", "mb", "mib", "gb", "GiB", "tb", "tib",
+                "%", "tokens", "rows", "items", "km", "kg", "eur", "usd", "€", "$", "\u212ab", "\u017f", "\u0131tems",
+                "\u0130", " ", "\u00a0", "  ", "_", "1", "a", ".", "\n", "é", "\ud800", "\u0660", "b", "i"]
 
 
 @pytest.mark.parametrize("name, pieces", [("phone_word_before", _CONTEXT_PIECES),
-                                          ("identifier_word_before", _IDENTIFIER_PIECES)])
+                                          ("identifier_word_before", _IDENTIFIER_PIECES),
+                                          ("unit_after", _UNIT_PIECES)])
 def test_context_word_tests_agree_with_their_regexes(name, pieces):
     rng = random.Random(5)
     python_test, native_test = getattr(patterns, name), getattr(native.extension, name)
