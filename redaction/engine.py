@@ -26,6 +26,7 @@ from typing import Any
 from redaction import gazetteer as gazetteer_mod
 from redaction.gazetteer import PARTICLES
 from redaction.gate import Gate, GatePattern
+from redaction import native as native_mod
 from redaction.names import LOWERCASE_CUES, STRONG_CUES, TITLES, WEAK_CUES, NameFinder
 from redaction.operators import Operators
 from redaction.patterns import Detector, RunGate, pattern_detectors
@@ -87,24 +88,30 @@ def _names_tier(strict: bool) -> tuple[NameFinder, tuple[GatePattern, ...]]:
 class Redactor:
     """Thread-safe after construction (the cache is a plain dict; races only cost a miss)."""
 
-    def __init__(self, settings: RedactionSettings | None = None):
+    def __init__(self, settings: RedactionSettings | None = None, native: bool | None = None):
+        """native: the C gate-hit handling (True: required, False: the pure-Python path,
+        None: C where it was built). Both give the same spans."""
         self.settings = settings = settings or RedactionSettings()
         self.entities = set(settings.entities)
         self.operators = Operators(settings)
         regions = tuple(r.upper() for r in settings.phone_regions)
+        extension = native_mod.chosen(native)
         self.detectors: list[Detector] = [d for d in pattern_detectors(regions, settings.ip_ignore_private,
-                                                                            settings.score_for("PHONE_NUMBER"))
+                                                                            settings.score_for("PHONE_NUMBER"),
+                                                                            native=extension is not None)
                                           if d.entity in self.entities]
         if "PERSON" in self.entities:
             self.detectors += structure_detectors(gazetteer_mod.load().common)
         self.names: NameFinder | None = None
         patterns: list[GatePattern] = []
         self._kinds: list[tuple[int, Any]] = []
+        run_extends = set()
         for index, detector in enumerate(self.detectors):
             for gate in detector.gates:
                 if isinstance(gate, RunGate):
                     patterns.append(GatePattern(detector.name, gate.first, detector.caseless))
                     self._kinds.append((_KIND_RUN, (index, re.compile(gate.extend).match)))
+                    run_extends.add(gate.extend)
                 else:
                     patterns.append(GatePattern(detector.name, gate, detector.caseless))
                     self._kinds.append((_KIND_DETECTOR, index))
@@ -128,6 +135,7 @@ class Redactor:
             self._kinds.append((_KIND_WEAK, None))
         self.gate = Gate(patterns) if patterns else None
         self._pads = [(d.pad_before, d.pad_after) for d in self.detectors]
+        self._native = self._native_tables(extension, native, run_extends)
 
         known = set(FAST_ENTITIES) | set(NER_ENTITIES)
         extra = sorted(e for e in self.entities if e not in known)
@@ -167,6 +175,18 @@ class Redactor:
         self._rank = {level: i for i, level in enumerate(LEVELS)}
         self._warm_up()
 
+    def _native_tables(self, extension, wanted: bool | None, run_extends: set[bytes]):
+        """The C sink's tables, or None for the Python path. The C sink extends a run gate's
+        hit over ASCII digits only: a run gate with any other extension keeps Python."""
+        if extension is None or self.gate is None:
+            return None
+        if not run_extends <= {rb"\d*"}:
+            if wanted:
+                raise RuntimeError("a run gate extends by other than \\d*: the native sink cannot")
+            return None
+        kinds = [(kind, payload[0] if kind == _KIND_RUN else payload) for kind, payload in self._kinds]
+        return extension.Tables(kinds, self._pads, self.gate.max_hits)
+
     def _warm_up(self) -> None:
         # Import the validators' libraries and fill lazy tables now, not inside the first
         # event's time budget.
@@ -188,7 +208,9 @@ class Redactor:
 
     def _detect(self, text: str) -> list[Entity]:
         found: list[Entity] = []
-        if self.gate is not None and text:
+        if self._native is not None and text:
+            found = self._detect_native(text, text.encode("utf-8", "surrogatepass"))
+        elif self.gate is not None and text:
             data = text.encode("utf-8", "surrogatepass")
             on_match, tiers, status = self._hit_sink(text, data)
             if self.gate.feed(data, on_match) and status[1]:
@@ -208,6 +230,26 @@ class Redactor:
         for recognizer in self._extra:
             for r in recognizer.analyze(text, self._extra_entities, None):
                 found.append(Entity(r.entity_type, r.start, r.end, r.score, f"presidio:{recognizer.name}"))
+        return found
+
+    def _detect_native(self, text: str, data: bytes) -> list[Entity]:
+        """_detect's gate and window steps with the C sink (the same steps as the Python
+        path: see _hit_sink)."""
+        sink = self._native.sink(text, data)
+        if self.gate.feed(data, sink) and sink.out_of_order:
+            hits, overflow = self.gate.scan(data)
+            if overflow:
+                return self._detect_everywhere(text)
+            hits.sort(key=_end)
+            sink = self._native.sink(text, data)
+            for pattern_id, hit_start, hit_end in hits:
+                sink(pattern_id, hit_start, hit_end, 0, None)
+        elif sink.too_many:
+            return self._detect_everywhere(text)
+        if not sink.any:
+            return []
+        found = sink.find(self.detectors, _tagged, [])
+        self._find_names(text, found, sink.given_words, sink.cue_ends, sink.weak_starts)
         return found
 
     def _hit_sink(self, text: str, data: bytes):
@@ -301,11 +343,16 @@ class Redactor:
                 spans = finder(text, to_char(max(0, lo)), min(chars, to_char(min(size, hi))))
                 if spans:  # (most windows hold nothing)
                     found.extend(_tagged(spans, name))
+        self._find_names(text, found, given_words, cue_ends, weak_starts)
+        return found
+
+    def _find_names(self, text: str, found: list[Entity], given_words: list[int], cue_ends: list[tuple[int, str]],
+                    weak_starts: list[int]) -> None:
+        """The names tier on the gate's name-word, cue and weak-cue positions, into found."""
         if self.names is not None and (given_words or cue_ends or weak_starts):
             if len(given_words) > 1:
                 given_words = sorted(set(given_words))
             found.extend(_tagged(self.names.find(text, given_words, cue_ends, weak_starts), "names"))
-        return found
 
     def _detect_everywhere(self, text: str) -> list[Entity]:
         """Too many gate hits to track one by one: run every detector on the whole text."""

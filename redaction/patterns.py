@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
+from redaction import native as native_mod
 from redaction.types import Entity
 
 Finder = Callable[[str, int, int], list[Entity]]
@@ -170,49 +171,61 @@ def card_brand(d: str) -> str | None:
     return None
 
 
-def find_card(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
+_CARD_SHAPES = ([4, 4, 4, 4], [4, 4, 4, 4, 3], [4, 6, 5], [4, 6, 4])
+
+
+def card_runs(text: str, lo: int, hi: int):
+    """(match start, card start, card end, printed as cards are) for each match of
+    CARD_RE.finditer(text, lo, hi) that holds a card number (redaction/_native.c has the same
+    scan in C)."""
     for m in CARD_RE.finditer(text, lo, hi):
-        raw = m.group()
-        groups = _SEP.split(raw)
-        starts = []
-        pos = m.start()
-        for g in groups:
-            starts.append(pos)
-            pos += len(g) + 1
-        # Runs of whole groups, longest first: "4111 1111 1111 1111 123" is a card + CVV,
-        # "ref 12 4111 1111 1111 1111" a number + a card.
-        best = None
-        n = len(groups)
-        for size in range(n, 0, -1):
-            for first in range(0, n - size + 1):
-                if size > 1 and (len(groups[first]) < 4 or any(len(g) < 3 for g in groups[first + 1:first + size - 1])):
-                    continue  # written cards come in groups of 4 (4-6-5, ...); not "6 6 110 7 7 7 111"
-                digits = "".join(groups[first:first + size])
-                if 12 <= len(digits) <= 19 and luhn(digits) and card_brand(digits):
-                    last = first + size - 1
-                    best = (starts[first], starts[last] + len(groups[last]))
-                    shape = [len(g) for g in groups[first:last + 1]]
-                    break
-            if best:
-                break
-        # Grouped as cards are printed (4-4-4-4, 4-4-4-4-3, Amex 4-6-5, Diners 4-6-4), a Luhn-valid
-        # number of a card range is a card whatever word stands before it ("ID", "account").
-        card_shaped = best is not None and shape in ([4, 4, 4, 4], [4, 4, 4, 4, 3], [4, 6, 5], [4, 6, 4])
-        if best and not card_shaped and not _context(text, m.start(), CARD_CONTEXT) and (
-                (best[1] - best[0] == 13 and _ean13(text[best[0]:best[1]]))
-                or NOT_PHONE_CONTEXT.search(text, max(0, m.start() - 24), m.start())
-                or table_header_says(text, m.start(), NOT_PHONE_HEADER)):
-            continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
-        if best:
-            out.append(Entity("CREDIT_CARD", best[0], best[1], 0.9))
-    for m in GLUED_CARD_RE.finditer(text, lo, hi):
-        start = m.start() + 1
-        digits = m.group()[1:]
-        if _glued_to_word(text, start) and luhn(digits) and card_brand(digits) and not (
-                len(digits) == 13 and _ean13(digits) and not _context(text, start, CARD_CONTEXT)):
-            out.append(Entity("CREDIT_CARD", start, m.end(), 0.9))
-    return out
+        groups = _SEP.split(m.group())
+        found = _card_groups(groups)
+        if found is not None:
+            first, last = found
+            start = m.start() + sum(len(g) + 1 for g in groups[:first])
+            end = start + sum(len(g) + 1 for g in groups[first:last + 1]) - 1
+            yield m.start(), start, end, [len(g) for g in groups[first:last + 1]] in _CARD_SHAPES
+
+
+def _card_groups(groups: list[str]) -> tuple[int, int] | None:
+    """The first and last group of the card number among a number's digit groups, or None.
+    Runs of whole groups, longest first, then leftmost: "4111 1111 1111 1111 123" is a card +
+    CVV, "ref 12 4111 1111 1111 1111" a number + a card."""
+    n = len(groups)
+    for size in range(n, 0, -1):
+        for first in range(0, n - size + 1):
+            if size > 1 and (len(groups[first]) < 4 or any(len(g) < 3 for g in groups[first + 1:first + size - 1])):
+                continue  # written cards come in groups of 4 (4-6-5, ...); not "6 6 110 7 7 7 111"
+            digits = "".join(groups[first:first + size])
+            if 12 <= len(digits) <= 19 and luhn(digits) and card_brand(digits):
+                return first, first + size - 1
+    return None
+
+
+def make_card_finder(native: bool = False) -> Finder:
+    runs = native_mod.extension.card_runs if native else card_runs
+
+    def find_card(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for match_start, start, end, card_shaped in runs(text, lo, hi):
+            # Grouped as cards are printed (4-4-4-4, 4-4-4-4-3, Amex 4-6-5, Diners 4-6-4), a Luhn-valid
+            # number of a card range is a card whatever word stands before it ("ID", "account").
+            if not card_shaped and not _context(text, match_start, CARD_CONTEXT) and (
+                    (end - start == 13 and _ean13(text[start:end]))
+                    or NOT_PHONE_CONTEXT.search(text, max(0, match_start - 24), match_start)
+                    or table_header_says(text, match_start, NOT_PHONE_HEADER)):
+                continue  # a barcode, or a tracking/order number, that happens to pass Luhn too
+            out.append(Entity("CREDIT_CARD", start, end, 0.9))
+        for m in GLUED_CARD_RE.finditer(text, lo, hi):
+            start = m.start() + 1
+            digits = m.group()[1:]
+            if _glued_to_word(text, start) and luhn(digits) and card_brand(digits) and not (
+                    len(digits) == 13 and _ean13(digits) and not _context(text, start, CARD_CONTEXT)):
+                out.append(Entity("CREDIT_CARD", start, m.end(), 0.9))
+        return out
+
+    return find_card
 
 
 def _glued_to_word(text: str, start: int) -> bool:
@@ -271,29 +284,46 @@ def _iban_layout_ok(compact: str) -> bool:
     return layout is not None and layout.match(compact) is not None
 
 
-def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
-    position = lo
-    while (m := IBAN_RE.search(text, position, hi)) is not None:
-        if m.start() > 0 and text[m.start() - 1].isalpha() and not _glued_to_word(text, m.start()):
+def _compact_iban(raw: str) -> str:
+    return "".join(ch for ch in raw if ch not in " -").upper()  # people paste IBANs in lowercase too
+
+
+def iban_checksum_cuts(raw: str):
+    """(length, end in raw) of each cut of an IBAN_RE match, its compact form from the longest
+    (34) down to 15 characters, that ends a group and passes mod 97 (redaction/_native.c has
+    the same loop in C)."""
+    positions = [i for i, ch in enumerate(raw) if ch not in " -"]
+    compact = _compact_iban(raw)
+    for length in range(min(34, len(compact)), 14, -1):
+        end = positions[length - 1] + 1
+        if end < len(raw) and raw[end].isalnum():
+            continue  # would cut a group in half
+        if _mod97(compact[:length]):
+            yield length, end
+
+
+def make_iban_finder(native: bool = False) -> Finder:
+    cuts = native_mod.extension.iban_checksum_cuts if native else iban_checksum_cuts
+
+    def find_iban(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        position = lo
+        while (m := IBAN_RE.search(text, position, hi)) is not None:
+            if m.start() > 0 and text[m.start() - 1].isalpha() and not _glued_to_word(text, m.start()):
+                position = m.start() + 1
+                continue
+            raw = m.group()
+            # A match can run on into the next words ("DE89 ... 00 and GB82..."): the search goes on
+            # right after the IBAN found, not after the match, or a second IBAN is swallowed.
             position = m.start() + 1
-            continue
-        raw = m.group()
-        positions = [i for i, ch in enumerate(raw) if ch not in " -"]
-        compact = "".join(raw[i] for i in positions).upper()  # people paste IBANs in lowercase too
-        # A match can run on into the next words ("DE89 ... 00 and GB82..."): the search goes on
-        # right after the IBAN found, not after the match, or a second IBAN is swallowed.
-        position = m.start() + 1
-        for length in range(min(34, len(compact)), 14, -1):
-            candidate = compact[:length]
-            end = positions[length - 1] + 1
-            if end < len(raw) and raw[end].isalnum():
-                continue  # would cut a group in half
-            if _mod97(candidate) and _iban_layout_ok(candidate):
-                out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
-                position = m.start() + end
-                break
-    return out
+            for length, end in cuts(raw):
+                if _iban_layout_ok(_compact_iban(raw)[:length]):
+                    out.append(Entity("IBAN_CODE", m.start(), m.start() + end, 0.95))
+                    position = m.start() + end
+                    break
+        return out
+
+    return find_iban
 
 
 # -- US SSN ---------------------------------------------------------------------------------
@@ -306,22 +336,37 @@ SSN_CONTEXT = re.compile(r"(?i)\b(?:ssn|ssns|social security|soc\.? sec|ss#|ss n
 _SAMPLE_SSNS = frozenset(("123456789", "987654320", "078051120"))
 
 
-def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
+_SSN_SCORES = {"-": 0.85, " ": 0.6, ".": 0.6}
+
+
+def ssn_candidates(text: str, lo: int, hi: int):
+    """(start, end, separator) of each match of SSN_RE.finditer(text, lo, hi) that Presidio's
+    UsSsnRecognizer.invalidate_result keeps (SSN_RE already makes both separators the same).
+    (redaction/_native.c has the same scan in C.)"""
     for m in SSN_RE.finditer(text, lo, hi):
         area, sep, group, serial = m.groups()
         if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
             continue
-        # The rest of Presidio's UsSsnRecognizer.invalidate_result (SSN_RE already makes both
-        # separators the same): not one digit repeated, not a published sample.
+        # not one digit repeated, not a published sample
         digits = area + group + serial
         if digits in _SAMPLE_SSNS or digits.count(digits[0]) == 9:
             continue
-        score = {"-": 0.85, " ": 0.6, ".": 0.6}.get(sep, 0.3)
-        if _context(text, m.start(), SSN_CONTEXT, 64):
-            score = min(1.0, score + 0.4)
-        out.append(Entity("US_SSN", m.start(), m.end(), score))
-    return out
+        yield m.start(), m.end(), sep
+
+
+def make_ssn_finder(native: bool = False) -> Finder:
+    candidates = native_mod.extension.ssn_candidates if native else ssn_candidates
+
+    def find_ssn(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for start, end, sep in candidates(text, lo, hi):
+            score = _SSN_SCORES.get(sep, 0.3)
+            if _context(text, start, SSN_CONTEXT, 64):
+                score = min(1.0, score + 0.4)
+            out.append(Entity("US_SSN", start, end, score))
+        return out
+
+    return find_ssn
 
 
 # -- phone numbers --------------------------------------------------------------------------
@@ -371,7 +416,8 @@ def table_header_says(text: str, start: int, words: re.Pattern) -> bool:
 
 def column_header(text: str, start: int) -> str | None:
     """The header cell of the CSV or markdown-table column holding `start`, or None: the
-    header is the first line of the block of lines with as many separators as this one."""
+    header is the first line of the block of lines with as many separators as this one.
+    (redaction/_native.c has the same walk in C.)"""
     line_start = text.rfind("\n", 0, start) + 1
     line_end = text.find("\n", start)
     line = text[line_start:line_end if line_end >= 0 else len(text)]
@@ -380,7 +426,7 @@ def column_header(text: str, start: int) -> str | None:
         return None
     column = text.count(sep, line_start, start)
     cells = line.count(sep)
-    header = line
+    header = None
     pos = line_start
     for _ in range(50):  # walk up over rows (and a markdown |---| rule) with as many cells
         if pos == 0:
@@ -390,7 +436,7 @@ def column_header(text: str, start: int) -> str | None:
         if prev.count(sep) != cells:
             break
         header, pos = prev, prev_start
-    if header is line:
+    if header is None:  # (not `header is line`: a one-character line and its copy above may be one object)
         return None
     names = header.split(sep)
     return names[column] if column < len(names) else None
@@ -456,27 +502,68 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     are written, is somebody's phone even when no numbering plan assigns it (typos, fake-
     looking real numbers). Unseparated digit runs need a numbering plan or a phone word
     nearby; identifiers (ISBN, EAN, order and tracking numbers, builds) are left alone."""
-    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
-    compact = main.translate(_PHONE_PUNCTUATION)  # (PHONE_RE's other characters: what \D would remove)
-    digits = len(compact)
-    if not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) or _is_ipv4(candidate):
+    if phone_shape_rejected(candidate):
         return 0.0  # dates, times, versions, SSNs, IPv4 addresses
+    return shaped_phone_score(text, start, candidate, regions, extension)
+
+
+def phone_shape_rejected(candidate: str) -> bool:
+    """phone_score's first test (redaction/_native.c has it in C too): fewer than 7 or more
+    than 15 digits besides a trunk "(0)", a date, time, version, SSN or IPv4 address."""
+    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
+    digits = len(main.translate(_PHONE_PUNCTUATION))  # (PHONE_RE's other characters: what \D would remove)
+    return not 7 <= digits <= 15 or _NOT_PHONE.match(candidate) is not None or _is_ipv4(candidate)
+
+
+def phone_word_before(text: str, start: int) -> bool:
+    """Whether a phone word ("Tel.", "M:", "send_sms(") is in the 48 characters before start.
+    (redaction/_native.c has the same test in C.)"""
+    return _context(text, start, PHONE_CONTEXT)
+
+
+def identifier_word_before(text: str, start: int) -> bool:
+    """Whether an identifier word ("ISBN", "order #", "PO-") ends right before start.
+    (redaction/_native.c has the same test in C.)"""
+    return NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start) is not None
+
+
+def unit_after(text: str, end: int) -> bool:
+    """Whether a unit ("ms", "tokens", "MiB", "%") follows at end. (redaction/_native.c has
+    the same test in C.)"""
+    return UNIT_AFTER.match(text, end) is not None
+
+
+class _PythonPhoneContext:
+    """The context tests shaped_phone_score calls; redaction/_native.c has them under these names."""
+    phone_word_before = staticmethod(phone_word_before)
+    identifier_word_before = staticmethod(identifier_word_before)
+    unit_after = staticmethod(unit_after)
+    column_header = staticmethod(column_header)
+
+
+def shaped_phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
+                       extension: bool = False, tests=_PythonPhoneContext) -> float:
+    """phone_score of a candidate phone_shape_rejected let through; tests: where its context
+    tests come from (_PythonPhoneContext or the native module)."""
+    main = _TRUNK.sub("", candidate) if "(0)" in candidate else candidate
+    compact = main.translate(_PHONE_PUNCTUATION)
+    digits = len(compact)
     international = candidate.startswith(("+", "(+"))
     # Every later exit for a national number with a unit after it is 0 as well: decide it
     # here, before the context searches.
-    if not international and UNIT_AFTER.match(text, start + len(candidate)):
+    if not international and tests.unit_after(text, start + len(candidate)):
         return 0.0  # "8751007310 ms", "1 234 567 tokens"
     header: str | None | bool = False  # (False: not looked up yet; the walk up a table is the dearer part)
     if not international:
-        if NOT_PHONE_CONTEXT.search(text, max(0, start - 24), start):
+        if tests.identifier_word_before(text, start):
             return 0.0
-        header = column_header(text, start)
+        header = tests.column_header(text, start)
         if header is not None and NOT_PHONE_HEADER.search(header):
             return 0.0
-    context = _context(text, start, PHONE_CONTEXT)
+    context = tests.phone_word_before(text, start)
     if not context:
         if header is False:
-            header = column_header(text, start)
+            header = tests.column_header(text, start)
         context = header is not None and PHONE_CONTEXT.search(header) is not None
     if (DECIMAL.match(candidate) and not context) or (international and compact[0] == "0" and candidate[1:].isdigit()):
         return 0.0  # "+3.140000", "+000000120": numbers, not phones
@@ -499,18 +586,32 @@ def phone_score(text: str, start: int, candidate: str, regions: tuple[str, ...],
     return 0.7 if _valid_phone(candidate, regions) else 0.0
 
 
-def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0) -> Finder:
+def phone_candidates(text: str, lo: int, hi: int, shortest: int, screen: bool):
+    """(start, extension start or -1, end, candidate end) of each match of
+    PHONE_RE.finditer(text, lo, hi) at least `shortest` characters long; the candidate is the
+    match before its extension, without trailing separators. With screen, the candidates
+    phone_shape_rejected refuses are left out. (redaction/_native.c has the same scan in C.)"""
+    for m in PHONE_RE.finditer(text, lo, hi):
+        start = m.start()
+        if m.end() - start >= shortest:
+            extension_start = m.start("ext")
+            candidate = text[start:extension_start if extension_start >= 0 else m.end()].rstrip(" .-/\u00a0")
+            if not (screen and phone_shape_rejected(candidate)):
+                yield start, extension_start, m.end(), start + len(candidate)
+
+
+def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: bool = False) -> Finder:
+    candidates = native_mod.extension.phone_candidates if native else phone_candidates
+    context_tests = native_mod.extension if native else _PythonPhoneContext
+
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
-        for m in PHONE_RE.finditer(text, lo, hi):
-            start = m.start()
-            if m.end() - start < 7:
-                continue  # fewer than 7 characters hold fewer than the 7 digits phone_score wants
-            extension = m.group("ext")
-            candidate = text[start:m.start("ext") if extension else m.end()].rstrip(" .-/\u00a0")
-            score = phone_score(text, start, candidate, regions, extension=bool(extension))
+        # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
+        for start, extension_start, end, candidate_end in candidates(text, lo, hi, 7, True):
+            extension = extension_start >= 0
+            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension, context_tests)
             if score and score >= min_score:
-                out.append(Entity("PHONE_NUMBER", start, m.end() if extension else start + len(candidate), score))
+                out.append(Entity("PHONE_NUMBER", start, end if extension else candidate_end, score))
         return out
 
     return find_phone
@@ -558,9 +659,14 @@ def _not_personal(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> boo
 
 def _private_v4(valid: str) -> bool:
     """_not_personal of the address of a string _is_ipv4 accepted."""
+    return _in_ranges(valid, _NOT_PERSONAL_V4_RANGES)
+
+
+def _in_ranges(valid: str, ranges: tuple[tuple[int, int], ...]) -> bool:
+    """Whether the address of a string _is_ipv4 accepted is in one of the (first, last) ranges."""
     a, b, c, d = valid.split(".")
     number = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
-    return any(first <= number <= last for first, last in _NOT_PERSONAL_V4_RANGES)
+    return any(first <= number <= last for first, last in ranges)
 
 
 def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
@@ -582,40 +688,60 @@ def _full_ipv6(value: str) -> ipaddress.IPv6Address:
 _FULL_IPV6 = re.compile(r"(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}")
 
 
-def make_ip_finder(ignore_private: bool) -> Finder:
+def ipv4_candidates(text: str, lo: int, hi: int, not_personal: tuple[tuple[int, int], ...] | None):
+    """(start, end, checked) of each match of IPV4_RE.finditer(text, lo, hi) that does not follow
+    a product token ("Chrome/121.0.0.0"). One without a prefix length is checked here (octets,
+    and not in a `not_personal` range unless that is None); one with a prefix length is left
+    to ipaddress, unchecked. (redaction/_native.c has the same scan in C.)"""
+    for m in finditer_from(IPV4_RE, _IPV4_START, text, lo, hi):
+        if _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
+            continue
+        value = m.group()
+        if "/" in value:
+            yield m.start(), m.end(), False
+        # (Most candidates: the octets' own check and range test cost a fraction of building
+        # an IPv4Address.)
+        elif _is_ipv4(value) and not (not_personal is not None and _in_ranges(value, not_personal)):
+            yield m.start(), m.end(), True
+
+
+def make_ip_finder(ignore_private: bool, native: bool = False) -> Finder:
+    v4_candidates = native_mod.extension.ipv4_candidates if native else ipv4_candidates
+    not_personal = _NOT_PERSONAL_V4_RANGES if ignore_private else None
+
     def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         window = text[lo:hi]
         if ignore_private and "." in window and not (_V6_HINT.search(window) or _PUBLIC_V4_HINT.search(window)):
             return out  # only loopback/private/link-local IPv4 and no ':' (IPv6) in sight
-        # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
-        # neither (timestamps, "host:port") holds none.
-        regexes = ([IPV4_RE] if "." in window else []) + ([IPV6_RE] if "::" in window or window.count(":") >= 6 else [])
-        for regex in regexes:
-            matches = finditer_from(IPV4_RE, _IPV4_START, text, lo, hi) if regex is IPV4_RE else regex.finditer(text, lo, hi)
-            for m in matches:
-                value = m.group()
-                if value.endswith(":") and not value.endswith("::"):
-                    value = value[:-1]  # "from 2001:db8::1: icmp_seq=1"
-                if regex is IPV6_RE and (value.count(":") < 2 or value.startswith(":") and not value.startswith("::")):
-                    continue
-                if regex is IPV4_RE and _PRODUCT_TOKEN.search(text, max(0, m.start() - 32), m.start()):
-                    continue
-                bare = value.split("%")[0]
-                if regex is IPV6_RE and "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
-                    continue  # what ip_address would reject, without the cost of its ValueError
-                if regex is IPV4_RE and "/" not in bare:
-                    # (Most candidates: the octets' own check and range test cost a fraction
-                    # of building an IPv4Address.)
-                    if not _is_ipv4(bare) or (ignore_private and _private_v4(bare)):
-                        continue
-                else:
+        if "." in window:
+            for start, end, checked in v4_candidates(text, lo, hi, not_personal):
+                if not checked:
                     try:
-                        address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
+                        address = _parse_ip(text[start:end])
                     except ValueError:
                         continue
                     if ignore_private and _not_personal(address):
                         continue
+                out.append(Entity("IP_ADDRESS", start, end, 0.85))
+        # An IPv6 address has a "::" or 7 colons (6 before an embedded IPv4): a window with
+        # neither (timestamps, "host:port") holds none.
+        if "::" in window or window.count(":") >= 6:
+            for m in IPV6_RE.finditer(text, lo, hi):
+                value = m.group()
+                if value.endswith(":") and not value.endswith("::"):
+                    value = value[:-1]  # "from 2001:db8::1: icmp_seq=1"
+                if value.count(":") < 2 or value.startswith(":") and not value.startswith("::"):
+                    continue
+                bare = value.split("%")[0]
+                if "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
+                    continue  # what ip_address would reject, without the cost of its ValueError
+                try:
+                    address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
+                except ValueError:
+                    continue
+                if ignore_private and _not_personal(address):
+                    continue
                 out.append(Entity("IP_ADDRESS", m.start(), m.start() + len(value), 0.85))
         return out
 
@@ -816,25 +942,26 @@ _DIGIT_RUN_FROM_9 = RunGate(rb"(?:^|\D)\d{9}", rb"\d*", rb"\d{9}")
 
 
 def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
-                      phone_min_score: float = 0.0) -> list[Detector]:
+                      phone_min_score: float = 0.0, native: bool = False) -> list[Detector]:
+    """native: the finders use redaction/_native.c where it has their scans (same results)."""
     return [
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
                  132, 280, find_email),
-        Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, find_card),
-        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, find_iban,
+        Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, make_card_finder(native)),
+        Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, make_iban_finder(native),
                  caseless=True),
         # (ssn: \d{3}[ .\-]?\d\d[ .\-]?\d{4}, split by separator, the unseparated form a run gate)
         Detector("ssn", "US_SSN", (rb"\d{3}[ .\-]\d\d[ .\-]?\d{4}", rb"\d{5}[ .\-]\d{4}", _DIGIT_RUN_FROM_9), 15, 3,
-                 find_ssn),
+                 make_ssn_finder(native)),
         Detector("phone", "PHONE_NUMBER",
                  (rb"\+\d[\d \-.()/]{5,}\d", rb"\(\+\d{1,3}\)", rb"\(\d{1,5}\)[ \-.]?\d{2,}",
                   RunGate(rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3}", rb"\d*", rb"\d{1,5}[ \-./]\d{2,}[ \-.]\d{3,}"),
                   rb"\d\d[ \-.]\d\d[ \-.]\d\d[ \-.]\d\d", RunGate(rb"\d{2,5}[ \-./]\d{5}", rb"\d*", rb"\d{2,5}[ \-./]\d{5,}"),
                   rb"\d{4}[ \-.]\d{4}", _DIGIT_RUN_FROM_7),
-                 30, 24, make_phone_finder(phone_regions, phone_min_score)),
+                 30, 24, make_phone_finder(phone_regions, phone_min_score, native)),
         Detector("ip", "IP_ADDRESS", (rb"\d{1,3}\.\d{1,3}\.\d{1,3}\.\d{1,3}", rb"[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}:[0-9A-Fa-f]{1,4}",
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
-                 48, 44, make_ip_finder(ip_ignore_private)),
+                 48, 44, make_ip_finder(ip_ignore_private, native)),
         Detector("crypto", "CRYPTO", (rb"\b(?:bc1[ac-hj-np-z02-9]{11}|[13][a-km-zA-HJ-NP-Z1-9]{25})",), 30, 80, find_crypto),
         *secret_detectors(),
     ]

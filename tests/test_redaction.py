@@ -14,13 +14,17 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from redaction import RedactionError, RedactionResult, RedactionSettings, Redactor
+from redaction import RedactionError, RedactionResult, RedactionSettings, Redactor, native
 from redaction.settings import ClassificationPolicy
 
 
-@pytest.fixture(scope="module")
-def redactor() -> Redactor:
-    return Redactor(RedactionSettings())
+@pytest.fixture(scope="module", params=["native", "python"])
+def redactor(request) -> Redactor:
+    """Every test that takes it runs on both paths: the C half of the fast tier
+    (redaction/_native.c) and the pure-Python one it falls back to."""
+    if request.param == "native" and native.extension is None:
+        pytest.skip("redaction/_native.c is not built here (no C compiler at install): only the Python path runs")
+    return Redactor(RedactionSettings(), native=request.param == "native")
 
 
 def kinds(result: RedactionResult) -> list[str]:

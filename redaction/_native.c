@@ -1,0 +1,1751 @@
+/* Native half of the fast redaction tier: the gate's match callback and the window loop.
+
+   `engine.Redactor._hit_sink` (Python) and `HitSink` (here) must give the same windows,
+   name positions and status for every text; tests/test_redaction_native.py runs both on the
+   corpora and on fuzzed strings. The Python code stays the reference and the fallback: keep
+   the two in step when either changes.
+
+   Per text: hyperscan calls the sink once per gate hit (in end order). A detector hit opens
+   the window [end - pad_before, last_end + pad_after] of its detector or extends that
+   detector's last window; a name-word, cue or weak-cue hit becomes a character position for
+   the names tier. Then `find` runs each detector's finder (Python) on its merged windows. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+#include <structmember.h>
+
+enum { KIND_DETECTOR = 0, KIND_WORD = 1, KIND_CUE = 2, KIND_WEAK = 3, KIND_RUN = 4 };
+
+/* ---- Tables: what each gate pattern id means; built once per Redactor, read-only after. */
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t patterns;
+    unsigned char *kind;
+    Py_ssize_t *payload;   /* detector index (detector, run) or literal length (word) */
+    PyObject *cues;        /* tuple: the cue phrase of each pattern id (None for others) */
+    Py_ssize_t detectors;
+    Py_ssize_t *pad_before;
+    Py_ssize_t *pad_after;
+    Py_ssize_t limit;      /* hits at which the scan stops (Gate.max_hits) */
+} Tables;
+
+typedef struct {
+    Py_ssize_t count, capacity;
+    Py_ssize_t *bounds;    /* lo, hi pairs (byte offsets, before clamping) */
+} Windows;
+
+typedef struct {
+    PyObject_HEAD
+    Tables *tables;
+    PyObject *text;
+    PyObject *data;
+    const unsigned char *buf;
+    Py_ssize_t size;
+    int ascii_only;
+    int surrogates;        /* the bytes hold surrogatepass-encoded surrogates (invalid UTF-8) */
+    Py_ssize_t hits;
+    Py_ssize_t previous;
+    int too_many, out_of_order, any;
+    Windows *windows;      /* one per detector */
+    Py_ssize_t *order;     /* detector indexes in the order of their first hit */
+    Py_ssize_t opened;
+    PyObject *given_words, *cue_ends, *weak_starts;
+} Sink;
+
+static PyTypeObject TablesType;
+static PyTypeObject SinkType;
+
+static void tables_dealloc(Tables *self) {
+    PyMem_Free(self->kind);
+    PyMem_Free(self->payload);
+    PyMem_Free(self->pad_before);
+    PyMem_Free(self->pad_after);
+    Py_XDECREF(self->cues);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* Tables(kinds, pads, limit): kinds a sequence of (kind, payload) per gate pattern id, with
+   payload the detector index (detector, run), the literal's length in bytes (word), the cue
+   phrase (cue) or None (weak cue); pads a sequence of (pad_before, pad_after) per detector. */
+static PyObject *tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
+    PyObject *kinds, *pads;
+    Py_ssize_t limit;
+    static char *names[] = {"kinds", "pads", "limit", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn", names, &kinds, &pads, &limit))
+        return NULL;
+    PyObject *kinds_seq = PySequence_Fast(kinds, "kinds must be a sequence");
+    if (kinds_seq == NULL)
+        return NULL;
+    PyObject *pads_seq = PySequence_Fast(pads, "pads must be a sequence");
+    if (pads_seq == NULL) {
+        Py_DECREF(kinds_seq);
+        return NULL;
+    }
+    Tables *self = (Tables *)type->tp_alloc(type, 0);
+    if (self == NULL)
+        goto fail;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(kinds_seq);
+    Py_ssize_t d = PySequence_Fast_GET_SIZE(pads_seq);
+    self->patterns = n;
+    self->detectors = d;
+    self->limit = limit;
+    self->kind = PyMem_Calloc(n ? n : 1, 1);
+    self->payload = PyMem_Calloc(n ? n : 1, sizeof(Py_ssize_t));
+    self->pad_before = PyMem_Calloc(d ? d : 1, sizeof(Py_ssize_t));
+    self->pad_after = PyMem_Calloc(d ? d : 1, sizeof(Py_ssize_t));
+    self->cues = PyTuple_New(n);
+    if (!self->kind || !self->payload || !self->pad_before || !self->pad_after || !self->cues) {
+        PyErr_NoMemory();
+        goto fail;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(kinds_seq, i);
+        PyObject *kind_obj, *payload;
+        if (!PyArg_ParseTuple(item, "OO", &kind_obj, &payload))
+            goto fail;
+        long kind = PyLong_AsLong(kind_obj);
+        if (kind == -1 && PyErr_Occurred())
+            goto fail;
+        if (kind < KIND_DETECTOR || kind > KIND_RUN) {
+            PyErr_Format(PyExc_ValueError, "unknown gate pattern kind %ld", kind);
+            goto fail;
+        }
+        self->kind[i] = (unsigned char)kind;
+        PyObject *cue = Py_None;
+        if (kind == KIND_CUE) {
+            cue = payload;
+        } else if (kind != KIND_WEAK) {
+            Py_ssize_t value = PyLong_AsSsize_t(payload);
+            if (value == -1 && PyErr_Occurred())
+                goto fail;
+            if (kind != KIND_WORD && (value < 0 || value >= d)) {
+                PyErr_SetString(PyExc_ValueError, "detector index out of range");
+                goto fail;
+            }
+            self->payload[i] = value;
+        }
+        Py_INCREF(cue);
+        PyTuple_SET_ITEM(self->cues, i, cue);
+    }
+    for (Py_ssize_t i = 0; i < d; i++) {
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(pads_seq, i), "nn", &self->pad_before[i], &self->pad_after[i]))
+            goto fail;
+    }
+    Py_DECREF(kinds_seq);
+    Py_DECREF(pads_seq);
+    return (PyObject *)self;
+fail:
+    Py_DECREF(kinds_seq);
+    Py_DECREF(pads_seq);
+    Py_XDECREF(self);
+    return NULL;
+}
+
+/* ---- Sink ---------------------------------------------------------------------------- */
+
+static int sink_clear(Sink *self) {
+    Py_CLEAR(self->tables);
+    Py_CLEAR(self->text);
+    Py_CLEAR(self->data);
+    Py_CLEAR(self->given_words);
+    Py_CLEAR(self->cue_ends);
+    Py_CLEAR(self->weak_starts);
+    return 0;
+}
+
+static void sink_dealloc(Sink *self) {
+    if (self->windows != NULL) {
+        Py_ssize_t detectors = self->tables ? self->tables->detectors : 0;
+        for (Py_ssize_t i = 0; i < detectors; i++)
+            PyMem_Free(self->windows[i].bounds);
+        PyMem_Free(self->windows);
+    }
+    PyMem_Free(self->order);
+    sink_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* tables.sink(text, data): a new sink for one text; data is text.encode("utf-8", "surrogatepass"). */
+static PyObject *tables_sink(Tables *tables, PyObject *args) {
+    PyObject *text, *data;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
+        return NULL;
+    Sink *self = PyObject_New(Sink, &SinkType);
+    if (self == NULL)
+        return NULL;
+    Py_INCREF(tables);
+    self->tables = tables;
+    Py_INCREF(text);
+    self->text = text;
+    Py_INCREF(data);
+    self->data = data;
+    self->buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    self->size = PyBytes_GET_SIZE(data);
+    self->ascii_only = self->size == PyUnicode_GET_LENGTH(text);
+    self->surrogates = 0;
+    if (!self->ascii_only) {
+        for (Py_ssize_t i = 0; i + 1 < self->size; i++) {
+            if (self->buf[i] == 0xED && self->buf[i + 1] >= 0xA0) {
+                self->surrogates = 1;
+                break;
+            }
+        }
+    }
+    self->hits = 0;
+    self->previous = 0;
+    self->too_many = self->out_of_order = self->any = 0;
+    self->opened = 0;
+    self->windows = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Windows));
+    self->order = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Py_ssize_t));
+    self->given_words = PyList_New(0);
+    self->cue_ends = PyList_New(0);
+    self->weak_starts = PyList_New(0);
+    if (!self->windows || !self->order || !self->given_words || !self->cue_ends || !self->weak_starts) {
+        Py_DECREF(self);
+        return PyErr_NoMemory();
+    }
+    return (PyObject *)self;
+}
+
+/* len(data[:offset].decode("utf-8", "ignore")): the character offset of a byte offset. */
+static Py_ssize_t to_char(Sink *self, Py_ssize_t offset) {
+    if (self->ascii_only)
+        return offset;  /* (as the Python sink: no slicing, so no clamping either) */
+    Py_ssize_t size = self->size;
+    if (offset < 0) {  /* data[:offset] */
+        offset += size;
+        if (offset < 0)
+            offset = 0;
+    }
+    if (offset > size)
+        offset = size;
+    if (self->surrogates) {
+        /* Invalid UTF-8 in the bytes: let the decoder itself say what "ignore" keeps. */
+        PyObject *decoded = PyUnicode_DecodeUTF8((const char *)self->buf, offset, "ignore");
+        if (decoded == NULL)
+            return -1;
+        Py_ssize_t length = PyUnicode_GET_LENGTH(decoded);
+        Py_DECREF(decoded);
+        return length;
+    }
+    /* Valid UTF-8: one character per lead byte, less a last character cut by the offset. */
+    const unsigned char *buf = self->buf;
+    Py_ssize_t chars = 0, last_lead = -1;
+    for (Py_ssize_t i = 0; i < offset; i++) {
+        if ((buf[i] & 0xC0) != 0x80) {
+            chars++;
+            last_lead = i;
+        }
+    }
+    if (last_lead >= 0) {
+        unsigned char lead = buf[last_lead];
+        Py_ssize_t length = lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
+        if (last_lead + length > offset)
+            chars--;
+    }
+    return chars;
+}
+
+static int word_byte(unsigned char b) {
+    return b >= 0x80 || (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_';
+}
+
+static int append_position(PyObject *list, Py_ssize_t position) {
+    PyObject *value = PyLong_FromSsize_t(position);
+    if (value == NULL)
+        return -1;
+    int rc = PyList_Append(list, value);
+    Py_DECREF(value);
+    return rc;
+}
+
+static int open_window(Sink *self, Py_ssize_t detector, Py_ssize_t lo, Py_ssize_t hi) {
+    Windows *mine = &self->windows[detector];
+    if (mine->count > 0) {
+        Py_ssize_t *last = &mine->bounds[2 * (mine->count - 1)];
+        if (lo <= last[1]) {
+            if (hi > last[1])
+                last[1] = hi;
+            return 0;
+        }
+    } else {
+        self->order[self->opened++] = detector;
+    }
+    if (mine->count == mine->capacity) {
+        Py_ssize_t capacity = mine->capacity ? 2 * mine->capacity : 4;
+        Py_ssize_t *bounds = PyMem_Realloc(mine->bounds, 2 * capacity * sizeof(Py_ssize_t));
+        if (bounds == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        mine->bounds = bounds;
+        mine->capacity = capacity;
+    }
+    mine->bounds[2 * mine->count] = lo;
+    mine->bounds[2 * mine->count + 1] = hi;
+    mine->count++;
+    return 0;
+}
+
+/* One gate hit: (pattern_id, start, end, flags, context) as hyperscan's binding passes it.
+   Returns True to stop the scan. */
+static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
+    if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
+        PyErr_SetString(PyExc_TypeError, "the sink takes no keyword arguments");
+        return NULL;
+    }
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) < 3) {
+        PyErr_SetString(PyExc_TypeError, "the sink takes (pattern_id, start, end, flags, context)");
+        return NULL;
+    }
+    Py_ssize_t pattern_id = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 0));
+    if (pattern_id == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 2));
+    if (end == -1 && PyErr_Occurred())
+        return NULL;
+    Tables *tables = self->tables;
+    self->hits++;
+    if (self->hits >= tables->limit) {
+        self->too_many = 1;
+        Py_RETURN_TRUE;  /* stop: the caller runs every detector on the whole text */
+    }
+    if (pattern_id < 0 || pattern_id >= tables->patterns) {
+        PyErr_SetString(PyExc_IndexError, "gate pattern id out of range");
+        return NULL;
+    }
+    if (end < 0 || end > self->size) {
+        PyErr_SetString(PyExc_IndexError, "gate hit outside the text");
+        return NULL;
+    }
+    const unsigned char *buf = self->buf;
+    int kind = tables->kind[pattern_id];
+    Py_ssize_t payload = tables->payload[pattern_id];
+    if (kind == KIND_WORD) {
+        Py_ssize_t start = end - payload;
+        if (start > 0 && word_byte(buf[start - 1]))
+            Py_RETURN_FALSE;  /* "Anna" inside "Hanna" */
+        if (end < self->size && word_byte(buf[end]))
+            Py_RETURN_FALSE;  /* "Ann" in "Announcement" */
+        Py_ssize_t at = to_char(self, start);
+        if ((at < 0 && PyErr_Occurred()) || append_position(self->given_words, at) < 0)
+            return NULL;
+        self->any = 1;
+        Py_RETURN_FALSE;
+    }
+    if (end < self->previous) {
+        self->out_of_order = 1;
+        Py_RETURN_TRUE;
+    }
+    self->previous = end;
+    self->any = 1;
+    if (kind == KIND_DETECTOR || kind == KIND_RUN) {
+        Py_ssize_t last_end = end;
+        if (kind == KIND_RUN) {  /* the run gate's extension: \d* (ASCII digits: a bytes pattern) */
+            while (last_end < self->size && buf[last_end] >= '0' && buf[last_end] <= '9')
+                last_end++;
+        }
+        if (open_window(self, payload, end - tables->pad_before[payload], last_end + tables->pad_after[payload]) < 0)
+            return NULL;
+        Py_RETURN_FALSE;
+    }
+    Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
+    Py_ssize_t at = to_char(self, buf[last] < 0x80 ? end - 1 : end - 2);
+    if (at < 0 && PyErr_Occurred())
+        return NULL;
+    if (kind == KIND_CUE) {
+        PyObject *pair = Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(tables->cues, pattern_id));
+        if (pair == NULL)
+            return NULL;
+        int rc = PyList_Append(self->cue_ends, pair);
+        Py_DECREF(pair);
+        if (rc < 0)
+            return NULL;
+    } else if (append_position(self->weak_starts, at) < 0) {
+        return NULL;
+    }
+    Py_RETURN_FALSE;
+}
+
+/* sink.find(detectors, tagged, found): for each detector in the order of its first hit,
+   detector.finder(text, lo, hi) on each merged window (character offsets, clamped to the
+   text), and found.extend(tagged(spans, detector.name)) for the windows that hold spans.
+   Returns found. (The finder is looked up on every call, as the Python loop does.) */
+static PyObject *sink_find(Sink *self, PyObject *args) {
+    PyObject *detectors, *tagged, *found;
+    if (!PyArg_ParseTuple(args, "O!OO!", &PyList_Type, &detectors, &tagged, &PyList_Type, &found))
+        return NULL;
+    if (PyList_GET_SIZE(detectors) != self->tables->detectors) {
+        PyErr_SetString(PyExc_ValueError, "the detectors the tables were built for");
+        return NULL;
+    }
+    Py_ssize_t chars = PyUnicode_GET_LENGTH(self->text);
+    for (Py_ssize_t k = 0; k < self->opened; k++) {
+        Py_ssize_t index = self->order[k];
+        Windows *mine = &self->windows[index];
+        PyObject *detector = PyList_GET_ITEM(detectors, index);
+        PyObject *finder = PyObject_GetAttrString(detector, "finder");
+        if (finder == NULL)
+            return NULL;
+        for (Py_ssize_t w = 0; w < mine->count; w++) {
+            Py_ssize_t lo = mine->bounds[2 * w], hi = mine->bounds[2 * w + 1];
+            Py_ssize_t char_lo = to_char(self, lo > 0 ? lo : 0);
+            Py_ssize_t char_hi = to_char(self, hi < self->size ? hi : self->size);
+            if ((char_lo < 0 || char_hi < 0) && PyErr_Occurred())
+                goto fail;
+            if (char_hi > chars)
+                char_hi = chars;
+            PyObject *spans = PyObject_CallFunction(finder, "Onn", self->text, char_lo, char_hi);
+            if (spans == NULL)
+                goto fail;
+            int holds = PyObject_IsTrue(spans);
+            PyObject *tagged_spans = NULL, *name = NULL;
+            if (holds > 0) {  /* (most windows hold nothing) */
+                name = PyObject_GetAttrString(detector, "name");
+                if (name != NULL)
+                    tagged_spans = PyObject_CallFunctionObjArgs(tagged, spans, name, NULL);
+            }
+            Py_DECREF(spans);
+            Py_XDECREF(name);
+            if (holds < 0 || (holds > 0 && tagged_spans == NULL))
+                goto fail;
+            if (tagged_spans != NULL) {
+                Py_ssize_t at = PyList_GET_SIZE(found);
+                int rc = PyList_SetSlice(found, at, at, tagged_spans);
+                Py_DECREF(tagged_spans);
+                if (rc < 0)
+                    goto fail;
+            }
+        }
+        Py_DECREF(finder);
+        continue;
+    fail:
+        Py_DECREF(finder);
+        return NULL;
+    }
+    Py_INCREF(found);
+    return found;
+}
+
+/* The merged windows as the Python sink builds them: {detector index: [[lo, hi], ...]} in the
+   order of each detector's first hit (for tests and the sorted-hits path). */
+static PyObject *sink_windows(Sink *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyDict_New();
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t k = 0; k < self->opened; k++) {
+        Py_ssize_t detector = self->order[k];
+        Windows *mine = &self->windows[detector];
+        PyObject *list = PyList_New(mine->count);
+        if (list == NULL)
+            goto fail;
+        for (Py_ssize_t w = 0; w < mine->count; w++) {
+            PyObject *pair = Py_BuildValue("[nn]", mine->bounds[2 * w], mine->bounds[2 * w + 1]);
+            if (pair == NULL) {
+                Py_DECREF(list);
+                goto fail;
+            }
+            PyList_SET_ITEM(list, w, pair);
+        }
+        PyObject *key = PyLong_FromSsize_t(detector);
+        if (key == NULL || PyDict_SetItem(out, key, list) < 0) {
+            Py_XDECREF(key);
+            Py_DECREF(list);
+            goto fail;
+        }
+        Py_DECREF(key);
+        Py_DECREF(list);
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static PyObject *sink_status(Sink *self, PyObject *Py_UNUSED(ignored)) {
+    return Py_BuildValue("[OOO]", self->too_many ? Py_True : Py_False, self->out_of_order ? Py_True : Py_False,
+                         self->any ? Py_True : Py_False);
+}
+
+static PyObject *sink_to_char(Sink *self, PyObject *arg) {
+    Py_ssize_t offset = PyLong_AsSsize_t(arg);
+    if (offset == -1 && PyErr_Occurred())
+        return NULL;
+    Py_ssize_t chars = to_char(self, offset);
+    return chars < 0 && PyErr_Occurred() ? NULL : PyLong_FromSsize_t(chars);
+}
+
+static PyMemberDef sink_members[] = {
+    {"too_many", T_INT, offsetof(Sink, too_many), READONLY, "the scan stopped at the hit limit"},
+    {"out_of_order", T_INT, offsetof(Sink, out_of_order), READONLY, "a detector hit came before the previous one's end"},
+    {"any", T_INT, offsetof(Sink, any), READONLY, "any hit kept"},
+    {"given_words", T_OBJECT_EX, offsetof(Sink, given_words), READONLY, "character offsets of given-name hits"},
+    {"cue_ends", T_OBJECT_EX, offsetof(Sink, cue_ends), READONLY, "(character offset, cue) of cue hits"},
+    {"weak_starts", T_OBJECT_EX, offsetof(Sink, weak_starts), READONLY, "character offsets of weak-cue hits"},
+    {NULL},
+};
+
+static PyMethodDef sink_methods[] = {
+    {"find", (PyCFunction)sink_find, METH_VARARGS, "run the finders on the merged windows"},
+    {"windows", (PyCFunction)sink_windows, METH_NOARGS, "the merged windows per detector"},
+    {"status", (PyCFunction)sink_status, METH_NOARGS, "[too many hits, out of order, any hit]"},
+    {"to_char", (PyCFunction)sink_to_char, METH_O, "character offset of a byte offset"},
+    {NULL},
+};
+
+static PyTypeObject SinkType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "redaction._native.Sink",
+    .tp_basicsize = sizeof(Sink),
+    .tp_dealloc = (destructor)sink_dealloc,
+    .tp_call = (ternaryfunc)sink_call,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The gate's match callback for one text (see Tables.sink).",
+    .tp_methods = sink_methods,
+    .tp_members = sink_members,
+};
+
+static PyMethodDef tables_methods[] = {
+    {"sink", (PyCFunction)tables_sink, METH_VARARGS, "sink(text, data): the match callback for one text"},
+    {NULL},
+};
+
+static PyTypeObject TablesType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "redaction._native.Tables",
+    .tp_basicsize = sizeof(Tables),
+    .tp_dealloc = (destructor)tables_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Tables(kinds, pads, limit): what each gate pattern id means.",
+    .tp_methods = tables_methods,
+    .tp_new = tables_new,
+};
+
+
+/* ---- The phone candidate scan: PHONE_RE (redaction/patterns.py) as re matches it ----------
+
+   PHONE_RE, for reference (keep the two in step; tests compare them on the corpora and on
+   fuzzed strings):
+     (?=[(+\d])(?:(?<![\w+])(?:\(\+\d{1,3}\)[ \u00a0]?|\+)|(?<![\w.\-/+#])(?=[(\d]))
+     \(?\d{1,14}\)?(?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7}
+     (?P<ext>[ \u00a0]?(?:x|ext\.?|extension|#)[ \u00a0]?\d{1,6})?(?![\w]|-[0-9A-Za-z])
+   Every choice is tried in re's order (greedy counts from the most down, an optional part
+   with before without, alternatives left to right), so the first path that matches is re's
+   match. \d and \w are re's Unicode classes; lookbehinds see the text before the window,
+   lookaheads stop at its end (re's pos and endpos). */
+
+
+/* re's own clamping of pos and endpos for (text, lo, hi); returns len(text). */
+static Py_ssize_t clamp_window(PyObject *text, Py_ssize_t *lo, Py_ssize_t *hi) {
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (*lo < 0)
+        *lo = 0;
+    if (*hi > length)
+        *hi = length;
+    if (*hi < 0)
+        *hi = 0;
+    return length;
+}
+
+/* list.append(item), taking the reference to item (which may be NULL: an error already set). */
+static int append_stolen(PyObject *list, PyObject *item) {
+    if (item == NULL)
+        return -1;
+    int rc = PyList_Append(list, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+typedef struct {
+    int kind;
+    const void *data;
+    Py_ssize_t hi;         /* endpos */
+    Py_ssize_t ext_start;  /* of the successful path, -1 without an extension */
+} Scan;
+
+#define CH(s, i) PyUnicode_READ((s)->kind, (s)->data, (i))
+
+static int is_digit(Py_UCS4 c) { return Py_UNICODE_ISDECIMAL(c); }
+static int is_word(Py_UCS4 c) { return Py_UNICODE_ISALNUM(c) || c == '_'; }
+static int is_space(Py_UCS4 c) { return c == ' ' || c == 0xA0; }
+static int is_separator(Py_UCS4 c) { return c == ' ' || c == 0xA0 || c == '.' || c == '-' || c == '/'; }
+static int is_ascii_alnum(Py_UCS4 c) {
+    return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+}
+
+static Py_ssize_t digit_run(Scan *s, Py_ssize_t at, Py_ssize_t most) {
+    Py_ssize_t n = 0;
+    while (n < most && at + n < s->hi && is_digit(CH(s, at + n)))
+        n++;
+    return n;
+}
+
+/* (?![\w]|-[0-9A-Za-z]) at pos: the match ends here. */
+static Py_ssize_t phone_tail(Scan *s, Py_ssize_t pos) {
+    if (pos < s->hi) {
+        Py_UCS4 c = CH(s, pos);
+        if (is_word(c))
+            return -1;
+        if (c == '-' && pos + 1 < s->hi && is_ascii_alnum(CH(s, pos + 1)))
+            return -1;
+    }
+    return pos;
+}
+
+/* [ \u00a0]?\d{1,6} then the tail: the rest of the extension after its word. */
+static Py_ssize_t phone_ext_digits(Scan *s, Py_ssize_t pos) {
+    for (int space = 1; space >= 0; space--) {
+        Py_ssize_t at = pos;
+        if (space) {
+            if (at >= s->hi || !is_space(CH(s, at)))
+                continue;
+            at++;
+        }
+        for (Py_ssize_t k = digit_run(s, at, 6); k >= 1; k--) {
+            Py_ssize_t end = phone_tail(s, at + k);
+            if (end >= 0)
+                return end;
+        }
+    }
+    return -1;
+}
+
+static int text_at(Scan *s, Py_ssize_t pos, const char *word) {
+    for (Py_ssize_t i = 0; word[i]; i++) {
+        if (pos + i >= s->hi || CH(s, pos + i) != (Py_UCS4)(unsigned char)word[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* (?P<ext>...)? then the tail. */
+static Py_ssize_t phone_ext(Scan *s, Py_ssize_t pos) {
+    for (int space = 1; space >= 0; space--) {
+        Py_ssize_t at = pos;
+        if (space) {
+            if (at >= s->hi || !is_space(CH(s, at)))
+                continue;
+            at++;
+        }
+        Py_ssize_t end;
+        if (text_at(s, at, "x") && (end = phone_ext_digits(s, at + 1)) >= 0)
+            goto found;
+        if (text_at(s, at, "ext")) {
+            if (text_at(s, at + 3, ".") && (end = phone_ext_digits(s, at + 4)) >= 0)
+                goto found;
+            if ((end = phone_ext_digits(s, at + 3)) >= 0)
+                goto found;
+        }
+        if (text_at(s, at, "extension") && (end = phone_ext_digits(s, at + 9)) >= 0)
+            goto found;
+        if (text_at(s, at, "#") && (end = phone_ext_digits(s, at + 1)) >= 0)
+            goto found;
+        continue;
+    found:
+        s->ext_start = pos;
+        return end;
+    }
+    s->ext_start = -1;
+    return phone_tail(s, pos);
+}
+
+static Py_ssize_t phone_groups(Scan *s, Py_ssize_t pos, int done);
+
+/* \(?\d{1,most}\)? at pos, then the next group (or the end). */
+static Py_ssize_t phone_group(Scan *s, Py_ssize_t pos, Py_ssize_t most, int done) {
+    for (int open = 1; open >= 0; open--) {
+        Py_ssize_t at = pos;
+        if (open) {
+            if (at >= s->hi || CH(s, at) != '(')
+                continue;
+            at++;
+        }
+        for (Py_ssize_t k = digit_run(s, at, most); k >= 1; k--) {
+            Py_ssize_t after = at + k;
+            for (int close = 1; close >= 0; close--) {
+                Py_ssize_t next = after;
+                if (close) {
+                    if (next >= s->hi || CH(s, next) != ')')
+                        continue;
+                    next++;
+                }
+                Py_ssize_t end = phone_groups(s, next, done);
+                if (end >= 0)
+                    return end;
+            }
+        }
+    }
+    return -1;
+}
+
+/* (?:(?:[ \u00a0.\-/]{1,2}|(?<=\))|(?=\())\(?\d{1,12}\)?){0,7} after `done` groups, then the
+   extension and the tail. */
+static Py_ssize_t phone_groups(Scan *s, Py_ssize_t pos, int done) {
+    if (done < 7) {
+        Py_ssize_t end;
+        if (pos < s->hi && is_separator(CH(s, pos))) {
+            if (pos + 1 < s->hi && is_separator(CH(s, pos + 1)) && (end = phone_group(s, pos + 2, 12, done + 1)) >= 0)
+                return end;
+            if ((end = phone_group(s, pos + 1, 12, done + 1)) >= 0)
+                return end;
+        }
+        if (pos > 0 && CH(s, pos - 1) == ')' && (end = phone_group(s, pos, 12, done + 1)) >= 0)
+            return end;
+        if (pos < s->hi && CH(s, pos) == '(' && (end = phone_group(s, pos, 12, done + 1)) >= 0)
+            return end;
+    }
+    return phone_ext(s, pos);
+}
+
+/* The end of PHONE_RE's match at pos, or -1. */
+static Py_ssize_t phone_match(Scan *s, Py_ssize_t pos) {
+    Py_UCS4 c = CH(s, pos);
+    if (!(c == '(' || c == '+' || is_digit(c)))
+        return -1;
+    Py_UCS4 before = pos > 0 ? CH(s, pos - 1) : 0;
+    Py_ssize_t end;
+    if (pos == 0 || !(is_word(before) || before == '+')) {
+        /* \(\+\d{1,3}\)[ \u00a0]? */
+        if (c == '(' && pos + 1 < s->hi && CH(s, pos + 1) == '+') {
+            Py_ssize_t run = digit_run(s, pos + 2, 3);
+            for (Py_ssize_t k = run; k >= 1; k--) {
+                Py_ssize_t close = pos + 2 + k;
+                if (close >= s->hi || CH(s, close) != ')')
+                    continue;
+                if (close + 1 < s->hi && is_space(CH(s, close + 1)) && (end = phone_group(s, close + 2, 14, 0)) >= 0)
+                    return end;
+                if ((end = phone_group(s, close + 1, 14, 0)) >= 0)
+                    return end;
+            }
+        }
+        if (c == '+' && (end = phone_group(s, pos + 1, 14, 0)) >= 0)
+            return end;
+    }
+    if ((pos == 0 || !(is_word(before) || before == '.' || before == '-' || before == '/' || before == '+' || before == '#'))
+        && (c == '(' || is_digit(c)) && (end = phone_group(s, pos, 14, 0)) >= 0)
+        return end;
+    return -1;
+}
+
+
+/* ---- phone_score's first test (patterns.phone_shape_rejected), on a candidate's characters.
+
+   Rejected: fewer than 7 or more than 15 characters left after removing "(0)" and the phone
+   punctuation "()+ \u00a0.-/", or _NOT_PHONE matches at the start:
+     ^(?:\d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$)|\d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d\d)(?:[ T]|$)|
+         \d{1,2}:\d{2}(?::\d{2})?$|\d{1,3}(?:\.\d{1,3}){1,2}$|\d{3}([ .\-])\d\d\1\d{4}$)
+   or it is a dotted quad _is_ipv4 accepts. Only whether some path matches counts here, so
+   each alternative is tried over all its digit counts. */
+
+typedef struct {
+    int kind;
+    const void *data;
+    Py_ssize_t start, end;  /* the candidate: text[start:end] */
+} Span;
+
+#define AT(c, i) PyUnicode_READ((c)->kind, (c)->data, (c)->start + (i))
+
+static Py_ssize_t span_length(const Span *c) { return c->end - c->start; }
+
+/* Exactly n digits at i. */
+static int digits_at(const Span *c, Py_ssize_t i, Py_ssize_t n) {
+    if (i + n > span_length(c))
+        return 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (!is_digit(AT(c, i + k)))
+            return 0;
+    }
+    return 1;
+}
+
+/* re's $ at i (no MULTILINE): the end, or a last "\n". */
+static int end_at(const Span *c, Py_ssize_t i) {
+    Py_ssize_t n = span_length(c);
+    return i == n || (i == n - 1 && AT(c, i) == '\n');
+}
+
+static int date_separator_at(const Span *c, Py_ssize_t i) {
+    if (i >= span_length(c))
+        return 0;
+    Py_UCS4 ch = AT(c, i);
+    return ch == '-' || ch == '/' || ch == '.';
+}
+
+static int not_phone_match(const Span *c) {
+    Py_ssize_t n = span_length(c);
+    /* \d{4}[-/.]\d{1,2}[-/.]\d{1,2}(?:\D|$) */
+    if (digits_at(c, 0, 4) && date_separator_at(c, 4)) {
+        for (Py_ssize_t a = 1; a <= 2; a++) {
+            if (!digits_at(c, 5, a) || !date_separator_at(c, 5 + a))
+                continue;
+            for (Py_ssize_t b = 1; b <= 2; b++) {
+                Py_ssize_t i = 6 + a;
+                if (!digits_at(c, i, b))
+                    continue;
+                i += b;
+                if ((i < n && !is_digit(AT(c, i))) || end_at(c, i))
+                    return 1;
+            }
+        }
+    }
+    /* \d{1,2}[-/.]\d{1,2}[-/.](?:\d{4}|\d\d)(?:[ T]|$) */
+    for (Py_ssize_t a = 1; a <= 2; a++) {
+        if (!digits_at(c, 0, a) || !date_separator_at(c, a))
+            continue;
+        for (Py_ssize_t b = 1; b <= 2; b++) {
+            Py_ssize_t i = a + 1;
+            if (!digits_at(c, i, b) || !date_separator_at(c, i + b))
+                continue;
+            i += b + 1;
+            for (Py_ssize_t y = 4; y >= 2; y -= 2) {
+                if (!digits_at(c, i, y))
+                    continue;
+                Py_ssize_t j = i + y;
+                if ((j < n && (AT(c, j) == ' ' || AT(c, j) == 'T')) || end_at(c, j))
+                    return 1;
+            }
+        }
+    }
+    /* \d{1,2}:\d{2}(?::\d{2})?$ */
+    for (Py_ssize_t a = 1; a <= 2; a++) {
+        if (!digits_at(c, 0, a) || a >= n || AT(c, a) != ':' || !digits_at(c, a + 1, 2))
+            continue;
+        Py_ssize_t i = a + 3;
+        if (end_at(c, i) || (i < n && AT(c, i) == ':' && digits_at(c, i + 1, 2) && end_at(c, i + 3)))
+            return 1;
+    }
+    /* \d{1,3}(?:\.\d{1,3}){1,2}$: two or three dot-separated groups of 1-3 digits, to the end */
+    {
+        Py_ssize_t i = 0, groups = 0, stop = n;
+        if (n > 0 && AT(c, n - 1) == '\n')
+            stop = n - 1;  /* $ before a last newline */
+        int shaped = 1;
+        while (i < stop && shaped) {
+            Py_ssize_t run = 0;
+            while (i + run < stop && is_digit(AT(c, i + run)))
+                run++;
+            if (run < 1 || run > 3)
+                shaped = 0;
+            groups++;
+            i += run;
+            if (shaped && i < stop) {
+                if (AT(c, i) != '.')
+                    shaped = 0;
+                else if (++i == stop)
+                    shaped = 0;  /* a trailing dot */
+            }
+        }
+        if (shaped && stop > 0 && groups >= 2 && groups <= 3)
+            return 1;
+    }
+    /* \d{3}([ .\-])\d\d\1\d{4}$ */
+    if (digits_at(c, 0, 3) && n > 3) {
+        Py_UCS4 sep = AT(c, 3);
+        if ((sep == ' ' || sep == '.' || sep == '-') && digits_at(c, 4, 2) && n > 6 && AT(c, 6) == sep
+                && digits_at(c, 7, 4) && end_at(c, 11))
+            return 1;
+    }
+    return 0;
+}
+
+/* _is_ipv4: four ASCII decimal octets up to 255, no leading zeros. */
+static int is_ipv4_span(const Span *c) {
+    Py_ssize_t n = span_length(c), i = 0;
+    for (int octet = 0; octet < 4; octet++) {
+        Py_ssize_t run = 0;
+        int value = 0;
+        while (i + run < n && AT(c, i + run) != '.') {
+            Py_UCS4 ch = AT(c, i + run);
+            if (ch < '0' || ch > '9' || run >= 3)
+                return 0;
+            value = value * 10 + (int)(ch - '0');
+            run++;
+        }
+        if (run == 0 || (run > 1 && AT(c, i) == '0') || value > 255)
+            return 0;
+        i += run;
+        if (octet < 3) {
+            if (i >= n)
+                return 0;
+            i++;  /* the dot */
+        }
+    }
+    return i == n;
+}
+
+static int phone_punctuation(Py_UCS4 ch) {
+    return ch == '(' || ch == ')' || ch == '+' || ch == ' ' || ch == 0xA0 || ch == '.' || ch == '-' || ch == '/';
+}
+
+static int shape_rejected(const Span *c) {
+    Py_ssize_t n = span_length(c), kept = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 2 < n && AT(c, i) == '(' && AT(c, i + 1) == '0' && AT(c, i + 2) == ')') {
+            i += 2;  /* "(0)", the trunk prefix, is not counted */
+            continue;
+        }
+        if (!phone_punctuation(AT(c, i)))
+            kept++;
+    }
+    return kept < 7 || kept > 15 || not_phone_match(c) || is_ipv4_span(c);
+}
+
+static PyObject *phone_shape_rejected(PyObject *module, PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "phone_shape_rejected takes a str");
+        return NULL;
+    }
+    Span candidate = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), 0, PyUnicode_GET_LENGTH(arg)};
+    return PyBool_FromLong(shape_rejected(&candidate));
+}
+
+/* phone_candidates(text, lo, hi, shortest, screen): (start, extension start or -1, end,
+   candidate end) of each match of PHONE_RE.finditer(text, lo, hi) at least `shortest`
+   characters long; the candidate is the match before its extension without trailing
+   " .-/\u00a0". With screen, candidates phone_shape_rejected refuses are left out. */
+static PyObject *phone_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi, shortest;
+    int screen;
+    if (!PyArg_ParseTuple(args, "Unnnp", &text, &lo, &hi, &shortest, &screen))
+        return NULL;
+    clamp_window(text, &lo, &hi);
+    Scan scan = {PyUnicode_KIND(text), PyUnicode_DATA(text), hi, -1};
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        Py_ssize_t end = phone_match(&scan, pos);
+        if (end < 0) {
+            pos++;
+            continue;
+        }
+        Span candidate = {scan.kind, scan.data, pos, scan.ext_start >= 0 ? scan.ext_start : end};
+        while (candidate.end > pos) {
+            Py_UCS4 last = PyUnicode_READ(scan.kind, scan.data, candidate.end - 1);
+            if (!(last == ' ' || last == '.' || last == '-' || last == '/' || last == 0xA0))
+                break;
+            candidate.end--;
+        }
+        if (end - pos >= shortest && !(screen && shape_rejected(&candidate))) {
+            if (append_stolen(out, Py_BuildValue("(nnnn)", pos, scan.ext_start, end, candidate.end)) < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        pos = end;  /* (a match is never empty) */
+    }
+    return out;
+}
+
+
+/* ---- The card scan: CARD_RE's matches and the card number inside each (patterns.card_runs).
+
+   CARD_RE = (?<![\w\-./])\d(?:[ \-]?\d){11,22}(?![\d]). A separator is taken only with the
+   digit after it, so the greedy path through the repeat is unique; re then gives back whole
+   iterations until the lookahead holds. In each match, runs of whole groups (split at the
+   separators), longest first, then leftmost: the first of 12-19 digits that passes Luhn and
+   has a card brand (patterns.luhn and card_brand, including what they do with non-ASCII
+   decimal digits: Luhn on ord(ch) - 48, int() on their decimal values). */
+
+static int luhn_span(const Span *c, const Py_ssize_t *at, Py_ssize_t n) {
+    long long total = 0;
+    Py_ssize_t parity = n % 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long d = (long long)AT(c, at[i]) - 48;
+        if (i % 2 == parity) {
+            d *= 2;
+            if (d > 9)
+                d -= 9;
+        }
+        total += d;
+    }
+    return total % 10 == 0;
+}
+
+/* int(digits[:width]) */
+static long prefix_value(const Span *c, const Py_ssize_t *at, Py_ssize_t width) {
+    long value = 0;
+    for (Py_ssize_t i = 0; i < width; i++)
+        value = value * 10 + Py_UNICODE_TODECIMAL(AT(c, at[i]));
+    return value;
+}
+
+static int has_card_brand(const Span *c, const Py_ssize_t *at, Py_ssize_t n) {
+    long p2 = prefix_value(c, at, 2), p3 = prefix_value(c, at, 3), p4 = prefix_value(c, at, 4);
+    long p6 = prefix_value(c, at, 6);
+    if (AT(c, at[0]) == '4')
+        return n == 13 || n == 16 || n == 19;
+    if ((51 <= p2 && p2 <= 55) || (2221 <= p4 && p4 <= 2720))
+        return n == 16;
+    if (p2 == 34 || p2 == 37)
+        return n == 15;
+    if (2200 <= p4 && p4 <= 2204)
+        return 16 <= n && n <= 19;
+    if (p4 == 6011 || (644 <= p3 && p3 <= 649) || p2 == 65 || (622126 <= p6 && p6 <= 622925))
+        return 16 <= n && n <= 19;
+    if (p2 == 35)
+        return 16 <= n && n <= 19;
+    if (p4 == 2131 || p4 == 1800)
+        return n == 15;
+    if ((300 <= p3 && p3 <= 305) || p2 == 36 || p2 == 38 || p2 == 39 || p4 == 3095)
+        return 14 <= n && n <= 19;
+    if (p2 == 62 || p2 == 81)
+        return 16 <= n && n <= 19;
+    if (p2 == 50 || (56 <= p2 && p2 <= 69) || p4 == 604)
+        return 12 <= n && n <= 19;
+    return 0;
+}
+
+/* card_runs(text, lo, hi): (match start, card start, card end, printed as cards are: groups
+   4-4-4-4, 4-4-4-4-3, 4-6-5 or 4-6-4) for each match of CARD_RE.finditer(text, lo, hi) that
+   holds a card number. */
+static PyObject *card_runs(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    Py_ssize_t length = clamp_window(text, &lo, &hi);
+    int kind = PyUnicode_KIND(text);
+    const void *data = PyUnicode_DATA(text);
+    Span whole = {kind, data, 0, length};
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t ends[23];          /* end of the match after 0..22 iterations */
+    Py_ssize_t digit_at[23];      /* each digit's position */
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, pos);
+        if (!is_digit(c)) {
+            pos++;
+            continue;
+        }
+        if (pos > 0) {
+            Py_UCS4 before = PyUnicode_READ(kind, data, pos - 1);
+            if (is_word(before) || before == '-' || before == '.' || before == '/') {
+                pos++;
+                continue;
+            }
+        }
+        Py_ssize_t taken = 0, at = pos + 1;
+        digit_at[0] = pos;
+        ends[0] = at;
+        while (taken < 22 && at < hi) {
+            Py_UCS4 next = PyUnicode_READ(kind, data, at);
+            if ((next == ' ' || next == '-') && at + 1 < hi && is_digit(PyUnicode_READ(kind, data, at + 1))) {
+                digit_at[taken + 1] = at + 1;
+                at += 2;
+            } else if (is_digit(next)) {
+                digit_at[taken + 1] = at;
+                at += 1;
+            } else {
+                break;
+            }
+            ends[++taken] = at;
+        }
+        Py_ssize_t iterations = -1;
+        for (Py_ssize_t k = taken; k >= 11; k--) {
+            if (ends[k] >= hi || !is_digit(PyUnicode_READ(kind, data, ends[k]))) {
+                iterations = k;
+                break;
+            }
+        }
+        if (iterations < 0) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t digits = iterations + 1, end = ends[iterations];
+        /* groups: [first digit index, digit count] */
+        Py_ssize_t group_first[23], group_size[23], groups = 0;
+        for (Py_ssize_t i = 0; i < digits; i++) {
+            if (i == 0 || digit_at[i] != digit_at[i - 1] + 1) {
+                group_first[groups] = i;
+                group_size[groups++] = 0;
+            }
+            group_size[groups - 1]++;
+        }
+        Py_ssize_t best_first = -1, best_size = 0;
+        for (Py_ssize_t size = groups; size >= 1 && best_first < 0; size--) {
+            for (Py_ssize_t first = 0; first + size <= groups; first++) {
+                if (size > 1) {
+                    int short_group = group_size[first] < 4;
+                    for (Py_ssize_t g = first + 1; g < first + size - 1 && !short_group; g++)
+                        short_group = group_size[g] < 3;
+                    if (short_group)
+                        continue;  /* written cards come in groups of 4 (4-6-5, ...) */
+                }
+                Py_ssize_t n = 0;
+                for (Py_ssize_t g = first; g < first + size; g++)
+                    n += group_size[g];
+                const Py_ssize_t *run = &digit_at[group_first[first]];
+                if (12 <= n && n <= 19 && luhn_span(&whole, run, n) && has_card_brand(&whole, run, n)) {
+                    best_first = first;
+                    best_size = size;
+                    break;
+                }
+            }
+        }
+        if (best_first >= 0) {
+            Py_ssize_t last = best_first + best_size - 1;
+            Py_ssize_t card_start = digit_at[group_first[best_first]];
+            Py_ssize_t card_end = digit_at[group_first[last]] + group_size[last];
+            int shaped = 0;
+            if (best_size == 5 || best_size == 4) {
+                shaped = group_size[best_first] == 4 && group_size[best_first + 1] == 4 && group_size[best_first + 2] == 4
+                         && group_size[best_first + 3] == 4 && (best_size == 4 || group_size[best_first + 4] == 3);
+            } else if (best_size == 3) {
+                shaped = group_size[best_first] == 4 && group_size[best_first + 1] == 6
+                         && (group_size[best_first + 2] == 5 || group_size[best_first + 2] == 4);
+            }
+            if (append_stolen(out, Py_BuildValue("(nnnO)", pos, card_start, card_end, shaped ? Py_True : Py_False)) < 0) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        pos = end;
+    }
+    return out;
+}
+
+
+/* ---- The IPv4 scan (patterns.ipv4_candidates).
+
+   IPV4_RE = (?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?:/\d{1,2})?(?![\w]|\.\d): each group of digits
+   is a whole run of 1-3 (a longer run leaves a digit where a dot or the end must be), so only
+   the optional prefix length has choices (2 digits, 1, none). A match after a product token
+   (_PRODUCT_TOKEN, "Chrome/") is dropped; one without a prefix length is checked here as
+   _is_ipv4 and _private_v4 do; one with a prefix length is left to ipaddress. */
+
+/* _PRODUCT_TOKEN.search(text, bound, slash + 1) with the "/" at slash: an ASCII letter, then
+   word characters or "-", up to the slash. */
+static int product_token_before(const Span *c, Py_ssize_t bound, Py_ssize_t slash) {
+    if (slash - 1 < bound || AT(c, slash) != '/')
+        return 0;
+    for (Py_ssize_t k = slash - 1; k >= bound; k--) {
+        Py_UCS4 ch = AT(c, k);
+        if (!(is_word(ch) || ch == '-'))
+            return 0;
+        if ((ch >= 'A' && ch <= 'Z') || (ch >= 'a' && ch <= 'z'))
+            return 1;
+    }
+    return 0;
+}
+
+static Py_ssize_t ipv4_tail(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    if (pos < hi) {
+        Py_UCS4 ch = AT(c, pos);
+        if (is_word(ch) || (ch == '.' && pos + 1 < hi && is_digit(AT(c, pos + 1))))
+            return -1;
+    }
+    return pos;
+}
+
+/* The end of IPV4_RE's match at pos, or -1; octets[] gets the four groups' digit runs. */
+static Py_ssize_t ipv4_match(const Span *c, Py_ssize_t pos, Py_ssize_t hi, Py_ssize_t *octet_at, Py_ssize_t *octet_len,
+                             int *prefixed) {
+    if (pos > 0) {
+        Py_UCS4 before = AT(c, pos - 1);
+        if (is_word(before) || before == '.')
+            return -1;
+    }
+    Py_ssize_t at = pos;
+    for (int group = 0; group < 4; group++) {
+        Py_ssize_t run = 0;
+        while (at + run < hi && is_digit(AT(c, at + run)))
+            run++;
+        if (run < 1 || run > 3)
+            return -1;
+        octet_at[group] = at;
+        octet_len[group] = run;
+        at += run;
+        if (group < 3) {
+            if (at >= hi || AT(c, at) != '.')
+                return -1;
+            at++;
+        }
+    }
+    if (at < hi && AT(c, at) == '/') {
+        Py_ssize_t run = 0;
+        while (run < 2 && at + 1 + run < hi && is_digit(AT(c, at + 1 + run)))
+            run++;
+        for (Py_ssize_t k = run; k >= 1; k--) {
+            Py_ssize_t end = ipv4_tail(c, at + 1 + k, hi);
+            if (end >= 0) {
+                *prefixed = 1;
+                return end;
+            }
+        }
+    }
+    *prefixed = 0;
+    return ipv4_tail(c, at, hi);
+}
+
+/* ipv4_candidates(text, lo, hi, not_personal): (start, end, checked) of each match of
+   IPV4_RE.finditer(text, lo, hi) not after a product token; without a prefix length only the
+   valid addresses outside not_personal's (first, last) ranges (None: no ranges), checked. */
+static PyObject *ipv4_candidates(PyObject *module, PyObject *args) {
+    PyObject *text, *ranges;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "UnnO", &text, &lo, &hi, &ranges))
+        return NULL;
+    unsigned long long range_first[16], range_last[16];
+    Py_ssize_t range_count = 0;
+    if (ranges != Py_None) {
+        PyObject *seq = PySequence_Fast(ranges, "not_personal must be a sequence of (first, last)");
+        if (seq == NULL)
+            return NULL;
+        range_count = PySequence_Fast_GET_SIZE(seq);
+        if (range_count > 16) {
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_ValueError, "at most 16 ranges");
+            return NULL;
+        }
+        for (Py_ssize_t i = 0; i < range_count; i++) {
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "KK", &range_first[i], &range_last[i])) {
+                Py_DECREF(seq);
+                return NULL;
+            }
+        }
+        Py_DECREF(seq);
+    }
+    Py_ssize_t length = clamp_window(text, &lo, &hi);
+    Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t octet_at[4], octet_len[4];
+    for (Py_ssize_t pos = lo; pos < hi;) {
+        int prefixed = 0;
+        Py_ssize_t end = is_digit(AT(&whole, pos)) ? ipv4_match(&whole, pos, hi, octet_at, octet_len, &prefixed) : -1;
+        if (end < 0) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t start = pos;
+        pos = end;
+        Py_ssize_t bound = start - 32 > 0 ? start - 32 : 0;
+        if (product_token_before(&whole, bound, start - 1)
+                || (start >= 1 && AT(&whole, start - 1) == '\n' && product_token_before(&whole, bound, start - 2)))
+            continue;  /* "Chrome/121.0.0.0" ($ matches before a last newline too) */
+        if (!prefixed) {
+            unsigned long long number = 0;
+            int valid = 1;
+            for (int group = 0; group < 4 && valid; group++) {
+                unsigned value = 0;
+                for (Py_ssize_t k = 0; k < octet_len[group]; k++) {
+                    Py_UCS4 ch = AT(&whole, octet_at[group] + k);
+                    if (ch < '0' || ch > '9') {
+                        valid = 0;  /* a non-ASCII decimal digit */
+                        break;
+                    }
+                    value = value * 10 + (ch - '0');
+                }
+                if (octet_len[group] > 1 && AT(&whole, octet_at[group]) == '0')
+                    valid = 0;
+                if (value > 255)
+                    valid = 0;
+                number = (number << 8) | value;
+            }
+            if (!valid)
+                continue;
+            int private_range = 0;
+            for (Py_ssize_t i = 0; i < range_count && !private_range; i++)
+                private_range = range_first[i] <= number && number <= range_last[i];
+            if (private_range)
+                continue;
+        }
+        if (append_stolen(out, Py_BuildValue("(nnO)", start, end, prefixed ? Py_False : Py_True)) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+
+/* ---- The SSN scan (patterns.ssn_candidates).
+
+   SSN_RE = (?<![\d\-.])(\d{3})([ .\-]?)(\d{2})\2(\d{4})(?![\d\-]): after three digits either a
+   separator (then only "ddd s dd s dddd" can match) or a digit (then only nine digits in a
+   row), so each position has one path. Then Presidio's invalidation rules as find_ssn applies
+   them: the comparisons are with ASCII strings ("000", "9"), and "one digit repeated" is one
+   character nine times. */
+
+static int ascii_run(const Span *c, Py_ssize_t at, const char *want) {
+    for (Py_ssize_t i = 0; want[i]; i++) {
+        if (AT(c, at + i) != (Py_UCS4)(unsigned char)want[i])
+            return 0;
+    }
+    return 1;
+}
+
+/* ssn_candidates(text, lo, hi): (start, end, separator) of each match of
+   SSN_RE.finditer(text, lo, hi) that the invalidation rules keep. */
+static PyObject *ssn_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    Py_ssize_t length = clamp_window(text, &lo, &hi);
+    Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    Span window = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, hi};  /* endpos: nothing after hi */
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t pos = lo; pos + 9 <= hi;) {
+        if (pos > 0) {
+            Py_UCS4 before = AT(&whole, pos - 1);
+            if (is_digit(before) || before == '-' || before == '.') {
+                pos++;
+                continue;
+            }
+        }
+        if (!digits_at(&window, pos, 3)) {
+            pos++;
+            continue;
+        }
+        Py_UCS4 sep = AT(&window, pos + 3);
+        Py_ssize_t group_at, serial_at, end;
+        int separated = sep == ' ' || sep == '.' || sep == '-';
+        if (separated) {
+            group_at = pos + 4;
+            serial_at = pos + 7;
+            end = pos + 11;
+            if (!digits_at(&window, group_at, 2) || end > hi || AT(&window, pos + 6) != sep
+                    || !digits_at(&window, serial_at, 4)) {
+                pos++;
+                continue;
+            }
+        } else {
+            group_at = pos + 3;
+            serial_at = pos + 5;
+            end = pos + 9;
+            if (!digits_at(&window, group_at, 6)) {
+                pos++;
+                continue;
+            }
+        }
+        if (end < hi && (is_digit(AT(&window, end)) || AT(&window, end) == '-')) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t start = pos;
+        pos = end;
+        if (ascii_run(&window, start, "000") || ascii_run(&window, start, "666") || AT(&window, start) == '9'
+                || ascii_run(&window, group_at, "00") || ascii_run(&window, serial_at, "0000"))
+            continue;
+        Py_UCS4 digit[9];
+        for (int i = 0; i < 3; i++)
+            digit[i] = AT(&window, start + i);
+        for (int i = 0; i < 2; i++)
+            digit[3 + i] = AT(&window, group_at + i);
+        for (int i = 0; i < 4; i++)
+            digit[5 + i] = AT(&window, serial_at + i);
+        static const char *samples[] = {"123456789", "987654320", "078051120"};
+        int rejected = 0, same = 1;
+        for (int k = 0; k < 3 && !rejected; k++) {
+            int equal = 1;
+            for (int i = 0; i < 9 && equal; i++)
+                equal = digit[i] == (Py_UCS4)samples[k][i];
+            rejected = equal;
+        }
+        for (int i = 1; i < 9; i++)
+            same = same && digit[i] == digit[0];
+        if (rejected || same)
+            continue;
+        if (append_stolen(out, separated ? Py_BuildValue("(nnN)", start, end, PyUnicode_FromOrdinal(sep))
+                                    : Py_BuildValue("(nns)", start, end, "")) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+    }
+    return out;
+}
+
+
+/* ---- IBAN checksums (patterns.iban_checksum_cuts).
+
+   For a match of IBAN_RE (letters, digits, single spaces or dashes), the lengths of its compact,
+   upper-cased form from min(34, all) down to 15 that end a group (the next character of the
+   match is not alphanumeric) and pass ISO 13616's mod 97: the first four characters moved to
+   the end, each letter its number (A=10 ... Z=35), the whole a decimal number, remainder 1.
+   Digits count by their decimal value, as int() reads them. */
+
+static PyObject *iban_checksum_cuts(PyObject *module, PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "iban_checksum_cuts takes a str");
+        return NULL;
+    }
+    Span raw = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), 0, PyUnicode_GET_LENGTH(arg)};
+    Py_ssize_t n = span_length(&raw);
+    Py_ssize_t *positions = PyMem_Malloc((n ? n : 1) * sizeof(Py_ssize_t));
+    if (positions == NULL)
+        return PyErr_NoMemory();
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 ch = AT(&raw, i);
+        if (ch != ' ' && ch != '-')
+            positions[count++] = i;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) {
+        PyMem_Free(positions);
+        return NULL;
+    }
+    for (Py_ssize_t length = count < 34 ? count : 34; length > 14; length--) {
+        Py_ssize_t end = positions[length - 1] + 1;
+        if (end < n && Py_UNICODE_ISALNUM(AT(&raw, end)))
+            continue;  /* would cut a group in half */
+        long remainder = 0;
+        int decimal = 1;
+        for (Py_ssize_t k = 0; k < length && decimal; k++) {
+            Py_UCS4 ch = AT(&raw, positions[(k + 4) % length]);
+            if (ch >= 'a' && ch <= 'z')
+                ch -= 'a' - 'A';
+            if (ch >= 'A' && ch <= 'Z') {
+                remainder = (remainder * 100 + (long)(ch - 'A' + 10)) % 97;
+            } else if (Py_UNICODE_ISDECIMAL(ch)) {
+                remainder = (remainder * 10 + Py_UNICODE_TODECIMAL(ch)) % 97;
+            } else {
+                decimal = 0;
+            }
+        }
+        if (decimal && remainder == 1 && append_stolen(out, Py_BuildValue("(nn)", length, end)) < 0) {
+            Py_DECREF(out);
+            PyMem_Free(positions);
+            return NULL;
+        }
+    }
+    PyMem_Free(positions);
+    return out;
+}
+
+
+/* ---- A phone word before a candidate: PHONE_CONTEXT (redaction/patterns.py) ---------------
+
+   phone_word_before(text, start) is PHONE_CONTEXT.search(text, max(0, start - 48), start)
+   is not None, for reference (keep the two in step; tests compare them on fuzzed strings):
+     (?i)(?=[cdfhmnoprstw])(?:\b(?:phone|tel|...|tel[ée]fono)\b|\b[MmTtFf][ \t]?:
+         |(?i:sms|phone|mobile|whatsapp|fax)(?=[\W_]))
+   The lookahead only repeats the alternatives' first letters. Case folding is re's for these
+   letters (measured over every code point): ASCII either case, and also U+0130 and U+0131
+   for i, U+017F for s, U+00C9 for é; [MmTtFf] is ASCII only. \b sees the text before the
+   window (re's pos) but not after its end (endpos). */
+
+#define E_ACUTE_CLASS '\x01'  /* [ée] in a word below */
+
+static const char *const PHONE_WORDS[] = {
+    "phone", "tel", "telephone", "call", "calls", "mobile", "cell", "whatsapp", "signal", "number", "contact",
+    "reach", "fax", "sms", "text me", "ring", "dial", "dial-in", "mob", "ph", "oncall", "on-call", "telefon",
+    "t\x01l\x01phone", "handy", "cellulare", "celular", "tel\x01" "fono", NULL,
+};
+static const char *const PHONE_WORDS_UNBOUNDED[] = {"sms", "phone", "mobile", "whatsapp", "fax", NULL};
+
+/* The character as the words here spell it: re's case-insensitive equivalents of their
+   letters (measured over every code point for each letter of PHONE_WORDS and IDENTIFIER_WORDS). */
+static Py_UCS4 fold_word_letter(Py_UCS4 ch) {
+    if (ch < 128)
+        return (ch >= 'A' && ch <= 'Z') ? ch + 32 : ch;
+    if (ch == 0x130 || ch == 0x131)
+        return 'i';
+    if (ch == 0x17F)
+        return 's';
+    if (ch == 0x212A)
+        return 'k';
+    if (ch == 0xC9)
+        return 0xE9;
+    return ch;
+}
+
+/* End of `word` matched case-insensitively at pos (before hi), or -1; first: the folded
+   character at pos. */
+static Py_ssize_t word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const char *word, Py_UCS4 first) {
+    if (first != (Py_UCS4)(unsigned char)*word)
+        return -1;
+    for (word++, pos++; *word; word++, pos++) {
+        if (pos >= hi)
+            return -1;
+        Py_UCS4 ch = fold_word_letter(AT(c, pos));
+        if (*word == E_ACUTE_CLASS ? !(ch == 'e' || ch == 0xE9) : ch != (Py_UCS4)(unsigned char)*word)
+            return -1;
+    }
+    return pos;
+}
+
+static int phone_word_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    Py_UCS4 first = fold_word_letter(AT(c, pos));
+    if (first == 0 || first >= 128 || !strchr("cdfhmnoprstw", (int)first))
+        return 0;  /* the regex's leading lookahead */
+    for (const char *const *word = PHONE_WORDS_UNBOUNDED; *word; word++) {
+        Py_ssize_t end = word_at(c, pos, hi, *word, first);
+        if (end >= 0 && end < hi && (!is_word(AT(c, end)) || AT(c, end) == '_'))
+            return 1;  /* (?=[\W_]) */
+    }
+    if (pos > 0 && is_word(AT(c, pos - 1)))
+        return 0;  /* no \b before (the text's next character is a letter in every alternative left) */
+    for (const char *const *word = PHONE_WORDS; *word; word++) {
+        Py_ssize_t end = word_at(c, pos, hi, *word, first);
+        if (end >= 0 && (end == hi || !is_word(AT(c, end))))
+            return 1;
+    }
+    Py_UCS4 ch = AT(c, pos);
+    if (ch == 'M' || ch == 'm' || ch == 'T' || ch == 't' || ch == 'F' || ch == 'f') {
+        Py_ssize_t next = pos + 1;
+        if (next < hi && (AT(c, next) == ' ' || AT(c, next) == '\t') && next + 1 < hi && AT(c, next + 1) == ':')
+            return 1;
+        if (next < hi && AT(c, next) == ':')
+            return 1;
+    }
+    return 0;
+}
+
+static PyObject *phone_word_before(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "Un:phone_word_before", &text, &start))
+        return NULL;
+    Py_ssize_t lo = start - 48, hi = start;
+    clamp_window(text, &lo, &hi);
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, PyUnicode_GET_LENGTH(text)};
+    for (Py_ssize_t pos = lo; pos < hi; pos++) {
+        if (phone_word_at(&c, pos, hi))
+            Py_RETURN_TRUE;
+    }
+    Py_RETURN_FALSE;
+}
+
+
+/* ---- An identifier word right before a candidate: NOT_PHONE_CONTEXT (redaction/patterns.py)
+
+   identifier_word_before(text, start) is NOT_PHONE_CONTEXT.search(text, max(0, start - 24),
+   start) is not None, for reference (tests compare them on fuzzed strings):
+     (?i)(?=[abdegioprstuv])\b(?:isbn(?:-1[03])?|ean|...|acct)\b[\s:#=\"'\-]*
+         (?:(?:no|nr|number|num)\.?\s*)?$
+   $ is the window's end (or before a last "\n", which \s covers). */
+
+static const char *const IDENTIFIER_WORDS[] = {
+    "isbn", "isbn-10", "isbn-13", "ean", "gtin", "upc", "sku", "po", "order", "invoice", "tracking", "parcel",
+    "shipment", "ref", "reference", "build", "version", "ver", "v", "release", "sha", "id", "epoch", "ts",
+    "timestamp", "driver", "account", "acct", NULL,
+};
+static const char *const NUMBER_ABBREVIATIONS[] = {"no", "nr", "number", "num", NULL};
+
+static int identifier_separator(Py_UCS4 ch) {
+    return Py_UNICODE_ISSPACE(ch) || ch == ':' || ch == '#' || ch == '=' || ch == '"' || ch == '\'' || ch == '-';
+}
+
+static int only_space_from(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    for (; pos < hi; pos++) {
+        if (!Py_UNICODE_ISSPACE(AT(c, pos)))
+            return 0;
+    }
+    return 1;
+}
+
+/* After the word's \b at end: separators, then an optional "no."/"nr"/"number"/"num" and
+   spaces, to the window's end. */
+static int identifier_tail(const Span *c, Py_ssize_t end, Py_ssize_t hi) {
+    Py_ssize_t run = end;
+    while (run < hi && identifier_separator(AT(c, run)))
+        run++;
+    if (run == hi)
+        return 1;
+    for (Py_ssize_t at = end; at <= run; at++) {
+        Py_UCS4 first = fold_word_letter(AT(c, at));
+        for (const char *const *word = NUMBER_ABBREVIATIONS; *word; word++) {
+            Py_ssize_t after = word_at(c, at, hi, *word, first);
+            if (after < 0)
+                continue;
+            if (only_space_from(c, after, hi) || (after < hi && AT(c, after) == '.' && only_space_from(c, after + 1, hi)))
+                return 1;
+        }
+    }
+    return 0;
+}
+
+static PyObject *identifier_word_before(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "Un:identifier_word_before", &text, &start))
+        return NULL;
+    Py_ssize_t lo = start - 24, hi = start;
+    clamp_window(text, &lo, &hi);
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, PyUnicode_GET_LENGTH(text)};
+    for (Py_ssize_t pos = lo; pos < hi; pos++) {
+        Py_UCS4 first = fold_word_letter(AT(&c, pos));
+        if (first == 0 || first >= 128 || !strchr("abdegioprstuv", (int)first) || (pos > 0 && is_word(AT(&c, pos - 1))))
+            continue;  /* the leading lookahead and \b */
+        for (const char *const *word = IDENTIFIER_WORDS; *word; word++) {
+            Py_ssize_t end = word_at(&c, pos, hi, *word, first);
+            if (end >= 0 && (end == hi || !is_word(AT(&c, end))) && identifier_tail(&c, end, hi))
+                Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+
+/* ---- A unit right after a candidate: UNIT_AFTER (redaction/patterns.py) ------------------
+
+   unit_after(text, end) is UNIT_AFTER.match(text, end) is not None, for reference (tests
+   compare them on fuzzed strings):
+     (?i)[ \u00a0]?(?:ms|s|sec|secs|seconds|min|bytes|[kmgt]i?b|%|tokens|rows|items|km|kg|eur|usd|€|\$)\b
+   \b after "%", "€" or "$" wants a word character next. */
+
+static const char *const UNITS[] = {
+    "ms", "s", "sec", "secs", "seconds", "min", "bytes", "kb", "kib", "mb", "mib", "gb", "gib", "tb", "tib", "%",
+    "tokens", "rows", "items", "km", "kg", "eur", "usd", "$", NULL,
+};
+
+static int word_boundary_at(const Span *c, Py_ssize_t at) {
+    int before = at > 0 && is_word(AT(c, at - 1));
+    int after = at < span_length(c) && is_word(AT(c, at));
+    return before != after;
+}
+
+static PyObject *unit_after(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t end;
+    if (!PyArg_ParseTuple(args, "Un:unit_after", &text, &end))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    if (end < 0)
+        end = 0;
+    Py_ssize_t tries[2] = {-1, end};  /* after a space first, as re tries [ \u00a0]? */
+    if (end < length && is_space(AT(&c, end)))
+        tries[0] = end + 1;
+    for (int t = 0; t < 2; t++) {
+        Py_ssize_t at = tries[t];
+        if (at < 0 || at >= length)
+            continue;
+        Py_UCS4 first = fold_word_letter(AT(&c, at));
+        if (first == 0x20AC && word_boundary_at(&c, at + 1))
+            Py_RETURN_TRUE;
+        for (const char *const *unit = UNITS; *unit; unit++) {
+            Py_ssize_t after = word_at(&c, at, length, *unit, first);
+            if (after >= 0 && word_boundary_at(&c, after))
+                Py_RETURN_TRUE;
+        }
+    }
+    Py_RETURN_FALSE;
+}
+
+
+/* ---- column_header (redaction/patterns.py): the header cell of a CSV or markdown column ---
+
+   Same walk as the Python reference (tests compare them on fuzzed tables): the line holding
+   start, its separator ("|" with two or more, else "," with one or more), then up over the
+   lines with as many separators; the first of them is the header, unless it is this line. */
+
+static Py_ssize_t count_char(const Span *c, Py_UCS4 ch, Py_ssize_t from, Py_ssize_t to) {
+    Py_ssize_t n = 0;
+    for (Py_ssize_t i = from; i < to; i++)
+        n += AT(c, i) == ch;
+    return n;
+}
+
+/* Start of the line ending before `before` (text.rfind("\n", 0, before) + 1). */
+static Py_ssize_t line_start_before(const Span *c, Py_ssize_t before) {
+    for (Py_ssize_t i = before - 1; i >= 0; i--) {
+        if (AT(c, i) == '\n')
+            return i + 1;
+    }
+    return 0;
+}
+
+static PyObject *column_header(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t start;
+    if (!PyArg_ParseTuple(args, "Un:column_header", &text, &start))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (start < 0 || start > length) {
+        PyErr_SetString(PyExc_ValueError, "column_header: start outside the text");
+        return NULL;
+    }
+    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    Py_ssize_t line_start = line_start_before(&c, start);
+    Py_ssize_t line_end = start;
+    while (line_end < length && AT(&c, line_end) != '\n')
+        line_end++;
+    Py_UCS4 sep = count_char(&c, '|', line_start, line_end) >= 2 ? '|' : (count_char(&c, ',', line_start, line_end) >= 1 ? ',' : 0);
+    if (sep == 0 || line_start == 0)
+        Py_RETURN_NONE;
+    Py_ssize_t column = count_char(&c, sep, line_start, start);
+    Py_ssize_t cells = count_char(&c, sep, line_start, line_end);
+    Py_ssize_t header_start = -1, pos = line_start;
+    for (int row = 0; row < 50 && pos != 0; row++) {
+        Py_ssize_t prev_start = line_start_before(&c, pos - 1);
+        if (count_char(&c, sep, prev_start, pos - 1) != cells)
+            break;
+        header_start = pos = prev_start;
+    }
+    if (header_start < 0)
+        Py_RETURN_NONE;
+    Py_ssize_t header_end = header_start;  /* the header line ends at its "\n" (pos - 1 of the row below it) */
+    while (AT(&c, header_end) != '\n')
+        header_end++;
+    Py_ssize_t cell_start = header_start, seen = 0;
+    for (Py_ssize_t i = header_start; i < header_end && seen < column; i++) {
+        if (AT(&c, i) == sep) {
+            seen++;
+            cell_start = i + 1;
+        }
+    }
+    if (seen < column)
+        Py_RETURN_NONE;
+    Py_ssize_t cell_end = cell_start;
+    while (cell_end < header_end && AT(&c, cell_end) != sep)
+        cell_end++;
+    return PyUnicode_Substring(text, cell_start, cell_end);
+}
+
+static PyMethodDef module_methods[] = {
+    {"phone_candidates", phone_candidates, METH_VARARGS,
+     "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
+     "characters, as (start, extension start or -1, end, candidate end)"},
+    {"phone_word_before", phone_word_before, METH_VARARGS,
+     "phone_word_before(text, start): PHONE_CONTEXT finds a phone word in the 48 characters before start"},
+    {"identifier_word_before", identifier_word_before, METH_VARARGS,
+     "identifier_word_before(text, start): NOT_PHONE_CONTEXT finds an identifier word (ISBN, order, ...) right before start"},
+    {"unit_after", unit_after, METH_VARARGS,
+     "unit_after(text, end): UNIT_AFTER matches at end (a unit: ms, tokens, MiB, %, ...)"},
+    {"column_header", column_header, METH_VARARGS,
+     "column_header(text, start): the header cell of the CSV or markdown-table column holding start, or None"},
+    {"phone_shape_rejected", phone_shape_rejected, METH_O,
+     "phone_shape_rejected(candidate): phone_score's first test says it is no phone"},
+    {"card_runs", card_runs, METH_VARARGS,
+     "card_runs(text, lo, hi): (match start, card start, card end, card-shaped) per CARD_RE match holding a card"},
+    {"ipv4_candidates", ipv4_candidates, METH_VARARGS,
+     "ipv4_candidates(text, lo, hi, not_personal): (start, end, checked) per IPV4_RE match kept"},
+    {"ssn_candidates", ssn_candidates, METH_VARARGS,
+     "ssn_candidates(text, lo, hi): (start, end, separator) per SSN_RE match the invalidation rules keep"},
+    {"iban_checksum_cuts", iban_checksum_cuts, METH_O,
+     "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
+    {NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT, "redaction._native",
+    "Native gate-hit handling and window loop of the fast redaction tier.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    if (PyType_Ready(&TablesType) < 0 || PyType_Ready(&SinkType) < 0)
+        return NULL;
+    PyObject *module = PyModule_Create(&native_module);
+    if (module == NULL)
+        return NULL;
+    Py_INCREF(&TablesType);
+    if (PyModule_AddObject(module, "Tables", (PyObject *)&TablesType) < 0) {
+        Py_DECREF(&TablesType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,279 @@
+"""The C half of the fast tier (redaction/_native.c) against the Python it replaces: the same
+spans, scores, tiers and redacted texts on generated corpora and on fuzzed strings, piece by
+piece (gate-hit sink, phone candidate scan and shape test, card scan) and whole. Seeded, a few
+seconds in all. The other redaction tests run both paths through their `redactor` fixture."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from redaction import RedactionSettings, Redactor, native, patterns
+from redaction.engine import _end
+
+pytestmark = pytest.mark.skipif(
+    native.extension is None,
+    reason="redaction/_native.c is not built here (no C compiler at install): only the Python path runs")
+
+# Characters the scans care about, with their look-alikes: Unicode digits (Arabic-Indic, a
+# superscript that is a digit but not decimal), no-break space, accented and CJK letters, an
+# emoji (4 UTF-8 bytes) and a lone surrogate (encoded by surrogatepass: invalid UTF-8).
+_PIECES = (list("0123456789" * 3 + "()+ .-/#x:T_\n\t,|") + ["\u00a0", "ext", "ext.", "extension", "(0)", "\u0663",
+           "\u00b2", "é", "Ä", "名", "😀", "\ud800", "+1 ", "00", "Ana ", "Dear ", "Mr ", "my name is ", "call ",
+           "ISBN ", "order ", "card ", "4111 1111 1111 1111", "378282246310005", "DE89 3704 0044 0532 0130 00",
+           "8.8.8.8", "2001:db8::1", "ana@example.com", "password=", "536-22-1234", "030 1234567"])
+
+
+def _fuzzed(rng: random.Random, count: int, longest: int = 30) -> list[str]:
+    texts = ["", " ", "0", "\ud800", "😀" * 3, "1" * 400, ("4111 1111 1111 1111 " * 60)[:1200]]
+    texts += ["".join(rng.choice(_PIECES) for _ in range(rng.randint(1, longest))) for _ in range(count)]
+    return texts
+
+
+@pytest.fixture(scope="module")
+def both() -> tuple[Redactor, Redactor]:
+    settings = RedactionSettings(cache_size=0, time_budget_ms=10_000)
+    return Redactor(settings, native=True), Redactor(settings, native=False)
+
+
+@pytest.fixture(scope="module")
+def corpus_texts() -> list[str]:
+    from ops.bench.redaction_corpus import generate_corpus
+
+    texts = [s.text for s in generate_corpus(1200, seed=13, pii_ratio=0.5, kind="realworld")]
+    return texts + [s.text for s in generate_corpus(400, seed=13, pii_ratio=0.5, kind="synthetic")]
+
+
+def _spans(redactor: Redactor, text: str):
+    result = redactor.redact(text)
+    return result.text, [(e.type, e.start, e.end, e.score, e.tier) for e in result.entities]
+
+
+def test_native_and_python_redact_the_corpora_alike(both, corpus_texts):
+    fast, reference = both
+    assert fast._native is not None and reference._native is None
+    different = [i for i, text in enumerate(corpus_texts) if _spans(fast, text) != _spans(reference, text)]
+    assert different == []
+    assert sum(bool(fast.redact(t).entities) for t in corpus_texts) > len(corpus_texts) // 3  # it did find PII
+
+
+def test_native_and_python_redact_fuzzed_strings_alike(both):
+    fast, reference = both
+    texts = _fuzzed(random.Random(5), 1500, longest=40)
+    different = [text for text in texts if _spans(fast, text) != _spans(reference, text)]
+    assert different == []
+
+
+def _python_sink(redactor: Redactor, text: str, data: bytes):
+    on_match, (windows, given, cues, weak, to_char), status = redactor._hit_sink(text, data)
+    redactor.gate.feed(data, on_match)
+    return windows, given, cues, weak, status, to_char
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["end-order", "reversed"])
+def test_the_c_sink_builds_the_windows_and_name_positions_of_the_python_one(both, corpus_texts, ordered):
+    """Hit by hit as hyperscan reports them (end order), and reversed (what the re fallback
+    may do), on corpus and fuzzed texts: windows, name positions and status agree; so do the
+    byte-to-character offsets, also inside multi-byte characters and around surrogates."""
+    fast, _ = both
+    texts = corpus_texts[:400] + _fuzzed(random.Random(9), 600)
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        hits, overflow = fast.gate.scan(data)
+        assert not overflow
+        if not ordered:
+            hits.reverse()
+        on_match, (windows, given, cues, weak, to_char), status = fast._hit_sink(text, data)
+        sink = fast._native.sink(text, data)
+        for pattern_id, start, end in hits:
+            if on_match(pattern_id, start, end, 0, None):
+                break
+        for pattern_id, start, end in hits:
+            if sink(pattern_id, start, end, 0, None):
+                break
+        assert (sink.windows(), sink.given_words, sink.cue_ends, sink.weak_starts) == (windows, given, cues, weak), text
+        assert sink.status() == status
+        assert [sink.to_char(i) for i in range(-2, len(data) + 3)] == [to_char(i) for i in range(-2, len(data) + 3)]
+
+
+def test_the_c_sink_stops_at_the_hit_limit_like_the_python_one(both):
+    fast, _ = both
+    text = "1234567 " * 3000  # one phone/ssn gate hit per number: over max_hits
+    data = text.encode()
+    sink = fast._native.sink(text, data)
+    on_match, _tiers, status = fast._hit_sink(text, data)
+    assert fast.gate.feed(data, sink) is True and fast.gate.feed(data, on_match) is True
+    assert sink.status() == status == [True, False, True]
+    assert fast.redact(text).entities == both[1].redact(text).entities
+
+
+def test_phone_candidate_scan_and_shape_test_agree_with_the_regexes():
+    rng = random.Random(3)
+    texts = _fuzzed(rng, 3000, longest=20)
+    found = 0
+    for text in texts:
+        for lo, hi in ((0, len(text)), (rng.randint(0, len(text)), len(text) + 3), (1, max(1, len(text) - 2))):
+            for shortest, screen in ((1, False), (7, True)):
+                expected = list(patterns.phone_candidates(text, lo, hi, shortest, screen))
+                assert native.extension.phone_candidates(text, lo, hi, shortest, screen) == expected, (text, lo, hi)
+                found += len(expected)
+    assert found > 1000
+    shapes = ["2024-01-02", "02/01/2024 ", "12:30", "12:30:45\n", "1.2.3", "1.22.333\n", "123-45-6789", "1.1.1.1",
+              "255.255.255.255", "01.1.1.1", "(0)30 1234567", "+49 (0)30 123", "123456789012345", "1234567890123456"]
+    candidates = shapes + [text[:rng.randint(0, 22)] for text in texts]
+    rejected = [patterns.phone_shape_rejected(c) for c in candidates]
+    assert [native.extension.phone_shape_rejected(c) for c in candidates] == rejected
+    assert 0 < sum(rejected) < len(rejected)
+
+
+# Phone and identifier words, units, and what re's case-insensitive Unicode matching takes for their
+# letters (U+0130/U+0131 for i, U+017F for s, U+212A for k, É for é), with \w, \W and \s
+# characters around them.
+_CONTEXT_PIECES = ["phone", "tel", "telephone", "calls", "mobile", "whatsapp", "signal", "number", "contact", "fax",
+                   "sms", "text me", "ring", "dial-in", "mob", "ph", "on-call", "telefon", "téléphone", "TÉLÉPHONE",
+                   "teléfono", "handy", "cellulare", "celular", "M:", "T :", "f\t:", "send_sms(", "phone_number",
+                   "\u0130", "\u0131", "\u017f", "É", "\u212a", "\ud800", "ü", "\u0660", "_", "-", ":", " ", "\t",
+                   "\n", "a", "e", "I", "S", "x", "1"]
+_IDENTIFIER_PIECES = ["isbn", "ISBN-10", "isbn-13", "isbn-1", "ean", "gtin", "upc", "sku", "\u212au", "po", "order",
+                      "invoice", "tracking", "parcel", "shipment", "ref", "reference", "build", "version", "ver", "v",
+                      "release", "sha", "id", "\u0130d", "\u0131D", "epoch", "ts", "timestamp", "\u017fha", "driver",
+                      "account", "acct", "no", "nr", "number", "num", ".", " ", "\t", "\n", ":", "#", "=", "\"", "'",
+                      "-", "\u00a0", "\u2003", "\x1c", "_", "a", "1", "é", "\ud800", "\u0660"]
+_UNIT_PIECES = ["ms", "s", "sec", "secs", "seconds", "min", "bytes", "kb", "KiB", "mb", "mib", "gb", "GiB", "tb", "tib",
+                "%", "tokens", "rows", "items", "km", "kg", "eur", "usd", "€", "$", "\u212ab", "\u017f", "\u0131tems",
+                "\u0130", " ", "\u00a0", "  ", "_", "1", "a", ".", "\n", "é", "\ud800", "\u0660", "b", "i"]
+
+
+@pytest.mark.parametrize("name, pieces", [("phone_word_before", _CONTEXT_PIECES),
+                                          ("identifier_word_before", _IDENTIFIER_PIECES),
+                                          ("unit_after", _UNIT_PIECES)])
+def test_context_word_tests_agree_with_their_regexes(name, pieces):
+    rng = random.Random(5)
+    python_test, native_test = getattr(patterns, name), getattr(native.extension, name)
+    matched = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 10)))
+        text = "".join(ch.upper() if rng.random() < 0.3 else ch for ch in text)
+        start = rng.randint(0, len(text) + 2)
+        expected = python_test(text, start)
+        assert native_test(text, start) is expected, (text, start)
+        matched += expected
+    assert 1000 < matched < 18000
+
+def test_column_header_agrees_with_the_python_walk():
+    rng = random.Random(6)
+    pieces = ["|", "|", ",", ",", "\n", "\n", "name", "phone", " ", "---", "1", "é", "\ud800", "😀", "||", ",,", "\n\n"]
+    headers = 0
+    for _ in range(20000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 25)))
+        start = rng.randint(0, len(text))
+        expected = patterns.column_header(text, start)
+        assert native.extension.column_header(text, start) == expected, (text, start)
+        headers += expected is not None
+    assert headers > 200
+    # a one-character line under its copy: a header (the walk moved), not "this line"
+    assert patterns.column_header(",\n,", 3) == native.extension.column_header(",\n,", 3) == ""
+    table = "name,phone\nAna,030 1234567\nBo,040 7654321"
+    assert native.extension.column_header(table, table.rindex("040")) == "phone"
+
+
+def test_card_scan_agrees_with_the_regex_and_checks():
+    rng = random.Random(4)
+    cards = ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117", "3530111333300000",
+             "2200123456789010", "6200000000000005", "30569309025904", "4111111111111", "\u0664111111111111111"]
+    texts = []
+    for _ in range(3000):
+        parts = []
+        for _ in range(rng.randint(1, 5)):
+            pick = rng.random()
+            if pick < 0.35:
+                card, sep = rng.choice(cards), rng.choice([" ", "-", ""])
+                parts.append(sep.join(card[i:i + 4] for i in range(0, len(card), 4)) if rng.random() < 0.6 else card)
+            elif pick < 0.65:
+                parts.append("".join(rng.choice("0123456789 -") for _ in range(rng.randint(1, 30))))
+            else:
+                parts.append(rng.choice(["ID ", "a", "x.", "/", "_", "\u0663\u0664", "\n", "-", "é", " ", "4" * 23]))
+        texts.append("".join(parts))
+    found = 0
+    for text in texts:
+        for lo, hi in ((0, len(text)), (rng.randint(0, len(text)), len(text) + 2)):
+            expected = list(patterns.card_runs(text, lo, hi))
+            assert native.extension.card_runs(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 500
+
+
+def test_native_true_needs_the_extension_and_none_falls_back(monkeypatch):
+    monkeypatch.setattr(native, "extension", None)
+    with pytest.raises(RuntimeError, match="not built"):
+        Redactor(RedactionSettings(entities=["EMAIL_ADDRESS"]), native=True)
+    fallback = Redactor(RedactionSettings(entities=["EMAIL_ADDRESS", "PHONE_NUMBER"]))
+    assert fallback._native is None
+    assert fallback.redact("mail ana@example.com, call +1 415 555 2671").text == \
+        "mail <EMAIL_ADDRESS>, call <PHONE_NUMBER>"
+
+
+def test_hits_sorted_by_end_give_the_windows_of_hits_in_end_order(both):
+    """The sorted-hits path of _detect_native replays the hits into a new sink."""
+    fast, reference = both
+    text = "Call +1 415 555 2671, card 4111 1111 1111 1111; Dear Ana Lopez"
+    data = text.encode()
+    hits, _ = fast.gate.scan(data)
+    sink = fast._native.sink(text, data)
+    for pattern_id, start, end in sorted(hits, key=_end):
+        assert not sink(pattern_id, start, end, 0, None)
+    assert sink.windows() == _python_sink(reference, text, data)[0]
+
+
+def test_ipv4_scan_agrees_with_the_regex_and_checks():
+    """Product tokens (also before a line break), prefix lengths, leading zeros, octets over
+    255, non-ASCII digits, private ranges on and off."""
+    rng = random.Random(6)
+    pieces = list("0123456789" * 3 + "..../ :-_a\n") + ["Chrome/", "x/", "1.2.3.4", "10.0.0.1", "192.168.1.1",
+                                                        "8.8.8.8", "256.1.1.1", "01.2.3.4", "\u0663", "é", "/24",
+                                                        "172.16.0.1", "a-b/"]
+    found = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        for lo, hi in ((0, len(text)), (rng.randint(0, len(text)), len(text) + 2)):
+            for ranges in (None, patterns._NOT_PERSONAL_V4_RANGES):
+                expected = list(patterns.ipv4_candidates(text, lo, hi, ranges))
+                assert native.extension.ipv4_candidates(text, lo, hi, ranges) == expected, (text, lo, hi)
+                found += len(expected)
+    assert found > 200
+
+
+def test_ssn_scan_agrees_with_the_regex_and_rules():
+    """Separated and unseparated forms, mixed separators, the invalid areas, groups and
+    serials, published samples, one digit repeated, Unicode digits."""
+    rng = random.Random(8)
+    pieces = list("0123456789" * 3 + " .-x\n") + ["536-22-1234", "536 22 1234", "536221234", "000-12-3456",
+                                                  "666-12-3456", "900-12-3456", "536-00-1234", "536-22-0000",
+                                                  "123-45-6789", "078-05-1120", "111-11-1111", "536-22.1234",
+                                                  "\u0665\u0663\u0666-22-1234", "é"]
+    found = 0
+    for _ in range(5000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 10)))
+        for lo, hi in ((0, len(text)), (rng.randint(0, len(text)), len(text) + 2), (0, max(0, len(text) - 1))):
+            expected = list(patterns.ssn_candidates(text, lo, hi))
+            assert native.extension.ssn_candidates(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 100
+
+
+def test_iban_checksum_cuts_agree_with_mod97():
+    """Valid IBANs (upper and lower case, grouped, running on into words or a second IBAN),
+    random alphanumeric runs (about one cut in 97 passes by chance) and Unicode digits."""
+    rng = random.Random(10)
+    ibans = ["DE89 3704 0044 0532 0130 00", "GB82WEST12345698765432", "fr14 2004 1010 0505 0001 3m02 606",
+             "NL91-ABNA-0417-1643-00", "DE\u0668\u0669370400440532013000"]
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" + "0123456789" * 3 + " -"
+    found = 0
+    for _ in range(4000):
+        tail = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 24))).replace("  ", " ").replace("--", "-")
+        raw = (rng.choice(ibans) + rng.choice(["", " ", "-"]) + tail).strip(" -")
+        expected = list(patterns.iban_checksum_cuts(raw))
+        assert native.extension.iban_checksum_cuts(raw) == expected, raw
+        found += len(expected)
+    assert found > 1000
