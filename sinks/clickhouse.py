@@ -242,6 +242,27 @@ WHERE org_id IN ({orgs}) AND day >= toDate(toDateTime({low}, 'UTC')) AND day <= 
 GROUP BY day, org_id, model
 """
 
+AGGREGATE_KEYS = {
+    "usage_hourly": ("org_id", "hour", "model", "user_id", "region", "experiment_id", "variant"),
+    "usage_daily": ("org_id", "day", "model", "user_id", "region", "experiment_id", "variant"),
+    "usage_model_daily": ("day", "org_id", "model"),
+}
+"""The sorting key of each aggregate table: one row per key once its versions are merged."""
+
+
+def latest_rows(db: str, table: str, columns: tuple[str, ...], where: str) -> str:
+    """A subquery of the latest version of each aggregate row matching where (what FINAL
+    returns), with its key and columns, by argMax over computed_at.
+
+    Why not FINAL: refresh_aggregates writes a new version of a key every few seconds, and
+    FINAL pays for every part of the range it reads; one user's month to date took 20 ms
+    with 8 unmerged parts against 7 ms merged (chdb 26.9), so dashboard latency followed
+    the merge backlog. Grouping by the key costs 11 ms and 10 ms, same results."""
+    key = AGGREGATE_KEYS[table]
+    latest = ", ".join(f"argMax({column}, computed_at) AS {column}" for column in columns if column not in key)
+    return f"(SELECT {', '.join(key)}, {latest} FROM {db}.{table} WHERE {where} GROUP BY {', '.join(key)})"
+
+
 REFRESH_OVERLAP_S = 60
 """Rows whose insert began before a refresh may commit after it read: each refresh looks
 this far before the previous one's start (recomputing a key twice changes nothing)."""

@@ -12,7 +12,7 @@ import pytest
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from schemas.pricing import with_cost
-from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
+from sinks.clickhouse import AGGREGATE_KEYS, ClickHouse, close_chdb, latest_rows, refresh_aggregates
 
 HOUR_MS = 3_600_000
 FLAGS = (["jailbreak"], [], ["pii_leak", "jailbreak"], [])
@@ -148,3 +148,22 @@ def test_forgetting_a_user_removes_their_aggregates(clickhouse):
     # A later refresh does not bring them back: their raw rows are gone too.
     refresh_aggregates(clickhouse)
     assert clickhouse.rows(f"SELECT count() FROM {clickhouse.database}.usage_daily WHERE user_id = '{user}'") == [(0,)]
+
+
+def test_latest_rows_answers_what_final_answers_while_versions_are_unmerged(clickhouse):
+    rows = events(1200)
+    clickhouse.insert_events(rows)
+    refresh_aggregates(clickhouse)
+    clickhouse.insert_events(events(300, seed=6))  # more events of the same hours and days
+    refresh_aggregates(clickhouse, raw_days=30)
+    db = clickhouse.database
+    columns = ("requests", "input_tokens", "output_tokens", "cost_usd")
+    for table, key in AGGREGATE_KEYS.items():
+        versions, keys = clickhouse.rows(f"SELECT count(), uniqExact({', '.join(key)}) FROM {db}.{table}")[0]
+        assert versions > keys, table  # old versions are still there to be left out
+        group = "org_id, model"
+        final = clickhouse.rows(f"SELECT {group}, sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) "
+                                f"FROM {db}.{table} FINAL GROUP BY {group} ORDER BY {group}")
+        latest = clickhouse.rows(f"SELECT {group}, sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) "
+                                 f"FROM {latest_rows(db, table, columns, '1')} GROUP BY {group} ORDER BY {group}")
+        assert latest == final and len(final) > 3, table

@@ -35,7 +35,8 @@ from ops.dev.loadgen import make_event
 from ops.dev.services import start_redis
 from ops.settings import PricingSettings
 from sinks.billing import billing_event, with_cost
-from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, org_month_usage_before, refresh_aggregates
+from sinks.clickhouse import (ClickHouse, close_chdb, latest_rows, month_usage_before, org_month_usage_before,
+                              refresh_aggregates)
 from sinks.parquet import ParquetStore, partition_of
 from sinks.quota import QuotaStore, keep_month_bases, restate_month_bases
 
@@ -121,17 +122,21 @@ def planned_reads(client: ClickHouse, queries: dict[str, str]) -> dict[str, list
 
 def dashboard_queries(db: str, day_s: int, org: str, user: str) -> dict[str, str]:
     """The questions a usage dashboard asks most: one org's day, one user's month to date,
-    the top models of the month."""
+    the top models of the month; each reads the latest version of the aggregate rows
+    (sinks.clickhouse.latest_rows), as the Grafana dashboard does."""
     day = f"toDate(toDateTime({day_s}, 'UTC'))"
+    tokens = ("requests", "input_tokens", "output_tokens", "cost_usd")
+    org_day = latest_rows(db, "usage_hourly", tokens, f"org_id = '{org}' AND toDate(hour) = {day}")
+    user_month = latest_rows(db, "usage_daily", tokens, f"org_id = '{org}' AND user_id = '{user}' "
+                             f"AND day >= toStartOfMonth({day}) AND day <= {day}")
+    models_month = latest_rows(db, "usage_model_daily", ("requests", "cost_usd"),
+                               f"day >= toStartOfMonth({day}) AND day <= {day}")
     return {
-        "org_day": f"SELECT model, sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) "
-                   f"FROM {db}.usage_hourly FINAL WHERE org_id = '{org}' AND toDate(hour) = {day} GROUP BY model",
-        "user_month": f"SELECT sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) FROM {db}.usage_daily "
-                      f"FINAL WHERE org_id = '{org}' AND user_id = '{user}' AND day >= toStartOfMonth({day}) "
-                      f"AND day <= {day}",
-        "top_models_month": f"SELECT model, sum(requests) AS n, sum(cost_usd) FROM {db}.usage_model_daily FINAL "
-                            f"WHERE day >= toStartOfMonth({day}) AND day <= {day} GROUP BY model ORDER BY n DESC "
-                            "LIMIT 5",
+        "org_day": f"SELECT model, sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) FROM {org_day} "
+                   "GROUP BY model",
+        "user_month": f"SELECT sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) FROM {user_month}",
+        "top_models_month": f"SELECT model, sum(requests) AS n, sum(cost_usd) FROM {models_month} GROUP BY model "
+                            "ORDER BY n DESC LIMIT 5",
     }
 
 
