@@ -254,10 +254,11 @@ def latest_rows(db: str, table: str, columns: tuple[str, ...], where: str) -> st
     """A subquery of the latest version of each aggregate row matching where (what FINAL
     returns), with its key and columns, by argMax over computed_at.
 
-    Why not FINAL: refresh_aggregates writes a new version of a key every few seconds, and
-    FINAL pays for every part of the range it reads; one user's month to date took 20 ms
-    with 8 unmerged parts against 7 ms merged (chdb 26.9), so dashboard latency followed
-    the merge backlog. Grouping by the key costs 11 ms and 10 ms, same results."""
+    For point lookups (one user's month, one org's day): refresh_aggregates writes a new
+    version of a key every few seconds, and FINAL pays for every part of the range it reads;
+    one user's month to date took 20 ms with 8 unmerged parts against 7 ms merged (chdb
+    26.9), so its latency followed the merge backlog. Grouping by the key: 11 and 10 ms, same
+    results. Scans of whole ranges (the Grafana panels) are cheaper with FINAL."""
     key = AGGREGATE_KEYS[table]
     latest = ", ".join(f"argMax({column}, computed_at) AS {column}" for column in columns if column not in key)
     return f"(SELECT {', '.join(key)}, {latest} FROM {db}.{table} WHERE {where} GROUP BY {', '.join(key)})"

@@ -122,8 +122,10 @@ def planned_reads(client: ClickHouse, queries: dict[str, str]) -> dict[str, list
 
 def dashboard_queries(db: str, day_s: int, org: str, user: str) -> dict[str, str]:
     """The questions a usage dashboard asks most: one org's day, one user's month to date,
-    the top models of the month; each reads the latest version of the aggregate rows
-    (sinks.clickhouse.latest_rows), as the Grafana dashboard does."""
+    the top models of the month. Each reads the latest version of the aggregate rows by key
+    (sinks.clickhouse.latest_rows): a point lookup under FINAL pays for every unmerged part.
+    The Grafana panels, which scan whole ranges, keep FINAL: there argMax by key measured
+    slower (latency panel over 30 days, merged: 83 ms against 28 ms)."""
     day = f"toDate(toDateTime({day_s}, 'UTC'))"
     tokens = ("requests", "input_tokens", "output_tokens", "cost_usd")
     org_day = latest_rows(db, "usage_hourly", tokens, f"org_id = '{org}' AND toDate(hour) = {day}")
