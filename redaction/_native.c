@@ -1705,6 +1705,185 @@ static PyObject *column_header(PyObject *module, PyObject *args) {
     return PyUnicode_Substring(text, cell_start, cell_end);
 }
 
+/* The 32-bit value of an ASCII dotted quad as ipaddress.IPv4Address reads it (four octets of
+   1-3 digits, no leading zero, at most 255); 0 if it is none. */
+static int parse_dotted_quad(const char *s, Py_ssize_t n, unsigned long *value) {
+    unsigned long result = 0;
+    int octets = 0;
+    Py_ssize_t i = 0;
+    while (1) {
+        Py_ssize_t start = i;
+        unsigned long octet = 0;
+        while (i < n && s[i] != '.') {
+            if (s[i] < '0' || s[i] > '9' || i - start >= 3)
+                return 0;
+            octet = octet * 10 + (unsigned long)(s[i] - '0');
+            i++;
+        }
+        if (i == start || (s[start] == '0' && i - start > 1) || octet > 255 || ++octets > 4)
+            return 0;
+        result = (result << 8) | octet;
+        if (i == n)
+            break;
+        i++; /* the '.' */
+    }
+    if (octets != 4)
+        return 0;
+    *value = result;
+    return 1;
+}
+
+/* An IPv4 address (also one mapped into IPv6) _not_personal calls personal-free: 0/8, 10/8,
+   127/8, 169.254/16, 172.16/12, 192.168/16, 224/4, 240/4 (patterns._NOT_PERSONAL_V4; the fuzz
+   test compares the two). */
+static int v4_not_personal(unsigned long a) {
+    unsigned long first = a >> 24;
+    return first == 0 || first == 10 || first == 127 || first >= 224 || (a >> 16) == 0xA9FE ||
+           (a >> 20) == 0xAC1 || (a >> 16) == 0xC0A8;
+}
+
+/* Whether an ASCII hextet of 1-4 hex digits; its value in *value. */
+static int parse_hextet(const char *s, Py_ssize_t n, unsigned *value) {
+    if (n < 1 || n > 4)
+        return 0;
+    unsigned result = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char ch = s[i];
+        unsigned digit;
+        if (ch >= '0' && ch <= '9')
+            digit = (unsigned)(ch - '0');
+        else if (ch >= 'a' && ch <= 'f')
+            digit = (unsigned)(ch - 'a' + 10);
+        else if (ch >= 'A' && ch <= 'F')
+            digit = (unsigned)(ch - 'A' + 10);
+        else
+            return 0;
+        result = (result << 4) | digit;
+    }
+    *value = result;
+    return 1;
+}
+
+/* The eight hextets of an ASCII IPv6 address without zone id, by the rules of ipaddress's
+   IPv6Address._ip_int_from_string ("::" once, leading/trailing ':' only as part of it, an
+   IPv4 tail); 0 if it is none. */
+static int parse_ipv6(const char *s, Py_ssize_t n, unsigned hextets[8]) {
+    enum { MOST_PARTS = 9 };
+    Py_ssize_t part_start[MOST_PARTS + 1], part_len[MOST_PARTS + 1];
+    unsigned preset[MOST_PARTS + 1];
+    int is_preset[MOST_PARTS + 1];
+    int parts = 0;
+    Py_ssize_t start = 0;
+    for (Py_ssize_t i = 0; i <= n; i++) {
+        if (i == n || s[i] == ':') {
+            if (parts == MOST_PARTS + 1)
+                return 0; /* more than 9 parts even before an IPv4 tail is split in two */
+            part_start[parts] = start;
+            part_len[parts] = i - start;
+            is_preset[parts] = 0;
+            parts++;
+            start = i + 1;
+        }
+    }
+    if (parts < 3)
+        return 0;
+    Py_ssize_t last_start = part_start[parts - 1], last_len = part_len[parts - 1];
+    if (memchr(s + last_start, '.', (size_t)last_len) != NULL) {
+        unsigned long v4;
+        if (!parse_dotted_quad(s + last_start, last_len, &v4) || parts + 1 > MOST_PARTS + 1)
+            return 0;
+        is_preset[parts - 1] = 1;
+        preset[parts - 1] = (unsigned)(v4 >> 16);
+        is_preset[parts] = 1;
+        preset[parts] = (unsigned)(v4 & 0xFFFF);
+        part_len[parts - 1] = part_len[parts] = 1;
+        parts++;
+    }
+    if (parts > MOST_PARTS)
+        return 0;
+    int skip = -1;
+    for (int i = 1; i < parts - 1; i++) {
+        if (part_len[i] == 0) {
+            if (skip >= 0)
+                return 0;
+            skip = i;
+        }
+    }
+    int high, low;
+    if (skip >= 0) {
+        high = skip;
+        low = parts - skip - 1;
+        if (part_len[0] == 0 && --high)
+            return 0;
+        if (part_len[parts - 1] == 0 && --low)
+            return 0;
+        if (8 - (high + low) < 1)
+            return 0;
+    } else {
+        if (parts != 8 || part_len[0] == 0 || part_len[parts - 1] == 0)
+            return 0;
+        high = parts;
+        low = 0;
+    }
+    for (int i = 0; i < 8; i++)
+        hextets[i] = 0;
+    for (int i = 0; i < high + low; i++) {
+        int part = i < high ? i : parts - (high + low) + i;
+        int slot = i < high ? i : 8 - (high + low) + i;
+        if (is_preset[part])
+            hextets[slot] = preset[part];
+        else if (!parse_hextet(s + part_start[part], part_len[part], &hextets[slot]))
+            return 0;
+    }
+    return 1;
+}
+
+/* ipv6_verdict(value): what patterns.ipv6_verdict says of an IPv6 candidate without zone id:
+   0 no address (ip_address, or ip_interface with a "/nn", raises ValueError), 1 an address,
+   2 an address _not_personal is true of; -1 for a value with non-ASCII characters, which the
+   Python reference decides. */
+static PyObject *ipv6_verdict(PyObject *module, PyObject *arg) {
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "ipv6_verdict takes a str");
+        return NULL;
+    }
+    if (!PyUnicode_IS_ASCII(arg))
+        return PyLong_FromLong(-1);
+    const char *s = (const char *)PyUnicode_1BYTE_DATA(arg);
+    Py_ssize_t n = PyUnicode_GET_LENGTH(arg);
+    const char *slash = memchr(s, '/', (size_t)n);
+    Py_ssize_t address_len = n;
+    if (slash != NULL) {
+        /* IPv6Interface: one '/', then 1+ ASCII digits up to 128 (leading zeros allowed) */
+        address_len = slash - s;
+        Py_ssize_t digits = n - address_len - 1;
+        if (digits < 1 || memchr(slash + 1, '/', (size_t)digits) != NULL)
+            return PyLong_FromLong(0);
+        unsigned long prefix = 0;
+        for (Py_ssize_t i = 0; i < digits; i++) {
+            char ch = slash[1 + i];
+            if (ch < '0' || ch > '9')
+                return PyLong_FromLong(0);
+            if (prefix <= 128)
+                prefix = prefix * 10 + (unsigned long)(ch - '0');
+        }
+        if (prefix > 128)
+            return PyLong_FromLong(0);
+    }
+    unsigned h[8];
+    if (!parse_ipv6(s, address_len, h))
+        return PyLong_FromLong(0);
+    int high_zero = h[0] == 0 && h[1] == 0 && h[2] == 0 && h[3] == 0 && h[4] == 0;
+    int not_personal;
+    if (high_zero && h[5] == 0xFFFF)
+        not_personal = v4_not_personal(((unsigned long)h[6] << 16) | h[7]);
+    else
+        not_personal = (high_zero && h[5] == 0 && h[6] == 0 && h[7] <= 1) /* unspecified, loopback */
+                       || (h[0] >> 8) == 0xFF                                /* multicast */
+                       || (h[0] & 0xFE00) == 0xFC00;                         /* fc00::/7 */
+    return PyLong_FromLong(not_personal ? 2 : 1);
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -1727,6 +1906,8 @@ static PyMethodDef module_methods[] = {
      "ssn_candidates(text, lo, hi): (start, end, separator) per SSN_RE match the invalidation rules keep"},
     {"iban_checksum_cuts", iban_checksum_cuts, METH_O,
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
+    {"ipv6_verdict", ipv6_verdict, METH_O,
+     "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
     {NULL},
 };
 

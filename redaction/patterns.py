@@ -705,8 +705,24 @@ def ipv4_candidates(text: str, lo: int, hi: int, not_personal: tuple[tuple[int, 
             yield m.start(), m.end(), True
 
 
+IPV6_INVALID, IPV6_PERSONAL, IPV6_NOT_PERSONAL = 0, 1, 2
+
+
+def ipv6_verdict(bare: str) -> int:
+    """What ipaddress makes of an IPv6 candidate (two colons or more) without its zone id,
+    "/nn" read as ip_interface does: IPV6_INVALID, IPV6_PERSONAL, or IPV6_NOT_PERSONAL where
+    _not_personal is true of it. (redaction/_native.c has the same parse and ranges in C for
+    ASCII values.)"""
+    try:
+        address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
+    except ValueError:
+        return IPV6_INVALID
+    return IPV6_NOT_PERSONAL if _not_personal(address) else IPV6_PERSONAL
+
+
 def make_ip_finder(ignore_private: bool, native: bool = False) -> Finder:
     v4_candidates = native_mod.extension.ipv4_candidates if native else ipv4_candidates
+    v6_verdict = native_mod.extension.ipv6_verdict if native else ipv6_verdict
     not_personal = _NOT_PERSONAL_V4_RANGES if ignore_private else None
 
     def find_ip(text: str, lo: int, hi: int) -> list[Entity]:
@@ -736,11 +752,10 @@ def make_ip_finder(ignore_private: bool, native: bool = False) -> Finder:
                 bare = value.split("%")[0]
                 if "::" not in bare and bare.count(":") != (6 if "." in bare else 7):
                     continue  # what ip_address would reject, without the cost of its ValueError
-                try:
-                    address = _parse_ip(bare) if "." in bare or "/" in bare or "::" in bare else _full_ipv6(bare)
-                except ValueError:
-                    continue
-                if ignore_private and _not_personal(address):
+                verdict = v6_verdict(bare)
+                if verdict < 0:
+                    verdict = ipv6_verdict(bare)  # non-ASCII: the C parse leaves it to ipaddress
+                if verdict == IPV6_INVALID or ignore_private and verdict == IPV6_NOT_PERSONAL:
                     continue
                 out.append(Entity("IP_ADDRESS", m.start(), m.start() + len(value), 0.85))
         return out

@@ -244,6 +244,30 @@ def test_ipv4_scan_agrees_with_the_regex_and_checks():
     assert found > 200
 
 
+def test_ipv6_verdict_agrees_with_ipaddress():
+    """The C parse and ranges against ipaddress (patterns.ipv6_verdict): "::" placement, too
+    many or too few groups, IPv4 tails with leading zeros or octets over 255, prefix lengths
+    (leading zeros, over 128, empty, two slashes), each not-personal range and its neighbours,
+    non-ASCII values left to Python (-1)."""
+    rng = random.Random(13)
+    pieces = (list("0123456789abcdefABCDEFg:::::..//") + ["::", "ffff:", "::ffff:", "0:", "1", "fe80:", "fc00:", "fd",
+              "fb", "ff02:", "fe", "10.0.0.1", "127.0.0.1", "172.16.0.1", "172.32.0.1", "169.254.1.1", "192.168.0.1",
+              "192.169.0.1", "224.0.0.1", "223.255.255.255", "8.8.8.8", "01.2.3.4", "256.1.1.1", "/128", "/129",
+              "/0", "/064", "\u0663", "é", "2001:db8:"])
+    examples = ["::", "::1", "::2", "1::", ":::", "::ffff:0.0.0.0", "::ffff:255.255.255.255", "0:0:0:0:0:ffff:a00:1",
+                "1:2:3:4:5:6:7:8", "1:2:3:4:5:6:7::", "::2:3:4:5:6:7:8", "1:2:3:4:5:6:7:8:9", "1:2:3:4:5:6:1.2.3.4",
+                "1:2:3:4:5:6:7:1.2.3.4", "::1.2.3.4", "fcff::", "fe00::", "ff00::", "::1/", "::1//8", "1::/1a"]
+    verdicts = set()
+    for _ in range(30000):
+        examples.append("".join(rng.choice(pieces) for _ in range(rng.randint(1, 12))))
+    for value in (v for v in examples if v.count(":") >= 2):  # find_ip asks of no other value
+        expected = patterns.ipv6_verdict(value)
+        got = native.extension.ipv6_verdict(value)
+        assert got == expected or got == -1 and not value.isascii(), value
+        verdicts.add(got)
+    assert verdicts == {-1, patterns.IPV6_INVALID, patterns.IPV6_PERSONAL, patterns.IPV6_NOT_PERSONAL}
+
+
 def test_ssn_scan_agrees_with_the_regex_and_rules():
     """Separated and unseparated forms, mixed separators, the invalid areas, groups and
     serials, published samples, one digit repeated, Unicode digits."""
