@@ -563,14 +563,19 @@ class EventProducer:
             self._producer.produce(self.topic, record.value, record.key, timestamp=record.sent_ms,
                                    on_delivery=functools.partial(self._on_replay, self._generation, record.handle))
         except (BufferError, KafkaException) as exc:
-            self.spool.rewind(record)
-            if isinstance(exc, KafkaException):
-                if not is_fatal(exc):
-                    raise
-                self._fatal = True
+            self._not_taken(record, exc)
             return False
         self._replay_outstanding += 1
         return True
+
+    def _not_taken(self, record: SpoolRecord, exc: BufferError | KafkaException) -> None:
+        """librdkafka refused a spooled record (caller holds the lock): it is read again from
+        its place; a fatal error marks the producer for replacement, any other is raised."""
+        self.spool.rewind(record)
+        if isinstance(exc, KafkaException):
+            if not is_fatal(exc):
+                raise exc
+            self._fatal = True
 
     def _new_producer(self) -> Producer:
         """A librdkafka producer; a durable one reports only failed deliveries, tagged with
@@ -606,11 +611,7 @@ class EventProducer:
                     try:
                         self._producer.produce(self.topic, record.value, record.key, timestamp=record.sent_ms)
                     except (BufferError, KafkaException) as exc:
-                        self.spool.rewind(record)
-                        if isinstance(exc, KafkaException):
-                            if not is_fatal(exc):
-                                raise
-                            self._fatal = True
+                        self._not_taken(record, exc)
                         return
                     self._flight.append(record)
                     budget -= 1
