@@ -745,6 +745,12 @@ typedef struct {
     Py_ssize_t start, end;  /* the candidate: text[start:end] */
 } Span;
 
+/* The span of str text from its start to end: what the scans read text through. */
+static inline Span text_span(PyObject *text, Py_ssize_t end) {
+    Span span = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, end};
+    return span;
+}
+
 #define AT(c, i) PyUnicode_READ((c)->kind, (c)->data, (c)->start + (i))
 
 static Py_ssize_t span_length(const Span *c) { return c->end - c->start; }
@@ -897,7 +903,7 @@ static PyObject *phone_shape_rejected(PyObject *module, PyObject *arg) {
         PyErr_SetString(PyExc_TypeError, "phone_shape_rejected takes a str");
         return NULL;
     }
-    Span candidate = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), 0, PyUnicode_GET_LENGTH(arg)};
+    Span candidate = text_span(arg, PyUnicode_GET_LENGTH(arg));
     return PyBool_FromLong(shape_rejected(&candidate));
 }
 
@@ -1213,7 +1219,7 @@ static PyObject *ipv4_candidates(PyObject *module, PyObject *args) {
         Py_DECREF(seq);
     }
     Py_ssize_t length = clamp_window(text, &lo, &hi);
-    Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    Span whole = text_span(text, length);
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -1291,8 +1297,8 @@ static PyObject *ssn_candidates(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
         return NULL;
     Py_ssize_t length = clamp_window(text, &lo, &hi);
-    Span whole = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
-    Span window = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, hi};  /* endpos: nothing after hi */
+    Span whole = text_span(text, length);
+    Span window = text_span(text, hi);  /* endpos: nothing after hi */
     PyObject *out = PyList_New(0);
     if (out == NULL)
         return NULL;
@@ -1380,7 +1386,7 @@ static PyObject *iban_checksum_cuts(PyObject *module, PyObject *arg) {
         PyErr_SetString(PyExc_TypeError, "iban_checksum_cuts takes a str");
         return NULL;
     }
-    Span raw = {PyUnicode_KIND(arg), PyUnicode_DATA(arg), 0, PyUnicode_GET_LENGTH(arg)};
+    Span raw = text_span(arg, PyUnicode_GET_LENGTH(arg));
     Py_ssize_t n = span_length(&raw);
     Py_ssize_t *positions = PyMem_Malloc((n ? n : 1) * sizeof(Py_ssize_t));
     if (positions == NULL)
@@ -1510,7 +1516,7 @@ static PyObject *phone_word_before(PyObject *module, PyObject *args) {
         return NULL;
     Py_ssize_t lo = start - 48, hi = start;
     clamp_window(text, &lo, &hi);
-    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, PyUnicode_GET_LENGTH(text)};
+    Span c = text_span(text, PyUnicode_GET_LENGTH(text));
     for (Py_ssize_t pos = lo; pos < hi; pos++) {
         if (phone_word_at(&c, pos, hi))
             Py_RETURN_TRUE;
@@ -1574,7 +1580,7 @@ static PyObject *identifier_word_before(PyObject *module, PyObject *args) {
         return NULL;
     Py_ssize_t lo = start - 24, hi = start;
     clamp_window(text, &lo, &hi);
-    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, PyUnicode_GET_LENGTH(text)};
+    Span c = text_span(text, PyUnicode_GET_LENGTH(text));
     for (Py_ssize_t pos = lo; pos < hi; pos++) {
         Py_UCS4 first = fold_word_letter(AT(&c, pos));
         if (first == 0 || first >= 128 || !strchr("abdegioprstuv", (int)first) || (pos > 0 && is_word(AT(&c, pos - 1))))
@@ -1613,7 +1619,7 @@ static PyObject *unit_after(PyObject *module, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Un:unit_after", &text, &end))
         return NULL;
     Py_ssize_t length = PyUnicode_GET_LENGTH(text);
-    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    Span c = text_span(text, length);
     if (end < 0)
         end = 0;
     Py_ssize_t tries[2] = {-1, end};  /* after a space first, as re tries [ \u00a0]? */
@@ -1668,7 +1674,7 @@ static PyObject *column_header(PyObject *module, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "column_header: start outside the text");
         return NULL;
     }
-    Span c = {PyUnicode_KIND(text), PyUnicode_DATA(text), 0, length};
+    Span c = text_span(text, length);
     Py_ssize_t line_start = line_start_before(&c, start);
     Py_ssize_t line_end = start;
     while (line_end < length && AT(&c, line_end) != '\n')
