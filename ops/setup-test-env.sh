@@ -19,3 +19,4 @@ python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 # The C half of the fast redaction tier is optional for users (no compiler: the Python path);
 # the tests need it built, or they would test the fallback only.
 python3 -c "import redaction._native" || { echo "redaction/_native.c did not build (see pip's output)" >&2; exit 1; }
+python3 -c "import connectors.ingest_api._otlp_native" || { echo "connectors/ingest_api/_otlp_native.c did not build (see pip's output)" >&2; exit 1; }

@@ -403,8 +403,7 @@ class IngestApp:
             raise HttpError(415, f"Content-Type must be {PROTOBUF} or {JSON}")
         body = await self.read_body(headers, receive)
         with self._dead_lettered(request_id, key.org_id, body):
-            request = self._decode_traces(body, content_type)
-        spans = list(otlp.spans_of(request))
+            spans = self._decode_traces(body, content_type)
         self._check_count(len(spans))
         region = key.region or self.config.default_region
         dropped, problems, letters, candidates = 0, [], [], []
@@ -452,8 +451,8 @@ class IngestApp:
     def _decode_traces(body: bytes, content_type: str):
         try:
             if content_type == PROTOBUF:
-                return otlp.request_from_protobuf(body)
-            return otlp.request_from_json(orjson.loads(body))
+                return otlp.spans_from_protobuf(body)
+            return list(otlp.spans_of(otlp.request_from_json(orjson.loads(body))))
         except DecodeError as exc:
             raise HttpError(400, f"body is not an OTLP ExportTraceServiceRequest: {exc}", field="body") from None
         except orjson.JSONDecodeError as exc:
