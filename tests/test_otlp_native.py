@@ -17,8 +17,8 @@ from opentelemetry.proto.common.v1.common_pb2 import (AnyValue, ArrayValue, Inst
 from opentelemetry.proto.resource.v1.resource_pb2 import Resource
 from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Span as PbSpan, Status
 
-from connectors.ingest_api import native
-from connectors.ingest_api.otlp import spans_from_protobuf
+from connectors.ingest_api import native, otlp
+from connectors.ingest_api.otlp import Span, SpanRejected, python_span_to_event, span_to_event, spans_from_protobuf
 
 pytestmark = pytest.mark.skipif(
     native.extension is None,
@@ -350,3 +350,99 @@ def test_refusal_is_a_decode_error_the_app_answers_400():
         spans_from_protobuf(request_of_span_bytes(delimited(5, b"\xff")))
     with pytest.raises(DecodeError):
         spans_from_protobuf(b"\x0a\xff\xff\xff")
+
+
+# -- the mapping: map_span (C) against python_span_to_event ---------------------------------
+
+def mapped(mapping, span, defaults):
+    try:
+        event = mapping(span, "org-1", "eu", defaults)
+    except SpanRejected as exc:
+        return ("rejected", exc.field, exc.rule)
+    except (ValueError, OverflowError, TypeError) as exc:
+        return ("error", type(exc).__name__, str(exc))
+    return ("event", typed(event))
+
+
+def assert_mapped_alike(span, defaults=None) -> str:
+    reference = mapped(python_span_to_event, span, defaults)
+    assert mapped(span_to_event, span, defaults) == reference, span
+    return reference[0] if reference[0] != "event" or reference[1] != typed(None) else "not genai"
+
+
+def schema_field_defaults() -> dict:
+    from types import SimpleNamespace
+
+    from connectors.ingest_api.app import schema_defaults
+    from schemas.codec import EventCodec
+    from schemas.registry import default_local_registry
+
+    return schema_defaults(SimpleNamespace(codec=EventCodec(default_local_registry())))
+
+
+def test_native_mapping_is_in_use_and_maps_bench_spans_alike():
+    from ops.bench.api import otlp_bodies
+
+    assert otlp._map_span is not None
+    defaults = schema_field_defaults()
+    for body in otlp_bodies(100)[:3]:
+        for span in spans_from_protobuf(body):
+            assert assert_mapped_alike(span, defaults) == "event"
+            assert assert_mapped_alike(span) == "event"
+
+
+MAPPED_NAMES = sorted(otlp._LOOKED_UP | set(otlp.GENAI_MARKERS) | {
+    "openinference.span.kind", "llm.invocation_parameters", "gen_ai.input.messages", "gen_ai.output.messages",
+    "gen_ai.prompt", "gen_ai.completion", "input.value", "output.value", "llm.input_messages.0.message.content"})
+
+
+def random_mapped_value(rng: random.Random, name: str):
+    if "tokens" in name or "token_count" in name:
+        if rng.random() < 0.92:
+            return rng.choice([0, 1, 120, 4000, 2.5, 1e30, 2**70, None, ""])
+        return rng.choice([-5, math.nan, math.inf, True, "12", [1]])
+    if name == "openinference.span.kind":
+        return rng.choice(["LLM", "EMBEDDING", "CHAIN", "", None, 3])
+    if name == "http.response.status_code":
+        return rng.choice([200, 404, 99, 600, 599, 100, True, "500", 503.0, None])
+    if name == "gen_ai.request.stream":
+        return rng.choice([True, False, 1, "true", None])
+    if name == "llm.invocation_parameters":
+        return rng.choice(['{"model": "m-1"}', '{"model": ""}', '{"model": 5}', "[1]", '"model"', "{bad", None])
+    if name.endswith(("messages", ".value", "prompt", "completion", "content")):
+        return rng.choice(['[{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]', "plain", "",
+                           [{"role": "assistant", "content": "x"}], None, '{"role": "user"}'])
+    return rng.choice(["openai", "gpt-4o", "GCP.Gemini", "chat", "embeddings", "", None, 0, 7, 1.5, False,
+                       ["a"], {"k": "v"}, b"\x00", "timeout error/π", "x" * 80, "u-1"])
+
+
+def random_mapped_span(rng: random.Random) -> Span:
+    attributes = {name: random_mapped_value(rng, name) for name in rng.sample(MAPPED_NAMES, rng.randrange(1, 14))}
+    if rng.random() < 0.7:
+        attributes[rng.choice(otlp.GENAI_MARKERS)] = rng.choice(["chat", "openai", None, ""])
+    resource = ({name: random_mapped_value(rng, name) for name in rng.sample(MAPPED_NAMES, rng.randrange(3))}
+                if rng.random() < 0.5 else rng.choice([{}, {"service.name": "gw"}]))
+    trace_id = rng.randbytes(16).hex() if rng.random() < 0.8 else rng.choice([
+        "0" * 32, "0AF7651916CD43DD8448EB211C80319C", "zz" * 16, "0af765"])
+    span_id = rng.randbytes(8).hex() if rng.random() < 0.85 else rng.choice(["0" * 16, "b7ad6b716920333"])
+    start = 1_700_000_000_000_000_000 if rng.random() < 0.85 else rng.choice([0, -1, 1])
+    end = start + (rng.choice([0, 2_500_000_000]) if rng.random() < 0.9 else -1)
+    events = rng.choice([[], [("gen_ai.user.message", {"content": "q"})], [("gen_ai.choice", {"message": "a"})]])
+    return Span(trace_id, span_id, "chat", start, end, rng.random() < 0.3, attributes, resource, events)
+
+
+def test_fuzzed_spans_map_alike():
+    rng = random.Random(1717)
+    defaults = schema_field_defaults()
+    verdicts: dict[str, int] = {}
+    for _ in range(3000):
+        verdict = assert_mapped_alike(random_mapped_span(rng), rng.choice([None, {}, defaults]))
+        verdicts[verdict] = verdicts.get(verdict, 0) + 1
+    assert all(verdicts.get(kind, 0) > 100 for kind in ("event", "rejected", "not genai")), verdicts
+
+
+def test_spans_of_unusual_types_take_the_python_mapping():
+    span = Span(b"0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331", "chat", 1, 2, False,
+                {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}, {})
+    assert otlp._map_span(span, "o", "r", None) is NotImplemented
+    assert assert_mapped_alike(span) == "event"

@@ -739,10 +739,511 @@ static PyObject *decode_spans(PyObject *module, PyObject *const *args, Py_ssize_
     return out;
 }
 
+/* ---- Span -> gateway event: `otlp.span_to_event` for the spans the decoders make ------ */
+
+/* The constants and the Python helpers the mapping uses, given once by `configure` from
+   otlp.py (one source for the attribute names, provider and endpoint tables). */
+static struct {
+    PyObject *genai_markers, *openinference_kind, *openinference_llm_kinds, *request_model, *model_attributes,
+        *response_model_attributes, *provider_attributes, *providers, *endpoints, *operation, *error_type,
+        *http_status, *stream, *request_id_attributes, *user_attributes, *conversation_attributes,
+        *token_conventions, *span_rejected, *prompt_and_response, *invocation_model, *error_code, *default_user,
+        *unknown_provider, *default_endpoint, *plain_error, *ns_per_ms;
+} config;
+static int configured = 0;
+
+static PyObject *S_trace_id, *S_span_id, *S_start_ns, *S_end_ns, *S_status_error, *S_attributes, *S_resource,
+    *S_lower, *S_empty, *I_zero, *I_100, *I_599, *I_200, *I_500;
+
+enum { F_EVENT_ID, F_REQUEST_ID, F_EVENT_TIME, F_USER_ID, F_ORG_ID, F_REGION, F_PROVIDER, F_ENDPOINT, F_MODEL,
+       F_MODEL_VERSION, F_STATUS_CODE, F_ERROR_CODE, F_STREAMING, F_LATENCY_MS, F_INPUT_TOKENS, F_OUTPUT_TOKENS,
+       F_CACHE_READ_TOKENS, F_CACHE_WRITE_TOKENS, F_REASONING_TOKENS, F_PROMPT, F_RESPONSE, F_CONVERSATION_ID,
+       F_TRACE_ID, F_SPAN_ID, F_COUNT };
+static const char *const FIELD_NAMES[F_COUNT] = {
+    "event_id", "request_id", "event_time", "user_id", "org_id", "region", "provider", "endpoint", "model",
+    "model_version", "status_code", "error_code", "streaming", "latency_ms", "input_tokens", "output_tokens",
+    "cache_read_tokens", "cache_write_tokens", "reasoning_tokens", "prompt", "response", "conversation_id",
+    "trace_id", "span_id"};
+static PyObject *field_keys[F_COUNT];
+
+typedef struct {
+    PyObject *attributes, *resource; /* borrowed, both exact dicts */
+} Sources;
+
+static int rejected(PyObject *field, const char *rule) {
+    PyObject *error = PyObject_CallFunction(config.span_rejected, "Os", field, rule);
+    if (error != NULL) {
+        PyErr_SetObject(config.span_rejected, error);
+        Py_DECREF(error);
+    }
+    return -1;
+}
+
+/* `value is not None and value != ""`, or -1 on an error. */
+static int usable(PyObject *value) {
+    if (value == NULL || value == Py_None)
+        return 0;
+    if (PyUnicode_CheckExact(value))
+        return PyUnicode_GET_LENGTH(value) != 0;
+    if (PyLong_CheckExact(value) || PyFloat_CheckExact(value) || PyBool_Check(value))
+        return 1;
+    return PyObject_RichCompareBool(value, S_empty, Py_NE);
+}
+
+static int first_in(PyObject *dict, PyObject *const *names, Py_ssize_t count, PyObject **found) {
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *value = PyDict_GetItemWithError(dict, names[i]);
+        if (value == NULL && PyErr_Occurred())
+            return -1;
+        int ok = usable(value);
+        if (ok < 0)
+            return -1;
+        if (ok) {
+            *found = Py_NewRef(value);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Span.get(*names): a new reference to the first usable value on the span, else on its
+   resource, else to None; NULL on an error. */
+static PyObject *get_any(const Sources *from, PyObject *const *names, Py_ssize_t count) {
+    PyObject *found = NULL;
+    int hit = first_in(from->attributes, names, count, &found);
+    if (hit == 0 && PyDict_GET_SIZE(from->resource))
+        hit = first_in(from->resource, names, count, &found);
+    if (hit < 0)
+        return NULL;
+    return hit ? found : Py_NewRef(Py_None);
+}
+
+static PyObject *get_names(const Sources *from, PyObject *names) {
+    return get_any(from, &PyTuple_GET_ITEM(names, 0), PyTuple_GET_SIZE(names));
+}
+
+/* `_text(value)`: str(value), None stays None; steals `value`. */
+static PyObject *as_text(PyObject *value) {
+    if (value == NULL || value == Py_None || PyUnicode_CheckExact(value))
+        return value;
+    PyObject *text = PyObject_Str(value);
+    Py_DECREF(value);
+    return text;
+}
+
+static PyObject *text_of_names(const Sources *from, PyObject *names) {
+    return as_text(get_names(from, names));
+}
+
+/* `_count`: the token count under `name`, 0 when unset. */
+static PyObject *count_of(const Sources *from, PyObject *name) {
+    PyObject *value = get_any(from, &name, 1);
+    if (value == NULL)
+        return NULL;
+    if (value == Py_None) {
+        Py_DECREF(value);
+        return Py_NewRef(I_zero);
+    }
+    if (!PyLong_CheckExact(value)) {
+        int bad = PyBool_Check(value) || !(PyLong_Check(value) || PyFloat_Check(value));
+        if (!bad) {
+            PyObject *differs = PyObject_RichCompare(value, value, Py_NE); /* NaN; no identity shortcut */
+            bad = differs == NULL ? -1 : PyObject_IsTrue(differs);
+            Py_XDECREF(differs);
+        }
+        if (bad) {
+            Py_DECREF(value);
+            return bad < 0 ? NULL : (rejected(name, "must be a number"), NULL);
+        }
+    }
+    int negative = PyObject_RichCompareBool(value, I_zero, Py_LT);
+    if (negative) {
+        Py_DECREF(value);
+        return negative < 0 ? NULL : (rejected(name, "must not be negative"), NULL);
+    }
+    PyObject *count = PyNumber_Long(value);
+    Py_DECREF(value);
+    return count;
+}
+
+/* `_first_count`: the count of the first of `names` that is set. */
+static PyObject *first_count(const Sources *from, PyObject *names) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(names); i++) {
+        PyObject *value = get_any(from, &PyTuple_GET_ITEM(names, i), 1);
+        if (value == NULL)
+            return NULL;
+        int set = value != Py_None;
+        Py_DECREF(value);
+        if (set)
+            return count_of(from, PyTuple_GET_ITEM(names, i));
+    }
+    return Py_NewRef(I_zero);
+}
+
+/* `_token_counts` into counts[0..4]: uncached input, output, cache read, cache write, reasoning. */
+static int token_counts(const Sources *from, PyObject **counts) {
+    for (Py_ssize_t c = 0; c < PyTuple_GET_SIZE(config.token_conventions); c++) {
+        PyObject *convention = PyTuple_GET_ITEM(config.token_conventions, c);
+        PyObject *total_in = PyTuple_GET_ITEM(convention, 1), *out = PyTuple_GET_ITEM(convention, 2),
+                 *cache_read = PyTuple_GET_ITEM(convention, 3), *cache_write = PyTuple_GET_ITEM(convention, 4);
+        PyObject *any = get_any(from, &PyTuple_GET_ITEM(convention, 1), 4);
+        if (any == NULL)
+            return -1;
+        int present = any != Py_None;
+        Py_DECREF(any);
+        if (!present)
+            continue;
+        PyObject *prompt = NULL, *read = NULL, *write = NULL, *cached = NULL, *uncached = NULL, *output = NULL,
+                 *reasoning = NULL;
+        if ((prompt = count_of(from, total_in)) == NULL || (read = count_of(from, cache_read)) == NULL ||
+            (write = count_of(from, cache_write)) == NULL || (cached = PyNumber_Add(read, write)) == NULL)
+            goto error;
+        int exclusive = PyObject_RichCompareBool(prompt, cached, Py_LT);
+        if (exclusive < 0)
+            goto error;
+        uncached = exclusive ? Py_NewRef(prompt) : PyNumber_Subtract(prompt, cached);
+        if (uncached == NULL || (output = count_of(from, out)) == NULL ||
+            (reasoning = first_count(from, PyTuple_GET_ITEM(convention, 5))) == NULL)
+            goto error;
+        int output_excludes = PyObject_RichCompareBool(output, reasoning, Py_LT);
+        if (output_excludes < 0)
+            goto error;
+        if (output_excludes) {
+            Py_SETREF(output, PyNumber_Add(output, reasoning));
+            if (output == NULL)
+                goto error;
+        }
+        Py_DECREF(prompt);
+        Py_DECREF(cached);
+        counts[0] = uncached;
+        counts[1] = output;
+        counts[2] = read;
+        counts[3] = write;
+        counts[4] = reasoning;
+        return 0;
+    error:
+        Py_XDECREF(prompt);
+        Py_XDECREF(read);
+        Py_XDECREF(write);
+        Py_XDECREF(cached);
+        Py_XDECREF(uncached);
+        Py_XDECREF(output);
+        Py_XDECREF(reasoning);
+        return -1;
+    }
+    for (int i = 0; i < 5; i++)
+        counts[i] = Py_NewRef(I_zero);
+    return 0;
+}
+
+static int is_genai(PyObject *attributes) {
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(config.genai_markers); i++) {
+        int has = PyDict_Contains(attributes, PyTuple_GET_ITEM(config.genai_markers, i));
+        if (has)
+            return has;
+    }
+    PyObject *kind = PyDict_GetItemWithError(attributes, config.openinference_kind);
+    if (kind == NULL && PyErr_Occurred())
+        return -1;
+    return PySequence_Contains(config.openinference_llm_kinds, kind ? kind : Py_None);
+}
+
+/* 1 for an id of `digits` hex digits that is not all zeros, 0 otherwise (int(id, 16)'s
+   verdict, which it gives for ids that are not plain lowercase hex), -1 on an error. */
+static int nonzero_id(PyObject *id, Py_ssize_t digits) {
+    if (PyUnicode_GET_LENGTH(id) != digits)
+        return 0;
+    if (PyUnicode_IS_ASCII(id)) {
+        const char *text = (const char *)PyUnicode_1BYTE_DATA(id);
+        int hex = 1, nonzero = 0;
+        for (Py_ssize_t i = 0; i < digits; i++) {
+            char ch = text[i];
+            hex &= (ch >= '0' && ch <= '9') || (ch >= 'a' && ch <= 'f');
+            nonzero |= ch != '0';
+        }
+        if (hex)
+            return nonzero;
+    }
+    PyObject *number = PyLong_FromUnicodeObject(id, 16);
+    if (number == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(number);
+    Py_DECREF(number);
+    return truth;
+}
+
+static PyObject *span_attribute(PyObject *span, PyObject *name, PyObject **out) {
+    return *out = PyObject_GetAttr(span, name);
+}
+
+static PyObject *map_span(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "map_span(span, org_id, region, defaults)");
+        return NULL;
+    }
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "map_span before configure");
+        return NULL;
+    }
+    PyObject *span = args[0], *defaults = args[3];
+    PyObject *trace_id = NULL, *span_id = NULL, *attributes = NULL, *resource = NULL, *start_ns = NULL,
+             *end_ns = NULL, *status_error = NULL, *event = NULL;
+    PyObject *values[F_COUNT] = {NULL};
+    PyObject *counts[5] = {NULL};
+    PyObject *error_type = NULL, *http_status = NULL, *pair = NULL, *stream = NULL, *result = NULL;
+    if (span_attribute(span, S_attributes, &attributes) == NULL || span_attribute(span, S_resource, &resource) == NULL ||
+        span_attribute(span, S_trace_id, &trace_id) == NULL || span_attribute(span, S_span_id, &span_id) == NULL)
+        goto done;
+    if (!PyDict_CheckExact(attributes) || !PyDict_CheckExact(resource) || !PyUnicode_CheckExact(trace_id) ||
+        !PyUnicode_CheckExact(span_id) || (defaults != Py_None && !PyDict_CheckExact(defaults))) {
+        result = Py_NewRef(Py_NotImplemented); /* not what the decoders make: the Python mapping */
+        goto done;
+    }
+    Sources from = {attributes, resource};
+    int genai = is_genai(attributes);
+    if (genai <= 0) {
+        result = genai < 0 ? NULL : Py_NewRef(Py_None);
+        goto done;
+    }
+    int ok = PyUnicode_GET_LENGTH(trace_id) == 32 && PyUnicode_GET_LENGTH(span_id) == 16;
+    if (ok > 0)
+        ok = nonzero_id(trace_id, 32);
+    if (ok > 0)
+        ok = nonzero_id(span_id, 16);
+    if (ok <= 0) {
+        if (ok == 0) {
+            PyObject *field = PyUnicode_FromString("trace_id/span_id");
+            if (field != NULL) {
+                rejected(field, "must be a non-zero 16-byte trace id and 8-byte span id");
+                Py_DECREF(field);
+            }
+        }
+        goto done;
+    }
+    PyObject *model = text_of_names(&from, config.request_model);
+    for (int step = 0; model != NULL && step < 2; step++) {
+        int truth = PyObject_IsTrue(model);
+        if (truth) {
+            if (truth < 0)
+                Py_CLEAR(model);
+            break;
+        }
+        Py_SETREF(model, step == 0 ? PyObject_CallOneArg(config.invocation_model, span)
+                                   : text_of_names(&from, config.model_attributes));
+    }
+    if ((values[F_MODEL] = model) == NULL)
+        goto done;
+    int has_model = PyObject_IsTrue(model);
+    if (has_model <= 0) {
+        if (has_model == 0)
+            rejected(PyTuple_GET_ITEM(config.request_model, 0), "required (or gen_ai.response.model)");
+        goto done;
+    }
+    if (span_attribute(span, S_start_ns, &start_ns) == NULL || span_attribute(span, S_end_ns, &end_ns) == NULL)
+        goto done;
+    int bad = PyObject_RichCompareBool(start_ns, I_zero, Py_LE);
+    if (bad) {
+        if (bad > 0) {
+            PyObject *field = PyUnicode_FromString("start_time_unix_nano");
+            if (field != NULL) {
+                rejected(field, "must be set");
+                Py_DECREF(field);
+            }
+        }
+        goto done;
+    }
+    bad = PyObject_RichCompareBool(end_ns, start_ns, Py_LT);
+    if (bad) {
+        if (bad > 0) {
+            PyObject *field = PyUnicode_FromString("end_time_unix_nano");
+            if (field != NULL) {
+                rejected(field, "must not be before start_time_unix_nano");
+                Py_DECREF(field);
+            }
+        }
+        goto done;
+    }
+    /* provider: (text or "unknown").lower(), then its name in our tables */
+    PyObject *provider = text_of_names(&from, config.provider_attributes);
+    if (provider == NULL)
+        goto done;
+    int named = PyObject_IsTrue(provider);
+    if (named <= 0) {
+        Py_DECREF(provider);
+        if (named < 0)
+            goto done;
+        provider = Py_NewRef(config.unknown_provider);
+    }
+    Py_SETREF(provider, PyObject_CallMethodNoArgs(provider, S_lower));
+    if (provider == NULL)
+        goto done;
+    PyObject *known = PyDict_GetItemWithError(config.providers, provider);
+    if (known == NULL && PyErr_Occurred()) {
+        Py_DECREF(provider);
+        goto done;
+    }
+    values[F_PROVIDER] = known ? Py_NewRef(known) : Py_NewRef(provider);
+    Py_DECREF(provider);
+    PyObject *operation = text_of_names(&from, config.operation);
+    if (operation == NULL)
+        goto done;
+    PyObject *endpoint = PyDict_GetItemWithError(config.endpoints, operation);
+    if (endpoint == NULL && PyErr_Occurred()) {
+        Py_DECREF(operation);
+        goto done;
+    }
+    if (endpoint == NULL) {
+        int truth = PyObject_IsTrue(operation);
+        endpoint = truth > 0 ? operation : truth == 0 ? config.default_endpoint : NULL;
+    }
+    values[F_ENDPOINT] = Py_XNewRef(endpoint);
+    Py_DECREF(operation);
+    if (values[F_ENDPOINT] == NULL)
+        goto done;
+    if ((error_type = text_of_names(&from, config.error_type)) == NULL ||
+        (http_status = get_names(&from, config.http_status)) == NULL ||
+        span_attribute(span, S_status_error, &status_error) == NULL)
+        goto done;
+    int failed = PyObject_IsTrue(status_error);
+    if (failed < 0)
+        goto done;
+    failed = failed || error_type != Py_None;
+    int in_range = PyLong_Check(http_status);
+    if (in_range > 0)
+        in_range = PyObject_RichCompareBool(I_100, http_status, Py_LE);
+    if (in_range > 0)
+        in_range = PyObject_RichCompareBool(http_status, I_599, Py_LE);
+    if (in_range < 0)
+        goto done;
+    values[F_STATUS_CODE] = in_range ? PyNumber_Long(http_status) : Py_NewRef(failed ? I_500 : I_200);
+    if (values[F_STATUS_CODE] == NULL)
+        goto done;
+    PyObject *response_model = text_of_names(&from, config.response_model_attributes);
+    if (response_model == NULL)
+        goto done;
+    int versioned = PyObject_IsTrue(response_model);
+    if (versioned > 0)
+        versioned = PyObject_RichCompareBool(response_model, model, Py_NE);
+    values[F_MODEL_VERSION] = versioned > 0 ? Py_NewRef(response_model) : versioned == 0 ? Py_NewRef(Py_None) : NULL;
+    Py_DECREF(response_model);
+    if (values[F_MODEL_VERSION] == NULL)
+        goto done;
+    pair = PyObject_CallOneArg(config.prompt_and_response, span);
+    if (pair == NULL)
+        goto done;
+    if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
+        PyErr_SetString(PyExc_TypeError, "prompt_and_response must return a pair");
+        goto done;
+    }
+    values[F_PROMPT] = Py_NewRef(PyTuple_GET_ITEM(pair, 0));
+    values[F_RESPONSE] = Py_NewRef(PyTuple_GET_ITEM(pair, 1));
+    if ((stream = get_names(&from, config.stream)) == NULL)
+        goto done;
+    values[F_STREAMING] = Py_NewRef(PyBool_Check(stream) ? stream : Py_False);
+    if (token_counts(&from, counts) < 0)
+        goto done;
+    for (int i = 0; i < 5; i++) {
+        values[F_INPUT_TOKENS + i] = counts[i];
+        counts[i] = NULL;
+    }
+    values[F_EVENT_ID] = PyUnicode_FromFormat("otel-%U-%U", trace_id, span_id);
+    values[F_REQUEST_ID] = text_of_names(&from, config.request_id_attributes);
+    if (values[F_EVENT_ID] == NULL || values[F_REQUEST_ID] == NULL)
+        goto done;
+    int given = PyObject_IsTrue(values[F_REQUEST_ID]);
+    if (given <= 0) {
+        Py_SETREF(values[F_REQUEST_ID], given < 0 ? NULL : PyUnicode_FromFormat("%U-%U", trace_id, span_id));
+        if (values[F_REQUEST_ID] == NULL)
+            goto done;
+    }
+    if ((values[F_EVENT_TIME] = PyNumber_FloorDivide(start_ns, config.ns_per_ms)) == NULL ||
+        (values[F_USER_ID] = text_of_names(&from, config.user_attributes)) == NULL)
+        goto done;
+    given = PyObject_IsTrue(values[F_USER_ID]);
+    if (given <= 0) {
+        Py_SETREF(values[F_USER_ID], given < 0 ? NULL : Py_NewRef(config.default_user));
+        if (values[F_USER_ID] == NULL)
+            goto done;
+    }
+    values[F_ORG_ID] = Py_NewRef(args[1]);
+    values[F_REGION] = Py_NewRef(args[2]);
+    int typed_error = failed ? PyObject_IsTrue(error_type) : 0;
+    if (typed_error < 0)
+        goto done;
+    values[F_ERROR_CODE] = typed_error ? PyObject_CallOneArg(config.error_code, error_type)
+                                       : Py_NewRef(failed ? config.plain_error : Py_None);
+    if (values[F_ERROR_CODE] == NULL)
+        goto done;
+    PyObject *latency = PyNumber_Subtract(end_ns, start_ns);
+    if (latency == NULL)
+        goto done;
+    values[F_LATENCY_MS] = PyNumber_FloorDivide(latency, config.ns_per_ms);
+    Py_DECREF(latency);
+    if (values[F_LATENCY_MS] == NULL ||
+        (values[F_CONVERSATION_ID] = text_of_names(&from, config.conversation_attributes)) == NULL)
+        goto done;
+    values[F_TRACE_ID] = Py_NewRef(trace_id);
+    values[F_SPAN_ID] = Py_NewRef(span_id);
+    event = defaults == Py_None ? PyDict_New() : PyDict_Copy(defaults);
+    if (event == NULL)
+        goto done;
+    for (int i = 0; i < F_COUNT; i++)
+        if (PyDict_SetItem(event, field_keys[i], values[i]) < 0)
+            goto done;
+    result = event;
+    event = NULL;
+done:
+    for (int i = 0; i < F_COUNT; i++)
+        Py_XDECREF(values[i]);
+    for (int i = 0; i < 5; i++)
+        Py_XDECREF(counts[i]);
+    Py_XDECREF(trace_id);
+    Py_XDECREF(span_id);
+    Py_XDECREF(attributes);
+    Py_XDECREF(resource);
+    Py_XDECREF(start_ns);
+    Py_XDECREF(end_ns);
+    Py_XDECREF(status_error);
+    Py_XDECREF(error_type);
+    Py_XDECREF(http_status);
+    Py_XDECREF(pair);
+    Py_XDECREF(stream);
+    Py_XDECREF(event);
+    return result;
+}
+
+static PyObject *configure(PyObject *module, PyObject *kwargs_dict) {
+    static const char *const names[] = {
+        "genai_markers", "openinference_kind", "openinference_llm_kinds", "request_model", "model_attributes",
+        "response_model_attributes", "provider_attributes", "providers", "endpoints", "operation", "error_type",
+        "http_status", "stream", "request_id_attributes", "user_attributes", "conversation_attributes",
+        "token_conventions", "span_rejected", "prompt_and_response", "invocation_model", "error_code",
+        "default_user", "unknown_provider", "default_endpoint", "plain_error", "ns_per_ms"};
+    PyObject **slots = (PyObject **)&config;
+    if (!PyDict_Check(kwargs_dict) || PyDict_GET_SIZE(kwargs_dict) != (Py_ssize_t)(sizeof names / sizeof *names)) {
+        PyErr_SetString(PyExc_TypeError, "configure(dict) takes every setting of the mapping");
+        return NULL;
+    }
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        PyObject *value = PyDict_GetItemString(kwargs_dict, names[i]);
+        if (value == NULL) {
+            PyErr_Format(PyExc_TypeError, "configure: %s missing", names[i]);
+            return NULL;
+        }
+        Py_XSETREF(slots[i], Py_NewRef(value));
+    }
+    configured = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"decode_spans", (PyCFunction)(void (*)(void))decode_spans, METH_FASTCALL,
      "decode_spans(body, span_factory) -> list: span_factory(trace_id, span_id, name, start_ns, end_ns, "
      "status_error, attributes, resource, events) per span of an ExportTraceServiceRequest."},
+    {"map_span", (PyCFunction)(void (*)(void))map_span, METH_FASTCALL,
+     "map_span(span, org_id, region, defaults) -> dict | None | NotImplemented: otlp.span_to_event's event "
+     "(NotImplemented for a span the decoders do not make: the Python mapping takes it)."},
+    {"configure", (PyCFunction)configure, METH_O, "configure(settings: dict): map_span's constants and helpers."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef otlp_module = {PyModuleDef_HEAD_INIT, "connectors.ingest_api._otlp_native",
@@ -755,6 +1256,30 @@ PyMODINIT_FUNC PyInit__otlp_native(void) {
         return NULL;
     DecodeError = PyErr_NewException("connectors.ingest_api._otlp_native.DecodeError", PyExc_ValueError, NULL);
     if (DecodeError == NULL || PyModule_AddObjectRef(module, "DecodeError", DecodeError) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    S_trace_id = PyUnicode_InternFromString("trace_id");
+    S_span_id = PyUnicode_InternFromString("span_id");
+    S_start_ns = PyUnicode_InternFromString("start_ns");
+    S_end_ns = PyUnicode_InternFromString("end_ns");
+    S_status_error = PyUnicode_InternFromString("status_error");
+    S_attributes = PyUnicode_InternFromString("attributes");
+    S_resource = PyUnicode_InternFromString("resource");
+    S_lower = PyUnicode_InternFromString("lower");
+    S_empty = PyUnicode_FromString("");
+    I_zero = PyLong_FromLong(0);
+    I_100 = PyLong_FromLong(100);
+    I_599 = PyLong_FromLong(599);
+    I_200 = PyLong_FromLong(200);
+    I_500 = PyLong_FromLong(500);
+    for (int i = 0; i < F_COUNT; i++)
+        if ((field_keys[i] = PyUnicode_InternFromString(FIELD_NAMES[i])) == NULL) {
+            Py_DECREF(module);
+            return NULL;
+        }
+    if (!S_trace_id || !S_span_id || !S_start_ns || !S_end_ns || !S_status_error || !S_attributes || !S_resource ||
+        !S_lower || !S_empty || !I_zero || !I_100 || !I_599 || !I_200 || !I_500) {
         Py_DECREF(module);
         return NULL;
     }
