@@ -1220,6 +1220,7 @@ static PyObject *configure(PyObject *module, PyObject *kwargs_dict) {
         "token_conventions", "span_rejected", "prompt_and_response", "invocation_model", "error_code",
         "default_user", "unknown_provider", "default_endpoint", "plain_error", "ns_per_ms"};
     PyObject **slots = (PyObject **)&config;
+    _Static_assert(sizeof config == sizeof names / sizeof *names * sizeof(PyObject *), "a name per setting");
     if (!PyDict_Check(kwargs_dict) || PyDict_GET_SIZE(kwargs_dict) != (Py_ssize_t)(sizeof names / sizeof *names)) {
         PyErr_SetString(PyExc_TypeError, "configure(dict) takes every setting of the mapping");
         return NULL;
@@ -1232,6 +1233,23 @@ static PyObject *configure(PyObject *module, PyObject *kwargs_dict) {
         }
         Py_XSETREF(slots[i], Py_NewRef(value));
     }
+    /* map_span reads these without further checks */
+    PyObject *tuples[] = {config.genai_markers, config.openinference_llm_kinds, config.request_model,
+                          config.model_attributes, config.response_model_attributes, config.provider_attributes,
+                          config.operation, config.error_type, config.http_status, config.stream,
+                          config.request_id_attributes, config.user_attributes, config.conversation_attributes,
+                          config.token_conventions};
+    for (size_t i = 0; i < sizeof tuples / sizeof *tuples; i++)
+        if (!PyTuple_CheckExact(tuples[i]) || PyTuple_GET_SIZE(tuples[i]) == 0)
+            return PyErr_Format(PyExc_TypeError, "configure: a setting that must be a non-empty tuple is not");
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(config.token_conventions); i++) {
+        PyObject *convention = PyTuple_GET_ITEM(config.token_conventions, i);
+        if (!PyTuple_CheckExact(convention) || PyTuple_GET_SIZE(convention) != 6 ||
+            !PyTuple_CheckExact(PyTuple_GET_ITEM(convention, 5)))
+            return PyErr_Format(PyExc_TypeError, "configure: token_conventions are (name, 4 names, names tuple)");
+    }
+    if (!PyDict_CheckExact(config.providers) || !PyDict_CheckExact(config.endpoints))
+        return PyErr_Format(PyExc_TypeError, "configure: providers and endpoints must be dicts");
     configured = 1;
     Py_RETURN_NONE;
 }
