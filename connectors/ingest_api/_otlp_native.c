@@ -1221,6 +1221,7 @@ static PyObject *configure(PyObject *module, PyObject *kwargs_dict) {
         "default_user", "unknown_provider", "default_endpoint", "plain_error", "ns_per_ms"};
     PyObject **slots = (PyObject **)&config;
     _Static_assert(sizeof config == sizeof names / sizeof *names * sizeof(PyObject *), "a name per setting");
+    configured = 0; /* until every setting is in and checked */
     if (!PyDict_Check(kwargs_dict) || PyDict_GET_SIZE(kwargs_dict) != (Py_ssize_t)(sizeof names / sizeof *names)) {
         PyErr_SetString(PyExc_TypeError, "configure(dict) takes every setting of the mapping");
         return NULL;
