@@ -391,7 +391,11 @@ def test_native_mapping_is_in_use_and_maps_bench_spans_alike():
             assert assert_mapped_alike(span) == "event"
 
 
-MAPPED_NAMES = sorted(otlp._LOOKED_UP | set(otlp.GENAI_MARKERS) | {
+MAPPED_NAMES = sorted({
+    *(name for convention in otlp.TOKEN_CONVENTIONS for name in convention[1:5]),
+    *(name for convention in otlp.TOKEN_CONVENTIONS for name in convention[5]), *otlp.MODEL_ATTRIBUTES,
+    *otlp.PROVIDER_ATTRIBUTES, *otlp.USER_ATTRIBUTES, *otlp.REQUEST_ID_ATTRIBUTES, *otlp.CONVERSATION_ATTRIBUTES,
+    otlp.OPERATION, otlp.ERROR_TYPE, otlp.HTTP_STATUS, otlp.STREAM, *otlp.GENAI_MARKERS,
     "openinference.span.kind", "llm.invocation_parameters", "gen_ai.input.messages", "gen_ai.output.messages",
     "gen_ai.prompt", "gen_ai.completion", "input.value", "output.value", "llm.input_messages.0.message.content"})
 

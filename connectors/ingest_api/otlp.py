@@ -24,8 +24,8 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -73,12 +73,6 @@ ENDPOINTS = {"chat": "chat.completions", "text_completion": "completions", "embe
              "generate_content": "generate_content", "create_agent": "agents", "invoke_agent": "agents",
              "execute_tool": "tools"}
 DEFAULT_USER = "anonymous"
-# Every name span_to_event asks Span.get for (the span's attributes, then its resource's).
-_LOOKED_UP = frozenset({
-    *(name for convention in TOKEN_CONVENTIONS for names in convention[1:]
-      for name in (names if isinstance(names, tuple) else (names,))),
-    *MODEL_ATTRIBUTES, *RESPONSE_MODEL_ATTRIBUTES, *PROVIDER_ATTRIBUTES, *USER_ATTRIBUTES, *REQUEST_ID_ATTRIBUTES,
-    *CONVERSATION_ATTRIBUTES, REQUEST_MODEL, OPERATION, ERROR_TYPE, HTTP_STATUS, STREAM})
 _NO_DEFAULTS: dict = {}
 _SAFE_CODE = re.compile(r"[^A-Za-z0-9_.:\-]")
 
@@ -236,24 +230,6 @@ def is_genai(span: Span) -> bool:
     return attributes.get("openinference.span.kind") in OPENINFERENCE_LLM_KINDS
 
 
-def _lookup(span: Span) -> Callable[..., Any]:
-    """``span.get``, or its equal that does not look at the resource when the resource has
-    none of the names the mapping asks for (the usual case: service.name, host.name): each
-    of a span's ~15 lookups then costs one dict miss less."""
-    resource = span.resource
-    if resource and not resource.keys().isdisjoint(_LOOKED_UP):
-        return span.get
-    attributes = span.attributes
-
-    def get(*names: str) -> Any:
-        for name in names:
-            value = attributes.get(name)
-            if value is not None and value != "":
-                return value
-        return None
-    return get
-
-
 def _count(get: Callable[..., Any], name: str) -> int:
     value = get(name)
     if value is None:
@@ -297,7 +273,7 @@ def _token_counts(get: Callable[..., Any]) -> tuple[int, int, int, int, int]:
 def token_counts(span: Span) -> dict[str, int]:
     """The span's usage as our four exclusive token kinds, each counted exactly once, and
     the reasoning part of the output."""
-    uncached, output, read, write, reasoning = _token_counts(_lookup(span))
+    uncached, output, read, write, reasoning = _token_counts(span.get)
     return {"input_tokens": uncached, "output_tokens": output, "cache_read_tokens": read, "cache_write_tokens": write,
             "reasoning_tokens": reasoning}
 
@@ -443,7 +419,7 @@ def python_span_to_event(span: Span, org_id: str, region: str, defaults: dict | 
     trace_id, span_id = span.trace_id, span.span_id
     if len(trace_id) != 32 or len(span_id) != 16 or not int(trace_id, 16) or not int(span_id, 16):
         raise SpanRejected("trace_id/span_id", "must be a non-zero 16-byte trace id and 8-byte span id")
-    get = _lookup(span)
+    get = span.get
     model = _text(get(REQUEST_MODEL)) or _invocation_model(span) or _text(get(*MODEL_ATTRIBUTES))
     if not model:
         raise SpanRejected("gen_ai.request.model", "required (or gen_ai.response.model)")
