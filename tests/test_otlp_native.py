@@ -450,3 +450,40 @@ def test_spans_of_unusual_types_take_the_python_mapping():
                 {"gen_ai.operation.name": "chat", "gen_ai.request.model": "m"}, {})
     assert otlp._map_span(span, "o", "r", None) is NotImplemented
     assert assert_mapped_alike(span) == "event"
+
+
+MESSAGE_KEYS = ["role", "parts", "content", "message", "text", "result", "response", "type", "other"]
+
+
+def random_message_tree(rng: random.Random, depth: int = 0):
+    kind = rng.random()
+    if depth > 4 or kind < 0.35:
+        return rng.choice(["hi", "", "système 😀", 0, 7, None, True, 1.5, "user", ["x"]])
+    if kind < 0.6:
+        return [random_message_tree(rng, depth + 1) for _ in range(rng.randrange(4))]
+    return {rng.choice(MESSAGE_KEYS): random_message_tree(rng, depth + 1) for _ in range(rng.randrange(5))}
+
+
+def random_messages_value(rng: random.Random):
+    tree = random_message_tree(rng)
+    shape = rng.random()
+    if shape < 0.5:
+        import orjson
+
+        return orjson.dumps(tree).decode()
+    if shape < 0.8:
+        return tree
+    return rng.choice(["plain text", "", "[not json", "{", "[1, 2", "{\"a\": 1}", None, 5, b"[1]"])
+
+
+def test_fuzzed_messages_give_the_same_text():
+    rng = random.Random(2026)
+    seen = set()
+    for _ in range(4000):
+        value = random_messages_value(rng)
+        reference = otlp.python_messages_text(value)
+        assert typed(otlp.messages_text(value)) == typed(reference), value
+        seen.add(type(reference).__name__)
+    assert otlp.messages_text is not otlp.python_messages_text and seen == {"str", "NoneType"}
+    semconv = '[{"role": "user", "parts": [{"type": "text", "content": "q"}]}, {"message": {"role": "a", "text": "b"}}]'
+    assert otlp.messages_text(semconv) == otlp.python_messages_text(semconv) == "user: q\na: b"

@@ -748,10 +748,11 @@ static struct {
         *response_model_attributes, *provider_attributes, *providers, *endpoints, *operation, *error_type,
         *http_status, *stream, *request_id_attributes, *user_attributes, *conversation_attributes,
         *token_conventions, *span_rejected, *prompt_and_response, *invocation_model, *error_code, *default_user,
-        *unknown_provider, *default_endpoint, *plain_error, *ns_per_ms;
+        *unknown_provider, *default_endpoint, *plain_error, *ns_per_ms, *json_loads, *json_decode_error;
 } config;
 static int configured = 0;
 
+static PyObject *S_parts, *S_content, *S_message, *S_role, *S_text, *S_result, *S_response, *S_newline;
 static PyObject *S_trace_id, *S_span_id, *S_start_ns, *S_end_ns, *S_status_error, *S_attributes, *S_resource,
     *S_lower, *S_empty, *I_zero, *I_100, *I_599, *I_200, *I_500;
 
@@ -1212,13 +1213,160 @@ done:
     return result;
 }
 
+/* ---- GenAI messages -> text: `otlp.python_messages_text` ------------------------------ */
+
+static int add_parts(PyObject *texts, PyObject *parts);
+
+/* `_text_of_parts` for one part: its text, or the texts of the parts or message inside it. */
+static int add_part(PyObject *texts, PyObject *part) {
+    if (PyUnicode_Check(part))
+        return PyList_Append(texts, part);
+    if (!PyDict_Check(part))
+        return 0;
+    PyObject *const text_keys[] = {S_content, S_text, S_result, S_response};
+    for (int i = 0; i < 4; i++) {
+        PyObject *text = PyDict_GetItemWithError(part, text_keys[i]);
+        if (text == NULL && PyErr_Occurred())
+            return -1;
+        if (text != NULL && PyUnicode_Check(text))
+            return PyList_Append(texts, text);
+    }
+    PyObject *inner = PyDict_GetItemWithError(part, S_parts);
+    if (inner == NULL) {
+        if (PyErr_Occurred())
+            return -1;
+        inner = PyDict_GetItemWithError(part, S_message);
+        if (inner == NULL || !PyDict_Check(inner))
+            return PyErr_Occurred() ? -1 : 0;
+    }
+    Py_INCREF(inner);
+    int failed = add_parts(texts, inner);
+    Py_DECREF(inner);
+    return failed;
+}
+
+static int add_parts(PyObject *texts, PyObject *parts) {
+    if (Py_EnterRecursiveCall(" in messages_text"))
+        return -1;
+    int failed = 0;
+    if (PyList_Check(parts)) {
+        for (Py_ssize_t i = 0; !failed && i < PyList_GET_SIZE(parts); i++) {
+            PyObject *part = Py_NewRef(PyList_GET_ITEM(parts, i));
+            failed = add_part(texts, part);
+            Py_DECREF(part);
+        }
+    } else {
+        failed = add_part(texts, parts);
+    }
+    Py_LeaveRecursiveCall();
+    return failed;
+}
+
+/* One message as its line: "role: text", or the text without a role. */
+static PyObject *message_line(PyObject *message) {
+    PyObject *const body_keys[] = {S_parts, S_content, S_message};
+    PyObject *body = message;
+    for (int i = 0; i < 3; i++) {
+        PyObject *found = PyDict_GetItemWithError(message, body_keys[i]);
+        if (found == NULL && PyErr_Occurred())
+            return NULL;
+        if (found != NULL) {
+            body = found;
+            break;
+        }
+    }
+    PyObject *texts = PyList_New(0), *text = NULL, *role = NULL, *line = NULL;
+    if (texts == NULL)
+        return NULL;
+    Py_INCREF(body);
+    int failed = add_parts(texts, body);
+    Py_DECREF(body);
+    if (failed || (text = PyUnicode_Join(S_newline, texts)) == NULL)
+        goto done;
+    role = Py_XNewRef(PyDict_GetItemWithError(message, S_role));
+    int named = role == NULL ? (PyErr_Occurred() ? -1 : 0) : PyObject_IsTrue(role);
+    if (named == 0) {
+        PyObject *inner = PyDict_GetItemWithError(message, S_message);
+        if (inner != NULL && PyDict_Check(inner)) {
+            Py_XSETREF(role, Py_XNewRef(PyDict_GetItemWithError(inner, S_role)));
+            named = role == NULL ? (PyErr_Occurred() ? -1 : 0) : PyObject_IsTrue(role);
+        } else if (inner == NULL && PyErr_Occurred()) {
+            named = -1;
+        }
+    }
+    if (named < 0)
+        goto done;
+    if (named) {
+        PyObject *shown = PyObject_Format(role, S_empty);
+        if (shown != NULL) {
+            line = PyUnicode_FromFormat("%U: %U", shown, text);
+            Py_DECREF(shown);
+        }
+    } else {
+        line = Py_NewRef(text);
+    }
+done:
+    Py_DECREF(texts);
+    Py_XDECREF(text);
+    Py_XDECREF(role);
+    return line;
+}
+
+static PyObject *messages_text(PyObject *module, PyObject *value) {
+    if (!configured) {
+        PyErr_SetString(PyExc_RuntimeError, "messages_text before configure");
+        return NULL;
+    }
+    if (value == Py_None)
+        Py_RETURN_NONE;
+    PyObject *parsed = NULL, *lines = NULL, *result = NULL;
+    if (PyUnicode_Check(value)) {
+        Py_UCS4 first = PyUnicode_GET_LENGTH(value) ? PyUnicode_READ_CHAR(value, 0) : 0;
+        if (first != '[' && first != '{')
+            return Py_NewRef(value);
+        parsed = PyObject_CallOneArg(config.json_loads, value);
+        if (parsed == NULL) {
+            if (!PyErr_ExceptionMatches(config.json_decode_error))
+                return NULL;
+            PyErr_Clear();
+            return Py_NewRef(value);
+        }
+        value = parsed;
+    }
+    if ((lines = PyList_New(0)) == NULL)
+        goto done;
+    Py_ssize_t count = PyList_Check(value) ? PyList_GET_SIZE(value) : 1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *message = PyList_Check(value) ? PyList_GET_ITEM(value, i) : value;
+        if (PyDict_Check(message)) {
+            Py_INCREF(message);
+            PyObject *line = message_line(message);
+            Py_DECREF(message);
+            int appended = line == NULL ? -1 : PyList_Append(lines, line);
+            Py_XDECREF(line);
+            if (appended < 0)
+                goto done;
+        } else if (PyUnicode_Check(message) && PyList_Append(lines, message) < 0) {
+            goto done;
+        }
+        if (PyList_Check(value))
+            count = PyList_GET_SIZE(value);
+    }
+    result = PyList_GET_SIZE(lines) ? PyUnicode_Join(S_newline, lines) : Py_NewRef(Py_None);
+done:
+    Py_XDECREF(lines);
+    Py_XDECREF(parsed);
+    return result;
+}
+
 static PyObject *configure(PyObject *module, PyObject *kwargs_dict) {
     static const char *const names[] = {
         "genai_markers", "openinference_kind", "openinference_llm_kinds", "request_model", "model_attributes",
         "response_model_attributes", "provider_attributes", "providers", "endpoints", "operation", "error_type",
         "http_status", "stream", "request_id_attributes", "user_attributes", "conversation_attributes",
         "token_conventions", "span_rejected", "prompt_and_response", "invocation_model", "error_code",
-        "default_user", "unknown_provider", "default_endpoint", "plain_error", "ns_per_ms"};
+        "default_user", "unknown_provider", "default_endpoint", "plain_error", "ns_per_ms", "json_loads",
+        "json_decode_error"};
     PyObject **slots = (PyObject **)&config;
     _Static_assert(sizeof config == sizeof names / sizeof *names * sizeof(PyObject *), "a name per setting");
     configured = 0; /* until every setting is in and checked */
@@ -1262,6 +1410,8 @@ static PyMethodDef methods[] = {
     {"map_span", (PyCFunction)(void (*)(void))map_span, METH_FASTCALL,
      "map_span(span, org_id, region, defaults) -> dict | None | NotImplemented: otlp.span_to_event's event "
      "(NotImplemented for a span the decoders do not make: the Python mapping takes it)."},
+    {"messages_text", (PyCFunction)messages_text, METH_O,
+     "messages_text(value) -> str | None: otlp.python_messages_text's text of GenAI messages."},
     {"configure", (PyCFunction)configure, METH_O, "configure(settings: dict): map_span's constants and helpers."},
     {NULL, NULL, 0, NULL}};
 
@@ -1278,6 +1428,14 @@ PyMODINIT_FUNC PyInit__otlp_native(void) {
         Py_DECREF(module);
         return NULL;
     }
+    S_parts = PyUnicode_InternFromString("parts");
+    S_content = PyUnicode_InternFromString("content");
+    S_message = PyUnicode_InternFromString("message");
+    S_role = PyUnicode_InternFromString("role");
+    S_text = PyUnicode_InternFromString("text");
+    S_result = PyUnicode_InternFromString("result");
+    S_response = PyUnicode_InternFromString("response");
+    S_newline = PyUnicode_FromString("\n");
     S_trace_id = PyUnicode_InternFromString("trace_id");
     S_span_id = PyUnicode_InternFromString("span_id");
     S_start_ns = PyUnicode_InternFromString("start_ns");
@@ -1297,7 +1455,8 @@ PyMODINIT_FUNC PyInit__otlp_native(void) {
             Py_DECREF(module);
             return NULL;
         }
-    if (!S_trace_id || !S_span_id || !S_start_ns || !S_end_ns || !S_status_error || !S_attributes || !S_resource ||
+    if (!S_parts || !S_content || !S_message || !S_role || !S_text || !S_result || !S_response || !S_newline ||
+        !S_trace_id || !S_span_id || !S_start_ns || !S_end_ns || !S_status_error || !S_attributes || !S_resource ||
         !S_lower || !S_empty || !I_zero || !I_100 || !I_599 || !I_200 || !I_500) {
         Py_DECREF(module);
         return NULL;

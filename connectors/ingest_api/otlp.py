@@ -303,9 +303,10 @@ def _text_of_parts(parts: Any) -> list[str]:
 _MESSAGE_BODY_KEYS = ("parts", "content", "message")
 
 
-def messages_text(value: Any) -> str | None:
+def python_messages_text(value: Any) -> str | None:
     """GenAI messages (a JSON string or structured list, semconv or legacy shape) as
-    ``role: text`` lines; a plain string stays as it is."""
+    ``role: text`` lines; a plain string stays as it is. ``messages_text`` is this, or the
+    native decoder's equal (its reference) where it was built."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -486,8 +487,9 @@ def _native_mapping():
         "span_rejected": SpanRejected, "prompt_and_response": prompt_and_response,
         "invocation_model": _invocation_model, "error_code": _error_code, "default_user": DEFAULT_USER,
         "unknown_provider": "unknown", "default_endpoint": "chat.completions", "plain_error": "error",
-        "ns_per_ms": NS_PER_MS})
+        "ns_per_ms": NS_PER_MS, "json_loads": orjson.loads, "json_decode_error": orjson.JSONDecodeError})
     return native.extension.map_span
 
 
 _map_span = _native_mapping()
+messages_text = python_messages_text if _map_span is None else native.extension.messages_text
