@@ -748,7 +748,8 @@ static struct {
         *response_model_attributes, *provider_attributes, *providers, *endpoints, *operation, *error_type,
         *http_status, *stream, *request_id_attributes, *user_attributes, *conversation_attributes,
         *token_conventions, *span_rejected, *prompt_and_response, *invocation_model, *error_code, *default_user,
-        *unknown_provider, *default_endpoint, *plain_error, *ns_per_ms, *json_loads, *json_decode_error;
+        *unknown_provider, *default_endpoint, *plain_error, *ns_per_ms, *json_loads, *json_decode_error,
+        *input_messages, *output_messages;
 } config;
 static int configured = 0;
 
@@ -935,6 +936,42 @@ static int token_counts(const Sources *from, PyObject **counts) {
     for (int i = 0; i < 5; i++)
         counts[i] = Py_NewRef(I_zero);
     return 0;
+}
+
+static PyObject *messages_text(PyObject *module, PyObject *value);
+
+/* `prompt_and_response(span)`: the semconv message attributes when both give a text (the
+   usual span), else the Python function, which also reads events and older conventions. */
+static PyObject *prompt_and_response(PyObject *span, PyObject *attributes) {
+    PyObject *texts[2] = {NULL, NULL};
+    PyObject *const names[2] = {config.input_messages, config.output_messages};
+    int complete = 1;
+    for (int i = 0; i < 2 && complete; i++) {
+        PyObject *value = PyDict_GetItemWithError(attributes, names[i]);
+        if (value == NULL && PyErr_Occurred())
+            goto error;
+        Py_XINCREF(value);
+        texts[i] = messages_text(NULL, value ? value : Py_None);
+        Py_XDECREF(value);
+        if (texts[i] == NULL)
+            goto error;
+        complete = PyObject_IsTrue(texts[i]);
+        if (complete < 0)
+            goto error;
+    }
+    if (complete) {
+        PyObject *pair = PyTuple_Pack(2, texts[0], texts[1]);
+        Py_DECREF(texts[0]);
+        Py_DECREF(texts[1]);
+        return pair;
+    }
+    Py_XDECREF(texts[0]);
+    Py_XDECREF(texts[1]);
+    return PyObject_CallOneArg(config.prompt_and_response, span);
+error:
+    Py_XDECREF(texts[0]);
+    Py_XDECREF(texts[1]);
+    return NULL;
 }
 
 static int is_genai(PyObject *attributes) {
@@ -1129,7 +1166,7 @@ static PyObject *map_span(PyObject *module, PyObject *const *args, Py_ssize_t na
     Py_DECREF(response_model);
     if (values[F_MODEL_VERSION] == NULL)
         goto done;
-    pair = PyObject_CallOneArg(config.prompt_and_response, span);
+    pair = prompt_and_response(span, attributes);
     if (pair == NULL)
         goto done;
     if (!PyTuple_CheckExact(pair) || PyTuple_GET_SIZE(pair) != 2) {
@@ -1366,7 +1403,7 @@ static PyObject *configure(PyObject *module, PyObject *kwargs_dict) {
         "http_status", "stream", "request_id_attributes", "user_attributes", "conversation_attributes",
         "token_conventions", "span_rejected", "prompt_and_response", "invocation_model", "error_code",
         "default_user", "unknown_provider", "default_endpoint", "plain_error", "ns_per_ms", "json_loads",
-        "json_decode_error"};
+        "json_decode_error", "input_messages", "output_messages"};
     PyObject **slots = (PyObject **)&config;
     _Static_assert(sizeof config == sizeof names / sizeof *names * sizeof(PyObject *), "a name per setting");
     configured = 0; /* until every setting is in and checked */

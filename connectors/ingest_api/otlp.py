@@ -63,6 +63,7 @@ REQUEST_ID_ATTRIBUTES = ("gatewatch.request_id", "http.request.header.x-request-
 CONVERSATION_ATTRIBUTES = ("gen_ai.conversation.id", "session.id")
 REQUEST_MODEL, OPERATION, ERROR_TYPE = "gen_ai.request.model", "gen_ai.operation.name", "error.type"
 HTTP_STATUS, STREAM = "http.response.status_code", "gen_ai.request.stream"
+INPUT_MESSAGES, OUTPUT_MESSAGES = "gen_ai.input.messages", "gen_ai.output.messages"
 GENAI_MARKERS = ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system")
 OPENINFERENCE_LLM_KINDS = ("LLM", "EMBEDDING")
 # OpenTelemetry's provider names -> the provider names our price table and dashboards use.
@@ -361,14 +362,14 @@ def _from_events(span: Span, attribute: str, legacy_events: tuple[str, ...]) -> 
 
 
 def prompt_and_response(span: Span) -> tuple[str | None, str | None]:
-    prompt = (messages_text(span.attributes.get("gen_ai.input.messages"))
-              or _from_events(span, "gen_ai.input.messages", ("gen_ai.system.message", "gen_ai.user.message",
-                                                              "gen_ai.assistant.message", "gen_ai.tool.message"))
+    prompt = (messages_text(span.attributes.get(INPUT_MESSAGES))
+              or _from_events(span, INPUT_MESSAGES, ("gen_ai.system.message", "gen_ai.user.message",
+                                                     "gen_ai.assistant.message", "gen_ai.tool.message"))
               or messages_text(span.attributes.get("gen_ai.prompt"))
               or _indexed_messages(span, "llm.input_messages")
               or messages_text(span.attributes.get("input.value")))
-    response = (messages_text(span.attributes.get("gen_ai.output.messages"))
-                or _from_events(span, "gen_ai.output.messages", ("gen_ai.choice",))
+    response = (messages_text(span.attributes.get(OUTPUT_MESSAGES))
+                or _from_events(span, OUTPUT_MESSAGES, ("gen_ai.choice",))
                 or messages_text(span.attributes.get("gen_ai.completion"))
                 or _indexed_messages(span, "llm.output_messages")
                 or messages_text(span.attributes.get("output.value")))
@@ -487,7 +488,8 @@ def _native_mapping():
         "span_rejected": SpanRejected, "prompt_and_response": prompt_and_response,
         "invocation_model": _invocation_model, "error_code": _error_code, "default_user": DEFAULT_USER,
         "unknown_provider": "unknown", "default_endpoint": "chat.completions", "plain_error": "error",
-        "ns_per_ms": NS_PER_MS, "json_loads": orjson.loads, "json_decode_error": orjson.JSONDecodeError})
+        "ns_per_ms": NS_PER_MS, "json_loads": orjson.loads, "json_decode_error": orjson.JSONDecodeError,
+        "input_messages": INPUT_MESSAGES, "output_messages": OUTPUT_MESSAGES})
     return native.extension.map_span
 
 
