@@ -10,7 +10,11 @@
    UTF-8, nesting (submessages and groups) stops at upb's default depth of 100, a singular
    submessage given twice is merged (repeated fields appended, oneof members replaced).
    tests/test_otlp_native.py compares both on SDK-encoded and fuzzed requests: keep the two
-   in step when the proto or `spans_of` changes. */
+   in step when the proto or `spans_of` changes.
+
+   `map_span` is `otlp.python_span_to_event` and `messages_text` is `otlp.python_messages_text`
+   (the references, compared on fuzzed spans and message values by the same tests); their
+   attribute names and tables come from otlp.py through `configure`. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
