@@ -2,9 +2,27 @@
 
 optional: where no C compiler is found the install still succeeds and `redaction` runs its
 pure-Python path (same output, about twice the CPU); ops/setup-test-env.sh checks that the
-test environment got the extension.
+test environment got the extension. Where libhs's header is found too (Debian:
+libhyperscan-dev), the extension compiles and scans the gate's databases itself; without it
+the `hyperscan` package scans them.
 """
+
+import os
+import sysconfig
 
 from setuptools import Extension, setup
 
-setup(ext_modules=[Extension("redaction._native", ["redaction/_native.c"], optional=True)])
+
+def _hyperscan_build_options() -> dict:
+    """Compile and link options for libhs where its header is installed, else none."""
+    prefixes = [os.environ.get("HYPERSCAN_PREFIX", ""), sysconfig.get_config_var("prefix") or "", "/usr/local", "/usr"]
+    for prefix in filter(None, prefixes):
+        if os.path.exists(os.path.join(prefix, "include", "hs", "hs.h")):
+            options = {"define_macros": [("GATEWATCH_HYPERSCAN", "1")], "libraries": ["hs"]}
+            if prefix != "/usr":  # (the compiler's own search path)
+                options.update(include_dirs=[os.path.join(prefix, "include")], library_dirs=[os.path.join(prefix, "lib")])
+            return options
+    return {}
+
+
+setup(ext_modules=[Extension("redaction._native", ["redaction/_native.c"], optional=True, **_hyperscan_build_options())])

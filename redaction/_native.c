@@ -1,21 +1,193 @@
-/* Native half of the fast redaction tier: the gate's match callback and the window loop.
+/* Native half of the fast redaction tier: the gate's scan and match callback, and the window loop.
 
    `engine.Redactor._hit_sink` (Python) and `HitSink` (here) must give the same windows,
    name positions and status for every text; tests/test_redaction_native.py runs both on the
    corpora and on fuzzed strings. The Python code stays the reference and the fallback: keep
    the two in step when either changes.
 
-   Per text: hyperscan calls the sink once per gate hit (in end order). A detector hit opens
-   the window [end - pad_before, last_end + pad_after] of its detector or extends that
-   detector's last window; a name-word, cue or weak-cue hit becomes a character position for
-   the names tier. Then `find` runs each detector's finder (Python) on its merged windows. */
+   Per text: the gate reports each hit (in end order) to the sink. A detector hit opens the
+   window [end - pad_before, last_end + pad_after] of its detector or extends that detector's
+   last window; a name-word, cue or weak-cue hit becomes a position for the names tier. Then
+   `find` runs each detector's finder (Python) on its merged windows.
+
+   Where setup.py found libhs's header (GATEWATCH_HYPERSCAN), the gate's databases are
+   compiled and scanned here too (`compile_database`, `Tables.scan`): hyperscan calls the
+   sink's C callback directly. Otherwise the `hyperscan` package scans and calls the sink
+   object once per hit. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
 #include <structmember.h>
+#ifdef GATEWATCH_HYPERSCAN
+#include <hs/hs.h>
+#endif
 
 enum { KIND_DETECTOR = 0, KIND_WORD = 1, KIND_CUE = 2, KIND_WEAK = 3, KIND_RUN = 4 };
+
+/* ---- A growable array of offsets ------------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t count, capacity;
+    Py_ssize_t *items;
+} Offsets;
+
+/* Appends n (1 or 2) values; makes no Python object (hyperscan's callback calls it). */
+static int offsets_push(Offsets *offsets, Py_ssize_t a, Py_ssize_t b, int n) {
+    if (offsets->count + n > offsets->capacity) {
+        Py_ssize_t capacity = offsets->capacity ? 2 * offsets->capacity : 8;
+        Py_ssize_t *items = PyMem_Realloc(offsets->items, capacity * sizeof(Py_ssize_t));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        offsets->items = items;
+        offsets->capacity = capacity;
+    }
+    offsets->items[offsets->count++] = a;
+    if (n == 2)
+        offsets->items[offsets->count++] = b;
+    return 0;
+}
+
+/* ---- Hyperscan databases (compiled with libhs itself) ---------------------------------- */
+
+#ifdef GATEWATCH_HYPERSCAN
+typedef struct {
+    PyObject_HEAD
+    hs_database_t *db;
+} Database;
+
+static PyTypeObject DatabaseType;
+
+static void database_dealloc(Database *self) {
+    if (self->db != NULL)
+        hs_free_database(self->db);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *database_wrap(hs_database_t *db) {
+    Database *self = PyObject_New(Database, &DatabaseType);
+    if (self == NULL) {
+        hs_free_database(db);
+        return NULL;
+    }
+    self->db = db;
+    return (PyObject *)self;
+}
+
+static PyObject *database_serialize(Database *self, PyObject *Py_UNUSED(ignored)) {
+    char *bytes = NULL;
+    size_t length = 0;
+    if (hs_serialize_database(self->db, &bytes, &length) != HS_SUCCESS) {
+        PyErr_SetString(PyExc_RuntimeError, "hyperscan could not serialize the database");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(bytes, (Py_ssize_t)length);
+    free(bytes);  /* (hyperscan's default allocator is malloc) */
+    return out;
+}
+
+static PyMethodDef database_methods[] = {
+    {"serialize", (PyCFunction)database_serialize, METH_NOARGS, "the database as bytes (load_database reads them)"},
+    {NULL},
+};
+
+static PyTypeObject DatabaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "redaction._native.Database",
+    .tp_basicsize = sizeof(Database),
+    .tp_dealloc = (destructor)database_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A block-mode hyperscan database (compile_database, load_database).",
+    .tp_methods = database_methods,
+};
+
+/* compile_database(expressions, flags, ids, literal): what the hyperscan package's
+   Database.compile makes of the same arguments (hs_compile_multi, or hs_compile_lit_multi for
+   literals), block mode, for the host platform. */
+static PyObject *compile_database(PyObject *module, PyObject *args) {
+    PyObject *expressions_arg, *flags_arg, *ids_arg;
+    int literal;
+    if (!PyArg_ParseTuple(args, "OOOp", &expressions_arg, &flags_arg, &ids_arg, &literal))
+        return NULL;
+    PyObject *expressions = PySequence_Fast(expressions_arg, "expressions must be a sequence");
+    PyObject *flags_seq = expressions ? PySequence_Fast(flags_arg, "flags must be a sequence") : NULL;
+    PyObject *ids_seq = flags_seq ? PySequence_Fast(ids_arg, "ids must be a sequence") : NULL;
+    const char **patterns = NULL;
+    size_t *lengths = NULL;
+    unsigned int *flags = NULL, *ids = NULL;
+    PyObject *out = NULL;
+    if (ids_seq == NULL)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(expressions);
+    if (n == 0 || PySequence_Fast_GET_SIZE(flags_seq) != n || PySequence_Fast_GET_SIZE(ids_seq) != n) {
+        PyErr_SetString(PyExc_ValueError, "one flag and one id per expression, at least one expression");
+        goto done;
+    }
+    patterns = PyMem_Calloc(n, sizeof(char *));
+    lengths = PyMem_Calloc(n, sizeof(size_t));
+    flags = PyMem_Calloc(n, sizeof(unsigned int));
+    ids = PyMem_Calloc(n, sizeof(unsigned int));
+    if (!patterns || !lengths || !flags || !ids) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *expression = PySequence_Fast_GET_ITEM(expressions, i);
+        if (!PyBytes_Check(expression)) {
+            PyErr_SetString(PyExc_TypeError, "expressions must be bytes");
+            goto done;
+        }
+        patterns[i] = PyBytes_AS_STRING(expression);  /* (NUL-terminated, as hs_compile_multi wants) */
+        lengths[i] = (size_t)PyBytes_GET_SIZE(expression);
+        flags[i] = (unsigned int)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(flags_seq, i));
+        ids[i] = (unsigned int)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(ids_seq, i));
+        if (PyErr_Occurred())
+            goto done;
+    }
+    hs_database_t *db = NULL;
+    hs_compile_error_t *error = NULL;
+    hs_error_t rc;
+    Py_BEGIN_ALLOW_THREADS  /* (the names literal set takes seconds; expressions stays referenced) */
+    if (literal)
+        rc = hs_compile_lit_multi(patterns, flags, ids, lengths, (unsigned int)n, HS_MODE_BLOCK, NULL, &db, &error);
+    else
+        rc = hs_compile_multi(patterns, flags, ids, (unsigned int)n, HS_MODE_BLOCK, NULL, &db, &error);
+    Py_END_ALLOW_THREADS
+    if (rc != HS_SUCCESS) {
+        PyErr_Format(PyExc_ValueError, "hyperscan could not compile expression %d: %s",
+                     error ? error->expression : -1, error ? error->message : "unknown error");
+        hs_free_compile_error(error);
+        goto done;
+    }
+    out = database_wrap(db);
+done:
+    PyMem_Free(patterns);
+    PyMem_Free(lengths);
+    PyMem_Free(flags);
+    PyMem_Free(ids);
+    Py_XDECREF(expressions);
+    Py_XDECREF(flags_seq);
+    Py_XDECREF(ids_seq);
+    return out;
+}
+
+/* load_database(data): a database from Database.serialize()'s bytes (ValueError if libhs
+   cannot read them: another version or platform). */
+static PyObject *load_database(PyObject *module, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "load_database takes bytes");
+        return NULL;
+    }
+    hs_database_t *db = NULL;
+    if (hs_deserialize_database(PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), &db) != HS_SUCCESS) {
+        PyErr_SetString(PyExc_ValueError, "not a hyperscan database of this version and platform");
+        return NULL;
+    }
+    return database_wrap(db);
+}
+#endif
 
 /* ---- Tables: what each gate pattern id means; built once per Redactor, read-only after. */
 
@@ -29,12 +201,12 @@ typedef struct {
     Py_ssize_t *pad_before;
     Py_ssize_t *pad_after;
     Py_ssize_t limit;      /* hits at which the scan stops (Gate.max_hits) */
+    PyObject *databases;   /* tuple of Database, scanned in order by Tables.scan (may be empty) */
+#ifdef GATEWATCH_HYPERSCAN
+    hs_scratch_t *scratch; /* for all the databases; cloned when busy (see scratch_take) */
+    int scratch_busy;
+#endif
 } Tables;
-
-typedef struct {
-    Py_ssize_t count, capacity;
-    Py_ssize_t *bounds;    /* lo, hi pairs (byte offsets, before clamping) */
-} Windows;
 
 typedef struct {
     PyObject_HEAD
@@ -47,10 +219,13 @@ typedef struct {
     int surrogates;        /* the bytes hold surrogatepass-encoded surrogates (invalid UTF-8) */
     Py_ssize_t hits;
     Py_ssize_t previous;
-    int too_many, out_of_order, any;
-    Windows *windows;      /* one per detector */
+    int too_many, out_of_order, any, stopped;
+    Offsets *windows;      /* one per detector: lo, hi pairs (byte offsets, before clamping) */
     Py_ssize_t *order;     /* detector indexes in the order of their first hit */
     Py_ssize_t opened;
+    /* The names tier's positions as byte offsets; turned into character offsets (Python
+       lists) when first read, so that a hit makes no Python object. */
+    Offsets given, cues, weak;  /* cues: (byte offset, pattern id) pairs */
     PyObject *given_words, *cue_ends, *weak_starts;
 } Sink;
 
@@ -63,17 +238,50 @@ static void tables_dealloc(Tables *self) {
     PyMem_Free(self->pad_before);
     PyMem_Free(self->pad_after);
     Py_XDECREF(self->cues);
+#ifdef GATEWATCH_HYPERSCAN
+    if (self->scratch != NULL)
+        hs_free_scratch(self->scratch);
+#endif
+    Py_XDECREF(self->databases);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Tables(kinds, pads, limit): kinds a sequence of (kind, payload) per gate pattern id, with
-   payload the detector index (detector, run), the literal's length in bytes (word), the cue
-   phrase (cue) or None (weak cue); pads a sequence of (pad_before, pad_after) per detector. */
+/* Tables.databases: Database objects, and a scratch space that fits each of them. */
+static int tables_take_databases(Tables *self, PyObject *databases) {
+    self->databases = PySequence_Tuple(databases);
+    if (self->databases == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(self->databases);
+#ifdef GATEWATCH_HYPERSCAN
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *db = PyTuple_GET_ITEM(self->databases, i);
+        if (!PyObject_TypeCheck(db, &DatabaseType)) {
+            PyErr_SetString(PyExc_TypeError, "databases must be redaction._native.Database objects");
+            return -1;
+        }
+        if (hs_alloc_scratch(((Database *)db)->db, &self->scratch) != HS_SUCCESS) {
+            PyErr_SetString(PyExc_MemoryError, "hyperscan could not allocate scratch space");
+            return -1;
+        }
+    }
+#else
+    if (n > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this build of redaction._native has no hyperscan");
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* Tables(kinds, pads, limit, databases=()): kinds a sequence of (kind, payload) per gate
+   pattern id, with payload the detector index (detector, run), the literal's length in bytes
+   (word), the cue phrase (cue) or None (weak cue); pads a sequence of (pad_before, pad_after)
+   per detector; databases the gate's compiled databases for Tables.scan, in scan order. */
 static PyObject *tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *kinds, *pads;
+    PyObject *kinds, *pads, *databases = NULL;
     Py_ssize_t limit;
-    static char *names[] = {"kinds", "pads", "limit", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn", names, &kinds, &pads, &limit))
+    static char *names[] = {"kinds", "pads", "limit", "databases", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|O", names, &kinds, &pads, &limit, &databases))
         return NULL;
     PyObject *kinds_seq = PySequence_Fast(kinds, "kinds must be a sequence");
     if (kinds_seq == NULL)
@@ -133,6 +341,11 @@ static PyObject *tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(pads_seq, i), "nn", &self->pad_before[i], &self->pad_after[i]))
             goto fail;
     }
+    PyObject *given = databases == NULL || databases == Py_None ? PyTuple_New(0) : Py_NewRef(databases);
+    int taken = given != NULL ? tables_take_databases(self, given) : -1;
+    Py_XDECREF(given);
+    if (taken < 0)
+        goto fail;
     Py_DECREF(kinds_seq);
     Py_DECREF(pads_seq);
     return (PyObject *)self;
@@ -145,33 +358,28 @@ fail:
 
 /* ---- Sink ---------------------------------------------------------------------------- */
 
-static int sink_clear(Sink *self) {
+static void sink_dealloc(Sink *self) {
+    if (self->windows != NULL) {
+        Py_ssize_t detectors = self->tables ? self->tables->detectors : 0;
+        for (Py_ssize_t i = 0; i < detectors; i++)
+            PyMem_Free(self->windows[i].items);
+        PyMem_Free(self->windows);
+    }
+    PyMem_Free(self->order);
+    PyMem_Free(self->given.items);
+    PyMem_Free(self->cues.items);
+    PyMem_Free(self->weak.items);
     Py_CLEAR(self->tables);
     Py_CLEAR(self->text);
     Py_CLEAR(self->data);
     Py_CLEAR(self->given_words);
     Py_CLEAR(self->cue_ends);
     Py_CLEAR(self->weak_starts);
-    return 0;
-}
-
-static void sink_dealloc(Sink *self) {
-    if (self->windows != NULL) {
-        Py_ssize_t detectors = self->tables ? self->tables->detectors : 0;
-        for (Py_ssize_t i = 0; i < detectors; i++)
-            PyMem_Free(self->windows[i].bounds);
-        PyMem_Free(self->windows);
-    }
-    PyMem_Free(self->order);
-    sink_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* tables.sink(text, data): a new sink for one text; data is text.encode("utf-8", "surrogatepass"). */
-static PyObject *tables_sink(Tables *tables, PyObject *args) {
-    PyObject *text, *data;
-    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
-        return NULL;
+/* A new sink for one text; data is text.encode("utf-8", "surrogatepass"). */
+static Sink *sink_new(Tables *tables, PyObject *text, PyObject *data) {
     Sink *self = PyObject_New(Sink, &SinkType);
     if (self == NULL)
         return NULL;
@@ -195,18 +403,28 @@ static PyObject *tables_sink(Tables *tables, PyObject *args) {
     }
     self->hits = 0;
     self->previous = 0;
-    self->too_many = self->out_of_order = self->any = 0;
+    self->too_many = self->out_of_order = self->any = self->stopped = 0;
     self->opened = 0;
-    self->windows = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Windows));
+    memset(&self->given, 0, sizeof(Offsets));
+    memset(&self->cues, 0, sizeof(Offsets));
+    memset(&self->weak, 0, sizeof(Offsets));
+    self->given_words = self->cue_ends = self->weak_starts = NULL;
+    self->windows = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Offsets));
     self->order = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Py_ssize_t));
-    self->given_words = PyList_New(0);
-    self->cue_ends = PyList_New(0);
-    self->weak_starts = PyList_New(0);
-    if (!self->windows || !self->order || !self->given_words || !self->cue_ends || !self->weak_starts) {
+    if (!self->windows || !self->order) {
         Py_DECREF(self);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return NULL;
     }
-    return (PyObject *)self;
+    return self;
+}
+
+/* tables.sink(text, data): a new sink for one text, for hyperscan's binding to call per hit. */
+static PyObject *tables_sink(Tables *tables, PyObject *args) {
+    PyObject *text, *data;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
+        return NULL;
+    return (PyObject *)sink_new(tables, text, data);
 }
 
 /* len(data[:offset].decode("utf-8", "ignore")): the character offset of a byte offset. */
@@ -252,44 +470,72 @@ static int word_byte(unsigned char b) {
     return b >= 0x80 || (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_';
 }
 
-static int append_position(PyObject *list, Py_ssize_t position) {
-    PyObject *value = PyLong_FromSsize_t(position);
-    if (value == NULL)
-        return -1;
-    int rc = PyList_Append(list, value);
-    Py_DECREF(value);
-    return rc;
-}
-
 static int open_window(Sink *self, Py_ssize_t detector, Py_ssize_t lo, Py_ssize_t hi) {
-    Windows *mine = &self->windows[detector];
+    Offsets *mine = &self->windows[detector];
     if (mine->count > 0) {
-        Py_ssize_t *last = &mine->bounds[2 * (mine->count - 1)];
-        if (lo <= last[1]) {
-            if (hi > last[1])
-                last[1] = hi;
+        Py_ssize_t *last_hi = &mine->items[mine->count - 1];
+        if (lo <= *last_hi) {
+            if (hi > *last_hi)
+                *last_hi = hi;
             return 0;
         }
     } else {
         self->order[self->opened++] = detector;
     }
-    if (mine->count == mine->capacity) {
-        Py_ssize_t capacity = mine->capacity ? 2 * mine->capacity : 4;
-        Py_ssize_t *bounds = PyMem_Realloc(mine->bounds, 2 * capacity * sizeof(Py_ssize_t));
-        if (bounds == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        mine->bounds = bounds;
-        mine->capacity = capacity;
-    }
-    mine->bounds[2 * mine->count] = lo;
-    mine->bounds[2 * mine->count + 1] = hi;
-    mine->count++;
-    return 0;
+    return offsets_push(mine, lo, hi, 2);
 }
 
-/* One gate hit: (pattern_id, start, end, flags, context) as hyperscan's binding passes it.
+/* One gate hit (byte offset of its end): 1 to stop the scan, 0 to go on, -1 on an error.
+   Makes no Python object: hyperscan's callback calls it. */
+static int sink_hit(Sink *self, Py_ssize_t pattern_id, Py_ssize_t end) {
+    Tables *tables = self->tables;
+    self->hits++;
+    if (self->hits >= tables->limit) {
+        self->too_many = 1;
+        return 1;  /* stop: the caller runs every detector on the whole text */
+    }
+    if (pattern_id < 0 || pattern_id >= tables->patterns) {
+        PyErr_SetString(PyExc_IndexError, "gate pattern id out of range");
+        return -1;
+    }
+    if (end < 0 || end > self->size) {
+        PyErr_SetString(PyExc_IndexError, "gate hit outside the text");
+        return -1;
+    }
+    const unsigned char *buf = self->buf;
+    int kind = tables->kind[pattern_id];
+    Py_ssize_t payload = tables->payload[pattern_id];
+    if (kind == KIND_WORD) {
+        Py_ssize_t start = end - payload;
+        if (start > 0 && word_byte(buf[start - 1]))
+            return 0;  /* "Anna" inside "Hanna" */
+        if (end < self->size && word_byte(buf[end]))
+            return 0;  /* "Ann" in "Announcement" */
+        self->any = 1;
+        return offsets_push(&self->given, start, 0, 1);
+    }
+    if (end < self->previous) {
+        self->out_of_order = 1;
+        return 1;
+    }
+    self->previous = end;
+    self->any = 1;
+    if (kind == KIND_DETECTOR || kind == KIND_RUN) {
+        Py_ssize_t last_end = end;
+        if (kind == KIND_RUN) {  /* the run gate's extension: \d* (ASCII digits: a bytes pattern) */
+            while (last_end < self->size && buf[last_end] >= '0' && buf[last_end] <= '9')
+                last_end++;
+        }
+        return open_window(self, payload, end - tables->pad_before[payload], last_end + tables->pad_after[payload]);
+    }
+    Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
+    Py_ssize_t at = buf[last] < 0x80 ? end - 1 : end - 2;
+    if (kind == KIND_CUE)
+        return offsets_push(&self->cues, at, pattern_id, 2);
+    return offsets_push(&self->weak, at, 0, 1);
+}
+
+/* One gate hit as hyperscan's binding passes it: (pattern_id, start, end, flags, context).
    Returns True to stop the scan. */
 static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
     if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
@@ -306,68 +552,176 @@ static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
     Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 2));
     if (end == -1 && PyErr_Occurred())
         return NULL;
-    Tables *tables = self->tables;
-    self->hits++;
-    if (self->hits >= tables->limit) {
-        self->too_many = 1;
-        Py_RETURN_TRUE;  /* stop: the caller runs every detector on the whole text */
-    }
-    if (pattern_id < 0 || pattern_id >= tables->patterns) {
-        PyErr_SetString(PyExc_IndexError, "gate pattern id out of range");
+    int rc = sink_hit(self, pattern_id, end);
+    if (rc < 0)
         return NULL;
-    }
-    if (end < 0 || end > self->size) {
-        PyErr_SetString(PyExc_IndexError, "gate hit outside the text");
-        return NULL;
-    }
-    const unsigned char *buf = self->buf;
-    int kind = tables->kind[pattern_id];
-    Py_ssize_t payload = tables->payload[pattern_id];
-    if (kind == KIND_WORD) {
-        Py_ssize_t start = end - payload;
-        if (start > 0 && word_byte(buf[start - 1]))
-            Py_RETURN_FALSE;  /* "Anna" inside "Hanna" */
-        if (end < self->size && word_byte(buf[end]))
-            Py_RETURN_FALSE;  /* "Ann" in "Announcement" */
-        Py_ssize_t at = to_char(self, start);
-        if ((at < 0 && PyErr_Occurred()) || append_position(self->given_words, at) < 0)
-            return NULL;
-        self->any = 1;
-        Py_RETURN_FALSE;
-    }
-    if (end < self->previous) {
-        self->out_of_order = 1;
-        Py_RETURN_TRUE;
-    }
-    self->previous = end;
-    self->any = 1;
-    if (kind == KIND_DETECTOR || kind == KIND_RUN) {
-        Py_ssize_t last_end = end;
-        if (kind == KIND_RUN) {  /* the run gate's extension: \d* (ASCII digits: a bytes pattern) */
-            while (last_end < self->size && buf[last_end] >= '0' && buf[last_end] <= '9')
-                last_end++;
-        }
-        if (open_window(self, payload, end - tables->pad_before[payload], last_end + tables->pad_after[payload]) < 0)
-            return NULL;
-        Py_RETURN_FALSE;
-    }
-    Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
-    Py_ssize_t at = to_char(self, buf[last] < 0x80 ? end - 1 : end - 2);
-    if (at < 0 && PyErr_Occurred())
-        return NULL;
-    if (kind == KIND_CUE) {
-        PyObject *pair = Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(tables->cues, pattern_id));
-        if (pair == NULL)
-            return NULL;
-        int rc = PyList_Append(self->cue_ends, pair);
-        Py_DECREF(pair);
-        if (rc < 0)
-            return NULL;
-    } else if (append_position(self->weak_starts, at) < 0) {
-        return NULL;
-    }
-    Py_RETURN_FALSE;
+    return PyBool_FromLong(rc);
 }
+
+/* The character offsets of `offsets` (every `stride`-th value), as a new list; with cues,
+   (offset, cue phrase of the pattern id that follows each offset) pairs. */
+static PyObject *char_positions(Sink *self, const Offsets *offsets, int stride, int cues) {
+    PyObject *list = PyList_New(offsets->count / stride);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < offsets->count; i += stride) {
+        Py_ssize_t at = to_char(self, offsets->items[i]);
+        if (at < 0 && PyErr_Occurred())
+            goto fail;
+        PyObject *item = cues ? Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(self->tables->cues, offsets->items[i + 1]))
+                              : PyLong_FromSsize_t(at);
+        if (item == NULL)
+            goto fail;
+        PyList_SET_ITEM(list, i / stride, item);
+    }
+    return list;
+fail:
+    Py_DECREF(list);
+    return NULL;
+}
+
+static PyObject *sink_given_words(Sink *self, void *Py_UNUSED(closure)) {
+    if (self->given_words == NULL && (self->given_words = char_positions(self, &self->given, 1, 0)) == NULL)
+        return NULL;
+    return Py_NewRef(self->given_words);
+}
+
+static PyObject *sink_cue_ends(Sink *self, void *Py_UNUSED(closure)) {
+    if (self->cue_ends == NULL && (self->cue_ends = char_positions(self, &self->cues, 2, 1)) == NULL)
+        return NULL;
+    return Py_NewRef(self->cue_ends);
+}
+
+static PyObject *sink_weak_starts(Sink *self, void *Py_UNUSED(closure)) {
+    if (self->weak_starts == NULL && (self->weak_starts = char_positions(self, &self->weak, 1, 0)) == NULL)
+        return NULL;
+    return Py_NewRef(self->weak_starts);
+}
+
+#ifdef GATEWATCH_HYPERSCAN
+/* The tables' scratch space, or a clone of it while another scan holds it (a scan does not
+   give up the GIL, so only a reentrant call could find it busy). */
+static hs_scratch_t *scratch_take(Tables *tables) {
+    if (!tables->scratch_busy) {
+        tables->scratch_busy = 1;
+        return tables->scratch;
+    }
+    hs_scratch_t *clone = NULL;
+    if (hs_clone_scratch(tables->scratch, &clone) != HS_SUCCESS) {
+        PyErr_SetString(PyExc_MemoryError, "hyperscan could not allocate scratch space");
+        return NULL;
+    }
+    return clone;
+}
+
+static void scratch_give_back(Tables *tables, hs_scratch_t *scratch) {
+    if (scratch == tables->scratch)
+        tables->scratch_busy = 0;
+    else
+        hs_free_scratch(scratch);
+}
+
+typedef struct {
+    Sink *sink;     /* Tables.scan: hits go to the sink */
+    Offsets *hits;  /* gate_hits: hits are collected (id, start, end) */
+    Py_ssize_t limit;
+    int failed;
+} ScanContext;
+
+static int on_hit(unsigned int id, unsigned long long from, unsigned long long to, unsigned int flags, void *context) {
+    ScanContext *scan = context;
+    if (scan->sink != NULL) {
+        int rc = sink_hit(scan->sink, (Py_ssize_t)id, (Py_ssize_t)to);
+        if (rc < 0)
+            scan->failed = 1;
+        return rc != 0;
+    }
+    if (offsets_push(scan->hits, (Py_ssize_t)id, (Py_ssize_t)from, 2) < 0 || offsets_push(scan->hits, (Py_ssize_t)to, 0, 1) < 0) {
+        scan->failed = 1;
+        return 1;
+    }
+    return scan->hits->count / 3 >= scan->limit;
+}
+
+/* Each of the tables' databases over data, in order, until a hit stops the scan: 1 if one
+   did, 0 if not, -1 on an error. */
+static int scan_databases(Tables *tables, PyObject *data, ScanContext *scan) {
+    Py_ssize_t n = PyTuple_GET_SIZE(tables->databases);
+    if (n == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "these tables have no hyperscan databases");
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(data) > (Py_ssize_t)UINT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "text too long for one hyperscan scan");
+        return -1;
+    }
+    hs_scratch_t *scratch = scratch_take(tables);
+    if (scratch == NULL)
+        return -1;
+    int stopped = 0;
+    for (Py_ssize_t i = 0; i < n && !stopped; i++) {
+        hs_database_t *db = ((Database *)PyTuple_GET_ITEM(tables->databases, i))->db;
+        hs_error_t rc = hs_scan(db, PyBytes_AS_STRING(data), (unsigned int)PyBytes_GET_SIZE(data), 0, scratch, on_hit,
+                                scan);
+        if (scan->failed) {
+            scratch_give_back(tables, scratch);
+            return -1;
+        }
+        if (rc == HS_SCAN_TERMINATED) {
+            stopped = 1;
+        } else if (rc != HS_SUCCESS) {
+            scratch_give_back(tables, scratch);
+            PyErr_Format(PyExc_RuntimeError, "hyperscan scan failed (error %d)", (int)rc);
+            return -1;
+        }
+    }
+    scratch_give_back(tables, scratch);
+    return stopped;
+}
+
+/* tables.scan(text, data): a sink for the text that has taken every gate hit, straight from
+   hyperscan (sink.stopped: a hit stopped the scan, as Gate.feed's result). */
+static PyObject *tables_scan(Tables *tables, PyObject *args) {
+    PyObject *text, *data;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
+        return NULL;
+    Sink *sink = sink_new(tables, text, data);
+    if (sink == NULL)
+        return NULL;
+    ScanContext scan = {sink, NULL, 0, 0};
+    int stopped = scan_databases(tables, data, &scan);
+    if (stopped < 0) {
+        Py_DECREF(sink);
+        return NULL;
+    }
+    sink->stopped = stopped;
+    return (PyObject *)sink;
+}
+
+/* tables.gate_hits(data): Gate.scan's answer from these databases: ([(pattern id, start,
+   end), ...] as reported, whether the scan stopped at the tables' hit limit). */
+static PyObject *tables_gate_hits(Tables *tables, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "gate_hits takes bytes");
+        return NULL;
+    }
+    Offsets hits = {0, 0, NULL};
+    ScanContext scan = {NULL, &hits, tables->limit, 0};
+    int stopped = scan_databases(tables, arg, &scan);
+    PyObject *list = stopped < 0 ? NULL : PyList_New(hits.count / 3);
+    for (Py_ssize_t i = 0; list != NULL && i < hits.count; i += 3) {
+        PyObject *hit = Py_BuildValue("(nnn)", hits.items[i], hits.items[i + 1], hits.items[i + 2]);
+        if (hit == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i / 3, hit);
+    }
+    PyMem_Free(hits.items);
+    if (list == NULL)
+        return NULL;
+    return Py_BuildValue("(NO)", list, stopped ? Py_True : Py_False);
+}
+#endif
 
 /* sink.find(detectors, tagged, found): for each detector in the order of its first hit,
    detector.finder(text, lo, hi) on each merged window (character offsets, clamped to the
@@ -384,13 +738,13 @@ static PyObject *sink_find(Sink *self, PyObject *args) {
     Py_ssize_t chars = PyUnicode_GET_LENGTH(self->text);
     for (Py_ssize_t k = 0; k < self->opened; k++) {
         Py_ssize_t index = self->order[k];
-        Windows *mine = &self->windows[index];
+        Offsets *mine = &self->windows[index];
         PyObject *detector = PyList_GET_ITEM(detectors, index);
         PyObject *finder = PyObject_GetAttrString(detector, "finder");
         if (finder == NULL)
             return NULL;
-        for (Py_ssize_t w = 0; w < mine->count; w++) {
-            Py_ssize_t lo = mine->bounds[2 * w], hi = mine->bounds[2 * w + 1];
+        for (Py_ssize_t w = 0; w < mine->count; w += 2) {
+            Py_ssize_t lo = mine->items[w], hi = mine->items[w + 1];
             Py_ssize_t char_lo = to_char(self, lo > 0 ? lo : 0);
             Py_ssize_t char_hi = to_char(self, hi < self->size ? hi : self->size);
             if ((char_lo < 0 || char_hi < 0) && PyErr_Occurred())
@@ -437,17 +791,17 @@ static PyObject *sink_windows(Sink *self, PyObject *Py_UNUSED(ignored)) {
         return NULL;
     for (Py_ssize_t k = 0; k < self->opened; k++) {
         Py_ssize_t detector = self->order[k];
-        Windows *mine = &self->windows[detector];
-        PyObject *list = PyList_New(mine->count);
+        Offsets *mine = &self->windows[detector];
+        PyObject *list = PyList_New(mine->count / 2);
         if (list == NULL)
             goto fail;
-        for (Py_ssize_t w = 0; w < mine->count; w++) {
-            PyObject *pair = Py_BuildValue("[nn]", mine->bounds[2 * w], mine->bounds[2 * w + 1]);
+        for (Py_ssize_t w = 0; w < mine->count; w += 2) {
+            PyObject *pair = Py_BuildValue("[nn]", mine->items[w], mine->items[w + 1]);
             if (pair == NULL) {
                 Py_DECREF(list);
                 goto fail;
             }
-            PyList_SET_ITEM(list, w, pair);
+            PyList_SET_ITEM(list, w / 2, pair);
         }
         PyObject *key = PyLong_FromSsize_t(detector);
         if (key == NULL || PyDict_SetItem(out, key, list) < 0) {
@@ -481,9 +835,14 @@ static PyMemberDef sink_members[] = {
     {"too_many", T_INT, offsetof(Sink, too_many), READONLY, "the scan stopped at the hit limit"},
     {"out_of_order", T_INT, offsetof(Sink, out_of_order), READONLY, "a detector hit came before the previous one's end"},
     {"any", T_INT, offsetof(Sink, any), READONLY, "any hit kept"},
-    {"given_words", T_OBJECT_EX, offsetof(Sink, given_words), READONLY, "character offsets of given-name hits"},
-    {"cue_ends", T_OBJECT_EX, offsetof(Sink, cue_ends), READONLY, "(character offset, cue) of cue hits"},
-    {"weak_starts", T_OBJECT_EX, offsetof(Sink, weak_starts), READONLY, "character offsets of weak-cue hits"},
+    {"stopped", T_INT, offsetof(Sink, stopped), READONLY, "Tables.scan: a hit stopped the scan"},
+    {NULL},
+};
+
+static PyGetSetDef sink_getset[] = {
+    {"given_words", (getter)sink_given_words, NULL, "character offsets of given-name hits", NULL},
+    {"cue_ends", (getter)sink_cue_ends, NULL, "(character offset, cue) of cue hits", NULL},
+    {"weak_starts", (getter)sink_weak_starts, NULL, "character offsets of weak-cue hits", NULL},
     {NULL},
 };
 
@@ -502,13 +861,18 @@ static PyTypeObject SinkType = {
     .tp_dealloc = (destructor)sink_dealloc,
     .tp_call = (ternaryfunc)sink_call,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The gate's match callback for one text (see Tables.sink).",
+    .tp_doc = "The gate's match callback for one text (see Tables.sink and Tables.scan).",
     .tp_methods = sink_methods,
     .tp_members = sink_members,
+    .tp_getset = sink_getset,
 };
 
 static PyMethodDef tables_methods[] = {
     {"sink", (PyCFunction)tables_sink, METH_VARARGS, "sink(text, data): the match callback for one text"},
+#ifdef GATEWATCH_HYPERSCAN
+    {"scan", (PyCFunction)tables_scan, METH_VARARGS, "scan(text, data): a sink that has taken the text's gate hits"},
+    {"gate_hits", (PyCFunction)tables_gate_hits, METH_O, "gate_hits(data): (hits, stopped) as Gate.scan returns them"},
+#endif
     {NULL},
 };
 
@@ -518,7 +882,7 @@ static PyTypeObject TablesType = {
     .tp_basicsize = sizeof(Tables),
     .tp_dealloc = (destructor)tables_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Tables(kinds, pads, limit): what each gate pattern id means.",
+    .tp_doc = "Tables(kinds, pads, limit, databases=()): what each gate pattern id means.",
     .tp_methods = tables_methods,
     .tp_new = tables_new,
 };
@@ -1914,6 +2278,11 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+#ifdef GATEWATCH_HYPERSCAN
+    {"compile_database", compile_database, METH_VARARGS,
+     "compile_database(expressions, flags, ids, literal): a block-mode hyperscan database (libhs)"},
+    {"load_database", load_database, METH_O, "load_database(data): a database from Database.serialize()"},
+#endif
     {NULL},
 };
 
@@ -1925,14 +2294,30 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&TablesType) < 0 || PyType_Ready(&SinkType) < 0)
         return NULL;
+#ifdef GATEWATCH_HYPERSCAN
+    if (PyType_Ready(&DatabaseType) < 0)
+        return NULL;
+#endif
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL)
         return NULL;
-    Py_INCREF(&TablesType);
-    if (PyModule_AddObject(module, "Tables", (PyObject *)&TablesType) < 0) {
-        Py_DECREF(&TablesType);
+    /* HYPERSCAN_VERSION: libhs's version where the gate scans here, else None (built without
+       libhs, or a CPU libhs does not run on). */
+    PyObject *version = Py_None;
+#ifdef GATEWATCH_HYPERSCAN
+    if (hs_valid_platform() == HS_SUCCESS)
+        version = PyUnicode_FromString(hs_version());
+    else
+        Py_INCREF(version);
+#else
+    Py_INCREF(version);
+#endif
+    if (version == NULL || PyModule_AddObjectRef(module, "HYPERSCAN_VERSION", version) < 0
+        || PyModule_AddObjectRef(module, "Tables", (PyObject *)&TablesType) < 0) {
+        Py_XDECREF(version);
         Py_DECREF(module);
         return NULL;
     }
+    Py_DECREF(version);
     return module;
 }

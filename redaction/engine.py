@@ -133,7 +133,7 @@ class Redactor:
             weak = "|".join(WEAK_CUES).encode()
             patterns.append(GatePattern("weak_cue", rb"\b(?i:" + weak + rb")\b(?:[ \t]+|:[ \t]*)" + _CAPITAL, som=False))
             self._kinds.append((_KIND_WEAK, None))
-        self.gate = Gate(patterns) if patterns else None
+        self.gate = Gate(patterns, native=native_mod.gate_scanner(extension)) if patterns else None
         self._pads = [(d.pad_before, d.pad_after) for d in self.detectors]
         self._native = self._native_tables(extension, native, run_extends)
 
@@ -185,7 +185,7 @@ class Redactor:
                 raise RuntimeError("a run gate extends by other than \\d*: the native sink cannot")
             return None
         kinds = [(kind, payload[0] if kind == _KIND_RUN else payload) for kind, payload in self._kinds]
-        return extension.Tables(kinds, self._pads, self.gate.max_hits)
+        return extension.Tables(kinds, self._pads, self.gate.max_hits, self.gate.native_databases)
 
     def _warm_up(self) -> None:
         # Import the validators' libraries and fill lazy tables now, not inside the first
@@ -234,9 +234,15 @@ class Redactor:
 
     def _detect_native(self, text: str, data: bytes) -> list[Entity]:
         """_detect's gate and window steps with the C sink (the same steps as the Python
-        path: see _hit_sink)."""
-        sink = self._native.sink(text, data)
-        if self.gate.feed(data, sink) and sink.out_of_order:
+        path: see _hit_sink). Where the C half scans the gate itself (built against libhs),
+        hyperscan hands each hit to the sink with no Python call."""
+        if self.gate.native_databases:
+            sink = self._native.scan(text, data)
+            stopped = sink.stopped
+        else:
+            sink = self._native.sink(text, data)
+            stopped = self.gate.feed(data, sink)
+        if stopped and sink.out_of_order:
             hits, overflow = self.gate.scan(data)
             if overflow:
                 return self._detect_everywhere(text)

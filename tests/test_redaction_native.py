@@ -226,6 +226,81 @@ def test_hits_sorted_by_end_give_the_windows_of_hits_in_end_order(both):
     assert sink.windows() == _python_sink(reference, text, data)[0]
 
 
+needs_libhs = pytest.mark.skipif(
+    native.extension is None or native.extension.HYPERSCAN_VERSION is None,
+    reason="redaction/_native.c was built without libhs (no hs/hs.h at install): the hyperscan package scans the gate")
+
+
+@needs_libhs
+def test_libhs_reports_the_gate_hits_of_the_hyperscan_package(both, corpus_texts):
+    """The same patterns and flags compiled by libhs in the C half and by the hyperscan
+    package (another hyperscan version) give the same hits in the same order, and stop
+    at the same hit limit."""
+    fast, reference = both
+    assert fast.gate.native_databases and not reference.gate.native_databases
+    texts = corpus_texts + _fuzzed(random.Random(11), 3000, longest=60) + ["1234567 " * 3000]
+    hits = 0
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        expected = reference.gate.scan(data)
+        assert fast.gate.scan(data) == expected, text
+        hits += len(expected[0])
+    assert hits > 20_000 and fast.gate.scan(texts[-1].encode())[1] is True
+
+
+@needs_libhs
+def test_the_c_scan_fills_the_sink_the_python_scan_does(both, corpus_texts):
+    """Tables.scan (hyperscan calling the C sink) against the Python sink fed by the hyperscan
+    package: windows, name positions, status, and whether the scan stopped."""
+    fast, reference = both
+    for text in corpus_texts[:600] + _fuzzed(random.Random(12), 1500) + ["1234567 " * 3000]:
+        data = text.encode("utf-8", "surrogatepass")
+        sink = fast._native.scan(text, data)
+        on_match, (windows, given, cues, weak, _to_char), status = reference._hit_sink(text, data)
+        stopped = reference.gate.feed(data, on_match)
+        assert (sink.windows(), sink.given_words, sink.cue_ends, sink.weak_starts) == (windows, given, cues, weak), text
+        assert (sink.status(), bool(sink.stopped)) == (status, stopped)
+
+
+@needs_libhs
+def test_a_libhs_database_survives_serialization_and_bad_input_is_refused(both):
+    fast, _ = both
+    text = "Dear Ana Lopez, call +1 415 555 2671 or mail ana@example.com"
+    data = text.encode()
+    loaded = tuple(native.extension.load_database(db.serialize()) for db in fast.gate.native_databases)
+    reloaded = native.extension.Tables((), (), fast.gate.max_hits, loaded)
+    assert reloaded.gate_hits(data) == fast.gate.scan(data) and len(fast.gate.scan(data)[0]) >= 4
+    with pytest.raises(ValueError, match="not a hyperscan database"):
+        native.extension.load_database(b"not a database")
+    with pytest.raises(ValueError, match="could not compile expression 1"):
+        native.extension.compile_database([b"a", b"(b"], [0, 0], [0, 1], False)
+    with pytest.raises(RuntimeError, match="no hyperscan databases"):
+        native.extension.Tables((), (), 10).scan(text, data)
+
+
+@needs_libhs
+def test_the_package_scanning_for_the_c_sink_redacts_like_the_c_scan(both, corpus_texts, monkeypatch):
+    """An extension built without libhs: the hyperscan package scans, the C sink takes the hits."""
+    fast, reference = both
+    monkeypatch.setattr(native, "gate_scanner", lambda extension: None)
+    middle = Redactor(RedactionSettings(cache_size=0, time_budget_ms=10_000), native=True)
+    assert middle._native is not None and not middle.gate.native_databases
+    texts = corpus_texts[:500] + _fuzzed(random.Random(13), 500)
+    assert [_spans(middle, t) for t in texts] == [_spans(fast, t) for t in texts] == [_spans(reference, t) for t in texts]
+
+
+@needs_libhs
+def test_c_scans_from_several_threads_share_the_scratch_safely(both, corpus_texts):
+    import concurrent.futures
+
+    fast, _ = both
+    texts = corpus_texts[:300]
+    expected = [_spans(fast, t) for t in texts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: [_spans(fast, t) for t in texts], range(4)))
+    assert results == [expected] * 4
+
+
 def test_ipv4_scan_agrees_with_the_regex_and_checks():
     """Product tokens (also before a line break), prefix lengths, leading zeros, octets over
     255, non-ASCII digits, private ranges on and off."""
