@@ -2254,6 +2254,140 @@ static PyObject *ipv6_verdict(PyObject *module, PyObject *arg) {
     return PyLong_FromLong(not_personal ? 2 : 1);
 }
 
+/* ---- The key=value secret scan: KV_RE (redaction/patterns.py) as re matches it ------------
+
+   KV_RE's key alternation, written out in re's order of trying (alternatives left to right,
+   an optional part with before without, "(?:php|j)?" as php, j, nothing): the first key
+   whose rest of the match succeeds is re's. '~' stands for [_\-]; letters match as re's
+   IGNORECASE does (fold_word_letter). What follows the key depends only on where it ends:
+   an optional quote, [ \t]*, ":" or "=" (then "=>"), or \bis\b, [ \t]*, then a value:
+   "..." or '...' of 4-200 characters without that quote or a line break, or 4-200
+   characters that are not \s nor "',;<>`()[]{}. */
+
+static const char *const KV_KEYS[] = {
+    "password", "passwd", "passwort", "pwd", "pass", "passphrase", "secret", "client~secret", "clientsecret",
+    "secret~key", "secretkey", "api~key", "apikey", "apikey", "api~token", "apitoken", "access~token", "accesstoken",
+    "access~key", "accesskey", "auth~token", "authtoken", "refresh~token", "refreshtoken", "private~key", "privatekey",
+    "aws_secret_access_key", "token", "key", "auth", "credentials", "credential",
+    "phpsession~id", "phpsession~token", "phpsession~key", "phpsession~", "phpsessionid", "phpsessiontoken",
+    "phpsessionkey", "phpsession",
+    "jsession~id", "jsession~token", "jsession~key", "jsession~", "jsessionid", "jsessiontoken", "jsessionkey", "jsession",
+    "session~id", "session~token", "session~key", "session~", "sessionid", "sessiontoken", "sessionkey", "session",
+    "sessid", "csrf~token", "csrftoken", "xsrf~token", "xsrftoken", NULL,
+};
+
+/* End of `key` at pos (before hi), or -1. */
+static Py_ssize_t kv_key_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const char *key) {
+    for (; *key; key++, pos++) {
+        if (pos >= hi)
+            return -1;
+        Py_UCS4 ch = AT(c, pos);
+        if (*key == '~' ? !(ch == '_' || ch == '-') : fold_word_letter(ch) != (Py_UCS4)(unsigned char)*key)
+            return -1;
+    }
+    return pos;
+}
+
+static Py_ssize_t skip_blanks(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    while (pos < hi && (AT(c, pos) == ' ' || AT(c, pos) == '\t'))
+        pos++;
+    return pos;
+}
+
+static int kv_bare_value_char(Py_UCS4 ch) {
+    return !(Py_UNICODE_ISSPACE(ch) || (ch < 128 && strchr("\"',;<>`()[]{}", (int)ch)));
+}
+
+/* [ \t]* and the value from pos: its group's span in value[], whether quoted; 0 if none. */
+static int kv_value(const Span *c, Py_ssize_t pos, Py_ssize_t hi, Py_ssize_t value[2], int *quoted) {
+    pos = skip_blanks(c, pos, hi);
+    if (pos >= hi)
+        return 0;
+    Py_UCS4 first = AT(c, pos);
+    Py_ssize_t run = 0;
+    if (first == '"' || first == '\'') {
+        while (run < 200 && pos + 1 + run < hi && AT(c, pos + 1 + run) != first && AT(c, pos + 1 + run) != '\n')
+            run++;
+        if (run < 4 || pos + 1 + run >= hi || AT(c, pos + 1 + run) != first)
+            return 0;
+        value[0] = pos + 1;
+        *quoted = 1;
+    } else {
+        while (run < 200 && pos + run < hi && kv_bare_value_char(AT(c, pos + run)))
+            run++;
+        if (run < 4)
+            return 0;
+        value[0] = pos;
+        *quoted = 0;
+    }
+    value[1] = value[0] + run;
+    return 1;
+}
+
+/* The rest of KV_RE after a key ending at key_end: 1 with the value's span, or 0. */
+static int kv_rest(const Span *c, Py_ssize_t key_end, Py_ssize_t hi, int *key_quoted, Py_ssize_t value[2], int *quoted) {
+    Py_ssize_t pos = key_end;
+    *key_quoted = pos < hi && (AT(c, pos) == '"' || AT(c, pos) == '\'');
+    pos = skip_blanks(c, pos + *key_quoted, hi);
+    if (pos >= hi)
+        return 0;
+    Py_UCS4 ch = AT(c, pos);
+    if (ch == ':' || ch == '=') {
+        if (kv_value(c, pos + 1, hi, value, quoted))
+            return 1;
+        return ch == '=' && pos + 1 < hi && AT(c, pos + 1) == '>' && kv_value(c, pos + 2, hi, value, quoted);
+    }
+    /* \bis\b: the "i" is a word character, so the first \b wants none before it. */
+    if (fold_word_letter(ch) != 'i' || (pos > 0 && is_word(AT(c, pos - 1))) || pos + 1 >= hi
+        || fold_word_letter(AT(c, pos + 1)) != 's' || (pos + 2 < hi && is_word(AT(c, pos + 2))))
+        return 0;
+    return kv_value(c, pos + 2, hi, value, quoted);
+}
+
+/* kv_candidates(text, lo, hi): (key start, key end, quote after the key, value start, value
+   end, quoted value) of each match of KV_RE.finditer(text, lo, hi). */
+static PyObject *kv_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    clamp_window(text, &lo, &hi);
+    Span c = text_span(text, hi);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        Py_UCS4 first = fold_word_letter(AT(&c, pos));
+        Py_UCS4 before = pos > 0 ? fold_word_letter(AT(&c, pos - 1)) : 0;
+        if (first >= 128 || !strchr("acjkprstx", (int)first) || first == 0
+            || (before < 128 && ((before >= 'a' && before <= 'z') || (before >= '0' && before <= '9')))) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t value[2] = {0, 0};
+        int key_quoted = 0, quoted = 0;
+        Py_ssize_t key_end = -1;
+        for (const char *const *key = KV_KEYS; *key; key++) {
+            key_end = kv_key_at(&c, pos, hi, *key);
+            if (key_end >= 0 && kv_rest(&c, key_end, hi, &key_quoted, value, &quoted))
+                break;
+            key_end = -1;
+        }
+        if (key_end < 0) {
+            pos++;
+            continue;
+        }
+        if (append_stolen(out, Py_BuildValue("(nnOnnO)", pos, key_end, key_quoted ? Py_True : Py_False, value[0], value[1],
+                                             quoted ? Py_True : Py_False)) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        pos = value[1] + quoted;  /* the match ends after the closing quote */
+    }
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -2278,6 +2412,8 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+    {"kv_candidates", kv_candidates, METH_VARARGS,
+     "kv_candidates(text, lo, hi): (key start, key end, quote after key, value start, value end, quoted) per KV_RE match"},
 #ifdef GATEWATCH_HYPERSCAN
     {"compile_database", compile_database, METH_VARARGS,
      "compile_database(expressions, flags, ids, literal): a block-mode hyperscan database (libhs)"},

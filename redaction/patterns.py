@@ -845,21 +845,34 @@ def _quoted_or_bare(m: re.Match) -> tuple[str, int, bool]:
     return m.group("value").rstrip("."), m.start("value"), False
 
 
-def _kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
+def kv_candidates(text: str, lo: int, hi: int):
+    """(key start, key end, quote after the key, value start, value end, quoted value) of each
+    match of KV_RE.finditer(text, lo, hi). (redaction/_native.c has the same scan in C.)"""
     for m in KV_RE.finditer(text, lo, hi):
-        value, start, quoted = _quoted_or_bare(m)
-        end = start + len(value)
-        if end < len(text) and text[end] in "(.[" and not quoted and not m.group("quote"):
-            continue  # password = getpass(), token = self.token
-        if not _looks_secret(value):
-            continue
-        key = m.group("key").lower().replace("-", "_")
-        strong = key not in ("token", "key", "pass", "auth") and "session" not in key and "sessid" not in key
-        if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
-            continue
-        out.append(Entity("SECRET", start, end, 0.9 if strong else 0.75))
-    return out
+        group = "dq" if m.group("dq") is not None else "sq" if m.group("sq") is not None else "value"
+        yield m.start("key"), m.end("key"), bool(m.group("quote")), m.start(group), m.end(group), group != "value"
+
+
+def make_kv_finder(native: bool = False) -> Finder:
+    candidates = native_mod.extension.kv_candidates if native else kv_candidates
+
+    def find_kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for key_start, key_end, key_quoted, start, end, quoted in candidates(text, lo, hi):
+            value = text[start:end] if quoted else text[start:end].rstrip(".")
+            end = start + len(value)
+            if end < len(text) and text[end] in "(.[" and not quoted and not key_quoted:
+                continue  # password = getpass(), token = self.token
+            if not _looks_secret(value):
+                continue
+            key = text[key_start:key_end].lower().replace("-", "_")
+            strong = key not in ("token", "key", "pass", "auth") and "session" not in key and "sessid" not in key
+            if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
+                continue
+            out.append(Entity("SECRET", start, end, 0.9 if strong else 0.75))
+        return out
+
+    return find_kv_secret
 
 
 def _env_block_secret(text: str, lo: int, hi: int) -> list[Entity]:
@@ -926,7 +939,7 @@ _PREFIXED: list[tuple[str, bytes, str]] = [
 ]
 
 
-def secret_detectors() -> list[Detector]:
+def secret_detectors(native: bool = False) -> list[Detector]:
     detectors = [
         Detector(f"secret:{name}", "SECRET", (gate,), 200 if name == "jwt" else 48, 600,
                  _regex_finder(re.compile(precise), 1.0))
@@ -940,7 +953,7 @@ def secret_detectors() -> list[Detector]:
                  _regex_finder(URL_PASSWORD_RE, 0.95, group=1, check=_looks_secret)),
         Detector("secret:kv", "SECRET",
                  (rb"(?:pass|pwd|secret|key|token|auth|credential|sess)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
-                 _kv_secret, caseless=True),
+                 make_kv_finder(native), caseless=True),
         Detector("secret:env_block", "SECRET",
                  (rb"(?:pass|pwd|secret|token|key|credential)[a-z0-9_]{0,12}[\"']?[ \t]*\r?\n[ \t]*(?:-[ \t]*)?value:",),
                  120, 240, _env_block_secret, caseless=True),
@@ -978,5 +991,5 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
                  48, 44, make_ip_finder(ip_ignore_private, native)),
         Detector("crypto", "CRYPTO", (rb"\b(?:bc1[ac-hj-np-z02-9]{11}|[13][a-km-zA-HJ-NP-Z1-9]{25})",), 30, 80, find_crypto),
-        *secret_detectors(),
+        *secret_detectors(native),
     ]

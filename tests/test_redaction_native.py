@@ -376,3 +376,31 @@ def test_iban_checksum_cuts_agree_with_mod97():
         assert native.extension.iban_checksum_cuts(raw) == expected, raw
         found += len(expected)
     assert found > 1000
+
+
+def test_kv_secret_scan_agrees_with_the_regex():
+    """KV_RE's matches: every key and its re backtracking order ("pass" before "passphrase",
+    optional separators and prefixes), quotes, "=>" after a failed "=", \\bis\\b, the
+    200-character value caps, re's case-insensitive Unicode equivalents (İ ı ſ K), windows."""
+    rng = random.Random(8)
+    keys = ["password", "passwd", "passwort", "pwd", "pass", "passphrase", "secret", "client_secret", "clientsecret",
+            "secret-key", "api-key", "apikey", "api_token", "access_token", "accessKey", "auth_token", "refresh-token",
+            "private_key", "aws_secret_access_key", "token", "key", "auth", "credentials", "phpsessid", "PHPSESSION_ID",
+            "jsession", "session-token", "session_", "sessid", "csrf_token", "XSRF-TOKEN", "\u017fecret", "\u212aey",
+            "passwordX", "my_password", "apass", "1token", "\u0130"]
+    separators = ["=", ":", " = ", "\t:\t", "=>", " => ", " is ", "is", " IS ", " \u0130s ", " \u0131s ", "\"=", "'  :",
+                  "==", ": >", "=\n", " isx "]
+    values = ["hunter22", "\"abc def\"", "'abcd'", "\"ab\"", "ab", "abcd.", "abc(", "x" * 230, "\"" + "y" * 205 + "\"",
+              "\"abc\ndef\"", "getpass()", "\u00a0abcd", "名名名名", "a\u2003bcde", "'abcde", "ab,cd", "<YOUR_KEY>", "\ud800abcd"]
+    texts = ["", "password=hunter22", "key => 'abcd'"]
+    for _ in range(6000):
+        text = rng.choice(["", "x", " ", "1", "_", "\"", "é"]) + rng.choice(keys) + rng.choice(["", "\"", "'"])
+        text += rng.choice(separators) + rng.choice(values)
+        texts.append(text + (rng.choice(separators) + rng.choice(values) if rng.random() < 0.3 else ""))
+    found = 0
+    for text in texts:
+        for lo, hi in ((0, len(text)), (rng.randint(-2, len(text)), len(text) + 2), (0, rng.randint(0, len(text)))):
+            expected = list(patterns.kv_candidates(text, lo, hi))
+            assert native.extension.kv_candidates(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 2000
