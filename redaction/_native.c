@@ -2388,6 +2388,95 @@ static PyObject *kv_candidates(PyObject *module, PyObject *args) {
     return out;
 }
 
+/* ---- The e-mail scan: EMAIL_RE (redaction/patterns.py) as re matches it --------------------
+
+   (?<![\w.+\-%'])[\w.+\-%']{1,64}@(?:[^\W_](?:[\w\-]{0,62}[^\W_])?\.)+[^\W\d_]{2,24}(?![\w\-])
+   No choice here changes a match: the local part is the run of its characters up to the "@"
+   (the run cannot hold an "@", so fewer characters never reach one); a label runs to the
+   next "." (its characters cannot be one); the greedy "+" takes every label that is followed
+   by a ".", then gives them back one by one until the top-level domain after the last one
+   kept fits (2-24 letters, no [\w\-] after: fewer letters would leave a letter after). */
+
+static int email_local_char(Py_UCS4 ch) {
+    return is_word(ch) || ch == '.' || ch == '+' || ch == '-' || ch == '%' || ch == '\'';
+}
+
+/* The end of a label starting at pos, at its "." (before hi), or -1. */
+static Py_ssize_t email_label(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    Py_ssize_t end = pos;
+    while (end < hi && (is_word(AT(c, end)) || AT(c, end) == '-'))
+        end++;
+    if (end == pos || end - pos > 64 || end >= hi || AT(c, end) != '.')
+        return -1;
+    Py_UCS4 first = AT(c, pos), last = AT(c, end - 1);
+    if (!Py_UNICODE_ISALNUM(first) || !Py_UNICODE_ISALNUM(last))
+        return -1;
+    return end;
+}
+
+/* The end of a top-level domain at pos, or -1. */
+static Py_ssize_t email_tld(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    Py_ssize_t end = pos;
+    while (end < hi && end - pos < 24 && Py_UNICODE_ISALNUM(AT(c, end)) && !Py_UNICODE_ISDECIMAL(AT(c, end)))
+        end++;
+    if (end - pos < 2 || (end < hi && (is_word(AT(c, end)) || AT(c, end) == '-')))
+        return -1;
+    return end;
+}
+
+/* email_candidates(text, lo, hi): (start, end) of each match of EMAIL_RE.finditer(text, lo, hi). */
+static PyObject *email_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    clamp_window(text, &lo, &hi);
+    Span c = text_span(text, hi);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Offsets dots = {0, 0, NULL};
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        if (!email_local_char(AT(&c, pos)) || (pos > 0 && email_local_char(AT(&c, pos - 1)))) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t at = pos;
+        while (at < hi && email_local_char(AT(&c, at)))
+            at++;
+        Py_ssize_t end = -1;
+        if (at < hi && AT(&c, at) == '@' && at - pos <= 64) {
+            /* Label ends (each a "."), as many as follow one another; then the top-level
+               domain after the last one that lets it fit. */
+            Py_ssize_t next = at + 1, dot;
+            dots.count = 0;
+            while ((dot = email_label(&c, next, hi)) >= 0) {
+                if (offsets_push(&dots, dot, 0, 1) < 0) {
+                    PyMem_Free(dots.items);
+                    Py_DECREF(out);
+                    return NULL;
+                }
+                next = dot + 1;
+            }
+            for (Py_ssize_t k = dots.count; k >= 1 && end < 0; k--)
+                end = email_tld(&c, dots.items[k - 1] + 1, hi);
+        }
+        if (end < 0) {
+            pos++;
+            continue;
+        }
+        if (append_stolen(out, Py_BuildValue("(nn)", pos, end)) < 0) {
+            PyMem_Free(dots.items);
+            Py_DECREF(out);
+            return NULL;
+        }
+        pos = end;
+    }
+    PyMem_Free(dots.items);
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -2412,6 +2501,8 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+    {"email_candidates", email_candidates, METH_VARARGS,
+     "email_candidates(text, lo, hi): (start, end) of each EMAIL_RE match"},
     {"kv_candidates", kv_candidates, METH_VARARGS,
      "kv_candidates(text, lo, hi): (key start, key end, quote after key, value start, value end, quoted) per KV_RE match"},
 #ifdef GATEWATCH_HYPERSCAN

@@ -92,18 +92,28 @@ def _known_suffix(domain: str) -> bool:
 _USERINFO = re.compile(r"://[^\s/@]*:$")
 
 
-def find_email(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
-    for m in EMAIL_RE.finditer(text, lo, hi):
-        if m.start() > 3 and _USERINFO.search(text, max(0, m.start() - 80), m.start()):
-            continue  # scheme://user:password@host: the password is a secret, not a mailbox
-        value = m.group()
-        local, _, domain = value.rpartition("@")
-        if local.startswith(".") or ".." in local:
-            continue
-        if _known_suffix(domain.lower()):
-            out.append(Entity("EMAIL_ADDRESS", m.start(), m.end(), 0.95))
-    return out
+def email_candidates(text: str, lo: int, hi: int):
+    """(start, end) of each match of EMAIL_RE.finditer(text, lo, hi). (redaction/_native.c has
+    the same scan in C.)"""
+    return [m.span() for m in EMAIL_RE.finditer(text, lo, hi)]
+
+
+def make_email_finder(native: bool = False) -> Finder:
+    candidates = native_mod.extension.email_candidates if native else email_candidates
+
+    def find_email(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for start, end in candidates(text, lo, hi):
+            if start > 3 and _USERINFO.search(text, max(0, start - 80), start):
+                continue  # scheme://user:password@host: the password is a secret, not a mailbox
+            local, _, domain = text[start:end].rpartition("@")
+            if local.startswith(".") or ".." in local:
+                continue
+            if _known_suffix(domain.lower()):
+                out.append(Entity("EMAIL_ADDRESS", start, end, 0.95))
+        return out
+
+    return find_email
 
 
 # -- credit cards ---------------------------------------------------------------------------
@@ -974,7 +984,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
     """native: the finders use redaction/_native.c where it has their scans (same results)."""
     return [
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
-                 132, 280, find_email),
+                 132, 280, make_email_finder(native)),
         Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, make_card_finder(native)),
         Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, make_iban_finder(native),
                  caseless=True),

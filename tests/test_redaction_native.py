@@ -404,3 +404,22 @@ def test_kv_secret_scan_agrees_with_the_regex():
             assert native.extension.kv_candidates(text, lo, hi) == expected, (text, lo, hi)
             found += len(expected)
     assert found > 2000
+
+
+def test_email_scan_agrees_with_the_regex():
+    """EMAIL_RE's matches: local parts of 64 and 65 characters, labels of 64 and 65, top-level
+    domains of 2 and 25 letters, labels given back until the domain fits, Unicode letters,
+    digits that are not decimal (², Ⅷ), surrogates, windows cutting addresses."""
+    rng = random.Random(10)
+    pieces = ["ana", "@", ".", "-", "_", "+", "%", "'", "example", "com", "co", "uk", "x", "1", "2a", "é", "名", "\u0663",
+              "\u00b2", "\u2167", "\u01c5", " ", "\n", ",", "<", "a" * 63, "b" * 64, "c" * 65, "d" * 24, "e" * 25, "\ud800",
+              "😀", "@@", "..", "mail.", "x.y.z.", "-a", "a-", "_a", "ana.lopez@example.com", "A@b.cd"]
+    texts = ["", "@", "a@b.cd", "a@b.c", "x" * 70 + "@a.bc", "a." * 150 + "@" + "b." * 150 + "cd"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(8000)]
+    found = 0
+    for text in texts:
+        for lo, hi in ((0, len(text)), (rng.randint(-2, len(text)), len(text) + 2), (0, rng.randint(0, len(text)))):
+            expected = patterns.email_candidates(text, lo, hi)
+            assert native.extension.email_candidates(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 3000
