@@ -2477,6 +2477,187 @@ static PyObject *email_candidates(PyObject *module, PyObject *args) {
     return out;
 }
 
+/* ---- The rest of the phone score (patterns.shaped_phone_score) -----------------------------
+
+   The same rules in the same order, with the context tests above; the header's word tests
+   and _PHONE_SHAPE stay the Python regexes (passed in), the numbering-plan test stays
+   Python (None back: "0.7 if _valid_phone(candidate) else 0.0"). */
+
+/* Calls a context test above on (text, position): 1, 0, or -1 on an error. */
+static int context_test(PyCFunction test, PyObject *module, PyObject *text, Py_ssize_t position) {
+    PyObject *args = Py_BuildValue("(On)", text, position);
+    if (args == NULL)
+        return -1;
+    PyObject *result = test(module, args);
+    Py_DECREF(args);
+    if (result == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    return truth;
+}
+
+/* Whether regex_method(header) (a bound search or match) finds something: 1, 0, -1. */
+static int regex_finds(PyObject *regex_method, PyObject *header) {
+    PyObject *found = PyObject_CallOneArg(regex_method, header);
+    if (found == NULL)
+        return -1;
+    int truth = found != Py_None;
+    Py_DECREF(found);
+    return truth;
+}
+
+static PyObject *score_value(double score) { return PyFloat_FromDouble(score); }
+
+/* phone_score(text, start, candidate_end, extension, not_phone_header, phone_context,
+   phone_shape): shaped_phone_score(text, start, text[start:candidate_end], regions,
+   extension) given NOT_PHONE_HEADER.search, PHONE_CONTEXT.search and _PHONE_SHAPE.match; None
+   where the numbering plan decides; NotImplemented for a candidate outside PHONE_RE's
+   characters (the Python function then scores it). */
+static PyObject *phone_score(PyObject *module, PyObject *args) {
+    PyObject *text, *not_phone_header, *phone_context, *phone_shape;
+    Py_ssize_t start, candidate_end;
+    int extension;
+    if (!PyArg_ParseTuple(args, "UnnpOOO:phone_score", &text, &start, &candidate_end, &extension, &not_phone_header,
+                          &phone_context, &phone_shape))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (start < 0 || candidate_end > length || candidate_end - start < 2)
+        Py_RETURN_NOTIMPLEMENTED;
+    Span c = text_span(text, length);
+    c.start = start;
+    c.end = candidate_end;
+    Py_ssize_t n = span_length(&c);
+    /* compact: the characters left after removing "(0)" (re.sub: left to right, no
+       overlaps) and the phone punctuation; kept by position. */
+    Py_ssize_t compact[16], digits = 0;
+    int trunk = 0, all_digits = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 ch = AT(&c, i);
+        if (!Py_UNICODE_ISDIGIT(ch))
+            all_digits = 0;
+        if (ch == '(' && i + 2 < n && AT(&c, i + 1) == '0' && AT(&c, i + 2) == ')') {
+            trunk = 1;
+            i += 2;
+            continue;
+        }
+        if (phone_punctuation(ch))
+            continue;
+        if (!Py_UNICODE_ISDECIMAL(ch) || digits == 16)
+            Py_RETURN_NOTIMPLEMENTED;  /* (never from phone_candidates: \d digits, at most 15) */
+        compact[digits++] = i;
+    }
+    if (digits == 0)
+        Py_RETURN_NOTIMPLEMENTED;
+    Py_UCS4 first = AT(&c, 0);
+    int international = first == '+' || (first == '(' && AT(&c, 1) == '+');
+    PyObject *header = NULL;  /* (NULL: not looked up yet) */
+    PyObject *result = NULL;
+    int found;
+    if (!international) {
+        if ((found = context_test(unit_after, module, text, candidate_end)) != 0)
+            return found < 0 ? NULL : score_value(0.0);  /* "8751007310 ms", "1 234 567 tokens" */
+        if ((found = context_test(identifier_word_before, module, text, start)) != 0)
+            return found < 0 ? NULL : score_value(0.0);
+        PyObject *position_args = Py_BuildValue("(On)", text, start);
+        header = position_args ? column_header(module, position_args) : NULL;
+        Py_XDECREF(position_args);
+        if (header == NULL)
+            return NULL;
+        if (header != Py_None && (found = regex_finds(not_phone_header, header)) != 0) {
+            result = found < 0 ? NULL : score_value(0.0);
+            goto done;
+        }
+    }
+    int context = context_test(phone_word_before, module, text, start);
+    if (context < 0)
+        goto done;
+    if (!context) {
+        if (header == NULL) {
+            PyObject *position_args = Py_BuildValue("(On)", text, start);
+            header = position_args ? column_header(module, position_args) : NULL;
+            Py_XDECREF(position_args);
+            if (header == NULL)
+                goto done;
+        }
+        if (header != Py_None && (context = regex_finds(phone_context, header)) < 0)
+            goto done;
+    }
+    /* DECIMAL: ^\+?[1-9]\d*[.,]\d+$ (no "," or line break in a candidate) */
+    Py_ssize_t i = first == '+' ? 1 : 0;
+    int decimal = i < n && AT(&c, i) >= '1' && AT(&c, i) <= '9';
+    if (decimal) {
+        for (i++; i < n && Py_UNICODE_ISDECIMAL(AT(&c, i)); i++)
+            ;
+        Py_ssize_t point = i;
+        decimal = point < n && (AT(&c, point) == '.' || AT(&c, point) == ',');
+        for (i = point + 1; decimal && i < n; i++)
+            decimal = Py_UNICODE_ISDECIMAL(AT(&c, i));
+        decimal = decimal && n > point + 1;
+    }
+    int rest_digits = n > 1;  /* candidate[1:].isdigit() */
+    for (i = 1; i < n && rest_digits; i++)
+        rest_digits = Py_UNICODE_ISDIGIT(AT(&c, i));
+    if ((decimal && !context) || (international && AT(&c, compact[0]) == '0' && rest_digits)) {
+        result = score_value(0.0);  /* "+3.140000", "+000000120": numbers, not phones */
+        goto done;
+    }
+    if (digits >= 12 && !international && luhn_span(&c, compact, digits) && has_card_brand(&c, compact, digits)) {
+        result = score_value(0.0);  /* a card number */
+        goto done;
+    }
+    if (international) {
+        result = score_value(context ? 0.95 : 0.8);
+        goto done;
+    }
+    int separated = !all_digits;
+    if (separated && !context) {
+        Py_ssize_t zero_groups = 0;  /* _LEADING_ZERO_GROUP: "0" after one of " .-/)" */
+        for (i = 1; i < n; i++) {
+            Py_UCS4 before = AT(&c, i - 1);
+            zero_groups += AT(&c, i) == '0' && (before == ' ' || before == '.' || before == '-' || before == '/' || before == ')');
+        }
+        if (zero_groups >= 2) {
+            result = score_value(0.0);  /* "01 012 0123 01234" */
+            goto done;
+        }
+    }
+    int shaped = extension || (separated && trunk);
+    if (!shaped && separated) {
+        PyObject *candidate = PyUnicode_Substring(text, start, candidate_end);
+        shaped = candidate ? regex_finds(phone_shape, candidate) : -1;
+        Py_XDECREF(candidate);
+        if (shaped < 0)
+            goto done;
+    }
+    if (shaped) {
+        result = score_value(context ? 0.95 : 0.75);
+        goto done;
+    }
+    Py_UCS4 lead = AT(&c, compact[0]);
+    if (!separated && !context) {
+        if (digits < 10) {
+            result = score_value(0.0);
+            goto done;
+        }
+        long ean = 0;
+        for (i = 0; i < digits; i++)
+            ean += Py_UNICODE_TODECIMAL(AT(&c, compact[i])) * (i % 2 ? 3 : 1);
+        if ((digits == 13 && ean % 10 == 0) || (digits == 13 && lead == '1')) {
+            result = score_value(0.0);  /* a barcode or an epoch in milliseconds */
+            goto done;
+        }
+    }
+    if (context && (separated || lead == '0' || lead == '+' || digits >= 8)) {
+        result = score_value(0.9);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);  /* the numbering plan decides */
+done:
+    Py_XDECREF(header);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -2501,6 +2682,9 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+    {"phone_score", phone_score, METH_VARARGS,
+     "phone_score(text, start, candidate_end, extension, not_phone_header, phone_context, phone_shape): "
+     "shaped_phone_score's result, None where the numbering plan decides, NotImplemented outside PHONE_RE's characters"},
     {"email_candidates", email_candidates, METH_VARARGS,
      "email_candidates(text, lo, hi): (start, end) of each EMAIL_RE match"},
     {"kv_candidates", kv_candidates, METH_VARARGS,

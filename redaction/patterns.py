@@ -614,12 +614,23 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: 
     candidates = native_mod.extension.phone_candidates if native else phone_candidates
     context_tests = native_mod.extension if native else _PythonPhoneContext
 
+    def python_score(text: str, start: int, candidate_end: int, extension: bool, *_regexes) -> float:
+        return shaped_phone_score(text, start, text[start:candidate_end], regions, extension, context_tests)
+
+    # (the C score takes the header and shape regexes; None back: the numbering plan decides)
+    score_of = native_mod.extension.phone_score if native else python_score
+    regexes = (NOT_PHONE_HEADER.search, PHONE_CONTEXT.search, _PHONE_SHAPE.match)
+
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
         for start, extension_start, end, candidate_end in candidates(text, lo, hi, 7, True):
             extension = extension_start >= 0
-            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension, context_tests)
+            score = score_of(text, start, candidate_end, extension, *regexes)
+            if score is None:
+                score = 0.7 if _valid_phone(text[start:candidate_end], regions) else 0.0
+            elif score is NotImplemented:
+                score = python_score(text, start, candidate_end, extension)
             if score and score >= min_score:
                 out.append(Entity("PHONE_NUMBER", start, end if extension else candidate_end, score))
         return out

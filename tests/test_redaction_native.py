@@ -423,3 +423,30 @@ def test_email_scan_agrees_with_the_regex():
             assert native.extension.email_candidates(text, lo, hi) == expected, (text, lo, hi)
             found += len(expected)
     assert found > 3000
+
+
+def test_phone_score_in_c_agrees_with_shaped_phone_score(corpus_texts):
+    """Every rule of the score after the shape test (trunk "(0)", decimals, card numbers,
+    international zeros, leading-zero groups, the shape regex, barcodes and epochs, context
+    words and table headers), on the candidates of corpus and fuzzed texts; None back means
+    the numbering plan decides."""
+    rng = random.Random(14)
+    extra = ["(0)", "+44 (0)20 7946 0958", "0301234567", "4111111111111111", "4006123456789", "1700000000000",
+             "+000000120", "+3.140000", "01 012 0123 01234", "\n| phone | id |\n|---|---|\n| ", "\nname,phone,order\nx,",
+             " tokens", "ISBN ", "\u0663" * 8, "(0)(0)", "((0)0))", "x211", "+1 (415) 555-2671", "1234567890"]
+    pieces = _PIECES + _CONTEXT_PIECES + extra
+    texts = corpus_texts + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(5000)]
+    regions = ("US", "GB", "DE")
+    regexes = (patterns.NOT_PHONE_HEADER.search, patterns.PHONE_CONTEXT.search, patterns._PHONE_SHAPE.match)
+    scores = set()
+    for text in texts:
+        for start, extension_start, _end, candidate_end in patterns.phone_candidates(text, 0, len(text), 7, True):
+            candidate, extension = text[start:candidate_end], extension_start >= 0
+            expected = patterns.shaped_phone_score(text, start, candidate, regions, extension)
+            got = native.extension.phone_score(text, start, candidate_end, extension, *regexes)
+            if got is None:
+                got = 0.7 if patterns._valid_phone(candidate, regions) else 0.0
+            assert got == expected and type(got) is float, (text, start, candidate_end)
+            scores.add(expected)
+    assert scores == {0.0, 0.7, 0.75, 0.8, 0.9, 0.95}
+    assert native.extension.phone_score("1\n2", 0, 3, False, *regexes) is NotImplemented  # not PHONE_RE's characters
