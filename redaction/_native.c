@@ -931,8 +931,13 @@ typedef struct {
 
 #define CH(s, i) PyUnicode_READ((s)->kind, (s)->data, (i))
 
-static int is_digit(Py_UCS4 c) { return Py_UNICODE_ISDECIMAL(c); }
-static int is_word(Py_UCS4 c) { return Py_UNICODE_ISALNUM(c) || c == '_'; }
+/* re's \d and \w (Unicode); ASCII answered here (libpython's tables cost a call or four). */
+static int is_digit(Py_UCS4 c) { return c < 128 ? c >= '0' && c <= '9' : Py_UNICODE_ISDECIMAL(c); }
+static int is_word(Py_UCS4 c) {
+    if (c < 128)
+        return (c >= '0' && c <= '9') || ((c | 32) >= 'a' && (c | 32) <= 'z') || c == '_';
+    return Py_UNICODE_ISALNUM(c);
+}
 static int is_space(Py_UCS4 c) { return c == ' ' || c == 0xA0; }
 static int is_separator(Py_UCS4 c) { return c == ' ' || c == 0xA0 || c == '.' || c == '-' || c == '/'; }
 static int is_ascii_alnum(Py_UCS4 c) {
@@ -2369,6 +2374,8 @@ static PyObject *kv_candidates(PyObject *module, PyObject *args) {
         int key_quoted = 0, quoted = 0;
         Py_ssize_t key_end = -1;
         for (const char *const *key = KV_KEYS; *key; key++) {
+            if ((Py_UCS4)(unsigned char)**key != first)
+                continue;
             key_end = kv_key_at(&c, pos, hi, *key);
             if (key_end >= 0 && kv_rest(&c, key_end, hi, &key_quoted, value, &quoted))
                 break;
