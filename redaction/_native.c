@@ -727,6 +727,8 @@ static PyObject *tables_gate_hits(Tables *tables, PyObject *arg) {
    detector.finder(text, lo, hi) on each merged window (character offsets, clamped to the
    text), and found.extend(tagged(spans, detector.name)) for the windows that hold spans.
    Returns found. (The finder is looked up on every call, as the Python loop does.) */
+static PyObject *FINDER_NAME, *NAME_NAME;  /* "finder", "name" (interned at import) */
+
 static PyObject *sink_find(Sink *self, PyObject *args) {
     PyObject *detectors, *tagged, *found;
     if (!PyArg_ParseTuple(args, "O!OO!", &PyList_Type, &detectors, &tagged, &PyList_Type, &found))
@@ -740,7 +742,7 @@ static PyObject *sink_find(Sink *self, PyObject *args) {
         Py_ssize_t index = self->order[k];
         Offsets *mine = &self->windows[index];
         PyObject *detector = PyList_GET_ITEM(detectors, index);
-        PyObject *finder = PyObject_GetAttrString(detector, "finder");
+        PyObject *finder = PyObject_GetAttr(detector, FINDER_NAME);
         if (finder == NULL)
             return NULL;
         for (Py_ssize_t w = 0; w < mine->count; w += 2) {
@@ -751,13 +753,16 @@ static PyObject *sink_find(Sink *self, PyObject *args) {
                 goto fail;
             if (char_hi > chars)
                 char_hi = chars;
-            PyObject *spans = PyObject_CallFunction(finder, "Onn", self->text, char_lo, char_hi);
+            PyObject *bounds[3] = {self->text, PyLong_FromSsize_t(char_lo), PyLong_FromSsize_t(char_hi)};
+            PyObject *spans = bounds[1] && bounds[2] ? PyObject_Vectorcall(finder, bounds, 3, NULL) : NULL;
+            Py_XDECREF(bounds[1]);
+            Py_XDECREF(bounds[2]);
             if (spans == NULL)
                 goto fail;
             int holds = PyObject_IsTrue(spans);
             PyObject *tagged_spans = NULL, *name = NULL;
             if (holds > 0) {  /* (most windows hold nothing) */
-                name = PyObject_GetAttrString(detector, "name");
+                name = PyObject_GetAttr(detector, NAME_NAME);
                 if (name != NULL)
                     tagged_spans = PyObject_CallFunctionObjArgs(tagged, spans, name, NULL);
             }
@@ -2716,6 +2721,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&DatabaseType) < 0)
         return NULL;
 #endif
+    FINDER_NAME = PyUnicode_InternFromString("finder");
+    NAME_NAME = PyUnicode_InternFromString("name");
+    if (FINDER_NAME == NULL || NAME_NAME == NULL)
+        return NULL;
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL)
         return NULL;
