@@ -2670,6 +2670,153 @@ done:
     return result;
 }
 
+/* ---- The names tier's token walk (names.NameFinder._follow) --------------------------------
+
+   TOKEN = [^\W\d_]+(?:['’\-][^\W\d_]+)*: a letter is a \w character that is neither a \d digit
+   nor "_"; the separated parts need a letter after their separator, so the walk never backs
+   up. Words are lowercased by str.lower and looked up in the gazetteer's sets (passed in). */
+
+static int name_letter(Py_UCS4 c) { return c != '_' && is_word(c) && !is_digit(c); }
+
+/* The end of TOKEN's match at pos, or -1. */
+static Py_ssize_t name_token(const Span *c, Py_ssize_t pos, Py_ssize_t size) {
+    if (pos >= size || !name_letter(AT(c, pos)))
+        return -1;
+    Py_ssize_t end = pos + 1;
+    for (;;) {
+        while (end < size && name_letter(AT(c, end)))
+            end++;
+        if (end + 1 < size && (AT(c, end) == '\'' || AT(c, end) == 0x2019 || AT(c, end) == '-')
+            && name_letter(AT(c, end + 1)))
+            end += 2;
+        else
+            return end;
+    }
+}
+
+static Py_ssize_t skip_gap(const Span *c, Py_ssize_t pos, Py_ssize_t size) {  /* [ \t]*; _GAP wants one */
+    while (pos < size && (AT(c, pos) == ' ' || AT(c, pos) == '\t'))
+        pos++;
+    return pos;
+}
+
+static PyObject *LOWER_NAME;  /* "lower" (interned at import) */
+
+/* text[start:end].lower() */
+static PyObject *lowered(PyObject *text, Py_ssize_t start, Py_ssize_t end) {
+    PyObject *word = PyUnicode_Substring(text, start, end);
+    if (word == NULL)
+        return NULL;
+    PyObject *low = PyObject_CallMethodNoArgs(word, LOWER_NAME);
+    Py_DECREF(word);
+    return low;
+}
+
+/* Whether text[start:end].lower() is in `set`: 1, 0, -1. */
+static int lowered_in(PyObject *text, Py_ssize_t start, Py_ssize_t end, PyObject *set) {
+    PyObject *low = lowered(text, start, end);
+    if (low == NULL)
+        return -1;
+    int in = PySequence_Contains(set, low);
+    Py_DECREF(low);
+    return in;
+}
+
+/* follow_tokens(text, pos, max_tokens, any_case, any_first, surname_at, unknown_ok, sets):
+   NameFinder._follow's tokens; sets: (common, surnames, given, names, particles, stop words). */
+static PyObject *follow_tokens(PyObject *module, PyObject *args) {
+    PyObject *text, *common, *surnames, *given, *names, *particles, *stop_words;
+    Py_ssize_t pos, max_tokens, surname_at;
+    int any_case, any_first, unknown_ok;
+    if (!PyArg_ParseTuple(args, "Unnppnp(OOOOOO):follow_tokens", &text, &pos, &max_tokens, &any_case, &any_first,
+                          &surname_at, &unknown_ok, &common, &surnames, &given, &names, &particles, &stop_words))
+        return NULL;
+    Py_ssize_t size = PyUnicode_GET_LENGTH(text);
+    Span c = text_span(text, size);
+    PyObject *tokens = PyList_New(0);
+    if (tokens == NULL)
+        return NULL;
+    PyObject *low = NULL;
+    if (pos < 0)
+        pos = 0;  /* (TOKEN.match's own clamping) */
+    while (PyList_GET_SIZE(tokens) < max_tokens) {
+        Py_ssize_t start = pos, end = name_token(&c, pos, size);
+        if (end < 0)
+            break;
+        if (end - start >= 2 && AT(&c, end - 1) == 's' && (AT(&c, end - 2) == '\'' || AT(&c, end - 2) == 0x2019))
+            end -= 2;  /* the possessive "'s" */
+        low = lowered(text, start, end);
+        if (low == NULL)
+            goto fail;
+        int capital = Py_UNICODE_ISUPPER(AT(&c, start));
+        int in;
+        if (!capital && (in = PySequence_Contains(particles, low)) != 0) {
+            if (in < 0)
+                goto fail;
+            /* "van der", "de la": skipped up to the capitalised word after them */
+            Py_ssize_t probe = end, next_start = -1;
+            for (;;) {
+                Py_ssize_t gap_end = skip_gap(&c, probe, size);
+                Py_ssize_t next_end = gap_end > probe ? name_token(&c, gap_end, size) : -1;
+                if (next_end < 0)
+                    break;
+                if (Py_UNICODE_ISUPPER(AT(&c, gap_end))) {
+                    next_start = gap_end;
+                    break;
+                }
+                if ((in = lowered_in(text, gap_end, next_end, particles)) <= 0) {
+                    if (in < 0)
+                        goto fail;
+                    break;
+                }
+                probe = next_end;
+            }
+            Py_CLEAR(low);
+            if (next_start < 0)
+                break;
+            pos = next_start;
+            continue;
+        }
+        int ok;
+        if (capital) {
+            ok = any_first && PyList_GET_SIZE(tokens) == 0;
+            if (!ok && (in = PySequence_Contains(common, low)) <= 0)
+                ok = in < 0 ? -1 : 1;
+            if (!ok && (in = PySequence_Contains(surnames, low)) != 0)
+                ok = in;
+            if (!ok && (in = PySequence_Contains(given, low)) != 0)
+                ok = in;
+            if (!ok && PyList_GET_SIZE(tokens) == surname_at && (in = PySequence_Contains(stop_words, low)) <= 0)
+                ok = in < 0 ? -1 : 1;
+        } else {
+            ok = 0;
+            if (any_case) {
+                ok = unknown_ok;
+                if (!ok && (in = PySequence_Contains(names, low)) != 0)
+                    ok = in;
+                if (ok > 0 && (in = PySequence_Contains(common, low)) != 0)
+                    ok = in < 0 ? -1 : 0;
+            }
+        }
+        Py_CLEAR(low);
+        if (ok < 0)
+            goto fail;
+        if (!ok || (end < size && (Py_UNICODE_ISDIGIT(AT(&c, end)) || AT(&c, end) == '_' || AT(&c, end) == '@')))
+            break;
+        if (append_stolen(tokens, Py_BuildValue("(nn)", start, end)) < 0)
+            goto fail;
+        Py_ssize_t gap_end = skip_gap(&c, end, size);
+        if (gap_end == end)
+            break;
+        pos = gap_end;
+    }
+    return tokens;
+fail:
+    Py_XDECREF(low);
+    Py_DECREF(tokens);
+    return NULL;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -2694,6 +2841,9 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+    {"follow_tokens", follow_tokens, METH_VARARGS,
+     "follow_tokens(text, pos, max_tokens, any_case, any_first, surname_at, unknown_ok, sets): NameFinder._follow's "
+     "(start, end) tokens; sets: (common, surnames, given, names, particles, stop words)"},
     {"phone_score", phone_score, METH_VARARGS,
      "phone_score(text, start, candidate_end, extension, not_phone_header, phone_context, phone_shape): "
      "shaped_phone_score's result, None where the numbering plan decides, NotImplemented outside PHONE_RE's characters"},
@@ -2723,7 +2873,8 @@ PyMODINIT_FUNC PyInit__native(void) {
 #endif
     FINDER_NAME = PyUnicode_InternFromString("finder");
     NAME_NAME = PyUnicode_InternFromString("name");
-    if (FINDER_NAME == NULL || NAME_NAME == NULL)
+    LOWER_NAME = PyUnicode_InternFromString("lower");
+    if (FINDER_NAME == NULL || NAME_NAME == NULL || LOWER_NAME == NULL)
         return NULL;
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL)

@@ -77,9 +77,13 @@ class CollectionsHeld:
             gc.enable()
 
 
-@functools.lru_cache(maxsize=2)
-def _names_tier(strict: bool) -> tuple[NameFinder, tuple[GatePattern, ...]]:
-    """The names tier and its literal gate patterns, built once per process (~0.5 s)."""
+@functools.lru_cache(maxsize=4)
+def _names_tier(strict: bool, native: bool = False) -> tuple[NameFinder, tuple[GatePattern, ...]]:
+    """The names tier and its literal gate patterns, built once per process (~0.5 s);
+    native: its token walk in C."""
+    if native:
+        finder, literals = _names_tier(strict)
+        return finder.natively(), literals
     finder = NameFinder(gazetteer_mod.load(), strict=strict)
     forms = {form.encode("utf-8") for name in finder.given for form in (name.capitalize(), name.title())}
     return finder, tuple(GatePattern("given", form, literal=True) for form in sorted(forms) if len(form) >= 3)
@@ -116,7 +120,7 @@ class Redactor:
                     patterns.append(GatePattern(detector.name, gate, detector.caseless))
                     self._kinds.append((_KIND_DETECTOR, index))
         if "PERSON" in self.entities:
-            self.names, literals = _names_tier(settings.names_min_context == "strict")
+            self.names, literals = _names_tier(settings.names_min_context == "strict", extension is not None)
             # Given names as literals (capitalised as in prose); a hit inside a longer word
             # is dropped by the boundary check in _detect_hits.
             for literal in literals:

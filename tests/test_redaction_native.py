@@ -450,3 +450,33 @@ def test_phone_score_in_c_agrees_with_shaped_phone_score(corpus_texts):
             scores.add(expected)
     assert scores == {0.0, 0.7, 0.75, 0.8, 0.9, 0.95}
     assert native.extension.phone_score("1\n2", 0, 3, False, *regexes) is NotImplemented  # not PHONE_RE's characters
+
+
+def test_names_token_walk_in_c_agrees_with_follow(corpus_texts):
+    """NameFinder._follow and its C walk: particles before a capitalised word, possessives
+    (' and ’), hyphens and apostrophes inside names, digits, "_" and "@" after a word, letters
+    of every case class (titlecase ǅ, dotted İ, ß, ligatures), digits that are not decimal,
+    each caller's flags."""
+    from redaction import gazetteer
+    from redaction.names import NameFinder
+
+    reference = NameFinder(gazetteer.load())
+    walk = reference.natively()
+    assert walk._follow is not reference._follow and walk.given is reference.given
+    rng = random.Random(15)
+    pieces = ["Ana", "ana", "Lopez", "López", "van", "der", "de", "la", "Van", "Berg", "O'Neil", "Jean-Luc", "Grace",
+              "grace", "Will", "the", "The", "and", "Smith", "Wu", "Fang", "'s", "’s", "s", "'", "’", "-", " ", "  ", "\t",
+              "\n", "1", "_", "@", ".", ",", "Ł", "ukasz", "ǅ", "\u0130stanbul", "ı", "ß", "ﬁ", "²", "\u0663", "名", "😀",
+              "\ud800", "Paris", "Okafor", "chidi", "okonkwo", "Mücevher", "Şama", "X", "x", "A1", "Ann", "ann", "of"]
+    texts = corpus_texts[::4] + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(4000)]
+    flags = ((3, True, True, 1, False), (3, False), (3, True, True, 1, True), (3, False, False, 0), (1, True),
+             (2, True, False, 5, True))
+    tokens = 0
+    for text in texts:
+        starts = [i for i in range(len(text)) if i == 0 or text[i - 1] in " \t\n"][:6] + [len(text), len(text) + 2]
+        for pos in starts:
+            for args in flags:
+                expected = reference._follow(text, pos, *args)
+                assert walk._follow(text, pos, *args) == expected, (text, pos, args)
+                tokens += len(expected)
+    assert tokens > 10_000
