@@ -2817,6 +2817,157 @@ fail:
     return NULL;
 }
 
+/* ---- Overlapping spans (engine.Redactor._resolve) -------------------------------------------
+
+   The spans kept (non-empty, score at least the type's minimum, a type asked for), sorted by
+   (-score, -priority, -length, start) with ties in their order (as list.sort), each taken
+   unless it overlaps one taken before, in the end sorted by start. A span that overlaps a
+   taken one and reaches past it is merged with it: that, and anything this walk cannot
+   mirror exactly (scores that are not floats, NaN, more than RESOLVE_MOST spans), is left
+   to the Python code (None back). */
+
+#define RESOLVE_MOST 48
+
+typedef struct {
+    PyObject *entity;
+    double score;
+    long priority;
+    Py_ssize_t start, end;
+} Resolving;
+
+static int resolve_before(const Resolving *a, const Resolving *b) {  /* a's sort key < b's */
+    if (a->score != b->score)
+        return a->score > b->score;
+    if (a->priority != b->priority)
+        return a->priority > b->priority;
+    if (a->end - a->start != b->end - b->start)
+        return a->end - a->start > b->end - b->start;
+    return a->start < b->start;
+}
+
+/* Reads an entity's fields; 1 if it is kept, 0 if not, -1 on an error, -2 if the walk here
+   cannot mirror it. */
+static int resolve_read(PyObject *entity, PyObject *score_for, PyObject *entities, PyObject *priorities, Resolving *out) {
+    static PyObject *names[4];
+    if (names[0] == NULL) {
+        const char *fields[4] = {"type", "start", "end", "score"};
+        for (int i = 0; i < 4; i++)
+            if ((names[i] = PyUnicode_InternFromString(fields[i])) == NULL)
+                return -1;
+    }
+    PyObject *values[4] = {NULL, NULL, NULL, NULL};
+    int kept = -2;
+    for (int i = 0; i < 4; i++)
+        if ((values[i] = PyObject_GetAttr(entity, names[i])) == NULL) {
+            kept = -1;
+            goto done;
+        }
+    if (!PyLong_CheckExact(values[1]) || !PyLong_CheckExact(values[2]) || !PyFloat_CheckExact(values[3]))
+        goto done;
+    out->entity = entity;
+    out->start = PyLong_AsSsize_t(values[1]);
+    out->end = PyLong_AsSsize_t(values[2]);
+    out->score = PyFloat_AS_DOUBLE(values[3]);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        goto done;  /* (offsets past Py_ssize_t) */
+    }
+    if (out->score != out->score)
+        goto done;  /* NaN */
+    if (out->end <= out->start) {
+        kept = 0;
+        goto done;
+    }
+    PyObject *minimum = PyObject_CallOneArg(score_for, values[0]);
+    if (minimum == NULL) {
+        kept = -1;
+        goto done;
+    }
+    int enough = PyObject_RichCompareBool(values[3], minimum, Py_GE);
+    Py_DECREF(minimum);
+    int wanted = enough > 0 ? PySequence_Contains(entities, values[0]) : enough;
+    if (wanted <= 0) {
+        kept = wanted < 0 ? -1 : 0;
+        goto done;
+    }
+    PyObject *priority = PyDict_GetItemWithError(priorities, values[0]);
+    if (priority == NULL && PyErr_Occurred()) {
+        kept = -1;
+        goto done;
+    }
+    out->priority = priority == NULL ? 0 : PyLong_AsLong(priority);
+    if (out->priority == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto done;
+    }
+    kept = 1;
+done:
+    for (int i = 0; i < 4; i++)
+        Py_XDECREF(values[i]);
+    return kept;
+}
+
+/* resolve_spans(found, score_for, entities, priorities): _resolve's result, or None. */
+static PyObject *resolve_spans(PyObject *module, PyObject *args) {
+    PyObject *found, *score_for, *entities, *priorities;
+    if (!PyArg_ParseTuple(args, "O!OOO!:resolve_spans", &PyList_Type, &found, &score_for, &entities, &PyDict_Type,
+                          &priorities))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(found);
+    if (n > RESOLVE_MOST)
+        Py_RETURN_NONE;
+    Resolving kept[RESOLVE_MOST];
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int rc = resolve_read(PyList_GET_ITEM(found, i), score_for, entities, priorities, &kept[count]);
+        if (rc == -1)
+            return NULL;
+        if (rc == -2)
+            Py_RETURN_NONE;
+        count += rc;
+    }
+    /* the stable sort by key (insertion), then the walk */
+    for (Py_ssize_t i = 1; i < count; i++) {
+        Resolving item = kept[i];
+        Py_ssize_t j = i;
+        for (; j > 0 && resolve_before(&item, &kept[j - 1]); j--)
+            kept[j] = kept[j - 1];
+        kept[j] = item;
+    }
+    Resolving accepted[RESOLVE_MOST];
+    Py_ssize_t taken = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const Resolving *e = &kept[i];
+        int overlaps = 0, inside_all = 1;
+        for (Py_ssize_t k = 0; k < taken; k++) {
+            const Resolving *a = &accepted[k];
+            if (e->start < a->end && a->start < e->end) {
+                overlaps = 1;
+                inside_all = inside_all && a->start <= e->start && e->end <= a->end;
+            }
+        }
+        if (!overlaps)
+            accepted[taken++] = *e;
+        else if (!inside_all)
+            Py_RETURN_NONE;  /* a merge */
+    }
+    if (count > 1) {  /* (one span or none: in the order found, as _resolve returns them) */
+        for (Py_ssize_t i = 1; i < taken; i++) {
+            Resolving item = accepted[i];
+            Py_ssize_t j = i;
+            for (; j > 0 && item.start < accepted[j - 1].start; j--)
+                accepted[j] = accepted[j - 1];
+            accepted[j] = item;
+        }
+    }
+    PyObject *out = PyList_New(taken);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < taken; i++)
+        PyList_SET_ITEM(out, i, Py_NewRef(accepted[i].entity));
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -2841,6 +2992,8 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+    {"resolve_spans", resolve_spans, METH_VARARGS,
+     "resolve_spans(found, score_for, entities, priorities): Redactor._resolve's spans, None where it merges spans"},
     {"follow_tokens", follow_tokens, METH_VARARGS,
      "follow_tokens(text, pos, max_tokens, any_case, any_first, surname_at, unknown_ok, sets): NameFinder._follow's "
      "(start, end) tokens; sets: (common, surnames, given, names, particles, stop words)"},

@@ -386,6 +386,11 @@ class Redactor:
 
     def _resolve(self, found: list[Entity]) -> list[Entity]:
         settings = self.settings
+        if self._native is not None:
+            # (the C walk mirrors this one; merges and unusual spans come back None)
+            accepted = native_mod.extension.resolve_spans(found, settings.score_for, self.entities, _PRIORITY)
+            if accepted is not None:
+                return accepted
         kept = [e for e in found if e.end > e.start and e.score >= settings.score_for(e.type)
                 and e.type in self.entities]
         if len(kept) <= 1:
