@@ -509,3 +509,28 @@ def test_resolve_in_c_agrees_with_resolve(both):
                 any(e not in found for e in expected), found  # not mirrored: a merge made a new span
     assert mirrored > 5000
     assert fast._resolve(found) == reference._resolve(found)
+
+
+@needs_libhs
+def test_libhs_databases_are_kept_on_disk_and_a_bad_file_is_compiled_again(tmp_path, monkeypatch):
+    from redaction import gate as gate_mod
+    from redaction.gate import Gate, GatePattern
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gate_mod, "_COMPILED", {})
+    monkeypatch.setattr(gate_mod, "_KEYS", {})
+    patterns = [GatePattern("phone", rb"\d{3}-\d{4}"), GatePattern("cue", rb"\bDear\b", caseless=True),
+                GatePattern("given", b"Ana", literal=True)]
+    data = b"dear Ana, call 555-1234"
+    compiled = Gate(patterns, native=native.extension)
+    files = sorted((tmp_path / "gatewatch").glob("gate-*.hsdb"))
+    assert len(files) == 2  # the regexes and the literals
+    expected = Gate(patterns).scan(data)  # the hyperscan package's
+    assert compiled.scan(data) == expected and len(expected[0]) == 3
+    monkeypatch.setattr(gate_mod, "_COMPILED", {})
+    assert Gate(patterns, native=native.extension).scan(data) == expected  # loaded from the files
+    for path in files:
+        path.write_bytes(b"not a database")
+    monkeypatch.setattr(gate_mod, "_COMPILED", {})
+    assert Gate(patterns, native=native.extension).scan(data) == expected  # compiled again
+    assert all(path.read_bytes() != b"not a database" for path in files)
