@@ -855,7 +855,7 @@ def _regex_finder(regex: re.Pattern, score: float, group: int = 0, check: Callab
 
 
 def _looks_secret(value: str) -> bool:
-    return not (_PLACEHOLDER.match(value) or len(value) < 6 or _PLACEHOLDER_PART.search(value))
+    return not (len(value) < 6 or _PLACEHOLDER.match(value) or _PLACEHOLDER_PART.search(value))
 
 
 def _quoted_or_bare(m: re.Match) -> tuple[str, int, bool]:
