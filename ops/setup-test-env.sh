@@ -11,6 +11,7 @@ command -v clickhouse-server >/dev/null || missing="$missing clickhouse-server"
 command -v promtool >/dev/null || missing="$missing prometheus"
 ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$missing postgresql"
 command -v gcc >/dev/null || missing="$missing gcc libc6-dev"  # builds redaction/_native.c
+[ -e /usr/include/hs/hs.h ] || missing="$missing libhyperscan-dev"  # the gate's scan in redaction/_native.c
 if [ -n "$missing" ]; then
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $missing >/dev/null
@@ -20,3 +21,5 @@ python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 # the tests need it built, or they would test the fallback only.
 python3 -c "import redaction._native" || { echo "redaction/_native.c did not build (see pip's output)" >&2; exit 1; }
 python3 -c "import connectors.ingest_api._otlp_native" || { echo "connectors/ingest_api/_otlp_native.c did not build (see pip's output)" >&2; exit 1; }
+python3 -c "import redaction._native as n; assert n.HYPERSCAN_VERSION" \
+  || { echo "redaction/_native.c was built without libhs (hs/hs.h): the gate would scan through Python" >&2; exit 1; }

@@ -1,21 +1,193 @@
-/* Native half of the fast redaction tier: the gate's match callback and the window loop.
+/* Native half of the fast redaction tier: the gate's scan and match callback, and the window loop.
 
    `engine.Redactor._hit_sink` (Python) and `HitSink` (here) must give the same windows,
    name positions and status for every text; tests/test_redaction_native.py runs both on the
    corpora and on fuzzed strings. The Python code stays the reference and the fallback: keep
    the two in step when either changes.
 
-   Per text: hyperscan calls the sink once per gate hit (in end order). A detector hit opens
-   the window [end - pad_before, last_end + pad_after] of its detector or extends that
-   detector's last window; a name-word, cue or weak-cue hit becomes a character position for
-   the names tier. Then `find` runs each detector's finder (Python) on its merged windows. */
+   Per text: the gate reports each hit (in end order) to the sink. A detector hit opens the
+   window [end - pad_before, last_end + pad_after] of its detector or extends that detector's
+   last window; a name-word, cue or weak-cue hit becomes a position for the names tier. Then
+   `find` runs each detector's finder (Python) on its merged windows.
+
+   Where setup.py found libhs's header (GATEWATCH_HYPERSCAN), the gate's databases are
+   compiled and scanned here too (`compile_database`, `Tables.scan`): hyperscan calls the
+   sink's C callback directly. Otherwise the `hyperscan` package scans and calls the sink
+   object once per hit. */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <string.h>
 #include <structmember.h>
+#ifdef GATEWATCH_HYPERSCAN
+#include <hs/hs.h>
+#endif
 
 enum { KIND_DETECTOR = 0, KIND_WORD = 1, KIND_CUE = 2, KIND_WEAK = 3, KIND_RUN = 4 };
+
+/* ---- A growable array of offsets ------------------------------------------------------- */
+
+typedef struct {
+    Py_ssize_t count, capacity;
+    Py_ssize_t *items;
+} Offsets;
+
+/* Appends n (1 or 2) values; makes no Python object (hyperscan's callback calls it). */
+static int offsets_push(Offsets *offsets, Py_ssize_t a, Py_ssize_t b, int n) {
+    if (offsets->count + n > offsets->capacity) {
+        Py_ssize_t capacity = offsets->capacity ? 2 * offsets->capacity : 8;
+        Py_ssize_t *items = PyMem_Realloc(offsets->items, capacity * sizeof(Py_ssize_t));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        offsets->items = items;
+        offsets->capacity = capacity;
+    }
+    offsets->items[offsets->count++] = a;
+    if (n == 2)
+        offsets->items[offsets->count++] = b;
+    return 0;
+}
+
+/* ---- Hyperscan databases (compiled with libhs itself) ---------------------------------- */
+
+#ifdef GATEWATCH_HYPERSCAN
+typedef struct {
+    PyObject_HEAD
+    hs_database_t *db;
+} Database;
+
+static PyTypeObject DatabaseType;
+
+static void database_dealloc(Database *self) {
+    if (self->db != NULL)
+        hs_free_database(self->db);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *database_wrap(hs_database_t *db) {
+    Database *self = PyObject_New(Database, &DatabaseType);
+    if (self == NULL) {
+        hs_free_database(db);
+        return NULL;
+    }
+    self->db = db;
+    return (PyObject *)self;
+}
+
+static PyObject *database_serialize(Database *self, PyObject *Py_UNUSED(ignored)) {
+    char *bytes = NULL;
+    size_t length = 0;
+    if (hs_serialize_database(self->db, &bytes, &length) != HS_SUCCESS) {
+        PyErr_SetString(PyExc_RuntimeError, "hyperscan could not serialize the database");
+        return NULL;
+    }
+    PyObject *out = PyBytes_FromStringAndSize(bytes, (Py_ssize_t)length);
+    free(bytes);  /* (hyperscan's default allocator is malloc) */
+    return out;
+}
+
+static PyMethodDef database_methods[] = {
+    {"serialize", (PyCFunction)database_serialize, METH_NOARGS, "the database as bytes (load_database reads them)"},
+    {NULL},
+};
+
+static PyTypeObject DatabaseType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "redaction._native.Database",
+    .tp_basicsize = sizeof(Database),
+    .tp_dealloc = (destructor)database_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A block-mode hyperscan database (compile_database, load_database).",
+    .tp_methods = database_methods,
+};
+
+/* compile_database(expressions, flags, ids, literal): what the hyperscan package's
+   Database.compile makes of the same arguments (hs_compile_multi, or hs_compile_lit_multi for
+   literals), block mode, for the host platform. */
+static PyObject *compile_database(PyObject *module, PyObject *args) {
+    PyObject *expressions_arg, *flags_arg, *ids_arg;
+    int literal;
+    if (!PyArg_ParseTuple(args, "OOOp", &expressions_arg, &flags_arg, &ids_arg, &literal))
+        return NULL;
+    PyObject *expressions = PySequence_Fast(expressions_arg, "expressions must be a sequence");
+    PyObject *flags_seq = expressions ? PySequence_Fast(flags_arg, "flags must be a sequence") : NULL;
+    PyObject *ids_seq = flags_seq ? PySequence_Fast(ids_arg, "ids must be a sequence") : NULL;
+    const char **patterns = NULL;
+    size_t *lengths = NULL;
+    unsigned int *flags = NULL, *ids = NULL;
+    PyObject *out = NULL;
+    if (ids_seq == NULL)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(expressions);
+    if (n == 0 || PySequence_Fast_GET_SIZE(flags_seq) != n || PySequence_Fast_GET_SIZE(ids_seq) != n) {
+        PyErr_SetString(PyExc_ValueError, "one flag and one id per expression, at least one expression");
+        goto done;
+    }
+    patterns = PyMem_Calloc(n, sizeof(char *));
+    lengths = PyMem_Calloc(n, sizeof(size_t));
+    flags = PyMem_Calloc(n, sizeof(unsigned int));
+    ids = PyMem_Calloc(n, sizeof(unsigned int));
+    if (!patterns || !lengths || !flags || !ids) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *expression = PySequence_Fast_GET_ITEM(expressions, i);
+        if (!PyBytes_Check(expression)) {
+            PyErr_SetString(PyExc_TypeError, "expressions must be bytes");
+            goto done;
+        }
+        patterns[i] = PyBytes_AS_STRING(expression);  /* (NUL-terminated, as hs_compile_multi wants) */
+        lengths[i] = (size_t)PyBytes_GET_SIZE(expression);
+        flags[i] = (unsigned int)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(flags_seq, i));
+        ids[i] = (unsigned int)PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(ids_seq, i));
+        if (PyErr_Occurred())
+            goto done;
+    }
+    hs_database_t *db = NULL;
+    hs_compile_error_t *error = NULL;
+    hs_error_t rc;
+    Py_BEGIN_ALLOW_THREADS  /* (the names literal set takes seconds; expressions stays referenced) */
+    if (literal)
+        rc = hs_compile_lit_multi(patterns, flags, ids, lengths, (unsigned int)n, HS_MODE_BLOCK, NULL, &db, &error);
+    else
+        rc = hs_compile_multi(patterns, flags, ids, (unsigned int)n, HS_MODE_BLOCK, NULL, &db, &error);
+    Py_END_ALLOW_THREADS
+    if (rc != HS_SUCCESS) {
+        PyErr_Format(PyExc_ValueError, "hyperscan could not compile expression %d: %s",
+                     error ? error->expression : -1, error ? error->message : "unknown error");
+        hs_free_compile_error(error);
+        goto done;
+    }
+    out = database_wrap(db);
+done:
+    PyMem_Free(patterns);
+    PyMem_Free(lengths);
+    PyMem_Free(flags);
+    PyMem_Free(ids);
+    Py_XDECREF(expressions);
+    Py_XDECREF(flags_seq);
+    Py_XDECREF(ids_seq);
+    return out;
+}
+
+/* load_database(data): a database from Database.serialize()'s bytes (ValueError if libhs
+   cannot read them: another version or platform). */
+static PyObject *load_database(PyObject *module, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "load_database takes bytes");
+        return NULL;
+    }
+    hs_database_t *db = NULL;
+    if (hs_deserialize_database(PyBytes_AS_STRING(arg), (size_t)PyBytes_GET_SIZE(arg), &db) != HS_SUCCESS) {
+        PyErr_SetString(PyExc_ValueError, "not a hyperscan database of this version and platform");
+        return NULL;
+    }
+    return database_wrap(db);
+}
+#endif
 
 /* ---- Tables: what each gate pattern id means; built once per Redactor, read-only after. */
 
@@ -29,12 +201,12 @@ typedef struct {
     Py_ssize_t *pad_before;
     Py_ssize_t *pad_after;
     Py_ssize_t limit;      /* hits at which the scan stops (Gate.max_hits) */
+    PyObject *databases;   /* tuple of Database, scanned in order by Tables.scan (may be empty) */
+#ifdef GATEWATCH_HYPERSCAN
+    hs_scratch_t *scratch; /* for all the databases; cloned when busy (see scratch_take) */
+    int scratch_busy;
+#endif
 } Tables;
-
-typedef struct {
-    Py_ssize_t count, capacity;
-    Py_ssize_t *bounds;    /* lo, hi pairs (byte offsets, before clamping) */
-} Windows;
 
 typedef struct {
     PyObject_HEAD
@@ -47,10 +219,13 @@ typedef struct {
     int surrogates;        /* the bytes hold surrogatepass-encoded surrogates (invalid UTF-8) */
     Py_ssize_t hits;
     Py_ssize_t previous;
-    int too_many, out_of_order, any;
-    Windows *windows;      /* one per detector */
+    int too_many, out_of_order, any, stopped;
+    Offsets *windows;      /* one per detector: lo, hi pairs (byte offsets, before clamping) */
     Py_ssize_t *order;     /* detector indexes in the order of their first hit */
     Py_ssize_t opened;
+    /* The names tier's positions as byte offsets; turned into character offsets (Python
+       lists) when first read, so that a hit makes no Python object. */
+    Offsets given, cues, weak;  /* cues: (byte offset, pattern id) pairs */
     PyObject *given_words, *cue_ends, *weak_starts;
 } Sink;
 
@@ -63,17 +238,50 @@ static void tables_dealloc(Tables *self) {
     PyMem_Free(self->pad_before);
     PyMem_Free(self->pad_after);
     Py_XDECREF(self->cues);
+#ifdef GATEWATCH_HYPERSCAN
+    if (self->scratch != NULL)
+        hs_free_scratch(self->scratch);
+#endif
+    Py_XDECREF(self->databases);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* Tables(kinds, pads, limit): kinds a sequence of (kind, payload) per gate pattern id, with
-   payload the detector index (detector, run), the literal's length in bytes (word), the cue
-   phrase (cue) or None (weak cue); pads a sequence of (pad_before, pad_after) per detector. */
+/* Tables.databases: Database objects, and a scratch space that fits each of them. */
+static int tables_take_databases(Tables *self, PyObject *databases) {
+    self->databases = PySequence_Tuple(databases);
+    if (self->databases == NULL)
+        return -1;
+    Py_ssize_t n = PyTuple_GET_SIZE(self->databases);
+#ifdef GATEWATCH_HYPERSCAN
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *db = PyTuple_GET_ITEM(self->databases, i);
+        if (!PyObject_TypeCheck(db, &DatabaseType)) {
+            PyErr_SetString(PyExc_TypeError, "databases must be redaction._native.Database objects");
+            return -1;
+        }
+        if (hs_alloc_scratch(((Database *)db)->db, &self->scratch) != HS_SUCCESS) {
+            PyErr_SetString(PyExc_MemoryError, "hyperscan could not allocate scratch space");
+            return -1;
+        }
+    }
+#else
+    if (n > 0) {
+        PyErr_SetString(PyExc_RuntimeError, "this build of redaction._native has no hyperscan");
+        return -1;
+    }
+#endif
+    return 0;
+}
+
+/* Tables(kinds, pads, limit, databases=()): kinds a sequence of (kind, payload) per gate
+   pattern id, with payload the detector index (detector, run), the literal's length in bytes
+   (word), the cue phrase (cue) or None (weak cue); pads a sequence of (pad_before, pad_after)
+   per detector; databases the gate's compiled databases for Tables.scan, in scan order. */
 static PyObject *tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds) {
-    PyObject *kinds, *pads;
+    PyObject *kinds, *pads, *databases = NULL;
     Py_ssize_t limit;
-    static char *names[] = {"kinds", "pads", "limit", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn", names, &kinds, &pads, &limit))
+    static char *names[] = {"kinds", "pads", "limit", "databases", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOn|O", names, &kinds, &pads, &limit, &databases))
         return NULL;
     PyObject *kinds_seq = PySequence_Fast(kinds, "kinds must be a sequence");
     if (kinds_seq == NULL)
@@ -133,6 +341,11 @@ static PyObject *tables_new(PyTypeObject *type, PyObject *args, PyObject *kwds) 
         if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(pads_seq, i), "nn", &self->pad_before[i], &self->pad_after[i]))
             goto fail;
     }
+    PyObject *given = databases == NULL || databases == Py_None ? PyTuple_New(0) : Py_NewRef(databases);
+    int taken = given != NULL ? tables_take_databases(self, given) : -1;
+    Py_XDECREF(given);
+    if (taken < 0)
+        goto fail;
     Py_DECREF(kinds_seq);
     Py_DECREF(pads_seq);
     return (PyObject *)self;
@@ -145,33 +358,28 @@ fail:
 
 /* ---- Sink ---------------------------------------------------------------------------- */
 
-static int sink_clear(Sink *self) {
+static void sink_dealloc(Sink *self) {
+    if (self->windows != NULL) {
+        Py_ssize_t detectors = self->tables ? self->tables->detectors : 0;
+        for (Py_ssize_t i = 0; i < detectors; i++)
+            PyMem_Free(self->windows[i].items);
+        PyMem_Free(self->windows);
+    }
+    PyMem_Free(self->order);
+    PyMem_Free(self->given.items);
+    PyMem_Free(self->cues.items);
+    PyMem_Free(self->weak.items);
     Py_CLEAR(self->tables);
     Py_CLEAR(self->text);
     Py_CLEAR(self->data);
     Py_CLEAR(self->given_words);
     Py_CLEAR(self->cue_ends);
     Py_CLEAR(self->weak_starts);
-    return 0;
-}
-
-static void sink_dealloc(Sink *self) {
-    if (self->windows != NULL) {
-        Py_ssize_t detectors = self->tables ? self->tables->detectors : 0;
-        for (Py_ssize_t i = 0; i < detectors; i++)
-            PyMem_Free(self->windows[i].bounds);
-        PyMem_Free(self->windows);
-    }
-    PyMem_Free(self->order);
-    sink_clear(self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-/* tables.sink(text, data): a new sink for one text; data is text.encode("utf-8", "surrogatepass"). */
-static PyObject *tables_sink(Tables *tables, PyObject *args) {
-    PyObject *text, *data;
-    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
-        return NULL;
+/* A new sink for one text; data is text.encode("utf-8", "surrogatepass"). */
+static Sink *sink_new(Tables *tables, PyObject *text, PyObject *data) {
     Sink *self = PyObject_New(Sink, &SinkType);
     if (self == NULL)
         return NULL;
@@ -195,18 +403,28 @@ static PyObject *tables_sink(Tables *tables, PyObject *args) {
     }
     self->hits = 0;
     self->previous = 0;
-    self->too_many = self->out_of_order = self->any = 0;
+    self->too_many = self->out_of_order = self->any = self->stopped = 0;
     self->opened = 0;
-    self->windows = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Windows));
+    memset(&self->given, 0, sizeof(Offsets));
+    memset(&self->cues, 0, sizeof(Offsets));
+    memset(&self->weak, 0, sizeof(Offsets));
+    self->given_words = self->cue_ends = self->weak_starts = NULL;
+    self->windows = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Offsets));
     self->order = PyMem_Calloc(tables->detectors ? tables->detectors : 1, sizeof(Py_ssize_t));
-    self->given_words = PyList_New(0);
-    self->cue_ends = PyList_New(0);
-    self->weak_starts = PyList_New(0);
-    if (!self->windows || !self->order || !self->given_words || !self->cue_ends || !self->weak_starts) {
+    if (!self->windows || !self->order) {
         Py_DECREF(self);
-        return PyErr_NoMemory();
+        PyErr_NoMemory();
+        return NULL;
     }
-    return (PyObject *)self;
+    return self;
+}
+
+/* tables.sink(text, data): a new sink for one text, for hyperscan's binding to call per hit. */
+static PyObject *tables_sink(Tables *tables, PyObject *args) {
+    PyObject *text, *data;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
+        return NULL;
+    return (PyObject *)sink_new(tables, text, data);
 }
 
 /* len(data[:offset].decode("utf-8", "ignore")): the character offset of a byte offset. */
@@ -252,44 +470,72 @@ static int word_byte(unsigned char b) {
     return b >= 0x80 || (b >= '0' && b <= '9') || (b >= 'a' && b <= 'z') || (b >= 'A' && b <= 'Z') || b == '_';
 }
 
-static int append_position(PyObject *list, Py_ssize_t position) {
-    PyObject *value = PyLong_FromSsize_t(position);
-    if (value == NULL)
-        return -1;
-    int rc = PyList_Append(list, value);
-    Py_DECREF(value);
-    return rc;
-}
-
 static int open_window(Sink *self, Py_ssize_t detector, Py_ssize_t lo, Py_ssize_t hi) {
-    Windows *mine = &self->windows[detector];
+    Offsets *mine = &self->windows[detector];
     if (mine->count > 0) {
-        Py_ssize_t *last = &mine->bounds[2 * (mine->count - 1)];
-        if (lo <= last[1]) {
-            if (hi > last[1])
-                last[1] = hi;
+        Py_ssize_t *last_hi = &mine->items[mine->count - 1];
+        if (lo <= *last_hi) {
+            if (hi > *last_hi)
+                *last_hi = hi;
             return 0;
         }
     } else {
         self->order[self->opened++] = detector;
     }
-    if (mine->count == mine->capacity) {
-        Py_ssize_t capacity = mine->capacity ? 2 * mine->capacity : 4;
-        Py_ssize_t *bounds = PyMem_Realloc(mine->bounds, 2 * capacity * sizeof(Py_ssize_t));
-        if (bounds == NULL) {
-            PyErr_NoMemory();
-            return -1;
-        }
-        mine->bounds = bounds;
-        mine->capacity = capacity;
-    }
-    mine->bounds[2 * mine->count] = lo;
-    mine->bounds[2 * mine->count + 1] = hi;
-    mine->count++;
-    return 0;
+    return offsets_push(mine, lo, hi, 2);
 }
 
-/* One gate hit: (pattern_id, start, end, flags, context) as hyperscan's binding passes it.
+/* One gate hit (byte offset of its end): 1 to stop the scan, 0 to go on, -1 on an error.
+   Makes no Python object: hyperscan's callback calls it. */
+static int sink_hit(Sink *self, Py_ssize_t pattern_id, Py_ssize_t end) {
+    Tables *tables = self->tables;
+    self->hits++;
+    if (self->hits >= tables->limit) {
+        self->too_many = 1;
+        return 1;  /* stop: the caller runs every detector on the whole text */
+    }
+    if (pattern_id < 0 || pattern_id >= tables->patterns) {
+        PyErr_SetString(PyExc_IndexError, "gate pattern id out of range");
+        return -1;
+    }
+    if (end < 0 || end > self->size) {
+        PyErr_SetString(PyExc_IndexError, "gate hit outside the text");
+        return -1;
+    }
+    const unsigned char *buf = self->buf;
+    int kind = tables->kind[pattern_id];
+    Py_ssize_t payload = tables->payload[pattern_id];
+    if (kind == KIND_WORD) {
+        Py_ssize_t start = end - payload;
+        if (start > 0 && word_byte(buf[start - 1]))
+            return 0;  /* "Anna" inside "Hanna" */
+        if (end < self->size && word_byte(buf[end]))
+            return 0;  /* "Ann" in "Announcement" */
+        self->any = 1;
+        return offsets_push(&self->given, start, 0, 1);
+    }
+    if (end < self->previous) {
+        self->out_of_order = 1;
+        return 1;
+    }
+    self->previous = end;
+    self->any = 1;
+    if (kind == KIND_DETECTOR || kind == KIND_RUN) {
+        Py_ssize_t last_end = end;
+        if (kind == KIND_RUN) {  /* the run gate's extension: \d* (ASCII digits: a bytes pattern) */
+            while (last_end < self->size && buf[last_end] >= '0' && buf[last_end] <= '9')
+                last_end++;
+        }
+        return open_window(self, payload, end - tables->pad_before[payload], last_end + tables->pad_after[payload]);
+    }
+    Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
+    Py_ssize_t at = buf[last] < 0x80 ? end - 1 : end - 2;
+    if (kind == KIND_CUE)
+        return offsets_push(&self->cues, at, pattern_id, 2);
+    return offsets_push(&self->weak, at, 0, 1);
+}
+
+/* One gate hit as hyperscan's binding passes it: (pattern_id, start, end, flags, context).
    Returns True to stop the scan. */
 static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
     if (kwds != NULL && PyDict_GET_SIZE(kwds)) {
@@ -306,73 +552,183 @@ static PyObject *sink_call(Sink *self, PyObject *args, PyObject *kwds) {
     Py_ssize_t end = PyLong_AsSsize_t(PyTuple_GET_ITEM(args, 2));
     if (end == -1 && PyErr_Occurred())
         return NULL;
-    Tables *tables = self->tables;
-    self->hits++;
-    if (self->hits >= tables->limit) {
-        self->too_many = 1;
-        Py_RETURN_TRUE;  /* stop: the caller runs every detector on the whole text */
-    }
-    if (pattern_id < 0 || pattern_id >= tables->patterns) {
-        PyErr_SetString(PyExc_IndexError, "gate pattern id out of range");
+    int rc = sink_hit(self, pattern_id, end);
+    if (rc < 0)
         return NULL;
-    }
-    if (end < 0 || end > self->size) {
-        PyErr_SetString(PyExc_IndexError, "gate hit outside the text");
-        return NULL;
-    }
-    const unsigned char *buf = self->buf;
-    int kind = tables->kind[pattern_id];
-    Py_ssize_t payload = tables->payload[pattern_id];
-    if (kind == KIND_WORD) {
-        Py_ssize_t start = end - payload;
-        if (start > 0 && word_byte(buf[start - 1]))
-            Py_RETURN_FALSE;  /* "Anna" inside "Hanna" */
-        if (end < self->size && word_byte(buf[end]))
-            Py_RETURN_FALSE;  /* "Ann" in "Announcement" */
-        Py_ssize_t at = to_char(self, start);
-        if ((at < 0 && PyErr_Occurred()) || append_position(self->given_words, at) < 0)
-            return NULL;
-        self->any = 1;
-        Py_RETURN_FALSE;
-    }
-    if (end < self->previous) {
-        self->out_of_order = 1;
-        Py_RETURN_TRUE;
-    }
-    self->previous = end;
-    self->any = 1;
-    if (kind == KIND_DETECTOR || kind == KIND_RUN) {
-        Py_ssize_t last_end = end;
-        if (kind == KIND_RUN) {  /* the run gate's extension: \d* (ASCII digits: a bytes pattern) */
-            while (last_end < self->size && buf[last_end] >= '0' && buf[last_end] <= '9')
-                last_end++;
-        }
-        if (open_window(self, payload, end - tables->pad_before[payload], last_end + tables->pad_after[payload]) < 0)
-            return NULL;
-        Py_RETURN_FALSE;
-    }
-    Py_ssize_t last = end - 1 >= 0 ? end - 1 : end - 1 + self->size;
-    Py_ssize_t at = to_char(self, buf[last] < 0x80 ? end - 1 : end - 2);
-    if (at < 0 && PyErr_Occurred())
-        return NULL;
-    if (kind == KIND_CUE) {
-        PyObject *pair = Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(tables->cues, pattern_id));
-        if (pair == NULL)
-            return NULL;
-        int rc = PyList_Append(self->cue_ends, pair);
-        Py_DECREF(pair);
-        if (rc < 0)
-            return NULL;
-    } else if (append_position(self->weak_starts, at) < 0) {
-        return NULL;
-    }
-    Py_RETURN_FALSE;
+    return PyBool_FromLong(rc);
 }
+
+/* The character offsets of `offsets` (every `stride`-th value), as a new list; with cues,
+   (offset, cue phrase of the pattern id that follows each offset) pairs. */
+static PyObject *char_positions(Sink *self, const Offsets *offsets, int stride, int cues) {
+    PyObject *list = PyList_New(offsets->count / stride);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < offsets->count; i += stride) {
+        Py_ssize_t at = to_char(self, offsets->items[i]);
+        if (at < 0 && PyErr_Occurred())
+            goto fail;
+        PyObject *item = cues ? Py_BuildValue("(nO)", at, PyTuple_GET_ITEM(self->tables->cues, offsets->items[i + 1]))
+                              : PyLong_FromSsize_t(at);
+        if (item == NULL)
+            goto fail;
+        PyList_SET_ITEM(list, i / stride, item);
+    }
+    return list;
+fail:
+    Py_DECREF(list);
+    return NULL;
+}
+
+static PyObject *sink_given_words(Sink *self, void *Py_UNUSED(closure)) {
+    if (self->given_words == NULL && (self->given_words = char_positions(self, &self->given, 1, 0)) == NULL)
+        return NULL;
+    return Py_NewRef(self->given_words);
+}
+
+static PyObject *sink_cue_ends(Sink *self, void *Py_UNUSED(closure)) {
+    if (self->cue_ends == NULL && (self->cue_ends = char_positions(self, &self->cues, 2, 1)) == NULL)
+        return NULL;
+    return Py_NewRef(self->cue_ends);
+}
+
+static PyObject *sink_weak_starts(Sink *self, void *Py_UNUSED(closure)) {
+    if (self->weak_starts == NULL && (self->weak_starts = char_positions(self, &self->weak, 1, 0)) == NULL)
+        return NULL;
+    return Py_NewRef(self->weak_starts);
+}
+
+#ifdef GATEWATCH_HYPERSCAN
+/* The tables' scratch space, or a clone of it while another scan holds it (a scan does not
+   give up the GIL, so only a reentrant call could find it busy). */
+static hs_scratch_t *scratch_take(Tables *tables) {
+    if (!tables->scratch_busy) {
+        tables->scratch_busy = 1;
+        return tables->scratch;
+    }
+    hs_scratch_t *clone = NULL;
+    if (hs_clone_scratch(tables->scratch, &clone) != HS_SUCCESS) {
+        PyErr_SetString(PyExc_MemoryError, "hyperscan could not allocate scratch space");
+        return NULL;
+    }
+    return clone;
+}
+
+static void scratch_give_back(Tables *tables, hs_scratch_t *scratch) {
+    if (scratch == tables->scratch)
+        tables->scratch_busy = 0;
+    else
+        hs_free_scratch(scratch);
+}
+
+typedef struct {
+    Sink *sink;     /* Tables.scan: hits go to the sink */
+    Offsets *hits;  /* gate_hits: hits are collected (id, start, end) */
+    Py_ssize_t limit;
+    int failed;
+} ScanContext;
+
+static int on_hit(unsigned int id, unsigned long long from, unsigned long long to, unsigned int flags, void *context) {
+    ScanContext *scan = context;
+    if (scan->sink != NULL) {
+        int rc = sink_hit(scan->sink, (Py_ssize_t)id, (Py_ssize_t)to);
+        if (rc < 0)
+            scan->failed = 1;
+        return rc != 0;
+    }
+    if (offsets_push(scan->hits, (Py_ssize_t)id, (Py_ssize_t)from, 2) < 0 || offsets_push(scan->hits, (Py_ssize_t)to, 0, 1) < 0) {
+        scan->failed = 1;
+        return 1;
+    }
+    return scan->hits->count / 3 >= scan->limit;
+}
+
+/* Each of the tables' databases over data, in order, until a hit stops the scan: 1 if one
+   did, 0 if not, -1 on an error. */
+static int scan_databases(Tables *tables, PyObject *data, ScanContext *scan) {
+    Py_ssize_t n = PyTuple_GET_SIZE(tables->databases);
+    if (n == 0) {
+        PyErr_SetString(PyExc_RuntimeError, "these tables have no hyperscan databases");
+        return -1;
+    }
+    if (PyBytes_GET_SIZE(data) > (Py_ssize_t)UINT_MAX) {
+        PyErr_SetString(PyExc_ValueError, "text too long for one hyperscan scan");
+        return -1;
+    }
+    hs_scratch_t *scratch = scratch_take(tables);
+    if (scratch == NULL)
+        return -1;
+    int stopped = 0;
+    for (Py_ssize_t i = 0; i < n && !stopped; i++) {
+        hs_database_t *db = ((Database *)PyTuple_GET_ITEM(tables->databases, i))->db;
+        hs_error_t rc = hs_scan(db, PyBytes_AS_STRING(data), (unsigned int)PyBytes_GET_SIZE(data), 0, scratch, on_hit,
+                                scan);
+        if (scan->failed) {
+            scratch_give_back(tables, scratch);
+            return -1;
+        }
+        if (rc == HS_SCAN_TERMINATED) {
+            stopped = 1;
+        } else if (rc != HS_SUCCESS) {
+            scratch_give_back(tables, scratch);
+            PyErr_Format(PyExc_RuntimeError, "hyperscan scan failed (error %d)", (int)rc);
+            return -1;
+        }
+    }
+    scratch_give_back(tables, scratch);
+    return stopped;
+}
+
+/* tables.scan(text, data): a sink for the text that has taken every gate hit, straight from
+   hyperscan (sink.stopped: a hit stopped the scan, as Gate.feed's result). */
+static PyObject *tables_scan(Tables *tables, PyObject *args) {
+    PyObject *text, *data;
+    if (!PyArg_ParseTuple(args, "UO!", &text, &PyBytes_Type, &data))
+        return NULL;
+    Sink *sink = sink_new(tables, text, data);
+    if (sink == NULL)
+        return NULL;
+    ScanContext scan = {sink, NULL, 0, 0};
+    int stopped = scan_databases(tables, data, &scan);
+    if (stopped < 0) {
+        Py_DECREF(sink);
+        return NULL;
+    }
+    sink->stopped = stopped;
+    return (PyObject *)sink;
+}
+
+/* tables.gate_hits(data): Gate.scan's answer from these databases: ([(pattern id, start,
+   end), ...] as reported, whether the scan stopped at the tables' hit limit). */
+static PyObject *tables_gate_hits(Tables *tables, PyObject *arg) {
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "gate_hits takes bytes");
+        return NULL;
+    }
+    Offsets hits = {0, 0, NULL};
+    ScanContext scan = {NULL, &hits, tables->limit, 0};
+    int stopped = scan_databases(tables, arg, &scan);
+    PyObject *list = stopped < 0 ? NULL : PyList_New(hits.count / 3);
+    for (Py_ssize_t i = 0; list != NULL && i < hits.count; i += 3) {
+        PyObject *hit = Py_BuildValue("(nnn)", hits.items[i], hits.items[i + 1], hits.items[i + 2]);
+        if (hit == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, i / 3, hit);
+    }
+    PyMem_Free(hits.items);
+    if (list == NULL)
+        return NULL;
+    return Py_BuildValue("(NO)", list, stopped ? Py_True : Py_False);
+}
+#endif
 
 /* sink.find(detectors, tagged, found): for each detector in the order of its first hit,
    detector.finder(text, lo, hi) on each merged window (character offsets, clamped to the
    text), and found.extend(tagged(spans, detector.name)) for the windows that hold spans.
    Returns found. (The finder is looked up on every call, as the Python loop does.) */
+static PyObject *FINDER_NAME, *NAME_NAME;  /* "finder", "name" (interned at import) */
+
 static PyObject *sink_find(Sink *self, PyObject *args) {
     PyObject *detectors, *tagged, *found;
     if (!PyArg_ParseTuple(args, "O!OO!", &PyList_Type, &detectors, &tagged, &PyList_Type, &found))
@@ -384,26 +740,29 @@ static PyObject *sink_find(Sink *self, PyObject *args) {
     Py_ssize_t chars = PyUnicode_GET_LENGTH(self->text);
     for (Py_ssize_t k = 0; k < self->opened; k++) {
         Py_ssize_t index = self->order[k];
-        Windows *mine = &self->windows[index];
+        Offsets *mine = &self->windows[index];
         PyObject *detector = PyList_GET_ITEM(detectors, index);
-        PyObject *finder = PyObject_GetAttrString(detector, "finder");
+        PyObject *finder = PyObject_GetAttr(detector, FINDER_NAME);
         if (finder == NULL)
             return NULL;
-        for (Py_ssize_t w = 0; w < mine->count; w++) {
-            Py_ssize_t lo = mine->bounds[2 * w], hi = mine->bounds[2 * w + 1];
+        for (Py_ssize_t w = 0; w < mine->count; w += 2) {
+            Py_ssize_t lo = mine->items[w], hi = mine->items[w + 1];
             Py_ssize_t char_lo = to_char(self, lo > 0 ? lo : 0);
             Py_ssize_t char_hi = to_char(self, hi < self->size ? hi : self->size);
             if ((char_lo < 0 || char_hi < 0) && PyErr_Occurred())
                 goto fail;
             if (char_hi > chars)
                 char_hi = chars;
-            PyObject *spans = PyObject_CallFunction(finder, "Onn", self->text, char_lo, char_hi);
+            PyObject *bounds[3] = {self->text, PyLong_FromSsize_t(char_lo), PyLong_FromSsize_t(char_hi)};
+            PyObject *spans = bounds[1] && bounds[2] ? PyObject_Vectorcall(finder, bounds, 3, NULL) : NULL;
+            Py_XDECREF(bounds[1]);
+            Py_XDECREF(bounds[2]);
             if (spans == NULL)
                 goto fail;
             int holds = PyObject_IsTrue(spans);
             PyObject *tagged_spans = NULL, *name = NULL;
             if (holds > 0) {  /* (most windows hold nothing) */
-                name = PyObject_GetAttrString(detector, "name");
+                name = PyObject_GetAttr(detector, NAME_NAME);
                 if (name != NULL)
                     tagged_spans = PyObject_CallFunctionObjArgs(tagged, spans, name, NULL);
             }
@@ -437,17 +796,17 @@ static PyObject *sink_windows(Sink *self, PyObject *Py_UNUSED(ignored)) {
         return NULL;
     for (Py_ssize_t k = 0; k < self->opened; k++) {
         Py_ssize_t detector = self->order[k];
-        Windows *mine = &self->windows[detector];
-        PyObject *list = PyList_New(mine->count);
+        Offsets *mine = &self->windows[detector];
+        PyObject *list = PyList_New(mine->count / 2);
         if (list == NULL)
             goto fail;
-        for (Py_ssize_t w = 0; w < mine->count; w++) {
-            PyObject *pair = Py_BuildValue("[nn]", mine->bounds[2 * w], mine->bounds[2 * w + 1]);
+        for (Py_ssize_t w = 0; w < mine->count; w += 2) {
+            PyObject *pair = Py_BuildValue("[nn]", mine->items[w], mine->items[w + 1]);
             if (pair == NULL) {
                 Py_DECREF(list);
                 goto fail;
             }
-            PyList_SET_ITEM(list, w, pair);
+            PyList_SET_ITEM(list, w / 2, pair);
         }
         PyObject *key = PyLong_FromSsize_t(detector);
         if (key == NULL || PyDict_SetItem(out, key, list) < 0) {
@@ -481,9 +840,14 @@ static PyMemberDef sink_members[] = {
     {"too_many", T_INT, offsetof(Sink, too_many), READONLY, "the scan stopped at the hit limit"},
     {"out_of_order", T_INT, offsetof(Sink, out_of_order), READONLY, "a detector hit came before the previous one's end"},
     {"any", T_INT, offsetof(Sink, any), READONLY, "any hit kept"},
-    {"given_words", T_OBJECT_EX, offsetof(Sink, given_words), READONLY, "character offsets of given-name hits"},
-    {"cue_ends", T_OBJECT_EX, offsetof(Sink, cue_ends), READONLY, "(character offset, cue) of cue hits"},
-    {"weak_starts", T_OBJECT_EX, offsetof(Sink, weak_starts), READONLY, "character offsets of weak-cue hits"},
+    {"stopped", T_INT, offsetof(Sink, stopped), READONLY, "Tables.scan: a hit stopped the scan"},
+    {NULL},
+};
+
+static PyGetSetDef sink_getset[] = {
+    {"given_words", (getter)sink_given_words, NULL, "character offsets of given-name hits", NULL},
+    {"cue_ends", (getter)sink_cue_ends, NULL, "(character offset, cue) of cue hits", NULL},
+    {"weak_starts", (getter)sink_weak_starts, NULL, "character offsets of weak-cue hits", NULL},
     {NULL},
 };
 
@@ -502,13 +866,18 @@ static PyTypeObject SinkType = {
     .tp_dealloc = (destructor)sink_dealloc,
     .tp_call = (ternaryfunc)sink_call,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "The gate's match callback for one text (see Tables.sink).",
+    .tp_doc = "The gate's match callback for one text (see Tables.sink and Tables.scan).",
     .tp_methods = sink_methods,
     .tp_members = sink_members,
+    .tp_getset = sink_getset,
 };
 
 static PyMethodDef tables_methods[] = {
     {"sink", (PyCFunction)tables_sink, METH_VARARGS, "sink(text, data): the match callback for one text"},
+#ifdef GATEWATCH_HYPERSCAN
+    {"scan", (PyCFunction)tables_scan, METH_VARARGS, "scan(text, data): a sink that has taken the text's gate hits"},
+    {"gate_hits", (PyCFunction)tables_gate_hits, METH_O, "gate_hits(data): (hits, stopped) as Gate.scan returns them"},
+#endif
     {NULL},
 };
 
@@ -518,7 +887,7 @@ static PyTypeObject TablesType = {
     .tp_basicsize = sizeof(Tables),
     .tp_dealloc = (destructor)tables_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Tables(kinds, pads, limit): what each gate pattern id means.",
+    .tp_doc = "Tables(kinds, pads, limit, databases=()): what each gate pattern id means.",
     .tp_methods = tables_methods,
     .tp_new = tables_new,
 };
@@ -567,8 +936,13 @@ typedef struct {
 
 #define CH(s, i) PyUnicode_READ((s)->kind, (s)->data, (i))
 
-static int is_digit(Py_UCS4 c) { return Py_UNICODE_ISDECIMAL(c); }
-static int is_word(Py_UCS4 c) { return Py_UNICODE_ISALNUM(c) || c == '_'; }
+/* re's \d and \w (Unicode); ASCII answered here (libpython's tables cost a call or four). */
+static int is_digit(Py_UCS4 c) { return c < 128 ? c >= '0' && c <= '9' : Py_UNICODE_ISDECIMAL(c); }
+static int is_word(Py_UCS4 c) {
+    if (c < 128)
+        return (c >= '0' && c <= '9') || ((c | 32) >= 'a' && (c | 32) <= 'z') || c == '_';
+    return Py_UNICODE_ISALNUM(c);
+}
 static int is_space(Py_UCS4 c) { return c == ' ' || c == 0xA0; }
 static int is_separator(Py_UCS4 c) { return c == ' ' || c == 0xA0 || c == '.' || c == '-' || c == '/'; }
 static int is_ascii_alnum(Py_UCS4 c) {
@@ -1890,6 +2264,710 @@ static PyObject *ipv6_verdict(PyObject *module, PyObject *arg) {
     return PyLong_FromLong(not_personal ? 2 : 1);
 }
 
+/* ---- The key=value secret scan: KV_RE (redaction/patterns.py) as re matches it ------------
+
+   KV_RE's key alternation, written out in re's order of trying (alternatives left to right,
+   an optional part with before without, "(?:php|j)?" as php, j, nothing): the first key
+   whose rest of the match succeeds is re's. '~' stands for [_\-]; letters match as re's
+   IGNORECASE does (fold_word_letter). What follows the key depends only on where it ends:
+   an optional quote, [ \t]*, ":" or "=" (then "=>"), or \bis\b, [ \t]*, then a value:
+   "..." or '...' of 4-200 characters without that quote or a line break, or 4-200
+   characters that are not \s nor "',;<>`()[]{}. */
+
+static const char *const KV_KEYS[] = {
+    "password", "passwd", "passwort", "pwd", "pass", "passphrase", "secret", "client~secret", "clientsecret",
+    "secret~key", "secretkey", "api~key", "apikey", "apikey", "api~token", "apitoken", "access~token", "accesstoken",
+    "access~key", "accesskey", "auth~token", "authtoken", "refresh~token", "refreshtoken", "private~key", "privatekey",
+    "aws_secret_access_key", "token", "key", "auth", "credentials", "credential",
+    "phpsession~id", "phpsession~token", "phpsession~key", "phpsession~", "phpsessionid", "phpsessiontoken",
+    "phpsessionkey", "phpsession",
+    "jsession~id", "jsession~token", "jsession~key", "jsession~", "jsessionid", "jsessiontoken", "jsessionkey", "jsession",
+    "session~id", "session~token", "session~key", "session~", "sessionid", "sessiontoken", "sessionkey", "session",
+    "sessid", "csrf~token", "csrftoken", "xsrf~token", "xsrftoken", NULL,
+};
+
+/* End of `key` at pos (before hi), or -1. */
+static Py_ssize_t kv_key_at(const Span *c, Py_ssize_t pos, Py_ssize_t hi, const char *key) {
+    for (; *key; key++, pos++) {
+        if (pos >= hi)
+            return -1;
+        Py_UCS4 ch = AT(c, pos);
+        if (*key == '~' ? !(ch == '_' || ch == '-') : fold_word_letter(ch) != (Py_UCS4)(unsigned char)*key)
+            return -1;
+    }
+    return pos;
+}
+
+static Py_ssize_t skip_blanks(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    while (pos < hi && (AT(c, pos) == ' ' || AT(c, pos) == '\t'))
+        pos++;
+    return pos;
+}
+
+static int kv_bare_value_char(Py_UCS4 ch) {
+    return !(Py_UNICODE_ISSPACE(ch) || (ch < 128 && strchr("\"',;<>`()[]{}", (int)ch)));
+}
+
+/* [ \t]* and the value from pos: its group's span in value[], whether quoted; 0 if none. */
+static int kv_value(const Span *c, Py_ssize_t pos, Py_ssize_t hi, Py_ssize_t value[2], int *quoted) {
+    pos = skip_blanks(c, pos, hi);
+    if (pos >= hi)
+        return 0;
+    Py_UCS4 first = AT(c, pos);
+    Py_ssize_t run = 0;
+    if (first == '"' || first == '\'') {
+        while (run < 200 && pos + 1 + run < hi && AT(c, pos + 1 + run) != first && AT(c, pos + 1 + run) != '\n')
+            run++;
+        if (run < 4 || pos + 1 + run >= hi || AT(c, pos + 1 + run) != first)
+            return 0;
+        value[0] = pos + 1;
+        *quoted = 1;
+    } else {
+        while (run < 200 && pos + run < hi && kv_bare_value_char(AT(c, pos + run)))
+            run++;
+        if (run < 4)
+            return 0;
+        value[0] = pos;
+        *quoted = 0;
+    }
+    value[1] = value[0] + run;
+    return 1;
+}
+
+/* The rest of KV_RE after a key ending at key_end: 1 with the value's span, or 0. */
+static int kv_rest(const Span *c, Py_ssize_t key_end, Py_ssize_t hi, int *key_quoted, Py_ssize_t value[2], int *quoted) {
+    Py_ssize_t pos = key_end;
+    *key_quoted = pos < hi && (AT(c, pos) == '"' || AT(c, pos) == '\'');
+    pos = skip_blanks(c, pos + *key_quoted, hi);
+    if (pos >= hi)
+        return 0;
+    Py_UCS4 ch = AT(c, pos);
+    if (ch == ':' || ch == '=') {
+        if (kv_value(c, pos + 1, hi, value, quoted))
+            return 1;
+        return ch == '=' && pos + 1 < hi && AT(c, pos + 1) == '>' && kv_value(c, pos + 2, hi, value, quoted);
+    }
+    /* \bis\b: the "i" is a word character, so the first \b wants none before it. */
+    if (fold_word_letter(ch) != 'i' || (pos > 0 && is_word(AT(c, pos - 1))) || pos + 1 >= hi
+        || fold_word_letter(AT(c, pos + 1)) != 's' || (pos + 2 < hi && is_word(AT(c, pos + 2))))
+        return 0;
+    return kv_value(c, pos + 2, hi, value, quoted);
+}
+
+/* kv_candidates(text, lo, hi): (key start, key end, quote after the key, value start, value
+   end, quoted value) of each match of KV_RE.finditer(text, lo, hi). */
+static PyObject *kv_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    clamp_window(text, &lo, &hi);
+    Span c = text_span(text, hi);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        Py_UCS4 first = fold_word_letter(AT(&c, pos));
+        Py_UCS4 before = pos > 0 ? fold_word_letter(AT(&c, pos - 1)) : 0;
+        if (first >= 128 || !strchr("acjkprstx", (int)first) || first == 0
+            || (before < 128 && ((before >= 'a' && before <= 'z') || (before >= '0' && before <= '9')))) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t value[2] = {0, 0};
+        int key_quoted = 0, quoted = 0;
+        Py_ssize_t key_end = -1;
+        for (const char *const *key = KV_KEYS; *key; key++) {
+            if ((Py_UCS4)(unsigned char)**key != first)
+                continue;
+            key_end = kv_key_at(&c, pos, hi, *key);
+            if (key_end >= 0 && kv_rest(&c, key_end, hi, &key_quoted, value, &quoted))
+                break;
+            key_end = -1;
+        }
+        if (key_end < 0) {
+            pos++;
+            continue;
+        }
+        if (append_stolen(out, Py_BuildValue("(nnOnnO)", pos, key_end, key_quoted ? Py_True : Py_False, value[0], value[1],
+                                             quoted ? Py_True : Py_False)) < 0) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        pos = value[1] + quoted;  /* the match ends after the closing quote */
+    }
+    return out;
+}
+
+/* ---- The e-mail scan: EMAIL_RE (redaction/patterns.py) as re matches it --------------------
+
+   (?<![\w.+\-%'])[\w.+\-%']{1,64}@(?:[^\W_](?:[\w\-]{0,62}[^\W_])?\.)+[^\W\d_]{2,24}(?![\w\-])
+   No choice here changes a match: the local part is the run of its characters up to the "@"
+   (the run cannot hold an "@", so fewer characters never reach one); a label runs to the
+   next "." (its characters cannot be one); the greedy "+" takes every label that is followed
+   by a ".", then gives them back one by one until the top-level domain after the last one
+   kept fits (2-24 letters, no [\w\-] after: fewer letters would leave a letter after). */
+
+static int email_local_char(Py_UCS4 ch) {
+    return is_word(ch) || ch == '.' || ch == '+' || ch == '-' || ch == '%' || ch == '\'';
+}
+
+/* The end of a label starting at pos, at its "." (before hi), or -1. */
+static Py_ssize_t email_label(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    Py_ssize_t end = pos;
+    while (end < hi && (is_word(AT(c, end)) || AT(c, end) == '-'))
+        end++;
+    if (end == pos || end - pos > 64 || end >= hi || AT(c, end) != '.')
+        return -1;
+    Py_UCS4 first = AT(c, pos), last = AT(c, end - 1);
+    if (!Py_UNICODE_ISALNUM(first) || !Py_UNICODE_ISALNUM(last))
+        return -1;
+    return end;
+}
+
+/* The end of a top-level domain at pos, or -1. */
+static Py_ssize_t email_tld(const Span *c, Py_ssize_t pos, Py_ssize_t hi) {
+    Py_ssize_t end = pos;
+    while (end < hi && end - pos < 24 && Py_UNICODE_ISALNUM(AT(c, end)) && !Py_UNICODE_ISDECIMAL(AT(c, end)))
+        end++;
+    if (end - pos < 2 || (end < hi && (is_word(AT(c, end)) || AT(c, end) == '-')))
+        return -1;
+    return end;
+}
+
+/* email_candidates(text, lo, hi): (start, end) of each match of EMAIL_RE.finditer(text, lo, hi). */
+static PyObject *email_candidates(PyObject *module, PyObject *args) {
+    PyObject *text;
+    Py_ssize_t lo, hi;
+    if (!PyArg_ParseTuple(args, "Unn", &text, &lo, &hi))
+        return NULL;
+    clamp_window(text, &lo, &hi);
+    Span c = text_span(text, hi);
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    Offsets dots = {0, 0, NULL};
+    Py_ssize_t pos = lo;
+    while (pos < hi) {
+        if (!email_local_char(AT(&c, pos)) || (pos > 0 && email_local_char(AT(&c, pos - 1)))) {
+            pos++;
+            continue;
+        }
+        Py_ssize_t at = pos;
+        while (at < hi && email_local_char(AT(&c, at)))
+            at++;
+        Py_ssize_t end = -1;
+        if (at < hi && AT(&c, at) == '@' && at - pos <= 64) {
+            /* Label ends (each a "."), as many as follow one another; then the top-level
+               domain after the last one that lets it fit. */
+            Py_ssize_t next = at + 1, dot;
+            dots.count = 0;
+            while ((dot = email_label(&c, next, hi)) >= 0) {
+                if (offsets_push(&dots, dot, 0, 1) < 0) {
+                    PyMem_Free(dots.items);
+                    Py_DECREF(out);
+                    return NULL;
+                }
+                next = dot + 1;
+            }
+            for (Py_ssize_t k = dots.count; k >= 1 && end < 0; k--)
+                end = email_tld(&c, dots.items[k - 1] + 1, hi);
+        }
+        if (end < 0) {
+            pos++;
+            continue;
+        }
+        if (append_stolen(out, Py_BuildValue("(nn)", pos, end)) < 0) {
+            PyMem_Free(dots.items);
+            Py_DECREF(out);
+            return NULL;
+        }
+        pos = end;
+    }
+    PyMem_Free(dots.items);
+    return out;
+}
+
+/* ---- The rest of the phone score (patterns.shaped_phone_score) -----------------------------
+
+   The same rules in the same order, with the context tests above; the header's word tests
+   and _PHONE_SHAPE stay the Python regexes (passed in), the numbering-plan test stays
+   Python (None back: "0.7 if _valid_phone(candidate) else 0.0"). */
+
+/* Calls a context test above on (text, position): 1, 0, or -1 on an error. */
+static int context_test(PyCFunction test, PyObject *module, PyObject *text, Py_ssize_t position) {
+    PyObject *args = Py_BuildValue("(On)", text, position);
+    if (args == NULL)
+        return -1;
+    PyObject *result = test(module, args);
+    Py_DECREF(args);
+    if (result == NULL)
+        return -1;
+    int truth = PyObject_IsTrue(result);
+    Py_DECREF(result);
+    return truth;
+}
+
+/* Whether regex_method(header) (a bound search or match) finds something: 1, 0, -1. */
+static int regex_finds(PyObject *regex_method, PyObject *header) {
+    PyObject *found = PyObject_CallOneArg(regex_method, header);
+    if (found == NULL)
+        return -1;
+    int truth = found != Py_None;
+    Py_DECREF(found);
+    return truth;
+}
+
+static PyObject *score_value(double score) { return PyFloat_FromDouble(score); }
+
+/* phone_score(text, start, candidate_end, extension, not_phone_header, phone_context,
+   phone_shape): shaped_phone_score(text, start, text[start:candidate_end], regions,
+   extension) given NOT_PHONE_HEADER.search, PHONE_CONTEXT.search and _PHONE_SHAPE.match; None
+   where the numbering plan decides; NotImplemented for a candidate outside PHONE_RE's
+   characters (the Python function then scores it). */
+static PyObject *phone_score(PyObject *module, PyObject *args) {
+    PyObject *text, *not_phone_header, *phone_context, *phone_shape;
+    Py_ssize_t start, candidate_end;
+    int extension;
+    if (!PyArg_ParseTuple(args, "UnnpOOO:phone_score", &text, &start, &candidate_end, &extension, &not_phone_header,
+                          &phone_context, &phone_shape))
+        return NULL;
+    Py_ssize_t length = PyUnicode_GET_LENGTH(text);
+    if (start < 0 || candidate_end > length || candidate_end - start < 2)
+        Py_RETURN_NOTIMPLEMENTED;
+    Span c = text_span(text, length);
+    c.start = start;
+    c.end = candidate_end;
+    Py_ssize_t n = span_length(&c);
+    /* compact: the characters left after removing "(0)" (re.sub: left to right, no
+       overlaps) and the phone punctuation; kept by position. */
+    Py_ssize_t compact[16], digits = 0;
+    int trunk = 0, all_digits = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 ch = AT(&c, i);
+        if (!Py_UNICODE_ISDIGIT(ch))
+            all_digits = 0;
+        if (ch == '(' && i + 2 < n && AT(&c, i + 1) == '0' && AT(&c, i + 2) == ')') {
+            trunk = 1;
+            i += 2;
+            continue;
+        }
+        if (phone_punctuation(ch))
+            continue;
+        if (!Py_UNICODE_ISDECIMAL(ch) || digits == 16)
+            Py_RETURN_NOTIMPLEMENTED;  /* (never from phone_candidates: \d digits, at most 15) */
+        compact[digits++] = i;
+    }
+    if (digits == 0)
+        Py_RETURN_NOTIMPLEMENTED;
+    Py_UCS4 first = AT(&c, 0);
+    int international = first == '+' || (first == '(' && AT(&c, 1) == '+');
+    PyObject *header = NULL;  /* (NULL: not looked up yet) */
+    PyObject *result = NULL;
+    int found;
+    if (!international) {
+        if ((found = context_test(unit_after, module, text, candidate_end)) != 0)
+            return found < 0 ? NULL : score_value(0.0);  /* "8751007310 ms", "1 234 567 tokens" */
+        if ((found = context_test(identifier_word_before, module, text, start)) != 0)
+            return found < 0 ? NULL : score_value(0.0);
+        PyObject *position_args = Py_BuildValue("(On)", text, start);
+        header = position_args ? column_header(module, position_args) : NULL;
+        Py_XDECREF(position_args);
+        if (header == NULL)
+            return NULL;
+        if (header != Py_None && (found = regex_finds(not_phone_header, header)) != 0) {
+            result = found < 0 ? NULL : score_value(0.0);
+            goto done;
+        }
+    }
+    int context = context_test(phone_word_before, module, text, start);
+    if (context < 0)
+        goto done;
+    if (!context) {
+        if (header == NULL) {
+            PyObject *position_args = Py_BuildValue("(On)", text, start);
+            header = position_args ? column_header(module, position_args) : NULL;
+            Py_XDECREF(position_args);
+            if (header == NULL)
+                goto done;
+        }
+        if (header != Py_None && (context = regex_finds(phone_context, header)) < 0)
+            goto done;
+    }
+    /* DECIMAL: ^\+?[1-9]\d*[.,]\d+$ (no "," or line break in a candidate) */
+    Py_ssize_t i = first == '+' ? 1 : 0;
+    int decimal = i < n && AT(&c, i) >= '1' && AT(&c, i) <= '9';
+    if (decimal) {
+        for (i++; i < n && Py_UNICODE_ISDECIMAL(AT(&c, i)); i++)
+            ;
+        Py_ssize_t point = i;
+        decimal = point < n && (AT(&c, point) == '.' || AT(&c, point) == ',');
+        for (i = point + 1; decimal && i < n; i++)
+            decimal = Py_UNICODE_ISDECIMAL(AT(&c, i));
+        decimal = decimal && n > point + 1;
+    }
+    int rest_digits = n > 1;  /* candidate[1:].isdigit() */
+    for (i = 1; i < n && rest_digits; i++)
+        rest_digits = Py_UNICODE_ISDIGIT(AT(&c, i));
+    if ((decimal && !context) || (international && AT(&c, compact[0]) == '0' && rest_digits)) {
+        result = score_value(0.0);  /* "+3.140000", "+000000120": numbers, not phones */
+        goto done;
+    }
+    if (digits >= 12 && !international && luhn_span(&c, compact, digits) && has_card_brand(&c, compact, digits)) {
+        result = score_value(0.0);  /* a card number */
+        goto done;
+    }
+    if (international) {
+        result = score_value(context ? 0.95 : 0.8);
+        goto done;
+    }
+    int separated = !all_digits;
+    if (separated && !context) {
+        Py_ssize_t zero_groups = 0;  /* _LEADING_ZERO_GROUP: "0" after one of " .-/)" */
+        for (i = 1; i < n; i++) {
+            Py_UCS4 before = AT(&c, i - 1);
+            zero_groups += AT(&c, i) == '0' && (before == ' ' || before == '.' || before == '-' || before == '/' || before == ')');
+        }
+        if (zero_groups >= 2) {
+            result = score_value(0.0);  /* "01 012 0123 01234" */
+            goto done;
+        }
+    }
+    int shaped = extension || (separated && trunk);
+    if (!shaped && separated) {
+        PyObject *candidate = PyUnicode_Substring(text, start, candidate_end);
+        shaped = candidate ? regex_finds(phone_shape, candidate) : -1;
+        Py_XDECREF(candidate);
+        if (shaped < 0)
+            goto done;
+    }
+    if (shaped) {
+        result = score_value(context ? 0.95 : 0.75);
+        goto done;
+    }
+    Py_UCS4 lead = AT(&c, compact[0]);
+    if (!separated && !context) {
+        if (digits < 10) {
+            result = score_value(0.0);
+            goto done;
+        }
+        long ean = 0;
+        for (i = 0; i < digits; i++)
+            ean += Py_UNICODE_TODECIMAL(AT(&c, compact[i])) * (i % 2 ? 3 : 1);
+        if ((digits == 13 && ean % 10 == 0) || (digits == 13 && lead == '1')) {
+            result = score_value(0.0);  /* a barcode or an epoch in milliseconds */
+            goto done;
+        }
+    }
+    if (context && (separated || lead == '0' || lead == '+' || digits >= 8)) {
+        result = score_value(0.9);
+        goto done;
+    }
+    result = Py_NewRef(Py_None);  /* the numbering plan decides */
+done:
+    Py_XDECREF(header);
+    return result;
+}
+
+/* ---- The names tier's token walk (names.NameFinder._follow) --------------------------------
+
+   TOKEN = [^\W\d_]+(?:['’\-][^\W\d_]+)*: a letter is a \w character that is neither a \d digit
+   nor "_"; the separated parts need a letter after their separator, so the walk never backs
+   up. Words are lowercased by str.lower and looked up in the gazetteer's sets (passed in). */
+
+static int name_letter(Py_UCS4 c) { return c != '_' && is_word(c) && !is_digit(c); }
+
+/* The end of TOKEN's match at pos, or -1. */
+static Py_ssize_t name_token(const Span *c, Py_ssize_t pos, Py_ssize_t size) {
+    if (pos >= size || !name_letter(AT(c, pos)))
+        return -1;
+    Py_ssize_t end = pos + 1;
+    for (;;) {
+        while (end < size && name_letter(AT(c, end)))
+            end++;
+        if (end + 1 < size && (AT(c, end) == '\'' || AT(c, end) == 0x2019 || AT(c, end) == '-')
+            && name_letter(AT(c, end + 1)))
+            end += 2;
+        else
+            return end;
+    }
+}
+
+static Py_ssize_t skip_gap(const Span *c, Py_ssize_t pos, Py_ssize_t size) {  /* [ \t]*; _GAP wants one */
+    while (pos < size && (AT(c, pos) == ' ' || AT(c, pos) == '\t'))
+        pos++;
+    return pos;
+}
+
+static PyObject *LOWER_NAME;  /* "lower" (interned at import) */
+
+/* text[start:end].lower() */
+static PyObject *lowered(PyObject *text, Py_ssize_t start, Py_ssize_t end) {
+    PyObject *word = PyUnicode_Substring(text, start, end);
+    if (word == NULL)
+        return NULL;
+    PyObject *low = PyObject_CallMethodNoArgs(word, LOWER_NAME);
+    Py_DECREF(word);
+    return low;
+}
+
+/* Whether text[start:end].lower() is in `set`: 1, 0, -1. */
+static int lowered_in(PyObject *text, Py_ssize_t start, Py_ssize_t end, PyObject *set) {
+    PyObject *low = lowered(text, start, end);
+    if (low == NULL)
+        return -1;
+    int in = PySequence_Contains(set, low);
+    Py_DECREF(low);
+    return in;
+}
+
+/* follow_tokens(text, pos, max_tokens, any_case, any_first, surname_at, unknown_ok, sets):
+   NameFinder._follow's tokens; sets: (common, surnames, given, names, particles, stop words). */
+static PyObject *follow_tokens(PyObject *module, PyObject *args) {
+    PyObject *text, *common, *surnames, *given, *names, *particles, *stop_words;
+    Py_ssize_t pos, max_tokens, surname_at;
+    int any_case, any_first, unknown_ok;
+    if (!PyArg_ParseTuple(args, "Unnppnp(OOOOOO):follow_tokens", &text, &pos, &max_tokens, &any_case, &any_first,
+                          &surname_at, &unknown_ok, &common, &surnames, &given, &names, &particles, &stop_words))
+        return NULL;
+    Py_ssize_t size = PyUnicode_GET_LENGTH(text);
+    Span c = text_span(text, size);
+    PyObject *tokens = PyList_New(0);
+    if (tokens == NULL)
+        return NULL;
+    PyObject *low = NULL;
+    if (pos < 0)
+        pos = 0;  /* (TOKEN.match's own clamping) */
+    while (PyList_GET_SIZE(tokens) < max_tokens) {
+        Py_ssize_t start = pos, end = name_token(&c, pos, size);
+        if (end < 0)
+            break;
+        if (end - start >= 2 && AT(&c, end - 1) == 's' && (AT(&c, end - 2) == '\'' || AT(&c, end - 2) == 0x2019))
+            end -= 2;  /* the possessive "'s" */
+        low = lowered(text, start, end);
+        if (low == NULL)
+            goto fail;
+        int capital = Py_UNICODE_ISUPPER(AT(&c, start));
+        int in;
+        if (!capital && (in = PySequence_Contains(particles, low)) != 0) {
+            if (in < 0)
+                goto fail;
+            /* "van der", "de la": skipped up to the capitalised word after them */
+            Py_ssize_t probe = end, next_start = -1;
+            for (;;) {
+                Py_ssize_t gap_end = skip_gap(&c, probe, size);
+                Py_ssize_t next_end = gap_end > probe ? name_token(&c, gap_end, size) : -1;
+                if (next_end < 0)
+                    break;
+                if (Py_UNICODE_ISUPPER(AT(&c, gap_end))) {
+                    next_start = gap_end;
+                    break;
+                }
+                if ((in = lowered_in(text, gap_end, next_end, particles)) <= 0) {
+                    if (in < 0)
+                        goto fail;
+                    break;
+                }
+                probe = next_end;
+            }
+            Py_CLEAR(low);
+            if (next_start < 0)
+                break;
+            pos = next_start;
+            continue;
+        }
+        int ok;
+        if (capital) {
+            ok = any_first && PyList_GET_SIZE(tokens) == 0;
+            if (!ok && (in = PySequence_Contains(common, low)) <= 0)
+                ok = in < 0 ? -1 : 1;
+            if (!ok && (in = PySequence_Contains(surnames, low)) != 0)
+                ok = in;
+            if (!ok && (in = PySequence_Contains(given, low)) != 0)
+                ok = in;
+            if (!ok && PyList_GET_SIZE(tokens) == surname_at && (in = PySequence_Contains(stop_words, low)) <= 0)
+                ok = in < 0 ? -1 : 1;
+        } else {
+            ok = 0;
+            if (any_case) {
+                ok = unknown_ok;
+                if (!ok && (in = PySequence_Contains(names, low)) != 0)
+                    ok = in;
+                if (ok > 0 && (in = PySequence_Contains(common, low)) != 0)
+                    ok = in < 0 ? -1 : 0;
+            }
+        }
+        Py_CLEAR(low);
+        if (ok < 0)
+            goto fail;
+        if (!ok || (end < size && (Py_UNICODE_ISDIGIT(AT(&c, end)) || AT(&c, end) == '_' || AT(&c, end) == '@')))
+            break;
+        if (append_stolen(tokens, Py_BuildValue("(nn)", start, end)) < 0)
+            goto fail;
+        Py_ssize_t gap_end = skip_gap(&c, end, size);
+        if (gap_end == end)
+            break;
+        pos = gap_end;
+    }
+    return tokens;
+fail:
+    Py_XDECREF(low);
+    Py_DECREF(tokens);
+    return NULL;
+}
+
+/* ---- Overlapping spans (engine.Redactor._resolve) -------------------------------------------
+
+   The spans kept (non-empty, score at least the type's minimum, a type asked for), sorted by
+   (-score, -priority, -length, start) with ties in their order (as list.sort), each taken
+   unless it overlaps one taken before, in the end sorted by start. A span that overlaps a
+   taken one and reaches past it is merged with it: that, and anything this walk cannot
+   mirror exactly (scores that are not floats, NaN, more than RESOLVE_MOST spans), is left
+   to the Python code (None back). */
+
+#define RESOLVE_MOST 48
+
+typedef struct {
+    PyObject *entity;
+    double score;
+    long priority;
+    Py_ssize_t start, end;
+} Resolving;
+
+static int resolve_before(const Resolving *a, const Resolving *b) {  /* a's sort key < b's */
+    if (a->score != b->score)
+        return a->score > b->score;
+    if (a->priority != b->priority)
+        return a->priority > b->priority;
+    if (a->end - a->start != b->end - b->start)
+        return a->end - a->start > b->end - b->start;
+    return a->start < b->start;
+}
+
+/* Reads an entity's fields; 1 if it is kept, 0 if not, -1 on an error, -2 if the walk here
+   cannot mirror it. */
+static int resolve_read(PyObject *entity, PyObject *score_for, PyObject *entities, PyObject *priorities, Resolving *out) {
+    static PyObject *names[4];
+    if (names[0] == NULL) {
+        const char *fields[4] = {"type", "start", "end", "score"};
+        for (int i = 0; i < 4; i++)
+            if ((names[i] = PyUnicode_InternFromString(fields[i])) == NULL)
+                return -1;
+    }
+    PyObject *values[4] = {NULL, NULL, NULL, NULL};
+    int kept = -2;
+    for (int i = 0; i < 4; i++)
+        if ((values[i] = PyObject_GetAttr(entity, names[i])) == NULL) {
+            kept = -1;
+            goto done;
+        }
+    if (!PyLong_CheckExact(values[1]) || !PyLong_CheckExact(values[2]) || !PyFloat_CheckExact(values[3]))
+        goto done;
+    out->entity = entity;
+    out->start = PyLong_AsSsize_t(values[1]);
+    out->end = PyLong_AsSsize_t(values[2]);
+    out->score = PyFloat_AS_DOUBLE(values[3]);
+    if (PyErr_Occurred()) {
+        PyErr_Clear();
+        goto done;  /* (offsets past Py_ssize_t) */
+    }
+    if (out->score != out->score)
+        goto done;  /* NaN */
+    if (out->end <= out->start) {
+        kept = 0;
+        goto done;
+    }
+    PyObject *minimum = PyObject_CallOneArg(score_for, values[0]);
+    if (minimum == NULL) {
+        kept = -1;
+        goto done;
+    }
+    int enough = PyObject_RichCompareBool(values[3], minimum, Py_GE);
+    Py_DECREF(minimum);
+    int wanted = enough > 0 ? PySequence_Contains(entities, values[0]) : enough;
+    if (wanted <= 0) {
+        kept = wanted < 0 ? -1 : 0;
+        goto done;
+    }
+    PyObject *priority = PyDict_GetItemWithError(priorities, values[0]);
+    if (priority == NULL && PyErr_Occurred()) {
+        kept = -1;
+        goto done;
+    }
+    out->priority = priority == NULL ? 0 : PyLong_AsLong(priority);
+    if (out->priority == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        goto done;
+    }
+    kept = 1;
+done:
+    for (int i = 0; i < 4; i++)
+        Py_XDECREF(values[i]);
+    return kept;
+}
+
+/* resolve_spans(found, score_for, entities, priorities): _resolve's result, or None. */
+static PyObject *resolve_spans(PyObject *module, PyObject *args) {
+    PyObject *found, *score_for, *entities, *priorities;
+    if (!PyArg_ParseTuple(args, "O!OOO!:resolve_spans", &PyList_Type, &found, &score_for, &entities, &PyDict_Type,
+                          &priorities))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(found);
+    if (n > RESOLVE_MOST)
+        Py_RETURN_NONE;
+    Resolving kept[RESOLVE_MOST];
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int rc = resolve_read(PyList_GET_ITEM(found, i), score_for, entities, priorities, &kept[count]);
+        if (rc == -1)
+            return NULL;
+        if (rc == -2)
+            Py_RETURN_NONE;
+        count += rc;
+    }
+    /* the stable sort by key (insertion), then the walk */
+    for (Py_ssize_t i = 1; i < count; i++) {
+        Resolving item = kept[i];
+        Py_ssize_t j = i;
+        for (; j > 0 && resolve_before(&item, &kept[j - 1]); j--)
+            kept[j] = kept[j - 1];
+        kept[j] = item;
+    }
+    Resolving accepted[RESOLVE_MOST];
+    Py_ssize_t taken = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const Resolving *e = &kept[i];
+        int overlaps = 0, inside_all = 1;
+        for (Py_ssize_t k = 0; k < taken; k++) {
+            const Resolving *a = &accepted[k];
+            if (e->start < a->end && a->start < e->end) {
+                overlaps = 1;
+                inside_all = inside_all && a->start <= e->start && e->end <= a->end;
+            }
+        }
+        if (!overlaps)
+            accepted[taken++] = *e;
+        else if (!inside_all)
+            Py_RETURN_NONE;  /* a merge */
+    }
+    if (count > 1) {  /* (one span or none: in the order found, as _resolve returns them) */
+        for (Py_ssize_t i = 1; i < taken; i++) {
+            Resolving item = accepted[i];
+            Py_ssize_t j = i;
+            for (; j > 0 && item.start < accepted[j - 1].start; j--)
+                accepted[j] = accepted[j - 1];
+            accepted[j] = item;
+        }
+    }
+    PyObject *out = PyList_New(taken);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < taken; i++)
+        PyList_SET_ITEM(out, i, Py_NewRef(accepted[i].entity));
+    return out;
+}
+
 static PyMethodDef module_methods[] = {
     {"phone_candidates", phone_candidates, METH_VARARGS,
      "phone_candidates(text, lo, hi, shortest, screen): PHONE_RE's matches in text[lo:hi] of at least shortest "
@@ -1914,6 +2992,23 @@ static PyMethodDef module_methods[] = {
      "iban_checksum_cuts(raw): (length, end in raw) of each cut of an IBAN_RE match that passes mod 97"},
     {"ipv6_verdict", ipv6_verdict, METH_O,
      "ipv6_verdict(value): 0 no IPv6 address, 1 an address, 2 one _not_personal is true of, -1 non-ASCII (ask Python)"},
+    {"resolve_spans", resolve_spans, METH_VARARGS,
+     "resolve_spans(found, score_for, entities, priorities): Redactor._resolve's spans, None where it merges spans"},
+    {"follow_tokens", follow_tokens, METH_VARARGS,
+     "follow_tokens(text, pos, max_tokens, any_case, any_first, surname_at, unknown_ok, sets): NameFinder._follow's "
+     "(start, end) tokens; sets: (common, surnames, given, names, particles, stop words)"},
+    {"phone_score", phone_score, METH_VARARGS,
+     "phone_score(text, start, candidate_end, extension, not_phone_header, phone_context, phone_shape): "
+     "shaped_phone_score's result, None where the numbering plan decides, NotImplemented outside PHONE_RE's characters"},
+    {"email_candidates", email_candidates, METH_VARARGS,
+     "email_candidates(text, lo, hi): (start, end) of each EMAIL_RE match"},
+    {"kv_candidates", kv_candidates, METH_VARARGS,
+     "kv_candidates(text, lo, hi): (key start, key end, quote after key, value start, value end, quoted) per KV_RE match"},
+#ifdef GATEWATCH_HYPERSCAN
+    {"compile_database", compile_database, METH_VARARGS,
+     "compile_database(expressions, flags, ids, literal): a block-mode hyperscan database (libhs)"},
+    {"load_database", load_database, METH_O, "load_database(data): a database from Database.serialize()"},
+#endif
     {NULL},
 };
 
@@ -1925,14 +3020,35 @@ static struct PyModuleDef native_module = {
 PyMODINIT_FUNC PyInit__native(void) {
     if (PyType_Ready(&TablesType) < 0 || PyType_Ready(&SinkType) < 0)
         return NULL;
+#ifdef GATEWATCH_HYPERSCAN
+    if (PyType_Ready(&DatabaseType) < 0)
+        return NULL;
+#endif
+    FINDER_NAME = PyUnicode_InternFromString("finder");
+    NAME_NAME = PyUnicode_InternFromString("name");
+    LOWER_NAME = PyUnicode_InternFromString("lower");
+    if (FINDER_NAME == NULL || NAME_NAME == NULL || LOWER_NAME == NULL)
+        return NULL;
     PyObject *module = PyModule_Create(&native_module);
     if (module == NULL)
         return NULL;
-    Py_INCREF(&TablesType);
-    if (PyModule_AddObject(module, "Tables", (PyObject *)&TablesType) < 0) {
-        Py_DECREF(&TablesType);
+    /* HYPERSCAN_VERSION: libhs's version where the gate scans here, else None (built without
+       libhs, or a CPU libhs does not run on). */
+    PyObject *version = Py_None;
+#ifdef GATEWATCH_HYPERSCAN
+    if (hs_valid_platform() == HS_SUCCESS)
+        version = PyUnicode_FromString(hs_version());
+    else
+        Py_INCREF(version);
+#else
+    Py_INCREF(version);
+#endif
+    if (version == NULL || PyModule_AddObjectRef(module, "HYPERSCAN_VERSION", version) < 0
+        || PyModule_AddObjectRef(module, "Tables", (PyObject *)&TablesType) < 0) {
+        Py_XDECREF(version);
         Py_DECREF(module);
         return NULL;
     }
+    Py_DECREF(version);
     return module;
 }

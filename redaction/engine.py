@@ -77,9 +77,13 @@ class CollectionsHeld:
             gc.enable()
 
 
-@functools.lru_cache(maxsize=2)
-def _names_tier(strict: bool) -> tuple[NameFinder, tuple[GatePattern, ...]]:
-    """The names tier and its literal gate patterns, built once per process (~0.5 s)."""
+@functools.lru_cache(maxsize=4)
+def _names_tier(strict: bool, native: bool = False) -> tuple[NameFinder, tuple[GatePattern, ...]]:
+    """The names tier and its literal gate patterns, built once per process (~0.5 s);
+    native: its token walk in C."""
+    if native:
+        finder, literals = _names_tier(strict)
+        return finder.natively(), literals
     finder = NameFinder(gazetteer_mod.load(), strict=strict)
     forms = {form.encode("utf-8") for name in finder.given for form in (name.capitalize(), name.title())}
     return finder, tuple(GatePattern("given", form, literal=True) for form in sorted(forms) if len(form) >= 3)
@@ -116,7 +120,7 @@ class Redactor:
                     patterns.append(GatePattern(detector.name, gate, detector.caseless))
                     self._kinds.append((_KIND_DETECTOR, index))
         if "PERSON" in self.entities:
-            self.names, literals = _names_tier(settings.names_min_context == "strict")
+            self.names, literals = _names_tier(settings.names_min_context == "strict", extension is not None)
             # Given names as literals (capitalised as in prose); a hit inside a longer word
             # is dropped by the boundary check in _detect_hits.
             for literal in literals:
@@ -133,7 +137,7 @@ class Redactor:
             weak = "|".join(WEAK_CUES).encode()
             patterns.append(GatePattern("weak_cue", rb"\b(?i:" + weak + rb")\b(?:[ \t]+|:[ \t]*)" + _CAPITAL, som=False))
             self._kinds.append((_KIND_WEAK, None))
-        self.gate = Gate(patterns) if patterns else None
+        self.gate = Gate(patterns, native=native_mod.gate_scanner(extension)) if patterns else None
         self._pads = [(d.pad_before, d.pad_after) for d in self.detectors]
         self._native = self._native_tables(extension, native, run_extends)
 
@@ -185,7 +189,7 @@ class Redactor:
                 raise RuntimeError("a run gate extends by other than \\d*: the native sink cannot")
             return None
         kinds = [(kind, payload[0] if kind == _KIND_RUN else payload) for kind, payload in self._kinds]
-        return extension.Tables(kinds, self._pads, self.gate.max_hits)
+        return extension.Tables(kinds, self._pads, self.gate.max_hits, self.gate.native_databases)
 
     def _warm_up(self) -> None:
         # Import the validators' libraries and fill lazy tables now, not inside the first
@@ -234,9 +238,15 @@ class Redactor:
 
     def _detect_native(self, text: str, data: bytes) -> list[Entity]:
         """_detect's gate and window steps with the C sink (the same steps as the Python
-        path: see _hit_sink)."""
-        sink = self._native.sink(text, data)
-        if self.gate.feed(data, sink) and sink.out_of_order:
+        path: see _hit_sink). Where the C half scans the gate itself (built against libhs),
+        hyperscan hands each hit to the sink with no Python call."""
+        if self.gate.native_databases:
+            sink = self._native.scan(text, data)
+            stopped = sink.stopped
+        else:
+            sink = self._native.sink(text, data)
+            stopped = self.gate.feed(data, sink)
+        if stopped and sink.out_of_order:
             hits, overflow = self.gate.scan(data)
             if overflow:
                 return self._detect_everywhere(text)
@@ -376,6 +386,11 @@ class Redactor:
 
     def _resolve(self, found: list[Entity]) -> list[Entity]:
         settings = self.settings
+        if self._native is not None:
+            # (the C walk mirrors this one; merges and unusual spans come back None)
+            accepted = native_mod.extension.resolve_spans(found, settings.score_for, self.entities, _PRIORITY)
+            if accepted is not None:
+                return accepted
         kept = [e for e in found if e.end > e.start and e.score >= settings.score_for(e.type)
                 and e.type in self.entities]
         if len(kept) <= 1:

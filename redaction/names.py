@@ -15,8 +15,10 @@ this module turns those hits into PERSON spans with a handful of rules:
 
 from __future__ import annotations
 
+import copy
 import re
 
+from redaction import native as native_mod
 from redaction.gazetteer import PARTICLES, STOP_WORDS, Gazetteer
 from redaction.types import Entity
 
@@ -70,7 +72,8 @@ IDENTIFYING_CUES = frozenset(("my name is", "name is", "call me", "full name", "
 
 
 class NameFinder:
-    def __init__(self, gazetteer: Gazetteer, strict: bool = False):
+    def __init__(self, gazetteer: Gazetteer, strict: bool = False, native: bool = False):
+        """native: the token walk (_follow) in redaction/_native.c (same tokens)."""
         self.first = gazetteer.first
         self.surnames = gazetteer.surnames
         self.common = gazetteer.common
@@ -79,6 +82,24 @@ class NameFinder:
         # given names: not English words, or English words that are names in English too
         self.given = frozenset(n for n in gazetteer.first if n not in gazetteer.common or n in gazetteer.anglo_first)
         self.strict = strict
+        if native:
+            self._walk_natively()
+
+    def natively(self) -> NameFinder:
+        """A finder sharing this one's gazetteers, with the token walk in C."""
+        twin = copy.copy(self)
+        twin._walk_natively()
+        return twin
+
+    def _walk_natively(self) -> None:
+        follow_tokens = native_mod.extension.follow_tokens
+        sets = (self.common, self.surnames, self.given, self.names, PARTICLES, STOP_WORDS_SET)
+
+        def follow(text: str, pos: int, max_tokens: int, any_case: bool, any_first: bool = False,
+                   surname_at: int = -1, unknown_ok: bool = False) -> list[tuple[int, int]]:
+            return follow_tokens(text, pos, max_tokens, any_case, any_first, surname_at, unknown_ok, sets)
+
+        self._follow = follow
 
     # -- helpers ---------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class Operators:
         self._mask = settings.mask_char
         self._keep = settings.mask_keep_last
         self._ops = {}
+        self._replaced: dict[str, str] = {}  # the replace tag of each type (a format call per span otherwise)
 
     def operator(self, entity_type: str) -> str:
         op = self._ops.get(entity_type)
@@ -48,7 +49,10 @@ class Operators:
     def apply(self, entity_type: str, value: str) -> str:
         op = self.operator(entity_type)
         if op == "replace":
-            return self._template.format(type=entity_type)
+            tag = self._replaced.get(entity_type)
+            if tag is None:
+                tag = self._replaced[entity_type] = self._template.format(type=entity_type)
+            return tag
         if op == "mask":
             keep = min(self._keep.get(entity_type, 0), max(0, len(value) - 4))
             cut = len(value) - keep

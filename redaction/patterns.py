@@ -92,18 +92,28 @@ def _known_suffix(domain: str) -> bool:
 _USERINFO = re.compile(r"://[^\s/@]*:$")
 
 
-def find_email(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
-    for m in EMAIL_RE.finditer(text, lo, hi):
-        if m.start() > 3 and _USERINFO.search(text, max(0, m.start() - 80), m.start()):
-            continue  # scheme://user:password@host: the password is a secret, not a mailbox
-        value = m.group()
-        local, _, domain = value.rpartition("@")
-        if local.startswith(".") or ".." in local:
-            continue
-        if _known_suffix(domain.lower()):
-            out.append(Entity("EMAIL_ADDRESS", m.start(), m.end(), 0.95))
-    return out
+def email_candidates(text: str, lo: int, hi: int):
+    """(start, end) of each match of EMAIL_RE.finditer(text, lo, hi). (redaction/_native.c has
+    the same scan in C.)"""
+    return [m.span() for m in EMAIL_RE.finditer(text, lo, hi)]
+
+
+def make_email_finder(native: bool = False) -> Finder:
+    candidates = native_mod.extension.email_candidates if native else email_candidates
+
+    def find_email(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for start, end in candidates(text, lo, hi):
+            if start > 3 and _USERINFO.search(text, max(0, start - 80), start):
+                continue  # scheme://user:password@host: the password is a secret, not a mailbox
+            local, _, domain = text[start:end].rpartition("@")
+            if local.startswith(".") or ".." in local:
+                continue
+            if _known_suffix(domain.lower()):
+                out.append(Entity("EMAIL_ADDRESS", start, end, 0.95))
+        return out
+
+    return find_email
 
 
 # -- credit cards ---------------------------------------------------------------------------
@@ -604,12 +614,23 @@ def make_phone_finder(regions: tuple[str, ...], min_score: float = 0.0, native: 
     candidates = native_mod.extension.phone_candidates if native else phone_candidates
     context_tests = native_mod.extension if native else _PythonPhoneContext
 
+    def python_score(text: str, start: int, candidate_end: int, extension: bool, *_regexes) -> float:
+        return shaped_phone_score(text, start, text[start:candidate_end], regions, extension, context_tests)
+
+    # (the C score takes the header and shape regexes; None back: the numbering plan decides)
+    score_of = native_mod.extension.phone_score if native else python_score
+    regexes = (NOT_PHONE_HEADER.search, PHONE_CONTEXT.search, _PHONE_SHAPE.match)
+
     def find_phone(text: str, lo: int, hi: int) -> list[Entity]:
         out = []
         # (fewer than 7 characters hold fewer than the 7 digits phone_score wants)
         for start, extension_start, end, candidate_end in candidates(text, lo, hi, 7, True):
             extension = extension_start >= 0
-            score = shaped_phone_score(text, start, text[start:candidate_end], regions, extension, context_tests)
+            score = score_of(text, start, candidate_end, extension, *regexes)
+            if score is None:
+                score = 0.7 if _valid_phone(text[start:candidate_end], regions) else 0.0
+            elif score is NotImplemented:
+                score = python_score(text, start, candidate_end, extension)
             if score and score >= min_score:
                 out.append(Entity("PHONE_NUMBER", start, end if extension else candidate_end, score))
         return out
@@ -834,7 +855,7 @@ def _regex_finder(regex: re.Pattern, score: float, group: int = 0, check: Callab
 
 
 def _looks_secret(value: str) -> bool:
-    return not (_PLACEHOLDER.match(value) or len(value) < 6 or _PLACEHOLDER_PART.search(value))
+    return not (len(value) < 6 or _PLACEHOLDER.match(value) or _PLACEHOLDER_PART.search(value))
 
 
 def _quoted_or_bare(m: re.Match) -> tuple[str, int, bool]:
@@ -845,21 +866,34 @@ def _quoted_or_bare(m: re.Match) -> tuple[str, int, bool]:
     return m.group("value").rstrip("."), m.start("value"), False
 
 
-def _kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
-    out = []
+def kv_candidates(text: str, lo: int, hi: int):
+    """(key start, key end, quote after the key, value start, value end, quoted value) of each
+    match of KV_RE.finditer(text, lo, hi). (redaction/_native.c has the same scan in C.)"""
     for m in KV_RE.finditer(text, lo, hi):
-        value, start, quoted = _quoted_or_bare(m)
-        end = start + len(value)
-        if end < len(text) and text[end] in "(.[" and not quoted and not m.group("quote"):
-            continue  # password = getpass(), token = self.token
-        if not _looks_secret(value):
-            continue
-        key = m.group("key").lower().replace("-", "_")
-        strong = key not in ("token", "key", "pass", "auth") and "session" not in key and "sessid" not in key
-        if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
-            continue
-        out.append(Entity("SECRET", start, end, 0.9 if strong else 0.75))
-    return out
+        group = "dq" if m.group("dq") is not None else "sq" if m.group("sq") is not None else "value"
+        yield m.start("key"), m.end("key"), bool(m.group("quote")), m.start(group), m.end(group), group != "value"
+
+
+def make_kv_finder(native: bool = False) -> Finder:
+    candidates = native_mod.extension.kv_candidates if native else kv_candidates
+
+    def find_kv_secret(text: str, lo: int, hi: int) -> list[Entity]:
+        out = []
+        for key_start, key_end, key_quoted, start, end, quoted in candidates(text, lo, hi):
+            value = text[start:end] if quoted else text[start:end].rstrip(".")
+            end = start + len(value)
+            if end < len(text) and text[end] in "(.[" and not quoted and not key_quoted:
+                continue  # password = getpass(), token = self.token
+            if not _looks_secret(value):
+                continue
+            key = text[key_start:key_end].lower().replace("-", "_")
+            strong = key not in ("token", "key", "pass", "auth") and "session" not in key and "sessid" not in key
+            if not strong and not (any(ch.isdigit() for ch in value) or len(value) >= 16):
+                continue
+            out.append(Entity("SECRET", start, end, 0.9 if strong else 0.75))
+        return out
+
+    return find_kv_secret
 
 
 def _env_block_secret(text: str, lo: int, hi: int) -> list[Entity]:
@@ -926,7 +960,7 @@ _PREFIXED: list[tuple[str, bytes, str]] = [
 ]
 
 
-def secret_detectors() -> list[Detector]:
+def secret_detectors(native: bool = False) -> list[Detector]:
     detectors = [
         Detector(f"secret:{name}", "SECRET", (gate,), 200 if name == "jwt" else 48, 600,
                  _regex_finder(re.compile(precise), 1.0))
@@ -940,7 +974,7 @@ def secret_detectors() -> list[Detector]:
                  _regex_finder(URL_PASSWORD_RE, 0.95, group=1, check=_looks_secret)),
         Detector("secret:kv", "SECRET",
                  (rb"(?:pass|pwd|secret|key|token|auth|credential|sess)[a-z_\-]{0,12}[\"']?\s*(?:[:=]|=>|\bis\b)",), 64, 240,
-                 _kv_secret, caseless=True),
+                 make_kv_finder(native), caseless=True),
         Detector("secret:env_block", "SECRET",
                  (rb"(?:pass|pwd|secret|token|key|credential)[a-z0-9_]{0,12}[\"']?[ \t]*\r?\n[ \t]*(?:-[ \t]*)?value:",),
                  120, 240, _env_block_secret, caseless=True),
@@ -961,7 +995,7 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
     """native: the finders use redaction/_native.c where it has their scans (same results)."""
     return [
         Detector("email", "EMAIL_ADDRESS", (rb"[A-Za-z0-9_.+\-%'\x80-\xff]@[A-Za-z0-9\x80-\xff][A-Za-z0-9\-\x80-\xff]*\.",),
-                 132, 280, find_email),
+                 132, 280, make_email_finder(native)),
         Detector("card", "CREDIT_CARD", (rb"\d(?:[ \-]?\d){11}",), 26, 40, make_card_finder(native)),
         Detector("iban", "IBAN_CODE", (rb"[A-Z]{2}\d\d[ \-]?[A-Z0-9]{4}[ \-]?[A-Z0-9]{4}",), 18, 60, make_iban_finder(native),
                  caseless=True),
@@ -978,5 +1012,5 @@ def pattern_detectors(phone_regions: tuple[str, ...], ip_ignore_private: bool,
                                       rb"::[0-9A-Fa-f]{1,4}:[0-9A-Fa-f]{0,4}[:.]"),
                  48, 44, make_ip_finder(ip_ignore_private, native)),
         Detector("crypto", "CRYPTO", (rb"\b(?:bc1[ac-hj-np-z02-9]{11}|[13][a-km-zA-HJ-NP-Z1-9]{25})",), 30, 80, find_crypto),
-        *secret_detectors(),
+        *secret_detectors(native),
     ]

@@ -226,6 +226,81 @@ def test_hits_sorted_by_end_give_the_windows_of_hits_in_end_order(both):
     assert sink.windows() == _python_sink(reference, text, data)[0]
 
 
+needs_libhs = pytest.mark.skipif(
+    native.extension is None or native.extension.HYPERSCAN_VERSION is None,
+    reason="redaction/_native.c was built without libhs (no hs/hs.h at install): the hyperscan package scans the gate")
+
+
+@needs_libhs
+def test_libhs_reports_the_gate_hits_of_the_hyperscan_package(both, corpus_texts):
+    """The same patterns and flags compiled by libhs in the C half and by the hyperscan
+    package (another hyperscan version) give the same hits in the same order, and stop
+    at the same hit limit."""
+    fast, reference = both
+    assert fast.gate.native_databases and not reference.gate.native_databases
+    texts = corpus_texts + _fuzzed(random.Random(11), 3000, longest=60) + ["1234567 " * 3000]
+    hits = 0
+    for text in texts:
+        data = text.encode("utf-8", "surrogatepass")
+        expected = reference.gate.scan(data)
+        assert fast.gate.scan(data) == expected, text
+        hits += len(expected[0])
+    assert hits > 20_000 and fast.gate.scan(texts[-1].encode())[1] is True
+
+
+@needs_libhs
+def test_the_c_scan_fills_the_sink_the_python_scan_does(both, corpus_texts):
+    """Tables.scan (hyperscan calling the C sink) against the Python sink fed by the hyperscan
+    package: windows, name positions, status, and whether the scan stopped."""
+    fast, reference = both
+    for text in corpus_texts[:600] + _fuzzed(random.Random(12), 1500) + ["1234567 " * 3000]:
+        data = text.encode("utf-8", "surrogatepass")
+        sink = fast._native.scan(text, data)
+        on_match, (windows, given, cues, weak, _to_char), status = reference._hit_sink(text, data)
+        stopped = reference.gate.feed(data, on_match)
+        assert (sink.windows(), sink.given_words, sink.cue_ends, sink.weak_starts) == (windows, given, cues, weak), text
+        assert (sink.status(), bool(sink.stopped)) == (status, stopped)
+
+
+@needs_libhs
+def test_a_libhs_database_survives_serialization_and_bad_input_is_refused(both):
+    fast, _ = both
+    text = "Dear Ana Lopez, call +1 415 555 2671 or mail ana@example.com"
+    data = text.encode()
+    loaded = tuple(native.extension.load_database(db.serialize()) for db in fast.gate.native_databases)
+    reloaded = native.extension.Tables((), (), fast.gate.max_hits, loaded)
+    assert reloaded.gate_hits(data) == fast.gate.scan(data) and len(fast.gate.scan(data)[0]) >= 4
+    with pytest.raises(ValueError, match="not a hyperscan database"):
+        native.extension.load_database(b"not a database")
+    with pytest.raises(ValueError, match="could not compile expression 1"):
+        native.extension.compile_database([b"a", b"(b"], [0, 0], [0, 1], False)
+    with pytest.raises(RuntimeError, match="no hyperscan databases"):
+        native.extension.Tables((), (), 10).scan(text, data)
+
+
+@needs_libhs
+def test_the_package_scanning_for_the_c_sink_redacts_like_the_c_scan(both, corpus_texts, monkeypatch):
+    """An extension built without libhs: the hyperscan package scans, the C sink takes the hits."""
+    fast, reference = both
+    monkeypatch.setattr(native, "gate_scanner", lambda extension: None)
+    middle = Redactor(RedactionSettings(cache_size=0, time_budget_ms=10_000), native=True)
+    assert middle._native is not None and not middle.gate.native_databases
+    texts = corpus_texts[:500] + _fuzzed(random.Random(13), 500)
+    assert [_spans(middle, t) for t in texts] == [_spans(fast, t) for t in texts] == [_spans(reference, t) for t in texts]
+
+
+@needs_libhs
+def test_c_scans_from_several_threads_share_the_scratch_safely(both, corpus_texts):
+    import concurrent.futures
+
+    fast, _ = both
+    texts = corpus_texts[:300]
+    expected = [_spans(fast, t) for t in texts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: [_spans(fast, t) for t in texts], range(4)))
+    assert results == [expected] * 4
+
+
 def test_ipv4_scan_agrees_with_the_regex_and_checks():
     """Product tokens (also before a line break), prefix lengths, leading zeros, octets over
     255, non-ASCII digits, private ranges on and off."""
@@ -301,3 +376,161 @@ def test_iban_checksum_cuts_agree_with_mod97():
         assert native.extension.iban_checksum_cuts(raw) == expected, raw
         found += len(expected)
     assert found > 1000
+
+
+def test_kv_secret_scan_agrees_with_the_regex():
+    """KV_RE's matches: every key and its re backtracking order ("pass" before "passphrase",
+    optional separators and prefixes), quotes, "=>" after a failed "=", \\bis\\b, the
+    200-character value caps, re's case-insensitive Unicode equivalents (İ ı ſ K), windows."""
+    rng = random.Random(8)
+    keys = ["password", "passwd", "passwort", "pwd", "pass", "passphrase", "secret", "client_secret", "clientsecret",
+            "secret-key", "api-key", "apikey", "api_token", "access_token", "accessKey", "auth_token", "refresh-token",
+            "private_key", "aws_secret_access_key", "token", "key", "auth", "credentials", "phpsessid", "PHPSESSION_ID",
+            "jsession", "session-token", "session_", "sessid", "csrf_token", "XSRF-TOKEN", "\u017fecret", "\u212aey",
+            "passwordX", "my_password", "apass", "1token", "\u0130"]
+    separators = ["=", ":", " = ", "\t:\t", "=>", " => ", " is ", "is", " IS ", " \u0130s ", " \u0131s ", "\"=", "'  :",
+                  "==", ": >", "=\n", " isx "]
+    values = ["hunter22", "\"abc def\"", "'abcd'", "\"ab\"", "ab", "abcd.", "abc(", "x" * 230, "\"" + "y" * 205 + "\"",
+              "\"abc\ndef\"", "getpass()", "\u00a0abcd", "名名名名", "a\u2003bcde", "'abcde", "ab,cd", "<YOUR_KEY>", "\ud800abcd"]
+    texts = ["", "password=hunter22", "key => 'abcd'"]
+    for _ in range(6000):
+        text = rng.choice(["", "x", " ", "1", "_", "\"", "é"]) + rng.choice(keys) + rng.choice(["", "\"", "'"])
+        text += rng.choice(separators) + rng.choice(values)
+        texts.append(text + (rng.choice(separators) + rng.choice(values) if rng.random() < 0.3 else ""))
+    found = 0
+    for text in texts:
+        for lo, hi in ((0, len(text)), (rng.randint(-2, len(text)), len(text) + 2), (0, rng.randint(0, len(text)))):
+            expected = list(patterns.kv_candidates(text, lo, hi))
+            assert native.extension.kv_candidates(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 2000
+
+
+def test_email_scan_agrees_with_the_regex():
+    """EMAIL_RE's matches: local parts of 64 and 65 characters, labels of 64 and 65, top-level
+    domains of 2 and 25 letters, labels given back until the domain fits, Unicode letters,
+    digits that are not decimal (², Ⅷ), surrogates, windows cutting addresses."""
+    rng = random.Random(10)
+    pieces = ["ana", "@", ".", "-", "_", "+", "%", "'", "example", "com", "co", "uk", "x", "1", "2a", "é", "名", "\u0663",
+              "\u00b2", "\u2167", "\u01c5", " ", "\n", ",", "<", "a" * 63, "b" * 64, "c" * 65, "d" * 24, "e" * 25, "\ud800",
+              "😀", "@@", "..", "mail.", "x.y.z.", "-a", "a-", "_a", "ana.lopez@example.com", "A@b.cd"]
+    texts = ["", "@", "a@b.cd", "a@b.c", "x" * 70 + "@a.bc", "a." * 150 + "@" + "b." * 150 + "cd"]
+    texts += ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(8000)]
+    found = 0
+    for text in texts:
+        for lo, hi in ((0, len(text)), (rng.randint(-2, len(text)), len(text) + 2), (0, rng.randint(0, len(text)))):
+            expected = patterns.email_candidates(text, lo, hi)
+            assert native.extension.email_candidates(text, lo, hi) == expected, (text, lo, hi)
+            found += len(expected)
+    assert found > 3000
+
+
+def test_phone_score_in_c_agrees_with_shaped_phone_score(corpus_texts):
+    """Every rule of the score after the shape test (trunk "(0)", decimals, card numbers,
+    international zeros, leading-zero groups, the shape regex, barcodes and epochs, context
+    words and table headers), on the candidates of corpus and fuzzed texts; None back means
+    the numbering plan decides."""
+    rng = random.Random(14)
+    extra = ["(0)", "+44 (0)20 7946 0958", "0301234567", "4111111111111111", "4006123456789", "1700000000000",
+             "+000000120", "+3.140000", "01 012 0123 01234", "\n| phone | id |\n|---|---|\n| ", "\nname,phone,order\nx,",
+             " tokens", "ISBN ", "\u0663" * 8, "(0)(0)", "((0)0))", "x211", "+1 (415) 555-2671", "1234567890"]
+    pieces = _PIECES + _CONTEXT_PIECES + extra
+    texts = corpus_texts + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 30))) for _ in range(5000)]
+    regions = ("US", "GB", "DE")
+    regexes = (patterns.NOT_PHONE_HEADER.search, patterns.PHONE_CONTEXT.search, patterns._PHONE_SHAPE.match)
+    scores = set()
+    for text in texts:
+        for start, extension_start, _end, candidate_end in patterns.phone_candidates(text, 0, len(text), 7, True):
+            candidate, extension = text[start:candidate_end], extension_start >= 0
+            expected = patterns.shaped_phone_score(text, start, candidate, regions, extension)
+            got = native.extension.phone_score(text, start, candidate_end, extension, *regexes)
+            if got is None:
+                got = 0.7 if patterns._valid_phone(candidate, regions) else 0.0
+            assert got == expected and type(got) is float, (text, start, candidate_end)
+            scores.add(expected)
+    assert scores == {0.0, 0.7, 0.75, 0.8, 0.9, 0.95}
+    assert native.extension.phone_score("1\n2", 0, 3, False, *regexes) is NotImplemented  # not PHONE_RE's characters
+
+
+def test_names_token_walk_in_c_agrees_with_follow(corpus_texts):
+    """NameFinder._follow and its C walk: particles before a capitalised word, possessives
+    (' and ’), hyphens and apostrophes inside names, digits, "_" and "@" after a word, letters
+    of every case class (titlecase ǅ, dotted İ, ß, ligatures), digits that are not decimal,
+    each caller's flags."""
+    from redaction import gazetteer
+    from redaction.names import NameFinder
+
+    reference = NameFinder(gazetteer.load())
+    walk = reference.natively()
+    assert walk._follow is not reference._follow and walk.given is reference.given
+    rng = random.Random(15)
+    pieces = ["Ana", "ana", "Lopez", "López", "van", "der", "de", "la", "Van", "Berg", "O'Neil", "Jean-Luc", "Grace",
+              "grace", "Will", "the", "The", "and", "Smith", "Wu", "Fang", "'s", "’s", "s", "'", "’", "-", " ", "  ", "\t",
+              "\n", "1", "_", "@", ".", ",", "Ł", "ukasz", "ǅ", "\u0130stanbul", "ı", "ß", "ﬁ", "²", "\u0663", "名", "😀",
+              "\ud800", "Paris", "Okafor", "chidi", "okonkwo", "Mücevher", "Şama", "X", "x", "A1", "Ann", "ann", "of"]
+    texts = corpus_texts[::4] + ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 14))) for _ in range(4000)]
+    flags = ((3, True, True, 1, False), (3, False), (3, True, True, 1, True), (3, False, False, 0), (1, True),
+             (2, True, False, 5, True))
+    tokens = 0
+    for text in texts:
+        starts = [i for i in range(len(text)) if i == 0 or text[i - 1] in " \t\n"][:6] + [len(text), len(text) + 2]
+        for pos in starts:
+            for args in flags:
+                expected = reference._follow(text, pos, *args)
+                assert walk._follow(text, pos, *args) == expected, (text, pos, args)
+                tokens += len(expected)
+    assert tokens > 10_000
+
+
+def test_resolve_in_c_agrees_with_resolve(both):
+    """Overlapping, nested, equal and empty spans, equal scores and priorities, types not
+    asked for, scores under the minimum: the C walk returns _resolve's spans (the same
+    objects) or None where _resolve merges spans or a score is not a float."""
+    from redaction.engine import _PRIORITY
+    from redaction.types import Entity
+
+    fast, reference = both
+    rng = random.Random(16)
+    types = ["PERSON", "PHONE_NUMBER", "EMAIL_ADDRESS", "SECRET", "CREDIT_CARD", "US_SSN", "LOCATION", "UNKNOWN"]
+    mirrored = 0
+    for _ in range(20000):
+        found = []
+        for _ in range(rng.randint(0, 7)):
+            start = rng.randint(0, 30)
+            score = rng.choice([0.0, 0.3, 0.6, 0.75, 0.75, 0.9, 0.95, 1.0, float("nan"), 1])
+            found.append(Entity(rng.choice(types), start, start + rng.randint(-1, 8), score, rng.choice(["a", "b"])))
+        expected = reference._resolve(list(found))
+        got = native.extension.resolve_spans(list(found), reference.settings.score_for, reference.entities, _PRIORITY)
+        if got is not None:
+            mirrored += 1
+            assert [id(e) for e in got] == [id(e) for e in expected], found
+        else:
+            assert any(type(e.score) is not float or e.score != e.score for e in found) or \
+                any(e not in found for e in expected), found  # not mirrored: a merge made a new span
+    assert mirrored > 5000
+    assert fast._resolve(found) == reference._resolve(found)
+
+
+@needs_libhs
+def test_libhs_databases_are_kept_on_disk_and_a_bad_file_is_compiled_again(tmp_path, monkeypatch):
+    from redaction import gate as gate_mod
+    from redaction.gate import Gate, GatePattern
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(gate_mod, "_COMPILED", {})
+    monkeypatch.setattr(gate_mod, "_KEYS", {})
+    patterns = [GatePattern("phone", rb"\d{3}-\d{4}"), GatePattern("cue", rb"\bDear\b", caseless=True),
+                GatePattern("given", b"Ana", literal=True)]
+    data = b"dear Ana, call 555-1234"
+    compiled = Gate(patterns, native=native.extension)
+    files = sorted((tmp_path / "gatewatch").glob("gate-*.hsdb"))
+    assert len(files) == 2  # the regexes and the literals
+    expected = Gate(patterns).scan(data)  # the hyperscan package's
+    assert compiled.scan(data) == expected and len(expected[0]) == 3
+    monkeypatch.setattr(gate_mod, "_COMPILED", {})
+    assert Gate(patterns, native=native.extension).scan(data) == expected  # loaded from the files
+    for path in files:
+        path.write_bytes(b"not a database")
+    monkeypatch.setattr(gate_mod, "_COMPILED", {})
+    assert Gate(patterns, native=native.extension).scan(data) == expected  # compiled again
+    assert all(path.read_bytes() != b"not a database" for path in files)
