@@ -21,7 +21,6 @@ from bytewax.operators import KeyedStream
 from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
 from schemas.records import encode_billing_event, encode_quota_alert
 from schemas.dlq import bounded_original, event_dlq_record
-from schemas.pricing import with_cost
 from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, user_key
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
@@ -30,8 +29,8 @@ from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before, o
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
-from sinks.parquet import (BlockBatcher, EventBlock, ParquetWriter, event_blocks, partition_of_item, region_of_item,
-                           sample_text)
+from sinks.parquet import (BlockBatcher, EventBlock, NanoPrices, ParquetWriter, event_blocks, partition_of_item,
+                           region_of_item, sample_text)
 from sinks.quota import QuotaStore, QuotaWriter, keep_month_bases
 from sinks.retry import Retry, retry_policy
 from sinks.vault import KeyStore, VaultFiles, VaultSealer, VaultWriter
@@ -248,10 +247,6 @@ def vault_out(events: Stream[dict], settings: Settings) -> None:
 
 # -- the steps ------------------------------------------------------------------------------
 
-def priced(pricing, events: list[dict]) -> list[dict]:
-    return [with_cost(event, pricing) for event in events]
-
-
 def text_sampled(sample_rate: float, events: list[dict]) -> list[dict]:
     return [sample_text(event, sample_rate) for event in events]
 
@@ -303,14 +298,14 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
     sinks = set(settings.sinks)
     unique, unstorable = route_by_region(unique, settings)
     dlq_streams = [*dlq_streams, *unstorable]
-    unique = op.flat_map_batch("price", unique, partial(priced, settings.pricing))
     stored = unique
     if settings.parquet.text_sample_rate < 1:
         stored = op.flat_map_batch("sample_text", unique, partial(text_sampled, settings.parquet.text_sample_rate))
     if sinks & {"parquet", "clickhouse"}:
-        # One Arrow table per partition of each batch, shared by both sinks; the step ids of
+        # One Arrow table per partition of each batch, shared by both sinks and priced on its
+        # columns (only these sinks store a cost; billing prices window totals); the step ids of
         # their batchers are unchanged, so a snapshot's event dicts still resume (blocks_and_events).
-        blocks = op.flat_map_batch("event_blocks", stored, event_blocks)
+        blocks = op.flat_map_batch("event_blocks", stored, partial(event_blocks, prices=NanoPrices(settings.pricing)))
     if "parquet" in sinks:
         batched_out("parquet", blocks, partition_of_item, settings.parquet.max_rows, settings.parquet.max_age_s,
                     partial(parquet_writer, settings), BlockBatcher)

@@ -237,9 +237,13 @@ class ClickHouseSettings(Section):
     database: str = "gatewatch"
     max_rows: int = Field(20_000, gt=0)
     max_age_s: float = Field(1, gt=0)
-    aggregate_interval_s: float = Field(10, ge=0)
+    aggregate_interval_s: float = Field(60, ge=0)
     """How often a writer recomputes the usage aggregates of the hours it touched (and once
-    more when the flow ends); 0 recomputes after every batch."""
+    more when the flow ends); 0 recomputes after every batch. Each refresh re-reads every
+    raw event of the touched users' hours, so its cost per event falls with the interval
+    (60,000 events of skewed users into chdb in 2,000-row inserts: 43 µs per event refreshing
+    after every 5th insert, 13 after every 30th); 60 s keeps the aggregates inside the
+    2-minute freshness objective (ops/bench/FINDINGS.md)."""
 
     @field_validator("url")
     @classmethod

@@ -17,11 +17,13 @@ from urllib.parse import urlparse
 
 import fsspec
 from fsspec.exceptions import FSTimeoutError
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.vocabulary import event_key
+from schemas.pricing import with_cost
+from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, event_key
 from sinks.base import Batcher
 from sinks.metrics import count_written
 from sinks.retry import Retry, row_error, write_isolating
@@ -164,9 +166,10 @@ class EventBlock:
         return self.partition.rsplit("region=", 1)[1]
 
 
-def event_blocks(events: list[dict]) -> list[EventBlock | dict]:
-    """One block per partition of the events, in the order each partition first appears.
-    The events of a partition Arrow refuses stay dicts: the sinks then isolate and
+def event_blocks(events: list[dict], prices: NanoPrices | None = None) -> list[EventBlock | dict]:
+    """One block per partition of the events, in the order each partition first appears;
+    with prices, every row priced on the table's columns (priced_table). The events of a
+    partition Arrow refuses stay dicts (priced one by one): the sinks then isolate and
     dead-letter the rows it refuses, as they do for any batch of dicts (sinks.retry)."""
     by_partition: dict[str, list[dict]] = {}
     for event in events:
@@ -174,12 +177,73 @@ def event_blocks(events: list[dict]) -> list[EventBlock | dict]:
     out: list[EventBlock | dict] = []
     for partition, rows in by_partition.items():
         try:
-            out.append(EventBlock(partition, to_table(rows)))
+            table = to_table(rows)
+            out.append(EventBlock(partition, table if prices is None else priced_table(table, prices)))
         except Exception as exc:  # noqa: BLE001 - classified just below
             if not row_error(exc):
                 raise
-            out.extend(rows)
+            out.extend(rows if prices is None else [with_cost(row, prices.pricing) for row in rows])
     return out
+
+
+COST_TYPE = ARROW_SCHEMA.field("cost_usd").type
+
+
+class NanoPrices:
+    """A price table as integers, for pricing a table's rows with numpy: each model's four
+    prices per million tokens times 10**decimals (decimals: the most any price has), so a
+    row's cost in nano-dollars is its tokens times those integers, scaled by 10**(3 -
+    decimals) and rounded half to even: schemas.pricing.cost_usd to the nano-dollar, without
+    a Decimal and a copy of the event dict per row (13 against 0.6 µs per event)."""
+
+    def __init__(self, pricing):
+        self.pricing = pricing
+        prices = [*pricing.models.values(), *([pricing.default] if pricing.default is not None else [])]
+        self.decimals = max([0, *(-getattr(p, kind).as_tuple().exponent for p in prices for kind in TOKEN_KINDS)])
+        self.models = pa.array(list(pricing.models), pa.string())
+        # One row per model, then the default's (zeros: an unpriced model costs 0).
+        scaled = [[int(getattr(p, kind).scaleb(self.decimals)) for kind in TOKEN_KINDS] for p in prices]
+        if pricing.default is None:
+            scaled.append([0] * len(TOKEN_KINDS))
+        self.largest_row = max(map(sum, scaled))
+        self.scaled = np.array(scaled, dtype=object if self.largest_row >= 2**62 else np.int64)
+
+    def nanos(self, table: pa.Table) -> np.ndarray | None:
+        """Each row's cost in nano-dollars, or None when int64 might not hold it."""
+        counts = [table.column(name).to_numpy() for name in TOKEN_FIELDS]
+        if not table.num_rows:
+            return np.zeros(0, np.int64)
+        most = max(int(count.max()) for count in counts)
+        if min(int(count.min()) for count in counts) < 0 or \
+                most * self.largest_row * 10 ** max(0, 3 - self.decimals) >= 2**62:
+            return None
+        row = pc.index_in(table.column("model"), value_set=self.models).fill_null(len(self.models)).to_numpy()
+        units = sum(count * self.scaled[row, kind] for kind, count in enumerate(counts))
+        if self.decimals <= 3:
+            return units * 10 ** (3 - self.decimals)
+        divisor = 10 ** (self.decimals - 3)  # even, so half of it is exact
+        quotient, remainder = np.divmod(units, divisor)
+        return quotient + ((remainder > divisor // 2) | ((remainder == divisor // 2) & (quotient % 2 == 1)))
+
+
+def decimal_array(nanos: np.ndarray) -> pa.Array:
+    """Non-negative int64 nano-dollars as Arrow decimal128(18, 9), without a Decimal per value:
+    a decimal128 value is its unscaled integer in 16 little-endian bytes."""
+    limbs = np.zeros((len(nanos), 2), dtype="<i8")
+    limbs[:, 0] = nanos
+    return pa.Array.from_buffers(COST_TYPE, len(nanos), [None, pa.py_buffer(limbs)])
+
+
+def priced_table(table: pa.Table, prices: NanoPrices) -> pa.Table:
+    """The table with each row's cost_usd and the price table's version (with_cost of every
+    row, as columns)."""
+    nanos = prices.nanos(table)
+    if nanos is None or (len(nanos) and nanos.max() >= 10**18):
+        return to_table([with_cost(event, prices.pricing) for event in events_of(table)])
+    versions = pa.array([prices.pricing.version] * table.num_rows, pa.string())
+    cost_at, version_at = ARROW_SCHEMA.get_field_index("cost_usd"), ARROW_SCHEMA.get_field_index("price_version")
+    table = table.set_column(cost_at, ARROW_SCHEMA.field(cost_at), decimal_array(nanos))
+    return table.set_column(version_at, ARROW_SCHEMA.field(version_at), versions)
 
 
 def partition_of_item(item: EventBlock | dict) -> str:

@@ -5,12 +5,18 @@ count rows, and event dicts (a snapshot's, or rows Arrow refuses) still written.
 from __future__ import annotations
 
 import pickle
+import random
+from decimal import Decimal
 
+import pytest
 
+from ops.settings import ModelPrice, PricingSettings
+from schemas.pricing import with_cost
+from schemas.vocabulary import TOKEN_FIELDS
 from sinks.clickhouse import ClickHouse, ClickHouseWriter, close_chdb
-from sinks.parquet import (ARROW_SCHEMA, COLUMNS_SINCE, BlockBatcher, EventBlock, ParquetStore, ParquetWriter,
-                           TableRows, blocks_and_events, event_blocks, events_of, file_name, file_name_of_table, partition_of,
-                           to_table)
+from sinks.parquet import (ARROW_SCHEMA, COLUMNS_SINCE, BlockBatcher, EventBlock, NanoPrices, ParquetStore,
+                           ParquetWriter, TableRows, blocks_and_events, event_blocks, events_of, file_name,
+                           file_name_of_table, partition_of, priced_table, to_table)
 from sinks.retry import retry_policy
 from tests.test_clickhouse_insert import events
 
@@ -126,3 +132,48 @@ def test_partition_of_names_the_utc_day_of_the_event_time_at_every_boundary():
     leap_end = 1_709_251_199_999  # 2024-02-29T23:59:59.999Z
     assert day(leap_end) == "event_date=2024-02-29/region=eu"
     assert day(leap_end + 1) == "event_date=2024-03-01/region=eu"
+
+
+def priced_rows(pricing, count: int = 400) -> list[dict]:
+    """Events of every priced model and one unpriced, with token counts from 0 to millions."""
+    rng = random.Random(3)
+    models = [*pricing.models, "model-without-price"]
+    rows = [dict(event, region="eu") for event in events(count)]
+    for n, event in enumerate(rows):
+        event["model"] = models[n % len(models)]
+        for field in TOKEN_FIELDS:
+            event[field] = rng.choice([0, 1, 3, 7, rng.randint(0, 5000), rng.randint(0, 10_000_000)])
+    return rows
+
+
+def price(**prices: str) -> ModelPrice:
+    return ModelPrice(**{kind: Decimal(value) for kind, value in prices.items()})
+
+
+@pytest.mark.parametrize("pricing", [
+    PricingSettings(),  # the shipped table: two decimals
+    PricingSettings(version="odd", default=price(input="1.000005", output="0", cache_read="0.25", cache_write="2.5"),
+                    models={"gpt-4o": price(input="0.000125", output="3.141593", cache_read="0.5",
+                                            cache_write="0.0000005")}),
+    PricingSettings(version="halves", models={"gpt-4o": price(input="0.0005", output="0.0015", cache_read="0.0025",
+                                                              cache_write="0")}),  # exact half nano-dollars
+], ids=["shipped", "seven-decimals-and-default", "half-nanos"])
+def test_blocks_are_priced_on_their_columns_as_with_cost_prices_each_event(pricing):
+    rows = priced_rows(pricing)
+    prices = NanoPrices(pricing)
+    assert prices.nanos(to_table(rows)) is not None, "these counts and prices take the vectorized path"
+    block, = event_blocks(rows, prices)
+    assert block.table.equals(to_table([with_cost(event, pricing) for event in rows]))
+
+
+def test_costs_beyond_int64_are_priced_one_by_one_and_beyond_the_column_refused_as_before():
+    pricing = PricingSettings(models={"gpt-4o": price(input="12345.123456789123", output="1", cache_read="1",
+                                                      cache_write="1")})
+    rows = [dict(event, model="gpt-4o") for event in priced_rows(pricing, 20)]
+    rows[0]["input_tokens"] = 10_000_000  # ~$123k: in decimal128(18, 9), beyond int64 at 12 decimals
+    prices = NanoPrices(pricing)
+    assert prices.nanos(to_table(rows)) is None
+    assert priced_table(to_table(rows), prices).equals(to_table([with_cost(event, pricing) for event in rows]))
+    rows[1]["input_tokens"] = 10**14  # a cost past decimal128(18, 9): Arrow refuses the partition
+    items = event_blocks(rows, prices)
+    assert items == [with_cost(event, pricing) for event in rows]

@@ -21,7 +21,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
                          "schemas/rules.py", "fastavro")),
     ("redact", ("redaction/", "redact_batch (", "redact_dlq_payload (", "schemas/dlq.py")),
     ("dedupe/windows", ("dataflows/state.py", "first_sightings (", "unkeyed (")),
-    ("price", ("schemas/pricing.py", "priced (")),
+    ("price", ("schemas/pricing.py", "priced (", "priced_table (", "nanos (", "decimal_array (")),
     ("arrow blocks", ("event_blocks (", "to_table (")),
     ("sinks", ("sinks/", "chdb/", "pyarrow/parquet", "redis/")),
     ("kafka source", ("connectors/kafka", "kafka_source.py", "rd_kafka")),

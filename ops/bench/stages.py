@@ -19,8 +19,7 @@ from ops.settings import Settings
 from redaction import Redactor
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
-from sinks.billing import with_cost
-from sinks.parquet import to_table
+from sinks.parquet import NanoPrices, priced_table, to_table
 
 
 def timed(run: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter) -> float:
@@ -51,7 +50,7 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
     redacted = [e for e in redactor.redact_events(events) if isinstance(e, dict)]
     for n, event in enumerate(redacted):
         event.update(source_partition=0, source_offset=n)
-    priced = [with_cost(e, settings.pricing) for e in redacted]
+    prices = NanoPrices(settings.pricing)
 
     def window() -> None:
         logic = WindowLogic(UserWindows(60_000, 600_000, "dlq"), 2.0, 3600)
@@ -65,8 +64,10 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
         for event in redacted:
             seen.first(f"{event['org_id']}/{event['event_id']}", now)
 
-    # The flow builds one Arrow table per batch for both sinks (sinks.parquet.event_blocks).
-    table = to_table(priced)
+    # The flow builds one Arrow table per batch for both sinks and prices it on its columns
+    # (sinks.parquet.event_blocks).
+    unpriced = to_table(redacted)
+    table = priced_table(unpriced, prices)
 
     def parquet() -> None:
         pq.write_table(table, io.BytesIO(), compression="zstd")
@@ -86,8 +87,8 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
         "redact": lambda: [redactor.redact_events(events[i:i + 1000]) for i in range(0, len(events), 1000)],
         "dedupe": dedupe,
         "window": window,
-        "price": lambda: [with_cost(e, settings.pricing) for e in redacted],
-        "Arrow table": lambda: to_table(priced),
+        "Arrow table": lambda: to_table(redacted),
+        "price": lambda: priced_table(unpriced, prices),
         "Parquet encode": parquet,
         "ClickHouse insert (chdb)": insert,
     }
@@ -105,8 +106,8 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
               help="Time on this process's CPU clock (all threads, chdb's too) instead of the wall clock: "
                    "on a shared machine other processes then do not inflate the figures.")
 def stages(events, users, repeat, cpu) -> None:
-    """Per-stage throughput on one core: decode, validate, redact, dedupe, window, price,
-    Arrow table (one for both sinks), Parquet encode, ClickHouse insert."""
+    """Per-stage throughput on one core: decode, validate, redact, dedupe, window, Arrow
+    table (one for both sinks), price (on its columns), Parquet encode, ClickHouse insert."""
     settings = Settings()
     messages = messages_for(settings, events, users)
     with tempfile.TemporaryDirectory() as chdb_dir:
