@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS {db}.usage_model_monthly
     computed_at DateTime64(3, 'UTC')
 )
 ENGINE = ReplacingMergeTree(computed_at)
-PARTITION BY toYear(month)
+PARTITION BY toYYYYMM(month)
 ORDER BY (month, org_id, model)
 -- Kept while the daily rows it sums are: until its last day expires.
 TTL toLastDayOfMonth(month) + INTERVAL {aggregate_ttl_days} DAY;
