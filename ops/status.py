@@ -116,25 +116,27 @@ def _seconds(value: float | None) -> str:
 
 
 def usage_lines(client, day_s: float | None = None) -> list[str]:
-    """Today's and this month's usage from the per-model daily rollup (a few rows per org and
-    day, never the raw events nor a row per user): requests, errors, tokens and cost, the
-    orgs that used the most today and the models used the most this month."""
+    """Today's and this month's usage from the per-model rollups (a few rows per org and day
+    or month, never the raw events nor a row per user): requests, errors, tokens and cost, the
+    orgs that used the most today and the models used the most this month. The month is the
+    whole calendar month as far as stored, which is month to date unless events are dated ahead."""
     db = client.database
     day = f"toDate(toDateTime({int(day_s if day_s is not None else time.time())}, 'UTC'))"
     lines = ["", f"{'usage':<14}{'requests':>12}{'errors':>9}{'tokens':>15}{'cost USD':>16}"]
-    periods = (("today", f"day = {day}"), ("this month", f"day >= toStartOfMonth({day}) AND day <= {day}"))
-    for label, where in periods:
+    periods = (("today", "usage_model_daily", f"day = {day}"),
+               ("this month", "usage_model_monthly", f"month = toStartOfMonth({day})"))
+    for label, table, where in periods:
         (requests, errors, tokens, cost), = client.rows(
             f"SELECT sum(requests), sum(errors), sum(input_tokens + output_tokens + cache_read_tokens + "
-            f"cache_write_tokens), sum(cost_usd) FROM {db}.usage_model_daily FINAL WHERE {where}")
+            f"cache_write_tokens), sum(cost_usd) FROM {db}.{table} FINAL WHERE {where}")
         lines.append(f"{label:<14}{int(requests or 0):>12,}{int(errors or 0):>9,}{int(tokens or 0):>15,}"
                      f"{float(cost or 0):>16,.2f}")
     top = client.rows(f"SELECT org_id, sum(requests) AS n, sum(cost_usd) FROM {db}.usage_model_daily FINAL "
                       f"WHERE day = {day} GROUP BY org_id ORDER BY n DESC LIMIT 5")
     if top:
         lines.append("top orgs today " + ", ".join(f"{org} {int(n):,} req ${float(c):,.2f}" for org, n, c in top))
-    models = client.rows(f"SELECT model, sum(requests) AS n, sum(cost_usd) FROM {db}.usage_model_daily FINAL "
-                         f"WHERE {periods[1][1]} GROUP BY model ORDER BY n DESC LIMIT 5")
+    models = client.rows(f"SELECT model, sum(requests) AS n, sum(cost_usd) FROM {db}.usage_model_monthly FINAL "
+                         f"WHERE {periods[1][2]} GROUP BY model ORDER BY n DESC LIMIT 5")
     if models:
         lines.append("top models this month " + ", ".join(f"{model} {int(n):,} req ${float(c):,.2f}"
                                                         for model, n, c in models))

@@ -15,6 +15,7 @@ import re
 import struct
 import threading
 import time
+from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -242,10 +243,23 @@ WHERE org_id IN ({orgs}) AND day >= toDate(toDateTime({low}, 'UTC')) AND day <= 
 GROUP BY day, org_id, model
 """
 
+# Reads at most one row per (day, org, model) of each month, about 30 per key it writes.
+_MODEL_MONTHLY_FROM_DAILY = """
+INSERT INTO {db}.usage_model_monthly
+SELECT toStartOfMonth(day), org_id, model, sum(requests), sum(errors), sum(input_tokens), sum(output_tokens),
+    sum(cache_read_tokens), sum(cache_write_tokens), sum(cost_usd), sum(latency_ms_sum),
+    quantilesTDigestMergeState(0.5, 0.95, 0.99)(latency_quantiles), now64(3)
+FROM {db}.usage_model_daily FINAL
+WHERE org_id IN ({orgs}) AND day >= toDate(toDateTime({low}, 'UTC')) AND day <= toLastDayOfMonth(toDateTime({high}, 'UTC'))
+  AND (org_id, toStartOfMonth(day)) IN ({keys})
+GROUP BY toStartOfMonth(day), org_id, model
+"""
+
 AGGREGATE_KEYS = {
     "usage_hourly": ("org_id", "hour", "model", "user_id", "region", "experiment_id", "variant"),
     "usage_daily": ("org_id", "day", "model", "user_id", "region", "experiment_id", "variant"),
     "usage_model_daily": ("day", "org_id", "model"),
+    "usage_model_monthly": ("month", "org_id", "model"),
 }
 """The sorting key of each aggregate table: one row per key once its versions are merged."""
 
@@ -280,7 +294,9 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     refresh of an existing deployment recomputes its whole history. Hours older than the
     raw retention are left alone: their raw rows are gone, their aggregates are final.
     Keys include the user, so a refresh rewrites rows in proportion to the users active
-    since the previous one, not to everything the org did that day.
+    since the previous one, not to everything the org did that day. The per-model rollups
+    follow: each touched org day from its users' daily rows, then each touched org month from
+    its days (at most 31 rows per org and model).
     Servers older than 21 (legacy migrations) have no aggregates and keep their views."""
     if client.legacy:
         return 0
@@ -302,6 +318,9 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     org_days = sorted({(org, day) for org, day, _user in days})
     for at in range(0, len(org_days), chunk):
         recompute_model_days(client, org_days[at:at + chunk])
+    org_months = org_months_of(org_days)
+    for at in range(0, len(org_months), chunk):
+        recompute_model_months(client, org_months[at:at + chunk])
     client.execute(f"INSERT INTO {db}.aggregate_progress (name, through) "
                    f"SELECT 'usage', fromUnixTimestamp64Milli(toInt64({int(started)}), 'UTC')")
     return len(touched)
@@ -319,11 +338,31 @@ def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, s
 
 def recompute_model_days(client: "ClickHouse", org_days: list[tuple[str, int]]) -> None:
     """The per-model rollup of whole org days: after their users' daily rows were recomputed."""
-    days = [day for _org, day in org_days]
-    client.execute(_MODEL_DAILY_FROM_DAILY.format(
-        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _day in org_days})),
-        low=min(days), high=max(days),
-        keys=", ".join(f"({sql_string(org)}, toDate(toDateTime({day}, 'UTC')))" for org, day in org_days)))
+    _roll_up(client, _MODEL_DAILY_FROM_DAILY, org_days)
+
+
+def org_months_of(org_days: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """(org, first day of the month, epoch s) of each (org, day epoch s), once each."""
+    return sorted({(org, int(datetime.fromtimestamp(day, timezone.utc).replace(day=1).timestamp()))
+                   for org, day in org_days})
+
+
+def recompute_model_months(client: "ClickHouse", org_months: list[tuple[str, int]]) -> None:
+    """The per-model rollup of whole org months (org_months_of): after their days were rolled up."""
+    _roll_up(client, _MODEL_MONTHLY_FROM_DAILY, org_months)
+
+
+def _roll_up(client: "ClickHouse", template: str, org_periods: list[tuple[str, int]]) -> None:
+    """Insert template's rows of the (org, period start epoch s) pairs."""
+    starts = [start for _org, start in org_periods]
+    client.execute(template.format(
+        db=client.database, orgs=", ".join(sorted({sql_string(org) for org, _start in org_periods})),
+        low=min(starts), high=max(starts), keys=period_keys(org_periods)))
+
+
+def period_keys(org_periods: list[tuple[str, int]]) -> str:
+    """(org, period start epoch s) pairs as an SQL list of (org, Date) tuples."""
+    return ", ".join(f"({sql_string(org)}, toDate(toDateTime({start}, 'UTC')))" for org, start in org_periods)
 
 
 def month_usage_before(client: "ClickHouse", users: list[tuple[str, str]], month: str,

@@ -26,6 +26,7 @@ _AGGREGATES = ("usage aggregates need AggregateFunction states and Map sums (Cli
 LEGACY_SKIPPED = {
     "050_usage_aggregates": _AGGREGATES,
     "060_model_daily": _AGGREGATES,
+    "090_model_monthly": _AGGREGATES,
     "071_usage_reasoning": _AGGREGATES,
     "080_events_trace_index": ("bloom_filter skip indexes need ClickHouse 19.8 or newer; trace id look-ups scan "
                                "the events table on this server"),

@@ -19,13 +19,14 @@ PROVISIONING = DASHBOARD.parent / "provisioning" / "datasources" / "clickhouse.y
 
 
 def expand(sql: str, database: str, from_s: int, to_s: int, interval_s: int = 3600) -> str:
-    """The plugin's macros: $__timeFilter, $__dateFilter, $__timeInterval."""
+    """The plugin's macros: $__timeFilter, $__dateFilter, $__timeInterval, $__fromTime, $__toTime."""
     sql = re.sub(r"\$__timeFilter\((\w+)\)",
                  lambda m: f"{m[1]} >= toDateTime({from_s}) AND {m[1]} <= toDateTime({to_s})", sql)
     sql = re.sub(r"\$__dateFilter\((\w+)\)",
                  lambda m: f"{m[1]} >= toDate(toDateTime({from_s})) AND {m[1]} <= toDate(toDateTime({to_s}))", sql)
     sql = re.sub(r"\$__timeInterval\((\w+)\)",
                  lambda m: f"toStartOfInterval(toDateTime({m[1]}), INTERVAL {interval_s} second)", sql)
+    sql = sql.replace("$__fromTime", f"toDateTime({from_s})").replace("$__toTime", f"toDateTime({to_s})")
     assert "$__" not in sql, sql
     return sql.replace("gatewatch.", f"{database}.")
 
@@ -87,3 +88,20 @@ def test_the_reasoning_panel_sums_each_models_reasoning_tokens(aggregated, store
                                                          now - 7 * 86400, now)):
         got[model] = got.get(model, 0) + int(reasoning)
     assert got == want and sum(got.values()) > 0
+
+
+def test_the_monthly_panel_holds_each_months_per_model_totals(aggregated, stored_events):
+    from datetime import datetime, timezone
+
+    want: dict[tuple, list] = {}
+    for event in stored_events:
+        month = datetime.fromtimestamp(event["event_time"] / 1000, tz=timezone.utc).date().replace(day=1)
+        totals = want.setdefault((month, event["model"]), [0, 0])
+        totals[0] += 1
+        totals[1] += event["input_tokens"]
+    panel, = [p for p in panels() if "per month" in p["title"].lower()]
+    assert "usage_model_monthly" in panel["targets"][0]["rawSql"]
+    now = int(time.time())
+    got = {(month, model): [requests, input_tokens] for month, model, requests, _errors, input_tokens, *_rest
+           in aggregated.rows(expand(panel["targets"][0]["rawSql"], aggregated.database, now - 7 * 86400, now))}
+    assert got == want

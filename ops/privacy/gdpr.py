@@ -21,7 +21,8 @@ import redis
 from ops import recovery
 from ops.privacy import vault
 from sinks.audit_log import user_hash
-from sinks.clickhouse import ClickHouse, recompute_model_days, sql_string
+from sinks.clickhouse import (ClickHouse, org_months_of, period_keys, recompute_model_days, recompute_model_months,
+                              sql_string)
 from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY, RECENT_PREFIX, RESTATE_KEY, recent_member_subject
 
@@ -32,6 +33,8 @@ AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
 """Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
 ROLLUP_TABLE = "usage_model_daily"
 """Per (day, org, model), no user_id: the org days the user was in are rolled up again without it."""
+MONTHLY_ROLLUP_TABLE = "usage_model_monthly"
+"""Per (month, org, model), summed from ROLLUP_TABLE: the org months of those days are summed again."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,7 @@ def clickhouse_count(client: ClickHouse, table: str, subject: Subject) -> int:
 
 def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 120) -> dict[str, int]:
     """Delete the subject's rows from every user table and wait until the deletes are done;
-    then roll the org days it was in up again without it."""
+    then roll the org days it was in, and their months, up again without it."""
     removed = {}
     aggregates = [table for table in AGGREGATE_TABLES if "user_id" in client.columns(table)]
     org_days = rolled_up_days(client, subject) if "usage_daily" in aggregates and client.columns(ROLLUP_TABLE) else []
@@ -134,10 +137,16 @@ def forget_clickhouse(client: ClickHouse, subject: Subject, timeout_s: float = 1
     wait_for_mutations(client, timeout_s)
     if org_days:
         # A key whose only user was the subject gets no new row from the rollup: its old row goes first.
-        keys = ", ".join(f"({sql_string(org)}, toDate(toDateTime({day}, 'UTC')))" for org, day in org_days)
-        client.execute(f"ALTER TABLE {client.database}.{ROLLUP_TABLE} DELETE WHERE (org_id, day) IN ({keys})")
+        org_months = org_months_of(org_days) if client.columns(MONTHLY_ROLLUP_TABLE) else []
+        client.execute(f"ALTER TABLE {client.database}.{ROLLUP_TABLE} DELETE WHERE (org_id, day) IN "
+                       f"({period_keys(org_days)})")
+        if org_months:
+            client.execute(f"ALTER TABLE {client.database}.{MONTHLY_ROLLUP_TABLE} DELETE WHERE (org_id, month) IN "
+                           f"({period_keys(org_months)})")
         wait_for_mutations(client, timeout_s)
         recompute_model_days(client, org_days)
+        if org_months:
+            recompute_model_months(client, org_months)
     return removed
 
 
