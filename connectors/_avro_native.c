@@ -24,10 +24,14 @@ enum { OP_NULL = 0, OP_BOOLEAN = 1, OP_LONG = 2, OP_FLOAT = 3, OP_DOUBLE = 4, OP
 /* a value the C path does not take: the record goes to the fallback writer */
 #define FALLBACK (-2)
 
+/* most events fit the stack buffer a write starts with; a larger one moves to the heap */
+#define STACK_BYTES 4096
+
 typedef struct {
     char *data;
     Py_ssize_t len;
     Py_ssize_t cap;
+    int on_heap;
 } Buffer;
 
 static int reserve(Buffer *buffer, Py_ssize_t extra) {
@@ -36,11 +40,14 @@ static int reserve(Buffer *buffer, Py_ssize_t extra) {
     Py_ssize_t cap = buffer->cap * 2;
     while (cap < buffer->len + extra)
         cap *= 2;
-    char *data = PyMem_Realloc(buffer->data, cap);
+    char *data = buffer->on_heap ? PyMem_Realloc(buffer->data, cap) : PyMem_Malloc(cap);
     if (data == NULL) {
         PyErr_NoMemory();
         return -1;
     }
+    if (!buffer->on_heap)
+        memcpy(data, buffer->data, buffer->len);
+    buffer->on_heap = 1;
     buffer->data = data;
     buffer->cap = cap;
     return 0;
@@ -213,16 +220,19 @@ typedef struct {
 } Writer;
 
 static PyObject *write_one(Writer *writer, PyObject *record) {
-    Buffer buffer = {PyMem_Malloc(512), 0, 512};
-    if (buffer.data == NULL)
-        return PyErr_NoMemory();
-    memcpy(buffer.data, PyBytes_AS_STRING(writer->prefix), PyBytes_GET_SIZE(writer->prefix));
-    buffer.len = PyBytes_GET_SIZE(writer->prefix);
-    int status = write_value(&buffer, writer->program, record);
+    char stack[STACK_BYTES];
+    Buffer buffer = {stack, 0, STACK_BYTES, 0};
+    int status = reserve(&buffer, PyBytes_GET_SIZE(writer->prefix));
+    if (status == 0) {
+        memcpy(buffer.data, PyBytes_AS_STRING(writer->prefix), PyBytes_GET_SIZE(writer->prefix));
+        buffer.len = PyBytes_GET_SIZE(writer->prefix);
+        status = write_value(&buffer, writer->program, record);
+    }
     PyObject *result = NULL;
     if (status == 0)
         result = PyBytes_FromStringAndSize(buffer.data, buffer.len);
-    PyMem_Free(buffer.data);
+    if (buffer.on_heap)
+        PyMem_Free(buffer.data);
     if (status == FALLBACK)
         return PyObject_CallOneArg(writer->fallback, record);
     return result;

@@ -3,7 +3,7 @@
 fastavro's schemaless writer was the largest single cost of `gatewatch serve` under load
 (about a quarter of the server's CPU in a py-spy profile): for every field it dispatches on
 the schema at run time, and for every ``["null", X]`` union it validates the value against
-each branch. ``compile_writer`` turns one parsed schema into Python source that computes
+each branch. ``compile_python_writer`` turns one parsed schema into Python source that computes
 each field's encoded pieces in a straight line (no dispatch, a ``None`` test per nullable
 field) and joins them, behind an optional wire-format header, with one ``b"".join``
 (about 40% less time per event than fastavro; the join about 12% less again than growing
@@ -32,7 +32,7 @@ try:
 except ImportError:  # not built (no C compiler): the generated Python writer alone
     _avro_native = None
 
-__all__ = ["Unsupported", "compile_encoder"]
+__all__ = ["Unsupported", "compile_encoder", "compile_python_writer", "compile_writer", "native_program"]
 
 _PRIMITIVES = ("null", "boolean", "int", "long", "float", "double", "string", "bytes")
 

@@ -146,14 +146,15 @@ def test_fuzzed_records_of_every_covered_type_encode_as_python_and_fastavro(reco
     assert expected == HEADER + fastavro_bytes(EVERY_TYPE, record)
 
 
-def test_nan_and_infinities_and_empty_and_null_everywhere_encode_as_python_and_fastavro():
+def test_nan_infinities_empty_null_and_large_records_encode_as_python_and_fastavro():
     base = {"i": 0, "l": 0, "s": "", "b": False, "d": 0.0, "f": 0.0, "raw": b"", "n": None, "e": "A",
             "maybe_l": None, "maybe_s": None, "maybe_d": None, "maybe_b": None, "tags": [], "grid": [], "inner": None}
     variants = [base, {**base, "d": math.nan, "f": math.nan, "maybe_d": math.nan},
                 {**base, "d": math.inf, "f": -math.inf, "maybe_d": -math.inf, "l": -(2**63), "maybe_l": 2**63 - 1},
                 {**base, "s": "é漢字🙂\x00", "tags": ["", "\U0010ffff"], "grid": [[], [None]],
                  "inner": {"x": 2**63 - 1, "y": []}},
-                {**base, "tags": ("a", "b"), "d": 3, "f": 2**24 + 1, "maybe_d": 10**300}]  # tuple, ints as floats
+                {**base, "tags": ("a", "b"), "d": 3, "f": 2**24 + 1, "maybe_d": 10**300},  # tuple, ints as floats
+                {**base, "s": "ü" * 5000, "tags": ["y" * 3000] * 4, "raw": b"\xff" * 70000}]  # past the stack buffer
     assert assert_same_as_python_and_fastavro(EVERY_TYPE, variants) == len(variants)
 
 
