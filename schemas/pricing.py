@@ -2,9 +2,9 @@
 
 Here, in ``schemas/``, rather than in ``sinks/billing.py`` or a package of its own: pricing
 is pure domain arithmetic over the token kinds (no I/O, no client), and it is needed
-before any sink writes: the flow prices every unique event (``with_cost``) for Parquet
-and ClickHouse, the billing sink prices window totals, the demo and replay reconcile
-with it. A sink owning it made the flow import a sink for arithmetic; a top-level package
+before any sink writes: ``with_cost`` defines an event's cost for Parquet and ClickHouse
+(the flow prices whole Arrow blocks with ``sinks.parquet.NanoPrices``, tested equal to it
+row by row), the billing sink prices window totals, the demo and replay reconcile with it. A sink owning it made the flow import a sink for arithmetic; a top-level package
 for forty lines would add a room nobody needs. The price table itself (``pricing.models``
 by model, ``default``, ``version``) is the settings' pricing section, passed in.
 """
