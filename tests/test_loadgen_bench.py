@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from ops.dev.loadgen import FleetWire, collect, generate, messages_in, schedule
+from ops.dev.loadgen import FleetWire, collect, draw_user, generate, messages_in, schedule
 from ops.settings import Settings
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import registry_from_settings
@@ -30,6 +30,23 @@ def test_schedule_sends_bursts_at_the_burst_rate():
 def test_no_bursts_is_a_steady_rate():
     offsets = schedule(messages_in(4, 250), 250)
     assert len(offsets) == 1000 and set(Counter(int(t) for t in offsets).values()) == {250}
+
+
+def test_zipf_mix_shrinks_the_heaviest_users_share_as_users_grow_pareto_does_not():
+    import random
+
+    def heaviest_share(users: int, mix: str) -> float:
+        rng = random.Random(3)
+        draws = Counter(draw_user(rng, users, mix) for _ in range(40_000))
+        assert set(draws) <= set(range(1, users + 1))
+        return draws[1] / 40_000
+
+    # Zipf: user 1's share is 1 / H(users): 0.102 of 10,000 users, 0.072 of a million.
+    assert 0.09 < heaviest_share(10_000, "zipf") < 0.115
+    assert 0.062 < heaviest_share(1_000_000, "zipf") < 0.082
+    # Pareto(1.2): 1 - 2**-1.2 = 0.565 whatever the number of users: one hot key.
+    assert 0.55 < heaviest_share(10_000, "pareto") < 0.58
+    assert 0.55 < heaviest_share(1_000_000, "pareto") < 0.58
 
 
 @pytest.mark.integration

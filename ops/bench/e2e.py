@@ -25,6 +25,7 @@ from pathlib import Path
 import click
 
 from ops.dev import services
+from ops.dev.loadgen import USER_MIXES
 from ops.launch import ENTRY_POINTS, flow_command, process_env
 from ops.migrate import migrate_kafka
 from ops.settings import Settings, load_settings
@@ -239,6 +240,9 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Workers per process.")
 @click.option("--partitions", default=3, show_default=True, type=click.IntRange(1), help="Kafka partitions.")
 @click.option("--users", default=10_000, show_default=True, type=click.IntRange(1))
+@click.option("--user-mix", type=click.Choice(USER_MIXES), default="zipf", show_default=True,
+              help="How loadgen spreads events over users, and so over partitions (see `gatewatch loadgen --help`); "
+                   "pareto puts over half of them on one user, one partition and one process.")
 @click.option("--broker", type=click.Choice(["tansu", "noida"]), default="tansu", show_default=True,
               help="Local broker; noida answers fetches at once instead of waiting, which costs the flow CPU.")
 @click.option("--keep", type=click.Path(file_okay=False), help="Keep logs and data in this directory.")
@@ -260,8 +264,8 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
                    " and the bench fails.")
 @click.option("--chdb-settings", default="", metavar="NAME=VALUE&...",
               help="ClickHouse server settings of each embedded chdb session, e.g. mark_cache_size=67108864.")
-def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, broker,
-        keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout, chdb_settings) -> None:
+def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, user_mix,
+        broker, keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout, chdb_settings) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
     if chdb_settings and clickhouse_kind != "chdb":
         raise click.UsageError("--chdb-settings applies to --clickhouse chdb only")
@@ -286,7 +290,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
-            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, stages_sample,
+            drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, user_mix, stages_sample,
                           flow_target, clickhouse, Path(profile_dir) if profile_dir else None)
             return
         flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
@@ -294,7 +298,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                    err=True)
 
         # Warm up (redactor start, first connections), then measure from a baseline.
-        warm = loadgen(env, 100, 3, root / "warm-up.json", ["--seed", "1", "--users", str(users)])
+        warm = loadgen(env, 100, 3, root / "warm-up.json", ["--seed", "1", "--users", str(users), "--user-mix", user_mix])
         warm.communicate()
         warm_sent, _ = sent(root / "warm-up.json")
         wait_for(lambda: consumed(flow.snapshot()) >= warm_sent, 180, flow, "the warm-up events")
@@ -302,7 +306,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         base_cpu, _ = flow.usage()
         base_server_cpu = flow.server_cpu()
 
-        extra = ["--users", str(users), "--burst-factor", str(burst_factor), "--burst-every", str(burst_every),
+        extra = ["--users", str(users), "--user-mix", user_mix, "--burst-factor", str(burst_factor), "--burst-every", str(burst_every),
                  "--burst-seconds", str(burst_seconds)]
         status_file = root / "loadgen.json"
         load = loadgen(env, rate, duration, status_file, extra)
@@ -357,6 +361,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         result = {
             "rate": rate, "duration_s": duration, "burst_factor": burst_factor, "burst_every_s": burst_every,
             "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions, "broker": broker,
+            "users": users, "user_mix": user_mix,
             "clickhouse": clickhouse.kind, "offered_events_per_s": load_report["events_per_s"],
             "sustained_events_per_s": round((in_load[-1]["consumed"] if in_load else events) / load_seconds, 1),
             "drain_s": round(finished - (load_finished or finished), 1),
@@ -399,14 +404,14 @@ def server_figures(flow: Flow, server_per_event: float, total_per_event: float, 
 
 
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
-                  partitions: int, users: int, stages_sample: int, flow_target: str = DEFAULT_FLOW,
+                  partitions: int, users: int, user_mix: str, stages_sample: int, flow_target: str = DEFAULT_FLOW,
                   clickhouse: ClickHouseTarget = ClickHouseTarget(), profile_dir: Path | None = None) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
     interpreter start and redactor loading are not charged to the events; events consumed
     before that sample are left out of both sides of the ratio."""
-    fill = loadgen(env, backlog, 1, root / "backlog.json", ["--users", str(users)])
+    fill = loadgen(env, backlog, 1, root / "backlog.json", ["--users", str(users), "--user-mix", user_mix])
     fill_report = json.loads(fill.communicate()[0].splitlines()[-1])
     if fill.returncode != 0 or fill_report["sent"] != backlog:
         raise click.ClickException(f"loadgen could not fill the backlog (exit {fill.returncode}, {fill_report})")
@@ -462,11 +467,12 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
         cpu_at_start = [0.0] * processes
     timed_events = done - consumed_before
-    stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, root / "stages-chdb")
+    stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, user_mix, root / "stages-chdb")
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
     server_us = (server_cpu - server_cpu_before) / timed_events * 1e6
     result = {
         "backlog": backlog, "flow": flow_target, "processes": processes, "workers": workers, "partitions": partitions,
+        "users": users, "user_mix": user_mix,
         "clickhouse": clickhouse.kind, "valid_events": fill_report["valid"],
         **({"clickhouse_events": stored} if stored is not None else {}),
         "events": int(done), "timed_events": int(timed_events),
@@ -532,13 +538,13 @@ def stored_events(clickhouse: ClickHouseTarget, settings: Settings) -> int | Non
     return int(count)
 
 
-def stages_us_per_event(settings: Settings, sample: int, users: int, chdb_dir: Path) -> float:
+def stages_us_per_event(settings: Settings, sample: int, users: int, user_mix: str, chdb_dir: Path) -> float:
     """`bench stages`' sum over stages on loadgen events of the same shape, in CPU seconds of
     this process (all threads, as for the flow), so a busy machine does not inflate it; best
     of two runs, so first-call costs (chdb table creation) are not charged per event."""
     from ops.bench.stages import messages_for, stage_seconds
 
-    seconds = stage_seconds(settings, messages_for(settings, sample, users), 2, chdb_dir, time.process_time)
+    seconds = stage_seconds(settings, messages_for(settings, sample, users, user_mix), 2, chdb_dir, time.process_time)
     return sum(seconds.values()) / sample * 1e6
 
 
@@ -553,6 +559,7 @@ def render_backlog(r: dict) -> str:
         ("events per process", " / ".join(f"{n:,}" for n in r["events_per_process"])),
         ("CPU share per process", " / ".join(f"{share:.2f} of a core" for share in r["cpu_share_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+        ("users", f"{r['users']:,}, {r['user_mix']} mix"),
         *server_rows(r, "cpu_us_per_event", "µs per event"),
     ]
     for index, shares in enumerate(r.get("profile_shares", [])):
@@ -585,6 +592,7 @@ def render(r: dict) -> str:
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("CPU per 1,000 events", f"{r['cpu_s_per_1000_events']:.3f} s"),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
+        ("users", f"{r['users']:,}, {r['user_mix']} mix"),
         *server_rows(r, "cpu_s_per_1000_events", "CPU s per 1,000 events"),
     ]
     lag = "  ".join(f"{t:g}s:{lag}" for t, lag in r["lag_timeline"])

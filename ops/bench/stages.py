@@ -32,10 +32,10 @@ def timed(run: Callable[[], object], repeat: int, clock: Callable[[], float] = t
     return best
 
 
-def messages_for(settings: Settings, count: int, users: int) -> list[bytes]:
+def messages_for(settings: Settings, count: int, users: int, user_mix: str = "zipf") -> list[bytes]:
     codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
     return [value for _key, value in generate(codec, count, dup_ratio=0, bad_ratio=0, users=users,
-                                                mean_words=(150, 250))]
+                                                mean_words=(150, 250), user_mix=user_mix)]
 
 
 def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_dir: Path,

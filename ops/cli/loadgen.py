@@ -11,7 +11,7 @@ import click
 from confluent_kafka import Producer
 
 from ops.cli.options import config_option, settings_from
-from ops.dev.loadgen import FleetWire, collect, generate, messages_in, schedule
+from ops.dev.loadgen import USER_MIXES, FleetWire, collect, generate, messages_in, schedule
 from schemas.registry import registry_from_settings
 from sinks.kafka import produce_when_room
 
@@ -73,8 +73,11 @@ def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], 
 @click.option("--burst-every", default=0.0, show_default=True, type=click.FloatRange(min=0),
               help="Seconds between burst starts (0: no bursts).")
 @click.option("--burst-seconds", default=5.0, show_default=True, type=click.FloatRange(min=0.1))
-@click.option("--users", default=10_000, show_default=True, type=click.IntRange(1),
-              help="Distinct users (Pareto-skewed: a few heavy users, a long tail).")
+@click.option("--users", default=10_000, show_default=True, type=click.IntRange(1), help="Distinct users.")
+@click.option("--user-mix", type=click.Choice(USER_MIXES), default="zipf", show_default=True,
+              help="How events spread over users, and so over partitions (keyed by user): zipf gives user k a "
+                   "share proportional to 1/k (the heaviest 10%% of 10,000 users); pareto gives one user over half "
+                   "of all events, a hot key no partitioning can spread.")
 @click.option("--pii-ratio", default=0.3, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--dup-ratio", default=0.02, show_default=True, type=click.FloatRange(0, 0.9))
 @click.option("--bad-ratio", default=0.005, show_default=True, type=click.FloatRange(0, 0.9))
@@ -89,7 +92,7 @@ def send_paced(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]], 
 @click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path),
               help='Keep {"sent": n, "done": bool} in this file while sending.')
 @config_option
-def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii_ratio, dup_ratio, bad_ratio,
+def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, user_mix, pii_ratio, dup_ratio, bad_ratio,
             prompt_words, response_words, v2_ratio, seed, topic, status_file, config) -> None:
     """Produce realistic gateway events to Kafka at --rate per second for --duration seconds.
 
@@ -110,7 +113,7 @@ def loadgen(rate, duration, burst_factor, burst_every, burst_seconds, users, pii
     start_ms = time.time() * 1000 + (start - time.monotonic()) * 1000
     generator = generate(codec, count, dup_ratio, bad_ratio, users=users, pii_ratio=pii_ratio, seed=seed,
                          clock=lambda i: int(start_ms + offsets[i] * 1000),
-                         mean_words=(prompt_words, response_words), v2_ratio=v2_ratio)
+                         mean_words=(prompt_words, response_words), v2_ratio=v2_ratio, user_mix=user_mix)
     messages, expected = collect(generator)
     print(f"loadgen  {count:,} messages generated; sending {rate:,.0f}/s for {duration:g} s"
           + (f", bursts of {burst_factor:g}x for {burst_seconds:g} s every {burst_every:g} s" if burst_every else ""),

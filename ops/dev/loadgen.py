@@ -6,12 +6,15 @@ hold: `Expected` is computed from the generated events alone, never from the pip
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import random
 import time
 import uuid
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 from schemas.codec import EventCodec
@@ -26,6 +29,24 @@ TOPICS = ["summarise the quarterly report", "write a SQL query for churn", "tran
           "explain the stack trace", "draft a polite reply to a customer", "refactor this function"]
 # Named after the DLQ code each must produce.
 BAD_KINDS = ("truncated", "bad_json", "unknown_schema_id", "out_of_range", "unknown_region", "future_timestamp")
+# How events spread over users (and so over Kafka partitions, which are keyed by user):
+# "pareto" gives user 1 over half of all events whatever the number of users (a hot key, as
+# in the tests and the demo); "zipf" gives user k a share proportional to 1/k, so the
+# heaviest user's share shrinks as users grow (10% of 10,000 users, 7% of a million).
+USER_MIXES = ("pareto", "zipf")
+
+
+@lru_cache(maxsize=8)
+def _zipf_cumulative(users: int) -> list[float]:
+    return list(itertools.accumulate(1 / rank for rank in range(1, users + 1)))
+
+
+def draw_user(rng: random.Random, users: int, mix: str = "pareto") -> int:
+    """A user number in 1..users, drawn as the mix says (see USER_MIXES)."""
+    if mix == "zipf":
+        cumulative = _zipf_cumulative(users)
+        return min(bisect.bisect_left(cumulative, rng.random() * cumulative[-1]), users - 1) + 1
+    return min(int(rng.paretovariate(1.2)), users)  # a few heavy users, a long tail
 
 
 @dataclass
@@ -118,12 +139,13 @@ def _words(rng: random.Random, mean: float | None, low: int, high: int) -> int:
 
 
 def make_event(rng: random.Random, now_ms: int, users: int, pii_ratio: float,
-               mean_words: tuple[float, float] | None = None, v2_ratio: float = 0.0) -> tuple[dict, list[str]]:
+               mean_words: tuple[float, float] | None = None, v2_ratio: float = 0.0,
+               user_mix: str = "pareto") -> tuple[dict, list[str]]:
     """A valid event; mean_words = (prompt, response) mean lengths draws lognormal lengths.
     A share v2_ratio of them are schema version 2: reasoning tokens within the output and
     the gateway's trace and span ids; the rest are version 1, without those fields."""
     provider, model = rng.choice(MODELS)
-    user = min(int(rng.paretovariate(1.2)), users)  # a few heavy users, a long tail
+    user = draw_user(rng, users, user_mix)
     pii: list[str] = []
     phrases: list[str] = []
     if rng.random() < pii_ratio:
@@ -205,13 +227,14 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
              pii_ratio: float = 0.3, seed: int = 7, now_ms: int | None = None, keep_events: bool = False,
              late_ratio: float = 0.0, lateness_ms: int = 3_600_000, window_ms: int = 60_000,
              clock: Callable[[int], int] | None = None, mean_words: tuple[float, float] | None = None,
-             v2_ratio: float = 0.5):
+             v2_ratio: float = 0.5, user_mix: str = "pareto"):
     """Yield (key, value) messages, `count` in all, and return what a correct pipeline must
     hold afterwards as the generator's return value (StopIteration.value).
 
     Event times are the wall clock at generation unless now_ms pins them or clock(i) gives
     the time message i will be sent. A late event is dated more than lateness_ms before its
-    user's newest event. A share v2_ratio of the events are schema version 2 (see make_event)."""
+    user's newest event. A share v2_ratio of the events are schema version 2 (see make_event);
+    user_mix spreads them over users (see USER_MIXES)."""
     rng = random.Random(seed)
     expected = Expected()
     recent: list[tuple[bytes, bytes]] = []
@@ -220,7 +243,7 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
         roll = rng.random()
         now = clock(expected.produced) if clock else int(time.time() * 1000) if now_ms is None else now_ms
         if roll < bad_ratio:
-            event, pii = make_event(rng, now, users, pii_ratio, mean_words)
+            event, pii = make_event(rng, now, users, pii_ratio, mean_words, user_mix=user_mix)
             expected.pii_values.extend(pii)  # must not survive into the DLQ either
             kind = rng.choice(BAD_KINDS)
             key, value = f"{event['org_id']}/{event['user_id']}".encode(), malformed(kind, event, codec)
@@ -230,7 +253,7 @@ def generate(codec, count: int, dup_ratio: float = 0.05, bad_ratio: float = 0.02
             key, value = rng.choice(recent)
             expected.duplicates += 1
         else:
-            event, pii = make_event(rng, now, users, pii_ratio, mean_words, v2_ratio)
+            event, pii = make_event(rng, now, users, pii_ratio, mean_words, v2_ratio, user_mix)
             user = f"{event['org_id']}/{event['user_id']}"
             watermark = watermarks.get(user)
             if watermark is not None and roll < bad_ratio + dup_ratio + late_ratio:
