@@ -2,8 +2,16 @@
 resumable at (file, row) after a crash.
 
 Files are read in the order they were written (modification time, then name). A user's
-events all carry one region, so they come back in the order the live flow saw them, and
-the windows' lateness decisions come out the same as they did live.
+events all carry one region, so within one event date they come back in the order the live
+flow saw them, and the windows' lateness decisions come out the same as they did live.
+
+Known limitation: across a UTC midnight they may not. An event that arrived after its
+user's events of the next day but is dated on the day before (a late event, or one of a
+window retired while its user was idle) is stored in the earlier day's file, which may be
+read first; the replay then counts it in its window where the live flow sent it as an
+adjustment, and a billing consumer keeping the highest version of each id bills it twice.
+Deciding lateness once at ingest and storing the decision with the raw event would remove
+this; until then, replays of ranges whose days hold such events may differ from live.
 """
 
 from __future__ import annotations
