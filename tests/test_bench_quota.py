@@ -32,14 +32,16 @@ def test_window_totals_never_share_a_window_record_even_past_the_users():
 def test_bench_quota_on_its_own_redis_reports_python_and_redis_cpu():
     report, stderr = bench_report("--totals", "300", "--users", "300", "--batch", "100", "--no-month-bases")
     assert report["month_bases"] is False and report["redis_cpu_measured"] is True
-    for figures in (report, report["next_flush"]):
-        assert figures["changed"] == figures["totals"] == 300
+    assert report["bases_written"] == 0 and "bases" not in report["new_window"]
+    for figures in (report, report["first_of_day"], report["new_window"], report["next_flush"]):
         for key in ("python_us_per_total", "redis_us_per_total", "totals_per_s"):
             assert figures[key] > 0, key
+    for name in ("first_of_day", "new_window", "next_flush"):
+        assert report[name]["changed"] == report[name]["totals"] == 300, name
     for rate in ("1000", "5000"):
         assert report["projection"][rate]["python_cores"] > 0 and report["projection"][rate]["redis_cores"] > 0
     assert report["redis_bytes_per_user"] > 0 and report["redis_gib_per_million_users"] > 0
-    assert "second (next flush, same)" in stderr and "Redis cores" in stderr
+    assert "next flush, same (300)" in stderr and "Redis cores" in stderr
 
 
 def test_bench_quota_counters_add_up_to_the_requests_it_applied(redis_url):
@@ -50,9 +52,14 @@ def test_bench_quota_counters_add_up_to_the_requests_it_applied(redis_url):
     report, stderr = bench_report("--totals", "700", "--users", "100", "--batch", "150", "--redis-url", url)
     assert report["redis_cpu_measured"] is False and report["redis_us_per_total"] is None
     assert "redis CPU not measured" in stderr
-    assert report["changed"] == report["next_flush"]["changed"] == 700
-    # 150 warm-up totals of one event, then 700 windows at two events each.
-    assert report["requests_applied"] == 150 + 700 * 2
+    assert report["month_bases"] is True and report["first_of_day"]["changed"] == 100
+    assert report["new_window"]["changed"] == report["next_flush"]["changed"] == 700
+    # 150 warm-up users' windows and 100 users' first windows of one event, then 700 windows at two events each.
+    assert report["requests_applied"] == 150 + 100 + 700 * 2
+    # A base for each user, written once: after its first window.
+    assert report["first_of_day"]["bases"]["written"] == 100 and report["new_window"]["bases"]["written"] == 0
+    bases = [key for key in client.scan_iter(match="gw:usage:user:*:m:*") if client.hexists(key, "cutoff")]
+    assert len(bases) == report["bases_written"] == 150 + 100
 
     def counted(scope: str) -> tuple[set[str], int]:
         """(who has a day counter, their requests summed) over every day (windows may straddle midnight)."""
