@@ -39,7 +39,9 @@ def test_bench_quota_on_its_own_redis_reports_python_and_redis_cpu():
     for name in ("first_of_day", "new_window", "next_flush"):
         assert report[name]["changed"] == report[name]["totals"] == 300, name
     for rate in ("1000", "5000"):
-        assert report["projection"][rate]["python_cores"] > 0 and report["projection"][rate]["redis_cores"] > 0
+        projected = report["projection"][rate]
+        assert projected["python_cores"] > 0 and projected["redis_cores"] > 0
+        assert projected["window_records"] == int(rate) * report["window_record_life_s"] > 0
     assert report["redis_bytes_per_user"] > 0 and report["redis_gib_per_million_users"] > 0
     assert "next flush, same (300)" in stderr and "Redis cores" in stderr
 

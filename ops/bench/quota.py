@@ -30,6 +30,7 @@ import redis
 from ops.bench.e2e import proc_usage
 from ops.dev import services
 from ops.dev.loadgen import MODELS
+from ops.settings import Settings, WindowSettings
 from sinks.quota import QuotaStore, keep_month_bases
 
 ORGS = 7
@@ -154,26 +155,37 @@ class QuotaSteps:
 
 
 def measured_pass(steps: QuotaSteps, totals: list[dict], batch: int, redis_pid: int | None,
-                  progress: Callable[[int, float], None]) -> dict:
+                  progress: Callable[[str, int, float], None]) -> dict:
     """Figures of a pass: the whole flush per total, and its apply and (month bases) bases
     steps, each timed on its own over all the batches. Per user the order is the flow's
     (apply, then its base); a user with several totals in a pass meets its base sooner in
     the flow than here."""
     changed_before, written_before = steps.changed, steps.bases_written
-    apply = in_batches(steps.apply, totals, batch, redis_pid, progress)
+    apply = in_batches(steps.apply, totals, batch, redis_pid, partial(progress, "apply"))
     figures = {"totals": len(totals), "changed": steps.changed - changed_before}
     if not steps.store.month_bases:
         return {**figures, **apply.figures()}
-    bases = in_batches(steps.keep_bases, totals, batch, redis_pid, progress)
+    bases = in_batches(steps.keep_bases, totals, batch, redis_pid, partial(progress, "month bases"))
     return {**figures, **(apply + bases).figures(), "apply": apply.figures(),
             "bases": {**bases.figures(), "written": steps.bases_written - written_before}}
 
 
-def projection(python_us: float, redis_us: float | None, rates=PROJECTED_RATES) -> dict:
-    """Cores of Python and of Redis at each rate, one window total per event."""
+def projection(python_us: float, redis_us: float | None, bytes_per_window: float, record_life_s: int,
+               rates=PROJECTED_RATES) -> dict:
+    """At each rate, one new window per event: the cores of Python and of Redis, and the window
+    records alive (each lives record_life_s) with their Redis memory: an upper bound, since a
+    busy user's events in one window share its record."""
     return {str(rate): {"python_cores": round(python_us * rate / 1e6, 3),
-                        "redis_cores": None if redis_us is None else round(redis_us * rate / 1e6, 3)}
+                        "redis_cores": None if redis_us is None else round(redis_us * rate / 1e6, 3),
+                        "window_records": rate * record_life_s,
+                        "redis_gib_window_records": round(rate * record_life_s * bytes_per_window / 2**30, 3)}
             for rate in rates}
+
+
+def window_record_life_s(windows: WindowSettings) -> int:
+    """How long the flow has a window's record kept: twice its horizon (quota_writer in
+    dataflows.outputs), so the bench's records and memory are the flow's."""
+    return int(2 * (windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s))
 
 
 def used_memory(client: redis.Redis) -> int:
@@ -182,7 +194,13 @@ def used_memory(client: redis.Redis) -> int:
 
 def run_bench(url: str, redis_pid: int | None, totals: int, users: int, batch: int, month_bases: bool,
               progress_to: Callable[[str], None]) -> dict:
-    steps = QuotaSteps(QuotaStore(url, month_bases=month_bases))
+    settings = Settings()
+    record_life_s = window_record_life_s(settings.windows)
+    # Configured as the flow's quota sink: its tiers (limits checked per total), thresholds, record life.
+    store = QuotaStore(url, settings.quota.default_tier, tuple(settings.quota.alert_thresholds),
+                       window_ttl_s=record_life_s, month_bases=month_bases)
+    store.publish_tiers(settings.quota.tiers)
+    steps = QuotaSteps(store)
     client = redis.Redis.from_url(url)
     window_start_ms = int(time.time() * 1000) // WINDOW_LENGTH_MS * WINDOW_LENGTH_MS
     # Users of its own, after the measured ones: the scripts are loaded and the connection
@@ -197,8 +215,8 @@ def run_bench(url: str, redis_pid: int | None, totals: int, users: int, batch: i
               "day_of_month": time.gmtime(window_start_ms / 1000).tm_mday, "redis_cpu_measured": redis_pid is not None}
     memory = {}
     for name, pass_totals in passes.items():
-        def progress(done: int, seconds: float, name=name) -> None:
-            progress_to(f"{LABELS[name]}: {done:,}/{len(pass_totals):,} totals, {done / seconds:,.0f} totals/s")
+        def progress(step: str, done: int, seconds: float, name=name, count=len(pass_totals)) -> None:
+            progress_to(f"{LABELS[name]}, {step}: {done:,}/{count:,} totals, {done / seconds:,.0f} totals/s")
         result[name] = measured_pass(steps, pass_totals, batch, redis_pid, progress)
         memory[name] = used_memory(client)
     per_user = (memory["first_of_day"] - memory_start) / users
@@ -208,8 +226,9 @@ def run_bench(url: str, redis_pid: int | None, totals: int, users: int, batch: i
                   redis_bytes_per_window=round((memory["new_window"] - memory["first_of_day"]) / totals, 1),
                   redis_gib_per_million_users=round(per_user * PROJECTED_USERS / 2**30, 3),
                   requests_applied=sum(t["n"] for t in (*warmup, *first_of_day, *passes["next_flush"])),
-                  bases_written=steps.bases_written)
-    result["projection"] = projection(result["python_us_per_total"], result["redis_us_per_total"])
+                  bases_written=steps.bases_written, window_record_life_s=record_life_s)
+    result["projection"] = projection(result["python_us_per_total"], result["redis_us_per_total"],
+                                      result["redis_bytes_per_window"], record_life_s)
     return result
 
 
@@ -231,7 +250,9 @@ def render(result: dict) -> str:
     for rate, cores in result["projection"].items():
         redis_cores = cores["redis_cores"]
         lines.append(f"  at {int(rate):,} events/s, new windows: {cores['python_cores']:.2f} Python cores, "
-                     f"{'n/a' if redis_cores is None else format(redis_cores, '.2f')} Redis cores")
+                     f"{'n/a' if redis_cores is None else format(redis_cores, '.2f')} Redis cores, "
+                     f"{cores['window_records']:,} window records alive ({result['window_record_life_s']} s each): "
+                     f"{cores['redis_gib_window_records']:.2f} GiB at most")
     lines.append(f"  redis used_memory {result['redis_used_memory_bytes'] / 2**20:,.1f} MiB; "
                  f"{result['redis_bytes_per_user']:,.0f} bytes per user (its counters, first window"
                  f"{', base' if result['month_bases'] else ''}) -> {result['redis_gib_per_million_users']:.2f} GiB "
