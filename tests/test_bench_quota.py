@@ -72,4 +72,9 @@ def test_bench_quota_counters_add_up_to_the_requests_it_applied(redis_url):
     assert orgs == {f"org-{org:02d}" for org in range(7)} and org_requests == report["requests_applied"]
     users, user_requests = counted("user")
     assert len(users) == 100 + 150 and user_requests == report["requests_applied"]
+
+    # A second run into the same database would skip the windows the first recorded: refused.
+    again = run_cli("bench", "quota", "--totals", "10", "--users", "10", "--redis-url", url, timeout=60)
+    assert again.returncode == 2 and "give it an empty database" in again.stderr
+    assert counted("org") == (orgs, org_requests)
     client.flushdb()

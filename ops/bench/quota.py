@@ -95,17 +95,24 @@ def next_flush(totals: list[dict]) -> list[dict]:
             for total in totals]
 
 
+SCHEDSTAT = Path("/proc/self/schedstat").exists()
+
+
 def redis_cpu_s(pid: int | None) -> float | None:
     """CPU seconds of the server's threads so far: the scheduler's nanoseconds
     (/proc/PID/task/*/schedstat) when the kernel keeps them, else /proc/PID/stat, whose clock
     ticks (10 ms) are coarse for a small run."""
     if pid is None:
         return None
-    try:
-        return sum(int((task / "schedstat").read_text().split()[0])
-                   for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
-    except (FileNotFoundError, ValueError, IndexError):
+    if not SCHEDSTAT:
         return proc_usage(pid)[0]
+    nanoseconds = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            nanoseconds += int((task / "schedstat").read_text().split()[0])
+        except FileNotFoundError:  # a thread that ended between the listing and the read
+            continue
+    return nanoseconds / 1e9
 
 
 def in_batches(step: Callable[[list[dict]], object], totals: list[dict], batch: int, redis_pid: int | None,
@@ -232,6 +239,15 @@ def run_bench(url: str, redis_pid: int | None, totals: int, users: int, batch: i
     return result
 
 
+def refuse_a_database_in_use(url: str) -> None:
+    """The bench writes quota counters and the tiers: into a database that holds keys it would
+    mix its counters with others' (and skip windows a previous run recorded)."""
+    keys = redis.Redis.from_url(url, socket_connect_timeout=5).dbsize()
+    if keys:
+        raise click.UsageError(f"--redis-url: the database holds {keys:,} keys; the bench writes quota counters "
+                               "and tiers there: give it an empty database (e.g. another /N of the server)")
+
+
 def render(result: dict) -> str:
     def row(label: str, figures: dict) -> str:
         redis_us = figures["redis_us_per_total"]
@@ -266,14 +282,15 @@ def render(result: dict) -> str:
 @click.command("quota")
 @click.option("--totals", default=20_000, show_default=True, type=click.IntRange(1),
               help="Window totals per pass of new windows and of their next flush.")
-@click.option("--users", default=20_000, show_default=True, type=click.IntRange(1), help="Distinct users (the first pass applies one window of each).")
+@click.option("--users", default=20_000, show_default=True, type=click.IntRange(1),
+              help="Distinct users (the first pass applies one window of each).")
 @click.option("--batch", default=2_000, show_default=True, type=click.IntRange(1),
               help="Totals per flush (QuotaStore.apply): what one flush of the flow holds.")
 @click.option("--month-bases/--no-month-bases", default=True, show_default=True,
               help="The quota store's month mode (the flow's default: on).")
 @click.option("--redis-url", default=None,
-              help="Use this Redis instead of starting one (its CPU is then not measured). "
-                   "The bench writes quota keys there.")
+              help="Use this Redis database, which must be empty, instead of starting a server (the "
+                   "server's CPU is then not measured). The bench leaves its quota keys there.")
 def quota(totals: int, users: int, batch: int, month_bases: bool, redis_url: str | None) -> None:
     """Python and redis-server CPU per window total of the quota sink's flush (QuotaStore.apply,
     then the month bases its users lack) for each user's first window of the day, for new
@@ -283,6 +300,7 @@ def quota(totals: int, users: int, batch: int, month_bases: bool, redis_url: str
         click.echo(line, err=True)
 
     if redis_url:
+        refuse_a_database_in_use(redis_url)
         result = run_bench(redis_url, None, totals, users, batch, month_bases, progress_to)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-quota-") as root:
