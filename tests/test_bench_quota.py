@@ -12,7 +12,7 @@ from tests.processes import run_cli
 BENCH_DB = 14  # a database of the session's Redis no other test uses: flushed here
 
 
-def bench_report(*args: str) -> dict:
+def bench_report(*args: str) -> tuple[dict, str]:
     result = run_cli("bench", "quota", *args, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.splitlines()[-1]), result.stderr
