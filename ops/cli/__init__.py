@@ -15,7 +15,7 @@ settings (`ops.cli.options`) and calls the code that does the work elsewhere in 
     api        serve, api-keys create|list|revoke
     deploy     deploy render
     spool      spool status|drain              (ops/spool_drain)
-    bench      bench e2e|stages|redaction|state|api|producer|history|tracing   (ops/bench)
+    bench      bench e2e|stages|redaction|state|api|producer|history|tracing|quota   (ops/bench)
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ops.bench.api import api as bench_api
 from ops.bench.e2e import e2e as bench_e2e
 from ops.bench.history import history as bench_history
 from ops.bench.producer import producer as bench_producer
+from ops.bench.quota import quota as bench_quota
 from ops.bench.redaction import redaction as bench_redaction
 from ops.bench.stages import stages as bench_stages
 from ops.bench.state import state as bench_state
@@ -85,6 +86,7 @@ bench.add_command(bench_api)
 bench.add_command(bench_tracing)
 bench.add_command(bench_producer)
 bench.add_command(bench_history)
+bench.add_command(bench_quota)
 
 
 def main() -> None:
