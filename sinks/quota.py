@@ -56,6 +56,7 @@ import json
 import logging
 import time
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable, Iterable
 
 import redis
@@ -92,14 +93,16 @@ what Redis left to them."""
 # Limits of a user: its own override hash, else its tier's (tier from gw:tier:..., else the
 # default tier). -1 means unlimited.
 _LIMITS_LUA = """
+local LIMITS = {'requests_per_day', 'tokens_per_month', 'overage_allowed'}
 local function limits(tier_key, override_key, tiers_key, default_tier)
   local tier = redis.call('GET', tier_key) or default_tier
-  local function limit(name)
-    local own = redis.call('HGET', override_key, name)
-    if own then return tonumber(own) end
-    return tonumber(redis.call('HGET', tiers_key, tier .. ':' .. name) or '-1')
+  local own = redis.call('HMGET', override_key, unpack(LIMITS))
+  local shared = redis.call('HMGET', tiers_key, tier .. ':' .. LIMITS[1], tier .. ':' .. LIMITS[2], tier .. ':' .. LIMITS[3])
+  local function limit(i)
+    if own[i] then return tonumber(own[i]) end
+    return tonumber(shared[i] or '-1')
   end
-  return tier, limit('requests_per_day'), limit('tokens_per_month'), limit('overage_allowed')
+  return tier, limit(1), limit(2), limit(3)
 end
 
 -- The month to date of a user or org (requests, tokens, tokens by kind, in USAGE_FIELDS order) and whether
@@ -164,16 +167,14 @@ if bases and ARGV[8] < ARGV[14] then
 end
 if ARGV[13] == '' then
   -- A window's running absolute totals: add what they hold beyond the record's.
-  local prev_n = tonumber(redis.call('HGET', KEYS[1], 'n') or '0')
+  -- (Each redis.call costs ~3 µs of Redis CPU, and a flow applies about one total per event.)
+  local held = redis.call('HMGET', KEYS[1], 'n', unpack(kinds))
+  local prev_n = tonumber(held[1] or '0')
   if n <= prev_n then return 0 end
   if prev_n == 0 then redis.call('ZADD', KEYS[12], ARGV[17], 'w|' .. #ARGV[10] .. '|' .. KEYS[1]) end
   added = n - prev_n
-  for i, kind in ipairs(kinds) do
-    local value = tonumber(ARGV[i + 1])
-    deltas[i] = value - tonumber(redis.call('HGET', KEYS[1], kind) or '0')
-    redis.call('HSET', KEYS[1], kind, value)
-  end
-  redis.call('HSET', KEYS[1], 'n', n)
+  for i = 1, 4 do deltas[i] = tonumber(ARGV[i + 1]) - tonumber(held[i + 1] or '0') end
+  redis.call('HSET', KEYS[1], 'n', n, kinds[1], ARGV[2], kinds[2], ARGV[3], kinds[3], ARGV[4], kinds[4], ARGV[5])
   redis.call('EXPIREAT', KEYS[1], ARGV[6])
 else
   -- A late event: once per event id in its month (in its day with month bases): the set lives
@@ -188,18 +189,22 @@ end
 redis.call('ZREMRANGEBYSCORE', KEYS[12], '-inf', '(' .. ARGV[18])
 redis.call('EXPIREAT', KEYS[12], ARGV[6])
 for i = 1, 4 do total = total + deltas[i] end
-local requests_before = tonumber(redis.call('HGET', KEYS[2], 'requests') or '0')
 local month_before = month_tokens(KEYS[3], string.sub(KEYS[2], 1, -9), ARGV[16])
+local requests_before
 for k = 2, 5 do
   -- With month bases the user's month key is the base: the day counter carries the usage.
   if not (bases and k == 3) then
-    redis.call('HINCRBY', KEYS[k], 'requests', added)
+    local requests = redis.call('HINCRBY', KEYS[k], 'requests', added)
+    if k == 2 then requests_before = requests - added end
     redis.call('HINCRBY', KEYS[k], 'tokens', total)
+    -- Every request adds at least one, so requests == added means a new counter: it gets every
+    -- field and its expiry (its period's end plus a margin: memory follows active users); an
+    -- existing one only the fields that change (every writer of a counter sets that expiry).
+    local new = requests == added
     for i, kind in ipairs(kinds) do
-      redis.call('HINCRBY', KEYS[k], kind, deltas[i])
+      if deltas[i] ~= 0 or new then redis.call('HINCRBY', KEYS[k], kind, deltas[i]) end
     end
-    -- Counters live until their period ends plus a margin: memory follows active users.
-    redis.call('EXPIREAT', KEYS[k], (k % 2 == 0) and ARGV[11] or ARGV[12])
+    if new then redis.call('EXPIREAT', KEYS[k], (k % 2 == 0) and ARGV[11] or ARGV[12]) end
   end
 end
 local tier, rpd, tpm = limits(KEYS[6], KEYS[7], KEYS[8], ARGV[7])
@@ -318,6 +323,9 @@ return {allowed, tier, requests, rpd, tokens, tpm, overage, has_month and 1 or 0
 """
 
 
+# The calendar of a moment is cached: a flush's totals share a handful of window starts, and
+# formatting them was ~20 µs of every total's 75 (bench quota).
+@lru_cache(maxsize=4096)
 def periods(when_ms: int) -> tuple[str, str]:
     moment = datetime.fromtimestamp(when_ms / 1000, tz=timezone.utc)
     return f"{moment:%Y%m%d}", f"{moment:%Y%m}"
@@ -384,6 +392,7 @@ def late_member(event_id: str) -> str:
     return hashlib.blake2b(event_id.encode(), digest_size=12).hexdigest()
 
 
+@lru_cache(maxsize=4096)
 def period_ends(when_ms: int) -> tuple[int, int]:
     """Epoch seconds at which the day and the month containing when_ms end."""
     moment = datetime.fromtimestamp(when_ms / 1000, tz=timezone.utc)
@@ -552,21 +561,26 @@ class QuotaStore:
         now = self.clock()
         if self.counts_from_ms is not None:
             totals = [total for total in totals if total["window_start_ms"] >= self.counts_from_ms]
+        record_expires, recent_from_ms = int(now) + self.window_ttl_s, int((now - self.window_ttl_s) * 1000)
+        first_counted = first_counted_day(now) if self.month_bases else ""
+        so_far: dict[str, str] = {}
         for total in totals:
             user = f"{total['org_id']}/{total['user_id']}"
             late_id = total.get("event_id")
             record = late_key(total, self.month_bases) if late_id else window_key(total)
             day_end, month_end = period_ends(total["window_start_ms"])
             day, month = periods(total["window_start_ms"])
+            if month not in so_far:
+                so_far[month] = month_so_far(month, now)
             keys = [record, *usage_keys("user", user, total["window_start_ms"]),
                     *usage_keys("org", total["org_id"], total["window_start_ms"]),
                     *tier_keys(user), PENDING_ALERTS_KEY, RESTATE_KEY, ORG_RESTATE_KEY,
                     RECENT_PREFIX + total["org_id"]]
-            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), int(now) + self.window_ttl_s,
+            args = [total["n"], *(total[kind] for kind in TOKEN_KINDS), record_expires,
                     self.default_tier, day, month, user, day_end + self.period_margin_s,
                     month_end + self.period_margin_s, late_member(late_id) if late_id else "",
-                    first_counted_day(now) if self.month_bases else "", int(now), month_so_far(month, now),
-                    total["window_start_ms"], int((now - self.window_ttl_s) * 1000), *self.alert_thresholds]
+                    first_counted, int(now), so_far[month],
+                    total["window_start_ms"], recent_from_ms, *self.alert_thresholds]
             self._apply(keys=keys, args=args, client=pipe)
         return sum(pipe.execute())
 
