@@ -29,4 +29,4 @@ def _hyperscan_build_options() -> dict:
 setup(ext_modules=[Extension("redaction._native", ["redaction/_native.c"], optional=True, **_hyperscan_build_options()),
                    Extension("connectors.ingest_api._otlp_native", ["connectors/ingest_api/_otlp_native.c"],
                              optional=True),
-                   Extension("connectors._avro_native", ["connectors/_avro_native.c"], optional=True)])
+                   Extension("schemas._avro_native", ["schemas/_avro_native.c"], optional=True)])

@@ -65,9 +65,8 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily
 
-from connectors.avro_encoder import Unsupported, compile_writer
 from connectors.spool import DiskSpool, SpoolRecord
-from schemas.codec import MAGIC, EventCodec, InvalidEvent
+from schemas.codec import EventCodec, InvalidEvent
 from schemas.vocabulary import user_key
 
 __all__ = ["DiskSpool", "EventProducer", "SpoolFull", "SpoolRecord"]
@@ -167,7 +166,7 @@ class EventProducer:
                  close_timeout_s: float = 10.0, durable: bool = False, fsync_each_send: bool = False):
         self.topic = topic
         self.codec = EventCodec(registry, validation, schema=schema)
-        self._encode = self._fast_encoder() or self.codec.encode_canonical
+        self._encode = self.codec.writer() or self.codec.encode_canonical
         self.replay_window = replay_window or (DURABLE_REPLAY_WINDOW if durable else REPLAY_WINDOW)
         self.fsync_interval_s = fsync_interval_s
         self.close_timeout_s = close_timeout_s
@@ -292,15 +291,6 @@ class EventProducer:
         self._metrics["sent"].inc(len(records))
         self._metrics["send_seconds"].observe((time.perf_counter() - started) / len(records))
         return outcomes
-
-    def _fast_encoder(self):
-        """``codec.encode_canonical`` with a generated Avro encoder (connectors.avro_encoder),
-        or None when the schema uses something it does not cover."""
-        try:
-            return compile_writer(self.codec.reader.plain, bytes([MAGIC]) + self.codec.schema_id.to_bytes(4, "big"))
-        except Unsupported as exc:
-            log.info("schema %s: fastavro encodes it (%s)", self.codec.name, exc)
-            return None
 
     def _produce_direct(self, key: bytes, value: bytes, sent_ms: int) -> None:
         order = next(self._send_order)

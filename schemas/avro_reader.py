@@ -1,5 +1,5 @@
 """A generated Avro binary reader for the flow's hot path (the reading twin of
-``connectors.avro_encoder``).
+``schemas.avro_encoder``).
 
 fastavro's ``schemaless_reader`` dispatches on the schema for every field of every message;
 on loadgen events it was most of ``EventCodec.decode``. ``compile_reader`` turns one

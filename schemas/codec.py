@@ -31,10 +31,12 @@ alerts) have their codecs in ``schemas.records``.
 from __future__ import annotations
 
 import io
-from typing import Any
+import struct
+from typing import Any, Callable
 
 import fastavro
 
+from schemas import avro_encoder
 from schemas.avro_reader import Unsupported, compile_reader
 from schemas.compiler import compile_schema, plain, type_name
 from schemas.registry import full_name
@@ -117,6 +119,8 @@ class RecordCodec:
         self._header = bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
         self._writers: dict[int, tuple[dict, dict | None, dict[str, int], Any]] = {}
         self.plain_writer_id = plain_writer_id if plain_writer_id is not None else self.schema_id
+        self._write: Callable[[dict], bytes] | None = None
+        self._write_compiled = False
 
     # -- encoding --------------------------------------------------------------------
 
@@ -136,17 +140,31 @@ class RecordCodec:
 
     def encode_canonical(self, record: dict) -> bytes:
         """``encode`` of a record that ``normalize`` already returned (skips the checks)."""
-        buffer = io.BytesIO()
-        buffer.write(self._header)
+        write = self.writer()
         try:
+            if write is not None:
+                return write(record)
+            buffer = io.BytesIO()
+            buffer.write(self._header)
             fastavro.schemaless_writer(buffer, self.reader.plain, record)
+            return buffer.getvalue()
         except UnicodeEncodeError:
             raise InvalidEvent("bad_text", f"a string of the {self.name} record holds a lone UTF-16 surrogate, "
                                            "which is not text") from None
-        except (ValueError, TypeError, OverflowError) as exc:
+        except (ValueError, TypeError, OverflowError, KeyError, AttributeError, struct.error) as exc:
             raise InvalidEvent("wrong_type", f"the {self.name} record does not fit its schema "
                                              f"({type(exc).__name__})") from None
-        return buffer.getvalue()
+
+    def writer(self) -> Callable[[dict], bytes] | None:
+        """The generated writer of the latest schema, header first (schemas.avro_encoder: about
+        1 µs for a billing event against fastavro's 10), or None where fastavro writes it."""
+        if not self._write_compiled:
+            try:
+                self._write = avro_encoder.compile_writer(self.reader.plain, self._header)
+            except avro_encoder.Unsupported:
+                self._write = None
+            self._write_compiled = True
+        return self._write
 
     # -- decoding --------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import fastavro
 import pytest
 from fastavro.utils import generate_many
 
-from connectors.avro_encoder import Unsupported, compile_encoder, compile_writer
+from schemas.avro_encoder import Unsupported, compile_encoder, compile_writer
 from ops.dev.loadgen import make_event
 from schemas.codec import EventCodec, InvalidEvent, plain
 from schemas.registry import LocalRegistry

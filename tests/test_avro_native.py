@@ -1,4 +1,4 @@
-"""connectors/_avro_native.c writes the generated Python writer's bytes (and so fastavro's)
+"""schemas/_avro_native.c writes the generated Python writer's bytes (and so fastavro's)
 for every shipped event schema, the load generator's events, the poison corpus and
 hypothesis-made records of every covered type, and raises the Python writer's exception
 for every value outside its type."""
@@ -16,16 +16,16 @@ from fastavro.utils import generate_many
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from connectors import avro_encoder
-from connectors.avro_encoder import compile_python_writer, compile_writer
+from schemas import avro_encoder
+from schemas.avro_encoder import compile_python_writer, compile_writer
 from ops.dev.loadgen import make_event
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.registry import LocalRegistry
 from tests.malformed import load_corpus
 from tests.test_avro_encoder import shipped_schemas
 
-native = pytest.importorskip("connectors._avro_native",
-                             reason="connectors/_avro_native.c is not built (python3 setup.py build_ext --inplace)")
+native = pytest.importorskip("schemas._avro_native",
+                             reason="schemas/_avro_native.c is not built (python3 setup.py build_ext --inplace)")
 
 HEADER = b"\x00\x00\x00\x00\x07"
 QUICK = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-/* The Avro writer of connectors/avro_encoder.py (`compile_writer`) in C, for EventProducer's
+/* The Avro writer of schemas/avro_encoder.py (`compile_writer`) in C, for EventProducer's
    hot path: the generated Python writer was ~17% of an ingestion request's CPU (~7 us/event).
 
    `Writer(program, prefix, fallback)` is callable as `write(record) -> bytes`: `prefix` (the
@@ -314,7 +314,7 @@ static PyMethodDef Writer_methods[] = {
 
 static PyTypeObject WriterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "connectors._avro_native.Writer",
+    .tp_name = "schemas._avro_native.Writer",
     .tp_basicsize = sizeof(Writer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
     .tp_doc = "Writer(program, prefix, fallback): write(record) -> prefix + Avro body",
@@ -328,8 +328,8 @@ static PyTypeObject WriterType = {
     .tp_methods = Writer_methods,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "connectors._avro_native",
-                                    "The Avro writer of connectors/avro_encoder.py in C.", -1, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "schemas._avro_native",
+                                    "The Avro writer of schemas/avro_encoder.py in C.", -1, NULL};
 
 PyMODINIT_FUNC PyInit__avro_native(void) {
     if (PyType_Ready(&WriterType) < 0)

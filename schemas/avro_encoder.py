@@ -15,7 +15,7 @@ It covers what event schemas use: records, enums, ``null``/``boolean``/``int``/`
 ``EventCodec.check`` returns: every field present with its Avro type); the output is
 byte-identical to fastavro's (tests/test_avro_encoder.py).
 
-Where connectors/_avro_native.c is built, ``compile_writer`` returns its C writer, which
+Where schemas/_avro_native.c is built, ``compile_writer`` returns its C writer, which
 runs a small program of field steps (``native_program``) instead of the generated source
 (about 7 us less per event) and hands any record it does not take (a value of another type,
 an int beyond 64 bits, text that is not UTF-8) to the generated writer, so both give the
@@ -28,7 +28,7 @@ import struct
 from collections.abc import Callable
 
 try:
-    from connectors import _avro_native
+    from schemas import _avro_native
 except ImportError:  # not built (no C compiler): the generated Python writer alone
     _avro_native = None
 
@@ -170,7 +170,7 @@ class _Source:
         return encoded
 
 
-# opcodes of connectors/_avro_native.c
+# opcodes of schemas/_avro_native.c
 (_OP_NULL, _OP_BOOLEAN, _OP_LONG, _OP_FLOAT, _OP_DOUBLE, _OP_STRING, _OP_BYTES,
  _OP_ENUM, _OP_NULLABLE, _OP_ARRAY, _OP_RECORD) = range(11)
 _PRIMITIVE_OPS = {"null": _OP_NULL, "boolean": _OP_BOOLEAN, "int": _OP_LONG, "long": _OP_LONG, "float": _OP_FLOAT,
@@ -204,7 +204,7 @@ def native_program(schema) -> tuple:
 
 def compile_writer(schema: dict, prefix: bytes = b"") -> Callable[[dict], bytes]:
     """``write(record) -> bytes``: ``prefix`` (a wire-format header), then the Avro body of
-    ``record``: the C writer where connectors/_avro_native.c is built (it also has
+    ``record``: the C writer where schemas/_avro_native.c is built (it also has
     ``encode_many(records)``), else ``compile_python_writer``'s. Raises Unsupported for a
     schema outside the covered subset."""
     python_writer = compile_python_writer(schema, prefix)
