@@ -11,9 +11,10 @@ import fastavro
 import pytest
 from fastavro.utils import generate_many
 
-from schemas.avro_encoder import Unsupported, compile_encoder, compile_writer
 from ops.dev.loadgen import make_event
+from schemas.avro_encoder import Unsupported, compile_encoder, compile_writer
 from schemas.codec import EventCodec, InvalidEvent, plain
+from schemas.records import record_codec
 from schemas.registry import LocalRegistry
 from tests.malformed import load_corpus
 
@@ -150,3 +151,21 @@ def test_a_canonical_record_with_a_value_outside_its_type_fails_loudly_not_silen
     for field, bad in (("s", 5), ("e", "C"), ("tags", [7]), ("raw", "text")):
         with pytest.raises((AttributeError, KeyError, TypeError)):
             write({**good, field: bad})
+
+
+@pytest.mark.parametrize("name", ["billing_event", "quota_alert", "quota_update", "dlq_record"])
+def test_the_pipelines_own_records_are_written_by_the_generated_writer_with_fastavros_bytes(name):
+    codec = record_codec(name)
+    assert codec.writer() is not None, f"{name} fell back to fastavro"
+    header = codec.encode(codec.normalize(next(generate_many(codec.reader.plain, 1))))[:5]
+    for record in generate_many(codec.reader.plain, 300):
+        assert codec.encode_canonical(record) == header + fastavro_bytes(codec.reader.plain, record)
+
+
+def test_a_record_the_generated_writer_cannot_take_is_refused_as_invalid_not_raised_raw():
+    codec = record_codec("billing_event")
+    record = next(generate_many(codec.reader.plain, 1))
+    for broken in ({**record, "version": "seven"}, {k: v for k, v in record.items() if k != "model"}):
+        with pytest.raises(InvalidEvent) as refused:
+            codec.encode_canonical(broken)
+        assert refused.value.code == "wrong_type"
