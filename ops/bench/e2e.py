@@ -106,6 +106,8 @@ class Flow:
     server_pid: int | None = None
     """The ClickHouse server the processes write to (--clickhouse server), measured apart."""
     server_peak_rss_mb: float | None = None
+    services: dict[str, int] = field(default_factory=dict)
+    """Redis and the broker by name -> pid: on the same cores, their CPU per event is reported too."""
 
     def snapshots(self) -> list[Snapshot]:
         from urllib.request import urlopen
@@ -138,6 +140,10 @@ class Flow:
             return 0.0
         cpu, _rss, self.server_peak_rss_mb = proc_usage(self.server_pid)
         return cpu
+
+    def services_cpu(self) -> dict[str, float]:
+        """CPU seconds so far of each of `services`."""
+        return {name: proc_usage(pid)[0] for name, pid in self.services.items()}
 
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.processes)
@@ -291,7 +297,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                "GATEWATCH_LOG_LEVEL": "WARNING"}
         if backlog:
             drain_backlog(env, root, settings, backlog, processes, workers, partitions, users, user_mix, stages_sample,
-                          flow_target, clickhouse, Path(profile_dir) if profile_dir else None)
+                          flow_target, clickhouse, Path(profile_dir) if profile_dir else None,
+                          {"redis": redis_server.pid, "broker": kafka.pid})
             return
         flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
         click.echo(f"bench: {processes} process(es) x {workers} worker(s), {partitions} partitions; logs in {root}",
@@ -405,7 +412,8 @@ def server_figures(flow: Flow, server_per_event: float, total_per_event: float, 
 
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
                   partitions: int, users: int, user_mix: str, stages_sample: int, flow_target: str = DEFAULT_FLOW,
-                  clickhouse: ClickHouseTarget = ClickHouseTarget(), profile_dir: Path | None = None) -> None:
+                  clickhouse: ClickHouseTarget = ClickHouseTarget(), profile_dir: Path | None = None,
+                  services_pids: dict[str, int] | None = None) -> None:
     """Fill the topic with `backlog` loadgen events, then start the flow and time the drain.
 
     The clock and the CPU baseline start at the first sample that shows consumed events, so
@@ -418,6 +426,8 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     click.echo(f"bench: {backlog:,} events in the topic; starting {processes} process(es) x {workers} worker(s), "
                f"{partitions} partitions; logs in {root}", err=True)
     flow = start_flow(env, root, processes, workers, partitions, flow_target, clickhouse)
+    flow.services = dict(services_pids or {})
+    services_before: dict[str, float] = {}
     profilers: list[subprocess.Popen] = []
     try:
         launched = time.monotonic()
@@ -442,6 +452,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             if start is None and done > 0:
                 start = (time.monotonic(), done, cpu, snap, flow.server_cpu())
                 cpu_at_start = list(flow.cpu_s)
+                services_before = flow.services_cpu()
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
             if time.monotonic() - reported >= 5:
@@ -452,6 +463,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         cpu, _ = flow.usage()
         per_process = flow.consumed_per_process()
         server_cpu = flow.server_cpu()
+        services_cpu = flow.services_cpu()
         chdb_mapped = flow.chdb_mapped()
         # The last ClickHouse batch waits up to clickhouse.max_age_s; a flow stopped before
         # it is written would leave it to recovery. Not timed: the drain is over.
@@ -490,6 +502,9 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "cpu_share_per_process": [round((end - begin) / (finished - started_at), 2)
                                   for begin, end in zip(cpu_at_start, flow.cpu_s)],
         "chdb_mapped_per_process": chdb_mapped,
+        # Redis and the broker share the two cores: the quota's Lua scripts cost ~0.5 core at 5,000/s.
+        "services_us_per_event": {name: round((cpu_s - services_before.get(name, 0.0)) / timed_events * 1e6, 1)
+                                  for name, cpu_s in services_cpu.items()},
         **server_figures(flow, server_us, cpu_us + server_us, "cpu_us_per_event", 1),
     }
     if profile_dir is not None:
@@ -560,6 +575,7 @@ def render_backlog(r: dict) -> str:
         ("CPU share per process", " / ".join(f"{share:.2f} of a core" for share in r["cpu_share_per_process"])),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
         ("users", f"{r['users']:,}, {r['user_mix']} mix"),
+        *[(f"{name} CPU", f"{us:g} µs per event") for name, us in r.get("services_us_per_event", {}).items()],
         *server_rows(r, "cpu_us_per_event", "µs per event"),
     ]
     for index, shares in enumerate(r.get("profile_shares", [])):
