@@ -11,7 +11,8 @@ window retired while its user was idle) is stored in the earlier day's file, whi
 read first; the replay then counts it in its window where the live flow sent it as an
 adjustment, and a billing consumer keeping the highest version of each id bills it twice.
 Deciding lateness once at ingest and storing the decision with the raw event would remove
-this; until then, replays of ranges whose days hold such events may differ from live.
+this; until then, replays of ranges whose days hold such events may differ from live
+(tests/test_replay.py holds the case, expected to fail until it is fixed).
 """
 
 from __future__ import annotations
