@@ -28,7 +28,7 @@ from typing import Callable
 import click
 import redis
 
-from ops.bench.e2e import proc_usage
+from ops.bench.e2e import cpu_seconds
 from ops.dev import services
 from ops.dev.loadgen import MODELS
 from ops.settings import Settings, WindowSettings
@@ -96,24 +96,9 @@ def next_flush(totals: list[dict]) -> list[dict]:
             for total in totals]
 
 
-SCHEDSTAT = Path("/proc/self/schedstat").exists()
-
-
 def redis_cpu_s(pid: int | None) -> float | None:
-    """CPU seconds of the server's threads so far: the scheduler's nanoseconds
-    (/proc/PID/task/*/schedstat) when the kernel keeps them, else /proc/PID/stat, whose clock
-    ticks (10 ms) are coarse for a small run."""
-    if pid is None:
-        return None
-    if not SCHEDSTAT:
-        return proc_usage(pid)[0]
-    nanoseconds = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            nanoseconds += int((task / "schedstat").read_text().split()[0])
-        except FileNotFoundError:  # a thread that ended between the listing and the read
-            continue
-    return nanoseconds / 1e9
+    """CPU seconds of the server so far, or None when its pid is unknown (--redis-url)."""
+    return None if pid is None else cpu_seconds(pid)
 
 
 def in_batches(step: Callable[[list[dict]], object], totals: list[dict], batch: int, redis_pid: int | None,
