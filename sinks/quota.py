@@ -97,7 +97,8 @@ local LIMITS = {'requests_per_day', 'tokens_per_month', 'overage_allowed'}
 local function limits(tier_key, override_key, tiers_key, default_tier)
   local tier = redis.call('GET', tier_key) or default_tier
   local own = redis.call('HMGET', override_key, unpack(LIMITS))
-  local shared = redis.call('HMGET', tiers_key, tier .. ':' .. LIMITS[1], tier .. ':' .. LIMITS[2], tier .. ':' .. LIMITS[3])
+  local shared = redis.call('HMGET', tiers_key,
+    tier .. ':' .. LIMITS[1], tier .. ':' .. LIMITS[2], tier .. ':' .. LIMITS[3])
   local function limit(i)
     if own[i] then return tonumber(own[i]) end
     return tonumber(shared[i] or '-1')
