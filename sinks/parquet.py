@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from schemas.pricing import with_cost
+from schemas.pricing import price_decimals, scaled_prices, with_cost
 from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, event_key
 from sinks.base import Batcher
 from sinks.metrics import count_written
@@ -87,7 +87,12 @@ def with_current_columns(table: pa.Table) -> pa.Table:
 
 
 def partition_of(event: dict) -> str:
-    return f"event_date={utc_day(event['event_time'] // MS_PER_DAY)}/region={event['region']}"
+    return partition_name(event["event_time"] // MS_PER_DAY, event["region"])
+
+
+def partition_name(day_number: int, region: str) -> str:
+    """The partition of a UTC day (counted from the epoch) and region."""
+    return f"event_date={utc_day(day_number)}/region={region}"
 
 
 MS_PER_DAY = 86_400_000
@@ -171,11 +176,13 @@ def event_blocks(events: list[dict], prices: NanoPrices | None = None) -> list[E
     with prices, every row priced on the table's columns (priced_table). The events of a
     partition Arrow refuses stay dicts (priced one by one): the sinks then isolate and
     dead-letter the rows it refuses, as they do for any batch of dicts (sinks.retry)."""
-    by_partition: dict[str, list[dict]] = {}
+    by_day_and_region: dict[tuple[int, str], list[dict]] = {}
     for event in events:
-        by_partition.setdefault(partition_of(event), []).append(event)
+        # Named once per group, not per event (partition_of's string cost ~0.3 µs an event).
+        by_day_and_region.setdefault((event["event_time"] // MS_PER_DAY, event["region"]), []).append(event)
     out: list[EventBlock | dict] = []
-    for partition, rows in by_partition.items():
+    for (day_number, region), rows in by_day_and_region.items():
+        partition = partition_name(day_number, region)
         try:
             table = to_table(rows)
             out.append(EventBlock(partition, table if prices is None else priced_table(table, prices)))
@@ -199,10 +206,10 @@ class NanoPrices:
     def __init__(self, pricing):
         self.pricing = pricing
         prices = [*pricing.models.values(), *([pricing.default] if pricing.default is not None else [])]
-        self.decimals = max([0, *(-getattr(p, kind).as_tuple().exponent for p in prices for kind in TOKEN_KINDS)])
+        self.decimals = max([0, *map(price_decimals, prices)])
         self.models = pa.array(list(pricing.models), pa.string())
         # One row per model, then the default's (zeros: an unpriced model costs 0).
-        scaled = [[int(getattr(p, kind).scaleb(self.decimals)) for kind in TOKEN_KINDS] for p in prices]
+        scaled = [scaled_prices(price, self.decimals) for price in prices]
         if pricing.default is None:
             scaled.append([0] * len(TOKEN_KINDS))
         self.largest_row = max(map(sum, scaled))
@@ -240,7 +247,7 @@ def priced_table(table: pa.Table, prices: NanoPrices) -> pa.Table:
     nanos = prices.nanos(table)
     if nanos is None or (len(nanos) and nanos.max() >= 10**18):
         return to_table([with_cost(event, prices.pricing) for event in events_of(table)])
-    versions = pa.array([prices.pricing.version] * table.num_rows, pa.string())
+    versions = pa.repeat(pa.scalar(prices.pricing.version, pa.string()), table.num_rows)
     cost_at, version_at = ARROW_SCHEMA.get_field_index("cost_usd"), ARROW_SCHEMA.get_field_index("price_version")
     table = table.set_column(cost_at, ARROW_SCHEMA.field(cost_at), decimal_array(nanos))
     return table.set_column(version_at, ARROW_SCHEMA.field(version_at), versions)

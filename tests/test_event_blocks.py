@@ -4,16 +4,21 @@ count rows, and event dicts (a snapshot's, or rows Arrow refuses) still written.
 
 from __future__ import annotations
 
+import io
 import pickle
 import random
 from decimal import Decimal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from ops.settings import ModelPrice, PricingSettings
 from schemas.pricing import with_cost
 from schemas.vocabulary import TOKEN_FIELDS
-from sinks.clickhouse import ClickHouse, ClickHouseWriter, close_chdb
+from sinks.clickhouse import ClickHouse, ClickHouseWriter, arrow_stream_bytes, close_chdb
 from sinks.parquet import (ARROW_SCHEMA, COLUMNS_SINCE, BlockBatcher, EventBlock, NanoPrices, ParquetStore,
                            ParquetWriter, TableRows, blocks_and_events, event_blocks, events_of, file_name,
                            file_name_of_table, partition_of, priced_table, to_table)
@@ -177,3 +182,39 @@ def test_costs_beyond_int64_are_priced_one_by_one_and_beyond_the_column_refused_
     rows[1]["input_tokens"] = 10**14  # a cost past decimal128(18, 9): Arrow refuses the partition
     items = event_blocks(rows, prices)
     assert items == [with_cost(event, pricing) for event in rows]
+
+
+def blocks_before_integer_grouping(rows: list[dict], pricing) -> list[tuple[str, pa.Table]]:
+    """event_blocks as it was built before: grouped by partition_of, each group's table of
+    with_cost rows (the definition the column pricing is held to)."""
+    groups: dict[str, list[dict]] = {}
+    for event in rows:
+        groups.setdefault(partition_of(event), []).append(event)
+    return [(partition, to_table([with_cost(event, pricing) for event in group])) for partition, group in groups.items()]
+
+
+def parquet_bytes(table: pa.Table) -> bytes:
+    out = io.BytesIO()
+    pq.write_table(table, out, compression="zstd")
+    return out.getvalue()
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32), count=st.integers(1, 120), days=st.integers(1, 3),
+       regions=st.lists(st.sampled_from(["eu", "us", "apac", "eu-west-1"]), min_size=1, max_size=3, unique=True))
+def test_blocks_give_the_parquet_bytes_and_clickhouse_stream_of_the_per_event_path(seed, count, days, regions):
+    rng = random.Random(seed)
+    rows = priced_rows(PricingSettings(), count)
+    for event in rows:  # partitions interleaved, as a batch of many users' events
+        event["region"] = rng.choice(regions)
+        event["event_time"] += rng.randrange(days) * 86_400_000 - 43_200_000
+    blocks = event_blocks(rows, NanoPrices(PricingSettings()))
+    before = blocks_before_integer_grouping(rows, PricingSettings())
+    assert [block.partition for block in blocks] == [partition for partition, _table in before]
+    for block, (_partition, table) in zip(blocks, before):
+        assert block.table.equals(table)
+        assert parquet_bytes(block.table) == parquet_bytes(table)
+        assert arrow_stream_bytes(block.table) == arrow_stream_bytes(table)
+    rows_of_batch, _dicts = blocks_and_events(blocks, one_chunk=True)
+    assert arrow_stream_bytes(rows_of_batch.table) == arrow_stream_bytes(pa.concat_tables(t for _p, t in before)
+                                                                          .combine_chunks())
