@@ -11,8 +11,7 @@ version, so it is billed once whatever its lateness.
 
 from __future__ import annotations
 
-from schemas.pricing import NanoPriceTable, billed_cost
-from schemas.pricing import with_cost  # noqa: F401 - ops/bench's import path until it moves
+from schemas.pricing import cost_usd, with_cost  # noqa: F401 - with_cost: ops/bench's import path until it moves
 from schemas.vocabulary import TOKEN_KINDS, window_id
 from sinks.dlq import DeadLetters, send_all
 from sinks.kafka import TopicWriter
@@ -20,10 +19,8 @@ from sinks.metrics import count_written
 from sinks.retry import Retry
 
 
-def billing_event(total: dict, prices) -> dict:
-    """The billing event of a window total; prices is the sink's NanoPriceTable or the
-    settings' pricing section (schemas.pricing.billed_cost: the same cost either way)."""
-    cost, priced = billed_cost(total, prices)
+def billing_event(total: dict, pricing) -> dict:
+    cost, priced = cost_usd(total, pricing)
     window = window_id(total)
     return {
         "billing_id": f"{window}/late/{total['event_id']}" if total.get("event_id") else window,
@@ -35,8 +32,8 @@ def billing_event(total: dict, prices) -> dict:
         "window_length_ms": total["window_length_ms"],
         "requests": total["n"],
         **{f"{kind}_tokens": total[kind] for kind in TOKEN_KINDS},
-        "cost_usd": cost,
-        "price_version": prices.version,
+        "cost_usd": str(cost),
+        "price_version": pricing.version,
         "priced": priced,
     }
 
@@ -59,12 +56,12 @@ class BillingWriter:
 
     def __init__(self, producer: TopicWriter, pricing, retry: Retry, dead_letters: DeadLetters):
         self.producer = producer
-        self.prices = NanoPriceTable(pricing)
+        self.pricing = pricing
         self.retry = retry
         self.dead_letters = dead_letters
 
     def __call__(self, batches: list[list[dict]]) -> None:
-        events = [billing_event(total, self.prices) for batch in batches for total in batch]
+        events = [billing_event(total, self.pricing) for batch in batches for total in batch]
         rejected = send_all(self.sink, self.producer, events, self.retry)
         self.dead_letters.send_rejected(self.sink, rejected)
         count_written(self.sink, len(events) - len(rejected))
