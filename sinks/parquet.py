@@ -72,14 +72,21 @@ ARROW_SCHEMA = pa.schema([
     ("price_version", pa.string()),
     ("source_partition", pa.int32()),
     ("source_offset", pa.int64()),
+    # The live flow's windows' decision (dataflows.state.WindowTotals.decide), which a replay
+    # repeats; null when no windows ran, or in files written before it was stored.
+    ("window_outcome", pa.string()),
+    ("window_start_ms", pa.int64()),
 ])
 COLUMNS_SINCE = {"reasoning_tokens": 0, "trace_id": None, "span_id": None}
 """Columns that files written before gateway_event v2 lack, with the value they read as."""
+DECISION_COLUMNS = {"window_outcome": None, "window_start_ms": None}
+"""Columns that files written before the windows' decisions were stored lack: null, so a
+replay decides those events' windows again, as it always did."""
 
 
 def with_current_columns(table: pa.Table) -> pa.Table:
     """A stored table in ARROW_SCHEMA's columns: an older file's missing ones filled in."""
-    for name, value in COLUMNS_SINCE.items():
+    for name, value in {**COLUMNS_SINCE, **DECISION_COLUMNS}.items():
         if name not in table.column_names:
             field = ARROW_SCHEMA.field(name)
             table = table.append_column(field, pa.array([value] * table.num_rows, field.type))

@@ -158,9 +158,6 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
 
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation (connectors/parquet_source.py): the replay reads a region's "
-                   "files in write order, so a late event dated before midnight is read before its user's events of "
-                   "the next day and billed in its window, on top of the live run's adjustment")
 def test_a_late_event_dated_before_midnight_replays_to_the_live_bills(kafka_bootstrap, flow_topics_env, redis_url,
                                                                       tmp_path):
     day_ms = 86_400_000
