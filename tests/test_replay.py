@@ -121,15 +121,12 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
     daily and monthly aggregates, quota counters and bills exactly."""
     end_ms = int(datetime.now(timezone.utc).timestamp() * 1000) - 3_600_000
     span_ms = 29 * 86_400_000
-    # No event arrives in the first minutes of a UTC day, so a late event (dated up to the
-    # lateness and 10 minutes before its user's newest) is stored in the same day's file as
-    # the events it came after: the replay reads files in write order, and a late event in an
-    # earlier day's file would be read before them (dataflows/replay.py, known limitation).
-    quiet_ms = int(Settings().windows.allowed_lateness_s * 1000) + 600_000 + 5_000
+    # Events arrive at any time of day, the first minutes after midnight included: a late one
+    # dated before a midnight is stored in the earlier day's file, read before the events it
+    # came after, and replays to the live bill through its stored decision.
 
     def arrival(i: int) -> int:
-        at = end_ms - span_ms + i * span_ms // 2500
-        return at + max(0, quiet_ms - at % 86_400_000)
+        return end_ms - span_ms + i * span_ms // 2500
 
     # Produced now, as if each had arrived on its day; the replays keep the default 7-day
     # limit on past timestamps, which must not apply to what raw storage already holds.
