@@ -294,7 +294,10 @@ def blocks_and_events(items: list, one_chunk: bool = False) -> tuple[TableRows |
     copies the blocks into one chunk per column (ClickHouse: chdb then parses one record batch
     instead of one per block, ~15 % less CPU); the Parquet writer takes the chunks as they are
     (a copy of a 50,000-row batch was a process's peak resident memory, ~150 MB)."""
-    tables = [item.table for item in items if isinstance(item, EventBlock)]
+    # A block from a snapshot taken before DECISION_COLUMNS lacks them: Arrow concatenates
+    # only tables of one schema.
+    tables = [item.table if item.table.num_columns == len(ARROW_SCHEMA) else with_current_columns(item.table)
+              for item in items if isinstance(item, EventBlock)]
     events = [item for item in items if not isinstance(item, EventBlock)]
     if not tables:
         return None, events
