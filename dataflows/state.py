@@ -127,7 +127,7 @@ def late_adjustment(event: dict, length_ms: int) -> dict:
             **{kind: event[f"{kind}_tokens"] for kind in TOKEN_KINDS}}
 
 
-COUNTED, ADJUSTED, DEAD_LETTERED = "counted", "adjusted", "dead_lettered"
+OUTCOMES = COUNTED, ADJUSTED, DEAD_LETTERED = "counted", "adjusted", "dead_lettered"
 """What the windows did with an event: counted it in a window's totals, sent it as a late
 adjustment of its own (late_adjustment), or sent it to the DLQ (late_policy "dlq")."""
 OUTCOME_COLUMN, WINDOW_COLUMN = "window_outcome", "window_start_ms"
@@ -195,9 +195,10 @@ class WindowTotals:
         """(outcome, window the event was counted in or None) of an event: the decision
         stored with it when the live flow made one (a replay of raw storage: the live
         decision hung on its arrival order and on wall-clock idleness, which a replay
-        cannot see), else add's decision as an outcome."""
+        cannot see), else add's decision as an outcome. A stored outcome this version does
+        not know, or a count without its window, is decided again rather than dropped."""
         stored = event.get(OUTCOME_COLUMN)
-        if stored is None:
+        if stored not in OUTCOMES or (stored == COUNTED and event.get(WINDOW_COLUMN) is None):
             window, was_late = self.add(event)
             if window is not None:
                 return COUNTED, window
@@ -253,11 +254,11 @@ class WindowLogic(StatefulBatchLogic):
     """Keyed by bucket_of(org/user). Emits ("totals", [...]) every flush interval while
     something changed, and for late events at once either ("totals", [late_adjustment])
     (policy "adjust", the default) or ("late", event) (policy "dlq"); an event of a window
-    forgotten while its user was idle is always an adjustment. With record_decisions, every
-    batch's events also come back as ("decided", [events with their outcome]) for raw
-    storage, so that a replay repeats these decisions rather than remaking them
-    (WindowTotals.decide). Retires users idle for
-    idle_s (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s."""
+    forgotten while its user was idle is always an adjustment. Retires users idle for idle_s
+    (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s. With
+    record_decisions, every batch's events also come back as ("decided", [events with their
+    outcome]) for raw storage, so that a replay repeats these decisions rather than remaking
+    them (WindowTotals.decide)."""
 
     def __init__(self, state: UserWindows, flush_interval_s: float, idle_s: float,
                  clock: Callable[[], float] = time.time, record_decisions: bool = False):

@@ -158,6 +158,10 @@ def test_a_stored_decision_is_followed_whatever_the_replays_policy_and_order():
     logic = windows(Clock(), record_decisions=False)
     out, _ = logic.on_batch([dead])
     assert [(kind, item["event_id"]) for kind, item in out] == [("late", "d")]
+    # An outcome this version does not know is decided again: late here, so an adjustment.
+    unknown = {**event("u", "u1", 4 * MINUTE, 4), "window_outcome": "deferred", "window_start_ms": None}
+    assert totals.decide(unknown) == (ADJUSTED, None)
+    assert totals.decide({**unknown, "window_outcome": COUNTED}) == (ADJUSTED, None)
 
 
 def test_a_batch_holding_blocks_from_a_snapshot_taken_before_the_decisions_writes_one_file(tmp_path):
