@@ -1,18 +1,20 @@
 """A Bytewax source over the raw Parquet files of a date range: one partition per region,
 resumable at (file, row) after a crash.
 
-Files are read in the order they were written (modification time, then name). A user's
-events all carry one region, so within one event date they come back in the order the live
-flow saw them, and the windows' lateness decisions come out the same as they did live.
+Files are read in the order they were written (modification time, then name); a replay's
+windows do not depend on that order. The live flow's windows decided each event's fate
+(counted in which window, sent as a late adjustment, or to the DLQ) from the order its
+user's events arrived in and from how long the user had been idle, neither of which the
+files keep: an event dated before midnight that arrived after its user's events of the next
+day is stored in the earlier day's file, often read first, and an idle user's windows were
+retired on the wall clock. So the live flow stores each decision with the raw row
+(window_outcome, window_start_ms; dataflows.outputs.fan_out) and the replay's windows
+repeat it (dataflows.state.WindowTotals.decide): the same window totals and adjustments, the
+same billing ids and versions as live, whatever the order of the files.
 
-Known limitation: across a UTC midnight they may not. An event that arrived after its
-user's events of the next day but is dated on the day before (a late event, or one of a
-window retired while its user was idle) is stored in the earlier day's file, which may be
-read first; the replay then counts it in its window where the live flow sent it as an
-adjustment, and a billing consumer keeping the highest version of each id bills it twice.
-Deciding lateness once at ingest and storing the decision with the raw event would remove
-this; until then, replays of ranges whose days hold such events may differ from live
-(tests/test_replay.py holds the case, expected to fail until it is fixed).
+Rows without a decision (files written before it was stored, or by a flow without quota or
+billing) are decided again by the replay from the order read, as they always were: for
+those, a replay of a range holding such midnight or idle cases may differ from live.
 """
 
 from __future__ import annotations

@@ -279,8 +279,10 @@ def deduplicate(events: Stream[dict], settings: Settings) -> Stream[dict]:
     return op.flat_map_batch("drop_duplicates", seen, first_sightings)
 
 
-def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict], Stream[list[dict]]]:
-    """(late events, batches of window totals) of the per-user event-time windows."""
+def window_totals(unique: Stream[dict], settings: Settings, record_decisions: bool = False
+                  ) -> tuple[Stream[dict], Stream[list[dict]], Stream[dict] | None]:
+    """(late events, batches of window totals, and with record_decisions every event with
+    the windows' decision on it, else None) of the per-user event-time windows."""
     windows = settings.windows
     buckets = settings.dedupe.buckets
 
@@ -288,19 +290,42 @@ def window_totals(unique: Stream[dict], settings: Settings) -> tuple[Stream[dict
         return UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000), windows.late_policy)
 
     build_windows = partial(WindowLogic.build, empty, windows.flush_interval_s,
-                            windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s)
+                            windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s,
+                            record_decisions=record_decisions)
     outputs = op.stateful_batch("windows", keyed("by_user", unique, partial(user_bucket, buckets)), build_windows)
-    return split_routed("window_out", op.flat_map_batch("window_out", outputs, unkeyed), "late")
+    routed = op.flat_map_batch("window_out", outputs, unkeyed)
+    if not record_decisions:
+        return (*split_routed("window_out", routed, "late"), None)
+    late = op.flat_map_batch("window_out_late", routed, partial(routed_of, "late"))
+    totals = op.flat_map_batch("window_out_totals", routed, partial(routed_of, "totals"))
+    return late, totals, op.flat_map_batch("window_out_decided", routed, decided_events)
+
+
+def decided_events(routed: list[tuple[str, Any]]) -> list[dict]:
+    return [event for kind, events in routed if kind == "decided" for event in events]
 
 
 def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Settings) -> None:
-    """Write unique events to every configured sink, and DLQ records to the DLQ topic."""
+    """Write unique events to every configured sink, and DLQ records to the DLQ topic.
+
+    With raw Parquet and windows both on, the stored rows come out of the windows with their
+    decision (counted in which window, late adjustment, DLQ): a replay of raw storage then
+    repeats the live flow's decisions, which it could not remake (they hang on the order of
+    arrival across files and on how long a user was idle, dataflows.state.WindowTotals.decide)."""
     sinks = set(settings.sinks)
     unique, unstorable = route_by_region(unique, settings)
     dlq_streams = [*dlq_streams, *unstorable]
     stored = unique
+    if sinks & {"quota", "billing"}:
+        late, totals, decided = window_totals(unique, settings, record_decisions="parquet" in sinks)
+        stored = decided or unique
+        dlq_streams = [*dlq_streams, op.map("late_dlq", late, late_to_dlq)]
+        if "quota" in sinks:
+            op.output("quota_out", totals, WriterSink(partial(quota_writer, settings)))
+        if "billing" in sinks:
+            op.output("billing_out", totals, WriterSink(partial(billing_writer, settings)))
     if settings.parquet.text_sample_rate < 1:
-        stored = op.flat_map_batch("sample_text", unique, partial(text_sampled, settings.parquet.text_sample_rate))
+        stored = op.flat_map_batch("sample_text", stored, partial(text_sampled, settings.parquet.text_sample_rate))
     if sinks & {"parquet", "clickhouse"}:
         # One Arrow table per partition of each batch, shared by both sinks and priced on its
         # columns (only these sinks store a cost; billing prices window totals); the step ids of
@@ -315,12 +340,5 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
     if "audit" in sinks:
         batched_out("audit", unique, lambda e: str(e.get("source_partition")), settings.audit.max_rows,
                     settings.audit.max_age_s, partial(audit_writer, settings))
-    if sinks & {"quota", "billing"}:
-        late, totals = window_totals(unique, settings)
-        dlq_streams = [*dlq_streams, op.map("late_dlq", late, late_to_dlq)]
-        if "quota" in sinks:
-            op.output("quota_out", totals, WriterSink(partial(quota_writer, settings)))
-        if "billing" in sinks:
-            op.output("billing_out", totals, WriterSink(partial(billing_writer, settings)))
     if "dlq" in sinks and dlq_streams:
         op.output("dlq_out", op.merge("all_dlq", *dlq_streams), WriterSink(partial(dead_letters, settings)))

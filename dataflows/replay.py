@@ -2,7 +2,10 @@
 redacted text onward (dedupe, pricing, windows) -> the chosen sinks.
 
 Every sink write is idempotent, so a replay into a rebuilt ClickHouse gives the live run's
-numbers and a second replay changes nothing. Run it with `gatewatch replay`.
+numbers and a second replay changes nothing. The windows repeat the decision stored with
+each raw row (counted, late adjustment, DLQ) instead of remaking it, so the quota and
+billing get the live run's window totals and adjustments (connectors.parquet_source).
+Run it with `gatewatch replay`.
 """
 
 from __future__ import annotations

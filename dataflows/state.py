@@ -127,6 +127,18 @@ def late_adjustment(event: dict, length_ms: int) -> dict:
             **{kind: event[f"{kind}_tokens"] for kind in TOKEN_KINDS}}
 
 
+OUTCOMES = COUNTED, ADJUSTED, DEAD_LETTERED = "counted", "adjusted", "dead_lettered"
+"""What the windows did with an event: counted it in a window's totals, sent it as a late
+adjustment of its own (late_adjustment), or sent it to the DLQ (late_policy "dlq")."""
+OUTCOME_COLUMN, WINDOW_COLUMN = "window_outcome", "window_start_ms"
+"""The event's keys (and raw Parquet columns) holding its outcome and, when counted, the
+start of the window it was counted in (not its own with late_policy "current")."""
+
+
+def with_decision(event: dict, outcome: str, window: int | None) -> dict:
+    return {**event, OUTCOME_COLUMN: outcome, WINDOW_COLUMN: window}
+
+
 @dataclass
 class WindowTotals:
     """Running totals of one user's tumbling event-time windows, per model (prices differ).
@@ -167,6 +179,10 @@ class WindowTotals:
         if start < self.sealed_ms:
             self.watermark_ms = max(self.watermark_ms, event["event_time"])
             return None, False
+        self._count(start, event)
+        return start, late
+
+    def _count(self, start: int, event: dict) -> None:
         key = (start, event["model"])
         totals = self.windows.setdefault(key, [0] * (1 + len(TOKEN_KINDS)))
         totals[0] += 1
@@ -174,7 +190,24 @@ class WindowTotals:
             totals[i] += event[f"{kind}_tokens"]
         self.dirty.add(key)
         self.watermark_ms = max(self.watermark_ms, event["event_time"])
-        return start, late
+
+    def decide(self, event: dict) -> tuple[str, int | None]:
+        """(outcome, window the event was counted in or None) of an event: the decision
+        stored with it when the live flow made one (a replay of raw storage: the live
+        decision hung on its arrival order and on wall-clock idleness, which a replay
+        cannot see), else add's decision as an outcome. A stored outcome this version does
+        not know, or a count without its window, is decided again rather than dropped."""
+        stored = event.get(OUTCOME_COLUMN)
+        if stored not in OUTCOMES or (stored == COUNTED and event.get(WINDOW_COLUMN) is None):
+            window, was_late = self.add(event)
+            if window is not None:
+                return COUNTED, window
+            return (DEAD_LETTERED if was_late and self.late_policy == "dlq" else ADJUSTED), None
+        self.org_id, self.user_id = event["org_id"], event["user_id"]
+        if stored == COUNTED:
+            self._count(event[WINDOW_COLUMN], event)
+        self.watermark_ms = max(self.watermark_ms, event["event_time"])
+        return stored, event[WINDOW_COLUMN] if stored == COUNTED else None
 
     def retire(self) -> None:
         """Forget the windows of an idle user (after a flush) but keep its watermark, so its
@@ -221,24 +254,29 @@ class WindowLogic(StatefulBatchLogic):
     """Keyed by bucket_of(org/user). Emits ("totals", [...]) every flush interval while
     something changed, and for late events at once either ("totals", [late_adjustment])
     (policy "adjust", the default) or ("late", event) (policy "dlq"); an event of a window
-    forgotten while its user was idle is always an adjustment. Retires users idle for
-    idle_s (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s."""
+    forgotten while its user was idle is always an adjustment. Retires users idle for idle_s
+    (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s. With
+    record_decisions, every batch's events also come back as ("decided", [events with their
+    outcome]) for raw storage, so that a replay repeats these decisions rather than remaking
+    them (WindowTotals.decide)."""
 
     def __init__(self, state: UserWindows, flush_interval_s: float, idle_s: float,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, record_decisions: bool = False):
         self.state = state
         self.flush_interval_s = flush_interval_s
         self.idle_s = idle_s
         self.clock = clock
+        self.record_decisions = record_decisions
 
     @classmethod
     def build(cls, empty: Callable[[], UserWindows], flush_interval_s: float, idle_s: float,
-              resume: bytes | None) -> "WindowLogic":
-        return cls(pickle.loads(resume) if resume is not None else empty(), flush_interval_s, idle_s)
+              resume: bytes | None, record_decisions: bool = False) -> "WindowLogic":
+        return cls(pickle.loads(resume) if resume is not None else empty(), flush_interval_s, idle_s,
+                   record_decisions=record_decisions)
 
     def on_batch(self, events: list[dict]):
         now = self.clock()
-        late, adjustments = [], []
+        late, adjustments, decided = [], [], []
         for event in events:
             user = user_key(event["org_id"], event["user_id"])
             totals = self.state.users.get(user)
@@ -246,16 +284,17 @@ class WindowLogic(StatefulBatchLogic):
                 totals = self.state.users[user] = WindowTotals(
                     self.state.length_ms, self.state.lateness_ms, self.state.late_policy)
             totals.last_seen_s = now
-            window, was_late = totals.add(event)
-            if window is not None:
-                continue
-            if was_late and self.state.late_policy == "dlq":
+            outcome, window = totals.decide(event)
+            if self.record_decisions:
+                decided.append(with_decision(event, outcome, window))
+            if outcome == DEAD_LETTERED:
                 late.append(("late", event))
-            else:
+            elif outcome == ADJUSTED:
                 adjustments.append(late_adjustment(event, self.state.length_ms))
         if self.state.next_flush_s is None:
             self.state.next_flush_s = now + self.flush_interval_s
-        return late + ([("totals", adjustments)] if adjustments else []), StatefulBatchLogic.RETAIN
+        out = [*late, *([("totals", adjustments)] if adjustments else []), *([("decided", decided)] if decided else [])]
+        return out, StatefulBatchLogic.RETAIN
 
     def _flush(self) -> list:
         now = self.clock()

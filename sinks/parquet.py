@@ -72,14 +72,21 @@ ARROW_SCHEMA = pa.schema([
     ("price_version", pa.string()),
     ("source_partition", pa.int32()),
     ("source_offset", pa.int64()),
+    # The live flow's windows' decision (dataflows.state.WindowTotals.decide), which a replay
+    # repeats; null when no windows ran, or in files written before it was stored.
+    ("window_outcome", pa.string()),
+    ("window_start_ms", pa.int64()),
 ])
 COLUMNS_SINCE = {"reasoning_tokens": 0, "trace_id": None, "span_id": None}
 """Columns that files written before gateway_event v2 lack, with the value they read as."""
+DECISION_COLUMNS = {"window_outcome": None, "window_start_ms": None}
+"""Columns that files written before the windows' decisions were stored lack: null, so a
+replay decides those events' windows again, as it always did."""
 
 
 def with_current_columns(table: pa.Table) -> pa.Table:
     """A stored table in ARROW_SCHEMA's columns: an older file's missing ones filled in."""
-    for name, value in COLUMNS_SINCE.items():
+    for name, value in {**COLUMNS_SINCE, **DECISION_COLUMNS}.items():
         if name not in table.column_names:
             field = ARROW_SCHEMA.field(name)
             table = table.append_column(field, pa.array([value] * table.num_rows, field.type))
@@ -294,7 +301,10 @@ def blocks_and_events(items: list, one_chunk: bool = False) -> tuple[TableRows |
     copies the blocks into one chunk per column (ClickHouse: chdb then parses one record batch
     instead of one per block, ~15 % less CPU); the Parquet writer takes the chunks as they are
     (a copy of a 50,000-row batch was a process's peak resident memory, ~150 MB)."""
-    tables = [item.table for item in items if isinstance(item, EventBlock)]
+    # A block from a snapshot taken before DECISION_COLUMNS lacks them: Arrow concatenates
+    # only tables of one schema.
+    tables = [item.table if item.table.num_columns == len(ARROW_SCHEMA) else with_current_columns(item.table)
+              for item in items if isinstance(item, EventBlock)]
     events = [item for item in items if not isinstance(item, EventBlock)]
     if not tables:
         return None, events

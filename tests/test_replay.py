@@ -8,6 +8,7 @@ import random
 import subprocess
 import uuid
 from datetime import date, datetime, timedelta, timezone
+from decimal import Decimal
 from functools import partial
 
 import pytest
@@ -120,15 +121,12 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
     daily and monthly aggregates, quota counters and bills exactly."""
     end_ms = int(datetime.now(timezone.utc).timestamp() * 1000) - 3_600_000
     span_ms = 29 * 86_400_000
-    # No event arrives in the first minutes of a UTC day, so a late event (dated up to the
-    # lateness and 10 minutes before its user's newest) is stored in the same day's file as
-    # the events it came after: the replay reads files in write order, and a late event in an
-    # earlier day's file would be read before them (dataflows/replay.py, known limitation).
-    quiet_ms = int(Settings().windows.allowed_lateness_s * 1000) + 600_000 + 5_000
+    # Events arrive at any time of day, the first minutes after midnight included: a late one
+    # dated before a midnight is stored in the earlier day's file, read before the events it
+    # came after, and replays to the live bill through its stored decision.
 
     def arrival(i: int) -> int:
-        at = end_ms - span_ms + i * span_ms // 2500
-        return at + max(0, quiet_ms - at % 86_400_000)
+        return end_ms - span_ms + i * span_ms // 2500
 
     # Produced now, as if each had arrived on its day; the replays keep the default 7-day
     # limit on past timestamps, which must not apply to what raw storage already holds.
@@ -158,9 +156,6 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
 
 
 
-@pytest.mark.xfail(strict=True, reason="known limitation (connectors/parquet_source.py): the replay reads a region's "
-                   "files in write order, so a late event dated before midnight is read before its user's events of "
-                   "the next day and billed in its window, on top of the live run's adjustment")
 def test_a_late_event_dated_before_midnight_replays_to_the_live_bills(kafka_bootstrap, flow_topics_env, redis_url,
                                                                       tmp_path):
     day_ms = 86_400_000
@@ -324,3 +319,79 @@ def test_a_replay_of_today_after_its_window_records_expired_counts_nothing_twice
     hour_ago_ms = int((now - timedelta(hours=1)).timestamp() * 1000)
     env, settings, expected = live_run(flow_topics_env, kafka_bootstrap, tmp_path, 9, redis_url, now_ms=hour_ago_ms)
     expire_window_records_then_replay_twice(env, settings, expected, now.date())
+
+
+GPT_4O_PER_MILLION = (Decimal("2.50"), Decimal("10.00"))
+"""gpt-4o's input and output prices in the default price table (checked below)."""
+
+
+def gateway_event(user: str, at_ms: int, input_tokens: int, output_tokens: int) -> dict:
+    """A valid gateway event of gpt-4o written out field by field, without cached tokens."""
+    return {"event_id": str(uuid.uuid4()), "request_id": f"req-{uuid.uuid4().hex[:16]}", "schema_version": 1,
+            "event_time": at_ms, "user_id": user, "org_id": "org-midnight", "region": "us", "provider": "openai",
+            "endpoint": "chat.completions", "model": "gpt-4o", "model_version": None, "status_code": 200,
+            "error_code": None, "streaming": False, "latency_ms": 900, "time_to_first_token_ms": 120,
+            "input_tokens": input_tokens, "output_tokens": output_tokens, "cache_read_tokens": 0,
+            "cache_write_tokens": 0, "prompt": "summarise the quarterly report", "response": "revenue grew",
+            "conversation_id": None, "experiment_id": None, "variant": None, "safety_decisions": [],
+            "policy_flags": []}
+
+
+def test_late_events_across_midnight_of_several_users_and_partitions_replay_to_the_live_bills(
+        kafka_bootstrap, flow_topics_env, redis_url, tmp_path):
+    """Four users on a three-partition topic, their messages interleaved. Each has an event
+    before a UTC midnight and one after it; then arrive, dated before midnight, a late one
+    (more than the lateness before the user's newest: a late adjustment) for three of them
+    and, for the fourth, one within the lateness (counted in its window). Every window holds
+    one event, so the bill is the sum of the events' own costs, computed here from the price
+    table; the live run and a replay into the same billing topic bill exactly that."""
+    day_ms, minute = 86_400_000, 60_000
+    lateness_ms = int(Settings().windows.allowed_lateness_s * 1000)
+    midnight = (int(datetime.now(timezone.utc).timestamp() * 1000) // day_ms - 2) * day_ms
+    users = [f"user-midnight-{n}" for n in range(4)]
+    arrivals = [[gateway_event(user, midnight - (30 + n) * minute, 100 + n, 40),
+                 gateway_event(user, midnight + lateness_ms + (10 + n) * minute, 200 + n, 50)] for n, user in
+                enumerate(users[:3])]
+    arrivals.append([gateway_event(users[3], midnight - 30 * minute, 110, 41),
+                     gateway_event(users[3], midnight + 2 * minute, 210, 51)])
+    late = [gateway_event(user, midnight - (5 + n) * minute, 300 + n, 60) for n, user in enumerate(users[:3])]
+    within = gateway_event(users[3], midnight - 3 * minute, 310, 61)
+    produced = [*(pair[0] for pair in arrivals), *(pair[1] for pair in arrivals), *late, within]
+
+    env = {**flow_topics_env(3), "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"),
+           "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "live",
+           "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/14"}
+    settings = load_settings(environ=env, use_service_state=False)
+    price = settings.pricing.models["gpt-4o"]
+    assert (price.input, price.output) == GPT_4O_PER_MILLION
+    QuotaStore(settings.redis.url).redis.flushdb()
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+
+    def messages():
+        for event in produced:
+            yield f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
+        return Expected()
+
+    produce(kafka_bootstrap, settings.kafka.events_topic, messages(), len(produced))
+    run_main(build_flow(settings))
+    close_chdb()
+
+    stored = {row["event_id"]: row for row in ParquetStore(str(tmp_path / "raw")).read().to_pylist()}
+    assert len({row["source_partition"] for row in stored.values()}) > 1
+    late_ids = {event["event_id"] for event in late}
+    assert {(event_id, row["window_outcome"], row["window_start_ms"]) for event_id, row in stored.items()} == {
+        (e["event_id"], *(("adjusted", None) if e["event_id"] in late_ids else
+                          ("counted", e["event_time"] - e["event_time"] % minute))) for e in produced}
+    owed = sum((e["input_tokens"] * GPT_4O_PER_MILLION[0] + e["output_tokens"] * GPT_4O_PER_MILLION[1])
+               / 1_000_000 for e in produced)
+    live_billed = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0]
+    assert live_billed == owed
+
+    rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": "rebuilt",
+                   "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + "/15"}
+    QuotaStore(load_settings(environ=rebuilt_env, use_service_state=False).redis.url).redis.flushdb()
+    first = datetime.fromtimestamp((midnight - day_ms) / 1000, timezone.utc).date()
+    result = replay(rebuilt_env, "--from", str(first), "--to", str(datetime.now(timezone.utc).date()))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.splitlines()[-1])["rows"] == len(produced)
+    assert billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0] == owed
