@@ -94,65 +94,98 @@ what Redis left to them."""
 # Limits of a user: its own override hash, else its tier's (tier from gw:tier:..., else the
 # default tier). -1 means unlimited.
 _LIMITS_LUA = """
+-- Locals: a global's lookup on every use is a measurable part of a script applying many totals.
+local call, tonumber, unpack = redis.call, tonumber, unpack
+-- In the scripts' hot paths `text + 0` reads a number: Lua's arithmetic reads it with one strtod, tonumber()
+-- costs Redis three times as much, and ipairs() four times a numeric for.
 local LIMITS = {'requests_per_day', 'tokens_per_month', 'overage_allowed'}
 -- shared_by_tier (optional): the tiers' limits read so far, for a script that reads many users' limits.
 local function limits(tier_key, override_key, tiers_key, default_tier, shared_by_tier)
-  local tier = redis.call('GET', tier_key) or default_tier
-  local own = redis.call('HMGET', override_key, unpack(LIMITS))
+  local tier = call('GET', tier_key) or default_tier
   local shared = shared_by_tier and shared_by_tier[tier]
   if not shared then
-    shared = redis.call('HMGET', tiers_key,
-      tier .. ':' .. LIMITS[1], tier .. ':' .. LIMITS[2], tier .. ':' .. LIMITS[3])
+    local held = call('HMGET', tiers_key, tier .. ':' .. LIMITS[1], tier .. ':' .. LIMITS[2], tier .. ':' .. LIMITS[3])
+    shared = {tonumber(held[1] or '-1'), tonumber(held[2] or '-1'), tonumber(held[3] or '-1')}
     if shared_by_tier then shared_by_tier[tier] = shared end
   end
+  -- Few users have an override: EXISTS costs Redis less than an HMGET's reply of three nils.
+  if call('EXISTS', override_key) == 0 then return tier, shared[1], shared[2], shared[3] end
+  local own = call('HMGET', override_key, unpack(LIMITS))
   local function limit(i)
     if own[i] then return tonumber(own[i]) end
-    return tonumber(shared[i] or '-1')
+    return shared[i]
   end
   return tier, limit(1), limit(2), limit(3)
 end
 
--- The month to date of a user or org (requests, tokens, tokens by kind, in USAGE_FIELDS order) and whether
--- its month key exists: a live month counter holds it all; a month base holds the days before its cutoff
--- and the day counters from the cutoff through last_day (YYYYMMDD) the rest; no month key: every day
--- counter of the month that is still alive. The one definition of a month: enforcement, alerts and every
--- reader (QuotaStore.month_usage) use it. With a table `read`, every counter read is kept there by key (its
--- USAGE_FIELDS, false when absent), so a caller about to update one of them need not read it again.
+-- The month to date of a user or org (requests, tokens, tokens by kind, in USAGE_FIELDS order; with names,
+-- those fields only) and whether its month key exists: a live month counter holds it all; a month base
+-- holds the days before its cutoff and the day counters from the cutoff through last_day (YYYYMMDD) the
+-- rest; no month key: every day counter of the month that is still alive. The one definition of a month:
+-- enforcement, alerts and every reader (QuotaStore.month_usage) use it. With whole = {key = a day key}, that
+-- day's counter, if the month counts it, is read whole into whole.held (USAGE_FIELDS, false when absent):
+-- a caller about to update it need not read it again.
 local USAGE_FIELDS = {'requests', 'tokens', 'input', 'output', 'cache_read', 'cache_write'}
-local function month_usage(month_key, day_prefix, last_day, read)
-  local base = redis.call('HMGET', month_key, 'cutoff', unpack(USAGE_FIELDS))
-  if read then read[month_key] = {unpack(base, 2, #USAGE_FIELDS + 1)} end
+local DAYS = {'01', '02', '03', '04', '05', '06', '07', '08', '09', '10', '11', '12', '13', '14', '15', '16', '17',
+  '18', '19', '20', '21', '22', '23', '24', '25', '26', '27', '28', '29', '30', '31'}
+local USAGE_INDEX = {requests = 1, tokens = 2, input = 3, output = 4, cache_read = 5, cache_write = 6}
+local function month_usage(month_key, day_prefix, last_day, names, whole)
+  names = names or USAGE_FIELDS
+  local base = call('HMGET', month_key, 'cutoff', unpack(names))
   local totals, exists = {}, base[1] ~= false
-  for i = 1, #USAGE_FIELDS do
-    totals[i] = tonumber(base[i + 1] or '0')
+  for i = 1, #names do
+    totals[i] = (base[i + 1] or 0) + 0
     exists = exists or base[i + 1] ~= false
   end
+  if not exists and #names < #USAGE_FIELDS then
+    -- Whether the key holds any other usage field (a counter restated without this one).
+    local asked, others = {}, {}
+    for _, name in ipairs(names) do asked[name] = true end
+    for _, name in ipairs(USAGE_FIELDS) do
+      if not asked[name] then others[#others + 1] = name end
+    end
+    for _, held in ipairs(call('HMGET', month_key, unpack(others))) do exists = exists or held ~= false end
+  end
   if exists and not base[1] then return totals, true end
-  local first = base[1] and tonumber(string.sub(base[1], 7, 8)) or 1
+  local first = base[1] and string.sub(base[1], 7, 8) + 0 or 1
   local month = string.sub(last_day, 1, 6)
-  for d = first, tonumber(string.sub(last_day, 7, 8)) do
-    local day_key = day_prefix .. month .. string.format('%02d', d)
-    local day = redis.call('HMGET', day_key, unpack(USAGE_FIELDS))
-    if read then read[day_key] = day end
-    for i = 1, #USAGE_FIELDS do totals[i] = totals[i] + tonumber(day[i] or '0') end
+  for d = first, string.sub(last_day, 7, 8) + 0 do
+    local day_key = day_prefix .. month .. DAYS[d]
+    local day
+    if whole and day_key == whole.key then
+      whole.held = call('HMGET', day_key, unpack(USAGE_FIELDS))
+      day = {}
+      for i = 1, #names do day[i] = whole.held[USAGE_INDEX[names[i]]] end
+    else
+      day = call('HMGET', day_key, unpack(names))
+    end
+    for i = 1, #names do totals[i] = totals[i] + (day[i] or 0) end
   end
   return totals, exists
 end
 
-local function month_tokens(month_key, day_prefix, last_day, read)
-  return month_usage(month_key, day_prefix, last_day, read)[2]
+local TOKENS = {'tokens'}
+local function month_tokens(month_key, day_prefix, last_day, whole)
+  return month_usage(month_key, day_prefix, last_day, TOKENS, whole)[1]
 end
 
--- Pending alerts for the thresholds (ARGV from index first through last, else the end) that usage crossed
--- from old to new.
-local function raise_alerts(pending_key, subject, tier, metric, period, limit, old, new, first, last)
+-- The alert thresholds from ARGV[first] on (through ARGV[last], else the end), as text and value.
+local function thresholds_at(first, last)
+  local thresholds = {}
+  for t = first, last or #ARGV do thresholds[#thresholds + 1] = {text = ARGV[t], value = tonumber(ARGV[t])} end
+  return thresholds
+end
+
+-- Pending alerts for the thresholds that usage crossed from old to new.
+local function raise_alerts(pending_key, subject, tier, metric, period, limit, old, new, thresholds)
   if limit <= 0 then return end
-  for t = first, last or #ARGV do
-    local at = tonumber(ARGV[t]) * limit
+  for t = 1, #thresholds do
+    local threshold = thresholds[t]
+    local at = threshold.value * limit
     if old < at and new >= at then
-      local id = subject .. '|' .. metric .. '|' .. period .. '|' .. ARGV[t]
-      redis.call('HSETNX', pending_key, id, cjson.encode({alert_id = id, subject = subject, tier = tier,
-        metric = metric, period = period, threshold = tonumber(ARGV[t]), limit = limit, usage = new}))
+      local id = subject .. '|' .. metric .. '|' .. period .. '|' .. threshold.text
+      call('HSETNX', pending_key, id, cjson.encode({alert_id = id, subject = subject, tier = tier,
+        metric = metric, period = period, threshold = threshold.value, limit = limit, usage = new}))
     end
   end
 end
@@ -168,12 +201,14 @@ APPLY_WINDOWS = _LIMITS_LUA + """
 -- The totals apply one after the other, as many calls of one total would: a user's counters, its window records
 -- and its alerts see what the totals before it in the call wrote. Only the org counters and recent-window
 -- indexes, which no total reads, get the call's sums once per key at its end: most of a call's totals share a
--- few orgs. Keys are built here from the totals' parts (as month_usage builds its day keys): ~2 µs of Redis per
--- redis.call, and a flow applies about one total per two events.
+-- few orgs. Keys are built here from the totals' parts (as month_usage builds its day keys). A flow applies
+-- about one total per two events: each redis.call (~1-2 µs of Redis, half of it turning the reply into Lua),
+-- each field read and each tonumber (~0.1 µs) counts.
 local kinds = {'input', 'output', 'cache_read', 'cache_write'}
 local records_expire, default_tier, first_counted, now, recent_from = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local bases = first_counted ~= ''
 local thresholds_last = 6 + tonumber(ARGV[6])
+local thresholds = thresholds_at(7, thresholds_last)
 local periods, at = {}, thresholds_last + 1
 for i = at + 1, at + 6 * tonumber(ARGV[at]), 6 do
   periods[ARGV[i]] = {day = ARGV[i + 1], month = ARGV[i + 2], day_expires = ARGV[i + 3],
@@ -182,37 +217,42 @@ end
 local first_total = at + 1 + 6 * tonumber(ARGV[at])
 
 -- A counter := its fields as read (held, in USAGE_FIELDS order) + requests added and tokens by kind: requests
--- and tokens always, a kind when it changed (changed[i]). No requests before means a new counter: it gets
--- every field and its expiry (its period's end plus a margin: memory follows active users; every writer of a
--- counter sets that expiry). Returns the requests before.
-local function add_to_counter(key, held, added, deltas, changed, expires)
-  local requests = tonumber(held[1] or '0')
+-- and tokens always, a kind when it changed (changed[i], else when its delta is not 0). No requests before
+-- means a new counter: it gets every field and its expiry (its period's end plus a margin: memory follows
+-- active users; every writer of a counter sets that expiry). Returns the requests before.
+local function add_to_counter(key, held, added, deltas, expires, changed)
+  local requests = (held[1] or 0) + 0
   local new = requests == 0
-  local fields = {'requests', requests + added, 'tokens',
-    tonumber(held[2] or '0') + deltas[1] + deltas[2] + deltas[3] + deltas[4]}
+  local fields = {'requests', requests + added, 'tokens', (held[2] or 0) + deltas[1] + deltas[2] + deltas[3] + deltas[4]}
   for i = 1, 4 do
-    if changed[i] or new then
+    if new or deltas[i] ~= 0 or changed and changed[i] then
       fields[#fields + 1] = kinds[i]
-      fields[#fields + 1] = tonumber(held[i + 2] or '0') + deltas[i]
+      fields[#fields + 1] = (held[i + 2] or 0) + deltas[i]
     end
   end
-  redis.call('HSET', key, unpack(fields))
-  if new then redis.call('EXPIREAT', key, expires) end
+  call('HSET', key, unpack(fields))
+  if new then call('EXPIREAT', key, expires) end
   return requests
 end
 
-local function counter(key, read)
-  return read and read[key] or redis.call('HMGET', key, unpack(USAGE_FIELDS))
+local function counter(key)
+  return call('HMGET', key, unpack(USAGE_FIELDS))
 end
 
--- The call's sums per org counter, and its new members per org's recent-window index, in first-seen order.
-local org_sums, org_keys, recent, recent_orgs = {}, {}, {}, {}
-local function add_to_org(key, expires, added, deltas)
-  local sums = org_sums[key]
+-- The call's sums per org and period (in first-seen order), for the org's day and month counters, and its
+-- new members per org's recent-window index.
+local org_sums, org_sums_by, recent, recent_orgs = {}, {}, {}, {}
+local function add_to_org(org, period, added, deltas)
+  local of_org = org_sums_by[org]
+  if not of_org then
+    of_org = {}
+    org_sums_by[org] = of_org
+  end
+  local sums = of_org[period]
   if not sums then
-    sums = {added = 0, deltas = {0, 0, 0, 0}, changed = {}, expires = expires}
-    org_sums[key] = sums
-    org_keys[#org_keys + 1] = key
+    sums = {org = org, period = period, added = 0, deltas = {0, 0, 0, 0}, changed = {}}
+    of_org[period] = sums
+    org_sums[#org_sums + 1] = sums
   end
   sums.added = sums.added + added
   for i = 1, 4 do
@@ -243,77 +283,89 @@ local function limits_of(subject)
   return held[1], held[2], held[3]
 end
 
+local whole_day = {}  -- the user's day counter as month_tokens reads it (a table reused by every total)
 local function apply_total(i)
-  local org, model, start, n, late = ARGV[i], ARGV[i + 2], ARGV[i + 3], tonumber(ARGV[i + 4]), ARGV[i + 9]
+  local org, model, start, n, late = ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4] + 0, ARGV[i + 9]
   local subject = org .. '/' .. ARGV[i + 1]
   local period = periods[start]
   if bases and period.day < first_counted then
     -- Older than the day counters: the aggregates count it; recompute the user's base and the org's
     -- month counter from them once they hold it.
-    redis.call('ZADD', KEYS[3], now, subject .. '|' .. period.month)
-    redis.call('ZADD', KEYS[4], now, org .. '|' .. period.month)
+    call('ZADD', KEYS[3], now, subject .. '|' .. period.month)
+    call('ZADD', KEYS[4], now, org .. '|' .. period.month)
     return 0
   end
   local added, deltas, recent_member = n, {}, nil
   if late == '' then
     -- A window's running absolute totals: add what they hold beyond the record's.
     local record = 'gw:win:' .. subject .. ':' .. model .. ':' .. start
-    local held = redis.call('HMGET', record, 'n', unpack(kinds))
-    local prev_n = tonumber(held[1] or '0')
+    local held = call('HMGET', record, 'n', unpack(kinds))
+    local prev_n = (held[1] or 0) + 0
     if n <= prev_n then return 0 end
     if prev_n == 0 then recent_member = 'w|' .. #subject .. '|' .. record end
     added = n - prev_n
-    for k = 1, 4 do deltas[k] = tonumber(ARGV[i + 4 + k]) - tonumber(held[k + 1] or '0') end
-    redis.call('HSET', record, 'n', n, kinds[1], ARGV[i + 5], kinds[2], ARGV[i + 6], kinds[3], ARGV[i + 7],
-      kinds[4], ARGV[i + 8])
-    redis.call('EXPIREAT', record, records_expire)
+    -- The record gets n and the kinds whose text changed (the same hash as writing them all).
+    local fields = {'n', ARGV[i + 4]}
+    for k = 1, 4 do
+      local value, was = ARGV[i + 4 + k], held[k + 1]
+      if value == was then
+        deltas[k] = 0
+      else
+        deltas[k] = value - (was or 0)
+        fields[#fields + 1] = kinds[k]
+        fields[#fields + 1] = value
+      end
+    end
+    call('HSET', record, unpack(fields))
+    call('EXPIREAT', record, records_expire)
   else
     -- A late event: once per event id in its month (in its day with month bases): the set lives
     -- as long as the counter it guards.
     local late_key = 'gw:late:' .. subject .. ':' .. (bases and period.day or period.month)
-    if redis.call('SADD', late_key, late) == 0 then return 0 end
-    redis.call('EXPIREAT', late_key, bases and period.day_expires or period.month_expires)
-    for k = 1, 4 do deltas[k] = tonumber(ARGV[i + 4 + k]) end
+    if call('SADD', late_key, late) == 0 then return 0 end
+    call('EXPIREAT', late_key, bases and period.day_expires or period.month_expires)
+    for k = 1, 4 do deltas[k] = ARGV[i + 4 + k] + 0 end
     recent_member = table.concat({'l', ARGV[i + 4], ARGV[i + 5], ARGV[i + 6], ARGV[i + 7], ARGV[i + 8], late,
       subject}, '|')
   end
   add_recent(org, start, recent_member)
-  local changed = {deltas[1] ~= 0, deltas[2] ~= 0, deltas[3] ~= 0, deltas[4] ~= 0}
-  local user_prefix = 'gw:usage:user:' .. subject
-  local day_key, month_key = user_prefix .. ':d:' .. period.day, user_prefix .. ':m:' .. period.month
-  local read = {}
-  local month_before = month_tokens(month_key, user_prefix .. ':d:', period.so_far, read)
-  local requests_before = add_to_counter(day_key, counter(day_key, read), added, deltas, changed, period.day_expires)
+  local day_prefix = 'gw:usage:user:' .. subject .. ':d:'
+  local day_key, month_key = day_prefix .. period.day, 'gw:usage:user:' .. subject .. ':m:' .. period.month
+  whole_day.key, whole_day.held = day_key, nil
+  local month_before = month_tokens(month_key, day_prefix, period.so_far, whole_day)
+  local requests_before = add_to_counter(day_key, whole_day.held or counter(day_key), added, deltas,
+    period.day_expires)
   -- With month bases the user's month key is the base: the day counter carries the usage.
-  if not bases then
-    add_to_counter(month_key, counter(month_key, read), added, deltas, changed, period.month_expires)
-  end
-  add_to_org('gw:usage:org:' .. org .. ':d:' .. period.day, period.day_expires, added, deltas)
-  add_to_org('gw:usage:org:' .. org .. ':m:' .. period.month, period.month_expires, added, deltas)
-  if thresholds_last >= 7 then
+  if not bases then add_to_counter(month_key, counter(month_key), added, deltas, period.month_expires) end
+  add_to_org(org, period, added, deltas)
+  if #thresholds > 0 then
     local tokens = deltas[1] + deltas[2] + deltas[3] + deltas[4]
     local tier, rpd, tpm = limits_of(subject)
     raise_alerts(KEYS[2], subject, tier, 'requests_day', period.day, rpd, requests_before, requests_before + added,
-      7, thresholds_last)
+      thresholds)
     raise_alerts(KEYS[2], subject, tier, 'tokens_month', period.month, tpm, month_before, month_before + tokens,
-      7, thresholds_last)
+      thresholds)
   end
   return 1
 end
 
 local changed_totals = 0
 for i = first_total, #ARGV, 10 do changed_totals = changed_totals + apply_total(i) end
-for _, key in ipairs(org_keys) do
-  local sums = org_sums[key]
-  add_to_counter(key, counter(key), sums.added, sums.deltas, sums.changed, sums.expires)
+for _, sums in ipairs(org_sums) do
+  local prefix, period = 'gw:usage:org:' .. sums.org, sums.period
+  for _, key_expires in ipairs({{prefix .. ':d:' .. period.day, period.day_expires},
+                                {prefix .. ':m:' .. period.month, period.month_expires}}) do
+    local key = key_expires[1]
+    add_to_counter(key, counter(key), sums.added, sums.deltas, key_expires[2], sums.changed)
+  end
 end
 for _, org in ipairs(recent_orgs) do
   local key, members = 'gw:recent:' .. org, recent[org]
   for from = 1, #members, 1000 do
-    redis.call('ZADD', key, unpack(members, from, math.min(from + 999, #members)))
+    call('ZADD', key, unpack(members, from, math.min(from + 999, #members)))
   end
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. recent_from)
-  redis.call('EXPIREAT', key, records_expire)
+  call('ZREMRANGEBYSCORE', key, '-inf', '(' .. recent_from)
+  call('EXPIREAT', key, records_expire)
 end
 return changed_totals
 """
@@ -332,7 +384,8 @@ redis.call('HSET', KEYS[1], 'cutoff', ARGV[1], 'requests', ARGV[7], 'tokens', to
   'output', ARGV[9], 'cache_read', ARGV[10], 'cache_write', ARGV[11])
 redis.call('EXPIREAT', KEYS[1], ARGV[2])
 local tier, _rpd, tpm = limits(KEYS[2], KEYS[3], KEYS[4], ARGV[3])
-raise_alerts(KEYS[5], ARGV[5], tier, 'tokens_month', ARGV[4], tpm, before, month_tokens(KEYS[1], day_prefix, ARGV[6]), 12)
+raise_alerts(KEYS[5], ARGV[5], tier, 'tokens_month', ARGV[4], tpm, before, month_tokens(KEYS[1], day_prefix, ARGV[6]),
+  thresholds_at(12))
 return 1
 """
 
