@@ -101,15 +101,17 @@ local call, tonumber, unpack = redis.call, tonumber, unpack
 local LIMITS = {'requests_per_day', 'tokens_per_month', 'overage_allowed'}
 -- shared_by_tier (optional): the tiers' limits read so far, for a script that reads many users' limits.
 local function limits(tier_key, override_key, tiers_key, default_tier, shared_by_tier)
-  local tier = call('GET', tier_key) or default_tier
+  -- Most users have neither a tier of their own nor an override: one EXISTS of both tells.
+  local own_keys = call('EXISTS', tier_key, override_key)
+  local own_tier = own_keys > 0 and call('GET', tier_key)
+  local tier = own_tier or default_tier
   local shared = shared_by_tier and shared_by_tier[tier]
   if not shared then
     local held = call('HMGET', tiers_key, tier .. ':' .. LIMITS[1], tier .. ':' .. LIMITS[2], tier .. ':' .. LIMITS[3])
     shared = {tonumber(held[1] or '-1'), tonumber(held[2] or '-1'), tonumber(held[3] or '-1')}
     if shared_by_tier then shared_by_tier[tier] = shared end
   end
-  -- Few users have an override: EXISTS costs Redis less than an HMGET's reply of three nils.
-  if call('EXISTS', override_key) == 0 then return tier, shared[1], shared[2], shared[3] end
+  if own_keys == 0 or own_keys == 1 and own_tier then return tier, shared[1], shared[2], shared[3] end
   local own = call('HMGET', override_key, unpack(LIMITS))
   local function limit(i)
     if own[i] then return tonumber(own[i]) end
@@ -283,7 +285,8 @@ local function limits_of(subject)
   return held[1], held[2], held[3]
 end
 
-local whole_day = {}  -- the user's day counter as month_tokens reads it (a table reused by every total)
+-- Tables every total reuses: its deltas by kind, and its user's day counter as month_tokens reads it.
+local deltas, whole_day = {}, {}
 local function apply_total(i)
   local org, model, start, n, late = ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4] + 0, ARGV[i + 9]
   local subject = org .. '/' .. ARGV[i + 1]
@@ -295,7 +298,7 @@ local function apply_total(i)
     call('ZADD', KEYS[4], now, org .. '|' .. period.month)
     return 0
   end
-  local added, deltas, recent_member = n, {}, nil
+  local added, recent_member = n, nil
   if late == '' then
     -- A window's running absolute totals: add what they hold beyond the record's.
     local record = 'gw:win:' .. subject .. ':' .. model .. ':' .. start
@@ -700,7 +703,8 @@ def with_token_total(totals: dict[str, int]) -> dict[str, int]:
 class QuotaStore:
     def __init__(self, url: str, default_tier: str = "free", alert_thresholds: tuple[float, ...] = (0.8, 1.0),
                  window_ttl_s: int = WINDOW_RECORD_TTL_S, period_margin_s: int = PERIOD_MARGIN_S,
-                 clock: Callable[[], float] = time.time, month_bases: bool = True, counts_from_ms: int | None = None):
+                 clock: Callable[[], float] = time.time, month_bases: bool = True, counts_from_ms: int | None = None,
+                 apply_chunk: int = APPLY_CHUNK):
         self.redis = redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
         self.default_tier = default_tier
         self.alert_thresholds = alert_thresholds
@@ -709,7 +713,7 @@ class QuotaStore:
         self.clock = clock  # a benchmark replaying simulated days passes their clock
         self.month_bases = month_bases
         self.counts_from_ms = counts_from_ms  # a replay of open days: what is older is restated (restate_open_day)
-        self.apply_chunk = APPLY_CHUNK
+        self.apply_chunk = apply_chunk
         self._apply = self.redis.register_script(APPLY_WINDOWS)
         self._forget_due = self.redis.register_script(FORGET_DUE)
         self._write_base = self.redis.register_script(WRITE_BASE)
