@@ -225,7 +225,8 @@ local first_total = at + 1 + 6 * tonumber(ARGV[at])
 local function add_to_counter(key, held, added, deltas, expires, changed)
   local requests = (held[1] or 0) + 0
   local new = requests == 0
-  local fields = {'requests', requests + added, 'tokens', (held[2] or 0) + deltas[1] + deltas[2] + deltas[3] + deltas[4]}
+  local tokens = (held[2] or 0) + deltas[1] + deltas[2] + deltas[3] + deltas[4]
+  local fields = {'requests', requests + added, 'tokens', tokens}
   for i = 1, 4 do
     if new or deltas[i] ~= 0 or changed and changed[i] then
       fields[#fields + 1] = kinds[i]
@@ -497,8 +498,8 @@ APPLY_KEYS = (TIERS_KEY, PENDING_ALERTS_KEY, RESTATE_KEY, ORG_RESTATE_KEY)
 APPLY_CHUNK = 100
 """Totals per APPLY_WINDOWS call. Redis serves no one else while a script runs (a gateway's
 CHECK waits): 100 new windows hold it ~3-5 ms (a pipeline of one call per total let other
-clients in between its 16 KB reads, every ~25 totals). Larger calls save little: 250 totals ~4% fewer instructions per
-total, 2,000 ~7% (callgrind on redis-server)."""
+clients in between its 16 KB reads, every ~25 totals). Larger calls save little: 250 totals
+~4% fewer instructions per total, 2,000 ~7% (callgrind on redis-server)."""
 _TOTAL_ARGS = itemgetter("org_id", "user_id", "model", "window_start_ms", "n", *TOKEN_KINDS)
 """A total's arguments to APPLY_WINDOWS, before its late event's member."""
 

@@ -56,7 +56,8 @@ def mixed_flushes(seed: int) -> list[list[dict]]:
             held = running.setdefault((user, start, model), total(user, 0, 0, start, model))
             if rng.random() < 0.8:
                 held.update(n=held["n"] + 1, input=held["input"] + rng.randrange(1, 400),
-                            output=held["output"] + rng.randrange(50), cache_read=held["cache_read"] + rng.choice([0, 64]))
+                            output=held["output"] + rng.randrange(50),
+                            cache_read=held["cache_read"] + rng.choice([0, 64]))
             if held["n"]:
                 flush.append(dict(held))
         flushes.append(flush)
