@@ -5,7 +5,7 @@ With a realistic user mix (a million users, Zipf) a flush holds a window total f
 or two events (0.7-0.8 totals per event at the brief's rates), so the cost per total is most
 of the quota path's cost per event. The bench
 does what the quota sink does with each flush (QuotaWriter): QuotaStore.apply (one Lua script
-per total), then, with month bases, keep_month_bases for the batch's users. Three passes, in
+call per APPLY_CHUNK totals), then, with month bases, keep_month_bases for the batch's users. Three passes, in
 flush-sized batches:
   first of day  each user's first window of the day: no month counter or base yet;
   new window    the next window of the same users: the common case at a million users,

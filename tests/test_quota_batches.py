@@ -1,0 +1,122 @@
+"""QuotaStore.apply's batches: many totals in one script call (split into chunks) leave Redis
+exactly as the same totals applied one call each, on a real redis-server."""
+
+import random
+import time
+
+import pytest
+import redis
+
+from ops.settings import QuotaSettings
+from sinks.quota import QuotaStore, periods
+
+pytestmark = pytest.mark.integration
+ONE_BY_ONE_DB = 12  # a database of the session's Redis no other test uses: flushed here
+WINDOW = int(time.time()) // 60 * 60_000
+DAY_MS = 86_400_000
+
+
+def quota_store(url: str, month_bases: bool, chunk: int, now: float) -> QuotaStore:
+    redis.Redis.from_url(url).flushdb()
+    quota = QuotaSettings()
+    store = QuotaStore(url, quota.default_tier, tuple(quota.alert_thresholds), clock=lambda: now,
+                       month_bases=month_bases, apply_chunk=chunk)
+    store.publish_tiers(quota.tiers)
+    store.set_tier("o1/big", "enterprise", tokens_per_month=5_000, requests_per_day=40)
+    store.set_tier("o2/pro", "pro")
+    store.redis.hset("gw:limits:user:o2/capped", mapping={"tokens_per_month": 2_000})  # an override, no tier
+    return store
+
+
+def total(user: str, n: int, input: int, start: int = WINDOW, model: str = "gpt-4o", event_id: str | None = None,
+          **kinds) -> dict:
+    org, user_id = user.split("/")
+    made = {"org_id": org, "user_id": user_id, "model": model, "window_start_ms": start, "window_length_ms": 60_000,
+            "n": n, "input": input, "output": kinds.get("output", n), "cache_read": kinds.get("cache_read", 0),
+            "cache_write": kinds.get("cache_write", 0)}
+    return {**made, "event_id": event_id} if event_id else made
+
+
+def mixed_flushes(seed: int) -> list[list[dict]]:
+    """Flushes of running window totals (growing, re-emitted, out of order), late adjustments
+    (some delivered twice), of several orgs and days, including windows older than the counted days."""
+    rng = random.Random(seed)
+    users = ["o1/big", "o1/a", "o1/b", "o2/pro", "o2/capped", "o2/c", "o3/d"]
+    yesterday = WINDOW - DAY_MS if periods(WINDOW - DAY_MS)[1] == periods(WINDOW)[1] else WINDOW
+    starts = [WINDOW, WINDOW - 60_000, yesterday, WINDOW - 3 * DAY_MS]
+    running: dict[tuple, dict] = {}
+    flushes = []
+    for _ in range(8):
+        flush = []
+        for _ in range(rng.choice([1, 5, 40, 90])):
+            user, start, model = rng.choice(users), rng.choice(starts), rng.choice(["gpt-4o", "claude-sonnet-4"])
+            if rng.random() < 0.1:
+                flush.append(total(user, 1, rng.randrange(500), start, model, event_id=f"e{rng.randrange(30)}"))
+                continue
+            held = running.setdefault((user, start, model), total(user, 0, 0, start, model))
+            if rng.random() < 0.8:
+                held.update(n=held["n"] + 1, input=held["input"] + rng.randrange(1, 400),
+                            output=held["output"] + rng.randrange(50),
+                            cache_read=held["cache_read"] + rng.choice([0, 64]))
+            if held["n"]:
+                flush.append(dict(held))
+        flushes.append(flush)
+    return flushes
+
+
+def redis_state(client: redis.Redis) -> dict:
+    """Every key: its type, value and expiry time."""
+    read = {b"hash": client.hgetall, b"zset": lambda key: client.zrange(key, 0, -1, withscores=True),
+            b"set": lambda key: sorted(client.smembers(key)), b"string": client.get}
+    return {key: (client.type(key), read[client.type(key)](key), client.expiretime(key)) for key in client.keys("*")}
+
+
+@pytest.mark.parametrize("month_bases", [True, False])
+def test_a_batch_over_several_chunks_leaves_redis_as_one_call_per_total(redis_url, month_bases):
+    now = time.time()
+    one_by_one_url = redis_url.rsplit("/", 1)[0] + f"/{ONE_BY_ONE_DB}"
+    batched = quota_store(redis_url, month_bases, chunk=7, now=now)
+    single = quota_store(one_by_one_url, month_bases, chunk=1, now=now)
+    for flush in mixed_flushes(seed=5):
+        assert batched.apply(flush) == sum(single.apply([each]) for each in flush)
+    state = redis_state(batched.redis)
+    assert state == redis_state(single.redis)
+    # The workload reached every path: records, late sets, alerts, windows left to the aggregates.
+    kinds = {key.split(b":")[1] for key in state}
+    assert {b"win", b"late", b"usage", b"recent", b"alerts"} <= kinds
+    assert (b"bases" in kinds) == month_bases
+    single.redis.flushdb()
+
+
+@pytest.fixture
+def store(redis_url):
+    return quota_store(redis_url, month_bases=True, chunk=3, now=time.time())
+
+
+def test_the_same_window_twice_in_one_call_counts_its_newest_totals_once(store):
+    older, newer = total("o1/a", 2, 100), total("o1/a", 3, 150, output=5)
+    assert store.apply([older, newer, older]) == 2
+    assert store.apply([newer, older]) == 0
+    assert store.usage("user", "o1/a", WINDOW)["day"] == {"requests": 3, "tokens": 155, "input": 150, "output": 5,
+                                                         "cache_read": 0, "cache_write": 0}
+    assert store.month_usage("org", "o1", WINDOW)["tokens"] == 155
+
+
+def test_two_users_of_one_org_cross_their_alerts_in_one_call(store):
+    # enterprise o1/big: 5,000 tokens a month and 40 requests a day; free o1/a: 100,000 tokens.
+    assert store.apply([total("o1/big", 1, 3_000), total("o1/a", 1, 70_000), total("o1/big", 1, 1_500, model="m2"),
+                        total("o1/a", 1, 11_000, model="m2"), total("o1/big", 33, 1_000, model="m3")]) == 5
+    crossed = {(a["subject"], a["metric"], a["threshold"]): (a["usage"], a["limit"]) for a in store.pending_alerts()}
+    assert crossed == {("o1/big", "tokens_month", 0.8): (4_502, 5_000), ("o1/big", "tokens_month", 1.0): (5_535, 5_000),
+                       ("o1/big", "requests_day", 0.8): (35, 40), ("o1/a", "tokens_month", 0.8): (81_002, 100_000)}
+    assert store.month_usage("org", "o1", WINDOW) == {"requests": 37, "tokens": 86_537, "input": 86_500,
+                                                      "output": 37, "cache_read": 0, "cache_write": 0}
+
+
+def test_a_batch_larger_than_a_chunk_sums_its_org_counters_once_per_total(store):
+    totals = [total(f"o{i % 2}/u{i}", 2, 10 * i) for i in range(10)]  # 4 chunks of 3
+    assert store.apply(totals) == 10
+    assert store.apply(totals) == 0
+    even, odd = (store.usage("org", org, WINDOW)["day"] for org in ("o0", "o1"))
+    assert (even["requests"], even["input"]) == (10, 200) and (odd["requests"], odd["input"]) == (10, 250)
+    assert store.total_tokens("user") == store.total_tokens("org") == 450 + 20
