@@ -523,7 +523,7 @@ def window_key(total: dict) -> str:
 
 
 def recent_member_subject(member: str) -> str:
-    """The 'org/user' of a member of an org's recent-window index (APPLY_WINDOW writes
+    """The 'org/user' of a member of an org's recent-window index (APPLY_WINDOWS writes
     'w|<len(subject)>|<window record key>' and 'l|n|tokens by kind...|event id|subject')."""
     if member.startswith("w|"):
         length, _, record = member[2:].partition("|")
