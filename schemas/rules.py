@@ -113,6 +113,12 @@ class EventRules(DecodeLimits):
 def detect_encoding(value: bytes) -> str | None:
     """The name of a non-UTF-8 text encoding the bytes start with (BOM, or JSON's first
     character padded with NULs as UTF-16/32 writes it), or None."""
+    # A Confluent header (NUL, then the schema id) is the common case: of the encodings
+    # below only the UTF-32-BE BOM (NUL NUL FE FF), UTF-32-BE (JSON's opener at byte 3) and
+    # UTF-16-BE (JSON's opener at byte 1) start with a NUL, and each needs one of these bytes.
+    if value[:1] == b"\x00" and len(value) >= 4 and value[1] not in _JSON_OPENERS and value[2] != 0xFE \
+            and value[3] not in _JSON_OPENERS:
+        return None
     for prefix, name in _BOMS:
         if value.startswith(prefix):
             return name
