@@ -463,7 +463,11 @@ static int read_array(Cursor *cursor, const Step *items, PyObject **out) {
     while (status == 0 && count != 0) {
         if (count < 0) {
             int64_t block_bytes; /* the block's size, which a reader may ignore */
-            if (count == INT64_MIN || (status = read_long(cursor, &block_bytes)) != 0)
+            if (count == INT64_MIN) { /* 2**63 items: more than any body holds */
+                status = DECLINE;
+                break;
+            }
+            if ((status = read_long(cursor, &block_bytes)) != 0)
                 break;
             count = -count;
         }

@@ -119,6 +119,11 @@ def detect_encoding(value: bytes) -> str | None:
     if value[:1] == b"\x00" and len(value) >= 4 and value[1] not in _JSON_OPENERS and value[2] != 0xFE \
             and value[3] not in _JSON_OPENERS:
         return None
+    return _detect_encoding_by_rules(value)
+
+
+def _detect_encoding_by_rules(value: bytes) -> str | None:
+    """detect_encoding without its shortcut for a Confluent header."""
     for prefix, name in _BOMS:
         if value.startswith(prefix):
             return name
