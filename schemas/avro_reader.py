@@ -248,7 +248,9 @@ def _native_step(key: Any) -> tuple:
         return (_READ_ENUM, key[2])
     if key[0] == "array":
         return (_READ_ARRAY, _native_step(key[1]))
-    return (_READ_UNION, tuple(_native_step(branch) for branch in key))
+    if all(isinstance(branch, str) for branch in key):
+        return (_READ_UNION, tuple(_native_step(branch) for branch in key))
+    raise Unsupported(f"type {key!r}")
 
 
 def native_reader_program(writer: dict, reader: dict | None = None) -> tuple[tuple, tuple]:

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ops.dev.loadgen import generate
-from schemas.avro_reader import compile_python_reader, compile_reader, native_reader_program
+from schemas.avro_reader import Unsupported, compile_python_reader, compile_reader, native_reader_program
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.compiler import plain
 from schemas.registry import LocalRegistry
@@ -116,10 +116,16 @@ def test_loadgen_messages_read_alike_without_a_single_decline():
     assert read >= 350 and 8 in pairs, (read, set(pairs))
 
 
-def test_the_codec_uses_the_c_reader_and_decodes_the_same_events():
+def test_the_codec_uses_the_c_reader_and_both_refuse_the_same_schemas():
     codec = EventCodec(LocalRegistry())
     assert isinstance(codec._writer(8)[3], native.Reader)
     assert isinstance(compile_reader(codec.reader.plain), native.Reader)
+    for field_type in (["null", ENUM], ["null", ["null", "long"]], {"type": "map", "values": "long"},
+                       {"type": "fixed", "name": "F", "size": 2}, ["null", {"type": "array", "items": "long"}]):
+        schema = {"type": "record", "name": "R", "fields": [{"name": "x", "type": field_type}]}
+        for compile_ in (compile_python_reader, native_reader_program, compile_reader):
+            with pytest.raises(Unsupported):
+                compile_(schema)
 
 
 SIMPLE = ["null", "boolean", "int", "long", "float", "double", "string", "bytes"]
