@@ -38,7 +38,7 @@ import fastavro
 
 from schemas import avro_encoder
 from schemas.avro_reader import Unsupported, compile_reader
-from schemas.compiler import compile_schema, plain, type_name
+from schemas.compiler import compile_schema, plain, type_name, zero_byte_array
 from schemas.registry import full_name
 from schemas.rules import (
     ID_FIELDS,
@@ -188,6 +188,10 @@ class RecordCodec:
         if writer.full_name not in self.reader.aliases:
             raise InvalidEvent("wrong_schema", f"schema id {schema_id} is {writer.full_name}, "
                                                f"not {self.reader.full_name}", schema_id)
+        stalling = zero_byte_array(writer.plain, writer.named)
+        if stalling is not None:
+            raise InvalidEvent("wrong_schema", f"schema id {schema_id} has an array of items written as no bytes "
+                                               f"({stalling}): a count alone could stall the decoder", schema_id)
         reader = None if schema_id == self.schema_id else self.reader.plain
         try:
             fast = compile_reader(writer.plain, reader)

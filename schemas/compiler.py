@@ -43,6 +43,46 @@ def plain(parsed: dict) -> dict:
     return _plain_by_key(json.dumps(_strip(parsed), sort_keys=True))
 
 
+def zero_byte_array(schema: Any, named: dict, path: str = "") -> str | None:
+    """The path of the first array whose items are written as no bytes at all (null, a
+    fixed of size 0, a record of only such fields), or None. Such an array's block count
+    alone says how many items to make: a few bytes can ask for 2**62 of them, and every
+    reader (fastavro's too) loops that many times, so a writer schema holding one is
+    refused before any message is read with it."""
+    if isinstance(schema, list):
+        return next(filter(None, (zero_byte_array(branch, named, path) for branch in schema)), None)
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if kind == "array":
+        if _writes_no_bytes(schema["items"], named, frozenset()):
+            return path or "the record"
+        return zero_byte_array(schema["items"], named, f"{path}[]")
+    if kind == "map":
+        return zero_byte_array(schema["values"], named, f"{path}{{}}")
+    if kind == "record":
+        return next(filter(None, (zero_byte_array(field["type"], named, f"{path}.{field['name']}".lstrip("."))
+                                  for field in schema["fields"])), None)
+    return None
+
+
+def _writes_no_bytes(schema: Any, named: dict, resolving: frozenset) -> bool:
+    if isinstance(schema, str):
+        if schema == "null":
+            return True
+        if schema in resolving or schema not in named:
+            return False  # a primitive, or a record inside itself (which needs a union: bytes)
+        return _writes_no_bytes(named[schema], named, resolving | {schema})
+    if not isinstance(schema, dict):
+        return False  # a union writes its branch's index
+    kind = schema.get("type")
+    if kind == "fixed":
+        return schema.get("size") == 0
+    if kind == "record":
+        return all(_writes_no_bytes(field["type"], named, resolving) for field in schema["fields"])
+    return kind == "null"
+
+
 def type_name(schema: Any) -> str:
     """A schema as a reason names it: "long or string", "array of int", a record's short name."""
     if isinstance(schema, list):
@@ -125,7 +165,7 @@ def _compile_record(schema: dict, named: dict, seen: dict):
               "    if type(value) is not dict:",
               "        return record(value, path)",
               "    try:"]
-    lines += [f"        v{index} = value[{field['name']!r}]" for index, field in enumerate(fields)]
+    lines += [f"        v{index} = value[{field['name']!r}]" for index, field in enumerate(fields)] or ["        pass"]
     lines += ["    except KeyError:",
               "        return record(value, path)",
               "    return {"]

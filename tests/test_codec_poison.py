@@ -82,6 +82,57 @@ def test_a_schema_id_of_a_non_record_schema_is_wrong_schema(tmp_path):
 
 # -- the flow stalled ---------------------------------------------------------------------------
 
+def _zigzag(number: int) -> bytes:
+    number, out = (number << 1) ^ (number >> 63), bytearray()
+    while number > 0x7F:
+        out.append(number & 0x7F | 0x80)
+        number >>= 7
+    return bytes(out + bytes([number]))
+
+
+def _codec_with_writer_field(tmp_path, field_type) -> tuple[EventCodec, dict]:
+    """A codec reading gateway_event v1 (id 1) whose registry also holds, as id 60, v1 with
+    one more field ("padding", last) of field_type: what a gateway could register."""
+    writer = json.loads((SCHEMA_DIR / "gateway_event.v1.avsc").read_text())
+    writer["fields"].append({"name": "padding", "type": field_type})
+    (tmp_path / "gateway_event.v1.avsc").write_text(json.dumps(writer))
+    shutil.copy(SCHEMA_DIR / "gateway_event.v1.avsc", tmp_path / "gateway_event.v2.avsc")
+    (tmp_path / "ids.json").write_text(json.dumps({"gateway_event.v1": 60, "gateway_event.v2": 1}))
+    return EventCodec(LocalRegistry(tmp_path), ValidationSettings()), writer
+
+
+NO_BYTES = {"null": "null", "empty fixed": {"type": "fixed", "name": "Nothing", "size": 0},
+            "empty record": {"type": "record", "name": "Empty", "fields": []},
+            "record of nulls": {"type": "record", "name": "Nulls", "fields": [{"name": "a", "type": "null"}]}}
+
+
+@pytest.mark.parametrize("items", NO_BYTES.values(), ids=NO_BYTES.keys())
+@pytest.mark.parametrize("nested", [False, True], ids=["array", "array in an array"])
+def test_a_writer_schema_with_an_array_of_items_of_no_bytes_is_refused_not_looped_over(tmp_path, items, nested):
+    """Nine bytes of count asked fastavro for 2**40 items of nothing: it looped for ever."""
+    field_type = {"type": "array", "items": {"type": "array", "items": items} if nested else items}
+    codec, _writer = _codec_with_writer_field(tmp_path, field_type)
+    huge = _zigzag(2**40) + _zigzag(0)
+    value = b"\x00" + (60).to_bytes(4, "big") + codec.encode_plain(event()) + (_zigzag(1) + huge + _zigzag(0)
+                                                                              if nested else huge)
+    error = _code(codec, value)
+    assert error.code == "wrong_schema" and error.schema_id == 60
+    assert "padding" in error.reason and "no bytes" in error.reason
+
+
+@pytest.mark.parametrize("field_type, value", [
+    ({"type": "array", "items": {"type": "record", "name": "Maybe", "fields": [{"name": "a", "type": ["null", "int"]}]}},
+     [{"a": 1}, {"a": None}]),
+    ({"type": "record", "name": "Empty", "fields": []}, {}),  # its converter once failed to compile
+], ids=["array of records of a union", "empty record, not in an array"])
+def test_a_writer_field_that_cannot_stall_the_decoder_is_still_read(tmp_path, field_type, value):
+    codec, writer = _codec_with_writer_field(tmp_path, field_type)
+    body = io.BytesIO()
+    fastavro.schemaless_writer(body, plain(fastavro.parse_schema(writer)), {**event(), "padding": value})
+    assert codec.decode(b"\x00" + (60).to_bytes(4, "big") + body.getvalue(), NOW) == codec.decode(
+        b"\x00" + (1).to_bytes(4, "big") + codec.encode_plain(event()), NOW)
+
+
 @pytest.mark.parametrize("schema_id", [2**31, 2**32 - 1])
 def test_a_schema_id_above_int_range_still_makes_a_dlq_record(codec, redactor, schema_id):
     value = b"\x00" + schema_id.to_bytes(4, "big") + codec.encode_plain(event())
