@@ -216,10 +216,9 @@ class RecordCodec:
                     record = None
         if record is None:
             record = self._read_fastavro(value[start:], schema_id, wire, writer, reader)
-        if divisors:
-            for name, divisor in divisors.items():
-                if isinstance(record.get(name), int):
-                    record[name] //= divisor
+        for name, divisor in divisors.items():
+            if isinstance(record.get(name), int):
+                record[name] //= divisor
         return record
 
     def _read_fastavro(self, body: bytes, schema_id: int | None, wire: bool, writer: dict,

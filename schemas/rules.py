@@ -117,19 +117,10 @@ def detect_encoding(value: bytes) -> str | None:
     # below only the UTF-32-BE BOM (NUL NUL FE FF), UTF-32-BE (JSON's opener at byte 3) and
     # UTF-16-BE (JSON's opener at byte 1) start with a NUL, and each needs one of these bytes.
     head = value[:4]
-    if head in _HEADERS_OF_NO_TEXT:
-        return None
     if head[:1] == b"\x00" and len(head) == 4 and head[1] not in _JSON_OPENERS and head[2] != 0xFE \
             and head[3] not in _JSON_OPENERS:
-        if len(_HEADERS_OF_NO_TEXT) < 4096:
-            _HEADERS_OF_NO_TEXT.add(head)
         return None
     return _detect_encoding_by_rules(value)
-
-
-_HEADERS_OF_NO_TEXT: set[bytes] = set()
-"""First four bytes seen that rule every text encoding out (the magic byte and the top of
-a schema id: a handful), so that the common case costs one set lookup (80 ns less)."""
 
 
 def _detect_encoding_by_rules(value: bytes) -> str | None:
