@@ -21,6 +21,7 @@ import gc
 import logging
 import re
 import time
+from collections import OrderedDict
 from typing import Any
 
 from redaction import gazetteer as gazetteer_mod
@@ -170,7 +171,9 @@ class Redactor:
                 else:
                     self._common, self._places = self.names.common, self.names.places
 
-        self._cache: dict[str, RedactionResult] = {}
+        # Oldest first, evicted with popitem: deleting a plain dict's first key each time
+        # leaves dummies its next iteration walks past (7 against 1 µs per text when full).
+        self._cache: OrderedDict[str, RedactionResult] = OrderedDict()
         self._cache_size = settings.cache_size
         self._budget_s = settings.time_budget_ms / 1000
         self._budget_per_char_s = settings.time_budget_ms_per_kb / 1000 / 1024
@@ -477,8 +480,8 @@ class Redactor:
             return
         if len(self._cache) >= self._cache_size:
             try:
-                del self._cache[next(iter(self._cache))]
-            except (StopIteration, KeyError, RuntimeError):
+                self._cache.popitem(last=False)
+            except KeyError:  # emptied by another thread meanwhile
                 pass
         self._cache[text] = result
 

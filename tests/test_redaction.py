@@ -837,3 +837,13 @@ def test_fast_mode_never_imports_presidio_or_spacy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_the_result_cache_keeps_the_newest_texts_up_to_its_size():
+    redactor = Redactor(RedactionSettings(cache_size=3))
+    texts = [f"write to user{i}@example.com" for i in range(5)]
+    results = [redactor.redact(text) for text in texts]
+    assert list(redactor._cache) == texts[2:]
+    assert redactor.redact(texts[4]) is results[4]  # served from the cache
+    assert redactor.redact(texts[0]).text == results[0].text == "write to <EMAIL_ADDRESS>"
+    assert list(redactor._cache) == [*texts[3:], texts[0]]
