@@ -21,6 +21,6 @@ python3 -m pip install -q --disable-pip-version-check -e ".[test]"
 # the tests need it built, or they would test the fallback only.
 python3 -c "import redaction._native" || { echo "redaction/_native.c did not build (see pip's output)" >&2; exit 1; }
 python3 -c "import connectors.ingest_api._otlp_native" || { echo "connectors/ingest_api/_otlp_native.c did not build (see pip's output)" >&2; exit 1; }
-python3 -c "import schemas._avro_native as native; native.Reader" || { echo "schemas/_avro_native.c did not build (see pip's output)" >&2; exit 1; }
+python3 -c "import schemas._avro_native as native; native.Reader, native.avro_length_bytes" || { echo "schemas/_avro_native.c did not build (see pip's output)" >&2; exit 1; }
 python3 -c "import redaction._native as n; assert n.HYPERSCAN_VERSION" \
   || { echo "redaction/_native.c was built without libhs (hs/hs.h): the gate would scan through Python" >&2; exit 1; }

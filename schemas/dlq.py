@@ -154,7 +154,7 @@ def _is_text_byte(byte: int) -> bool:
     return byte >= 0x20 and byte != 0x7F or byte in (9, 10, 13)
 
 
-def avro_length_bytes(data: bytes) -> list[tuple[int, int]]:
+def avro_length_bytes_python(data: bytes) -> list[tuple[int, int]]:
     """Byte ranges that look like the length prefix of an Avro string glued to its text.
 
     An Avro string is its zig-zag length then its UTF-8 bytes; the length byte often is a
@@ -193,6 +193,12 @@ def avro_length_bytes(data: bytes) -> list[tuple[int, int]]:
             ends[at] = 1
             found.append((at, start))
     return found
+
+
+try:  # the same answer in C, where schemas/_avro_native.c is built: ~2 ms per 3 KB record in Python
+    from schemas._avro_native import avro_length_bytes
+except ImportError:
+    avro_length_bytes = avro_length_bytes_python
 
 
 def _nul_stripped_spans(data: bytes, find_spans: FindSpans) -> list[tuple[int, int, str]]:
