@@ -17,6 +17,8 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from bisect import bisect_right
+from itertools import accumulate
 from typing import Callable, Iterable
 
 from schemas.compiler import INT_RANGE, LONG_RANGE
@@ -128,9 +130,9 @@ def text_encoding(data: bytes) -> tuple[str, int]:
     return "utf-8", 0
 
 
-def _decoded_view(data: bytes, codec: str, skip: int) -> tuple[str, list[int] | None, int]:
-    """(text for the redactor, byte offset of every character or None when it is
-    unit * index, width of one unit) of data[skip:]."""
+def _decoded_view(data: bytes, codec: str, skip: int) -> tuple[str, Callable[[int], int] | None, int]:
+    """(text for the redactor, the byte offset of its character i or None when it is
+    skip + unit * i, width of one unit) of data[skip:]."""
     unit = _UNIT[codec]
     body = data[skip:len(data) - (len(data) - skip) % unit]
     # One character per undecodable unit, so offsets stay computable: an escaped byte
@@ -142,12 +144,8 @@ def _decoded_view(data: bytes, codec: str, skip: int) -> tuple[str, list[int] | 
     shown = _SURROGATES.sub("\ufffd", text)
     if unit == 4 or (unit == 1 and text.isascii()) or (unit == 2 and all(ord(c) < 0x10000 for c in text)):
         return shown, None, unit
-    offsets, at = [], skip
-    for char in text:
-        offsets.append(at)
-        at += len(char.encode(codec, errors))
-    offsets.append(at)
-    return shown, offsets, unit
+    # Asked only at the few span boundaries: the characters before one, encoded back.
+    return shown, lambda index: skip + len(text[:index].encode(codec, errors)), unit
 
 
 def _is_text_byte(byte: int) -> bool:
@@ -206,16 +204,26 @@ def _nul_stripped_spans(data: bytes, find_spans: FindSpans) -> list[tuple[int, i
     other bytes (no BOM, not at the start) reads as plain text then."""
     if data.count(0) < 4:
         return []
-    kept = [at for at, byte in enumerate(data) if byte]
-    stripped = bytes(data[at] for at in kept).decode("latin-1")
+    runs = [(run.start(), run.end()) for run in _NUL_FREE_RUN.finditer(data)]
+    run_starts = list(accumulate((end - start for start, end in runs), initial=0))[:-1]
+
+    def kept(index: int) -> int:
+        """The position in data of the stripped text's byte at index."""
+        run = bisect_right(run_starts, index) - 1
+        return runs[run][0] + index - run_starts[run]
+
     out = []
-    for start, end, kind in find_spans(stripped):
+    for start, end, kind in find_spans(data.replace(b"\x00", b"").decode("latin-1")):
         if start < end:
-            last = kept[end - 1] + 1
+            last_kept = kept(end - 1)
+            last = last_kept + 1
             while last < len(data) and data[last] == 0:  # the rest of the last code unit
                 last += 1
-            out.append((kept[start], min(last, kept[end - 1] + 4), kind))
+            out.append((kept(start), min(last, last_kept + 4), kind))
     return out
+
+
+_NUL_FREE_RUN = re.compile(rb"[^\x00]+")
 
 
 def _merge(spans: list[tuple[int, int, str]]) -> list[tuple[int, int, str]]:
@@ -243,7 +251,7 @@ def redact_original(data: bytes, find_spans: FindSpans, keep: int | None = None)
         if offsets is None:
             spans.append((skip + start * unit, skip + end * unit, kind))
         else:
-            spans.append((offsets[start], offsets[end], kind))
+            spans.append((offsets(start), offsets(end), kind))
     raw = data.decode("latin-1")
     spans += list(find_spans(raw))
     spans += _nul_stripped_spans(data, find_spans)

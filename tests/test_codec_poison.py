@@ -182,6 +182,20 @@ def test_dlq_originals_are_redacted_in_the_encoding_they_were_sent_in(codec, red
     assert decode_dlq(encoded)["original_encoding"] == detected
 
 
+@pytest.mark.parametrize("before, encoding", [
+    ("Grüße, 日本語 \udcff\udc80 ", "utf-8"),  # escaped undecodable bytes count one byte each
+    ("emoji 😀😀 then ", "utf-16-le"),  # two units for one character
+])
+def test_a_masked_span_after_wide_characters_lands_on_the_pii_bytes(redactor, before, encoding):
+    from schemas.dlq import redact_original
+
+    errors = "surrogateescape" if encoding == "utf-8" else "strict"
+    original = f"{before}write to {EMAIL} today".encode(encoding, errors)
+    masked, _encoding = redact_original(original, lambda text: [
+        (entity.start, entity.end, entity.type) for entity in redactor.redact(text).entities])
+    assert masked == original.replace(EMAIL.encode(encoding), "<EMAIL_ADDRESS>".encode(encoding))
+
+
 @pytest.mark.parametrize("value", [IBAN, KEY, CARD, "4111111111111111", EMAIL])
 def test_avro_length_bytes_glued_to_pii_do_not_hide_it(codec, redactor, value):
     """A string that is the PII value alone: its zig-zag length byte ('6' for an IBAN, 'T'
