@@ -11,7 +11,7 @@ from ops.settings import QuotaSettings
 from sinks.quota import QuotaStore, periods
 
 pytestmark = pytest.mark.integration
-ONE_BY_ONE_DB = 12  # a database of the session's Redis no other test uses: flushed here
+ONE_BY_ONE_DB = 12  # a database of the session's Redis, flushed before each use (tests run one at a time)
 WINDOW = int(time.time()) // 60 * 60_000
 DAY_MS = 86_400_000
 

@@ -79,16 +79,29 @@ def replay(env: dict, *args: str) -> subprocess.CompletedProcess:
     return run_cli("replay", *args, env=env)
 
 
+def empty_stores(env: dict, database: str, redis_db: int) -> tuple[dict, Settings]:
+    """(env, settings) of a replay into a ClickHouse database of its own and a flushed Redis
+    database."""
+    rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": database,
+                   "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + f"/{redis_db}"}
+    rebuilt = load_settings(environ=rebuilt_env, use_service_state=False)
+    QuotaStore(rebuilt.redis.url).redis.flushdb()
+    return rebuilt_env, rebuilt
+
+
+def replay_through_today(env: dict, first: date) -> subprocess.CompletedProcess:
+    result = replay(env, "--from", str(first), "--to", str(datetime.now(timezone.utc).date()))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
 def test_replay_into_empty_stores_gives_the_live_numbers_and_a_second_replay_changes_nothing(live):
     env, settings, expected = live
     live_numbers = numbers(settings, expected)
     assert expected.late and len(live_numbers["daily"]) > 20 and len(live_numbers["quota"]) > 20
     assert live_numbers["billed"] > 0
 
-    rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": "rebuilt",
-                   "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + "/4"}
-    rebuilt = load_settings(environ=rebuilt_env, use_service_state=False)
-    QuotaStore(rebuilt.redis.url).redis.flushdb()
+    rebuilt_env, rebuilt = empty_stores(env, "rebuilt", 4)
     today = datetime.now(timezone.utc).date()
     span = ["--from", str(today - timedelta(days=1)), "--to", str(today)]
 
@@ -145,12 +158,8 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
     assert billed == owed  # every unique event, late ones included, billed once
     first_day = datetime.fromtimestamp((end_ms - span_ms) / 1000, timezone.utc).date()
     for database, redis_db in (("month_a", 12), ("month_b", 13)):
-        rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": database,
-                       "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + f"/{redis_db}"}
-        rebuilt = load_settings(environ=rebuilt_env, use_service_state=False)
-        QuotaStore(rebuilt.redis.url).redis.flushdb()
-        result = replay(rebuilt_env, "--from", str(first_day), "--to", str(datetime.now(timezone.utc).date()))
-        assert result.returncode == 0, result.stderr[-3000:]
+        rebuilt_env, rebuilt = empty_stores(env, database, redis_db)
+        result = replay_through_today(rebuilt_env, first_day)
         assert json.loads(result.stdout.splitlines()[-1])["rows"] == expected.valid
         assert numbers(rebuilt, expected) == live_numbers, database
 
@@ -182,12 +191,8 @@ def test_a_late_event_dated_before_midnight_replays_to_the_live_bills(kafka_boot
     run_main(build_flow(settings))
     close_chdb()
     live_billed = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0]
-    rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": "rebuilt",
-                   "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + "/10"}
-    QuotaStore(load_settings(environ=rebuilt_env, use_service_state=False).redis.url).redis.flushdb()
-    first = datetime.fromtimestamp((midnight - day_ms) / 1000, timezone.utc).date()
-    result = replay(rebuilt_env, "--from", str(first), "--to", str(datetime.now(timezone.utc).date()))
-    assert result.returncode == 0, result.stderr[-3000:]
+    rebuilt_env, _rebuilt = empty_stores(env, "rebuilt", 10)
+    replay_through_today(rebuilt_env, datetime.fromtimestamp((midnight - day_ms) / 1000, timezone.utc).date())
     replayed_billed = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0]
     assert replayed_billed == live_billed
 
@@ -387,11 +392,7 @@ def test_late_events_across_midnight_of_several_users_and_partitions_replay_to_t
     live_billed = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0]
     assert live_billed == owed
 
-    rebuilt_env = {**env, "GATEWATCH_CLICKHOUSE__DATABASE": "rebuilt",
-                   "GATEWATCH_REDIS__URL": env["GATEWATCH_REDIS__URL"].rsplit("/", 1)[0] + "/15"}
-    QuotaStore(load_settings(environ=rebuilt_env, use_service_state=False).redis.url).redis.flushdb()
-    first = datetime.fromtimestamp((midnight - day_ms) / 1000, timezone.utc).date()
-    result = replay(rebuilt_env, "--from", str(first), "--to", str(datetime.now(timezone.utc).date()))
-    assert result.returncode == 0, result.stderr[-3000:]
+    rebuilt_env, _rebuilt = empty_stores(env, "rebuilt", 15)
+    result = replay_through_today(rebuilt_env, datetime.fromtimestamp((midnight - day_ms) / 1000, timezone.utc).date())
     assert json.loads(result.stdout.splitlines()[-1])["rows"] == len(produced)
     assert billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0] == owed
