@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from bisect import bisect_left
+from collections import Counter as Tally
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -63,9 +65,20 @@ class PrometheusMetrics:
         self._metric(name, tags).observe(seconds)
 
     def timings(self, name: str, seconds: Iterable[float], tags: Mapping[str, str] | None = None) -> None:
-        observe = self._metric(name, tags).observe
-        for value in seconds:
-            observe(value)
+        metric = self._metric(name, tags)
+        values = list(seconds)
+        bounds = getattr(metric, "_upper_bounds", None)
+        if bounds is None or any(value != value for value in values):  # (NaN: observe's own handling)
+            for value in values:
+                metric.observe(value)
+            return
+        # A batch's observations bucketed here and added once per bucket: Histogram.observe
+        # walks the bounds and takes two locks per value (1.4 µs per event of a sink's
+        # freshness). prometheus-client is pinned to 0.26, whose observe does exactly this.
+        metric._raise_if_not_observable()
+        metric._sum.inc(sum(values))
+        for index, count in Tally(bisect_left(bounds, value) for value in values).items():
+            metric._buckets[index].inc(count)
 
 
 # Installed on import: every process that runs a flow or a sink imports this module, so the

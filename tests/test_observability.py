@@ -87,3 +87,28 @@ def test_exported_metrics_pass_promtool_check():
     result = subprocess.run([promtool(), "check", "metrics"], input=generate_latest(REGISTRY),
                             capture_output=True)
     assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+
+
+def observed(registry) -> list[str]:
+    """The registry's exposition without its creation times."""
+    return [line for line in generate_latest(registry).decode().splitlines() if "_created" not in line]
+
+
+def test_a_batch_of_timings_fills_a_histogram_as_one_observe_per_value():
+    from hypothesis import given, settings, strategies as st
+    from prometheus_client import CollectorRegistry, Histogram
+
+    buckets = (0.5, 1, 2, 5, 10)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.one_of(st.floats(-1, 20), st.sampled_from(buckets), st.floats(allow_nan=True)), max_size=50))
+    def check(values):
+        per_value, batched = CollectorRegistry(), CollectorRegistry()
+        one = Histogram("fresh", "f", ["sink"], buckets=buckets, registry=per_value).labels(sink="x")
+        for value in values:
+            one.observe(value)
+        many = Histogram("fresh", "f", ["sink"], buckets=buckets, registry=batched)
+        metrics.PrometheusMetrics(many).timings("fresh", iter(values), tags={"sink": "x"})
+        assert observed(batched) == observed(per_value)
+
+    check()
