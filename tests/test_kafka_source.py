@@ -60,3 +60,29 @@ def test_consumers_prefetch_a_bounded_amount_and_kafka_extra_overrides_it():
     assert not set(PREFETCH_LIMITS) & set(bounded._admin_config), "an admin client warns about consumer properties"
     chosen = RestingKafkaSource(["127.0.0.1:1"], ["events"], add_config={"queued.max.messages.kbytes": "1024"})
     assert chosen._add_config["queued.max.messages.kbytes"] == "1024"
+
+
+def test_a_batch_carries_each_message_and_the_snapshot_resumes_after_the_last(kafka_bootstrap, topic_factory):
+    topic = topic_factory(partitions=1)
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for n in range(3):
+        producer.produce(topic, f"m{n}".encode(), key=b"k", partition=0, headers=[("h", b"1")])
+    assert producer.flush(10) == 0
+
+    def read(resume_state, want: int) -> tuple[list, object]:
+        source = RestingKafkaSource([kafka_bootstrap], [topic], tail=True, starting_offset=OFFSET_BEGINNING)
+        part = source.build_part("in", f"0-{topic}", resume_state)
+        try:
+            batch, deadline = [], time.monotonic() + 10
+            while len(batch) < want and time.monotonic() < deadline:
+                batch += part.next_batch()
+            return batch, part.snapshot()
+        finally:
+            part.close()
+
+    batch, snapshot = read(None, 3)
+    assert [(m.value, m.key, m.topic, m.partition, m.offset, m.headers) for m in batch] == [
+        (f"m{n}".encode(), b"k", topic, 0, n, [("h", b"1")]) for n in range(3)]
+    assert snapshot == 3
+    batch, snapshot = read(2, 1)
+    assert [m.value for m in batch] == [b"m2"] and snapshot == 3
