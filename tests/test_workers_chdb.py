@@ -3,12 +3,18 @@ the process's one chdb session, so each worker's migration, inserts, quota month
 aggregate refreshes must take turns on it (sinks.clickhouse serializes them)."""
 
 import json
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import bytewax.run
 import pytest
 
 from ops.dev import demo
+from ops.dev.services import free_port
+from ops.launch import bytewax_scaling
 from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, refresh_aggregates
 from tests.test_clickhouse_insert import events
 
@@ -101,3 +107,28 @@ def test_two_workers_in_one_process_on_chdb_reconcile_every_store(tmp_path):
     troubles = [entry for entry in log if entry.get("level") in ("WARNING", "ERROR", "CRITICAL")
                 and ("chdb" in json.dumps(entry).lower() or entry.get("sink", "").startswith(("quota", "clickhouse")))]
     assert troubles == []
+
+
+def test_a_flow_process_reads_its_cluster_from_bytewax_run_arguments_too(tmp_path):
+    run = bytewax.run.__file__
+    assert bytewax_scaling([run, "ops.launch:ingest", "-w", "2", "-s", "1", "-b", "0"], {}) == {
+        "BYTEWAX_WORKERS_PER_PROCESS": "2"}
+    assert bytewax_scaling([run, "ops.launch:ingest", "-i", "1", "--addresses=h0:2101;h1:2101"], {}) == {
+        "BYTEWAX_ADDRESSES": "h0:2101;h1:2101"}
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("h0:2101\n\nh1:2101\n")
+    assert bytewax_scaling([run, "ops.launch:ingest", "-i", "0"], {"BYTEWAX_HOSTFILE_PATH": str(hostfile)}) == {
+        "BYTEWAX_ADDRESSES": "h0:2101;h1:2101"}
+    assert bytewax_scaling(["-c", "-w", "2"], {}) == {}  # not bytewax.run's arguments
+
+
+def test_bytewax_run_refuses_a_cluster_of_processes_on_chdb_before_touching_it(tmp_path):
+    # Addresses given as bytewax.run arguments, not through the environment `gatewatch run` sets.
+    env = {**os.environ, "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}"}
+    env.pop("BYTEWAX_ADDRESSES", None)
+    addresses = f"127.0.0.1:{free_port()};127.0.0.1:{free_port()}"
+    done = subprocess.run([sys.executable, "-m", "bytewax.run", "ops.launch:ingest", "-i", "0", "-a", addresses],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "ClusterError" in done.stderr and "files live on one process's disk" in done.stderr
+    assert not (tmp_path / "chdb").exists()
