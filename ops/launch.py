@@ -13,6 +13,7 @@ its caller and runs in this process through `run_here`.
 
 from __future__ import annotations
 
+import argparse
 import atexit
 import faulthandler
 import gc
@@ -89,7 +90,8 @@ def from_environment(flow: str) -> Dataflow:
     """A flow for `python -m bytewax.run`: settings from the environment, metrics served."""
     os.environ.setdefault("JE_MALLOC_CONF", CHDB_JEMALLOC)
     settings = load_settings()
-    check_environment(settings)  # a cluster cannot write embedded chdb (ops/cluster.py says why)
+    # A cluster of processes cannot write embedded chdb (ops/cluster.py says why).
+    check_environment(settings, {**os.environ, **bytewax_scaling(sys.argv)})
     # `kill -USR1 <pid>` prints every thread's stack to the log: what a stuck flow is waiting on.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     if settings.metrics.port is not None:
@@ -102,6 +104,25 @@ def from_environment(flow: str) -> Dataflow:
     settle_heap()
     logging.getLogger(__name__).info("allocators", extra=allocator_report())
     return built
+
+
+def bytewax_scaling(argv: list[str], env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """The cluster of a flow process started by `python -m bytewax.run`, as environment
+    variables (ops.cluster reads those): bytewax.run takes -w/-a from its arguments too, and
+    from the Helm chart's hostfile, without putting them in the environment. Nothing when
+    argv is not bytewax.run's."""
+    if Path(argv[0] if argv else "").parts[-2:] != ("bytewax", "run.py"):
+        return {}
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("-w", "--workers-per-process")
+    parser.add_argument("-a", "--addresses")
+    known, _others = parser.parse_known_args(argv[1:])
+    addresses = known.addresses
+    if addresses is None and env.get("BYTEWAX_HOSTFILE_PATH"):
+        addresses = ";".join(line.strip() for line in Path(env["BYTEWAX_HOSTFILE_PATH"]).read_text().splitlines()
+                             if line.strip())
+    scaling = {"BYTEWAX_WORKERS_PER_PROCESS": known.workers_per_process, "BYTEWAX_ADDRESSES": addresses}
+    return {name: value for name, value in scaling.items() if value is not None}
 
 
 YOUNG_GENERATION = 50_000

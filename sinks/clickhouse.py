@@ -50,7 +50,12 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "ops" / "migrations"
 log = logging.getLogger(__name__)
 
 _chdb_sessions: dict[str, object] = {}
-_chdb_lock = threading.Lock()
+_chdb_lock = threading.RLock()
+"""Held around every use of the process's chdb session, not only its opening: every Bytewax
+worker of a process (threads, `-w N`) and every sink in it share that one session, and chdb
+refuses a second statement while one runs on it ("Cannot run a query while a streaming insert
+is active on this connection"). Reentrant: a migration or an insert queries the session again
+inside. chdb releases the GIL while a statement runs, so a waiting worker's Python work goes on."""
 
 
 def chdb_location(url: str) -> tuple[str, dict[str, str]]:
@@ -117,16 +122,17 @@ class ClickHouse:
 
     def execute(self, sql: str) -> None:
         if self.embedded:
-            self._session.query(sql)
+            with _chdb_lock:
+                self._session.query(sql)
         else:
             self._client.execute(sql)
 
     def rows(self, sql: str) -> list[tuple]:
         if self.embedded:
-            table = self._session.query(sql, "Arrow")
+            with _chdb_lock:
+                data = self._session.query(sql, "Arrow").bytes()
             import pyarrow.ipc as ipc
 
-            data = table.bytes()
             if not data:
                 return []
             result = ipc.open_file(pa.py_buffer(data)).read_all()
@@ -155,9 +161,11 @@ class ClickHouse:
             # Arrow IPC bytes that ClickHouse parses itself. The Python(rows) table function it
             # replaces had chdb's own threads take the GIL to read the table: a deadlock once
             # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
-            with self._session.send_insert(f"INSERT INTO {self.database}.{table} ({columns})",
-                                           "ArrowStream") as stream:
-                stream.append(arrow_stream_bytes(rows))
+            # Encoded before the lock: another worker's statement can run meanwhile.
+            data = arrow_stream_bytes(rows)
+            with _chdb_lock, self._session.send_insert(f"INSERT INTO {self.database}.{table} ({columns})",
+                                                       "ArrowStream") as stream:
+                stream.append(data)
                 stream.finish()
         else:
             # Rows travel as parameters: a server parses them natively and old servers hang on literal VALUES.
@@ -178,7 +186,16 @@ class ClickHouse:
         return int(missing)
 
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
-        """Apply ops/migrations/*.sql not yet recorded; return the names applied now."""
+        """Apply ops/migrations/*.sql not yet recorded; return the names applied now.
+        On chdb the whole migration holds the session's lock: every worker of a process
+        migrates its databases when it starts (nobody else can reach them), and the second
+        one then finds every migration recorded instead of creating the same tables again."""
+        if self.embedded:
+            with _chdb_lock:
+                return self._migrate(raw_ttl_days, aggregate_ttl_days)
+        return self._migrate(raw_ttl_days, aggregate_ttl_days)
+
+    def _migrate(self, raw_ttl_days: int, aggregate_ttl_days: int) -> list[str]:
         self.execute(f"CREATE DATABASE IF NOT EXISTS {self.database}")
         self.execute(f"CREATE TABLE IF NOT EXISTS {self.database}.schema_migrations "
                      "(name String, applied_at DateTime DEFAULT now()) ENGINE = MergeTree ORDER BY name")

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.compute as pc
 from confluent_kafka import Producer
 
-from ops.cluster import addresses_for, runs_threaded
+from ops.cluster import addresses_for, refuses_chdb
 from ops.dev import api_feed, services
 from ops.dev.loadgen import Expected, FleetWire, collect, generate
 from ops.launch import Snapshots, flow_command, process_env
@@ -409,7 +409,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         metrics_port = options.metrics_port or services.free_port()
         counters_path = root / "flow-counters.json"
         clickhouse_url = f"chdb://{root / 'chdb'}"
-        if runs_threaded(max(options.processes, options.restart_processes or 1), options.workers):
+        if refuses_chdb(max(options.processes, options.restart_processes or 1)):
             clickhouse_server = services.start_clickhouse(root / "clickhouse")
             started_services.append(clickhouse_server)
             clickhouse_url = clickhouse_server.address
