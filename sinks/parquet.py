@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 from urllib.parse import urlparse
 
 import fsspec
@@ -27,7 +28,7 @@ from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, event_key
 from sinks.base import Batcher
 from sinks.metrics import count_written
 from sinks.retry import Retry, row_error, write_isolating
-from sinks.text_cipher import KEY_ID_METADATA, open_table, seal_table
+from sinks.text_cipher import KEY_ID_METADATA, TEXT_COLUMNS, open_table, seal_table
 
 if TYPE_CHECKING:
     from sinks.dlq import DeadLetters
@@ -142,13 +143,63 @@ def file_name_of_keys(keys: Iterable[str]) -> str:
 
 
 def to_table(events: list[dict]) -> pa.Table:
-    table = pa.Table.from_pylist(events, schema=ARROW_SCHEMA)
+    """The events as an ARROW_SCHEMA table: pa.Table.from_pylist's table, built faster (columns)."""
+    table = table_of_columns(events)
+    if table is None:
+        table = pa.Table.from_pylist(events, schema=ARROW_SCHEMA)
     for name, value in COLUMNS_SINCE.items():
         # Events from before gateway_event v2 (a flow's recovery snapshot) lack the field.
         if value is not None and table.column(name).null_count:
             table = table.set_column(ARROW_SCHEMA.get_field_index(name), ARROW_SCHEMA.field(name),
                                      pc.fill_null(table.column(name), value))
     return table
+
+
+def table_of_columns(events: list[dict]) -> pa.Table | None:
+    """pa.Table.from_pylist(events, schema=ARROW_SCHEMA), or None where the events do not all
+    hold the same schema fields (from_pylist then reads each missing one as null).
+
+    from_pylist walks every event once per column (38 dict lookups per event, each visit cold
+    in a flow process's heap: ~40 % of its time in a py-spy profile of a drain); one
+    itemgetter call per event takes all its fields at once and zip turns the rows into columns."""
+    first = events[0] if events else {}
+    present = [name for name in ARROW_SCHEMA.names if name in first]
+    if len(present) < 2:  # (itemgetter of one name gives the value, not a row)
+        return None
+    absent = [name for name in ARROW_SCHEMA.names if name not in first]
+    if any(name in event for event in events for name in absent):
+        return None
+    try:
+        columns = dict(zip(present, zip(*map(itemgetter(*present), events))))
+    except KeyError:
+        return None
+    rows = len(events)
+    return pa.Table.from_arrays(
+        [pa.nulls(rows, field.type) if field.name not in columns else
+         text_array(columns[field.name]) if field.name in TEXT_COLUMNS else pa.array(columns[field.name], field.type)
+         for field in ARROW_SCHEMA], schema=ARROW_SCHEMA)
+
+
+def text_array(values: Sequence) -> pa.Array:
+    """pa.array(values, pa.string()) for long texts, its buffers allocated once at their final
+    size: pa.array doubles its data buffer as it goes, and on a flow's system pool
+    (ops.launch.FLOW_ALLOCATOR_ENV) each step is a new mapping, copied into and faulted in
+    page by page, then one more to shrink it (~2 page faults per event for a prompt and a
+    response, against ~0.7 here)."""
+    try:
+        encoded = [b"" if value is None else value.encode() for value in values]
+    except (AttributeError, UnicodeEncodeError):  # not text: pa.array raises its own error
+        return pa.array(values, pa.string())
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
+    if offsets[-1] >= 2**31:  # beyond int32 offsets, pa.array chunks the column
+        return pa.array(values, pa.string())
+    nulls = np.fromiter((value is None for value in values), np.bool_, len(encoded))
+    null_count = int(nulls.sum())
+    validity = pa.py_buffer(np.packbits(~nulls, bitorder="little")) if null_count else None
+    return pa.Array.from_buffers(pa.string(), len(encoded),
+                                 [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))],
+                                 null_count=null_count)
 
 
 def events_of(table: pa.Table) -> list[dict]:
@@ -329,6 +380,16 @@ class TableRows:
         return events_of(self.table.slice(index % len(self), 1))[0]
 
 
+UNIQUE_PER_ROW = ("event_id", "request_id", "prompt", "response", "trace_id", "span_id", "source_offset")
+"""Columns whose values hardly ever repeat in a file: a dictionary page would hold every value,
+so the writer hashes and copies them all before it falls back to plain encoding (~20 % of
+the write's CPU for a 3,800-row file, and the file came out 2 % larger)."""
+
+
+def dictionary_columns(table: pa.Table) -> list[str]:
+    return [name for name in table.column_names if name not in UNIQUE_PER_ROW]
+
+
 class ParquetStore:
     """Writes and lists raw Parquet files in a local directory or an s3:// prefix."""
 
@@ -378,7 +439,7 @@ class ParquetStore:
         if self.text_key_id is not None:
             table = seal_table(table, self.text_key_id, self.text_keys[self.text_key_id])
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression=self.compression)
+        pq.write_table(table, buffer, compression=self.compression, use_dictionary=dictionary_columns(table))
         if self.fs.protocol in ("file", ("file", "local")):
             # A reader must never see half a file: write beside it, then rename.
             tmp = path + ".tmp"

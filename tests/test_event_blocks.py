@@ -21,7 +21,7 @@ from schemas.vocabulary import TOKEN_FIELDS
 from sinks.clickhouse import ClickHouse, ClickHouseWriter, arrow_stream_bytes, close_chdb
 from sinks.parquet import (ARROW_SCHEMA, COLUMNS_SINCE, BlockBatcher, EventBlock, NanoPrices, ParquetStore,
                            ParquetWriter, TableRows, blocks_and_events, event_blocks, events_of, file_name,
-                           file_name_of_table, partition_of, priced_table, to_table)
+                           file_name_of_table, partition_of, priced_table, table_of_columns, to_table)
 from sinks.retry import retry_policy
 from tests.test_clickhouse_insert import events
 
@@ -186,11 +186,12 @@ def test_costs_beyond_int64_are_priced_one_by_one_and_beyond_the_column_refused_
 
 def blocks_before_integer_grouping(rows: list[dict], pricing) -> list[tuple[str, pa.Table]]:
     """event_blocks as it was built before: grouped by partition_of, each group's table of
-    with_cost rows (the definition the column pricing is held to)."""
+    with_cost rows, built row by row (the definition the column pricing and building are held to)."""
     groups: dict[str, list[dict]] = {}
     for event in rows:
         groups.setdefault(partition_of(event), []).append(event)
-    return [(partition, to_table([with_cost(event, pricing) for event in group])) for partition, group in groups.items()]
+    return [(partition, per_event_table([with_cost(event, pricing) for event in group]))
+            for partition, group in groups.items()]
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -218,3 +219,54 @@ def test_blocks_give_the_parquet_bytes_and_clickhouse_stream_of_the_per_event_pa
     rows_of_batch, _dicts = blocks_and_events(blocks, one_chunk=True)
     assert arrow_stream_bytes(rows_of_batch.table) == arrow_stream_bytes(pa.concat_tables(t for _p, t in before)
                                                                           .combine_chunks())
+
+
+def per_event_table(rows: list[dict]) -> pa.Table:
+    """The table pyarrow builds row by row (pa.Table.from_pylist), the definition to_table's
+    columns are held to."""
+    return pa.Table.from_pylist([as_stored(event) for event in rows], schema=ARROW_SCHEMA)
+
+
+TEXTS = st.one_of(st.none(), st.text(max_size=40), st.text(alphabet="ab <>\n", min_size=200, max_size=3000),
+                  st.sampled_from(["", "café №1 你好 🙂", "<EMAIL_ADDRESS> and <PERSON>"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(st.tuples(TEXTS, TEXTS), min_size=1, max_size=40), seed=st.integers(0, 2**16),
+       priced=st.booleans(), before_v2=st.booleans())
+def test_to_table_builds_the_tables_parquet_and_arrow_stream_of_from_pylist(texts, seed, priced, before_v2):
+    rows = [dict(event, prompt=prompt, response=response)
+            for event, (prompt, response) in zip(events(len(texts), seed), texts)]
+    if not priced:  # the flow's events: no cost yet (priced on the table's columns)
+        rows = [{name: value for name, value in event.items() if name not in ("cost_usd", "price_version")}
+                for event in rows]
+    if before_v2:  # a recovery snapshot's events lack the v2 fields
+        rows = [{name: value for name, value in event.items() if name not in COLUMNS_SINCE} for event in rows]
+    assert table_of_columns(rows) is not None, "the events share their fields: built column by column"
+    table, expected = to_table(rows), per_event_table(rows)
+    assert table.equals(expected)
+    assert parquet_bytes(table) == parquet_bytes(expected)
+    assert arrow_stream_bytes(table) == arrow_stream_bytes(expected)
+
+
+def test_events_that_differ_in_fields_get_the_nulls_from_pylist_gives():
+    rows = events(6)
+    rows[0].pop("model_version")  # missing in the first row, present after it
+    rows[3].pop("latency_ms")  # present in the first row, missing after it
+    rows[5].pop("cost_usd")
+    assert to_table(rows).equals(per_event_table(rows))
+    assert to_table([{"event_id": "only-one-field"}]).equals(per_event_table([{"event_id": "only-one-field"}]))
+    assert to_table([]).equals(ARROW_SCHEMA.empty_table())
+
+
+@pytest.mark.parametrize("prompt", [7, b"bytes are text to Arrow", b"\xff not UTF-8", "\ud800 a lone surrogate"])
+def test_a_text_value_that_is_no_str_gives_what_from_pylist_gives(prompt):
+    rows = events(3)
+    rows[1]["prompt"] = prompt
+    try:
+        expected = per_event_table(rows)
+    except Exception as refused:  # noqa: BLE001 - the same refusal is expected below
+        with pytest.raises(type(refused)):
+            to_table(rows)
+    else:
+        assert to_table(rows).equals(expected)
