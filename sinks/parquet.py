@@ -141,6 +141,7 @@ def file_name_of_keys(keys: Iterable[str]) -> str:
     return f"part-{digest.hexdigest()[:24]}.parquet"
 
 
+EVENT_FIELDS = pa.struct(list(ARROW_SCHEMA))
 NON_TEXT_FIELDS = pa.struct([field for field in ARROW_SCHEMA if field.name not in TEXT_COLUMNS])
 
 
@@ -148,11 +149,14 @@ def to_table(events: list[dict]) -> pa.Table:
     """The events as an ARROW_SCHEMA table: pa.Table.from_pylist's (a missing field is null),
     built faster. from_pylist walks every event once per column, 38 dict visits per event, each
     cold in a flow process's heap (~40 % of its time in a py-spy profile of a drain); as one
-    struct array Arrow reads each event's fields in one visit, and the long texts are built on
-    their own (text_array)."""
-    columns = dict(zip(NON_TEXT_FIELDS.names, pa.array(events, NON_TEXT_FIELDS).flatten()))
-    for name in TEXT_COLUMNS:
-        columns[name] = text_array([event.get(name) for event in events])
+    struct array Arrow reads each event's fields in one visit. On the system pool (a flow
+    process's, ops.launch.FLOW_ALLOCATOR_ENV) the long texts are built apart (text_array)."""
+    texts_apart = pa.default_memory_pool().backend_name == "system"
+    fields = NON_TEXT_FIELDS if texts_apart else EVENT_FIELDS
+    columns = dict(zip(fields.names, pa.array(events, fields).flatten()))
+    if texts_apart:
+        for name in TEXT_COLUMNS:
+            columns[name] = text_array([event.get(name) for event in events])
     table = pa.Table.from_arrays([columns[name] for name in ARROW_SCHEMA.names], schema=ARROW_SCHEMA)
     for name, value in COLUMNS_SINCE.items():
         # Events from before gateway_event v2 (a flow's recovery snapshot) lack the field.
@@ -164,10 +168,11 @@ def to_table(events: list[dict]) -> pa.Table:
 
 def text_array(values: Sequence) -> pa.Array:
     """pa.array(values, pa.string()) for long texts, its buffers allocated once at their final
-    size: pa.array doubles its data buffer as it goes, and on a flow's system pool
-    (ops.launch.FLOW_ALLOCATOR_ENV) each step is a new mapping, copied into and faulted in
-    page by page, then one more to shrink it (~2 page faults per event for a prompt and a
-    response, against ~0.7 here)."""
+    size: pa.array doubles its data buffer as it goes, and on the system pool with a flow's
+    128 KB mmap threshold each step is a new mapping, copied into and faulted in page by page,
+    then one more to shrink it (~2 page faults per event for a prompt and a response, against
+    ~0.7 here; 2.0-2.6 against 3.1-5.1 µs per event for both). On a pool that keeps its pages
+    (mimalloc, jemalloc) pa.array is the faster (0.7-0.9 against 1.1-1.5 µs)."""
     try:
         encoded = [b"" if value is None else value.encode() for value in values]
     except (AttributeError, UnicodeEncodeError):  # not text: pa.array raises its own error

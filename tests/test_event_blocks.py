@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pyarrow as pa
@@ -227,45 +228,65 @@ def per_event_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([as_stored(event) for event in rows], schema=ARROW_SCHEMA)
 
 
+ARROW_POOLS = [pa.system_memory_pool(), pa.mimalloc_memory_pool()]
+"""to_table builds the texts apart on the system pool (a flow process's) and with the other
+fields on a pool that keeps its pages: both paths are held to from_pylist."""
+
+
+@contextmanager
+def default_pool(pool: pa.MemoryPool):
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
 TEXTS = st.one_of(st.none(), st.text(max_size=40), st.text(alphabet="ab <>\n", min_size=200, max_size=3000),
                   st.sampled_from(["", "café №1 你好 🙂", "<EMAIL_ADDRESS> and <PERSON>"]))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(texts=st.lists(st.tuples(TEXTS, TEXTS), min_size=1, max_size=40), seed=st.integers(0, 2**16),
-       priced=st.booleans(), before_v2=st.booleans())
-def test_to_table_builds_the_tables_parquet_and_arrow_stream_of_from_pylist(texts, seed, priced, before_v2):
+       priced=st.booleans())
+def test_to_table_builds_the_tables_parquet_and_arrow_stream_of_from_pylist(texts, seed, priced):
     rows = [dict(event, prompt=prompt, response=response)
             for event, (prompt, response) in zip(events(len(texts), seed), texts)]
     if not priced:  # the flow's events: no cost yet (priced on the table's columns)
         rows = [{name: value for name, value in event.items() if name not in ("cost_usd", "price_version")}
                 for event in rows]
-    if before_v2:  # a recovery snapshot's events lack the v2 fields
-        rows = [{name: value for name, value in event.items() if name not in COLUMNS_SINCE} for event in rows]
-    table, expected = to_table(rows), per_event_table(rows)
-    assert table.equals(expected)
-    assert parquet_bytes(table) == parquet_bytes(expected)
-    assert arrow_stream_bytes(table) == arrow_stream_bytes(expected)
+    expected = per_event_table(rows)
+    for pool in ARROW_POOLS:
+        with default_pool(pool):
+            table = to_table(rows)
+        assert table.equals(expected), pool.backend_name
+        assert parquet_bytes(table) == parquet_bytes(expected)
+        assert arrow_stream_bytes(table) == arrow_stream_bytes(expected)
 
 
-def test_events_that_differ_in_fields_get_the_nulls_from_pylist_gives():
+@pytest.mark.parametrize("pool", ARROW_POOLS, ids=lambda pool: pool.backend_name)
+def test_events_that_differ_in_fields_get_the_nulls_from_pylist_gives(pool):
     rows = events(6)
     rows[0].pop("model_version")  # missing in the first row, present after it
     rows[3].pop("latency_ms")  # present in the first row, missing after it
     rows[5].pop("cost_usd")
-    assert to_table(rows).equals(per_event_table(rows))
-    assert to_table([{"event_id": "only-one-field"}]).equals(per_event_table([{"event_id": "only-one-field"}]))
-    assert to_table([]).equals(ARROW_SCHEMA.empty_table())
+    with default_pool(pool):
+        assert to_table(rows).equals(per_event_table(rows))
+        assert to_table([{"event_id": "only-one-field"}]).equals(per_event_table([{"event_id": "only-one-field"}]))
+        assert to_table([]).equals(ARROW_SCHEMA.empty_table())
 
 
+@pytest.mark.parametrize("pool", ARROW_POOLS, ids=lambda pool: pool.backend_name)
 @pytest.mark.parametrize("prompt", [7, b"bytes are text to Arrow", b"\xff not UTF-8", "\ud800 a lone surrogate"])
-def test_a_text_value_that_is_no_str_gives_what_from_pylist_gives(prompt):
+def test_a_text_value_that_is_no_str_gives_what_from_pylist_gives(prompt, pool):
     rows = events(3)
     rows[1]["prompt"] = prompt
     try:
         expected = per_event_table(rows)
     except Exception as refused:  # noqa: BLE001 - the same refusal is expected below
-        with pytest.raises(type(refused)):
+        with default_pool(pool), pytest.raises(type(refused)):
             to_table(rows)
     else:
-        assert to_table(rows).equals(expected)
+        with default_pool(pool):
+            assert to_table(rows).equals(expected)
