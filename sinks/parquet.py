@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import urlparse
 
 import fsspec
@@ -166,7 +166,7 @@ def to_table(events: list[dict]) -> pa.Table:
     return table
 
 
-def text_array(values: Sequence) -> pa.Array:
+def text_array(values: list) -> pa.Array:
     """pa.array(values, pa.string()) for long texts, its buffers allocated once at their final
     size: pa.array doubles its data buffer as it goes, and on the system pool with a flow's
     128 KB mmap threshold each step is a new mapping, copied into and faulted in page by page,
@@ -181,9 +181,11 @@ def text_array(values: Sequence) -> pa.Array:
     np.cumsum(np.fromiter(map(len, encoded), np.int64, len(encoded)), out=offsets[1:])
     if offsets[-1] >= 2**31:  # beyond int32 offsets, pa.array chunks the column
         return pa.array(values, pa.string())
-    nulls = np.fromiter((value is None for value in values), np.bool_, len(encoded))
-    null_count = int(nulls.sum())
-    validity = pa.py_buffer(np.packbits(~nulls, bitorder="little")) if null_count else None
+    null_count = values.count(None)
+    validity = None
+    if null_count:
+        valid = np.fromiter((value is not None for value in values), np.bool_, len(encoded))
+        validity = pa.py_buffer(np.packbits(valid, bitorder="little"))
     return pa.Array.from_buffers(pa.string(), len(encoded),
                                  [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(b"".join(encoded))],
                                  null_count=null_count)
