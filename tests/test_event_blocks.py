@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import pickle
 import random
+from contextlib import contextmanager
 from decimal import Decimal
 
 import pyarrow as pa
@@ -186,11 +187,12 @@ def test_costs_beyond_int64_are_priced_one_by_one_and_beyond_the_column_refused_
 
 def blocks_before_integer_grouping(rows: list[dict], pricing) -> list[tuple[str, pa.Table]]:
     """event_blocks as it was built before: grouped by partition_of, each group's table of
-    with_cost rows (the definition the column pricing is held to)."""
+    with_cost rows, built row by row (the definition the column pricing and building are held to)."""
     groups: dict[str, list[dict]] = {}
     for event in rows:
         groups.setdefault(partition_of(event), []).append(event)
-    return [(partition, to_table([with_cost(event, pricing) for event in group])) for partition, group in groups.items()]
+    return [(partition, per_event_table([with_cost(event, pricing) for event in group]))
+            for partition, group in groups.items()]
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -218,3 +220,82 @@ def test_blocks_give_the_parquet_bytes_and_clickhouse_stream_of_the_per_event_pa
     rows_of_batch, _dicts = blocks_and_events(blocks, one_chunk=True)
     assert arrow_stream_bytes(rows_of_batch.table) == arrow_stream_bytes(pa.concat_tables(t for _p, t in before)
                                                                           .combine_chunks())
+
+
+def per_event_table(rows: list[dict]) -> pa.Table:
+    """The table pyarrow builds row by row (pa.Table.from_pylist), the definition to_table's
+    columns are held to."""
+    return pa.Table.from_pylist([as_stored(event) for event in rows], schema=ARROW_SCHEMA)
+
+
+ARROW_POOLS = [pa.system_memory_pool(), pa.mimalloc_memory_pool()]
+"""to_table builds the texts apart on the system pool (a flow process's) and with the other
+fields on a pool that keeps its pages: both paths are held to from_pylist."""
+
+
+@contextmanager
+def default_pool(pool: pa.MemoryPool):
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+TEXTS = st.one_of(st.none(), st.text(max_size=40), st.text(alphabet="ab <>\n", min_size=200, max_size=3000),
+                  st.sampled_from(["", "café №1 你好 🙂", "<EMAIL_ADDRESS> and <PERSON>"]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(texts=st.lists(st.tuples(TEXTS, TEXTS), min_size=1, max_size=40), seed=st.integers(0, 2**16),
+       priced=st.booleans())
+def test_to_table_builds_the_tables_parquet_and_arrow_stream_of_from_pylist(texts, seed, priced):
+    rows = [dict(event, prompt=prompt, response=response)
+            for event, (prompt, response) in zip(events(len(texts), seed), texts)]
+    if not priced:  # the flow's events: no cost yet (priced on the table's columns)
+        rows = [{name: value for name, value in event.items() if name not in ("cost_usd", "price_version")}
+                for event in rows]
+    expected = per_event_table(rows)
+    for pool in ARROW_POOLS:
+        with default_pool(pool):
+            table = to_table(rows)
+        assert table.equals(expected), pool.backend_name
+        assert parquet_bytes(table) == parquet_bytes(expected)
+        assert arrow_stream_bytes(table) == arrow_stream_bytes(expected)
+
+
+@pytest.mark.parametrize("pool", ARROW_POOLS, ids=lambda pool: pool.backend_name)
+def test_events_that_differ_in_fields_get_the_nulls_from_pylist_gives(pool):
+    rows = events(6)
+    rows[0].pop("model_version")  # missing in the first row, present after it
+    rows[3].pop("latency_ms")  # present in the first row, missing after it
+    rows[5].pop("cost_usd")
+    with default_pool(pool):
+        assert to_table(rows).equals(per_event_table(rows))
+        assert to_table([{"event_id": "only-one-field"}]).equals(per_event_table([{"event_id": "only-one-field"}]))
+        assert to_table([]).equals(ARROW_SCHEMA.empty_table())
+
+
+ODD_VALUES = [("prompt", 7), ("prompt", b"bytes are text to Arrow"), ("response", b"\xff not UTF-8"),
+              ("prompt", "\ud800 a lone surrogate"), ("latency_ms", "12"), ("latency_ms", 1.5), ("latency_ms", 2**40),
+              ("event_time", 2**70), ("policy_flags", "not a list"), ("policy_flags", [1, 2]),
+              ("pii_entity_counts", {"PERSON": "x"}), ("pii_entity_counts", [("PERSON", 1)]), ("streaming", 3),
+              ("region", 5), ("status_code", 2**31)]
+
+
+@pytest.mark.parametrize("pool", ARROW_POOLS, ids=lambda pool: pool.backend_name)
+@pytest.mark.parametrize("field, value", ODD_VALUES)
+def test_a_value_of_another_type_gives_what_from_pylist_gives(field, value, pool):
+    """The same table, or the same error: the sinks dead-letter a partition's rows for Arrow's
+    errors only (sinks.retry.row_error), and any other would stop the flow."""
+    rows = events(3)
+    rows[1][field] = value
+    try:
+        expected = per_event_table(rows)
+    except Exception as refused:  # noqa: BLE001 - the same refusal is expected below
+        with default_pool(pool), pytest.raises(type(refused)):
+            to_table(rows)
+    else:
+        with default_pool(pool):
+            assert to_table(rows).equals(expected)
