@@ -837,7 +837,7 @@ class QuotaStore:
         day_start = day_ms(day)
         args = [from_ms, day_start, day_start + 86_400_000, day, period_ends(day_start)[0] + self.period_margin_s, org]
         for subject, totals in closed.items():
-            args += [subject, *(int(totals.get(name, 0)) for name in ("requests", *TOKEN_KINDS))]
+            args += [subject, *(int(totals.get(name, 0)) for name in USAGE_COUNTED)]
         return int(self.redis.eval(RESTATE_OPEN_DAY, 1, RECENT_PREFIX + org, *args))
 
     def restate_day(self, pipe, scope: str, ident: str, day: str, totals: dict[str, int]) -> None:
@@ -918,7 +918,8 @@ class QuotaStore:
         """Write month bases (org/user, YYYYMM, marked at, absolute totals of the month's days
         before the cutoff, requests and tokens by kind, from the aggregates), cutoff per
         base_cutoff; with forget, their marks are done, but a mark made again since it was
-        read stays due. Return how many written."""
+        read stays due. Return how many written. APPLY_CHUNK bases per script call: a base holds
+        Redis about as long as a total."""
         now = self.clock()
         month = day_string(now)[:6]
         # Only the month under way gets a base (base_cutoff): one cutoff, expiry and last day for all.
