@@ -641,9 +641,16 @@ OrgMonthTotals = Callable[[list[str], str, str], dict[str, dict[str, int]]]
 cutoff, e.g. sinks.clickhouse.org_month_usage_before."""
 
 
+def has_days_before(month: str, cutoff: str | None) -> bool:
+    """Whether a month (YYYYMM) has days before a cutoff day (YYYYMMDD; None: no cutoff)."""
+    return cutoff is not None and cutoff > f"{month}01"
+
+
 def month_bases_for(store: "QuotaStore", month_totals: MonthTotals, due: list[tuple[str, str, float | None]]
                     ) -> list[tuple[str, str, float | None, dict[str, int]]]:
-    """(org/user, month, marked at, totals before the cutoff) for write_bases, one query per month."""
+    """(org/user, month, marked at, totals before the cutoff) for write_bases, one query per month
+    that has days before its cutoff (on its 1st and 2nd none: every user's base is empty then,
+    and every user active on the 1st needs one)."""
     by_month: dict[str, list[tuple[str, str, float | None]]] = {}
     for entry in due:
         by_month.setdefault(entry[1], []).append(entry)
@@ -651,7 +658,7 @@ def month_bases_for(store: "QuotaStore", month_totals: MonthTotals, due: list[tu
     for month, entries in by_month.items():
         cutoff = base_cutoff(month, store.clock())
         pairs = [tuple(user.split("/", 1)) for user, _m, _at in entries]
-        totals = month_totals(pairs, month, cutoff) if cutoff else {}
+        totals = month_totals(pairs, month, cutoff) if has_days_before(month, cutoff) else {}
         bases += [(user, month, marked, totals.get(pair, {})) for (user, month, marked), pair in zip(entries, pairs)]
     return bases
 
@@ -885,7 +892,7 @@ class QuotaStore:
         months: UsageByDay = {}
         for month, orgs in by_month.items():
             cutoff = month_cutoff(month, now)
-            totals = org_totals(orgs, month, cutoff) if cutoff else {}
+            totals = org_totals(orgs, month, cutoff) if has_days_before(month, cutoff) else {}
             months.update({("org", org, f"{month}01"): totals.get(org, {}) for org in orgs if cutoff})
         written = self.restate_months(months, {month: month_cutoff(month, now) for month in by_month})
         self._forget_due(keys=[ORG_RESTATE_KEY],

@@ -18,8 +18,9 @@ tokens = st.one_of(st.integers(0, 2_000), st.integers(0, 10**13), st.just(0))
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.dictionaries(st.sampled_from(["m1", "m2", "m3"]), model_prices, min_size=1), st.one_of(st.none(), model_prices),
-       st.sampled_from(["m1", "m2", "m3", "unlisted"]), st.tuples(tokens, tokens, tokens, tokens))
+@given(st.dictionaries(st.sampled_from(["m1", "m2", "m3"]), model_prices, min_size=1),
+       st.one_of(st.none(), model_prices), st.sampled_from(["m1", "m2", "m3", "unlisted"]),
+       st.tuples(tokens, tokens, tokens, tokens))
 def test_nano_costs_write_what_cost_usd_computes(models, default, model, counts):
     pricing = PricingSettings(models=models, default=default)
     total = {"model": model, **dict(zip(KINDS, counts))}
@@ -32,8 +33,8 @@ def test_costs_below_a_micro_dollar_and_odd_tokens_are_written_as_decimal_writes
     costs = NanoCosts(pricing)
     cases = [dict(zip(KINDS, counts), model=model) for model, counts in [
         ("gpt-4o-mini", (3, 0, 0, 0)), ("gpt-4o-mini", (0, 0, 1, 0)), ("gpt-4o", (0, 0, 0, 0)),
-        ("gemini-2.0-flash", (0, 0, 1, 0)), ("gpt-4o", (10**20, 1, 0, 0)), ("gpt-4o", (10**23, 1, 0, 0)), ("gpt-4o", ("12", 1, 0, 0)),
-        ("gpt-4o", (1.5, 0, 0, 0)), ("nobody-prices-me", (5, 5, 5, 5))]]
+        ("gemini-2.0-flash", (0, 0, 1, 0)), ("gpt-4o", (10**20, 1, 0, 0)), ("gpt-4o", (10**23, 1, 0, 0)),
+        ("gpt-4o", ("12", 1, 0, 0)), ("gpt-4o", (1.5, 0, 0, 0)), ("nobody-prices-me", (5, 5, 5, 5))]]
     for total in cases:
         cost, priced = cost_usd(total, pricing)
         assert costs(total) == (str(cost), priced)

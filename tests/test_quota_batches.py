@@ -9,7 +9,7 @@ import pytest
 import redis
 
 from ops.settings import QuotaSettings
-from sinks.quota import ORG_RESTATE_KEY, QuotaStore, periods, restate_month_bases
+from sinks.quota import ORG_RESTATE_KEY, QuotaStore, fill_month_bases, periods, restate_month_bases
 
 pytestmark = pytest.mark.integration
 ONE_BY_ONE_DB = 12  # a database of the session's Redis, flushed before each use (tests run one at a time)
@@ -184,3 +184,23 @@ def test_an_org_month_is_restated_on_the_first_day_of_the_next_month(redis_url):
     assert restated == 1 and store.redis.zcard(ORG_RESTATE_KEY) == 0
     assert store.month_through("org", "o1", ended_day) == {"requests": 5, "tokens": 573, "input": 570, "output": 3,
                                                            "cache_read": 0, "cache_write": 0}
+
+
+@pytest.mark.parametrize("day, asked", [(1, False), (2, False), (3, True)])
+def test_the_aggregates_are_asked_for_bases_only_when_the_month_has_days_before_the_cutoff(redis_url, day, asked):
+    """On a month's 1st and 2nd the cutoff is the 1st: every base is empty, written without a query."""
+    moment = time.gmtime()
+    year, number = moment.tm_year + moment.tm_mon // 12, moment.tm_mon % 12 + 1  # next month: keys outlive the test
+    now = calendar.timegm((year, number, day, 12, 0, 0))
+    store = quota_store(redis_url, True, chunk=3, now=now)
+    store.apply([total("o1/a", 2, 30, start=now * 1000 // 60_000 * 60_000)])
+    queries = []
+
+    def month_totals(pairs, month, cutoff):
+        queries.append((pairs, month, cutoff))
+        return {("o1", "a"): {"requests": 4, "input": 400}}
+
+    assert fill_month_bases(store, month_totals, ["o1/a"]) == 1
+    month = f"{year}{number:02d}"
+    assert queries == ([([("o1", "a")], month, f"{month}{day - 1:02d}")] if asked else [])
+    assert store.month_usage("user", "o1/a", now * 1000)["tokens"] == (400 if asked else 0) + 32
