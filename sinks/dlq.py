@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+from collections import Counter
 from typing import Callable
 
 from schemas.dlq import bounded_original, encode_dlq, event_dlq_record, fitted, safe_for_storage
@@ -106,8 +107,10 @@ class DeadLetters:
             return
         for refused in send_all("dlq", self.writer, records, self.retry):
             self.spool(refused)
+        # Counted once per stage and code of the batch: the labels looked up once, not per record.
+        for (stage, code), count in Counter((record["stage"], record["code"]) for record in records).items():
+            get_metrics().increment("gatewatch_dlq_records", count, tags={"stage": stage, "code": code})
         for record in records:
-            get_metrics().increment("gatewatch_dlq_records", tags={"stage": record["stage"], "code": record["code"]})
             log.warning("event sent to the DLQ", extra={
                 "request_id": record.get("request_id"), "event_id": record.get("event_id"),
                 "stage": record["stage"], "code": record["code"], "reason": record["reason"],

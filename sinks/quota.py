@@ -51,6 +51,7 @@ Every user key then lives at most a couple of days after its user's last request
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import json
 import logging
@@ -374,23 +375,36 @@ end
 return changed_totals
 """
 
-WRITE_BASE = _LIMITS_LUA + """
--- KEYS: user month (the base), user tier, user limits, tiers, pending alerts
--- ARGV: cutoff, expires at, default tier, month, subject, last day so far, requests, input, output, cache_read,
---       cache_write, thresholds...
+WRITE_BASES = _LIMITS_LUA + """
+-- KEYS: tiers, pending alerts
+-- ARGV: cutoff, expires at, default tier, month, last day so far, T, T thresholds, then per base 6: subject
+--       (org/user), requests, input, output, cache_read, cache_write; returns how many bases written.
+-- Every base of a call is of one month (a base is only written for the month under way), so the month's
+-- cutoff and expiry come once. Keys are built here from the subject (as APPLY_WINDOWS builds them): one
+-- call per many users costs the sink a fraction of a call per user.
 -- A new base can carry the month over an alert threshold (usage Redis had left to the aggregates).
-local day_prefix = string.sub(KEYS[1], 1, -10) .. ':d:'
-local before = month_tokens(KEYS[1], day_prefix, ARGV[6])
-local tokens = 0
-for i = 8, 11 do tokens = tokens + tonumber(ARGV[i]) end
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], 'cutoff', ARGV[1], 'requests', ARGV[7], 'tokens', tokens, 'input', ARGV[8],
-  'output', ARGV[9], 'cache_read', ARGV[10], 'cache_write', ARGV[11])
-redis.call('EXPIREAT', KEYS[1], ARGV[2])
-local tier, _rpd, tpm = limits(KEYS[2], KEYS[3], KEYS[4], ARGV[3])
-raise_alerts(KEYS[5], ARGV[5], tier, 'tokens_month', ARGV[4], tpm, before, month_tokens(KEYS[1], day_prefix, ARGV[6]),
-  thresholds_at(12))
-return 1
+local cutoff, expires, default_tier, month, so_far = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local thresholds_last = 6 + tonumber(ARGV[6])
+local thresholds = thresholds_at(7, thresholds_last)
+local shared_limits, written = {}, 0
+for i = thresholds_last + 1, #ARGV, 6 do
+  local subject = ARGV[i]
+  local prefix = 'gw:usage:user:' .. subject
+  local month_key, day_prefix = prefix .. ':m:' .. month, prefix .. ':d:'
+  local before = month_tokens(month_key, day_prefix, so_far)
+  local tokens = 0
+  for k = i + 2, i + 5 do tokens = tokens + tonumber(ARGV[k]) end
+  call('DEL', month_key)
+  call('HSET', month_key, 'cutoff', cutoff, 'requests', ARGV[i + 1], 'tokens', tokens, 'input', ARGV[i + 2],
+    'output', ARGV[i + 3], 'cache_read', ARGV[i + 4], 'cache_write', ARGV[i + 5])
+  call('EXPIREAT', month_key, expires)
+  local tier, _rpd, tpm = limits('gw:tier:user:' .. subject, 'gw:limits:user:' .. subject, KEYS[1], default_tier,
+    shared_limits)
+  raise_alerts(KEYS[2], subject, tier, 'tokens_month', month, tpm, before, month_tokens(month_key, day_prefix, so_far),
+    thresholds)
+  written = written + 1
+end
+return written
 """
 
 MISSING_KEYS = """
@@ -548,6 +562,7 @@ def first_counted_day(now_s: float) -> str:
     return day_string(now_s - 86400)
 
 
+@lru_cache(maxsize=1024)
 def day_ms(day: str) -> int:
     """Epoch milliseconds of a day's (YYYYMMDD) midnight, UTC."""
     return int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=timezone.utc).timestamp() * 1000)
@@ -603,11 +618,13 @@ def first_open_day(now_s: float, horizon_s: float) -> str:
 
 
 def month_days(month: str, first: str, last: str) -> list[str]:
-    """The days (YYYYMMDD) of a month (YYYYMM) from first through last."""
+    """The days (YYYYMMDD) of a month (YYYYMM) from first through last (the month's last day
+    at most: month_so_far's YYYYMM31 of a month that is over stands for its whole month)."""
     start = max(first, f"{month}01")
     if start[:6] != month or month > last[:6]:
         return []
-    return [f"{month}{d:02d}" for d in range(int(start[6:]), int(last[6:]) + 1)]
+    month_length = calendar.monthrange(int(month[:4]), int(month[4:]))[1]
+    return [f"{month}{d:02d}" for d in range(int(start[6:]), min(int(last[6:]), month_length) + 1)]
 
 
 UsageByDay = dict[tuple[str, str, str], dict[str, int]]
@@ -624,9 +641,16 @@ OrgMonthTotals = Callable[[list[str], str, str], dict[str, dict[str, int]]]
 cutoff, e.g. sinks.clickhouse.org_month_usage_before."""
 
 
+def has_days_before(month: str, cutoff: str | None) -> bool:
+    """Whether a month (YYYYMM) has days before a cutoff day (YYYYMMDD; None: no cutoff)."""
+    return cutoff is not None and cutoff > f"{month}01"
+
+
 def month_bases_for(store: "QuotaStore", month_totals: MonthTotals, due: list[tuple[str, str, float | None]]
                     ) -> list[tuple[str, str, float | None, dict[str, int]]]:
-    """(org/user, month, marked at, totals before the cutoff) for write_bases, one query per month."""
+    """(org/user, month, marked at, totals before the cutoff) for write_bases, one query per month
+    that has days before its cutoff (on its 1st and 2nd none: every user's base is empty then,
+    and every user active on the 1st needs one)."""
     by_month: dict[str, list[tuple[str, str, float | None]]] = {}
     for entry in due:
         by_month.setdefault(entry[1], []).append(entry)
@@ -634,7 +658,7 @@ def month_bases_for(store: "QuotaStore", month_totals: MonthTotals, due: list[tu
     for month, entries in by_month.items():
         cutoff = base_cutoff(month, store.clock())
         pairs = [tuple(user.split("/", 1)) for user, _m, _at in entries]
-        totals = month_totals(pairs, month, cutoff) if cutoff else {}
+        totals = month_totals(pairs, month, cutoff) if has_days_before(month, cutoff) else {}
         bases += [(user, month, marked, totals.get(pair, {})) for (user, month, marked), pair in zip(entries, pairs)]
     return bases
 
@@ -694,6 +718,8 @@ def next_month(month: str) -> str:
 
 USAGE_FIELDS = ("requests", "tokens", *TOKEN_KINDS)
 """The fields of a counter, in the order of the Lua scripts' USAGE_FIELDS."""
+USAGE_COUNTED = ("requests", *TOKEN_KINDS)
+"""The fields a base or a restatement is given ('tokens' is their sum)."""
 
 
 def with_token_total(totals: dict[str, int]) -> dict[str, int]:
@@ -718,7 +744,7 @@ class QuotaStore:
         self.apply_chunk = apply_chunk
         self._apply = self.redis.register_script(APPLY_WINDOWS)
         self._forget_due = self.redis.register_script(FORGET_DUE)
-        self._write_base = self.redis.register_script(WRITE_BASE)
+        self._write_bases = self.redis.register_script(WRITE_BASES)
         self._month_usage = self.redis.register_script(MONTH_USAGE)
         self._missing_keys = self.redis.register_script(MISSING_KEYS)
 
@@ -818,7 +844,7 @@ class QuotaStore:
         day_start = day_ms(day)
         args = [from_ms, day_start, day_start + 86_400_000, day, period_ends(day_start)[0] + self.period_margin_s, org]
         for subject, totals in closed.items():
-            args += [subject, *(int(totals.get(name, 0)) for name in ("requests", *TOKEN_KINDS))]
+            args += [subject, *(int(totals.get(name, 0)) for name in USAGE_COUNTED)]
         return int(self.redis.eval(RESTATE_OPEN_DAY, 1, RECENT_PREFIX + org, *args))
 
     def restate_day(self, pipe, scope: str, ident: str, day: str, totals: dict[str, int]) -> None:
@@ -846,7 +872,7 @@ class QuotaStore:
         # of Python per user, and the quota sink asks for every user of every flush.
         for start in range(0, len(users), 5000):
             chunk = users[start:start + 5000]
-            absent = self._missing_keys(keys=[usage_keys("user", user, today)[1] for user in chunk])
+            absent = self._missing_keys(keys=[f"gw:usage:user:{user}:m:{month}" for user in chunk])
             missing += [(chunk[index - 1], month) for index in absent]
         return missing
 
@@ -866,7 +892,7 @@ class QuotaStore:
         months: UsageByDay = {}
         for month, orgs in by_month.items():
             cutoff = month_cutoff(month, now)
-            totals = org_totals(orgs, month, cutoff) if cutoff else {}
+            totals = org_totals(orgs, month, cutoff) if has_days_before(month, cutoff) else {}
             months.update({("org", org, f"{month}01"): totals.get(org, {}) for org in orgs if cutoff})
         written = self.restate_months(months, {month: month_cutoff(month, now) for month in by_month})
         self._forget_due(keys=[ORG_RESTATE_KEY],
@@ -899,27 +925,29 @@ class QuotaStore:
         """Write month bases (org/user, YYYYMM, marked at, absolute totals of the month's days
         before the cutoff, requests and tokens by kind, from the aggregates), cutoff per
         base_cutoff; with forget, their marks are done, but a mark made again since it was
-        read stays due. Return how many written."""
+        read stays due. Return how many written. APPLY_CHUNK bases per script call: a base holds
+        Redis about as long as a total."""
         now = self.clock()
-        pipe = self.redis.pipeline(transaction=False)
-        written = 0
-        for user, month, _marked, totals in bases:
+        month = day_string(now)[:6]
+        # Only the month under way gets a base (base_cutoff): one cutoff, expiry and last day for all.
+        written = [(user, totals) for user, base_month, _marked, totals in bases if base_month == month]
+        if written:
             cutoff = base_cutoff(month, now)
-            if cutoff is None:
-                continue
-            _day, month_key = usage_keys("user", user, day_ms(cutoff))
             # Stale, and gone, with the cutoff day's counter: the user's next request marks a new one.
             expires = period_ends(day_ms(cutoff))[0] + self.period_margin_s
-            self._write_base(keys=[month_key, *tier_keys(user), PENDING_ALERTS_KEY],
-                             args=[cutoff, expires, self.default_tier, month, user, month_so_far(month, now),
-                                   *(int(totals.get(kind, 0)) for kind in ("requests", *TOKEN_KINDS)),
-                                   *self.alert_thresholds], client=pipe)
-            written += 1
-        pipe.execute()
+            head = [cutoff, expires, self.default_tier, month, month_so_far(month, now),
+                    len(self.alert_thresholds), *self.alert_thresholds]
+            pipe = self.redis.pipeline(transaction=False)
+            for start in range(0, len(written), self.apply_chunk):
+                args = head.copy()
+                for user, totals in written[start:start + self.apply_chunk]:
+                    args += (user, *(int(totals.get(kind, 0)) for kind in USAGE_COUNTED))
+                self._write_bases(keys=[TIERS_KEY, PENDING_ALERTS_KEY], args=args, client=pipe)
+            pipe.execute()
         if bases and forget:
-            self._forget_due(keys=[RESTATE_KEY], args=[x for user, month, marked, _t in bases
-                                                       for x in (f"{user}|{month}", marked)])
-        return written
+            self._forget_due(keys=[RESTATE_KEY], args=[x for user, base_month, marked, _t in bases
+                                                       for x in (f"{user}|{base_month}", marked)])
+        return len(written)
 
     def pending_alerts(self) -> list[dict]:
         return [json.loads(v) for v in self.redis.hvals(PENDING_ALERTS_KEY)]

@@ -1,6 +1,7 @@
 """QuotaStore.apply's batches: many totals in one script call (split into chunks) leave Redis
 exactly as the same totals applied one call each, on a real redis-server."""
 
+import calendar
 import random
 import time
 
@@ -8,7 +9,7 @@ import pytest
 import redis
 
 from ops.settings import QuotaSettings
-from sinks.quota import QuotaStore, periods
+from sinks.quota import ORG_RESTATE_KEY, QuotaStore, fill_month_bases, periods, restate_month_bases
 
 pytestmark = pytest.mark.integration
 ONE_BY_ONE_DB = 12  # a database of the session's Redis, flushed before each use (tests run one at a time)
@@ -120,3 +121,86 @@ def test_a_batch_larger_than_a_chunk_sums_its_org_counters_once_per_total(store)
     even, odd = (store.usage("org", org, WINDOW)["day"] for org in ("o0", "o1"))
     assert (even["requests"], even["input"]) == (10, 200) and (odd["requests"], odd["input"]) == (10, 250)
     assert store.total_tokens("user") == store.total_tokens("org") == 450 + 20
+
+
+def bases_of(users: list[str], month: str) -> list[tuple[str, str, None, dict[str, int]]]:
+    """write_bases' input: per user its month's totals before the cutoff, some over a threshold."""
+    return [(user, month, None, {"requests": 3 + i, "input": 1_700 * i, "output": 40 * i, "cache_read": 9,
+                                 "cache_write": i % 2}) for i, user in enumerate(users)]
+
+
+@pytest.mark.parametrize("day", [1, 17])
+def test_bases_written_over_several_chunks_leave_redis_as_one_call_per_base(redis_url, day):
+    """Bases of several tiers and overrides in one script call: each reads its own limits and
+    its own days (on the 1st the base has no day before the cutoff), as one call per base does."""
+    now = time.time()
+    moment = time.gmtime(now)
+    # The day-th of next month at noon: a future the keys' expiry does not reach, a cutoff of day - 1 or the 1st.
+    year, month_number = moment.tm_year + moment.tm_mon // 12, moment.tm_mon % 12 + 1
+    now = calendar.timegm((year, month_number, day, 12, 0, 0))
+    month = f"{year}{month_number:02d}"
+    one_by_one_url = redis_url.rsplit("/", 1)[0] + f"/{ONE_BY_ONE_DB}"
+    batched = quota_store(redis_url, True, chunk=3, now=now)
+    single = quota_store(one_by_one_url, True, chunk=1, now=now)
+    users = ["o2/c", "o1/a", "o2/pro", "o2/capped", "o1/big", "o3/d", "o1/e", "o1/f"]
+    for store in (batched, single):
+        store.apply([total(user, 2, 10 * (i + 1), start=int(now) * 1000 // 60_000 * 60_000)
+                     for i, user in enumerate(users)])
+    bases = bases_of(users, month) + [("o1/a", "200001", None, {"requests": 5})]  # a month that is over: skipped
+    assert batched.write_bases(bases, forget=False) == len(users)
+    assert sum(single.write_bases([base], forget=False) for base in bases) == len(users)
+    state = redis_state(batched.redis)
+    assert state == redis_state(single.redis)
+    cutoff = f"{month}{max(day - 1, 1):02d}"
+    assert {base[b"cutoff"] for key, (_type, base, _at) in state.items() if b":m:" in key and key.startswith(
+        b"gw:usage:user:")} == {cutoff.encode()}
+    # The bases carried o1/big (enterprise, 5,000 tokens a month of its own) and o2/capped (an override of 2,000
+    # with the free tier's others) over both thresholds; free o1/f (100,000) and pro (unlimited) over none.
+    crossed = {(a["subject"], a["threshold"]): (a["tier"], a["usage"], a["limit"]) for a in batched.pending_alerts()
+               if a["metric"] == "tokens_month"}
+    assert crossed[("o2/capped", 0.8)] == crossed[("o2/capped", 1.0)] == ("free", 42 + 5_230, 2_000)
+    assert crossed[("o1/big", 0.8)] == crossed[("o1/big", 1.0)] == ("enterprise", 52 + 6_969, 5_000)
+    assert {subject for subject, _threshold in crossed} == {"o2/capped", "o1/big"}
+    single.redis.flushdb()
+
+
+def test_an_org_month_is_restated_on_the_first_day_of_the_next_month(redis_url):
+    """On the 1st, a month that just ended is restated through its last day (not a 31st it lacks)."""
+    moment = time.gmtime()
+    year, number = moment.tm_year, moment.tm_mon
+    # A month to come shorter than 31 days (keys expire in the real future), restated on the next 1st at 00:10.
+    while True:
+        year, number = year + number // 12, number % 12 + 1
+        if calendar.monthrange(year, number)[1] < 31:
+            break
+    now = calendar.timegm((year + number // 12, number % 12 + 1, 1, 0, 10, 0))
+    ended_day = time.strftime("%Y%m%d", time.gmtime(now - 86_400))
+    store = quota_store(redis_url, True, chunk=3, now=now)
+    store.apply([total("o1/a", 3, 70, start=(now - 3_600) * 1000)])  # yesterday, the month's last day
+    store.redis.zadd(ORG_RESTATE_KEY, {f"o1|{ended_day[:6]}": now - 1_000})
+    restated = restate_month_bases(store, lambda *_: {}, delay_s=0,
+                                   org_totals=lambda orgs, _month, _cutoff: {org: {"requests": 2, "input": 500}
+                                                                             for org in orgs})
+    assert restated == 1 and store.redis.zcard(ORG_RESTATE_KEY) == 0
+    assert store.month_through("org", "o1", ended_day) == {"requests": 5, "tokens": 573, "input": 570, "output": 3,
+                                                           "cache_read": 0, "cache_write": 0}
+
+
+@pytest.mark.parametrize("day, asked", [(1, False), (2, False), (3, True)])
+def test_the_aggregates_are_asked_for_bases_only_when_the_month_has_days_before_the_cutoff(redis_url, day, asked):
+    """On a month's 1st and 2nd the cutoff is the 1st: every base is empty, written without a query."""
+    moment = time.gmtime()
+    year, number = moment.tm_year + moment.tm_mon // 12, moment.tm_mon % 12 + 1  # next month: keys outlive the test
+    now = calendar.timegm((year, number, day, 12, 0, 0))
+    store = quota_store(redis_url, True, chunk=3, now=now)
+    store.apply([total("o1/a", 2, 30, start=now * 1000 // 60_000 * 60_000)])
+    queries = []
+
+    def month_totals(pairs, month, cutoff):
+        queries.append((pairs, month, cutoff))
+        return {("o1", "a"): {"requests": 4, "input": 400}}
+
+    assert fill_month_bases(store, month_totals, ["o1/a"]) == 1
+    month = f"{year}{number:02d}"
+    assert queries == ([([("o1", "a")], month, f"{month}{day - 1:02d}")] if asked else [])
+    assert store.month_usage("user", "o1/a", now * 1000)["tokens"] == (400 if asked else 0) + 32
