@@ -1,6 +1,8 @@
 """The keyed state logic of the ingest flow, without Bytewax."""
 
-from dataflows.state import DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of
+import random
+
+from dataflows.state import DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of, id_hash
 from sinks.base import Batcher
 
 
@@ -160,3 +162,40 @@ def test_window_snapshots_from_before_retirement_resume():
     resumed = WindowLogic.build(lambda: None, 2, 30, pickle.dumps(old))
     assert resumed.state.users["o1/u1"].sealed_ms == -1
     assert resumed.on_batch([event("b", t=61_000)])[0] == []
+
+
+class OneAtATime(SeenIds):
+    """SeenIds as it was before batches: the time slice looked up for each new id."""
+
+    def first_of_each(self, keys, now):
+        out = []
+        for key in keys:
+            digest = id_hash(key)
+            if digest in self.ids:
+                out.append(False)
+                continue
+            self.ids.add(digest)
+            expires = now + self.horizon_s
+            if not self.slices or self.slices[-1][0] + self.slice_s <= expires:
+                if self.slices:
+                    self.slices[-1] = (self.slices[-1][0], tuple(self.slices[-1][1]))
+                self.slices.append((expires, []))
+            self.slices[-1][1].append(digest)
+            out.append(True)
+        return out
+
+
+def test_a_batch_of_ids_is_seen_as_one_id_after_another():
+    """Batches of repeats, all-repeat batches (no empty slice), slice turnovers and evictions:
+    the same answers and the same snapshot as one id at a time."""
+    rng = random.Random(5)
+    batched, single = SeenIds(horizon_s=90, slice_s=30), OneAtATime(horizon_s=90, slice_s=30)
+    now = 1000.0
+    for _ in range(60):
+        now += rng.choice([0, 1, 7, 31, 95])
+        keys = [f"o1/e{rng.randrange(40)}" for _ in range(rng.randrange(0, 12))]
+        for seen in (batched, single):
+            seen.evict(now)
+        assert batched.first_of_each(keys, now) == single.first_of_each(keys, now)
+        assert batched.frozen() == single.frozen()
+        assert all(ids for _expires, ids in batched.slices)
