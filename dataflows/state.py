@@ -50,7 +50,12 @@ class SeenIds:
     slices: list[tuple[float, list[int]]] = field(default_factory=list)  # (expires at, ids), oldest first
 
     def first(self, key: str, now: float) -> bool:
-        return self.first_of_each([key], now)[0]
+        digest = id_hash(key)
+        if digest in self.ids:
+            return False
+        self.ids.add(digest)
+        self._open_slice(now + self.horizon_s).append(digest)
+        return True
 
     def first_of_each(self, keys: list[str], now: float) -> list[bool]:
         """first() of each key in turn at one time (dedupe's per-event cost was mostly calls):

@@ -199,3 +199,6 @@ def test_a_batch_of_ids_is_seen_as_one_id_after_another():
         assert batched.first_of_each(keys, now) == single.first_of_each(keys, now)
         assert batched.frozen() == single.frozen()
         assert all(ids for _expires, ids in batched.slices)
+        keys = [f"o1/e{rng.randrange(40)}" for _ in range(rng.randrange(0, 4))]
+        assert [batched.first(key, now) for key in keys] == single.first_of_each(keys, now)
+        assert batched.frozen() == single.frozen()
