@@ -218,7 +218,8 @@ class WindowTotals:
         for i, name in _TOKEN_COLUMNS:
             totals[i] += event[name]
         self.dirty.add(key)
-        self.watermark_ms = max(self.watermark_ms, event["event_time"])
+        if event["event_time"] > self.watermark_ms:
+            self.watermark_ms = event["event_time"]
 
     def decide(self, event: dict) -> tuple[str, int | None]:
         """(outcome, window the event was counted in or None) of an event: the decision
