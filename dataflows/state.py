@@ -165,6 +165,16 @@ def with_decision(event: dict, outcome: str, window: int | None) -> dict:
     return {**event, OUTCOME_COLUMN: outcome, WINDOW_COLUMN: window}
 
 
+def recorded_decision(event: dict, outcome: str, window: int | None) -> dict:
+    """The event with the decision written into it: a copy of each event was ~1 µs of the
+    windows' ~5. Safe because past the windows the flow's other readers of the same dict take
+    named fields (the audit log); a dead-lettered event is copied (with_decision), as its
+    DLQ record is made from the undecided one."""
+    event[OUTCOME_COLUMN] = outcome
+    event[WINDOW_COLUMN] = window
+    return event
+
+
 @dataclass
 class WindowTotals:
     """Running totals of one user's tumbling event-time windows, per model (prices differ).
@@ -288,7 +298,8 @@ class WindowLogic(StatefulBatchLogic):
     (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s. With
     record_decisions, every batch's events also come back as ("decided", [events with their
     outcome]) for raw storage, so that a replay repeats these decisions rather than remaking
-    them (WindowTotals.decide)."""
+    them (WindowTotals.decide); the decision is written into the event dicts themselves
+    (recorded_decision), so the same dicts given again repeat it, as a replay does."""
 
     def __init__(self, state: UserWindows, flush_interval_s: float, idle_s: float,
                  clock: Callable[[], float] = time.time, record_decisions: bool = False):
@@ -317,7 +328,8 @@ class WindowLogic(StatefulBatchLogic):
             totals.last_seen_s = now
             outcome, window = totals.decide(event)
             if record_decisions:
-                decided.append(with_decision(event, outcome, window))
+                decided.append(with_decision(event, outcome, window) if outcome == DEAD_LETTERED
+                               else recorded_decision(event, outcome, window))
             if outcome == DEAD_LETTERED:
                 late.append(("late", event))
             elif outcome == ADJUSTED:
