@@ -19,7 +19,9 @@ reading). Avro bodies are read by a reader generated per (writer, reader) pair
 
 The string rules and the semantic rules each start with one generated test that nothing
 is to change or refuse (the common case); only when it fails are the rules applied one by
-one, which find the rule and word the reason.
+one, which find the rule and word the reason. Where the C reader reads a body of a writer
+with every string field, it makes the string test itself while the bytes are at hand
+(``string_checks``), and a record that passes skips ``clean_strings``.
 
 Input limits and field rules (``schemas.rules``) apply before and while parsing; the
 schema compiler (``schemas.compiler``) checks and converts JSON. Every failure raises
