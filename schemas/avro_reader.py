@@ -287,5 +287,7 @@ def compile_reader(writer: dict, reader: dict | None = None, checks: dict[str, t
     if _avro_native is None:
         return python_reader
     fields, defaults = native_reader_program(writer, reader)
+    if not hasattr(_avro_native.Reader, "read_checked"):  # built before it had the checks
+        return _avro_native.Reader(fields, defaults, python_reader, copy.deepcopy)
     field_checks = tuple((checks or {}).get(name) if name is not None else None for name, _step in fields)
     return _avro_native.Reader(fields, defaults, python_reader, copy.deepcopy, field_checks)
