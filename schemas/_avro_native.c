@@ -354,9 +354,15 @@ typedef struct Step {
     struct Step *children; /* union: one step per branch; array: the item step */
 } Step;
 
+/* What `read_checked` tests a field's value for (see avro_reader.STRING_CHECKS): the codec's
+   string rules change nothing in a record whose checked fields all pass. */
+enum { CHECK_NONE = 0, CHECK_IDENTIFIER = 1, CHECK_TEXT = 2, CHECK_TEXT_LIST = 3, CHECK_HEX_ID = 4 };
+
 typedef struct {
     PyObject *name; /* NULL: a writer field the reader does not have (read, then dropped) */
     Step step;
+    int check;
+    Py_ssize_t limit, item_limit;
 } Field;
 
 typedef struct {
@@ -587,8 +593,57 @@ typedef struct {
     vectorcallfunc vectorcall;
 } Reader;
 
-/* the record at `cursor` into a new dict, or DECLINE / -1 */
-static int read_record(Reader *reader, Cursor *cursor, PyObject **out) {
+/* printable ASCII without space (a byte in '!'..'~'), or text of at most `limit` characters */
+static int ascii_within(PyObject *value, Py_ssize_t limit) {
+    return PyUnicode_CheckExact(value) && PyUnicode_IS_ASCII(value) && PyUnicode_GET_LENGTH(value) <= limit;
+}
+
+static int passes_check(const Field *field, PyObject *value) {
+    switch (field->check) {
+    case CHECK_NONE:
+        return 1;
+    case CHECK_IDENTIFIER: {
+        if (value == Py_None || (PyUnicode_CheckExact(value) && PyUnicode_GET_LENGTH(value) == 0))
+            return 1;
+        if (!ascii_within(value, field->limit))
+            return 0;
+        const Py_UCS1 *chars = PyUnicode_1BYTE_DATA(value);
+        for (Py_ssize_t i = 0, n = PyUnicode_GET_LENGTH(value); i < n; i++)
+            if (chars[i] < 0x21 || chars[i] > 0x7E)
+                return 0;
+        return 1;
+    }
+    case CHECK_TEXT:
+        return value == Py_None || ascii_within(value, field->limit);
+    case CHECK_TEXT_LIST: {
+        if (!PyList_CheckExact(value) || PyList_GET_SIZE(value) > field->limit)
+            return 0;
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(value); i++)
+            if (!ascii_within(PyList_GET_ITEM(value, i), field->item_limit))
+                return 0;
+        return 1;
+    }
+    case CHECK_HEX_ID: {
+        if (value == Py_None)
+            return 1;
+        if (!ascii_within(value, field->limit) || PyUnicode_GET_LENGTH(value) != field->limit)
+            return 0;
+        const Py_UCS1 *chars = PyUnicode_1BYTE_DATA(value);
+        int nonzero = 0;
+        for (Py_ssize_t i = 0; i < field->limit; i++) {
+            if (!((chars[i] >= '0' && chars[i] <= '9') || (chars[i] >= 'a' && chars[i] <= 'f')))
+                return 0;
+            nonzero |= chars[i] != '0';
+        }
+        return nonzero;
+    }
+    }
+    return 0;
+}
+
+/* the record at `cursor` into a new dict, or DECLINE / -1; with `passed`, whether every
+   checked field passed its check */
+static int read_record(Reader *reader, Cursor *cursor, PyObject **out, int *passed) {
     PyObject *record = _PyDict_NewPresized(reader->kept + PyTuple_GET_SIZE(reader->defaults));
     if (record == NULL)
         return -1;
@@ -598,6 +653,8 @@ static int read_record(Reader *reader, Cursor *cursor, PyObject **out) {
         status = read_value(cursor, &reader->fields[i].step, &value);
         if (status != 0)
             break;
+        if (passed != NULL && *passed && !passes_check(&reader->fields[i], value))
+            *passed = 0;
         if (reader->fields[i].name != NULL)
             status = PyDict_SetItem(record, reader->fields[i].name, value);
         Py_DECREF(value);
@@ -624,45 +681,73 @@ static int read_record(Reader *reader, Cursor *cursor, PyObject **out) {
     return 0;
 }
 
-static PyObject *Reader_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
-    Reader *reader = (Reader *)self;
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+/* `read`'s arguments checked: 1 with the cursor set, 0 where the fallback reads them */
+static int reader_cursor(PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames, Cursor *cursor) {
     if (nargs < 1 || nargs > 2 || (kwnames != NULL && PyTuple_GET_SIZE(kwnames) != 0))
-        return PyObject_Vectorcall(reader->fallback, args, nargsf, kwnames);
+        return 0;
     PyObject *data = args[0];
     Py_ssize_t pos = 0;
     if (nargs == 2) {
         if (!PyLong_CheckExact(args[1]))
-            return PyObject_Vectorcall(reader->fallback, args, nargsf, kwnames);
+            return 0;
         pos = PyLong_AsSsize_t(args[1]);
         if (pos == -1 && PyErr_Occurred()) {
             PyErr_Clear();
-            pos = -1;
+            return 0;
         }
     }
     if (!PyBytes_CheckExact(data) || pos < 0)
-        return PyObject_Vectorcall(reader->fallback, args, nargsf, kwnames);
-    Cursor cursor = {(const unsigned char *)PyBytes_AS_STRING(data), pos, PyBytes_GET_SIZE(data)};
+        return 0;
+    cursor->data = (const unsigned char *)PyBytes_AS_STRING(data);
+    cursor->pos = pos;
+    cursor->size = PyBytes_GET_SIZE(data);
+    return 1;
+}
+
+/* (record, end) or, with `passed`, (record, end, passed) */
+static PyObject *read_result(Reader *reader, PyObject *const *args, size_t nargsf, PyObject *kwnames,
+                             int *passed) {
+    Cursor cursor;
     PyObject *record;
-    int status = read_record(reader, &cursor, &record);
-    if (status == DECLINE)
-        return PyObject_Vectorcall(reader->fallback, args, nargsf, kwnames);
+    int status = DECLINE;
+    if (reader_cursor(args, PyVectorcall_NARGS(nargsf), kwnames, &cursor))
+        status = read_record(reader, &cursor, &record, passed);
+    if (status == DECLINE) {
+        PyObject *read = PyObject_Vectorcall(reader->fallback, args, nargsf, kwnames);
+        if (read == NULL || passed == NULL || !PyTuple_Check(read) || PyTuple_GET_SIZE(read) != 2)
+            return read;
+        /* the fallback's record is not checked: the caller applies the rules itself */
+        PyObject *result = PyTuple_Pack(3, PyTuple_GET_ITEM(read, 0), PyTuple_GET_ITEM(read, 1), Py_False);
+        Py_DECREF(read);
+        return result;
+    }
     if (status != 0)
         return NULL;
     PyObject *end = PyLong_FromSsize_t(cursor.pos);
-    if (end == NULL) {
-        Py_DECREF(record);
-        return NULL;
-    }
-    PyObject *result = PyTuple_New(2);
+    PyObject *result = end == NULL ? NULL : PyTuple_New(passed == NULL ? 2 : 3);
     if (result == NULL) {
         Py_DECREF(record);
-        Py_DECREF(end);
+        Py_XDECREF(end);
         return NULL;
     }
     PyTuple_SET_ITEM(result, 0, record);
     PyTuple_SET_ITEM(result, 1, end);
+    if (passed != NULL)
+        PyTuple_SET_ITEM(result, 2, Py_NewRef(*passed ? Py_True : Py_False));
     return result;
+}
+
+static PyObject *Reader_vectorcall(PyObject *self, PyObject *const *args, size_t nargsf, PyObject *kwnames) {
+    return read_result((Reader *)self, args, nargsf, kwnames, NULL);
+}
+
+static PyObject *Reader_read_checked(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    int passed = 1;
+    if (((Reader *)self)->vectorcall == NULL) {
+        PyErr_SetString(PyExc_TypeError, "Reader was not initialised");
+        return NULL;
+    }
+    return read_result((Reader *)self, args, (size_t)nargs, NULL, &passed);
 }
 
 static void Reader_free_fields(Reader *self) {
@@ -673,12 +758,33 @@ static void Reader_free_fields(Reader *self) {
     self->field_count = 0;
 }
 
-static int Reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
-    static char *keywords[] = {"fields", "defaults", "fallback", "deepcopy", NULL};
-    PyObject *program, *defaults, *fallback, *deepcopy;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!OO:Reader", keywords, &PyTuple_Type, &program,
-                                     &PyTuple_Type, &defaults, &fallback, &deepcopy))
+/* a field's check from (kind, limit, item limit) or None; 0, or -1 with ValueError */
+static int set_check(Field *field, PyObject *spec) {
+    if (spec == Py_None)
+        return 0;
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 3 ||
+        !PyArg_ParseTuple(spec, "inn", &field->check, &field->limit, &field->item_limit)) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "avro reader program: a check is (kind, limit, item limit) or None");
         return -1;
+    }
+    if (field->check < CHECK_NONE || field->check > CHECK_HEX_ID) {
+        PyErr_Format(PyExc_ValueError, "avro reader program: unknown check %d", field->check);
+        return -1;
+    }
+    return 0;
+}
+
+static int Reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
+    static char *keywords[] = {"fields", "defaults", "fallback", "deepcopy", "checks", NULL};
+    PyObject *program, *defaults, *fallback, *deepcopy, *checks = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!O!OO|O!:Reader", keywords, &PyTuple_Type, &program,
+                                     &PyTuple_Type, &defaults, &fallback, &deepcopy, &PyTuple_Type, &checks))
+        return -1;
+    if (checks != NULL && PyTuple_GET_SIZE(checks) != PyTuple_GET_SIZE(program)) {
+        PyErr_SetString(PyExc_ValueError, "avro reader program: one check per field");
+        return -1;
+    }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(defaults); i++) {
         PyObject *entry = PyTuple_GET_ITEM(defaults, i);
         if (!PyTuple_Check(entry) || PyTuple_GET_SIZE(entry) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(entry, 0))) {
@@ -710,6 +816,10 @@ static int Reader_init(Reader *self, PyObject *args, PyObject *kwargs) {
         if (PyTuple_GET_ITEM(spec, 0) != Py_None) {
             self->fields[i].name = PyTuple_GET_ITEM(spec, 0);
             self->kept++;
+        }
+        if (checks != NULL && set_check(&self->fields[i], PyTuple_GET_ITEM(checks, i)) < 0) {
+            Reader_free_fields(self);
+            return -1;
         }
     }
     Py_INCREF(program);
@@ -756,6 +866,13 @@ static PyObject *Reader_call(PyObject *self, PyObject *args, PyObject *kwargs) {
     return PyVectorcall_Call(self, args, kwargs);
 }
 
+static PyMethodDef Reader_methods[] = {
+    {"read_checked", (PyCFunction)(void (*)(void))Reader_read_checked, METH_FASTCALL,
+     "read_checked(data, pos=0) -> (record, end, passed): as read, and whether every field with a check "
+     "passed it (False where the fallback read the record)"},
+    {NULL, NULL, 0, NULL},
+};
+
 static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "schemas._avro_native.Reader",
@@ -769,6 +886,7 @@ static PyTypeObject ReaderType = {
     .tp_clear = (inquiry)Reader_clear,
     .tp_call = Reader_call,
     .tp_vectorcall_offset = offsetof(Reader, vectorcall),
+    .tp_methods = Reader_methods,
 };
 
 /* ---- Avro length prefixes in undecodable bytes (schemas/dlq.py) ----------------------- */

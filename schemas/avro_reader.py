@@ -38,7 +38,16 @@ except ImportError:  # not built (no C compiler): the generated Python reader al
 if not hasattr(_avro_native, "Reader"):  # built before it had the reader
     _avro_native = None
 
-__all__ = ["Unsupported", "compile_python_reader", "compile_reader", "native_reader_program"]
+__all__ = ["CHECK_HEX_ID", "CHECK_IDENTIFIER", "CHECK_TEXT", "CHECK_TEXT_LIST", "Unsupported", "compile_python_reader",
+           "compile_reader", "native_reader_program"]
+
+CHECK_IDENTIFIER, CHECK_TEXT, CHECK_TEXT_LIST, CHECK_HEX_ID = 1, 2, 3, 4
+"""What the C reader's ``read_checked`` tests a field's value for, as ``(kind, limit, item
+limit)``: IDENTIFIER null, empty, or printable ASCII without spaces of at most ``limit``
+characters; TEXT null or ASCII of at most ``limit``; TEXT_LIST a list of at most ``limit``
+ASCII strings of at most ``item limit`` each; HEX_ID null or exactly ``limit`` lower-case hex
+digits, not all zero. It tests while the bytes are at hand, so that a codec skips its own
+string rules for the records that pass (schemas.codec.EventCodec)."""
 
 _SIMPLE = ("null", "boolean", "int", "long", "float", "double", "string", "bytes")
 _DOUBLE = struct.Struct("<d").unpack_from
@@ -263,13 +272,22 @@ def native_reader_program(writer: dict, reader: dict | None = None) -> tuple[tup
             tuple((name, default, isinstance(default, (list, dict))) for name, default in defaults))
 
 
-def compile_reader(writer: dict, reader: dict | None = None) -> Callable[[bytes], tuple[dict, int]]:
+def compile_reader(writer: dict, reader: dict | None = None, checks: dict[str, tuple[int, int, int]] | None = None
+                   ) -> Callable[[bytes], tuple[dict, int]]:
     """``read(data, start=0) -> (record, end)`` for the pair, as compile_python_reader's: the
     C reader where schemas/_avro_native.c is built (it hands the bytes it does not read as
     they are to the Python reader, which returns or raises what it always did), else the
-    generated Python reader alone. Raises Unsupported for what neither covers."""
+    generated Python reader alone. Raises Unsupported for what neither covers.
+
+    The C reader also has ``read_checked(data, start=0) -> (record, end, passed)``: passed
+    is true when every written field named in ``checks`` ({field: (CHECK_..., limit, item
+    limit)}) passed its check, false where one did not or the Python reader read the record.
+    Fields the writer lacks (defaults) are not checked."""
     python_reader = compile_python_reader(writer, reader)
     if _avro_native is None:
         return python_reader
     fields, defaults = native_reader_program(writer, reader)
-    return _avro_native.Reader(fields, defaults, python_reader, copy.deepcopy)
+    if not hasattr(_avro_native.Reader, "read_checked"):  # built before it had the checks
+        return _avro_native.Reader(fields, defaults, python_reader, copy.deepcopy)
+    field_checks = tuple((checks or {}).get(name) if name is not None else None for name, _step in fields)
+    return _avro_native.Reader(fields, defaults, python_reader, copy.deepcopy, field_checks)

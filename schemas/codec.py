@@ -19,7 +19,9 @@ reading). Avro bodies are read by a reader generated per (writer, reader) pair
 
 The string rules and the semantic rules each start with one generated test that nothing
 is to change or refuse (the common case); only when it fails are the rules applied one by
-one, which find the rule and word the reason.
+one, which find the rule and word the reason. Where the C reader reads a body of a writer
+with every string field, it makes the string test itself while the bytes are at hand
+(``string_checks``), and a record that passes skips ``clean_strings``.
 
 Input limits and field rules (``schemas.rules``) apply before and while parsing; the
 schema compiler (``schemas.compiler``) checks and converts JSON. Every failure raises
@@ -37,7 +39,7 @@ from typing import Any, Callable
 import fastavro
 
 from schemas import avro_encoder
-from schemas.avro_reader import Unsupported, compile_reader
+from schemas.avro_reader import CHECK_HEX_ID, CHECK_IDENTIFIER, CHECK_TEXT, CHECK_TEXT_LIST, Unsupported, compile_reader
 from schemas.compiler import compile_schema, plain, type_name, zero_byte_array
 from schemas.registry import full_name
 from schemas.rules import (
@@ -64,6 +66,8 @@ __all__ = ["HEADER", "MAGIC", "DecodeLimits", "EventCodec", "EventRules", "Inval
 
 MAGIC = 0
 HEADER = 5
+_SCHEMA_ID = struct.Struct(">I").unpack_from
+"""The header's big-endian schema id, read in place (a slice and int.from_bytes cost twice)."""
 
 
 _FINER_THAN_MILLIS = {"timestamp-micros": 1000, "local-timestamp-micros": 1000,
@@ -118,6 +122,10 @@ class RecordCodec:
         self.reader = _Schema(parsed)
         self._header = bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
         self._writers: dict[int, tuple[dict, dict | None, dict[str, int], Any]] = {}
+        self.string_checks: dict[str, tuple[int, int, int]] = {}
+        """Checks the C reader applies while reading (avro_reader.compile_reader), for a codec
+        with string rules: a record that passes them is one the rules would not change."""
+        self._checked_reads: dict[int, Callable[[bytes, int], tuple[dict, int, bool]] | None] = {}
         self.plain_writer_id = plain_writer_id if plain_writer_id is not None else self.schema_id
         self._write: Callable[[dict], bytes] | None = None
         self._write_compiled = False
@@ -194,32 +202,43 @@ class RecordCodec:
                                                f"({stalling}): a count alone could stall the decoder", schema_id)
         reader = None if schema_id == self.schema_id else self.reader.plain
         try:
-            fast = compile_reader(writer.plain, reader)
+            fast = compile_reader(writer.plain, reader, self.string_checks)
         except Unsupported:
             fast = None
         found = (writer.plain, reader, _timestamp_divisors(parsed, self.reader.parsed), fast)
+        # Only where the writer writes every checked field: a default is not checked.
+        written = {field["name"] for field in writer.plain["fields"]}
+        checked = None
+        if self.string_checks and written.issuperset(self.string_checks):
+            checked = getattr(fast, "read_checked", None)
         if len(self._writers) < 1024:
             self._writers[schema_id] = found
+            self._checked_reads[schema_id] = checked
         return found
 
-    def _read_avro(self, value: bytes, start: int, schema_id: int | None, wire: bool) -> dict:
-        """The record of the Avro body that starts at ``start`` of ``value``."""
+    def _read_avro(self, value: bytes, start: int, schema_id: int | None, wire: bool) -> tuple[dict, bool]:
+        """(record of the Avro body that starts at ``start`` of ``value``, whether it passed
+        string_checks while it was read)."""
         writer, reader, divisors, fast = self._writer(schema_id)
-        record = None
+        record, passed = None, False
         if fast is not None:
+            checked = self._checked_reads.get(schema_id)
             try:
-                record, end = fast(value, start)
+                if checked is not None:
+                    record, end, passed = checked(value, start)
+                else:
+                    record, end = fast(value, start)
             except Exception:  # noqa: BLE001 - fastavro reads it again and names the problem
                 record = None
             else:
                 if end != len(value):
-                    record = None
+                    record, passed = None, False
         if record is None:
             record = self._read_fastavro(value[start:], schema_id, wire, writer, reader)
         for name, divisor in divisors.items():
             if isinstance(record.get(name), int):
                 record[name] //= divisor
-        return record
+        return record, passed
 
     def _read_fastavro(self, body: bytes, schema_id: int | None, wire: bool, writer: dict,
                        reader: dict | None) -> dict:
@@ -253,6 +272,11 @@ class RecordCodec:
 
     def decode_record(self, value: bytes | None) -> tuple[dict, int | None]:
         """(record, writer schema id or None): schema-level decoding only."""
+        record, schema_id, _passed = self._decode_checked(value)
+        return record, schema_id
+
+    def _decode_checked(self, value: bytes | None) -> tuple[dict, int | None, bool]:
+        """decode_record's answer and whether the record passed string_checks as it was read."""
         if not value:
             raise InvalidEvent("empty", "message has no value" if value is None else "message value is empty")
         if len(value) > self.limits.max_message_bytes:
@@ -266,11 +290,13 @@ class RecordCodec:
         if first == MAGIC:
             if len(value) < HEADER:
                 raise InvalidEvent("truncated", f"{len(value)} bytes: shorter than the 5-byte Confluent header")
-            schema_id = int.from_bytes(value[1:HEADER], "big")
-            return self._read_avro(value, HEADER, schema_id, True), schema_id
+            schema_id = _SCHEMA_ID(value, 1)[0]
+            record, passed = self._read_avro(value, HEADER, schema_id, True)
+            return record, schema_id, passed
         if first in b"{[ \t\r\n":
-            return self._read_json(value), None
-        return self._read_avro(value, 0, self.plain_writer_id, False), None
+            return self._read_json(value), None, False
+        record, passed = self._read_avro(value, 0, self.plain_writer_id, False)
+        return record, None, passed
 
     def decode(self, value: bytes | None) -> dict:
         return self.decode_record(value)[0]
@@ -307,6 +333,13 @@ class EventCodec(RecordCodec):
         self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
         self._passes = self._compile_passes()
         self._strings_plain = self._compile_strings_plain()
+        # A record whose strings pass these while the C reader reads it is one clean_strings
+        # would return unchanged (each check is that field's rule where nothing is to change).
+        self.string_checks = {name: (CHECK_IDENTIFIER if identifier else CHECK_TEXT, limit, 0)
+                              for name, limit, identifier in self._string_rules}
+        self.string_checks.update({name: (CHECK_TEXT_LIST, limits.max_array_items, limits.max_name_chars)
+                                   for name in self._list_fields})
+        self.string_checks.update({name: (CHECK_HEX_ID, digits, 0) for name, digits in self._trace_fields})
 
     def clean_strings(self, event: dict) -> dict:
         """Every string field of a canonical event checked against its limit and rule (see
@@ -383,9 +416,10 @@ class EventCodec(RecordCodec):
 
     def decode(self, value: bytes | None, now_ms: int) -> dict:
         """The canonical event, or InvalidEvent."""
-        event, schema_id = self.decode_record(value)
+        event, schema_id, passed = self._decode_checked(value)
         try:
-            self.clean_strings(event)
+            if not passed:
+                self.clean_strings(event)
             self.validate(event, now_ms)
         except InvalidEvent as exc:
             exc.schema_id = schema_id

@@ -116,9 +116,8 @@ def detect_encoding(value: bytes) -> str | None:
     # A Confluent header (NUL, then the schema id) is the common case: of the encodings
     # below only the UTF-32-BE BOM (NUL NUL FE FF), UTF-32-BE (JSON's opener at byte 3) and
     # UTF-16-BE (JSON's opener at byte 1) start with a NUL, and each needs one of these bytes.
-    head = value[:4]
-    if head[:1] == b"\x00" and len(head) == 4 and head[1] not in _JSON_OPENERS and head[2] != 0xFE \
-            and head[3] not in _JSON_OPENERS:
+    if len(value) >= 4 and value[0] == 0 and value[1] not in _JSON_OPENERS and value[2] != 0xFE \
+            and value[3] not in _JSON_OPENERS:  # indexed, not sliced: ~0.2 µs of every event's decode
         return None
     return _detect_encoding_by_rules(value)
 

@@ -1,6 +1,20 @@
 """The keyed state logic of the ingest flow, without Bytewax."""
 
-from dataflows.state import DedupeLogic, SeenIds, UserWindows, WindowLogic, WindowTotals, bucket_of
+import random
+
+from dataflows.state import (
+    COUNTED,
+    DEAD_LETTERED,
+    OUTCOME_COLUMN,
+    WINDOW_COLUMN,
+    DedupeLogic,
+    SeenIds,
+    UserWindows,
+    WindowLogic,
+    WindowTotals,
+    bucket_of,
+    id_hash,
+)
 from sinks.base import Batcher
 
 
@@ -160,3 +174,72 @@ def test_window_snapshots_from_before_retirement_resume():
     resumed = WindowLogic.build(lambda: None, 2, 30, pickle.dumps(old))
     assert resumed.state.users["o1/u1"].sealed_ms == -1
     assert resumed.on_batch([event("b", t=61_000)])[0] == []
+
+
+class OneAtATime(SeenIds):
+    """SeenIds as it was before batches: the time slice looked up for each new id."""
+
+    def first_of_each(self, keys, now):
+        out = []
+        for key in keys:
+            digest = id_hash(key)
+            if digest in self.ids:
+                out.append(False)
+                continue
+            self.ids.add(digest)
+            expires = now + self.horizon_s
+            if not self.slices or self.slices[-1][0] + self.slice_s <= expires:
+                if self.slices:
+                    self.slices[-1] = (self.slices[-1][0], tuple(self.slices[-1][1]))
+                self.slices.append((expires, []))
+            self.slices[-1][1].append(digest)
+            out.append(True)
+        return out
+
+
+def test_a_batch_of_ids_is_seen_as_one_id_after_another():
+    """Batches of repeats, all-repeat batches (no empty slice), slice turnovers and evictions:
+    the same answers and the same snapshot as one id at a time."""
+    rng = random.Random(5)
+    batched, single = SeenIds(horizon_s=90, slice_s=30), OneAtATime(horizon_s=90, slice_s=30)
+    now = 1000.0
+    for _ in range(60):
+        now += rng.choice([0, 1, 7, 31, 95])
+        keys = [f"o1/e{rng.randrange(40)}" for _ in range(rng.randrange(0, 12))]
+        for seen in (batched, single):
+            seen.evict(now)
+        assert batched.first_of_each(keys, now) == single.first_of_each(keys, now)
+        assert batched.frozen() == single.frozen()
+        assert all(ids for _expires, ids in batched.slices)
+        keys = [f"o1/e{rng.randrange(40)}" for _ in range(rng.randrange(0, 4))]
+        assert [batched.first(key, now) for key in keys] == single.first_of_each(keys, now)
+        assert batched.frozen() == single.frozen()
+
+
+def test_recorded_decisions_are_the_events_with_their_outcome_and_a_late_event_stays_undecided():
+    """The decision is written into the events rather than a copy of each: the decided rows
+    are the events as they came plus the two columns, last; the DLQ's late event is the
+    undecided one; the same dicts given again repeat their decisions, as a replay does."""
+    def arrivals():
+        return [event("new", t=600_000), event("c1", t=610_000, model="m2"), event("old", t=100_000),
+                event("u2", t=620_000, user="u2")]
+
+    logic = WindowLogic(UserWindows(60_000, 60_000, "dlq"), flush_interval_s=2, idle_s=30, clock=Clock(),
+                        record_decisions=True)
+    given = arrivals()
+    out, _ = logic.on_batch(given)
+    (late,) = [e for kind, e in out if kind == "late"]
+    (decided,) = [events for kind, events in out if kind == "decided"]
+    assert late == arrivals()[2]
+    assert [(e[OUTCOME_COLUMN], e[WINDOW_COLUMN]) for e in decided] == [
+        (COUNTED, 600_000), (COUNTED, 600_000), (DEAD_LETTERED, None), (COUNTED, 600_000)]
+    assert [list(e)[-2:] for e in decided] == [[OUTCOME_COLUMN, WINDOW_COLUMN]] * 4
+    assert [{k: v for k, v in e.items() if k not in (OUTCOME_COLUMN, WINDOW_COLUMN)} for e in decided] == arrivals()
+    again = WindowLogic(UserWindows(60_000, 0, "dlq"), flush_interval_s=2, idle_s=30, clock=Clock(),
+                        record_decisions=True)
+    # after an event at 700,000 with no lateness allowed, "new" would now be late: it keeps its
+    # stored count; "old" was not written into, so it is decided again
+    out, _ = again.on_batch([event("later", t=700_000), given[0], given[2]])
+    (decided,) = [events for kind, events in out if kind == "decided"]
+    assert [(e["event_id"], e[OUTCOME_COLUMN], e[WINDOW_COLUMN]) for e in decided] == [
+        ("later", COUNTED, 660_000), ("new", COUNTED, 600_000), ("old", DEAD_LETTERED, None)]
