@@ -93,15 +93,20 @@ def redact_batch(redactor: Redactor, events: list[dict]) -> list[tuple[str, dict
     entities: Counter[str] = Counter()
     flags: Counter[str] = Counter()
     levels: Counter[str] = Counter()
+    debug = log.isEnabledFor(logging.DEBUG)
     for event, result in zip(events, results):
         if isinstance(result, RedactionError):
             out.append((DLQ, event_dlq_record(event, stage="redact", code="redaction_failed", reason=str(result),
                                               first_seen_ms=now_ms)))
             continue
-        entities.update(result.get("pii_entity_counts", {}))
-        flags.update(result["policy_flags"])
+        # (Counter.update costs ~0.5 µs even when empty, and most events have no entity or flag)
+        entity_counts = result.get("pii_entity_counts")
+        if entity_counts:
+            entities.update(entity_counts)
+        if result["policy_flags"]:
+            flags.update(result["policy_flags"])
         levels[result["classification"]] += 1
-        if log.isEnabledFor(logging.DEBUG):
+        if debug:
             log.debug("policy decision", extra={
                 "request_id": result["request_id"], "trace_id": trace_id(result), "classification": result["classification"],
                 "policy_flags": result["policy_flags"], "pii_entity_counts": result.get("pii_entity_counts", {})})

@@ -49,6 +49,8 @@ _CUE_SEP = rb"(?:[\"']?[ \t]*:[ \t]*[\"']?|[ \t]*[:,\-]?)[ \t]*(?:\r?\n[ \t]*){0
 # "Dr. Ana", "Ms Ito", "Dr. van der Berg"; never across lines ("time=14 ms\n\nThe").
 _TITLE_SEP = rb"\.?[ \t]+(?:(?:" + "|".join(sorted(PARTICLES)).encode() + rb")[ \t]+){0,3}"
 TEXT_FIELDS = ("prompt", "response")
+_FIELD_PATHS = tuple(((name,), name) for name in TEXT_FIELDS)
+_COMMENT_PATH, _FEEDBACK_COMMENT_PATH = ("comment",), ("feedback", "comment")
 _NAME_WORD = re.compile(r"[^\W\d_]+(?:['’\-.][^\W\d_]*)*")
 # Which type wins a tie between overlapping spans of equal score.
 _PRIORITY = {"SECRET": 9, "CREDIT_CARD": 8, "IBAN_CODE": 7, "US_SSN": 6, "CRYPTO": 5, "EMAIL_ADDRESS": 4,
@@ -150,6 +152,9 @@ class Redactor:
 
             self._extra = pattern_recognizers(extra)
         self._extra_entities = extra
+        # Where the C half scans the gate and no extra recognizer runs on every text, a text the
+        # gate does not hit (most texts) is done after the scan: _redact_one's short path.
+        self._scan_first = self._native is not None and bool(self.gate.native_databases) and not extra
 
         self._ner = None
         self._ner_entities: list[str] = []
@@ -245,10 +250,13 @@ class Redactor:
         hyperscan hands each hit to the sink with no Python call."""
         if self.gate.native_databases:
             sink = self._native.scan(text, data)
-            stopped = sink.stopped
-        else:
-            sink = self._native.sink(text, data)
-            stopped = self.gate.feed(data, sink)
+            return self._found_by_sink(text, data, sink, sink.stopped)
+        sink = self._native.sink(text, data)
+        return self._found_by_sink(text, data, sink, self.gate.feed(data, sink))
+
+    def _found_by_sink(self, text: str, data: bytes, sink, stopped: bool) -> list[Entity]:
+        """The entities of a text from the C sink that took its gate hits (stopped: a hit
+        stopped the scan)."""
         if stopped and sink.out_of_order:
             hits, overflow = self.gate.scan(data)
             if overflow:
@@ -468,7 +476,16 @@ class Redactor:
 
     def _redact_one(self, text: str) -> RedactionResult:
         try:
-            entities = self._resolve(self.detect(text))
+            if not self._scan_first or not text:
+                entities = self._resolve(self.detect(text))
+            elif len(text) > self.settings.max_text_chars:
+                raise RedactionError(f"text of {len(text)} characters is over max_text_chars")
+            else:
+                data = text.encode("utf-8", "surrogatepass")
+                sink = self._native.scan(text, data)
+                if not sink.any and not sink.stopped:  # (no gate hit: nothing to find, resolve or replace)
+                    return RedactionResult(text)
+                entities = self._resolve(self._found_by_sink(text, data, sink, sink.stopped))
             return RedactionResult(self._apply(text, entities), entities)
         except RedactionError:
             raise
@@ -585,16 +602,14 @@ class Redactor:
 
     @staticmethod
     def _text_slots(event: dict) -> list[tuple[tuple[str, ...], str]]:
-        slots = []
-        for name in TEXT_FIELDS:
-            value = event.get(name)
-            if value is not None:
-                slots.append(((name,), value))
-        if event.get("comment") is not None:
-            slots.append((("comment",), event["comment"]))
-        feedback = event.get("feedback")
+        get = event.get
+        slots = [(path, value) for path, name in _FIELD_PATHS if (value := get(name)) is not None]
+        comment = get("comment")
+        if comment is not None:
+            slots.append((_COMMENT_PATH, comment))
+        feedback = get("feedback")
         if isinstance(feedback, dict) and feedback.get("comment") is not None:
-            slots.append((("feedback", "comment"), feedback["comment"]))
+            slots.append((_FEEDBACK_COMMENT_PATH, feedback["comment"]))
         return slots
 
     def _finish_event(self, event: dict, slots, results) -> dict:
@@ -610,12 +625,15 @@ class Redactor:
                 new[path[0]] = {**new[path[0]], path[1]: result.text}
             for entity in result.entities:
                 counts[entity.type] = counts.get(entity.type, 0) + 1
-        flags = list(event.get("policy_flags") or [])
+        flags = list(event.get("policy_flags") or ())
         if counts:
             wanted = ["pii_redacted"] + [f"pii:{t}" for t in sorted(counts)]
             flags.extend(f for f in wanted if f not in flags)
+            level = self.classify(counts, has_text)
+        else:  # (classify's answer without entities, without the call: most events)
+            level = self._classification.no_pii if has_text else self._classification.no_text
         new["policy_flags"] = flags
-        new["classification"] = self.classify(counts, has_text)
+        new["classification"] = level
         new["pii_entity_counts"] = counts
         return new
 
@@ -640,12 +658,15 @@ class Redactor:
             except Exception as exc:
                 slots_per_event.append(RedactionError(f"unreadable event: {type(exc).__name__}"))
                 continue
-            wrong = [".".join(path) for path, value in slots if not isinstance(value, str)]
-            if wrong:
-                slots_per_event.append(RedactionError(f"{', '.join(wrong)} is not text"))
-                continue
-            slots_per_event.append(slots)
-            texts.extend(value for _, value in slots)
+            for _path, value in slots:
+                if not isinstance(value, str):
+                    wrong = [".".join(path) for path, value in slots if not isinstance(value, str)]
+                    slots_per_event.append(RedactionError(f"{', '.join(wrong)} is not text"))
+                    break
+            else:
+                slots_per_event.append(slots)
+                for _path, value in slots:
+                    texts.append(value)
         results = self.redact_texts(texts) if texts else []
         out: list[dict | RedactionError] = []
         pos = 0
@@ -655,12 +676,13 @@ class Redactor:
                 continue
             mine = results[pos:pos + len(slots)]
             pos += len(slots)
-            errors = [r for r in mine if isinstance(r, RedactionError)]
-            if errors:
-                out.append(RedactionError(errors[0].reason))
-                continue
-            try:
-                out.append(self._finish_event(event, slots, mine))
-            except Exception as exc:
-                out.append(RedactionError(f"redaction failed: {type(exc).__name__}"))
+            for result in mine:
+                if isinstance(result, RedactionError):
+                    out.append(RedactionError(result.reason))
+                    break
+            else:
+                try:
+                    out.append(self._finish_event(event, slots, mine))
+                except Exception as exc:
+                    out.append(RedactionError(f"redaction failed: {type(exc).__name__}"))
         return out

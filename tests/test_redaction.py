@@ -847,3 +847,15 @@ def test_the_result_cache_keeps_the_newest_texts_up_to_its_size():
     assert redactor.redact(texts[4]) is results[4]  # served from the cache
     assert redactor.redact(texts[0]).text == results[0].text == "write to <EMAIL_ADDRESS>"
     assert list(redactor._cache) == [*texts[3:], texts[0]]
+
+
+def test_redact_events_drops_every_text_of_an_event_with_a_field_that_is_not_text(redactor):
+    """An event with one text and one non-text field fails alone: its text is not redacted in
+    the batch, so the texts of the events after it keep their own results."""
+    events = [{"prompt": "mail a@example.com", "response": 7}, {"prompt": "x", "feedback": {"comment": b"y"}},
+              {"prompt": "call +1 415 555 2671", "response": "mail b@example.com"}]
+    out = redactor.redact_events(events)
+    assert [out[0].reason, out[1].reason] == ["response is not text", "feedback.comment is not text"]
+    assert (out[2]["prompt"], out[2]["response"]) == ("call <PHONE_NUMBER>", "mail <EMAIL_ADDRESS>")
+    assert list(redactor.redact_event({"prompt": "hi"})) == ["prompt", "policy_flags", "classification",
+                                                              "pii_entity_counts"]

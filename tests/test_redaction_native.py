@@ -534,3 +534,16 @@ def test_libhs_databases_are_kept_on_disk_and_a_bad_file_is_compiled_again(tmp_p
     monkeypatch.setattr(gate_mod, "_COMPILED", {})
     assert Gate(patterns, native=native.extension).scan(data) == expected  # compiled again
     assert all(path.read_bytes() != b"not a database" for path in files)
+
+
+@needs_libhs
+def test_the_short_path_of_a_text_the_gate_does_not_hit_redacts_like_the_full_one(both, corpus_texts):
+    """_redact_one ends a text with no gate hit after the scan; the same redactor with that
+    short path off (every text through detect, resolve and apply) gives the same results."""
+    fast, _ = both
+    full = Redactor(RedactionSettings(cache_size=0, time_budget_ms=10_000), native=True)
+    full._scan_first = False
+    assert fast._scan_first
+    texts = corpus_texts + _fuzzed(random.Random(15), 1500) + ["summarise the quarterly report. " * 40, ""]
+    assert [_spans(fast, t) for t in texts] == [_spans(full, t) for t in texts]
+    assert sum(not fast.gate.scan(t.encode("utf-8", "surrogatepass"))[0] for t in texts) > 100  # short path taken
