@@ -75,6 +75,17 @@ CHDB_SESSION_SETTINGS: dict[str, str] = {}
 own defaults (ops/bench/FINDINGS.md measured the caches and pools against them)."""
 
 
+EMBEDDED_INSERT_SETTINGS = "optimize_on_insert = 0"
+"""Settings of every embedded insert. optimize_on_insert = 0: a ReplacingMergeTree otherwise
+collapses each inserted block's duplicates as it writes it (a sort-and-compare pass over the
+block, and a level-1 part that FINAL may skip), work that the merges and every FINAL reader
+repeat anyway; the flow's blocks hold no duplicates (it dedupes before the sinks), so that
+pass found nothing and cost 15-25% of chdb's insert CPU (ops/bench/FINDINGS.md, issue 17).
+Every reader of events, feedback and audit_log reads FINAL (sinks.clickhouse, the views,
+the API), so results are the same. Not sent to servers: 18.16 (the legacy path) rejects a
+setting it does not know."""
+
+
 def _chdb_session(path: str, server_settings: dict[str, str] | None = None):
     """chdb allows one session per process: every caller of a path shares it, and asking
     for another path closes the previous one (only tests and CLI tools switch paths). The
@@ -163,8 +174,9 @@ class ClickHouse:
             # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
             # Encoded before the lock: another worker's statement can run meanwhile.
             data = arrow_stream_bytes(rows)
-            with _chdb_lock, self._session.send_insert(f"INSERT INTO {self.database}.{table} ({columns})",
-                                                       "ArrowStream") as stream:
+            with _chdb_lock, self._session.send_insert(
+                    f"INSERT INTO {self.database}.{table} ({columns}) SETTINGS {EMBEDDED_INSERT_SETTINGS}",
+                    "ArrowStream") as stream:
                 stream.append(data)
                 stream.finish()
         else:

@@ -30,6 +30,8 @@ LEGACY_SKIPPED = {
     "071_usage_reasoning": _AGGREGATES,
     "080_events_trace_index": ("bloom_filter skip indexes need ClickHouse 19.8 or newer; trace id look-ups scan "
                                "the events table on this server"),
+    "100_events_compact_parts": ("compact parts need ClickHouse 20.3 or newer; this server writes every part "
+                                 "wide"),
 }
 """Migrations a legacy server cannot run, with the reason logged when one is skipped."""
 
