@@ -487,13 +487,14 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         chdb_mapped = flow.chdb_mapped()
         # The last ClickHouse batch waits up to clickhouse.max_age_s; a flow stopped before
         # it is written would leave it to recovery. Not timed: the drain is over.
-        if "clickhouse" in load_settings(use_service_state=False).sinks:  # the flows' own, from the environment
+        writes_clickhouse = "clickhouse" in load_settings(use_service_state=False).sinks  # the flows' own
+        if writes_clickhouse:
             wait_for(lambda: clickhouse_rows(flow.snapshot()) >= fill_report["valid"], 60, flow,
                      "the last ClickHouse batch")
     finally:
         stop_profilers(profilers)
         flow.stop()
-    stored = stored_events(clickhouse, settings)
+    stored = stored_events(clickhouse, settings, root, processes) if writes_clickhouse else None
     started_at, consumed_before, cpu_before, first, server_cpu_before = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
@@ -534,6 +535,9 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         result["profile_shares"] = [summarize_file(profile_dir / f"flow-{index}.txt") for index in range(processes)]
     click.echo(render_backlog(result), err=True)
     click.echo(json.dumps(result))
+    if stored is not None and stored != fill_report["valid"]:
+        raise click.ClickException(f"ClickHouse holds {stored:,} distinct events of the {fill_report['valid']:,} "
+                                   f"valid ones sent")
 
 
 def start_profilers(flow: Flow, profile_dir: Path) -> list[subprocess.Popen]:
@@ -562,16 +566,21 @@ def stop_profilers(profilers: list[subprocess.Popen]) -> None:
             profiler.wait()
 
 
-def stored_events(clickhouse: ClickHouseTarget, settings: Settings) -> int | None:
-    """Distinct events in the server's events table after the flows stopped (None with chdb,
-    whose databases only their own process can open): nothing lost on the way."""
-    if clickhouse.server is None:
-        return None
-    from sinks.clickhouse import ClickHouse
+def stored_events(clickhouse: ClickHouseTarget, settings: Settings, root: Path, processes: int) -> int:
+    """Distinct events in the events tables after the flows stopped: the server's, or each flow
+    process's own chdb database, opened here one after the other (a process has one chdb
+    session; opening the next closes the last): nothing lost on the way."""
+    from sinks.clickhouse import ClickHouse, close_chdb
 
-    client = ClickHouse(clickhouse.server.address, settings.clickhouse.database)
-    (count,), = client.rows(f"SELECT count() FROM {settings.clickhouse.database}.events FINAL")
-    return int(count)
+    database = settings.clickhouse.database
+    total = 0
+    try:
+        for url in sorted({clickhouse.url(root, index) for index in range(processes)}):
+            (count,), = ClickHouse(url, database).rows(f"SELECT count() FROM {database}.events FINAL")
+            total += int(count)
+    finally:
+        close_chdb()
+    return total
 
 
 def stages_us_per_event(settings: Settings, sample: int, users: int, user_mix: str, chdb_dir: Path) -> float:
