@@ -148,6 +148,7 @@ def test_bench_e2e_backlog_drains_every_event():
     assert report["events"] == 2000 and report["flow"] == "ops.launch:ingest"
     assert report["clickhouse"] == "chdb" and report["chdb_mapped_per_process"] == [True, True]
     assert report["clickhouse_events"] == report["valid_events"] > 0  # read back from both processes' chdb
+    assert f"{report['clickhouse_events']:,} stored of" in result.stderr
     assert "server_cpu_us_per_event" not in report and "embedded chdb" in result.stderr
     assert report["full_gc_collections"] >= 0
     assert 0 < report["timed_events"] <= 2000

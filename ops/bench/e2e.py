@@ -615,9 +615,10 @@ def render_backlog(r: dict) -> str:
 
 def server_rows(r: dict, unit: str, label: str) -> list[tuple[str, str]]:
     if f"server_{unit}" not in r:
-        return [("clickhouse", "embedded chdb in each flow process")]
-    rows = [("clickhouse server CPU", f"{r[f'server_{unit}']:g} {label}; flow + server {r[f'total_{unit}']:g}"),
-            ("clickhouse server RSS", f"peak {r['server_peak_rss_mb']:.0f} MB")]
+        rows = [("clickhouse", "embedded chdb in each flow process")]
+    else:
+        rows = [("clickhouse server CPU", f"{r[f'server_{unit}']:g} {label}; flow + server {r[f'total_{unit}']:g}"),
+                ("clickhouse server RSS", f"peak {r['server_peak_rss_mb']:.0f} MB")]
     if "clickhouse_events" in r:
         rows.append(("clickhouse events", f"{r['clickhouse_events']:,} stored of {r['valid_events']:,} valid sent"))
     return rows
