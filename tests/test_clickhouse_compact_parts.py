@@ -9,7 +9,6 @@ import time
 
 from ops.dev.loadgen import make_event
 from sinks.clickhouse import ClickHouse, close_chdb
-from sinks.parquet import to_table
 
 CLICKHOUSE_DEFAULT_MIN_BYTES_FOR_WIDE_PART = 10 * 1024 * 1024
 
