@@ -32,14 +32,16 @@ from tests.processes import run_cli
 
 
 def live_run(flow_topics_env, kafka_bootstrap, root, redis_db: int, redis_url: str, now_ms: int | None = None,
-             clock=None, validation_env: dict | None = None):
+             clock=None, validation_env: dict | None = None, shared_env: dict | None = None):
     """A live ingest run with duplicates and late events (dated at now_ms, default the wall
-    clock, or clock(i) for message i); validation_env applies to this run only."""
+    clock, or clock(i) for message i); validation_env applies to this run only, shared_env to
+    the returned env (the replays') too."""
     env = {
         **flow_topics_env(3),
         "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_PARQUET__MAX_ROWS": "300",
         "GATEWATCH_CLICKHOUSE__URL": f"chdb://{root / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "live",
         "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + f"/{redis_db}",
+        **(shared_env or {}),
     }
     settings = load_settings(environ={**env, **(validation_env or {})}, use_service_state=False)
     QuotaStore(settings.redis.url).redis.flushdb()
@@ -129,11 +131,18 @@ def test_replay_into_empty_stores_gives_the_live_numbers_and_a_second_replay_cha
 
 def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_and_bills(
         kafka_bootstrap, flow_topics_env, redis_url, tmp_path):
-    """Events spread over the 29 days before the last hour (two calendar months, late events
+    """Events spread over a month before the last hour (two calendar months, late events
     among them): each replay of the raw Parquet into empty stores rebuilds the live run's
     daily and monthly aggregates, quota counters and bills exactly."""
+    day_ms = 86_400_000
     end_ms = int(datetime.now(timezone.utc).timestamp() * 1000) - 3_600_000
-    span_ms = 29 * 86_400_000
+    # At least 29 days, and at least 12 hours into the month before end's: two calendar months
+    # on any date (29 days back from the 30th of a month stay inside it). That is up to 31.5
+    # days, so raw retention (whose hours alone the aggregates recompute) and the live run's
+    # limit on past timestamps are widened to hold them.
+    end_month_ms = int(datetime.fromtimestamp(end_ms / 1000, timezone.utc).replace(
+        day=1, hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
+    span_ms = end_ms - min(end_ms - 29 * day_ms, end_month_ms - day_ms // 2)
     # Events arrive at any time of day, the first minutes after midnight included: a late one
     # dated before a midnight is stored in the earlier day's file, read before the events it
     # came after, and replays to the live bill through its stored decision.
@@ -144,7 +153,8 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
     # Produced now, as if each had arrived on its day; the replays keep the default 7-day
     # limit on past timestamps, which must not apply to what raw storage already holds.
     env, settings, expected = live_run(flow_topics_env, kafka_bootstrap, tmp_path, 11, redis_url, clock=arrival,
-                                       validation_env={"GATEWATCH_VALIDATION__MAX_PAST_S": str(31 * 86_400)})
+                                       validation_env={"GATEWATCH_VALIDATION__MAX_PAST_S": str(40 * 86_400)},
+                                       shared_env={"GATEWATCH_RETENTION__RAW_DAYS": "40"})
     # Events dated before yesterday are left to the aggregates and their users' month bases
     # restated RESTATE_DELAY_S later by the running flow's quota sink: do that pass now.
     clients = aggregate_clients(settings)
@@ -156,7 +166,8 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
     assert expected.late and len(days) >= 28 and len({row[0] for row in live_numbers["monthly"]}) >= 2
     billed, owed = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, expected, settings)
     assert billed == owed  # every unique event, late ones included, billed once
-    first_day = datetime.fromtimestamp((end_ms - span_ms) / 1000, timezone.utc).date()
+    # (A late event is dated up to the lateness and 10 minutes before its arrival: maybe the day before the first.)
+    first_day = datetime.fromtimestamp((end_ms - span_ms) / 1000, timezone.utc).date() - timedelta(days=1)
     for database, redis_db in (("month_a", 12), ("month_b", 13)):
         rebuilt_env, rebuilt = empty_stores(env, database, redis_db)
         result = replay_through_today(rebuilt_env, first_day)
