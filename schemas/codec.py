@@ -121,11 +121,10 @@ class RecordCodec:
         self.schema_id, parsed = registry.latest(name)
         self.reader = _Schema(parsed)
         self._header = bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
-        self._writers: dict[int, tuple[dict, dict | None, dict[str, int], Any]] = {}
+        self._writers: dict[int, tuple[dict, dict | None, dict[str, int], Any, Any]] = {}
         self.string_checks: dict[str, tuple[int, int, int]] = {}
         """Checks the C reader applies while reading (avro_reader.compile_reader), for a codec
         with string rules: a record that passes them is one the rules would not change."""
-        self._checked_reads: dict[int, Callable[[bytes, int], tuple[dict, int, bool]] | None] = {}
         self.plain_writer_id = plain_writer_id if plain_writer_id is not None else self.schema_id
         self._write: Callable[[dict], bytes] | None = None
         self._write_compiled = False
@@ -176,7 +175,7 @@ class RecordCodec:
 
     # -- decoding --------------------------------------------------------------------
 
-    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int], Any]:
+    def _writer(self, schema_id: int) -> tuple[dict, dict | None, dict[str, int], Any, Any]:
         """(writer schema, reader schema or None when they are one, {field: divisor} that
         brings the writer's finer timestamps to the reader's milliseconds, the generated
         reader of the pair or None where only fastavro reads it)."""
@@ -205,24 +204,22 @@ class RecordCodec:
             fast = compile_reader(writer.plain, reader, self.string_checks)
         except Unsupported:
             fast = None
-        found = (writer.plain, reader, _timestamp_divisors(parsed, self.reader.parsed), fast)
         # Only where the writer writes every checked field: a default is not checked.
         written = {field["name"] for field in writer.plain["fields"]}
         checked = None
         if self.string_checks and written.issuperset(self.string_checks):
             checked = getattr(fast, "read_checked", None)
+        found = (writer.plain, reader, _timestamp_divisors(parsed, self.reader.parsed), fast, checked)
         if len(self._writers) < 1024:
             self._writers[schema_id] = found
-            self._checked_reads[schema_id] = checked
         return found
 
     def _read_avro(self, value: bytes, start: int, schema_id: int | None, wire: bool) -> tuple[dict, bool]:
         """(record of the Avro body that starts at ``start`` of ``value``, whether it passed
         string_checks while it was read)."""
-        writer, reader, divisors, fast = self._writer(schema_id)
+        writer, reader, divisors, fast, checked = self._writer(schema_id)
         record, passed = None, False
         if fast is not None:
-            checked = self._checked_reads.get(schema_id)
             try:
                 if checked is not None:
                     record, end, passed = checked(value, start)

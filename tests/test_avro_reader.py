@@ -24,7 +24,7 @@ class FastavroOnly(EventCodec):
     """The codec as it was before the generated reader: fastavro reads every body."""
 
     def _writer(self, schema_id):
-        return (*super()._writer(schema_id)[:3], None)
+        return (*super()._writer(schema_id)[:3], None, None)
 
 
 FAST = EventCodec(LocalRegistry(), ValidationSettings())
