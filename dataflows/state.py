@@ -6,11 +6,11 @@ directly; its recovery snapshot is an immutable copy of that object.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import time
 import zlib
 from dataclasses import dataclass, field
-from hashlib import blake2b
 from datetime import datetime, timezone
 from typing import Callable
 
@@ -35,7 +35,7 @@ def id_hash(key: str) -> int:
     """64 bits of a stable hash (Python's own str hash changes with every process, and a
     snapshot outlives the process). Two ids collide within one horizon with odds of about
     n^2/2^65: 5e-7 for 4.5 million remembered ids."""
-    return int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little")
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -62,7 +62,7 @@ class SeenIds:
         ids, remember = self.ids, None
         out = []
         for key in keys:
-            digest = int.from_bytes(blake2b(key.encode(), digest_size=8).digest(), "little")  # id_hash, inlined
+            digest = id_hash(key)
             if digest in ids:
                 out.append(False)
                 continue
