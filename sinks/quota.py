@@ -529,7 +529,12 @@ def periods(when_ms: int) -> tuple[str, str]:
 def usage_keys(scope: str, ident: str, when_ms: int) -> tuple[str, str]:
     """(day key, month key) of a user ('user', 'org/user') or an org ('org', 'org')."""
     day, month = periods(when_ms)
-    return f"gw:usage:{scope}:{ident}:d:{day}", f"gw:usage:{scope}:{ident}:m:{month}"
+    return f"gw:usage:{scope}:{ident}:d:{day}", month_key(scope, ident, month)
+
+
+def month_key(scope: str, ident: str, month: str) -> str:
+    """The month (YYYYMM) counter's key of a user or an org, as usage_keys names it."""
+    return f"gw:usage:{scope}:{ident}:m:{month}"
 
 
 def window_key(total: dict) -> str:
@@ -872,7 +877,7 @@ class QuotaStore:
         # of Python per user, and the quota sink asks for every user of every flush.
         for start in range(0, len(users), 5000):
             chunk = users[start:start + 5000]
-            absent = self._missing_keys(keys=[f"gw:usage:user:{user}:m:{month}" for user in chunk])
+            absent = self._missing_keys(keys=[month_key("user", user, month) for user in chunk])
             missing += [(chunk[index - 1], month) for index in absent]
         return missing
 
@@ -970,7 +975,7 @@ class QuotaStore:
 
     def month_through(self, scope: str, ident: str, last_day: str) -> dict[str, int]:
         """month_usage through a day given as YYYYMMDD (the 31st reads a whole month)."""
-        values = self._month_usage(keys=[f"gw:usage:{scope}:{ident}:m:{last_day[:6]}"],
+        values = self._month_usage(keys=[month_key(scope, ident, last_day[:6])],
                                    args=[f"gw:usage:{scope}:{ident}:d:", last_day])
         return dict(zip(USAGE_FIELDS, map(int, values)))
 
