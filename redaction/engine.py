@@ -212,10 +212,16 @@ class Redactor:
     def _budget(self, text: str) -> float:
         return self._budget_s + self._budget_per_char_s * len(text)
 
+    def _too_long(self, text: str) -> RedactionError | None:
+        """The error of a text over max_text_chars, None for one within it."""
+        if len(text) > self.settings.max_text_chars:
+            return RedactionError(f"text of {len(text)} characters is over max_text_chars")
+        return None
+
     def detect(self, text: str) -> list[Entity]:
         """Entities of one text by the fast tiers (no NER), resolved and thresholded."""
-        if len(text) > self.settings.max_text_chars:
-            raise RedactionError(f"text of {len(text)} characters is over max_text_chars")
+        if (error := self._too_long(text)) is not None:
+            raise error
         return self._detect(text)
 
     def _detect(self, text: str) -> list[Entity]:
@@ -478,8 +484,8 @@ class Redactor:
         try:
             if not self._scan_first or not text:
                 entities = self._resolve(self.detect(text))
-            elif len(text) > self.settings.max_text_chars:
-                raise RedactionError(f"text of {len(text)} characters is over max_text_chars")
+            elif (error := self._too_long(text)) is not None:
+                raise error
             else:
                 data = text.encode("utf-8", "surrogatepass")
                 sink = self._native.scan(text, data)
@@ -510,8 +516,8 @@ class Redactor:
             cached = self._cache.get(text)
             if cached is not None:
                 out[i] = cached
-            elif len(text) > self.settings.max_text_chars:
-                out[i] = RedactionError(f"text of {len(text)} characters is over max_text_chars")
+            elif (error := self._too_long(text)) is not None:
+                out[i] = error
             else:
                 todo.append(i)
         if not todo:
