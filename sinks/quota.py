@@ -695,6 +695,11 @@ def restate_month_bases(store: "QuotaStore", month_totals: MonthTotals, delay_s:
     return written
 
 
+def users_of_month(totals: Iterable[dict], month: str) -> set[str]:
+    """The org/users of the totals dated in a month (YYYYMM)."""
+    return {f"{total['org_id']}/{total['user_id']}" for total in totals if periods(total["window_start_ms"])[1] == month}
+
+
 def keep_month_bases(store: "QuotaStore", month_totals: MonthTotals, org_totals: OrgMonthTotals | None,
                      users: Iterable[str]) -> int:
     """The quota sink's part after each batch: missing bases of the batch's users now, stale
@@ -1031,7 +1036,10 @@ class QuotaWriter:
         totals = [total for batch in batches for total in batch]
         self.retry(self.sink, lambda: self.store.apply(totals))
         if self.keep_bases is not None:
-            self.keep_month_bases({f"{total['org_id']}/{total['user_id']}" for total in totals})
+            # Only users with usage in the month under way get its base: one whose batch holds an
+            # earlier month alone (a late event, a backlog) has shown nothing of this month, as a
+            # replay, which restates those days without the sink, also finds (tests/test_replay.py).
+            self.keep_month_bases(users_of_month(totals, periods(int(self.store.clock() * 1000))[1]))
         count_written(self.sink, len(totals))
         observe_freshness(self.sink, [t["window_start_ms"] + t["window_length_ms"] for t in totals], self.lateness_s)
         self.retry("quota_alerts", self.deliver_alerts)

@@ -129,11 +129,13 @@ def test_replay_into_empty_stores_gives_the_live_numbers_and_a_second_replay_cha
     assert audit.count(("replay", "started")) == 3 and audit.count(("replay", "succeeded")) == 3
 
 
+@pytest.mark.parametrize("span_days", [None, 33], ids=["two-months", "33-days"])
 def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_and_bills(
-        kafka_bootstrap, flow_topics_env, redis_url, tmp_path):
+        span_days, kafka_bootstrap, flow_topics_env, redis_url, tmp_path):
     """Events spread over a month before the last hour (two calendar months, late events
-    among them): each replay of the raw Parquet into empty stores rebuilds the live run's
-    daily and monthly aggregates, quota counters and bills exactly."""
+    among them; or 33 days, which on some dates leaves a user only days of the earlier
+    month): each replay of the raw Parquet into empty stores rebuilds the live run's daily
+    and monthly aggregates, quota counters and bills exactly."""
     day_ms = 86_400_000
     end_ms = int(datetime.now(timezone.utc).timestamp() * 1000) - 3_600_000
     # At least 29 days, and at least 12 hours into the month before end's: two calendar months
@@ -142,7 +144,7 @@ def test_a_month_replayed_into_two_empty_store_sets_gives_the_live_aggregates_an
     # limit on past timestamps are widened to hold them.
     end_month_ms = int(datetime.fromtimestamp(end_ms / 1000, timezone.utc).replace(
         day=1, hour=0, minute=0, second=0, microsecond=0).timestamp() * 1000)
-    span_ms = end_ms - min(end_ms - 29 * day_ms, end_month_ms - day_ms // 2)
+    span_ms = span_days * day_ms if span_days else end_ms - min(end_ms - 29 * day_ms, end_month_ms - day_ms // 2)
     # Events arrive at any time of day, the first minutes after midnight included: a late one
     # dated before a midnight is stored in the earlier day's file, read before the events it
     # came after, and replays to the live bill through its stored decision.
@@ -206,6 +208,46 @@ def test_a_late_event_dated_before_midnight_replays_to_the_live_bills(kafka_boot
     replay_through_today(rebuilt_env, datetime.fromtimestamp((midnight - day_ms) / 1000, timezone.utc).date())
     replayed_billed = billing_totals(settings.kafka.bootstrap, settings.kafka.billing_topic, Expected(), settings)[0]
     assert replayed_billed == live_billed
+
+
+def test_a_user_seen_only_in_an_earlier_month_replays_to_the_live_quota_keys(kafka_bootstrap, flow_topics_env,
+                                                                             redis_url, tmp_path):
+    """One user's only events are 33 days old (always an earlier month), another's are of the
+    last minutes. The live quota sink gets both users' totals now; the replay restates the old
+    days from the aggregates. The user of the month under way gets its month base both ways;
+    the other none either way (the live sink once gave it an empty base of this month, which
+    the replay had no reason to write: the counters differed after a 33-day replay)."""
+    now_ms = int(datetime.now(timezone.utc).timestamp() * 1000)
+    month_start_ms = int(datetime.now(timezone.utc).replace(day=1, hour=0, minute=0, second=0,
+                                                             microsecond=0).timestamp() * 1000)
+    past_ms, recent_ms = now_ms - 33 * 86_400_000, max(now_ms - 5 * 60_000, month_start_ms)
+    produced = [gateway_event("user-old", past_ms, 120, 30), gateway_event("user-old", past_ms + 60_000, 80, 20),
+                gateway_event("user-new", recent_ms, 200, 50)]
+    env = {**flow_topics_env(1), "GATEWATCH_PARQUET__ROOT": str(tmp_path / "raw"),
+           "GATEWATCH_CLICKHOUSE__URL": f"chdb://{tmp_path / 'chdb'}", "GATEWATCH_CLICKHOUSE__DATABASE": "live",
+           "GATEWATCH_REDIS__URL": redis_url.rsplit("/", 1)[0] + "/5", "GATEWATCH_RETENTION__RAW_DAYS": "40"}
+    settings = load_settings(environ={**env, "GATEWATCH_VALIDATION__MAX_PAST_S": str(40 * 86_400)},
+                             use_service_state=False)
+    QuotaStore(settings.redis.url).redis.flushdb()
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+
+    def messages():
+        for event in produced:
+            yield f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
+        return Expected()
+
+    produce(kafka_bootstrap, settings.kafka.events_topic, messages(), len(produced))
+    run_main(build_flow(settings))
+    close_chdb()
+    live_numbers = numbers(settings, Expected())
+
+    rebuilt_env, rebuilt = empty_stores(env, "rebuilt", 6)
+    result = replay_through_today(rebuilt_env, datetime.fromtimestamp(past_ms / 1000, timezone.utc).date())
+    assert json.loads(result.stdout.splitlines()[-1])["rows"] == len(produced)
+    assert numbers(rebuilt, Expected()) == live_numbers
+    month = f"{datetime.now(timezone.utc):%Y%m}"
+    bases = [key for key, _values in live_numbers["quota"] if key.startswith(b"gw:usage:user:") and b":m:" in key]
+    assert bases == [f"gw:usage:user:org-midnight/user-new:m:{month}".encode()]
 
 
 def test_replay_refuses_to_write_parquet_and_names_unknown_sinks(live):
