@@ -1,8 +1,15 @@
 """A Bytewax source over the raw Parquet files of a date range: one partition per region,
 resumable at (file, row) after a crash.
 
-Files are read in the order they were written (modification time, then name); a replay's
-windows do not depend on that order. The live flow's windows decided each event's fate
+Files are read by event date, and a date's files in the order they were written (modification
+time, then name): every file of a date before any file of a later one, which lets the replay's
+windows forget a date's windows once it has moved past that date
+(dataflows.state.WindowTotals.forget_before_ms; a user's events are in one region, so one
+partition). Within a date the order may differ from the order of arrival (S3 keeps
+modification times to the second and names are content hashes; a copied file is newer than
+its rows); the windows do not depend on it. Write order alone would not do: each date's rows
+are batched apart, so a newer date's file may be written before an older date's file holding
+rows that arrived earlier. The live flow's windows decided each event's fate
 (counted in which window, sent as a late adjustment, or to the DLQ) from the order its
 user's events arrived in and from how long the user had been idle, neither of which the
 files keep: an event dated before midnight that arrived after its user's events of the next
@@ -52,7 +59,8 @@ def _written(info: dict[str, Any]) -> float:
 
 
 def select_files(listing: dict[str, dict], first: date, last: date, region: str | None = None) -> list[RawFile]:
-    """The files of event dates first..last (and one region), in the order they were written."""
+    """The files of event dates first..last (and one region), by date, a date's in the order
+    they were written."""
     chosen = []
     for path, info in listing.items():
         found = _PARTITION.search(path)
@@ -61,7 +69,11 @@ def select_files(listing: dict[str, dict], first: date, last: date, region: str 
         day, where = date.fromisoformat(found.group(1)), found.group(2)
         if first <= day <= last and region in (None, where):
             chosen.append(RawFile(path, day, where, _written(info)))
-    return sorted(chosen, key=lambda f: (f.written, f.path))
+    return sorted(chosen, key=read_order)
+
+
+def read_order(raw: RawFile) -> tuple[date, float, str]:
+    return raw.event_date, raw.written, raw.path
 
 
 def list_files(store: ParquetStore, first: date, last: date, region: str | None = None,
@@ -132,5 +144,5 @@ class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _RegionPartition:
         files = sorted(((store, f) for store, f in self._files() if f.region == for_part),
-                       key=lambda pair: (pair[1].written, pair[1].path))
+                       key=lambda pair: read_order(pair[1]))
         return _RegionPartition(files, self._batch_size, resume_state)

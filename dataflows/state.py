@@ -18,6 +18,8 @@ from bytewax.operators import StatefulBatchLogic
 
 from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, event_key, user_key
 
+MS_PER_DAY = 86_400_000
+
 
 def _at(epoch_s: float) -> datetime:
     return datetime.fromtimestamp(epoch_s, tz=timezone.utc)
@@ -199,6 +201,16 @@ class WindowTotals:
     refused as not newer. Their events go out as late adjustments instead (class default:
     snapshots taken before this field existed unpickle with it)."""
 
+    repeats_decisions: bool = False
+    """The user's events carry the live flow's decisions (a replay of raw storage). The
+    replay's watermark then says nothing about which of its windows can still grow: the
+    files are read by event date, a date's files in the order listed, which within a date
+    may put a later arrival (in a newer file, or one listed first) before an earlier one.
+    Such a window, forgotten by watermark and lateness and given another event, would
+    restart at a lower count that the quota ignores. So its windows are forgotten only
+    once the replay has moved past their date (forget_before_ms), and never for idleness
+    measured on the replay's wall clock (WindowLogic._flush)."""
+
     def add(self, event: dict) -> tuple[int | None, bool]:
         """Count the event; return (window it went to, or None if it goes out as a late
         adjustment or to the DLQ, was_late). (None, False) is an event of a retired window."""
@@ -243,6 +255,7 @@ class WindowTotals:
                 return COUNTED, window
             return (DEAD_LETTERED if was_late and self.late_policy == "dlq" else ADJUSTED), None
         self.org_id, self.user_id = event["org_id"], event["user_id"]
+        self.repeats_decisions = True
         if stored == COUNTED:
             self._count(event[WINDOW_COLUMN], event)
         self.watermark_ms = max(self.watermark_ms, event["event_time"])
@@ -265,10 +278,25 @@ class WindowTotals:
             for start, model in sorted(self.dirty)
         ]
         self.dirty.clear()
-        horizon = self.watermark_ms - self.lateness_ms
+        horizon = self.forget_before_ms()
         for key in [k for k in self.windows if k[0] + self.length_ms <= horizon]:
             del self.windows[key]
         return out
+
+    def forget_before_ms(self) -> int:
+        """Windows ending at or before this take no more events. Live: those past the watermark
+        by the lateness. Replayed decisions: those ending by the midnight (UTC) that starts the
+        watermark's day, as a window only takes events dated before its end (late_policy
+        "current" counts a late event in a later window, never an earlier one) and a replay
+        reads every file of a date before any file of a later date (connectors.parquet_source)."""
+        if self.repeats_decisions:
+            return self.watermark_ms - self.watermark_ms % MS_PER_DAY
+        return self.watermark_ms - self.lateness_ms
+
+    def replay_holds_windows(self) -> bool:
+        """Whether the user's windows are a replay's still open ones (repeats_decisions): they
+        close by their date alone, never by idleness on the replay's wall clock."""
+        return self.repeats_decisions and bool(self.windows)
 
 
 @dataclass
@@ -294,7 +322,8 @@ class WindowLogic(StatefulBatchLogic):
     something changed, and for late events at once either ("totals", [late_adjustment])
     (policy "adjust", the default) or ("late", event) (policy "dlq"); an event of a window
     forgotten while its user was idle is always an adjustment. Retires users idle for idle_s
-    (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s. With
+    (windows forgotten, watermark kept), forgets them after RETIRED_FOR * idle_s; a replay's
+    user keeps its open windows however long it idles (WindowTotals.repeats_decisions). With
     record_decisions, every batch's events also come back as ("decided", [events with their
     outcome]) for raw storage, so that a replay repeats these decisions rather than remaking
     them (WindowTotals.decide); the decision is written into the event dicts themselves
@@ -342,6 +371,8 @@ class WindowLogic(StatefulBatchLogic):
         now = self.clock()
         totals = [t for user in self.state.users.values() if user.dirty for t in user.flush()]
         for key, user in list(self.state.users.items()):
+            if user.replay_holds_windows():
+                continue
             idle_for = now - user.last_seen_s
             if idle_for >= RETIRED_FOR * self.idle_s:
                 del self.state.users[key]

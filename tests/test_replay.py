@@ -4,6 +4,7 @@ and replaying again changes nothing; retention deletes only expired raw partitio
 from __future__ import annotations
 
 import json
+import os
 import random
 import subprocess
 import uuid
@@ -17,6 +18,7 @@ from bytewax.testing import run_main
 
 from connectors.parquet_source import FINISHED, ParquetSource, select_files
 from dataflows.ingest import build_flow
+from dataflows.state import RETIRED_FOR, UserWindows, WindowLogic
 from dataflows.outputs import aggregate_clients, summed_totals
 from ops.dev.demo import billing_totals, produce
 from ops.dev.loadgen import Expected, generate, make_event
@@ -250,13 +252,81 @@ def test_a_user_seen_only_in_an_earlier_month_replays_to_the_live_quota_keys(kaf
     assert bases == [f"gw:usage:user:org-midnight/user-new:m:{month}".encode()]
 
 
+def counted_row(user: str, at_ms: int, input_tokens: int, offset: int) -> dict:
+    """A raw row as the live flow stores it: counted in its own one-minute window."""
+    return {**gateway_event(user, at_ms, input_tokens, input_tokens // 10), "classification": "internal",
+            "pii_entity_counts": {}, "source_partition": 0, "source_offset": offset,
+            "window_outcome": "counted", "window_start_ms": at_ms - at_ms % 60_000}
+
+
+def replay_windows_into_quota(store: ParquetStore, first: date, last: date, quota: QuotaStore,
+                              wall_s_per_file: float) -> None:
+    """The replay's source, windows and quota sink, with a flush after every file read (the
+    flush interval, 2 s of wall clock, may end between any two) and wall_s_per_file of the
+    replay's wall clock passing per file."""
+    windows = Settings().windows
+    now = [0.0]
+    logic = WindowLogic(UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000),
+                                    windows.late_policy), windows.flush_interval_s,
+                        windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s,
+                        clock=lambda: now[0])
+    source = ParquetSource([store], first, last, batch_size=1000)
+    for part in source.list_parts():
+        reader = source.build_part("parquet_in", part, None)
+        while True:
+            try:
+                outputs = logic.on_batch(reader.next_batch())[0]
+            except StopIteration:
+                break
+            now[0] += wall_s_per_file
+            outputs += logic.on_notify()[0]
+            quota.apply([total for kind, totals in outputs if kind == "totals" for total in totals])
+    quota.apply([total for _kind, totals in logic.on_eof()[0] for total in totals])
+
+
+@pytest.mark.parametrize("wall_s_per_file", [0, RETIRED_FOR * 662 + 1], ids=["fast", "slower-than-idle"])
+def test_a_replay_reading_a_newer_file_before_an_older_one_counts_every_token(wall_s_per_file, redis_url, tmp_path):
+    """A user's window split over two files, one read after a file of later events: a newer
+    date's file written before its older date's second file (each date is batched apart),
+    and within a date a newer file listed first (S3 keeps modification times to the second; a
+    copied file is newer than its rows). A flush in between must not forget the window, nor
+    may a replay slower than the user's idle time: its later events would restart the window
+    at a lower count, which the quota ignores. The replayed day counters hold every token."""
+    day = date(2031, 3, 8)  # counters' expiry times never fall in the real past
+    midnight = int(datetime(2031, 3, 9, tzinfo=timezone.utc).timestamp() * 1000)
+    minute = 60_000
+    first_of_window, second_of_window = counted_row("u1", midnight - 20 * minute + 10_000, 100, 1), \
+        counted_row("u1", midnight - 20 * minute + 20_000, 200, 2)
+    after_midnight = counted_row("u1", midnight + 30 * minute, 300, 3)
+    older, newer = (counted_row("u1", midnight + 600 * minute + 10_000, 400, 4),
+                    [counted_row("u1", midnight + 600 * minute + 20_000, 500, 5),
+                     counted_row("u1", midnight + 660 * minute, 600, 6)])
+    raw = ParquetStore(str(tmp_path / "raw"))
+    # (date's partition, rows, modification time): in the order they were written but the last two.
+    for partition, rows, written in ((day, [first_of_window], 1000), (day + timedelta(days=1), [after_midnight], 1001),
+                                     (day, [second_of_window], 1002), (day + timedelta(days=1), [older], 1004),
+                                     (day + timedelta(days=1), newer, 1003)):
+        os.utime(raw.write(f"event_date={partition}/region=us", rows), (written, written))
+    quota = QuotaStore(redis_url.rsplit("/", 1)[0] + "/2", month_bases=False,
+                       clock=lambda: midnight / 1000 + 12 * 3600)
+    quota.redis.flushdb()
+
+    replay_windows_into_quota(raw, day, day + timedelta(days=1), quota, wall_s_per_file)
+
+    for at_ms, rows in ((midnight - 1, [first_of_window, second_of_window]),
+                        (midnight, [after_midnight, older, *newer])):
+        counted = quota.usage("user", "org-midnight/u1", at_ms)["day"]
+        assert (counted["requests"], counted["input"], counted["output"]) == (
+            len(rows), sum(r["input_tokens"] for r in rows), sum(r["output_tokens"] for r in rows))
+
+
 def test_replay_refuses_to_write_parquet_and_names_unknown_sinks(live):
     env, _settings, _expected = live
     result = replay(env, "--from", "2026-01-01", "--to", "2026-01-02", "--to-sinks", "parquet")
     assert result.returncode == 2 and "a replay writes to clickhouse, quota, billing, dlq" in result.stderr
 
 
-def test_files_are_chosen_by_date_and_region_in_write_order():
+def test_files_are_chosen_by_date_and_region_by_date_then_in_write_order():
     listing = {
         "r/event_date=2026-03-02/region=eu/part-b.parquet": {"mtime": 30.0},
         "r/event_date=2026-03-01/region=eu/part-a.parquet": {"mtime": 40.0},
@@ -265,7 +335,8 @@ def test_files_are_chosen_by_date_and_region_in_write_order():
         "r/event_date=2026-03-01/region=eu/part-a.parquet.tmp": {"mtime": 1.0},
     }
     chosen = select_files(listing, date(2026, 3, 1), date(2026, 3, 2))
-    assert [f.path.rsplit("/", 1)[-1] for f in chosen] == ["part-c.parquet", "part-b.parquet", "part-a.parquet"]
+    # Every file of a date before any of a later one (part-b was written before part-a).
+    assert [f.path.rsplit("/", 1)[-1] for f in chosen] == ["part-c.parquet", "part-a.parquet", "part-b.parquet"]
     assert [f.region for f in select_files(listing, date(2026, 3, 1), date(2026, 3, 2), "eu")] == ["eu", "eu"]
 
 
