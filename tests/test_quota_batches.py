@@ -9,11 +9,15 @@ import pytest
 import redis
 
 from ops.settings import QuotaSettings
-from sinks.quota import ORG_RESTATE_KEY, QuotaStore, fill_month_bases, periods, restate_month_bases
+from sinks.quota import ORG_RESTATE_KEY, QuotaStore, fill_month_bases, restate_month_bases
 
 pytestmark = pytest.mark.integration
 ONE_BY_ONE_DB = 12  # a database of the session's Redis, flushed before each use (tests run one at a time)
-WINDOW = int(time.time()) // 60 * 60_000
+# The workload's minute, and the stores' clock within it: a moment in the future, so that no
+# key's expiry (Redis's own wall clock) falls in the past and no day or month turns between the
+# module's import and its tests (a minute read from the wall clock at import did).
+WINDOW = calendar.timegm((2031, 3, 17, 12, 0, 0)) * 1000
+NOW_S = WINDOW / 1000 + 30
 DAY_MS = 86_400_000
 
 
@@ -43,7 +47,7 @@ def mixed_flushes(seed: int) -> list[list[dict]]:
     (some delivered twice), of several orgs and days, including windows older than the counted days."""
     rng = random.Random(seed)
     users = ["o1/big", "o1/a", "o1/b", "o2/pro", "o2/capped", "o2/c", "o3/d"]
-    yesterday = WINDOW - DAY_MS if periods(WINDOW - DAY_MS)[1] == periods(WINDOW)[1] else WINDOW
+    yesterday = WINDOW - DAY_MS
     starts = [WINDOW, WINDOW - 60_000, yesterday, WINDOW - 3 * DAY_MS]
     running: dict[tuple, dict] = {}
     flushes = []
@@ -74,7 +78,7 @@ def redis_state(client: redis.Redis) -> dict:
 
 @pytest.mark.parametrize("month_bases", [True, False])
 def test_a_batch_over_several_chunks_leaves_redis_as_one_call_per_total(redis_url, month_bases):
-    now = time.time()
+    now = NOW_S
     one_by_one_url = redis_url.rsplit("/", 1)[0] + f"/{ONE_BY_ONE_DB}"
     batched = quota_store(redis_url, month_bases, chunk=7, now=now)
     single = quota_store(one_by_one_url, month_bases, chunk=1, now=now)
@@ -91,7 +95,7 @@ def test_a_batch_over_several_chunks_leaves_redis_as_one_call_per_total(redis_ur
 
 @pytest.fixture
 def store(redis_url):
-    return quota_store(redis_url, month_bases=True, chunk=3, now=time.time())
+    return quota_store(redis_url, month_bases=True, chunk=3, now=NOW_S)
 
 
 def test_the_same_window_twice_in_one_call_counts_its_newest_totals_once(store):
