@@ -1,11 +1,12 @@
-"""A Bytewax source over the raw Parquet files of a date range: one partition per region,
-resumable at (file, row) after a crash.
+"""A Bytewax source over the raw Parquet files of a date range, every region's in one
+partition, resumable at (file, row) after a crash.
 
 Files are read by event date, and a date's files in the order they were written (modification
 time, then name): every file of a date before any file of a later one, which lets the replay's
 windows forget a date's windows once it has moved past that date
-(dataflows.state.WindowTotals.forget_before_ms; a user's events are in one region, so one
-partition). Within a date the order may differ from the order of arrival (S3 keeps
+(dataflows.state.WindowTotals.forget_before_ms). One partition reads every region: a user
+may send through API keys of several regions, and a partition per region could read one
+region's files days ahead of another's. Within a date the order may differ from the order of arrival (S3 keeps
 modification times to the second and names are content hashes; a copied file is newer than
 its rows); the windows do not depend on it. Write order alone would not do: each date's rows
 are batched apart, so a newer date's file may be written before an older date's file holding
@@ -96,7 +97,11 @@ def rows_to_events(table: pa.Table) -> list[dict]:
     return events
 
 
-class _RegionPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
+ALL_REGIONS = "all"
+"""The source's one partition (build_part also takes a region's name: that region's files alone)."""
+
+
+class _FilesPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
     def __init__(self, files: list[tuple[ParquetStore, RawFile]], batch_size: int, resume: tuple[str, int] | None):
         self._stores = [store for store, _f in files]
         self._paths = [f.path for _s, f in files]
@@ -129,7 +134,7 @@ class _RegionPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
 
 class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
     """Raw events of event dates first..last from one or more stores (one per region
-    storage), one partition per region."""
+    storage), in one partition (ALL_REGIONS)."""
 
     def __init__(self, stores: list[ParquetStore], first: date, last: date, region: str | None = None,
                  batch_size: int = 1000):
@@ -140,9 +145,9 @@ class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
         return [(store, f) for store in self._stores for f in list_files(store, self._first, self._last, self._region)]
 
     def list_parts(self) -> list[str]:
-        return sorted({f.region for _store, f in self._files()})
+        return [ALL_REGIONS] if self._files() else []
 
-    def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _RegionPartition:
-        files = sorted(((store, f) for store, f in self._files() if f.region == for_part),
+    def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _FilesPartition:
+        files = sorted(((store, f) for store, f in self._files() if for_part in (ALL_REGIONS, f.region)),
                        key=lambda pair: read_order(pair[1]))
-        return _RegionPartition(files, self._batch_size, resume_state)
+        return _FilesPartition(files, self._batch_size, resume_state)

@@ -16,7 +16,7 @@ import pytest
 import s3fs
 from bytewax.testing import run_main
 
-from connectors.parquet_source import FINISHED, ParquetSource, select_files
+from connectors.parquet_source import ALL_REGIONS, FINISHED, ParquetSource, select_files
 from dataflows.ingest import build_flow
 from dataflows.state import RETIRED_FOR, UserWindows, WindowLogic
 from dataflows.outputs import aggregate_clients, summed_totals
@@ -252,9 +252,10 @@ def test_a_user_seen_only_in_an_earlier_month_replays_to_the_live_quota_keys(kaf
     assert bases == [f"gw:usage:user:org-midnight/user-new:m:{month}".encode()]
 
 
-def counted_row(user: str, at_ms: int, input_tokens: int, offset: int) -> dict:
+def counted_row(user: str, at_ms: int, input_tokens: int, offset: int, region: str = "us") -> dict:
     """A raw row as the live flow stores it: counted in its own one-minute window."""
-    return {**gateway_event(user, at_ms, input_tokens, input_tokens // 10), "classification": "internal",
+    return {**gateway_event(user, at_ms, input_tokens, input_tokens // 10), "region": region,
+            "classification": "internal",
             "pii_entity_counts": {}, "source_partition": 0, "source_offset": offset,
             "window_outcome": "counted", "window_start_ms": at_ms - at_ms % 60_000}
 
@@ -263,7 +264,7 @@ def replay_windows_into_quota(store: ParquetStore, first: date, last: date, quot
                               wall_s_per_file: float) -> None:
     """The replay's source, windows and quota sink, with a flush after every file read (the
     flush interval, 2 s of wall clock, may end between any two) and wall_s_per_file of the
-    replay's wall clock passing per file."""
+    replay's wall clock passing per file; the source's partitions one after the other."""
     windows = Settings().windows
     now = [0.0]
     logic = WindowLogic(UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000),
@@ -287,17 +288,18 @@ def replay_windows_into_quota(store: ParquetStore, first: date, last: date, quot
 @pytest.mark.parametrize("wall_s_per_file", [0, RETIRED_FOR * 662 + 1], ids=["fast", "slower-than-idle"])
 def test_a_replay_reading_a_newer_file_before_an_older_one_counts_every_token(wall_s_per_file, redis_url, tmp_path):
     """A user's window split over two files, one read after a file of later events: a newer
-    date's file written before its older date's second file (each date is batched apart),
-    and within a date a newer file listed first (S3 keeps modification times to the second; a
-    copied file is newer than its rows). A flush in between must not forget the window, nor
-    may a replay slower than the user's idle time: its later events would restart the window
-    at a lower count, which the quota ignores. The replayed day counters hold every token."""
+    date's file (of another region: the user has API keys of two) written before its older
+    date's second file (each date is batched apart), and within a date a newer file listed
+    first (S3 keeps modification times to the second; a copied file is newer than its rows).
+    A flush in between must not forget the window, nor may a replay slower than the user's
+    idle time: its later events would restart the window at a lower count, which the quota
+    ignores. The replayed day counters hold every token."""
     day = date(2031, 3, 8)  # counters' expiry times never fall in the real past
     midnight = int(datetime(2031, 3, 9, tzinfo=timezone.utc).timestamp() * 1000)
     minute = 60_000
     first_of_window, second_of_window = counted_row("u1", midnight - 20 * minute + 10_000, 100, 1), \
         counted_row("u1", midnight - 20 * minute + 20_000, 200, 2)
-    after_midnight = counted_row("u1", midnight + 30 * minute, 300, 3)
+    after_midnight = counted_row("u1", midnight + 30 * minute, 300, 3, region="eu")
     older, newer = (counted_row("u1", midnight + 600 * minute + 10_000, 400, 4),
                     [counted_row("u1", midnight + 600 * minute + 20_000, 500, 5),
                      counted_row("u1", midnight + 660 * minute, 600, 6)])
@@ -306,7 +308,7 @@ def test_a_replay_reading_a_newer_file_before_an_older_one_counts_every_token(wa
     for partition, rows, written in ((day, [first_of_window], 1000), (day + timedelta(days=1), [after_midnight], 1001),
                                      (day, [second_of_window], 1002), (day + timedelta(days=1), [older], 1004),
                                      (day + timedelta(days=1), newer, 1003)):
-        os.utime(raw.write(f"event_date={partition}/region=us", rows), (written, written))
+        os.utime(raw.write(f"event_date={partition}/region={rows[0]['region']}", rows), (written, written))
     quota = QuotaStore(redis_url.rsplit("/", 1)[0] + "/2", month_bases=False,
                        clock=lambda: midnight / 1000 + 12 * 3600)
     quota.redis.flushdb()
@@ -378,23 +380,23 @@ def test_a_replay_source_resumes_at_the_row_it_snapshotted(live):
     store = settings.parquet.store()
     today = datetime.now(timezone.utc).date()
     source = ParquetSource([store], today - timedelta(days=1), today, batch_size=100)
-    part_name = source.list_parts()[0]
-    first = source.build_part("in", part_name, None)
+    assert source.list_parts() == [ALL_REGIONS]
+    first = source.build_part("in", ALL_REGIONS, None)
     seen = [e["event_id"] for _ in range(3) for e in first.next_batch()]
     state = first.snapshot()
     assert state != FINISHED and state[1] > 0
 
-    resumed = source.build_part("in", part_name, state)
+    resumed = source.build_part("in", ALL_REGIONS, state)
     while True:
         try:
             seen += [e["event_id"] for e in resumed.next_batch()]
         except StopIteration:
             break
-    region_ids = {e_id for e_id, e in expected.events.items() if e["region"] == part_name}
-    assert len(seen) == len(set(seen)) == len(region_ids) and set(seen) == region_ids
+    assert len({e["region"] for e in expected.events.values()}) > 1  # every region's files in the one partition
+    assert len(seen) == len(set(seen)) == len(expected.events) and set(seen) == set(expected.events)
     assert resumed.snapshot() == FINISHED
     with pytest.raises(StopIteration):
-        source.build_part("in", part_name, FINISHED).next_batch()
+        source.build_part("in", ALL_REGIONS, FINISHED).next_batch()
 
 
 def test_a_finished_replay_run_again_with_its_recovery_dir_reads_nothing(live, tmp_path):
