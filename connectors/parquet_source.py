@@ -4,13 +4,13 @@ partition, resumable at (file, row) after a crash.
 Files are read by event date, and a date's files in the order they were written (modification
 time, then name): every file of a date before any file of a later one, which lets the replay's
 windows forget a date's windows once it has moved past that date
-(dataflows.state.WindowTotals.forget_before_ms). One partition reads every region: a user
-may send through API keys of several regions, and a partition per region could read one
-region's files days ahead of another's. Within a date the order may differ from the order of arrival (S3 keeps
-modification times to the second and names are content hashes; a copied file is newer than
-its rows); the windows do not depend on it. Write order alone would not do: each date's rows
-are batched apart, so a newer date's file may be written before an older date's file holding
-rows that arrived earlier. The live flow's windows decided each event's fate
+(dataflows.state.WindowTotals.forget_before_ms). One partition reads every region: a user may
+send through API keys of several regions, and a partition per region could read one region's
+files days ahead of another's. Within a date the order may differ from the order of arrival
+(S3 keeps modification times to the second and names are content hashes; a copied file is
+newer than its rows); the windows do not depend on it. Write order alone would not do: each
+date's rows are batched apart, so a newer date's file may be written before an older date's
+file holding rows that arrived earlier. The live flow's windows decided each event's fate
 (counted in which window, sent as a late adjustment, or to the DLQ) from the order its
 user's events arrived in and from how long the user had been idle, neither of which the
 files keep: an event dated before midnight that arrived after its user's events of the next

@@ -697,7 +697,8 @@ def restate_month_bases(store: "QuotaStore", month_totals: MonthTotals, delay_s:
 
 def users_of_month(totals: Iterable[dict], month: str) -> set[str]:
     """The org/users of the totals dated in a month (YYYYMM)."""
-    return {f"{total['org_id']}/{total['user_id']}" for total in totals if periods(total["window_start_ms"])[1] == month}
+    return {f"{total['org_id']}/{total['user_id']}" for total in totals
+            if periods(total["window_start_ms"])[1] == month}
 
 
 def keep_month_bases(store: "QuotaStore", month_totals: MonthTotals, org_totals: OrgMonthTotals | None,
