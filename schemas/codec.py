@@ -42,6 +42,7 @@ from schemas import avro_encoder
 from schemas.avro_reader import CHECK_HEX_ID, CHECK_IDENTIFIER, CHECK_TEXT, CHECK_TEXT_LIST, Unsupported, compile_reader
 from schemas.compiler import compile_schema, plain, type_name, zero_byte_array
 from schemas.registry import full_name
+from schemas.stored_ranges import stored_ranges
 from schemas.rules import (
     ID_FIELDS,
     LIST_FIELDS,
@@ -328,6 +329,9 @@ class EventCodec(RecordCodec):
                                      default=0)
         self._texts = [(name, limit) for name, limit, identifier in self._string_rules if not identifier]
         self._trace_fields = [(name, digits) for name, digits in TRACE_ID_FIELDS if name in fields]
+        self._stored = stored_ranges(schema, fields)
+        self._nullable = {f["name"] for f in self.reader.plain["fields"]
+                          if isinstance(f["type"], list) and "null" in f["type"]}
         self._passes = self._compile_passes()
         self._strings_plain = self._compile_strings_plain()
         # A record whose strings pass these while the C reader reads it is one clean_strings
@@ -454,11 +458,28 @@ class EventCodec(RecordCodec):
             terms.append("event['region'] in REGIONS")
         if "event_time" in fields:
             terms.append("now_ms - MAX_PAST <= event['event_time'] <= now_ms + MAX_FUTURE")
+        terms += self._stored_range_terms()
         source = "def passes(event, now_ms):\n    return bool(" + "\n                and ".join(terms or ["True"]) + ")\n"
         namespace = {"REGIONS": self.regions, "MAX_TOKENS": limits.max_tokens, "MAX_LATENCY": limits.max_latency_ms,
                      "MAX_PAST": self.max_past_ms, "MAX_FUTURE": self.max_future_ms}
         exec(compile(source, f"<rules of {self.name}>", "exec"), namespace)  # noqa: S102
         return namespace["passes"]
+
+    def _stored_range_terms(self) -> list[str]:
+        """Terms of ``passes`` that keep each integer field within what its stores hold,
+        only where the rules above do not already keep it narrower."""
+        limits = self.validation
+        rule_bounds = {name: (0, limits.max_tokens) for name in self._token_fields}
+        rule_bounds.update(latency_ms=(0, limits.max_latency_ms), time_to_first_token_ms=(0, limits.max_latency_ms),
+                           status_code=(0, 599))
+        terms = []
+        for name, (low, high, _stores) in self._stored.items():
+            rule_low, rule_high = rule_bounds.get(name, (low - 1, high + 1))
+            if low <= rule_low and rule_high <= high:
+                continue
+            term = f"{low} <= event[{name!r}] <= {high}"
+            terms.append(f"(event[{name!r}] is None or {term})" if name in self._nullable else term)
+        return terms
 
     def _validate_one_by_one(self, event: dict, now_ms: int) -> None:
         for name in self._required_text:
@@ -486,6 +507,11 @@ class EventCodec(RecordCodec):
                 raise InvalidEvent("out_of_range", f"status_code is {status}; expected 100-599, or 0 for no response")
         if "schema_version" in fields and event["schema_version"] < 1:
             raise InvalidEvent("out_of_range", f"schema_version is {event['schema_version']}; versions start at 1")
+        for name, (low, high, stores) in self._stored.items():
+            value = event[name]
+            if value is not None and not low <= value <= high:
+                raise InvalidEvent("out_of_range", f"{name} is {value}, outside {low}..{high}, what {stores} "
+                                                   "holds (it would be stored wrong)")
         if "region" in fields and event["region"] not in self.regions:
             raise InvalidEvent("unknown_region", f"region {shown(event['region'])} is not one of the configured "
                                                  f"regions ({', '.join(sorted(self.regions))})")

@@ -201,7 +201,8 @@ except ImportError:
 
 def _nul_stripped_spans(data: bytes, find_spans: FindSpans) -> list[tuple[int, int, str]]:
     """Spans of PII found with every NUL byte removed: ASCII text in UTF-16/32 embedded in
-    other bytes (no BOM, not at the start) reads as plain text then."""
+    other bytes (no BOM, not at the start) reads as plain text then. A span runs from its
+    first character's byte to its last's; ``_WholeUnits`` adds their NULs."""
     if data.count(0) < 4:
         return []
     runs = [(run.start(), run.end()) for run in _NUL_FREE_RUN.finditer(data)]
@@ -212,15 +213,82 @@ def _nul_stripped_spans(data: bytes, find_spans: FindSpans) -> list[tuple[int, i
         run = bisect_right(run_starts, index) - 1
         return runs[run][0] + index - run_starts[run]
 
-    out = []
-    for start, end, kind in find_spans(data.replace(b"\x00", b"").decode("latin-1")):
-        if start < end:
-            last_kept = kept(end - 1)
-            last = last_kept + 1
-            while last < len(data) and data[last] == 0:  # the rest of the last code unit
-                last += 1
-            out.append((kept(start), min(last, last_kept + 4), kind))
-    return out
+    return [(kept(start), kept(end - 1) + 1, kind)
+            for start, end, kind in find_spans(data.replace(b"\x00", b"").decode("latin-1")) if start < end]
+
+
+class _WholeUnits:
+    """Spans of ASCII text in UTF-16/32 set to whole code units (``span``), for one original:
+    the byte order of each run of such text is found once and kept for the next span in it."""
+
+    def __init__(self, data: bytes, codec: str):
+        self.data = data
+        self.codec = codec
+        self._reversed: bytes | None = None
+        self._runs: list[tuple[int, int, int, bool]] = []
+        """(first text byte, last text byte, NULs between characters, big-endian) of each run seen."""
+
+    def span(self, start: int, end: int) -> tuple[int, int]:
+        """The span with the NULs of its first and last character, which come before each
+        character in big-endian text and after it in little-endian, never a NUL of the
+        character next to it. Spans without NULs between characters are returned as they are."""
+        data = self.data
+        first = start + _nuls_at(data, start, 1, end - start)
+        last = end - 1 - _nuls_at(data, end - 1, -1, end - start)
+        if first >= last:
+            return start, end
+        # NULs between two characters of the span: 1 in UTF-16, 3 in UTF-32, 0 in plain text.
+        gap = _nuls_at(data, first + 1, 1, 3)
+        if not gap:
+            return start, end
+        if self._big_endian(first, last, gap):
+            return first - _nuls_at(data, first - 1, -1, gap), last + 1
+        return first, last + 1 + _nuls_at(data, last + 1, 1, gap)
+
+    def _big_endian(self, first: int, last: int, gap: int) -> bool:
+        """Whether the run of text holding data[first..last] has each character's NULs before
+        it. Told by the run's ends: the NULs before its first character and after its last
+        belong to it on one side only. Where both ends look alike (NUL bytes of the data
+        around the text), the detected codec decides; little-endian when it has no byte order."""
+        for run_first, run_last, run_gap, big_endian in self._runs:
+            if run_gap == gap and run_first <= first and last <= run_last:
+                return big_endian
+        data, run = self.data, _INTERLEAVED[gap]
+        if self._reversed is None:
+            self._reversed = data[::-1]
+        run_first = len(data) - run.match(self._reversed, len(data) - 1 - first).end()
+        run_last = run.match(data, last).end() - 1
+        leading = _nuls_at(data, run_first - 1, -1, gap) == gap
+        trailing = _nuls_at(data, run_last + 1, 1, gap) == gap
+        big_endian = leading if leading != trailing else self.codec.endswith("-be")
+        self._runs.append((run_first, run_last, gap, big_endian))
+        return big_endian
+
+
+_INTERLEAVED = {gap: re.compile(rb"[^\x00](?:\x00{%d}[^\x00])*" % gap) for gap in (1, 2, 3)}
+"""Text bytes each ``gap`` NULs apart (the same read backwards): ASCII text in UTF-16/32."""
+
+
+def _nuls_at(data: bytes, at: int, step: int, most: int) -> int:
+    """How many NUL bytes (at most ``most``) run from data[at] on, forwards (step 1) or backwards (-1)."""
+    count = 0
+    while count < most and 0 <= at < len(data) and data[at] == 0:
+        count += 1
+        at += step
+    return count
+
+
+def _mask(kind: str, region: bytes, codec: str) -> bytes:
+    """The mask of a span, in the encoding of the text it replaces: UTF-16/32 of either byte
+    order when the span is ASCII text in whole code units of one (an embedded UTF-16 string
+    inside binary data, or one the detected codec got wrong), else the detected codec."""
+    for width in (2, 4):
+        if region and len(region) % width == 0 and region.count(0) == len(region) // width * (width - 1):
+            if not region[width - 1::width].count(0):
+                return f"<{kind}>".encode(f"utf-{8 * width}-be")
+            if not region[0::width].count(0):
+                return f"<{kind}>".encode(f"utf-{8 * width}-le")
+    return f"<{kind}>".encode(codec)
 
 
 _NUL_FREE_RUN = re.compile(rb"[^\x00]+")
@@ -255,6 +323,8 @@ def redact_original(data: bytes, find_spans: FindSpans, keep: int | None = None)
     raw = data.decode("latin-1")
     spans += list(find_spans(raw))
     spans += _nul_stripped_spans(data, find_spans)
+    whole_units = _WholeUnits(data, codec)
+    spans = [(*whole_units.span(start, end), kind) for start, end, kind in spans]
     prefixes = avro_length_bytes(data)
     if prefixes:
         separated = bytearray(data)
@@ -267,7 +337,7 @@ def redact_original(data: bytes, find_spans: FindSpans, keep: int | None = None)
         if start >= keep:
             break
         out += data[at:start]
-        out += f"<{kind}>".encode(codec)
+        out += _mask(kind, data[start:end], codec)
         at = end
     out += data[at:keep]
     encoding = codec if skip or codec != "utf-8" or _valid_utf8(data) else "binary"

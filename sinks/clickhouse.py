@@ -15,6 +15,7 @@ import re
 import struct
 import threading
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -119,7 +120,8 @@ class ClickHouse:
         self.database = database
         parsed = urlparse(url)
         self.embedded = parsed.scheme == "chdb"
-        self._columns: dict[str, tuple[str, ...]] = {}
+        self._column_types: dict[str, dict[str, ColumnType]] = {}
+        self._defaults: dict[tuple[str, str], object] = {}
         if self.embedded:
             self._session = _chdb_session(*chdb_location(url))
         else:
@@ -151,10 +153,24 @@ class ClickHouse:
         return self._client.execute(sql)
 
     def columns(self, table: str) -> tuple[str, ...]:
-        if table not in self._columns:
-            self._columns[table] = tuple(name for (name,) in self.rows(
-                f"SELECT name FROM system.columns WHERE database = '{self.database}' AND table = '{table}'"))
-        return self._columns[table]
+        return tuple(self.column_types(table))
+
+    def column_types(self, table: str) -> dict[str, ColumnType]:
+        """{column: its type and default} of database.table, read once."""
+        if table not in self._column_types:
+            self._column_types[table] = {name: ColumnType(kind, default_kind == "DEFAULT", default) for name, kind, default_kind,
+                                         default in self.rows(
+                f"SELECT name, type, default_kind, default_expression FROM system.columns "
+                f"WHERE database = '{self.database}' AND table = '{table}'")}
+        return self._column_types[table]
+
+    def default_value(self, table: str, column: str):
+        """The value of a column's DEFAULT expression, as the driver sends it (read once)."""
+        key = (table, column)
+        if key not in self._defaults:
+            kind = self.column_types(table)[column]
+            (self._defaults[key],), = self.rows(f"SELECT CAST(({kind.default}) AS {kind.type})")
+        return self._defaults[key]
 
     @functools.cached_property
     def legacy(self) -> bool:
@@ -165,8 +181,9 @@ class ClickHouse:
     def insert(self, table: str, rows: pa.Table) -> None:
         """One columnar insert of an Arrow table into database.table; columns the table
         does not have (an older schema) are left out."""
-        known = self.columns(table)
+        known = self.column_types(table)
         rows = rows.select([name for name in rows.column_names if name in known])
+        refuse_nulls_in_required_columns(table, rows, known)
         columns = ", ".join(rows.column_names)
         if self.embedded:
             # Arrow IPC bytes that ClickHouse parses itself. The Python(rows) table function it
@@ -182,7 +199,8 @@ class ClickHouse:
         else:
             # Rows travel as parameters: a server parses them natively and old servers hang on literal VALUES.
             self._client.execute(f"INSERT INTO {self.database}.{table} ({columns}) VALUES",
-                                 [_driver_values(rows.column(c)) for c in rows.column_names], columnar=True)
+                                 [_driver_values(rows.column(c), known[c], partial(self.default_value, table, c))
+                                  for c in rows.column_names], columnar=True)
 
     def insert_events(self, events: list[dict]) -> None:
         self.insert("events", to_table(events))
@@ -224,7 +242,7 @@ class ClickHouse:
                                               aggregate_ttl_days=aggregate_ttl_days))
             self.execute(f"INSERT INTO {self.database}.schema_migrations (name) SELECT '{path.stem}'")
             applied.append(path.stem)
-        self._columns.clear()
+        self._column_types.clear()
         return applied
 
 
@@ -453,10 +471,60 @@ def arrow_stream_bytes(table: pa.Table) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
-def _driver_values(column: pa.ChunkedArray) -> list:
+@dataclass(frozen=True)
+class ColumnType:
+    """A column's ClickHouse type, and its DEFAULT expression when it has one."""
+
+    type: str
+    has_default: bool
+    default: str
+
+    @property
+    def nullable(self) -> bool:
+        return self.type.startswith(("Nullable(", "LowCardinality(Nullable("))
+
+    @property
+    def takes_null(self) -> bool:
+        """Whether a NULL can be given for it: a Nullable column stores it; a column with a
+        DEFAULT stores that instead (chdb's ArrowStream input does it, and _driver_values
+        for a server); a Map takes it as an empty map. Any other column cannot hold it."""
+        return self.nullable or self.has_default or self.type.startswith("Map(")
+
+
+class NullInRequiredColumn(TypeError):
+    """Rows hold NULL in a column that is not Nullable. A server's driver fails on it with an
+    AttributeError ('NoneType' object has no attribute 'encode'), which looked like an outage
+    and was retried forever; chdb stores the column's default instead ('' for a string, 0 for
+    a token count, 1970 for a time), silently. A TypeError, so the sinks refuse the rows for
+    good (sinks.retry.PERMANENT_ROW_ERRORS): write_isolating finds them and the DLQ gets
+    them with ``safe_reason``, which names the table and columns, never a value."""
+
+    def __init__(self, table: str, columns: list[str]):
+        self.safe_reason = f"NULL in {table}.{', '.join(columns)}, which {'is' if len(columns) == 1 else 'are'} " \
+                           "not Nullable"
+        super().__init__(self.safe_reason)
+
+
+def refuse_nulls_in_required_columns(table: str, rows: pa.Table, column_types: dict[str, ColumnType]) -> None:
+    """Raise NullInRequiredColumn when a column of rows holds a NULL its ClickHouse column
+    cannot take (ColumnType.takes_null); a table without NULLs costs one null count per column."""
+    refused = [name for name in rows.column_names
+               if rows.column(name).null_count and not column_types[name].takes_null]
+    if refused:
+        raise NullInRequiredColumn(table, refused)
+
+
+def _driver_values(column: pa.ChunkedArray, column_type: ColumnType, default: Callable[[], object]) -> list:
+    """A column's values as clickhouse-driver sends them: a NULL map as an empty one, and a
+    NULL in a column that is not Nullable (refuse_nulls_in_required_columns leaves only those
+    with a DEFAULT) as default(), what a server's own input formats and chdb store (the
+    driver cannot send a NULL there: it raised AttributeError)."""
     values = column.to_pylist()
     if pa.types.is_map(column.type):
         return [dict(v or ()) for v in values]
+    if column.null_count and not column_type.nullable:
+        filled = default()
+        return [filled if value is None else value for value in values]
     return values
 
 

@@ -124,7 +124,9 @@ class DeadLetters:
 
     def send_refused_rows(self, sink: str, rejected: list[tuple[object, BaseException]]) -> None:
         """Rows a store refused for good (see sinks.retry.write_isolating), each counted and logged."""
-        refused = [Rejected(row, "row_rejected", f"{type(exc).__name__} writing the row") for row, exc in rejected]
+        # An error's own message may quote the row (PII); only a reason made to be shown is.
+        refused = [Rejected(row, "row_rejected", getattr(exc, "safe_reason", None) or f"{type(exc).__name__} writing the row")
+                   for row, exc in rejected]
         note_rejected(sink, refused)
         self.send_rejected(sink, refused)
 

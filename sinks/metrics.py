@@ -65,6 +65,7 @@ def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None
     Events the gateway sent later than the allowed lateness are counted as late events
     instead: their age says nothing about the pipeline's own delay."""
     now_ms = time.time() * 1000
-    ages_s = (max(0.0, (now_ms - at_ms) / 1000) for at_ms in times_ms)
+    # A row without a time (refused for it: sinks.clickhouse.NullInRequiredColumn) has no age.
+    ages_s = (max(0.0, (now_ms - at_ms) / 1000) for at_ms in times_ms if at_ms is not None)
     get_metrics().timings("gatewatch_freshness_seconds", [age for age in ages_s if age <= lateness_s],
                           tags={"sink": sink})

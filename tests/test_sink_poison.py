@@ -121,7 +121,7 @@ def test_parquet_and_clickhouse_write_the_good_rows_and_dead_letter_the_one_they
     # Recent: raw ClickHouse rows older than retention.raw_days are dropped by the table TTL.
     now_ms = int(time.time() * 1000)
     rows = [with_cost({**event(event_id=f"e-{i}", request_id=f"r-{i}", event_time=now_ms - 1000),
-                       "source_partition": 0, "source_offset": i},
+                       "classification": "internal", "source_partition": 0, "source_offset": i},
                       settings.pricing) for i in range(5)]
     rows[3]["latency_ms"] = 2**40  # no Avro int, no UInt32 column: Arrow refuses the row
     _within(60, lambda: parquet_writer(settings)([(partition_of(rows[0]), rows)]))
