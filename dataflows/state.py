@@ -394,6 +394,8 @@ class WindowLogic(StatefulBatchLogic):
         self.idle_s = idle_s
         self.clock = clock
         self.record_decisions = record_decisions
+        self.swept_horizon_ms = -1
+        """The horizon the last flush applied to every replayed user (not only those with changes)."""
 
     @classmethod
     def build(cls, empty: Callable[[], UserWindows], flush_interval_s: float, idle_s: float,
@@ -433,13 +435,16 @@ class WindowLogic(StatefulBatchLogic):
         now = self.clock()
         horizon = self.state.horizon_ms
         totals = [t for user in self.state.users.values() if user.dirty for t in user.flush(horizon)]
+        # Users not seen since the horizon rose may hold windows the files still to read count nothing
+        # in; each horizon is swept once (sweeping at every flush: 19 µs a row instead of 11 for a replay
+        # without horizons, `gatewatch bench state --replay-windows --users 2000 --rows 30000 --days 1`).
+        sweep, self.swept_horizon_ms = horizon > self.swept_horizon_ms, max(horizon, self.swept_horizon_ms)
         for key, user in list(self.state.users.items()):
             if user.replay_holds_windows():
-                # A user not seen since the horizon passed its windows: the files still to read count
-                # nothing in them. Once it holds none, it idles out like a live user.
-                user.forget(horizon)
+                if sweep:
+                    user.forget(horizon)
                 if user.windows:
-                    continue
+                    continue  # once it holds none, it idles out like a live user
             idle_for = now - user.last_seen_s
             if idle_for >= RETIRED_FOR * self.idle_s:
                 del self.state.users[key]
