@@ -186,3 +186,15 @@ def test_the_floor_of_rows_decided_again_is_their_own_window():
     # A file written before decisions were stored: every row decided again.
     assert counted_window_floor(table.select(["event_time"]).slice(0, 3), MINUTE) == MIDNIGHT_MS + MINUTE
     assert file_horizons([None, 5, None, 3, None], NO_LATER_WINDOW_MS) == [3, 3, 3, 3, NO_LATER_WINDOW_MS]
+
+
+def test_the_replay_window_bench_holds_fewer_windows_with_the_horizon_than_by_date_alone():
+    from ops.bench.state import replay_window_state
+
+    steps = []
+    measured = replay_window_state(users=300, rows=6000, days=1, progress=steps.append, floor_sample=20)
+    peaks = {rule: peak for rule, (peak, _cpu) in measured["rules"].items()}
+    assert steps == ["live rule", "midnight rule", "midnight + horizon", "window floor per file"]
+    # By date alone the replay holds the day's windows; the horizon keeps it near the live flow's.
+    assert peaks["midnight"] > 3 * peaks["midnight+horizon"] and peaks["midnight+horizon"] < 2 * peaks["live"]
+    assert measured["floor_s_per_file"] > 0 and measured["bytes_per_window"] > 0

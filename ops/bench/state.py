@@ -133,14 +133,14 @@ def in_batches(rows: list[dict]) -> list[list[dict]]:
     return [rows[i:i + BATCH] for i in range(0, len(rows), BATCH)]
 
 
-def floor_seconds_per_file(files: list[list[dict]], sample: int = 200) -> tuple[float, float]:
+def floor_seconds_per_file(files: list[list[dict]], sample: int) -> tuple[float, float]:
     """(wall seconds to read one file's floor from local Parquet: a file of the run's size, a
     10,000-row file) averaged over `sample` files (file_floor, as the replay's source does)."""
     floor = ReplayWindowFloor(WINDOW_MS)
     with tempfile.TemporaryDirectory() as root:
         store = ParquetStore(root)
         out = []
-        for rows in (files[:sample], [[row for rows in files for row in rows][:10_000]] * 10):
+        for rows in (files[:sample], [[row for rows in files for row in rows][:10_000]] * max(1, sample // 20)):
             # Every column of the raw schema (the texts empty): the floor reads three of them.
             paths = [store.write(f"event_date=2030-03-17/region=us/n{i}", r) for i, r in enumerate(rows)]
             started = time.perf_counter()
@@ -165,12 +165,14 @@ def bytes_per_window(count: int = 100_000) -> float:
     return held / count
 
 
-def replay_window_state(users: int, rows: int, days: int) -> dict:
+def replay_window_state(users: int, rows: int, days: int, progress=lambda step: None, floor_sample: int = 200) -> dict:
     """Peak windows held and CPU per row of the windows under the live rule (as the live flow
     decides, clock = arrival), the replay's midnight rule alone (rows with the live decisions,
-    read by date and write order, no horizon) and midnight + the source's horizons."""
+    read by date and write order, no horizon) and midnight + the source's horizons; progress
+    is told each step as it starts; the floor's cost is averaged over floor_sample files."""
     events = arrivals(users, rows, days)
     live_batches = in_batches(events)
+    progress("live rule")
     live_peak, live_cpu = run_windows(live_batches, [batch[-1]["arrival"] / 1000 for batch in live_batches])
     files = raw_files(events)  # the live run wrote its decisions into these dicts
     floors = [counted_window_floor(decision_table(rows_of), WINDOW_MS) for rows_of in files]
@@ -179,9 +181,12 @@ def replay_window_state(users: int, rows: int, days: int) -> dict:
     bounded_rows = [{**row, HORIZON_FIELD: horizon} for rows_of, horizon in zip(files, horizons)
                     for row in rows_of]
     fast_clock = [i * 0.1 for i in range(len(replay_rows) // BATCH + 1)]  # a replay's pace: 10,000 rows/s
+    progress("midnight rule")
     midnight_peak, midnight_cpu = run_windows(in_batches(replay_rows), fast_clock)
+    progress("midnight + horizon")
     horizon_peak, horizon_cpu = run_windows(in_batches(bounded_rows), fast_clock)
-    small_file_s, big_file_s = floor_seconds_per_file(files)
+    progress("window floor per file")
+    small_file_s, big_file_s = floor_seconds_per_file(files, floor_sample)
     return {"rules": {"live": (live_peak, live_cpu), "midnight": (midnight_peak, midnight_cpu),
                       "midnight+horizon": (horizon_peak, horizon_cpu)},
             "files": len(files), "rows_per_file": rows / len(files), "floor_s_per_file": small_file_s,
@@ -189,7 +194,7 @@ def replay_window_state(users: int, rows: int, days: int) -> dict:
 
 
 def report_replay_window_state(users: int, rows: int, days: int) -> None:
-    measured = replay_window_state(users, rows, days)
+    measured = replay_window_state(users, rows, days, lambda step: click.echo(f"measuring: {step}", err=True))
     click.echo(f"{users:,} users, {rows:,} rows over {days} days, {measured['files']:,} raw files "
                f"({measured['rows_per_file']:.0f} rows each), 1-minute windows, a flush per {BATCH:,} rows")
     click.echo(f"{'rule':>18}{'peak windows':>14}{'CPU µs/row':>12}")
