@@ -23,6 +23,12 @@ same billing ids and versions as live, whatever the order of the files.
 Rows without a decision (files written before it was stored, or by a flow without quota or
 billing) are decided again by the replay from the order read, as they always were: for
 those, a replay of a range holding such midnight or idle cases may differ from live.
+
+Given a window floor (the earliest window a file's rows may be counted in,
+dataflows.state.counted_window_floor), the source reads those columns of every file still
+to read when it starts (or resumes) and gives each event its file's horizon: the lowest floor
+of that file and every later one (file_horizons). The replay's windows forget what ends by it,
+so they hold what the files read together overlap in time, not a whole date per user.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -88,13 +94,48 @@ def list_files(store: ParquetStore, first: date, last: date, region: str | None 
     return files
 
 
-def rows_to_events(table: pa.Table) -> list[dict]:
-    """Stored rows back into the event dicts the flow's later steps take."""
+def rows_to_events(table: pa.Table, extra: dict[str, Any] | None = None) -> list[dict]:
+    """Stored rows back into the event dicts the flow's later steps take (with extra's keys)."""
     events = table.to_pylist()
     for event in events:
         event["event_time"] = int(event["event_time"].timestamp() * 1000)
         event["pii_entity_counts"] = dict(event["pii_entity_counts"] or [])
+        if extra:
+            event.update(extra)
     return events
+
+
+class WindowFloor(Protocol):
+    """The earliest window start the replay's windows may count a row of a table in (None: no
+    row), the table holding `columns` (those of them a file has) and event_time; `field` is
+    the event key that carries a file's horizon to the windows."""
+
+    columns: tuple[str, ...]
+    field: str
+    no_later_window_ms: int
+
+    def __call__(self, table: pa.Table) -> int | None: ...
+
+
+def file_floor(store: ParquetStore, path: str, floor: WindowFloor) -> int | None:
+    """floor of one file, read from its event_time and decision columns alone."""
+    parquet = pq.ParquetFile(store.fs.open(path, "rb"))
+    names = set(parquet.schema_arrow.names)
+    return floor(parquet.read(columns=[name for name in ("event_time", *floor.columns) if name in names]))
+
+
+def file_horizons(floors: list[int | None], nothing_later: int) -> list[int]:
+    """Per file in read order, the lowest floor of it and every file after it (nothing_later
+    past the last file with one): no row of file i or of a later file is counted in a window
+    starting before horizons[i], i.e. (windows being aligned and floors window starts) in one
+    ending at or before it. It depends on the files from i on alone, so a resumed source
+    computes the same horizons for the files it has still to read."""
+    horizons, lowest = [], nothing_later
+    for floor in reversed(floors):
+        if floor is not None and floor < lowest:
+            lowest = floor
+        horizons.append(lowest)
+    return horizons[::-1]
 
 
 ALL_REGIONS = "all"
@@ -102,7 +143,8 @@ ALL_REGIONS = "all"
 
 
 class _FilesPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
-    def __init__(self, files: list[tuple[ParquetStore, RawFile]], batch_size: int, resume: tuple[str, int] | None):
+    def __init__(self, files: list[tuple[ParquetStore, RawFile]], batch_size: int, resume: tuple[str, int] | None,
+                 floor: WindowFloor | None = None):
         self._stores = [store for store, _f in files]
         self._paths = [f.path for _s, f in files]
         self._batch_size = batch_size
@@ -112,6 +154,14 @@ class _FilesPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
             # A path no longer listed (FINISHED, or removed by retention since) ends the partition.
             self._index, self._offset = (self._paths.index(path), offset) if path in self._paths else (len(self._paths), 0)
         self._table: pa.Table | None = None
+        self._floor = floor
+        self.horizons: list[int | None] = [None] * len(self._paths)
+        """Per file, the horizon its events carry (floor's field); None before the resumed file."""
+        if floor is not None:
+            ahead = range(self._index, len(self._paths))
+            floors = [file_floor(self._stores[i], self._paths[i], floor) for i in ahead]
+            get_metrics().increment("gatewatch_replay_floor_files", len(floors))
+            self.horizons[self._index:] = file_horizons(floors, floor.no_later_window_ms)
 
     def next_batch(self) -> list[dict]:
         while self._index < len(self._paths):
@@ -121,7 +171,8 @@ class _FilesPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
                 batch = self._table.slice(self._offset, self._batch_size)
                 self._offset += batch.num_rows
                 get_metrics().increment("gatewatch_replay_rows", batch.num_rows)
-                return rows_to_events(batch)
+                horizon = self.horizons[self._index]
+                return rows_to_events(batch, None if horizon is None else {self._floor.field: horizon})
             get_metrics().increment("gatewatch_replay_files")
             self._index, self._offset, self._table = self._index + 1, 0, None
         raise StopIteration
@@ -134,12 +185,13 @@ class _FilesPartition(StatefulSourcePartition[dict, tuple[str, int] | None]):
 
 class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
     """Raw events of event dates first..last from one or more stores (one per region
-    storage), in one partition (ALL_REGIONS)."""
+    storage), in one partition (ALL_REGIONS); with a floor, each carrying its file's horizon."""
 
     def __init__(self, stores: list[ParquetStore], first: date, last: date, region: str | None = None,
-                 batch_size: int = 1000):
+                 batch_size: int = 1000, floor: WindowFloor | None = None):
         self._stores, self._first, self._last, self._region = stores, first, last, region
         self._batch_size = batch_size
+        self._floor = floor
 
     def _files(self) -> list[tuple[ParquetStore, RawFile]]:
         return [(store, f) for store in self._stores for f in list_files(store, self._first, self._last, self._region)]
@@ -150,4 +202,4 @@ class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _FilesPartition:
         files = sorted(((store, f) for store, f in self._files() if for_part in (ALL_REGIONS, f.region)),
                        key=lambda pair: read_order(pair[1]))
-        return _FilesPartition(files, self._batch_size, resume_state)
+        return _FilesPartition(files, self._batch_size, resume_state, self._floor)

@@ -17,6 +17,7 @@ from bytewax.dataflow import Dataflow
 
 from connectors.parquet_source import ParquetSource
 from dataflows.outputs import Settings, deduplicate, fan_out
+from dataflows.state import ReplayWindowFloor
 from sinks.clickhouse import ClickHouse, refresh_aggregates
 from sinks.quota import QuotaStore, UsageByDay
 
@@ -37,7 +38,9 @@ def build_flow(settings: Settings, first: date, last: date, region: str | None =
         raise ValueError("a replay reads the raw Parquet; it cannot also write it")
     flow = Dataflow("gatewatch_replay")
     stores = [settings.parquet.store(storage.parquet_root) for storage in settings.storages()]
-    stored = op.input("parquet_in", flow, ParquetSource(stores, first, last, region, settings.kafka.batch_size))
+    # Each event carries its file's horizon, so that the windows hold only what the files still to read may grow.
+    floor = ReplayWindowFloor(int(settings.windows.length_s * 1000))
+    stored = op.input("parquet_in", flow, ParquetSource(stores, first, last, region, settings.kafka.batch_size, floor))
     fan_out(deduplicate(stored, settings), [], settings)
     return flow
 

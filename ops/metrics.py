@@ -35,6 +35,8 @@ POLICY_FLAGS = Counter("gatewatch_policy_flags", "Policy flags set on events (en
 CLASSIFICATIONS = Counter("gatewatch_classifications", "Events by data classification level", ["level"])
 REPLAY_FILES = Counter("gatewatch_replay_files", "Raw Parquet files a replay has read to the end")
 REPLAY_ROWS = Counter("gatewatch_replay_rows", "Raw Parquet rows a replay has read")
+REPLAY_FLOOR_FILES = Counter("gatewatch_replay_floor_files",
+                             "Raw Parquet files whose window floor a replay read before their rows (their horizons)")
 FRESHNESS_SECONDS = Histogram(
     "gatewatch_freshness_seconds", "Seconds from event_time until the event is queryable in a sink", ["sink"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))
@@ -86,7 +88,7 @@ class PrometheusMetrics:
 configure_metrics(PrometheusMetrics(
     EVENTS, DLQ_RECORDS, DEDUPE_DROPS, LATE_EVENTS, TOKENS, QUOTA_ALERTS, SINK_WRITE_SECONDS, SINK_ROWS, SINK_ERRORS,
     SINK_RETRIES, SINK_REJECTED, DLQ_SPOOLED, SINK_UP, REDACTION_SECONDS, PII_ENTITIES, POLICY_FLAGS, CLASSIFICATIONS,
-    REPLAY_FILES, REPLAY_ROWS, FRESHNESS_SECONDS))
+    REPLAY_FILES, REPLAY_ROWS, REPLAY_FLOOR_FILES, FRESHNESS_SECONDS))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

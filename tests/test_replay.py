@@ -18,7 +18,7 @@ from bytewax.testing import run_main
 
 from connectors.parquet_source import ALL_REGIONS, FINISHED, ParquetSource, select_files
 from dataflows.ingest import build_flow
-from dataflows.state import RETIRED_FOR, UserWindows, WindowLogic
+from dataflows.state import RETIRED_FOR, ReplayWindowFloor, UserWindows, WindowLogic
 from dataflows.outputs import aggregate_clients, summed_totals
 from ops.dev.demo import billing_totals, produce
 from ops.dev.loadgen import Expected, generate, make_event
@@ -261,17 +261,18 @@ def counted_row(user: str, at_ms: int, input_tokens: int, offset: int, region: s
 
 
 def replay_windows_into_quota(store: ParquetStore, first: date, last: date, quota: QuotaStore,
-                              wall_s_per_file: float) -> None:
-    """The replay's source, windows and quota sink, with a flush after every file read (the
-    flush interval, 2 s of wall clock, may end between any two) and wall_s_per_file of the
-    replay's wall clock passing per file; the source's partitions one after the other."""
+                              wall_s_per_file: float, after_flush=lambda logic: None) -> WindowLogic:
+    """The replay's source (with its horizons, as dataflows.replay builds it), windows and quota
+    sink, with a flush after every file read (the flush interval, 2 s of wall clock, may end
+    between any two) and wall_s_per_file of the replay's wall clock passing per file; the
+    source's partitions one after the other. after_flush sees the windows after each flush."""
     windows = Settings().windows
     now = [0.0]
-    logic = WindowLogic(UserWindows(int(windows.length_s * 1000), int(windows.allowed_lateness_s * 1000),
-                                    windows.late_policy), windows.flush_interval_s,
-                        windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s,
+    length_ms = int(windows.length_s * 1000)
+    logic = WindowLogic(UserWindows(length_ms, int(windows.allowed_lateness_s * 1000), windows.late_policy),
+                        windows.flush_interval_s, windows.allowed_lateness_s + windows.length_s + windows.flush_interval_s,
                         clock=lambda: now[0])
-    source = ParquetSource([store], first, last, batch_size=1000)
+    source = ParquetSource([store], first, last, batch_size=1000, floor=ReplayWindowFloor(length_ms))
     for part in source.list_parts():
         reader = source.build_part("parquet_in", part, None)
         while True:
@@ -281,8 +282,10 @@ def replay_windows_into_quota(store: ParquetStore, first: date, last: date, quot
                 break
             now[0] += wall_s_per_file
             outputs += logic.on_notify()[0]
+            after_flush(logic)
             quota.apply([total for kind, totals in outputs if kind == "totals" for total in totals])
     quota.apply([total for _kind, totals in logic.on_eof()[0] for total in totals])
+    return logic
 
 
 @pytest.mark.parametrize("wall_s_per_file", [0, RETIRED_FOR * 662 + 1], ids=["fast", "slower-than-idle"])
