@@ -28,13 +28,15 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 from ops.logs import configure as configure_logs
 from sinks.chdb_host import (OP_EXECUTE, OP_INSERT, OP_LOCK, OP_NAMES, OP_PING, OP_QUERY, OP_UNLOCK, STATUS_ERROR,
-                             STATUS_OK, HostGone, HostSession, decode_request, recv_frame, send_frame)
+                             STATUS_OK, HostGone, HostSession, decode_request, host_url, recv_frame,
+                             send_frame)
 from sinks.chdb_session import _chdb_lock, chdb_location, chdb_session, close_chdb
 
 log = logging.getLogger("ops.chdb_host")
@@ -197,14 +199,47 @@ def host_env(env: dict[str, str]) -> dict[str, str]:
     return {"JE_MALLOC_CONF": CHDB_JEMALLOC, **env}
 
 
+@dataclass
+class RunningHost:
+    """A host process started by start_host (the benchmark's, the demo's, a test's)."""
+
+    proc: subprocess.Popen
+    socket_path: Path
+    database_url: str
+    """The chdb:// URL of the directory it owns."""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        """What the flows set clickhouse.url to."""
+        return host_url(self.socket_path)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM: the host finishes the statement it runs and closes its session."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
 def start_host(url: str, socket_path: str | Path, log_path: Path, metrics_port: int | None = None,
-               env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.Popen:
+               env: dict[str, str] | None = None, timeout_s: float = 60) -> RunningHost:
     """A host process serving url at socket_path, returned once it answers a ping."""
+    socket_path = Path(socket_path).resolve()
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(host_command(url, socket_path, metrics_port), env=host_env(dict(env or os.environ)),
                                 stdout=log_file, stderr=subprocess.STDOUT)
     wait_until_serving(proc, str(socket_path), log_path, timeout_s)
-    return proc
+    return RunningHost(proc, socket_path, url)
 
 
 def wait_until_serving(proc: subprocess.Popen, socket_path: str, log_path: Path, timeout_s: float) -> None:

@@ -104,7 +104,11 @@ def send_frame(sock: socket.socket, *parts: bytes) -> None:
     length = sum(len(part) for part in parts)
     if length > MAX_FRAME:
         raise ValueError(f"a frame of {length:,} bytes is over the protocol's {MAX_FRAME:,}")
-    sock.sendmsg([_LENGTH.pack(length), *parts])
+    # sendall, not one sendmsg: a stream socket may take part of a large frame per call.
+    *head, last = parts
+    sock.sendall(b"".join([_LENGTH.pack(length), *head]))
+    if last:
+        sock.sendall(last)
 
 
 def encode_request(op: int, sql: str = "", payload: bytes = b"") -> tuple[bytes, bytes, bytes]:

@@ -511,8 +511,8 @@ class ClickHouseWriter:
         if database not in self.clients:
             client = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
             if client.embedded:
-                # Nobody else can reach an embedded database to migrate it.
-                client.migrate(self.raw_days, self.aggregate_days)
+                # Nobody else migrates an embedded database (nor a chdb host's, which may be down: retried).
+                self.retry("clickhouse", lambda: client.migrate(self.raw_days, self.aggregate_days))
             self.clients[database] = client
         return self.clients[database]
 
