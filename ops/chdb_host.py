@@ -155,10 +155,14 @@ def bind(socket_path: str) -> socket.socket:
 
 
 def serve(url: str, socket_path: str, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
-    host = Host(url)
+    listener = bind(socket_path)  # first: a second host on a live socket stops before opening chdb
+    try:
+        host = Host(url)
+    except BaseException:
+        Path(socket_path).unlink(missing_ok=True)
+        raise
     if metrics_port is not None:
         start_http_server(metrics_port, metrics_host)
-    listener = bind(socket_path)
     stopping = threading.Event()
 
     def stop(signum, _frame) -> None:
