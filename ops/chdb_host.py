@@ -211,6 +211,7 @@ class RunningHost:
     socket_path: Path
     database_url: str
     """The chdb:// URL of the directory it owns."""
+    metrics_port: int | None = None
 
     @property
     def pid(self) -> int:
@@ -223,6 +224,17 @@ class RunningHost:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def seconds_by_op(self) -> dict[str, float]:
+        """Seconds the host spent on each kind of request so far (lock waits included), from
+        its metrics; empty without a metrics port."""
+        if self.metrics_port is None:
+            return {}
+        from urllib.request import urlopen
+
+        text = urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        found = re.findall(r'^gatewatch_chdb_host_statement_seconds_sum\{op="(\w+)"\} (\S+)$', text, re.MULTILINE)
+        return {op: round(float(value), 2) for op, value in found}
 
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM: the host finishes the statement it runs and closes its session."""
@@ -243,7 +255,7 @@ def start_host(url: str, socket_path: str | Path, log_path: Path, metrics_port: 
         proc = subprocess.Popen(host_command(url, socket_path, metrics_port), env=host_env(dict(env or os.environ)),
                                 stdout=log_file, stderr=subprocess.STDOUT)
     wait_until_serving(proc, str(socket_path), log_path, timeout_s)
-    return RunningHost(proc, socket_path, url)
+    return RunningHost(proc, socket_path, url, metrics_port)
 
 
 def wait_until_serving(proc: subprocess.Popen, socket_path: str, log_path: Path, timeout_s: float) -> None:

@@ -22,7 +22,7 @@ from ops.settings import Settings
 from sinks.chdb_host import HostGone, HostSession, HostStatementError, host_socket, host_url
 from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, to_table
 from sinks.retry import write_with_retries
-from tests.processes import REPO
+from tests.processes import REPO, run_cli
 from tests.test_clickhouse_insert import events
 
 DATABASE = "hosted"
@@ -220,3 +220,17 @@ def test_a_cluster_on_one_machine_may_write_through_a_host_and_chdb_is_refused_p
         check_environment(hosted, {"BYTEWAX_ADDRESSES": "pod-0.flow:2101;pod-1.flow:2101"})
     with pytest.raises(ClusterError, match="gatewatch chdb-host --url chdb:///tmp/x"):
         check_cluster(Settings(clickhouse={"url": "chdb:///tmp/x"}), 2, 1)
+
+
+@pytest.mark.integration
+def test_bench_e2e_through_a_host_stores_every_event_and_reports_the_hosts_share():
+    """Two flow processes write one database through one host (the default above one process)."""
+    result = run_cli("bench", "e2e", "--backlog", "1500", "--processes", "2", "--partitions", "4",
+                     "--stages-sample", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["clickhouse"] == "chdb-host" and report["chdb_mapped_per_process"] == [False, False]
+    assert report["clickhouse_events"] == report["valid_events"] > 0  # read back from the host's one database
+    assert 0 < report["host_cpu_us_per_event"] < report["cpu_us_per_event"]  # counted in the flow's
+    assert report["host_peak_rss_mb"] > 100  # chdb's code alone is ~224 MB
+    assert "one chdb host for every flow process" in result.stderr and "chdb host RSS" in result.stderr

@@ -299,11 +299,11 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--profile-dir", type=click.Path(file_okay=False),
               help="With --backlog: py-spy records each flow process (native frames, collapsed stacks) from the "
                    "first consumed events to the end of the drain, into flow-<i>.txt here.")
-@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default="chdb",
-              show_default=True,
+@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default=None,
               help="Embedded chdb in each flow process, one chdb host process that every flow process writes "
                    "through (chdb+unix://, `gatewatch chdb-host`), or one local clickhouse-server over the native "
-                   "protocol.")
+                   "protocol. [default: chdb-host with --processes above 1 (chdb's code and heap resident once, "
+                   "every process under 600 MB; ops/bench/FINDINGS.md), else chdb]")
 @click.option("--drain-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds the flow may take to catch up after the load; past them the figures so far are printed"
                    " and the bench fails.")
@@ -314,6 +314,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         broker, keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout,
         chdb_settings) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
+    clickhouse_kind = clickhouse_kind or ("chdb-host" if processes > 1 else "chdb")
     if chdb_settings and clickhouse_kind == "server":
         raise click.UsageError("--chdb-settings applies to --clickhouse chdb or chdb-host only")
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
@@ -335,7 +336,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                        f"{clickhouse.server.address}", err=True)
         elif clickhouse_kind == "chdb-host":
             clickhouse = ClickHouseTarget(host=start_host(chdb_url(root / "chdb", chdb_settings),
-                                                          root / "chdb-host.sock", root / "chdb-host.log"))
+                                                          root / "chdb-host.sock", root / "chdb-host.log",
+                                                          metrics_port=services.free_port()))
             started.append(clickhouse.host)
             click.echo(f"bench: chdb host pid {clickhouse.host.pid} at {clickhouse.host.url}", err=True)
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
@@ -465,7 +467,9 @@ def host_figures(flow: Flow, host_per_event: float, unit: str, digits: int) -> d
     resident memory (nothing without a host)."""
     if flow.host is None:
         return {}
-    return {f"host_{unit}": round(host_per_event, digits), "host_peak_rss_mb": round(flow.host_peak_rss_mb or 0, 1)}
+    return {f"host_{unit}": round(host_per_event, digits), "host_peak_rss_mb": round(flow.host_peak_rss_mb or 0, 1),
+            # the whole run's, migrations and the final read-back included
+            "host_seconds_by_op": flow.host.seconds_by_op()}
 
 
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
