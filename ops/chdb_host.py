@@ -24,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -108,7 +109,12 @@ class Host:
                     return
                 if body is None:
                     return
-                op, sql, payload = decode_request(body)
+                try:
+                    op, sql, payload = decode_request(body)
+                except (struct.error, UnicodeDecodeError) as exc:
+                    log.warning("malformed request, connection closed", extra={"connection": connection,
+                                                                               "error": type(exc).__name__})
+                    return
                 name = OP_NAMES.get(op, str(op))
                 BYTES.labels("in").inc(len(payload))
                 started = time.perf_counter()

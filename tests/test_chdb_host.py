@@ -159,6 +159,19 @@ def test_a_host_killed_mid_run_fails_the_client_clearly_and_a_restart_keeps_ever
         restarted.stop()
 
 
+def test_a_malformed_request_closes_only_its_own_connection(host):
+    import socket
+
+    from sinks.chdb_host import recv_frame, send_frame
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(30)
+        raw.connect(str(host.socket_path))
+        send_frame(raw, b"\x01")  # an op byte without the SQL length
+        assert recv_frame(raw) is None  # closed, no reply
+    assert ClickHouse(host.url, DATABASE).rows("SELECT 1") == [(1,)]
+
+
 def test_the_host_serves_metrics(host):
     client = ClickHouse(host.url, DATABASE)
     client.migrate()
