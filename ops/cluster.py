@@ -1,10 +1,14 @@
 """Running a flow as a Bytewax cluster (`-i/-a`, or `-w` above 1): who is who, and what a
 cluster may not use.
 
-Embedded ClickHouse (chdb) is refused in a cluster of several processes: a chdb database
+Embedded ClickHouse (chdb://) is refused in a cluster of several processes: a chdb database
 lives on the disk of one process. In a cluster the worker that owns a database's key changes
 with the process count, so a rescaled cluster would write a second, partial database
-elsewhere. A ClickHouse server (`clickhouse://host:port`) has no such problem.
+elsewhere. A ClickHouse server (`clickhouse://host:port`) has no such problem, and neither
+has a chdb host (`chdb+unix:///path/host.sock`, `gatewatch chdb-host`) when every process of
+the cluster runs on its machine: they all write its one database, whichever worker owns a
+key and however many processes there are. Processes on several machines would each reach
+their own machine's host, so that is refused.
 
 Several workers in one process (`-w N`) may write chdb: they share the process's one chdb
 session and disk, and sinks.clickhouse serializes every use of that session (a migration
@@ -43,21 +47,40 @@ def refuses_chdb(processes: int) -> bool:
     return processes > 1
 
 
-def check_cluster(settings: Settings, processes: int, workers: int = 1) -> None:
-    """Raise ClusterError when this settings' flow must not run as `processes` x `workers`."""
-    if not refuses_chdb(processes):
+LOOPBACK_NAMES = frozenset({"localhost", "::1", "[::1]"})
+
+
+def machines_of(addresses: list[str]) -> int:
+    """How many machines the host:port addresses of a cluster name (loopback is one)."""
+    hosts = {address.rsplit(":", 1)[0].strip() for address in addresses}
+    return len({"loopback" if host in LOOPBACK_NAMES or host.startswith("127.") else host for host in hosts})
+
+
+def check_cluster(settings: Settings, processes: int, workers: int = 1, machines: int = 1) -> None:
+    """Raise ClusterError when this settings' flow must not run as `processes` x `workers`
+    spread over `machines`."""
+    if not refuses_chdb(processes) or "clickhouse" not in settings.sinks:
         return
-    if "clickhouse" in settings.sinks and settings.clickhouse.url.startswith("chdb://"):
+    url = settings.clickhouse.url
+    if url.startswith("chdb://"):
         raise ClusterError(
-            f"embedded ClickHouse ({settings.clickhouse.url}) cannot be written by a Bytewax cluster "
+            f"embedded ClickHouse ({url}) cannot be written by a Bytewax cluster "
             f"({processes} process(es) x {workers} worker(s)): its files live on one process's disk, and which "
             "process owns a database changes when the cluster is rescaled. Point clickhouse.url "
-            "(GATEWATCH_CLICKHOUSE__URL) at a server, clickhouse://host:9000, or run one process "
+            "(GATEWATCH_CLICKHOUSE__URL) at a server, clickhouse://host:9000, or, with every process on one "
+            "machine, at a chdb host that serves that directory to all of them (`gatewatch chdb-host --url "
+            f"{url} --socket /path/host.sock`, then chdb+unix:///path/host.sock); or run one process "
             "(with as many workers, -w, as you like).")
+    if url.startswith("chdb+unix://") and machines > 1:
+        raise ClusterError(
+            f"a chdb host ({url}) serves the processes of its own machine, and this cluster spans {machines} "
+            "machines: each would write its own machine's database. Point clickhouse.url at a ClickHouse "
+            "server (clickhouse://host:9000) or run the cluster on one machine.")
 
 
 def check_environment(settings: Settings, env: Mapping[str, str] = os.environ) -> None:
     """check_cluster for a flow process started by `python -m bytewax.run` (which passes the
     cluster through BYTEWAX_ADDRESSES and BYTEWAX_WORKERS_PER_PROCESS when set)."""
     workers = int(env.get("BYTEWAX_WORKERS_PER_PROCESS") or 1)
-    check_cluster(settings, max(1, len(cluster_addresses(env))), workers)
+    addresses = cluster_addresses(env)
+    check_cluster(settings, max(1, len(addresses)), workers, machines_of(addresses))

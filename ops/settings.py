@@ -233,7 +233,9 @@ class ClickHouseSettings(Section):
     """`chdb://PATH` for embedded ClickHouse, or `clickhouse://[user:pass@]host:port` for a server.
     An embedded session takes ClickHouse server settings in the URL's query,
     `chdb://PATH?mark_cache_size=67108864&background_pool_size=2` (sinks.clickhouse.chdb_location).
-    A flow writing to a server never loads chdb (~230 MB of code in each flow process)."""
+    A flow writing to a server never loads chdb (~230 MB of code in each flow process).
+    `chdb+unix:///path/to/host.sock` writes the one chdb database of a `gatewatch chdb-host`
+    on the same machine (ops/chdb_host.py): chdb's memory once per machine, not per process."""
     database: str = "gatewatch"
     max_rows: int = Field(20_000, gt=0)
     max_age_s: float = Field(1, gt=0)
@@ -248,8 +250,8 @@ class ClickHouseSettings(Section):
     @field_validator("url")
     @classmethod
     def _known_scheme(cls, value: str) -> str:
-        if not value.startswith(("chdb://", "clickhouse://", "clickhouses://")):
-            raise ValueError(f"expected chdb://PATH or clickhouse://host:port, got {value!r}")
+        if not value.startswith(("chdb://", "chdb+unix://", "clickhouse://", "clickhouses://")):
+            raise ValueError(f"expected chdb://PATH, chdb+unix:///HOST.sock or clickhouse://host:port, got {value!r}")
         return value
 
 

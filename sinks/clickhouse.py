@@ -1,4 +1,6 @@
-"""ClickHouse for analytics: embedded chdb (chdb://PATH) or a server (clickhouse://host:port).
+"""ClickHouse for analytics: embedded chdb (chdb://PATH), one chdb shared by the processes of a
+machine through a chdb host (chdb+unix:///path/to/host.sock, sinks.chdb_host) or a server
+(clickhouse://host:port).
 
 Rows go in as one columnar insert per batch. The events table is a ReplacingMergeTree keyed
 by event_id, so a batch written twice changes no query that reads it FINAL. Raw rows expire
@@ -13,17 +15,20 @@ import functools
 import logging
 import re
 import struct
-import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
-from urllib.parse import parse_qsl, unquote, urlencode, urlparse
+from typing import TYPE_CHECKING, Callable, ContextManager
+from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
+from sinks.chdb_host import HOST_SCHEME, host_session, host_socket
+from sinks.chdb_session import (CHDB_SESSION_SETTINGS, _chdb_lock, chdb_location, chdb_session,  # noqa: F401 (re-exported)
+                                close_chdb)
 from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import TableRows, blocks_and_events, to_table
@@ -50,32 +55,6 @@ FEEDBACK_SCHEMA = pa.schema([
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "ops" / "migrations"
 log = logging.getLogger(__name__)
 
-_chdb_sessions: dict[str, object] = {}
-_chdb_lock = threading.RLock()
-"""Held around every use of the process's chdb session, not only its opening: every Bytewax
-worker of a process (threads, `-w N`) and every sink in it share that one session, and chdb
-refuses a second statement while one runs on it ("Cannot run a query while a streaming insert
-is active on this connection"). Reentrant: a migration or an insert queries the session again
-inside. chdb releases the GIL while a statement runs, so a waiting worker's Python work goes on."""
-
-
-def chdb_location(url: str) -> tuple[str, dict[str, str]]:
-    """(the absolute directory, the server settings) of a chdb://PATH[?name=value&...] URL.
-    The settings are ClickHouse server settings (system.server_settings: mark_cache_size,
-    max_server_memory_usage, background_pool_size, ...) that chdb applies when its session
-    opens; the URL's own values override CHDB_SESSION_SETTINGS."""
-    parsed = urlparse(url)
-    if parsed.scheme != "chdb":
-        raise ValueError(f"not a chdb:// URL: {url!r}")
-    path = unquote(url[len("chdb://"):].split("?", 1)[0])
-    return str(Path(path).resolve()), {**CHDB_SESSION_SETTINGS, **dict(parse_qsl(parsed.query))}
-
-
-CHDB_SESSION_SETTINGS: dict[str, str] = {}
-"""Server settings of every embedded session unless its URL says otherwise. Empty: chdb's
-own defaults (ops/bench/FINDINGS.md measured the caches and pools against them)."""
-
-
 EMBEDDED_INSERT_SETTINGS = "optimize_on_insert = 0"
 """Settings of every embedded insert. optimize_on_insert = 0: a ReplacingMergeTree otherwise
 collapses each inserted block's duplicates as it writes it (a sort-and-compare pass over the
@@ -87,31 +66,6 @@ the API), so results are the same. Not sent to servers: 18.16 (the legacy path) 
 setting it does not know."""
 
 
-def _chdb_session(path: str, server_settings: dict[str, str] | None = None):
-    """chdb allows one session per process: every caller of a path shares it, and asking
-    for another path closes the previous one (only tests and CLI tools switch paths). The
-    first caller's server settings are the session's. chdb is imported here, not at module
-    level: a flow writing to a ClickHouse server never maps chdb's ~230 MB library."""
-    from chdb import session
-
-    with _chdb_lock:
-        if path not in _chdb_sessions:
-            for old in _chdb_sessions.values():
-                old.close()
-            _chdb_sessions.clear()
-            Path(path).mkdir(parents=True, exist_ok=True)
-            query = urlencode(sorted((server_settings or {}).items()))
-            _chdb_sessions[path] = session.Session(f"{path}?{query}" if query else path)
-        return _chdb_sessions[path]
-
-
-def close_chdb() -> None:
-    with _chdb_lock:
-        for sess in _chdb_sessions.values():
-            sess.close()
-        _chdb_sessions.clear()
-
-
 class ClickHouse:
     """The few operations gatewatch needs, the same on chdb and on a server."""
 
@@ -119,11 +73,21 @@ class ClickHouse:
         self.url = url
         self.database = database
         parsed = urlparse(url)
-        self.embedded = parsed.scheme == "chdb"
+        # chdb's statements and Arrow transport, in this process or in the machine's chdb host
+        self.embedded = parsed.scheme in ("chdb", HOST_SCHEME)
         self._column_types: dict[str, dict[str, ColumnType]] = {}
         self._defaults: dict[tuple[str, str], object] = {}
-        if self.embedded:
-            self._session = _chdb_session(*chdb_location(url))
+        self._lock: ContextManager = _chdb_lock
+        """Held around each statement: the process's one chdb session takes one at a time
+        (a host connection serializes its own requests, and the host the processes)."""
+        self._exclusive: Callable[[], ContextManager] = lambda: _chdb_lock
+        """Held around a migration: nobody else's statement runs in between."""
+        if parsed.scheme == "chdb":
+            self._session = chdb_session(*chdb_location(url))
+        elif parsed.scheme == HOST_SCHEME:
+            self._session = host_session(host_socket(url))
+            self._lock = nullcontext()
+            self._exclusive = self._session.exclusive
         else:
             from clickhouse_driver import Client
 
@@ -135,14 +99,14 @@ class ClickHouse:
 
     def execute(self, sql: str) -> None:
         if self.embedded:
-            with _chdb_lock:
+            with self._lock:
                 self._session.query(sql)
         else:
             self._client.execute(sql)
 
     def rows(self, sql: str) -> list[tuple]:
         if self.embedded:
-            with _chdb_lock:
+            with self._lock:
                 data = self._session.query(sql, "Arrow").bytes()
             import pyarrow.ipc as ipc
 
@@ -191,7 +155,7 @@ class ClickHouse:
             # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
             # Encoded before the lock: another worker's statement can run meanwhile.
             data = arrow_stream_bytes(rows)
-            with _chdb_lock, self._session.send_insert(
+            with self._lock, self._session.send_insert(
                     f"INSERT INTO {self.database}.{table} ({columns}) SETTINGS {EMBEDDED_INSERT_SETTINGS}",
                     "ArrowStream") as stream:
                 stream.append(data)
@@ -217,11 +181,12 @@ class ClickHouse:
 
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
         """Apply ops/migrations/*.sql not yet recorded; return the names applied now.
-        On chdb the whole migration holds the session's lock: every worker of a process
-        migrates its databases when it starts (nobody else can reach them), and the second
-        one then finds every migration recorded instead of creating the same tables again."""
+        On chdb the whole migration holds the session's lock (through a chdb host, the host's):
+        every worker of a process migrates its databases when it starts (nobody else can reach
+        them), and the second one then finds every migration recorded instead of creating the
+        same tables again."""
         if self.embedded:
-            with _chdb_lock:
+            with self._exclusive():
                 return self._migrate(raw_ttl_days, aggregate_ttl_days)
         return self._migrate(raw_ttl_days, aggregate_ttl_days)
 
@@ -614,8 +579,8 @@ class ClickHouseWriter:
         if database not in self.clients:
             client = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
             if client.embedded:
-                # Nobody else can reach an embedded database to migrate it.
-                client.migrate(self.raw_days, self.aggregate_days)
+                # Nobody else migrates an embedded database (nor a chdb host's, which may be down: retried).
+                self.retry("clickhouse", lambda: client.migrate(self.raw_days, self.aggregate_days))
             self.clients[database] = client
         return self.clients[database]
 

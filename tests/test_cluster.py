@@ -83,14 +83,14 @@ def test_too_few_recovery_partitions_for_the_processes_is_an_error(tmp_path):
 @pytest.mark.integration
 def test_a_two_process_cluster_loses_a_process_mid_stream_rescales_and_reconciles(tmp_path, capsys):
     # Two kills of a 2-process cluster in tail mode with recovery, each restart from the same
-    # recovery store; the final, draining run has one process (rescaling). A ClickHouse
-    # server stands in for chdb, which a cluster refuses.
+    # recovery store; the final, draining run has one process (rescaling). Every process
+    # writes one chdb through a chdb host (a cluster refuses chdb in its processes).
     found, problems, expected = demo.run(demo.DemoOptions(
         events=800, chaos=2, processes=2, restart_processes=1, seed=31, users=40, late_ratio=0.02,
         data_dir=str(tmp_path)))
     assert problems == []
     assert found["chaos_kills"] == 2 and found["processes"] == 2
-    assert found["clickhouse_url"].startswith("clickhouse://")
+    assert found["clickhouse_url"].startswith("chdb+unix://")
     assert found["clickhouse_rows"] == expected.valid
     assert found["quota_total_tokens"] == expected.tokens  # late events included
     assert found["billing_total_usd"] == found["expected_total_usd"]

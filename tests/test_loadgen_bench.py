@@ -142,7 +142,7 @@ def test_bench_stages_names_the_slowest_stage():
 def test_bench_e2e_backlog_drains_every_event():
     result = run_cli("bench", "e2e", "--backlog", "2000", "--processes", "2", "--partitions", "4",
                      "--stages-sample", "200", "--flow", "ops.launch:ingest", "--chdb-settings",
-                     "mark_cache_size=67108864")
+                     "mark_cache_size=67108864", "--clickhouse", "chdb")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["events"] == 2000 and report["flow"] == "ops.launch:ingest"

@@ -7,7 +7,12 @@ running, which isolates the flow's own cost per event from the producer's.
 
 With --clickhouse server the flow processes write to one local clickhouse-server over the
 native protocol (as a deployment does) instead of each embedding chdb; the server's CPU is
-reported on its own and in the total, since it runs on the same cores."""
+reported on its own and in the total, since it runs on the same cores.
+
+With --clickhouse chdb-host one chdb host process (ops/chdb_host.py) owns the one database
+and every flow process writes through it (chdb+unix://): the flows' chdb work moved out of
+them, so its CPU is counted in the flow's CPU per event (and shown on its own line), and
+its peak RSS is reported next to the flows'."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from ops.chdb_host import RunningHost, start_host
 from ops.dev import services
 from ops.dev.loadgen import USER_MIXES
 from ops.launch import ENTRY_POINTS, flow_command, process_env
@@ -126,6 +132,10 @@ class Flow:
     server_peak_rss_mb: float | None = None
     services: dict[str, int] = field(default_factory=dict)
     """Redis and the broker by name -> pid: on the same cores, their CPU per event is reported too."""
+    host: RunningHost | None = None
+    """The chdb host the processes write through (--clickhouse chdb-host): its CPU is the flow's."""
+    host_cpu_s: float = 0.0
+    host_peak_rss_mb: float | None = None
 
     def snapshots(self) -> list[Snapshot]:
         from urllib.request import urlopen
@@ -150,7 +160,9 @@ class Flow:
             peaks.append(peak)
         self.peak_rss_mb = peaks  # the kernel's high-water mark never falls
         self.cpu_s = cpus
-        return sum(cpus), rss
+        if self.host is not None:
+            self.host_cpu_s, _rss, self.host_peak_rss_mb = proc_usage(self.host.pid)
+        return sum(cpus) + self.host_cpu_s, rss
 
     def server_cpu(self) -> float:
         """CPU seconds of the ClickHouse server so far (0 with embedded chdb)."""
@@ -164,7 +176,7 @@ class Flow:
         return {name: cpu_seconds(pid) for name, pid in self.services.items()}
 
     def alive(self) -> bool:
-        return all(proc.poll() is None for proc in self.processes)
+        return all(proc.poll() is None for proc in self.processes) and (self.host is None or self.host.alive())
 
     def chdb_mapped(self) -> list[bool]:
         return [maps_chdb(proc.pid) for proc in self.processes]
@@ -187,20 +199,27 @@ DEFAULT_FLOW = ENTRY_POINTS["ingest"]
 @dataclass(frozen=True)
 class ClickHouseTarget:
     """Where the flow processes write: each its own embedded chdb under the bench's directory
-    (with server settings for its session), or one server they share."""
+    (with server settings for its session), one chdb host they share, or one server."""
 
     server: services.Service | None = None
     chdb_settings: str = ""
     """name=value&... appended to each chdb:// URL (sinks.clickhouse.chdb_location)."""
+    host: RunningHost | None = None
 
     def url(self, root: Path, index: int) -> str:
         if self.server is not None:
             return self.server.address
-        return f"chdb://{root / f'chdb-{index}'}" + (f"?{self.chdb_settings}" if self.chdb_settings else "")
+        if self.host is not None:
+            return self.host.url
+        return chdb_url(root / f"chdb-{index}", self.chdb_settings)
 
     @property
     def kind(self) -> str:
-        return "chdb" if self.server is None else "server"
+        return "server" if self.server is not None else "chdb-host" if self.host is not None else "chdb"
+
+
+def chdb_url(directory: Path, chdb_settings: str) -> str:
+    return f"chdb://{directory}" + (f"?{chdb_settings}" if chdb_settings else "")
 
 
 def start_clickhouse_server(root: Path, settings: Settings) -> services.Service:
@@ -229,7 +248,7 @@ def start_flow(env: dict, root: Path, processes: int, workers: int, partitions: 
                                 "GATEWATCH_CLICKHOUSE__URL": clickhouse.url(root, index)})
         log = open(root / f"flow-{index}.log", "wb")
         procs.append(subprocess.Popen(command, env=proc_env, stdout=log, stderr=subprocess.STDOUT))
-    return Flow(procs, ports, server_pid=clickhouse.server.pid if clickhouse.server else None)
+    return Flow(procs, ports, server_pid=clickhouse.server.pid if clickhouse.server else None, host=clickhouse.host)
 
 
 def wait_for(predicate, timeout_s: float, flow: Flow, what: str) -> None:
@@ -280,20 +299,24 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--profile-dir", type=click.Path(file_okay=False),
               help="With --backlog: py-spy records each flow process (native frames, collapsed stacks) from the "
                    "first consumed events to the end of the drain, into flow-<i>.txt here.")
-@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "server"]), default="chdb",
-              show_default=True,
-              help="Embedded chdb in each flow process, or one local clickhouse-server over the native protocol.")
+@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default=None,
+              help="Embedded chdb in each flow process, one chdb host process that every flow process writes "
+                   "through (chdb+unix://, `gatewatch chdb-host`), or one local clickhouse-server over the native "
+                   "protocol. [default: chdb-host with --processes above 1 (chdb's code and heap resident once, "
+                   "every process under 600 MB; ops/bench/FINDINGS.md), else chdb]")
 @click.option("--drain-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds the flow may take to catch up after the load; past them the figures so far are printed"
                    " and the bench fails.")
 @click.option("--chdb-settings", default="", metavar="NAME=VALUE&...",
-              help="ClickHouse server settings of each embedded chdb session, e.g. mark_cache_size=67108864.")
+              help="ClickHouse server settings of each embedded chdb session (or the chdb host's), e.g. "
+                   "mark_cache_size=67108864.")
 def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, workers, partitions, users, user_mix,
         broker, keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout,
         chdb_settings) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
-    if chdb_settings and clickhouse_kind != "chdb":
-        raise click.UsageError("--chdb-settings applies to --clickhouse chdb only")
+    clickhouse_kind = clickhouse_kind or ("chdb-host" if processes > 1 else "chdb")
+    if chdb_settings and clickhouse_kind == "server":
+        raise click.UsageError("--chdb-settings applies to --clickhouse chdb or chdb-host only")
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
     settings = Settings()
@@ -311,6 +334,12 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             started.append(clickhouse.server)
             click.echo(f"bench: clickhouse-server {clickhouse.server.extra.get('version')} at "
                        f"{clickhouse.server.address}", err=True)
+        elif clickhouse_kind == "chdb-host":
+            clickhouse = ClickHouseTarget(host=start_host(chdb_url(root / "chdb", chdb_settings),
+                                                          root / "chdb-host.sock", root / "chdb-host.log",
+                                                          metrics_port=services.free_port()))
+            started.append(clickhouse.host)
+            click.echo(f"bench: chdb host pid {clickhouse.host.pid} at {clickhouse.host.url}", err=True)
         env = {**os.environ, "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address, "GATEWATCH_REDIS__URL": redis_server.address,
                "GATEWATCH_PARQUET__ROOT": str(root / "raw"), "GATEWATCH_KAFKA__TAIL": "true",
                "GATEWATCH_LOG_LEVEL": "WARNING"}
@@ -331,6 +360,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         wait_for(lambda: consumed(flow.snapshot()) >= warm_sent, 180, flow, "the warm-up events")
         base = flow.snapshot()
         base_cpu, _ = flow.usage()
+        base_host_cpu = flow.host_cpu_s
         base_server_cpu = flow.server_cpu()
 
         extra = [*population, "--burst-factor", str(burst_factor), "--burst-every", str(burst_every),
@@ -403,6 +433,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             "chdb_mapped_per_process": chdb_mapped,
             **server_figures(flow, server_cpu / max(events, 1) * 1000, (cpu - base_cpu + server_cpu) / max(events, 1)
                              * 1000, "cpu_s_per_1000_events", 3),
+            **host_figures(flow, (flow.host_cpu_s - base_host_cpu) / max(events, 1) * 1000, "cpu_s_per_1000_events",
+                           3),
             "lag_timeline": [(row["t"], row["lag"]) for row in timeline[::max(1, len(timeline) // 30)]],
         }
         click.echo(render(result), err=True)
@@ -430,6 +462,16 @@ def server_figures(flow: Flow, server_per_event: float, total_per_event: float, 
             "server_peak_rss_mb": round(flow.server_peak_rss_mb or 0, 1)}
 
 
+def host_figures(flow: Flow, host_per_event: float, unit: str, digits: int) -> dict[str, float]:
+    """The chdb host's share of a result (already counted in the flow's CPU), and its peak
+    resident memory (nothing without a host)."""
+    if flow.host is None:
+        return {}
+    return {f"host_{unit}": round(host_per_event, digits), "host_peak_rss_mb": round(flow.host_peak_rss_mb or 0, 1),
+            # the whole run's, migrations and the final read-back included
+            "host_seconds_by_op": flow.host.seconds_by_op()}
+
+
 def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, processes: int, workers: int,
                   partitions: int, users: int, user_mix: str, stages_sample: int, flow_target: str = DEFAULT_FLOW,
                   clickhouse: ClickHouseTarget = ClickHouseTarget(), profile_dir: Path | None = None,
@@ -452,6 +494,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     try:
         launched = time.monotonic()
         cpu_at_start: list[float] = [0.0] * processes
+        host_cpu_at_start = 0.0
         start = None  # (monotonic time, events consumed, CPU seconds, snapshot) at the first sample with progress
         done = 0.0
         snap = None
@@ -472,6 +515,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             if start is None and done > 0:
                 start = (time.monotonic(), done, cpu, snap, flow.server_cpu())
                 cpu_at_start = list(flow.cpu_s)
+                host_cpu_at_start = flow.host_cpu_s
                 services_before = flow.services_cpu()
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
@@ -499,6 +543,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
         cpu_at_start = [0.0] * processes
+        host_cpu_at_start = 0.0
         services_before = services_at_launch
     timed_events = done - consumed_before
     stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, user_mix, root / "stages-chdb")
@@ -528,6 +573,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "services_us_per_event": {name: round((cpu_s - services_before[name]) / timed_events * 1e6, 1)
                                   for name, cpu_s in services_cpu.items()},
         **server_figures(flow, server_us, cpu_us + server_us, "cpu_us_per_event", 1),
+        **host_figures(flow, (flow.host_cpu_s - host_cpu_at_start) / timed_events * 1e6, "cpu_us_per_event", 1),
     }
     if profile_dir is not None:
         from ops.bench.profile import summarize_file
@@ -567,9 +613,9 @@ def stop_profilers(profilers: list[subprocess.Popen]) -> None:
 
 
 def stored_events(clickhouse: ClickHouseTarget, settings: Settings, root: Path, processes: int) -> int:
-    """Distinct events in the events tables after the flows stopped: the server's, or each flow
-    process's own chdb database, opened here one after the other (a process has one chdb
-    session; opening the next closes the last): nothing lost on the way."""
+    """Distinct events in the events tables after the flows stopped: the server's, the chdb
+    host's, or each flow process's own chdb database, opened here one after the other (a
+    process has one chdb session; opening the next closes the last): nothing lost on the way."""
     from sinks.clickhouse import ClickHouse, close_chdb
 
     database = settings.clickhouse.database
@@ -614,7 +660,11 @@ def render_backlog(r: dict) -> str:
 
 
 def server_rows(r: dict, unit: str, label: str) -> list[tuple[str, str]]:
-    if f"server_{unit}" not in r:
+    if f"host_{unit}" in r:
+        rows = [("clickhouse", "one chdb host for every flow process"),
+                ("chdb host CPU", f"{r[f'host_{unit}']:g} {label} (counted in the flow's)"),
+                ("chdb host RSS", f"peak {r['host_peak_rss_mb']:.0f} MB")]
+    elif f"server_{unit}" not in r:
         rows = [("clickhouse", "embedded chdb in each flow process")]
     else:
         rows = [("clickhouse server CPU", f"{r[f'server_{unit}']:g} {label}; flow + server {r[f'total_{unit}']:g}"),

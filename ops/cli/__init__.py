@@ -15,6 +15,7 @@ settings (`ops.cli.options`) and calls the code that does the work elsewhere in 
     api        serve, api-keys create|list|revoke
     deploy     deploy render
     spool      spool status|drain              (ops/spool_drain)
+    chdb_host  chdb-host                       (ops/chdb_host: one chdb per machine)
     bench      bench e2e|stages|redaction|state|api|producer|history|tracing|quota   (ops/bench)
 """
 
@@ -32,6 +33,7 @@ from ops.bench.stages import stages as bench_stages
 from ops.bench.state import state as bench_state
 from ops.bench.tracing import tracing as bench_tracing
 from ops.cli.api import api_keys, serve
+from ops.cli.chdb_host import chdb_host
 from ops.cli.compact import compact
 from ops.cli.deploy import deploy
 from ops.cli.dlq import dlq
@@ -77,6 +79,7 @@ cli.add_command(serve)
 cli.add_command(api_keys)
 cli.add_command(deploy)
 cli.add_command(spool)
+cli.add_command(chdb_host)
 
 bench.add_command(bench_e2e)
 bench.add_command(bench_stages)

@@ -31,7 +31,7 @@ from ops.recovery import init_recovery
 @click.option("--seed", default=7, show_default=True, type=int)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Bytewax worker threads.")
 @click.option("--processes", default=1, show_default=True, type=click.IntRange(1),
-              help="Run the flow as a Bytewax cluster of N processes on loopback (ClickHouse then runs as a server).")
+              help="Run the flow as a Bytewax cluster of N processes on loopback (writing one chdb through a chdb host).")
 @click.option("--restart-processes", type=click.IntRange(1),
               help="With --chaos: restart the last run with this many processes from the same recovery store.")
 @click.option("--data-dir", type=click.Path(file_okay=False),

@@ -27,11 +27,12 @@ from pathlib import Path
 import pyarrow.compute as pc
 from confluent_kafka import Producer
 
+from ops.chdb_host import start_host
 from ops.cluster import addresses_for, refuses_chdb
 from ops.dev import api_feed, services
 from ops.dev.loadgen import Expected, FleetWire, collect, generate
 from ops.launch import Snapshots, flow_command, process_env
-from ops.migrate import migrate_clickhouse, migrate_kafka
+from ops.migrate import migrate_kafka
 from ops.recovery import init_recovery
 from ops.settings import SINK_NAMES, Settings
 from schemas.records import decode_billing_event
@@ -410,12 +411,13 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         counters_path = root / "flow-counters.json"
         clickhouse_url = f"chdb://{root / 'chdb'}"
         if refuses_chdb(max(options.processes, options.restart_processes or 1)):
-            clickhouse_server = services.start_clickhouse(root / "clickhouse")
-            started_services.append(clickhouse_server)
-            clickhouse_url = clickhouse_server.address
-            migrate_clickhouse(settings.model_copy(update={
-                "clickhouse": settings.clickhouse.model_copy(update={"url": clickhouse_url})}))
-            say(f"clickhouse {clickhouse_url} (a cluster cannot write chdb, see ops/cluster.py)")
+            # The cluster's processes write one chdb through a host (the flows migrate it),
+            # which outlives every process the chaos kills.
+            chdb_host = start_host(clickhouse_url, root / "chdb-host.sock", root / "chdb-host.log")
+            started_services.append(chdb_host)
+            clickhouse_url = chdb_host.url
+            say(f"clickhouse {clickhouse_url}: one chdb host for every process (a cluster cannot embed chdb, "
+                "see ops/cluster.py)")
         env = {
             **os.environ,
             "GATEWATCH_KAFKA__BOOTSTRAP": kafka.address,
@@ -450,7 +452,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         parquet = ParquetStore(str(root / "raw")).read()
         clickhouse = ClickHouse(clickhouse_url)
         # The aggregates, not the raw rows: they are what dashboards, status and invoices read.
-        # A pre-21 server (the cluster demo's Debian one) has no aggregates: read its raw rows.
+        # A pre-21 server (Debian's 18.16) has no aggregates: read its raw rows.
         table, requests = ("events", "count()") if clickhouse.legacy else ("usage_daily", "sum(requests)")
         (ch_rows, ch_tokens, ch_usd, ch_reasoning), = clickhouse.rows(
             f"SELECT {requests}, sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), "

@@ -1,0 +1,300 @@
+"""The chdb host: one process that owns a chdb database directory and runs the statements of
+every flow process on the machine, which reach it at chdb+unix:///path/to/host.sock
+(protocol and client: sinks.chdb_host).
+
+Why: each flow process embedding chdb carried its ~224 MB of library code and its own heap,
+and a Bytewax cluster could not write chdb at all (one database lives in one process). With
+the host, chdb's code and heap are resident once per machine, and every process of a
+cluster on that machine writes the same database.
+
+Started by `gatewatch chdb-host --url chdb://DIR --socket PATH [--metrics-port N]`, which
+runs this module in a fresh interpreter: the host imports chdb, prometheus_client and the
+standard library, never pyarrow (Arrow IPC bytes pass through untouched), so its resident
+set is chdb's code and heap and a bare interpreter. One thread per connection; every
+statement runs under the one session lock chdb needs (sinks.chdb_session._chdb_lock).
+Prometheus metrics on --metrics-port; JSON logs on stderr, one request_id per request.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import logging
+import os
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from ops.logs import configure as configure_logs
+from sinks.chdb_host import (OP_EXECUTE, OP_INSERT, OP_LOCK, OP_NAMES, OP_PING, OP_QUERY, OP_UNLOCK, STATUS_ERROR,
+                             STATUS_OK, HostGone, HostSession, decode_request, host_url, recv_frame,
+                             send_frame)
+from sinks.chdb_session import _chdb_lock, chdb_location, chdb_session, close_chdb
+
+log = logging.getLogger("ops.chdb_host")
+
+STATEMENTS = Counter("gatewatch_chdb_host_statements", "Requests the chdb host answered, by op", ["op"])
+ERRORS = Counter("gatewatch_chdb_host_errors", "Requests chdb refused, by op", ["op"])
+SECONDS = Histogram("gatewatch_chdb_host_statement_seconds", "Seconds per request, lock wait included, by op",
+                    ["op"], buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120))
+BYTES = Counter("gatewatch_chdb_host_bytes", "Payload bytes received (in) and sent back (out)", ["direction"])
+CONNECTIONS = Gauge("gatewatch_chdb_host_connections", "Open client connections")
+
+_ERROR_CODE = re.compile(r"Code: (\d+)")
+_ERROR_NAME = re.compile(r"\(([A-Z_]+)\)\s*(?:\(version [^)]*\))?\s*$")
+
+
+def error_summary(text: str) -> dict[str, str | None]:
+    """The ClickHouse error code and name of an error, for the log: the message itself may
+    quote the statement, whose literals are the caller's data."""
+    code, name = _ERROR_CODE.search(text), _ERROR_NAME.search(text.strip())
+    return {"error_code": code.group(1) if code else None, "error_name": name.group(1) if name else None}
+
+
+class Host:
+    """The chdb session and what each request does with it."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path, settings = chdb_location(url)
+        self.session = chdb_session(self.path, settings)
+        self.connection_ids = itertools.count(1)
+
+    def answer(self, op: int, sql: str, payload: memoryview, held: list[int]) -> bytes:
+        """The result bytes of one request; raises what chdb raises."""
+        if op == OP_PING:
+            return b""
+        if op == OP_LOCK:
+            _chdb_lock.acquire()
+            held.append(1)
+            return b""
+        if op == OP_UNLOCK:
+            if held:
+                held.pop()
+                _chdb_lock.release()
+            return b""
+        with _chdb_lock:
+            if op == OP_EXECUTE:
+                self.session.query(sql)
+                return b""
+            if op == OP_QUERY:
+                return self.session.query(sql, bytes(payload).decode()).bytes()
+            if op == OP_INSERT:
+                with self.session.send_insert(sql, "ArrowStream") as stream:
+                    stream.append(payload)
+                    stream.finish()
+                return b""
+        raise ValueError(f"unknown op {op}")
+
+    def serve_connection(self, conn: socket.socket) -> None:
+        connection = next(self.connection_ids)
+        held: list[int] = []  # OP_LOCKs this connection holds, released if it goes away holding them
+        CONNECTIONS.inc()
+        log.info("connection opened", extra={"connection": connection})
+        try:
+            for number in itertools.count(1):
+                try:
+                    body = recv_frame(conn)
+                except OSError as exc:
+                    log.warning("connection broken", extra={"connection": connection, "error": str(exc)})
+                    return
+                if body is None:
+                    return
+                try:
+                    op, sql, payload = decode_request(body)
+                except (struct.error, UnicodeDecodeError) as exc:
+                    log.warning("malformed request, connection closed", extra={"connection": connection,
+                                                                               "error": type(exc).__name__})
+                    return
+                name = OP_NAMES.get(op, str(op))
+                BYTES.labels("in").inc(len(payload))
+                started = time.perf_counter()
+                try:
+                    reply, status = self.answer(op, sql, payload, held), STATUS_OK
+                except Exception as exc:  # noqa: BLE001 - every failure goes back to the client
+                    reply, status = str(exc).encode(), STATUS_ERROR
+                    ERRORS.labels(name).inc()
+                    log.warning("statement failed", extra={"request_id": f"{connection}-{number}", "op": name,
+                                                           **error_summary(str(exc))})
+                SECONDS.labels(name).observe(time.perf_counter() - started)
+                STATEMENTS.labels(name).inc()
+                BYTES.labels("out").inc(len(reply))
+                try:
+                    send_frame(conn, bytes([status]), reply)
+                except OSError as exc:
+                    log.warning("reply not delivered", extra={"connection": connection, "error": str(exc)})
+                    return
+        finally:
+            for _ in held:
+                _chdb_lock.release()
+            conn.close()
+            CONNECTIONS.dec()
+            log.info("connection closed", extra={"connection": connection})
+
+
+def bind(socket_path: str) -> socket.socket:
+    """A listening socket at socket_path; a stale file from a host that died is replaced,
+    a live host's is not."""
+    path = Path(socket_path)
+    if path.exists():
+        try:
+            HostSession(socket_path, timeout_s=5).ping()
+        except HostGone:
+            path.unlink()
+        else:
+            raise SystemExit(f"a chdb host already serves {socket_path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(socket_path)
+    os.chmod(socket_path, 0o600)  # the database's owner only, as the directory itself
+    listener.listen(64)
+    return listener
+
+
+def serve(url: str, socket_path: str, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> None:
+    listener = bind(socket_path)  # first: a second host on a live socket stops before opening chdb
+    try:
+        host = Host(url)
+    except BaseException:
+        Path(socket_path).unlink(missing_ok=True)
+        raise
+    if metrics_port is not None:
+        start_http_server(metrics_port, metrics_host)
+    stopping = threading.Event()
+
+    def stop(signum, _frame) -> None:
+        stopping.set()
+        listener.close()  # ends accept() below
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("chdb host ready", extra={"socket": socket_path, "database_dir": host.path, "pid": os.getpid(),
+                                        "metrics_port": metrics_port})
+    try:
+        while not stopping.is_set():
+            try:
+                conn, _address = listener.accept()
+            except OSError:
+                if stopping.is_set():
+                    break
+                raise
+            threading.Thread(target=host.serve_connection, args=(conn,), daemon=True,
+                             name="chdb-host-connection").start()
+    finally:
+        with _chdb_lock:  # after the statement that runs now, if any
+            close_chdb()
+        Path(socket_path).unlink(missing_ok=True)
+        log.info("chdb host stopped", extra={"socket": socket_path})
+
+
+def host_command(url: str, socket_path: str | Path, metrics_port: int | None = None) -> list[str]:
+    """The command line of a host process (what `gatewatch chdb-host` execs)."""
+    command = [sys.executable, "-m", "ops.chdb_host", "--url", url, "--socket", str(socket_path)]
+    return command + (["--metrics-port", str(metrics_port)] if metrics_port is not None else [])
+
+
+def host_env(env: dict[str, str]) -> dict[str, str]:
+    """env with the jemalloc settings a flow process gets for its chdb (ops.launch), unless set."""
+    from ops.launch import CHDB_JEMALLOC
+
+    return {"JE_MALLOC_CONF": CHDB_JEMALLOC, **env}
+
+
+@dataclass
+class RunningHost:
+    """A host process started by start_host (the benchmark's, the demo's, a test's)."""
+
+    proc: subprocess.Popen
+    socket_path: Path
+    database_url: str
+    """The chdb:// URL of the directory it owns."""
+    metrics_port: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        """What the flows set clickhouse.url to."""
+        return host_url(self.socket_path)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def seconds_by_op(self) -> dict[str, float]:
+        """Seconds the host spent on each kind of request so far (lock waits included), from
+        its metrics; empty without a metrics port."""
+        if self.metrics_port is None:
+            return {}
+        from urllib.request import urlopen
+
+        text = urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        found = re.findall(r'^gatewatch_chdb_host_statement_seconds_sum\{op="(\w+)"\} (\S+)$', text, re.MULTILINE)
+        return {op: round(float(value), 2) for op, value in found}
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM: the host finishes the statement it runs and closes its session."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def start_host(url: str, socket_path: str | Path, log_path: Path, metrics_port: int | None = None,
+               env: dict[str, str] | None = None, timeout_s: float = 60) -> RunningHost:
+    """A host process serving url at socket_path, returned once it answers a ping."""
+    socket_path = Path(socket_path).resolve()
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(host_command(url, socket_path, metrics_port), env=host_env(dict(env or os.environ)),
+                                stdout=log_file, stderr=subprocess.STDOUT)
+    wait_until_serving(proc, str(socket_path), log_path, timeout_s)
+    return RunningHost(proc, socket_path, url, metrics_port)
+
+
+def wait_until_serving(proc: subprocess.Popen, socket_path: str, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    probe = HostSession(socket_path, timeout_s=5)
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the chdb host exited with {proc.returncode}: {log_path.read_text()[-2000:]}")
+        try:
+            probe.ping()
+            probe.close()
+            return
+        except HostGone:
+            if time.monotonic() > deadline:
+                proc.kill()
+                proc.wait()
+                raise RuntimeError(f"the chdb host did not answer on {socket_path} within {timeout_s:g} s")
+            time.sleep(0.1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ops.chdb_host", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="chdb://DIR[?server_setting=value&...]: the database it owns")
+    parser.add_argument("--socket", required=True, help="Unix socket path the flows reach (chdb+unix://PATH)")
+    parser.add_argument("--metrics-port", type=int, default=None)
+    parser.add_argument("--log-level", default=os.environ.get("GATEWATCH_LOG_LEVEL", "INFO"))
+    args = parser.parse_args(argv)
+    # chdb imports pyarrow when it can and works without it (Arrow bytes pass through here
+    # untouched): kept out, its ~100 MB of libraries stay unmapped.
+    sys.modules.setdefault("pyarrow", None)  # type: ignore[arg-type]
+    configure_logs(args.log_level)
+    serve(args.url, str(Path(args.socket).resolve()), args.metrics_port)
+
+
+if __name__ == "__main__":
+    main()

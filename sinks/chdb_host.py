@@ -1,0 +1,249 @@
+"""One embedded ClickHouse (chdb) per machine, shared by every flow process on it: the wire
+protocol and the client side (the host itself is ops/chdb_host.py).
+
+Each flow process that embeds chdb maps its ~224 MB of library code and keeps its own heap
+(ops/bench/FINDINGS.md, issue 17); a host process owns the one chdb session of a database
+directory instead, and flow processes reach it over a Unix domain socket with the URL
+
+    chdb+unix:///path/to/host.sock
+
+(sinks.clickhouse.ClickHouse picks HostSession for it). Statements are chdb's, as with
+chdb://: Arrow IPC bytes in and out, migrations run by the writers through the host.
+
+Frames are a 4-byte big-endian length and a body. A request body is one op byte, a 4-byte
+SQL length, the SQL (UTF-8) and the payload (ArrowStream bytes of an insert); a reply body
+is one status byte (0: ok, 1: the statement failed) and the result bytes or the error text.
+This module imports neither pyarrow nor chdb: the host passes the bytes straight through.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+HOST_SCHEME = "chdb+unix"
+
+OP_EXECUTE = 1
+"""A statement whose result the caller does not read."""
+OP_QUERY = 2
+"""A statement whose result comes back in the format named in the payload (Arrow)."""
+OP_INSERT = 3
+"""An INSERT whose rows are the payload, in ArrowStream format."""
+OP_LOCK = 4
+"""Hold the host's statement lock for this connection until OP_UNLOCK or until it closes."""
+OP_UNLOCK = 5
+OP_PING = 6
+OP_NAMES = {OP_EXECUTE: "execute", OP_QUERY: "query", OP_INSERT: "insert", OP_LOCK: "lock",
+            OP_UNLOCK: "unlock", OP_PING: "ping"}
+
+STATUS_OK = 0
+STATUS_ERROR = 1
+
+_LENGTH = struct.Struct(">I")
+_OP_SQL = struct.Struct(">BI")
+MAX_FRAME = 2**32 - 1
+
+STATEMENT_TIMEOUT_S = 300.0
+"""How long a client waits for one reply: a statement, or the lock while another process
+migrates. Past it the connection is dropped (HostGone) and the caller's retry begins."""
+
+
+class HostGone(ConnectionError):
+    """The host cannot be reached or closed the connection: an outage, retried like a
+    ClickHouse server's (sinks.retry); the next call connects again."""
+
+
+class HostStatementError(RuntimeError):
+    """chdb refused the statement inside the host: the same error chdb raises in-process."""
+
+
+def host_socket(url: str) -> str:
+    """The socket path of a chdb+unix:///PATH URL."""
+    parsed = urlparse(url)
+    if parsed.scheme != HOST_SCHEME or parsed.netloc:
+        raise ValueError(f"expected {HOST_SCHEME}:///absolute/path/to/host.sock, got {url!r}")
+    return unquote(parsed.path)
+
+
+def host_url(socket_path: str | Path) -> str:
+    return f"{HOST_SCHEME}://{Path(socket_path).resolve()}"
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
+    """size bytes from sock, or None when the peer closed before the first byte."""
+    buffer = bytearray(size)
+    view = memoryview(buffer)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            if got == 0:
+                return None
+            raise ConnectionError(f"connection closed after {got} of {size} bytes")
+        got += n
+    return buffer
+
+
+def recv_frame(sock: socket.socket) -> bytearray | None:
+    """One frame's body, or None at a clean end of the connection."""
+    header = recv_exactly(sock, _LENGTH.size)
+    if header is None:
+        return None
+    (length,) = _LENGTH.unpack(header)
+    body = recv_exactly(sock, length) if length else bytearray()
+    if body is None:
+        raise ConnectionError("connection closed inside a frame")
+    return body
+
+
+def send_frame(sock: socket.socket, *parts: bytes) -> None:
+    length = sum(len(part) for part in parts)
+    if length > MAX_FRAME:
+        raise ValueError(f"a frame of {length:,} bytes is over the protocol's {MAX_FRAME:,}")
+    # sendall, not one sendmsg: a stream socket may take part of a large frame per call.
+    *head, last = parts
+    sock.sendall(b"".join([_LENGTH.pack(length), *head]))
+    if last:
+        sock.sendall(last)
+
+
+def encode_request(op: int, sql: str = "", payload: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    encoded = sql.encode()
+    return _OP_SQL.pack(op, len(encoded)), encoded, payload
+
+
+def decode_request(body: bytearray) -> tuple[int, str, memoryview]:
+    """(op, sql, payload) of a request body."""
+    op, sql_length = _OP_SQL.unpack_from(body)
+    start = _OP_SQL.size
+    view = memoryview(body)
+    return op, bytes(view[start:start + sql_length]).decode(), view[start + sql_length:]
+
+
+class Result:
+    """What chdb's session.query returns, as far as sinks.clickhouse reads it."""
+
+    def __init__(self, data: bytes):
+        self._data = data
+
+    def bytes(self) -> bytes:
+        return self._data
+
+
+class Insert:
+    """chdb's StreamingInserter as sinks.clickhouse uses it: the appended chunks travel in
+    one OP_INSERT frame when the insert finishes; leaving the block unfinished sends nothing."""
+
+    def __init__(self, session: HostSession, sql: str, fmt: str):
+        if fmt != "ArrowStream":
+            raise ValueError(f"the chdb host takes inserts in ArrowStream format, not {fmt}")
+        self.session = session
+        self.sql = sql
+        self.chunks: list[bytes] = []
+
+    def __enter__(self) -> Insert:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.chunks.clear()
+
+    def append(self, data: bytes) -> None:
+        self.chunks.append(bytes(data))
+
+    def finish(self) -> None:
+        self.session.request(OP_INSERT, self.sql, b"".join(self.chunks))
+        self.chunks.clear()
+
+
+class HostSession:
+    """The client side of one connection to a chdb host, with chdb session's methods
+    (query, send_insert). Threads of a process share it and take turns (one request in flight
+    per connection, as chdb allows one statement per session); the host serializes the
+    processes. A broken connection raises HostGone and is opened again on the next call."""
+
+    def __init__(self, socket_path: str, timeout_s: float = STATEMENT_TIMEOUT_S):
+        self.socket_path = socket_path
+        self.timeout_s = timeout_s
+        self.lock = threading.RLock()
+        self._sock: socket.socket | None = None
+
+    def _connected(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout_s)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise HostGone(f"chdb host at {self.socket_path} is not reachable: {exc}") from exc
+            self._sock = sock
+        return self._sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def request(self, op: int, sql: str = "", payload: bytes = b"") -> bytes:
+        """Send one request and return the result bytes; HostStatementError when chdb
+        refused it, HostGone when the host is unreachable or went away before answering."""
+        with self.lock:
+            sock = self._connected()
+            try:
+                send_frame(sock, *encode_request(op, sql, payload))
+                reply = recv_frame(sock)
+            except OSError as exc:
+                self._drop()
+                raise HostGone(f"chdb host at {self.socket_path} went away during {OP_NAMES[op]}: {exc}") from exc
+            if reply is None:
+                self._drop()
+                raise HostGone(f"chdb host at {self.socket_path} closed the connection during {OP_NAMES[op]}")
+            if reply[0] != STATUS_OK:
+                raise HostStatementError(bytes(reply[1:]).decode(errors="replace"))
+            return bytes(memoryview(reply)[1:])
+
+    def query(self, sql: str, fmt: str | None = None) -> Result:
+        if fmt is None:
+            self.request(OP_EXECUTE, sql)
+            return Result(b"")
+        return Result(self.request(OP_QUERY, sql, fmt.encode()))
+
+    def send_insert(self, sql: str, fmt: str) -> Insert:
+        return Insert(self, sql, fmt)
+
+    def ping(self) -> None:
+        self.request(OP_PING)
+
+    @contextmanager
+    def exclusive(self):
+        """Every statement of the block alone on the host (a migration: two flow processes
+        starting together would otherwise both apply it)."""
+        with self.lock:
+            self.request(OP_LOCK)
+            try:
+                yield
+            finally:
+                try:
+                    self.request(OP_UNLOCK)
+                except HostGone:
+                    pass  # the host released the lock when the connection closed
+
+    def close(self) -> None:
+        with self.lock:
+            self._drop()
+
+
+_sessions: dict[str, HostSession] = {}
+_sessions_lock = threading.Lock()
+
+
+def host_session(socket_path: str) -> HostSession:
+    """The process's connection to the host at socket_path (every client of it shares one)."""
+    with _sessions_lock:
+        if socket_path not in _sessions:
+            _sessions[socket_path] = HostSession(socket_path)
+        return _sessions[socket_path]

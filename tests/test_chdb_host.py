@@ -1,0 +1,249 @@
+"""One chdb host per machine (ops/chdb_host.py, sinks/chdb_host.py): flow processes write one
+embedded database through a host process over a Unix socket (chdb+unix://). Real chdb in a
+real host process; clients in this process and in child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from urllib.request import urlopen
+
+import pytest
+
+from ops.chdb_host import RunningHost, error_summary, start_host, wait_until_serving
+from ops.cluster import ClusterError, check_cluster, check_environment
+from ops.dev.services import free_port
+from ops.settings import Settings
+from sinks.chdb_host import HostGone, HostSession, HostStatementError, host_socket, host_url
+from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, to_table
+from sinks.retry import write_with_retries
+from tests.processes import REPO, run_cli
+from tests.test_clickhouse_insert import events
+
+DATABASE = "hosted"
+
+
+def batch(first_id: int, count: int, seed: int) -> list[dict]:
+    """count events with ids host-<first_id>.. (unique across batches)."""
+    return [{**event, "event_id": f"host-{first_id + n}"} for n, event in enumerate(events(count, seed))]
+
+
+@pytest.fixture
+def host(tmp_path) -> RunningHost:
+    running = start_host(f"chdb://{tmp_path / 'db'}", tmp_path / "host.sock", tmp_path / "host.log",
+                         metrics_port=free_port())
+    yield running
+    running.stop()
+
+
+def stored_ids(client: ClickHouse) -> set[str]:
+    return {event_id for (event_id,) in client.rows(f"SELECT event_id FROM {DATABASE}.events FINAL")}
+
+
+CLIENT_PROCESS = """
+import sys
+from sinks.clickhouse import ClickHouse, to_table
+from tests.test_chdb_host import DATABASE, batch
+client = ClickHouse(sys.argv[1], DATABASE)
+client.migrate()
+first = int(sys.argv[2])
+for at in range(first, first + 600, 200):
+    client.insert("events", to_table(batch(at, 200, at)))
+print(client.rows(f"SELECT count() FROM {DATABASE}.events FINAL")[0][0])
+"""
+
+
+def test_two_processes_migrate_insert_and_read_back_one_database_through_the_host(host):
+    """Both processes migrate at once (the host's lock makes it one migration) and insert
+    Arrow batches; this process reads every row back through the same host."""
+    clients = [subprocess.Popen([sys.executable, "-c", CLIENT_PROCESS, host.url, str(first)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for first in (0, 10_000)]
+    outputs = [client.communicate(timeout=120) for client in clients]
+    assert [client.returncode for client in clients] == [0, 0], [err[-3000:] for _out, err in outputs]
+
+    reader = ClickHouse(host.url, DATABASE)
+    assert stored_ids(reader) == {f"host-{n}" for first in (0, 10_000) for n in range(first, first + 600)}
+    applied = reader.rows(f"SELECT name, count() FROM {DATABASE}.schema_migrations GROUP BY name ORDER BY name")
+    assert applied == [(path.stem, 1) for path in sorted(MIGRATIONS_DIR.glob("*.sql"))]
+    assert reader.migrate() == []  # recorded: nothing applied twice
+    # Columns come back as written, through Arrow IPC both ways.
+    (prompt, cost), = reader.rows(f"SELECT prompt, cost_usd FROM {DATABASE}.events FINAL WHERE event_id = 'host-1'")
+    written = batch(0, 200, 0)[1]
+    assert (prompt, cost) == (written["prompt"], written["cost_usd"])
+
+
+def test_threads_of_one_process_share_its_connection(host):
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    errors: list[BaseException] = []
+
+    def insert(first: int) -> None:
+        try:
+            for at in range(first, first + 400, 100):
+                ClickHouse(host.url, DATABASE).insert("events", to_table(batch(at, 100, at)))
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=insert, args=(first,)) for first in (0, 1000, 2000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors
+    assert len(stored_ids(client)) == 1200
+
+
+def test_a_refused_statement_is_chdbs_error_and_the_connection_goes_on(host):
+    client = ClickHouse(host.url, DATABASE)
+    with pytest.raises(HostStatementError, match="UNKNOWN_TABLE|Unknown table"):
+        client.rows("SELECT x FROM system.no_such_table")
+    assert client.rows("SELECT 41 + 1") == [(42,)]
+    log = [json.loads(line) for line in (host.socket_path.parent / "host.log").read_text().splitlines()
+           if line.startswith("{")]
+    failed = [line for line in log if line["msg"] == "statement failed"]
+    assert failed and failed[-1]["error_code"] == "60" and failed[-1]["request_id"]
+    assert "no_such_table" not in json.dumps(failed)  # the statement's text stays out of the log
+
+
+def test_a_host_killed_mid_run_fails_the_client_clearly_and_a_restart_keeps_every_acknowledged_row(tmp_path):
+    url, sock, log = f"chdb://{tmp_path / 'db'}", tmp_path / "host.sock", tmp_path / "host.log"
+    host = start_host(url, sock, log)
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    acknowledged: list[int] = []
+    failure: list[BaseException] = []
+    two_written = threading.Event()
+
+    def write_until_it_fails() -> None:
+        at = 0
+        while True:
+            try:
+                client.insert("events", to_table(batch(at, 300, at)))
+            except Exception as exc:  # noqa: BLE001 - the test checks what it is
+                failure.append(exc)
+                return
+            acknowledged.extend(range(at, at + 300))
+            at += 300
+            if at >= 600:
+                two_written.set()
+
+    writer = threading.Thread(target=write_until_it_fails)
+    writer.start()
+    assert two_written.wait(60)
+    os.kill(host.pid, signal.SIGKILL)
+    writer.join(timeout=60)
+    host.proc.wait()
+    assert len(failure) == 1 and isinstance(failure[0], HostGone), failure
+    assert str(sock) in str(failure[0])
+    with pytest.raises(HostGone, match="not reachable"):  # still down: refused at once, not hung
+        client.rows("SELECT 1")
+
+    # A write retried as every sink's is (sinks.retry) goes through once a host is back.
+    retried = threading.Thread(target=write_with_retries, args=(
+        "clickhouse", lambda: client.insert("events", to_table(batch(100_000, 50, 9)))),
+        kwargs={"initial_backoff_s": 0.05, "max_backoff_s": 0.2})
+    retried.start()
+    restarted = start_host(url, sock, log)  # the dead host's socket file is replaced
+    try:
+        retried.join(timeout=60)
+        assert not retried.is_alive()
+        ids = stored_ids(client)  # the same client connects again
+        assert {f"host-{n}" for n in acknowledged} <= ids
+        assert {f"host-{n}" for n in range(100_000, 100_050)} <= ids
+    finally:
+        restarted.stop()
+
+
+def test_a_malformed_request_closes_only_its_own_connection(host):
+    import socket
+
+    from sinks.chdb_host import recv_frame, send_frame
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+        raw.settimeout(30)
+        raw.connect(str(host.socket_path))
+        send_frame(raw, b"\x01")  # an op byte without the SQL length
+        assert recv_frame(raw) is None  # closed, no reply
+    assert ClickHouse(host.url, DATABASE).rows("SELECT 1") == [(1,)]
+
+
+def test_the_host_serves_metrics(host):
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    client.insert("events", to_table(batch(0, 100, 1)))
+    port = int(host.proc.args[host.proc.args.index("--metrics-port") + 1])
+    text = urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line.startswith("gatewatch_chdb_host") and not line.startswith("#")}
+    assert values['gatewatch_chdb_host_statements_total{op="insert"}'] == 1
+    assert values['gatewatch_chdb_host_statements_total{op="execute"}'] > 10  # the migration's statements
+    assert values['gatewatch_chdb_host_bytes_total{direction="in"}'] > 10_000  # the Arrow batch
+    assert values['gatewatch_chdb_host_statement_seconds_count{op="insert"}'] == 1
+    assert values["gatewatch_chdb_host_connections"] >= 1
+
+
+def test_the_cli_host_is_a_lean_process_that_maps_chdb_and_not_pyarrow(tmp_path):
+    """`gatewatch chdb-host` replaces the CLI's interpreter (which imports pyarrow) with the host's."""
+    sock = tmp_path / "cli.sock"
+    with open(tmp_path / "cli.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "chdb-host", "--url", f"chdb://{tmp_path / 'db'}",
+                                 "--socket", str(sock)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_until_serving(proc, str(sock), tmp_path / "cli.log", 60)
+        ClickHouse(host_url(sock), DATABASE).migrate()
+        libraries = {line.rsplit("/", 1)[-1].strip() for line in Path(f"/proc/{proc.pid}/maps").read_text()
+                     .splitlines() if "/" in line}
+        assert any("chdb" in name for name in libraries)
+        assert not any("arrow" in name for name in libraries), sorted(n for n in libraries if "arrow" in n)
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert b"JE_MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0" in environ
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert not sock.exists()  # a clean stop removes its socket
+
+
+def test_a_second_host_on_a_live_socket_refuses_to_start(host):
+    second = subprocess.run([sys.executable, "-m", "ops.chdb_host", "--url", f"chdb://{host.socket_path.parent}/x",
+                             "--socket", str(host.socket_path)], cwd=REPO, capture_output=True, text=True,
+                            timeout=60)
+    assert second.returncode != 0 and "already serves" in second.stderr
+    HostSession(str(host.socket_path)).ping()  # the first one still serves
+
+
+def test_urls_and_error_summaries():
+    assert host_socket("chdb+unix:///run/gatewatch/host.sock") == "/run/gatewatch/host.sock"
+    with pytest.raises(ValueError, match="chdb\\+unix:///absolute"):
+        host_socket("chdb+unix://relative/host.sock")
+    assert Settings(clickhouse={"url": "chdb+unix:///run/host.sock"}).clickhouse.url == "chdb+unix:///run/host.sock"
+    assert error_summary("Code: 60. DB::Exception: Unknown table 'secret_value'. (UNKNOWN_TABLE) "
+                         "(version 25.8.2.1)") == {"error_code": "60", "error_name": "UNKNOWN_TABLE"}
+
+
+def test_a_cluster_on_one_machine_may_write_through_a_host_and_chdb_is_refused_pointing_at_it():
+    hosted = Settings(clickhouse={"url": "chdb+unix:///run/host.sock"})
+    check_cluster(hosted, 4, 2)
+    check_environment(hosted, {"BYTEWAX_ADDRESSES": "127.0.0.1:2101;localhost:2102;127.0.0.1:2103"})
+    with pytest.raises(ClusterError, match="spans 2 machines"):
+        check_environment(hosted, {"BYTEWAX_ADDRESSES": "pod-0.flow:2101;pod-1.flow:2101"})
+    with pytest.raises(ClusterError, match="gatewatch chdb-host --url chdb:///tmp/x"):
+        check_cluster(Settings(clickhouse={"url": "chdb:///tmp/x"}), 2, 1)
+
+
+@pytest.mark.integration
+def test_bench_e2e_through_a_host_stores_every_event_and_reports_the_hosts_share():
+    """Two flow processes write one database through one host (the default above one process)."""
+    result = run_cli("bench", "e2e", "--backlog", "1500", "--processes", "2", "--partitions", "4",
+                     "--stages-sample", "200")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert report["clickhouse"] == "chdb-host" and report["chdb_mapped_per_process"] == [False, False]
+    assert report["clickhouse_events"] == report["valid_events"] > 0  # read back from the host's one database
+    assert 0 < report["host_cpu_us_per_event"] < report["cpu_us_per_event"]  # counted in the flow's
+    assert report["host_peak_rss_mb"] > 100  # chdb's code alone is ~224 MB
+    assert "one chdb host for every flow process" in result.stderr and "chdb host RSS" in result.stderr
