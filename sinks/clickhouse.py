@@ -295,9 +295,13 @@ REFRESH_OVERLAP_S = 60
 this far before the previous one's start (recomputing a key twice changes nothing)."""
 
 
-def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000) -> int:
+def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000,
+                       unless_within_s: float | None = None) -> int:
     """Recompute the hourly and daily aggregates of every (org, hour, user) that received raw
     rows since the last refresh; return how many (org, hour, user) keys were recomputed.
+    With unless_within_s, nothing is done (0) when any writer's refresh started that recently:
+    a refresh covers every writer's rows, so writers sharing a database (a chdb host, a server)
+    would otherwise each redo the others' keys.
 
     Exactly once by construction: an aggregate row is the absolute total of the distinct
     events of its key (events read FINAL, restricted to the touched orgs' hours) and
@@ -315,6 +319,8 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     db = client.database
     (started,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
     (since,), = client.rows(f"SELECT toUnixTimestamp64Milli(max(through)) FROM {db}.aggregate_progress")
+    if since and unless_within_s is not None and int(started) - int(since) < unless_within_s * 1000:
+        return 0
     since_ms = max(0, int(since or 0) - REFRESH_OVERLAP_S * 1000) if since else 0
     oldest_s = int(started) // 1000 - (raw_days - 1) * 86400
     touched = client.rows(
@@ -585,11 +591,14 @@ class ClickHouseWriter:
         return self.clients[database]
 
     def refresh(self, force: bool = False) -> None:
-        """Recompute the usage aggregates of the hours written since the last refresh."""
+        """Recompute the usage aggregates of the hours written since the last refresh (anyone's:
+        a periodic refresh is skipped when another writer of the database did one this interval)."""
         if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
             return
+        unless_within_s = None if force else self.aggregate_interval_s
         for client in self.clients.values():
-            self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days))
+            self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days,
+                                                                           unless_within_s=unless_within_s))
         self.refreshed_at = time.monotonic()
 
     def __call__(self, batches: list[tuple[str, list]]) -> None:

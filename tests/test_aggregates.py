@@ -167,3 +167,14 @@ def test_latest_rows_answers_what_final_answers_while_versions_are_unmerged(clic
         latest = clickhouse.rows(f"SELECT {group}, sum(requests), sum(input_tokens + output_tokens), sum(cost_usd) "
                                  f"FROM {latest_rows(db, table, columns, '1')} GROUP BY {group} ORDER BY {group}")
         assert latest == final and len(final) > 3, table
+
+
+def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_forced_one_is_not(clickhouse):
+    first, second = events(400, seed=11), events(400, seed=12)
+    clickhouse.insert_events(first)
+    assert refresh_aggregates(clickhouse) > 0  # another writer of the database refreshed just now
+    clickhouse.insert_events(second)
+    assert refresh_aggregates(clickhouse, unless_within_s=3600) == 0
+    assert totals(clickhouse) == want(first)
+    assert refresh_aggregates(clickhouse, unless_within_s=0) > 0
+    assert totals(clickhouse) == want(first + second)
