@@ -1,0 +1,60 @@
+"""dataflows.step_cpu: every step of a flow that runs Python of ours reports its CPU, calls and
+items from inside a real Bytewax run (structure, not speed)."""
+
+from __future__ import annotations
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, TestingSource, run_main
+
+from dataflows.step_cpu import StepClock, step_name, timed_steps
+from sinks.base import Batcher, WriterSink
+
+
+class Count(op.StatefulBatchLogic):
+    def __init__(self, resume):
+        self.count = resume or 0
+
+    def on_batch(self, values):
+        self.count += len(values)
+        return [self.count], self.RETAIN
+
+    def snapshot(self):
+        return self.count
+
+
+def test_every_python_step_reports_its_cpu_calls_and_items():
+    flow = Dataflow("timed")
+    numbers = op.input("numbers", flow, TestingSource(list(range(1000)), batch_size=100))
+    doubled = op.flat_map_batch("double", numbers, lambda batch: [n * 2 for n in batch])
+    squared = op.map("square", doubled, lambda n: n * n)  # a composite: its core flat_map_batch is timed
+    counts = op.stateful_batch("count", op.key_on("by_parity", squared, lambda n: str(n % 4)), Count)
+    seen: list = []
+    op.output("collected", counts, TestingSink(seen))
+    written: list = []
+    batches = op.stateful("batches", op.key_on("one_key", doubled, lambda _n: "k"),
+                          lambda resume: Batcher(250, 60, resume))
+    op.output("written", batches, WriterSink(lambda: written.extend))
+    clock = StepClock(report_every_s=0)
+    timed_steps(flow, clock)
+
+    run_main(flow)
+
+    assert seen and len(written) == 4 and sum(len(rows) for _key, rows in written) == 1000  # the flow still does its work
+    steps = clock.totals
+    assert steps["numbers"][2] == 1000 and steps["numbers"][1] >= 10  # items returned by the source
+    assert steps["double"][1:] == [10, 1000]  # ten batches of 100
+    assert steps["square"][2] == 1000
+    # keyed: one on_batch per key present in a batch (n*n % 4 is 0 for even n: one key)
+    assert steps["count"][2] == 1000 and steps["count"][1] == 10
+    assert steps["collected"][2] == len(seen)
+    assert steps["written"][2] == 4
+    assert all(cpu >= 0 for cpu, _calls, _items in steps.values())
+    assert sum(cpu for cpu, _calls, _items in steps.values()) > 0
+    assert clock.worker_cpu_s >= steps["double"][0]
+
+
+def test_step_names_drop_the_flow_and_the_core_operator():
+    assert step_name("gatewatch_ingest", "gatewatch_ingest.decode") == "decode"
+    assert step_name("gatewatch_ingest", "gatewatch_ingest.late_dlq.flat_map_batch") == "late_dlq"
+    assert step_name("gatewatch_ingest", "gatewatch_ingest.windows") == "windows"
