@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -65,6 +66,24 @@ def cpu_seconds(pid: int) -> float:
         except FileNotFoundError:  # a thread that ended between the listing and the read
             continue
     return nanoseconds / 1e9
+
+
+def threads_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the processes' threads, summed by thread name without its digits
+    (``rdk:broker3`` -> ``rdk:broker``; chdb's ``ThreadPool``, ``MergeMutate``...): which threads
+    besides the flow's worker take the CPU. A thread that ended is no longer counted."""
+    by_name: dict[str, float] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                spent = int((task / "schedstat").read_text().split()[0]) / 1e9 if SCHEDSTAT else \
+                    sum(map(int, (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13])) / TICK
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            key = re.sub(r"\d+", "", name).strip("-_ ") or name
+            by_name[key] = by_name.get(key, 0.0) + spent
+    return by_name
 
 
 def maps_chdb(pid: int) -> bool:
@@ -472,6 +491,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
             if start is None and done > 0:
                 start = (time.monotonic(), done, cpu, snap, flow.server_cpu())
                 cpu_at_start = list(flow.cpu_s)
+                threads_at_start = threads_cpu([proc.pid for proc in flow.processes])
                 services_before = flow.services_cpu()
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
@@ -495,6 +515,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         time.sleep(STEP_REPORT_WAIT_S)
         steps_snap = flow.snapshot()
         steps_cpu, _ = flow.usage()
+        threads_at_end = threads_cpu([proc.pid for proc in flow.processes])
     finally:
         stop_profilers(profilers)
         flow.stop()
@@ -502,9 +523,12 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     started_at, consumed_before, cpu_before, first, server_cpu_before = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
+        threads_at_start = {}
         cpu_at_start = [0.0] * processes
         services_before = services_at_launch
     timed_events = done - consumed_before
+    from ops.bench.stages import CORE_STAGES
+
     stages = stage_figures(settings, min(stages_sample, backlog), users, user_mix, root / "stages-chdb", env)
     stages_us = sum(stages.values())
     stages_core_us = sum(us for name, us in stages.items() if name in CORE_STAGES)
@@ -526,6 +550,10 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "cpu_to_stages_core_ratio": round(cpu_us / stages_core_us, 2),
         "stage_us_per_event": {name: round(us, 2) for name, us in stages.items()},
         **flow_steps(first, steps_snap, steps_cpu - cpu_before, timed_events),
+        # Same window as the steps: from the first sample with progress to the steps' last report.
+        "flow_thread_us_per_event": {name: round((spent - threads_at_start.get(name, 0.0)) / timed_events * 1e6, 1)
+                                     for name, spent in sorted(threads_at_end.items(), key=lambda kv: -kv[1])
+                                     if spent - threads_at_start.get(name, 0.0) >= timed_events * 5e-8},
         "startup_cpu_s": round(cpu_before, 2),
         "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
@@ -610,12 +638,6 @@ def stage_figures(settings: Settings, sample: int, users: int, user_mix: str, ch
     return {name: spent / sample * 1e6 for name, spent in seconds.items()}
 
 
-def stages_us_per_event(settings: Settings, sample: int, users: int, user_mix: str, chdb_dir: Path,
-                        env: dict) -> float:
-    """The sum of stage_figures: what the flow's CPU per event is held against."""
-    return sum(stage_figures(settings, sample, users, user_mix, chdb_dir, env).values())
-
-
 STEP_REPORT_WAIT_S = 1.5
 
 
@@ -672,16 +694,16 @@ def render_backlog(r: dict) -> str:
     rows.extend(step_rows(r))
     for index, shares in enumerate(r.get("profile_shares", [])):
         rows.append((f"profile, process {index}", ", ".join(f"{name} {share:.0%}" for name, share in shares.items())))
-    return "\n".join(f"  {name:<22}{value}" for name, value in rows)
+    return "\n".join(f"  {name:<22}{value}" if len(name) < 22 else f"  {name}  {value}" for name, value in rows)
 
 
 def step_rows(r: dict) -> list[tuple[str, str]]:
     """Each stage of `bench stages`, then the flow's own steps (dataflows.step_cpu), in µs per event."""
-    rows = [(f"stage {name}"[:22], f"{us:.2f} µs per event") for name, us in r.get("stage_us_per_event", {}).items()]
+    rows = [(f"stage {name}", f"{us:.2f} µs per event") for name, us in r.get("stage_us_per_event", {}).items()]
     if "flow_step_us_per_event" not in r:
         return rows
     sizes = r["flow_step_items_per_call"]
-    rows += [(f"flow {step}"[:22], f"{us:.2f} µs per event, {sizes.get(step, 0):g} items per call")
+    rows += [(f"flow {step}", f"{us:.2f} µs per event, {sizes.get(step, 0):g} items per call")
              for step, us in r["flow_step_us_per_event"].items()]
     rows += [("flow steps, sum", f"{r['flow_steps_sum_us_per_event']:.1f} µs per event"),
              ("flow between steps", f"{r['flow_between_steps_us_per_event']:.1f} µs per event (worker thread, "
@@ -689,6 +711,7 @@ def step_rows(r: dict) -> list[tuple[str, str]]:
              ("flow other threads", f"{r['flow_other_threads_us_per_event']:.1f} µs per event (librdkafka, chdb, "
                                     "metrics server)"),
              ("flow GC", f"{r['flow_gc_us_per_event']:.1f} µs per event (inside the steps above)")]
+    rows += [(f"thread {name}", f"{us:g} µs per event") for name, us in r.get("flow_thread_us_per_event", {}).items()]
     return rows
 
 
