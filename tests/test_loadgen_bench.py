@@ -177,7 +177,7 @@ def test_bench_e2e_backlog_drains_every_event():
     assert report["cpu_to_stages_core_ratio"] == pytest.approx(
         report["cpu_us_per_event"] / report["stages_core_us_per_event"], rel=0.01, abs=0.01)
     assert {"Kafka source", "quota (Redis)", "billing", "DLQ (bad messages)"} <= set(report["stage_us_per_event"])
-    assert sum(report["stage_us_per_event"].values()) == pytest.approx(report["stages_us_per_event"], abs=0.1)
+    assert sum(report["stage_us_per_event"].values()) == pytest.approx(report["stages_us_per_event"], abs=0.2)
     # The flow's own steps (dataflows.step_cpu), each with the items a call was handed.
     steps = report["flow_step_us_per_event"]
     for step in ("kafka_in", "decode", "redact", "dedupe", "windows", "event_blocks", "clickhouse_out",
