@@ -125,12 +125,13 @@ class _TimedLogic(StatefulBatchLogic):
         return self._clock.call(f"{self._step}.snapshot", self._inner.snapshot)
 
 
-class _TimedSourcePartition(StatefulSourcePartition):
+class _TimedPolls:
+    """A source partition's polls, timed: items out, not in, so counted after the call."""
+
     def __init__(self, clock: StepClock, step: str, inner):
         self._clock, self._step, self._inner = clock, step, inner
 
     def next_batch(self):
-        # Items out, not in: counted after the call.
         started = time.thread_time()
         batch = self._inner.next_batch()
         ended = time.thread_time()
@@ -140,15 +141,17 @@ class _TimedSourcePartition(StatefulSourcePartition):
     def next_awake(self):
         return self._inner.next_awake()
 
-    def snapshot(self):
-        return self._clock.call(f"{self._step}.snapshot", self._inner.snapshot)
-
     def close(self):
         self._inner.close()
 
 
-class _TimedStatelessSourcePartition(_TimedSourcePartition, StatelessSourcePartition):
-    snapshot = None  # type: ignore[assignment]
+class _TimedSourcePartition(_TimedPolls, StatefulSourcePartition):
+    def snapshot(self):
+        return self._clock.call(f"{self._step}.snapshot", self._inner.snapshot)
+
+
+class _TimedStatelessSourcePartition(_TimedPolls, StatelessSourcePartition):
+    pass
 
 
 class _TimedFixedSource(FixedPartitionedSource):
@@ -171,7 +174,7 @@ class _TimedDynamicSource(DynamicSource):
                                               self._inner.build(step_id, worker_index, worker_count))
 
 
-class _TimedSinkPartition(StatelessSinkPartition):
+class _TimedWrites:
     def __init__(self, clock: StepClock, step: str, inner):
         self._clock, self._step, self._inner = clock, step, inner
 
@@ -182,7 +185,11 @@ class _TimedSinkPartition(StatelessSinkPartition):
         return self._clock.call(f"{self._step}.close", self._inner.close)
 
 
-class _TimedStatefulSinkPartition(_TimedSinkPartition, StatefulSinkPartition):
+class _TimedSinkPartition(_TimedWrites, StatelessSinkPartition):
+    pass
+
+
+class _TimedStatefulSinkPartition(_TimedWrites, StatefulSinkPartition):
     def snapshot(self):
         return self._clock.call(f"{self._step}.snapshot", self._inner.snapshot)
 
