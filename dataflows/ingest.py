@@ -20,6 +20,7 @@ from confluent_kafka import OFFSET_BEGINNING, OFFSET_END
 
 from connectors.kafka_source import RestingKafkaSource
 from dataflows.outputs import Settings, deduplicate, fan_out, split_routed, vault_out
+from dataflows.step_cpu import timed_steps
 from redaction import RedactionError, Redactor
 from schemas.codec import EventCodec, InvalidEvent
 from schemas.dlq import event_dlq_record, message_dlq_record, with_redacted_original
@@ -159,4 +160,5 @@ def build_flow(settings: Settings) -> Dataflow:
     clean, dlq_streams = validated_and_redacted(flow, settings, settings.kafka.events_topic, codec,
                                                 Redactor(settings.redaction), vault=settings.vault.enabled)
     fan_out(deduplicate(clean, settings), dlq_streams, settings)
+    timed_steps(flow)
     return flow

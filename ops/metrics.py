@@ -40,6 +40,15 @@ REPLAY_FLOOR_FILES = Counter("gatewatch_replay_floor_files",
 FRESHNESS_SECONDS = Histogram(
     "gatewatch_freshness_seconds", "Seconds from event_time until the event is queryable in a sink", ["sink"],
     buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 3600))
+# dataflows.step_cpu: each step's own thread CPU in the running flow, beside `bench stages`.
+STEP_CPU_SECONDS = Counter("gatewatch_step_cpu_seconds", "Thread CPU seconds spent in a flow step's Python calls",
+                           ["step"])
+STEP_CALLS = Counter("gatewatch_step_calls", "Calls Bytewax made to a flow step (a keyed step: one per key and batch)",
+                     ["step"])
+STEP_ITEMS = Counter("gatewatch_step_items", "Items handed to a flow step (a source: items it returned)", ["step"])
+WORKER_CPU_SECONDS = Counter("gatewatch_worker_cpu_seconds",
+                             "Thread CPU seconds of the flow's worker threads, up to their latest step call")
+GC_CPU_SECONDS = Counter("gatewatch_gc_cpu_seconds", "Thread CPU seconds of CPython's cyclic GC collections")
 
 
 class PrometheusMetrics:
@@ -88,7 +97,8 @@ class PrometheusMetrics:
 configure_metrics(PrometheusMetrics(
     EVENTS, DLQ_RECORDS, DEDUPE_DROPS, LATE_EVENTS, TOKENS, QUOTA_ALERTS, SINK_WRITE_SECONDS, SINK_ROWS, SINK_ERRORS,
     SINK_RETRIES, SINK_REJECTED, DLQ_SPOOLED, SINK_UP, REDACTION_SECONDS, PII_ENTITIES, POLICY_FLAGS, CLASSIFICATIONS,
-    REPLAY_FILES, REPLAY_ROWS, REPLAY_FLOOR_FILES, FRESHNESS_SECONDS))
+    REPLAY_FILES, REPLAY_ROWS, REPLAY_FLOOR_FILES, FRESHNESS_SECONDS, STEP_CPU_SECONDS, STEP_CALLS, STEP_ITEMS,
+    WORKER_CPU_SECONDS, GC_CPU_SECONDS))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

@@ -132,10 +132,23 @@ def test_bench_stages_names_the_slowest_stage():
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["clock"] == "cpu" and "CPU time" in result.stderr
+    # With a broker and Redis of its own (the default), the flow's work against them too.
     assert set(report["events_per_s"]) == {"decode (Avro)", "validate", "redact", "dedupe", "window", "price",
-                                           "Arrow table", "Parquet encode", "ClickHouse insert (chdb)"}
+                                           "Arrow table", "Parquet encode", "ClickHouse insert (chdb)",
+                                           "Kafka source", "quota (Redis)", "billing", "DLQ (bad messages)"}
     assert report["slowest"] == min(report["events_per_s"], key=report["events_per_s"].get)
     assert "<- slowest" in result.stderr
+    assert report["core_stages_events_per_s"] > report["all_stages_events_per_s"] > 0
+
+
+def test_bench_stages_core_only_starts_no_services():
+    from ops.bench.stages import CORE_STAGES
+
+    result = run_cli("bench", "stages", "--events", "200", "--repeat", "1", "--cpu", "--core-only")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert set(report["events_per_s"]) == set(CORE_STAGES)
+    assert report["core_stages_events_per_s"] == report["all_stages_events_per_s"]
 
 
 @pytest.mark.integration
@@ -159,6 +172,21 @@ def test_bench_e2e_backlog_drains_every_event():
                                                           rel=0.01, abs=0.01)
     assert len(report["peak_rss_mb_per_process"]) == 2 and min(report["peak_rss_mb_per_process"]) > 0
     assert "stages alone" in result.stderr
+    # Both sums: the stages with the sinks, the source and the DLQ, and the core set without them.
+    assert report["stages_us_per_event"] > report["stages_core_us_per_event"] > 0
+    assert report["cpu_to_stages_core_ratio"] == pytest.approx(
+        report["cpu_us_per_event"] / report["stages_core_us_per_event"], rel=0.01, abs=0.01)
+    assert {"Kafka source", "quota (Redis)", "billing", "DLQ (bad messages)"} <= set(report["stage_us_per_event"])
+    assert sum(report["stage_us_per_event"].values()) == pytest.approx(report["stages_us_per_event"], abs=0.2)
+    # The flow's own steps (dataflows.step_cpu), each with the items a call was handed.
+    steps = report["flow_step_us_per_event"]
+    # (the Parquet files of so small a drain may wait for their age past the bench's end)
+    for step in ("kafka_in", "decode", "redact", "dedupe", "windows", "event_blocks", "clickhouse_out",
+                 "quota_out", "billing_out"):
+        assert steps.get(step, 0) > 0, step
+        assert report["flow_step_items_per_call"][step] > 0, step
+    assert report["flow_steps_sum_us_per_event"] == pytest.approx(sum(steps.values()), abs=0.5)
+    assert "flow decode" in result.stderr and "flow between steps" in result.stderr
     # Redis runs the quota's scripts for the drained events; the broker's share may round to 0.
     assert report["services_us_per_event"]["redis"] > 0 <= report["services_us_per_event"]["broker"]
     assert "redis CPU" in result.stderr

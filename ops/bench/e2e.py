@@ -19,6 +19,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,6 +72,24 @@ def cpu_seconds(pid: int) -> float:
         except FileNotFoundError:  # a thread that ended between the listing and the read
             continue
     return nanoseconds / 1e9
+
+
+def threads_cpu(pids: list[int]) -> dict[str, float]:
+    """CPU seconds so far of the processes' threads, summed by thread name without its digits
+    (``rdk:broker3`` -> ``rdk:broker``; chdb's ``ThreadPool``, ``MergeMutate``...): which threads
+    besides the flow's worker take the CPU. A thread that ended is no longer counted."""
+    by_name: dict[str, float] = {}
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                name = (task / "comm").read_text().strip()
+                spent = int((task / "schedstat").read_text().split()[0]) / 1e9 if SCHEDSTAT else \
+                    sum(map(int, (task / "stat").read_text().rsplit(")", 1)[1].split()[11:13])) / TICK
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            key = re.sub(r"\d+", "", name).strip("-_ ") or name
+            by_name[key] = by_name.get(key, 0.0) + spent
+    return by_name
 
 
 def maps_chdb(pid: int) -> bool:
@@ -516,6 +535,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
                 start = (time.monotonic(), done, cpu, snap, flow.server_cpu())
                 cpu_at_start = list(flow.cpu_s)
                 host_cpu_at_start = flow.host_cpu_s
+                threads_at_start = threads_cpu([proc.pid for proc in flow.processes])
                 services_before = flow.services_cpu()
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
@@ -535,6 +555,11 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         if writes_clickhouse:
             wait_for(lambda: clickhouse_rows(flow.snapshot()) >= fill_report["valid"], 60, flow,
                      "the last ClickHouse batch")
+        # The flows report their steps' CPU once a second (dataflows.step_cpu): wait for the last report.
+        time.sleep(STEP_REPORT_WAIT_S)
+        steps_snap = flow.snapshot()
+        steps_cpu, _ = flow.usage()
+        threads_at_end = threads_cpu([proc.pid for proc in flow.processes])
     finally:
         stop_profilers(profilers)
         flow.stop()
@@ -542,11 +567,16 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     started_at, consumed_before, cpu_before, first, server_cpu_before = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
+        threads_at_start = {}
         cpu_at_start = [0.0] * processes
         host_cpu_at_start = 0.0
         services_before = services_at_launch
     timed_events = done - consumed_before
-    stages_us = stages_us_per_event(settings, min(stages_sample, backlog), users, user_mix, root / "stages-chdb")
+    from ops.bench.stages import CORE_STAGES
+
+    stages = stage_figures(settings, min(stages_sample, backlog), users, user_mix, root / "stages-chdb", env)
+    stages_us = sum(stages.values())
+    stages_core_us = sum(us for name, us in stages.items() if name in CORE_STAGES)
     cpu_us = (cpu - cpu_before) / timed_events * 1e6
     server_us = (server_cpu - server_cpu_before) / timed_events * 1e6
     result = {
@@ -560,6 +590,15 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "cpu_us_per_event": round(cpu_us, 1),
         "stages_us_per_event": round(stages_us, 1),
         "cpu_to_stages_ratio": round(cpu_us / stages_us, 2),
+        # The stage set before the sinks, the source and the DLQ were added (issue 17): the old target's sum.
+        "stages_core_us_per_event": round(stages_core_us, 1),
+        "cpu_to_stages_core_ratio": round(cpu_us / stages_core_us, 2),
+        "stage_us_per_event": {name: round(us, 2) for name, us in stages.items()},
+        **flow_steps(first, steps_snap, steps_cpu - cpu_before, timed_events),
+        # Same window as the steps: from the first sample with progress to the steps' last report.
+        "flow_thread_us_per_event": {name: round((spent - threads_at_start.get(name, 0.0)) / timed_events * 1e6, 1)
+                                     for name, spent in sorted(threads_at_end.items(), key=lambda kv: -kv[1])
+                                     if spent - threads_at_start.get(name, 0.0) >= timed_events * 5e-8},
         "startup_cpu_s": round(cpu_before, 2),
         "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
@@ -629,14 +668,57 @@ def stored_events(clickhouse: ClickHouseTarget, settings: Settings, root: Path, 
     return total
 
 
-def stages_us_per_event(settings: Settings, sample: int, users: int, user_mix: str, chdb_dir: Path) -> float:
-    """`bench stages`' sum over stages on loadgen events of the same shape, in CPU seconds of
-    this process (all threads, as for the flow), so a busy machine does not inflate it; best
-    of two runs, so first-call costs (chdb table creation) are not charged per event."""
+def stage_figures(settings: Settings, sample: int, users: int, user_mix: str, chdb_dir: Path,
+                  env: dict) -> dict[str, float]:
+    """`bench stages`' CPU µs per event of each stage on loadgen events of the same shape, with
+    the sinks, the source and the DLQ against the bench's own Redis and broker (env), in CPU
+    seconds of this process (all threads, as for the flow), so a busy machine does not inflate
+    them; best of two runs, so first-call costs (chdb table creation) are not charged per event."""
     from ops.bench.stages import messages_for, stage_seconds
 
-    seconds = stage_seconds(settings, messages_for(settings, sample, users, user_mix), 2, chdb_dir, time.process_time)
-    return sum(seconds.values()) / sample * 1e6
+    on_services = settings.model_copy(update={
+        "kafka": settings.kafka.model_copy(update={"bootstrap": env["GATEWATCH_KAFKA__BOOTSTRAP"]}),
+        "redis": settings.redis.model_copy(update={"url": env["GATEWATCH_REDIS__URL"]})})
+    seconds = stage_seconds(on_services, messages_for(settings, sample, users, user_mix), 2, chdb_dir,
+                            time.process_time, services=True)
+    return {name: spent / sample * 1e6 for name, spent in seconds.items()}
+
+
+STEP_REPORT_WAIT_S = 1.5
+
+
+def counter_delta(before: Snapshot | None, after: Snapshot, name: str) -> dict[str, float]:
+    """A labelled counter's increase between two snapshots, by its first label's value."""
+    old = before.counters if before is not None else {}
+    return {labels[0][1] if labels else "": value - old.get((metric, labels), 0.0)
+            for (metric, labels), value in after.counters.items() if metric == name}
+
+
+def flow_steps(before: Snapshot | None, after: Snapshot, flow_cpu_s: float, events: float) -> dict:
+    """The flow's own CPU breakdown (dataflows.step_cpu) over the drain, per timed event: each
+    step's thread CPU and the mean items a call of it was handed; the worker threads' CPU
+    outside any step (Bytewax's Rust, its exchanges and Python calls); the other threads
+    (librdkafka, chdb, the metrics server); the GC's share. Empty for a flow that has no
+    step clock (an older one under --flow)."""
+    cpu = counter_delta(before, after, "gatewatch_step_cpu_seconds")
+    if not cpu:
+        return {}
+    calls = counter_delta(before, after, "gatewatch_step_calls")
+    items = counter_delta(before, after, "gatewatch_step_items")
+    steps_s = sum(cpu.values())
+    worker_s = sum(counter_delta(before, after, "gatewatch_worker_cpu_seconds").values())
+    per_event = 1e6 / max(events, 1)
+    return {
+        "flow_step_us_per_event": {step: round(spent * per_event, 2)
+                                   for step, spent in sorted(cpu.items(), key=lambda kv: -kv[1])},
+        "flow_step_items_per_call": {step: round(items.get(step, 0) / calls[step], 1)
+                                     for step in cpu if calls.get(step)},
+        "flow_steps_sum_us_per_event": round(steps_s * per_event, 1),
+        "flow_between_steps_us_per_event": round((worker_s - steps_s) * per_event, 1),
+        "flow_other_threads_us_per_event": round((flow_cpu_s - worker_s) * per_event, 1),
+        "flow_gc_us_per_event": round(sum(counter_delta(before, after, "gatewatch_gc_cpu_seconds").values())
+                                      * per_event, 1),
+    }
 
 
 def render_backlog(r: dict) -> str:
@@ -644,7 +726,8 @@ def render_backlog(r: dict) -> str:
         ("backlog drained", f"{r['events']:,} events, timed {r['timed_events']:,} over {r['drain_s']:.1f} s"),
         ("drain rate", f"{r['drain_events_per_s']:,.0f} events/s"),
         ("CPU per event (flow)", f"{r['cpu_us_per_event']:.1f} µs (start-up {r['startup_cpu_s']:.1f} s not included)"),
-        ("stages alone", f"{r['stages_us_per_event']:.1f} µs per event (ratio {r['cpu_to_stages_ratio']:.2f})"),
+        ("stages alone", f"{r['stages_us_per_event']:.1f} µs per event (ratio {r['cpu_to_stages_ratio']:.2f}); "
+                         f"core stages {r['stages_core_us_per_event']:.1f} (ratio {r['cpu_to_stages_core_ratio']:.2f})"),
         ("full GC collections", f"{r['full_gc_collections']:,} during the drain, all processes"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("events per process", " / ".join(f"{n:,}" for n in r["events_per_process"])),
@@ -654,9 +737,28 @@ def render_backlog(r: dict) -> str:
         *[(f"{name} CPU", f"{us:g} µs per event") for name, us in r.get("services_us_per_event", {}).items()],
         *server_rows(r, "cpu_us_per_event", "µs per event"),
     ]
+    rows.extend(step_rows(r))
     for index, shares in enumerate(r.get("profile_shares", [])):
         rows.append((f"profile, process {index}", ", ".join(f"{name} {share:.0%}" for name, share in shares.items())))
-    return "\n".join(f"  {name:<22}{value}" for name, value in rows)
+    return "\n".join(f"  {name:<22}{value}" if len(name) < 22 else f"  {name}  {value}" for name, value in rows)
+
+
+def step_rows(r: dict) -> list[tuple[str, str]]:
+    """Each stage of `bench stages`, then the flow's own steps (dataflows.step_cpu), in µs per event."""
+    rows = [(f"stage {name}", f"{us:.2f} µs per event") for name, us in r.get("stage_us_per_event", {}).items()]
+    if "flow_step_us_per_event" not in r:
+        return rows
+    sizes = r["flow_step_items_per_call"]
+    rows += [(f"flow {step}", f"{us:.2f} µs per event, {sizes.get(step, 0):g} items per call")
+             for step, us in r["flow_step_us_per_event"].items()]
+    rows += [("flow steps, sum", f"{r['flow_steps_sum_us_per_event']:.1f} µs per event"),
+             ("flow between steps", f"{r['flow_between_steps_us_per_event']:.1f} µs per event (worker thread, "
+                                    "outside our Python: Bytewax)"),
+             ("flow other threads", f"{r['flow_other_threads_us_per_event']:.1f} µs per event (librdkafka, chdb, "
+                                    "metrics server)"),
+             ("flow GC", f"{r['flow_gc_us_per_event']:.1f} µs per event (inside the steps above)")]
+    rows += [(f"thread {name}", f"{us:g} µs per event") for name, us in r.get("flow_thread_us_per_event", {}).items()]
+    return rows
 
 
 def server_rows(r: dict, unit: str, label: str) -> list[tuple[str, str]]:
