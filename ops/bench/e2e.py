@@ -545,6 +545,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
                            err=True)
         finished = time.monotonic()
         cpu, _ = flow.usage()
+        host_cpu_at_end = flow.host_cpu_s  # later usage() calls move it past the drain
         per_process = flow.consumed_per_process()
         server_cpu = flow.server_cpu()
         services_cpu = flow.services_cpu()
@@ -612,7 +613,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "services_us_per_event": {name: round((cpu_s - services_before[name]) / timed_events * 1e6, 1)
                                   for name, cpu_s in services_cpu.items()},
         **server_figures(flow, server_us, cpu_us + server_us, "cpu_us_per_event", 1),
-        **host_figures(flow, (flow.host_cpu_s - host_cpu_at_start) / timed_events * 1e6, "cpu_us_per_event", 1),
+        **host_figures(flow, (host_cpu_at_end - host_cpu_at_start) / timed_events * 1e6, "cpu_us_per_event", 1),
     }
     if profile_dir is not None:
         from ops.bench.profile import summarize_file
