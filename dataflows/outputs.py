@@ -18,7 +18,7 @@ import bytewax.operators as op
 from bytewax.dataflow import Stream
 from bytewax.operators import KeyedStream
 
-from dataflows.state import DedupeLogic, UserWindows, WindowLogic, bucket_of
+from dataflows.state import HORIZON_FIELD, DedupeLogic, UserWindows, WindowLogic, bucket_of
 from schemas.records import encode_billing_event, encode_quota_alert
 from schemas.dlq import bounded_original, event_dlq_record
 from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, user_key
@@ -66,8 +66,9 @@ def late_to_dlq(event: dict) -> dict:
 
 def no_storage_to_dlq(event: dict, max_original_bytes: int = 64 * 1024) -> dict:
     """The redacted event as JSON, so `gatewatch dlq replay` can send it back once its
-    region has storage (cut to the DLQ's original size, like every original)."""
-    payload = json.dumps(event, default=str).encode()
+    region has storage (cut to the DLQ's original size, like every original). A replay's
+    window horizon is the replay's bookkeeping, not the event's: left out."""
+    payload = json.dumps({name: value for name, value in event.items() if name != HORIZON_FIELD}, default=str).encode()
     record = event_dlq_record(
         event, stage="route", code="no_region_storage", original=payload,
         reason=f"region {event['region']!r} has no storage in the residency settings; its events are never "

@@ -287,3 +287,12 @@ def test_an_event_routed_to_the_dlq_for_residency_is_cut_to_size():
     record = no_storage_to_dlq({**event(prompt="p" * 300_000), "source_partition": 0, "source_offset": 1}, 4096)
     decoded = decode_dlq(encode_dlq(record))
     assert decoded["original_truncated"] and len(decoded["original"]) == 4096 and decoded["original_size"] > 300_000
+
+
+def test_a_replayed_event_routed_to_the_dlq_for_residency_keeps_its_fields_and_not_the_replays_horizon():
+    from dataflows.outputs import no_storage_to_dlq
+    from dataflows.state import HORIZON_FIELD
+
+    original = {**event(), "source_partition": 0, "source_offset": 1}
+    record = no_storage_to_dlq({**original, HORIZON_FIELD: 1_700_000_000_000})
+    assert json.loads(decode_dlq(encode_dlq(record))["original"]) == json.loads(json.dumps(original, default=str))
