@@ -119,9 +119,10 @@ class WindowFloor(Protocol):
 
 def file_floor(store: ParquetStore, path: str, floor: WindowFloor) -> int | None:
     """floor of one file, read from its event_time and decision columns alone."""
-    parquet = pq.ParquetFile(store.fs.open(path, "rb"))
-    names = set(parquet.schema_arrow.names)
-    return floor(parquet.read(columns=[name for name in ("event_time", *floor.columns) if name in names]))
+    with store.fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        names = set(parquet.schema_arrow.names)
+        return floor(parquet.read(columns=[name for name in ("event_time", *floor.columns) if name in names]))
 
 
 def file_horizons(floors: list[int | None], nothing_later: int) -> list[int]:

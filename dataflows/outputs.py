@@ -25,7 +25,7 @@ from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, user_key
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
 from sinks.billing import BillingWriter
-from sinks.clickhouse import ClickHouse, ClickHouseWriter, month_usage_before, org_month_usage_before
+from sinks.clickhouse import ClickHouse, ClickHouseWriter, migrate_embedded, month_usage_before, org_month_usage_before
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
@@ -216,8 +216,7 @@ def aggregate_clients(settings: Settings) -> list[ClickHouse]:
     """A ClickHouse client per storage, for the quota's month bases."""
     clients = [ClickHouse(settings.clickhouse.url, storage.clickhouse_database) for storage in settings.storages()]
     for client in clients:
-        if client.embedded:  # nobody else can reach an embedded database to migrate it (as ClickHouseWriter)
-            client.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
+        migrate_embedded(client, retry_of(settings), settings.retention.raw_days, settings.retention.aggregate_days)
     return clients
 
 

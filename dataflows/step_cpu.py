@@ -51,26 +51,27 @@ class StepClock:
         self._gc_reported = 0.0
         self._gc_started: float | None = None
 
-    def call(self, step: str, function: Callable, items: Any = None, *args):
-        """``function(*args)`` (or ``function(items)`` with items given), its CPU charged to step."""
+    def call(self, step: str, function: Callable, items: Any = None):
+        """``function()`` (or ``function(items)`` with items given), its CPU charged to step."""
         started = time.thread_time()
         try:
-            return function(items, *args) if items is not None else function(*args)
+            return function(items) if items is not None else function()
         finally:
             ended = time.thread_time()
             self.add(step, ended - started, len(items) if items is not None else 0, ended)
 
     def add(self, step: str, cpu_s: float, items: int, thread_cpu_s: float) -> None:
-        total = self.totals.get(step)
-        if total is None:
-            total = self.totals.setdefault(step, [0.0, 0, 0])
-        total[0] += cpu_s
-        total[1] += 1
-        total[2] += items
         last = getattr(self._thread, "cpu_s", None)
         self._thread.cpu_s = thread_cpu_s
-        if last is not None:
-            self.worker_cpu_s += thread_cpu_s - last
+        with self._lock:  # the workers of a process (-w N) share the totals
+            total = self.totals.get(step)
+            if total is None:
+                total = self.totals[step] = [0.0, 0, 0]
+            total[0] += cpu_s
+            total[1] += 1
+            total[2] += items
+            if last is not None:
+                self.worker_cpu_s += thread_cpu_s - last
         if time.monotonic() >= self._next_report:
             self.report()
 

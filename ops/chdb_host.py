@@ -147,7 +147,7 @@ def bind(socket_path: str) -> socket.socket:
     path = Path(socket_path)
     if path.exists():
         try:
-            HostSession(socket_path, timeout_s=5).ping()
+            HostSession(socket_path, connect_timeout_s=5, reply_timeout_s=5).ping()
         except HostGone:
             path.unlink()
         else:
@@ -266,7 +266,7 @@ def start_host(url: str, socket_path: str | Path, log_path: Path, metrics_port: 
 
 def wait_until_serving(proc: subprocess.Popen, socket_path: str, log_path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    probe = HostSession(socket_path, timeout_s=5)
+    probe = HostSession(socket_path, connect_timeout_s=5, reply_timeout_s=5)
     while True:
         if proc.poll() is not None:
             raise RuntimeError(f"the chdb host exited with {proc.returncode}: {log_path.read_text()[-2000:]}")

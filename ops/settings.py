@@ -232,7 +232,7 @@ class ClickHouseSettings(Section):
     url: str = "chdb://./gatewatch-data/chdb"
     """`chdb://PATH` for embedded ClickHouse, or `clickhouse://[user:pass@]host:port` for a server.
     An embedded session takes ClickHouse server settings in the URL's query,
-    `chdb://PATH?mark_cache_size=67108864&background_pool_size=2` (sinks.clickhouse.chdb_location).
+    `chdb://PATH?mark_cache_size=67108864&background_pool_size=2` (sinks.chdb_session.chdb_location).
     A flow writing to a server never loads chdb (~230 MB of code in each flow process).
     `chdb+unix:///path/to/host.sock` writes the one chdb database of a `gatewatch chdb-host`
     on the same machine (ops/chdb_host.py): chdb's memory once per machine, not per process."""

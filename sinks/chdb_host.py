@@ -47,9 +47,11 @@ _LENGTH = struct.Struct(">I")
 _OP_SQL = struct.Struct(">BI")
 MAX_FRAME = 2**32 - 1
 
-STATEMENT_TIMEOUT_S = 300.0
-"""How long a client waits for one reply: a statement, or the lock while another process
-migrates. Past it the connection is dropped (HostGone) and the caller's retry begins."""
+CONNECT_TIMEOUT_S = 30.0
+"""How long a client waits to connect. A reply has no deadline: the host finishes a statement
+even when its client gave up, so a retry after a timeout would queue behind the abandoned
+statement and time out in turn (an aggregate refresh over a large history can run for
+minutes); a host that dies closes the socket, which ends the wait at once (HostGone)."""
 
 
 class HostGone(ConnectionError):
@@ -165,21 +167,30 @@ class HostSession:
     per connection, as chdb allows one statement per session); the host serializes the
     processes. A broken connection raises HostGone and is opened again on the next call."""
 
-    def __init__(self, socket_path: str, timeout_s: float = STATEMENT_TIMEOUT_S):
+    def __init__(self, socket_path: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
+                 reply_timeout_s: float | None = None):
         self.socket_path = socket_path
-        self.timeout_s = timeout_s
+        self.connect_timeout_s = connect_timeout_s
+        self.reply_timeout_s = reply_timeout_s
+        """None for the flows (CONNECT_TIMEOUT_S says why); a probe's ping sets one."""
         self.lock = threading.RLock()
         self._sock: socket.socket | None = None
+        self._locked_by: socket.socket | None = None
+        """The connection holding the host's lock (exclusive), while a block runs."""
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
+            if self._locked_by is not None:
+                # A new connection would run the rest of the block without the host's lock.
+                raise HostGone(f"chdb host at {self.socket_path}: the connection holding its lock was lost")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self.timeout_s)
+            sock.settimeout(self.connect_timeout_s)
             try:
                 sock.connect(self.socket_path)
             except OSError as exc:
                 sock.close()
                 raise HostGone(f"chdb host at {self.socket_path} is not reachable: {exc}") from exc
+            sock.settimeout(self.reply_timeout_s)
             self._sock = sock
         return self._sock
 
@@ -224,13 +235,16 @@ class HostSession:
         starting together would otherwise both apply it)."""
         with self.lock:
             self.request(OP_LOCK)
+            self._locked_by = self._sock
             try:
                 yield
             finally:
-                try:
-                    self.request(OP_UNLOCK)
-                except HostGone:
-                    pass  # the host released the lock when the connection closed
+                held, self._locked_by = self._locked_by is self._sock, None
+                if held:
+                    try:
+                        self.request(OP_UNLOCK)
+                    except HostGone:
+                        pass  # the host released the lock when the connection closed
 
     def close(self) -> None:
         with self.lock:

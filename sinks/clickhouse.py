@@ -26,9 +26,8 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from sinks.chdb_host import HOST_SCHEME, host_session, host_socket
-from sinks.chdb_session import (CHDB_SESSION_SETTINGS, _chdb_lock, chdb_location, chdb_session,  # noqa: F401 (re-exported)
-                                close_chdb)
+from sinks.chdb_host import HOST_SCHEME, HostGone, host_session, host_socket
+from sinks.chdb_session import _chdb_lock, chdb_location, chdb_session, close_chdb  # noqa: F401 (close_chdb re-exported)
 from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import TableRows, blocks_and_events, to_table
@@ -64,6 +63,10 @@ pass found nothing and cost 15-25% of chdb's insert CPU (ops/bench/FINDINGS.md, 
 Every reader of events, feedback and audit_log reads FINAL (sinks.clickhouse, the views,
 the API), so results are the same. Not sent to servers: 18.16 (the legacy path) rejects a
 setting it does not know."""
+
+
+_VARYING_DEFAULT = re.compile(r"now|today|rand|uuid", re.IGNORECASE)
+"""DEFAULT expressions whose value differs between calls."""
 
 
 class ClickHouse:
@@ -129,12 +132,16 @@ class ClickHouse:
         return self._column_types[table]
 
     def default_value(self, table: str, column: str):
-        """The value of a column's DEFAULT expression, as the driver sends it (read once)."""
+        """The value of a column's DEFAULT expression, as the driver sends it (read once, unless
+        it changes from call to call, like now64())."""
         key = (table, column)
-        if key not in self._defaults:
-            kind = self.column_types(table)[column]
-            (self._defaults[key],), = self.rows(f"SELECT CAST(({kind.default}) AS {kind.type})")
-        return self._defaults[key]
+        if key in self._defaults:
+            return self._defaults[key]
+        kind = self.column_types(table)[column]
+        (value,), = self.rows(f"SELECT CAST(({kind.default}) AS {kind.type})")
+        if not _VARYING_DEFAULT.search(kind.default):
+            self._defaults[key] = value
+        return value
 
     @functools.cached_property
     def legacy(self) -> bool:
@@ -561,6 +568,15 @@ def insert_rows(client: ClickHouse, rows: TableRows) -> None:
     client.insert("events", rows.table)
 
 
+def migrate_embedded(client: ClickHouse, retry: Retry, raw_days: int, aggregate_days: int) -> None:
+    """Migrate an embedded database, which nobody else can reach to migrate. A chdb host that
+    is down is waited for like a server outage; any other failure (a migration chdb refuses)
+    stops the caller at start."""
+    if client.embedded:
+        retry("clickhouse", lambda: client.migrate(raw_days, aggregate_days),
+              give_up_on=lambda exc: not isinstance(exc, HostGone))
+
+
 class ClickHouseWriter:
     """The ClickHouse sink's writer: batches keyed by database, one insert each into
     ``table`` (events or feedback); rows the server refuses for good go to the DLQ. After
@@ -584,9 +600,7 @@ class ClickHouseWriter:
     def client_of(self, database: str) -> ClickHouse:
         if database not in self.clients:
             client = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
-            if client.embedded:
-                # Nobody else migrates an embedded database (nor a chdb host's, which may be down: retried).
-                self.retry("clickhouse", lambda: client.migrate(self.raw_days, self.aggregate_days))
+            migrate_embedded(client, self.retry, self.raw_days, self.aggregate_days)
             self.clients[database] = client
         return self.clients[database]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ops.dev import services
-from sinks.clickhouse import CHDB_SESSION_SETTINGS, chdb_location
+from sinks.chdb_session import CHDB_SESSION_SETTINGS, chdb_location
 from tests.processes import REPO, run_cli
 
 

@@ -19,7 +19,7 @@ from ops.chdb_host import RunningHost, error_summary, start_host, wait_until_ser
 from ops.cluster import ClusterError, check_cluster, check_environment
 from ops.dev.services import free_port
 from ops.settings import Settings
-from sinks.chdb_host import HostGone, HostSession, HostStatementError, host_socket, host_url
+from sinks.chdb_host import OP_PING, HostGone, HostSession, HostStatementError, host_socket, host_url
 from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, to_table
 from sinks.retry import write_with_retries
 from tests.processes import REPO, run_cli
@@ -157,6 +157,20 @@ def test_a_host_killed_mid_run_fails_the_client_clearly_and_a_restart_keeps_ever
         assert {f"host-{n}" for n in range(100_000, 100_050)} <= ids
     finally:
         restarted.stop()
+
+
+def test_a_block_that_loses_the_connection_holding_the_hosts_lock_does_not_go_on_without_it(host):
+    session = HostSession(str(host.socket_path))
+    other = HostSession(str(host.socket_path), reply_timeout_s=20)
+    with pytest.raises(HostGone, match="holding its lock was lost"):
+        with session.exclusive():
+            session.request(OP_PING)
+            session._drop()  # as when the socket breaks mid-block
+            session.request(OP_PING)
+    assert other.query("SELECT 1", "CSV").bytes().strip() == b"1"  # the host let the lock go with the connection
+    session.ping()  # the session connects again after the block
+    session.close()
+    other.close()
 
 
 def test_a_malformed_request_closes_only_its_own_connection(host):

@@ -222,7 +222,7 @@ class ClickHouseTarget:
 
     server: services.Service | None = None
     chdb_settings: str = ""
-    """name=value&... appended to each chdb:// URL (sinks.clickhouse.chdb_location)."""
+    """name=value&... appended to each chdb:// URL (sinks.chdb_session.chdb_location)."""
     host: RunningHost | None = None
 
     def url(self, root: Path, index: int) -> str:
@@ -699,7 +699,8 @@ def flow_steps(before: Snapshot | None, after: Snapshot, flow_cpu_s: float, even
     """The flow's own CPU breakdown (dataflows.step_cpu) over the drain, per timed event: each
     step's thread CPU and the mean items a call of it was handed; the worker threads' CPU
     outside any step (Bytewax's Rust, its exchanges and Python calls); the other threads
-    (librdkafka, chdb, the metrics server); the GC's share. Empty for a flow that has no
+    (librdkafka, chdb, the metrics server; with a chdb host flow_cpu_s includes the host's,
+    which then counts here); the GC's share. Empty for a flow that has no
     step clock (an older one under --flow)."""
     cpu = counter_delta(before, after, "gatewatch_step_cpu_seconds")
     if not cpu:
@@ -755,8 +756,8 @@ def step_rows(r: dict) -> list[tuple[str, str]]:
     rows += [("flow steps, sum", f"{r['flow_steps_sum_us_per_event']:.1f} µs per event"),
              ("flow between steps", f"{r['flow_between_steps_us_per_event']:.1f} µs per event (worker thread, "
                                     "outside our Python: Bytewax)"),
-             ("flow other threads", f"{r['flow_other_threads_us_per_event']:.1f} µs per event (librdkafka, chdb, "
-                                    "metrics server)"),
+             ("flow other threads", f"{r['flow_other_threads_us_per_event']:.1f} µs per event (librdkafka, chdb "
+                                    "or the chdb host, metrics server)"),
              ("flow GC", f"{r['flow_gc_us_per_event']:.1f} µs per event (inside the steps above)")]
     rows += [(f"thread {name}", f"{us:g} µs per event") for name, us in r.get("flow_thread_us_per_event", {}).items()]
     return rows

@@ -178,6 +178,8 @@ def service_stages(settings: Settings, codec: EventCodec, redactor: Redactor, me
     dlq = dead_letters(settings)
     # Its one log line per record goes to a file in the flow, not to this terminal.
     dlq_log = logging.getLogger("sinks.dlq")
+    cleanup.callback(setattr, dlq_log, "propagate", dlq_log.propagate)
+    cleanup.callback(setattr, dlq_log, "handlers", list(dlq_log.handlers))
     dlq_log.handlers[:] = [logging.StreamHandler(cleanup.enter_context(open(os.devnull, "w")))]
     dlq_log.handlers[0].setFormatter(JsonFormatter())
     dlq_log.propagate = False
