@@ -251,9 +251,9 @@ def test_a_cluster_on_one_machine_may_write_through_a_host_and_chdb_is_refused_p
 
 @pytest.mark.integration
 def test_bench_e2e_through_a_host_stores_every_event_and_reports_the_hosts_share():
-    """Two flow processes write one database through one host (the default above one process)."""
+    """Two flow processes write one database through one host."""
     result = run_cli("bench", "e2e", "--backlog", "1500", "--processes", "2", "--partitions", "4",
-                     "--stages-sample", "200")
+                     "--stages-sample", "200", "--clickhouse", "chdb-host")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["clickhouse"] == "chdb-host" and report["chdb_mapped_per_process"] == [False, False]

@@ -318,11 +318,13 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--profile-dir", type=click.Path(file_okay=False),
               help="With --backlog: py-spy records each flow process (native frames, collapsed stacks) from the "
                    "first consumed events to the end of the drain, into flow-<i>.txt here.")
-@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default=None,
+@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default="chdb",
+              show_default=True,
               help="Embedded chdb in each flow process, one chdb host process that every flow process writes "
-                   "through (chdb+unix://, `gatewatch chdb-host`), or one local clickhouse-server over the native "
-                   "protocol. [default: chdb-host with --processes above 1 (chdb's code and heap resident once, "
-                   "every process under 600 MB; ops/bench/FINDINGS.md), else chdb]")
+                   "through (chdb+unix://, `gatewatch chdb-host`: chdb's code and heap resident once, each flow "
+                   "process ~500 MB; slower under offered load, as one host serializes both flows' statements, "
+                   "aggregate refreshes included; ops/bench/FINDINGS.md), or one local clickhouse-server over the "
+                   "native protocol.")
 @click.option("--drain-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds the flow may take to catch up after the load; past them the figures so far are printed"
                    " and the bench fails.")
@@ -333,7 +335,6 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         broker, keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout,
         chdb_settings) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
-    clickhouse_kind = clickhouse_kind or ("chdb-host" if processes > 1 else "chdb")
     if chdb_settings and clickhouse_kind == "server":
         raise click.UsageError("--chdb-settings applies to --clickhouse chdb or chdb-host only")
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
