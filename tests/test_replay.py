@@ -212,6 +212,20 @@ def test_a_late_event_dated_before_midnight_replays_to_the_live_bills(kafka_boot
     assert replayed_billed == live_billed
 
 
+def run_live_flow(kafka_bootstrap: str, settings, produced: list[dict]) -> None:
+    """The gateway events, keyed by user, drained through the live ingest flow."""
+    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
+
+    def messages():
+        for event in produced:
+            yield f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
+        return Expected()
+
+    produce(kafka_bootstrap, settings.kafka.events_topic, messages(), len(produced))
+    run_main(build_flow(settings))
+    close_chdb()
+
+
 def test_a_user_seen_only_in_an_earlier_month_replays_to_the_live_quota_keys(kafka_bootstrap, flow_topics_env,
                                                                              redis_url, tmp_path):
     """One user's only events are 33 days old (always an earlier month), another's are of the
@@ -231,16 +245,7 @@ def test_a_user_seen_only_in_an_earlier_month_replays_to_the_live_quota_keys(kaf
     settings = load_settings(environ={**env, "GATEWATCH_VALIDATION__MAX_PAST_S": str(40 * 86_400)},
                              use_service_state=False)
     QuotaStore(settings.redis.url).redis.flushdb()
-    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
-
-    def messages():
-        for event in produced:
-            yield f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
-        return Expected()
-
-    produce(kafka_bootstrap, settings.kafka.events_topic, messages(), len(produced))
-    run_main(build_flow(settings))
-    close_chdb()
+    run_live_flow(kafka_bootstrap, settings, produced)
     live_numbers = numbers(settings, Expected())
 
     rebuilt_env, rebuilt = empty_stores(env, "rebuilt", 6)
@@ -499,16 +504,7 @@ def test_late_events_across_midnight_of_several_users_and_partitions_replay_to_t
     price = settings.pricing.models["gpt-4o"]
     assert (price.input, price.output) == GPT_4O_PER_MILLION
     QuotaStore(settings.redis.url).redis.flushdb()
-    codec = EventCodec(registry_from_settings(settings.schemas), settings.validation)
-
-    def messages():
-        for event in produced:
-            yield f"{event['org_id']}/{event['user_id']}".encode(), codec.encode(event)
-        return Expected()
-
-    produce(kafka_bootstrap, settings.kafka.events_topic, messages(), len(produced))
-    run_main(build_flow(settings))
-    close_chdb()
+    run_live_flow(kafka_bootstrap, settings, produced)
 
     stored = {row["event_id"]: row for row in ParquetStore(str(tmp_path / "raw")).read().to_pylist()}
     assert len({row["source_partition"] for row in stored.values()}) > 1
