@@ -8,6 +8,7 @@ produced.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import random
@@ -125,8 +126,12 @@ def scrape(port: int) -> dict[str, float]:
 
 def scrape_url(url: str) -> dict[str, float]:
     """Counter totals of gatewatch_* counters at a Prometheus endpoint: by name (labels
-    summed) and by name with its labels."""
-    text = urllib.request.urlopen(url, timeout=2).read().decode()
+    summed) and by name with its labels. A process that exits while it answers (a drained
+    flow) raises ConnectionError, like one that no longer listens."""
+    try:
+        text = urllib.request.urlopen(url, timeout=2).read().decode()
+    except http.client.HTTPException as exc:
+        raise ConnectionError(f"{url} broke off its answer: {exc!r}") from exc
     totals: dict[str, float] = {}
     for line in text.splitlines():
         if line.startswith("gatewatch_") and "_total" in line:
