@@ -255,15 +255,16 @@ def stages(events, users, repeat, cpu, core_only) -> None:
 @contextlib.contextmanager
 def local_services(root: Path) -> Iterator[Callable[[Settings], Settings]]:
     """A broker (with the pipeline's topics) and a redis-server under root, as `bench e2e`
-    starts them, stopped on leaving; yields what points settings at them."""
+    starts them, stopped on leaving (and with this process if it is killed: a bench stopped by
+    SIGKILL left its broker and redis-server running); yields what points settings at them."""
     from ops.dev import services
     from ops.migrate import migrate_kafka
 
     started = []
     try:
-        kafka = services.start_kafka(root / "kafka", kind="tansu")
+        kafka = services.start_kafka(root / "kafka", kind="tansu", die_with_parent=True)
         started.append(kafka)
-        redis_server = services.start_redis(root / "redis")
+        redis_server = services.start_redis(root / "redis", die_with_parent=True)
         started.append(redis_server)
 
         def on_services(settings: Settings) -> Settings:
