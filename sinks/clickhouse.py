@@ -235,7 +235,7 @@ SELECT toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experim
     now64(3), sum(reasoning_tokens)
 FROM {db}.events FINAL
 WHERE org_id IN ({orgs}) AND event_time >= toDateTime64({low}, 3, 'UTC') AND event_time < toDateTime64({high}, 3, 'UTC')
-  AND (org_id, toStartOfHour(event_time), user_id) IN ({keys})
+  AND (org_id, toUnixTimestamp(toStartOfHour(event_time)), user_id) IN ({keys})
 GROUP BY toStartOfHour(event_time), org_id, user_id, model, region, ifNull(experiment_id, ''), ifNull(variant, '')
 """
 
@@ -247,7 +247,7 @@ SELECT toDate(hour), org_id, user_id, model, region, experiment_id, variant, sum
     sumMap(policy_flags), now64(3), sum(reasoning_tokens)
 FROM {db}.usage_hourly FINAL
 WHERE org_id IN ({orgs}) AND hour >= toDateTime({low}, 'UTC') AND hour < toDateTime({high}, 'UTC')
-  AND (org_id, toDate(hour), user_id) IN ({keys})
+  AND (org_id, toUnixTimestamp(toStartOfDay(hour)), user_id) IN ({keys})
 GROUP BY toDate(hour), org_id, user_id, model, region, experiment_id, variant
 """
 
@@ -352,10 +352,11 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
 
 
 def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, str]], span_s: int) -> None:
+    # Period starts are compared as epoch seconds: a list of literal tuples is parsed once,
+    # where a toDateTime() call per key was analyzed one by one, 3x the CPU of the whole
+    # refresh (`gatewatch bench refresh`, ops/bench/FINDINGS.md).
     starts = [start for _org, start, _user in keys]
-    to_bucket = "toStartOfHour" if span_s == 3600 else "toDate"
-    key_sql = ", ".join(f"({sql_string(org)}, {to_bucket}(toDateTime({start}, 'UTC')), {sql_string(user)})"
-                        for org, start, user in keys)
+    key_sql = ", ".join(f"({sql_string(org)}, {start}, {sql_string(user)})" for org, start, user in keys)
     client.execute(template.format(
         db=client.database, columns=_AGGREGATE_COLUMNS,
         orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})), low=min(starts), high=max(starts) + span_s, keys=key_sql))

@@ -141,6 +141,16 @@ def test_bench_stages_names_the_slowest_stage():
     assert report["core_stages_events_per_s"] > report["all_stages_events_per_s"] > 0
 
 
+def test_bench_refresh_recomputes_each_steps_keys_and_the_aggregates_count_every_event():
+    result = run_cli("bench", "refresh", "--stored-rows", "3000", "--keys", "40,300", "--orgs", "3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    # The second step's users include the first's, whose keys are the same (org, hour, user).
+    assert [step["keys_recomputed"] for step in report["steps"]] == [40, 300]
+    assert report["events_stored"] == 3000 + 2 * 40 + 2 * 300 == report["requests_in_daily_aggregates"]
+    assert report["projection"]["keys_per_minute_at_brief"] == 58235
+
+
 def test_bench_stages_core_only_starts_no_services():
     from ops.bench.stages import CORE_STAGES
 

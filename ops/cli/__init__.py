@@ -16,7 +16,7 @@ settings (`ops.cli.options`) and calls the code that does the work elsewhere in 
     deploy     deploy render
     spool      spool status|drain              (ops/spool_drain)
     chdb_host  chdb-host                       (ops/chdb_host: one chdb per machine)
-    bench      bench e2e|stages|redaction|state|api|producer|history|tracing|quota   (ops/bench)
+    bench      bench e2e|stages|redaction|state|api|producer|history|tracing|quota|refresh   (ops/bench)
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from ops.bench.history import history as bench_history
 from ops.bench.producer import producer as bench_producer
 from ops.bench.quota import quota as bench_quota
 from ops.bench.redaction import redaction as bench_redaction
+from ops.bench.refresh import refresh as bench_refresh
 from ops.bench.stages import stages as bench_stages
 from ops.bench.state import state as bench_state
 from ops.bench.tracing import tracing as bench_tracing
@@ -90,6 +91,7 @@ bench.add_command(bench_tracing)
 bench.add_command(bench_producer)
 bench.add_command(bench_history)
 bench.add_command(bench_quota)
+bench.add_command(bench_refresh)
 
 
 def main() -> None:
