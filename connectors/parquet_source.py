@@ -201,6 +201,5 @@ class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
         return [ALL_REGIONS] if self._files() else []
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _FilesPartition:
-        files = sorted(((store, f) for store, f in self._files() if for_part in (ALL_REGIONS, f.region)),
-                       key=lambda pair: read_order(pair[1]))
+        files = sorted(self._files(), key=lambda pair: read_order(pair[1]))  # the one part: ALL_REGIONS
         return _FilesPartition(files, self._batch_size, resume_state, self._floor)

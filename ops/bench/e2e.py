@@ -245,7 +245,7 @@ def start_clickhouse_server(root: Path, settings: Settings) -> services.Service:
     """A clickhouse-server for the bench, migrated: a flow creates only an embedded database."""
     from ops.migrate import clickhouse_databases, migrate_clickhouse
 
-    server = services.start_clickhouse(root / "clickhouse")
+    server = services.start_clickhouse(root / "clickhouse", die_with_parent=True)
     on_server = settings.model_copy(update={"clickhouse": settings.clickhouse.model_copy(
         update={"url": server.address})})
     for database in clickhouse_databases(on_server):
@@ -343,9 +343,9 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
     started = []
     flow = load = None
     try:
-        kafka = services.start_kafka(root / "kafka", kind=broker)
+        kafka = services.start_kafka(root / "kafka", kind=broker, die_with_parent=True)
         started.append(kafka)
-        redis_server = services.start_redis(root / "redis")
+        redis_server = services.start_redis(root / "redis", die_with_parent=True)
         started.append(redis_server)
         migrate_kafka(settings.kafka.model_copy(update={"bootstrap": kafka.address, "partitions": partitions}))
         clickhouse = ClickHouseTarget(chdb_settings=chdb_settings)

@@ -32,7 +32,7 @@ from ops.bench.e2e import cpu_seconds
 from ops.dev import services
 from ops.dev.loadgen import MODELS
 from ops.settings import Settings, WindowSettings
-from sinks.quota import QuotaStore, keep_month_bases
+from sinks.quota import QuotaStore, keep_month_bases, periods, users_of_month
 
 ORGS = 7
 WINDOW_LENGTH_MS = 60_000
@@ -138,7 +138,7 @@ class QuotaSteps:
         self.changed += self.store.apply(totals)
 
     def keep_bases(self, totals: list[dict]) -> None:
-        users = {f"{total['org_id']}/{total['user_id']}" for total in totals}
+        users = users_of_month(totals, periods(int(self.store.clock() * 1000))[1])  # as QuotaWriter does
         self.bases_written += keep_month_bases(self.store, no_earlier_days, no_earlier_days, users)
 
     def flush(self, totals: list[dict]) -> None:
