@@ -13,7 +13,7 @@ Helm; every manifest is checked against the Kubernetes schemas in tests/test_dep
   resumes. Changing the process count then needs the partitions moved, so a cluster that
   rescales should use one ReadWriteMany claim for all pods (shared_recovery_claim).
 - Settings come from a ConfigMap (addresses, tuning) and a Secret (ClickHouse URL with
-  its password, S3 keys). ClickHouse must be a server: a cluster refuses embedded chdb.
+  its password, S3 keys). ClickHouse must be a server: a cluster refuses embedded chdb and a chdb host.
 - Liveness and readiness read the metrics endpoint: a flow process whose Python is stuck
   (the chdb GIL deadlock of ops/cluster.py was one) stops answering it.
 - The API's durable spool (a 2xx means the event is on disk) lives on a volume per pod:
@@ -290,8 +290,10 @@ def render(options: DeployOptions) -> list[dict]:
     if (options.recovery_partitions or options.processes) < options.processes and not options.shared_recovery_claim:
         raise ValueError(f"{options.recovery_partitions} recovery partitions cannot be shared by {options.processes} "
                          "pods with a volume each: give every pod at least one")
-    if options.clickhouse_url.startswith("chdb://"):
-        raise ValueError("a Bytewax cluster cannot write embedded chdb; give a clickhouse:// server URL")
+    if options.clickhouse_url.startswith(("chdb://", "chdb+unix://")):
+        # A chdb host serves the processes of one machine; a StatefulSet's pods span nodes.
+        raise ValueError("a Bytewax cluster on Kubernetes cannot write embedded chdb (nor a chdb host, which "
+                         "serves one machine); give a clickhouse:// server URL")
     if options.drain_api_spools and options.shared_spool_claim:
         raise ValueError("with a shared spool claim every API pod takes orphaned spool slots itself: "
                          "there is no per-pod claim to drain")

@@ -167,6 +167,8 @@ def test_a_shared_spool_claim_makes_the_api_a_deployment_on_it():
 def test_render_refuses_what_a_cluster_cannot_run():
     with pytest.raises(ValueError, match="chdb"):
         render(DeployOptions(clickhouse_url="chdb:///data/chdb"))
+    with pytest.raises(ValueError, match="chdb host"):
+        render(DeployOptions(clickhouse_url="chdb+unix:///run/gatewatch/chdb.sock"))
     with pytest.raises(ValueError, match="give every pod at least one"):
         render(DeployOptions(processes=4, recovery_partitions=2))
 
