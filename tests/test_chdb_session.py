@@ -7,7 +7,6 @@ import threading
 from uuid import uuid4
 
 from sinks.clickhouse import ClickHouse, close_chdb, to_table
-from sinks.chdb_session import close_thread_chdb
 from tests.test_clickhouse_insert import events
 
 
@@ -52,7 +51,6 @@ def test_another_path_closes_every_threads_handle_of_the_first_and_both_open_aga
         opened.set()
         switched.wait()
         read_back.extend(first.rows("SELECT v FROM default.t"))  # a new handle: the old one was closed
-        close_thread_chdb()
 
     other = threading.Thread(target=on_the_first_path)
     try:
