@@ -58,9 +58,10 @@ def test_workers_of_one_process_migrate_the_same_database_once(tmp_path):
     assert sorted(recorded) == [(name, 1) for name in migrations]
 
 
-def test_inserts_queries_and_refreshes_of_several_workers_take_turns(tmp_path):
+def test_inserts_queries_and_refreshes_of_several_workers_run_side_by_side(tmp_path):
     # One worker writes events while another reads month bases and a third refreshes the
-    # aggregates: chdb refuses a statement while a streaming insert is active on the session.
+    # aggregates: chdb refuses a statement while a streaming insert is active on a handle, so
+    # each worker must use its own.
     url = f"chdb://{tmp_path / 'chdb'}"
     batch = events(600, seed=3)
     users = sorted({(event["org_id"], event["user_id"]) for event in batch})
