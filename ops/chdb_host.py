@@ -10,9 +10,10 @@ cluster on that machine writes the same database.
 Started by `gatewatch chdb-host --url chdb://DIR --socket PATH [--metrics-port N]`, which
 runs this module in a fresh interpreter: the host imports chdb, prometheus_client and the
 standard library, never pyarrow (Arrow IPC bytes pass through untouched), so its resident
-set is chdb's code and heap and a bare interpreter. One thread per connection; every
-statement runs under the one session lock chdb needs (sinks.chdb_session._chdb_lock).
-Prometheus metrics on --metrics-port; JSON logs on stderr, one request_id per request.
+set is chdb's code and heap and a bare interpreter. One thread and one chdb handle per
+connection: the statements of different connections run in parallel, except inserts, which
+take turns (Host.insert_turn says why). Prometheus metrics on --metrics-port; JSON logs on
+stderr, one request_id per request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,13 +40,14 @@ from ops.logs import configure as configure_logs
 from sinks.chdb_host import (OP_EXECUTE, OP_INSERT, OP_LOCK, OP_NAMES, OP_PING, OP_QUERY, OP_UNLOCK, STATUS_ERROR,
                              STATUS_OK, HostGone, HostSession, decode_request, host_url, recv_frame,
                              send_frame)
-from sinks.chdb_session import _chdb_lock, chdb_location, chdb_session, close_chdb
+from sinks.chdb_session import chdb_location, chdb_session, close_chdb, close_thread_chdb
 
 log = logging.getLogger("ops.chdb_host")
 
 STATEMENTS = Counter("gatewatch_chdb_host_statements", "Requests the chdb host answered, by op", ["op"])
 ERRORS = Counter("gatewatch_chdb_host_errors", "Requests chdb refused, by op", ["op"])
-SECONDS = Histogram("gatewatch_chdb_host_statement_seconds", "Seconds per request, lock wait included, by op",
+SECONDS = Histogram("gatewatch_chdb_host_statement_seconds",
+                    "Seconds per request, by op; an insert's wait for its turn and a lock's wait included",
                     ["op"], buckets=(0.001, 0.005, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120))
 BYTES = Counter("gatewatch_chdb_host_bytes", "Payload bytes received (in) and sent back (out)", ["direction"])
 CONNECTIONS = Gauge("gatewatch_chdb_host_connections", "Open client connections")
@@ -60,40 +63,99 @@ def error_summary(text: str) -> dict[str, str | None]:
     return {"error_code": code.group(1) if code else None, "error_name": name.group(1) if name else None}
 
 
+class Stopping(Exception):
+    """A request arrived after the host began to stop: its connection is closed unanswered."""
+
+
 class Host:
-    """The chdb session and what each request does with it."""
+    """The chdb engine and what each request does with it."""
 
     def __init__(self, url: str):
         self.url = url
         self.path, settings = chdb_location(url)
-        self.session = chdb_session(self.path, settings)
+        chdb_session(self.path, settings)  # this thread's handle keeps the engine open between connections
         self.connection_ids = itertools.count(1)
+        self.exclusive = threading.RLock()
+        """Held from a connection's OP_LOCK to its OP_UNLOCK (or its end): exclusive blocks
+        (migrations) run one at a time. Statements outside one are not held up, as on a
+        ClickHouse server, which gives writers no exclusion either."""
+        self.insert_turn = threading.Lock()
+        """Held by the insert that runs: each insert's block sets the host's memory peak
+        (~290 MB of transient heap for a 20,000-row block, on top of the 600 MB and more the
+        host already holds), so two at once would raise the peak. Queries run beside it."""
+        self.running = 0
+        self.stopping = False
+        self.state = threading.Condition()
+        """Guards running (requests under way) and stopping."""
+
+    @contextmanager
+    def request(self):
+        """Counts the request as running while it runs; Stopping once the host stops."""
+        with self.state:
+            if self.stopping:
+                raise Stopping
+            self.running += 1
+        try:
+            yield
+        finally:
+            with self.state:
+                self.running -= 1
+                self.state.notify_all()
+
+    def close(self) -> None:
+        """Close chdb once the requests that run now have finished; later ones are refused."""
+        with self.state:
+            self.stopping = True
+            self.state.wait_for(lambda: self.running == 0)
+        close_chdb()
 
     def answer(self, op: int, sql: str, payload: memoryview, held: list[int]) -> bytes:
         """The result bytes of one request; raises what chdb raises."""
         if op == OP_PING:
             return b""
         if op == OP_LOCK:
-            _chdb_lock.acquire()
+            self.exclusive.acquire()
             held.append(1)
             return b""
         if op == OP_UNLOCK:
             if held:
                 held.pop()
-                _chdb_lock.release()
+                self.exclusive.release()
             return b""
-        with _chdb_lock:
-            if op == OP_EXECUTE:
-                self.session.query(sql)
-                return b""
-            if op == OP_QUERY:
-                return self.session.query(sql, bytes(payload).decode()).bytes()
-            if op == OP_INSERT:
-                with self.session.send_insert(sql, "ArrowStream") as stream:
-                    stream.append(payload)
-                    stream.finish()
-                return b""
+        session = chdb_session(self.path)  # this connection's handle
+        if op == OP_EXECUTE:
+            session.query(sql)
+            return b""
+        if op == OP_QUERY:
+            return session.query(sql, bytes(payload).decode()).bytes()
+        if op == OP_INSERT:
+            with self.insert_turn, session.send_insert(sql, "ArrowStream") as stream:
+                stream.append(payload)
+                stream.finish()
+            return b""
         raise ValueError(f"unknown op {op}")
+
+    def respond(self, conn: socket.socket, request_id: str, op: int, sql: str, payload: memoryview,
+                held: list[int]) -> bool:
+        """Answer one request; False when the reply could not be delivered."""
+        name = OP_NAMES.get(op, str(op))
+        BYTES.labels("in").inc(len(payload))
+        started = time.perf_counter()
+        try:
+            reply, status = self.answer(op, sql, payload, held), STATUS_OK
+        except Exception as exc:  # noqa: BLE001 - every failure goes back to the client
+            reply, status = str(exc).encode(), STATUS_ERROR
+            ERRORS.labels(name).inc()
+            log.warning("statement failed", extra={"request_id": request_id, "op": name, **error_summary(str(exc))})
+        SECONDS.labels(name).observe(time.perf_counter() - started)
+        STATEMENTS.labels(name).inc()
+        BYTES.labels("out").inc(len(reply))
+        try:
+            send_frame(conn, bytes([status]), reply)
+        except OSError as exc:
+            log.warning("reply not delivered", extra={"request_id": request_id, "error": str(exc)})
+            return False
+        return True
 
     def serve_connection(self, conn: socket.socket) -> None:
         connection = next(self.connection_ids)
@@ -115,27 +177,16 @@ class Host:
                     log.warning("malformed request, connection closed", extra={"connection": connection,
                                                                                "error": type(exc).__name__})
                     return
-                name = OP_NAMES.get(op, str(op))
-                BYTES.labels("in").inc(len(payload))
-                started = time.perf_counter()
                 try:
-                    reply, status = self.answer(op, sql, payload, held), STATUS_OK
-                except Exception as exc:  # noqa: BLE001 - every failure goes back to the client
-                    reply, status = str(exc).encode(), STATUS_ERROR
-                    ERRORS.labels(name).inc()
-                    log.warning("statement failed", extra={"request_id": f"{connection}-{number}", "op": name,
-                                                           **error_summary(str(exc))})
-                SECONDS.labels(name).observe(time.perf_counter() - started)
-                STATEMENTS.labels(name).inc()
-                BYTES.labels("out").inc(len(reply))
-                try:
-                    send_frame(conn, bytes([status]), reply)
-                except OSError as exc:
-                    log.warning("reply not delivered", extra={"connection": connection, "error": str(exc)})
+                    with self.request():  # until the reply is out: a stopping host closes chdb after it
+                        if not self.respond(conn, f"{connection}-{number}", op, sql, payload, held):
+                            return
+                except Stopping:
                     return
         finally:
             for _ in held:
-                _chdb_lock.release()
+                self.exclusive.release()
+            close_thread_chdb()
             conn.close()
             CONNECTIONS.dec()
             log.info("connection closed", extra={"connection": connection})
@@ -190,8 +241,7 @@ def serve(url: str, socket_path: str, metrics_port: int | None = None, metrics_h
             threading.Thread(target=host.serve_connection, args=(conn,), daemon=True,
                              name="chdb-host-connection").start()
     finally:
-        with _chdb_lock:  # after the statement that runs now, if any
-            close_chdb()
+        host.close()
         Path(socket_path).unlink(missing_ok=True)
         log.info("chdb host stopped", extra={"socket": socket_path})
 
@@ -232,7 +282,7 @@ class RunningHost:
         return self.proc.poll() is None
 
     def seconds_by_op(self) -> dict[str, float]:
-        """Seconds the host spent on each kind of request so far (lock waits included), from
+        """Seconds the host spent on each kind of request so far (waits included), from
         its metrics; empty without a metrics port."""
         if self.metrics_port is None:
             return {}
@@ -243,7 +293,7 @@ class RunningHost:
         return {op: round(float(value), 2) for op, value in found}
 
     def stop(self, timeout_s: float = 30) -> None:
-        """SIGTERM: the host finishes the statement it runs and closes its session."""
+        """SIGTERM: the host finishes the statements it runs and closes chdb."""
         if self.proc.poll() is None:
             self.proc.terminate()
             try:

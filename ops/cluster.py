@@ -10,9 +10,9 @@ the cluster runs on its machine: they all write its one database, whichever work
 key and however many processes there are. Processes on several machines would each reach
 their own machine's host, so that is refused.
 
-Several workers in one process (`-w N`) may write chdb: they share the process's one chdb
-session and disk, and sinks.clickhouse serializes every use of that session (a migration
-included) behind one lock. What once froze such a process, chdb's pipeline threads taking
+Several workers in one process (`-w N`) may write chdb: each has its own handle on the
+process's one chdb engine (sinks.chdb_session), their statements run in parallel, and only
+their migrations take turns. What once froze such a process, chdb's pipeline threads taking
 the GIL to read `Python(table)` while the worker's thread waited in the query (chdb-io/chdb#289,
 ops/bench/FINDINGS.md), is gone since inserts send Arrow IPC bytes.
 """

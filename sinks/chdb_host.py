@@ -2,13 +2,15 @@
 protocol and the client side (the host itself is ops/chdb_host.py).
 
 Each flow process that embeds chdb maps its ~224 MB of library code and keeps its own heap
-(ops/bench/FINDINGS.md, issue 17); a host process owns the one chdb session of a database
+(ops/bench/FINDINGS.md, issue 17); a host process owns the one chdb engine of a database
 directory instead, and flow processes reach it over a Unix domain socket with the URL
 
     chdb+unix:///path/to/host.sock
 
 (sinks.clickhouse.ClickHouse picks HostSession for it). Statements are chdb's, as with
-chdb://: Arrow IPC bytes in and out, migrations run by the writers through the host.
+chdb://: Arrow IPC bytes in and out, migrations run by the writers through the host. Each
+thread of a flow process has its own connection, and the host its own chdb handle per
+connection: the statements of different threads and processes run in parallel.
 
 Frames are a 4-byte big-endian length and a body. A request body is one op byte, a 4-byte
 SQL length, the SQL (UTF-8) and the payload (ArrowStream bytes of an insert); a reply body
@@ -34,7 +36,8 @@ OP_QUERY = 2
 OP_INSERT = 3
 """An INSERT whose rows are the payload, in ArrowStream format."""
 OP_LOCK = 4
-"""Hold the host's statement lock for this connection until OP_UNLOCK or until it closes."""
+"""Begin this connection's exclusive block: no other connection's begins until OP_UNLOCK or
+until this one closes. Other statements go on (migrations exclude each other only)."""
 OP_UNLOCK = 5
 OP_PING = 6
 OP_NAMES = {OP_EXECUTE: "execute", OP_QUERY: "query", OP_INSERT: "insert", OP_LOCK: "lock",
@@ -163,9 +166,8 @@ class Insert:
 
 class HostSession:
     """The client side of one connection to a chdb host, with chdb session's methods
-    (query, send_insert). Threads of a process share it and take turns (one request in flight
-    per connection, as chdb allows one statement per session); the host serializes the
-    processes. A broken connection raises HostGone and is opened again on the next call."""
+    (query, send_insert). One request in flight at a time (host_session gives each thread its
+    own). A broken connection raises HostGone and is opened again on the next call."""
 
     def __init__(self, socket_path: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  reply_timeout_s: float | None = None):
@@ -176,12 +178,12 @@ class HostSession:
         self.lock = threading.RLock()
         self._sock: socket.socket | None = None
         self._locked_by: socket.socket | None = None
-        """The connection holding the host's lock (exclusive), while a block runs."""
+        """The connection that began the exclusive block, while one runs."""
 
     def _connected(self) -> socket.socket:
         if self._sock is None:
             if self._locked_by is not None:
-                # A new connection would run the rest of the block without the host's lock.
+                # A new connection would run the rest of the block outside it.
                 raise HostGone(f"chdb host at {self.socket_path}: the connection holding its lock was lost")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(self.connect_timeout_s)
@@ -231,7 +233,7 @@ class HostSession:
 
     @contextmanager
     def exclusive(self):
-        """Every statement of the block alone on the host (a migration: two flow processes
+        """The block alone among the host's exclusive blocks (a migration: two flow processes
         starting together would otherwise both apply it)."""
         with self.lock:
             self.request(OP_LOCK)
@@ -251,13 +253,15 @@ class HostSession:
             self._drop()
 
 
-_sessions: dict[str, HostSession] = {}
+_sessions: dict[tuple[str, int], HostSession] = {}
 _sessions_lock = threading.Lock()
 
 
 def host_session(socket_path: str) -> HostSession:
-    """The process's connection to the host at socket_path (every client of it shares one)."""
+    """The calling thread's connection to the host at socket_path: a thread's requests follow
+    one another, and no thread waits for another's reply."""
+    key = (socket_path, threading.get_ident())
     with _sessions_lock:
-        if socket_path not in _sessions:
-            _sessions[socket_path] = HostSession(socket_path)
-        return _sessions[socket_path]
+        if key not in _sessions:
+            _sessions[key] = HostSession(socket_path)
+        return _sessions[key]

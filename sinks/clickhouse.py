@@ -16,18 +16,17 @@ import logging
 import re
 import struct
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import TYPE_CHECKING, Any, Callable, ContextManager
 from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
 from sinks.chdb_host import HOST_SCHEME, HostGone, host_session, host_socket
-from sinks.chdb_session import _chdb_lock, chdb_location, chdb_session, close_chdb  # noqa: F401 (close_chdb re-exported)
+from sinks.chdb_session import chdb_location, chdb_session, close_chdb, migration_lock  # noqa: F401 (close_chdb re-exported)
 from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import TableRows, blocks_and_events, to_table
@@ -80,17 +79,19 @@ class ClickHouse:
         self.embedded = parsed.scheme in ("chdb", HOST_SCHEME)
         self._column_types: dict[str, dict[str, ColumnType]] = {}
         self._defaults: dict[tuple[str, str], object] = {}
-        self._lock: ContextManager = _chdb_lock
-        """Held around each statement: the process's one chdb session takes one at a time
-        (a host connection serializes its own requests, and the host the processes)."""
-        self._exclusive: Callable[[], ContextManager] = lambda: _chdb_lock
-        """Held around a migration: nobody else's statement runs in between."""
+        # The calling thread's chdb handle or host connection, looked up per statement: a
+        # client is often made on one thread and used on another (a Bytewax worker's).
+        self._session: Callable[[], Any]
+        self._exclusive: Callable[[], ContextManager]
+        """Held around a migration: no other migration runs in between."""
         if parsed.scheme == "chdb":
-            self._session = chdb_session(*chdb_location(url))
+            location = chdb_location(url)
+            self._session = lambda: chdb_session(*location)
+            self._exclusive = lambda: migration_lock
         elif parsed.scheme == HOST_SCHEME:
-            self._session = host_session(host_socket(url))
-            self._lock = nullcontext()
-            self._exclusive = self._session.exclusive
+            socket_path = host_socket(url)
+            self._session = lambda: host_session(socket_path)
+            self._exclusive = lambda: host_session(socket_path).exclusive()
         else:
             from clickhouse_driver import Client
 
@@ -102,15 +103,13 @@ class ClickHouse:
 
     def execute(self, sql: str) -> None:
         if self.embedded:
-            with self._lock:
-                self._session.query(sql)
+            self._session().query(sql)
         else:
             self._client.execute(sql)
 
     def rows(self, sql: str) -> list[tuple]:
         if self.embedded:
-            with self._lock:
-                data = self._session.query(sql, "Arrow").bytes()
+            data = self._session().query(sql, "Arrow").bytes()
             import pyarrow.ipc as ipc
 
             if not data:
@@ -160,9 +159,8 @@ class ClickHouse:
             # Arrow IPC bytes that ClickHouse parses itself. The Python(rows) table function it
             # replaces had chdb's own threads take the GIL to read the table: a deadlock once
             # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
-            # Encoded before the lock: another worker's statement can run meanwhile.
             data = arrow_stream_bytes(rows)
-            with self._lock, self._session.send_insert(
+            with self._session().send_insert(
                     f"INSERT INTO {self.database}.{table} ({columns}) SETTINGS {EMBEDDED_INSERT_SETTINGS}",
                     "ArrowStream") as stream:
                 stream.append(data)
@@ -188,10 +186,10 @@ class ClickHouse:
 
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
         """Apply ops/migrations/*.sql not yet recorded; return the names applied now.
-        On chdb the whole migration holds the session's lock (through a chdb host, the host's):
-        every worker of a process migrates its databases when it starts (nobody else can reach
-        them), and the second one then finds every migration recorded instead of creating the
-        same tables again."""
+        On chdb a migration runs alone among migrations (sinks.chdb_session.migration_lock;
+        through a chdb host, the host's exclusive block): every worker of a process migrates its
+        databases when it starts (nobody else can reach them), and the second one then finds
+        every migration recorded instead of creating the same tables again."""
         if self.embedded:
             with self._exclusive():
                 return self._migrate(raw_ttl_days, aggregate_ttl_days)

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from urllib.request import urlopen
 
+import pyarrow as pa
 import pytest
 
 from ops.chdb_host import RunningHost, error_summary, start_host, wait_until_serving
@@ -23,6 +24,7 @@ from sinks.chdb_host import OP_PING, HostGone, HostSession, HostStatementError, 
 from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, to_table
 from sinks.retry import write_with_retries
 from tests.processes import REPO, run_cli
+from tests.test_chdb_session import running_in_background
 from tests.test_clickhouse_insert import events
 
 DATABASE = "hosted"
@@ -77,15 +79,17 @@ def test_two_processes_migrate_insert_and_read_back_one_database_through_the_hos
     assert (prompt, cost) == (written["prompt"], written["cost_usd"])
 
 
-def test_threads_of_one_process_share_its_connection(host):
+def test_threads_of_one_process_insert_and_read_while_another_runs_a_long_statement(host):
     client = ClickHouse(host.url, DATABASE)
     client.migrate()
+    answer: list = []
+    long_running = running_in_background(client, 5, answer)  # on that thread's own connection
     errors: list[BaseException] = []
 
     def insert(first: int) -> None:
         try:
             for at in range(first, first + 400, 100):
-                ClickHouse(host.url, DATABASE).insert("events", to_table(batch(at, 100, at)))
+                client.insert("events", to_table(batch(at, 100, at)))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
@@ -96,6 +100,34 @@ def test_threads_of_one_process_share_its_connection(host):
         thread.join(timeout=120)
     assert not errors
     assert len(stored_ids(client)) == 1200
+    assert long_running.is_alive()  # every insert and the read finished while it ran
+    long_running.join()
+    assert answer == [(0,)] * 5
+
+
+def test_inserts_take_turns_on_the_host(host):
+    """An insert that a materialized view makes last 2 s, and meanwhile another: the second
+    finishes after the first (queries run beside an insert, as the test above shows)."""
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    client.execute(f"CREATE TABLE {DATABASE}.slow (n UInt8) ENGINE = MergeTree ORDER BY n")
+    client.execute(f"CREATE TABLE {DATABASE}.slow_sink (n UInt8, s UInt8) ENGINE = MergeTree ORDER BY n")
+    client.execute(f"CREATE MATERIALIZED VIEW {DATABASE}.slow_view TO {DATABASE}.slow_sink "
+                   f"AS SELECT n, sleepEachRow(1) AS s FROM {DATABASE}.slow")
+    finished: list[str] = []
+
+    def insert_slowly() -> None:
+        client.insert("slow", pa.table({"n": pa.array([1, 2], pa.uint8())}))
+        finished.append("slow")
+
+    slow = threading.Thread(target=insert_slowly)
+    slow.start()
+    while client.rows(f"SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO {DATABASE}.slow %'") != [(1,)]:
+        assert slow.is_alive()
+    client.insert("events", to_table(batch(0, 10, 1)))
+    finished.append("events")
+    slow.join()
+    assert finished == ["slow", "events"]
 
 
 def test_a_refused_statement_is_chdbs_error_and_the_connection_goes_on(host):
@@ -140,6 +172,8 @@ def test_a_host_killed_mid_run_fails_the_client_clearly_and_a_restart_keeps_ever
     host.proc.wait()
     assert len(failure) == 1 and isinstance(failure[0], HostGone), failure
     assert str(sock) in str(failure[0])
+    with pytest.raises(HostGone):  # this thread's own connection (the migration's) broke too
+        client.rows("SELECT 1")
     with pytest.raises(HostGone, match="not reachable"):  # still down: refused at once, not hung
         client.rows("SELECT 1")
 
@@ -171,6 +205,39 @@ def test_a_block_that_loses_the_connection_holding_the_hosts_lock_does_not_go_on
     session.ping()  # the session connects again after the block
     session.close()
     other.close()
+
+
+def test_an_exclusive_block_holds_up_the_next_exclusive_block_and_no_other_statement(host):
+    first, second = HostSession(str(host.socket_path)), HostSession(str(host.socket_path))
+    outside = HostSession(str(host.socket_path), reply_timeout_s=20)
+    order: list[str] = []
+
+    def begin_second_block() -> None:
+        with second.exclusive():
+            order.append("second began")
+
+    with first.exclusive():
+        order.append("first began")
+        waiting = threading.Thread(target=begin_second_block)
+        waiting.start()
+        assert outside.query("SELECT 1", "CSV").bytes().strip() == b"1"
+        first.query("SELECT sleep(1)")  # the second block's OP_LOCK arrives meanwhile
+        order.append("first ended")
+    waiting.join()
+    assert order == ["first began", "first ended", "second began"]
+    for session in (first, second, outside):
+        session.close()
+
+
+def test_sigterm_lets_the_running_statement_answer_then_the_host_stops(host):
+    client = ClickHouse(host.url, DATABASE)
+    answer: list = []
+    long_running = running_in_background(client, 3, answer)
+    host.proc.send_signal(signal.SIGTERM)
+    long_running.join()
+    assert answer == [(0,)] * 3
+    assert host.proc.wait(timeout=60) == 0
+    assert not host.socket_path.exists()
 
 
 def test_a_malformed_request_closes_only_its_own_connection(host):

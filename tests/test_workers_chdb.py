@@ -1,6 +1,6 @@
 """Several Bytewax workers in one process on embedded ClickHouse (issue 17): the workers share
-the process's one chdb session, so each worker's migration, inserts, quota month bases and
-aggregate refreshes must take turns on it (sinks.clickhouse serializes them)."""
+the process's one chdb engine, each on its own handle (sinks.chdb_session), so their inserts,
+quota month bases and aggregate refreshes run side by side and their migrations take turns."""
 
 import json
 import os
@@ -58,9 +58,10 @@ def test_workers_of_one_process_migrate_the_same_database_once(tmp_path):
     assert sorted(recorded) == [(name, 1) for name in migrations]
 
 
-def test_inserts_queries_and_refreshes_of_several_workers_take_turns(tmp_path):
+def test_inserts_queries_and_refreshes_of_several_workers_run_side_by_side(tmp_path):
     # One worker writes events while another reads month bases and a third refreshes the
-    # aggregates: chdb refuses a statement while a streaming insert is active on the session.
+    # aggregates: chdb refuses a statement while a streaming insert is active on a handle, so
+    # each worker must use its own.
     url = f"chdb://{tmp_path / 'chdb'}"
     batch = events(600, seed=3)
     users = sorted({(event["org_id"], event["user_id"]) for event in batch})
@@ -93,8 +94,9 @@ def test_inserts_queries_and_refreshes_of_several_workers_take_turns(tmp_path):
 @pytest.mark.integration
 def test_two_workers_in_one_process_on_chdb_reconcile_every_store(tmp_path):
     # The flow process of `gatewatch run ingest -w 2` (bytewax.run, ops.launch) on its default
-    # embedded ClickHouse; before the session was serialized it died at start-up
-    # (TABLE_ALREADY_EXISTS) after quota month bases failed on the shared session.
+    # embedded ClickHouse; before the workers' migrations took turns and their statements were
+    # kept off each other's session, it died at start-up (TABLE_ALREADY_EXISTS) after quota
+    # month bases failed on the shared session.
     found, problems, expected = demo.run(demo.DemoOptions(
         events=400, workers=2, partitions=4, users=30, seed=17, late_ratio=0.02, data_dir=str(tmp_path)))
     assert found["clickhouse_url"].startswith("chdb://")

@@ -322,8 +322,8 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
               show_default=True,
               help="Embedded chdb in each flow process, one chdb host process that every flow process writes "
                    "through (chdb+unix://, `gatewatch chdb-host`: chdb's code and heap resident once, each flow "
-                   "process ~500 MB; slower under offered load, as one host serializes both flows' statements, "
-                   "aggregate refreshes included; ops/bench/FINDINGS.md), or one local clickhouse-server over the "
+                   "process ~500 MB; each connection's statements run in parallel, inserts take turns; "
+                   "ops/bench/FINDINGS.md), or one local clickhouse-server over the "
                    "native protocol.")
 @click.option("--drain-timeout", default=300.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds the flow may take to catch up after the load; past them the figures so far are printed"

@@ -1,0 +1,66 @@
+"""Each thread's own chdb handle (sinks.chdb_session): the threads of a process run their
+statements on one engine in parallel; switching paths still closes the old path's handles."""
+
+from __future__ import annotations
+
+import threading
+from uuid import uuid4
+
+from sinks.clickhouse import ClickHouse, close_chdb, to_table
+from tests.test_clickhouse_insert import events
+
+
+def running_in_background(client: ClickHouse, rows: int, answer: list) -> threading.Thread:
+    """A thread running a statement that sleeps a second per row (chdb caps one block's sleep
+    at 3 s) and puts its rows in answer, returned once this thread has seen it in
+    system.processes: an answer this thread gets only if its statements are not queued behind
+    that one."""
+    tag = f"long-{uuid4().hex}"
+    sql = f"SELECT sleepEachRow(1) FROM numbers({rows}) SETTINGS max_block_size = 1 /* {tag} */"
+    thread = threading.Thread(target=lambda: answer.extend(client.rows(sql)))
+    thread.start()
+    while thread.is_alive():
+        if client.rows(f"SELECT count() FROM system.processes "
+                       f"WHERE query LIKE '%{tag}%' AND query NOT LIKE '%system.processes%'") == [(1,)]:
+            return thread
+    raise AssertionError("the statement ended before another thread saw it run: the threads took turns")
+
+
+def test_a_long_statement_on_one_thread_holds_up_no_other_thread(tmp_path):
+    client = ClickHouse(f"chdb://{tmp_path / 'db'}", "handles")
+    try:
+        client.migrate()
+        answer: list = []
+        long_running = running_in_background(client, 5, answer)
+        client.insert("events", to_table(events(100)))
+        assert client.rows("SELECT count() FROM handles.events FINAL") == [(100,)]
+        assert long_running.is_alive()  # the insert and the read finished while it ran
+        long_running.join()
+        assert answer == [(0,)] * 5
+    finally:
+        close_chdb()
+
+
+def test_another_path_closes_every_threads_handle_of_the_first_and_both_open_again(tmp_path):
+    first, second = ClickHouse(f"chdb://{tmp_path / 'a'}"), ClickHouse(f"chdb://{tmp_path / 'b'}")
+    opened, switched = threading.Event(), threading.Event()
+    read_back: list = []
+
+    def on_the_first_path() -> None:
+        first.execute("CREATE TABLE default.t ENGINE = MergeTree ORDER BY v AS SELECT 1 AS v")
+        opened.set()
+        switched.wait()
+        read_back.extend(first.rows("SELECT v FROM default.t"))  # a new handle: the old one was closed
+
+    other = threading.Thread(target=on_the_first_path)
+    try:
+        other.start()
+        assert opened.wait(60)
+        # chdb refuses a second path while any handle of the first is open, the other thread's too
+        second.execute("CREATE TABLE default.t ENGINE = MergeTree ORDER BY v AS SELECT 2 AS v")
+        switched.set()
+        other.join()
+        assert read_back == [(1,)]
+        assert second.rows("SELECT v FROM default.t") == [(2,)]
+    finally:
+        close_chdb()
