@@ -15,6 +15,7 @@ import functools
 import logging
 import re
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -580,7 +581,8 @@ class ClickHouseWriter:
     """The ClickHouse sink's writer: batches keyed by database, one insert each into
     ``table`` (events or feedback); rows the server refuses for good go to the DLQ. After
     events it recomputes the usage aggregates of the hours written, at most once per
-    ``aggregate_interval_s`` and once more when the flow ends (``close``)."""
+    ``aggregate_interval_s`` on a thread of its own, and once more when the flow ends
+    (``close``), on the caller's."""
 
     def __init__(self, url: str, retry: Retry, dead_letters: DeadLetters, *, raw_days: int, aggregate_days: int,
                  aggregate_interval_s: float, lateness_s: float, table: str = "events"):
@@ -595,6 +597,9 @@ class ClickHouseWriter:
         self.sink = "clickhouse" if table == "events" else f"clickhouse_{table}"
         self.clients: dict[str, ClickHouse] = {}
         self.refreshed_at = time.monotonic()
+        self.refresher: threading.Thread | None = None
+        self.refresh_clients: dict[str, ClickHouse] = {}
+        """The refresh's own clients: a clickhouse-driver Client serves one thread."""
 
     def client_of(self, database: str) -> ClickHouse:
         if database not in self.clients:
@@ -605,14 +610,32 @@ class ClickHouseWriter:
 
     def refresh(self, force: bool = False) -> None:
         """Recompute the usage aggregates of the hours written since the last refresh (anyone's:
-        a periodic refresh is skipped when another writer of the database did one this interval)."""
+        a periodic refresh is skipped when another writer of the database did one this interval).
+        A periodic refresh runs beside the inserts: it took seconds with thousands of users, and
+        the flow's events waited behind it (freshness p99, ops/bench/FINDINGS.md). One at a time;
+        a forced one waits for it, then runs here."""
         if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
             return
-        unless_within_s = None if force else self.aggregate_interval_s
-        for client in self.clients.values():
+        if self.refresher is not None and self.refresher.is_alive():
+            if not force:
+                return
+            self.refresher.join()
+        databases = list(self.clients)
+        self.refreshed_at = time.monotonic()
+        if force:
+            self.refresh_databases(databases, unless_within_s=None)
+        else:
+            self.refresher = threading.Thread(target=self.refresh_databases, args=(databases, self.aggregate_interval_s),
+                                              name="clickhouse-refresh", daemon=True)
+            self.refresher.start()
+
+    def refresh_databases(self, databases: list[str], unless_within_s: float | None) -> None:
+        for database in databases:
+            if database not in self.refresh_clients:
+                self.refresh_clients[database] = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
+            client = self.refresh_clients[database]
             self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days,
                                                                            unless_within_s=unless_within_s))
-        self.refreshed_at = time.monotonic()
 
     def __call__(self, batches: list[tuple[str, list]]) -> None:
         """Batches keyed by database: of EventBlocks (events, each block's table shared with

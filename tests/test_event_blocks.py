@@ -299,3 +299,41 @@ def test_a_value_of_another_type_gives_what_from_pylist_gives(field, value, pool
     else:
         with default_pool(pool):
             assert to_table(rows).equals(expected)
+
+
+def test_inserts_go_on_while_a_periodic_refresh_runs_and_close_waits_for_it(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    import sinks.clickhouse as clickhouse
+
+    now_ms = int(time.time() * 1000)
+    rows = [dict(event, event_id=f"bg-{n}", event_time=now_ms - n) for n, event in enumerate(events(40))]
+    release, refreshing = threading.Event(), threading.Event()
+    real_refresh = clickhouse.refresh_aggregates
+
+    def held_refresh(client, *args, **kwargs):
+        refreshing.set()
+        release.wait()
+        return real_refresh(client, *args, **kwargs)
+
+    monkeypatch.setattr(clickhouse, "refresh_aggregates", held_refresh)
+    writer = ClickHouseWriter(f"chdb://{tmp_path / 'chdb'}", retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30,
+                              aggregate_days=365, aggregate_interval_s=0, lateness_s=60)
+    try:
+        for batch in (rows[:20], rows[20:]):  # the first starts the refresh, the second comes during it
+            writing = threading.Thread(target=writer, args=([("bg", event_blocks(batch))],))
+            writing.start()
+            writing.join(30)
+            assert not writing.is_alive(), "a batch waited for the refresh"
+            assert refreshing.wait(30)
+        (stored,), = ClickHouse(writer.url, "bg").rows("SELECT count() FROM bg.events FINAL")
+        assert stored == 40 and writer.refresher.is_alive()
+        release.set()
+        writer.close()  # waits for the periodic refresh, then refreshes what came after it
+        assert not writer.refresher.is_alive()
+        (requests,), = ClickHouse(writer.url, "bg").rows("SELECT sum(requests) FROM bg.usage_daily FINAL")
+    finally:
+        release.set()
+        close_chdb()
+    assert requests == 40
