@@ -17,6 +17,7 @@ import re
 import struct
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import partial
@@ -27,7 +28,7 @@ from urllib.parse import unquote, urlparse
 import pyarrow as pa
 
 from sinks.chdb_host import HOST_SCHEME, HostGone, host_session, host_socket
-from sinks.chdb_session import chdb_location, chdb_session, close_chdb, migration_lock  # noqa: F401 (close_chdb re-exported)
+from sinks.chdb_session import chdb_location, chdb_session, close_chdb, insert_turn, migration_lock  # noqa: F401 (close_chdb re-exported)
 from sinks.metrics import count_written, observe_freshness
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import TableRows, blocks_and_events, to_table
@@ -84,11 +85,14 @@ class ClickHouse:
         # client is often made on one thread and used on another (a Bytewax worker's).
         self._session: Callable[[], Any]
         self._exclusive: Callable[[], ContextManager]
-        """Held around a migration: no other migration runs in between."""
+        """Gives what is held around a migration: no other migration runs in between."""
+        self._insert_turn: ContextManager = nullcontext()
+        """Held around an insert (chdb in this process; the host takes turns itself)."""
         if parsed.scheme == "chdb":
             location = chdb_location(url)
             self._session = lambda: chdb_session(*location)
             self._exclusive = lambda: migration_lock
+            self._insert_turn = insert_turn
         elif parsed.scheme == HOST_SCHEME:
             socket_path = host_socket(url)
             self._session = lambda: host_session(socket_path)
@@ -161,7 +165,7 @@ class ClickHouse:
             # replaces had chdb's own threads take the GIL to read the table: a deadlock once
             # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
             data = arrow_stream_bytes(rows)
-            with self._session().send_insert(
+            with self._insert_turn, self._session().send_insert(
                     f"INSERT INTO {self.database}.{table} ({columns}) SETTINGS {EMBEDDED_INSERT_SETTINGS}",
                     "ArrowStream") as stream:
                 stream.append(data)
@@ -598,8 +602,14 @@ class ClickHouseWriter:
         self.clients: dict[str, ClickHouse] = {}
         self.refreshed_at = time.monotonic()
         self.refresher: threading.Thread | None = None
+        """Runs the periodic refreshes, one at a time, started with the first one."""
+        self.refresh_due = threading.Event()
+        self.refresh_idle = threading.Event()
+        self.refresh_idle.set()
+        self.pending: list[str] = []
+        """The databases of the periodic refresh due."""
         self.refresh_clients: dict[str, ClickHouse] = {}
-        """The refresh's own clients: a clickhouse-driver Client serves one thread."""
+        """The refreshes' own clients: a clickhouse-driver Client serves one thread at a time."""
 
     def client_of(self, database: str) -> ClickHouse:
         if database not in self.clients:
@@ -611,23 +621,32 @@ class ClickHouseWriter:
     def refresh(self, force: bool = False) -> None:
         """Recompute the usage aggregates of the hours written since the last refresh (anyone's:
         a periodic refresh is skipped when another writer of the database did one this interval).
-        A periodic refresh runs beside the inserts: it took seconds with thousands of users, and
-        the flow's events waited behind it (freshness p99, ops/bench/FINDINGS.md). One at a time;
-        a forced one waits for it, then runs here."""
+        A periodic refresh runs on the refresher thread, beside the inserts: it takes seconds with
+        thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). A
+        forced one waits for it, then runs on the caller's thread."""
         if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
             return
-        if self.refresher is not None and self.refresher.is_alive():
-            if not force:
-                return
-            self.refresher.join()
-        databases = list(self.clients)
-        self.refreshed_at = time.monotonic()
         if force:
-            self.refresh_databases(databases, unless_within_s=None)
-        else:
-            self.refresher = threading.Thread(target=self.refresh_databases, args=(databases, self.aggregate_interval_s),
-                                              name="clickhouse-refresh", daemon=True)
-            self.refresher.start()
+            self.refresh_idle.wait()
+            self.refresh_databases(list(self.clients), unless_within_s=None)
+        elif self.refresh_idle.is_set():
+            self.refresh_idle.clear()
+            self.pending = list(self.clients)
+            if self.refresher is None:
+                self.refresher = threading.Thread(target=self.refresh_periodically, name="clickhouse-refresh",
+                                                  daemon=True)
+                self.refresher.start()
+            self.refresh_due.set()
+        self.refreshed_at = time.monotonic()
+
+    def refresh_periodically(self) -> None:
+        while True:
+            self.refresh_due.wait()
+            self.refresh_due.clear()
+            try:
+                self.refresh_databases(self.pending, unless_within_s=self.aggregate_interval_s)
+            finally:
+                self.refresh_idle.set()
 
     def refresh_databases(self, databases: list[str], unless_within_s: float | None) -> None:
         for database in databases:

@@ -64,3 +64,33 @@ def test_another_path_closes_every_threads_handle_of_the_first_and_both_open_aga
         assert second.rows("SELECT v FROM default.t") == [(2,)]
     finally:
         close_chdb()
+
+
+def test_inserts_of_a_process_take_turns(tmp_path):
+    """An insert that a materialized view makes last 2 s, and meanwhile another from a second
+    thread: the second finishes after the first (each insert's block is chdb's memory peak)."""
+    import pyarrow as pa
+
+    client = ClickHouse(f"chdb://{tmp_path / 'db'}", "turns")
+    try:
+        client.migrate()
+        client.execute("CREATE TABLE turns.slow (n UInt8) ENGINE = MergeTree ORDER BY n")
+        client.execute("CREATE TABLE turns.slow_sink (n UInt8, s UInt8) ENGINE = MergeTree ORDER BY n")
+        client.execute("CREATE MATERIALIZED VIEW turns.slow_view TO turns.slow_sink "
+                       "AS SELECT n, sleepEachRow(1) AS s FROM turns.slow")
+        finished: list[str] = []
+
+        def insert_slowly() -> None:
+            client.insert("slow", pa.table({"n": pa.array([1, 2], pa.uint8())}))
+            finished.append("slow")
+
+        slow = threading.Thread(target=insert_slowly)
+        slow.start()
+        while client.rows("SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO turns.slow %'") != [(1,)]:
+            assert slow.is_alive()
+        client.insert("events", to_table(events(10)))
+        finished.append("events")
+        slow.join()
+    finally:
+        close_chdb()
+    assert finished == ["slow", "events"]

@@ -328,10 +328,10 @@ def test_inserts_go_on_while_a_periodic_refresh_runs_and_close_waits_for_it(tmp_
             assert not writing.is_alive(), "a batch waited for the refresh"
             assert refreshing.wait(30)
         (stored,), = ClickHouse(writer.url, "bg").rows("SELECT count() FROM bg.events FINAL")
-        assert stored == 40 and writer.refresher.is_alive()
+        assert stored == 40 and not writer.refresh_idle.is_set()
         release.set()
         writer.close()  # waits for the periodic refresh, then refreshes what came after it
-        assert not writer.refresher.is_alive()
+        assert writer.refresh_idle.is_set()
         (requests,), = ClickHouse(writer.url, "bg").rows("SELECT sum(requests) FROM bg.usage_daily FINAL")
     finally:
         release.set()
