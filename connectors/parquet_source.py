@@ -201,5 +201,7 @@ class ParquetSource(FixedPartitionedSource[dict, tuple[str, int] | None]):
         return [ALL_REGIONS] if self._files() else []
 
     def build_part(self, step_id: str, for_part: str, resume_state: tuple[str, int] | None) -> _FilesPartition:
-        files = sorted(self._files(), key=lambda pair: read_order(pair[1]))  # the one part: ALL_REGIONS
+        if for_part != ALL_REGIONS:  # a part of an older layout (one per region) in a recovery store
+            raise ValueError(f"replay reads one source partition, {ALL_REGIONS!r}, not {for_part!r}")
+        files = sorted(self._files(), key=lambda pair: read_order(pair[1]))
         return _FilesPartition(files, self._batch_size, resume_state, self._floor)

@@ -63,8 +63,14 @@ def error_summary(text: str) -> dict[str, str | None]:
     return {"error_code": code.group(1) if code else None, "error_name": name.group(1) if name else None}
 
 
+STOP_GRACE_S = 60
+"""How long a stopping host waits for the requests under way before it closes chdb."""
+SEND_TIMEOUT_S = 60
+
+
 class Stopping(Exception):
-    """A request arrived after the host began to stop: its connection is closed unanswered."""
+    """The host began to stop: a request that arrives now has its connection closed unanswered,
+    and an exclusive block still waiting for its turn is refused."""
 
 
 class Host:
@@ -102,11 +108,13 @@ class Host:
                 self.running -= 1
                 self.state.notify_all()
 
-    def close(self) -> None:
-        """Close chdb once the requests that run now have finished; later ones are refused."""
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Close chdb once the requests that run now have finished, or after grace_s; later
+        ones are refused."""
         with self.state:
             self.stopping = True
-            self.state.wait_for(lambda: self.running == 0)
+            if not self.state.wait_for(lambda: self.running == 0, timeout=grace_s):
+                log.warning("chdb host stopping with requests unfinished", extra={"requests": self.running})
         close_chdb()
 
     def answer(self, op: int, sql: str, payload: memoryview, held: list[int]) -> bytes:
@@ -114,7 +122,9 @@ class Host:
         if op == OP_PING:
             return b""
         if op == OP_LOCK:
-            self.exclusive.acquire()
+            while not self.exclusive.acquire(timeout=1):  # a stopping host does not wait for a block
+                if self.stopping:
+                    raise Stopping("the chdb host is stopping")
             held.append(1)
             return b""
         if op == OP_UNLOCK:
@@ -234,6 +244,9 @@ def serve(url: str, socket_path: str, metrics_port: int | None = None, metrics_h
         while not stopping.is_set():
             try:
                 conn, _address = listener.accept()
+                # A reply to a client that stopped reading fails instead of holding its request
+                # (and a stopping host) forever; reads wait as long as the client is idle.
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", SEND_TIMEOUT_S, 0))
             except OSError:
                 if stopping.is_set():
                     break

@@ -360,9 +360,9 @@ def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, s
     # refresh (`gatewatch bench refresh`, ops/bench/FINDINGS.md).
     starts = [start for _org, start, _user in keys]
     key_sql = ", ".join(f"({sql_string(org)}, {start}, {sql_string(user)})" for org, start, user in keys)
-    client.execute(template.format(
-        db=client.database, columns=_AGGREGATE_COLUMNS,
-        orgs=", ".join(sorted({sql_string(org) for org, _start, _user in keys})), low=min(starts), high=max(starts) + span_s, keys=key_sql))
+    orgs = ", ".join(sorted({sql_string(org) for org, _start, _user in keys}))
+    client.execute(template.format(db=client.database, columns=_AGGREGATE_COLUMNS, orgs=orgs, low=min(starts),
+                                   high=max(starts) + span_s, keys=key_sql))
 
 
 def recompute_model_days(client: "ClickHouse", org_days: list[tuple[str, int]]) -> None:

@@ -233,7 +233,13 @@ def test_sigterm_lets_the_running_statement_answer_then_the_host_stops(host):
     client = ClickHouse(host.url, DATABASE)
     answer: list = []
     long_running = running_in_background(client, 3, answer)
+    idle = HostSession(str(host.socket_path))  # a connection open before the stop
+    idle.ping()
     host.proc.send_signal(signal.SIGTERM)
+    with pytest.raises(HostGone):  # refused, not answered by an engine opened again
+        while True:
+            idle.ping()
+    assert long_running.is_alive()
     long_running.join()
     assert answer == [(0,)] * 3
     assert host.proc.wait(timeout=60) == 0

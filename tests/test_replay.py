@@ -405,6 +405,8 @@ def test_a_replay_source_resumes_at_the_row_it_snapshotted(live):
     assert resumed.snapshot() == FINISHED
     with pytest.raises(StopIteration):
         source.build_part("in", ALL_REGIONS, FINISHED).next_batch()
+    with pytest.raises(ValueError, match="one source partition"):  # a region's part, from an older recovery store
+        source.build_part("in", "eu", state)
 
 
 def test_a_finished_replay_run_again_with_its_recovery_dir_reads_nothing(live, tmp_path):

@@ -656,7 +656,7 @@ def stop_profilers(profilers: list[subprocess.Popen]) -> None:
 def stored_events(clickhouse: ClickHouseTarget, settings: Settings, root: Path, processes: int) -> int:
     """Distinct events in the events tables after the flows stopped: the server's, the chdb
     host's, or each flow process's own chdb database, opened here one after the other (a
-    process has one chdb session; opening the next closes the last): nothing lost on the way."""
+    process opens one chdb path at a time; opening the next closes the last): nothing lost on the way."""
     from sinks.clickhouse import ClickHouse, close_chdb
 
     database = settings.clickhouse.database

@@ -6,9 +6,10 @@ the flow's encoders: stored rows of the day so far, ingested ten minutes ago (ou
 refresh's look-back), then for each step new events of K users in one hour, and one refresh
 timed on the process's CPU clock (chdb's threads run in this process).
 
-At the brief's scale (1,000 events/s, a million users, 86 requests per user per day) a
-minute brings ~58,000 distinct (org, hour, user) keys, so one refresh a minute
-(clickhouse.aggregate_interval_s) costs the measured CPU per key times that.
+At the brief's scale (1,000 events/s, a million users) a refresh starts every
+clickhouse.aggregate_interval_s (60) and re-reads the keys of the traffic since the previous
+one started and REFRESH_OVERLAP_S (60) before: two minutes of events, ~113,000 distinct
+(org, hour, user) keys, each at the CPU per key measured at the largest step.
 """
 
 from __future__ import annotations
@@ -23,15 +24,18 @@ from pathlib import Path
 
 import click
 
-from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
+from ops.settings import Settings
+from sinks.clickhouse import REFRESH_OVERLAP_S, ClickHouse, close_chdb, refresh_aggregates
 
-BRIEF_EVENTS_PER_MINUTE = 60_000
+BRIEF_EVENTS_PER_S = 1_000
 BRIEF_USERS = 1_000_000
 
 
-def brief_keys_per_minute() -> int:
-    """Distinct users in a minute of the brief's traffic, each event from a user drawn at random."""
-    return round(BRIEF_USERS * (1 - math.exp(-BRIEF_EVENTS_PER_MINUTE / BRIEF_USERS)))
+def brief_keys_per_refresh(interval_s: float) -> int:
+    """Distinct users in the traffic one refresh re-reads at the brief's rate (its interval and
+    the overlap), each event from a user drawn at random."""
+    events = BRIEF_EVENTS_PER_S * (interval_s + REFRESH_OVERLAP_S)
+    return round(BRIEF_USERS * (1 - math.exp(-events / BRIEF_USERS)))
 
 
 def insert_events(client: ClickHouse, rows: int, users: int, orgs: int, first_id: int, ingested_ago_s: int,
@@ -73,14 +77,15 @@ def run_refresh_bench(stored_rows: int, key_steps: list[int], orgs: int, root: P
               file=sys.stderr, flush=True)
     (events,), = client.rows(f"SELECT count() FROM {client.database}.events FINAL")
     (requests,), = client.rows(f"SELECT sum(requests) FROM {client.database}.usage_daily FINAL")
-    largest = steps[-1]
-    brief_keys = brief_keys_per_minute()
-    cpu_per_minute = largest["cpu_us_per_key"] * brief_keys / 1e6
+    largest = max(steps, key=lambda step: step["keys_recomputed"])
+    interval_s = Settings().clickhouse.aggregate_interval_s
+    brief_keys = brief_keys_per_refresh(interval_s)
+    cpu_per_refresh = largest["cpu_us_per_key"] * brief_keys / 1e6
     return {"stored_rows": stored_rows, "orgs": orgs, "steps": steps,
             "events_stored": int(events), "requests_in_daily_aggregates": int(requests),
-            "projection": {"keys_per_minute_at_brief": brief_keys,
-                           "refresh_cpu_s_per_minute_at_brief": round(cpu_per_minute, 2),
-                           "share_of_one_core_at_brief": round(cpu_per_minute / 60, 3)}}
+            "projection": {"aggregate_interval_s": interval_s, "keys_per_refresh_at_brief": brief_keys,
+                           "refresh_cpu_s_at_brief": round(cpu_per_refresh, 2),
+                           "share_of_one_core_at_brief": round(cpu_per_refresh / interval_s, 3)}}
 
 
 @click.command("refresh")
@@ -92,7 +97,15 @@ def run_refresh_bench(stored_rows: int, key_steps: list[int], orgs: int, root: P
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Keep the database here.")
 def refresh(stored_rows: int, key_steps: str, orgs: int, data_dir: str | None) -> None:
     """CPU of one aggregate refresh by keys recomputed (progress on stderr, JSON on stdout)."""
-    steps = [int(step) for step in key_steps.split(",")]
+    try:
+        steps = [int(step) for step in key_steps.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"comma-separated whole numbers, got {key_steps!r}", param_hint="--keys") from None
+    if min(steps) < 1:
+        raise click.BadParameter("every step recomputes at least one key", param_hint="--keys")
+    if data_dir and Path(data_dir).exists() and any(Path(data_dir).iterdir()):
+        raise click.BadParameter("must be a new or empty directory: the bench counts what it stores",
+                                 param_hint="--data-dir")
     root = Path(data_dir or tempfile.mkdtemp(prefix="gatewatch-refresh-")).resolve()
     try:
         report = run_refresh_bench(stored_rows, steps, orgs, root)
