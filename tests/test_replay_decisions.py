@@ -14,7 +14,7 @@ from decimal import Decimal
 
 import pyarrow.parquet as pq
 
-from connectors.parquet_source import ParquetSource
+from connectors.parquet_source import ALL_REGIONS, ParquetSource
 from dataflows.state import ADJUSTED, COUNTED, DEAD_LETTERED, UserWindows, WindowLogic, WindowTotals
 from ops.settings import Settings
 from sinks.billing import billing_event, latest_versions
@@ -79,7 +79,7 @@ def bills(outputs: list[tuple[str, object]]) -> list[dict]:
 def replayed_bills(store: ParquetStore) -> list[dict]:
     """The billing events of the replay's windows over everything the source reads."""
     source = ParquetSource([store], DAY, date(2026, 3, 2), batch_size=2)
-    part = source.build_part("in", "us", None)
+    part = source.build_part("in", ALL_REGIONS, None)
     logic = windows(Clock(), record_decisions=False)
     outputs = []
     while True:
