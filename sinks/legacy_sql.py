@@ -32,6 +32,8 @@ LEGACY_SKIPPED = {
                                "the events table on this server"),
     "100_events_compact_parts": ("compact parts need ClickHouse 20.3 or newer; this server writes every part "
                                  "wide"),
+    "110_events_vertical_merges": ("part format settings need ClickHouse 20.3 or newer; this server merges "
+                                   "as it always has"),
 }
 """Migrations a legacy server cannot run, with the reason logged when one is skipped."""
 

@@ -65,3 +65,29 @@ def test_events_parts_are_compact_and_duplicates_read_once_with_final(tmp_path):
     assert rows_stored == len(first) + len(retried) and before_merge == expected
     assert after_merge == expected and rows_merged == 4000
     assert merged_parts == [("Compact",)]
+
+
+def test_inserts_stay_compact_and_a_large_merge_writes_a_wide_part(tmp_path):
+    """Migration 110: the flow's inserts (at most clickhouse.max_rows) stay Compact, and a merge
+    past 32 MiB and 25,000 rows writes Wide, which ClickHouse may merge column by column."""
+    blocks = [events_with_texts(10_000, offset_base=n * 10_000) for n in range(3)]
+    for n, block in enumerate(blocks):
+        for m, event in enumerate(block):
+            event["event_id"] = f"wide-{n}-{m}"
+    clickhouse = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "wide")
+    try:
+        assert "110_events_vertical_merges" in clickhouse.migrate()
+        clickhouse.execute("SYSTEM STOP MERGES wide.events")
+        for block in blocks:
+            clickhouse.insert_events(block)
+        inserted = clickhouse.rows("SELECT part_type FROM system.parts "
+                                   "WHERE database = 'wide' AND table = 'events' AND active")
+        clickhouse.execute("SYSTEM START MERGES wide.events")
+        clickhouse.execute("OPTIMIZE TABLE wide.events FINAL")
+        merged = clickhouse.rows("SELECT part_type, rows FROM system.parts "
+                                 "WHERE database = 'wide' AND table = 'events' AND active")
+        (distinct,), = clickhouse.rows("SELECT count() FROM wide.events FINAL")
+    finally:
+        close_chdb()
+    assert inserted == [("Compact",)] * 3
+    assert merged == [("Wide", 30_000)] and distinct == 30_000
