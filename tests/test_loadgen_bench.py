@@ -105,9 +105,10 @@ def test_generated_events_mix_schema_v1_and_v2_and_expect_their_reasoning_tokens
 
 
 @pytest.mark.integration
-def test_bench_e2e_prints_its_table_and_json():
-    result = run_cli("bench", "e2e", "--rate", "200", "--duration", "3")
+def test_bench_e2e_prints_its_table_and_json(tmp_path):
+    result = run_cli("bench", "e2e", "--rate", "200", "--duration", "3", env={"TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
+    assert list(tmp_path.glob("gatewatch-bench-*")) == []  # a run without --keep leaves no data behind
     report = json.loads(result.stdout.splitlines()[-1])
     for key in ("sustained_events_per_s", "freshness_p50_s", "freshness_p99_s", "max_lag", "peak_rss_mb",
                 "cpu_s_per_1000_events"):

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -470,6 +471,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             flow.stop()
         for service in reversed(started):
             service.stop()
+        if keep is None and sys.exc_info()[0] is None:  # a failed run's logs stay for its message
+            shutil.rmtree(root, ignore_errors=True)  # its broker data, databases and raw files
 
 
 def server_figures(flow: Flow, server_per_event: float, total_per_event: float, unit: str,
