@@ -12,8 +12,8 @@ runs this module in a fresh interpreter: the host imports chdb, prometheus_clien
 standard library, never pyarrow (Arrow IPC bytes pass through untouched), so its resident
 set is chdb's code and heap and a bare interpreter. One thread and one chdb handle per
 connection: the statements of different connections run in parallel, except inserts, which
-take turns (Host.insert_turn says why). Prometheus metrics on --metrics-port; JSON logs on
-stderr, one request_id per request.
+take turns (sinks.chdb_session.insert_turn says why). Prometheus metrics on --metrics-port;
+JSON logs on stderr, one request_id per request.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from ops.logs import configure as configure_logs
 from sinks.chdb_host import (OP_EXECUTE, OP_INSERT, OP_LOCK, OP_NAMES, OP_PING, OP_QUERY, OP_UNLOCK, STATUS_ERROR,
                              STATUS_OK, HostGone, HostSession, decode_request, host_url, recv_frame,
                              send_frame)
-from sinks.chdb_session import chdb_location, chdb_session, close_chdb, close_thread_chdb
+from sinks.chdb_session import chdb_location, chdb_session, close_chdb, close_thread_chdb, insert_turn
 
 log = logging.getLogger("ops.chdb_host")
 
@@ -85,10 +85,6 @@ class Host:
         """Held from a connection's OP_LOCK to its OP_UNLOCK (or its end): exclusive blocks
         (migrations) run one at a time. Statements outside one are not held up, as on a
         ClickHouse server, which gives writers no exclusion either."""
-        self.insert_turn = threading.Lock()
-        """Held by the insert that runs: each insert's block sets the host's memory peak
-        (~290 MB of transient heap for a 20,000-row block, on top of the 600 MB and more the
-        host already holds), so two at once would raise the peak. Queries run beside it."""
         self.running = 0
         self.stopping = False
         self.state = threading.Condition()
@@ -139,7 +135,7 @@ class Host:
         if op == OP_QUERY:
             return session.query(sql, bytes(payload).decode()).bytes()
         if op == OP_INSERT:
-            with self.insert_turn, session.send_insert(sql, "ArrowStream") as stream:
+            with insert_turn, session.send_insert(sql, "ArrowStream") as stream:
                 stream.append(payload)
                 stream.finish()
             return b""

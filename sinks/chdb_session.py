@@ -32,7 +32,8 @@ threads go on meanwhile, as on a server."""
 insert_turn = threading.Lock()
 """Held by the insert that runs on the process's chdb: each insert's block sets chdb's memory
 peak (~290 MB of transient heap for a 20,000-row block, ops/bench/FINDINGS.md), so the inserts
-of a process's workers (`-w N`) take turns, as the chdb host's do; queries run beside them."""
+of a process's workers (`-w N`), and of a chdb host's connections, take turns; queries run
+beside them."""
 
 CHDB_SESSION_SETTINGS: dict[str, str] = {}
 """Server settings of every embedded session unless its URL says otherwise. Empty: chdb's

@@ -13,7 +13,6 @@ import threading
 from pathlib import Path
 from urllib.request import urlopen
 
-import pyarrow as pa
 import pytest
 
 from ops.chdb_host import RunningHost, error_summary, start_host, wait_until_serving
@@ -24,7 +23,7 @@ from sinks.chdb_host import OP_PING, HostGone, HostSession, HostStatementError, 
 from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, to_table
 from sinks.retry import write_with_retries
 from tests.processes import REPO, run_cli
-from tests.test_chdb_session import running_in_background
+from tests.test_chdb_session import finishing_order_beside_a_slow_insert, running_in_background
 from tests.test_clickhouse_insert import events
 
 DATABASE = "hosted"
@@ -106,28 +105,11 @@ def test_threads_of_one_process_insert_and_read_while_another_runs_a_long_statem
 
 
 def test_inserts_take_turns_on_the_host(host):
-    """An insert that a materialized view makes last 2 s, and meanwhile another: the second
-    finishes after the first (queries run beside an insert, as the test above shows)."""
+    """A second insert waits for the one running (queries run beside an insert, as the test
+    above shows)."""
     client = ClickHouse(host.url, DATABASE)
     client.migrate()
-    client.execute(f"CREATE TABLE {DATABASE}.slow (n UInt8) ENGINE = MergeTree ORDER BY n")
-    client.execute(f"CREATE TABLE {DATABASE}.slow_sink (n UInt8, s UInt8) ENGINE = MergeTree ORDER BY n")
-    client.execute(f"CREATE MATERIALIZED VIEW {DATABASE}.slow_view TO {DATABASE}.slow_sink "
-                   f"AS SELECT n, sleepEachRow(1) AS s FROM {DATABASE}.slow")
-    finished: list[str] = []
-
-    def insert_slowly() -> None:
-        client.insert("slow", pa.table({"n": pa.array([1, 2], pa.uint8())}))
-        finished.append("slow")
-
-    slow = threading.Thread(target=insert_slowly)
-    slow.start()
-    while client.rows(f"SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO {DATABASE}.slow %'") != [(1,)]:
-        assert slow.is_alive()
-    client.insert("events", to_table(batch(0, 10, 1)))
-    finished.append("events")
-    slow.join()
-    assert finished == ["slow", "events"]
+    assert finishing_order_beside_a_slow_insert(client, to_table(batch(0, 10, 1))) == ["slow", "events"]
 
 
 def test_a_refused_statement_is_chdbs_error_and_the_connection_goes_on(host):

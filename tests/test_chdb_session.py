@@ -66,31 +66,38 @@ def test_another_path_closes_every_threads_handle_of_the_first_and_both_open_aga
         close_chdb()
 
 
-def test_inserts_of_a_process_take_turns(tmp_path):
-    """An insert that a materialized view makes last 2 s, and meanwhile another from a second
-    thread: the second finishes after the first (each insert's block is chdb's memory peak)."""
+def finishing_order_beside_a_slow_insert(client: ClickHouse, rows) -> list[str]:
+    """An insert that a materialized view makes last 2 s on a thread of its own, and meanwhile
+    an insert of rows into events on this one: the order the two finished in."""
     import pyarrow as pa
 
+    database = client.database
+    client.execute(f"CREATE TABLE {database}.slow (n UInt8) ENGINE = MergeTree ORDER BY n")
+    client.execute(f"CREATE TABLE {database}.slow_sink (n UInt8, s UInt8) ENGINE = MergeTree ORDER BY n")
+    client.execute(f"CREATE MATERIALIZED VIEW {database}.slow_view TO {database}.slow_sink "
+                   f"AS SELECT n, sleepEachRow(1) AS s FROM {database}.slow")
+    finished: list[str] = []
+
+    def insert_slowly() -> None:
+        client.insert("slow", pa.table({"n": pa.array([1, 2], pa.uint8())}))
+        finished.append("slow")
+
+    slow = threading.Thread(target=insert_slowly)
+    slow.start()
+    while client.rows(f"SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO {database}.slow %'") != [(1,)]:
+        assert slow.is_alive()
+    client.insert("events", rows)
+    finished.append("events")
+    slow.join()
+    return finished
+
+
+def test_inserts_of_a_process_take_turns(tmp_path):
+    """Each insert's block is chdb's memory peak: a second thread's insert waits for the first."""
     client = ClickHouse(f"chdb://{tmp_path / 'db'}", "turns")
     try:
         client.migrate()
-        client.execute("CREATE TABLE turns.slow (n UInt8) ENGINE = MergeTree ORDER BY n")
-        client.execute("CREATE TABLE turns.slow_sink (n UInt8, s UInt8) ENGINE = MergeTree ORDER BY n")
-        client.execute("CREATE MATERIALIZED VIEW turns.slow_view TO turns.slow_sink "
-                       "AS SELECT n, sleepEachRow(1) AS s FROM turns.slow")
-        finished: list[str] = []
-
-        def insert_slowly() -> None:
-            client.insert("slow", pa.table({"n": pa.array([1, 2], pa.uint8())}))
-            finished.append("slow")
-
-        slow = threading.Thread(target=insert_slowly)
-        slow.start()
-        while client.rows("SELECT count() FROM system.processes WHERE query LIKE 'INSERT INTO turns.slow %'") != [(1,)]:
-            assert slow.is_alive()
-        client.insert("events", to_table(events(10)))
-        finished.append("events")
-        slow.join()
+        finished = finishing_order_beside_a_slow_insert(client, to_table(events(10)))
     finally:
         close_chdb()
     assert finished == ["slow", "events"]
