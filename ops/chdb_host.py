@@ -36,6 +36,7 @@ from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from ops.allocators import HOST_ALLOCATOR_ENV, malloc_report
 from ops.logs import configure as configure_logs
 from sinks.chdb_host import (OP_EXECUTE, OP_INSERT, OP_LOCK, OP_NAMES, OP_PING, OP_QUERY, OP_UNLOCK, STATUS_ERROR,
                              STATUS_OK, HostGone, HostSession, decode_request, host_url, recv_frame,
@@ -235,7 +236,7 @@ def serve(url: str, socket_path: str, metrics_port: int | None = None, metrics_h
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("chdb host ready", extra={"socket": socket_path, "database_dir": host.path, "pid": os.getpid(),
-                                        "metrics_port": metrics_port})
+                                        "metrics_port": metrics_port, **malloc_report()})
     try:
         while not stopping.is_set():
             try:
@@ -262,10 +263,8 @@ def host_command(url: str, socket_path: str | Path, metrics_port: int | None = N
 
 
 def host_env(env: dict[str, str]) -> dict[str, str]:
-    """env with the jemalloc settings a flow process gets for its chdb (ops.launch), unless set."""
-    from ops.launch import CHDB_JEMALLOC
-
-    return {"JE_MALLOC_CONF": CHDB_JEMALLOC, **env}
+    """env with the host's allocator settings (ops.allocators) where it sets none of its own."""
+    return {**HOST_ALLOCATOR_ENV, **env}
 
 
 @dataclass

@@ -33,6 +33,7 @@ from dataflows.feedback import build_flow as build_feedback
 from dataflows.ingest import build_flow as build_ingest
 from dataflows.replay import build_flow as build_replay_flow
 from ops import metrics
+from ops.allocators import CHDB_JEMALLOC, FLOW_ALLOCATOR_ENV, malloc_report
 from ops.cluster import check_environment
 from ops.logs import configure as configure_logs
 from ops.recovery import init_recovery
@@ -56,34 +57,12 @@ def build_replay(settings: Settings, first: date, last: date, region: str | None
     return build_replay_flow(settings, first, last, region)
 
 
-CHDB_JEMALLOC = "dirty_decay_ms:0,muzzy_decay_ms:0"
-"""Embedded ClickHouse (chdb) allocates through its own jemalloc, which keeps freed pages
-5 s without a background thread to return them: ~100 MB more resident per flow process
-after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb loads; the
-operator's own JE_MALLOC_CONF wins."""
-
-
-FLOW_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", "MALLOC_ARENA_MAX": "2",
-                      "MALLOC_MMAP_THRESHOLD_": "131072"}
-"""Allocator settings of a flow process, read when the process starts (so they go through
-process_env, not os.environ of the flow itself); the operator's own values win.
-- Arrow's default pool (mimalloc) kept ~140 MB resident in a flow process whose Arrow data was
-  under 90 MB; on glibc's malloc the freed blocks go back.
-- A fixed mmap threshold: blocks of 128 KB and more (Arrow's columns, Parquet buffers) are
-  mapped and unmapped, not left in the heap; glibc otherwise raises the threshold after the
-  first large free, and later large blocks stay resident.
-- Two arenas, not eight per core: librdkafka, chdb and Bytewax run dozens of threads.
-Measured in ops/bench/FINDINGS.md (resident memory, fifth pass)."""
-
-
 def allocator_report() -> dict[str, str | None]:
     """What this process's allocators are, read inside it: logged at start-up so an operator
     (and a test) can see that FLOW_ALLOCATOR_ENV took effect."""
     import pyarrow as pa
 
-    return {"arrow_pool": pa.default_memory_pool().backend_name,
-            **{name.lower().strip("_"): os.environ.get(name)
-               for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "JE_MALLOC_CONF")}}
+    return {"arrow_pool": pa.default_memory_pool().backend_name, **malloc_report()}
 
 
 def from_environment(flow: str) -> Dataflow:

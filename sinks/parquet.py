@@ -150,7 +150,7 @@ def to_table(events: list[dict]) -> pa.Table:
     built faster. from_pylist walks every event once per column, 38 dict visits per event, each
     cold in a flow process's heap (~40 % of its time in a py-spy profile of a drain); as one
     struct array Arrow reads each event's fields in one visit. On the system pool (a flow
-    process's, ops.launch.FLOW_ALLOCATOR_ENV) the long texts are built apart (text_array)."""
+    process's, ops.allocators.FLOW_ALLOCATOR_ENV) the long texts are built apart (text_array)."""
     texts_apart = pa.default_memory_pool().backend_name == "system"
     fields = NON_TEXT_FIELDS if texts_apart else EVENT_FIELDS
     columns = dict(zip(fields.names, pa.array(events, fields).flatten()))

@@ -15,6 +15,7 @@ from urllib.request import urlopen
 
 import pytest
 
+from ops.allocators import HOST_ALLOCATOR_ENV
 from ops.chdb_host import RunningHost, error_summary, start_host, wait_until_serving
 from ops.cluster import ClusterError, check_cluster, check_environment
 from ops.dev.services import free_port
@@ -259,9 +260,12 @@ def test_the_host_serves_metrics(host):
 def test_the_cli_host_is_a_lean_process_that_maps_chdb_and_not_pyarrow(tmp_path):
     """`gatewatch chdb-host` replaces the CLI's interpreter (which imports pyarrow) with the host's."""
     sock = tmp_path / "cli.sock"
+    # The operator's own MALLOC_ARENA_MAX wins; the host's other allocator settings fill in.
+    env = {**{name: value for name, value in os.environ.items() if name not in HOST_ALLOCATOR_ENV},
+           "MALLOC_ARENA_MAX": "4"}
     with open(tmp_path / "cli.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "chdb-host", "--url", f"chdb://{tmp_path / 'db'}",
-                                 "--socket", str(sock)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+                                 "--socket", str(sock)], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=log)
     try:
         wait_until_serving(proc, str(sock), tmp_path / "cli.log", 60)
         ClickHouse(host_url(sock), DATABASE).migrate()
@@ -269,8 +273,10 @@ def test_the_cli_host_is_a_lean_process_that_maps_chdb_and_not_pyarrow(tmp_path)
                      .splitlines() if "/" in line}
         assert any("chdb" in name for name in libraries)
         assert not any("arrow" in name for name in libraries), sorted(n for n in libraries if "arrow" in n)
-        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
-        assert b"JE_MALLOC_CONF=dirty_decay_ms:0,muzzy_decay_ms:0" in environ
+        ready = next(json.loads(line) for line in (tmp_path / "cli.log").read_text().splitlines()
+                     if '"chdb host ready"' in line)  # read inside the host, not our variables read back
+        assert (ready["malloc_arena_max"], ready["malloc_mmap_threshold"], ready["je_malloc_conf"]) == (
+            "4", "131072", "dirty_decay_ms:0,muzzy_decay_ms:0")
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0

@@ -1,0 +1,37 @@
+"""Allocator settings of the processes gatewatch starts (flows, the chdb host), read by each
+process when it starts: they go into the environment it is started with, and the operator's
+own values win. No imports beyond the standard library: the chdb host reads them too."""
+
+from __future__ import annotations
+
+import os
+
+CHDB_JEMALLOC = "dirty_decay_ms:0,muzzy_decay_ms:0"
+"""Embedded ClickHouse (chdb) allocates through its own jemalloc, which keeps freed pages
+5 s without a background thread to return them: ~100 MB more resident per flow process
+after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb loads."""
+
+GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
+"""glibc's malloc in every process gatewatch starts:
+- A fixed mmap threshold: blocks of 128 KB and more (Arrow's columns, Parquet buffers, the
+  chdb host's insert frames of up to ~20 MB) are mapped and unmapped, not left in the heap;
+  glibc otherwise raises the threshold after the first large free, and later large blocks
+  stay resident: ~100 MB in the chdb host, one frame per connection thread's arena.
+- Two arenas, not eight per core: librdkafka, chdb and Bytewax run dozens of threads.
+Measured in ops/bench/FINDINGS.md (resident memory, fifth pass; the chdb host's allocators)."""
+
+FLOW_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", **GLIBC_MALLOC_ENV}
+"""A flow process's allocators: GLIBC_MALLOC_ENV, and Arrow on glibc's malloc. Arrow's default
+pool (mimalloc) kept ~140 MB resident in a flow process whose Arrow data was under 90 MB; on
+glibc's malloc the freed blocks go back."""
+
+HOST_ALLOCATOR_ENV = {"JE_MALLOC_CONF": CHDB_JEMALLOC, **GLIBC_MALLOC_ENV}
+"""The chdb host's allocators: chdb's jemalloc as in a flow, and GLIBC_MALLOC_ENV for the
+Python side that receives each insert's Arrow bytes."""
+
+
+def malloc_report() -> dict[str, str | None]:
+    """The malloc settings this process runs on, read inside it: logged at start-up so an
+    operator (and a test) can see that the settings took effect."""
+    return {name.lower().strip("_"): os.environ.get(name)
+            for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "JE_MALLOC_CONF")}
