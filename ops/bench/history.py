@@ -31,6 +31,7 @@ import click
 import redis
 
 from dataflows.state import UserWindows, WindowLogic
+from ops.bench import brief
 from ops.dev.loadgen import make_event
 from ops.dev.services import start_redis
 from ops.settings import PricingSettings
@@ -265,7 +266,7 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
         server.stop()
 
 
-def projection(report: dict, events_per_day: float = 86e6, active_users: float = 1e6) -> dict:
+def projection(report: dict, events_per_day: float = brief.EVENTS_PER_DAY, active_users: float = brief.USERS) -> dict:
     """The brief's scale from the last day's per-user and per-event figures. With month bases
     Redis holds state for the users active in the last day or two, so its figure is per
     user active that day (at the brief's 86 requests per user per day, all 1M users are)."""

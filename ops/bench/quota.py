@@ -28,6 +28,7 @@ from typing import Callable
 import click
 import redis
 
+from ops.bench import brief
 from ops.bench.e2e import cpu_seconds
 from ops.dev import services
 from ops.dev.loadgen import MODELS
@@ -36,9 +37,8 @@ from sinks.quota import QuotaStore, keep_month_bases, periods, users_of_month
 
 ORGS = 7
 WINDOW_LENGTH_MS = 60_000
-PROJECTED_RATES = (1_000, 5_000)
+PROJECTED_RATES = (brief.EVENTS_PER_S, brief.PEAK_EVENTS_PER_S)
 """Events/s of the brief's scale; one window total per event."""
-PROJECTED_USERS = 1_000_000
 PROGRESS_EVERY_S = 2.0
 PASSES = ("first_of_day", "new_window", "next_flush")
 LABELS = {"first_of_day": "first of the day", "new_window": "new window", "next_flush": "next flush, same"}
@@ -217,7 +217,7 @@ def run_bench(url: str, redis_pid: int | None, totals: int, users: int, batch: i
     result.update({key: headline[key] for key in ("python_us_per_total", "redis_us_per_total", "totals_per_s")},
                   redis_used_memory_bytes=memory["next_flush"], redis_bytes_per_user=round(per_user, 1),
                   redis_bytes_per_window=round((memory["new_window"] - memory["first_of_day"]) / totals, 1),
-                  redis_gib_per_million_users=round(per_user * PROJECTED_USERS / 2**30, 3),
+                  redis_gib_per_million_users=round(per_user * brief.USERS / 2**30, 3),
                   requests_applied=sum(t["n"] for t in (*warmup, *first_of_day, *passes["next_flush"])),
                   bases_written=steps.bases_written, window_record_life_s=record_life_s)
     result["projection"] = projection(result["python_us_per_total"], result["redis_us_per_total"],
@@ -258,7 +258,7 @@ def render(result: dict) -> str:
     lines.append(f"  redis used_memory {result['redis_used_memory_bytes'] / 2**20:,.1f} MiB; "
                  f"{result['redis_bytes_per_user']:,.0f} bytes per user (its counters, first window"
                  f"{', base' if result['month_bases'] else ''}) -> {result['redis_gib_per_million_users']:.2f} GiB "
-                 f"for {PROJECTED_USERS:,} users; {result['redis_bytes_per_window']:,.0f} bytes per further window")
+                 f"for {brief.USERS:,} users; {result['redis_bytes_per_window']:,.0f} bytes per further window")
     if not result["redis_cpu_measured"]:
         lines.append("  redis CPU not measured: --redis-url names a server this bench did not start "
                      "(its process is not ours to read); Python only")

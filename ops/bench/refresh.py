@@ -24,18 +24,15 @@ from pathlib import Path
 
 import click
 
+from ops.bench import brief
 from ops.settings import Settings
 from sinks.clickhouse import REFRESH_OVERLAP_S, ClickHouse, close_chdb, refresh_aggregates
-
-BRIEF_EVENTS_PER_S = 1_000
-BRIEF_USERS = 1_000_000
-
 
 def brief_keys_per_refresh(interval_s: float) -> int:
     """Distinct users in the traffic one refresh re-reads at the brief's rate (its interval and
     the overlap), each event from a user drawn at random."""
-    events = BRIEF_EVENTS_PER_S * (interval_s + REFRESH_OVERLAP_S)
-    return round(BRIEF_USERS * (1 - math.exp(-events / BRIEF_USERS)))
+    events = brief.EVENTS_PER_S * (interval_s + REFRESH_OVERLAP_S)
+    return round(brief.USERS * (1 - math.exp(-events / brief.USERS)))
 
 
 def insert_events(client: ClickHouse, rows: int, users: int, orgs: int, first_id: int, ingested_ago_s: int,
