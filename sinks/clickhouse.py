@@ -183,12 +183,6 @@ class ClickHouse:
         self.insert("feedback", pa.Table.from_pylist(
             [{name: item.get(name) for name in FEEDBACK_SCHEMA.names} for item in feedback], FEEDBACK_SCHEMA))
 
-    def events_without_audit(self) -> int:
-        """Events stored without their audit row (should always be 0)."""
-        (missing,), = self.rows(f"SELECT count() FROM {self.database}.events FINAL "
-                                f"WHERE event_id NOT IN (SELECT event_id FROM {self.database}.audit_log)")
-        return int(missing)
-
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
         """Apply ops/migrations/*.sql not yet recorded; return the names applied now.
         On chdb a migration runs alone among migrations (sinks.chdb_session.migration_lock;

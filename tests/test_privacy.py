@@ -117,7 +117,7 @@ def test_export_then_forget_removes_one_user_and_nothing_else(regional, tmp_path
     found = gdpr.find(settings, subject)
     close_chdb()
     assert found.clickhouse[f"gw_{region}.events"] == count and sum(found.parquet.values()) == count
-    assert found.clickhouse[f"gw_{region}.audit_log"] == count and found.redis_keys
+    assert found.redis_keys
 
     exported = cli(env, "export", "--user", user, "--org", org, "--out", str(tmp_path / "export"))
     assert exported.returncode == 0, exported.stderr[-3000:]

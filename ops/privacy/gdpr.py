@@ -26,9 +26,10 @@ from sinks.clickhouse import (ClickHouse, org_months_of, period_keys, recompute_
 from sinks.parquet import ParquetStore
 from sinks.quota import PENDING_ALERTS_KEY, RECENT_PREFIX, RESTATE_KEY, recent_member_subject
 
-USER_TABLES = ("events", "audit_log", "feedback")
-"""Tables with a user_id column; every view is computed from events or the aggregates. All
-are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
+USER_TABLES = ("events", "feedback")
+"""Tables with a user_id column; every view (audit_log among them) is computed from events or
+the aggregates. Both are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged
+copies count twice."""
 AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
 """Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
 ROLLUP_TABLE = "usage_model_daily"
