@@ -312,9 +312,9 @@ def test_a_cluster_on_one_machine_may_write_through_a_host_and_chdb_is_refused_p
 
 @pytest.mark.integration
 def test_bench_e2e_through_a_host_stores_every_event_and_reports_the_hosts_share():
-    """Two flow processes write one database through one host."""
+    """Two flow processes write one database through one host: the default for several."""
     result = run_cli("bench", "e2e", "--backlog", "1500", "--processes", "2", "--partitions", "4",
-                     "--stages-sample", "200", "--clickhouse", "chdb-host")
+                     "--stages-sample", "200")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
     assert report["clickhouse"] == "chdb-host" and report["chdb_mapped_per_process"] == [False, False]
@@ -322,3 +322,5 @@ def test_bench_e2e_through_a_host_stores_every_event_and_reports_the_hosts_share
     assert 0 < report["host_cpu_us_per_event"] < report["cpu_us_per_event"]  # counted in the flow's
     assert report["host_peak_rss_mb"] > 100  # chdb's code alone is ~224 MB
     assert "one chdb host for every flow process" in result.stderr and "chdb host RSS" in result.stderr
+    # The host's own threads, apart from the flows': its connections' Python and chdb's.
+    assert "python" in report["host_thread_us_per_event"] and "host thread python" in result.stderr

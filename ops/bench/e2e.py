@@ -9,10 +9,12 @@ With --clickhouse server the flow processes write to one local clickhouse-server
 native protocol (as a deployment does) instead of each embedding chdb; the server's CPU is
 reported on its own and in the total, since it runs on the same cores.
 
-With --clickhouse chdb-host one chdb host process (ops/chdb_host.py) owns the one database
-and every flow process writes through it (chdb+unix://): the flows' chdb work moved out of
-them, so its CPU is counted in the flow's CPU per event (and shown on its own line), and
-its peak RSS is reported next to the flows'."""
+With --clickhouse chdb-host (the default for several processes, as in `gatewatch demo
+--processes N`) one chdb host process (ops/chdb_host.py) owns the one database and every
+flow process writes through it (chdb+unix://): the flows' chdb work moved out of them, so
+its CPU is counted in the flow's CPU per event (and shown on its own line, with its
+threads), and its peak RSS is reported next to the flows'. With --clickhouse chdb each
+process embeds a database of its own."""
 
 from __future__ import annotations
 
@@ -73,6 +75,14 @@ def cpu_seconds(pid: int) -> float:
         except FileNotFoundError:  # a thread that ended between the listing and the read
             continue
     return nanoseconds / 1e9
+
+
+def thread_figures(at_start: dict[str, float], at_end: dict[str, float], events: float) -> dict[str, float]:
+    """µs per event of each thread name between two threads_cpu readings, largest first
+    (names under 0.05 µs left out)."""
+    spent = {name: cpu - at_start.get(name, 0.0) for name, cpu in at_end.items()}
+    return {name: round(cpu / events * 1e6, 1) for name, cpu in sorted(spent.items(), key=lambda kv: -kv[1])
+            if cpu >= events * 5e-8}
 
 
 def threads_cpu(pids: list[int]) -> dict[str, float]:
@@ -194,6 +204,9 @@ class Flow:
     def services_cpu(self) -> dict[str, float]:
         """CPU seconds so far of each of `services`."""
         return {name: cpu_seconds(pid) for name, pid in self.services.items()}
+
+    def host_pids(self) -> list[int]:
+        return [self.host.pid] if self.host is not None else []
 
     def alive(self) -> bool:
         return all(proc.poll() is None for proc in self.processes) and (self.host is None or self.host.alive())
@@ -319,9 +332,10 @@ def loadgen(env: dict, rate: float, duration: float, status_file: Path, extra: l
 @click.option("--profile-dir", type=click.Path(file_okay=False),
               help="With --backlog: py-spy records each flow process (native frames, collapsed stacks) from the "
                    "first consumed events to the end of the drain, into flow-<i>.txt here.")
-@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default="chdb",
-              show_default=True,
-              help="Embedded chdb in each flow process, one chdb host process that every flow process writes "
+@click.option("--clickhouse", "clickhouse_kind", type=click.Choice(["chdb", "chdb-host", "server"]), default=None,
+              help="Default: chdb for one flow process, chdb-host for several (the layout of `gatewatch demo "
+                   "--processes N` and of a cluster on one machine). "
+                   "Embedded chdb in each flow process, one chdb host process that every flow process writes "
                    "through (chdb+unix://, `gatewatch chdb-host`: chdb's code and heap resident once, each flow "
                    "process ~500 MB; each connection's statements run in parallel, inserts take turns; "
                    "ops/bench/FINDINGS.md), or one local clickhouse-server over the "
@@ -336,6 +350,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         broker, keep, backlog, stages_sample, flow_target, profile_dir, clickhouse_kind, drain_timeout,
         chdb_settings) -> None:
     """Run loadgen and the ingest flow against a local broker, Redis and ClickHouse (embedded or a server)."""
+    clickhouse_kind = clickhouse_kind or ("chdb-host" if processes > 1 else "chdb")
     if chdb_settings and clickhouse_kind == "server":
         raise click.UsageError("--chdb-settings applies to --clickhouse chdb or chdb-host only")
     root = Path(keep or tempfile.mkdtemp(prefix="gatewatch-bench-")).resolve()
@@ -540,6 +555,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
                 cpu_at_start = list(flow.cpu_s)
                 host_cpu_at_start = flow.host_cpu_s
                 threads_at_start = threads_cpu([proc.pid for proc in flow.processes])
+                host_threads_at_start = threads_cpu(flow.host_pids())
                 services_before = flow.services_cpu()
                 if profile_dir is not None:
                     profilers = start_profilers(flow, profile_dir)
@@ -565,6 +581,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         steps_snap = flow.snapshot()
         steps_cpu, _ = flow.usage()
         threads_at_end = threads_cpu([proc.pid for proc in flow.processes])
+        host_threads_at_end = threads_cpu(flow.host_pids())
     finally:
         stop_profilers(profilers)
         flow.stop()
@@ -572,7 +589,7 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
     started_at, consumed_before, cpu_before, first, server_cpu_before = start
     if consumed_before >= done:  # drained before the first sample: charge start-up too
         started_at, consumed_before, cpu_before, first, server_cpu_before = launched, 0.0, 0.0, None, 0.0
-        threads_at_start = {}
+        threads_at_start = host_threads_at_start = {}
         cpu_at_start = [0.0] * processes
         host_cpu_at_start = 0.0
         services_before = services_at_launch
@@ -601,9 +618,9 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         "stage_us_per_event": {name: round(us, 2) for name, us in stages.items()},
         **flow_steps(first, steps_snap, steps_cpu - cpu_before, timed_events),
         # Same window as the steps: from the first sample with progress to the steps' last report.
-        "flow_thread_us_per_event": {name: round((spent - threads_at_start.get(name, 0.0)) / timed_events * 1e6, 1)
-                                     for name, spent in sorted(threads_at_end.items(), key=lambda kv: -kv[1])
-                                     if spent - threads_at_start.get(name, 0.0) >= timed_events * 5e-8},
+        "flow_thread_us_per_event": thread_figures(threads_at_start, threads_at_end, timed_events),
+        **({"host_thread_us_per_event": thread_figures(host_threads_at_start, host_threads_at_end, timed_events)}
+           if flow.host is not None else {}),
         "startup_cpu_s": round(cpu_before, 2),
         "full_gc_collections": int(full_gc_collections(snap) - (full_gc_collections(first) if first else 0)),
         "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
@@ -764,6 +781,8 @@ def step_rows(r: dict) -> list[tuple[str, str]]:
                                     "or the chdb host, metrics server)"),
              ("flow GC", f"{r['flow_gc_us_per_event']:.1f} µs per event (inside the steps above)")]
     rows += [(f"thread {name}", f"{us:g} µs per event") for name, us in r.get("flow_thread_us_per_event", {}).items()]
+    rows += [(f"host thread {name}", f"{us:g} µs per event")
+             for name, us in r.get("host_thread_us_per_event", {}).items()]
     return rows
 
 
