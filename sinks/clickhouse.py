@@ -294,9 +294,10 @@ def latest_rows(db: str, table: str, columns: tuple[str, ...], where: str) -> st
     return f"(SELECT {', '.join(key)}, {latest} FROM {db}.{table} WHERE {where} GROUP BY {', '.join(key)})"
 
 
-REFRESH_OVERLAP_S = 60
-"""Rows whose insert began before a refresh may commit after it read: each refresh looks
-this far before the previous one's start (recomputing a key twice changes nothing)."""
+REFRESH_MARGIN_S = 5
+"""How far before the previous refresh's watermark each refresh reads: an insert stamps
+ingested_at (now64(), its query's time) moments before system.processes shows it, and
+recomputing a key twice changes nothing."""
 
 
 def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000,
@@ -321,11 +322,11 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     if client.legacy:
         return 0
     db = client.database
-    (started,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
+    started, through = refresh_watermark(client)
     (since,), = client.rows(f"SELECT toUnixTimestamp64Milli(max(through)) FROM {db}.aggregate_progress")
     if since and unless_within_s is not None and int(started) - int(since) < unless_within_s * 1000:
         return 0
-    since_ms = max(0, int(since or 0) - REFRESH_OVERLAP_S * 1000) if since else 0
+    since_ms = max(0, int(since or 0) - REFRESH_MARGIN_S * 1000) if since else 0
     oldest_s = int(started) // 1000 - (raw_days - 1) * 86400
     touched = client.rows(
         f"SELECT DISTINCT org_id, toUnixTimestamp(toStartOfHour(event_time)), user_id FROM {db}.events "
@@ -344,8 +345,22 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     for at in range(0, len(org_months), chunk):
         recompute_model_months(client, org_months[at:at + chunk])
     client.execute(f"INSERT INTO {db}.aggregate_progress (name, through) "
-                   f"SELECT 'usage', fromUnixTimestamp64Milli(toInt64({int(started)}), 'UTC')")
+                   f"SELECT 'usage', fromUnixTimestamp64Milli(toInt64({through}), 'UTC')")
     return len(touched)
+
+
+def refresh_watermark(client: "ClickHouse") -> tuple[int, int]:
+    """(now, watermark) in epoch ms: every row ingested before the watermark is visible now.
+    A row of an insert still running is not visible yet, and its ingested_at is its query's
+    time, so the watermark is the start of the oldest insert into events that is running.
+    The next refresh reads from there (less REFRESH_MARGIN_S), not from a fixed minute
+    before: at the brief's rate, one minute more of traffic doubled the keys it recomputed
+    (`gatewatch bench refresh`). Inserts through another server (replicas) are not in this
+    server's process list."""
+    (now, oldest), = client.rows(
+        "SELECT toUnixTimestamp64Milli(now64(3)) AS now_ms, now_ms - toInt64(1000 * max(elapsed)) "
+        f"FROM system.processes WHERE query_kind = 'Insert' AND positionCaseInsensitive(query, '{client.database}.events') > 0")
+    return int(now), min(int(now), int(oldest))
 
 
 def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, str]], span_s: int) -> None:

@@ -12,6 +12,7 @@ import pytest
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from schemas.pricing import with_cost
+import sinks.clickhouse
 from sinks.clickhouse import AGGREGATE_KEYS, ClickHouse, close_chdb, latest_rows, refresh_aggregates
 
 HOUR_MS = 3_600_000
@@ -178,3 +179,39 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
     assert totals(clickhouse) == want(first)
     assert refresh_aggregates(clickhouse, unless_within_s=0) > 0
     assert totals(clickhouse) == want(first + second)
+
+
+
+def test_rows_of_an_insert_running_during_a_refresh_are_aggregated_by_the_next_one(clickhouse, monkeypatch):
+    monkeypatch.setattr(sinks.clickhouse, "REFRESH_MARGIN_S", 0)
+    check_a_running_insert_is_aggregated_by_the_next_refresh(clickhouse)
+
+
+def check_a_running_insert_is_aggregated_by_the_next_refresh(client: ClickHouse) -> None:
+    """A refresh's watermark stops at the oldest insert into events still running: its rows,
+    stamped at its start and visible only once it ends, are the next refresh's (run it with
+    REFRESH_MARGIN_S at 0: no margin catches them)."""
+    import threading
+
+    first = events(50, seed=21)
+    client.insert_events(first)
+    refresh_aggregates(client)
+    db = client.database
+    # Two rows at one second each: the insert is in system.processes for about 2 s.
+    slow = threading.Thread(target=client.execute, args=(
+        f"INSERT INTO {db}.events (event_id, request_id, event_time, user_id, org_id, model, input_tokens) "
+        f"SELECT concat('slow-', toString(number)), 'r', now64(3), 'slow-user', 'slow-org', 'm', 7 "
+        f"FROM numbers(2) WHERE sleepEachRow(1) = 0",))
+    slow.start()
+    deadline = time.monotonic() + 10
+    while not client.rows("SELECT count() FROM system.processes WHERE query_kind = 'Insert'")[0][0]:
+        assert time.monotonic() < deadline, "the slow insert never showed in system.processes"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    refresh_aggregates(client)  # while the insert runs: its rows are not visible yet
+    slow.join()
+    assert client.rows(f"SELECT count() FROM {db}.usage_daily FINAL WHERE org_id = 'slow-org'") == [(0,)]
+    refresh_aggregates(client)
+    assert client.rows(f"SELECT sum(requests), sum(input_tokens) FROM {db}.usage_daily FINAL "
+                       f"WHERE org_id = 'slow-org'") == [(2, 14)]
+    assert totals(client) == sorted(want(first) + [("slow-org", "slow-user", "m", 2, 0, 14, 0, 0, 0, Decimal(0))])

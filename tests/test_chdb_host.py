@@ -283,6 +283,18 @@ def test_the_cli_host_is_a_lean_process_that_maps_chdb_and_not_pyarrow(tmp_path)
     assert not sock.exists()  # a clean stop removes its socket
 
 
+
+def test_a_refresh_through_the_host_waits_for_an_insert_of_another_connection(host, monkeypatch):
+    """The host's process list shows every connection's inserts: a refresh's watermark
+    stops at another connection's running insert (sinks.clickhouse.refresh_watermark)."""
+    import sinks.clickhouse
+    from tests.test_aggregates import check_a_running_insert_is_aggregated_by_the_next_refresh
+
+    monkeypatch.setattr(sinks.clickhouse, "REFRESH_MARGIN_S", 0)
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    check_a_running_insert_is_aggregated_by_the_next_refresh(client)
+
 def test_a_second_host_on_a_live_socket_refuses_to_start(host):
     second = subprocess.run([sys.executable, "-m", "ops.chdb_host", "--url", f"chdb://{host.socket_path.parent}/x",
                              "--socket", str(host.socket_path)], cwd=REPO, capture_output=True, text=True,

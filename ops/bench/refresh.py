@@ -8,8 +8,9 @@ timed on the process's CPU clock (chdb's threads run in this process).
 
 At the brief's scale (1,000 events/s, a million users) a refresh starts every
 clickhouse.aggregate_interval_s (60) and re-reads the keys of the traffic since the previous
-one started and REFRESH_OVERLAP_S (60) before: two minutes of events, ~113,000 distinct
-(org, hour, user) keys, each at the CPU per key measured at the largest step.
+one's watermark and REFRESH_MARGIN_S (5) before: 65 s of events, ~63,000 distinct (org,
+hour, user) keys (a minute more, ~113,000, before the watermark), each at the CPU per key
+measured at the largest step.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ import click
 
 from ops.bench import brief
 from ops.settings import Settings
-from sinks.clickhouse import REFRESH_OVERLAP_S, ClickHouse, close_chdb, refresh_aggregates
+from sinks.clickhouse import REFRESH_MARGIN_S, ClickHouse, close_chdb, refresh_aggregates
 
 def brief_keys_per_refresh(interval_s: float) -> int:
     """Distinct users in the traffic one refresh re-reads at the brief's rate (its interval and
     the overlap), each event from a user drawn at random."""
-    events = brief.EVENTS_PER_S * (interval_s + REFRESH_OVERLAP_S)
+    events = brief.EVENTS_PER_S * (interval_s + REFRESH_MARGIN_S)
     return round(brief.USERS * (1 - math.exp(-events / brief.USERS)))
 
 
