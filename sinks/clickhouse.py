@@ -357,9 +357,10 @@ def refresh_watermark(client: "ClickHouse") -> tuple[int, int]:
     before: at the brief's rate, one minute more of traffic doubled the keys it recomputed
     (`gatewatch bench refresh`). Inserts through another server (replicas) are not in this
     server's process list."""
+    events = f"{client.database}.events"
     (now, oldest), = client.rows(
         "SELECT toUnixTimestamp64Milli(now64(3)) AS now_ms, now_ms - toInt64(1000 * max(elapsed)) "
-        f"FROM system.processes WHERE query_kind = 'Insert' AND positionCaseInsensitive(query, '{client.database}.events') > 0")
+        f"FROM system.processes WHERE query_kind = 'Insert' AND positionCaseInsensitive(query, '{events}') > 0")
     return int(now), min(int(now), int(oldest))
 
 

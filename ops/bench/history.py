@@ -266,7 +266,8 @@ def run_history(days: int, users: int, events_per_day: int, late_ratio: float, s
         server.stop()
 
 
-def projection(report: dict, events_per_day: float = brief.EVENTS_PER_DAY, active_users: float = brief.USERS) -> dict:
+def projection(report: dict, events_per_day: float = brief.EVENTS_PER_DAY,
+               active_users: float = brief.USERS) -> dict:
     """The brief's scale from the last day's per-user and per-event figures. With month bases
     Redis holds state for the users active in the last day or two, so its figure is per
     user active that day (at the brief's 86 requests per user per day, all 1M users are)."""
