@@ -48,6 +48,9 @@ STEP_CALLS = Counter("gatewatch_step_calls", "Calls Bytewax made to a flow step 
 STEP_ITEMS = Counter("gatewatch_step_items", "Items handed to a flow step (a source: items it returned)", ["step"])
 WORKER_CPU_SECONDS = Counter("gatewatch_worker_cpu_seconds",
                              "Thread CPU seconds of the flow's worker threads, up to their latest step call")
+AGGREGATE_KEYS = Counter("gatewatch_aggregate_keys", "(org, hour, user) keys the aggregate refreshes recomputed")
+AGGREGATE_REFRESH_SECONDS = Histogram("gatewatch_aggregate_refresh_seconds", "Duration of one aggregate refresh that ran",
+                                      buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 GC_CPU_SECONDS = Counter("gatewatch_gc_cpu_seconds", "Thread CPU seconds of CPython's cyclic GC collections")
 
 
@@ -98,7 +101,7 @@ configure_metrics(PrometheusMetrics(
     EVENTS, DLQ_RECORDS, DEDUPE_DROPS, LATE_EVENTS, TOKENS, QUOTA_ALERTS, SINK_WRITE_SECONDS, SINK_ROWS, SINK_ERRORS,
     SINK_RETRIES, SINK_REJECTED, DLQ_SPOOLED, SINK_UP, REDACTION_SECONDS, PII_ENTITIES, POLICY_FLAGS, CLASSIFICATIONS,
     REPLAY_FILES, REPLAY_ROWS, REPLAY_FLOOR_FILES, FRESHNESS_SECONDS, STEP_CPU_SECONDS, STEP_CALLS, STEP_ITEMS,
-    WORKER_CPU_SECONDS, GC_CPU_SECONDS))
+    WORKER_CPU_SECONDS, GC_CPU_SECONDS, AGGREGATE_KEYS, AGGREGATE_REFRESH_SECONDS))
 
 
 def serve(port: int | None, host: str = "127.0.0.1") -> int | None:

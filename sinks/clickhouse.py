@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from sinks.chdb_host import HOST_SCHEME, HostGone, host_session, host_socket
 from sinks.chdb_session import chdb_location, chdb_session, close_chdb, insert_turn, migration_lock  # noqa: F401 (close_chdb re-exported)
-from sinks.metrics import count_written, observe_freshness
+from sinks.metrics import count_written, observe_freshness, observe_refresh
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import TableRows, blocks_and_events, to_table
 from sinks.retry import Retry, row_error, write_isolating
@@ -663,8 +663,11 @@ class ClickHouseWriter:
             if database not in self.refresh_clients:
                 self.refresh_clients[database] = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
             client = self.refresh_clients[database]
-            self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days,
-                                                                           unless_within_s=unless_within_s))
+            started = time.monotonic()
+            keys = self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days,
+                                                                                  unless_within_s=unless_within_s))
+            if keys:
+                observe_refresh(keys, time.monotonic() - started)
 
     def __call__(self, batches: list[tuple[str, list]]) -> None:
         """Batches keyed by database: of EventBlocks (events, each block's table shared with

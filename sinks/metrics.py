@@ -59,6 +59,12 @@ def count_written(sink: str, rows: int) -> None:
     get_metrics().increment("gatewatch_sink_rows", rows, tags={"sink": sink})
 
 
+def observe_refresh(keys: int, seconds: float) -> None:
+    """One aggregate refresh that recomputed keys: how many (org, hour, user), in how long."""
+    get_metrics().increment("gatewatch_aggregate_keys", keys)
+    get_metrics().timing("gatewatch_aggregate_refresh_seconds", seconds)
+
+
 def observe_freshness(sink: str, times_ms: list[int], lateness_s: float) -> None:
     """Seconds from event time (or window end) until the sink acknowledged the write.
 

@@ -337,3 +337,45 @@ def test_inserts_go_on_while_a_periodic_refresh_runs_and_close_waits_for_it(tmp_
         release.set()
         close_chdb()
     assert requests == 40
+
+
+def test_each_refresh_that_recomputes_keys_reports_them_and_its_duration(tmp_path, monkeypatch):
+    import time
+
+    import sinks.clickhouse as clickhouse
+    from sinks import metrics
+
+    class Recorded(metrics.NoOpMetrics):
+        def __init__(self):
+            self.keys, self.seconds = [], []
+
+        def increment(self, name, value=1, tags=None):
+            if name == "gatewatch_aggregate_keys":
+                self.keys.append(value)
+
+        def timing(self, name, seconds, tags=None):
+            if name == "gatewatch_aggregate_refresh_seconds":
+                self.seconds.append(seconds)
+
+    recorded, returned = Recorded(), []
+    real_refresh = clickhouse.refresh_aggregates
+
+    def counted_refresh(client, *args, **kwargs):
+        returned.append(real_refresh(client, *args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(clickhouse, "refresh_aggregates", counted_refresh)
+    monkeypatch.setattr(metrics, "_backend", recorded)
+    now_ms = int(time.time() * 1000)
+    rows = [dict(event, event_id=f"keys-{n}", event_time=now_ms - n) for n, event in enumerate(events(30))]
+    writer = ClickHouseWriter(f"chdb://{tmp_path / 'chdb'}", retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30,
+                              aggregate_days=365, aggregate_interval_s=3600, lateness_s=60)
+    try:
+        writer([("keys", event_blocks(rows))])
+        writer.close()  # the forced refresh
+    finally:
+        close_chdb()
+    distinct = {(row["org_id"], row["event_time"] // 3_600_000, row["user_id"]) for row in rows}
+    assert returned and returned[-1] == len(distinct)
+    assert recorded.keys == [keys for keys in returned if keys] and len(recorded.seconds) == len(recorded.keys)
+    assert all(seconds > 0 for seconds in recorded.seconds)

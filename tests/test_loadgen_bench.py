@@ -106,7 +106,9 @@ def test_generated_events_mix_schema_v1_and_v2_and_expect_their_reasoning_tokens
 
 @pytest.mark.integration
 def test_bench_e2e_prints_its_table_and_json(tmp_path):
-    result = run_cli("bench", "e2e", "--rate", "200", "--duration", "3", env={"TMPDIR": str(tmp_path)})
+    # A refresh every second, so that the run's refreshes and their keys are reported.
+    result = run_cli("bench", "e2e", "--rate", "200", "--duration", "3",
+                     env={"TMPDIR": str(tmp_path), "GATEWATCH_CLICKHOUSE__AGGREGATE_INTERVAL_S": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert list(tmp_path.glob("gatewatch-bench-*")) == []  # a run without --keep leaves no data behind
     report = json.loads(result.stdout.splitlines()[-1])
@@ -115,6 +117,8 @@ def test_bench_e2e_prints_its_table_and_json(tmp_path):
         assert report[key] is not None, key
     assert report["events"] == 600 and report["sustained_events_per_s"] > 0
     assert "freshness p50 / p99" in result.stderr
+    assert report["aggregate_refreshes"] >= 1 and report["aggregate_keys_per_event"] > 0
+    assert "keys recomputed per event" in result.stderr
 
 
 def test_full_gc_collections_are_read_from_prometheus_clients_gc_metrics():

@@ -123,6 +123,13 @@ def clickhouse_rows(snap: Snapshot) -> float:
     return snap.counters.get(("gatewatch_sink_rows", (("sink", "clickhouse"),)), 0)
 
 
+def aggregate_refreshes(snap: Snapshot) -> tuple[float, float]:
+    """Aggregate refreshes that recomputed keys so far, and how many keys in all
+    (sinks.metrics.observe_refresh): at many users, the refresh's keys cost more than the events."""
+    refreshes = dict(snap.buckets.get(("gatewatch_aggregate_refresh_seconds", ()), [])).get(float("inf"), 0)
+    return refreshes, snap.counters.get(("gatewatch_aggregate_keys", ()), 0)
+
+
 def full_gc_collections(snap: Snapshot) -> float:
     """Full (generation 2) collections of CPython's cyclic GC, from prometheus_client's own
     metrics: each walks every tracked object of the flow, the largest overhead per event."""
@@ -449,6 +456,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
         server_cpu = flow.server_cpu() - base_server_cpu
         chdb_mapped = flow.chdb_mapped()
         events = consumed(final) - consumed(base)
+        refreshes, keys = (end - start for end, start in zip(aggregate_refreshes(final), aggregate_refreshes(base)))
         load_seconds = load_report["seconds"]
         in_load = [row for row in timeline if row["t"] <= load_seconds]
         result = {
@@ -466,6 +474,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
             "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
+            "aggregate_refreshes": int(refreshes), "aggregate_keys_per_event": round(keys / max(events, 1), 3),
             "chdb_mapped_per_process": chdb_mapped,
             **server_figures(flow, server_cpu / max(events, 1) * 1000, (cpu - base_cpu + server_cpu) / max(events, 1)
                              * 1000, "cpu_s_per_1000_events", 3),
@@ -817,6 +826,8 @@ def render(r: dict) -> str:
         ("CPU per 1,000 events", f"{r['cpu_s_per_1000_events']:.3f} s"),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
         ("users", f"{r['users']:,}, {r['user_mix']} mix"),
+        ("aggregate refreshes", f"{r['aggregate_refreshes']}, {r['aggregate_keys_per_event']:.2f} keys recomputed "
+                                "per event"),
         *server_rows(r, "cpu_s_per_1000_events", "CPU s per 1,000 events"),
     ]
     lag = "  ".join(f"{t:g}s:{lag}" for t, lag in r["lag_timeline"])
