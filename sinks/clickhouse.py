@@ -183,6 +183,12 @@ class ClickHouse:
         self.insert("feedback", pa.Table.from_pylist(
             [{name: item.get(name) for name in FEEDBACK_SCHEMA.names} for item in feedback], FEEDBACK_SCHEMA))
 
+    def events_without_audit(self) -> int:
+        """Events stored without their audit row (should always be 0)."""
+        (missing,), = self.rows(f"SELECT count() FROM {self.database}.events FINAL "
+                                f"WHERE event_id NOT IN (SELECT event_id FROM {self.database}.audit_log)")
+        return int(missing)
+
     def migrate(self, raw_ttl_days: int = 30, aggregate_ttl_days: int = 365) -> list[str]:
         """Apply ops/migrations/*.sql not yet recorded; return the names applied now.
         On chdb a migration runs alone among migrations (sinks.chdb_session.migration_lock;
@@ -295,16 +301,23 @@ def latest_rows(db: str, table: str, columns: tuple[str, ...], where: str) -> st
 
 
 REFRESH_MARGIN_S = 5
-"""How far before the previous refresh's watermark each refresh reads: an insert stamps
-ingested_at (now64(), its query's time) moments before system.processes shows it, and
-recomputing a key twice changes nothing."""
+"""How far before the previous refresh's watermark each refresh reads (recomputing a key
+twice changes nothing): room for clocks read in milliseconds and an insert between its
+query's start and the process list."""
+
+REFRESH_LOOK_BACK_S = 60
+"""The watermark's distance from now when the process list cannot be read (no grant on
+system.processes): the fixed look-back every refresh used before the watermark."""
+
+log_refresh = logging.getLogger(__name__ + ".refresh")
 
 
 def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000,
                        unless_within_s: float | None = None) -> int:
     """Recompute the hourly and daily aggregates of every (org, hour, user) that received raw
     rows since the last refresh; return how many (org, hour, user) keys were recomputed.
-    With unless_within_s, nothing is done (0) when any writer's refresh started that recently:
+    With unless_within_s, nothing is done (0) when any writer's refresh stored a watermark that
+    recent (refresh_watermark; at most an insert's duration before its start):
     a refresh covers every writer's rows, so writers sharing a database (a chdb host, a server)
     would otherwise each redo the others' keys.
 
@@ -355,13 +368,26 @@ def refresh_watermark(client: "ClickHouse") -> tuple[int, int]:
     time, so the watermark is the start of the oldest insert into events that is running.
     The next refresh reads from there (less REFRESH_MARGIN_S), not from a fixed minute
     before: at the brief's rate, one minute more of traffic doubled the keys it recomputed
-    (`gatewatch bench refresh`). Inserts through another server (replicas) are not in this
-    server's process list."""
-    events = f"{client.database}.events"
-    (now, oldest), = client.rows(
-        "SELECT toUnixTimestamp64Milli(now64(3)) AS now_ms, now_ms - toInt64(1000 * max(elapsed)) "
-        f"FROM system.processes WHERE query_kind = 'Insert' AND positionCaseInsensitive(query, '{events}') > 0")
+    (`gatewatch bench refresh`). It needs one server: inserts through another (replicas) are
+    not in this one's process list, nor are async_insert's buffered rows. Without the grant
+    to read system.processes, the watermark is REFRESH_LOOK_BACK_S before now."""
+    try:
+        (now, oldest), = client.rows(
+            "SELECT toUnixTimestamp64Milli(now64(3)) AS now_ms, now_ms - toInt64(1000 * max(elapsed)) "
+            f"FROM system.processes WHERE match(query, {sql_string(events_insert_pattern(client.database))})")
+    except Exception as exc:  # noqa: BLE001 - a refresh with the old look-back beats none
+        log_refresh.warning("running inserts not readable, refresh looks back a fixed minute",
+                            extra={"database": client.database, "error": str(exc)[:300]})
+        (now,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
+        return int(now), int(now) - REFRESH_LOOK_BACK_S * 1000
     return int(now), min(int(now), int(oldest))
+
+
+def events_insert_pattern(database: str) -> str:
+    """The RE2 pattern of the statements that insert into database.events, and no others: a
+    refresh's own INSERT ... SELECT FROM events, or gw_us.events seen from us, would hold the
+    watermark back for nothing."""
+    return rf"(?i)^\s*INSERT\s+INTO\s+{re.escape(database)}\.events\b"
 
 
 def _recompute(client: "ClickHouse", template: str, keys: list[tuple[str, int, str]], span_s: int) -> None:
@@ -663,11 +689,15 @@ class ClickHouseWriter:
             if database not in self.refresh_clients:
                 self.refresh_clients[database] = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
             client = self.refresh_clients[database]
-            started = time.monotonic()
-            keys = self.retry("clickhouse_aggregates", lambda: refresh_aggregates(client, self.raw_days,
-                                                                                  unless_within_s=unless_within_s))
+
+            def refresh_once() -> tuple[int, float]:  # timed per attempt: no retry's backoff in it
+                started = time.monotonic()
+                return (refresh_aggregates(client, self.raw_days, unless_within_s=unless_within_s),
+                        time.monotonic() - started)
+
+            keys, seconds = self.retry("clickhouse_aggregates", refresh_once)
             if keys:
-                observe_refresh(keys, time.monotonic() - started)
+                observe_refresh(keys, seconds)
 
     def __call__(self, batches: list[tuple[str, list]]) -> None:
         """Batches keyed by database: of EventBlocks (events, each block's table shared with

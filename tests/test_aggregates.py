@@ -1,6 +1,7 @@
 """Usage aggregates in embedded ClickHouse (chdb): exactly once under duplicates, retried
 batches, replays and late events, and the views that read them."""
 
+import contextlib
 import random
 import time
 import uuid
@@ -13,7 +14,8 @@ from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from schemas.pricing import with_cost
 import sinks.clickhouse
-from sinks.clickhouse import AGGREGATE_KEYS, ClickHouse, close_chdb, latest_rows, refresh_aggregates
+from sinks.clickhouse import (AGGREGATE_KEYS, REFRESH_LOOK_BACK_S, ClickHouse, close_chdb, events_insert_pattern,
+                              latest_rows, refresh_aggregates, refresh_watermark, sql_string)
 
 HOUR_MS = 3_600_000
 FLAGS = (["jailbreak"], [], ["pii_leak", "jailbreak"], [])
@@ -182,26 +184,52 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
 
 
 
+
+class HeldInsert:
+    """A chdb session whose inserts wait `seconds` before their data ends: the insert has its
+    query time (ingested_at's DEFAULT) and is in the process list, its rows not visible yet."""
+
+    def __init__(self, session, seconds: float):
+        self.session, self.seconds = session, seconds
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    @contextlib.contextmanager
+    def send_insert(self, sql: str, fmt: str):
+        with self.session.send_insert(sql, fmt) as stream:
+            finish = stream.finish
+            stream.finish = lambda: (time.sleep(self.seconds), finish())
+            yield stream
+
+
 def test_rows_of_an_insert_running_during_a_refresh_are_aggregated_by_the_next_one(clickhouse, monkeypatch):
+    """The flow's own insert (ClickHouse.insert, an ArrowStream stamped by ingested_at's
+    DEFAULT), held open 2 s while a refresh runs."""
     monkeypatch.setattr(sinks.clickhouse, "REFRESH_MARGIN_S", 0)
-    check_a_running_insert_is_aggregated_by_the_next_refresh(clickhouse)
+    rows = [dict(event, org_id="slow-org", user_id="slow-user", event_id=f"slow-{n}", input_tokens=7)
+            for n, event in enumerate(events(2, seed=22, hours=1))]
+
+    def held_insert():
+        session = clickhouse._session
+        monkeypatch.setattr(clickhouse, "_session", lambda: HeldInsert(session(), 2))
+        clickhouse.insert_events(rows)
+
+    check_a_running_insert_is_aggregated_by_the_next_refresh(clickhouse, held_insert, (2, 14))
 
 
-def check_a_running_insert_is_aggregated_by_the_next_refresh(client: ClickHouse) -> None:
+def check_a_running_insert_is_aggregated_by_the_next_refresh(client: ClickHouse, slow_insert, want_slow_org) -> None:
     """A refresh's watermark stops at the oldest insert into events still running: its rows,
     stamped at its start and visible only once it ends, are the next refresh's (run it with
-    REFRESH_MARGIN_S at 0: no margin catches them)."""
+    REFRESH_MARGIN_S at 0: no margin catches them). slow_insert stores the org 'slow-org'
+    (requests, input tokens: want_slow_org) and takes about 2 s."""
     import threading
 
     first = events(50, seed=21)
     client.insert_events(first)
     refresh_aggregates(client)
     db = client.database
-    # Two rows at one second each: the insert is in system.processes for about 2 s.
-    slow = threading.Thread(target=client.execute, args=(
-        f"INSERT INTO {db}.events (event_id, request_id, event_time, user_id, org_id, model, input_tokens) "
-        f"SELECT concat('slow-', toString(number)), 'r', now64(3), 'slow-user', 'slow-org', 'm', 7 "
-        f"FROM numbers(2) WHERE sleepEachRow(1) = 0",))
+    slow = threading.Thread(target=slow_insert)
     slow.start()
     deadline = time.monotonic() + 10
     while not client.rows("SELECT count() FROM system.processes WHERE query_kind = 'Insert'")[0][0]:
@@ -213,5 +241,42 @@ def check_a_running_insert_is_aggregated_by_the_next_refresh(client: ClickHouse)
     assert client.rows(f"SELECT count() FROM {db}.usage_daily FINAL WHERE org_id = 'slow-org'") == [(0,)]
     refresh_aggregates(client)
     assert client.rows(f"SELECT sum(requests), sum(input_tokens) FROM {db}.usage_daily FINAL "
-                       f"WHERE org_id = 'slow-org'") == [(2, 14)]
-    assert totals(client) == sorted(want(first) + [("slow-org", "slow-user", "m", 2, 0, 14, 0, 0, 0, Decimal(0))])
+                       f"WHERE org_id = 'slow-org'") == [want_slow_org]
+    assert [row for row in totals(client) if row[0] != "slow-org"] == want(first)
+
+
+def slow_insert_statement(client: ClickHouse):
+    """An INSERT ... SELECT of two 'slow-org' events at one second a row, as check_a_running_insert_... wants."""
+    return lambda: client.execute(
+        f"INSERT INTO {client.database}.events (event_id, request_id, event_time, user_id, org_id, model, input_tokens) "
+        "SELECT concat('slow-', toString(number)), 'r', now64(3), 'slow-user', 'slow-org', 'm', 7 "
+        "FROM numbers(2) WHERE sleepEachRow(1) = 0")
+
+
+def test_the_watermark_waits_for_inserts_into_events_only(clickhouse):
+    db = clickhouse.database
+    pattern = sql_string(events_insert_pattern(db))
+    statements = {
+        f"INSERT INTO {db}.events (event_id, org_id) SETTINGS optimize_on_insert = 0 FORMAT ArrowStream": 1,
+        f"  insert into {db}.events (event_id) VALUES": 1,
+        f"INSERT INTO {db}.events_archive (event_id) VALUES": 0,
+        f"INSERT INTO {db}.usage_hourly (org_id) SELECT org_id FROM {db}.events FINAL": 0,
+        f"INSERT INTO gw_{db}.events (event_id) VALUES": 0,
+        f"SELECT count() FROM {db}.events": 0,
+    }
+    for statement, matches in statements.items():
+        assert clickhouse.rows(f"SELECT match({sql_string(statement)}, {pattern})") == [(matches,)], statement
+
+
+def test_without_the_process_list_the_watermark_looks_back_a_minute(clickhouse, monkeypatch, caplog):
+    rows = clickhouse.rows
+
+    def no_process_list(sql):
+        if "system.processes" in sql:
+            raise RuntimeError("Code: 497. DB::Exception: Not enough privileges")
+        return rows(sql)
+
+    monkeypatch.setattr(clickhouse, "rows", no_process_list)
+    now, watermark = refresh_watermark(clickhouse)
+    assert now - watermark == REFRESH_LOOK_BACK_S * 1000
+    assert "running inserts not readable" in caplog.text

@@ -288,12 +288,13 @@ def test_a_refresh_through_the_host_waits_for_an_insert_of_another_connection(ho
     """The host's process list shows every connection's inserts: a refresh's watermark
     stops at another connection's running insert (sinks.clickhouse.refresh_watermark)."""
     import sinks.clickhouse
-    from tests.test_aggregates import check_a_running_insert_is_aggregated_by_the_next_refresh
+    from tests.test_aggregates import check_a_running_insert_is_aggregated_by_the_next_refresh, slow_insert_statement
 
     monkeypatch.setattr(sinks.clickhouse, "REFRESH_MARGIN_S", 0)
     client = ClickHouse(host.url, DATABASE)
     client.migrate()
-    check_a_running_insert_is_aggregated_by_the_next_refresh(client)
+    # (a host's insert reaches it whole, at the stream's finish: the slow statement runs in it)
+    check_a_running_insert_is_aggregated_by_the_next_refresh(client, slow_insert_statement(client), (2, 14))
 
 def test_a_second_host_on_a_live_socket_refuses_to_start(host):
     second = subprocess.run([sys.executable, "-m", "ops.chdb_host", "--url", f"chdb://{host.socket_path.parent}/x",

@@ -94,6 +94,7 @@ def test_a_two_process_cluster_loses_a_process_mid_stream_rescales_and_reconcile
     assert found["clickhouse_rows"] == expected.valid
     assert found["quota_total_tokens"] == expected.tokens  # late events included
     assert found["billing_total_usd"] == found["expected_total_usd"]
+    assert found["events_without_audit"] == 0
     assert expected.duplicates > 0 and expected.bad > 0 and expected.late > 0
     kills = [line for line in capsys.readouterr().err.splitlines() if line.startswith("chaos: killed flow process")]
     assert len(kills) == 2 and all(" of 2 " in line for line in kills)

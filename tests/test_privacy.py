@@ -19,7 +19,7 @@ from ops.privacy import gdpr
 from ops.settings import load_settings
 from schemas.codec import EventCodec
 from schemas.registry import registry_from_settings
-from sinks.clickhouse import MIGRATIONS_DIR, ClickHouse, close_chdb, migration_statements
+from sinks.clickhouse import ClickHouse, close_chdb
 from sinks.quota import QuotaStore, recent_member_subject
 from tests.processes import run_cli
 
@@ -117,7 +117,7 @@ def test_export_then_forget_removes_one_user_and_nothing_else(regional, tmp_path
     found = gdpr.find(settings, subject)
     close_chdb()
     assert found.clickhouse[f"gw_{region}.events"] == count and sum(found.parquet.values()) == count
-    assert found.redis_keys
+    assert found.clickhouse[f"gw_{region}.audit_log"] == count and found.redis_keys
 
     exported = cli(env, "export", "--user", user, "--org", org, "--out", str(tmp_path / "export"))
     assert exported.returncode == 0, exported.stderr[-3000:]
@@ -164,7 +164,6 @@ def test_a_forgotten_user_leaves_the_legacy_server_too(clickhouse_url):
             for n in range(300)]
     client.insert_events(rows)
     target = Counter((r["org_id"], r["user_id"]) for r in rows).most_common(1)[0][0]
-    assert gdpr.clickhouse_tables(client) == ["events", "feedback"]  # audit_log: a view over events
     removed = gdpr.forget_clickhouse(client, gdpr.Subject(target[1], target[0]))
     assert removed[f"{client.database}.events"] == sum(1 for r in rows if (r["org_id"], r["user_id"]) == target)
     left = Counter(client.rows(f"SELECT org_id, user_id FROM {client.database}.events"))
@@ -172,37 +171,6 @@ def test_a_forgotten_user_leaves_the_legacy_server_too(clickhouse_url):
     assert not client.rows(f"SELECT 1 FROM {client.database}.audit_log WHERE user_id = '{target[1]}' "
                            f"AND org_id = '{target[0]}'")
 
-
-
-def test_a_database_still_storing_audit_log_forgets_its_audit_rows_too(tmp_path):
-    """A database not yet migrated to the audit_log view (120) holds the table and the
-    materialized view of 011: the user's audit rows are deleted there like their events."""
-    import random
-
-    from ops.dev.loadgen import make_event
-    from ops.settings import PricingSettings
-    from schemas.pricing import with_cost
-
-    client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "gdpr_before_120")
-    client.migrate()
-    client.execute("DROP TABLE gdpr_before_120.audit_log")
-    for statement in migration_statements(MIGRATIONS_DIR / "011_audit_log.sql", legacy=False):
-        client.execute(statement.format(db=client.database, raw_ttl_days=30, aggregate_ttl_days=365))
-    rng = random.Random(4)
-    rows = [with_cost({**make_event(rng, 1_795_000_000_000, 6, 0.0)[0], "classification": "internal",
-                       "pii_entity_counts": {}, "source_partition": 0, "source_offset": n}, PricingSettings())
-            for n in range(200)]
-    client.insert_events(rows)
-    (org, user), count = Counter((r["org_id"], r["user_id"]) for r in rows).most_common(1)[0]
-    try:
-        assert gdpr.clickhouse_tables(client) == ["events", "audit_log", "feedback"]
-        removed = gdpr.forget_clickhouse(client, gdpr.Subject(user, org))
-        assert removed["gdpr_before_120.events"] == removed["gdpr_before_120.audit_log"] == count
-        assert client.rows(f"SELECT count() FROM gdpr_before_120.audit_log FINAL WHERE user_id = '{user}' "
-                           f"AND org_id = '{org}'") == [(0,)]
-        assert client.rows("SELECT count() FROM gdpr_before_120.audit_log FINAL") == [(200 - count,)]
-    finally:
-        close_chdb()
 
 # -- the privacy check's findings ---------------------------------------------------------
 

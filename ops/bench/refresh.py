@@ -31,7 +31,7 @@ from sinks.clickhouse import REFRESH_MARGIN_S, ClickHouse, close_chdb, refresh_a
 
 def brief_keys_per_refresh(interval_s: float) -> int:
     """Distinct users in the traffic one refresh re-reads at the brief's rate (its interval and
-    the overlap), each event from a user drawn at random."""
+    its margin), each event from a user drawn at random."""
     events = brief.EVENTS_PER_S * (interval_s + REFRESH_MARGIN_S)
     return round(brief.USERS * (1 - math.exp(-events / brief.USERS)))
 

@@ -368,6 +368,7 @@ def reconcile(expected: Expected, found: dict, chaos: bool) -> list[str]:
         # Events are priced one by one, windows as a whole: equal to the nano-dollar while
         # prices per million tokens have at most three decimals (all of the demo's).
         ("USD in ClickHouse aggregates", found["expected_total_usd"], found["clickhouse_usd"]),
+        ("ClickHouse events without an audit row", 0, found["events_without_audit"]),
         ("audit log rows (one per unique event)", expected.valid, found["audit_log_rows"]),
     ]
     if not chaos:
@@ -461,6 +462,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
         (ch_rows, ch_tokens, ch_usd, ch_reasoning), = clickhouse.rows(
             f"SELECT {requests}, sum(input_tokens + output_tokens + cache_read_tokens + cache_write_tokens), "
             f"toString(sum(cost_usd)), sum(reasoning_tokens) FROM {settings.clickhouse.database}.{table} FINAL")
+        without_audit = clickhouse.events_without_audit()
         close_chdb()
         audit_log = open_store(f"sqlite:///{root / 'audit.sqlite3'}")
         audit_rows = audit_log.event_count()
@@ -479,6 +481,7 @@ def run(options: DemoOptions) -> tuple[dict, list[str], Expected]:
             "clickhouse_reasoning_tokens": int(ch_reasoning or 0),
             "expected_reasoning_tokens": expected.reasoning_tokens,
             "clickhouse_usd": str(Decimal(ch_usd or 0).quantize(Decimal("0.000000001"))),
+            "events_without_audit": without_audit,
             "audit_log_rows": audit_rows,
             # Every user's and org's month as enforcement reads it (base + day counters with month bases).
             "quota_total_tokens": quota.total_tokens("user"),

@@ -1,6 +1,6 @@
 -- Raw events, one row per unique event_id: ReplacingMergeTree collapses replays and
 -- duplicates that slip past the in-flow dedupe horizon. Text columns expire after 30 days,
--- rows after a year.
+-- rows after a year (after raw_ttl_days too since 050: the aggregates keep the year).
 CREATE TABLE IF NOT EXISTS {db}.events
 (
     event_id String,

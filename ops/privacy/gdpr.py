@@ -28,9 +28,7 @@ from sinks.quota import PENDING_ALERTS_KEY, RECENT_PREFIX, RESTATE_KEY, recent_m
 
 USER_TABLES = ("events", "audit_log", "feedback")
 """Tables with a user_id column; every view is computed from events or the aggregates. All
-are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice.
-Since migration 120 audit_log is a view over events (its rows go with theirs); a database
-not migrated that far still stores it, and is forgotten from it."""
+are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
 AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
 """Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
 ROLLUP_TABLE = "usage_model_daily"
@@ -111,10 +109,7 @@ class Found:
 # -- ClickHouse ---------------------------------------------------------------------------
 
 def clickhouse_tables(client: ClickHouse) -> list[str]:
-    """The USER_TABLES this database stores (not views: they cannot be deleted from)."""
-    stored = {name for (name,) in client.rows(f"SELECT name FROM system.tables WHERE database = "
-                                              f"{sql_string(client.database)} AND engine NOT LIKE '%View'")}
-    return [table for table in USER_TABLES if table in stored and "user_id" in client.columns(table)]
+    return [table for table in USER_TABLES if "user_id" in client.columns(table)]
 
 
 def clickhouse_rows(client: ClickHouse, table: str, subject: Subject) -> list[dict]:
