@@ -309,8 +309,6 @@ REFRESH_LOOK_BACK_S = 60
 """The watermark's distance from now when the process list cannot be read (no grant on
 system.processes): the fixed look-back every refresh used before the watermark."""
 
-log_refresh = logging.getLogger(__name__ + ".refresh")
-
 
 def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 2000,
                        unless_within_s: float | None = None) -> int:
@@ -376,8 +374,8 @@ def refresh_watermark(client: "ClickHouse") -> tuple[int, int]:
             "SELECT toUnixTimestamp64Milli(now64(3)) AS now_ms, now_ms - toInt64(1000 * max(elapsed)) "
             f"FROM system.processes WHERE match(query, {sql_string(events_insert_pattern(client.database))})")
     except Exception as exc:  # noqa: BLE001 - a refresh with the old look-back beats none
-        log_refresh.warning("running inserts not readable, refresh looks back a fixed minute",
-                            extra={"database": client.database, "error": str(exc)[:300]})
+        log.warning("running inserts not readable, refresh looks back a fixed minute",
+                    extra={"database": client.database, "error": str(exc)[:300]})
         (now,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
         return int(now), int(now) - REFRESH_LOOK_BACK_S * 1000
     return int(now), min(int(now), int(oldest))
