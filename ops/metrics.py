@@ -49,7 +49,8 @@ STEP_ITEMS = Counter("gatewatch_step_items", "Items handed to a flow step (a sou
 WORKER_CPU_SECONDS = Counter("gatewatch_worker_cpu_seconds",
                              "Thread CPU seconds of the flow's worker threads, up to their latest step call")
 AGGREGATE_KEYS = Counter("gatewatch_aggregate_keys", "(org, hour, user) keys the aggregate refreshes recomputed")
-AGGREGATE_REFRESH_SECONDS = Histogram("gatewatch_aggregate_refresh_seconds", "Duration of one aggregate refresh that ran",
+AGGREGATE_REFRESH_SECONDS = Histogram("gatewatch_aggregate_refresh_seconds",
+                                      "Duration of one aggregate refresh that recomputed keys",
                                       buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
 GC_CPU_SECONDS = Counter("gatewatch_gc_cpu_seconds", "Thread CPU seconds of CPython's cyclic GC collections")
 

@@ -183,8 +183,6 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
     assert totals(clickhouse) == want(first + second)
 
 
-
-
 class HeldInsert:
     """A chdb session whose inserts wait `seconds` before their data ends: the insert has its
     query time (ingested_at's DEFAULT) and is in the process list, its rows not visible yet."""
@@ -248,7 +246,8 @@ def check_a_running_insert_is_aggregated_by_the_next_refresh(client: ClickHouse,
 def slow_insert_statement(client: ClickHouse):
     """An INSERT ... SELECT of two 'slow-org' events at one second a row, as check_a_running_insert_... wants."""
     return lambda: client.execute(
-        f"INSERT INTO {client.database}.events (event_id, request_id, event_time, user_id, org_id, model, input_tokens) "
+        f"INSERT INTO {client.database}.events "
+        "(event_id, request_id, event_time, user_id, org_id, model, input_tokens) "
         "SELECT concat('slow-', toString(number)), 'r', now64(3), 'slow-user', 'slow-org', 'm', 7 "
         "FROM numbers(2) WHERE sleepEachRow(1) = 0")
 
