@@ -29,6 +29,7 @@ from ops.bench import brief
 from ops.settings import Settings
 from sinks.clickhouse import REFRESH_MARGIN_S, ClickHouse, close_chdb, refresh_aggregates
 
+
 def brief_keys_per_refresh(interval_s: float) -> int:
     """Distinct users in the traffic one refresh re-reads at the brief's rate (its interval and
     its margin), each event from a user drawn at random."""
