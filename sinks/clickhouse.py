@@ -280,6 +280,7 @@ GROUP BY toStartOfMonth(day), org_id, model
 AGGREGATE_KEYS = {
     "usage_hourly": ("org_id", "hour", "model", "user_id", "region", "experiment_id", "variant"),
     "usage_daily": ("org_id", "day", "model", "user_id", "region", "experiment_id", "variant"),
+    "usage_daily_by_user": ("org_id", "user_id", "day", "model", "region", "experiment_id", "variant"),
     "usage_model_daily": ("day", "org_id", "model"),
     "usage_model_monthly": ("month", "org_id", "model"),
 }
@@ -428,22 +429,33 @@ def period_keys(org_periods: list[tuple[str, int]]) -> str:
     return ", ".join(f"({sql_string(org)}, toDate(toDateTime({start}, 'UTC')))" for org, start in org_periods)
 
 
+USAGE_KINDS = {"requests": "requests", "input": "input_tokens", "output": "output_tokens",
+               "cache_read": "cache_read_tokens", "cache_write": "cache_write_tokens"}
+"""The month bases' names of the daily aggregates' columns."""
+
+
 def month_usage_before(client: "ClickHouse", users: list[tuple[str, str]], month: str,
                        cutoff: str) -> dict[tuple[str, str], dict[str, int]]:
     """Requests and tokens by kind of each (org, user) over the days of month (YYYYMM) before
     cutoff (YYYYMMDD), from the daily aggregates: the month bases of sinks.quota."""
     if not users:
         return {}
-    first, end = f"toDate('{month[:4]}-{month[4:]}-01')", f"toDate('{cutoff[:4]}-{cutoff[4:6]}-{cutoff[6:]}')"
-    rows = client.rows(
-        f"SELECT org_id, user_id, sum(requests), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
-        f"sum(cache_write_tokens) FROM {client.database}.usage_daily FINAL "
-        f"WHERE org_id IN ({', '.join(sorted({sql_string(org) for org, _user in users}))}) "
-        f"AND day >= {first} AND day < {end} "
-        f"AND (org_id, user_id) IN ({', '.join(f'({sql_string(o)}, {sql_string(u)})' for o, u in users)}) "
-        "GROUP BY org_id, user_id")
-    return {(org, user): dict(zip(("requests", "input", "output", "cache_read", "cache_write"), map(int, values)))
-            for org, user, *values in rows}
+    return {(org, user): dict(zip(USAGE_KINDS, map(int, values)))
+            for org, user, *values in client.rows(month_usage_sql(client.database, users, month, cutoff))}
+
+
+def month_usage_sql(db: str, users: list[tuple[str, str]], month: str, cutoff: str) -> str:
+    """The query of month_usage_before. It reads usage_daily_by_user (migration 120), sorted by
+    (org, user, day): the granules of the users asked, not every user's rows of their orgs'
+    days of the month as usage_daily would. The latest version of each row by argMax
+    (latest_rows), as a look-up under FINAL pays for every unmerged part."""
+    where = (f"org_id IN ({', '.join(sorted({sql_string(org) for org, _user in users}))}) "
+             f"AND (org_id, user_id) IN ({', '.join(f'({sql_string(o)}, {sql_string(u)})' for o, u in users)}) "
+             f"AND day >= toDate('{month[:4]}-{month[4:]}-01') "
+             f"AND day < toDate('{cutoff[:4]}-{cutoff[4:6]}-{cutoff[6:]}')")
+    sums = ", ".join(f"sum({column})" for column in USAGE_KINDS.values())
+    latest = latest_rows(db, "usage_daily_by_user", tuple(USAGE_KINDS.values()), where)
+    return f"SELECT org_id, user_id, {sums} FROM {latest} GROUP BY org_id, user_id"
 
 
 def usage_before_time(client: "ClickHouse", first: str, last: str, before_ms: int) -> list[tuple]:

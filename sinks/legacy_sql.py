@@ -28,6 +28,7 @@ LEGACY_SKIPPED = {
     "060_model_daily": _AGGREGATES,
     "090_model_monthly": _AGGREGATES,
     "071_usage_reasoning": _AGGREGATES,
+    "120_usage_daily_by_user": _AGGREGATES,
     "080_events_trace_index": ("bloom_filter skip indexes need ClickHouse 19.8 or newer; trace id look-ups scan "
                                "the events table on this server"),
     "100_events_compact_parts": ("compact parts need ClickHouse 20.3 or newer; this server writes every part "

@@ -46,7 +46,8 @@ BATCH_S = 300
 """Simulated seconds per batch handed to the window logic (then its timer fires)."""
 LENGTH_MS, LATENESS_MS, FLUSH_S = 60_000, 600_000, 2.0
 WINDOW_RECORDS = "gw:win:*"
-SIZED_TABLES = ("events", "usage_hourly", "usage_daily", "usage_model_daily", "usage_model_monthly")
+SIZED_TABLES = ("events", "usage_hourly", "usage_daily", "usage_daily_by_user", "usage_model_daily",
+                "usage_model_monthly")
 
 
 ORGS = 97

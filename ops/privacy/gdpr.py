@@ -29,8 +29,10 @@ from sinks.quota import PENDING_ALERTS_KEY, RECENT_PREFIX, RESTATE_KEY, recent_m
 USER_TABLES = ("events", "audit_log", "feedback")
 """Tables with a user_id column; every view is computed from events or the aggregates. All
 are ReplacingMergeTrees: they are read FINAL, or a replay's unmerged copies count twice."""
-AGGREGATE_TABLES = ("usage_hourly", "usage_daily")
-"""Per-user aggregates: forgotten with the user, not exported (they are derived from events)."""
+AGGREGATE_TABLES = ("usage_hourly", "usage_daily", "usage_daily_by_user")
+"""Per-user aggregates: forgotten with the user, not exported (they are derived from events).
+usage_daily_by_user is usage_daily's copy for the month bases (migration 120): a delete from
+usage_daily does not reach it through its materialized view."""
 ROLLUP_TABLE = "usage_model_daily"
 """Per (day, org, model), no user_id: the org days the user was in are rolled up again without it."""
 MONTHLY_ROLLUP_TABLE = "usage_model_monthly"
