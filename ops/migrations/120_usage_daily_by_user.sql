@@ -45,7 +45,24 @@ FROM {db}.usage_daily;
 
 -- Existing deployments: every row usage_daily holds, after the view exists, so that a row
 -- written meanwhile is copied by one or both (the same key and version: one row once merged).
+-- A one-time copy of the whole table (a year of a million users' daily rows is hundreds of
+-- millions of narrow rows): a release with this migration starts its flows a while later.
 INSERT INTO {db}.usage_daily_by_user
 SELECT day, org_id, user_id, model, region, experiment_id, variant, requests, input_tokens, output_tokens,
     cache_read_tokens, cache_write_tokens, computed_at
 FROM {db}.usage_daily;
+
+-- A refresh (of a writer still on the previous release, in a rolling upgrade) that began
+-- inserting before the view existed and committed while the copy above read: the view never
+-- saw it and the copy read before it was visible. Its rows were stamped shortly before the
+-- view was created, in the days a refresh writes (the raw retention): copied again here (the
+-- same key and version, so never counted twice). One still running after this statement is
+-- not: run `gatewatch migrate` between refreshes (or with the flows stopped) for an exact copy;
+-- otherwise such a key is right again at its user's next refresh.
+INSERT INTO {db}.usage_daily_by_user
+SELECT day, org_id, user_id, model, region, experiment_id, variant, requests, input_tokens, output_tokens,
+    cache_read_tokens, cache_write_tokens, computed_at
+FROM {db}.usage_daily
+WHERE day >= today() - INTERVAL {raw_ttl_days} DAY
+  AND computed_at >= (SELECT max(metadata_modification_time) FROM system.tables
+                      WHERE database = '{db}' AND name = 'usage_daily_by_user_mv') - INTERVAL 10 MINUTE;
