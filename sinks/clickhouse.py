@@ -73,9 +73,11 @@ _VARYING_DEFAULT = re.compile(r"now|today|rand|uuid", re.IGNORECASE)
 class ClickHouse:
     """The few operations gatewatch needs, the same on chdb and on a server."""
 
-    def __init__(self, url: str, database: str = "gatewatch"):
+    def __init__(self, url: str, database: str = "gatewatch", label: str = ""):
         self.url = url
         self.database = database
+        self.prefix = f"/* {label} */ " if label else ""
+        """Starts every statement: says who runs it to readers of system.processes (refresh_label)."""
         parsed = urlparse(url)
         # chdb's statements and Arrow transport, in this process or in the machine's chdb host
         self.embedded = parsed.scheme in ("chdb", HOST_SCHEME)
@@ -107,12 +109,14 @@ class ClickHouse:
             )
 
     def execute(self, sql: str) -> None:
+        sql = self.prefix + sql
         if self.embedded:
             self._session().query(sql)
         else:
             self._client.execute(sql)
 
     def rows(self, sql: str) -> list[tuple]:
+        sql = self.prefix + sql
         if self.embedded:
             data = self._session().query(sql, "Arrow").bytes()
             import pyarrow.ipc as ipc
@@ -314,10 +318,11 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
                        unless_within_s: float | None = None) -> int:
     """Recompute the hourly and daily aggregates of every (org, hour, user) that received raw
     rows since the last refresh; return how many (org, hour, user) keys were recomputed.
-    With unless_within_s, nothing is done (0) when any writer's refresh stored a watermark that
-    recent (refresh_watermark; at most an insert's duration before its start):
-    a refresh covers every writer's rows, so writers sharing a database (a chdb host, a server)
-    would otherwise each redo the others' keys.
+    With unless_within_s, nothing is done (0) while another writer's refresh runs
+    (refresh_running) or when any writer's refresh stored a watermark that recent
+    (refresh_watermark; at most an insert's duration before its start): a refresh covers every
+    writer's rows, so writers sharing a database (a chdb host, a server) would otherwise each
+    redo the others' keys, at the same time when their intervals started together.
 
     Exactly once by construction: an aggregate row is the absolute total of the distinct
     events of its key (events read FINAL, restricted to the touched orgs' hours) and
@@ -333,6 +338,8 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     if client.legacy:
         return 0
     db = client.database
+    if unless_within_s is not None and refresh_running(client):
+        return 0
     started, through = refresh_watermark(client)
     (since,), = client.rows(f"SELECT toUnixTimestamp64Milli(max(through)) FROM {db}.aggregate_progress")
     if since and unless_within_s is not None and int(started) - int(since) < unless_within_s * 1000:
@@ -379,6 +386,27 @@ def refresh_watermark(client: "ClickHouse") -> tuple[int, int]:
         (now,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
         return int(now), int(now) - REFRESH_LOOK_BACK_S * 1000
     return int(now), min(int(now), int(oldest))
+
+
+def refresh_label(database: str) -> str:
+    """The label of the writers' refresh clients (ClickHouse(label=...)), the comment that starts
+    each of their statements: what refresh_running looks for."""
+    return f"gatewatch aggregate refresh of {database}"
+
+
+def refresh_running(client: "ClickHouse") -> bool:
+    """Whether a statement of a refresh of client's database other than this one is running. Two
+    flows started together refreshed together, each recomputing every key, and at 10,000
+    events/s the doubled work on two cores held their inserts back (ops/bench/FINDINGS.md).
+    Nothing is seen running where system.processes cannot be read."""
+    started_by_refresh = sql_string(f"/* {refresh_label(client.database)} */")
+    try:
+        (running,), = client.rows(
+            f"SELECT count() FROM system.processes WHERE startsWith(query, {started_by_refresh}) "
+            "AND query_id != queryID()")
+    except Exception:  # noqa: BLE001 - refresh_watermark logs the missing grant
+        return False
+    return running > 0
 
 
 def events_insert_pattern(database: str) -> str:
@@ -685,7 +713,8 @@ class ClickHouseWriter:
     def refresh_databases(self, databases: list[str], unless_within_s: float | None) -> None:
         for database in databases:
             if database not in self.refresh_clients:
-                self.refresh_clients[database] = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
+                self.refresh_clients[database] = self.retry(
+                    "clickhouse", lambda: ClickHouse(self.url, database, label=refresh_label(database)))
             client = self.refresh_clients[database]
 
             def refresh_once() -> tuple[int, float]:  # timed per attempt: no retry's backoff in it
@@ -696,6 +725,7 @@ class ClickHouseWriter:
             keys, seconds = self.retry("clickhouse_aggregates", refresh_once)
             if keys:
                 observe_refresh(keys, seconds)
+            log.info("aggregates refreshed", extra={"database": database, "keys": keys, "seconds": round(seconds, 3)})
 
     def __call__(self, batches: list[tuple[str, list]]) -> None:
         """Batches keyed by database: of EventBlocks (events, each block's table shared with

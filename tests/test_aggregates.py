@@ -15,7 +15,7 @@ from ops.settings import PricingSettings
 from schemas.pricing import with_cost
 import sinks.clickhouse
 from sinks.clickhouse import (AGGREGATE_KEYS, REFRESH_LOOK_BACK_S, ClickHouse, close_chdb, events_insert_pattern,
-                              latest_rows, refresh_aggregates, refresh_watermark, sql_string)
+                              latest_rows, refresh_aggregates, refresh_label, refresh_watermark, sql_string)
 
 HOUR_MS = 3_600_000
 FLAGS = (["jailbreak"], [], ["pii_leak", "jailbreak"], [])
@@ -181,6 +181,42 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
     assert totals(clickhouse) == want(first)
     assert refresh_aggregates(clickhouse, unless_within_s=0) > 0
     assert totals(clickhouse) == want(first + second)
+
+
+@contextlib.contextmanager
+def another_refresh_running(client: ClickHouse, database: str):
+    """A statement of another writer's refresh of database (on a client labelled as the writers'
+    refresh clients are), running for 2 s."""
+    import threading
+
+    other = threading.Thread(target=ClickHouse(client.url, database, label=refresh_label(database)).rows,
+                             args=("SELECT sleep(2)",))
+    other.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%SELECT sleep(2)'")[0][0]:
+            assert time.monotonic() < deadline, "the other refresh never showed in system.processes"
+            time.sleep(0.05)
+        yield
+    finally:
+        other.join()
+
+
+def test_a_periodic_refresh_is_skipped_while_another_refresh_of_its_database_runs_and_a_forced_one_is_not(clickhouse):
+    db, rows = clickhouse.database, events(300, seed=13)
+    clickhouse.insert_events(rows)
+    refreshing = ClickHouse(clickhouse.url, db, label=refresh_label(db))  # its own statements do not count
+    with another_refresh_running(clickhouse, db):
+        assert refresh_aggregates(refreshing, unless_within_s=0) == 0
+        assert totals(clickhouse) == []
+    with another_refresh_running(clickhouse, db):
+        assert refresh_aggregates(refreshing) > 0
+    assert totals(clickhouse) == want(rows)
+    more = events(100, seed=14)
+    clickhouse.insert_events(more)
+    with another_refresh_running(clickhouse, f"other_{db}"):
+        assert refresh_aggregates(refreshing, unless_within_s=0) > 0
+    assert totals(clickhouse) == want(rows + more)
 
 
 class HeldInsert:

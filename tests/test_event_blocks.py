@@ -379,3 +379,44 @@ def test_each_refresh_that_recomputes_keys_reports_them_and_its_duration(tmp_pat
     assert returned and returned[-1] == len(distinct)
     assert recorded.keys == [keys for keys in returned if keys] and len(recorded.seconds) == len(recorded.keys)
     assert all(seconds > 0 for seconds in recorded.seconds)
+
+
+def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_keys_once(tmp_path, monkeypatch):
+    """Two flows started together refresh together: the second to start finds the first's
+    statements in the process list and leaves the keys to it."""
+    import threading
+    import time
+
+    import sinks.clickhouse as clickhouse
+
+    url, returned, first_started = f"chdb://{tmp_path / 'chdb'}", [], threading.Event()
+    real_refresh = clickhouse.refresh_aggregates
+
+    def first_refresh_slow_to_start(client, *args, **kwargs):
+        if not first_started.is_set():
+            first_started.set()
+            client.rows("SELECT sleep(2)")  # the refresh's first statement, on its own labelled client
+        returned.append(real_refresh(client, *args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(clickhouse, "refresh_aggregates", first_refresh_slow_to_start)
+    now_ms = int(time.time() * 1000)
+    rows = [dict(event, event_id=f"once-{n}", event_time=now_ms - n) for n, event in enumerate(events(40))]
+    first, second = (ClickHouseWriter(url, retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30, aggregate_days=365,
+                                      aggregate_interval_s=0, lateness_s=60) for _ in range(2))
+    try:
+        first([("shared", event_blocks(rows[:20]))])
+        assert first_started.wait(30)
+        watcher = ClickHouse(url, "shared")
+        deadline = time.monotonic() + 10
+        while not watcher.rows("SELECT count() FROM system.processes WHERE query LIKE '%SELECT sleep(2)'")[0][0]:
+            assert time.monotonic() < deadline, "the first refresh never showed in system.processes"
+            time.sleep(0.05)
+        second([("shared", event_blocks(rows[20:]))])
+        assert second.refresh_idle.wait(30) and first.refresh_idle.wait(30)
+        distinct = {(row["org_id"], row["event_time"] // 3_600_000, row["user_id"]) for row in rows}
+        assert sorted(returned) == [0, len(distinct)]
+        (requests,), = watcher.rows("SELECT sum(requests) FROM shared.usage_daily FINAL")
+        assert requests == 40
+    finally:
+        close_chdb()
