@@ -395,16 +395,17 @@ def refresh_label(database: str) -> str:
 
 
 def refresh_running(client: "ClickHouse") -> bool:
-    """Whether a statement of a refresh of client's database other than this one is running. Two
-    flows started together refreshed together, each recomputing every key, and at 10,000
-    events/s the doubled work on two cores held their inserts back (ops/bench/FINDINGS.md).
-    Nothing is seen running where system.processes cannot be read."""
+    """Whether another refresh of client's database is running: one of its statements that
+    recompute keys, not one reading the process list (this check, or a refresh's watermark), so
+    two writers checking at the same moment do not both step aside. Two flows started together
+    refreshed together, each recomputing every key (ops/bench/FINDINGS.md). Nothing is seen
+    running where system.processes cannot be read (refresh_watermark logs it)."""
     started_by_refresh = sql_string(f"/* {refresh_label(client.database)} */")
     try:
         (running,), = client.rows(
             f"SELECT count() FROM system.processes WHERE startsWith(query, {started_by_refresh}) "
-            "AND query_id != queryID()")
-    except Exception:  # noqa: BLE001 - refresh_watermark logs the missing grant
+            "AND position(query, 'system.processes') = 0")
+    except Exception:  # noqa: BLE001 - a refresh beside another costs CPU, not correctness
         return False
     return running > 0
 
@@ -682,7 +683,8 @@ class ClickHouseWriter:
 
     def refresh(self, force: bool = False) -> None:
         """Recompute the usage aggregates of the hours written since the last refresh (anyone's:
-        a periodic refresh is skipped when another writer of the database did one this interval).
+        a periodic refresh is skipped when another writer of the database did one this interval or
+        is doing one: keys 0 in its log line).
         A periodic refresh runs on the refresher thread, beside the inserts: it takes seconds with
         thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). A
         forced one waits for it, then runs on the caller's thread."""

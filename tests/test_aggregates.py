@@ -12,6 +12,7 @@ import pytest
 
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
+from tests.test_event_blocks import HELD_5_S
 from schemas.pricing import with_cost
 import sinks.clickhouse
 from sinks.clickhouse import (AGGREGATE_KEYS, REFRESH_LOOK_BACK_S, ClickHouse, close_chdb, events_insert_pattern,
@@ -184,17 +185,17 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
 
 
 @contextlib.contextmanager
-def another_refresh_running(client: ClickHouse, database: str):
+def another_refresh_running(client: ClickHouse, database: str, statement: str = HELD_5_S):
     """A statement of another writer's refresh of database (on a client labelled as the writers'
-    refresh clients are), running for 2 s."""
+    refresh clients are), running for 5 s."""
     import threading
 
     other = threading.Thread(target=ClickHouse(client.url, database, label=refresh_label(database)).rows,
-                             args=("SELECT sleep(2)",))
+                             args=(statement,))
     other.start()
     try:
         deadline = time.monotonic() + 10
-        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%SELECT sleep(2)'")[0][0]:
+        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%numbers(5)%'")[0][0]:
             assert time.monotonic() < deadline, "the other refresh never showed in system.processes"
             time.sleep(0.05)
         yield
@@ -217,6 +218,14 @@ def test_a_periodic_refresh_is_skipped_while_another_refresh_of_its_database_run
     with another_refresh_running(clickhouse, f"other_{db}"):
         assert refresh_aggregates(refreshing, unless_within_s=0) > 0
     assert totals(clickhouse) == want(rows + more)
+    last = events(100, seed=15)
+    clickhouse.insert_events(last)
+    # another writer's check of the process list (or its watermark): were it counted, two
+    # writers checking at the same moment would both step aside
+    with another_refresh_running(clickhouse, db, HELD_5_S.replace("numbers(5)", "numbers(5) WHERE 0 = (SELECT "
+                                                                  "count() FROM system.processes WHERE 0)")):
+        assert refresh_aggregates(refreshing, unless_within_s=0) > 0
+    assert totals(clickhouse) == want(rows + more + last)
 
 
 class HeldInsert:

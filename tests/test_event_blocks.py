@@ -381,6 +381,10 @@ def test_each_refresh_that_recomputes_keys_reports_them_and_its_duration(tmp_pat
     assert all(seconds > 0 for seconds in recorded.seconds)
 
 
+HELD_5_S = "SELECT sleepEachRow(1) FROM numbers(5) SETTINGS max_block_size = 1"
+"""A statement that runs 5 s (ClickHouse sleeps at most 3 s per block)."""
+
+
 def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_keys_once(tmp_path, monkeypatch):
     """Two flows started together refresh together: the second to start finds the first's
     statements in the process list and leaves the keys to it."""
@@ -395,7 +399,7 @@ def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_ke
     def first_refresh_slow_to_start(client, *args, **kwargs):
         if not first_started.is_set():
             first_started.set()
-            client.rows("SELECT sleep(2)")  # the refresh's first statement, on its own labelled client
+            client.rows(HELD_5_S)  # the refresh's first statement, on its own labelled client
         returned.append(real_refresh(client, *args, **kwargs))
         return returned[-1]
 
@@ -409,7 +413,7 @@ def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_ke
         assert first_started.wait(30)
         watcher = ClickHouse(url, "shared")
         deadline = time.monotonic() + 10
-        while not watcher.rows("SELECT count() FROM system.processes WHERE query LIKE '%SELECT sleep(2)'")[0][0]:
+        while not watcher.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%numbers(5)%'")[0][0]:
             assert time.monotonic() < deadline, "the first refresh never showed in system.processes"
             time.sleep(0.05)
         second([("shared", event_blocks(rows[20:]))])
