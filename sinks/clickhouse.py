@@ -318,11 +318,10 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
                        unless_within_s: float | None = None) -> int:
     """Recompute the hourly and daily aggregates of every (org, hour, user) that received raw
     rows since the last refresh; return how many (org, hour, user) keys were recomputed.
-    With unless_within_s, nothing is done (0) while another writer's refresh runs
-    (refresh_running) or when any writer's refresh stored a watermark that recent
-    (refresh_watermark; at most an insert's duration before its start): a refresh covers every
-    writer's rows, so writers sharing a database (a chdb host, a server) would otherwise each
-    redo the others' keys, at the same time when their intervals started together.
+    With unless_within_s, nothing is done (0) when any writer's refresh stored a watermark that
+    recent (refresh_watermark; at most an insert's duration before its start):
+    a refresh covers every writer's rows, so writers sharing a database (a chdb host, a server)
+    would otherwise each redo the others' keys (one running now: ClickHouseWriter, refresh_running).
 
     Exactly once by construction: an aggregate row is the absolute total of the distinct
     events of its key (events read FINAL, restricted to the touched orgs' hours) and
@@ -338,8 +337,6 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     if client.legacy:
         return 0
     db = client.database
-    if unless_within_s is not None and refresh_running(client):
-        return 0
     started, through = refresh_watermark(client)
     (since,), = client.rows(f"SELECT toUnixTimestamp64Milli(max(through)) FROM {db}.aggregate_progress")
     if since and unless_within_s is not None and int(started) - int(since) < unless_within_s * 1000:
@@ -394,17 +391,19 @@ def refresh_label(database: str) -> str:
     return f"gatewatch aggregate refresh of {database}"
 
 
+_RUNNING_CHECK = "SELECT count() AS refreshes_running FROM system.processes"
+
+
 def refresh_running(client: "ClickHouse") -> bool:
-    """Whether another refresh of client's database is running: one of its statements that
-    recompute keys, not one reading the process list (this check, or a refresh's watermark), so
-    two writers checking at the same moment do not both step aside. Two flows started together
-    refreshed together, each recomputing every key (ops/bench/FINDINGS.md). Nothing is seen
-    running where system.processes cannot be read (refresh_watermark logs it)."""
-    started_by_refresh = sql_string(f"/* {refresh_label(client.database)} */")
+    """Whether a statement of a refresh of client's database is running, other than this check
+    (two writers checking at the same moment would both step aside). Two flow processes
+    started together refreshed together, both recomputing every key (ops/bench/FINDINGS.md).
+    Nothing is seen running where system.processes cannot be read (refresh_watermark logs it)."""
+    label = f"/* {refresh_label(client.database)} */"
     try:
         (running,), = client.rows(
-            f"SELECT count() FROM system.processes WHERE startsWith(query, {started_by_refresh}) "
-            "AND position(query, 'system.processes') = 0")
+            f"{_RUNNING_CHECK} WHERE startsWith(query, {sql_string(label)}) "
+            f"AND NOT startsWith(query, {sql_string(f'{label} {_RUNNING_CHECK}')})")
     except Exception:  # noqa: BLE001 - a refresh beside another costs CPU, not correctness
         return False
     return running > 0
@@ -686,8 +685,8 @@ class ClickHouseWriter:
 
     def refresh(self, force: bool = False) -> None:
         """Recompute the usage aggregates of the hours written since the last refresh (anyone's:
-        a periodic refresh is skipped when another writer of the database did one this interval or
-        is doing one: keys 0 in its log line).
+        a periodic refresh is skipped when another writer of the database did one this interval,
+        keys 0 in its log line, or is doing one, and then tried half an interval later).
         A periodic refresh runs on the refresher thread, beside the inserts: it takes seconds with
         thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). A
         forced one waits for it, then runs on the caller's thread."""
@@ -737,6 +736,13 @@ class ClickHouseWriter:
                 self.refresh_clients[database] = self.retry(
                     "clickhouse", lambda: ClickHouse(self.url, database, label=refresh_label(database)))
             client = self.refresh_clients[database]
+            if unless_within_s is not None and self.retry("clickhouse_aggregates", lambda: refresh_running(client)):
+                # Another writer's covers our rows so far. Ours comes half an interval later, where
+                # that one's watermark is recent: the writers' clocks stop running in step, each
+                # batch-started within a second of the other's.
+                self.refreshed_at = time.monotonic() - self.aggregate_interval_s / 2
+                log.info("aggregate refresh left to another writer's, running", extra={"database": database})
+                continue
 
             def refresh_once() -> tuple[int, float]:  # timed per attempt: no retry's backoff in it
                 started = time.monotonic()

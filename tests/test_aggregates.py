@@ -16,7 +16,8 @@ from tests.test_event_blocks import HELD_5_S
 from schemas.pricing import with_cost
 import sinks.clickhouse
 from sinks.clickhouse import (AGGREGATE_KEYS, REFRESH_LOOK_BACK_S, ClickHouse, close_chdb, events_insert_pattern,
-                              latest_rows, refresh_aggregates, refresh_label, refresh_watermark, sql_string)
+                              latest_rows, refresh_aggregates, refresh_label, refresh_running, refresh_watermark,
+                              sql_string)
 
 HOUR_MS = 3_600_000
 FLAGS = (["jailbreak"], [], ["pii_leak", "jailbreak"], [])
@@ -195,7 +196,8 @@ def another_refresh_running(client: ClickHouse, database: str, statement: str = 
     other.start()
     try:
         deadline = time.monotonic() + 10
-        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%numbers(5)%'")[0][0]:
+        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%' "
+                              "AND query_id != queryID()")[0][0]:
             assert time.monotonic() < deadline, "the other refresh never showed in system.processes"
             time.sleep(0.05)
         yield
@@ -203,29 +205,21 @@ def another_refresh_running(client: ClickHouse, database: str, statement: str = 
         other.join()
 
 
-def test_a_periodic_refresh_is_skipped_while_another_refresh_of_its_database_runs_and_a_forced_one_is_not(clickhouse):
-    db, rows = clickhouse.database, events(300, seed=13)
-    clickhouse.insert_events(rows)
-    refreshing = ClickHouse(clickhouse.url, db, label=refresh_label(db))  # its own statements do not count
+def test_a_refresh_is_seen_running_by_its_statements_and_not_by_another_writers_check(clickhouse):
+    db = clickhouse.database
+    checking = ClickHouse(clickhouse.url, db, label=refresh_label(db))  # its own check does not count
+    assert not refresh_running(checking)
     with another_refresh_running(clickhouse, db):
-        assert refresh_aggregates(refreshing, unless_within_s=0) == 0
-        assert totals(clickhouse) == []
-    with another_refresh_running(clickhouse, db):
-        assert refresh_aggregates(refreshing) > 0
-    assert totals(clickhouse) == want(rows)
-    more = events(100, seed=14)
-    clickhouse.insert_events(more)
+        assert refresh_running(checking)
+    with another_refresh_running(clickhouse, db, HELD_5_S.replace("SELECT sleepEachRow(1) FROM numbers(5)", "SELECT count() FROM system.processes WHERE 0 IN "
+                                                                         "(SELECT sleepEachRow(1) FROM numbers(5))")):
+        assert refresh_running(checking)  # a refresh's watermark
+    with another_refresh_running(clickhouse, db, HELD_5_S.replace(
+            "SELECT sleepEachRow(1) FROM numbers(5)", "SELECT count() AS refreshes_running FROM system.processes "
+                                                      "WHERE 0 IN (SELECT sleepEachRow(1) FROM numbers(5))")):
+        assert not refresh_running(checking)  # another writer's check: else two checking together both step aside
     with another_refresh_running(clickhouse, f"other_{db}"):
-        assert refresh_aggregates(refreshing, unless_within_s=0) > 0
-    assert totals(clickhouse) == want(rows + more)
-    last = events(100, seed=15)
-    clickhouse.insert_events(last)
-    # another writer's check of the process list (or its watermark): were it counted, two
-    # writers checking at the same moment would both step aside
-    with another_refresh_running(clickhouse, db, HELD_5_S.replace("numbers(5)", "numbers(5) WHERE 0 = (SELECT "
-                                                                  "count() FROM system.processes WHERE 0)")):
-        assert refresh_aggregates(refreshing, unless_within_s=0) > 0
-    assert totals(clickhouse) == want(rows + more + last)
+        assert not refresh_running(checking)
 
 
 class HeldInsert:
