@@ -73,9 +73,11 @@ _VARYING_DEFAULT = re.compile(r"now|today|rand|uuid", re.IGNORECASE)
 class ClickHouse:
     """The few operations gatewatch needs, the same on chdb and on a server."""
 
-    def __init__(self, url: str, database: str = "gatewatch"):
+    def __init__(self, url: str, database: str = "gatewatch", label: str = ""):
         self.url = url
         self.database = database
+        self.prefix = f"/* {label} */ " if label else ""
+        """Starts every statement: says who runs it to readers of system.processes (refresh_label)."""
         parsed = urlparse(url)
         # chdb's statements and Arrow transport, in this process or in the machine's chdb host
         self.embedded = parsed.scheme in ("chdb", HOST_SCHEME)
@@ -107,12 +109,14 @@ class ClickHouse:
             )
 
     def execute(self, sql: str) -> None:
+        sql = self.prefix + sql
         if self.embedded:
             self._session().query(sql)
         else:
             self._client.execute(sql)
 
     def rows(self, sql: str) -> list[tuple]:
+        sql = self.prefix + sql
         if self.embedded:
             data = self._session().query(sql, "Arrow").bytes()
             import pyarrow.ipc as ipc
@@ -318,7 +322,7 @@ def refresh_aggregates(client: "ClickHouse", raw_days: int = 30, chunk: int = 20
     With unless_within_s, nothing is done (0) when any writer's refresh stored a watermark that
     recent (refresh_watermark; at most an insert's duration before its start):
     a refresh covers every writer's rows, so writers sharing a database (a chdb host, a server)
-    would otherwise each redo the others' keys.
+    would otherwise each redo the others' keys (one running now: ClickHouseWriter, refresh_running).
 
     Exactly once by construction: an aggregate row is the absolute total of the distinct
     events of its key (events read FINAL, restricted to the touched orgs' hours) and
@@ -380,6 +384,30 @@ def refresh_watermark(client: "ClickHouse") -> tuple[int, int]:
         (now,), = client.rows("SELECT toUnixTimestamp64Milli(now64(3))")
         return int(now), int(now) - REFRESH_LOOK_BACK_S * 1000
     return int(now), min(int(now), int(oldest))
+
+
+def refresh_label(database: str) -> str:
+    """The label of the writers' refresh clients (ClickHouse(label=...)), the comment that starts
+    each of their statements: what refresh_running looks for."""
+    return f"gatewatch aggregate refresh of {database}"
+
+
+_RUNNING_CHECK = "SELECT count() AS refreshes_running FROM system.processes"
+
+
+def refresh_running(client: "ClickHouse") -> bool:
+    """Whether a statement of a refresh of client's database is running, other than this check
+    (two writers checking at the same moment would both step aside). Two flow processes
+    started together refreshed together, both recomputing every key (ops/bench/FINDINGS.md).
+    Nothing is seen running where system.processes cannot be read (refresh_watermark logs it)."""
+    label = f"/* {refresh_label(client.database)} */"
+    try:
+        (running,), = client.rows(
+            f"{_RUNNING_CHECK} WHERE startsWith(query, {sql_string(label)}) "
+            f"AND NOT startsWith(query, {sql_string(f'{label} {_RUNNING_CHECK}')})")
+    except Exception:  # noqa: BLE001 - a refresh beside another costs CPU, not correctness
+        return False
+    return running > 0
 
 
 def events_insert_pattern(database: str) -> str:
@@ -631,8 +659,8 @@ class ClickHouseWriter:
     """The ClickHouse sink's writer: batches keyed by database, one insert each into
     ``table`` (events or feedback); rows the server refuses for good go to the DLQ. After
     events it recomputes the usage aggregates of the hours written, at most once per
-    ``aggregate_interval_s`` on a thread of its own, and once more when the flow ends
-    (``close``), on the caller's."""
+    ``aggregate_interval_s`` on a thread of its own (also when no batch came for an interval:
+    the last ones' rows), and once more when the flow ends (``close``), on the caller's."""
 
     def __init__(self, url: str, retry: Retry, dead_letters: DeadLetters, *, raw_days: int, aggregate_days: int,
                  aggregate_interval_s: float, lateness_s: float, table: str = "events"):
@@ -648,7 +676,10 @@ class ClickHouseWriter:
         self.clients: dict[str, ClickHouse] = {}
         self.refreshed_at = time.monotonic()
         self.refresher: threading.Thread | None = None
-        """Runs the periodic refreshes, one at a time, started with the first one."""
+        """Runs the periodic refreshes, one at a time, started with the first batch."""
+        self.turn = threading.Lock()
+        """Held to start a refresh: batches, the refresher's own clock and close take turns."""
+        self.closed = False
         self.refresh_due = threading.Event()
         self.refresh_idle = threading.Event()
         self.refresh_idle.set()
@@ -666,28 +697,45 @@ class ClickHouseWriter:
 
     def refresh(self, force: bool = False) -> None:
         """Recompute the usage aggregates of the hours written since the last refresh (anyone's:
-        a periodic refresh is skipped when another writer of the database did one this interval).
+        a periodic refresh is skipped when another writer of the database did one this interval,
+        keys 0 in its log line, or is doing one, and then tried half an interval later).
         A periodic refresh runs on the refresher thread, beside the inserts: it takes seconds with
         thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). A
         forced one waits for it, then runs on the caller's thread."""
-        if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
+        if self.table != "events":
             return
-        if force:
-            self.refresh_idle.wait()
-            self.refresh_databases(list(self.clients), unless_within_s=None)
-        elif self.refresh_idle.is_set():
-            self.refresh_idle.clear()
-            self.pending = list(self.clients)
+        with self.turn:
+            if force:
+                self.refresh_idle.wait()
+                self.refresh_databases(list(self.clients), unless_within_s=None)
+                self.refreshed_at = time.monotonic()
+                return
             if self.refresher is None:
                 self.refresher = threading.Thread(target=self.refresh_periodically, name="clickhouse-refresh",
                                                   daemon=True)
                 self.refresher.start()
+            self.start_periodic_refresh()
+
+    def start_periodic_refresh(self) -> None:
+        """Mark a periodic refresh due when an interval has passed since the last and none is
+        running (called holding turn)."""
+        if time.monotonic() - self.refreshed_at >= self.aggregate_interval_s and self.refresh_idle.is_set():
+            self.refresh_idle.clear()
+            self.pending = list(self.clients)
+            self.refreshed_at = time.monotonic()
             self.refresh_due.set()
-        self.refreshed_at = time.monotonic()
 
     def refresh_periodically(self) -> None:
         while True:
-            self.refresh_due.wait()
+            # Batches start refreshes; after the last batch of a burst none comes, and its rows'
+            # aggregates would wait for the next burst (the brief: usage visible within 2 minutes).
+            if not self.refresh_due.wait(timeout=self.aggregate_interval_s or None):
+                with self.turn:
+                    self.start_periodic_refresh()
+                continue
+            if self.closed:
+                self.refresh_idle.set()  # a refresh marked due after close will not run
+                return
             self.refresh_due.clear()
             try:
                 self.refresh_databases(self.pending, unless_within_s=self.aggregate_interval_s)
@@ -697,8 +745,16 @@ class ClickHouseWriter:
     def refresh_databases(self, databases: list[str], unless_within_s: float | None) -> None:
         for database in databases:
             if database not in self.refresh_clients:
-                self.refresh_clients[database] = self.retry("clickhouse", lambda: ClickHouse(self.url, database))
+                self.refresh_clients[database] = self.retry(
+                    "clickhouse", lambda: ClickHouse(self.url, database, label=refresh_label(database)))
             client = self.refresh_clients[database]
+            if unless_within_s is not None and self.retry("clickhouse_aggregates", lambda: refresh_running(client)):
+                # Another writer's covers our rows so far. Ours comes half an interval later, where
+                # that one's watermark is recent: the writers' clocks stop running in step, each
+                # batch-started within a second of the other's.
+                self.refreshed_at = time.monotonic() - self.aggregate_interval_s / 2
+                log.info("aggregate refresh left to another writer's, running", extra={"database": database})
+                continue
 
             def refresh_once() -> tuple[int, float]:  # timed per attempt: no retry's backoff in it
                 started = time.monotonic()
@@ -708,6 +764,7 @@ class ClickHouseWriter:
             keys, seconds = self.retry("clickhouse_aggregates", refresh_once)
             if keys:
                 observe_refresh(keys, seconds)
+            log.info("aggregates refreshed", extra={"database": database, "keys": keys, "seconds": round(seconds, 3)})
 
     def __call__(self, batches: list[tuple[str, list]]) -> None:
         """Batches keyed by database: of EventBlocks (events, each block's table shared with
@@ -734,3 +791,6 @@ class ClickHouseWriter:
 
     def close(self) -> None:
         self.refresh(force=True)
+        with self.turn:
+            self.closed = True
+            self.refresh_due.set()

@@ -12,10 +12,12 @@ import pytest
 
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
+from tests.test_event_blocks import HELD_5_S
 from schemas.pricing import with_cost
 import sinks.clickhouse
 from sinks.clickhouse import (AGGREGATE_KEYS, REFRESH_LOOK_BACK_S, ClickHouse, close_chdb, events_insert_pattern,
-                              latest_rows, refresh_aggregates, refresh_watermark, sql_string)
+                              latest_rows, refresh_aggregates, refresh_label, refresh_running, refresh_watermark,
+                              sql_string)
 
 HOUR_MS = 3_600_000
 FLAGS = (["jailbreak"], [], ["pii_leak", "jailbreak"], [])
@@ -182,6 +184,43 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
     assert totals(clickhouse) == want(first)
     assert refresh_aggregates(clickhouse, unless_within_s=0) > 0
     assert totals(clickhouse) == want(first + second)
+
+
+@contextlib.contextmanager
+def another_refresh_running(client: ClickHouse, database: str, statement: str = HELD_5_S):
+    """A statement of another writer's refresh of database (on a client labelled as the writers'
+    refresh clients are), running for 5 s."""
+    import threading
+
+    other = threading.Thread(target=ClickHouse(client.url, database, label=refresh_label(database)).rows,
+                             args=(statement,))
+    other.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%' "
+                              "AND query_id != queryID()")[0][0]:
+            assert time.monotonic() < deadline, "the other refresh never showed in system.processes"
+            time.sleep(0.05)
+        yield
+    finally:
+        other.join()
+
+
+def test_a_refresh_is_seen_running_by_its_statements_and_not_by_another_writers_check(clickhouse):
+    db = clickhouse.database
+    checking = ClickHouse(clickhouse.url, db, label=refresh_label(db))  # its own check does not count
+    assert not refresh_running(checking)
+    with another_refresh_running(clickhouse, db):
+        assert refresh_running(checking)
+    with another_refresh_running(clickhouse, db, HELD_5_S.replace("SELECT sleepEachRow(1) FROM numbers(5)", "SELECT count() FROM system.processes WHERE 0 IN "
+                                                                         "(SELECT sleepEachRow(1) FROM numbers(5))")):
+        assert refresh_running(checking)  # a refresh's watermark
+    with another_refresh_running(clickhouse, db, HELD_5_S.replace(
+            "SELECT sleepEachRow(1) FROM numbers(5)", "SELECT count() AS refreshes_running FROM system.processes "
+                                                      "WHERE 0 IN (SELECT sleepEachRow(1) FROM numbers(5))")):
+        assert not refresh_running(checking)  # another writer's check: else two checking together both step aside
+    with another_refresh_running(clickhouse, f"other_{db}"):
+        assert not refresh_running(checking)
 
 
 class HeldInsert:

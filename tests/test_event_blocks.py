@@ -379,3 +379,73 @@ def test_each_refresh_that_recomputes_keys_reports_them_and_its_duration(tmp_pat
     assert returned and returned[-1] == len(distinct)
     assert recorded.keys == [keys for keys in returned if keys] and len(recorded.seconds) == len(recorded.keys)
     assert all(seconds > 0 for seconds in recorded.seconds)
+
+
+HELD_5_S = "SELECT sleepEachRow(1) FROM numbers(5) SETTINGS max_block_size = 1"
+"""A statement that runs 5 s (ClickHouse sleeps at most 3 s per block)."""
+
+
+def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_keys_once(tmp_path, monkeypatch, caplog):
+    """Two flows started together refresh together: the second to start finds the first's
+    statements in the process list and leaves the keys to it."""
+    import threading
+    import time
+
+    import sinks.clickhouse as clickhouse
+
+    url, returned, first_started = f"chdb://{tmp_path / 'chdb'}", [], threading.Event()
+    real_refresh = clickhouse.refresh_aggregates
+    caplog.set_level("INFO", logger="sinks.clickhouse")
+
+    def first_refresh_slow_to_start(client, *args, **kwargs):
+        if not first_started.is_set():
+            first_started.set()
+            client.rows(HELD_5_S)  # the refresh's first statement, on its own labelled client
+        returned.append(real_refresh(client, *args, **kwargs))
+        return returned[-1]
+
+    monkeypatch.setattr(clickhouse, "refresh_aggregates", first_refresh_slow_to_start)
+    now_ms = int(time.time() * 1000)
+    rows = [dict(event, event_id=f"once-{n}", event_time=now_ms - n) for n, event in enumerate(events(40))]
+    first, second = (ClickHouseWriter(url, retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30, aggregate_days=365,
+                                      aggregate_interval_s=0, lateness_s=60) for _ in range(2))
+    try:
+        first([("shared", event_blocks(rows[:20]))])
+        assert first_started.wait(30)
+        watcher = ClickHouse(url, "shared")
+        deadline = time.monotonic() + 10
+        while not watcher.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%' "
+                               "AND query_id != queryID()")[0][0]:
+            assert time.monotonic() < deadline, "the first refresh never showed in system.processes"
+            time.sleep(0.05)
+        second([("shared", event_blocks(rows[20:]))])
+        assert second.refresh_idle.wait(30) and first.refresh_idle.wait(30)
+        distinct = {(row["org_id"], row["event_time"] // 3_600_000, row["user_id"]) for row in rows}
+        assert returned == [len(distinct)]  # the first's, with the second's rows: they came while it held
+        assert "aggregate refresh left to another writer's, running" in caplog.text
+        (requests,), = watcher.rows("SELECT sum(requests) FROM shared.usage_daily FINAL")
+        assert requests == 40
+    finally:
+        close_chdb()
+
+
+def test_the_last_batch_before_a_quiet_spell_is_aggregated_within_an_interval(tmp_path):
+    """Batches start the periodic refreshes; with none after it, the last one's rows are
+    refreshed by the refresher's own clock, not left until the next batch or the flow's end."""
+    import time
+
+    now_ms = int(time.time() * 1000)
+    rows = [dict(event, event_id=f"tail-{n}", event_time=now_ms - n) for n, event in enumerate(events(30))]
+    writer = ClickHouseWriter(f"chdb://{tmp_path / 'chdb'}", retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30,
+                              aggregate_days=365, aggregate_interval_s=1, lateness_s=60)
+    try:
+        writer([("tail", event_blocks(rows))])  # within the first interval: no refresh due yet
+        reader, deadline = ClickHouse(writer.url, "tail"), time.monotonic() + 30
+        while reader.rows("SELECT sum(requests) FROM tail.usage_daily FINAL") != [(30,)]:
+            assert time.monotonic() < deadline, "no refresh without another batch"
+            time.sleep(0.2)
+        writer.close()
+        writer.refresher.join(10)
+        assert not writer.refresher.is_alive()
+    finally:
+        close_chdb()
