@@ -212,6 +212,11 @@ class HostSession:
             except OSError as exc:
                 self._drop()
                 raise HostGone(f"chdb host at {self.socket_path} went away during {OP_NAMES[op]}: {exc}") from exc
+            except BaseException:
+                # Interrupted between request and reply (a flow stopped by a signal): the reply
+                # would answer the connection's next request, the close's aggregate refresh.
+                self._drop()
+                raise
             if reply is None:
                 self._drop()
                 raise HostGone(f"chdb host at {self.socket_path} closed the connection during {OP_NAMES[op]}")

@@ -125,6 +125,28 @@ def test_a_refused_statement_is_chdbs_error_and_the_connection_goes_on(host):
     assert "no_such_table" not in json.dumps(failed)  # the statement's text stays out of the log
 
 
+def test_a_request_interrupted_before_its_reply_leaves_no_reply_for_the_next(host):
+    """A flow stopped by SIGINT while waiting for a reply: the refresh its close runs next got
+    that reply (a watermark read a row of one column, and the refresh failed until the end)."""
+
+    class Stopped(BaseException):
+        pass
+
+    def stop(*_):
+        raise Stopped
+
+    session = HostSession(str(host.socket_path))
+    previous = signal.signal(signal.SIGALRM, stop)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(Stopped):
+            session.query("SELECT 'late reply' FROM numbers(1) WHERE sleepEachRow(2) = 0", "CSV")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert session.query("SELECT 'next reply'", "CSV").bytes() == b'"next reply"\n'
+
+
 def test_a_host_killed_mid_run_fails_the_client_clearly_and_a_restart_keeps_every_acknowledged_row(tmp_path):
     url, sock, log = f"chdb://{tmp_path / 'db'}", tmp_path / "host.sock", tmp_path / "host.log"
     host = start_host(url, sock, log)
