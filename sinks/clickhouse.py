@@ -734,7 +734,6 @@ class ClickHouseWriter:
                     self.start_periodic_refresh()
                 continue
             if self.closed:
-                self.refresh_idle.set()  # a refresh marked due after close will not run
                 return
             self.refresh_due.clear()
             try:
