@@ -659,8 +659,8 @@ class ClickHouseWriter:
     """The ClickHouse sink's writer: batches keyed by database, one insert each into
     ``table`` (events or feedback); rows the server refuses for good go to the DLQ. After
     events it recomputes the usage aggregates of the hours written, at most once per
-    ``aggregate_interval_s`` on a thread of its own (also when no batch came for an interval:
-    the last ones' rows), and once more when the flow ends (``close``), on the caller's."""
+    ``aggregate_interval_s`` on a thread of its own, and once more when the flow ends
+    (``close``), on the caller's."""
 
     def __init__(self, url: str, retry: Retry, dead_letters: DeadLetters, *, raw_days: int, aggregate_days: int,
                  aggregate_interval_s: float, lateness_s: float, table: str = "events"):
@@ -676,10 +676,7 @@ class ClickHouseWriter:
         self.clients: dict[str, ClickHouse] = {}
         self.refreshed_at = time.monotonic()
         self.refresher: threading.Thread | None = None
-        """Runs the periodic refreshes, one at a time, started with the first batch."""
-        self.turn = threading.Lock()
-        """Held to start a refresh: batches, the refresher's own clock and close take turns."""
-        self.closed = False
+        """Runs the periodic refreshes, one at a time, started with the first one."""
         self.refresh_due = threading.Event()
         self.refresh_idle = threading.Event()
         self.refresh_idle.set()
@@ -702,39 +699,24 @@ class ClickHouseWriter:
         A periodic refresh runs on the refresher thread, beside the inserts: it takes seconds with
         thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). A
         forced one waits for it, then runs on the caller's thread."""
-        if self.table != "events":
+        if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
             return
-        with self.turn:
-            if force:
-                self.refresh_idle.wait()
-                self.refresh_databases(list(self.clients), unless_within_s=None)
-                self.refreshed_at = time.monotonic()
-                return
+        if force:
+            self.refresh_idle.wait()
+            self.refresh_databases(list(self.clients), unless_within_s=None)
+        elif self.refresh_idle.is_set():
+            self.refresh_idle.clear()
+            self.pending = list(self.clients)
             if self.refresher is None:
                 self.refresher = threading.Thread(target=self.refresh_periodically, name="clickhouse-refresh",
                                                   daemon=True)
                 self.refresher.start()
-            self.start_periodic_refresh()
-
-    def start_periodic_refresh(self) -> None:
-        """Mark a periodic refresh due when an interval has passed since the last and none is
-        running (called holding turn)."""
-        if time.monotonic() - self.refreshed_at >= self.aggregate_interval_s and self.refresh_idle.is_set():
-            self.refresh_idle.clear()
-            self.pending = list(self.clients)
-            self.refreshed_at = time.monotonic()
             self.refresh_due.set()
+        self.refreshed_at = time.monotonic()
 
     def refresh_periodically(self) -> None:
         while True:
-            # Batches start refreshes; after the last batch of a burst none comes, and its rows'
-            # aggregates would wait for the next burst (the brief: usage visible within 2 minutes).
-            if not self.refresh_due.wait(timeout=self.aggregate_interval_s or None):
-                with self.turn:
-                    self.start_periodic_refresh()
-                continue
-            if self.closed:
-                return
+            self.refresh_due.wait()
             self.refresh_due.clear()
             try:
                 self.refresh_databases(self.pending, unless_within_s=self.aggregate_interval_s)
@@ -790,6 +772,3 @@ class ClickHouseWriter:
 
     def close(self) -> None:
         self.refresh(force=True)
-        with self.turn:
-            self.closed = True
-            self.refresh_due.set()

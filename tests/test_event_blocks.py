@@ -427,25 +427,3 @@ def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_ke
         assert requests == 40
     finally:
         close_chdb()
-
-
-def test_the_last_batch_before_a_quiet_spell_is_aggregated_within_an_interval(tmp_path):
-    """Batches start the periodic refreshes; with none after it, the last one's rows are
-    refreshed by the refresher's own clock, not left until the next batch or the flow's end."""
-    import time
-
-    now_ms = int(time.time() * 1000)
-    rows = [dict(event, event_id=f"tail-{n}", event_time=now_ms - n) for n, event in enumerate(events(30))]
-    writer = ClickHouseWriter(f"chdb://{tmp_path / 'chdb'}", retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30,
-                              aggregate_days=365, aggregate_interval_s=1, lateness_s=60)
-    try:
-        writer([("tail", event_blocks(rows))])  # within the first interval: no refresh due yet
-        reader, deadline = ClickHouse(writer.url, "tail"), time.monotonic() + 30
-        while reader.rows("SELECT sum(requests) FROM tail.usage_daily FINAL") != [(30,)]:
-            assert time.monotonic() < deadline, "no refresh without another batch"
-            time.sleep(0.2)
-        writer.close()
-        writer.refresher.join(10)
-        assert not writer.refresher.is_alive()
-    finally:
-        close_chdb()
