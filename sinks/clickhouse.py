@@ -701,6 +701,7 @@ class ClickHouseWriter:
         forced one waits for it, then runs on the caller's thread."""
         if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
             return
+        self.refreshed_at = time.monotonic()  # before the refresher may move it (refresh_databases)
         if force:
             self.refresh_idle.wait()
             self.refresh_databases(list(self.clients), unless_within_s=None)
@@ -712,7 +713,6 @@ class ClickHouseWriter:
                                                   daemon=True)
                 self.refresher.start()
             self.refresh_due.set()
-        self.refreshed_at = time.monotonic()
 
     def refresh_periodically(self) -> None:
         while True:
