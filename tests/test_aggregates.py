@@ -7,6 +7,8 @@ import time
 import uuid
 from collections import Counter
 from decimal import Decimal
+from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -114,13 +116,22 @@ def test_views_read_the_aggregates(clickhouse):
         f"AND name != 'feedback_metrics'")).replace("usage_daily FINAL", "").replace("usage_hourly FINAL", "")
 
 
-def test_an_existing_deployment_moves_over_on_migration_and_first_refresh(tmp_path, monkeypatch):
+def earlier_migrations(tmp_path: Path, applied_before: Callable[[str], bool]) -> Path:
+    """A copy of the migrations whose stem applied_before accepts: the migrations of a deployment
+    made before the others, for the tests that it moves over when they come."""
     import sinks.clickhouse as module
-    before = tmp_path / "before_050"
+
+    before = tmp_path / "migrations_before"
     before.mkdir()
     for path in sorted(module.MIGRATIONS_DIR.glob("*.sql")):
-        if path.stem < "050":
+        if applied_before(path.stem):
             (before / path.name).write_text(path.read_text())
+    return before
+
+
+def test_an_existing_deployment_moves_over_on_migration_and_first_refresh(tmp_path, monkeypatch):
+    import sinks.clickhouse as module
+    before = earlier_migrations(tmp_path, lambda stem: stem < "050")
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing")
     try:
         monkeypatch.setattr(module, "MIGRATIONS_DIR", before)

@@ -10,7 +10,7 @@ import pytest
 
 from ops.status import usage_lines
 from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, refresh_aggregates
-from tests.test_aggregates import HOUR_MS, events
+from tests.test_aggregates import HOUR_MS, earlier_migrations, events
 
 TOKENS = "sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), sum(cache_write_tokens)"
 
@@ -59,11 +59,8 @@ def test_the_rollup_holds_the_daily_totals_once_whatever_the_duplicates_and_late
 
 def test_an_existing_deployment_gets_its_rollup_on_migration(tmp_path, monkeypatch):
     import sinks.clickhouse as module
-    before = tmp_path / "before_060"
-    before.mkdir()
-    for path in sorted(module.MIGRATIONS_DIR.glob("*.sql")):
-        if path.stem not in ("060_model_daily", "090_model_monthly"):  # 070s too: today's refresh needs them
-            (before / path.name).write_text(path.read_text())
+    # with the 070s: today's refresh needs them
+    before = earlier_migrations(tmp_path, lambda stem: stem not in ("060_model_daily", "090_model_monthly"))
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing_md")
     try:
         monkeypatch.setattr(module, "MIGRATIONS_DIR", before)

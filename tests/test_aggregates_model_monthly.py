@@ -12,7 +12,7 @@ import pytest
 from ops.bench.history import dashboard_queries
 from ops.privacy import gdpr
 from sinks.clickhouse import ClickHouse, close_chdb, refresh_aggregates
-from tests.test_aggregates import HOUR_MS, events
+from tests.test_aggregates import HOUR_MS, earlier_migrations, events
 
 TOTALS = ("sum(requests), sum(errors), sum(input_tokens), sum(output_tokens), sum(cache_read_tokens), "
           "sum(cache_write_tokens), sum(cost_usd), sum(latency_ms_sum), "
@@ -112,11 +112,7 @@ def test_forgetting_a_user_rolls_its_months_up_again_without_it(clickhouse):
 
 def test_an_existing_deployment_gets_its_monthly_rollup_on_migration(tmp_path, monkeypatch):
     import sinks.clickhouse as module
-    before = tmp_path / "before_090"
-    before.mkdir()
-    for path in sorted(module.MIGRATIONS_DIR.glob("*.sql")):
-        if path.stem != "090_model_monthly":
-            (before / path.name).write_text(path.read_text())
+    before = earlier_migrations(tmp_path, lambda stem: stem != "090_model_monthly")
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing_mm")
     try:
         monkeypatch.setattr(module, "MIGRATIONS_DIR", before)

@@ -13,6 +13,7 @@ import pytest
 from ops.bench.history import planned_reads
 from ops.privacy import gdpr
 from sinks.clickhouse import ClickHouse, close_chdb, month_usage_before, month_usage_sql, refresh_aggregates, sql_string
+from tests.test_aggregates import earlier_migrations
 from tests.test_aggregates_model_monthly import across_two_months
 
 KINDS = ("requests", "input", "output", "cache_read", "cache_write")
@@ -99,11 +100,7 @@ def test_a_lookup_reads_the_granules_of_the_users_asked_not_their_orgs_month(cli
 
 def test_an_existing_deployment_gets_its_bases_copy_on_migration(tmp_path, monkeypatch):
     import sinks.clickhouse as module
-    before = tmp_path / "before_120"
-    before.mkdir()
-    for path in sorted(module.MIGRATIONS_DIR.glob("*.sql")):
-        if path.stem < "120":
-            (before / path.name).write_text(path.read_text())
+    before = earlier_migrations(tmp_path, lambda stem: stem < "120")
     client = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "existing_mb")
     try:
         monkeypatch.setattr(module, "MIGRATIONS_DIR", before)
