@@ -729,10 +729,10 @@ class ClickHouseWriter:
                 self.refresh_clients[database] = self.retry(
                     "clickhouse", lambda: ClickHouse(self.url, database, label=refresh_label(database)))
             client = self.refresh_clients[database]
-            if unless_within_s is not None and self.retry("clickhouse_aggregates", lambda: refresh_running(client)):
-                # Another writer's covers our rows so far. Ours comes half an interval later, where
-                # that one's watermark is recent: the writers' clocks stop running in step, each
-                # batch-started within a second of the other's.
+            if unless_within_s is not None and refresh_running(client):
+                # That refresh covers every writer's rows up to its watermark. Ours comes half an
+                # interval later, where its watermark is recent: the writers' clocks, each started
+                # by a batch within a second of the other's, stop running in step.
                 self.refreshed_at = time.monotonic() - self.aggregate_interval_s / 2
                 log.info("aggregate refresh left to another writer's, running", extra={"database": database})
                 continue
