@@ -14,7 +14,7 @@ import pytest
 
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
-from tests.test_event_blocks import HELD_5_S
+from tests.test_chdb_session import running_in_background
 from schemas.pricing import with_cost
 import sinks.clickhouse
 from sinks.clickhouse import (AGGREGATE_KEYS, REFRESH_LOOK_BACK_S, ClickHouse, close_chdb, events_insert_pattern,
@@ -198,23 +198,18 @@ def test_a_periodic_refresh_is_skipped_after_another_writers_recent_one_and_a_fo
 
 
 @contextlib.contextmanager
-def another_refresh_running(client: ClickHouse, database: str, statement: str = HELD_5_S):
+def another_refresh_running(client: ClickHouse, database: str, around: str = "{}"):
     """A statement of another writer's refresh of database (on a client labelled as the writers'
-    refresh clients are), running for 5 s."""
-    import threading
-
-    other = threading.Thread(target=ClickHouse(client.url, database, label=refresh_label(database)).rows,
-                             args=(statement,))
-    other.start()
+    refresh clients are), running for 5 s; around as in running_in_background."""
+    other = running_in_background(ClickHouse(client.url, database, label=refresh_label(database)), 5, [], around)
     try:
-        deadline = time.monotonic() + 10
-        while not client.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%' "
-                              "AND query_id != queryID()")[0][0]:
-            assert time.monotonic() < deadline, "the other refresh never showed in system.processes"
-            time.sleep(0.05)
         yield
     finally:
         other.join()
+
+
+A_WATERMARK_READ = "SELECT count() FROM system.processes WHERE 0 IN ({})"
+ANOTHER_WRITERS_CHECK = "SELECT count() AS refreshes_running FROM system.processes WHERE 0 IN ({})"
 
 
 def test_a_refresh_is_seen_running_by_its_statements_and_not_by_another_writers_check(clickhouse):
@@ -223,13 +218,10 @@ def test_a_refresh_is_seen_running_by_its_statements_and_not_by_another_writers_
     assert not refresh_running(checking)
     with another_refresh_running(clickhouse, db):
         assert refresh_running(checking)
-    with another_refresh_running(clickhouse, db, HELD_5_S.replace("SELECT sleepEachRow(1) FROM numbers(5)", "SELECT count() FROM system.processes WHERE 0 IN "
-                                                                         "(SELECT sleepEachRow(1) FROM numbers(5))")):
-        assert refresh_running(checking)  # a refresh's watermark
-    with another_refresh_running(clickhouse, db, HELD_5_S.replace(
-            "SELECT sleepEachRow(1) FROM numbers(5)", "SELECT count() AS refreshes_running FROM system.processes "
-                                                      "WHERE 0 IN (SELECT sleepEachRow(1) FROM numbers(5))")):
-        assert not refresh_running(checking)  # another writer's check: else two checking together both step aside
+    with another_refresh_running(clickhouse, db, A_WATERMARK_READ):
+        assert refresh_running(checking)
+    with another_refresh_running(clickhouse, db, ANOTHER_WRITERS_CHECK):
+        assert not refresh_running(checking)  # else two writers checking together both step aside
     with another_refresh_running(clickhouse, f"other_{db}"):
         assert not refresh_running(checking)
 

@@ -10,18 +10,19 @@ from sinks.clickhouse import ClickHouse, close_chdb, to_table
 from tests.test_clickhouse_insert import events
 
 
-def running_in_background(client: ClickHouse, rows: int, answer: list) -> threading.Thread:
+def running_in_background(client: ClickHouse, rows: int, answer: list, around: str = "{}") -> threading.Thread:
     """A thread running a statement that sleeps a second per row (chdb caps one block's sleep
     at 3 s) and puts its rows in answer, returned once this thread has seen it in
     system.processes: an answer this thread gets only if its statements are not queued behind
-    that one."""
+    that one. around is the statement, with {} where the sleeping SELECT goes (a subquery)."""
     tag = f"long-{uuid4().hex}"
-    sql = f"SELECT sleepEachRow(1) FROM numbers({rows}) SETTINGS max_block_size = 1 /* {tag} */"
+    sleeping = f"SELECT sleepEachRow(1) FROM numbers({rows})"
+    sql = f"{around.format(sleeping)} SETTINGS max_block_size = 1 /* {tag} */"
     thread = threading.Thread(target=lambda: answer.extend(client.rows(sql)))
     thread.start()
     while thread.is_alive():
         if client.rows(f"SELECT count() FROM system.processes "
-                       f"WHERE query LIKE '%{tag}%' AND query NOT LIKE '%system.processes%'") == [(1,)]:
+                       f"WHERE query LIKE '%{tag}%' AND query_id != queryID()") == [(1,)]:
             return thread
     raise AssertionError("the statement ended before another thread saw it run: the threads took turns")
 

@@ -24,6 +24,7 @@ from sinks.parquet import (ARROW_SCHEMA, COLUMNS_SINCE, BlockBatcher, EventBlock
                            ParquetWriter, TableRows, blocks_and_events, event_blocks, events_of, file_name,
                            file_name_of_table, partition_of, priced_table, to_table)
 from sinks.retry import retry_policy
+from tests.test_chdb_session import running_in_background
 from tests.test_clickhouse_insert import events
 
 
@@ -381,10 +382,6 @@ def test_each_refresh_that_recomputes_keys_reports_them_and_its_duration(tmp_pat
     assert all(seconds > 0 for seconds in recorded.seconds)
 
 
-HELD_5_S = "SELECT sleepEachRow(1) FROM numbers(5) SETTINGS max_block_size = 1"
-"""A statement that runs 5 s (ClickHouse sleeps at most 3 s per block)."""
-
-
 def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_keys_once(tmp_path, monkeypatch, caplog):
     """Two flows started together refresh together: the second to start finds the first's
     statements in the process list and leaves the keys to it."""
@@ -393,14 +390,15 @@ def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_ke
 
     import sinks.clickhouse as clickhouse
 
-    url, returned, first_started = f"chdb://{tmp_path / 'chdb'}", [], threading.Event()
+    url, returned, first_held = f"chdb://{tmp_path / 'chdb'}", [], threading.Event()
     real_refresh = clickhouse.refresh_aggregates
     caplog.set_level("INFO", logger="sinks.clickhouse")
 
     def first_refresh_slow_to_start(client, *args, **kwargs):
-        if not first_started.is_set():
-            first_started.set()
-            client.rows(HELD_5_S)  # the refresh's first statement, on its own labelled client
+        if not first_held.is_set():
+            held = running_in_background(client, 5, [])  # the refresh's first statement, on its labelled client
+            first_held.set()
+            held.join()
         returned.append(real_refresh(client, *args, **kwargs))
         return returned[-1]
 
@@ -411,19 +409,13 @@ def test_writers_of_one_database_whose_refreshes_start_together_recompute_its_ke
                                       aggregate_interval_s=0, lateness_s=60) for _ in range(2))
     try:
         first([("shared", event_blocks(rows[:20]))])
-        assert first_started.wait(30)
-        watcher = ClickHouse(url, "shared")
-        deadline = time.monotonic() + 10
-        while not watcher.rows("SELECT count() FROM system.processes WHERE query LIKE '%sleepEachRow%' "
-                               "AND query_id != queryID()")[0][0]:
-            assert time.monotonic() < deadline, "the first refresh never showed in system.processes"
-            time.sleep(0.05)
+        assert first_held.wait(30)
         second([("shared", event_blocks(rows[20:]))])
         assert second.refresh_idle.wait(30) and first.refresh_idle.wait(30)
         distinct = {(row["org_id"], row["event_time"] // 3_600_000, row["user_id"]) for row in rows}
         assert returned == [len(distinct)]  # the first's, with the second's rows: they came while it held
         assert "aggregate refresh left to another writer's, running" in caplog.text
-        (requests,), = watcher.rows("SELECT sum(requests) FROM shared.usage_daily FINAL")
+        (requests,), = ClickHouse(url, "shared").rows("SELECT sum(requests) FROM shared.usage_daily FINAL")
         assert requests == 40
     finally:
         close_chdb()
