@@ -12,9 +12,11 @@ less the steps' sum). ``time.thread_time`` costs ~0.3 µs, so a call costs ~1 µ
 Totals are kept in plain floats and reported to ``sinks.metrics`` once a second of wall
 time (a labelled increment per call would cost more than many of the calls):
 ``gatewatch_step_cpu_seconds{step}``, ``gatewatch_step_calls{step}``,
-``gatewatch_step_items{step}``, ``gatewatch_worker_cpu_seconds`` (the worker threads' CPU up
-to their latest step call) and ``gatewatch_gc_cpu_seconds`` (the cyclic GC, wherever it ran:
-also inside the steps it interrupted).
+``gatewatch_step_items{step}``, ``gatewatch_step_wall_seconds{step}`` (the wall time of its
+calls: its CPU, and its waits for a sink's server, which hold the worker as much),
+``gatewatch_worker_cpu_seconds`` (the worker threads' CPU up to their latest step call) and
+``gatewatch_gc_cpu_seconds`` (the cyclic GC, wherever it ran: also inside the steps it
+interrupted).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ REPORT_EVERY_S = 1.0
 
 
 class StepClock:
-    """CPU seconds, calls and items per step name, and each worker thread's CPU so far."""
+    """CPU seconds, calls, items and wall seconds per step name, and each worker thread's CPU so far."""
 
     def __init__(self, report_every_s: float = REPORT_EVERY_S):
         self.totals: dict[str, list[float]] = {}
@@ -52,24 +54,26 @@ class StepClock:
         self._gc_started: float | None = None
 
     def call(self, step: str, function: Callable, items: Any = None):
-        """``function()`` (or ``function(items)`` with items given), its CPU charged to step."""
-        started = time.thread_time()
+        """``function()`` (or ``function(items)`` with items given), its CPU and wall time charged to step."""
+        started, started_wall = time.thread_time(), time.perf_counter()
         try:
             return function(items) if items is not None else function()
         finally:
             ended = time.thread_time()
-            self.add(step, ended - started, len(items) if items is not None else 0, ended)
+            self.add(step, ended - started, len(items) if items is not None else 0, ended,
+                     time.perf_counter() - started_wall)
 
-    def add(self, step: str, cpu_s: float, items: int, thread_cpu_s: float) -> None:
+    def add(self, step: str, cpu_s: float, items: int, thread_cpu_s: float, wall_s: float) -> None:
         last = getattr(self._thread, "cpu_s", None)
         self._thread.cpu_s = thread_cpu_s
         with self._lock:  # the workers of a process (-w N) share the totals
             total = self.totals.get(step)
             if total is None:
-                total = self.totals[step] = [0.0, 0, 0]
+                total = self.totals[step] = [0.0, 0, 0, 0.0]
             total[0] += cpu_s
             total[1] += 1
             total[2] += items
+            total[3] += wall_s
             if last is not None:
                 self.worker_cpu_s += thread_cpu_s - last
         if time.monotonic() >= self._next_report:
@@ -80,8 +84,8 @@ class StepClock:
         with self._lock:
             self._next_report = time.monotonic() + self.report_every_s
             metrics = get_metrics()
-            for step, (cpu_s, calls, items) in list(self.totals.items()):
-                before = self.reported.setdefault(step, [0.0, 0, 0])
+            for step, (cpu_s, calls, items, wall_s) in list(self.totals.items()):
+                before = self.reported.setdefault(step, [0.0, 0, 0, 0.0])
                 tags = {"step": step}
                 if cpu_s > before[0]:
                     metrics.increment("gatewatch_step_cpu_seconds", cpu_s - before[0], tags=tags)
@@ -89,7 +93,9 @@ class StepClock:
                     metrics.increment("gatewatch_step_calls", calls - before[1], tags=tags)
                 if items > before[2]:
                     metrics.increment("gatewatch_step_items", items - before[2], tags=tags)
-                self.reported[step] = [cpu_s, calls, items]
+                if wall_s > before[3]:
+                    metrics.increment("gatewatch_step_wall_seconds", wall_s - before[3], tags=tags)
+                self.reported[step] = [cpu_s, calls, items, wall_s]
             if self.worker_cpu_s > self._worker_reported:
                 metrics.increment("gatewatch_worker_cpu_seconds", self.worker_cpu_s - self._worker_reported)
                 self._worker_reported = self.worker_cpu_s
@@ -133,10 +139,10 @@ class _TimedPolls:
         self._clock, self._step, self._inner = clock, step, inner
 
     def next_batch(self):
-        started = time.thread_time()
+        started, started_wall = time.thread_time(), time.perf_counter()
         batch = self._inner.next_batch()
         ended = time.thread_time()
-        self._clock.add(self._step, ended - started, len(batch), ended)
+        self._clock.add(self._step, ended - started, len(batch), ended, time.perf_counter() - started_wall)
         return batch
 
     def next_awake(self):

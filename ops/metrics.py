@@ -46,6 +46,9 @@ STEP_CPU_SECONDS = Counter("gatewatch_step_cpu_seconds", "Thread CPU seconds spe
 STEP_CALLS = Counter("gatewatch_step_calls", "Calls Bytewax made to a flow step (a keyed step: one per key and batch)",
                      ["step"])
 STEP_ITEMS = Counter("gatewatch_step_items", "Items handed to a flow step (a source: items it returned)", ["step"])
+STEP_WALL_SECONDS = Counter("gatewatch_step_wall_seconds",
+                            "Wall seconds inside a flow step's Python calls: its CPU and its waits (a sink's server)",
+                            ["step"])
 WORKER_CPU_SECONDS = Counter("gatewatch_worker_cpu_seconds",
                              "Thread CPU seconds of the flow's worker threads, up to their latest step call")
 AGGREGATE_KEYS = Counter("gatewatch_aggregate_keys", "(org, hour, user) keys the aggregate refreshes recomputed")
@@ -101,7 +104,7 @@ class PrometheusMetrics:
 configure_metrics(PrometheusMetrics(
     EVENTS, DLQ_RECORDS, DEDUPE_DROPS, LATE_EVENTS, TOKENS, QUOTA_ALERTS, SINK_WRITE_SECONDS, SINK_ROWS, SINK_ERRORS,
     SINK_RETRIES, SINK_REJECTED, DLQ_SPOOLED, SINK_UP, REDACTION_SECONDS, PII_ENTITIES, POLICY_FLAGS, CLASSIFICATIONS,
-    REPLAY_FILES, REPLAY_ROWS, REPLAY_FLOOR_FILES, FRESHNESS_SECONDS, STEP_CPU_SECONDS, STEP_CALLS, STEP_ITEMS,
+    REPLAY_FILES, REPLAY_ROWS, REPLAY_FLOOR_FILES, FRESHNESS_SECONDS, STEP_CPU_SECONDS, STEP_CALLS, STEP_ITEMS, STEP_WALL_SECONDS,
     WORKER_CPU_SECONDS, GC_CPU_SECONDS, AGGREGATE_KEYS, AGGREGATE_REFRESH_SECONDS))
 
 

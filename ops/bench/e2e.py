@@ -138,15 +138,17 @@ def full_gc_collections(snap: Snapshot) -> float:
 
 def freshness_delta(before: Snapshot, after: Snapshot, q: float) -> float | None:
     """The q-quantile of freshness observed between two snapshots, worst of the sinks."""
-    worst = None
+    return max((value for value in freshness_by_sink(before, after, q).values() if value is not None), default=None)
+
+
+def freshness_by_sink(before: Snapshot, after: Snapshot, q: float) -> dict[str, float | None]:
+    """The q-quantile of freshness observed between two snapshots, per sink."""
+    quantiles = {}
     for sink in FRESHNESS_SINKS:
         key = ("gatewatch_freshness_seconds", (("sink", sink),))
         old = dict(before.buckets.get(key, []))
-        rows = [(le, count - old.get(le, 0)) for le, count in after.buckets.get(key, [])]
-        value = quantile(rows, q)
-        if value is not None:
-            worst = value if worst is None else max(worst, value)
-    return worst
+        quantiles[sink] = quantile([(le, count - old.get(le, 0)) for le, count in after.buckets.get(key, [])], q)
+    return quantiles
 
 
 def sent(status_file: Path) -> tuple[int, bool]:
@@ -430,7 +432,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
 
             produced, load_done = sent(status_file)
             if load_started is None and produced:
-                load_started = time.monotonic()
+                load_started, at_load_start = time.monotonic(), snap
             cpu, rss = flow.usage()
             done = consumed(snap) - consumed(base)
             lag = max(0, produced - done)
@@ -471,6 +473,8 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             "drained": drained, "lag_left": timeline[-1]["lag"] if timeline else 0,
             "freshness_p50_s": _round(freshness_delta(base, final, 0.5)),
             "freshness_p99_s": _round(freshness_delta(base, final, 0.99)),
+            "freshness_p99_s_by_sink": {sink: _round(value) for sink, value in freshness_by_sink(base, final, 0.99).items()},
+            "worker_busy_by_step": worker_busy_by_step(at_load_start, final, (finished - load_started) * processes * workers),
             "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
             "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
@@ -753,6 +757,14 @@ def flow_steps(before: Snapshot | None, after: Snapshot, flow_cpu_s: float, even
     }
 
 
+def worker_busy_by_step(before: Snapshot, after: Snapshot, worker_seconds: float) -> dict[str, float]:
+    """The share of the workers' wall time each flow step held them (dataflows.step_cpu), its
+    waits for a sink's server included, largest first; steps under 0.5% left out."""
+    wall = counter_delta(before, after, "gatewatch_step_wall_seconds")
+    shares = {step: spent / max(worker_seconds, 1e-9) for step, spent in wall.items()}
+    return {step: round(share, 3) for step, share in sorted(shares.items(), key=lambda kv: -kv[1]) if share >= 0.005}
+
+
 def render_backlog(r: dict) -> str:
     rows = [
         ("backlog drained", f"{r['events']:,} events, timed {r['timed_events']:,} over {r['drain_s']:.1f} s"),
@@ -822,6 +834,9 @@ def render(r: dict) -> str:
         ("drained after load", f"{r['drain_s']:.1f} s"),
         ("max consumer lag", f"{r['max_lag']:,} messages"),
         ("freshness p50 / p99", f"{r['freshness_p50_s']} s / {r['freshness_p99_s']} s"),
+        ("freshness p99 by sink", ", ".join(f"{sink} {value} s" for sink, value in r["freshness_p99_s_by_sink"].items())),
+        ("workers busy in", ", ".join(f"{step} {share:.0%}" for step, share in r["worker_busy_by_step"].items())
+         + f" (of {r['processes'] * r['workers']} workers' wall time)"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
         ("CPU per 1,000 events", f"{r['cpu_s_per_1000_events']:.3f} s"),
         ("topology", f"{r['processes']} process(es) x {r['workers']} worker(s), {r['partitions']} partitions"),
