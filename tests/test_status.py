@@ -59,3 +59,20 @@ def test_usage_lines_read_the_aggregates(tmp_path):
         close_chdb()
     today = sum(1 for e in rows if e["event_time"] // 86_400_000 == rows[0]["event_time"] // 86_400_000)
     assert f"today{today:>21,}" in text and "top orgs today org-" in text
+
+
+def test_freshness_p99_near_the_10_s_target_is_resolved_to_a_second():
+    """98% of events 4.5 s fresh, 2% at 10.5 s: the true p99 is 10.5 s. Bounds at 10 and 20
+    alone would interpolate it to 15 s."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from ops.metrics import FRESHNESS_SECONDS, PrometheusMetrics
+
+    registry = CollectorRegistry()
+    histogram = type(FRESHNESS_SECONDS)("gatewatch_freshness_seconds", "test", ["sink"],
+                                        buckets=FRESHNESS_SECONDS._upper_bounds[:-1], registry=registry)
+    PrometheusMetrics(histogram).timings("gatewatch_freshness_seconds", [4.5] * 980 + [10.5] * 20,
+                                         tags={"sink": "clickhouse"})
+    snap = parse(generate_latest(registry).decode(), 0)
+    rows = snap.buckets[("gatewatch_freshness_seconds", (("sink", "clickhouse"),))]
+    assert 10.0 <= quantile(rows, 0.99) <= 11.0
