@@ -38,7 +38,8 @@ REPORT_EVERY_S = 1.0
 
 
 class StepClock:
-    """CPU seconds, calls, items and wall seconds per step name, and each worker thread's CPU so far."""
+    """CPU seconds, calls, items and wall seconds per step name, and each worker thread's CPU
+    so far."""
 
     def __init__(self, report_every_s: float = REPORT_EVERY_S):
         self.totals: dict[str, list[float]] = {}
@@ -54,7 +55,8 @@ class StepClock:
         self._gc_started: float | None = None
 
     def call(self, step: str, function: Callable, items: Any = None):
-        """``function()`` (or ``function(items)`` with items given), its CPU and wall time charged to step."""
+        """``function()`` (or ``function(items)`` with items given), its CPU and wall time
+        charged to step."""
         started, started_wall = time.thread_time(), time.perf_counter()
         try:
             return function(items) if items is not None else function()

@@ -9,7 +9,11 @@ import os
 CHDB_JEMALLOC = "dirty_decay_ms:0,muzzy_decay_ms:0"
 """Embedded ClickHouse (chdb) allocates through its own jemalloc, which keeps freed pages
 5 s without a background thread to return them: ~100 MB more resident per flow process
-after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb loads."""
+after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb loads.
+The price is CPU: each freed page faults again on its next use, about half of the chdb
+host's CPU in a drain. Keeping them 100-1,000 ms (``dirty_decay_ms:100,muzzy_decay_ms:0``)
+saved a quarter of the host's CPU but raised its peak by 30-140 MB, past 600 MB; an operator
+with memory to spare sets JE_MALLOC_CONF for the host."""
 
 GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 """glibc's malloc in every process gatewatch starts:

@@ -473,8 +473,10 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
             "drained": drained, "lag_left": timeline[-1]["lag"] if timeline else 0,
             "freshness_p50_s": _round(freshness_delta(base, final, 0.5)),
             "freshness_p99_s": _round(freshness_delta(base, final, 0.99)),
-            "freshness_p99_s_by_sink": {sink: _round(value) for sink, value in freshness_by_sink(base, final, 0.99).items()},
-            "worker_busy_by_step": worker_busy_by_step(at_load_start, final, (finished - load_started) * processes * workers),
+            "freshness_p99_s_by_sink": {sink: _round(value)
+                                        for sink, value in freshness_by_sink(base, final, 0.99).items()},
+            "worker_busy_by_step": worker_busy_by_step(at_load_start, final,
+                                                       (finished - load_started) * processes * workers),
             "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
             "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
@@ -834,7 +836,8 @@ def render(r: dict) -> str:
         ("drained after load", f"{r['drain_s']:.1f} s"),
         ("max consumer lag", f"{r['max_lag']:,} messages"),
         ("freshness p50 / p99", f"{r['freshness_p50_s']} s / {r['freshness_p99_s']} s"),
-        ("freshness p99 by sink", ", ".join(f"{sink} {value} s" for sink, value in r["freshness_p99_s_by_sink"].items())),
+        ("freshness p99 by sink", ", ".join(f"{sink} {value} s"
+                                            for sink, value in r["freshness_p99_s_by_sink"].items())),
         ("workers busy in", ", ".join(f"{step} {share:.0%}" for step, share in r["worker_busy_by_step"].items())
          + f" (of {r['processes'] * r['workers']} workers' wall time)"),
         ("peak RSS per process", " / ".join(f"{m:.0f} MB" for m in r["peak_rss_mb_per_process"])),
