@@ -119,6 +119,12 @@ def test_bench_e2e_prints_its_table_and_json(tmp_path):
     assert "freshness p50 / p99" in result.stderr
     assert report["aggregate_refreshes"] >= 1 and report["aggregate_keys_per_event"] > 0
     assert "keys recomputed per event" in result.stderr
+    by_sink = report["freshness_p99_s_by_sink"]
+    assert set(by_sink) == {"clickhouse", "quota"} and max(v for v in by_sink.values() if v) == report["freshness_p99_s"]
+    # Shares of the workers' wall time from the load's start (sampled each second, so a 3 s
+    # load may show only the sinks' waits): each a share, together at most the whole.
+    busy = report["worker_busy_by_step"]
+    assert all(0 < share <= 1 for share in busy.values()) and sum(busy.values()) <= 1.05, busy
 
 
 def test_full_gc_collections_are_read_from_prometheus_clients_gc_metrics():

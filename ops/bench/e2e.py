@@ -431,9 +431,9 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                 continue  # a flow too busy to answer within the timeout: sample again
 
             produced, load_done = sent(status_file)
-            if load_started is None and produced:
-                load_started, at_load_start = time.monotonic(), snap
             cpu, rss = flow.usage()
+            if load_started is None and produced:
+                load_started, at_load_start, cpu_at_load_start = time.monotonic(), snap, cpu
             done = consumed(snap) - consumed(base)
             lag = max(0, produced - done)
             if load_started is None:
@@ -477,6 +477,7 @@ def e2e(rate, duration, burst_factor, burst_every, burst_seconds, processes, wor
                                         for sink, value in freshness_by_sink(base, final, 0.99).items()},
             "worker_busy_by_step": worker_busy_by_step(at_load_start, final,
                                                        (finished - load_started) * processes * workers),
+            **flow_steps(at_load_start, final, cpu - cpu_at_load_start, consumed(final) - consumed(at_load_start)),
             "peak_rss_mb": round(max(flow.peak_rss_mb), 1),
             "peak_rss_mb_per_process": [round(r, 1) for r in flow.peak_rss_mb],
             "cpu_s_per_1000_events": round((cpu - base_cpu) / max(events, 1) * 1000, 3),
@@ -847,6 +848,8 @@ def render(r: dict) -> str:
         ("aggregate refreshes", f"{r['aggregate_refreshes']}, {r['aggregate_keys_per_event']:.2f} keys recomputed "
                                 "per event"),
         *server_rows(r, "cpu_s_per_1000_events", "CPU s per 1,000 events"),
+        *step_rows(r),
     ]
     lag = "  ".join(f"{t:g}s:{lag}" for t, lag in r["lag_timeline"])
-    return "\n".join(f"  {name:<22}{value}" for name, value in rows) + f"\n  lag over time: {lag}"
+    return "\n".join(f"  {name:<22}{value}" if len(name) < 22 else f"  {name}  {value}" for name, value in rows) \
+        + f"\n  lag over time: {lag}"
