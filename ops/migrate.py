@@ -65,12 +65,14 @@ def clickhouse_databases(settings: Settings) -> list[str]:
 
 
 def migrate_clickhouse(settings: Settings, database: str | None = None) -> list[str]:
-    """Apply the ClickHouse migrations to one database (default: clickhouse.database);
-    return the migrations applied now."""
+    """Apply the ClickHouse migrations to one database (default: clickhouse.database) and
+    bring its TTLs to the retention settings; return the migrations and TTL changes made now."""
     from sinks.clickhouse import ClickHouse
 
     client = ClickHouse(settings.clickhouse.url, database or settings.clickhouse.database)
-    return client.migrate(settings.retention.raw_days, settings.retention.aggregate_days)
+    retention = settings.retention
+    applied = client.migrate(retention.raw_days, retention.aggregate_days)
+    return applied + [str(change) for change in client.apply_retention(retention.raw_days, retention.aggregate_days)]
 
 
 def migrate_audit(settings: Settings) -> list[str]:

@@ -276,9 +276,12 @@ class RetrySettings(Section):
 
 class RetentionSettings(Section):
     raw_days: int = Field(30, ge=1)
-    """Raw Parquet partitions and ClickHouse prompt/response columns are deleted after this many days."""
+    """Raw Parquet partitions, ClickHouse's raw events (prompt and response with them) and
+    feedback comments are deleted after this many days."""
     aggregate_days: int = Field(365, ge=1)
-    """ClickHouse rows (and so every metric view over them) live this long."""
+    """ClickHouse's aggregates (and so every metric view over them), audit_log and feedback
+    ratings live this long. ClickHouse's TTLs follow a change of either at the next migrate,
+    `retention apply` or flow start on chdb (sinks.clickhouse_ttl)."""
 
 
 class AuditSettings(Section):

@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from sinks.chdb_host import HOST_SCHEME, HostGone, host_session, host_socket
 from sinks.chdb_session import chdb_location, chdb_session, close_chdb, insert_turn, migration_lock  # noqa: F401 (close_chdb re-exported)
+from sinks.clickhouse_ttl import TtlChange, alter_statements, ttl_changes, ttls_of
 from sinks.metrics import count_written, observe_freshness, observe_refresh
 from sinks.legacy_sql import LEGACY_SKIPPED, to_legacy, with_overrides
 from sinks.parquet import TableRows, blocks_and_events, to_table
@@ -223,6 +224,32 @@ class ClickHouse:
             applied.append(path.stem)
         self._column_types.clear()
         return applied
+
+    def apply_retention(self, raw_days: int, aggregate_days: int, dry_run: bool = False) -> list[TtlChange]:
+        """Bring the TTLs of a migrated database to the retention settings; return the changes
+        (made, or only found with dry_run). A migration writes the days configured when it
+        runs, once. The server rewrites each changed table's parts in the background
+        (system.mutations), deleting what the new TTL has expired."""
+        if self.embedded:
+            with self._exclusive():
+                return self._apply_retention(raw_days, aggregate_days, dry_run)
+        return self._apply_retention(raw_days, aggregate_days, dry_run)
+
+    def _apply_retention(self, raw_days: int, aggregate_days: int, dry_run: bool) -> list[TtlChange]:
+        if self.legacy:  # 18.16 has no TTL (sinks.legacy_sql)
+            return []
+        tables = self.rows(f"SELECT name, create_table_query FROM system.tables WHERE database = "
+                           f"{sql_string(self.database)} AND create_table_query LIKE '%TTL%'")
+        changes = ttl_changes([ttl for table, query in tables for ttl in ttls_of(table, query)],
+                              raw_days, aggregate_days)
+        if not dry_run:
+            for statement in alter_statements(self.database, changes):
+                self.execute(statement)
+            for change in changes:
+                log.warning("ClickHouse TTL changed to follow the retention settings",
+                            extra={"database": self.database, "target": change.ttl.target,
+                                   "from_days": change.ttl.days, "to_days": change.days})
+        return changes
 
 
 # Absolute totals of every aggregate key of the given (org, hour) pairs, from the distinct
@@ -647,12 +674,15 @@ def insert_rows(client: ClickHouse, rows: TableRows) -> None:
 
 
 def migrate_embedded(client: ClickHouse, retry: Retry, raw_days: int, aggregate_days: int) -> None:
-    """Migrate an embedded database, which nobody else can reach to migrate. A chdb host that
-    is down is waited for like a server outage; any other failure (a migration chdb refuses)
-    stops the caller at start."""
+    """Migrate an embedded database, which nobody else can reach to migrate, and keep its
+    TTLs to the retention settings. A chdb host that is down is waited for like a server
+    outage; any other failure (a migration chdb refuses) stops the caller at start."""
+    def migrate() -> None:
+        client.migrate(raw_days, aggregate_days)
+        client.apply_retention(raw_days, aggregate_days)
+
     if client.embedded:
-        retry("clickhouse", lambda: client.migrate(raw_days, aggregate_days),
-              give_up_on=lambda exc: not isinstance(exc, HostGone))
+        retry("clickhouse", migrate, give_up_on=lambda exc: not isinstance(exc, HostGone))
 
 
 class ClickHouseWriter:

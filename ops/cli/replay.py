@@ -189,7 +189,7 @@ def restate_bases_now(settings, store) -> int:
 
 @click.group()
 def retention() -> None:
-    """Raw data retention (ClickHouse applies its own TTLs from the same settings)."""
+    """Raw data retention (ClickHouse deletes by TTLs kept to the same settings)."""
 
 
 @retention.command("apply")
@@ -197,9 +197,12 @@ def retention() -> None:
 @click.option("--today", type=DATE, help="Pretend today is this date (default: today, UTC).")
 @config_option
 def retention_apply(dry_run, today, config) -> None:
-    """Delete raw Parquet partitions older than retention.raw_days, printing each."""
+    """Delete raw Parquet partitions older than retention.raw_days, printing each, and set
+    ClickHouse's TTLs to the retention settings."""
+    from ops.migrate import clickhouse_databases
     from ops.privacy import retention as policy
     from ops.privacy.audit import audited, open_audit
+    from sinks.clickhouse import ClickHouse
 
     settings = settings_from(config)
     today = today.date() if today else date.today()
@@ -216,8 +219,14 @@ def retention_apply(dry_run, today, config) -> None:
         vault_days = policy.apply(settings.parquet.store(settings.vault.root), today, settings.vault.days, dry_run)
         for day, path, files in vault_days:
             click.echo(f"{verb} vault partition {path} ({files} files, event date {day})")
+        ttl_changes = [f"{database}: {change}" for database in clickhouse_databases(settings)
+                       for change in ClickHouse(settings.clickhouse.url, database).apply_retention(
+                           days, settings.retention.aggregate_days, dry_run)]
+        for change in ttl_changes:
+            click.echo(f"{'would change' if dry_run else 'changed'} ClickHouse {change}")
         click.echo(json.dumps({"dry_run": dry_run, "raw_days": days, "partitions": len(deleted),
                                "files": sum(files for _d, _p, files in deleted),
                                "dates": [day.isoformat() for day, _p, _f in deleted],
                                "audit_partitions": audit_months,
-                               "vault_dates": [day.isoformat() for day, _p, _f in vault_days]}))
+                               "vault_dates": [day.isoformat() for day, _p, _f in vault_days],
+                               "clickhouse_ttls": ttl_changes}))

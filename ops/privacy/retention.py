@@ -1,7 +1,8 @@
 """Retention of raw Parquet (whole event_date partitions older than retention.raw_days go)
 and of the audit log (whole monthly partitions older than audit.months go).
 
-ClickHouse enforces its own TTLs (ops/migrations); this covers what ClickHouse does not own.
+ClickHouse deletes by its own TTLs (ops/migrations, kept to the settings by
+sinks.clickhouse_ttl); this covers what ClickHouse does not own.
 """
 
 from __future__ import annotations
