@@ -227,10 +227,12 @@ def billing_writer(settings: Settings) -> BillingWriter:
 
 
 def batched_out(name: str, stream: Stream[dict], key: Callable[[dict], str], max_rows: int, max_age_s: float,
-                make_writer: Callable[[], Writer], batcher: type[Batcher] = Batcher) -> None:
-    """Items keyed by ``key`` into batches of max_rows or max_age_s, each batch to the writer."""
+                make_writer: Callable[[], Writer], batcher: type[Batcher] = Batcher,
+                quiet_tick_s: float | None = None) -> None:
+    """Items keyed by ``key`` into batches of max_rows or max_age_s, each batch to the writer
+    (and an empty one quiet_tick_s after a key's last, see Batcher)."""
     batches = op.stateful(f"{name}_batches", keyed(f"{name}_by_key", stream, key),
-                          lambda resume: batcher(max_rows, max_age_s, resume))
+                          lambda resume: batcher(max_rows, max_age_s, resume, quiet_tick_s=quiet_tick_s))
     op.output(f"{name}_out", batches, WriterSink(make_writer))
 
 
@@ -335,8 +337,10 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
         batched_out("parquet", blocks, partition_of_item, settings.parquet.max_rows, settings.parquet.max_age_s,
                     partial(parquet_writer, settings), BlockBatcher)
     if "clickhouse" in sinks:
+        # The tick comes an interval after a database's last batch, when its aggregate refresh is due.
         batched_out("clickhouse", blocks, partial(database_of_item, settings), settings.clickhouse.max_rows,
-                    settings.clickhouse.max_age_s, partial(clickhouse_writer, settings), BlockBatcher)
+                    settings.clickhouse.max_age_s, partial(clickhouse_writer, settings), BlockBatcher,
+                    quiet_tick_s=settings.clickhouse.aggregate_interval_s or None)
     if "audit" in sinks:
         batched_out("audit", unique, lambda e: str(e.get("source_partition")), settings.audit.max_rows,
                     settings.audit.max_age_s, partial(audit_writer, settings))

@@ -69,36 +69,56 @@ def _at(epoch_s: float) -> datetime:
 
 
 class Batcher(StatefulLogic):
-    """Holds items until max_rows or max_age_s, then emits them as one list."""
+    """Holds items until max_rows or max_age_s, then emits them as one list.
+
+    With ``quiet_tick_s``, a key that emitted a batch and then received nothing for
+    quiet_tick_s emits one empty list: the writer hears that its stream went quiet, from a
+    timer that lives and stops with the flow (the ClickHouse writer then refreshes the
+    aggregates of its last writes, which no later batch would start)."""
 
     def __init__(self, max_rows: int, max_age_s: float, items: list | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, quiet_tick_s: float | None = None):
         self.max_rows = max_rows
         self.max_age_s = max_age_s
         self.items: list[Any] = items or []
         self.clock = clock
         self.first_at = clock() if self.items else None
+        self.quiet_tick_s = quiet_tick_s
+        # Only a key waiting to tick is kept without items (the others are discarded), so an
+        # empty snapshot resumes waiting.
+        self.tick_at = clock() + quiet_tick_s if quiet_tick_s is not None and items == [] else None
 
     def on_item(self, item):
         if not self.items:
             self.first_at = self.clock()
         self.items.append(item)
         if len(self.items) >= self.max_rows:
-            return [self._take()], StatefulLogic.DISCARD
+            return self._emit()
         return [], StatefulLogic.RETAIN
 
     def _take(self) -> list:
         batch, self.items, self.first_at = self.items, [], None
         return batch
 
+    def _emit(self):
+        batch = self._take()
+        if self.quiet_tick_s is None:
+            return [batch], StatefulLogic.DISCARD
+        self.tick_at = self.clock() + self.quiet_tick_s
+        return [batch], StatefulLogic.RETAIN
+
     def on_notify(self):
-        return ([self._take()] if self.items else []), StatefulLogic.DISCARD
+        if self.items:
+            return self._emit()
+        return ([[]] if self.tick_at is not None else []), StatefulLogic.DISCARD
 
     def on_eof(self):
         return ([self._take()] if self.items else []), StatefulLogic.DISCARD
 
     def notify_at(self):
-        return _at(self.first_at + self.max_age_s) if self.first_at is not None else None
+        if self.first_at is not None:
+            return _at(self.first_at + self.max_age_s)
+        return _at(self.tick_at) if self.tick_at is not None else None
 
     def snapshot(self):
         return list(self.items)

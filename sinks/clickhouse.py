@@ -780,9 +780,12 @@ class ClickHouseWriter:
     def __call__(self, batches: list[tuple[str, list]]) -> None:
         """Batches keyed by database: of EventBlocks (events, each block's table shared with
         the Parquet sink), or of dicts (feedback; events from a snapshot taken before blocks,
-        from a caller, or rows Arrow refused)."""
+        from a caller, or rows Arrow refused). An empty batch says the database's events went
+        quiet (Batcher's tick): a refresh then due has no later batch to start it."""
         for database, items in batches:
             client = self.client_of(database)
+            if not items:
+                continue
             if self.table != "events":
                 self.write_rows(items, client.insert_feedback, [row["event_time"] for row in items])
                 continue

@@ -327,7 +327,7 @@ class BlockBatcher(Batcher):
         self.items.append(item)
         self.rows += rows_in(item)
         if self.rows >= self.max_rows:
-            return [self._take()], Batcher.DISCARD
+            return self._emit()
         return [], Batcher.RETAIN
 
     def _take(self) -> list:

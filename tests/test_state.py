@@ -140,6 +140,24 @@ def test_batcher_emits_by_size_age_and_eof():
     assert Batcher(10, 5, items=[4]).on_eof() == ([[4]], Batcher.DISCARD)
 
 
+def test_a_batcher_with_a_quiet_tick_emits_one_empty_batch_after_its_last_one():
+    clock = Clock()
+    batcher = Batcher(max_rows=2, max_age_s=5, clock=clock, quiet_tick_s=60)
+    assert batcher.on_item(1) == ([], Batcher.RETAIN) and batcher.notify_at().timestamp() == 1005
+    clock.now = 1005
+    assert batcher.on_notify() == ([[1]], Batcher.RETAIN)
+    assert batcher.notify_at().timestamp() == 1065 and batcher.snapshot() == []
+    clock.now = 1030  # an item before the tick: its batch comes by age, and the tick after it
+    assert batcher.on_item(2) == ([], Batcher.RETAIN) and batcher.notify_at().timestamp() == 1035
+    assert batcher.on_item(3) == ([[2, 3]], Batcher.RETAIN) and batcher.notify_at().timestamp() == 1090
+    clock.now = 1090
+    assert batcher.on_notify() == ([[]], Batcher.DISCARD)
+    # A key waiting to tick when the snapshot was taken waits again after a restart; a new key does not.
+    assert Batcher(2, 5, [], clock=clock, quiet_tick_s=60).notify_at().timestamp() == 1150
+    assert Batcher(2, 5, None, clock=clock, quiet_tick_s=60).notify_at() is None
+    assert Batcher(2, 5, [], clock=clock).notify_at() is None
+
+
 def test_late_events_become_adjustments_of_their_own_window_by_default():
     logic = WindowLogic(UserWindows(60_000, 60_000, "adjust"), flush_interval_s=2, idle_s=30, clock=Clock())
     out, _ = logic.on_batch([event("new", t=600_000), event("old", t=100_000)])
