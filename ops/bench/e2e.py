@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import click
@@ -592,6 +593,10 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         if writes_clickhouse:
             wait_for(lambda: clickhouse_rows(flow.snapshot()) >= fill_report["valid"], 60, flow,
                      "the last ClickHouse batch")
+        # Window totals reach the quota and billing sinks at the windows' next flush
+        # (windows.flush_interval_s): on a loaded machine, after the last ClickHouse batch.
+        for sink in {"quota", "billing"} & set(load_settings(use_service_state=False).sinks):
+            wait_for(partial(step_reported, flow, f"{sink}_out"), 60, flow, f"the {sink} sink's first write")
         # The flows report their steps' CPU once a second (dataflows.step_cpu): wait for the last report.
         time.sleep(STEP_REPORT_WAIT_S)
         steps_snap = flow.snapshot()
@@ -723,6 +728,12 @@ def stage_figures(settings: Settings, sample: int, users: int, user_mix: str, ch
 
 
 STEP_REPORT_WAIT_S = 1.5
+
+
+def step_reported(flow: Flow, step: str) -> bool:
+    """Whether the flow reported a call of the step (always, for a flow without a step clock)."""
+    calls = counter_delta(None, flow.snapshot(), "gatewatch_step_calls")
+    return not calls or calls.get(step, 0) > 0
 
 
 def counter_delta(before: Snapshot | None, after: Snapshot, name: str) -> dict[str, float]:
