@@ -7,20 +7,26 @@ from __future__ import annotations
 import os
 
 CHDB_JEMALLOC = "dirty_decay_ms:0,muzzy_decay_ms:0"
-"""Embedded ClickHouse (chdb) allocates through its own jemalloc, which keeps freed pages
-5 s without a background thread to return them: ~100 MB more resident per flow process
-after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb loads.
-The price is CPU: each freed page faults again on its next use, about half of the chdb
-host's CPU in a drain. Keeping them 100-1,000 ms (``dirty_decay_ms:100,muzzy_decay_ms:0``)
-saved a quarter of the host's CPU but raised its peak by 30-140 MB, past 600 MB; an operator
-with memory to spare sets JE_MALLOC_CONF for the host."""
+"""Embedded ClickHouse (chdb) in a flow process allocates through its own jemalloc, which
+keeps freed pages 5 s without a background thread to return them: ~100 MB more resident per
+flow process after a few 5,000-row inserts (ops/bench/FINDINGS.md). Read once, when chdb
+loads. The price is CPU: each freed page faults again on its next use."""
+
+HOST_JEMALLOC = "dirty_decay_ms:100,muzzy_decay_ms:0"
+"""The chdb host's jemalloc keeps freed pages 100 ms. At zero decay about half of the host's
+CPU in a drain went to the kernel, ~8 page faults per event; kept 100 ms, a merge or insert
+reuses what the last one freed, and the host spends ~30% less CPU per event. It peaked past
+600 MB with it while each insert arrived as one ~25 MB frame copied twice; the host now
+passes inserts on in pieces (sinks.chdb_host.Payload) and peaked at 445-464 MB with it
+(ops/bench/FINDINGS.md, issue 17)."""
 
 GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
 """glibc's malloc in every process gatewatch starts:
 - A fixed mmap threshold: blocks of 128 KB and more (Arrow's columns, Parquet buffers, the
-  chdb host's insert frames of up to ~20 MB) are mapped and unmapped, not left in the heap;
+  chdb host's query results) are mapped and unmapped, not left in the heap;
   glibc otherwise raises the threshold after the first large free, and later large blocks
-  stay resident: ~100 MB in the chdb host, one frame per connection thread's arena.
+  stay resident (~100 MB in the chdb host when it received each insert whole, one frame per
+  connection thread's arena).
 - Two arenas, not eight per core: librdkafka, chdb and Bytewax run dozens of threads.
 Measured in ops/bench/FINDINGS.md (resident memory, fifth pass; the chdb host's allocators)."""
 
@@ -29,9 +35,8 @@ FLOW_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", **GLIBC_MALLOC_ENV}
 pool (mimalloc) kept ~140 MB resident in a flow process whose Arrow data was under 90 MB; on
 glibc's malloc the freed blocks go back."""
 
-HOST_ALLOCATOR_ENV = {"JE_MALLOC_CONF": CHDB_JEMALLOC, **GLIBC_MALLOC_ENV}
-"""The chdb host's allocators: chdb's jemalloc as in a flow, and GLIBC_MALLOC_ENV for the
-Python side that receives each insert's Arrow bytes."""
+HOST_ALLOCATOR_ENV = {"JE_MALLOC_CONF": HOST_JEMALLOC, **GLIBC_MALLOC_ENV}
+"""The chdb host's allocators: HOST_JEMALLOC, and GLIBC_MALLOC_ENV for its Python side."""
 
 
 def malloc_report() -> dict[str, str | None]:

@@ -39,7 +39,7 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from ops.allocators import HOST_ALLOCATOR_ENV, malloc_report
 from ops.logs import configure as configure_logs
 from sinks.chdb_host import (OP_EXECUTE, OP_INSERT, OP_LOCK, OP_NAMES, OP_PING, OP_QUERY, OP_UNLOCK, STATUS_ERROR,
-                             STATUS_OK, HostGone, HostSession, decode_request, host_url, recv_frame,
+                             STATUS_OK, HostGone, HostSession, MalformedRequest, Payload, host_url, recv_request,
                              send_frame)
 from sinks.chdb_session import chdb_location, chdb_session, close_chdb, close_thread_chdb, insert_turn
 
@@ -114,7 +114,7 @@ class Host:
                 log.warning("chdb host stopping with requests unfinished", extra={"requests": self.running})
         close_chdb()
 
-    def answer(self, op: int, sql: str, payload: memoryview, held: list[int]) -> bytes:
+    def answer(self, op: int, sql: str, payload: Payload, held: list[int]) -> bytes:
         """The result bytes of one request; raises what chdb raises."""
         if op == OP_PING:
             return b""
@@ -134,19 +134,23 @@ class Host:
             session.query(sql)
             return b""
         if op == OP_QUERY:
-            return session.query(sql, bytes(payload).decode()).bytes()
+            return session.query(sql, payload.read().decode()).bytes()
         if op == OP_INSERT:
+            # chdb parses an ArrowStream as it comes. The turn is held while the frame arrives:
+            # a client sends it at once (send_frame), and one that dies mid-frame closes the
+            # socket, which cancels the insert before any of its rows are a part (one block).
             with insert_turn, session.send_insert(sql, "ArrowStream") as stream:
-                stream.append(payload)
+                for chunk in payload.chunks():
+                    stream.append(chunk)
                 stream.finish()
             return b""
         raise ValueError(f"unknown op {op}")
 
-    def respond(self, conn: socket.socket, request_id: str, op: int, sql: str, payload: memoryview,
+    def respond(self, conn: socket.socket, request_id: str, op: int, sql: str, payload: Payload,
                 held: list[int]) -> bool:
         """Answer one request; False when the reply could not be delivered."""
         name = OP_NAMES.get(op, str(op))
-        BYTES.labels("in").inc(len(payload))
+        BYTES.labels("in").inc(payload.size)
         started = time.perf_counter()
         try:
             reply, status = self.answer(op, sql, payload, held), STATUS_OK
@@ -158,6 +162,7 @@ class Host:
         STATEMENTS.labels(name).inc()
         BYTES.labels("out").inc(len(reply))
         try:
+            payload.skip_rest()
             send_frame(conn, bytes([status]), reply)
         except OSError as exc:
             log.warning("reply not delivered", extra={"request_id": request_id, "error": str(exc)})
@@ -172,18 +177,17 @@ class Host:
         try:
             for number in itertools.count(1):
                 try:
-                    body = recv_frame(conn)
+                    request = recv_request(conn)
                 except OSError as exc:
                     log.warning("connection broken", extra={"connection": connection, "error": str(exc)})
                     return
-                if body is None:
-                    return
-                try:
-                    op, sql, payload = decode_request(body)
-                except (struct.error, UnicodeDecodeError) as exc:
+                except MalformedRequest as exc:
                     log.warning("malformed request, connection closed", extra={"connection": connection,
                                                                                "error": type(exc).__name__})
                     return
+                if request is None:
+                    return
+                op, sql, payload = request
                 try:
                     with self.request():  # until the reply is out: a stopping host closes chdb after it
                         if not self.respond(conn, f"{connection}-{number}", op, sql, payload, held):

@@ -15,13 +15,13 @@ from urllib.request import urlopen
 
 import pytest
 
-from ops.allocators import HOST_ALLOCATOR_ENV
+from ops.allocators import HOST_ALLOCATOR_ENV, HOST_JEMALLOC
 from ops.chdb_host import RunningHost, error_summary, start_host, wait_until_serving
 from ops.cluster import ClusterError, check_cluster, check_environment
 from ops.dev.services import free_port
 from ops.settings import Settings
 from sinks.chdb_host import OP_PING, HostGone, HostSession, HostStatementError, host_socket, host_url
-from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, to_table
+from sinks.clickhouse import ClickHouse, MIGRATIONS_DIR, arrow_stream_bytes, to_table
 from sinks.retry import write_with_retries
 from tests.processes import REPO, run_cli
 from tests.test_chdb_session import finishing_order_beside_a_slow_insert, running_in_background
@@ -264,6 +264,24 @@ def test_a_malformed_request_closes_only_its_own_connection(host):
     assert ClickHouse(host.url, DATABASE).rows("SELECT 1") == [(1,)]
 
 
+def test_an_insert_refused_halfway_through_its_payload_leaves_the_connection_in_step(host):
+    # The host passes an insert's payload on to chdb in pieces as it arrives; chdb refuses
+    # this one at its first bytes, and the host reads the other megabytes before replying.
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    session = HostSession(str(host.socket_path))
+    good = arrow_stream_bytes(to_table(batch(0, 50, 1)))
+    with pytest.raises(HostStatementError):
+        with session.send_insert(f"INSERT INTO {DATABASE}.events FORMAT ArrowStream", "ArrowStream") as insert:
+            insert.append(b"not arrow" * 400_000 + good)
+            insert.finish()
+    assert session.query("SELECT 41 + 1", "CSV").bytes() == b"42\n"
+    with session.send_insert(f"INSERT INTO {DATABASE}.events", "ArrowStream") as insert:
+        insert.append(good)
+        insert.finish()
+    assert client.rows(f"SELECT count() FROM {DATABASE}.events") == [(50,)]
+
+
 def test_the_host_serves_metrics(host):
     client = ClickHouse(host.url, DATABASE)
     client.migrate()
@@ -298,7 +316,7 @@ def test_the_cli_host_is_a_lean_process_that_maps_chdb_and_not_pyarrow(tmp_path)
         ready = next(json.loads(line) for line in (tmp_path / "cli.log").read_text().splitlines()
                      if '"chdb host ready"' in line)  # read inside the host, not our variables read back
         assert (ready["malloc_arena_max"], ready["malloc_mmap_threshold"], ready["je_malloc_conf"]) == (
-            "4", "131072", "dirty_decay_ms:0,muzzy_decay_ms:0")
+            "4", "131072", HOST_JEMALLOC)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
