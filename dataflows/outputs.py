@@ -25,7 +25,8 @@ from schemas.vocabulary import TOKEN_FIELDS, TOKEN_KINDS, user_key
 from sinks.audit_log import AuditWriter, load_hash_key, open_migrated
 from sinks.base import Batcher, Writer, WriterSink
 from sinks.billing import BillingWriter
-from sinks.clickhouse import ClickHouse, ClickHouseWriter, migrate_embedded, month_usage_before, org_month_usage_before
+from sinks.clickhouse import (REFRESH_MARGIN_S, ClickHouse, ClickHouseWriter, migrate_embedded, month_usage_before,
+                              org_month_usage_before)
 from sinks.dlq import DeadLetters
 from sinks.kafka import TopicWriter
 from sinks.metrics import get_metrics
@@ -337,10 +338,13 @@ def fan_out(unique: Stream[dict], dlq_streams: list[Stream[dict]], settings: Set
         batched_out("parquet", blocks, partition_of_item, settings.parquet.max_rows, settings.parquet.max_age_s,
                     partial(parquet_writer, settings), BlockBatcher)
     if "clickhouse" in sinks:
-        # The tick comes an interval after a database's last batch, when its aggregate refresh is due.
+        # The tick comes when the last batch's refresh is due: an interval after it, and the
+        # refresh's margin more, so that a refresh whose watermark fell just after the batch
+        # (its insert still running) does not count as one that covered it (refresh_aggregates).
+        interval_s = settings.clickhouse.aggregate_interval_s
         batched_out("clickhouse", blocks, partial(database_of_item, settings), settings.clickhouse.max_rows,
                     settings.clickhouse.max_age_s, partial(clickhouse_writer, settings), BlockBatcher,
-                    quiet_tick_s=settings.clickhouse.aggregate_interval_s or None)
+                    quiet_tick_s=interval_s + REFRESH_MARGIN_S if interval_s else None)
     if "audit" in sinks:
         batched_out("audit", unique, lambda e: str(e.get("source_partition")), settings.audit.max_rows,
                     settings.audit.max_age_s, partial(audit_writer, settings))
