@@ -589,13 +589,14 @@ def drain_backlog(env: dict, root: Path, settings: Settings, backlog: int, proce
         chdb_mapped = flow.chdb_mapped()
         # The last ClickHouse batch waits up to clickhouse.max_age_s; a flow stopped before
         # it is written would leave it to recovery. Not timed: the drain is over.
-        writes_clickhouse = "clickhouse" in load_settings(use_service_state=False).sinks  # the flows' own
+        flow_sinks = set(load_settings(use_service_state=False).sinks)  # the flows' own
+        writes_clickhouse = "clickhouse" in flow_sinks
         if writes_clickhouse:
             wait_for(lambda: clickhouse_rows(flow.snapshot()) >= fill_report["valid"], 60, flow,
                      "the last ClickHouse batch")
         # Window totals reach the quota and billing sinks at the windows' next flush
         # (windows.flush_interval_s): on a loaded machine, after the last ClickHouse batch.
-        for sink in {"quota", "billing"} & set(load_settings(use_service_state=False).sinks):
+        for sink in {"quota", "billing"} & flow_sinks:
             wait_for(partial(step_reported, flow, f"{sink}_out"), 60, flow, f"the {sink} sink's first write")
         # The flows report their steps' CPU once a second (dataflows.step_cpu): wait for the last report.
         time.sleep(STEP_REPORT_WAIT_S)
