@@ -25,6 +25,7 @@ import struct
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable
 from urllib.parse import unquote, urlparse
 
 HOST_SCHEME = "chdb+unix"
@@ -105,8 +106,10 @@ def recv_frame(sock: socket.socket) -> bytearray | None:
     return body
 
 
-def send_frame(sock: socket.socket, *parts: bytes) -> None:
-    length = sum(len(part) for part in parts)
+def send_frame(sock: socket.socket, *parts: bytes, size: int | None = None) -> None:
+    """A frame of parts; with size, only its start: the frame's size bytes begin with the
+    parts, and the caller sends the rest."""
+    length = sum(len(part) for part in parts) if size is None else size
     if length > MAX_FRAME:
         raise ValueError(f"a frame of {length:,} bytes is over the protocol's {MAX_FRAME:,}")
     # sendall, not one sendmsg: a stream socket may take part of a large frame per call.
@@ -259,17 +262,39 @@ class HostSession:
     def request(self, op: int, sql: str = "", payload: bytes = b"") -> bytes:
         """Send one request and return the result bytes; HostStatementError when chdb
         refused it, HostGone when the host is unreachable or went away before answering."""
+        return self._exchange(op, sql, len(payload), lambda send: send(payload) if payload else None)
+
+    def insert(self, sql: str, size: int, write_payload: Callable[[Callable[[memoryview], None]], None]) -> None:
+        """An OP_INSERT whose payload of size bytes write_payload passes to the send it is given,
+        in pieces: each goes to the socket as it comes, and the payload is never held whole."""
+        self._exchange(OP_INSERT, sql, size, write_payload)
+
+    def _exchange(self, op: int, sql: str, size: int, write_payload: Callable[[Callable], None]) -> bytes:
         with self.lock:
             sock = self._connected()
+            sent = 0
+
+            def send(piece) -> None:
+                nonlocal sent
+                sent += memoryview(piece).nbytes
+                if sent > size:
+                    raise ValueError(f"a payload past its announced {size:,} bytes")
+                sock.sendall(piece)
+
             try:
-                send_frame(sock, *encode_request(op, sql, payload))
+                head = encode_request(op, sql)  # its payload empty: the frame's start
+                send_frame(sock, *head, size=sum(map(len, head)) + size)
+                write_payload(send)
+                if sent != size:
+                    raise ValueError(f"a payload of {sent:,} bytes announced as {size:,}")
                 reply = recv_frame(sock)
             except OSError as exc:
                 self._drop()
                 raise HostGone(f"chdb host at {self.socket_path} went away during {OP_NAMES[op]}: {exc}") from exc
             except BaseException:
-                # Interrupted between request and reply (a flow stopped by a signal): the reply
-                # would answer the connection's next request, the close's aggregate refresh.
+                # Interrupted between request and reply (a flow stopped by a signal), or a payload
+                # cut short: the connection is out of step, and the host cancels an insert whose
+                # frame ends early. A reply would otherwise answer the connection's next request.
                 self._drop()
                 raise
             if reply is None:

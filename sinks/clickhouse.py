@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 
 import pyarrow as pa
 
-from sinks.chdb_host import HOST_SCHEME, HostGone, host_session, host_socket
+from sinks.chdb_host import HOST_SCHEME, HostGone, HostSession, host_session, host_socket
 from sinks.chdb_session import chdb_location, chdb_session, close_chdb, insert_turn, migration_lock  # noqa: F401 (close_chdb re-exported)
 from sinks.clickhouse_ttl import TtlChange, alter_statements, ttl_changes, ttls_of
 from sinks.metrics import count_written, observe_freshness, observe_refresh
@@ -169,12 +169,15 @@ class ClickHouse:
             # Arrow IPC bytes that ClickHouse parses itself. The Python(rows) table function it
             # replaces had chdb's own threads take the GIL to read the table: a deadlock once
             # Bytewax runs workers on threads (ops/bench/FINDINGS.md), and no cheaper in CPU.
-            data = arrow_stream_bytes(rows)
-            with self._insert_turn, self._session().send_insert(
-                    f"INSERT INTO {self.database}.{table} ({columns}) SETTINGS {EMBEDDED_INSERT_SETTINGS}",
-                    "ArrowStream") as stream:
-                stream.append(data)
-                stream.finish()
+            sql = f"INSERT INTO {self.database}.{table} ({columns}) SETTINGS {EMBEDDED_INSERT_SETTINGS}"
+            session = self._session()
+            with self._insert_turn:
+                if isinstance(session, HostSession):
+                    session.insert(sql, arrow_stream_size(rows), partial(write_arrow_stream, rows))
+                    return
+                with session.send_insert(sql, "ArrowStream") as stream:
+                    write_arrow_stream(rows, stream.append)
+                    stream.finish()
         else:
             # Rows travel as parameters: a server parses them natively and old servers hang on literal VALUES.
             self._client.execute(f"INSERT INTO {self.database}.{table} ({columns}) VALUES",
@@ -552,6 +555,53 @@ def arrow_stream_bytes(table: pa.Table) -> bytes:
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+def arrow_stream_size(table: pa.Table) -> int:
+    """The length of arrow_stream_bytes(table), counted without writing a byte."""
+    counter = pa.MockOutputStream()
+    with pa.ipc.new_stream(counter, table.schema) as writer:
+        writer.write_table(table)
+    return counter.size()
+
+
+def write_arrow_stream(table: pa.Table, write: Callable[[memoryview], object]) -> None:
+    """arrow_stream_bytes(table), passed to write in pieces and never held whole: an insert's
+    ~25 MB at 6,000 events, built in a growing buffer and copied into bytes, was three copies
+    on fresh pages (~4.5 µs per event in a flow process, ops/bench/FINDINGS.md, issue 17)."""
+    pieces = _Pieces(write)
+    with pa.ipc.new_stream(pa.PythonFile(pieces, mode="w"), table.schema) as writer:
+        writer.write_table(table)
+    pieces.flush()
+
+
+class _Pieces:
+    """A file for Arrow's IPC writer: the column buffers it writes go on as they are (Arrow
+    hands a file its buffers without a copy); its small writes (lengths, metadata, padding)
+    are gathered until PIECE bytes or the next large buffer."""
+
+    PIECE = 65536
+
+    def __init__(self, write: Callable[[memoryview], object]):
+        self._write = write
+        self._small = bytearray()
+        self.closed = False  # read by pa.PythonFile
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        if view.nbytes < self.PIECE:
+            self._small += view
+            if len(self._small) >= self.PIECE:
+                self.flush()
+        else:
+            self.flush()
+            self._write(view)
+        return view.nbytes
+
+    def flush(self) -> None:
+        if self._small:
+            self._write(memoryview(bytes(self._small)))
+            self._small.clear()
 
 
 @dataclass(frozen=True)

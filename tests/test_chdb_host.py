@@ -282,6 +282,31 @@ def test_an_insert_refused_halfway_through_its_payload_leaves_the_connection_in_
     assert client.rows(f"SELECT count() FROM {DATABASE}.events") == [(50,)]
 
 
+def test_an_insert_cut_short_by_its_writer_stores_nothing_and_the_session_goes_on(host):
+    # A flow's insert goes to the socket while Arrow writes it (HostSession.insert): a writer
+    # that fails after some pieces leaves a frame unfinished. The client drops the connection,
+    # the host cancels the insert, and the next insert reconnects.
+    client = ClickHouse(host.url, DATABASE)
+    client.migrate()
+    session = HostSession(str(host.socket_path))
+    payload = arrow_stream_bytes(to_table(batch(0, 2000, 1)))
+    sql = f"INSERT INTO {DATABASE}.events"
+
+    def fails_halfway(send) -> None:
+        send(payload[:len(payload) // 2])
+        raise RuntimeError("the writer failed")
+
+    with pytest.raises(RuntimeError, match="the writer failed"):
+        session.insert(sql, len(payload), fails_halfway)
+    with pytest.raises(ValueError, match="announced"):
+        session.insert(sql, len(payload) + 1, lambda send: send(payload))
+    with pytest.raises(ValueError, match="past its announced"):
+        session.insert(sql, len(payload) - 1, lambda send: send(payload))
+    assert client.rows(f"SELECT count() FROM {DATABASE}.events") == [(0,)]
+    session.insert(sql, len(payload), lambda send: send(payload))
+    assert client.rows(f"SELECT count() FROM {DATABASE}.events") == [(2000,)]
+
+
 def test_the_host_serves_metrics(host):
     client = ClickHouse(host.url, DATABASE)
     client.migrate()

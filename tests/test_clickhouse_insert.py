@@ -9,7 +9,7 @@ import pyarrow as pa
 from ops.dev.loadgen import make_event
 from ops.settings import PricingSettings
 from sinks.billing import with_cost
-from sinks.clickhouse import ClickHouse, arrow_stream_bytes, close_chdb
+from sinks.clickhouse import ClickHouse, arrow_stream_bytes, arrow_stream_size, close_chdb, write_arrow_stream
 from sinks.parquet import to_table
 
 PRICING = PricingSettings()
@@ -34,6 +34,17 @@ def events(count: int, seed: int = 7) -> list[dict]:
 def test_arrow_stream_bytes_hold_the_table():
     table = to_table(events(20))
     assert pa.ipc.open_stream(arrow_stream_bytes(table)).read_all().equals(table)
+
+
+def test_an_arrow_stream_written_in_pieces_is_the_same_stream():
+    table = pa.concat_tables([to_table(events(3000)), to_table(events(50))]).combine_chunks()
+    pieces = []
+    write_arrow_stream(table, lambda piece: pieces.append(bytes(piece)))
+    whole = arrow_stream_bytes(table)
+    assert b"".join(pieces) == whole
+    assert arrow_stream_size(table) == len(whole)
+    # The large buffers (the texts) go on by themselves; the small writes are gathered.
+    assert len(pieces) < 40 and max(map(len, pieces)) > 65536
 
 
 def test_chdb_stores_every_column_as_given(tmp_path):
