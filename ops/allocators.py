@@ -21,19 +21,24 @@ passes inserts on in pieces (sinks.chdb_host.Payload) and peaked at 445-464 MB w
 (ops/bench/FINDINGS.md, issue 17)."""
 
 GLIBC_MALLOC_ENV = {"MALLOC_ARENA_MAX": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}
-"""glibc's malloc in every process gatewatch starts:
-- A fixed mmap threshold: blocks of 128 KB and more (Arrow's columns, Parquet buffers, the
-  chdb host's query results) are mapped and unmapped, not left in the heap;
-  glibc otherwise raises the threshold after the first large free, and later large blocks
-  stay resident (~100 MB in the chdb host when it received each insert whole, one frame per
-  connection thread's arena).
+"""glibc's malloc in the chdb host (a flow process maps later, FLOW_ALLOCATOR_ENV):
+- A fixed mmap threshold: blocks of 128 KB and more are mapped and unmapped, not left in the
+  heap; glibc otherwise raises the threshold after the first large free, and later large
+  blocks stay resident (~100 MB in the chdb host when it received each insert whole, one
+  frame per connection thread's arena).
 - Two arenas, not eight per core: librdkafka, chdb and Bytewax run dozens of threads.
 Measured in ops/bench/FINDINGS.md (resident memory, fifth pass; the chdb host's allocators)."""
 
-FLOW_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", **GLIBC_MALLOC_ENV}
-"""A flow process's allocators: GLIBC_MALLOC_ENV, and Arrow on glibc's malloc. Arrow's default
-pool (mimalloc) kept ~140 MB resident in a flow process whose Arrow data was under 90 MB; on
-glibc's malloc the freed blocks go back."""
+FLOW_ALLOCATOR_ENV = {"ARROW_DEFAULT_MEMORY_POOL": "system", **GLIBC_MALLOC_ENV,
+                      "MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
+"""A flow process's allocators: Arrow on glibc's malloc, two arenas, and a fixed mmap
+threshold of 4 MB. Arrow's default pool (mimalloc) kept ~140 MB resident in a flow process
+whose Arrow data was under 90 MB; on glibc's malloc the freed blocks go back. At a 128 KB
+threshold every working buffer of the Parquet writer and its ZSTD, of Arrow's builders and of
+librdkafka's decompression was a fresh mapping, faulted in page by page on each use: ~4 faults
+per event, Parquet at 8 against 5 µs per event; at 4 MB they are reused from the heap, for
+~45 MB more at the peak (ops/bench/FINDINGS.md, issue 17). The largest blocks (a batch's text
+columns, several MB) are still mapped and go back when freed."""
 
 HOST_ALLOCATOR_ENV = {"JE_MALLOC_CONF": HOST_JEMALLOC, **GLIBC_MALLOC_ENV}
 """The chdb host's allocators: HOST_JEMALLOC, and GLIBC_MALLOC_ENV for its Python side."""

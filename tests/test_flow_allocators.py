@@ -39,7 +39,7 @@ def flow_env(tmp_path, topics: dict[str, str], **extra: str) -> dict[str, str]:
 def test_a_flow_process_runs_on_the_allocators_ops_launch_gives_it(flow_topics_env, tmp_path):
     report = allocators_logged(tmp_path, flow_env(tmp_path, flow_topics_env(1)))
     assert report["arrow_pool"] == "system"  # pyarrow's own answer, not our variable read back
-    assert report["malloc_arena_max"] == "2" and report["malloc_mmap_threshold"] == "131072"
+    assert report["malloc_arena_max"] == "2" and report["malloc_mmap_threshold"] == str(4 * 1024 * 1024)
     assert report["je_malloc_conf"] == "dirty_decay_ms:0,muzzy_decay_ms:0"
 
 
