@@ -197,35 +197,10 @@ class Result:
         return self._data
 
 
-class Insert:
-    """chdb's StreamingInserter as sinks.clickhouse uses it: the appended chunks travel in
-    one OP_INSERT frame when the insert finishes; leaving the block unfinished sends nothing."""
-
-    def __init__(self, session: HostSession, sql: str, fmt: str):
-        if fmt != "ArrowStream":
-            raise ValueError(f"the chdb host takes inserts in ArrowStream format, not {fmt}")
-        self.session = session
-        self.sql = sql
-        self.chunks: list[bytes] = []
-
-    def __enter__(self) -> Insert:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.chunks.clear()
-
-    def append(self, data: bytes) -> None:
-        self.chunks.append(bytes(data))
-
-    def finish(self) -> None:
-        self.session.request(OP_INSERT, self.sql, b"".join(self.chunks))
-        self.chunks.clear()
-
-
 class HostSession:
-    """The client side of one connection to a chdb host, with chdb session's methods
-    (query, send_insert). One request in flight at a time (host_session gives each thread its
-    own). A broken connection raises HostGone and is opened again on the next call."""
+    """The client side of one connection to a chdb host: chdb session's query, and an insert
+    that takes its payload's size first. One request in flight at a time (host_session gives
+    each thread its own). A broken connection raises HostGone and is opened again on the next call."""
 
     def __init__(self, socket_path: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
                  reply_timeout_s: float | None = None):
@@ -309,9 +284,6 @@ class HostSession:
             self.request(OP_EXECUTE, sql)
             return Result(b"")
         return Result(self.request(OP_QUERY, sql, fmt.encode()))
-
-    def send_insert(self, sql: str, fmt: str) -> Insert:
-        return Insert(self, sql, fmt)
 
     def ping(self) -> None:
         self.request(OP_PING)

@@ -271,14 +271,11 @@ def test_an_insert_refused_halfway_through_its_payload_leaves_the_connection_in_
     client.migrate()
     session = HostSession(str(host.socket_path))
     good = arrow_stream_bytes(to_table(batch(0, 50, 1)))
+    bad = b"not arrow" * 400_000 + good
     with pytest.raises(HostStatementError):
-        with session.send_insert(f"INSERT INTO {DATABASE}.events FORMAT ArrowStream", "ArrowStream") as insert:
-            insert.append(b"not arrow" * 400_000 + good)
-            insert.finish()
+        session.insert(f"INSERT INTO {DATABASE}.events FORMAT ArrowStream", len(bad), lambda send: send(bad))
     assert session.query("SELECT 41 + 1", "CSV").bytes() == b"42\n"
-    with session.send_insert(f"INSERT INTO {DATABASE}.events", "ArrowStream") as insert:
-        insert.append(good)
-        insert.finish()
+    session.insert(f"INSERT INTO {DATABASE}.events", len(good), lambda send: send(good))
     assert client.rows(f"SELECT count() FROM {DATABASE}.events") == [(50,)]
 
 
