@@ -137,8 +137,9 @@ class Host:
             return session.query(sql, payload.read().decode()).bytes()
         if op == OP_INSERT:
             # chdb parses an ArrowStream as it comes. The turn is held while the frame arrives:
-            # a client sends it at once (send_frame), and one that dies mid-frame closes the
-            # socket, which cancels the insert before any of its rows are a part (one block).
+            # a client sends it while Arrow writes it (HostSession.insert), and one that dies
+            # mid-frame closes the socket, which cancels the insert before any of its rows are
+            # a part (one block).
             with insert_turn, session.send_insert(sql, "ArrowStream") as stream:
                 for chunk in payload.chunks():
                     stream.append(chunk)

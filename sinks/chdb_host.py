@@ -119,9 +119,10 @@ def send_frame(sock: socket.socket, *parts: bytes, size: int | None = None) -> N
         sock.sendall(last)
 
 
-def encode_request(op: int, sql: str = "", payload: bytes = b"") -> tuple[bytes, bytes, bytes]:
+def encode_request(op: int, sql: str = "") -> bytes:
+    """A request's start: its op, SQL length and SQL; the payload follows."""
     encoded = sql.encode()
-    return _OP_SQL.pack(op, len(encoded)), encoded, payload
+    return _OP_SQL.pack(op, len(encoded)) + encoded
 
 
 class MalformedRequest(ValueError):
@@ -257,8 +258,8 @@ class HostSession:
                 sock.sendall(piece)
 
             try:
-                head = encode_request(op, sql)  # its payload empty: the frame's start
-                send_frame(sock, *head, size=sum(map(len, head)) + size)
+                head = encode_request(op, sql)
+                send_frame(sock, head, size=len(head) + size)
                 write_payload(send)
                 if sent != size:
                     raise ValueError(f"a payload of {sent:,} bytes announced as {size:,}")
