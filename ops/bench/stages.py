@@ -28,10 +28,14 @@ from schemas.registry import registry_from_settings
 from sinks.parquet import NanoPrices, priced_table, to_table
 
 
-def timed(run: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Best seconds of `repeat` runs on `clock` (wall time unless told otherwise)."""
+def timed(run: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter,
+          prepare: Callable[[], object] | None = None) -> float:
+    """Best seconds of `repeat` runs on `clock` (wall time unless told otherwise); `prepare`,
+    untimed, before each run."""
     best = float("inf")
     for _ in range(repeat):
+        if prepare is not None:
+            prepare()
         started = clock()
         run()
         best = min(best, clock() - started)
@@ -46,8 +50,14 @@ def messages_for(settings: Settings, count: int, users: int, user_mix: str = "zi
 
 CORE_STAGES = ("decode (Avro)", "validate", "redact", "dedupe", "window", "Arrow table", "price", "Parquet encode",
                "ClickHouse insert (chdb)")
-"""The stages timed before the sinks, the source and the DLQ were (issue 17): their sum is
-`stages_core_us_per_event`, the figure the flow's CPU was first held against."""
+"""The stages timed before the sinks, the source, the DLQ and the merges were (issue 17): their
+sum is `stages_core_us_per_event`, the figure the flow's CPU was first held against."""
+
+MERGED_TABLES = ("events", "audit_log")
+"""What an insert into events writes: its rows, and their audit rows (migration 011's view)."""
+MERGED_PARTS = 5
+"""Parts of one merge in the merge stage: ClickHouse merges about this many parts of a size
+at once (its merge_selector_base)."""
 
 
 def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_dir: Path,
@@ -92,9 +102,26 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
     clickhouse = ClickHouse(f"chdb://{chdb_dir}", "bench")
     clickhouse.migrate()
 
-    def insert() -> None:
-        for start in range(0, table.num_rows, 5000):
-            clickhouse.insert("events", table.slice(start, 5000))
+    def empty_tables() -> None:
+        # Merges stay stopped until the merge stage starts them: the insert stage is the insert alone.
+        for name in MERGED_TABLES:
+            clickhouse.execute(f"SYSTEM STOP MERGES bench.{name}")
+            clickhouse.execute(f"TRUNCATE TABLE bench.{name}")
+
+    def insert(rows: int = 5000) -> None:
+        for start in range(0, table.num_rows, rows):
+            clickhouse.insert("events", table.slice(start, rows))
+
+    def unmerged_parts() -> None:
+        empty_tables()
+        insert(-(-table.num_rows // MERGED_PARTS))
+
+    def merge() -> None:
+        # Every row of both tables rewritten once: the least a MergeTree does with an inserted
+        # row (a flow's rows are merged again as their parts grow).
+        for name in MERGED_TABLES:
+            clickhouse.execute(f"SYSTEM START MERGES bench.{name}")
+            clickhouse.execute(f"OPTIMIZE TABLE bench.{name} FINAL")
 
     stages = {
         "decode (Avro)": lambda: [codec.decode_record(m) for m in messages],
@@ -106,12 +133,14 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
         "price": lambda: priced_table(unpriced, prices),
         "Parquet encode": parquet,
         "ClickHouse insert (chdb)": insert,
+        "ClickHouse merges (chdb)": merge,
     }
+    prepare = {"ClickHouse insert (chdb)": empty_tables, "ClickHouse merges (chdb)": unmerged_parts}
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(close_chdb)
         if services:
             stages.update(service_stages(settings, codec, redactor, messages, redacted, chdb_dir, cleanup))
-        return {name: timed(run, repeat, clock) for name, run in stages.items()}
+        return {name: timed(run, repeat, clock, prepare.get(name)) for name, run in stages.items()}
 
 
 SOURCE_TOPIC = "gatewatch_bench_stages_source"
