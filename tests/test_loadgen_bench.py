@@ -146,7 +146,7 @@ def test_bench_stages_names_the_slowest_stage():
     # With a broker and Redis of its own (the default), the flow's work against them too.
     assert set(report["events_per_s"]) == {"decode (Avro)", "validate", "redact", "dedupe", "window", "price",
                                            "Arrow table", "Parquet encode", "ClickHouse insert (chdb)",
-                                           "Kafka source", "quota (Redis)", "billing", "DLQ (bad messages)"}
+                                           "ClickHouse merges (chdb)", "Kafka source", "quota (Redis)", "billing", "DLQ (bad messages)"}
     assert report["slowest"] == min(report["events_per_s"], key=report["events_per_s"].get)
     assert "<- slowest" in result.stderr
     assert report["core_stages_events_per_s"] > report["all_stages_events_per_s"] > 0
@@ -168,8 +168,44 @@ def test_bench_stages_core_only_starts_no_services():
     result = run_cli("bench", "stages", "--events", "200", "--repeat", "1", "--cpu", "--core-only")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.splitlines()[-1])
-    assert set(report["events_per_s"]) == set(CORE_STAGES)
-    assert report["core_stages_events_per_s"] == report["all_stages_events_per_s"]
+    assert set(report["events_per_s"]) == {*CORE_STAGES, "ClickHouse merges (chdb)"}
+    assert report["core_stages_events_per_s"] > report["all_stages_events_per_s"] > 0
+
+
+def test_timed_leaves_each_runs_preparation_off_the_clock():
+    from ops.bench.stages import timed
+
+    now = [0.0]
+    calls = []
+
+    def prepare():
+        calls.append("prepare")
+        now[0] += 100.0
+
+    def run():
+        calls.append("run")
+        now[0] += 2.0 if calls.count("run") == 1 else 1.0
+
+    assert timed(run, 2, lambda: now[0], prepare) == 1.0
+    assert calls == ["prepare", "run", "prepare", "run"]
+
+
+def test_the_merge_stage_leaves_every_inserted_row_in_one_merged_part_per_table(tmp_path):
+    from ops.bench.stages import MERGED_TABLES, messages_for, stage_seconds
+    from sinks.clickhouse import ClickHouse, close_chdb
+
+    settings = Settings()
+    seconds = stage_seconds(settings, messages_for(settings, 300, 50), 2, tmp_path / "chdb", time.process_time)
+    assert seconds["ClickHouse merges (chdb)"] > 0
+    try:
+        clickhouse = ClickHouse(f"chdb://{tmp_path / 'chdb'}", "bench")
+        for table in MERGED_TABLES:
+            # Each run empties the tables: the last run's 300 rows, once each, its five parts merged into one.
+            (rows, ids, parts), = clickhouse.rows(
+                f"SELECT count(), uniqExact(event_id), uniqExact(_part) FROM bench.{table}")
+            assert rows == ids == 300 and parts == 1, table
+    finally:
+        close_chdb()
 
 
 @pytest.mark.integration

@@ -249,9 +249,9 @@ def redis_database(url: str, database: int) -> str:
                    "billing and DLQ sinks are left out.")
 def stages(events, users, repeat, cpu, core_only) -> None:
     """Per-stage throughput on one core: decode, validate, redact, dedupe, window, Arrow
-    table (one for both sinks), price (on its columns), Parquet encode, ClickHouse insert;
-    and, against a local broker and Redis started here, the Kafka source, the quota and
-    billing sinks and the DLQ."""
+    table (one for both sinks), price (on its columns), Parquet encode, ClickHouse insert and
+    one merge of what it inserted; and, against a local broker and Redis started here, the
+    Kafka source, the quota and billing sinks and the DLQ."""
     settings = Settings()
     messages = messages_for(settings, events, users)
     clock = time.process_time if cpu else time.perf_counter
