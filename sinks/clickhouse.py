@@ -760,6 +760,10 @@ class ClickHouseWriter:
         self.refresh_due = threading.Event()
         self.refresh_idle = threading.Event()
         self.refresh_idle.set()
+        self.refresh_again = False
+        """A periodic refresh was asked for while one ran: run one more once it ends."""
+        self.refresh_turn = threading.Lock()
+        """Held while refresh_again and refresh_idle are read or set together."""
         self.pending: list[str] = []
         """The databases of the periodic refresh due."""
         self.refresh_clients: dict[str, ClickHouse] = {}
@@ -777,31 +781,47 @@ class ClickHouseWriter:
         a periodic refresh is skipped when another writer of the database did one this interval,
         keys 0 in its log line, or is doing one, and then tried half an interval later).
         A periodic refresh runs on the refresher thread, beside the inserts: it takes seconds with
-        thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). A
-        forced one waits for it, then runs on the caller's thread."""
+        thousands of users, and the flow's events waited behind it (ops/bench/FINDINGS.md). One
+        asked for while it runs follows it at once. A forced one waits for it, then runs on the
+        caller's thread."""
         if self.table != "events" or not (force or time.monotonic() - self.refreshed_at >= self.aggregate_interval_s):
             return
         self.refreshed_at = time.monotonic()  # before the refresher may move it (refresh_databases)
         if force:
             self.refresh_idle.wait()
             self.refresh_databases(list(self.clients), unless_within_s=None)
-        elif self.refresh_idle.is_set():
+            return
+        with self.refresh_turn:
+            if not self.refresh_idle.is_set():
+                # The running refresh may have read the rows before this call's: one more follows it,
+                # as this call may be a quiet stream's last (Batcher's tick).
+                self.pending = list(self.clients)
+                self.refresh_again = True
+                return
             self.refresh_idle.clear()
-            self.pending = list(self.clients)
-            if self.refresher is None:
-                self.refresher = threading.Thread(target=self.refresh_periodically, name="clickhouse-refresh",
-                                                  daemon=True)
-                self.refresher.start()
-            self.refresh_due.set()
+        self.pending = list(self.clients)
+        if self.refresher is None:
+            self.refresher = threading.Thread(target=self.refresh_periodically, name="clickhouse-refresh", daemon=True)
+            self.refresher.start()
+        self.refresh_due.set()
 
     def refresh_periodically(self) -> None:
         while True:
             self.refresh_due.wait()
             self.refresh_due.clear()
+            unless_within_s: float | None = self.aggregate_interval_s
             try:
-                self.refresh_databases(self.pending, unless_within_s=self.aggregate_interval_s)
+                while True:
+                    self.refresh_databases(self.pending, unless_within_s=unless_within_s)
+                    with self.refresh_turn:
+                        if not self.refresh_again:
+                            break
+                        self.refresh_again = False
+                    # Not skipped for a refresh done this interval: that one is the refresh just ended.
+                    unless_within_s = None
             finally:
-                self.refresh_idle.set()
+                with self.refresh_turn:
+                    self.refresh_idle.set()
 
     def refresh_databases(self, databases: list[str], unless_within_s: float | None) -> None:
         for database in databases:

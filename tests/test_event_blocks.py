@@ -340,6 +340,43 @@ def test_inserts_go_on_while_a_periodic_refresh_runs_and_close_waits_for_it(tmp_
     assert requests == 40
 
 
+def test_a_refresh_asked_for_while_one_runs_follows_it_with_no_later_batch(tmp_path, monkeypatch):
+    """The quiet stream's tick (an empty batch) comes while a long refresh runs, after that
+    refresh read its rows: the rows of the batch before the tick are aggregated once it ends,
+    with no batch or close after them."""
+    import threading
+    import time
+
+    import sinks.clickhouse as clickhouse
+
+    now_ms = int(time.time() * 1000)
+    rows = [dict(event, event_id=f"tick-{n}", event_time=now_ms - n) for n, event in enumerate(events(40))]
+    release, refreshed, calls = threading.Event(), threading.Event(), []
+    real_refresh = clickhouse.refresh_aggregates
+
+    def refresh_held_after_reading(client, *args, **kwargs):
+        calls.append(real_refresh(client, *args, **kwargs))
+        refreshed.set()
+        release.wait()
+        return calls[-1]
+
+    monkeypatch.setattr(clickhouse, "refresh_aggregates", refresh_held_after_reading)
+    writer = ClickHouseWriter(f"chdb://{tmp_path / 'chdb'}", retry_policy(0.01, 0.01), NoDeadLetters(), raw_days=30,
+                              aggregate_days=365, aggregate_interval_s=0, lateness_s=60)
+    try:
+        writer([("tick", event_blocks(rows[:20]))])  # starts the refresh, which reads these 20
+        assert refreshed.wait(30)
+        writer([("tick", event_blocks(rows[20:]))])  # asks for one while it runs
+        writer([("tick", [])])  # the tick, the stream's last call
+        release.set()
+        assert writer.refresh_idle.wait(30)  # idle once the refresh that follows has ended too
+        (requests,), = ClickHouse(writer.url, "tick").rows("SELECT sum(requests) FROM tick.usage_daily FINAL")
+    finally:
+        release.set()
+        close_chdb()
+    assert len(calls) == 2 and requests == 40
+
+
 def test_each_refresh_that_recomputes_keys_reports_them_and_its_duration(tmp_path, monkeypatch):
     import time
 
