@@ -791,15 +791,14 @@ class ClickHouseWriter:
             self.refresh_idle.wait()
             self.refresh_databases(list(self.clients), unless_within_s=None)
             return
+        self.pending = list(self.clients)  # a running refresh keeps the list it was given
         with self.refresh_turn:
             if not self.refresh_idle.is_set():
                 # The running refresh may have read the rows before this call's: one more follows it,
                 # as this call may be a quiet stream's last (Batcher's tick).
-                self.pending = list(self.clients)
                 self.refresh_again = True
                 return
             self.refresh_idle.clear()
-        self.pending = list(self.clients)
         if self.refresher is None:
             self.refresher = threading.Thread(target=self.refresh_periodically, name="clickhouse-refresh", daemon=True)
             self.refresher.start()

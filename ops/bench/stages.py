@@ -8,6 +8,7 @@ import inspect
 import io
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -114,7 +115,7 @@ def stage_seconds(settings: Settings, messages: list[bytes], repeat: int, chdb_d
 
     def unmerged_parts() -> None:
         empty_tables()
-        insert(-(-table.num_rows // MERGED_PARTS))
+        insert(math.ceil(table.num_rows / MERGED_PARTS))
 
     def merge() -> None:
         # Every row of both tables rewritten once: the least a MergeTree does with an inserted
